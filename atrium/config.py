@@ -1,0 +1,184 @@
+"""Settings from the environment (12-factor), validated once at start.
+
+Every variable has a default that suits development; ``load_settings`` turns a bad value
+into one ``ConfigError`` line that names the variable, so ``run.py`` can print it and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+Environment = Literal["development", "test", "production"]
+
+_MIN_SECRET_LENGTH = 32
+DEFAULT_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+_WEAK_SECRETS = {"secret", "changeme", "your-super-secret-key-for-jwt-signing"}
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or wrong; ``str()`` is one line naming it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration of one atrium process."""
+
+    environment: Environment = "development"
+    secret_key: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ws_port: int | None = None
+    data_dir: Path = Path(".atrium")
+    database_url: str | None = None
+    redis_url: str | None = None
+    db_pool_size: int = 20
+    access_token_expire_minutes: int = 30
+    refresh_token_expire_days: int = 7
+    rate_limit_per_minute: int = 60
+    auth_rate_limit_per_minute: int = 5
+    allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
+    max_body_bytes: int = 1_048_576
+    log_level: str = "INFO"
+    jwt_issuer: str = "workspace-backend"
+    jwt_audience: str = "workspace-api"
+    admin_token: str | None = None
+    project_cache_ttl_seconds: int = 60
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = _int(env, name, 0, minimum=0)
+    if value > 65535:
+        raise ConfigError(name, f"must be a TCP port (0-65535), got {value}")
+    return value
+
+
+def _origins(raw: str | None) -> tuple[str, ...] | None:
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            parsed = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise ConfigError("ALLOWED_ORIGINS", "is not a valid JSON list") from None
+        if not isinstance(parsed, list) or not all(isinstance(o, str) for o in parsed):
+            raise ConfigError("ALLOWED_ORIGINS", "must be a JSON list of strings")
+        items = [o.strip() for o in parsed]
+    else:
+        items = [o.strip() for o in text.split(",") if o.strip()]
+    for origin in items:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError("ALLOWED_ORIGINS", f"{origin!r} is not an http(s) origin or '*'")
+    return tuple(o.rstrip("/") for o in items)
+
+
+def _secret_key(env: Mapping[str, str], environment: Environment, data_dir: Path) -> str:
+    key = env.get("SECRET_KEY", "").strip()
+    if environment == "production":
+        if not key:
+            raise ConfigError("SECRET_KEY", "is required in production")
+        if len(key) < _MIN_SECRET_LENGTH or key.lower() in _WEAK_SECRETS:
+            raise ConfigError(
+                "SECRET_KEY", f"is too weak for production (use {_MIN_SECRET_LENGTH}+ random chars)"
+            )
+        return key
+    if key:
+        return key
+    # Development: one random key per data directory, so tokens survive a restart.
+    path = data_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Read and validate settings from ``env`` (default: ``os.environ``).
+
+    ``overrides`` (command-line flags) win over the environment. Raises ``ConfigError``
+    naming the first bad variable.
+    """
+    env = dict(os.environ if env is None else env)
+    for key, value in overrides.items():
+        if value is not None:
+            env[key.upper()] = str(value)
+
+    environment = env.get("ENVIRONMENT", "development").strip().lower() or "development"
+    if environment not in ("development", "test", "production"):
+        raise ConfigError(
+            "ENVIRONMENT", f"must be development, test or production, got {environment!r}"
+        )
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("LOG_LEVEL", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    database_url = env.get("DATABASE_URL", "").strip() or None
+    if database_url and not database_url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("DATABASE_URL", "must be a postgresql:// URL")
+    redis_url = env.get("REDIS_URL", "").strip() or None
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("REDIS_URL", "must be a redis:// or rediss:// URL")
+    data_dir = Path(env.get("DATA_DIR", "").strip() or ".atrium").expanduser()
+    typed_env: Environment = environment  # type: ignore[assignment]
+    admin_token = env.get("ADMIN_TOKEN", "").strip() or None
+    if typed_env == "production" and admin_token is not None and len(admin_token) < 16:
+        raise ConfigError("ADMIN_TOKEN", "must be at least 16 characters in production")
+    ws_default = 8001 if typed_env == "development" else None
+    origins = _origins(env.get("ALLOWED_ORIGINS"))
+
+    return Settings(
+        environment=typed_env,
+        secret_key=_secret_key(env, typed_env, data_dir),
+        host=env.get("HOST", "").strip() or "127.0.0.1",
+        port=_port(env, "PORT", 8000) or 0,  # 0: any free port
+        ws_port=_port(env, "WS_PORT", ws_default),
+        data_dir=data_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        db_pool_size=_int(env, "DB_POOL_SIZE", 20),
+        access_token_expire_minutes=_int(env, "ACCESS_TOKEN_EXPIRE_MINUTES", 30),
+        refresh_token_expire_days=_int(env, "REFRESH_TOKEN_EXPIRE_DAYS", 7),
+        rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 60),
+        auth_rate_limit_per_minute=_int(env, "AUTH_RATE_LIMIT_PER_MINUTE", 5),
+        allowed_origins=origins if origins is not None else DEFAULT_ORIGINS,
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576, minimum=1024),
+        log_level=log_level,
+        jwt_issuer=env.get("JWT_ISSUER", "").strip() or "workspace-backend",
+        jwt_audience=env.get("JWT_AUDIENCE", "").strip() or "workspace-api",
+        admin_token=admin_token,
+        project_cache_ttl_seconds=_int(env, "PROJECT_CACHE_TTL_SECONDS", 60, minimum=0),
+    )

@@ -1,0 +1,173 @@
+"""``/api/v1/auth``: signup, login, token refresh with rotation, logout, me."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from quart import Blueprint, Response, g, request
+from quart_schema import document_response, security_scheme, tag, validate_request
+
+from .. import passwords
+from ..persistence import accounts
+from ..persistence.accounts import Rotation, User
+from ..tokens import TokenError
+from .errors import ApiError
+from .json import json_response
+from .schemas import (
+    ErrorResponse,
+    LoginRequest,
+    LoginResponse,
+    MessageResponse,
+    RefreshRequest,
+    SignupRequest,
+    SignupResponse,
+    TokenResponse,
+    UserResponse,
+)
+from .security import note_rate, rate_limited, require_user, services
+
+blueprint = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
+
+_BAD_CREDENTIALS = ApiError(401, "invalid_credentials", "Wrong email or password")
+
+
+def _client_address() -> str:
+    return request.remote_addr or "unknown"
+
+
+async def _limit_auth(*keys: str) -> None:
+    """Count an auth attempt against every key; 429 when any is exhausted."""
+    svc = services()
+    limit = svc.settings.auth_rate_limit_per_minute
+    decisions = [await svc.limiter.hit(f"auth:{key}", limit) for key in keys]
+    tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
+    note_rate(tightest)
+    if not tightest.allowed:
+        raise rate_limited(tightest)
+
+
+async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid.UUID, datetime]:
+    codec = services().tokens
+    now = services().clock()
+    access, _ = codec.issue(
+        type="access", user_id=user.id, email=user.email, role=user.role,
+        session_id=session_id, now=now,
+    )
+    refresh, claims = codec.issue(
+        type="refresh", user_id=user.id, email=user.email, role=user.role,
+        session_id=session_id, now=now,
+    )
+    return access, refresh, claims.jti, datetime.fromtimestamp(claims.expires_at, UTC)
+
+
+@blueprint.post("/signup")
+@tag(["auth"])
+@validate_request(SignupRequest)
+@document_response(SignupResponse, 201)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 422)
+async def signup(data: SignupRequest) -> Response:
+    """Create an account. 409 email_taken when the email exists (any letter case)."""
+    await _limit_auth(f"signup:ip:{_client_address()}")
+    password_hash = await passwords.hash_password(data.password)
+    user = await accounts.create_user(services().db, str(data.email), password_hash)
+    if user is None:
+        raise ApiError(409, "email_taken", "An account with this email already exists")
+    return json_response({"message": "Signup successful", "user_id": user.id}, 201)
+
+
+@blueprint.post("/login")
+@tag(["auth"])
+@validate_request(LoginRequest)
+@document_response(LoginResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 429)
+async def login(data: LoginRequest) -> Response:
+    """Exchange email and password for an access and a refresh token.
+
+    Limited per client address and per email (AUTH_RATE_LIMIT_PER_MINUTE); a wrong email
+    and a wrong password give the same 401 invalid_credentials.
+    """
+    await _limit_auth(f"login:ip:{_client_address()}", f"login:email:{data.email.lower()}")
+    svc = services()
+    found = await accounts.find_credentials(svc.db, data.email)
+    valid = await passwords.verify_password(found.password_hash if found else None, data.password)
+    if found is None or not valid:
+        raise _BAD_CREDENTIALS
+    session_id = uuid.uuid4()
+    access, refresh, refresh_jti, refresh_expiry = await _issue_pair(found.user, session_id)
+    await accounts.open_session(svc.db, found.user.id, session_id, refresh_jti, refresh_expiry)
+    return json_response(
+        {
+            "user_id": found.user.id,
+            "access_token": access,
+            "refresh_token": refresh,
+            "token_type": "bearer",
+            "expires_in": svc.tokens.access_ttl_seconds,
+        }
+    )
+
+
+@blueprint.post("/refresh")
+@tag(["auth"])
+@validate_request(RefreshRequest)
+@document_response(TokenResponse, 200)
+@document_response(ErrorResponse, 401)
+async def refresh(data: RefreshRequest) -> Response:
+    """Rotate a refresh token: the presented one stops working, a new pair is returned.
+
+    Presenting a token that was already rotated revokes the whole session (401
+    refresh_token_reused): every token descended from that login stops working.
+    """
+    svc = services()
+    try:
+        claims = svc.tokens.verify(data.refresh_token, expected="refresh")
+    except TokenError as error:
+        raise ApiError(401, error.code, error.message) from None
+    user = await accounts.find_user(svc.db, claims.user_id)
+    if user is None:
+        raise ApiError(401, "session_revoked", "This session has ended; log in again")
+    access, new_refresh, new_jti, new_expiry = await _issue_pair(user, claims.session_id)
+    outcome = await accounts.rotate_refresh_token(
+        svc.db, claims.session_id, claims.jti, new_jti, new_expiry
+    )
+    if outcome is Rotation.REUSED:
+        raise ApiError(401, "refresh_token_reused",
+                       "This refresh token was already used; the session is now revoked")
+    if outcome is not Rotation.ROTATED:
+        raise ApiError(401, "session_revoked", "This session has ended; log in again")
+    return json_response(
+        {
+            "access_token": access,
+            "refresh_token": new_refresh,
+            "token_type": "bearer",
+            "expires_in": svc.tokens.access_ttl_seconds,
+        }
+    )
+
+
+@blueprint.post("/logout")
+@tag(["auth"])
+@security_scheme([{"bearer": []}])
+@document_response(MessageResponse, 200)
+@document_response(ErrorResponse, 401)
+@require_user
+async def logout() -> Response:
+    """End the session: this access token and every refresh token of its family stop working."""
+    await accounts.revoke_session(services().db, g.claims.session_id, "logout")
+    return json_response({"message": "Logged out"})
+
+
+@blueprint.get("/me")
+@tag(["auth"])
+@security_scheme([{"bearer": []}])
+@document_response(UserResponse, 200)
+@document_response(ErrorResponse, 401)
+@require_user
+async def me() -> Response:
+    """The signed-in user."""
+    user: User = g.user
+    return json_response(
+        {"user_id": user.id, "email": user.email, "role": user.role, "created_at": user.created_at}
+    )

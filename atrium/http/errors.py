@@ -1,0 +1,90 @@
+"""One error shape for every 4xx/5xx: ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response
+from quart_schema import RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from .json import json_response
+
+log = logging.getLogger("atrium.http")
+
+# Stable codes for errors raised by routing and by werkzeug itself.
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+class ApiError(Exception):
+    """An error the client caused or must know about; rendered as JSON with ``code``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def _validation_message(error: RequestSchemaValidationError) -> str:
+    inner = error.validation_error
+    details = getattr(inner, "errors", None)
+    if callable(details):
+        problems = details()
+        if problems:
+            first = problems[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            return f"{where}: {first.get('msg', 'is invalid')}"
+    if isinstance(inner, TypeError):
+        return "body: a JSON object is required"
+    return "The request body is invalid"
+
+
+def register_error_handlers(app: Quart) -> None:
+    """Render every error as the one JSON shape; never leak a traceback."""
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        response = error_response(error.status, error.code, error.message)
+        response.headers.update(error.headers)
+        return response
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def validation_error(error: RequestSchemaValidationError) -> Response:
+        return error_response(422, "validation_error", _validation_message(error))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        response = error_response(status, code, error.description or error.name)
+        if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+            response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error", exc_info=error)
+        return error_response(500, "internal_error", "Something went wrong on our side")

@@ -1,0 +1,39 @@
+"""orjson for every JSON body (Quart's provider and our own responses)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from quart import Response
+from quart.json.provider import DefaultJSONProvider
+
+_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """Serialise to JSON bytes (UUIDs, datetimes and dataclasses included)."""
+    return orjson.dumps(value, option=_OPTIONS, default=_default)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):  # asyncpg's UUID subclass, which orjson does not know
+        return str(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(dumps_bytes(value), status=status, content_type="application/json")
+
+
+class OrjsonProvider(DefaultJSONProvider):
+    """Quart's JSON provider backed by orjson."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return dumps_bytes(obj).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)

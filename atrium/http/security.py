@@ -1,0 +1,78 @@
+"""Bearer-token authentication and per-user rate limiting for API routes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+from quart import current_app, g, request
+
+from ..persistence import accounts
+from ..persistence.accounts import User
+from ..ratelimit import RateDecision
+from ..services import Services
+from ..tokens import Claims, TokenError
+from .errors import ApiError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def services() -> Services:
+    """The services of the app handling the current request."""
+    return current_app.extensions["atrium"]  # type: ignore[no-any-return]
+
+
+def bearer_token() -> str:
+    """The token of the ``Authorization: Bearer`` header (401 token_missing without one)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "token_missing", "An Authorization: Bearer token is required",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+def rate_limited(decision: RateDecision) -> ApiError:
+    return ApiError(
+        429,
+        "rate_limited",
+        f"Too many requests; retry in {decision.retry_after} s",
+        headers=decision.headers(),
+    )
+
+
+def note_rate(decision: RateDecision) -> None:
+    """Remember the decision so the response carries its X-RateLimit-* headers."""
+    g.rate_decision = decision
+
+
+async def authenticate() -> tuple[User, Claims]:
+    """Verify the access token and its session; count the call against the user's limit."""
+    svc = services()
+    try:
+        claims = svc.tokens.verify(bearer_token(), expected="access")
+    except TokenError as error:
+        raise ApiError(401, error.code, error.message,
+                       headers={"WWW-Authenticate": "Bearer"}) from None
+    user = await accounts.find_session_user(svc.db, claims.user_id, claims.session_id)
+    if user is None:
+        raise ApiError(401, "session_revoked", "This session has ended; log in again",
+                       headers={"WWW-Authenticate": "Bearer"})
+    decision = await svc.limiter.hit(f"user:{user.id}", svc.settings.rate_limit_per_minute)
+    note_rate(decision)
+    if not decision.allowed:
+        raise rate_limited(decision)
+    return user, claims
+
+
+def require_user(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Route decorator: 401 unless a valid access token is given; sets ``g.user``, ``g.claims``."""
+
+    @wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        g.user, g.claims = await authenticate()
+        return await func(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,67 @@
+"""The asyncpg pool, reached from trio through the root trio-asyncio loop.
+
+asyncpg is an asyncio library. The process opens one ``trio_asyncio`` loop at its root;
+this module is the only place (with the Redis bridge) that crosses into it, so the rest
+of atrium calls plain trio functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import trio_asyncio
+
+T = TypeVar("T")
+
+
+class Database:
+    """A connection pool whose methods are trio-native coroutines.
+
+    Use ``transaction(fn)`` for several statements that must commit together: ``fn``
+    receives an asyncpg connection inside an open transaction and runs on the asyncio side.
+    """
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await trio_asyncio.aio_as_trio(self._pool.fetch)(query, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await trio_asyncio.aio_as_trio(self._pool.fetchrow)(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await trio_asyncio.aio_as_trio(self._pool.fetchval)(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await trio_asyncio.aio_as_trio(self._pool.execute)(query, *args)  # type: ignore[no-any-return]
+
+    async def transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``fn(connection)`` in one transaction; it commits when ``fn`` returns."""
+
+        async def run() -> T:
+            async with self._pool.acquire() as connection, connection.transaction():
+                return await fn(connection)
+
+        return await trio_asyncio.aio_as_trio(run)()
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+        return bool(await self.fetchval("SELECT 1") == 1)
+
+
+@asynccontextmanager
+async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
+    """Open a pool to ``url`` for the duration of the block (needs a trio-asyncio loop)."""
+    pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
+        url, min_size=1, max_size=pool_size, command_timeout=30
+    )
+    try:
+        yield Database(pool)
+    finally:
+        await trio_asyncio.aio_as_trio(pool.close)()

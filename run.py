@@ -1,0 +1,109 @@
+"""atrium command line: serve (default) | migrate.
+
+    python run.py [serve] [--host H] [--port P] [--data-dir D]
+    python run.py migrate [--data-dir D]
+
+With no DATABASE_URL an embedded PostgreSQL runs in DATA_DIR (default ./.atrium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+
+import trio
+import trio_asyncio
+
+from atrium.config import ConfigError, Settings, load_settings
+from atrium.persistence.database import open_database
+from atrium.persistence.embedded import embedded_postgres
+from atrium.persistence.migrations import migrate
+from atrium.service import Bound, serve
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        description="atrium: real-time collaborative workspace backend.",
+        epilog="Every flag can also be set by environment (HOST, PORT, DATA_DIR); "
+        "see README.md for all variables.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    serve_cmd = sub.add_parser("serve", help="serve the HTTP API and WebSockets (default)")
+    migrate_cmd = sub.add_parser("migrate", help="apply database migrations and exit")
+    for p in (parser, serve_cmd, migrate_cmd):
+        p.add_argument("--data-dir", help="embedded PostgreSQL and dev secrets (default ./.atrium)")
+    for p in (parser, serve_cmd):
+        p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    args = parser.parse_args(argv)
+    args.command = args.command or "serve"
+    return args
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    if settings.database_url:
+        yield settings.database_url
+        return
+    print(f"atrium: starting embedded PostgreSQL in {settings.data_dir / 'pg'}", flush=True)
+    with embedded_postgres(settings.data_dir) as url:
+        yield url
+
+
+async def run_serve(settings: Settings, url: str) -> None:
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for _ in signals:
+                    if stop.is_set():  # a second Ctrl-C: stop waiting for requests
+                        print("atrium: forced stop", flush=True)
+                        nursery.cancel_scope.cancel()
+                        return
+                    print("atrium: shutting down (finishing in-flight requests)", flush=True)
+                    stop.set()
+
+            async def run_server(task_status: trio.TaskStatus[Bound]) -> None:
+                await serve(settings, url, shutdown_trigger=stop.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            bound: Bound = await nursery.start(run_server)
+            print(f"atrium: API on {bound.url}  (docs: {bound.url}/docs)", flush=True)
+
+
+async def run_migrate(settings: Settings, url: str) -> None:
+    async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
+        applied = await migrate(db)
+    print(f"atrium: applied migrations {applied}" if applied else "atrium: schema is up to date")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
+    except ConfigError as error:
+        print(f"atrium: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # pgserver narrates every pg_ctl call at INFO; its warnings are what an operator needs.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    with database_url(settings) as url:
+        if args.command == "migrate":
+            trio.run(run_migrate, settings, url)
+        else:
+            trio.run(run_serve, settings, url)
+    print("atrium: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
