@@ -22,7 +22,7 @@ from atrium.config import ConfigError, Settings, load_settings
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrations import migrate
-from atrium.service import Bound, serve
+from atrium.service import Bound, serve, tune_gc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def database_url(settings: Settings) -> Iterator[str]:
 async def run_serve(settings: Settings, url: str) -> None:
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for _ in signals:
@@ -75,6 +75,7 @@ async def run_serve(settings: Settings, url: str) -> None:
 
             nursery.start_soon(watch_signals)
             bound: Bound = await nursery.start(run_server)
+            tune_gc()
             print(f"atrium: API on {bound.url}  (docs: {bound.url}/docs)", flush=True)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
-import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
@@ -59,26 +59,26 @@ async def serve(
     database_url: str,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Migrate, then serve the API until cancelled or ``shutdown_trigger`` returns.
 
-    Calls ``task_status.started(Bound)`` once the port is listening (port 0 picks a free
-    one). Shutdown lets in-flight requests finish, then closes the pool.
+    Must run inside the process's ``trio_asyncio`` loop. Calls ``task_status.started(Bound)``
+    once the port is listening (port 0 picks a free one). Shutdown lets in-flight requests
+    finish, then closes the pool. ``clock`` (wall-clock seconds) drives rate-limit windows.
     """
-    async with trio_asyncio.open_loop():
-        async with open_database(database_url, pool_size=settings.db_pool_size) as db:
-            applied = await migrate(db)
-            if applied:
-                log.info("applied migrations %s", applied)
-            app = create_app(build_services(settings, db))
-            config = hypercorn_config(settings, settings.port)
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    lambda task_status: hypercorn_serve(
-                        app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
-                    )
+    async with open_database(database_url, pool_size=settings.db_pool_size) as db:
+        applied = await migrate(db)
+        if applied:
+            log.info("applied migrations %s", applied)
+        app = create_app(build_services(settings, db, clock=clock))
+        config = hypercorn_config(settings, settings.port)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                lambda task_status: hypercorn_serve(
+                    app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
                 )
-                host, _, port = binds[0].removeprefix("http://").rpartition(":")
-                tune_gc()
-                task_status.started(Bound(host.strip("[]"), int(port)))
+            )
+            host, _, port = binds[0].removeprefix("http://").rpartition(":")
+            task_status.started(Bound(host.strip("[]"), int(port)))

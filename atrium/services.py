@@ -14,7 +14,10 @@ from .tokens import TokenCodec
 
 @dataclass(slots=True)
 class Services:
-    """What the HTTP layer needs: settings, the database, tokens, limits and a clock."""
+    """What the HTTP layer needs: settings, the database, tokens, limits and a clock.
+
+    ``clock`` (wall-clock seconds) drives rate-limit windows; tests substitute their own.
+    """
 
     settings: Settings
     db: Database

@@ -46,8 +46,11 @@ def create_app(svc: Services) -> QuartTrio:
 
     QuartSchema(
         app,
-        info={"title": "atrium", "version": "0.1.0",
-              "description": "Real-time collaborative workspace backend"},
+        info={
+            "title": "atrium",
+            "version": "0.1.0",
+            "description": "Real-time collaborative workspace backend",
+        },
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         redoc_ui_path=None,
         scalar_ui_path=None,
@@ -58,8 +61,12 @@ def create_app(svc: Services) -> QuartTrio:
         allow_origin="*" if "*" in origins else origins,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "X-Requested-With"],
-        expose_headers=["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                        "Retry-After"],
+        expose_headers=[
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+            "Retry-After",
+        ],
         max_age=86400,
     )
     app.register_blueprint(ops.blueprint)

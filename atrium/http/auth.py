@@ -49,14 +49,11 @@ async def _limit_auth(*keys: str) -> None:
 
 async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid.UUID, datetime]:
     codec = services().tokens
-    now = services().clock()
     access, _ = codec.issue(
-        type="access", user_id=user.id, email=user.email, role=user.role,
-        session_id=session_id, now=now,
+        type="access", user_id=user.id, email=user.email, role=user.role, session_id=session_id
     )
     refresh, claims = codec.issue(
-        type="refresh", user_id=user.id, email=user.email, role=user.role,
-        session_id=session_id, now=now,
+        type="refresh", user_id=user.id, email=user.email, role=user.role, session_id=session_id
     )
     return access, refresh, claims.jti, datetime.fromtimestamp(claims.expires_at, UTC)
 
@@ -133,8 +130,11 @@ async def refresh(data: RefreshRequest) -> Response:
         svc.db, claims.session_id, claims.jti, new_jti, new_expiry
     )
     if outcome is Rotation.REUSED:
-        raise ApiError(401, "refresh_token_reused",
-                       "This refresh token was already used; the session is now revoked")
+        raise ApiError(
+            401,
+            "refresh_token_reused",
+            "This refresh token was already used; the session is now revoked",
+        )
     if outcome is not Rotation.ROTATED:
         raise ApiError(401, "session_revoked", "This session has ended; log in again")
     return json_response(

@@ -29,8 +29,12 @@ def bearer_token() -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "token_missing", "An Authorization: Bearer token is required",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "token_missing",
+            "An Authorization: Bearer token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return token.strip()
 
 
@@ -54,12 +58,17 @@ async def authenticate() -> tuple[User, Claims]:
     try:
         claims = svc.tokens.verify(bearer_token(), expected="access")
     except TokenError as error:
-        raise ApiError(401, error.code, error.message,
-                       headers={"WWW-Authenticate": "Bearer"}) from None
+        raise ApiError(
+            401, error.code, error.message, headers={"WWW-Authenticate": "Bearer"}
+        ) from None
     user = await accounts.find_session_user(svc.db, claims.user_id, claims.session_id)
     if user is None:
-        raise ApiError(401, "session_revoked", "This session has ended; log in again",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "session_revoked",
+            "This session has ended; log in again",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     decision = await svc.limiter.hit(f"user:{user.id}", svc.settings.rate_limit_per_minute)
     note_rate(decision)
     if not decision.allowed:

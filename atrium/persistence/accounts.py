@@ -54,7 +54,8 @@ async def create_user(db: Database, email: str, password_hash: str) -> User | No
 async def find_credentials(db: Database, email: str) -> Credentials | None:
     """The user with ``email`` (case-insensitive) and their password hash, if any."""
     row = await db.fetchrow(
-        "SELECT id, email, role, created_at, password_hash FROM users WHERE lower(email) = lower($1)",
+        "SELECT id, email, role, created_at, password_hash FROM users"
+        " WHERE lower(email) = lower($1)",
         email,
     )
     return None if row is None else Credentials(_user(row), row["password_hash"])
@@ -65,9 +66,7 @@ async def find_user(db: Database, user_id: uuid.UUID) -> User | None:
     return None if row is None else _user(row)
 
 
-async def find_session_user(
-    db: Database, user_id: uuid.UUID, session_id: uuid.UUID
-) -> User | None:
+async def find_session_user(db: Database, user_id: uuid.UUID, session_id: uuid.UUID) -> User | None:
     """The user, if ``session_id`` is theirs and not revoked (one round trip per request)."""
     row = await db.fetchrow(
         "SELECT u.id, u.email, u.role, u.created_at FROM users u"
@@ -89,7 +88,9 @@ async def open_session(
     """Start a refresh-token family with its first token."""
 
     async def insert(conn: asyncpg.Connection) -> None:
-        await conn.execute("INSERT INTO sessions (id, user_id) VALUES ($1, $2)", session_id, user_id)
+        await conn.execute(
+            "INSERT INTO sessions (id, user_id) VALUES ($1, $2)", session_id, user_id
+        )
         await conn.execute(
             "INSERT INTO refresh_tokens (jti, session_id, expires_at) VALUES ($1, $2, $3)",
             refresh_jti,

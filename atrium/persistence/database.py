@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
+import trio
 import trio_asyncio
 
 T = TypeVar("T")
+_CLOSE_TIMEOUT = 10.0
 
 
 class Database:
@@ -48,7 +50,8 @@ class Database:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await fn(connection)
 
-        return await trio_asyncio.aio_as_trio(run)()
+        result: T = await trio_asyncio.aio_as_trio(run)()
+        return result
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query."""
@@ -64,4 +67,9 @@ async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Datab
     try:
         yield Database(pool)
     finally:
-        await trio_asyncio.aio_as_trio(pool.close)()
+        # Shielded: the block usually ends by cancellation, and an unclosed pool leaks
+        # connections. A close that hangs (a dead server) is cut short and terminated.
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True) as scope:
+            await trio_asyncio.aio_as_trio(pool.close)()
+        if scope.cancelled_caught:
+            pool.terminate()

@@ -1,0 +1,187 @@
+"""Shared fixtures: a real PostgreSQL (embedded unless DATABASE_URL is set), a fresh
+migrated database per test, and the real server on port 0 with an HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+import trio
+import trio_asyncio
+
+from atrium.config import Settings, load_settings
+from atrium.persistence.database import Database, open_database
+from atrium.persistence.embedded import embedded_postgres
+from atrium.persistence.migrations import migrate
+from atrium.service import Bound, serve
+
+_TEMPLATE = f"atrium_tpl_{os.getpid()}"
+_counter = itertools.count()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the whole session (never mocked)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="atrium-test-") as tmp,
+        embedded_postgres(Path(tmp)) as embedded_url,
+    ):
+        yield embedded_url
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server: str) -> Iterator[str]:
+    """A database migrated once, cloned by every test."""
+    asyncio.run(
+        _admin(pg_server, f"DROP DATABASE IF EXISTS {_TEMPLATE}", f"CREATE DATABASE {_TEMPLATE}")
+    )
+    url = _with_database(pg_server, _TEMPLATE)
+
+    async def run_migrations() -> None:
+        async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
+            await migrate(db)
+
+    trio.run(run_migrations)
+    created: list[str] = []
+    yield url
+    asyncio.run(
+        _admin(
+            pg_server,
+            *(f"DROP DATABASE IF EXISTS {n}" for n in created),
+            f"DROP DATABASE IF EXISTS {_TEMPLATE}",
+        )
+    )
+
+
+@pytest.fixture
+def database_url(pg_server: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    name = f"{_TEMPLATE}_{next(_counter)}"
+    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
+    yield _with_database(pg_server, name)
+    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def aio_loop() -> AsyncIterator[None]:
+    """The trio-asyncio loop that run.py opens at its root."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@pytest.fixture
+async def db(aio_loop: None, database_url: str) -> AsyncIterator[Database]:
+    async with open_database(database_url, pool_size=4) as database:
+        yield database
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def test_settings(data_dir: Path, **env: Any) -> Settings:
+    """Settings as a test server uses them: port 0, generous limits unless overridden."""
+    base = {
+        "ENVIRONMENT": "test",
+        "PORT": "0",
+        "DATA_DIR": str(data_dir),
+        "SECRET_KEY": "test-secret-key-with-enough-length-0123456789",
+        "RATE_LIMIT_PER_MINUTE": "10000",
+        "AUTH_RATE_LIMIT_PER_MINUTE": "10000",
+        "DB_POOL_SIZE": "4",
+    }
+    base.update({k: str(v) for k, v in env.items()})
+    return load_settings(base)
+
+
+class FakeClock:
+    """A wall clock that tests move by hand (drives rate-limit windows)."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Running:
+    """A live server and a client pointed at it."""
+
+    bound: Bound
+    client: httpx.AsyncClient
+    settings: Settings
+
+    async def signup_login(self, email: str, password: str = "correct horse") -> dict[str, Any]:
+        r = await self.client.post(
+            "/api/v1/auth/signup", json={"email": email, "password": password}
+        )
+        assert r.status_code == 201, r.text
+        r = await self.client.post(
+            "/api/v1/auth/login", json={"email": email, "password": password}
+        )
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+
+StartServer = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_server(
+    aio_loop: None, database_url: str, data_dir: Path, nursery: trio.Nursery
+) -> AsyncIterator[StartServer]:
+    """Start the real server (as run.py does) on port 0; returns a ``Running``."""
+
+    @asynccontextmanager
+    async def start(clock: Callable[[], float] | None = None, **env: Any) -> AsyncIterator[Running]:
+        settings = test_settings(data_dir, **env)
+        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+        bound: Bound = await nursery.start(
+            lambda task_status: serve(settings, database_url, task_status=task_status, **kwargs)
+        )
+        async with httpx.AsyncClient(base_url=bound.url) as client:
+            yield Running(bound, client, settings)
+
+    yield start
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> AsyncIterator[Running]:
+    """The real server with test settings."""
+    async with start_server() as running:
+        yield running

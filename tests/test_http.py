@@ -1,0 +1,98 @@
+"""HTTP hygiene: the one error shape, limits, CORS, headers, health and docs."""
+
+from __future__ import annotations
+
+from conftest import Running, StartServer
+
+
+async def test_unknown_route_and_wrong_method_use_the_error_shape(server: Running) -> None:
+    r = await server.client.get("/no/such/thing")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+    r = await server.client.delete("/api/v1/auth/login")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["Allow"]
+
+
+async def test_malformed_json_is_400(server: Running) -> None:
+    r = await server.client.post(
+        "/api/v1/auth/login", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "malformed_json"
+
+
+async def test_non_json_body_is_422(server: Running) -> None:
+    r = await server.client.post(
+        "/api/v1/auth/login",
+        content=b"email=a&password=b",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "validation_error"
+
+
+async def test_oversize_body_is_413(start_server: StartServer) -> None:
+    async with start_server(MAX_BODY_BYTES=2048) as srv:
+        big = b'{"email": "' + b"a" * 4096 + b'@example.com", "password": "password1"}'
+        r = await srv.client.post(
+            "/api/v1/auth/signup", content=big, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_cors_allows_listed_origins_only(start_server: StartServer) -> None:
+    async with start_server(ALLOWED_ORIGINS='["https://app.example.com"]') as srv:
+        preflight = {
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Content-Type",
+        }
+        r = await srv.client.options("/api/v1/auth/login", headers=preflight)
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        assert r.headers["Access-Control-Max-Age"] == "86400"
+        r = await srv.client.options(
+            "/api/v1/auth/login", headers={**preflight, "Origin": "https://evil.example.com"}
+        )
+        assert "Access-Control-Allow-Origin" not in r.headers
+        r = await srv.client.get("/health", headers={"Origin": "https://app.example.com"})
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+async def test_security_headers(server: Running) -> None:
+    r = await server.client.get("/health")
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+
+
+async def test_health_and_ready(server: Running) -> None:
+    r = await server.client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = await server.client.get("/ready")
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "checks": {"database": True}}
+
+
+async def test_openapi_documents_every_endpoint_with_schemas(server: Running) -> None:
+    spec = (await server.client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path, method in [
+        ("/api/v1/auth/signup", "post"),
+        ("/api/v1/auth/login", "post"),
+        ("/api/v1/auth/refresh", "post"),
+        ("/api/v1/auth/logout", "post"),
+        ("/api/v1/auth/me", "get"),
+        ("/health", "get"),
+        ("/ready", "get"),
+    ]:
+        operation = paths[path][method]
+        assert operation["responses"], (path, method)
+        if method == "post" and path != "/api/v1/auth/logout":
+            assert "requestBody" in operation, path
+    docs = await server.client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
