@@ -54,6 +54,14 @@ class Settings:
     jwt_audience: str = "workspace-api"
     admin_token: str | None = None
     project_cache_ttl_seconds: int = 60
+    ws_max_message_bytes: int = 65_536
+    ws_auth_timeout_seconds: int = 5
+    ws_heartbeat_interval_seconds: int = 25
+    ws_heartbeat_timeout_seconds: int = 60
+    ws_send_queue: int = 1024
+    ws_rate_limit_per_second: int = 50
+    workspace_idle_seconds: int = 30
+    resume_max_events: int = 1000
 
     @property
     def is_production(self) -> bool:
@@ -181,4 +189,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         jwt_audience=env.get("JWT_AUDIENCE", "").strip() or "workspace-api",
         admin_token=admin_token,
         project_cache_ttl_seconds=_int(env, "PROJECT_CACHE_TTL_SECONDS", 60, minimum=0),
+        ws_max_message_bytes=_int(env, "WS_MAX_MESSAGE_BYTES", 65_536, minimum=1024),
+        ws_auth_timeout_seconds=_int(env, "WS_AUTH_TIMEOUT_SECONDS", 5),
+        ws_heartbeat_interval_seconds=_int(env, "WS_HEARTBEAT_INTERVAL_SECONDS", 25),
+        ws_heartbeat_timeout_seconds=_int(env, "WS_HEARTBEAT_TIMEOUT_SECONDS", 60),
+        ws_send_queue=_int(env, "WS_SEND_QUEUE", 1024, minimum=16),
+        ws_rate_limit_per_second=_int(env, "WS_RATE_LIMIT_PER_SECOND", 50),
+        workspace_idle_seconds=_int(env, "WORKSPACE_IDLE_SECONDS", 30),
+        resume_max_events=_int(env, "RESUME_MAX_EVENTS", 1000),
     )

@@ -1,4 +1,17 @@
-"""Assemble and run one atrium API process (what ``python run.py serve`` runs)."""
+"""Assemble and run one atrium API process (what ``python run.py serve`` runs).
+
+The process is one supervision tree (docs/ARCHITECTURE.md)::
+
+    root (rest_for_one)
+    ├── database        asyncpg pool; migrations applied before it reports started
+    ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
+    ├── ws_listener     trio-websocket on WS_PORT (when configured)
+    └── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+
+Children start in that order and stop in reverse: workspaces close their WebSockets with
+1001 first, then the listeners drain, then the pool closes. ``rest_for_one``: a new pool
+restarts everything that holds the old one.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +19,52 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from .actors.workspace import WorkspaceSettings, Workspaces
 from .config import Settings
 from .http.app import create_app
-from .persistence.database import open_database
+from .http.ws_listener import serve_listener
+from .persistence.database import Database, open_database
 from .persistence.migrations import migrate
 from .services import build_services
+from .session import Realtime, SessionSettings
+from .supervision import ChildSpec, Strategy, Supervisor, open_supervisor
+from .supervision import supervisor_spec as make_supervisor_spec
 
 log = logging.getLogger("atrium")
 
 
 @dataclass(frozen=True, slots=True)
 class Bound:
-    """Where a started server listens."""
+    """Where a started server listens, and its supervision tree (for operators and tests)."""
 
     host: str
     port: int
+    ws_port: int | None = None
+    supervisor: Supervisor | None = field(default=None, compare=False)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class HttpServer:
+    """The running HTTP child: ``request_stop`` starts hypercorn's graceful shutdown."""
+
+    host: str
+    port: int
+    realtime: Realtime
+    stop: trio.Event
+
+    def request_stop(self) -> None:
+        self.stop.set()
 
 
 def tune_gc() -> None:
@@ -51,7 +85,99 @@ def hypercorn_config(settings: Settings, port: int) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
+    config.websocket_max_message_size = settings.ws_max_message_bytes
     return config
+
+
+def session_settings(settings: Settings) -> SessionSettings:
+    return SessionSettings(
+        auth_timeout=settings.ws_auth_timeout_seconds,
+        heartbeat_interval=settings.ws_heartbeat_interval_seconds,
+        heartbeat_timeout=settings.ws_heartbeat_timeout_seconds,
+        send_queue=settings.ws_send_queue,
+        rate_per_second=settings.ws_rate_limit_per_second,
+        rate_burst=2 * settings.ws_rate_limit_per_second,
+    )
+
+
+async def _run_database(
+    settings: Settings, url: str, *, task_status: trio.TaskStatus[Database]
+) -> None:
+    async with open_database(url, pool_size=settings.db_pool_size) as db:
+        applied = await migrate(db)
+        if applied:
+            log.info("applied migrations %s", applied)
+        task_status.started(db)
+        await trio.sleep_forever()
+
+
+async def _run_http(
+    root: Supervisor,
+    settings: Settings,
+    clock: Callable[[], float],
+    workspaces_spec: ChildSpec[Supervisor],
+    *,
+    task_status: trio.TaskStatus[HttpServer],
+) -> None:
+    db: Database = root.child("database").value
+    workspaces = Workspaces(
+        root,
+        workspaces_spec,
+        db,
+        WorkspaceSettings(
+            resume_max_events=settings.resume_max_events,
+            idle_timeout=settings.workspace_idle_seconds,
+        ),
+    )
+    services = build_services(settings, db, clock=clock)
+    realtime = Realtime(
+        db=db,
+        tokens=services.tokens,
+        workspaces=workspaces,
+        allowed_origins=settings.allowed_origins,
+        settings=session_settings(settings),
+    )
+    services.publish = workspaces
+    services.realtime = realtime
+    services.supervisor = root
+    app = create_app(services)
+    stop = trio.Event()
+    config = hypercorn_config(settings, settings.port)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)
+        )
+        host, _, port = binds[0].removeprefix("http://").rpartition(":")
+        task_status.started(HttpServer(host.strip("[]"), int(port), realtime, stop))
+
+
+@dataclass(slots=True)
+class WsListener:
+    """The running WebSocket listener: ``request_stop`` lets its sessions close first."""
+
+    port: int
+    stop: trio.Event
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+
+async def _run_ws_listener(
+    root: Supervisor, settings: Settings, port: int, *, task_status: trio.TaskStatus[WsListener]
+) -> None:
+    http: HttpServer = root.child("http").value
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            partial(serve_listener, http.realtime, settings.host, port,
+                    max_message_size=settings.ws_max_message_bytes)
+        )
+        task_status.started(WsListener(bound, stop))
+        await stop.wait()
+        # The workspaces (stopped before us) have asked every session to close.
+        with trio.move_on_after(5.0):
+            await http.realtime.wait_drained()
+        nursery.cancel_scope.cancel()
 
 
 async def serve(
@@ -62,23 +188,39 @@ async def serve(
     clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Migrate, then serve the API until cancelled or ``shutdown_trigger`` returns.
+    """Run the supervision tree until cancelled or ``shutdown_trigger`` returns.
 
     Must run inside the process's ``trio_asyncio`` loop. Calls ``task_status.started(Bound)``
-    once the port is listening (port 0 picks a free one). Shutdown lets in-flight requests
-    finish, then closes the pool. ``clock`` (wall-clock seconds) drives rate-limit windows.
+    once the ports are listening (port 0 picks a free one). Shutdown stops the children in
+    reverse order: WebSockets close (1001), in-flight requests finish, the pool closes.
+    ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
-    async with open_database(database_url, pool_size=settings.db_pool_size) as db:
-        applied = await migrate(db)
-        if applied:
-            log.info("applied migrations %s", applied)
-        app = create_app(build_services(settings, db, clock=clock))
-        config = hypercorn_config(settings, settings.port)
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                lambda task_status: hypercorn_serve(
-                    app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
-                )
+    workspaces_spec = make_supervisor_spec(
+        "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=20, period=10.0
+    )
+    async with open_supervisor(
+        name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
+    ) as root:
+        await root.start_child(
+            ChildSpec("database", partial(_run_database, settings, database_url),
+                      shutdown_timeout=15.0)
+        )
+        http = await root.start_child(
+            ChildSpec("http", partial(_run_http, root, settings, clock, workspaces_spec),
+                      shutdown_timeout=15.0)
+        )
+        ws_port = None
+        if settings.ws_port is not None:
+            listener = await root.start_child(
+                ChildSpec("ws_listener", partial(_run_ws_listener, root, settings,
+                                                 settings.ws_port))
             )
-            host, _, port = binds[0].removeprefix("http://").rpartition(":")
-            task_status.started(Bound(host.strip("[]"), int(port)))
+            ws_port = listener.value.port
+        await root.start_child(workspaces_spec)
+        server: HttpServer = http.value
+        task_status.started(Bound(server.host, server.port, ws_port, root))
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+

@@ -3,20 +3,45 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .cache import MemoryUserCache, UserCache
 from .config import Settings
 from .persistence.database import Database
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec
+
+if TYPE_CHECKING:
+    from .session import Realtime
+    from .supervision import Supervisor
+
+
+class EventPublisher(Protocol):
+    """Where project events go once their transaction has committed (live workspaces)."""
+
+    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
+        """Deliver ``events`` (in ``seq`` order) to whoever follows ``project_id``."""
+        ...
+
+
+class NoPublisher:
+    """An ``EventPublisher`` that delivers nowhere (no live workspaces attached)."""
+
+    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
+        return None
 
 
 @dataclass(slots=True)
 class Services:
     """What the HTTP layer needs: settings, the database, tokens, limits and a clock.
 
-    ``clock`` (wall-clock seconds) drives rate-limit windows; tests substitute their own.
+    ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry; tests
+    substitute their own. ``project_cache`` holds each user's project-list pages;
+    ``publish`` receives every project event after its transaction commits;
+    ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root.
     """
 
     settings: Settings
@@ -24,6 +49,10 @@ class Services:
     tokens: TokenCodec
     limiter: RateLimiter
     clock: Callable[[], float] = field(default=time.time)
+    project_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
+    publish: EventPublisher = field(default_factory=NoPublisher)
+    realtime: Realtime | None = None
+    supervisor: Supervisor | None = None
 
 
 def build_services(
@@ -37,4 +66,5 @@ def build_services(
         access_ttl_seconds=settings.access_token_expire_minutes * 60,
         refresh_ttl_seconds=settings.refresh_token_expire_days * 86400,
     )
-    return Services(settings, db, codec, MemoryRateLimiter(clock), clock)
+    cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
+    return Services(settings, db, codec, MemoryRateLimiter(clock), clock, project_cache=cache)

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from atrium.actors.workspace import WorkspaceActor
 from atrium.config import Settings, load_settings
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
@@ -114,6 +116,7 @@ def test_settings(data_dir: Path, **env: Any) -> Settings:
     base = {
         "ENVIRONMENT": "test",
         "PORT": "0",
+        "WS_PORT": "0",
         "DATA_DIR": str(data_dir),
         "SECRET_KEY": "test-secret-key-with-enough-length-0123456789",
         "RATE_LIMIT_PER_MINUTE": "10000",
@@ -156,6 +159,12 @@ class Running:
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body
+
+    async def workspace_actor(self, project_id: str) -> WorkspaceActor:
+        """The project's live actor (a test-only hook into the running tree)."""
+        assert self.bound.supervisor is not None
+        http = self.bound.supervisor.child("http").value
+        return await http.realtime.workspaces.get(uuid.UUID(project_id))
 
 
 StartServer = Callable[..., Any]

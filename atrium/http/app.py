@@ -11,7 +11,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
 from ..services import Services
-from . import auth, ops
+from . import auth, ops, projects, ws
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
 
@@ -71,6 +71,8 @@ def create_app(svc: Services) -> QuartTrio:
     )
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(auth.blueprint)
+    app.register_blueprint(projects.blueprint)
+    app.register_blueprint(ws.blueprint)
     register_error_handlers(app)
 
     production = settings.is_production

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ..roles import Role
 
 
 class _Strict(BaseModel):
@@ -74,3 +84,198 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     checks: dict[str, bool]
+
+
+class FailureModel(BaseModel):
+    type: str
+    message: str
+    at: str
+
+
+class ChildModel(BaseModel):
+    name: str
+    kind: str
+    restart: str
+    state: str
+    restart_count: int
+    last_failure: FailureModel | None
+    uptime: float | None
+    mailbox_depth: int | None
+    supervisor: SupervisorModel | None
+
+
+class SupervisorModel(BaseModel):
+    name: str
+    strategy: str
+    state: str
+    uptime: float
+    healthy: bool
+    children: list[ChildModel]
+
+
+ChildModel.model_rebuild()  # it refers to SupervisorModel, defined after it
+
+
+class SupervisorTreeResponse(BaseModel):
+    supervisor: SupervisorModel | None
+
+
+class OnlineUser(BaseModel):
+    user_id: UUID
+    connections: int
+    last_seen: datetime
+    status: Literal["active", "idle"]
+
+
+class WorkspaceStatusResponse(BaseModel):
+    project_id: UUID
+    active_collaborators: int
+    connections: int
+    online_users: list[OnlineUser]
+    workspace_url: str
+    real_time_events: int
+    seq: int
+
+
+# -- projects, collaborators and the event log --------------------------------------------
+
+Visibility = Literal["private", "team"]
+
+
+def _project_text(value: str | None, info: ValidationInfo) -> str | None:
+    # PostgreSQL text cannot hold NUL; refuse it here rather than fail at the database.
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if info.field_name == "name" and value is not None and not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+class ProjectCreateRequest(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    visibility: Visibility = "private"
+
+    @field_validator("name", "description")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _project_text(value, info)
+
+
+class ProjectUpdateRequest(_Strict):
+    """Only the fields given change; ``description: null`` clears the description."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    visibility: Visibility | None = None
+
+    @field_validator("name", "description")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _project_text(value, info)
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> ProjectUpdateRequest:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of name, description, visibility")
+        for required in ("name", "visibility"):
+            if required in self.model_fields_set and getattr(self, required) is None:
+                raise ValueError(f"{required} cannot be null")
+        return self
+
+
+class ProjectListQuery(BaseModel):
+    limit: int = Field(default=20, ge=1, le=100)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
+
+
+class ProjectResponse(BaseModel):
+    id: UUID
+    name: str
+    description: str | None
+    visibility: Visibility
+    owner_id: UUID = Field(description="The primary owner (other members may be owners too)")
+    created_at: datetime
+    updated_at: datetime
+    collaborator_count: int = Field(description="Every member, owners included")
+    status: Literal["active"]
+    role: Role = Field(description="The caller's role in this project")
+    workspace_url: str
+
+
+class ProjectListResponse(BaseModel):
+    projects: list[ProjectResponse]
+    total: int
+    limit: int
+    offset: int
+    cached: bool = Field(description="Served from the per-user cache")
+    cache_expires_at: datetime | None = Field(
+        description="When the served cache entry expires; null when not served from cache"
+    )
+
+
+class CollaboratorAddRequest(_Strict):
+    """Exactly one of ``user_id`` and ``email`` names the user to add."""
+
+    user_id: UUID | None = None
+    email: str | None = Field(default=None, min_length=1, max_length=320)
+    role: Role = Role.COLLABORATOR
+
+    @model_validator(mode="after")
+    def _exactly_one_user(self) -> CollaboratorAddRequest:
+        if (self.user_id is None) == (self.email is None):
+            raise ValueError("give exactly one of user_id and email")
+        return self
+
+
+class Collaboration(BaseModel):
+    user_id: UUID
+    project_id: UUID
+    role: Role
+    invited_at: datetime
+    invited_by: UUID | None = Field(description="Who added the member; null for the creator")
+
+
+class CollaboratorAddedResponse(BaseModel):
+    message: str
+    collaboration: Collaboration
+
+
+class CollaboratorResponse(BaseModel):
+    user_id: UUID
+    email: str
+    role: Role
+    invited_at: datetime
+    invited_by: UUID | None
+
+
+class CollaboratorListResponse(BaseModel):
+    project_id: UUID
+    collaborators: list[CollaboratorResponse]
+    total: int
+
+
+class RoleChangeRequest(_Strict):
+    role: Role
+
+
+class EventListQuery(BaseModel):
+    since_seq: int = Field(default=0, ge=0, le=2**63 - 1)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class EventResponse(BaseModel):
+    project_id: UUID
+    seq: int
+    type: str
+    actor_id: UUID | None
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+class EventListResponse(BaseModel):
+    project_id: UUID
+    events: list[EventResponse]
+    next_seq: int = Field(description="Pass as since_seq to read on")
+    last_seq: int = Field(description="The project's latest seq when read")
+    has_more: bool

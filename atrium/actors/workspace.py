@@ -1,0 +1,471 @@
+"""The live workspace of one project: an actor owning presence, subscribers and delivery.
+
+Every durable event (joins, leaves, file changes, and the project and membership events
+written by the REST API) is in the project's event log before a client sees it, and every
+connection receives the log's events in ``seq`` order with no gap and no duplicate: when
+the actor is handed an event past the next expected ``seq`` (another writer committed in
+between), it reads the missing ones from the log first; events it already delivered are
+skipped. Cursor moves are ephemeral: broadcast, never stored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Self, cast
+
+import trio
+
+from .. import protocol
+from ..outbox import Outbox
+from ..persistence import workspace as store
+from ..persistence.database import Database
+from ..persistence.projects import ProjectNotFound
+from ..protocol import CloseCode, CursorUpdate, FileChange
+from ..roles import Action, Role, can
+from ..supervision import ChildSpec, NoSuchChild, Restart, Supervisor, actor_spec
+from . import Actor, ActorStopped
+
+log = logging.getLogger("atrium.workspace")
+
+_ACTIVE_SECONDS = 300.0  # a user seen within this is "active", else "idle"
+_connection_ids = itertools.count(1)
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One connection as the workspace sees it; the session owns the socket."""
+
+    user_id: uuid.UUID
+    email: str
+    role: Role
+    outbox: Outbox
+    id: int = field(default_factory=lambda: next(_connection_ids))
+
+
+@dataclass(slots=True)
+class Presence:
+    connections: int
+    joined_at: float
+    last_seen: float
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Subscribe; replies with the number of events replayed (resume)."""
+
+    subscriber: Subscriber
+    since_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    subscriber: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    subscriber: Subscriber
+    change: FileChange
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    subscriber: Subscriber
+    cursor: CursorUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Events another writer (the REST API, another instance) committed to the log."""
+
+    events: Sequence[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """Test hook: make the actor fail as a bug would."""
+
+
+Message = Join | Leave | Edit | Cursor | Published | Status | Crash
+
+
+class WorkspaceCrashed(RuntimeError):
+    """Raised inside the actor by the Crash test hook."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceSettings:
+    resume_max_events: int = 1000
+    idle_timeout: float = 30.0
+    mailbox_size: int = 4096
+
+
+class WorkspaceActor(Actor[Message, Any]):
+    """The single owner of one project's live state."""
+
+    __slots__ = (
+        "project_id",
+        "_db",
+        "_settings",
+        "_subscribers",
+        "_presence",
+        "_last_seq",
+        "_broadcasts",
+        "_started_wall",
+    )
+
+    def __init__(self, project_id: uuid.UUID, db: Database, settings: WorkspaceSettings) -> None:
+        super().__init__(
+            name=f"workspace:{project_id}",
+            mailbox_size=settings.mailbox_size,
+            idle_timeout=settings.idle_timeout,
+        )
+        self.project_id = project_id
+        self._db = db
+        self._settings = settings
+        self._subscribers: dict[int, Subscriber] = {}
+        self._presence: dict[uuid.UUID, Presence] = {}
+        self._last_seq = 0
+        self._broadcasts = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            # Whatever ended the actor (a crash, shutdown), its clients must not hang on a
+            # workspace that no longer exists: they reconnect and resume from the log.
+            for subscriber in self._subscribers.values():
+                subscriber.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
+
+    async def on_start(self) -> None:
+        self._last_seq = await store.last_seq(self._db, self.project_id)
+
+    async def on_stop(self) -> None:
+        # A graceful stop is the process shutting down (an idle stop has no subscribers).
+        for subscriber in self._subscribers.values():
+            subscriber.outbox.close(CloseCode.GOING_AWAY, "server_shutdown")
+
+    def is_idle(self) -> bool:
+        return not self._subscribers
+
+    async def handle(self, message: Message) -> Any:
+        if isinstance(message, Cursor):
+            return self._cursor(message)
+        if isinstance(message, Edit):
+            return await self._edit(message)
+        if isinstance(message, Published):
+            return await self._deliver(message.events)
+        if isinstance(message, Join):
+            return await self._join(message)
+        if isinstance(message, Leave):
+            return await self._leave(message.subscriber)
+        if isinstance(message, Status):
+            return self._status()
+        raise WorkspaceCrashed(f"crash requested for {self.name}")
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def _broadcast(self, frame: str, *, exclude: Subscriber | None = None) -> None:
+        self._broadcasts += 1
+        slow = []
+        for subscriber in self._subscribers.values():
+            if subscriber is not exclude and not subscriber.outbox.put(frame):
+                slow.append(subscriber)
+        for subscriber in slow:
+            subscriber.outbox.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
+
+    async def _deliver(self, events: Sequence[dict[str, Any]]) -> None:
+        """Broadcast log events in ``seq`` order, filling gaps from the log."""
+        for event in sorted(events, key=lambda e: int(e["seq"])):
+            seq = int(event["seq"])
+            if seq <= self._last_seq:
+                continue  # already delivered (read from the log to fill a gap)
+            if seq > self._last_seq + 1:
+                missing = await store.events_between(
+                    self._db, self.project_id, self._last_seq, seq - 1
+                )
+                for earlier in missing:
+                    self._deliver_one(earlier)
+            self._deliver_one(event)
+
+    def _deliver_one(self, event: dict[str, Any]) -> None:
+        self._last_seq = int(event["seq"])
+        self._broadcast(protocol.encode(protocol.event_frame(event)).decode())
+        self._apply(event)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        """Side effects of project events on the live connections."""
+        kind = event["type"]
+        payload = event.get("payload") or {}
+        if kind == "PROJECT_DELETED":
+            self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
+        elif kind in ("MEMBER_REMOVED", "MEMBER_ROLE_CHANGED"):
+            user_id = uuid.UUID(str(payload.get("user_id")))
+            for subscriber in [s for s in self._subscribers.values() if s.user_id == user_id]:
+                if kind == "MEMBER_REMOVED":
+                    subscriber.outbox.close(CloseCode.MEMBER_REMOVED, "member_removed")
+                    self._drop(subscriber)
+                else:
+                    subscriber.role = Role(str(payload.get("role")))
+
+    # -- presence ---------------------------------------------------------------------------
+
+    async def _join(self, message: Join) -> int:
+        subscriber = message.subscriber
+        outbox = subscriber.outbox
+        outbox.put_unbounded(
+            [
+                protocol.encode(
+                    {
+                        "type": "PRESENCE_STATE",
+                        "project_id": str(self.project_id),
+                        "seq": self._last_seq,
+                        "users": self._online_users(),
+                    }
+                ).decode()
+            ]
+        )
+        replayed = 0
+        if message.since_seq is not None:
+            replayed = await self._replay(subscriber, message.since_seq)
+        self._subscribers[subscriber.id] = subscriber
+        now = trio.current_time()
+        presence = self._presence.get(subscriber.user_id)
+        if presence is not None:
+            presence.connections += 1
+            presence.last_seen = now
+            return replayed
+        self._presence[subscriber.user_id] = Presence(1, now, now)
+        await self._append(
+            "USER_JOIN",
+            subscriber.user_id,
+            {
+                "email": subscriber.email,
+                "message": f"User {subscriber.email} entered the workspace",
+            },
+        )
+        return replayed
+
+    async def _replay(self, subscriber: Subscriber, since_seq: int) -> int:
+        missed = self._last_seq - since_seq
+        recovered = 0 <= missed <= self._settings.resume_max_events
+        events: list[dict[str, Any]] = []
+        if recovered and missed > 0:
+            events = await store.events_between(
+                self._db, self.project_id, since_seq, self._last_seq
+            )
+            recovered = len(events) == missed
+        frames = [protocol.encode(protocol.event_frame(e)).decode() for e in events]
+        frames.append(
+            protocol.encode(
+                {
+                    "type": "RESUMED",
+                    "since_seq": since_seq,
+                    "seq": self._last_seq,
+                    "recovered": recovered,
+                    "replayed": len(events),
+                }
+            ).decode()
+        )
+        subscriber.outbox.put_unbounded(frames)
+        return len(events)
+
+    def _drop(self, subscriber: Subscriber) -> bool:
+        """Forget a connection; True when it was its user's last one."""
+        if self._subscribers.pop(subscriber.id, None) is None:
+            return False
+        presence = self._presence.get(subscriber.user_id)
+        if presence is None:
+            return False
+        presence.connections -= 1
+        if presence.connections > 0:
+            return False
+        del self._presence[subscriber.user_id]
+        return True
+
+    async def _leave(self, subscriber: Subscriber) -> None:
+        if self._drop(subscriber):
+            await self._append(
+                "USER_LEAVE",
+                subscriber.user_id,
+                {
+                    "email": subscriber.email,
+                    "message": f"User {subscriber.email} left the workspace",
+                },
+            )
+
+    def _online_users(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        offset = time.time() - now  # trio's clock to wall clock
+        return [
+            {
+                "user_id": str(user_id),
+                "connections": p.connections,
+                "last_seen": datetime.fromtimestamp(p.last_seen + offset, UTC)
+                .isoformat()
+                .replace("+00:00", "Z"),
+                "status": "active" if now - p.last_seen < _ACTIVE_SECONDS else "idle",
+            }
+            for user_id, p in self._presence.items()
+        ]
+
+    def _touch(self, user_id: uuid.UUID) -> None:
+        presence = self._presence.get(user_id)
+        if presence is not None:
+            presence.last_seen = trio.current_time()
+
+    # -- client events ----------------------------------------------------------------------
+
+    async def _append(
+        self, kind: str, user_id: uuid.UUID, payload: dict[str, Any], client_id: str | None = None
+    ) -> dict[str, Any] | None:
+        """Store and deliver an event; None when the project was deleted meanwhile."""
+        try:
+            event, created = await store.append(
+                self._db, self.project_id, kind, user_id, payload, client_id=client_id
+            )
+        except ProjectNotFound:
+            self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
+            return None
+        if created:
+            await self._deliver([event])
+        return event
+
+    def _close_all(self, code: CloseCode, reason: str) -> None:
+        for subscriber in self._subscribers.values():
+            subscriber.outbox.close(code, reason)
+        self._subscribers.clear()
+        self._presence.clear()
+        self.request_stop()
+
+    async def _edit(self, message: Edit) -> None:
+        subscriber, change = message.subscriber, message.change
+        if subscriber.id not in self._subscribers:
+            return
+        if not can(subscriber.role, Action.EDIT_WORKSPACE):
+            error = protocol.ProtocolError(
+                "forbidden_role", "Viewers cannot edit files", change.client_id
+            )
+            subscriber.outbox.put(error.frame().decode())
+            return
+        self._touch(subscriber.user_id)
+        event = await self._append(
+            "FILE_CHANGE",
+            subscriber.user_id,
+            {"file_path": change.file_path, "changes": change.changes},
+            client_id=change.client_id,
+        )
+        if event is not None and change.client_id is not None:
+            subscriber.outbox.put(
+                protocol.encode(
+                    {"type": "ACK", "id": change.client_id, "seq": event["seq"]}
+                ).decode()
+            )
+
+    def _cursor(self, message: Cursor) -> None:
+        subscriber, cursor = message.subscriber, message.cursor
+        if subscriber.id not in self._subscribers:
+            return
+        self._touch(subscriber.user_id)
+        self._broadcasts += 1
+        frame = protocol.encode(
+            {
+                "type": "CURSOR_UPDATE",
+                "user_id": str(subscriber.user_id),
+                "position": {"file": cursor.file, "line": cursor.line, "column": cursor.column},
+                "timestamp": protocol.now_iso(),
+            }
+        ).decode()
+        for other in self._subscribers.values():
+            if other is not subscriber:
+                other.outbox.put_cursor(subscriber.user_id, frame)
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "project_id": str(self.project_id),
+            "active_collaborators": len(self._presence),
+            "connections": len(self._subscribers),
+            "online_users": self._online_users(),
+            "workspace_url": f"/ws/{self.project_id}",
+            "real_time_events": self._broadcasts,
+            "seq": self._last_seq,
+        }
+
+
+class Workspaces:
+    """Finds or starts the one WorkspaceActor of a project under the workspace supervisor.
+
+    The supervisor is looked up in ``root`` on every call, so a restarted workspace
+    supervisor is found (and waited for while it restarts) without rebuilding this object.
+    """
+
+    def __init__(
+        self,
+        root: Supervisor,
+        supervisor: ChildSpec[Supervisor],
+        db: Database,
+        settings: WorkspaceSettings,
+    ) -> None:
+        self._root = root
+        self._spec = supervisor
+        self._db = db
+        self._settings = settings
+
+    async def _supervisor(self) -> Supervisor:
+        return await self._root.get_or_start(self._spec)
+
+    async def get(self, project_id: uuid.UUID) -> WorkspaceActor:
+        """The running actor of ``project_id`` (started on first use; never two)."""
+        spec = actor_spec(
+            f"workspace:{project_id}",
+            lambda: WorkspaceActor(project_id, self._db, self._settings),
+            restart=Restart.TRANSIENT,
+        )
+        return await (await self._supervisor()).get_or_start(spec)
+
+    def find(self, project_id: uuid.UUID) -> WorkspaceActor | None:
+        """The actor of ``project_id`` if one is running now (never starts one)."""
+        try:
+            supervisor = cast(Supervisor, self._root.child(self._spec.name).value)
+            value = supervisor.child(f"workspace:{project_id}").value
+        except NoSuchChild:
+            return None
+        return value if isinstance(value, WorkspaceActor) and value.alive else None
+
+    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
+        """Hand committed log events to the project's workspace, if it is open here."""
+        actor = self.find(project_id)
+        if actor is not None and events:
+            try:
+                await actor.tell(Published(events))
+            except ActorStopped:
+                log.debug("workspace %s stopped before its events arrived", project_id)
+
+
+__all__ = [
+    "Crash",
+    "Cursor",
+    "Edit",
+    "Join",
+    "Leave",
+    "Published",
+    "Status",
+    "Subscriber",
+    "WorkspaceActor",
+    "WorkspaceSettings",
+    "Workspaces",
+]

@@ -1,0 +1,375 @@
+"""``/api/v1/projects``: projects, their collaborators and roles, and the event log.
+
+Access rules (``atrium.roles``) are checked in the persistence layer under the project's
+row lock. A project the caller is not a member of answers exactly like one that does not
+exist (404 project_not_found); a member whose role forbids an action gets 403
+forbidden_role. Every committed change invalidates the project lists of everyone it
+affects, then its events go to ``services().publish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import trio
+from quart import Blueprint, Response, g
+from quart_schema import (
+    document_response,
+    security_scheme,
+    tag,
+    validate_querystring,
+    validate_request,
+)
+
+from ..persistence import projects
+from ..persistence.accounts import User
+from ..persistence.projects import (
+    AlreadyMember,
+    Change,
+    LastOwner,
+    Member,
+    MemberNotFound,
+    Project,
+    ProjectError,
+    ProjectNotFound,
+    RoleForbidden,
+    UserNotFound,
+)
+from .errors import ApiError, error_response
+from .json import json_response
+from .schemas import (
+    CollaboratorAddedResponse,
+    CollaboratorAddRequest,
+    CollaboratorListResponse,
+    CollaboratorResponse,
+    ErrorResponse,
+    EventListQuery,
+    EventListResponse,
+    ProjectCreateRequest,
+    ProjectListQuery,
+    ProjectListResponse,
+    ProjectResponse,
+    ProjectUpdateRequest,
+    RoleChangeRequest,
+)
+from .security import require_user, services
+
+blueprint = Blueprint("projects", __name__, url_prefix="/api/v1/projects")
+log = logging.getLogger("atrium.http")
+
+T = TypeVar("T")
+
+_STATUS: dict[type[ProjectError], int] = {
+    ProjectNotFound: 404,
+    UserNotFound: 404,
+    MemberNotFound: 404,
+    RoleForbidden: 403,
+    LastOwner: 409,
+    AlreadyMember: 409,
+}
+
+
+@blueprint.errorhandler(ProjectError)
+async def project_error(error: ProjectError) -> Response:
+    return error_response(_STATUS.get(type(error), 400), error.code, error.message)
+
+
+def _id(value: str, what: str) -> uuid.UUID:
+    """Parse a path id; 422 invalid_id (not a 404 or a 500) when it is not a UUID."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ApiError(422, "invalid_id", f"The {what} id is not a valid UUID") from None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _project_json(project: Project) -> dict[str, Any]:
+    # Plain JSON values only: this dict is also what the project-list cache stores.
+    return {
+        "id": str(project.id),
+        "name": project.name,
+        "description": project.description,
+        "visibility": project.visibility,
+        "owner_id": str(project.owner_id),
+        "created_at": _iso(project.created_at),
+        "updated_at": _iso(project.updated_at),
+        "collaborator_count": project.collaborator_count,
+        "status": "active",
+        "role": project.role.value,
+        "workspace_url": f"/ws/{project.id}",
+    }
+
+
+def _member_json(member: Member) -> dict[str, Any]:
+    return {
+        "user_id": member.user_id,
+        "email": member.email,
+        "role": member.role.value,
+        "invited_at": member.invited_at,
+        "invited_by": member.invited_by,
+    }
+
+
+async def _commit(write: Awaitable[Change[T]]) -> T:
+    """Run a write, then invalidate the caches it touched and publish its events.
+
+    Shielded: once a write has committed, the invalidation must happen even if the client
+    has gone away, or a stale list would be served until its entry expires.
+    """
+    svc = services()
+    with trio.CancelScope(shield=True):
+        change = await write
+        if change.audience:
+            await svc.project_cache.invalidate(change.audience)
+    if change.events:
+        project_id = change.events[0]["project_id"]
+        try:
+            await svc.publish.publish(project_id, change.events)
+        except Exception:  # the change is durable; live clients catch up from the log
+            log.exception("publishing events of project %s failed", project_id)
+    return change.value
+
+
+@blueprint.get("/")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ProjectListResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_querystring(ProjectListQuery)
+async def list_projects(query_args: ProjectListQuery) -> Response:
+    """The caller's live projects (owned or shared), newest first, one page at a time.
+
+    Pages are cached per user for PROJECT_CACHE_TTL_SECONDS (0 disables it); every write
+    that changes what a user would see drops that user's pages, so a read after a write
+    is never stale. ``cached`` and ``cache_expires_at`` say whether this page came from
+    the cache and when that entry expires.
+    """
+    svc = services()
+    user: User = g.user
+    limit, offset = query_args.limit, query_args.offset
+    key = f"list:{limit}:{offset}"
+    hit = await svc.project_cache.get(user.id, key)
+    if hit is not None:
+        page, cached, expires = hit.value, True, _iso(datetime.fromtimestamp(hit.expires_at, UTC))
+    else:
+        generation = await svc.project_cache.generation(user.id)
+        found = await projects.list_projects(svc.db, user.id, limit=limit, offset=offset)
+        page = {"projects": [_project_json(p) for p in found.projects], "total": found.total}
+        await svc.project_cache.set(user.id, key, page, generation)
+        cached, expires = False, None
+    return json_response(
+        {
+            "projects": page["projects"],
+            "total": page["total"],
+            "limit": limit,
+            "offset": offset,
+            "cached": cached,
+            "cache_expires_at": expires,
+        }
+    )
+
+
+@blueprint.post("/")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ProjectResponse, 201)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_request(ProjectCreateRequest)
+async def create_project(data: ProjectCreateRequest) -> Response:
+    """Create a project; the caller becomes its owner. Logs PROJECT_CREATED."""
+    project = await _commit(
+        projects.create_project(
+            services().db,
+            g.user.id,
+            name=data.name,
+            description=data.description,
+            visibility=data.visibility,
+        )
+    )
+    return json_response(_project_json(project), 201)
+
+
+@blueprint.get("/<project_id>")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ProjectResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
+@require_user
+async def get_project(project_id: str) -> Response:
+    """One project the caller is a member of (any role)."""
+    project = await projects.get_project(services().db, _id(project_id, "project"), g.user.id)
+    return json_response(_project_json(project))
+
+
+@blueprint.patch("/<project_id>")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ProjectResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 403)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_request(ProjectUpdateRequest)
+async def update_project(project_id: str, data: ProjectUpdateRequest) -> Response:
+    """Change name and description (owners, collaborators) or visibility (owners only).
+
+    Logs PROJECT_UPDATED when something actually changed.
+    """
+    pid = _id(project_id, "project")
+    changes = {name: getattr(data, name) for name in data.model_fields_set}
+    project = await _commit(projects.update_project(services().db, pid, g.user.id, changes))
+    return json_response(_project_json(project))
+
+
+@blueprint.delete("/<project_id>")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 403)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
+@require_user
+async def delete_project(project_id: str) -> Response:
+    """Delete the project (owners only): 204, then 404 for every API. Logs PROJECT_DELETED."""
+    pid = _id(project_id, "project")
+    await _commit(projects.delete_project(services().db, pid, g.user.id))
+    return Response(b"", status=204)
+
+
+@blueprint.post("/<project_id>/collaborators")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(CollaboratorAddedResponse, 201)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 403)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_request(CollaboratorAddRequest)
+async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Response:
+    """Add a user (by ``user_id`` or ``email``) with a role (owners only). Logs MEMBER_ADDED.
+
+    404 user_not_found for an unknown user, 409 already_member for a member.
+    """
+    pid = _id(project_id, "project")
+    member = await _commit(
+        projects.add_member(
+            services().db, pid, g.user.id, role=data.role, user_id=data.user_id, email=data.email
+        )
+    )
+    collaboration = {
+        "user_id": member.user_id,
+        "project_id": member.project_id,
+        "role": member.role.value,
+        "invited_at": member.invited_at,
+        "invited_by": member.invited_by,
+    }
+    return json_response(
+        {"message": "Collaborator added successfully", "collaboration": collaboration}, 201
+    )
+
+
+@blueprint.get("/<project_id>/collaborators")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(CollaboratorListResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
+@require_user
+async def list_collaborators(project_id: str) -> Response:
+    """Every member with their role, owners included (any member may read it)."""
+    pid = _id(project_id, "project")
+    members = await projects.list_members(services().db, pid, g.user.id)
+    return json_response(
+        {
+            "project_id": pid,
+            "collaborators": [_member_json(m) for m in members],
+            "total": len(members),
+        }
+    )
+
+
+@blueprint.patch("/<project_id>/collaborators/<user_id>")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(CollaboratorResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 403)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_request(RoleChangeRequest)
+async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) -> Response:
+    """Change a member's role (owners only); 409 last_owner if no owner would remain.
+
+    Logs MEMBER_ROLE_CHANGED when the role actually changed.
+    """
+    pid, uid = _id(project_id, "project"), _id(user_id, "user")
+    member = await _commit(projects.change_role(services().db, pid, g.user.id, uid, data.role))
+    return json_response(_member_json(member))
+
+
+@blueprint.delete("/<project_id>/collaborators/<user_id>")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 403)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 422)
+@require_user
+async def remove_collaborator(project_id: str, user_id: str) -> Response:
+    """Remove a member: owners remove anyone, any member themself. 204; logs MEMBER_REMOVED.
+
+    409 last_owner for the project's only owner.
+    """
+    pid, uid = _id(project_id, "project"), _id(user_id, "user")
+    await _commit(projects.remove_member(services().db, pid, g.user.id, uid))
+    return Response(b"", status=204)
+
+
+@blueprint.get("/<project_id>/events")
+@tag(["projects"])
+@security_scheme([{"bearer": []}])
+@document_response(EventListResponse, 200)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
+@require_user
+@validate_querystring(EventListQuery)
+async def list_events(project_id: str, query_args: EventListQuery) -> Response:
+    """The project's event log after ``since_seq``, in seq order (any member).
+
+    Seqs are gapless per project; read on with ``since_seq=next_seq`` while ``has_more``.
+    """
+    pid = _id(project_id, "project")
+    page = await projects.list_events(
+        services().db, pid, g.user.id, since_seq=query_args.since_seq, limit=query_args.limit
+    )
+    next_seq = page.events[-1]["seq"] if page.events else query_args.since_seq
+    return json_response(
+        {
+            "project_id": pid,
+            "events": page.events,
+            "next_seq": next_seq,
+            "last_seq": page.last_seq,
+            "has_more": next_seq < page.last_seq,
+        }
+    )

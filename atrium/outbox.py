@@ -1,0 +1,97 @@
+"""A connection's bounded outgoing queue, filled by a workspace and drained by one send task.
+
+The workspace never waits on a client: ``put`` either queues the frame or reports that the
+client fell too far behind, and the workspace then closes that client. Cursor updates are
+kept latest-per-user, so a client that falls behind gets the newest position of each
+cursor instead of every step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+
+class Outbox:
+    """Frames waiting to be sent to one connection (serialised text, shared between them)."""
+
+    __slots__ = (
+        "_queue",
+        "_cursors",
+        "_limit",
+        "_lot",
+        "close_code",
+        "close_reason",
+        "flush",
+        "closed",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self._queue: deque[str] = deque()
+        self._cursors: dict[object, str] = {}
+        self._limit = limit
+        self._lot = trio.lowlevel.ParkingLot()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.flush = True
+        self.closed = trio.Event()
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
+
+    def __len__(self) -> int:
+        return len(self._queue) + len(self._cursors)
+
+    def put(self, frame: str) -> bool:
+        """Queue a frame; False (nothing queued) when the queue is at its limit."""
+        if self.close_code is not None:
+            return True
+        if len(self._queue) >= self._limit:
+            return False
+        self._queue.append(frame)
+        self._lot.unpark_all()
+        return True
+
+    def put_unbounded(self, frames: list[str]) -> None:
+        """Queue frames past the limit (a resume's replay: bounded by the caller)."""
+        if self.close_code is None:
+            self._queue.extend(frames)
+            self._lot.unpark_all()
+
+    def put_cursor(self, key: object, frame: str) -> None:
+        """Queue a cursor frame, replacing one from the same ``key`` not yet sent."""
+        if self.close_code is None:
+            self._cursors.pop(key, None)
+            self._cursors[key] = frame
+            self._lot.unpark_all()
+
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Ask the send task to close the connection, after the queued frames if ``flush``.
+
+        The first request wins; later ones are ignored.
+        """
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.flush = flush
+            if not flush:
+                self._queue.clear()
+                self._cursors.clear()
+            self.closed.set()
+            self._lot.unpark_all()
+
+    def take(self) -> list[str]:
+        """Everything queued now, oldest first (cursors last), leaving the outbox empty."""
+        frames = list(self._queue)
+        self._queue.clear()
+        if self._cursors:
+            frames.extend(self._cursors.values())
+            self._cursors.clear()
+        return frames
+
+    async def wait(self) -> None:
+        """Return once frames are queued or a close is requested."""
+        if not self._queue and not self._cursors and self.close_code is None:
+            await self._lot.park()

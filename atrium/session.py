@@ -1,0 +1,391 @@
+"""One workspace connection, written once over a small transport interface.
+
+A transport adapter (the Quart-Trio route, the trio-websocket listener) accepts the
+WebSocket, wraps it as a ``Connection`` and calls ``Realtime.serve``. Everything else —
+origin check, authentication, membership, resume, heartbeats, token expiry, limits and
+the per-connection send task — lives here and is the same for every transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import trio
+
+from . import protocol
+from .actors import ActorStopped, AskTimeout
+from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor, Workspaces
+from .outbox import Outbox
+from .persistence import accounts
+from .persistence import workspace as store
+from .persistence.database import Database
+from .protocol import CloseCode, ProtocolError
+from .roles import Role
+from .tokens import Claims, TokenCodec, TokenError
+
+log = logging.getLogger("atrium.session")
+
+_CLOSE_TIMEOUT = 2.0
+
+
+class ConnectionGone(Exception):
+    """The peer went away (closed, reset, or the transport gave up)."""
+
+
+class Connection(Protocol):
+    """What a transport gives a session: text in, text out, close with a code."""
+
+    async def receive(self) -> str | bytes:
+        """The next message. Raises ConnectionGone."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send one text frame. Raises ConnectionGone."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` (best effort; never raises)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What the client asked for: the URL's parts and the request headers (lower-case)."""
+
+    project_id: str
+    path_user_id: str | None
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    auth_timeout: float = 5.0
+    heartbeat_interval: float = 25.0
+    heartbeat_timeout: float = 60.0
+    send_queue: int = 1024
+    rate_per_second: float = 50.0
+    rate_burst: int = 100
+    rate_strikes: int = 20
+    token_warning: float = 60.0
+    token_grace: float = 30.0
+
+
+class Refused(Exception):
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _wall_iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+class Realtime:
+    """Serves workspace connections for one process."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        tokens: TokenCodec,
+        workspaces: Workspaces,
+        allowed_origins: tuple[str, ...],
+        settings: SessionSettings,
+    ) -> None:
+        self.db = db
+        self.tokens = tokens
+        self.workspaces = workspaces
+        self.allowed_origins = allowed_origins
+        self.settings = settings
+        self.active = 0
+        self._drained = trio.Event()
+        self._drained.set()
+
+    async def serve(self, conn: Connection, handshake: Handshake) -> None:
+        """Run one accepted connection until it ends; closes it with a documented code."""
+        if self.active == 0:
+            self._drained = trio.Event()
+        self.active += 1
+        try:
+            await _Session(self, conn, handshake).run()
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._drained.set()
+
+    async def wait_drained(self) -> None:
+        """Return once no connection is being served."""
+        await self._drained.wait()
+
+
+class _Session:
+    def __init__(self, realtime: Realtime, conn: Connection, handshake: Handshake) -> None:
+        self.rt = realtime
+        self.settings = realtime.settings
+        self.conn = conn
+        self.handshake = handshake
+        self.outbox = Outbox(realtime.settings.send_queue)
+        self.claims: Claims | None = None
+        self.expires_at = 0.0  # trio clock
+        self.reauthed = trio.Event()
+        self.last_activity = trio.current_time()
+        self.tokens = float(realtime.settings.rate_burst)
+        self.tokens_at = trio.current_time()
+        self.strikes = 0
+        self.actor: WorkspaceActor | None = None
+        self.subscriber: Subscriber | None = None
+        self.batch = False
+        self._sending = trio.CancelScope()
+
+    async def run(self) -> None:
+        try:
+            try:
+                await self._open()
+            except Refused as refusal:
+                await self._close(refusal.code, refusal.reason)
+                return
+            except ConnectionGone:
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                nursery.start_soon(self._watch_close)
+                nursery.start_soon(self._receive_loop, nursery.cancel_scope)
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._token_expiry)
+        finally:
+            await self._leave()
+
+    # -- opening ----------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        hs = self.handshake
+        origin = hs.headers.get("origin")
+        allowed = self.rt.allowed_origins
+        if origin and "*" not in allowed and origin.rstrip("/") not in allowed:
+            raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
+        try:
+            project_id = uuid.UUID(hs.project_id)
+        except ValueError:
+            raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found") from None
+        since_seq = self._since_seq(hs.query.get("since_seq"))
+        batch = hs.query.get("batch", "").lower() in ("1", "true", "yes")
+
+        header = hs.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            claims = self._verify(token.strip())
+        else:
+            auth = await self._first_auth_frame()
+            claims = self._verify(auth.token)
+            if auth.since_seq is not None:
+                since_seq = auth.since_seq
+        if hs.path_user_id is not None and hs.path_user_id != str(claims.user_id):
+            raise Refused(CloseCode.FORBIDDEN, "user_mismatch")
+        if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
+            raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
+        role = await store.member_role(self.rt.db, project_id, claims.user_id)
+        if role is None:
+            raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
+        self._accept_token(claims)
+        self.batch = batch
+        self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
+        try:
+            self.actor = await self.rt.workspaces.get(project_id)
+            await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
+        except (ActorStopped, AskTimeout):
+            self.actor = None
+            raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
+
+    def _since_seq(self, raw: str | None) -> int | None:
+        if raw is None or raw == "":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise Refused(CloseCode.BAD_REQUEST, "invalid_since_seq") from None
+        if value < 0:
+            raise Refused(CloseCode.BAD_REQUEST, "invalid_since_seq")
+        return value
+
+    async def _first_auth_frame(self) -> protocol.Auth:
+        with trio.move_on_after(self.settings.auth_timeout):
+            raw = await self.conn.receive()
+            message = protocol.parse_client_frame(raw)
+            if isinstance(message, protocol.Auth):
+                return message
+            raise Refused(CloseCode.UNAUTHORIZED, "auth_required")
+        raise Refused(CloseCode.AUTH_TIMEOUT, "auth_timeout")
+
+    def _verify(self, token: str) -> Claims:
+        try:
+            return self.rt.tokens.verify(token, expected="access")
+        except TokenError as error:
+            raise Refused(CloseCode.UNAUTHORIZED, error.code) from None
+
+    def _accept_token(self, claims: Claims) -> None:
+        self.claims = claims
+        self.expires_at = trio.current_time() + (claims.expires_at - time.time())
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def _send_loop(self, scope: trio.CancelScope) -> None:
+        outbox, conn = self.outbox, self.conn
+        try:
+            with self._sending:
+                while True:
+                    await outbox.wait()
+                    frames = outbox.take()
+                    if frames:
+                        if self.batch:
+                            await conn.send("[" + ",".join(frames) + "]")
+                        else:
+                            for frame in frames:
+                                await conn.send(frame)
+                    elif outbox.closing:
+                        break
+        except ConnectionGone:
+            scope.cancel()
+            return
+        assert outbox.close_code is not None
+        await self._close(outbox.close_code, outbox.close_reason)
+        scope.cancel()
+
+    async def _watch_close(self) -> None:
+        # A blocked send (a client that stopped reading) must not hold up a close: drop
+        # it at once when nothing is to be flushed, else after a short grace.
+        await self.outbox.closed.wait()
+        if self.outbox.flush:
+            await trio.sleep(_CLOSE_TIMEOUT)
+        self._sending.cancel()
+
+    async def _close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await self.conn.close(code, reason)
+
+    async def _receive_loop(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                raw = await self.conn.receive()
+                self.last_activity = trio.current_time()
+                await self._on_frame(raw)
+        except ConnectionGone:
+            scope.cancel()
+
+    async def _on_frame(self, raw: str | bytes) -> None:
+        if not self._within_rate():
+            return
+        message = protocol.parse_client_frame(raw)
+        if isinstance(message, ProtocolError):
+            self._reply(message.frame().decode())
+            return
+        actor, subscriber = self.actor, self.subscriber
+        assert actor is not None and subscriber is not None
+        try:
+            if isinstance(message, protocol.CursorUpdate):
+                await actor.tell(Cursor(subscriber, message))
+            elif isinstance(message, protocol.FileChange):
+                await actor.tell(Edit(subscriber, message))
+            elif isinstance(message, protocol.Ping):
+                self._reply(protocol.encode({"type": "PONG"}).decode())
+            elif isinstance(message, protocol.Auth):
+                await self._reauthenticate(message)
+        except ActorStopped:
+            self.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
+
+    def _reply(self, frame: str) -> None:
+        if not self.outbox.put(frame):
+            self.outbox.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
+
+    def _within_rate(self) -> bool:
+        now = trio.current_time()
+        rate, burst = self.settings.rate_per_second, self.settings.rate_burst
+        self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        if self.strikes >= self.settings.rate_strikes:
+            self.outbox.close(CloseCode.RATE_LIMITED, "rate_limited", flush=False)
+        else:
+            self._reply(
+                ProtocolError("rate_limited", "Too many messages; slow down").frame().decode()
+            )
+        return False
+
+    async def _reauthenticate(self, auth: protocol.Auth) -> None:
+        assert self.claims is not None
+        try:
+            claims = self.rt.tokens.verify(auth.token, expected="access")
+        except TokenError as error:
+            self._reply(ProtocolError(error.code, error.message).frame().decode())
+            return
+        if claims.user_id != self.claims.user_id:
+            self._reply(
+                ProtocolError("user_mismatch", "The token is for another user").frame().decode()
+            )
+            return
+        if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
+            self._reply(ProtocolError("session_revoked", "This session has ended").frame().decode())
+            return
+        self._accept_token(claims)
+        self.reauthed.set()
+        self._reply(
+            protocol.encode(
+                {
+                    "type": "AUTH_OK",
+                    "user_id": str(claims.user_id),
+                    "expires_at": _wall_iso(claims.expires_at),
+                }
+            ).decode()
+        )
+
+    async def _heartbeat(self) -> None:
+        interval, timeout = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - self.last_activity >= timeout:
+                self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
+                return
+            self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}).decode())
+
+    async def _token_expiry(self) -> None:
+        while True:
+            self.reauthed = trio.Event()
+            await trio.sleep_until(self.expires_at - self.settings.token_warning)
+            if trio.current_time() < self.expires_at - self.settings.token_warning:
+                continue  # re-authenticated early: a later deadline
+            assert self.claims is not None
+            self._reply(
+                protocol.encode(
+                    {
+                        "type": "TOKEN_EXPIRING",
+                        "expires_at": _wall_iso(self.claims.expires_at),
+                        "reauth_within_seconds": self.settings.token_warning
+                        + self.settings.token_grace,
+                    }
+                ).decode()
+            )
+            with trio.move_on_at(self.expires_at + self.settings.token_grace):
+                await self.reauthed.wait()
+                continue
+            self.outbox.close(CloseCode.TOKEN_EXPIRED, "token_expired")
+            return
+
+    async def _leave(self) -> None:
+        if self.actor is None or self.subscriber is None:
+            return
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            try:
+                await self.actor.tell(Leave(self.subscriber))
+            except ActorStopped:
+                pass
