@@ -50,6 +50,8 @@ class Client:
             try:
                 while True:
                     await self.ws.get_message()
+                    if self.ws.closed is not None:
+                        raise ConnectionClosed(self.ws.closed)
             except ConnectionClosed as closed:
                 assert closed.reason is not None
                 await self.release()
