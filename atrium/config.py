@@ -54,6 +54,7 @@ class Settings:
     jwt_audience: str = "workspace-api"
     admin_token: str | None = None
     project_cache_ttl_seconds: int = 60
+    session_cache_seconds: int = 5
     ws_max_message_bytes: int = 65_536
     ws_auth_timeout_seconds: int = 5
     ws_heartbeat_interval_seconds: int = 25
@@ -189,6 +190,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         jwt_audience=env.get("JWT_AUDIENCE", "").strip() or "workspace-api",
         admin_token=admin_token,
         project_cache_ttl_seconds=_int(env, "PROJECT_CACHE_TTL_SECONDS", 60, minimum=0),
+        session_cache_seconds=_int(env, "SESSION_CACHE_SECONDS", 5, minimum=0),
         ws_max_message_bytes=_int(env, "WS_MAX_MESSAGE_BYTES", 65_536, minimum=1024),
         ws_auth_timeout_seconds=_int(env, "WS_AUTH_TIMEOUT_SECONDS", 5),
         ws_heartbeat_interval_seconds=_int(env, "WS_HEARTBEAT_INTERVAL_SECONDS", 25),

@@ -26,7 +26,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .actors.workspace import WorkspaceSettings, Workspaces
+from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
 from .http.app import create_app
 from .http.ws_listener import serve_listener
@@ -169,8 +169,13 @@ async def _run_ws_listener(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
-            partial(serve_listener, http.realtime, settings.host, port,
-                    max_message_size=settings.ws_max_message_bytes)
+            partial(
+                serve_listener,
+                http.realtime,
+                settings.host,
+                port,
+                max_message_size=settings.ws_max_message_bytes,
+            )
         )
         task_status.started(WsListener(bound, stop))
         await stop.wait()
@@ -195,25 +200,32 @@ async def serve(
     reverse order: WebSockets close (1001), in-flight requests finish, the pool closes.
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
+    # Backoff delays count against the period: 5 restarts of one workspace take 3.1 s of
+    # backoff, so a crash loop still escalates within 30 s.
     workspaces_spec = make_supervisor_spec(
-        "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=20, period=10.0
+        "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
     )
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
         await root.start_child(
-            ChildSpec("database", partial(_run_database, settings, database_url),
-                      shutdown_timeout=15.0)
+            ChildSpec(
+                "database", partial(_run_database, settings, database_url), shutdown_timeout=15.0
+            )
         )
         http = await root.start_child(
-            ChildSpec("http", partial(_run_http, root, settings, clock, workspaces_spec),
-                      shutdown_timeout=15.0)
+            ChildSpec(
+                "http",
+                partial(_run_http, root, settings, clock, workspaces_spec),
+                shutdown_timeout=15.0,
+            )
         )
         ws_port = None
         if settings.ws_port is not None:
             listener = await root.start_child(
-                ChildSpec("ws_listener", partial(_run_ws_listener, root, settings,
-                                                 settings.ws_port))
+                ChildSpec(
+                    "ws_listener", partial(_run_ws_listener, root, settings, settings.ws_port)
+                )
             )
             ws_port = listener.value.port
         await root.start_child(workspaces_spec)
@@ -223,4 +235,3 @@ async def serve(
             await trio.sleep_forever()
         else:
             await shutdown_trigger()
-

@@ -41,7 +41,8 @@ class Services:
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry; tests
     substitute their own. ``project_cache`` holds each user's project-list pages;
     ``publish`` receives every project event after its transaction commits;
-    ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root.
+    ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS.
     """
 
     settings: Settings
@@ -51,6 +52,7 @@ class Services:
     clock: Callable[[], float] = field(default=time.time)
     project_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
     publish: EventPublisher = field(default_factory=NoPublisher)
+    session_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
 
@@ -67,4 +69,13 @@ def build_services(
         refresh_ttl_seconds=settings.refresh_token_expire_days * 86400,
     )
     cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
-    return Services(settings, db, codec, MemoryRateLimiter(clock), clock, project_cache=cache)
+    sessions = MemoryUserCache(settings.session_cache_seconds, clock)
+    return Services(
+        settings,
+        db,
+        codec,
+        MemoryRateLimiter(clock),
+        clock,
+        project_cache=cache,
+        session_cache=sessions,
+    )

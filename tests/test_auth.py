@@ -260,3 +260,23 @@ async def test_tokens_survive_a_restart_with_the_dev_key(start_server: StartServ
     async with start_server(ENVIRONMENT="development", SECRET_KEY="") as second:
         r = await second.client.get("/api/v1/auth/me", headers=bearer(tokens["access_token"]))
         assert r.status_code == 200
+
+
+async def test_session_cache_sees_a_revocation_elsewhere_within_its_ttl(
+    start_server: StartServer, db: Database
+) -> None:
+    # Another instance (here: the database directly) revokes the session; this instance
+    # trusts its cached session for at most SESSION_CACHE_SECONDS.
+    clock = FakeClock()
+    async with start_server(clock=clock, SESSION_CACHE_SECONDS=5) as srv:
+        tokens = await srv.signup_login("mia@example.com")
+        headers = bearer(tokens["access_token"])
+        assert (await srv.client.get("/api/v1/auth/me", headers=headers)).status_code == 200
+        sid = uuid.UUID(
+            jwt.decode(tokens["access_token"], options={"verify_signature": False})["sid"]
+        )
+        await accounts.revoke_session(db, sid, "elsewhere")
+        assert (await srv.client.get("/api/v1/auth/me", headers=headers)).status_code == 200
+        clock.advance(5)
+        r = await srv.client.get("/api/v1/auth/me", headers=headers)
+        assert r.status_code == 401 and error_code(r) == "session_revoked"

@@ -48,8 +48,14 @@ class Team:
     outsider: Member
     transport: str
 
-    def url(self, query: str = "", *, user: str | None = None, port: int | None = None,
-            project: str | None = None) -> str:
+    def url(
+        self,
+        query: str = "",
+        *,
+        user: str | None = None,
+        port: int | None = None,
+        project: str | None = None,
+    ) -> str:
         if port is None:
             port = self.server.bound.port if self.transport == "main" else self.server.bound.ws_port
         path = f"/ws/{project or self.project_id}" + (f"/{user}" if user else "")
@@ -73,9 +79,11 @@ async def make_team(server: Running, transport: str) -> Team:
     assert r.status_code == 201, r.text
     project_id = r.json()["id"]
     for member, role in ((collaborator, "collaborator"), (viewer, "viewer")):
-        r = await server.client.post(f"/api/v1/projects/{project_id}/collaborators",
-                                     json={"user_id": member.user_id, "role": role},
-                                     headers=owner.auth)
+        r = await server.client.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"user_id": member.user_id, "role": role},
+            headers=owner.auth,
+        )
         assert r.status_code == 201, r.text
     return Team(server, project_id, owner, collaborator, viewer, outsider, transport)
 
@@ -91,9 +99,11 @@ async def main_team(server: Running) -> Team:
 
 
 def edit(path: str, client_id: str | None = None, **changes: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "FILE_CHANGE", "file_path": path,
-                             "changes": changes or {"lines_added": 1, "lines_removed": 0,
-                                                    "change_type": "modification"}}
+    frame: dict[str, Any] = {
+        "type": "FILE_CHANGE",
+        "file_path": path,
+        "changes": changes or {"lines_added": 1, "lines_removed": 0, "change_type": "modification"},
+    }
     if client_id is not None:
         frame["id"] = client_id
     return frame
@@ -115,8 +125,9 @@ async def session(team: Team, member: Member, query: str = "") -> AsyncIterator[
     """
     async with connect(team.url(query), member.token) as client:
         await joined(client, member)
-        while (message := await client.recv())["type"] != "USER_JOIN" or \
-                message["user_id"] != member.user_id:
+        while (message := await client.recv())["type"] != "USER_JOIN" or message[
+            "user_id"
+        ] != member.user_id:
             pass
         yield client
 
@@ -155,7 +166,8 @@ async def test_presence_is_per_user_across_tabs(team: Team) -> None:
                 state = await joined(tab2, owner)
                 assert {u["user_id"] for u in state["users"]} == {owner.user_id, collab.user_id}
                 r = await team.server.client.get(
-                    f"/api/v1/projects/{team.project_id}/workspace/status", headers=owner.auth)
+                    f"/api/v1/projects/{team.project_id}/workspace/status", headers=owner.auth
+                )
                 status = r.json()
                 assert status["active_collaborators"] == 2
                 assert status["connections"] == 3
@@ -189,11 +201,13 @@ async def test_dropped_tcp_connection_leaves_presence(main_team: Team) -> None:
 
 async def test_status_is_404_for_non_members(main_team: Team) -> None:
     team = main_team
-    r = await team.server.client.get(f"/api/v1/projects/{team.project_id}/workspace/status",
-                                     headers=team.outsider.auth)
+    r = await team.server.client.get(
+        f"/api/v1/projects/{team.project_id}/workspace/status", headers=team.outsider.auth
+    )
     assert r.status_code == 404
-    r = await team.server.client.get(f"/api/v1/projects/{team.project_id}/workspace/status",
-                                     headers=team.owner.auth)
+    r = await team.server.client.get(
+        f"/api/v1/projects/{team.project_id}/workspace/status", headers=team.owner.auth
+    )
     assert r.json()["active_collaborators"] == 0 and r.json()["online_users"] == []
 
 
@@ -201,12 +215,17 @@ async def test_status_is_404_for_non_members(main_team: Team) -> None:
 
 
 async def test_edits_fan_out_to_every_member_in_log_order(team: Team, db: Database) -> None:
-    async with session(team, team.owner) as o, session(team, team.collaborator) as c, \
-            session(team, team.viewer) as v:
+    async with (
+        session(team, team.owner) as o,
+        session(team, team.collaborator) as c,
+        session(team, team.viewer) as v,
+    ):
         for i in range(20):
             await c.send(edit(f"/src/{i}.py", client_id=f"e{i}"))
-        seen = {name: await file_changes(client, 20)
-                for name, client in (("owner", o), ("collab", c), ("viewer", v))}
+        seen = {
+            name: await file_changes(client, 20)
+            for name, client in (("owner", o), ("collab", c), ("viewer", v))
+        }
     paths = [f["file_path"] for f in seen["owner"]]
     assert paths == [f"/src/{i}.py" for i in range(20)]
     seqs = [f["seq"] for f in seen["owner"]]
@@ -214,14 +233,17 @@ async def test_edits_fan_out_to_every_member_in_log_order(team: Team, db: Databa
     for frames in seen.values():
         assert [f["seq"] for f in frames] == seqs
         assert {f["user_id"] for f in frames} == {team.collaborator.user_id}
-    rows = await db.fetch("SELECT seq, payload->>'file_path' AS path FROM project_events"
-                          " WHERE project_id = $1 AND type = 'FILE_CHANGE' ORDER BY seq",
-                          uuid.UUID(team.project_id))
+    rows = await db.fetch(
+        "SELECT seq, payload->>'file_path' AS path FROM project_events"
+        " WHERE project_id = $1 AND type = 'FILE_CHANGE' ORDER BY seq",
+        uuid.UUID(team.project_id),
+    )
     assert [(r["seq"], r["path"]) for r in rows] == list(zip(seqs, paths, strict=True))
 
 
-async def test_sender_gets_acks_and_a_resent_edit_is_not_duplicated(main_team: Team,
-                                                                     db: Database) -> None:
+async def test_sender_gets_acks_and_a_resent_edit_is_not_duplicated(
+    main_team: Team, db: Database
+) -> None:
     team = main_team
     async with session(team, team.collaborator) as c:
         await c.send(edit("/once.txt", client_id="abc"))
@@ -239,10 +261,15 @@ async def test_viewer_may_move_cursor_but_not_edit(team: Team) -> None:
         await owner.until("USER_JOIN")  # the viewer's
         await viewer.send(edit("/nope.txt", client_id="v1"))
         error = await viewer.skip_pings_recv()
-        assert error == {"type": "ERROR", "code": "forbidden_role",
-                         "message": "Viewers cannot edit files", "id": "v1"}
-        await viewer.send({"type": "CURSOR_UPDATE",
-                           "position": {"file": "/a.py", "line": 42, "column": 15}})
+        assert error == {
+            "type": "ERROR",
+            "code": "forbidden_role",
+            "message": "Viewers cannot edit files",
+            "id": "v1",
+        }
+        await viewer.send(
+            {"type": "CURSOR_UPDATE", "position": {"file": "/a.py", "line": 42, "column": 15}}
+        )
         cursor = await owner.recv()
         assert cursor["type"] == "CURSOR_UPDATE"
         assert cursor["user_id"] == team.viewer.user_id
@@ -256,16 +283,19 @@ async def test_viewer_may_move_cursor_but_not_edit(team: Team) -> None:
 async def test_rest_changes_appear_live(team: Team) -> None:
     server, owner = team.server, team.owner
     async with session(team, team.collaborator) as c:
-        r = await server.client.patch(f"/api/v1/projects/{team.project_id}",
-                                      json={"name": "Renamed"}, headers=owner.auth)
+        r = await server.client.patch(
+            f"/api/v1/projects/{team.project_id}", json={"name": "Renamed"}, headers=owner.auth
+        )
         assert r.status_code == 200
         updated = await c.recv()
         assert updated["type"] == "PROJECT_UPDATED"
         assert updated["user_id"] == owner.user_id
         newcomer = await make_member(server, "new@example.com")
-        r = await server.client.post(f"/api/v1/projects/{team.project_id}/collaborators",
-                                      json={"email": newcomer.email, "role": "viewer"},
-                                      headers=owner.auth)
+        r = await server.client.post(
+            f"/api/v1/projects/{team.project_id}/collaborators",
+            json={"email": newcomer.email, "role": "viewer"},
+            headers=owner.auth,
+        )
         assert r.status_code == 201
         added = await c.recv()
         assert added["type"] == "MEMBER_ADDED" and added["seq"] == updated["seq"] + 1
@@ -277,7 +307,9 @@ async def test_role_change_applies_to_an_open_connection(main_team: Team) -> Non
     async with session(team, team.collaborator) as c:
         r = await team.server.client.patch(
             f"/api/v1/projects/{team.project_id}/collaborators/{team.collaborator.user_id}",
-            json={"role": "viewer"}, headers=team.owner.auth)
+            json={"role": "viewer"},
+            headers=team.owner.auth,
+        )
         assert r.status_code == 200
         assert (await c.recv())["type"] == "MEMBER_ROLE_CHANGED"
         await c.send(edit("/x.txt"))
@@ -288,7 +320,8 @@ async def test_removed_member_is_disconnected_at_once(team: Team) -> None:
     async with session(team, team.collaborator) as c:
         r = await team.server.client.delete(
             f"/api/v1/projects/{team.project_id}/collaborators/{team.collaborator.user_id}",
-            headers=team.owner.auth)
+            headers=team.owner.auth,
+        )
         assert r.status_code in (200, 204)
         removed = await c.recv()
         assert removed["type"] == "MEMBER_REMOVED"
@@ -300,8 +333,9 @@ async def test_removed_member_is_disconnected_at_once(team: Team) -> None:
 async def test_deleted_project_closes_its_workspace(main_team: Team) -> None:
     team = main_team
     async with session(team, team.collaborator) as c:
-        r = await team.server.client.delete(f"/api/v1/projects/{team.project_id}",
-                                            headers=team.owner.auth)
+        r = await team.server.client.delete(
+            f"/api/v1/projects/{team.project_id}", headers=team.owner.auth
+        )
         assert r.status_code in (200, 204)
         assert (await c.recv())["type"] == "PROJECT_DELETED"
         assert await c.closed() == (4006, "project_deleted")
@@ -322,9 +356,11 @@ async def test_resume_replays_missed_events_without_gap_or_duplicate(team: Team)
                 await c.send(edit(f"/offline-{i}.txt"))
             for _ in range(3):
                 await c.until("FILE_CHANGE")
-            r = await team.server.client.patch(f"/api/v1/projects/{team.project_id}",
-                                               json={"description": "while away"},
-                                               headers=team.owner.auth)
+            r = await team.server.client.patch(
+                f"/api/v1/projects/{team.project_id}",
+                json={"description": "while away"},
+                headers=team.owner.auth,
+            )
             assert r.status_code == 200
             latest = (await c.until("PROJECT_UPDATED"))["seq"]
 
@@ -336,9 +372,19 @@ async def test_resume_replays_missed_events_without_gap_or_duplicate(team: Team)
                     replay.append(message)
                 assert [m["seq"] for m in replay] == list(range(last_seen + 1, latest + 1))
                 assert [m["type"] for m in replay] == [
-                    "USER_LEAVE", "FILE_CHANGE", "FILE_CHANGE", "FILE_CHANGE", "PROJECT_UPDATED"]
-                assert message == {"type": "RESUMED", "since_seq": last_seen, "seq": latest,
-                                   "recovered": True, "replayed": 5}
+                    "USER_LEAVE",
+                    "FILE_CHANGE",
+                    "FILE_CHANGE",
+                    "FILE_CHANGE",
+                    "PROJECT_UPDATED",
+                ]
+                assert message == {
+                    "type": "RESUMED",
+                    "since_seq": last_seen,
+                    "seq": latest,
+                    "recovered": True,
+                    "replayed": 5,
+                }
                 live = await back.recv()
                 assert (live["type"], live["seq"]) == ("USER_JOIN", latest + 1)
 
@@ -363,8 +409,13 @@ async def test_resume_from_too_old_a_seq_says_not_recovered(start_server: StartS
         async with await team.join(team.owner, "?since_seq=0") as c:
             state = await joined(c, team.owner)
             resumed = await c.recv()
-            assert resumed == {"type": "RESUMED", "since_seq": 0, "seq": state["seq"],
-                               "recovered": False, "replayed": 0}
+            assert resumed == {
+                "type": "RESUMED",
+                "since_seq": 0,
+                "seq": state["seq"],
+                "recovered": False,
+                "replayed": 0,
+            }
             assert (await c.recv())["type"] == "USER_JOIN"
 
 
@@ -393,8 +444,9 @@ def expired_token(member: Member) -> str:
         ("bad_since_seq", 4000, "invalid_since_seq"),
     ],
 )
-async def test_refusals_have_distinct_close_codes(team: Team, case: str, code: int,
-                                                  reason: str) -> None:
+async def test_refusals_have_distinct_close_codes(
+    team: Team, case: str, code: int, reason: str
+) -> None:
     url, token, origin = team.url(), team.owner.token, None
     first_frame: dict[str, Any] | None = None
     if case == "no_token_first_frame_not_auth":
@@ -404,8 +456,9 @@ async def test_refusals_have_distinct_close_codes(team: Team, case: str, code: i
     elif case == "expired_token":
         token = expired_token(team.owner)
     elif case == "refresh_token":
-        r = await team.server.client.post("/api/v1/auth/login", json={
-            "email": team.owner.email, "password": "correct horse"})
+        r = await team.server.client.post(
+            "/api/v1/auth/login", json={"email": team.owner.email, "password": "correct horse"}
+        )
         token = r.json()["refresh_token"]
     elif case == "non_member":
         token = team.outsider.token
@@ -437,8 +490,9 @@ async def settle_then_jump(clock: trio.testing.MockClock, seconds: float) -> Non
     clock.jump(seconds)
 
 
-async def test_auth_frame_must_come_in_time(start_server: StartServer,
-                                            mock_clock: trio.testing.MockClock) -> None:
+async def test_auth_frame_must_come_in_time(
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
     async with start_server(WS_AUTH_TIMEOUT_SECONDS=5) as server:
         team = await make_team(server, "main")
         async with connect(team.url()) as client:
@@ -459,11 +513,15 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
             ({"type": "DANCE"}, "unknown_type"),
             ({"type": "FILE_CHANGE", "changes": {}}, "missing_field"),
             ({"type": "FILE_CHANGE", "file_path": "", "changes": {}}, "invalid_field"),
-            ({"type": "FILE_CHANGE", "file_path": "/a", "changes": {"lines_added": -1}},
-             "invalid_field"),
+            (
+                {"type": "FILE_CHANGE", "file_path": "/a", "changes": {"lines_added": -1}},
+                "invalid_field",
+            ),
             ({"type": "CURSOR_UPDATE", "position": {"file": "/a", "line": 1}}, "missing_field"),
-            ({"type": "CURSOR_UPDATE", "position": {"file": "/a", "line": "x", "column": 1}},
-             "invalid_field"),
+            (
+                {"type": "CURSOR_UPDATE", "position": {"file": "/a", "line": "x", "column": 1}},
+                "invalid_field",
+            ),
             ({"type": "AUTH"}, "missing_field"),
         ]
         for frame, code in cases:
@@ -499,20 +557,23 @@ async def test_message_rate_limit_errors_then_closes(start_server: StartServer) 
             assert await c.closed() == (4010, "rate_limited")
 
 
-async def test_slow_client_is_closed_while_a_fast_one_keeps_up(
-        start_server: StartServer) -> None:
+async def test_slow_client_is_closed_while_a_fast_one_keeps_up(start_server: StartServer) -> None:
     async with start_server(WS_SEND_QUEUE=16, WS_RATE_LIMIT_PER_SECOND=100_000) as server:
         team = await make_team(server, "main")
         big = "y" * 15_000
-        async with session(team, team.owner) as fast, \
-                connect(team.url(), team.viewer.token, queue=1) as slow:
+        async with (
+            session(team, team.owner) as fast,
+            connect(team.url(), team.viewer.token, queue=1) as slow,
+        ):
             # The slow client never reads: its socket buffers fill, then its queue.
             async with session(team, team.collaborator) as sender:
                 total = 600
                 async with trio.open_nursery() as nursery:
+
                     async def send_all() -> None:
                         for i in range(total):
                             await sender.send(edit(f"/f{i}", blob=big))
+
                     nursery.start_soon(send_all)
                     paths = []
                     while len(paths) < total:
@@ -534,12 +595,13 @@ async def test_batching_puts_pending_messages_in_one_frame(main_team: Team) -> N
 
 
 async def test_client_that_stops_answering_pings_is_dropped(
-        start_server: StartServer, mock_clock: trio.testing.MockClock) -> None:
-    async with start_server(WS_HEARTBEAT_INTERVAL_SECONDS=25,
-                            WS_HEARTBEAT_TIMEOUT_SECONDS=60) as server:
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    async with start_server(
+        WS_HEARTBEAT_INTERVAL_SECONDS=25, WS_HEARTBEAT_TIMEOUT_SECONDS=60
+    ) as server:
         team = await make_team(server, "main")
-        async with session(team, team.owner) as watcher, \
-                session(team, team.collaborator) as silent:
+        async with session(team, team.owner) as watcher, session(team, team.collaborator) as silent:
             await watcher.until("USER_JOIN")  # the silent one's
             for _ in range(2):
                 await settle_then_jump(mock_clock, 25)
@@ -553,16 +615,21 @@ async def test_client_that_stops_answering_pings_is_dropped(
 
 
 async def test_expiring_token_must_be_renewed_over_the_socket(
-        start_server: StartServer, mock_clock: trio.testing.MockClock) -> None:
-    async with start_server(ACCESS_TOKEN_EXPIRE_MINUTES=2, WS_HEARTBEAT_INTERVAL_SECONDS=10_000,
-                            WS_HEARTBEAT_TIMEOUT_SECONDS=20_000) as server:
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    async with start_server(
+        ACCESS_TOKEN_EXPIRE_MINUTES=2,
+        WS_HEARTBEAT_INTERVAL_SECONDS=10_000,
+        WS_HEARTBEAT_TIMEOUT_SECONDS=20_000,
+    ) as server:
         team = await make_team(server, "main")
         async with session(team, team.owner) as c:
             await settle_then_jump(mock_clock, 61)  # one minute before expiry
             warning = await c.recv()
             assert warning["type"] == "TOKEN_EXPIRING"
-            r = await server.client.post("/api/v1/auth/login", json={
-                "email": team.owner.email, "password": "correct horse"})
+            r = await server.client.post(
+                "/api/v1/auth/login", json={"email": team.owner.email, "password": "correct horse"}
+            )
             await c.send({"type": "AUTH", "token": r.json()["access_token"]})
             ok = await c.recv()
             assert ok["type"] == "AUTH_OK" and ok["user_id"] == team.owner.user_id
@@ -582,8 +649,7 @@ async def test_expiring_token_must_be_renewed_over_the_socket(
 # -- crash ------------------------------------------------------------------------------
 
 
-async def test_workspace_crash_loses_and_duplicates_nothing(main_team: Team,
-                                                             db: Database) -> None:
+async def test_workspace_crash_loses_and_duplicates_nothing(main_team: Team, db: Database) -> None:
     """The actor crashes mid-stream: clients are closed with 1012, reconnect and resume;
     the sender resends what was not acknowledged. Every edit is stored and seen once."""
     team = main_team

@@ -42,7 +42,9 @@ class Client:
                 return message
 
     async def send(self, frame: Any) -> None:
-        await self.ws.send_message(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
+        await self.ws.send_message(
+            frame if isinstance(frame, str) else orjson.dumps(frame).decode()
+        )
 
     async def closed(self) -> tuple[int, str]:
         """Read until the server closes; return its close code and reason."""
@@ -65,7 +67,11 @@ class Client:
 
 @asynccontextmanager
 async def connect(
-    url: str, token: str | None = None, *, origin: str | None = None, queue: int = 1024,
+    url: str,
+    token: str | None = None,
+    *,
+    origin: str | None = None,
+    queue: int = 1024,
     max_message_size: int = 2**20,
 ) -> AsyncIterator[Client]:
     headers: list[tuple[bytes, bytes]] = []
@@ -73,6 +79,7 @@ async def connect(
         headers.append((b"authorization", f"Bearer {token}".encode()))
     if origin is not None:
         headers.append((b"origin", origin.encode()))
-    async with open_websocket_url(url, extra_headers=headers, message_queue_size=queue,
-                                  max_message_size=max_message_size) as ws:
+    async with open_websocket_url(
+        url, extra_headers=headers, message_queue_size=queue, max_message_size=max_message_size
+    ) as ws:
         yield Client(ws)

@@ -25,7 +25,7 @@ from .schemas import (
     TokenResponse,
     UserResponse,
 )
-from .security import note_rate, rate_limited, require_user, services
+from .security import forget_sessions, note_rate, rate_limited, require_user, services
 
 blueprint = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
 
@@ -130,6 +130,7 @@ async def refresh(data: RefreshRequest) -> Response:
         svc.db, claims.session_id, claims.jti, new_jti, new_expiry
     )
     if outcome is Rotation.REUSED:
+        await forget_sessions(claims.user_id)
         raise ApiError(
             401,
             "refresh_token_reused",
@@ -156,6 +157,7 @@ async def refresh(data: RefreshRequest) -> Response:
 async def logout() -> Response:
     """End the session: this access token and every refresh token of its family stop working."""
     await accounts.revoke_session(services().db, g.claims.session_id, "logout")
+    await forget_sessions(g.user.id)
     return json_response({"message": "Logged out"})
 
 

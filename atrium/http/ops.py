@@ -60,8 +60,12 @@ def _require_operator() -> None:
     if expected is None:
         raise ApiError(403, "operator_disabled", "Set ADMIN_TOKEN to use operator endpoints")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), expected):
-        raise ApiError(401, "operator_token_required", "A valid operator token is required",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "operator_token_required",
+            "A valid operator token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 @blueprint.get("/health/supervisor")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
@@ -61,7 +63,7 @@ async def authenticate() -> tuple[User, Claims]:
         raise ApiError(
             401, error.code, error.message, headers={"WWW-Authenticate": "Bearer"}
         ) from None
-    user = await accounts.find_session_user(svc.db, claims.user_id, claims.session_id)
+    user = await _session_user(claims)
     if user is None:
         raise ApiError(
             401,
@@ -74,6 +76,35 @@ async def authenticate() -> tuple[User, Claims]:
     if not decision.allowed:
         raise rate_limited(decision)
     return user, claims
+
+
+async def _session_user(claims: Claims) -> User | None:
+    """The user of a live session, from the session cache or the database.
+
+    Revocations on this instance invalidate the cache at once (``forget_sessions``);
+    another instance's revocation is seen within SESSION_CACHE_SECONDS.
+    """
+    cache = services().session_cache
+    key = str(claims.session_id)
+    hit = await cache.get(claims.user_id, key)
+    if hit is not None:
+        return User(
+            claims.user_id,
+            hit.value["email"],
+            hit.value["role"],
+            datetime.fromisoformat(hit.value["created_at"]),
+        )
+    generation = await cache.generation(claims.user_id)
+    user = await accounts.find_session_user(services().db, claims.user_id, claims.session_id)
+    if user is not None:
+        value = {"email": user.email, "role": user.role, "created_at": user.created_at.isoformat()}
+        await cache.set(claims.user_id, key, value, generation)
+    return user
+
+
+async def forget_sessions(user_id: uuid.UUID) -> None:
+    """Drop the user's cached sessions (after a revocation)."""
+    await services().session_cache.invalidate([user_id])
 
 
 def require_user(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

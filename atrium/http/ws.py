@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from quart import Blueprint, Response, g, websocket
 from quart_cors import cors_exempt
@@ -19,6 +21,15 @@ from .schemas import ErrorResponse, WorkspaceStatusResponse
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exempt_from_cors(func: F) -> F:
+    # The session checks Origin itself and answers with a close code a browser can read;
+    # quart-cors would refuse the upgrade with a bare 400, and refuse clients sending no
+    # Origin at all (CLIs, servers).
+    return cast(F, cors_exempt(func))
 
 
 class QuartConnection:
@@ -58,17 +69,15 @@ async def _serve(project_id: str, user_id: str | None) -> None:
     await realtime.serve(QuartConnection(), handshake)
 
 
-# The session checks Origin itself, answering with a close code a browser can read
-# (quart-cors would refuse the upgrade with a bare 400, and refuses clients without Origin).
 @blueprint.websocket("/ws/<project_id>")
-@cors_exempt
+@_exempt_from_cors
 async def workspace(project_id: str) -> None:
     """The live workspace of a project (see README: WebSocket protocol)."""
     await _serve(project_id, None)
 
 
 @blueprint.websocket("/ws/<project_id>/<user_id>")
-@cors_exempt
+@_exempt_from_cors
 async def workspace_as(project_id: str, user_id: str) -> None:
     """The seed's URL form: ``user_id`` must be the token's subject."""
     await _serve(project_id, user_id)
@@ -95,8 +104,14 @@ async def workspace_status(project_id: str) -> Response:
             return json_response(await actor.ask(Status(), timeout=5.0))
         except ActorStopped:
             pass  # stopped between find and ask: it has nobody online
-    return json_response({
-        "project_id": pid, "active_collaborators": 0, "connections": 0, "online_users": [],
-        "workspace_url": f"/ws/{pid}", "real_time_events": 0,
-        "seq": await workspace_store.last_seq(svc.db, pid),
-    })
+    return json_response(
+        {
+            "project_id": pid,
+            "active_collaborators": 0,
+            "connections": 0,
+            "online_users": [],
+            "workspace_url": f"/ws/{pid}",
+            "real_time_events": 0,
+            "seq": await workspace_store.last_seq(svc.db, pid),
+        }
+    )

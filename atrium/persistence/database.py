@@ -58,11 +58,21 @@ class Database:
         return bool(await self.fetchval("SELECT 1") == 1)
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release a connection as is.
+
+    asyncpg's default release runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` (a second round trip per query). atrium keeps no session state on pooled
+    connections (no LISTEN, SET, cursors or session advisory locks), and asyncpg still
+    rolls back a transaction left open, so there is nothing to reset.
+    """
+
+
 @asynccontextmanager
 async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
     """Open a pool to ``url`` for the duration of the block (needs a trio-asyncio loop)."""
     pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-        url, min_size=1, max_size=pool_size, command_timeout=30
+        url, min_size=1, max_size=pool_size, command_timeout=30, reset=_keep_session
     )
     try:
         yield Database(pool)
