@@ -77,6 +77,9 @@ async def run_serve(settings: Settings, url: str) -> None:
             bound: Bound = await nursery.start(run_server)
             tune_gc()
             print(f"atrium: API on {bound.url}  (docs: {bound.url}/docs)", flush=True)
+            if bound.ws_port is not None:
+                print(f"atrium: WebSocket listener on ws://{bound.host}:{bound.ws_port}/ws/",
+                      flush=True)
 
 
 async def run_migrate(settings: Settings, url: str) -> None:

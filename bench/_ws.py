@@ -41,7 +41,7 @@ def _ignore(conn: Conn, payload: bytes, now: float) -> None:
     return None
 
 
-def _mask(payload: bytes, key: bytes, key_int: int) -> bytes:
+def _mask(payload: bytes, key: bytes) -> bytes:
     n = len(payload)
     if n == 0:
         return payload
@@ -55,7 +55,7 @@ class Conn:
 
     __slots__ = (
         "engine", "sock", "fd", "state", "handler", "name", "close_code", "error",
-        "_rbuf", "_wbuf", "_key", "_key_int", "_request", "_fragments", "_fragment_op",
+        "_rbuf", "_wbuf", "_key", "_request", "_fragments", "_fragment_op",
         "_want_out", "opened_at", "ready", "last_seq", "drops", "count",
     )
 
@@ -72,7 +72,6 @@ class Conn:
         self._rbuf = b""
         self._wbuf = b""
         self._key = os.urandom(4)
-        self._key_int = int.from_bytes(self._key, "little")
         self._request = request
         self._fragments: list[bytes] = []
         self._fragment_op = 0
@@ -95,7 +94,7 @@ class Conn:
             header = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
         else:
             header = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
-        return header + self._key + _mask(payload, self._key, self._key_int)
+        return header + self._key + _mask(payload, self._key)
 
     def send_text(self, payload: bytes) -> None:
         self.send_raw(self.frame(payload))

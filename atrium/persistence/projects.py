@@ -595,7 +595,8 @@ async def remove_member(
     return await db.transaction(remove)
 
 
-def _event(row: asyncpg.Record) -> dict[str, Any]:
+def event_from_row(row: asyncpg.Record) -> dict[str, Any]:
+    """An event as stored: project_id, seq, type, actor_id, payload (parsed), created_at."""
     return {
         "project_id": row["project_id"],
         "seq": row["seq"],
@@ -630,6 +631,6 @@ async def list_events(
             since_seq,
             limit,
         )
-        return EventPage([_event(r) for r in rows], int(last_seq))
+        return EventPage([event_from_row(r) for r in rows], int(last_seq))
 
     return await db.transaction(read)

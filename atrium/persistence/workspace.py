@@ -6,24 +6,12 @@ import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 
 from .database import Database
-from .projects import append_event
+from .projects import append_event, event_from_row
 from .projects import member_role as member_role
 
-_EVENT_COLUMNS = "project_id, seq, type, actor_id, payload::text AS payload, created_at"
-
-
-def _event(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "project_id": row["project_id"],
-        "seq": row["seq"],
-        "type": row["type"],
-        "actor_id": row["actor_id"],
-        "payload": orjson.loads(row["payload"]),
-        "created_at": row["created_at"],
-    }
+_EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
 
 
 async def last_seq(db: Database, project_id: uuid.UUID) -> int:
@@ -43,7 +31,7 @@ async def events_between(
         after,
         until,
     )
-    return [_event(r) for r in rows]
+    return [event_from_row(r) for r in rows]
 
 
 async def append(
@@ -71,7 +59,7 @@ async def append(
                 client_id,
             )
             if row is not None:
-                return _event(row), False
+                return event_from_row(row), False
         event = await append_event(conn, project_id, kind, actor_id, payload)
         if client_id is not None:
             await conn.execute(
