@@ -28,7 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
-from .http.app import create_app
+from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
 from .persistence.migrations import migrate
@@ -140,7 +140,7 @@ async def _run_http(
     services.publish = workspaces
     services.realtime = realtime
     services.supervisor = root
-    app = create_app(services)
+    app = create_asgi(services)
     stop = trio.Event()
     config = hypercorn_config(settings, settings.port)
     async with trio.open_nursery() as nursery:

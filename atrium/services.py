@@ -12,7 +12,7 @@ from .cache import MemoryUserCache, UserCache
 from .config import Settings
 from .persistence.database import Database
 from .ratelimit import MemoryRateLimiter, RateLimiter
-from .tokens import TokenCodec
+from .tokens import TokenCodec, VerifiedTokens
 
 if TYPE_CHECKING:
     from .session import Realtime
@@ -53,6 +53,7 @@ class Services:
     project_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
     publish: EventPublisher = field(default_factory=NoPublisher)
     session_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
+    verified_tokens: VerifiedTokens | None = None
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
 
@@ -78,4 +79,5 @@ def build_services(
         clock,
         project_cache=cache,
         session_cache=sessions,
+        verified_tokens=VerifiedTokens(codec),
     )

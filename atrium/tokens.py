@@ -124,3 +124,28 @@ class TokenCodec:
             )
         except (ValueError, TypeError):
             raise TokenError("token_malformed", "The token is malformed") from None
+
+
+class VerifiedTokens:
+    """Remembers the tokens this process has verified, so each is checked (HMAC, claims)
+    once: a hit costs a dict lookup and an expiry check. Bounded: it starts afresh when
+    full. Revocation is not a token property; callers still check the session.
+    """
+
+    __slots__ = ("_codec", "_entries", "_max_entries")
+
+    def __init__(self, codec: TokenCodec, max_entries: int = 10_000) -> None:
+        self._codec = codec
+        self._entries: dict[str, Claims] = {}
+        self._max_entries = max_entries
+
+    def verify(self, token: str, *, expected: TokenType) -> Claims:
+        """As ``TokenCodec.verify``; raises the same ``TokenError`` codes."""
+        claims = self._entries.get(token)
+        if claims is not None and claims.type == expected and claims.expires_at > time.time():
+            return claims
+        claims = self._codec.verify(token, expected=expected)
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[token] = claims
+        return claims

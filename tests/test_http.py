@@ -51,22 +51,47 @@ async def test_cors_allows_listed_origins_only(start_server: StartServer) -> Non
             "Access-Control-Request-Headers": "Authorization, Content-Type",
         }
         r = await srv.client.options("/api/v1/auth/login", headers=preflight)
+        assert r.status_code == 204
         assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
         assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
         assert r.headers["Access-Control-Max-Age"] == "86400"
-        r = await srv.client.options(
-            "/api/v1/auth/login", headers={**preflight, "Origin": "https://evil.example.com"}
-        )
-        assert "Access-Control-Allow-Origin" not in r.headers
+        for refused in (
+            {**preflight, "Origin": "https://evil.example.com"},
+            {**preflight, "Access-Control-Request-Method": "TRACE"},
+            {**preflight, "Access-Control-Request-Headers": "X-Secret"},
+        ):
+            r = await srv.client.options("/api/v1/auth/login", headers=refused)
+            assert r.status_code == 403
+            assert r.json()["error"]["code"] == "cors_not_allowed"
+            assert "Access-Control-Allow-Origin" not in r.headers
         r = await srv.client.get("/health", headers={"Origin": "https://app.example.com"})
         assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert "X-RateLimit-Remaining" in r.headers["Access-Control-Expose-Headers"]
+        assert r.headers["Vary"] == "Origin"
+        r = await srv.client.get("/health", headers={"Origin": "https://evil.example.com"})
+        assert "Access-Control-Allow-Origin" not in r.headers
+        r = await srv.client.get("/health")
+        assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_any_origin_when_configured(start_server: StartServer) -> None:
+    async with start_server(ALLOWED_ORIGINS="*") as srv:
+        r = await srv.client.get("/ready", headers={"Origin": "https://anywhere.example"})
+        assert r.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
 
 
 async def test_security_headers(server: Running) -> None:
-    r = await server.client.get("/health")
-    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/health", "/ready", "/api/v1/auth/me", "/nowhere"):
+        r = await server.client.get(path)
+        assert r.headers["X-Content-Type-Options"] == "nosniff", path
+        assert r.headers["X-Frame-Options"] == "DENY", path
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"], path
+    assert (await server.client.get("/api/v1/auth/me")).headers["Cache-Control"] == "no-store"
+    assert "Cache-Control" not in (await server.client.get("/ready")).headers
+    r = await server.client.get("/docs")
+    assert "Content-Security-Policy" not in r.headers  # Swagger UI loads its assets
     assert r.headers["X-Frame-Options"] == "DENY"
-    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
 
 
 async def test_health_and_ready(server: Running) -> None:

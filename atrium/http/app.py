@@ -1,28 +1,19 @@
-"""The QuartTrio application: blueprints, JSON, errors, CORS, limits and headers."""
+"""The QuartTrio application: blueprints, JSON, errors, limits; wrapped by the Edge layer."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from quart import Response, g, request
-from quart_cors import cors
+from quart import Response, g
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
 from ..services import Services
 from . import auth, ops, projects, ws
+from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
-
-_DOC_PATHS = ("/docs", "/redocs", "/scalar")
-_SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
-}
 
 
 class AtriumRequest(TrioRequest):
@@ -55,42 +46,28 @@ def create_app(svc: Services) -> QuartTrio:
         redoc_ui_path=None,
         scalar_ui_path=None,
     )
-    origins = list(settings.allowed_origins)
-    cors(
-        app,
-        allow_origin="*" if "*" in origins else origins,
-        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "X-Requested-With"],
-        expose_headers=[
-            "X-RateLimit-Limit",
-            "X-RateLimit-Remaining",
-            "X-RateLimit-Reset",
-            "Retry-After",
-        ],
-        max_age=86400,
-    )
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(projects.blueprint)
     app.register_blueprint(ws.blueprint)
     register_error_handlers(app)
 
-    production = settings.is_production
-
     @app.after_request
-    async def add_headers(response: Response) -> Response:
+    async def add_rate_headers(response: Response) -> Response:
+        # CORS, security and cache headers are added by the Edge layer (edge.py).
         decision = g.get("rate_decision")
         if decision is not None:
             response.headers.update(decision.headers())
-        headers = response.headers
-        for name, value in _SECURITY_HEADERS.items():
-            if name == "Content-Security-Policy" and request.path.startswith(_DOC_PATHS):
-                continue  # the docs page loads Swagger UI's scripts and styles
-            headers.setdefault(name, value)
-        if production:
-            headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
-        if request.path.startswith("/api/v1/auth"):
-            headers["Cache-Control"] = "no-store"
         return response
 
     return app
+
+
+def create_asgi(svc: Services) -> Edge:
+    """The ASGI application to serve: the Edge layer around ``create_app(svc)``."""
+    settings = svc.settings
+    return Edge(
+        create_app(svc),
+        production=settings.is_production,
+        allowed_origins=settings.allowed_origins,
+    )

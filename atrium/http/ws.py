@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
 
 from quart import Blueprint, Response, g, websocket
-from quart_cors import cors_exempt
 from quart_schema import document_response, security_scheme, tag
 
 from ..actors import ActorStopped
@@ -21,16 +18,6 @@ from .schemas import ErrorResponse, WorkspaceStatusResponse
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _exempt_from_cors(func: F) -> F:
-    # The session checks Origin itself and answers with a close code a browser can read;
-    # quart-cors would refuse the upgrade with a bare 400, and refuse clients sending no
-    # Origin at all (CLIs, servers).
-    return cast(F, cors_exempt(func))
-
 
 class QuartConnection:
     """The session's ``Connection`` over Quart's websocket context."""
@@ -70,14 +57,12 @@ async def _serve(project_id: str, user_id: str | None) -> None:
 
 
 @blueprint.websocket("/ws/<project_id>")
-@_exempt_from_cors
 async def workspace(project_id: str) -> None:
     """The live workspace of a project (see README: WebSocket protocol)."""
     await _serve(project_id, None)
 
 
 @blueprint.websocket("/ws/<project_id>/<user_id>")
-@_exempt_from_cors
 async def workspace_as(project_id: str, user_id: str) -> None:
     """The seed's URL form: ``user_id`` must be the token's subject."""
     await _serve(project_id, user_id)

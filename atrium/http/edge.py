@@ -1,0 +1,159 @@
+"""A plain ASGI layer in front of the QuartTrio app: CORS, security headers, liveness.
+
+Everything here is decided from the request line and headers, with pre-encoded header
+bytes, so requests pay nothing for it beyond a scan of their headers:
+
+- **CORS** from ALLOWED_ORIGINS. A request without ``Origin`` (servers, CLIs, probes)
+  skips it entirely. Preflights are answered here (204, or 403 in the error shape); actual
+  requests from an allowed origin get ``Access-Control-Allow-Origin`` and the exposed
+  rate-limit headers. (quart-cors, used before, cost about a tenth of an authenticated
+  request on every request and answered refused preflights outside the error shape.)
+- **Security headers** on every HTTP response (and ``Cache-Control: no-store`` on auth).
+- **Liveness**: ``GET /health`` from a probe (no ``Origin``) is answered without the app.
+"""
+
+from __future__ import annotations
+
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+
+from .json import dumps_bytes
+
+ALLOWED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+ALLOWED_HEADERS = ("Authorization", "Content-Type", "X-Requested-With")
+EXPOSED_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+# Headers a browser may send without asking (the CORS safelist).
+_SAFELISTED = frozenset({"accept", "accept-language", "content-language", "content-type"})
+_DOC_PATHS = ("/docs", "/openapi.json")
+_AUTH_PATH = "/api/v1/auth"
+_HEALTH_BODY = b'{"status":"ok"}'
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Edge:
+    """CORS, security headers and the liveness probe, in front of ``app``."""
+
+    def __init__(
+        self, app: ASGIFramework, *, production: bool, allowed_origins: tuple[str, ...]
+    ) -> None:
+        self.app = app
+        self._any_origin = "*" in allowed_origins
+        self._origins = frozenset(allowed_origins)
+        self._methods = frozenset(ALLOWED_METHODS)
+        self._request_headers = frozenset(h.lower() for h in ALLOWED_HEADERS) | _SAFELISTED
+        common: Headers = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        if production:
+            common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+        # The docs page loads Swagger UI's scripts and styles: no CSP there.
+        self._docs_headers = common
+        self._headers = [
+            *common,
+            (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+        ]
+        # Tokens and credentials must never be cached by a browser or a proxy.
+        self._auth_headers = [*self._headers, (b"cache-control", b"no-store")]
+        self._health_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_HEALTH_BODY)).encode()),
+            *self._headers,
+        ]
+        self._preflight_headers = [
+            (b"access-control-allow-methods", ", ".join(ALLOWED_METHODS).encode()),
+            (b"access-control-allow-headers", ", ".join(ALLOWED_HEADERS).encode()),
+            (b"access-control-max-age", b"86400"),
+            (b"vary", b"Origin"),
+        ]
+        self._cors_headers = [
+            (b"access-control-expose-headers", ", ".join(EXPOSED_HEADERS).encode()),
+            (b"vary", b"Origin"),
+        ]
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = preflight_method = preflight_headers = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                preflight_method = value
+            elif name == b"access-control-request-headers":
+                preflight_headers = value
+        path, method = scope["path"], scope["method"]
+        if path.startswith(_AUTH_PATH):
+            extra = self._auth_headers
+        elif path.startswith(_DOC_PATHS):
+            extra = self._docs_headers
+        else:
+            extra = self._headers
+        if origin is None:
+            if path == "/health" and method in ("GET", "HEAD"):
+                await _respond(
+                    send, 200, self._health_headers, _HEALTH_BODY if method == "GET" else b""
+                )
+                return
+        elif method == "OPTIONS" and preflight_method is not None:
+            await self._preflight(send, origin, preflight_method, preflight_headers)
+            return
+        elif self._allows(origin):
+            extra = [*extra, (b"access-control-allow-origin", origin), *self._cors_headers]
+        else:
+            extra = [*extra, (b"vary", b"Origin")]
+
+        async def send_with_headers(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _allows(self, origin: bytes) -> bool:
+        return self._any_origin or origin.decode("latin-1").rstrip("/") in self._origins
+
+    async def _preflight(
+        self, send: ASGISendCallable, origin: bytes, method: bytes, headers: bytes | None
+    ) -> None:
+        requested = {h.strip().lower() for h in (headers or b"").decode("latin-1").split(",")}
+        requested.discard("")
+        if (
+            self._allows(origin)
+            and method.decode("latin-1").upper() in self._methods
+            and requested <= self._request_headers
+        ):
+            allow = [(b"access-control-allow-origin", origin), *self._preflight_headers]
+            await _respond(send, 204, [*allow, *self._headers], b"")
+            return
+        body = dumps_bytes(
+            {
+                "error": {
+                    "code": "cors_not_allowed",
+                    "message": "This origin, method or header is not allowed (ALLOWED_ORIGINS)",
+                }
+            }
+        )
+        headers_out = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"vary", b"Origin"),
+            *self._headers,
+        ]
+        await _respond(send, 403, headers_out, body)
+
+
+async def _respond(send: ASGISendCallable, status: int, headers: Headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
