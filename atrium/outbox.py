@@ -9,8 +9,14 @@ cursor instead of every step.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import trio
+
+# What a transport's direct write did with a frame (see ``Outbox.direct``).
+REFUSED = 0  # nothing written: queue the frame
+SENT = 1  # the whole frame is in the kernel's socket buffer
+PARTIAL = 2  # part of it is: the send task owes the rest (``owed``), before anything else
 
 
 class Outbox:
@@ -24,7 +30,9 @@ class Outbox:
         "close_code",
         "close_reason",
         "flush",
-        "closed",
+        "on_close",
+        "direct",
+        "owed",
     )
 
     def __init__(self, limit: int) -> None:
@@ -35,7 +43,13 @@ class Outbox:
         self.close_code: int | None = None
         self.close_reason = ""
         self.flush = True
-        self.closed = trio.Event()
+        # Told when a close is requested (flush or not), so the send task can stop waiting.
+        self.on_close: Callable[[bool], None] | None = None
+        # A transport that can write without waiting sets this: while nothing is queued, a
+        # frame goes straight to the socket from the workspace's task, skipping a task
+        # switch and a queue per delivery. It returns REFUSED, SENT or PARTIAL.
+        self.direct: Callable[[str], int] | None = None
+        self.owed = False
 
     @property
     def closing(self) -> bool:
@@ -47,6 +61,8 @@ class Outbox:
     def put(self, frame: str) -> bool:
         """Queue a frame; False (nothing queued) when the queue is at its limit."""
         if self.close_code is not None:
+            return True
+        if self._try_direct(frame):
             return True
         if len(self._queue) >= self._limit:
             return False
@@ -62,10 +78,19 @@ class Outbox:
 
     def put_cursor(self, key: object, frame: str) -> None:
         """Queue a cursor frame, replacing one from the same ``key`` not yet sent."""
-        if self.close_code is None:
+        if self.close_code is None and not self._try_direct(frame):
             self._cursors.pop(key, None)
             self._cursors[key] = frame
             self._lot.unpark_all()
+
+    def _try_direct(self, frame: str) -> bool:
+        if self.direct is None or self._queue or self._cursors or self.owed:
+            return False  # order: what is queued or owed goes first
+        outcome = self.direct(frame)
+        if outcome == PARTIAL:
+            self.owed = True
+            self._lot.unpark_all()
+        return outcome != REFUSED
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Ask the send task to close the connection, after the queued frames if ``flush``.
@@ -79,7 +104,8 @@ class Outbox:
             if not flush:
                 self._queue.clear()
                 self._cursors.clear()
-            self.closed.set()
+            if self.on_close is not None:
+                self.on_close(flush)
             self._lot.unpark_all()
 
     def take(self) -> list[str]:
@@ -92,6 +118,6 @@ class Outbox:
         return frames
 
     async def wait(self) -> None:
-        """Return once frames are queued or a close is requested."""
-        if not self._queue and not self._cursors and self.close_code is None:
+        """Return once frames are queued or owed, or a close is requested."""
+        if not self._queue and not self._cursors and not self.owed and self.close_code is None:
             await self._lot.park()

@@ -53,6 +53,11 @@ class Connection(Protocol):
         """Close with ``code`` (best effort; never raises)."""
         ...
 
+    async def flush(self) -> None:
+        """Send what a direct write left unsent (see ``Outbox.direct``). Raises
+        ConnectionGone."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
@@ -127,6 +132,26 @@ class Realtime:
 
 
 class _Session:
+    # Slots: an idle connection's memory is mostly its tasks and these objects.
+    __slots__ = (
+        "rt",
+        "settings",
+        "conn",
+        "handshake",
+        "outbox",
+        "claims",
+        "expires_at",
+        "last_activity",
+        "tokens",
+        "tokens_at",
+        "strikes",
+        "actor",
+        "subscriber",
+        "batch",
+        "_sending",
+        "_wake",
+    )
+
     def __init__(self, realtime: Realtime, conn: Connection, handshake: Handshake) -> None:
         self.rt = realtime
         self.settings = realtime.settings
@@ -135,7 +160,6 @@ class _Session:
         self.outbox = Outbox(realtime.settings.send_queue)
         self.claims: Claims | None = None
         self.expires_at = 0.0  # trio clock
-        self.reauthed = trio.Event()
         self.last_activity = trio.current_time()
         self.tokens = float(realtime.settings.rate_burst)
         self.tokens_at = trio.current_time()
@@ -144,6 +168,8 @@ class _Session:
         self.subscriber: Subscriber | None = None
         self.batch = False
         self._sending = trio.CancelScope()
+        self._wake = trio.CancelScope()
+        self.outbox.on_close = self._closing
 
     async def run(self) -> None:
         try:
@@ -154,12 +180,11 @@ class _Session:
                 return
             except ConnectionGone:
                 return
+            # Three tasks per connection: this one receives, one sends, one keeps time.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
-                nursery.start_soon(self._watch_close)
-                nursery.start_soon(self._receive_loop, nursery.cancel_scope)
-                nursery.start_soon(self._heartbeat)
-                nursery.start_soon(self._token_expiry)
+                nursery.start_soon(self._timers)
+                await self._receive_loop(nursery.cancel_scope)
         finally:
             await self._leave()
 
@@ -196,6 +221,9 @@ class _Session:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
         self.batch = batch
+        try_send = getattr(self.conn, "try_send", None)
+        if try_send is not None and not batch:
+            self.outbox.direct = try_send
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
         try:
             self.actor = await self.rt.workspaces.get(project_id)
@@ -242,6 +270,9 @@ class _Session:
             with self._sending:
                 while True:
                     await outbox.wait()
+                    if outbox.owed:
+                        outbox.owed = False
+                        await conn.flush()
                     frames = outbox.take()
                     if frames:
                         if self.batch:
@@ -249,7 +280,7 @@ class _Session:
                         else:
                             for frame in frames:
                                 await conn.send(frame)
-                    elif outbox.closing:
+                    elif outbox.closing and not outbox.owed:
                         break
         except ConnectionGone:
             scope.cancel()
@@ -258,13 +289,15 @@ class _Session:
         await self._close(outbox.close_code, outbox.close_reason)
         scope.cancel()
 
-    async def _watch_close(self) -> None:
-        # A blocked send (a client that stopped reading) must not hold up a close: drop
-        # it at once when nothing is to be flushed, else after a short grace.
-        await self.outbox.closed.wait()
-        if self.outbox.flush:
-            await trio.sleep(_CLOSE_TIMEOUT)
-        self._sending.cancel()
+    def _closing(self, flush: bool) -> None:
+        # A blocked send (a client that stopped reading) must not hold up a close: stop
+        # sending at once when nothing is to be flushed, else after a short grace.
+        if flush:
+            self._sending.deadline = min(
+                self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
+            )
+        else:
+            self._sending.cancel()
 
     async def _close(self, code: int, reason: str) -> None:
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
@@ -338,7 +371,7 @@ class _Session:
             self._reply(ProtocolError("session_revoked", "This session has ended").frame().decode())
             return
         self._accept_token(claims)
-        self.reauthed.set()
+        self._wake.cancel()
         self._reply(
             protocol.encode(
                 {
@@ -349,37 +382,50 @@ class _Session:
             ).decode()
         )
 
-    async def _heartbeat(self) -> None:
-        interval, timeout = self.settings.heartbeat_interval, self.settings.heartbeat_timeout
-        while True:
-            await trio.sleep(interval)
-            if trio.current_time() - self.last_activity >= timeout:
-                self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
-                return
-            self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}).decode())
+    async def _timers(self) -> None:
+        """Heartbeats and token expiry, on one timer.
 
-    async def _token_expiry(self) -> None:
+        Every ``heartbeat_interval`` a PING goes out, unless the client has been silent for
+        ``heartbeat_timeout`` (then 4009). ``token_warning`` seconds before the access
+        token expires a TOKEN_EXPIRING goes out; without a fresh token (an AUTH frame moves
+        ``expires_at``) by expiry plus ``token_grace``, the connection closes with 4007.
+        """
+        settings = self.settings
+        next_ping = trio.current_time() + settings.heartbeat_interval
+        warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
         while True:
-            self.reauthed = trio.Event()
-            await trio.sleep_until(self.expires_at - self.settings.token_warning)
-            if trio.current_time() < self.expires_at - self.settings.token_warning:
-                continue  # re-authenticated early: a later deadline
-            assert self.claims is not None
-            self._reply(
-                protocol.encode(
-                    {
-                        "type": "TOKEN_EXPIRING",
-                        "expires_at": _wall_iso(self.claims.expires_at),
-                        "reauth_within_seconds": self.settings.token_warning
-                        + self.settings.token_grace,
-                    }
-                ).decode()
-            )
-            with trio.move_on_at(self.expires_at + self.settings.token_grace):
-                await self.reauthed.wait()
-                continue
-            self.outbox.close(CloseCode.TOKEN_EXPIRED, "token_expired")
-            return
+            if warned_for == self.expires_at:
+                token_at = self.expires_at + settings.token_grace
+            else:
+                token_at = self.expires_at - settings.token_warning
+            # A renewed token (AUTH) cancels this wait: the deadlines are then recomputed.
+            with trio.CancelScope(deadline=min(next_ping, token_at)) as self._wake:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            if now >= next_ping:
+                if now - self.last_activity >= settings.heartbeat_timeout:
+                    self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
+                    return
+                self._reply(
+                    protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}).decode()
+                )
+                next_ping = now + settings.heartbeat_interval
+            if warned_for == self.expires_at:
+                if now >= self.expires_at + settings.token_grace:
+                    self.outbox.close(CloseCode.TOKEN_EXPIRED, "token_expired")
+                    return
+            elif now >= self.expires_at - settings.token_warning:
+                assert self.claims is not None
+                warned_for = self.expires_at
+                self._reply(
+                    protocol.encode(
+                        {
+                            "type": "TOKEN_EXPIRING",
+                            "expires_at": _wall_iso(self.claims.expires_at),
+                            "reauth_within_seconds": settings.token_warning + settings.token_grace,
+                        }
+                    ).decode()
+                )
 
     async def _leave(self) -> None:
         if self.actor is None or self.subscriber is None:

@@ -222,7 +222,8 @@ class Conn:
                 self.send_raw(self.frame(payload, 0xA))
             elif opcode == 0x8:
                 self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                self.error = f"closed by the server ({self.close_code} {payload[2:].decode(errors='replace')})"
+                reason = payload[2:].decode(errors="replace")
+                self.error = f"closed by the server ({self.close_code} {reason})"
                 self.close(self.close_code if self.close_code not in (1005, 1006) else 1000)
                 return b""
             # 0xA (pong) and anything else: ignored

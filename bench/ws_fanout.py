@@ -98,8 +98,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="unmeasured seconds before each run (default 1)")
     parser.add_argument("--window", type=int, default=32,
                         help="messages in flight in the max-throughput runs (default 32)")
-    parser.add_argument("--keep-server", action="store_true",
-                        help="print the server pid and wait for Enter before each run (profiling)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run py-spy (raw collapsed stacks) on the server during each "
+                        "max-throughput and durable run, into DIR; figures are then lower")
     return parser.parse_args(argv)
 
 
@@ -220,7 +221,9 @@ def _post(port: int, path: str, body: dict[str, object], token: str | None = Non
                          body=orjson.dumps(body))
 
 
-async def _exchange_all(port: int, requests: list[bytes], concurrency: int) -> list[tuple[int, bytes]]:
+async def _exchange_all(
+    port: int, requests: list[bytes], concurrency: int
+) -> list[tuple[int, bytes]]:
     """Send every request on ``concurrency`` keep-alive connections; results in order."""
     results: list[tuple[int, bytes]] = [(0, b"")] * len(requests)
     todo = iter(range(len(requests)))
@@ -428,9 +431,29 @@ def wait_server_idle(engine: Engine, server: Server, *, below: float = 0.05,
             return share
 
 
-def maybe_pause(args: argparse.Namespace, server: Server, what: str) -> None:
-    if args.keep_server:
-        input(f"  [{what}] server pid {server.process.pid}: press Enter to start ")
+def start_profile(args: argparse.Namespace, server: Server, what: str
+                  ) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` on the server for the measured window, when --profile is given."""
+    if not args.profile:
+        return None
+    directory = Path(args.profile)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{what.replace(' ', '-')}.txt"
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(py_spy), "record", "--pid", str(server.process.pid), "--rate", "100",
+         "--duration", str(max(1, round(args.duration))), "--format", "raw", "--output",
+         str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
 
 
 # -- fan-out -----------------------------------------------------------------------------
@@ -457,8 +480,8 @@ class Sender:
 
 
 def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[Conn],
-               stats: Stats, *, rate: float | None, window: int, args: argparse.Namespace
-               ) -> tuple[Window, int]:
+               stats: Stats, *, rate: float | None, window: int, args: argparse.Namespace,
+               profile_as: str | None = None) -> tuple[Window, int]:
     """One measured run: paced at ``rate`` messages/s, or window-limited when rate is None.
 
     Returns the window's CPU/wall and the number of messages sent in it.
@@ -474,6 +497,7 @@ def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[C
     end = record_at + args.duration
     started = None
     sent_before = 0
+    profiler = None
     last_progress, last_probe = begin, probe.last_seq
     run_start = sender.seq
     while True:
@@ -483,6 +507,7 @@ def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[C
             stats.recording = True
             started = meter.start()
             sent_before = sender.seq
+            profiler = start_profile(args, server, profile_as) if profile_as else None
         if now >= end:
             break
         if rate is not None:
@@ -507,6 +532,7 @@ def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[C
     stats.recording = False
     sent = sender.seq - sent_before
     engine.run_for(0.3)  # let what is in flight land (not counted)
+    stop_profile(profiler)
     return result, sent
 
 
@@ -530,15 +556,16 @@ def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
             runs.insert(0, (f"paced {paced_rate:g}/s", paced_rate))
         for run, rate in runs:
             label = f"{run}{' batch' if batch else ''}"
-            maybe_pause(args, server, f"{name} {transport} {label}")
             window, sent = fanout_run(engine, server, sender, receivers, stats, rate=rate,
-                                      window=args.window, args=args)
+                                      window=args.window, args=args,
+                                      profile_as=None if rate else f"{name} {transport} {label}")
             lost = [c for c in receivers if c.error]
             per_s = stats.deliveries / window.wall
             coalesced = stats.drops / (stats.drops + stats.deliveries) if stats.deliveries else 0
             p50, p99 = percentile_ms(stats.latencies, 50), percentile_ms(stats.latencies, 99)
-            note = (f"sent {sent / window.wall:,.0f} msg/s, {stats.deliveries / max(stats.frames, 1):.2f}"
-                    f" msg/frame, coalesced {coalesced:.1%}")
+            per_frame = stats.deliveries / max(stats.frames, 1)
+            note = (f"sent {sent / window.wall:,.0f} msg/s, {per_frame:.2f} msg/frame,"
+                    f" coalesced {coalesced:.1%}")
             if lost:
                 note += f", {len(lost)} receivers lost ({lost[0].error})"
             if rate is not None:
@@ -568,24 +595,24 @@ def bench_durable(server: Server, transport: str, args: argparse.Namespace) -> l
     stats = Stats()
     engine = Engine()
     sent_at: dict[int, float] = {}
-    receivers = connect_all(engine, port, [(ws_path(project, False), reader,
-                                            change_handler(stats))] * 10)
+    connect_all(engine, port, [(ws_path(project, False), reader, change_handler(stats))] * 10)
     (sender,) = connect_all(engine, port, [(ws_path(project, False), owner,
                                             ack_handler(stats, sent_at))])
     wait_server_idle(engine, server)
-    maybe_pause(args, server, f"durable {transport}")
     prefix = uuid.uuid4().hex[:8]
     seq = 0
     meter = Meter(server)
     begin = time.perf_counter()
     record_at, end = begin + args.warmup, begin + args.warmup + args.duration
     started = None
+    profiler = None
     while True:
         now = time.perf_counter()
         if started is None and now >= record_at:
             stats.reset()
             stats.recording = True
             started = meter.start()
+            profiler = start_profile(args, server, f"durable {transport}")
         if now >= end:
             break
         room = args.window - (seq - sender.count)
@@ -607,6 +634,7 @@ def bench_durable(server: Server, transport: str, args: argparse.Namespace) -> l
     window = meter.stop(started)
     stats.recording = False
     engine.run_for(1.0)
+    stop_profile(profiler)
     engine.close_all()
     wait_server_idle(engine, server)
     rate = stats.acks / window.wall
@@ -637,7 +665,6 @@ def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list
     wait_server_idle(engine, server)
     gc.collect()
     before = server.rss()
-    maybe_pause(args, server, f"c {transport}")
     started = time.perf_counter()
     specs = [(ws_path(pid, False), user, idle_handler) for pid in projects for user in users]
     conns = connect_all(engine, port, specs, concurrency=128)

@@ -557,9 +557,12 @@ async def test_message_rate_limit_errors_then_closes(start_server: StartServer) 
             assert await c.closed() == (4010, "rate_limited")
 
 
-async def test_slow_client_is_closed_while_a_fast_one_keeps_up(start_server: StartServer) -> None:
+@pytest.mark.parametrize("transport", ["main", "listener"])
+async def test_slow_client_is_closed_while_a_fast_one_keeps_up(
+    start_server: StartServer, transport: str
+) -> None:
     async with start_server(WS_SEND_QUEUE=16, WS_RATE_LIMIT_PER_SECOND=100_000) as server:
-        team = await make_team(server, "main")
+        team = await make_team(server, transport)
         big = "y" * 15_000
         async with (
             session(team, team.owner) as fast,

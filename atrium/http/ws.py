@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from quart import Blueprint, Response, g, websocket
+from quart.wrappers import Websocket
 from quart_schema import document_response, security_scheme, tag
 
 from ..actors import ActorStopped
@@ -19,28 +20,38 @@ from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
 
+
 class QuartConnection:
     """The session's ``Connection`` over Quart's websocket context."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self) -> None:
+        # The object behind the context-local proxy, looked up once, not on every send.
+        self._ws: Websocket = websocket._get_current_object()  # type: ignore[attr-defined]
 
     async def receive(self) -> str | bytes:
         # Quart cancels the handler when the client disconnects; a failed receive is the
         # same news by another route.
         try:
-            return await websocket.receive()
+            return await self._ws.receive()
         except Exception as error:
             raise ConnectionGone() from error
 
     async def send(self, text: str) -> None:
         try:
-            await websocket.send(text)
+            await self._ws.send(text)
         except Exception as error:
             raise ConnectionGone() from error
 
     async def close(self, code: int, reason: str) -> None:
         try:
-            await websocket.close(code, reason)
+            await self._ws.close(code, reason)
         except Exception:  # already gone: nothing left to close
             return
+
+    async def flush(self) -> None:
+        """Nothing is ever owed: this transport has no direct write."""
 
 
 async def _serve(project_id: str, user_id: str | None) -> None:
