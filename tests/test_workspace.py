@@ -584,7 +584,13 @@ async def test_slow_client_is_closed_while_a_fast_one_keeps_up(
                         if message["type"] == "FILE_CHANGE":
                             paths.append(message["file_path"])
                 assert paths == [f"/f{i}" for i in range(total)]
-            assert await slow.closed() == (4008, "slow_consumer")
+            closed = await slow.closed()
+            # The close frame queues behind the frames the client never read. hypercorn
+            # buffers it; the listener waits up to 2 s for the client to take it, then drops
+            # the TCP connection, which the client sees as an abnormal closure (1006).
+            assert closed == (4008, "slow_consumer") or (
+                transport == "listener" and closed[0] == 1006
+            )
 
 
 async def test_batching_puts_pending_messages_in_one_frame(main_team: Team) -> None:
