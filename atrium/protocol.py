@@ -50,11 +50,11 @@ class ProtocolError:
     message: str
     id: str | None = None
 
-    def frame(self) -> bytes:
+    def frame(self) -> str:
         body: dict[str, Any] = {"type": "ERROR", "code": self.code, "message": self.message}
         if self.id is not None:
             body["id"] = self.id
-        return orjson.dumps(body)
+        return orjson.dumps(body).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +181,9 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def encode(frame: dict[str, Any]) -> bytes:
-    """Serialise a server frame once; the same bytes go to every connection."""
-    return orjson.dumps(frame, option=_OPTIONS, default=str)
+def encode(frame: dict[str, Any]) -> str:
+    """Serialise a server frame once, as the text every connection is sent."""
+    return orjson.dumps(frame, option=_OPTIONS, default=str).decode()
 
 
 def event_frame(event: dict[str, Any]) -> dict[str, Any]:

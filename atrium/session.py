@@ -317,7 +317,7 @@ class _Session:
             return
         message = protocol.parse_client_frame(raw)
         if isinstance(message, ProtocolError):
-            self._reply(message.frame().decode())
+            self._reply(message.frame())
             return
         actor, subscriber = self.actor, self.subscriber
         assert actor is not None and subscriber is not None
@@ -327,7 +327,7 @@ class _Session:
             elif isinstance(message, protocol.FileChange):
                 await actor.tell(Edit(subscriber, message))
             elif isinstance(message, protocol.Ping):
-                self._reply(protocol.encode({"type": "PONG"}).decode())
+                self._reply(protocol.encode({"type": "PONG"}))
             elif isinstance(message, protocol.Auth):
                 await self._reauthenticate(message)
         except ActorStopped:
@@ -350,9 +350,7 @@ class _Session:
         if self.strikes >= self.settings.rate_strikes:
             self.outbox.close(CloseCode.RATE_LIMITED, "rate_limited", flush=False)
         else:
-            self._reply(
-                ProtocolError("rate_limited", "Too many messages; slow down").frame().decode()
-            )
+            self._reply(ProtocolError("rate_limited", "Too many messages; slow down").frame())
         return False
 
     async def _reauthenticate(self, auth: protocol.Auth) -> None:
@@ -360,15 +358,13 @@ class _Session:
         try:
             claims = self.rt.tokens.verify(auth.token, expected="access")
         except TokenError as error:
-            self._reply(ProtocolError(error.code, error.message).frame().decode())
+            self._reply(ProtocolError(error.code, error.message).frame())
             return
         if claims.user_id != self.claims.user_id:
-            self._reply(
-                ProtocolError("user_mismatch", "The token is for another user").frame().decode()
-            )
+            self._reply(ProtocolError("user_mismatch", "The token is for another user").frame())
             return
         if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
-            self._reply(ProtocolError("session_revoked", "This session has ended").frame().decode())
+            self._reply(ProtocolError("session_revoked", "This session has ended").frame())
             return
         self._accept_token(claims)
         self._wake.cancel()
@@ -379,7 +375,7 @@ class _Session:
                     "user_id": str(claims.user_id),
                     "expires_at": _wall_iso(claims.expires_at),
                 }
-            ).decode()
+            )
         )
 
     async def _timers(self) -> None:
@@ -406,9 +402,7 @@ class _Session:
                 if now - self.last_activity >= settings.heartbeat_timeout:
                     self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
                     return
-                self._reply(
-                    protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}).decode()
-                )
+                self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}))
                 next_ping = now + settings.heartbeat_interval
             if warned_for == self.expires_at:
                 if now >= self.expires_at + settings.token_grace:
@@ -424,7 +418,7 @@ class _Session:
                             "expires_at": _wall_iso(self.claims.expires_at),
                             "reauth_within_seconds": settings.token_warning + settings.token_grace,
                         }
-                    ).decode()
+                    )
                 )
 
     async def _leave(self) -> None:

@@ -204,7 +204,7 @@ class WorkspaceActor(Actor[Message, Any]):
 
     def _deliver_one(self, event: dict[str, Any]) -> None:
         self._last_seq = int(event["seq"])
-        self._broadcast(protocol.encode(protocol.event_frame(event)).decode())
+        self._broadcast(protocol.encode(protocol.event_frame(event)))
         self._apply(event)
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -236,7 +236,7 @@ class WorkspaceActor(Actor[Message, Any]):
                         "seq": self._last_seq,
                         "users": self._online_users(),
                     }
-                ).decode()
+                )
             ]
         )
         replayed = 0
@@ -269,7 +269,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 self._db, self.project_id, since_seq, self._last_seq
             )
             recovered = len(events) == missed
-        frames = [protocol.encode(protocol.event_frame(e)).decode() for e in events]
+        frames = [protocol.encode(protocol.event_frame(e)) for e in events]
         frames.append(
             protocol.encode(
                 {
@@ -279,7 +279,7 @@ class WorkspaceActor(Actor[Message, Any]):
                     "recovered": recovered,
                     "replayed": len(events),
                 }
-            ).decode()
+            )
         )
         subscriber.outbox.put_unbounded(frames)
         return len(events)
@@ -360,7 +360,7 @@ class WorkspaceActor(Actor[Message, Any]):
             error = protocol.ProtocolError(
                 "forbidden_role", "Viewers cannot edit files", change.client_id
             )
-            subscriber.outbox.put(error.frame().decode())
+            subscriber.outbox.put(error.frame())
             return
         self._touch(subscriber.user_id)
         event = await self._append(
@@ -371,9 +371,7 @@ class WorkspaceActor(Actor[Message, Any]):
         )
         if event is not None and change.client_id is not None:
             subscriber.outbox.put(
-                protocol.encode(
-                    {"type": "ACK", "id": change.client_id, "seq": event["seq"]}
-                ).decode()
+                protocol.encode({"type": "ACK", "id": change.client_id, "seq": event["seq"]})
             )
 
     def _cursor(self, message: Cursor) -> None:
@@ -389,7 +387,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 "position": {"file": cursor.file, "line": cursor.line, "column": cursor.column},
                 "timestamp": protocol.now_iso(),
             }
-        ).decode()
+        )
         for other in self._subscribers.values():
             if other is not subscriber:
                 other.outbox.put_cursor(subscriber.user_id, frame)
