@@ -228,8 +228,12 @@ class _Session:
         try:
             self.actor = await self.rt.workspaces.get(project_id)
             await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
-        except (ActorStopped, AskTimeout):
+        except ActorStopped:
             self.actor = None
+            raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
+        except AskTimeout:
+            # The Join is still in the mailbox and may yet be handled: keep the actor, so
+            # the Leave that follows it in the mailbox takes the connection out again.
             raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
 
     def _since_seq(self, raw: str | None) -> int | None:

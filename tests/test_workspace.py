@@ -429,6 +429,25 @@ def expired_token(member: Member) -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
+@pytest.mark.parametrize("path", ["/ws", "/ws/", "/nope/x", "/ws/a/b/c", "/ws//x"])
+async def test_unknown_websocket_paths_are_refused_with_404(team: Team, path: str) -> None:
+    # A raw upgrade request: trio-websocket's client leaks its socket when refused.
+    port = team.server.bound.port if team.transport == "main" else team.server.bound.ws_port
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {team.owner.token}\r\n\r\n"
+            .encode()
+        )
+        response = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in response:
+                response += await stream.receive_some()
+    assert response.startswith(b"HTTP/1.1 404 ")
+
+
 @pytest.mark.parametrize(
     ("case", "code", "reason"),
     [

@@ -70,4 +70,5 @@ def create_asgi(svc: Services) -> Edge:
         create_app(svc),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
+        websocket=ws.WorkspaceSockets(svc.realtime),
     )

@@ -10,6 +10,7 @@ bytes, so requests pay nothing for it beyond a scan of their headers:
   request on every request and answered refused preflights outside the error shape.)
 - **Security headers** on every HTTP response (and ``Cache-Control: no-store`` on auth).
 - **Liveness**: ``GET /health`` from a probe (no ``Origin``) is answered without the app.
+- **WebSockets** go to their own ASGI application (``ws.WorkspaceSockets``), past Quart.
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ class Edge:
     """CORS, security headers and the liveness probe, in front of ``app``."""
 
     def __init__(
-        self, app: ASGIFramework, *, production: bool, allowed_origins: tuple[str, ...]
+        self,
+        app: ASGIFramework,
+        *,
+        production: bool,
+        allowed_origins: tuple[str, ...],
+        websocket: ASGIFramework | None = None,
     ) -> None:
         self.app = app
+        self.websocket = websocket or app
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(allowed_origins)
         self._methods = frozenset(ALLOWED_METHODS)
@@ -82,6 +89,9 @@ class Edge:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

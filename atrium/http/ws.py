@@ -1,82 +1,114 @@
-"""``WS /ws/{project_id}[/{user_id}]`` on the main port: the Quart-Trio transport adapter."""
+"""``WS /ws/{project_id}[/{user_id}]`` on the main port (ASGI), and the workspace status."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
+from urllib.parse import parse_qsl
 
-from quart import Blueprint, Response, g, websocket
-from quart.wrappers import Websocket
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from quart import Blueprint, Response, g
 from quart_schema import document_response, security_scheme, tag
 
 from ..actors import ActorStopped
 from ..actors.workspace import Status
 from ..persistence import projects
 from ..persistence import workspace as workspace_store
-from ..session import ConnectionGone, Handshake
+from ..session import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
-from .json import json_response
+from .json import dumps_bytes, json_response
 from .schemas import ErrorResponse, WorkspaceStatusResponse
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
 
 
-class QuartConnection:
-    """The session's ``Connection`` over Quart's websocket context."""
+class AsgiConnection:
+    """The session's ``Connection`` over the server's ASGI WebSocket events."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_receive", "_send")
 
-    def __init__(self) -> None:
-        # The object behind the context-local proxy, looked up once, not on every send.
-        self._ws: Websocket = websocket._get_current_object()  # type: ignore[attr-defined]
+    def __init__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self._receive = receive
+        self._send = send
 
     async def receive(self) -> str | bytes:
-        # Quart cancels the handler when the client disconnects; a failed receive is the
-        # same news by another route.
-        try:
-            return await self._ws.receive()
-        except Exception as error:
-            raise ConnectionGone() from error
+        event = await self._receive()
+        if event["type"] == "websocket.receive":
+            text = event.get("text")
+            return text if text is not None else (event.get("bytes") or b"")
+        raise ConnectionGone()  # websocket.disconnect
 
     async def send(self, text: str) -> None:
+        # hypercorn drops what is sent after the client went away; the receive side then
+        # reports the disconnect.
         try:
-            await self._ws.send(text)
-        except Exception as error:
+            await self._send({"type": "websocket.send", "text": text, "bytes": None})
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise ConnectionGone() from error
 
     async def close(self, code: int, reason: str) -> None:
         try:
-            await self._ws.close(code, reason)
-        except Exception:  # already gone: nothing left to close
-            return
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # already gone: nothing left to close
 
     async def flush(self) -> None:
         """Nothing is ever owed: this transport has no direct write."""
 
 
-async def _serve(project_id: str, user_id: str | None) -> None:
-    await websocket.accept()
-    handshake = Handshake(
-        project_id=project_id,
-        path_user_id=user_id,
-        query={k: v for k, v in websocket.args.items()},
-        headers={k.lower(): v for k, v in websocket.headers.items()},
+def parse_target(path: str, query: str) -> Handshake | None:
+    """The handshake for ``/ws/{project_id}[/{user_id}]`` (headers left empty), else None."""
+    segments = path.strip("/").split("/")
+    if len(segments) not in (2, 3) or segments[0] != "ws" or not all(segments):
+        return None
+    user_id = segments[2] if len(segments) == 3 else None
+    return Handshake(segments[1], user_id, dict(parse_qsl(query)), {})
+
+
+class WorkspaceSockets:
+    """``WS /ws/{project_id}[/{user_id}]`` on the main port, as a plain ASGI application.
+
+    The Edge layer hands every WebSocket scope here, past Quart: Quart's WebSocket
+    machinery (two more tasks, a channel and a request context per connection) cost a
+    third of each idle connection's memory and of each delivery's CPU, and did nothing
+    the session does not do itself.
+    """
+
+    def __init__(self, realtime: Realtime | None) -> None:
+        self._realtime = realtime
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        assert scope["type"] == "websocket"
+        target = parse_target(scope["path"], scope["query_string"].decode("latin-1"))
+        if target is None or self._realtime is None:
+            await _reject(send, 404, "not_found", "No WebSocket endpoint at this path")
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        handshake = replace(target, headers=headers)
+        await self._realtime.serve(AsgiConnection(receive, send), handshake)
+
+
+async def _reject(send: ASGISendCallable, status: int, code: str, message: str) -> None:
+    """Refuse the upgrade with an HTTP response in the error shape."""
+    body = dumps_bytes({"error": {"code": code, "message": message}})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
     )
-    realtime = services().realtime
-    assert realtime is not None, "the WebSocket route needs the workspace runtime"
-    await realtime.serve(QuartConnection(), handshake)
-
-
-@blueprint.websocket("/ws/<project_id>")
-async def workspace(project_id: str) -> None:
-    """The live workspace of a project (see README: WebSocket protocol)."""
-    await _serve(project_id, None)
-
-
-@blueprint.websocket("/ws/<project_id>/<user_id>")
-async def workspace_as(project_id: str, user_id: str) -> None:
-    """The seed's URL form: ``user_id`` must be the token's subject."""
-    await _serve(project_id, user_id)
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
 @blueprint.get("/api/v1/projects/<project_id>/workspace/status")

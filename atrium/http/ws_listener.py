@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import replace
 from functools import partial
 from typing import cast
-from urllib.parse import parse_qsl, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..session import ConnectionGone, Handshake, Realtime
+from ..session import ConnectionGone, Realtime
+from .ws import parse_target
 
 log = logging.getLogger("atrium.ws")
 
@@ -141,27 +142,15 @@ class TrioWebsocketConnection:
             await self._stream.aclose()
 
 
-def parse_target(target: str) -> tuple[str, str | None, dict[str, str]] | None:
-    """``(project_id, user_id, query)`` for ``/ws/{project_id}[/{user_id}]``, else None."""
-    parts = urlsplit(target)
-    segments = parts.path.strip("/").split("/")
-    if len(segments) not in (2, 3) or segments[0] != "ws" or not all(segments):
-        return None
-    user_id = segments[2] if len(segments) == 3 else None
-    return segments[1], user_id, dict(parse_qsl(parts.query))
-
-
 async def _handle(realtime: Realtime, request: WebSocketRequest) -> None:
-    target = parse_target(request.path)
+    path, _, query = request.path.partition("?")
+    target = parse_target(path, query)
     if target is None:
         await request.reject(404)
         return
-    project_id, user_id, query = target
     ws = await request.accept()
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-    await realtime.serve(
-        TrioWebsocketConnection(ws), Handshake(project_id, user_id, query, headers)
-    )
+    await realtime.serve(TrioWebsocketConnection(ws), replace(target, headers=headers))
 
 
 async def serve_listener(
