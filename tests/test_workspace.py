@@ -435,12 +435,12 @@ async def test_unknown_websocket_paths_are_refused_with_404(team: Team, path: st
     port = team.server.bound.port if team.transport == "main" else team.server.bound.ws_port
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(
+        request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {team.owner.token}\r\n\r\n"
-            .encode()
         )
+        await stream.send_all(request.encode())
         response = b""
         with trio.fail_after(10):
             while b"\r\n\r\n" not in response:

@@ -17,6 +17,11 @@ import trio_asyncio
 
 T = TypeVar("T")
 _CLOSE_TIMEOUT = 10.0
+# Queries time out on the trio side. asyncpg's own timers (command_timeout, and the pool's
+# inactivity timer) are asyncio TimerHandles, and trio-asyncio keeps a cancelled one in its
+# heap until it would have fired: two per query, held 30 and 300 seconds, which at a few
+# thousand queries a second is hundreds of MB.
+QUERY_TIMEOUT = 30.0
 
 
 class Database:
@@ -32,16 +37,20 @@ class Database:
         self._pool = pool
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        return await trio_asyncio.aio_as_trio(self._pool.fetch)(query, *args)  # type: ignore[no-any-return]
+        with trio.fail_after(QUERY_TIMEOUT):
+            return await trio_asyncio.aio_as_trio(self._pool.fetch)(query, *args)  # type: ignore[no-any-return]
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        return await trio_asyncio.aio_as_trio(self._pool.fetchrow)(query, *args)
+        with trio.fail_after(QUERY_TIMEOUT):
+            return await trio_asyncio.aio_as_trio(self._pool.fetchrow)(query, *args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        return await trio_asyncio.aio_as_trio(self._pool.fetchval)(query, *args)
+        with trio.fail_after(QUERY_TIMEOUT):
+            return await trio_asyncio.aio_as_trio(self._pool.fetchval)(query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        return await trio_asyncio.aio_as_trio(self._pool.execute)(query, *args)  # type: ignore[no-any-return]
+        with trio.fail_after(QUERY_TIMEOUT):
+            return await trio_asyncio.aio_as_trio(self._pool.execute)(query, *args)  # type: ignore[no-any-return]
 
     async def transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``fn(connection)`` in one transaction; it commits when ``fn`` returns."""
@@ -50,7 +59,8 @@ class Database:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await fn(connection)
 
-        result: T = await trio_asyncio.aio_as_trio(run)()
+        with trio.fail_after(QUERY_TIMEOUT):
+            result: T = await trio_asyncio.aio_as_trio(run)()
         return result
 
     async def ping(self) -> bool:
@@ -72,7 +82,11 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
     """Open a pool to ``url`` for the duration of the block (needs a trio-asyncio loop)."""
     pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-        url, min_size=1, max_size=pool_size, command_timeout=30, reset=_keep_session
+        url,
+        min_size=1,
+        max_size=pool_size,
+        reset=_keep_session,
+        max_inactive_connection_lifetime=0,  # no timer per release (see QUERY_TIMEOUT)
     )
     try:
         yield Database(pool)

@@ -1,0 +1,771 @@
+"""WebSocket fan-out benchmark: deliveries/s, latency and memory of atrium's live workspaces.
+
+    python bench/ws_fanout.py [--transport main|listener|both] [--scenario a|b|c|durable|all]
+                              [--duration 8] [--warmup 1]
+
+Per transport, a fresh server (``python run.py``, embedded PostgreSQL in a temp dir, limits
+lifted) and, in that order:
+
+  c        1,000 workspaces x 5 members, idle: server RSS per connection
+           ((RSS connected - RSS before) / 5,000). 5 users, each project owned by one of
+           them, the other 4 added as collaborators.
+  a        1 sender, 100 receivers in one workspace, CURSOR_UPDATE (the ephemeral path):
+             paced     200 messages/s: send-to-receive latency
+             max       as fast as the server goes with at most 32 messages in flight
+                       (ahead of a probe receiver), receivers without and with ?batch=1
+  b        the same with 1,000 receivers (paced at 20 messages/s: the same 20,000
+           deliveries/s as a; 200/s would ask for 200,000/s)
+  durable  1 sender pipelining FILE_CHANGE (32 un-ACKed at most), 10 receivers:
+           events persisted and broadcast per second, ACK latency
+
+A delivery is one message received by one receiver. Cursor moves are coalesced per user
+in a connection's outbox when it falls behind, so deliveries are counted as received
+(never as sent x receivers) and the skipped ones are reported (``coalesced``: gaps in the
+sequence number each receiver saw). Latency is send-to-receive: the sender writes its
+``perf_counter`` (microseconds) into ``position.column`` and the sequence number into
+``position.line``; receivers run in the same process.
+
+The client is one process, no framework: ``bench/_ws.py`` (non-blocking sockets, epoll,
+hand-written framing). Its CPU and the server's are printed for every measurement so a
+reader can see which one was saturated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script this directory would come first on sys.path, and bench/http.py would
+# shadow the standard library's ``http``; the repository root is what we want there.
+REPO = Path(__file__).resolve().parent.parent
+sys.path[0] = str(REPO)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+import trio  # noqa: E402
+
+from bench._load import (  # noqa: E402
+    _connect,
+    build_request,
+    free_port,
+    log_tail,
+    open_process,
+    own_cpu,
+    process_cpu,
+    wait_http_ok,
+)
+from bench._ws import Conn, Engine  # noqa: E402
+from bench.http import atrium_env, postgres_probe, stop_embedded_postgres  # noqa: E402
+
+HOST = "127.0.0.1"
+T0 = time.perf_counter()
+PASSWORD = "bench-Passw0rd!"
+START_TIMEOUT = 60.0
+PONG = b'{"type":"PONG"}'
+CURSOR_RE = re.compile(rb'"line":(\d+),"column":(\d+)')
+CHANGE_RE = re.compile(rb'"t":(\d+)')
+ACK_RE = re.compile(rb'"type":"ACK","id":"[^"-]*-(\d+)"')
+
+TARGETS = {  # (scenario, transport) -> minimum deliveries/s of the max-throughput runs
+    ("a", "listener"): 50_000, ("b", "listener"): 40_000,
+    ("a", "main"): 25_000, ("b", "main"): 15_000,
+}
+LATENCY_TARGET_MS = 50.0
+RSS_TARGET_KB = 40.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/ws_fanout.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--transport", choices=("main", "listener", "both"), default="both")
+    parser.add_argument("--scenario", choices=("a", "b", "c", "durable", "all"), default="all")
+    parser.add_argument("--duration", type=float, default=8.0,
+                        help="measured seconds per run (default 8)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="unmeasured seconds before each run (default 1)")
+    parser.add_argument("--window", type=int, default=32,
+                        help="messages in flight in the max-throughput runs (default 32)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run py-spy (raw collapsed stacks) on the server during each "
+                        "max-throughput and durable run, into DIR; figures are then lower")
+    return parser.parse_args(argv)
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values.sort()
+    rank = max(0, min(len(values) - 1, round(q / 100 * len(values)) - 1))
+    return values[rank] * 1000
+
+
+@dataclass(slots=True)
+class Row:
+    scenario: str
+    transport: str
+    run: str
+    rate: float  # deliveries/s (durable: events/s; c: KB per connection)
+    p50: float
+    p99: float
+    server_cpu: float
+    client_cpu: float
+    target: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass(slots=True)
+class Stats:
+    recording: bool = False
+    deliveries: int = 0
+    frames: int = 0
+    drops: int = 0
+    latencies: list[float] = field(default_factory=list)
+    acks: int = 0
+    ack_latencies: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.deliveries = self.frames = self.drops = self.acks = 0
+        self.latencies = []
+        self.ack_latencies = []
+
+
+# -- server ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    ws_port: int
+    data_dir: Path
+    cpu: Callable[[], float]
+
+    def port_of(self, transport: str) -> int:
+        return self.port if transport == "main" else self.ws_port
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.25):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} not listening within {timeout} s")
+
+
+@contextlib.contextmanager
+def atrium_server(work: Path, name: str) -> Iterator[Server]:
+    port, ws_port = free_port(HOST), free_port(HOST)
+    data_dir = work / name
+    log_path = work / f"{name}.log"
+    env = atrium_env(port, data_dir, None)
+    env.update(
+        WS_PORT=str(ws_port),
+        WS_RATE_LIMIT_PER_SECOND="1000000",
+        WS_SEND_QUEUE="100000",
+        WORKSPACE_IDLE_SECONDS="5",
+    )
+    print(f"server: python run.py --port {port} --data-dir {data_dir}  (WS_PORT={ws_port})",
+          flush=True)
+    with stop_embedded_postgres(data_dir), open_process(
+        [sys.executable, "/tmp/memserve.py", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env, log_path=log_path, cwd=REPO,
+    ) as process:
+        try:
+            wait_http_ok(HOST, port, "/health", process, timeout=START_TIMEOUT)
+            wait_port(ws_port, process, START_TIMEOUT)
+        except (RuntimeError, TimeoutError) as error:
+            raise SystemExit(f"atrium did not start: {error}\n{log_tail(log_path)}") from None
+        yield Server(process, port, ws_port, data_dir, process_cpu(process.pid))
+        if process.poll() is not None:
+            print(f"  warning: the server exited early:\n{log_tail(log_path)}")
+
+
+# -- REST set-up -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    email: str
+    user_id: str
+    token: str
+
+
+def _post(port: int, path: str, body: dict[str, object], token: str | None = None) -> bytes:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return build_request("POST", path, host=f"{HOST}:{port}", headers=headers,
+                         body=orjson.dumps(body))
+
+
+async def _exchange_all(
+    port: int, requests: list[bytes], concurrency: int
+) -> list[tuple[int, bytes]]:
+    """Send every request on ``concurrency`` keep-alive connections; results in order."""
+    results: list[tuple[int, bytes]] = [(0, b"")] * len(requests)
+    todo = iter(range(len(requests)))
+
+    async def worker() -> None:
+        connection = await _connect(HOST, port)
+        try:
+            for index in todo:
+                if connection.must_close:
+                    connection.close()
+                    connection = await _connect(HOST, port)
+                results[index] = await connection.exchange(requests[index])
+        finally:
+            connection.close()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(concurrency, len(requests))):
+            nursery.start_soon(worker)
+    return results
+
+
+def rest(port: int, requests: list[bytes], expect: int, concurrency: int = 16) -> list[dict]:
+    answers = trio.run(_exchange_all, port, requests, concurrency)
+    bad = [(status, body[:200]) for status, body in answers if status != expect]
+    if bad:
+        raise SystemExit(f"set-up request failed ({len(bad)} of {len(answers)}): {bad[0]}")
+    return [orjson.loads(body) if body else {} for _, body in answers]
+
+
+def make_users(port: int, count: int) -> list[User]:
+    emails = [f"bench-{uuid.uuid4().hex[:12]}@example.com" for _ in range(count)]
+    signed = rest(port, [_post(port, "/api/v1/auth/signup", {"email": e, "password": PASSWORD})
+                         for e in emails], 201, concurrency=4)
+    logged = rest(port, [_post(port, "/api/v1/auth/login", {"email": e, "password": PASSWORD})
+                         for e in emails], 200, concurrency=4)
+    return [User(e, str(s["user_id"]), str(t["access_token"]))
+            for e, s, t in zip(emails, signed, logged, strict=True)]
+
+
+def make_projects(port: int, owners: list[User], members: list[list[User]]) -> list[str]:
+    """One project per owner; each gets its ``members`` as collaborators. Returns the ids."""
+    created = rest(port, [_post(port, "/api/v1/projects/", {"name": f"bench {i}"}, o.token)
+                          for i, o in enumerate(owners)], 201)
+    ids = [str(p["id"]) for p in created]
+    adds = [
+        _post(port, f"/api/v1/projects/{pid}/collaborators",
+              {"user_id": m.user_id, "role": "collaborator"}, owner.token)
+        for pid, owner, group in zip(ids, owners, members, strict=True) for m in group
+    ]
+    if adds:
+        rest(port, adds, 201)
+    return ids
+
+
+# -- WebSocket helpers --------------------------------------------------------------------
+
+
+def ws_path(project_id: str, batch: bool) -> str:
+    return f"/ws/{project_id}" + ("?batch=1" if batch else "")
+
+
+def connect_all(engine: Engine, port: int, specs: list[tuple[str, User, Callable]],
+                concurrency: int = 64, timeout: float = 180.0) -> list[Conn]:
+    """Open one connection per (path, user, handler); return once each got its first frame.
+
+    A connection is ready when its handler set ``conn.ready`` (on PRESENCE_STATE, the
+    first frame, sent once the server has joined it to the workspace).
+    """
+    conns: list[Conn] = []
+    pending = iter(specs)
+    opening: list[Conn] = []
+    deadline = time.perf_counter() + timeout
+    exhausted = False
+    while True:
+        opening = [c for c in opening if not c.ready and c.error is None]
+        while not exhausted and len(opening) < concurrency:
+            spec = next(pending, None)
+            if spec is None:
+                exhausted = True
+                break
+            path, user, handler = spec
+            conn = engine.connect(HOST, port, path, handler=handler,
+                                  headers={"Authorization": f"Bearer {user.token}"})
+            conns.append(conn)
+            opening.append(conn)
+        if exhausted and not opening:
+            break
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"connecting timed out: {len(opening)} connections not ready")
+        engine.poll(0.05)
+    failed = [c for c in conns if not c.ready]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(conns)} connections failed: {failed[0].error}")
+    return conns
+
+
+def idle_handler(conn: Conn, payload: bytes, now: float) -> None:
+    conn.ready = True
+    if b'"PING"' in payload:
+        conn.send_text(PONG)
+
+
+def cursor_handler(stats: Stats) -> Callable[[Conn, bytes, float], None]:
+    findall = CURSOR_RE.findall
+
+    def handle(conn: Conn, payload: bytes, now: float) -> None:
+        conn.ready = True
+        if b'"PING"' in payload:
+            conn.send_text(PONG)
+        found = findall(payload)
+        if not found:
+            return
+        last = conn.last_seq
+        if stats.recording:
+            base = now - T0
+            append = stats.latencies.append
+            drops = 0
+            for line, column in found:
+                seq = int(line)
+                drops += seq - last - 1
+                last = seq
+                append(base - int(column) * 1e-6)
+            stats.deliveries += len(found)
+            stats.frames += 1
+            stats.drops += drops
+        else:
+            last = int(found[-1][0])
+        conn.last_seq = last
+
+    return handle
+
+
+def change_handler(stats: Stats) -> Callable[[Conn, bytes, float], None]:
+    findall = CHANGE_RE.findall
+
+    def handle(conn: Conn, payload: bytes, now: float) -> None:
+        conn.ready = True
+        if b'"PING"' in payload:
+            conn.send_text(PONG)
+        found = findall(payload)
+        if found and stats.recording:
+            base = now - T0
+            append = stats.latencies.append
+            for sent in found:
+                append(base - int(sent) * 1e-6)
+            stats.deliveries += len(found)
+            stats.frames += 1
+
+    return handle
+
+
+def ack_handler(stats: Stats, sent_at: dict[int, float]) -> Callable[[Conn, bytes, float], None]:
+    findall = ACK_RE.findall
+
+    def handle(conn: Conn, payload: bytes, now: float) -> None:
+        conn.ready = True
+        if b'"PING"' in payload:
+            conn.send_text(PONG)
+        for seq in findall(payload):
+            sent = sent_at.pop(int(seq), None)
+            conn.count += 1  # ACKs received: the window
+            if sent is not None and stats.recording:
+                stats.acks += 1
+                stats.ack_latencies.append(now - sent)
+
+    return handle
+
+
+@dataclass(slots=True)
+class Window:
+    """CPU (server, client) and wall time of one measured window."""
+
+    wall: float = 0.0
+    server: float = 0.0
+    client: float = 0.0
+    postgres: float = 0.0
+
+
+class Meter:
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._pg = postgres_probe(server.data_dir)
+
+    def start(self) -> tuple[float, float, float, float]:
+        pg = self._pg() if self._pg else 0.0
+        return time.perf_counter(), self._server.cpu(), own_cpu(), pg
+
+    def stop(self, started: tuple[float, float, float, float]) -> Window:
+        wall0, srv0, cli0, pg0 = started
+        wall = time.perf_counter() - wall0
+        pg = self._pg() if self._pg else 0.0
+        return Window(wall, (self._server.cpu() - srv0) / wall, (own_cpu() - cli0) / wall,
+                      (pg - pg0) / wall)
+
+
+def wait_server_idle(engine: Engine, server: Server, *, below: float = 0.05,
+                     timeout: float = 60.0) -> float:
+    """Poll the connections until the server used < ``below`` of a core for 0.5 s."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        before, wall = server.cpu(), time.perf_counter()
+        engine.run_for(0.5)
+        share = (server.cpu() - before) / (time.perf_counter() - wall)
+        if share < below or time.perf_counter() > deadline:
+            return share
+
+
+def start_profile(args: argparse.Namespace, server: Server, what: str
+                  ) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` on the server for the measured window, when --profile is given."""
+    if not args.profile:
+        return None
+    directory = Path(args.profile)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{what.replace(' ', '-')}.txt"
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(py_spy), "record", "--pid", str(server.process.pid), "--rate", "100",
+         "--duration", str(max(1, round(args.duration))), "--format", "raw", "--output",
+         str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
+
+
+# -- fan-out -----------------------------------------------------------------------------
+
+
+class Sender:
+    """The one sender of CURSOR_UPDATE frames; ``seq`` keeps counting across runs."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.seq = 0
+
+    def send(self, count: int) -> None:
+        conn, seq = self.conn, self.seq
+        now_us = int((time.perf_counter() - T0) * 1e6)
+        frames = []
+        for _ in range(count):
+            seq += 1
+            frames.append(conn.frame(
+                b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}'
+                % (seq, now_us)))
+        self.seq = seq
+        conn.send_raw(b"".join(frames))
+
+
+def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[Conn],
+               stats: Stats, *, rate: float | None, window: int, args: argparse.Namespace,
+               profile_as: str | None = None) -> tuple[Window, int]:
+    """One measured run: paced at ``rate`` messages/s, or window-limited when rate is None.
+
+    Returns the window's CPU/wall and the number of messages sent in it.
+    """
+    meter = Meter(server)
+    probe = receivers[-1]
+    for conn in receivers:
+        conn.last_seq = sender.seq
+    stats.reset()
+    stats.recording = False
+    begin = time.perf_counter()
+    record_at = begin + args.warmup
+    end = record_at + args.duration
+    started = None
+    sent_before = 0
+    profiler = None
+    last_progress, last_probe = begin, probe.last_seq
+    run_start = sender.seq
+    while True:
+        now = time.perf_counter()
+        if started is None and now >= record_at:
+            stats.reset()
+            stats.recording = True
+            started = meter.start()
+            sent_before = sender.seq
+            profiler = start_profile(args, server, profile_as) if profile_as else None
+        if now >= end:
+            break
+        if rate is not None:
+            due = int((now - begin) * rate) + 1 - (sender.seq - run_start)
+            if due > 0:
+                sender.send(min(due, 1000))
+            timeout = begin + (sender.seq - run_start) / rate - time.perf_counter()
+        else:
+            room = window - (sender.seq - probe.last_seq)
+            if room > 0:
+                sender.send(room)
+            timeout = 0.05
+            if probe.last_seq != last_probe:
+                last_probe, last_progress = probe.last_seq, now
+            elif now - last_progress > 10:
+                raise SystemExit(f"stalled: the probe saw nothing for 10 s ({probe.error})")
+        engine.poll(max(0.0, min(timeout, end - now)))
+        if sender.conn.error or probe.error:
+            raise SystemExit(f"connection lost: {sender.conn.error or probe.error}")
+    assert started is not None
+    result = meter.stop(started)
+    stats.recording = False
+    sent = sender.seq - sent_before
+    engine.run_for(0.3)  # let what is in flight land (not counted)
+    stop_profile(profiler)
+    return result, sent
+
+
+def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
+                 transport: str, args: argparse.Namespace) -> list[Row]:
+    port = server.port_of(transport)
+    owner, reader = make_users(server.port, 2)
+    (project,) = make_projects(server.port, [owner], [[reader]])
+    rows = []
+    stats = Stats()
+    engine = Engine()
+    for batch in (False, True):
+        handler = cursor_handler(stats)
+        receivers = connect_all(engine, port, [(ws_path(project, batch), reader, handler)]
+                                * receivers_n)
+        (sender_conn,) = connect_all(engine, port, [(ws_path(project, False), owner, idle_handler)])
+        sender = Sender(sender_conn)
+        wait_server_idle(engine, server)
+        runs: list[tuple[str, float | None]] = [("max", None)]
+        if not batch:
+            runs.insert(0, (f"paced {paced_rate:g}/s", paced_rate))
+        for run, rate in runs:
+            label = f"{run}{' batch' if batch else ''}"
+            window, sent = fanout_run(engine, server, sender, receivers, stats, rate=rate,
+                                      window=args.window, args=args,
+                                      profile_as=None if rate else f"{name} {transport} {label}")
+            lost = [c for c in receivers if c.error]
+            per_s = stats.deliveries / window.wall
+            coalesced = stats.drops / (stats.drops + stats.deliveries) if stats.deliveries else 0
+            p50, p99 = percentile_ms(stats.latencies, 50), percentile_ms(stats.latencies, 99)
+            per_frame = stats.deliveries / max(stats.frames, 1)
+            note = (f"sent {sent / window.wall:,.0f} msg/s, {per_frame:.2f} msg/frame,"
+                    f" coalesced {coalesced:.1%}")
+            if lost:
+                note += f", {len(lost)} receivers lost ({lost[0].error})"
+            if rate is not None:
+                target, met = f"p99 < {LATENCY_TARGET_MS:g} ms", p99 < LATENCY_TARGET_MS
+                if name != "a":
+                    target, met = "", None
+            else:
+                goal = TARGETS[(name, transport)]
+                target, met = f">= {goal:,} /s", per_s >= goal
+            row = Row(name, transport, label, per_s, p50, p99, window.server, window.client,
+                      target, met, note)
+            report(row)
+            rows.append(row)
+        engine.close_all()
+        engine.run_for(0.2)
+    wait_server_idle(engine, server)
+    return rows
+
+
+# -- durable -----------------------------------------------------------------------------
+
+
+def bench_durable(server: Server, transport: str, args: argparse.Namespace) -> list[Row]:
+    port = server.port_of(transport)
+    owner, reader = make_users(server.port, 2)
+    (project,) = make_projects(server.port, [owner], [[reader]])
+    stats = Stats()
+    engine = Engine()
+    sent_at: dict[int, float] = {}
+    connect_all(engine, port, [(ws_path(project, False), reader, change_handler(stats))] * 10)
+    (sender,) = connect_all(engine, port, [(ws_path(project, False), owner,
+                                            ack_handler(stats, sent_at))])
+    wait_server_idle(engine, server)
+    prefix = uuid.uuid4().hex[:8]
+    seq = 0
+    meter = Meter(server)
+    begin = time.perf_counter()
+    record_at, end = begin + args.warmup, begin + args.warmup + args.duration
+    started = None
+    profiler = None
+    while True:
+        now = time.perf_counter()
+        if started is None and now >= record_at:
+            stats.reset()
+            stats.recording = True
+            started = meter.start()
+            profiler = start_profile(args, server, f"durable {transport}")
+        if now >= end:
+            break
+        room = args.window - (seq - sender.count)
+        if room > 0:
+            frames = []
+            now_us = int((now - T0) * 1e6)
+            for _ in range(room):
+                seq += 1
+                sent_at[seq] = now
+                frames.append(sender.frame(
+                    b'{"type":"FILE_CHANGE","file_path":"src/bench.py","changes":'
+                    b'{"lines_added":1,"lines_removed":0,"change_type":"edit","t":%d},'
+                    b'"id":"%s-%d"}' % (now_us, prefix.encode(), seq)))
+            sender.send_raw(b"".join(frames))
+        engine.poll(min(0.05, max(0.0, end - now)))
+        if sender.error:
+            raise SystemExit(f"sender lost: {sender.error}")
+    assert started is not None
+    window = meter.stop(started)
+    stats.recording = False
+    engine.run_for(1.0)
+    stop_profile(profiler)
+    engine.close_all()
+    wait_server_idle(engine, server)
+    rate = stats.acks / window.wall
+    row = Row(
+        "durable", transport, "FILE_CHANGE x10", rate,
+        percentile_ms(stats.ack_latencies, 50), percentile_ms(stats.ack_latencies, 99),
+        window.server, window.client, "", None,
+        f"ACK latency; {stats.deliveries / window.wall:,.0f} deliveries/s to 10 receivers "
+        f"(p99 {percentile_ms(stats.latencies, 99):.1f} ms); postgres CPU {window.postgres:.0%}",
+    )
+    report(row, unit="events/s")
+    return [row]
+
+
+# -- idle connections --------------------------------------------------------------------
+
+
+def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list[Row]:
+    port = server.port_of(transport)
+    started = time.perf_counter()
+    users = make_users(server.port, 5)
+    owners = [users[i % 5] for i in range(200)]
+    members = [[u for u in users if u is not owner] for owner in owners]
+    projects = make_projects(server.port, owners, members)
+    print(f"  c: 5 users, 1,000 projects, 4,000 collaborators by REST in"
+          f" {time.perf_counter() - started:.1f} s", flush=True)
+    engine = Engine()
+    wait_server_idle(engine, server)
+    gc.collect()
+    import signal as _s
+    server.process.send_signal(_s.SIGUSR1); time.sleep(2)
+    before = server.rss()
+    started = time.perf_counter()
+    specs = [(ws_path(pid, False), user, idle_handler) for pid in projects for user in users]
+    conns = connect_all(engine, port, specs, concurrency=128, timeout=900)
+    took = time.perf_counter() - started
+    wait_server_idle(engine, server, timeout=120)
+    engine.run_for(2.0)
+    after = server.rss()
+    server.process.send_signal(_s.SIGUSR1); time.sleep(30)
+    lost = [c for c in conns if c.error]
+    per_conn_kb = (after - before) / len(conns) / 1024
+    print(f"  c: {len(conns):,} connections in {took:.1f} s; server RSS {before / 2**20:.1f} MiB"
+          f" -> {after / 2**20:.1f} MiB", flush=True)
+    engine.close_all()
+    wait_server_idle(engine, server, timeout=120)
+    row = Row("c", transport, "5,000 idle", per_conn_kb, float("nan"), float("nan"),
+              float("nan"), float("nan"), f"< {RSS_TARGET_KB:g} KB/conn",
+              per_conn_kb < RSS_TARGET_KB,
+              f"RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; connect {took:.1f} s"
+              + (f"; {len(lost)} lost ({lost[0].error})" if lost else ""))
+    report(row, unit="KB/conn")
+    return [row]
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def report(row: Row, unit: str = "deliveries/s") -> None:
+    cpu = "" if row.server_cpu != row.server_cpu else (
+        f"  | CPU/wall: server {row.server_cpu:.0%}  client {row.client_cpu:.0%}")
+    latency = "" if row.p50 != row.p50 else f"  p50 {row.p50:.2f} ms  p99 {row.p99:.2f} ms"
+    print(f"  {row.scenario} {row.transport} {row.run}: {row.rate:,.1f} {unit}{latency}{cpu}",
+          flush=True)
+    if row.note:
+        print(f"    {row.note}", flush=True)
+    if row.server_cpu == row.server_cpu and row.client_cpu > 0.85:
+        print("    warning: the client used >85% of a core; it may be the bottleneck", flush=True)
+
+
+def summary(rows: list[Row]) -> bool:
+    print()
+    print(f"{'scenario':<9}{'transport':<10}{'run':<18}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'srv CPU':>8}{'cli CPU':>8}  {'target':<20}{'met':<4}")
+    print("-" * 110)
+    ok = True
+    for r in rows:
+        unit = {"c": " KB", "durable": " ev/s"}.get(r.scenario, " /s")
+        rate = f"{r.rate:,.1f}{unit}" if r.scenario == "c" else f"{r.rate:,.0f}{unit}"
+        fmt = lambda v, spec: "" if v != v else format(v, spec)  # noqa: E731
+        met = "" if r.met is None else ("yes" if r.met else "NO")
+        ok = ok and r.met is not False
+        print(f"{r.scenario:<9}{r.transport:<10}{r.run:<18}{rate:>12}{fmt(r.p50, '.2f'):>9}"
+              f"{fmt(r.p99, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}{fmt(r.client_cpu, '.0%'):>8}"
+              f"  {r.target:<20}{met:<4}")
+    return ok
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65_536) if hard != resource.RLIM_INFINITY else 65_536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the server inherits it
+    if want < 12_000:
+        print(f"  warning: file descriptor limit {want}: scenario c needs ~10,000 (ulimit -n)")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    transports = ["main", "listener"] if args.transport == "both" else [args.transport]
+    scenarios = ["c", "a", "b", "durable"] if args.scenario == "all" else [args.scenario]
+    print(f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}; {args.warmup:g} s warm-up +"
+          f" {args.duration:g} s measured per run; window {args.window}", flush=True)
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    rows: list[Row] = []
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="atrium-wsbench-") as tmp:
+        for transport in transports:
+            print(f"\n== transport: {transport}", flush=True)
+            with atrium_server(Path(tmp), f"atrium-{transport}") as server:
+                for scenario in scenarios:
+                    if scenario == "c":
+                        rows += bench_idle(server, transport, args)
+                    elif scenario == "a":
+                        rows += bench_fanout("a", 100, 200, server, transport, args)
+                    elif scenario == "b":
+                        rows += bench_fanout("b", 1000, 20, server, transport, args)
+                    else:
+                        rows += bench_durable(server, transport, args)
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    print(f"total {time.perf_counter() - wall:.0f} s")
+    ok = summary(rows)
+    print("\nall targets met" if ok else "\nsome targets missed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        status = main(sys.argv[1:])
+    except* KeyboardInterrupt:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)
