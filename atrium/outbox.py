@@ -8,7 +8,6 @@ cursor instead of every step.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -36,7 +35,7 @@ class Outbox:
     )
 
     def __init__(self, limit: int) -> None:
-        self._queue: deque[str] = deque()
+        self._queue: list[str] = []
         self._cursors: dict[object, str] = {}
         self._limit = limit
         self._lot = trio.lowlevel.ParkingLot()
@@ -110,8 +109,7 @@ class Outbox:
 
     def take(self) -> list[str]:
         """Everything queued now, oldest first (cursors last), leaving the outbox empty."""
-        frames = list(self._queue)
-        self._queue.clear()
+        frames, self._queue = self._queue, []
         if self._cursors:
             frames.extend(self._cursors.values())
             self._cursors.clear()

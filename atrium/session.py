@@ -9,6 +9,7 @@ the per-connection send task — lives here and is the same for every transport.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -59,9 +60,15 @@ class Connection(Protocol):
         ...
 
 
+# The request headers a session reads; transports keep only these (lower-case names), as
+# the rest would be held, decoded, for the life of every connection.
+HANDSHAKE_HEADERS = frozenset({"origin", "authorization"})
+
+
 @dataclass(frozen=True, slots=True)
 class Handshake:
-    """What the client asked for: the URL's parts and the request headers (lower-case)."""
+    """What the client asked for: the URL's parts and the request headers it needs
+    (``HANDSHAKE_HEADERS``, lower-case)."""
 
     project_id: str
     path_user_id: str | None
@@ -149,7 +156,8 @@ class _Session:
         "subscriber",
         "batch",
         "_sending",
-        "_wake",
+        "_next_ping",
+        "_warned_for",
     )
 
     def __init__(self, realtime: Realtime, conn: Connection, handshake: Handshake) -> None:
@@ -168,7 +176,8 @@ class _Session:
         self.subscriber: Subscriber | None = None
         self.batch = False
         self._sending = trio.CancelScope()
-        self._wake = trio.CancelScope()
+        self._next_ping = 0.0  # trio clock
+        self._warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
         self.outbox.on_close = self._closing
 
     async def run(self) -> None:
@@ -180,10 +189,9 @@ class _Session:
                 return
             except ConnectionGone:
                 return
-            # Three tasks per connection: this one receives, one sends, one keeps time.
+            # Two tasks per connection: this one receives and keeps time, one sends.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
-                nursery.start_soon(self._timers)
                 await self._receive_loop(nursery.cancel_scope)
         finally:
             await self._leave()
@@ -284,6 +292,8 @@ class _Session:
                         else:
                             for frame in frames:
                                 await conn.send(frame)
+                            del frame
+                        del frames  # not held while the connection idles
                     elif outbox.closing and not outbox.owed:
                         break
         except ConnectionGone:
@@ -308,9 +318,21 @@ class _Session:
             await self.conn.close(code, reason)
 
     async def _receive_loop(self, scope: trio.CancelScope) -> None:
+        """Receive frames; between them, run the timers (heartbeat, token expiry).
+
+        The timers live here rather than in a task of their own (a task is about 2 KB of
+        every idle connection): a receive is cut short at the next timer's deadline, and
+        an AUTH frame, which moves a deadline, is handled in this same task.
+        """
+        receive = self.conn.receive
+        self._next_ping = trio.current_time() + self.settings.heartbeat_interval
         try:
             while True:
-                raw = await self.conn.receive()
+                with trio.move_on_at(self._timer_deadline()) as timer:
+                    raw = await receive()
+                if timer.cancelled_caught:
+                    self._on_timer()
+                    continue
                 self.last_activity = trio.current_time()
                 await self._on_frame(raw)
         except ConnectionGone:
@@ -371,7 +393,6 @@ class _Session:
             self._reply(ProtocolError("session_revoked", "This session has ended").frame())
             return
         self._accept_token(claims)
-        self._wake.cancel()
         self._reply(
             protocol.encode(
                 {
@@ -382,8 +403,18 @@ class _Session:
             )
         )
 
-    async def _timers(self) -> None:
-        """Heartbeats and token expiry, on one timer.
+    def _timer_deadline(self) -> float:
+        """When ``_on_timer`` is next due (trio clock)."""
+        if self.outbox.closing:
+            return math.inf
+        if self._warned_for == self.expires_at:
+            token_at = self.expires_at + self.settings.token_grace
+        else:
+            token_at = self.expires_at - self.settings.token_warning
+        return min(self._next_ping, token_at)
+
+    def _on_timer(self) -> None:
+        """Heartbeats and token expiry.
 
         Every ``heartbeat_interval`` a PING goes out, unless the client has been silent for
         ``heartbeat_timeout`` (then 4009). ``token_warning`` seconds before the access
@@ -391,39 +422,28 @@ class _Session:
         ``expires_at``) by expiry plus ``token_grace``, the connection closes with 4007.
         """
         settings = self.settings
-        next_ping = trio.current_time() + settings.heartbeat_interval
-        warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
-        while True:
-            if warned_for == self.expires_at:
-                token_at = self.expires_at + settings.token_grace
-            else:
-                token_at = self.expires_at - settings.token_warning
-            # A renewed token (AUTH) cancels this wait: the deadlines are then recomputed.
-            with trio.CancelScope(deadline=min(next_ping, token_at)) as self._wake:
-                await trio.sleep_forever()
-            now = trio.current_time()
-            if now >= next_ping:
-                if now - self.last_activity >= settings.heartbeat_timeout:
-                    self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
-                    return
-                self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}))
-                next_ping = now + settings.heartbeat_interval
-            if warned_for == self.expires_at:
-                if now >= self.expires_at + settings.token_grace:
-                    self.outbox.close(CloseCode.TOKEN_EXPIRED, "token_expired")
-                    return
-            elif now >= self.expires_at - settings.token_warning:
-                assert self.claims is not None
-                warned_for = self.expires_at
-                self._reply(
-                    protocol.encode(
-                        {
-                            "type": "TOKEN_EXPIRING",
-                            "expires_at": _wall_iso(self.claims.expires_at),
-                            "reauth_within_seconds": settings.token_warning + settings.token_grace,
-                        }
-                    )
+        now = trio.current_time()
+        if now >= self._next_ping:
+            if now - self.last_activity >= settings.heartbeat_timeout:
+                self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
+                return
+            self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}))
+            self._next_ping = now + settings.heartbeat_interval
+        if self._warned_for == self.expires_at:
+            if now >= self.expires_at + settings.token_grace:
+                self.outbox.close(CloseCode.TOKEN_EXPIRED, "token_expired")
+        elif now >= self.expires_at - settings.token_warning:
+            assert self.claims is not None
+            self._warned_for = self.expires_at
+            self._reply(
+                protocol.encode(
+                    {
+                        "type": "TOKEN_EXPIRING",
+                        "expires_at": _wall_iso(self.claims.expires_at),
+                        "reauth_within_seconds": settings.token_warning + settings.token_grace,
+                    }
                 )
+            )
 
     async def _leave(self) -> None:
         if self.actor is None or self.subscriber is None:

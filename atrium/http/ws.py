@@ -15,7 +15,7 @@ from ..actors import ActorStopped
 from ..actors.workspace import Status
 from ..persistence import projects
 from ..persistence import workspace as workspace_store
-from ..session import ConnectionGone, Handshake, Realtime
+from ..session import HANDSHAKE_HEADERS, ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import dumps_bytes, json_response
 from .schemas import ErrorResponse, WorkspaceStatusResponse
@@ -90,7 +90,11 @@ class WorkspaceSockets:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {
+            name: v.decode("latin-1")
+            for k, v in scope["headers"]
+            if (name := k.decode("latin-1")) in HANDSHAKE_HEADERS
+        }
         handshake = replace(target, headers=headers)
         await self._realtime.serve(AsgiConnection(receive, send), handshake)
 

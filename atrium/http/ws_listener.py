@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..session import ConnectionGone, Realtime
+from ..session import HANDSHAKE_HEADERS, ConnectionGone, Realtime
 from .ws import parse_target
 
 log = logging.getLogger("atrium.ws")
@@ -149,7 +149,11 @@ async def _handle(realtime: Realtime, request: WebSocketRequest) -> None:
         await request.reject(404)
         return
     ws = await request.accept()
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+    headers = {
+        name: v.decode("latin-1")
+        for k, v in request.headers
+        if (name := k.decode("latin-1").lower()) in HANDSHAKE_HEADERS
+    }
     await realtime.serve(TrioWebsocketConnection(ws), replace(target, headers=headers))
 
 
