@@ -127,6 +127,9 @@ async def _run_http(
         WorkspaceSettings(
             resume_max_events=settings.resume_max_events,
             idle_timeout=settings.workspace_idle_seconds,
+            # A batch of edits reaches every outbox at once: keep it well inside a
+            # connection's queue, so a burst is never taken for a slow consumer.
+            edit_batch=max(1, min(64, settings.ws_send_queue // 8)),
         ),
     )
     services = build_services(settings, db, clock=clock)

@@ -266,3 +266,64 @@ def test_constructor_validates_its_limits() -> None:
         Counter(mailbox_size=0)
     with pytest.raises(ValueError, match="idle_timeout"):
         Counter(idle_timeout=0)
+
+
+class Batcher(Actor[object, object]):
+    """Takes ``("add", n)`` in batches of what is queued behind it (``n == 0`` crashes
+    after taking); records ``"marker"`` on its own; answers ``"batches"``."""
+
+    def __init__(self) -> None:
+        super().__init__(name="batcher", mailbox_size=16)
+        self.batches: list[list[object]] = []
+        self.gate = trio.Event()
+
+    async def handle(self, message: object) -> object:
+        if message == "wait_gate":
+            await self.gate.wait()
+        elif message == "batches":
+            return self.batches
+        elif message == "marker":
+            self.batches.append(["marker"])
+        else:
+            assert isinstance(message, tuple)
+            batch = [message[1]]
+            while (more := self.take_nowait(lambda m: isinstance(m, tuple))) is not None:
+                assert isinstance(more, tuple)
+                batch.append(more[1])
+            self.batches.append(batch)
+            if 0 in batch:
+                raise ValueError("crash after taking")
+        return None
+
+
+async def test_take_nowait_batches_queued_tells_and_keeps_the_rest_in_line() -> None:
+    async with trio.open_nursery() as nursery:
+        actor = await nursery.start(Batcher().run)
+        actor.tell_nowait("wait_gate")
+        for message in (("add", 1), ("add", 2), ("add", 3), "marker", ("add", 4)):
+            actor.tell_nowait(message)
+        actor.gate.set()
+        # The ask is queued last; asks are never taken into a batch.
+        assert await actor.ask("batches", timeout=5) == [[1, 2, 3], ["marker"], [4]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_ask_looked_at_but_not_taken_is_answered_when_the_actor_dies() -> None:
+    batcher = Batcher()
+    answers: list[object] = []
+
+    async def ask_batches() -> None:
+        try:
+            answers.append(await batcher.ask("batches", timeout=5))
+        except ActorStopped as error:
+            answers.append(error)
+
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="crash after taking")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            batcher.tell_nowait("wait_gate")
+            batcher.tell_nowait(("add", 0))
+            nursery.start_soon(ask_batches)
+            await trio.testing.wait_all_tasks_blocked()
+            batcher.gate.set()
+    assert len(answers) == 1 and isinstance(answers[0], ActorStopped)

@@ -16,6 +16,7 @@ from test_projects import API, make_accounts, new_project, sign_up
 
 from atrium.http.app import create_app
 from atrium.persistence import projects
+from atrium.persistence import workspace as workspace_log
 from atrium.persistence.database import Database
 from atrium.services import build_services
 
@@ -217,3 +218,47 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
     r = await client.patch(f"{API}/{pid}", json={"name": "Artemis"}, headers=ann.headers)
     assert r.status_code == 200
     assert await db.fetchval("SELECT last_seq FROM projects WHERE id = $1", pid) == 3
+
+
+async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) -> None:
+    owner = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO users (id, email, password_hash) VALUES ($1, 'w@example.com', 'x')", owner
+    )
+    created = await projects.create_project(
+        db, owner, name="Batch", description=None, visibility="private"
+    )
+    pid = created.value.id
+
+    def change(client_id: str | None, path: str) -> workspace_log.NewEvent:
+        return workspace_log.NewEvent("FILE_CHANGE", owner, {"file_path": path}, client_id)
+
+    first = await workspace_log.append(db, pid, [change("a", "1.txt"), change(None, "2.txt")])
+    assert [(e["seq"], e["payload"]["file_path"], new) for e, new in first] == [
+        (2, "1.txt", True),
+        (3, "2.txt", True),
+    ]
+    # "a" again (stored before), "b" twice in the batch: one new event, consecutive seqs.
+    second = await workspace_log.append(
+        db, pid, [change("a", "again.txt"), change("b", "3.txt"), change("b", "x.txt")]
+    )
+    assert [(e["seq"], e["payload"]["file_path"], new) for e, new in second] == [
+        (2, "1.txt", False),
+        (4, "3.txt", True),
+        (4, "3.txt", False),
+    ]
+    rows = await db.fetch(
+        "SELECT seq, client_event_id FROM project_events WHERE project_id = $1 ORDER BY seq", pid
+    )
+    assert [(r["seq"], r["client_event_id"]) for r in rows] == [
+        (1, None),
+        (2, "a"),
+        (3, None),
+        (4, "b"),
+    ]
+
+    await db.execute("UPDATE projects SET deleted_at = now() WHERE id = $1", pid)
+    for batch in ([change("c", "late.txt")], [change("a", "dup.txt")]):
+        with pytest.raises(projects.ProjectNotFound):
+            await workspace_log.append(db, pid, batch)
+    assert await db.fetchval("SELECT count(*) FROM project_events WHERE project_id = $1", pid) == 4

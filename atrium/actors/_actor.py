@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, Generic, Self, TypeVar, cast
 
@@ -73,6 +74,7 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         "_processed",
         "_state",
         "_nursery",
+        "_held",
     )
 
     expected_errors: ClassVar[tuple[type[Exception], ...]] = ()
@@ -104,6 +106,7 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         self._processed = 0
         self._state = _NEW
         self._nursery: trio.Nursery | None = None
+        self._held: MsgT | Ask[MsgT] | None = None  # looked at by take_nowait, not taken
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -129,6 +132,25 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         Actors that stay busy without messages (open connections, say) override this.
         """
         return True
+
+    def take_nowait(self, accept: Callable[[MsgT], bool]) -> MsgT | None:
+        """The next queued message if it was told (not asked) and ``accept`` takes it.
+
+        For handlers that batch: while handling one message, take the like ones queued
+        behind it. A message that is not taken stays next in line.
+        """
+        item = self._held
+        if item is None:
+            try:
+                item = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return None
+        if type(item) is not Ask and accept(cast(MsgT, item)):
+            self._held = None
+            self._processed += 1
+            return cast(MsgT, item)
+        self._held = item
+        return None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -193,7 +215,10 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         burst = 0
         while True:
             try:
-                item = receive.receive_nowait()
+                if self._held is None:
+                    item = receive.receive_nowait()
+                else:
+                    item, self._held = self._held, None
             except trio.WouldBlock:
                 burst = 0
                 try:
@@ -261,10 +286,13 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         self._send.close()
         stopped: ActorStopped | None = None
         while True:
-            try:
-                item = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+            if self._held is not None:
+                item, self._held = self._held, None
+            else:
+                try:
+                    item = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             if type(item) is Ask:
                 stopped = stopped or ActorStopped(f"{self!r} stopped before answering")
                 item.resolve(outcome.Error(stopped))

@@ -103,6 +103,10 @@ class Crash:
 Message = Join | Leave | Edit | Cursor | Published | Status | Crash
 
 
+def _is_edit(message: Message) -> bool:
+    return isinstance(message, Edit)
+
+
 class WorkspaceCrashed(RuntimeError):
     """Raised inside the actor by the Crash test hook."""
 
@@ -112,6 +116,7 @@ class WorkspaceSettings:
     resume_max_events: int = 1000
     idle_timeout: float = 30.0
     mailbox_size: int = 4096
+    edit_batch: int = 64  # at most this many queued edits are stored in one transaction
 
 
 class WorkspaceActor(Actor[Message, Any]):
@@ -166,7 +171,7 @@ class WorkspaceActor(Actor[Message, Any]):
         if isinstance(message, Cursor):
             return self._cursor(message)
         if isinstance(message, Edit):
-            return await self._edit(message)
+            return await self._edits(message)
         if isinstance(message, Published):
             return await self._deliver(message.events)
         if isinstance(message, Join):
@@ -250,13 +255,15 @@ class WorkspaceActor(Actor[Message, Any]):
             presence.last_seen = now
             return replayed
         self._presence[subscriber.user_id] = Presence(1, now, now)
+        message_text = f"User {subscriber.email} entered the workspace"
         await self._append(
-            "USER_JOIN",
-            subscriber.user_id,
-            {
-                "email": subscriber.email,
-                "message": f"User {subscriber.email} entered the workspace",
-            },
+            [
+                store.NewEvent(
+                    "USER_JOIN",
+                    subscriber.user_id,
+                    {"email": subscriber.email, "message": message_text},
+                )
+            ]
         )
         return replayed
 
@@ -299,13 +306,15 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _leave(self, subscriber: Subscriber) -> None:
         if self._drop(subscriber):
+            message_text = f"User {subscriber.email} left the workspace"
             await self._append(
-                "USER_LEAVE",
-                subscriber.user_id,
-                {
-                    "email": subscriber.email,
-                    "message": f"User {subscriber.email} left the workspace",
-                },
+                [
+                    store.NewEvent(
+                        "USER_LEAVE",
+                        subscriber.user_id,
+                        {"email": subscriber.email, "message": message_text},
+                    )
+                ]
             )
 
     def _online_users(self) -> list[dict[str, Any]]:
@@ -330,20 +339,18 @@ class WorkspaceActor(Actor[Message, Any]):
 
     # -- client events ----------------------------------------------------------------------
 
-    async def _append(
-        self, kind: str, user_id: uuid.UUID, payload: dict[str, Any], client_id: str | None = None
-    ) -> dict[str, Any] | None:
-        """Store and deliver an event; None when the project was deleted meanwhile."""
+    async def _append(self, events: list[store.NewEvent]) -> list[store.Appended] | None:
+        """Store events in one transaction and deliver the new ones; None when the project
+        was deleted meanwhile (its workspace then closes)."""
         try:
-            event, created = await store.append(
-                self._db, self.project_id, kind, user_id, payload, client_id=client_id
-            )
+            results = await store.append(self._db, self.project_id, events)
         except ProjectNotFound:
             self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
             return None
+        created = [event for event, new in results if new]
         if created:
-            await self._deliver([event])
-        return event
+            await self._deliver(created)
+        return results
 
     def _close_all(self, code: CloseCode, reason: str) -> None:
         for subscriber in self._subscribers.values():
@@ -352,27 +359,48 @@ class WorkspaceActor(Actor[Message, Any]):
         self._presence.clear()
         self.request_stop()
 
-    async def _edit(self, message: Edit) -> None:
-        subscriber, change = message.subscriber, message.change
-        if subscriber.id not in self._subscribers:
+    async def _edits(self, first: Edit) -> None:
+        """Store the edits queued now (up to ``edit_batch``) in one transaction, then
+        broadcast them and ACK each to its sender."""
+        edits = [first]
+        while len(edits) < self._settings.edit_batch:
+            more = self.take_nowait(_is_edit)
+            if not isinstance(more, Edit):
+                break
+            edits.append(more)
+        accepted: list[Edit] = []
+        for edit in edits:
+            subscriber, change = edit.subscriber, edit.change
+            if subscriber.id not in self._subscribers:
+                continue
+            if not can(subscriber.role, Action.EDIT_WORKSPACE):
+                error = protocol.ProtocolError(
+                    "forbidden_role", "Viewers cannot edit files", change.client_id
+                )
+                subscriber.outbox.put(error.frame())
+                continue
+            self._touch(subscriber.user_id)
+            accepted.append(edit)
+        if not accepted:
             return
-        if not can(subscriber.role, Action.EDIT_WORKSPACE):
-            error = protocol.ProtocolError(
-                "forbidden_role", "Viewers cannot edit files", change.client_id
-            )
-            subscriber.outbox.put(error.frame())
-            return
-        self._touch(subscriber.user_id)
-        event = await self._append(
-            "FILE_CHANGE",
-            subscriber.user_id,
-            {"file_path": change.file_path, "changes": change.changes},
-            client_id=change.client_id,
+        results = await self._append(
+            [
+                store.NewEvent(
+                    "FILE_CHANGE",
+                    e.subscriber.user_id,
+                    {"file_path": e.change.file_path, "changes": e.change.changes},
+                    e.change.client_id,
+                )
+                for e in accepted
+            ]
         )
-        if event is not None and change.client_id is not None:
-            subscriber.outbox.put(
-                protocol.encode({"type": "ACK", "id": change.client_id, "seq": event["seq"]})
-            )
+        for edit, (event, _) in zip(accepted, results or (), strict=False):
+            if edit.change.client_id is not None:
+                edit.subscriber.outbox.put(
+                    protocol.encode(
+                        {"type": "ACK", "id": edit.change.client_id, "seq": event["seq"]}
+                    )
+                )
 
     def _cursor(self, message: Cursor) -> None:
         subscriber, cursor = message.subscriber, message.cursor

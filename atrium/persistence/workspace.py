@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import asyncpg
+import orjson
 
 from .database import Database
-from .projects import append_event, event_from_row
+from .projects import ProjectNotFound, event_from_row
 from .projects import member_role as member_role
 
 _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
@@ -34,40 +37,102 @@ async def events_between(
     return [event_from_row(r) for r in rows]
 
 
-async def append(
-    db: Database,
-    project_id: uuid.UUID,
-    kind: str,
-    actor_id: uuid.UUID,
-    payload: dict[str, Any],
-    *,
-    client_id: str | None = None,
-) -> tuple[dict[str, Any], bool]:
-    """Append an event; with ``client_id``, at most once per (project, user, client_id).
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; with ``client_id``, at most once per (project, actor, client_id)."""
 
-    Returns the event and True, or the event stored earlier under the same client id and
-    False. Raises ``ProjectNotFound`` when the project is gone.
+    type: str
+    actor_id: uuid.UUID
+    payload: dict[str, Any]
+    client_id: str | None = None
+
+
+Appended = tuple[dict[str, Any], bool]
+
+
+async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]) -> list[Appended]:
+    """Append ``events`` in one transaction, in order, with consecutive seqs.
+
+    Returns, for each, the event and True; or, for a client id stored before (or earlier
+    in the same batch), the event stored under it and False. Raises ``ProjectNotFound``
+    when the project is gone (then nothing is written).
     """
 
-    async def write(conn: asyncpg.Connection) -> tuple[dict[str, Any], bool]:
-        if client_id is not None:
-            row = await conn.fetchrow(
-                f"SELECT {_EVENT_COLUMNS} FROM project_events"
-                " WHERE project_id = $1 AND actor_id = $2 AND client_event_id = $3",
-                project_id,
-                actor_id,
-                client_id,
-            )
-            if row is not None:
-                return event_from_row(row), False
-        event = await append_event(conn, project_id, kind, actor_id, payload)
-        if client_id is not None:
-            await conn.execute(
-                "UPDATE project_events SET client_event_id = $3 WHERE project_id = $1 AND seq = $2",
-                project_id,
-                event["seq"],
-                client_id,
-            )
-        return event, True
+    async def write(conn: asyncpg.Connection) -> list[Appended]:
+        stored = await _stored_client_ids(conn, project_id, events)
+        results: list[Appended | None] = []
+        fresh: list[int] = []  # indexes of the events to insert
+        first: dict[tuple[uuid.UUID, str], int] = {}
+        repeats: list[tuple[int, int]] = []  # (index, index of the first with its client id)
+        for index, event in enumerate(events):
+            results.append(None)
+            if event.client_id is not None:
+                key = (event.actor_id, event.client_id)
+                if key in stored:
+                    results[index] = (stored[key], False)
+                    continue
+                if key in first:
+                    repeats.append((index, first[key]))
+                    continue
+                first[key] = index
+            fresh.append(index)
+        if fresh:
+            inserted = await _insert(conn, project_id, [events[i] for i in fresh])
+            for index, stored_event in zip(fresh, inserted, strict=True):
+                results[index] = (stored_event, True)
+        elif await conn.fetchval(_LIVE_PROJECT, project_id) is None:
+            raise ProjectNotFound()
+        for index, original in repeats:
+            results[index] = (cast(Appended, results[original])[0], False)
+        return cast(list[Appended], results)
 
     return await db.transaction(write)
+
+
+_LIVE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 AND deleted_at IS NULL"
+
+
+async def _stored_client_ids(
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> dict[tuple[uuid.UUID, str], dict[str, Any]]:
+    """The events already stored under the client ids of ``events``."""
+    keyed = [e for e in events if e.client_id is not None]
+    if not keyed:
+        return {}
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLUMNS}, client_event_id FROM project_events"
+        " WHERE project_id = $1 AND (actor_id, client_event_id) IN"
+        " (SELECT * FROM unnest($2::uuid[], $3::text[]))",
+        project_id,
+        [e.actor_id for e in keyed],
+        [e.client_id for e in keyed],
+    )
+    return {(r["actor_id"], r["client_event_id"]): event_from_row(r) for r in rows}
+
+
+async def _insert(
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: list[NewEvent]
+) -> list[dict[str, Any]]:
+    """Insert ``events`` with the project's next seqs; returns them as stored, in order."""
+    # Bumping the counter on the project row locks it until commit: seqs stay gapless and
+    # commit in order with writers on other processes (as in projects.append_event).
+    last = await conn.fetchval(
+        "UPDATE projects SET last_seq = last_seq + $2"
+        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
+        project_id,
+        len(events),
+    )
+    if last is None:
+        raise ProjectNotFound()
+    rows = await conn.fetch(
+        "INSERT INTO project_events (project_id, seq, type, actor_id, payload, client_event_id)"
+        " SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[])"
+        f" RETURNING {_EVENT_COLUMNS}",
+        project_id,
+        list(range(last - len(events) + 1, last + 1)),
+        [e.type for e in events],
+        [e.actor_id for e in events],
+        [orjson.dumps(e.payload).decode() for e in events],
+        [e.client_id for e in events],
+    )
+    return [event_from_row(r) for r in sorted(rows, key=lambda r: int(r["seq"]))]
