@@ -132,16 +132,21 @@ async def test_concurrent_writers_get_gapless_seqs(server: Running, db: Database
     assert r.json()["name"] == final["payload"]["changes"]["name"]
 
 
-async def test_append_event_assigns_seq_in_the_transaction(db: Database) -> None:
+async def _owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """A user (inserted directly) and a new project of theirs: (owner id, project id)."""
     owner = uuid.uuid4()
     await db.execute(
-        "INSERT INTO users (id, email, password_hash) VALUES ($1, 'o@example.com', 'x')", owner
+        "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, 'x')", owner, email
     )
     created = await projects.create_project(
-        db, owner, name="Apollo", description=None, visibility="private"
+        db, owner, name="Log", description=None, visibility="private"
     )
-    pid = created.value.id
     assert [e["seq"] for e in created.events] == [1]
+    return owner, created.value.id
+
+
+async def test_append_event_assigns_seq_in_the_transaction(db: Database) -> None:
+    owner, pid = await _owned_project(db, "o@example.com")
 
     async def append(conn: asyncpg.Connection) -> dict[str, Any]:
         return await projects.append_event(conn, pid, "FILE_CHANGE", owner, {"path": "a.txt"})
@@ -221,14 +226,7 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
 
 
 async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) -> None:
-    owner = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO users (id, email, password_hash) VALUES ($1, 'w@example.com', 'x')", owner
-    )
-    created = await projects.create_project(
-        db, owner, name="Batch", description=None, visibility="private"
-    )
-    pid = created.value.id
+    owner, pid = await _owned_project(db, "w@example.com")
 
     def change(client_id: str | None, path: str) -> workspace_log.NewEvent:
         return workspace_log.NewEvent("FILE_CHANGE", owner, {"file_path": path}, client_id)

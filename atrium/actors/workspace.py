@@ -103,6 +103,12 @@ class Crash:
 Message = Join | Leave | Edit | Cursor | Published | Status | Crash
 
 
+def _presence_event(kind: str, subscriber: Subscriber, what: str) -> store.NewEvent:
+    """A USER_JOIN or USER_LEAVE with the seed's fields."""
+    payload = {"email": subscriber.email, "message": f"User {subscriber.email} {what}"}
+    return store.NewEvent(kind, subscriber.user_id, payload)
+
+
 def _is_edit(message: Message) -> bool:
     return isinstance(message, Edit)
 
@@ -255,16 +261,7 @@ class WorkspaceActor(Actor[Message, Any]):
             presence.last_seen = now
             return replayed
         self._presence[subscriber.user_id] = Presence(1, now, now)
-        message_text = f"User {subscriber.email} entered the workspace"
-        await self._append(
-            [
-                store.NewEvent(
-                    "USER_JOIN",
-                    subscriber.user_id,
-                    {"email": subscriber.email, "message": message_text},
-                )
-            ]
-        )
+        await self._append([_presence_event("USER_JOIN", subscriber, "entered the workspace")])
         return replayed
 
     async def _replay(self, subscriber: Subscriber, since_seq: int) -> int:
@@ -306,16 +303,7 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _leave(self, subscriber: Subscriber) -> None:
         if self._drop(subscriber):
-            message_text = f"User {subscriber.email} left the workspace"
-            await self._append(
-                [
-                    store.NewEvent(
-                        "USER_LEAVE",
-                        subscriber.user_id,
-                        {"email": subscriber.email, "message": message_text},
-                    )
-                ]
-            )
+            await self._append([_presence_event("USER_LEAVE", subscriber, "left the workspace")])
 
     def _online_users(self) -> list[dict[str, Any]]:
         now = trio.current_time()

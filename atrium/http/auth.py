@@ -15,7 +15,6 @@ from ..tokens import TokenError
 from .errors import ApiError
 from .json import json_response
 from .schemas import (
-    ErrorResponse,
     LoginRequest,
     LoginResponse,
     MessageResponse,
@@ -24,6 +23,7 @@ from .schemas import (
     SignupResponse,
     TokenResponse,
     UserResponse,
+    error_responses,
 )
 from .security import forget_sessions, note_rate, rate_limited, require_user, services
 
@@ -62,8 +62,7 @@ async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid
 @tag(["auth"])
 @validate_request(SignupRequest)
 @document_response(SignupResponse, 201)
-@document_response(ErrorResponse, 409)
-@document_response(ErrorResponse, 422)
+@error_responses(409, 422)
 async def signup(data: SignupRequest) -> Response:
     """Create an account. 409 email_taken when the email exists (any letter case)."""
     await _limit_auth(f"signup:ip:{_client_address()}")
@@ -78,8 +77,7 @@ async def signup(data: SignupRequest) -> Response:
 @tag(["auth"])
 @validate_request(LoginRequest)
 @document_response(LoginResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 429)
+@error_responses(401, 429)
 async def login(data: LoginRequest) -> Response:
     """Exchange email and password for an access and a refresh token.
 
@@ -110,7 +108,7 @@ async def login(data: LoginRequest) -> Response:
 @tag(["auth"])
 @validate_request(RefreshRequest)
 @document_response(TokenResponse, 200)
-@document_response(ErrorResponse, 401)
+@error_responses(401)
 async def refresh(data: RefreshRequest) -> Response:
     """Rotate a refresh token: the presented one stops working, a new pair is returned.
 
@@ -152,7 +150,7 @@ async def refresh(data: RefreshRequest) -> Response:
 @tag(["auth"])
 @security_scheme([{"bearer": []}])
 @document_response(MessageResponse, 200)
-@document_response(ErrorResponse, 401)
+@error_responses(401)
 @require_user
 async def logout() -> Response:
     """End the session: this access token and every refresh token of its family stop working."""
@@ -165,7 +163,7 @@ async def logout() -> Response:
 @tag(["auth"])
 @security_scheme([{"bearer": []}])
 @document_response(UserResponse, 200)
-@document_response(ErrorResponse, 401)
+@error_responses(401)
 @require_user
 async def me() -> Response:
     """The signed-in user."""

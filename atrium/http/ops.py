@@ -12,7 +12,12 @@ from quart_schema import document_response, security_scheme, tag
 
 from .errors import ApiError
 from .json import json_response
-from .schemas import ErrorResponse, HealthResponse, ReadyResponse, SupervisorTreeResponse
+from .schemas import (
+    HealthResponse,
+    ReadyResponse,
+    SupervisorTreeResponse,
+    error_responses,
+)
 from .security import services
 
 blueprint = Blueprint("ops", __name__)
@@ -72,7 +77,7 @@ def _require_operator() -> None:
 @tag(["ops"])
 @security_scheme([{"bearer": []}])
 @document_response(SupervisorTreeResponse, 200)
-@document_response(ErrorResponse, 401)
+@error_responses(401)
 async def supervisor_tree() -> Response:
     """The process's supervision tree: every supervisor and child with its state, restart
     count, last failure, uptime and mailbox depth. Needs ``Authorization: Bearer

@@ -46,7 +46,6 @@ from .schemas import (
     CollaboratorAddRequest,
     CollaboratorListResponse,
     CollaboratorResponse,
-    ErrorResponse,
     EventListQuery,
     EventListResponse,
     ProjectCreateRequest,
@@ -55,6 +54,7 @@ from .schemas import (
     ProjectResponse,
     ProjectUpdateRequest,
     RoleChangeRequest,
+    error_responses,
 )
 from .security import require_user, services
 
@@ -141,8 +141,7 @@ async def _commit(write: Awaitable[Change[T]]) -> T:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectListResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 422)
 @require_user
 @validate_querystring(ProjectListQuery)
 async def list_projects(query_args: ProjectListQuery) -> Response:
@@ -182,8 +181,7 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 201)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 422)
 @require_user
 @validate_request(ProjectCreateRequest)
 async def create_project(data: ProjectCreateRequest) -> Response:
@@ -204,9 +202,7 @@ async def create_project(data: ProjectCreateRequest) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 404, 422)
 @require_user
 async def get_project(project_id: str) -> Response:
     """One project the caller is a member of (any role)."""
@@ -218,10 +214,7 @@ async def get_project(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 403)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 403, 404, 422)
 @require_user
 @validate_request(ProjectUpdateRequest)
 async def update_project(project_id: str, data: ProjectUpdateRequest) -> Response:
@@ -238,10 +231,7 @@ async def update_project(project_id: str, data: ProjectUpdateRequest) -> Respons
 @blueprint.delete("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 403)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 403, 404, 422)
 @require_user
 async def delete_project(project_id: str) -> Response:
     """Delete the project (owners only): 204, then 404 for every API. Logs PROJECT_DELETED."""
@@ -254,11 +244,7 @@ async def delete_project(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorAddedResponse, 201)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 403)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 409)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 403, 404, 409, 422)
 @require_user
 @validate_request(CollaboratorAddRequest)
 async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Response:
@@ -288,9 +274,7 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorListResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 404, 422)
 @require_user
 async def list_collaborators(project_id: str) -> Response:
     """Every member with their role, owners included (any member may read it)."""
@@ -309,11 +293,7 @@ async def list_collaborators(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 403)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 409)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 403, 404, 409, 422)
 @require_user
 @validate_request(RoleChangeRequest)
 async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) -> Response:
@@ -329,11 +309,7 @@ async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) ->
 @blueprint.delete("/<project_id>/collaborators/<user_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 403)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 409)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 403, 404, 409, 422)
 @require_user
 async def remove_collaborator(project_id: str, user_id: str) -> Response:
     """Remove a member: owners remove anyone, any member themself. 204; logs MEMBER_REMOVED.
@@ -349,9 +325,7 @@ async def remove_collaborator(project_id: str, user_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(EventListResponse, 200)
-@document_response(ErrorResponse, 401)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 422)
+@error_responses(401, 404, 422)
 @require_user
 @validate_querystring(EventListQuery)
 async def list_events(project_id: str, query_args: EventListQuery) -> Response:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import (
@@ -15,8 +16,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from quart_schema import document_response
 
 from ..roles import Role
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Strict(BaseModel):
@@ -30,6 +34,17 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*statuses: int) -> Callable[[F], F]:
+    """Document ``ErrorResponse`` as the body of each of ``statuses`` (OpenAPI)."""
+
+    def decorate(route: F) -> F:
+        for status in reversed(statuses):
+            route = document_response(ErrorResponse, status)(route)
+        return route
+
+    return decorate
 
 
 class SignupRequest(_Strict):

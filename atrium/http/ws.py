@@ -18,7 +18,7 @@ from ..persistence import workspace as workspace_store
 from ..session import HANDSHAKE_HEADERS, ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import dumps_bytes, json_response
-from .schemas import ErrorResponse, WorkspaceStatusResponse
+from .schemas import WorkspaceStatusResponse, error_responses
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
@@ -119,7 +119,7 @@ async def _reject(send: ASGISendCallable, status: int, code: str, message: str) 
 @tag(["workspaces"])
 @security_scheme([{"bearer": []}])
 @document_response(WorkspaceStatusResponse, 200)
-@document_response(ErrorResponse, 404)
+@error_responses(404)
 @require_user
 async def workspace_status(project_id: str) -> Response:
     """Who is in the project's live workspace now (seed fields), from its actor."""
