@@ -13,10 +13,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import jwt
 import orjson
 import pytest
 import trio
+import trio_asyncio
 from conftest import Running, StartServer
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
@@ -672,6 +674,43 @@ async def test_expiring_token_must_be_renewed_over_the_socket(
             assert (await c.recv())["type"] == "PONG"
             await settle_then_jump(mock_clock, 60)
             assert await c.closed() == (4007, "token_expired")
+
+
+async def test_a_join_that_times_out_leaves_no_one_behind(
+    start_server: StartServer, mock_clock: trio.testing.MockClock, database_url: str
+) -> None:
+    """The workspace is stuck (its project row is locked) while a client joins: the client
+    is refused with 1012 once the join times out, and when the workspace gets to that
+    join after all, it takes the connection out again: no ghost in presence."""
+    async with start_server() as server:
+        team = await make_team(server, "main")
+        lock = await trio_asyncio.aio_as_trio(asyncpg.connect)(database_url)
+        try:
+            await trio_asyncio.aio_as_trio(lock.execute)("BEGIN")
+            await trio_asyncio.aio_as_trio(lock.execute)(
+                "SELECT 1 FROM projects WHERE id = $1 FOR UPDATE", uuid.UUID(team.project_id)
+            )
+            async with connect(team.url(), team.owner.token) as stuck:
+                # The join writes USER_JOIN, which waits for the lock; the ask times out.
+                await settle_then_jump(mock_clock, 11)
+                assert await stuck.closed() == (1012, "workspace_restarting")
+            async with connect(team.url(), team.collaborator.token) as c:
+                await trio_asyncio.aio_as_trio(lock.execute)("ROLLBACK")
+                state = await joined(c, team.collaborator)
+                assert state["users"] == []  # the owner's connection was taken out
+                await c.until("USER_JOIN")
+                r = await server.client.get(
+                    f"/api/v1/projects/{team.project_id}/events", headers=team.owner.auth
+                )
+        finally:
+            await trio_asyncio.aio_as_trio(lock.close)()
+    # The owner's late join and its leave are in the log, then the collaborator's join.
+    log = [(e["type"], e["actor_id"]) for e in r.json()["events"]][-3:]
+    assert log == [
+        ("USER_JOIN", team.owner.user_id),
+        ("USER_LEAVE", team.owner.user_id),
+        ("USER_JOIN", team.collaborator.user_id),
+    ]
 
 
 # -- crash ------------------------------------------------------------------------------
