@@ -4,26 +4,43 @@ The load generator is deliberately small: raw trio sockets, one pre-built reques
 scenario, keep-alive connections, and a parser that reads only the status line and
 ``Content-Length``. A general client (httpx) spends more CPU per request than the
 servers under test, so it would measure itself.
+
+The last part is what every script does with atrium itself: start ``run.py`` (embedded
+PostgreSQL, rate limits lifted) and stop it, sign a user up, print the load average and
+run ``main``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import os
 import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
+import orjson
 import psutil
 import trio
 
 CpuProbe = Callable[[], float]
 """Returns CPU seconds (user + system) consumed so far by something being watched."""
+
+HOST = "127.0.0.1"
+"""Where the servers under test listen, and the client connects."""
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root: the servers run from there."""
+PASSWORD = "bench-Passw0rd!"
+"""The password of every benchmark user."""
 
 _STOP_TIMEOUT = 15.0
 _RECV_SIZE = 65536
@@ -55,7 +72,11 @@ def open_process(
     with open(log_path, "wb") as log:
         # A session of its own: the terminal's Ctrl-C reaches only us, and we stop it in order.
         process = subprocess.Popen(
-            list(argv), env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -110,6 +131,27 @@ def wait_http_ok(
                     return
         time.sleep(0.01)
     raise TimeoutError(f"GET {path} did not answer 200 within {timeout} s")
+
+
+def wait_port(host: str, port: int, process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Poll until ``port`` accepts a connection; raise if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.25):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} not listening within {timeout} s")
+
+
+@contextlib.contextmanager
+def exit_if_not_started(name: str, log_path: Path) -> Iterator[None]:
+    """Turn a failed wait for a server (RuntimeError, TimeoutError) into an exit with its log."""
+    try:
+        yield
+    except (RuntimeError, TimeoutError) as error:
+        raise SystemExit(f"{name} did not start: {error}\n{log_tail(log_path)}") from None
 
 
 def process_cpu(pid: int) -> CpuProbe:
@@ -259,10 +301,33 @@ class LoadResult:
 
     def percentile_ms(self, q: float) -> float:
         """Nearest-rank percentile of the latencies, in milliseconds (NaN with none)."""
-        if not self.latencies:
+        return nearest_rank_ms(self.latencies, q)
+
+    def cpu_us_per_request(self, probe: str = "server") -> float:
+        """CPU microseconds of ``probe`` per request: the cost, whatever else ran on the
+        machine (NaN with no request completed)."""
+        if not self.completed:
             return float("nan")
-        rank = max(0, min(len(self.latencies) - 1, round(q / 100 * len(self.latencies)) - 1))
-        return self.latencies[rank] * 1000
+        return self.cpu[probe] * self.wall_seconds / self.completed * 1e6
+
+    def cpu_shares(self) -> str:
+        """Each probe's CPU over wall time, for a report line: ``client 12%  server 98%``."""
+        return "  ".join(f"{name} {share:.0%}" for name, share in self.cpu.items())
+
+
+def print_report(result: LoadResult, line: str) -> None:
+    """Print a run's report ``line``, then its errors by kind if there were any."""
+    print(line, flush=True)
+    if result.error_kinds:
+        print(f"    errors by kind: {dict(result.error_kinds)}")
+
+
+def nearest_rank_ms(seconds: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` percentile of ``seconds`` (sorted), in milliseconds; NaN if empty."""
+    if not seconds:
+        return float("nan")
+    rank = max(0, min(len(seconds) - 1, round(q / 100 * len(seconds)) - 1))
+    return seconds[rank] * 1000
 
 
 @dataclass(slots=True)
@@ -342,3 +407,224 @@ async def run_http_load(
         latencies=sorted(recorder.latencies),
         cpu={name: (after[name] - before[name]) / wall for name in probes},
     )
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`run_load` reads: --duration, --connections and --warmup."""
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="measured seconds per scenario (default 10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="unmeasured seconds of load before each scenario (default 1)",
+    )
+
+
+def run_load(
+    port: int, request: bytes, args: argparse.Namespace, probes: Mapping[str, CpuProbe]
+) -> LoadResult:
+    """:func:`run_http_load` on ``port`` with the --connections, --duration, --warmup given."""
+    return trio.run(
+        functools.partial(
+            run_http_load,
+            HOST,
+            port,
+            request,
+            connections=args.connections,
+            duration=args.duration,
+            warmup=args.warmup,
+            probes=probes,
+        )
+    )
+
+
+# -- atrium under test -------------------------------------------------------------------
+
+_NO_LIMIT = "100000000"
+
+# Everything atrium reads from the environment: the bench sets what it needs, nothing leaks.
+_ATRIUM_VARIABLES = (
+    "ACCESS_TOKEN_EXPIRE_MINUTES",
+    "ADMIN_TOKEN",
+    "ALLOWED_ORIGINS",
+    "AUTH_RATE_LIMIT_PER_MINUTE",
+    "DATABASE_URL",
+    "DATA_DIR",
+    "DB_POOL_SIZE",
+    "ENVIRONMENT",
+    "HOST",
+    "JWT_AUDIENCE",
+    "JWT_ISSUER",
+    "LOG_LEVEL",
+    "MAX_BODY_BYTES",
+    "PORT",
+    "PROJECT_CACHE_TTL_SECONDS",
+    "RATE_LIMIT_PER_MINUTE",
+    "REDIS_URL",
+    "REFRESH_TOKEN_EXPIRE_DAYS",
+    "SECRET_KEY",
+    "WS_PORT",
+)
+
+
+def atrium_env(
+    port: int, data_dir: Path, database_url: str | None = None, **settings: str
+) -> dict[str, str]:
+    """The environment of a ``run.py`` under test, none of atrium's variables leaking in.
+
+    Development mode, warnings only, HTTP rate limits lifted, no WebSocket listener; then
+    ``settings`` (more variables, or other values).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _ATRIUM_VARIABLES}
+    env.update(
+        ENVIRONMENT="development",
+        PORT=str(port),
+        DATA_DIR=str(data_dir),
+        WS_PORT="0",
+        LOG_LEVEL="WARNING",
+        RATE_LIMIT_PER_MINUTE=_NO_LIMIT,
+        AUTH_RATE_LIMIT_PER_MINUTE=_NO_LIMIT,
+    )
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    env.update(settings)
+    return env
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    """The pid in the embedded PostgreSQL's pid file (OSError, ValueError or IndexError if none)."""
+    return int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+
+
+def postgres_probe(data_dir: Path) -> CpuProbe | None:
+    """The embedded postmaster and its backends, found through its pid file."""
+    try:
+        return process_tree_cpu(_postmaster_pid(data_dir))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def stop_embedded_postgres(data_dir: Path) -> Iterator[None]:
+    """After the block, stop a postmaster that outlived run.py (killed, not shut down).
+
+    pg_ctl detaches PostgreSQL from our session, so killing run.py's session misses it.
+    """
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError, IndexError, psutil.Error):
+            postmaster = psutil.Process(_postmaster_pid(data_dir))
+            if postmaster.name().startswith("postgres"):  # not a stale pid reused since
+                postmaster.send_signal(signal.SIGQUIT)  # PostgreSQL's immediate shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class Atrium:
+    """A ``run.py`` under test that has answered ``GET /health``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log_path: Path
+    cold_start: float  # seconds from the process's start to its first GET /health 200
+
+    def probes(self) -> dict[str, CpuProbe]:
+        """CPU probes: "server", and "postgres" when it runs an embedded PostgreSQL."""
+        probes = {"server": process_cpu(self.process.pid)}
+        postgres = postgres_probe(self.data_dir)
+        if postgres is not None:
+            probes["postgres"] = postgres
+        return probes
+
+
+@contextlib.contextmanager
+def open_atrium(
+    label: str,
+    data_dir: Path,
+    log_path: Path,
+    *,
+    timeout: float,
+    note: str = "",
+    database_url: str | None = None,
+    ws_port: int | None = None,
+    **settings: str,
+) -> Iterator[Atrium]:
+    """Run ``python run.py`` on a free port for the block; yield it once it answers.
+
+    Prints its command line after ``label:`` (``note`` appended). The environment is
+    :func:`atrium_env` with ``settings``; with ``ws_port`` the WebSocket listener runs there
+    and must accept connections too. Exits with the log's tail if the server does not start
+    within ``timeout`` seconds; stops it, and an embedded PostgreSQL it leaves, at the end.
+    """
+    port = free_port(HOST)
+    if ws_port is not None:
+        settings["WS_PORT"] = str(ws_port)
+    env = atrium_env(port, data_dir, database_url, **settings)
+    print(f"{label}: python run.py --port {port} --data-dir {data_dir}{note}", flush=True)
+    with (
+        stop_embedded_postgres(data_dir),
+        open_process(
+            [sys.executable, "run.py", "--port", str(port), "--data-dir", str(data_dir)],
+            env=env,
+            log_path=log_path,
+            cwd=REPO,
+        ) as process,
+    ):
+        started = time.perf_counter()
+        with exit_if_not_started("atrium", log_path):
+            wait_http_ok(HOST, port, "/health", process, timeout=timeout)
+            cold_start = time.perf_counter() - started
+            if ws_port is not None:
+                wait_port(HOST, ws_port, process, timeout=timeout)
+        yield Atrium(process, port, data_dir, log_path, cold_start)
+
+
+def bench_email() -> str:
+    """A fresh address for a benchmark user."""
+    return f"bench-{uuid.uuid4().hex[:12]}@example.com"
+
+
+def api_request(
+    method: str, path: str, port: int, body: object = None, token: str | None = None
+) -> bytes:
+    """A request to atrium's REST API on ``port``: ``body`` as JSON, ``token`` as bearer."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    payload = b"" if body is None else orjson.dumps(body)
+    return build_request(method, path, host=f"{HOST}:{port}", headers=headers, body=payload)
+
+
+async def sign_up(port: int) -> str:
+    """Sign up and log in a fresh user; return its access token."""
+    credentials = {"email": bench_email(), "password": PASSWORD}
+    for step, expect in (("signup", 201), ("login", 200)):
+        request = api_request("POST", f"/api/v1/auth/{step}", port, credentials)
+        status, body = await fetch(HOST, port, request)
+        if status != expect:
+            raise RuntimeError(f"{step} answered {status}: {body[:200]!r}")
+    return str(orjson.loads(body)["access_token"])
+
+
+# -- scripts -----------------------------------------------------------------------------
+
+
+def print_load_average(when: str) -> None:
+    """The 1, 5 and 15 minute load average: other work on the machine skews the figures."""
+    print("load average {}: {:.2f} {:.2f} {:.2f}".format(when, *os.getloadavg()), flush=True)
+
+
+def run_script(main: Callable[[list[str]], int]) -> NoReturn:
+    """Exit with ``main(sys.argv[1:])``; on Ctrl-C with 130, once its servers are stopped."""
+    try:
+        status = main(sys.argv[1:])
+    except* KeyboardInterrupt:  # trio's nurseries deliver it inside an exception group
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)

@@ -54,13 +54,31 @@ class Conn:
     """One WebSocket client connection, driven by an ``Engine``."""
 
     __slots__ = (
-        "engine", "sock", "fd", "state", "handler", "name", "close_code", "error",
-        "_rbuf", "_wbuf", "_key", "_request", "_fragments", "_fragment_op",
-        "_want_out", "opened_at", "ready", "last_seq", "drops", "count",
+        "engine",
+        "sock",
+        "fd",
+        "state",
+        "handler",
+        "name",
+        "close_code",
+        "error",
+        "_rbuf",
+        "_wbuf",
+        "_key",
+        "_request",
+        "_fragments",
+        "_fragment_op",
+        "_want_out",
+        "opened_at",
+        "ready",
+        "last_seq",
+        "drops",
+        "count",
     )
 
-    def __init__(self, engine: Engine, sock: socket.socket, request: bytes, handler: Handler,
-                 name: str) -> None:
+    def __init__(
+        self, engine: Engine, sock: socket.socket, request: bytes, handler: Handler, name: str
+    ) -> None:
         self.engine = engine
         self.sock = sock
         self.fd = sock.fileno()
@@ -257,13 +275,25 @@ class Engine:
     def __len__(self) -> int:
         return len(self._conns)
 
-    def connect(self, host: str, port: int, path: str, *, headers: Mapping[str, str] | None = None,
-                handler: Handler = _ignore, name: str = "") -> Conn:
+    def connect(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        handler: Handler = _ignore,
+        name: str = "",
+    ) -> Conn:
         """Start connecting (non-blocking); the upgrade request goes out once connected."""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
-            f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",
-            "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
         ]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

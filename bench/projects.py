@@ -20,73 +20,37 @@ import sys
 from pathlib import Path
 
 # Run as a script, this directory comes first on sys.path; the repository root is needed.
-REPO = Path(__file__).resolve().parent.parent
-sys.path[0] = str(REPO)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 
 import orjson  # noqa: E402
 import trio  # noqa: E402
 
 from bench._load import (  # noqa: E402
-    CpuProbe,
+    HOST,
     LoadResult,
+    add_load_options,
+    api_request,
     build_request,
     fetch,
-    free_port,
-    log_tail,
-    open_process,
-    process_cpu,
-    process_tree_cpu,
-    run_http_load,
-    wait_http_ok,
+    open_atrium,
+    print_load_average,
+    print_report,
+    run_load,
+    run_script,
+    sign_up,
 )
 
-HOST = "127.0.0.1"
 START_TIMEOUT = 90.0
-NO_LIMIT = "100000000"
-_ATRIUM_VARIABLES = (
-    "ACCESS_TOKEN_EXPIRE_MINUTES",
-    "ADMIN_TOKEN",
-    "ALLOWED_ORIGINS",
-    "AUTH_RATE_LIMIT_PER_MINUTE",
-    "DATABASE_URL",
-    "DATA_DIR",
-    "DB_POOL_SIZE",
-    "ENVIRONMENT",
-    "HOST",
-    "JWT_AUDIENCE",
-    "JWT_ISSUER",
-    "LOG_LEVEL",
-    "MAX_BODY_BYTES",
-    "PORT",
-    "PROJECT_CACHE_TTL_SECONDS",
-    "RATE_LIMIT_PER_MINUTE",
-    "REDIS_URL",
-    "REFRESH_TOKEN_EXPIRE_DAYS",
-    "SECRET_KEY",
-    "WS_PORT",
-)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/projects.py", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--duration", type=float, default=10.0, help="measured seconds per scenario (default 10)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=1.0,
-        help="unmeasured seconds of load before each scenario (default 1)",
-    )
-    parser.add_argument(
-        "--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)"
-    )
+    add_load_options(parser)
     parser.add_argument(
         "--projects", type=int, default=50, help="projects the benchmark user owns (default 50)"
     )
@@ -96,29 +60,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def call(
     port: int, method: str, path: str, token: str | None, body: object = None
 ) -> tuple[int, object]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    payload = b"" if body is None else orjson.dumps(body)
-    status, raw = await fetch(
-        HOST,
-        port,
-        build_request(method, path, host=f"{HOST}:{port}", headers=headers, body=payload),
-    )
+    status, raw = await fetch(HOST, port, api_request(method, path, port, body, token))
     return status, (orjson.loads(raw) if raw else None)
 
 
 async def set_up(port: int, projects: int) -> str:
     """A fresh user owning ``projects`` projects; returns its access token."""
-    credentials = {
-        "email": f"bench-{uuid.uuid4().hex[:12]}@example.com",
-        "password": "bench-Passw0rd!",
-    }
-    status, _ = await call(port, "POST", "/api/v1/auth/signup", None, credentials)
-    assert status == 201, status
-    status, body = await call(port, "POST", "/api/v1/auth/login", None, credentials)
-    assert status == 200 and isinstance(body, dict), status
-    token = str(body["access_token"])
+    token = await sign_up(port)
     for i in range(projects):
         status, _ = await call(
             port,
@@ -132,51 +80,25 @@ async def set_up(port: int, projects: int) -> str:
 
 
 def report(name: str, result: LoadResult) -> None:
-    server_us = result.cpu["server"] * result.wall_seconds / max(result.completed, 1) * 1e6
-    cpu = "  ".join(f"{k} {v:.0%}" for k, v in result.cpu.items())
-    print(
+    print_report(
+        result,
         f"  {name:<34} {result.rate:>7,.0f} req/s  p50 {result.percentile_ms(50):6.2f} ms"
         f"  p99 {result.percentile_ms(99):6.2f} ms  errors {result.errors}"
-        f"  server {server_us:,.0f} us/req  | CPU/wall: {cpu}",
-        flush=True,
+        f"  server {result.cpu_us_per_request():,.0f} us/req  | CPU/wall: {result.cpu_shares()}",
     )
-    if result.error_kinds:
-        print(f"    errors by kind: {dict(result.error_kinds)}")
 
 
 def run_server(
     args: argparse.Namespace, data_dir: Path, log_path: Path, ttl: int
 ) -> list[tuple[str, LoadResult]]:
-    port = free_port(HOST)
-    env = {k: v for k, v in os.environ.items() if k not in _ATRIUM_VARIABLES}
-    env.update(
-        ENVIRONMENT="development",
-        PORT=str(port),
-        DATA_DIR=str(data_dir),
-        WS_PORT="0",
-        LOG_LEVEL="WARNING",
-        RATE_LIMIT_PER_MINUTE=NO_LIMIT,
-        AUTH_RATE_LIMIT_PER_MINUTE=NO_LIMIT,
-        PROJECT_CACHE_TTL_SECONDS=str(ttl),
-    )
     label = f"cache {'on, TTL ' + str(ttl) + ' s' if ttl else 'off'}"
-    print(f"{label}: python run.py --port {port} --data-dir {data_dir}", flush=True)
     results = []
-    with open_process(
-        [sys.executable, "run.py", "--port", str(port), "--data-dir", str(data_dir)],
-        env=env,
-        log_path=log_path,
-        cwd=REPO,
-    ) as server:
-        try:
-            wait_http_ok(HOST, port, "/health", server, timeout=START_TIMEOUT)
-        except (RuntimeError, TimeoutError) as error:
-            raise SystemExit(f"atrium did not start: {error}\n{log_tail(log_path)}") from None
+    with open_atrium(
+        label, data_dir, log_path, timeout=START_TIMEOUT, PROJECT_CACHE_TTL_SECONDS=str(ttl)
+    ) as atrium:
+        port = atrium.port
         token = trio.run(set_up, port, args.projects)
-        probes: dict[str, CpuProbe] = {"server": process_cpu(server.pid)}
-        pid_file = data_dir / "pg" / "postmaster.pid"
-        if pid_file.exists():
-            probes["postgres"] = process_tree_cpu(int(pid_file.read_text().split()[0]))
+        probes = atrium.probes()
         paths = ["/api/v1/projects/", "/api/v1/projects/?limit=100"]
         if ttl:  # the floor under any authenticated route: token, session lookup, rate limit
             paths.insert(0, "/api/v1/auth/me")
@@ -193,17 +115,7 @@ def run_server(
             request = build_request(
                 "GET", path, host=f"{HOST}:{port}", headers={"Authorization": f"Bearer {token}"}
             )
-            result = trio.run(
-                lambda request=request: run_http_load(
-                    HOST,
-                    port,
-                    request,
-                    connections=args.connections,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    probes=probes,
-                )
-            )
+            result = run_load(port, request, args, probes)
             report(name, result)
             results.append((f"{label}: {name}", result))
     return results
@@ -217,13 +129,13 @@ def main(argv: list[str]) -> int:
         f" Python {sys.version.split()[0]}",
         flush=True,
     )
-    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    print_load_average("before")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atrium-bench-projects-") as tmp:
         work = Path(tmp)
         results = run_server(args, work / "atrium", work / "cached.log", ttl=60)
         results += run_server(args, work / "atrium", work / "uncached.log", ttl=0)
-    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    print_load_average("after")
     print(f"\n{'scenario':<68}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, result in results:
         print(
@@ -235,7 +147,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main)

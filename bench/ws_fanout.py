@@ -37,8 +37,7 @@ from pathlib import Path
 
 # Run as a script this directory would come first on sys.path, and bench/http.py would
 # shadow the standard library's ``http``; the repository root is what we want there.
-REPO = Path(__file__).resolve().parent.parent
-sys.path[0] = str(REPO)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -46,7 +45,6 @@ import gc  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -59,30 +57,35 @@ import psutil  # noqa: E402
 import trio  # noqa: E402
 
 from bench._load import (  # noqa: E402
+    HOST,
+    PASSWORD,
     _connect,
-    build_request,
+    api_request,
+    bench_email,
     free_port,
     log_tail,
-    open_process,
+    nearest_rank_ms,
+    open_atrium,
     own_cpu,
+    postgres_probe,
+    print_load_average,
     process_cpu,
-    wait_http_ok,
+    run_script,
 )
-from bench._ws import Conn, Engine  # noqa: E402
-from bench.http import atrium_env, postgres_probe, stop_embedded_postgres  # noqa: E402
+from bench._ws import Conn, Engine, Handler  # noqa: E402
 
-HOST = "127.0.0.1"
 T0 = time.perf_counter()
-PASSWORD = "bench-Passw0rd!"
 START_TIMEOUT = 60.0
 PONG = b'{"type":"PONG"}'
-CURSOR_RE = re.compile(rb'"line":(\d+),"column":(\d+)')
-CHANGE_RE = re.compile(rb'"t":(\d+)')
+CURSOR_RE = re.compile(rb'"line":(\d+),"column":(\d+)')  # sequence number, send time
+CHANGE_RE = re.compile(rb'"t":(\d+)')  # send time
 ACK_RE = re.compile(rb'"type":"ACK","id":"[^"-]*-(\d+)"')
 
 TARGETS = {  # (scenario, transport) -> minimum deliveries/s of the max-throughput runs
-    ("a", "listener"): 50_000, ("b", "listener"): 40_000,
-    ("a", "main"): 25_000, ("b", "main"): 15_000,
+    ("a", "listener"): 50_000,
+    ("b", "listener"): 40_000,
+    ("a", "main"): 25_000,
+    ("b", "main"): 15_000,
 }
 LATENCY_TARGET_MS = 50.0
 RSS_TARGET_KB = 40.0
@@ -93,15 +96,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/ws_fanout.py", description=__doc__.split("\n")[0])
     parser.add_argument("--transport", choices=("main", "listener", "both"), default="both")
     parser.add_argument("--scenario", choices=("a", "b", "c", "durable", "all"), default="all")
-    parser.add_argument("--duration", type=float, default=8.0,
-                        help="measured seconds per run (default 8)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="unmeasured seconds before each run (default 1)")
-    parser.add_argument("--window", type=int, default=32,
-                        help="messages in flight in the max-throughput runs (default 32)")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="run py-spy (raw collapsed stacks) on the server during each "
-                        "max-throughput and durable run, into DIR; figures are then lower")
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="measured seconds per run (default 8)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=32,
+        help="messages in flight in the max-throughput runs (default 32)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run py-spy (raw collapsed stacks) on the server during each "
+        "max-throughput and durable run, into DIR; figures are then lower",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,11 +121,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def percentile_ms(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
+    """Nearest-rank percentile of ``values`` (seconds) in milliseconds; sorts them in place."""
     values.sort()
-    rank = max(0, min(len(values) - 1, round(q / 100 * len(values)) - 1))
-    return values[rank] * 1000
+    return nearest_rank_ms(values, q)
 
 
 @dataclass(slots=True)
@@ -165,43 +175,24 @@ class Server:
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.25):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"port {port} not listening within {timeout} s")
-
-
 @contextlib.contextmanager
 def atrium_server(work: Path, name: str) -> Iterator[Server]:
-    port, ws_port = free_port(HOST), free_port(HOST)
-    data_dir = work / name
-    log_path = work / f"{name}.log"
-    env = atrium_env(port, data_dir, None)
-    env.update(
-        WS_PORT=str(ws_port),
+    ws_port = free_port(HOST)
+    with open_atrium(
+        "server",
+        work / name,
+        work / f"{name}.log",
+        timeout=START_TIMEOUT,
+        note=f"  (WS_PORT={ws_port})",
+        ws_port=ws_port,
         WS_RATE_LIMIT_PER_SECOND="1000000",
         WS_SEND_QUEUE="100000",
         WORKSPACE_IDLE_SECONDS=str(IDLE_SECONDS),
-    )
-    print(f"server: python run.py --port {port} --data-dir {data_dir}  (WS_PORT={ws_port})",
-          flush=True)
-    with stop_embedded_postgres(data_dir), open_process(
-        [sys.executable, "run.py", "--port", str(port), "--data-dir", str(data_dir)],
-        env=env, log_path=log_path, cwd=REPO,
-    ) as process:
-        try:
-            wait_http_ok(HOST, port, "/health", process, timeout=START_TIMEOUT)
-            wait_port(ws_port, process, START_TIMEOUT)
-        except (RuntimeError, TimeoutError) as error:
-            raise SystemExit(f"atrium did not start: {error}\n{log_tail(log_path)}") from None
-        yield Server(process, port, ws_port, data_dir, process_cpu(process.pid))
+    ) as atrium:
+        process = atrium.process
+        yield Server(process, atrium.port, ws_port, atrium.data_dir, process_cpu(process.pid))
         if process.poll() is not None:
-            print(f"  warning: the server exited early:\n{log_tail(log_path)}")
+            print(f"  warning: the server exited early:\n{log_tail(atrium.log_path)}")
 
 
 # -- REST set-up -------------------------------------------------------------------------
@@ -212,14 +203,6 @@ class User:
     email: str
     user_id: str
     token: str
-
-
-def _post(port: int, path: str, body: dict[str, object], token: str | None = None) -> bytes:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return build_request("POST", path, host=f"{HOST}:{port}", headers=headers,
-                         body=orjson.dumps(body))
 
 
 async def _exchange_all(
@@ -255,24 +238,47 @@ def rest(port: int, requests: list[bytes], expect: int, concurrency: int = 16) -
 
 
 def make_users(port: int, count: int) -> list[User]:
-    emails = [f"bench-{uuid.uuid4().hex[:12]}@example.com" for _ in range(count)]
-    signed = rest(port, [_post(port, "/api/v1/auth/signup", {"email": e, "password": PASSWORD})
-                         for e in emails], 201, concurrency=4)
-    logged = rest(port, [_post(port, "/api/v1/auth/login", {"email": e, "password": PASSWORD})
-                         for e in emails], 200, concurrency=4)
-    return [User(e, str(s["user_id"]), str(t["access_token"]))
-            for e, s, t in zip(emails, signed, logged, strict=True)]
+    emails = [bench_email() for _ in range(count)]
+    credentials = [{"email": e, "password": PASSWORD} for e in emails]
+    signed = rest(
+        port,
+        [api_request("POST", "/api/v1/auth/signup", port, c) for c in credentials],
+        201,
+        concurrency=4,
+    )
+    logged = rest(
+        port,
+        [api_request("POST", "/api/v1/auth/login", port, c) for c in credentials],
+        200,
+        concurrency=4,
+    )
+    return [
+        User(e, str(s["user_id"]), str(t["access_token"]))
+        for e, s, t in zip(emails, signed, logged, strict=True)
+    ]
 
 
 def make_projects(port: int, owners: list[User], members: list[list[User]]) -> list[str]:
     """One project per owner; each gets its ``members`` as collaborators. Returns the ids."""
-    created = rest(port, [_post(port, "/api/v1/projects/", {"name": f"bench {i}"}, o.token)
-                          for i, o in enumerate(owners)], 201)
+    created = rest(
+        port,
+        [
+            api_request("POST", "/api/v1/projects/", port, {"name": f"bench {i}"}, o.token)
+            for i, o in enumerate(owners)
+        ],
+        201,
+    )
     ids = [str(p["id"]) for p in created]
     adds = [
-        _post(port, f"/api/v1/projects/{pid}/collaborators",
-              {"user_id": m.user_id, "role": "collaborator"}, owner.token)
-        for pid, owner, group in zip(ids, owners, members, strict=True) for m in group
+        api_request(
+            "POST",
+            f"/api/v1/projects/{pid}/collaborators",
+            port,
+            {"user_id": m.user_id, "role": "collaborator"},
+            owner.token,
+        )
+        for pid, owner, group in zip(ids, owners, members, strict=True)
+        for m in group
     ]
     if adds:
         rest(port, adds, 201)
@@ -286,8 +292,13 @@ def ws_path(project_id: str, batch: bool) -> str:
     return f"/ws/{project_id}" + ("?batch=1" if batch else "")
 
 
-def connect_all(engine: Engine, port: int, specs: list[tuple[str, User, Callable]],
-                concurrency: int = 64, timeout: float = 180.0) -> list[Conn]:
+def connect_all(
+    engine: Engine,
+    port: int,
+    specs: list[tuple[str, User, Callable]],
+    concurrency: int = 64,
+    timeout: float = 180.0,
+) -> list[Conn]:
     """Open one connection per (path, user, handler); return once each got its first frame.
 
     A connection is ready when its handler set ``conn.ready`` (on PRESENCE_STATE, the
@@ -306,8 +317,9 @@ def connect_all(engine: Engine, port: int, specs: list[tuple[str, User, Callable
                 exhausted = True
                 break
             path, user, handler = spec
-            conn = engine.connect(HOST, port, path, handler=handler,
-                                  headers={"Authorization": f"Bearer {user.token}"})
+            conn = engine.connect(
+                HOST, port, path, handler=handler, headers={"Authorization": f"Bearer {user.token}"}
+            )
             conns.append(conn)
             opening.append(conn)
         if exhausted and not opening:
@@ -327,8 +339,15 @@ def idle_handler(conn: Conn, payload: bytes, now: float) -> None:
         conn.send_text(PONG)
 
 
-def cursor_handler(stats: Stats) -> Callable[[Conn, bytes, float], None]:
-    findall = CURSOR_RE.findall
+def receiver_handler(stats: Stats, pattern: re.Pattern[bytes]) -> Handler:
+    """A receiver's handler: each match of ``pattern`` in a frame is one delivery.
+
+    ``pattern`` captures a message's send time (``perf_counter`` microseconds after T0), and
+    before it, in a pattern with two groups, its sequence number: each receiver then keeps
+    the last one it saw in ``conn.last_seq`` and counts the gaps as coalesced messages.
+    """
+    findall = pattern.findall
+    sequenced = pattern.groups == 2
 
     def handle(conn: Conn, payload: bytes, now: float) -> None:
         conn.ready = True
@@ -337,46 +356,32 @@ def cursor_handler(stats: Stats) -> Callable[[Conn, bytes, float], None]:
         found = findall(payload)
         if not found:
             return
-        last = conn.last_seq
-        if stats.recording:
-            base = now - T0
-            append = stats.latencies.append
+        if not stats.recording:
+            if sequenced:
+                conn.last_seq = int(found[-1][0])
+            return
+        base = now - T0
+        append = stats.latencies.append
+        if sequenced:
+            last = conn.last_seq
             drops = 0
             for line, column in found:
                 seq = int(line)
                 drops += seq - last - 1
                 last = seq
                 append(base - int(column) * 1e-6)
-            stats.deliveries += len(found)
-            stats.frames += 1
+            conn.last_seq = last
             stats.drops += drops
         else:
-            last = int(found[-1][0])
-        conn.last_seq = last
-
-    return handle
-
-
-def change_handler(stats: Stats) -> Callable[[Conn, bytes, float], None]:
-    findall = CHANGE_RE.findall
-
-    def handle(conn: Conn, payload: bytes, now: float) -> None:
-        conn.ready = True
-        if b'"PING"' in payload:
-            conn.send_text(PONG)
-        found = findall(payload)
-        if found and stats.recording:
-            base = now - T0
-            append = stats.latencies.append
             for sent in found:
                 append(base - int(sent) * 1e-6)
-            stats.deliveries += len(found)
-            stats.frames += 1
+        stats.deliveries += len(found)
+        stats.frames += 1
 
     return handle
 
 
-def ack_handler(stats: Stats, sent_at: dict[int, float]) -> Callable[[Conn, bytes, float], None]:
+def ack_handler(stats: Stats, sent_at: dict[int, float]) -> Handler:
     findall = ACK_RE.findall
 
     def handle(conn: Conn, payload: bytes, now: float) -> None:
@@ -404,24 +409,61 @@ class Window:
 
 
 class Meter:
-    def __init__(self, server: Server) -> None:
+    """The clock of one run, and what it measures in the window after the warm-up.
+
+    ``args.warmup`` seconds unmeasured, then ``args.duration`` seconds in which ``stats``
+    record and the CPU of the server, this client and PostgreSQL is metered; with --profile
+    and a ``profile_as`` name, py-spy samples the server meanwhile.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        stats: Stats,
+        args: argparse.Namespace,
+        profile_as: str | None = None,
+    ) -> None:
         self._server = server
+        self._stats = stats
+        self._args = args
+        self._profile_as = profile_as
         self._pg = postgres_probe(server.data_dir)
+        self._started: tuple[float, float, float, float] | None = None
+        self._profiler: subprocess.Popen[bytes] | None = None
+        self.begin = time.perf_counter()
+        self._record_at = self.begin + args.warmup
+        self.end = self._record_at + args.duration
 
-    def start(self) -> tuple[float, float, float, float]:
-        pg = self._pg() if self._pg else 0.0
-        return time.perf_counter(), self._server.cpu(), own_cpu(), pg
+    def tick(self) -> float | None:
+        """``perf_counter()`` now, opening the window when it is due; None once the run is over."""
+        now = time.perf_counter()
+        if self._started is None and now >= self._record_at:
+            self._stats.reset()
+            self._stats.recording = True
+            pg = self._pg() if self._pg else 0.0
+            self._started = time.perf_counter(), self._server.cpu(), own_cpu(), pg
+            if self._profile_as:
+                self._profiler = start_profile(self._args, self._server, self._profile_as)
+        return None if now >= self.end else now
 
-    def stop(self, started: tuple[float, float, float, float]) -> Window:
-        wall0, srv0, cli0, pg0 = started
+    def stop(self, engine: Engine, settle: float) -> Window:
+        """Close the window; then poll ``settle`` seconds, for what is in flight to land."""
+        assert self._started is not None
+        wall0, srv0, cli0, pg0 = self._started
         wall = time.perf_counter() - wall0
         pg = self._pg() if self._pg else 0.0
-        return Window(wall, (self._server.cpu() - srv0) / wall, (own_cpu() - cli0) / wall,
-                      (pg - pg0) / wall)
+        window = Window(
+            wall, (self._server.cpu() - srv0) / wall, (own_cpu() - cli0) / wall, (pg - pg0) / wall
+        )
+        self._stats.recording = False
+        engine.run_for(settle)  # not counted
+        stop_profile(self._profiler)
+        return window
 
 
-def wait_server_idle(engine: Engine, server: Server, *, below: float = 0.05,
-                     timeout: float = 60.0) -> float:
+def wait_server_idle(
+    engine: Engine, server: Server, *, below: float = 0.05, timeout: float = 60.0
+) -> float:
     """Poll the connections until the server used < ``below`` of a core for 0.5 s."""
     deadline = time.perf_counter() + timeout
     while True:
@@ -432,8 +474,9 @@ def wait_server_idle(engine: Engine, server: Server, *, below: float = 0.05,
             return share
 
 
-def start_profile(args: argparse.Namespace, server: Server, what: str
-                  ) -> subprocess.Popen[bytes] | None:
+def start_profile(
+    args: argparse.Namespace, server: Server, what: str
+) -> subprocess.Popen[bytes] | None:
     """``py-spy record`` on the server for the measured window, when --profile is given."""
     if not args.profile:
         return None
@@ -442,9 +485,22 @@ def start_profile(args: argparse.Namespace, server: Server, what: str
     out = directory / f"{what.replace(' ', '-')}.txt"
     py_spy = Path(sys.executable).with_name("py-spy")
     return subprocess.Popen(
-        [str(py_spy), "record", "--pid", str(server.process.pid), "--rate", "100",
-         "--duration", str(max(1, round(args.duration))), "--format", "raw", "--output",
-         str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(server.process.pid),
+            "--rate",
+            "100",
+            "--duration",
+            str(max(1, round(args.duration))),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -473,44 +529,45 @@ class Sender:
         frames = []
         for _ in range(count):
             seq += 1
-            frames.append(conn.frame(
-                b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}'
-                % (seq, now_us)))
+            frames.append(
+                conn.frame(
+                    b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}'
+                    % (seq, now_us)
+                )
+            )
         self.seq = seq
         conn.send_raw(b"".join(frames))
 
 
-def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[Conn],
-               stats: Stats, *, rate: float | None, window: int, args: argparse.Namespace,
-               profile_as: str | None = None) -> tuple[Window, int]:
+def fanout_run(
+    engine: Engine,
+    server: Server,
+    sender: Sender,
+    receivers: list[Conn],
+    stats: Stats,
+    *,
+    rate: float | None,
+    window: int,
+    args: argparse.Namespace,
+    profile_as: str | None = None,
+) -> tuple[Window, int]:
     """One measured run: paced at ``rate`` messages/s, or window-limited when rate is None.
 
     Returns the window's CPU/wall and the number of messages sent in it.
     """
-    meter = Meter(server)
     probe = receivers[-1]
     for conn in receivers:
         conn.last_seq = sender.seq
     stats.reset()
     stats.recording = False
-    begin = time.perf_counter()
-    record_at = begin + args.warmup
-    end = record_at + args.duration
-    started = None
-    sent_before = 0
-    profiler = None
+    meter = Meter(server, stats, args, profile_as)
+    begin = meter.begin
+    sent_before = None
     last_progress, last_probe = begin, probe.last_seq
     run_start = sender.seq
-    while True:
-        now = time.perf_counter()
-        if started is None and now >= record_at:
-            stats.reset()
-            stats.recording = True
-            started = meter.start()
+    while (now := meter.tick()) is not None:
+        if sent_before is None and stats.recording:
             sent_before = sender.seq
-            profiler = start_profile(args, server, profile_as) if profile_as else None
-        if now >= end:
-            break
         if rate is not None:
             due = int((now - begin) * rate) + 1 - (sender.seq - run_start)
             if due > 0:
@@ -525,20 +582,22 @@ def fanout_run(engine: Engine, server: Server, sender: Sender, receivers: list[C
                 last_probe, last_progress = probe.last_seq, now
             elif now - last_progress > 10:
                 raise SystemExit(f"stalled: the probe saw nothing for 10 s ({probe.error})")
-        engine.poll(max(0.0, min(timeout, end - now)))
+        engine.poll(max(0.0, min(timeout, meter.end - now)))
         if sender.conn.error or probe.error:
             raise SystemExit(f"connection lost: {sender.conn.error or probe.error}")
-    assert started is not None
-    result = meter.stop(started)
-    stats.recording = False
+    assert sent_before is not None
     sent = sender.seq - sent_before
-    engine.run_for(0.3)  # let what is in flight land (not counted)
-    stop_profile(profiler)
-    return result, sent
+    return meter.stop(engine, settle=0.3), sent
 
 
-def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
-                 transport: str, args: argparse.Namespace) -> list[Row]:
+def bench_fanout(
+    name: str,
+    receivers_n: int,
+    paced_rate: float,
+    server: Server,
+    transport: str,
+    args: argparse.Namespace,
+) -> list[Row]:
     port = server.port_of(transport)
     owner, reader = make_users(server.port, 2)
     (project,) = make_projects(server.port, [owner], [[reader]])
@@ -546,9 +605,10 @@ def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
     stats = Stats()
     engine = Engine()
     for batch in (False, True):
-        handler = cursor_handler(stats)
-        receivers = connect_all(engine, port, [(ws_path(project, batch), reader, handler)]
-                                * receivers_n)
+        handler = receiver_handler(stats, CURSOR_RE)
+        receivers = connect_all(
+            engine, port, [(ws_path(project, batch), reader, handler)] * receivers_n
+        )
         (sender_conn,) = connect_all(engine, port, [(ws_path(project, False), owner, idle_handler)])
         sender = Sender(sender_conn)
         wait_server_idle(engine, server)
@@ -557,16 +617,26 @@ def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
             runs.insert(0, (f"paced {paced_rate:g}/s", paced_rate))
         for run, rate in runs:
             label = f"{run}{' batch' if batch else ''}"
-            window, sent = fanout_run(engine, server, sender, receivers, stats, rate=rate,
-                                      window=args.window, args=args,
-                                      profile_as=None if rate else f"{name} {transport} {label}")
+            window, sent = fanout_run(
+                engine,
+                server,
+                sender,
+                receivers,
+                stats,
+                rate=rate,
+                window=args.window,
+                args=args,
+                profile_as=None if rate else f"{name} {transport} {label}",
+            )
             lost = [c for c in receivers if c.error]
             per_s = stats.deliveries / window.wall
             coalesced = stats.drops / (stats.drops + stats.deliveries) if stats.deliveries else 0
             p50, p99 = percentile_ms(stats.latencies, 50), percentile_ms(stats.latencies, 99)
             per_frame = stats.deliveries / max(stats.frames, 1)
-            note = (f"sent {sent / window.wall:,.0f} msg/s, {per_frame:.2f} msg/frame,"
-                    f" coalesced {coalesced:.1%}")
+            note = (
+                f"sent {sent / window.wall:,.0f} msg/s, {per_frame:.2f} msg/frame,"
+                f" coalesced {coalesced:.1%}"
+            )
             if lost:
                 note += f", {len(lost)} receivers lost ({lost[0].error})"
             if rate is not None:
@@ -576,8 +646,19 @@ def bench_fanout(name: str, receivers_n: int, paced_rate: float, server: Server,
             else:
                 goal = TARGETS[(name, transport)]
                 target, met = f">= {goal:,} /s", per_s >= goal
-            row = Row(name, transport, label, per_s, p50, p99, window.server, window.client,
-                      target, met, note)
+            row = Row(
+                name,
+                transport,
+                label,
+                per_s,
+                p50,
+                p99,
+                window.server,
+                window.client,
+                target,
+                met,
+                note,
+            )
             report(row)
             rows.append(row)
         engine.close_all()
@@ -596,26 +677,17 @@ def bench_durable(server: Server, transport: str, args: argparse.Namespace) -> l
     stats = Stats()
     engine = Engine()
     sent_at: dict[int, float] = {}
-    connect_all(engine, port, [(ws_path(project, False), reader, change_handler(stats))] * 10)
-    (sender,) = connect_all(engine, port, [(ws_path(project, False), owner,
-                                            ack_handler(stats, sent_at))])
+    connect_all(
+        engine, port, [(ws_path(project, False), reader, receiver_handler(stats, CHANGE_RE))] * 10
+    )
+    (sender,) = connect_all(
+        engine, port, [(ws_path(project, False), owner, ack_handler(stats, sent_at))]
+    )
     wait_server_idle(engine, server)
     prefix = uuid.uuid4().hex[:8]
     seq = 0
-    meter = Meter(server)
-    begin = time.perf_counter()
-    record_at, end = begin + args.warmup, begin + args.warmup + args.duration
-    started = None
-    profiler = None
-    while True:
-        now = time.perf_counter()
-        if started is None and now >= record_at:
-            stats.reset()
-            stats.recording = True
-            started = meter.start()
-            profiler = start_profile(args, server, f"durable {transport}")
-        if now >= end:
-            break
+    meter = Meter(server, stats, args, f"durable {transport}")
+    while (now := meter.tick()) is not None:
         room = args.window - (seq - sender.count)
         if room > 0:
             frames = []
@@ -623,26 +695,32 @@ def bench_durable(server: Server, transport: str, args: argparse.Namespace) -> l
             for _ in range(room):
                 seq += 1
                 sent_at[seq] = now
-                frames.append(sender.frame(
-                    b'{"type":"FILE_CHANGE","file_path":"src/bench.py","changes":'
-                    b'{"lines_added":1,"lines_removed":0,"change_type":"edit","t":%d},'
-                    b'"id":"%s-%d"}' % (now_us, prefix.encode(), seq)))
+                frames.append(
+                    sender.frame(
+                        b'{"type":"FILE_CHANGE","file_path":"src/bench.py","changes":'
+                        b'{"lines_added":1,"lines_removed":0,"change_type":"edit","t":%d},'
+                        b'"id":"%s-%d"}' % (now_us, prefix.encode(), seq)
+                    )
+                )
             sender.send_raw(b"".join(frames))
-        engine.poll(min(0.05, max(0.0, end - now)))
+        engine.poll(min(0.05, max(0.0, meter.end - now)))
         if sender.error:
             raise SystemExit(f"sender lost: {sender.error}")
-    assert started is not None
-    window = meter.stop(started)
-    stats.recording = False
-    engine.run_for(1.0)
-    stop_profile(profiler)
+    window = meter.stop(engine, settle=1.0)
     engine.close_all()
     wait_server_idle(engine, server)
     rate = stats.acks / window.wall
     row = Row(
-        "durable", transport, "FILE_CHANGE x10", rate,
-        percentile_ms(stats.ack_latencies, 50), percentile_ms(stats.ack_latencies, 99),
-        window.server, window.client, "", None,
+        "durable",
+        transport,
+        "FILE_CHANGE x10",
+        rate,
+        percentile_ms(stats.ack_latencies, 50),
+        percentile_ms(stats.ack_latencies, 99),
+        window.server,
+        window.client,
+        "",
+        None,
         f"ACK latency; {stats.deliveries / window.wall:,.0f} deliveries/s to 10 receivers "
         f"(p99 {percentile_ms(stats.latencies, 99):.1f} ms); postgres CPU {window.postgres:.0%}",
     )
@@ -660,8 +738,11 @@ def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list
     owners = [users[i % 5] for i in range(1000)]
     members = [[u for u in users if u is not owner] for owner in owners]
     projects = make_projects(server.port, owners, members)
-    print(f"  c: 5 users, 1,000 projects, 4,000 collaborators by REST in"
-          f" {time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"  c: 5 users, 1,000 projects, 4,000 collaborators by REST in"
+        f" {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     engine = Engine()
     wait_server_idle(engine, server)
     gc.collect()
@@ -675,18 +756,30 @@ def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list
     after = server.rss()
     lost = [c for c in conns if c.error]
     per_conn_kb = (after - before) / len(conns) / 1024
-    print(f"  c: {len(conns):,} connections in {took:.1f} s; server RSS {before / 2**20:.1f} MiB"
-          f" -> {after / 2**20:.1f} MiB", flush=True)
+    print(
+        f"  c: {len(conns):,} connections in {took:.1f} s; server RSS {before / 2**20:.1f} MiB"
+        f" -> {after / 2**20:.1f} MiB",
+        flush=True,
+    )
     engine.close_all()
     # The 1,000 workspaces stop once idle for WORKSPACE_IDLE_SECONDS: let that happen
     # here, not during the next scenario's measurement.
     engine.run_for(IDLE_SECONDS + 1)
     wait_server_idle(engine, server, timeout=120)
-    row = Row("c", transport, "5,000 idle", per_conn_kb, float("nan"), float("nan"),
-              float("nan"), float("nan"), f"< {RSS_TARGET_KB:g} KB/conn",
-              per_conn_kb < RSS_TARGET_KB,
-              f"RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; connect {took:.1f} s"
-              + (f"; {len(lost)} lost ({lost[0].error})" if lost else ""))
+    row = Row(
+        "c",
+        transport,
+        "5,000 idle",
+        per_conn_kb,
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        f"< {RSS_TARGET_KB:g} KB/conn",
+        per_conn_kb < RSS_TARGET_KB,
+        f"RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; connect {took:.1f} s"
+        + (f"; {len(lost)} lost ({lost[0].error})" if lost else ""),
+    )
     report(row, unit="KB/conn")
     return [row]
 
@@ -695,11 +788,16 @@ def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list
 
 
 def report(row: Row, unit: str = "deliveries/s") -> None:
-    cpu = "" if row.server_cpu != row.server_cpu else (
-        f"  | CPU/wall: server {row.server_cpu:.0%}  client {row.client_cpu:.0%}")
+    cpu = (
+        ""
+        if row.server_cpu != row.server_cpu
+        else (f"  | CPU/wall: server {row.server_cpu:.0%}  client {row.client_cpu:.0%}")
+    )
     latency = "" if row.p50 != row.p50 else f"  p50 {row.p50:.2f} ms  p99 {row.p99:.2f} ms"
-    print(f"  {row.scenario} {row.transport} {row.run}: {row.rate:,.1f} {unit}{latency}{cpu}",
-          flush=True)
+    print(
+        f"  {row.scenario} {row.transport} {row.run}: {row.rate:,.1f} {unit}{latency}{cpu}",
+        flush=True,
+    )
     if row.note:
         print(f"    {row.note}", flush=True)
     if row.server_cpu == row.server_cpu and row.client_cpu > 0.85:
@@ -708,8 +806,10 @@ def report(row: Row, unit: str = "deliveries/s") -> None:
 
 def summary(rows: list[Row]) -> bool:
     print()
-    print(f"{'scenario':<9}{'transport':<10}{'run':<18}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'srv CPU':>8}{'cli CPU':>8}  {'target':<20}{'met':<4}")
+    print(
+        f"{'scenario':<9}{'transport':<10}{'run':<18}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'srv CPU':>8}{'cli CPU':>8}  {'target':<20}{'met':<4}"
+    )
     print("-" * 110)
     ok = True
     for r in rows:
@@ -718,9 +818,11 @@ def summary(rows: list[Row]) -> bool:
         fmt = lambda v, spec: "" if v != v else format(v, spec)  # noqa: E731
         met = "" if r.met is None else ("yes" if r.met else "NO")
         ok = ok and r.met is not False
-        print(f"{r.scenario:<9}{r.transport:<10}{r.run:<18}{rate:>12}{fmt(r.p50, '.2f'):>9}"
-              f"{fmt(r.p99, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}{fmt(r.client_cpu, '.0%'):>8}"
-              f"  {r.target:<20}{met:<4}")
+        print(
+            f"{r.scenario:<9}{r.transport:<10}{r.run:<18}{rate:>12}{fmt(r.p50, '.2f'):>9}"
+            f"{fmt(r.p99, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}{fmt(r.client_cpu, '.0%'):>8}"
+            f"  {r.target:<20}{met:<4}"
+        )
     return ok
 
 
@@ -738,9 +840,12 @@ def main(argv: list[str]) -> int:
     raise_fd_limit()
     transports = ["main", "listener"] if args.transport == "both" else [args.transport]
     scenarios = ["c", "a", "b", "durable"] if args.scenario == "all" else [args.scenario]
-    print(f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}; {args.warmup:g} s warm-up +"
-          f" {args.duration:g} s measured per run; window {args.window}", flush=True)
-    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    print(
+        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}; {args.warmup:g} s warm-up +"
+        f" {args.duration:g} s measured per run; window {args.window}",
+        flush=True,
+    )
+    print_load_average("before")
     rows: list[Row] = []
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atrium-wsbench-") as tmp:
@@ -756,7 +861,7 @@ def main(argv: list[str]) -> int:
                         rows += bench_fanout("b", 1000, 20, server, transport, args)
                     else:
                         rows += bench_durable(server, transport, args)
-    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
+    print_load_average("after")
     print(f"total {time.perf_counter() - wall:.0f} s")
     ok = summary(rows)
     print("\nall targets met" if ok else "\nsome targets missed")
@@ -764,9 +869,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main(sys.argv[1:])
-    except* KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    run_script(main)
