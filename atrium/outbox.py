@@ -1,7 +1,7 @@
 """A connection's bounded outgoing queue, filled by a workspace and drained by one send task.
 
-The workspace never waits on a client: ``put`` either queues the frame or reports that the
-client fell too far behind, and the workspace then closes that client. Cursor updates are
+The workspace never waits on a client: ``put`` either queues the frame or, when the client
+fell too far behind, closes the outbox (4008) and says so. Cursor updates are
 kept latest-per-user, so a client that falls behind gets the newest position of each
 cursor instead of every step.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
+
+from .protocol import CloseCode
 
 # What a transport's direct write did with a frame (see ``Outbox.direct``).
 REFUSED = 0  # nothing written: queue the frame
@@ -58,12 +60,14 @@ class Outbox:
         return len(self._queue) + len(self._cursors)
 
     def put(self, frame: str) -> bool:
-        """Queue a frame; False (nothing queued) when the queue is at its limit."""
+        """Queue a frame. At the limit the client is a slow consumer: the outbox closes
+        itself (4008, nothing more is sent) and returns False."""
         if self.close_code is not None:
             return True
         if self._try_direct(frame):
             return True
         if len(self._queue) >= self._limit:
+            self.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
             return False
         self._queue.append(frame)
         self._lot.unpark_all()

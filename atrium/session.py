@@ -360,8 +360,7 @@ class _Session:
             self.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
 
     def _reply(self, frame: str) -> None:
-        if not self.outbox.put(frame):
-            self.outbox.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
+        self.outbox.put(frame)  # a full outbox closes itself (4008)
 
     def _within_rate(self) -> bool:
         now = trio.current_time()

@@ -28,9 +28,18 @@ def test_a_client_that_falls_behind_gets_the_latest_cursor_per_user() -> None:
 def test_the_queue_is_bounded_but_a_resume_replay_is_not() -> None:
     box = Outbox(limit=2)
     assert box.put("1") and box.put("2")
-    assert not box.put("3")  # the caller closes this client as a slow consumer
     box.put_unbounded(["r1", "r2", "r3"])
     assert box.take() == ["1", "2", "r1", "r2", "r3"]
+
+
+def test_a_full_queue_closes_the_outbox_as_a_slow_consumer() -> None:
+    box = Outbox(limit=2)
+    told: list[bool] = []
+    box.on_close = told.append
+    assert box.put("1") and box.put("2")
+    assert not box.put("3")
+    assert (box.close_code, box.close_reason, box.flush) == (4008, "slow_consumer", False)
+    assert told == [False] and box.take() == []  # nothing more is sent
 
 
 def test_close_without_flush_drops_what_is_queued() -> None:

@@ -599,12 +599,16 @@ async def test_slow_client_is_closed_while_a_fast_one_keeps_up(
                             await sender.send(edit(f"/f{i}", blob=big))
 
                     nursery.start_soon(send_all)
-                    paths = []
+                    paths, left = [], []
                     while len(paths) < total:
                         message = await fast.recv()
                         if message["type"] == "FILE_CHANGE":
                             paths.append(message["file_path"])
+                        elif message["type"] == "USER_LEAVE":
+                            left.append(message["user_id"])
                 assert paths == [f"/f{i}" for i in range(total)]
+                # Out of presence at once, while its socket is still open and unread.
+                assert left == [team.viewer.user_id]
             closed = await slow.closed()
             # The close frame queues behind the frames the client never read. hypercorn
             # buffers it; the listener waits up to 2 s for the client to take it, then drops

@@ -137,6 +137,7 @@ class WorkspaceActor(Actor[Message, Any]):
         "_last_seq",
         "_broadcasts",
         "_started_wall",
+        "_slow",
     )
 
     def __init__(self, project_id: uuid.UUID, db: Database, settings: WorkspaceSettings) -> None:
@@ -152,6 +153,7 @@ class WorkspaceActor(Actor[Message, Any]):
         self._presence: dict[uuid.UUID, Presence] = {}
         self._last_seq = 0
         self._broadcasts = 0
+        self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -190,14 +192,20 @@ class WorkspaceActor(Actor[Message, Any]):
 
     # -- delivery ---------------------------------------------------------------------------
 
-    def _broadcast(self, frame: str, *, exclude: Subscriber | None = None) -> None:
+    def _broadcast(self, frame: str) -> None:
         self._broadcasts += 1
-        slow = []
         for subscriber in self._subscribers.values():
-            if subscriber is not exclude and not subscriber.outbox.put(frame):
-                slow.append(subscriber)
-        for subscriber in slow:
-            subscriber.outbox.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
+            self._put(subscriber, frame)
+
+    def _put(self, subscriber: Subscriber, frame: str) -> None:
+        if not subscriber.outbox.put(frame):  # closed itself: a slow consumer (4008)
+            self._slow.append(subscriber)
+
+    async def _drop_slow(self) -> None:
+        """Take connections closed as slow consumers out of presence now: a client that
+        stopped reading can hold its transport (and its session) for a long while."""
+        while self._slow:
+            await self._leave(self._slow.pop())
 
     async def _deliver(self, events: Sequence[dict[str, Any]]) -> None:
         """Broadcast log events in ``seq`` order, filling gaps from the log."""
@@ -212,6 +220,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 for earlier in missing:
                     self._deliver_one(earlier)
             self._deliver_one(event)
+        await self._drop_slow()
 
     def _deliver_one(self, event: dict[str, Any]) -> None:
         self._last_seq = int(event["seq"])
@@ -365,11 +374,12 @@ class WorkspaceActor(Actor[Message, Any]):
                 error = protocol.ProtocolError(
                     "forbidden_role", "Viewers cannot edit files", change.client_id
                 )
-                subscriber.outbox.put(error.frame())
+                self._put(subscriber, error.frame())
                 continue
             self._touch(subscriber.user_id)
             accepted.append(edit)
         if not accepted:
+            await self._drop_slow()
             return
         results = await self._append(
             [
@@ -384,11 +394,9 @@ class WorkspaceActor(Actor[Message, Any]):
         )
         for edit, (event, _) in zip(accepted, results or (), strict=False):
             if edit.change.client_id is not None:
-                edit.subscriber.outbox.put(
-                    protocol.encode(
-                        {"type": "ACK", "id": edit.change.client_id, "seq": event["seq"]}
-                    )
-                )
+                ack = {"type": "ACK", "id": edit.change.client_id, "seq": event["seq"]}
+                self._put(edit.subscriber, protocol.encode(ack))
+        await self._drop_slow()
 
     def _cursor(self, message: Cursor) -> None:
         subscriber, cursor = message.subscriber, message.cursor
