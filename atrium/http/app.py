@@ -17,7 +17,14 @@ from .json import OrjsonProvider
 
 
 class AtriumRequest(TrioRequest):
-    """A request whose malformed JSON body is a 400 malformed_json, not a bare 400."""
+    """A request whose malformed JSON body is a 400 malformed_json, not a bare 400 (or,
+    for a body that is not UTF-8, a 500 from deep inside the framework)."""
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        try:
+            return await super().get_json(force, silent, cache)
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed_json", "The request body is not UTF-8 JSON") from None
 
     def on_json_loading_failed(self, error: Exception) -> Any:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
