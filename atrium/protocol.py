@@ -16,6 +16,7 @@ import orjson
 
 MAX_PATH_LENGTH = 1024
 MAX_CLIENT_ID_LENGTH = 64
+MAX_CHANGES_DEPTH = 32  # levels of objects and arrays in a FILE_CHANGE's changes
 MAX_CHANGES_BYTES = 16_384
 
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
@@ -122,11 +123,37 @@ def _file_change(data: dict[str, Any]) -> FileChange | ProtocolError:
             )
     if "change_type" in changes and not isinstance(changes["change_type"], str):
         return ProtocolError("invalid_field", "changes.change_type must be a string", client_id)
+    problem = _unstorable([path, client_id, changes])
+    if problem is not None:
+        return ProtocolError("invalid_field", problem, client_id)
     if len(orjson.dumps(changes)) > MAX_CHANGES_BYTES:
         return ProtocolError(
             "invalid_field", f"changes must be under {MAX_CHANGES_BYTES} bytes", client_id
         )
     return FileChange(path, changes, client_id)
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why ``value`` cannot go into the event log and back out to clients, or None.
+
+    PostgreSQL text and jsonb cannot hold NUL, and orjson writes at most 254 levels of
+    nesting (it reads 1,024): either would fail the insert or the broadcast, and the
+    workspace with it, so both are refused here. Not recursive, for the same reason.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "FILE_CHANGE must not contain NUL characters"
+        elif isinstance(item, dict | list):
+            if depth > MAX_CHANGES_DEPTH:
+                return f"changes must not nest deeper than {MAX_CHANGES_DEPTH} levels"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+    return None
 
 
 def _cursor(data: dict[str, Any]) -> CursorUpdate | ProtocolError:

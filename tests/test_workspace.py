@@ -544,6 +544,25 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
                 "invalid_field",
             ),
             ({"type": "AUTH"}, "missing_field"),
+            # What the log (PostgreSQL) or the broadcast (orjson) could not take: before
+            # these were refused, each crashed the workspace, and a stored one on every
+            # replay after.
+            ({"type": "FILE_CHANGE", "file_path": "/a\u0000", "changes": {}}, "invalid_field"),
+            (
+                {"type": "FILE_CHANGE", "file_path": "/a", "changes": {"k": ["\u0000"]}},
+                "invalid_field",
+            ),
+            (
+                {"type": "FILE_CHANGE", "file_path": "/a", "changes": {}, "id": "\u0000"},
+                "invalid_field",
+            ),
+            (
+                '{"type": "FILE_CHANGE", "file_path": "/a", "changes": {"deep": '
+                + "[" * 300
+                + "]" * 300
+                + "}}",
+                "invalid_field",
+            ),
         ]
         for frame, code in cases:
             await c.send(frame)
@@ -551,6 +570,9 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
             assert (reply["type"], reply["code"]) == ("ERROR", code), frame
         await c.send({"type": "PING"})
         assert (await c.recv())["type"] == "PONG"
+        await c.send(edit("/after.txt", note="\\u0000 as text is fine"))
+        stored = await c.until("FILE_CHANGE")
+        assert stored["changes"]["note"] == "\\u0000 as text is fine"
 
 
 async def test_oversize_frame_closes_with_1009(team: Team) -> None:
