@@ -16,6 +16,8 @@ import orjson
 
 MAX_PATH_LENGTH = 1024
 MAX_CLIENT_ID_LENGTH = 64
+# Integers from clients fit PostgreSQL's bigint (and orjson, which writes 64 bits at most).
+MAX_INT = 2**63 - 1
 MAX_CHANGES_DEPTH = 32  # levels of objects and arrays in a FILE_CHANGE's changes
 MAX_CHANGES_BYTES = 16_384
 
@@ -92,7 +94,16 @@ ClientMessage = Auth | FileChange | CursorUpdate | Ping | Pong
 
 
 def _non_negative_int(value: object) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= MAX_INT
+
+
+def non_negative_int(raw: str) -> int | None:
+    """``raw`` (a query parameter) as an integer in 0..MAX_INT, else None."""
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if _non_negative_int(value) else None
 
 
 def _client_id(data: dict[str, Any]) -> str | None | ProtocolError:

@@ -247,11 +247,8 @@ class _Session:
     def _since_seq(self, raw: str | None) -> int | None:
         if raw is None or raw == "":
             return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise Refused(CloseCode.BAD_REQUEST, "invalid_since_seq") from None
-        if value < 0:
+        value = protocol.non_negative_int(raw)
+        if value is None:
             raise Refused(CloseCode.BAD_REQUEST, "invalid_since_seq")
         return value
 

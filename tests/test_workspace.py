@@ -463,6 +463,7 @@ async def test_unknown_websocket_paths_are_refused_with_404(team: Team, path: st
         ("wrong_user_in_path", 4003, "user_mismatch"),
         ("bad_origin", 4003, "origin_not_allowed"),
         ("bad_since_seq", 4000, "invalid_since_seq"),
+        ("huge_since_seq", 4000, "invalid_since_seq"),
     ],
 )
 async def test_refusals_have_distinct_close_codes(
@@ -493,6 +494,8 @@ async def test_refusals_have_distinct_close_codes(
         origin = "https://evil.example.com"
     elif case == "bad_since_seq":
         url = team.url("?since_seq=-4")
+    elif case == "huge_since_seq":  # past 64 bits: it crashed the workspace on its reply
+        url = team.url("?since_seq=99999999999999999999")
     async with connect(url, token, origin=origin) as client:
         if first_frame is not None:
             await client.send(first_frame)
@@ -544,6 +547,11 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
                 "invalid_field",
             ),
             ({"type": "AUTH"}, "missing_field"),
+            ({"type": "AUTH", "token": "t", "since_seq": 2**64 - 1}, "invalid_field"),
+            (
+                {"type": "CURSOR_UPDATE", "position": {"file": "/a", "line": 2**63, "column": 1}},
+                "invalid_field",
+            ),
             # What the log (PostgreSQL) or the broadcast (orjson) could not take: before
             # these were refused, each crashed the workspace, and a stored one on every
             # replay after.
