@@ -578,6 +578,8 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
             assert (reply["type"], reply["code"]) == ("ERROR", code), frame
         await c.send({"type": "PING"})
         assert (await c.recv())["type"] == "PONG"
+        await c.ws.send_message(b'{"type": "PING"}')  # a binary frame is read the same way
+        assert (await c.recv())["type"] == "PONG"
         await c.send(edit("/after.txt", note="\\u0000 as text is fine"))
         stored = await c.until("FILE_CHANGE")
         assert stored["changes"]["note"] == "\\u0000 as text is fine"

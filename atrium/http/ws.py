@@ -6,7 +6,6 @@ import uuid
 from dataclasses import replace
 from urllib.parse import parse_qsl
 
-import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Blueprint, Response, g
 from quart_schema import document_response, security_scheme, tag
@@ -40,19 +39,14 @@ class AsgiConnection:
             return text if text is not None else (event.get("bytes") or b"")
         raise ConnectionGone()  # websocket.disconnect
 
+    # hypercorn never raises on a send: what is sent after the client went away is
+    # dropped, and the receive side reports the disconnect.
+
     async def send(self, text: str) -> None:
-        # hypercorn drops what is sent after the client went away; the receive side then
-        # reports the disconnect.
-        try:
-            await self._send({"type": "websocket.send", "text": text, "bytes": None})
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise ConnectionGone() from error
+        await self._send({"type": "websocket.send", "text": text, "bytes": None})
 
     async def close(self, code: int, reason: str) -> None:
-        try:
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # already gone: nothing left to close
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def flush(self) -> None:
         """Nothing is ever owed: this transport has no direct write."""
