@@ -570,7 +570,16 @@ def open_atrium(
     with (
         stop_embedded_postgres(data_dir),
         open_process(
-            [sys.executable, "run.py", "--port", str(port), "--data-dir", str(data_dir)],
+            [
+                sys.executable,
+                # ATRIUM_RUN: a wrapper to run instead of run.py, for experiments
+                # (tracemalloc, other GC settings) that must not live in run.py.
+                os.environ.get("ATRIUM_RUN", "run.py"),
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
             env=env,
             log_path=log_path,
             cwd=REPO,

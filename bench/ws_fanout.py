@@ -1,6 +1,7 @@
 """WebSocket fan-out benchmark: deliveries/s, latency and memory of atrium's live workspaces.
 
-    python bench/ws_fanout.py [--transport main|listener|both] [--scenario a|b|c|durable|all]
+    python bench/ws_fanout.py [--transport main|listener|both]
+                              [--scenario a|b|c|durable|churn|all]
                               [--duration 8] [--warmup 1]
 
 Per transport, a fresh server (``python run.py``, embedded PostgreSQL in a temp dir, limits
@@ -17,6 +18,9 @@ lifted) and, in that order:
            deliveries/s as a; 200/s would ask for 200,000/s)
   durable  1 sender pipelining FILE_CHANGE (32 un-ACKed at most), 10 receivers:
            events persisted and broadcast per second, ACK latency
+  churn    8 rounds of 1,000 connections (200 workspaces x 5) opened and closed: server
+           RSS after each round; memory must level off (grow by less than 5% over the
+           last 3 rounds), i.e. what closed connections leave behind is reclaimed
 
 A delivery is one message received by one receiver. Cursor moves are coalesced per user
 in a connection's outbox when it falls behind, so deliveries are counted as received
@@ -95,7 +99,9 @@ IDLE_SECONDS = 5  # WORKSPACE_IDLE_SECONDS of the server under test
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/ws_fanout.py", description=__doc__.split("\n")[0])
     parser.add_argument("--transport", choices=("main", "listener", "both"), default="both")
-    parser.add_argument("--scenario", choices=("a", "b", "c", "durable", "all"), default="all")
+    parser.add_argument(
+        "--scenario", choices=("a", "b", "c", "durable", "churn", "all"), default="all"
+    )
     parser.add_argument(
         "--duration", type=float, default=8.0, help="measured seconds per run (default 8)"
     )
@@ -784,6 +790,40 @@ def bench_idle(server: Server, transport: str, args: argparse.Namespace) -> list
     return [row]
 
 
+def bench_churn(server: Server, transport: str, rounds: int = 8) -> list[Row]:
+    port = server.port_of(transport)
+    users = make_users(server.port, 5)
+    owners = [users[i % 5] for i in range(200)]
+    projects = make_projects(
+        server.port, owners, [[u for u in users if u is not o] for o in owners]
+    )
+    engine = Engine()
+    specs = [(ws_path(pid, False), user, idle_handler) for pid in projects for user in users]
+    rss: list[float] = []
+    for _ in range(rounds):
+        connect_all(engine, port, specs, concurrency=128)
+        engine.close_all()
+        engine.run_for(IDLE_SECONDS + 1)  # the workspaces stop once idle
+        wait_server_idle(engine, server, timeout=120)
+        rss.append(server.rss() / 2**20)
+    growth = rss[-1] / rss[-4] - 1
+    row = Row(
+        "churn",
+        transport,
+        f"{rounds} x 1,000",
+        growth * 100,
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        "last 3 rounds < 5%",
+        growth < 0.05,
+        "RSS MiB after each round: " + " ".join(f"{r:.0f}" for r in rss),
+    )
+    report(row, unit="% growth over the last 3 rounds")
+    return [row]
+
+
 # -- output ------------------------------------------------------------------------------
 
 
@@ -813,8 +853,8 @@ def summary(rows: list[Row]) -> bool:
     print("-" * 110)
     ok = True
     for r in rows:
-        unit = {"c": " KB", "durable": " ev/s"}.get(r.scenario, " /s")
-        rate = f"{r.rate:,.1f}{unit}" if r.scenario == "c" else f"{r.rate:,.0f}{unit}"
+        unit = {"c": " KB", "durable": " ev/s", "churn": " %"}.get(r.scenario, " /s")
+        rate = f"{r.rate:,.1f}{unit}" if r.scenario in ("c", "churn") else f"{r.rate:,.0f}{unit}"
         fmt = lambda v, spec: "" if v != v else format(v, spec)  # noqa: E731
         met = "" if r.met is None else ("yes" if r.met else "NO")
         ok = ok and r.met is not False
@@ -839,7 +879,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     transports = ["main", "listener"] if args.transport == "both" else [args.transport]
-    scenarios = ["c", "a", "b", "durable"] if args.scenario == "all" else [args.scenario]
+    scenarios = ["c", "a", "b", "durable", "churn"] if args.scenario == "all" else [args.scenario]
     print(
         f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}; {args.warmup:g} s warm-up +"
         f" {args.duration:g} s measured per run; window {args.window}",
@@ -859,8 +899,10 @@ def main(argv: list[str]) -> int:
                         rows += bench_fanout("a", 100, 200, server, transport, args)
                     elif scenario == "b":
                         rows += bench_fanout("b", 1000, 20, server, transport, args)
-                    else:
+                    elif scenario == "durable":
                         rows += bench_durable(server, transport, args)
+                    else:
+                        rows += bench_churn(server, transport)
     print_load_average("after")
     print(f"total {time.perf_counter() - wall:.0f} s")
     ok = summary(rows)
