@@ -712,6 +712,23 @@ async def test_expiring_token_must_be_renewed_over_the_socket(
             assert await c.closed() == (4007, "token_expired")
 
 
+async def wait_for_a_lock_waiter(connection: asyncpg.Connection) -> None:
+    """Return once some backend of this database waits for a row lock.
+
+    Polled in real time (a thread sleeps): the MockClock of the test stands still, and
+    ``wait_all_tasks_blocked`` cannot tell a task waiting on PostgreSQL from an idle one.
+    """
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    for _ in range(1000):
+        if await trio_asyncio.aio_as_trio(connection.fetchval)(query):
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+    raise AssertionError("nothing waited for the lock within 10 s")
+
+
 async def test_a_join_that_times_out_leaves_no_one_behind(
     start_server: StartServer, mock_clock: trio.testing.MockClock, database_url: str
 ) -> None:
@@ -728,6 +745,7 @@ async def test_a_join_that_times_out_leaves_no_one_behind(
             )
             async with connect(team.url(), team.owner.token) as stuck:
                 # The join writes USER_JOIN, which waits for the lock; the ask times out.
+                await wait_for_a_lock_waiter(lock)
                 await settle_then_jump(mock_clock, 11)
                 assert await stuck.closed() == (1012, "workspace_restarting")
             async with connect(team.url(), team.collaborator.token) as c:
