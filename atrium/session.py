@@ -12,10 +12,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
+from urllib.parse import parse_qsl
 
 import trio
 
@@ -60,8 +61,8 @@ class Connection(Protocol):
         ...
 
 
-# The request headers a session reads; transports keep only these (lower-case names), as
-# the rest would be held, decoded, for the life of every connection.
+# The request headers a session reads; only these are kept (lower-case names), as the
+# rest would be held, decoded, for the life of every connection.
 HANDSHAKE_HEADERS = frozenset({"origin", "authorization"})
 
 
@@ -74,6 +75,22 @@ class Handshake:
     path_user_id: str | None
     query: Mapping[str, str]
     headers: Mapping[str, str]
+
+    @classmethod
+    def parse(
+        cls, path: str, query: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> Handshake | None:
+        """The handshake of a request for ``/ws/{project_id}[/{user_id}]``, else None."""
+        segments = path.strip("/").split("/")
+        if len(segments) not in (2, 3) or segments[0] != "ws" or not all(segments):
+            return None
+        wanted = {
+            name: value.decode("latin-1")
+            for raw, value in headers
+            if (name := raw.decode("latin-1").lower()) in HANDSHAKE_HEADERS
+        }
+        user_id = segments[2] if len(segments) == 3 else None
+        return cls(segments[1], user_id, dict(parse_qsl(query)), wanted)
 
 
 @dataclass(frozen=True, slots=True)

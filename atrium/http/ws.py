@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
-from urllib.parse import parse_qsl
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Blueprint, Response, g
@@ -14,7 +12,7 @@ from ..actors import ActorStopped
 from ..actors.workspace import Status
 from ..persistence import projects
 from ..persistence import workspace as workspace_store
-from ..session import HANDSHAKE_HEADERS, ConnectionGone, Handshake, Realtime
+from ..session import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import dumps_bytes, json_response
 from .schemas import WorkspaceStatusResponse, error_responses
@@ -52,15 +50,6 @@ class AsgiConnection:
         """Nothing is ever owed: this transport has no direct write."""
 
 
-def parse_target(path: str, query: str) -> Handshake | None:
-    """The handshake for ``/ws/{project_id}[/{user_id}]`` (headers left empty), else None."""
-    segments = path.strip("/").split("/")
-    if len(segments) not in (2, 3) or segments[0] != "ws" or not all(segments):
-        return None
-    user_id = segments[2] if len(segments) == 3 else None
-    return Handshake(segments[1], user_id, dict(parse_qsl(query)), {})
-
-
 class WorkspaceSockets:
     """``WS /ws/{project_id}[/{user_id}]`` on the main port, as a plain ASGI application.
 
@@ -77,19 +66,15 @@ class WorkspaceSockets:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         assert scope["type"] == "websocket"
-        target = parse_target(scope["path"], scope["query_string"].decode("latin-1"))
-        if target is None or self._realtime is None:
+        handshake = Handshake.parse(
+            scope["path"], scope["query_string"].decode("latin-1"), scope["headers"]
+        )
+        if handshake is None or self._realtime is None:
             await _reject(send, 404, "not_found", "No WebSocket endpoint at this path")
             return
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
-        headers = {
-            name: v.decode("latin-1")
-            for k, v in scope["headers"]
-            if (name := k.decode("latin-1")) in HANDSHAKE_HEADERS
-        }
-        handshake = replace(target, headers=headers)
         await self._realtime.serve(AsgiConnection(receive, send), handshake)
 
 

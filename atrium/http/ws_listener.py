@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import replace
 from functools import partial
 from typing import cast
 
@@ -16,8 +15,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..session import HANDSHAKE_HEADERS, ConnectionGone, Realtime
-from .ws import parse_target
+from ..session import ConnectionGone, Handshake, Realtime
 
 log = logging.getLogger("atrium.ws")
 
@@ -144,17 +142,12 @@ class TrioWebsocketConnection:
 
 async def _handle(realtime: Realtime, request: WebSocketRequest) -> None:
     path, _, query = request.path.partition("?")
-    target = parse_target(path, query)
-    if target is None:
+    handshake = Handshake.parse(path, query, request.headers)
+    if handshake is None:
         await request.reject(404)
         return
     ws = await request.accept()
-    headers = {
-        name: v.decode("latin-1")
-        for k, v in request.headers
-        if (name := k.decode("latin-1").lower()) in HANDSHAKE_HEADERS
-    }
-    await realtime.serve(TrioWebsocketConnection(ws), replace(target, headers=headers))
+    await realtime.serve(TrioWebsocketConnection(ws), handshake)
 
 
 async def serve_listener(
