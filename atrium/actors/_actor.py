@@ -139,18 +139,26 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         For handlers that batch: while handling one message, take the like ones queued
         behind it. A message that is not taken stays next in line.
         """
-        item = self._held
-        if item is None:
-            try:
-                item = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return None
+        try:
+            item = self._next_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
         if type(item) is not Ask and accept(cast(MsgT, item)):
-            self._held = None
             self._processed += 1
             return cast(MsgT, item)
         self._held = item
         return None
+
+    def _next_nowait(self) -> MsgT | Ask[MsgT]:
+        """The next item: the one ``take_nowait`` left next in line, else the mailbox's.
+
+        Raises trio.WouldBlock (nothing queued) or trio.EndOfChannel (closed and empty).
+        """
+        item = self._held
+        if item is None:
+            return self._receive.receive_nowait()
+        self._held = None
+        return item
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -215,10 +223,7 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         burst = 0
         while True:
             try:
-                if self._held is None:
-                    item = receive.receive_nowait()
-                else:
-                    item, self._held = self._held, None
+                item = self._next_nowait()
             except trio.WouldBlock:
                 burst = 0
                 try:
@@ -286,13 +291,10 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         self._send.close()
         stopped: ActorStopped | None = None
         while True:
-            if self._held is not None:
-                item, self._held = self._held, None
-            else:
-                try:
-                    item = self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            try:
+                item = self._next_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
             if type(item) is Ask:
                 stopped = stopped or ActorStopped(f"{self!r} stopped before answering")
                 item.resolve(outcome.Error(stopped))
