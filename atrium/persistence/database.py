@@ -37,20 +37,16 @@ class Database:
         self._pool = pool
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        with trio.fail_after(QUERY_TIMEOUT):
-            return await trio_asyncio.aio_as_trio(self._pool.fetch)(query, *args)  # type: ignore[no-any-return]
+        return await _call(self._pool.fetch, query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        with trio.fail_after(QUERY_TIMEOUT):
-            return await trio_asyncio.aio_as_trio(self._pool.fetchrow)(query, *args)
+        return await _call(self._pool.fetchrow, query, *args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        with trio.fail_after(QUERY_TIMEOUT):
-            return await trio_asyncio.aio_as_trio(self._pool.fetchval)(query, *args)
+        return await _call(self._pool.fetchval, query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        with trio.fail_after(QUERY_TIMEOUT):
-            return await trio_asyncio.aio_as_trio(self._pool.execute)(query, *args)  # type: ignore[no-any-return]
+        return await _call(self._pool.execute, query, *args)
 
     async def transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``fn(connection)`` in one transaction; it commits when ``fn`` returns."""
@@ -59,13 +55,18 @@ class Database:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await fn(connection)
 
-        with trio.fail_after(QUERY_TIMEOUT):
-            result: T = await trio_asyncio.aio_as_trio(run)()
-        return result
+        return await _call(run)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query."""
         return bool(await self.fetchval("SELECT 1") == 1)
+
+
+async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``fn(*args)`` on the asyncio side, within QUERY_TIMEOUT (trio.TooSlowError)."""
+    with trio.fail_after(QUERY_TIMEOUT):
+        result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+    return result
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
