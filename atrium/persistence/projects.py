@@ -191,13 +191,7 @@ async def append_event(
     (``project_id, seq, type, actor_id, payload, created_at``). Raises ``ProjectNotFound``
     when the project does not exist or is deleted.
     """
-    seq = await conn.fetchval(
-        "UPDATE projects SET last_seq = last_seq + 1"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
-        project_id,
-    )
-    if seq is None:
-        raise ProjectNotFound()
+    seq = await reserve_seqs(conn, project_id, 1)
     body = orjson.dumps(payload, default=_json_default).decode()
     created_at = await conn.fetchval(
         "INSERT INTO project_events (project_id, seq, type, actor_id, payload)"
@@ -216,6 +210,23 @@ async def append_event(
         "payload": orjson.loads(body),
         "created_at": created_at,
     }
+
+
+async def reserve_seqs(conn: asyncpg.Connection, project_id: uuid.UUID, count: int) -> int:
+    """Take the project's next ``count`` seqs inside the caller's transaction; returns the
+    last of them. Bumping the counter locks the project row until the transaction ends, so
+    seqs stay gapless and commit in order, even with writers on other processes. Raises
+    ``ProjectNotFound`` when the project does not exist or is deleted.
+    """
+    last = await conn.fetchval(
+        "UPDATE projects SET last_seq = last_seq + $2"
+        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
+        project_id,
+        count,
+    )
+    if last is None:
+        raise ProjectNotFound()
+    return int(last)
 
 
 async def _lock(

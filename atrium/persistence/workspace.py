@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from .database import Database
-from .projects import ProjectNotFound, event_from_row
+from .projects import ProjectNotFound, event_from_row, reserve_seqs
 from .projects import member_role as member_role
 
 _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
@@ -114,16 +114,7 @@ async def _insert(
     conn: asyncpg.Connection, project_id: uuid.UUID, events: list[NewEvent]
 ) -> list[dict[str, Any]]:
     """Insert ``events`` with the project's next seqs; returns them as stored, in order."""
-    # Bumping the counter on the project row locks it until commit: seqs stay gapless and
-    # commit in order with writers on other processes (as in projects.append_event).
-    last = await conn.fetchval(
-        "UPDATE projects SET last_seq = last_seq + $2"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
-        project_id,
-        len(events),
-    )
-    if last is None:
-        raise ProjectNotFound()
+    last = await reserve_seqs(conn, project_id, len(events))
     rows = await conn.fetch(
         "INSERT INTO project_events (project_id, seq, type, actor_id, payload, client_event_id)"
         " SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[])"
