@@ -47,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def database_url(settings: Settings) -> Iterator[str]:
+    """The database to migrate: DATABASE_URL, or an embedded PostgreSQL while the block runs."""
     if settings.database_url:
         yield settings.database_url
         return
@@ -55,7 +56,9 @@ def database_url(settings: Settings) -> Iterator[str]:
         yield url
 
 
-async def run_serve(settings: Settings, url: str) -> None:
+async def run_serve(settings: Settings, url: str | None) -> None:
+    """Serve until SIGINT/SIGTERM; with ``url`` None, the supervision tree runs an embedded
+    PostgreSQL as its ``postgres`` child (restarted when it dies, stopped with the server)."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
@@ -100,11 +103,13 @@ def main(argv: list[str]) -> int:
     )
     # pgserver narrates every pg_ctl call at INFO; its warnings are what an operator needs.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    with database_url(settings) as url:
-        if args.command == "migrate":
+    if args.command == "migrate":
+        with database_url(settings) as url:
             trio.run(run_migrate, settings, url)
-        else:
-            trio.run(run_serve, settings, url)
+    else:
+        if not settings.database_url:
+            print(f"atrium: embedded PostgreSQL in {settings.data_dir / 'pg'}", flush=True)
+        trio.run(run_serve, settings, settings.database_url)
     print("atrium: stopped", flush=True)
     return 0
 

@@ -32,6 +32,7 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the workspace restarted: reconnect and resume
+    TRY_AGAIN_LATER = 1013  # the database is unavailable: reconnect after a backoff, resume
     BAD_REQUEST = 4000  # bad URL or query parameters: do not retry as is
     UNAUTHORIZED = 4001  # missing or invalid token: retry with a new token
     AUTH_TIMEOUT = 4002  # no AUTH frame in time

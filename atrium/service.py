@@ -3,14 +3,20 @@
 The process is one supervision tree (docs/ARCHITECTURE.md)::
 
     root (rest_for_one)
+    ├── postgres        supervisor (one_for_one), only without DATABASE_URL
+    │   └── postmaster  the embedded PostgreSQL under its guard; restarted when it dies
     ├── database        asyncpg pool; migrations applied before it reports started
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     trio-websocket on WS_PORT (when configured)
     └── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
 
 Children start in that order and stop in reverse: workspaces close their WebSockets with
-1001 first, then the listeners drain, then the pool closes. ``rest_for_one``: a new pool
-restarts everything that holds the old one.
+1001 first, then the listeners drain, then the pool closes, then PostgreSQL stops.
+``rest_for_one``: a new pool restarts everything that holds the old one. The postmaster
+sits one level down, under a ``one_for_one`` supervisor of its own: its crash restarts it
+alone, and the pool (whose URL does not change) reconnects by itself, so a database crash
+never restarts the HTTP server. Only a postmaster that keeps dying (more than 10 restarts
+in 60 s) escalates to the root.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from .config import Settings
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
+from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrations import migrate
 from .services import build_services
 from .session import Realtime, SessionSettings
-from .supervision import ChildSpec, Strategy, Supervisor, open_supervisor
+from .supervision import Backoff, ChildSpec, Strategy, Supervisor, open_supervisor
 from .supervision import supervisor_spec as make_supervisor_spec
 
 log = logging.getLogger("atrium")
@@ -192,9 +199,22 @@ async def _run_ws_listener(
         nursery.cancel_scope.cancel()
 
 
+def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
+    """The ``postgres`` subtree: the embedded postmaster, restarted (after 0.5-5 s) when it
+    dies, on the same data directory and socket."""
+    return make_supervisor_spec(
+        "postgres",
+        ChildSpec("postmaster", cluster.run, shutdown_timeout=60.0),
+        strategy=Strategy.ONE_FOR_ONE,
+        max_restarts=10,
+        period=60.0,
+        backoff=Backoff(base=0.5, maximum=5.0),
+    )
+
+
 async def serve(
     settings: Settings,
-    database_url: str,
+    database_url: str | None,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     clock: Callable[[], float] = time.time,
@@ -202,9 +222,11 @@ async def serve(
 ) -> None:
     """Run the supervision tree until cancelled or ``shutdown_trigger`` returns.
 
-    Must run inside the process's ``trio_asyncio`` loop. Calls ``task_status.started(Bound)``
-    once the ports are listening (port 0 picks a free one). Shutdown stops the children in
-    reverse order: WebSockets close (1001), in-flight requests finish, the pool closes.
+    With ``database_url`` None, an embedded PostgreSQL in ``settings.data_dir`` runs as the
+    tree's first child. Must run inside the process's ``trio_asyncio`` loop. Calls
+    ``task_status.started(Bound)`` once the ports are listening (port 0 picks a free one).
+    Shutdown stops the children in reverse order: WebSockets close (1001), in-flight
+    requests finish, the pool closes, PostgreSQL stops.
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
     # Backoff delays count against the period: 5 restarts of one workspace take 3.1 s of
@@ -212,9 +234,34 @@ async def serve(
     workspaces_spec = make_supervisor_spec(
         "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
     )
+    cluster: EmbeddedPostgres | None = None
+    if database_url is None:
+        cluster = EmbeddedPostgres(settings.data_dir)
+        await trio.to_thread.run_sync(cluster.prepare)
+        database_url = cluster.url
+    try:
+        await _serve_tree(
+            settings, database_url, cluster, workspaces_spec, shutdown_trigger, clock, task_status
+        )
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+async def _serve_tree(
+    settings: Settings,
+    database_url: str,
+    cluster: EmbeddedPostgres | None,
+    workspaces_spec: ChildSpec[Supervisor],
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    clock: Callable[[], float],
+    task_status: trio.TaskStatus[Bound],
+) -> None:
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
+        if cluster is not None:
+            await root.start_child(postgres_spec(cluster))
         await root.start_child(
             ChildSpec(
                 "database", partial(_run_database, settings, database_url), shutdown_timeout=15.0

@@ -26,7 +26,7 @@ from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceAc
 from .outbox import Outbox
 from .persistence import accounts
 from .persistence import workspace as store
-from .persistence.database import Database
+from .persistence.database import Database, DatabaseUnavailable
 from .protocol import CloseCode, ProtocolError
 from .roles import Role
 from .tokens import Claims, TokenCodec, TokenError
@@ -204,6 +204,10 @@ class _Session:
             except Refused as refusal:
                 await self._close(refusal.code, refusal.reason)
                 return
+            except DatabaseUnavailable as error:
+                log.warning("refused a workspace connection: %s", error)
+                await self._close(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
+                return
             except ConnectionGone:
                 return
             # Two tasks per connection: this one receives and keeps time, one sends.
@@ -372,6 +376,8 @@ class _Session:
                 await self._reauthenticate(message)
         except ActorStopped:
             self.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
+        except DatabaseUnavailable:
+            self.outbox.close(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
 
     def _reply(self, frame: str) -> None:
         self.outbox.put(frame)  # a full outbox closes itself (4008)

@@ -8,7 +8,7 @@ import trio
 import trio_asyncio
 
 from atrium.persistence import database
-from atrium.persistence.database import Database
+from atrium.persistence.database import Database, DatabaseTimeout, DatabaseUnavailable
 
 
 async def test_queries_leave_no_timers_on_the_asyncio_loop(db: Database) -> None:
@@ -32,7 +32,40 @@ async def test_a_slow_query_times_out_and_the_pool_recovers(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(database, "QUERY_TIMEOUT", 0.2)
-    with pytest.raises(trio.TooSlowError):
+    with pytest.raises(trio.TooSlowError) as raised:
         await db.execute("SELECT pg_sleep(30)")
+    # Clients see a database that does not answer as one that is away (HTTP 503).
+    assert isinstance(raised.value, DatabaseTimeout | DatabaseUnavailable)
     for _ in range(8):  # more than the pool's connections: none was lost
         assert await db.fetchval("SELECT 41 + 1") == 42
+
+
+async def test_an_unreachable_database_is_unavailable_not_an_os_error(aio_loop: None) -> None:
+    pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
+        "postgresql://postgres@127.0.0.1:1/none", min_size=0
+    )
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await Database(pool).fetchval("SELECT 1")
+        assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+    finally:
+        await trio_asyncio.aio_as_trio(pool.close)()
+
+
+async def test_a_connection_lost_mid_query_is_unavailable_and_replaced(db: Database) -> None:
+    with pytest.raises(DatabaseUnavailable):
+        await db.fetchval("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    async def in_transaction(connection: asyncpg.Connection) -> None:
+        await connection.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    with pytest.raises(DatabaseUnavailable):
+        await db.transaction(in_transaction)
+    # The broken connections were dropped, not handed out again.
+    for _ in range(8):
+        assert await db.fetchval("SELECT 41 + 1") == 42
+
+
+async def test_query_errors_are_not_outages(db: Database) -> None:
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await db.fetch("SELECT * FROM no_such_table")

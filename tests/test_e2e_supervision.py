@@ -99,7 +99,10 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         await trio.testing.wait_all_tasks_blocked()
         r = await c.get("/ready")
         assert r.status_code == 503
-        assert r.json()["checks"] == {"database": True, "supervision": False}
+        assert r.json()["checks"] == {
+            "database": {"ok": True},
+            "supervision": {"ok": False, "down": ["workspaces"]},
+        }
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         assert tree["healthy"] is False
         workspaces = child(tree, "workspaces")

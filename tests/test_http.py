@@ -102,7 +102,10 @@ async def test_health_and_ready(server: Running) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     r = await server.client.get("/ready")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "checks": {"database": True, "supervision": True}}
+    assert r.json() == {
+        "ready": True,
+        "checks": {"database": {"ok": True}, "supervision": {"ok": True, "down": []}},
+    }
 
 
 async def test_openapi_documents_every_endpoint_with_schemas(server: Running) -> None:

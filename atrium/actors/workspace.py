@@ -24,7 +24,7 @@ import trio
 from .. import protocol
 from ..outbox import Outbox
 from ..persistence import workspace as store
-from ..persistence.database import Database
+from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.projects import ProjectNotFound
 from ..protocol import CloseCode, CursorUpdate, FileChange
 from ..roles import Action, Role, can
@@ -126,7 +126,17 @@ class WorkspaceSettings:
 
 
 class WorkspaceActor(Actor[Message, Any]):
-    """The single owner of one project's live state."""
+    """The single owner of one project's live state.
+
+    When the database is unavailable (a write or read raises DatabaseUnavailable) the
+    workspace cannot keep its promise that every event is stored before it is seen: it
+    closes every connection with 1013 (try again later) and stops normally, so an outage
+    spends none of the supervisor's restart budget. Edits whose transaction failed were
+    not ACKed; clients resend them with the same ``client_id`` once they are back, which
+    stores each at most once. An asker (a Join) gets the DatabaseUnavailable.
+    """
+
+    expected_errors = (DatabaseUnavailable,)
 
     __slots__ = (
         "project_id",
@@ -176,6 +186,13 @@ class WorkspaceActor(Actor[Message, Any]):
         return not self._subscribers
 
     async def handle(self, message: Message) -> Any:
+        try:
+            return await self._handle(message)
+        except DatabaseUnavailable:
+            self._close_all(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
+            raise
+
+    async def _handle(self, message: Message) -> Any:
         if isinstance(message, Cursor):
             return self._cursor(message)
         if isinstance(message, Edit):

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response
+from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from ..persistence.database import DatabaseUnavailable
 from .json import json_response
 
 log = logging.getLogger("atrium.http")
+
+# Seconds a client is told to wait while the database is away: an embedded PostgreSQL is
+# back within a few seconds of a crash, and clients retrying sooner only add load.
+DATABASE_RETRY_AFTER = 3
 
 # Stable codes for errors raised by routing and by werkzeug itself.
 _HTTP_CODES = {
@@ -82,6 +87,15 @@ def register_error_handlers(app: Quart) -> None:
         response = error_response(status, code, error.description or error.name)
         if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+        return response
+
+    @app.errorhandler(DatabaseUnavailable)
+    async def database_unavailable(error: DatabaseUnavailable) -> Response:
+        log.warning("%s %s: %s", request.method, request.path, error)
+        response = error_response(
+            503, "database_unavailable", "The database is unavailable; retry shortly"
+        )
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
         return response
 
     @app.errorhandler(Exception)

@@ -10,6 +10,7 @@ import trio
 from quart import Blueprint, Response, request
 from quart_schema import document_response, security_scheme, tag
 
+from ..supervision import SupervisorSnapshot
 from .errors import ApiError
 from .json import json_response
 from .schemas import (
@@ -40,19 +41,40 @@ async def health() -> Response:
 @document_response(ReadyResponse, 503)
 async def ready() -> Response:
     """Readiness: 200 only when the database answers within 2 s and no permanent child of
-    the supervision tree is down or restarting, else 503."""
+    the supervision tree is down or restarting, else 503. ``checks`` says which failed:
+    ``database.error`` why the database did not answer, ``supervision.down`` the children
+    that are not running (nested ones as ``parent/child``)."""
     svc = services()
-    database = False
-    with trio.move_on_after(_READY_TIMEOUT):
+    database: dict[str, Any] = {"ok": False}
+    with trio.move_on_after(_READY_TIMEOUT) as waiting:
         try:
-            database = await svc.db.ping()
+            database["ok"] = await svc.db.ping()
         except Exception as error:  # any failure means "not ready", reported, not raised
             log.warning("readiness: database check failed: %s", error)
-    checks = {"database": database}
+            database["error"] = str(error) or type(error).__name__
+    if waiting.cancelled_caught:
+        database["error"] = f"no answer within {_READY_TIMEOUT} s"
+    checks: dict[str, Any] = {"database": database}
     if svc.supervisor is not None:
-        checks["supervision"] = svc.supervisor.healthy()
-    ok = all(checks.values())
+        checks["supervision"] = {
+            "ok": svc.supervisor.healthy(),
+            "down": _down(svc.supervisor.snapshot()),
+        }
+    ok = all(check["ok"] for check in checks.values())
     return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
+
+
+def _down(tree: SupervisorSnapshot, prefix: str = "") -> list[str]:
+    """The permanent children of ``tree`` (and of its running subtrees) not running."""
+    down: list[str] = []
+    for child in tree.children:
+        path = prefix + child.name
+        if child.state != "running":
+            if child.restart == "permanent":
+                down.append(path)
+        elif child.supervisor is not None:
+            down.extend(_down(child.supervisor, path + "/"))
+    return down
 
 
 def _require_operator() -> None:

@@ -96,9 +96,24 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
+class DatabaseCheck(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class SupervisionCheck(BaseModel):
+    ok: bool
+    down: list[str]
+
+
+class ReadyChecks(BaseModel):
+    database: DatabaseCheck
+    supervision: SupervisionCheck | None = None
+
+
 class ReadyResponse(BaseModel):
     ready: bool
-    checks: dict[str, bool]
+    checks: ReadyChecks
 
 
 class FailureModel(BaseModel):

@@ -24,6 +24,36 @@ _CLOSE_TIMEOUT = 10.0
 QUERY_TIMEOUT = 30.0
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached now: refused, reset or shut down, a connection lost
+    mid-query, or a server still starting. Weather, not a bug: callers refuse the work
+    (HTTP 503, WebSocket 1013) and the pool reconnects on its own once the server is back.
+    The asyncpg (or OS) error is kept as ``__cause__``."""
+
+
+class DatabaseTimeout(DatabaseUnavailable, trio.TooSlowError):
+    """No answer within QUERY_TIMEOUT. Also a ``trio.TooSlowError``: a query that never
+    answers and a server that cannot be reached look the same from here."""
+
+
+# asyncpg's errors that say "no usable connection", as opposed to "the query was wrong":
+# connection exceptions (SQLSTATE class 08), a server shutting down, crashed or still
+# starting (57P01-57P03), and the client-side "connection/pool is closed" errors.
+_UNAVAILABLE = (
+    OSError,  # refused, reset, no socket file, connect timeout
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def _unavailable(error: Exception) -> bool:
+    if isinstance(error, _UNAVAILABLE):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
+
+
 class Database:
     """A connection pool whose methods are trio-native coroutines.
 
@@ -58,14 +88,26 @@ class Database:
         return await _call(run)
 
     async def ping(self) -> bool:
-        """True when the database answers a trivial query."""
+        """True when the database answers a trivial query. Raises DatabaseUnavailable."""
         return bool(await self.fetchval("SELECT 1") == 1)
 
 
 async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``fn(*args)`` on the asyncio side, within QUERY_TIMEOUT (trio.TooSlowError)."""
-    with trio.fail_after(QUERY_TIMEOUT):
-        result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+    """``fn(*args)`` on the asyncio side, within QUERY_TIMEOUT.
+
+    Raises DatabaseTimeout past QUERY_TIMEOUT and DatabaseUnavailable when the connection
+    failed; other errors (constraint violations, the caller's own) pass unchanged. A
+    connection that broke is closed, and the pool opens a new one on the next acquire.
+    """
+    try:
+        with trio.fail_after(QUERY_TIMEOUT):
+            result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+    except trio.TooSlowError:
+        raise DatabaseTimeout(f"the database did not answer within {QUERY_TIMEOUT} s") from None
+    except Exception as error:
+        if _unavailable(error):
+            raise DatabaseUnavailable(f"the database is unavailable: {error}") from error
+        raise
     return result
 
 
