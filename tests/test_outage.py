@@ -300,6 +300,8 @@ async def test_the_embedded_postmaster_killed_under_load_comes_back_by_itself(
                     assert (kind, value) == ("closed", 1013) or kind == "ack"
                     if kind == "ack":
                         acked["/a-kill"] = value
+                    else:  # the whole workspace closed: b too
+                        assert await b.closed() == (1013, "database_unavailable")
 
                 # While it is away: REST 503 (never 500), joins 1013, /ready names the database.
                 ready_503 = joins_1013 = rest_503 = 0

@@ -45,6 +45,9 @@ _UNAVAILABLE = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
+    # "cannot switch to state N; another operation is in progress": a connection that died
+    # between two protocol steps (seen when the server is killed under load).
+    asyncpg.InternalClientError,
 )
 
 
