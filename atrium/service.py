@@ -6,7 +6,8 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── database        asyncpg pool; migrations applied before it reports started
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     trio-websocket on WS_PORT (when configured)
-    └── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    └── event_retention prunes the event log at start and every 10 min (unless keep-all)
 
 Children start in that order and stop in reverse: workspaces close their WebSockets with
 1001 first, then the listeners drain, then the pool closes. ``rest_for_one``: a new pool
@@ -32,6 +33,8 @@ from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
 from .persistence.migrations import migrate
+from .persistence.retention import RetentionPolicy
+from .retention import EventPruner, retention_policy
 from .services import build_services
 from .session import Realtime, SessionSettings
 from .supervision import ChildSpec, Strategy, Supervisor, open_supervisor
@@ -101,6 +104,9 @@ def session_settings(settings: Settings) -> SessionSettings:
         send_queue=settings.ws_send_queue,
         rate_per_second=settings.ws_rate_limit_per_second,
         rate_burst=2 * settings.ws_rate_limit_per_second,
+        max_connections_per_user=settings.ws_max_connections_per_user,
+        user_edits_per_second=settings.ws_user_edits_per_second,
+        user_edit_burst=2 * settings.ws_user_edits_per_second,
     )
 
 
@@ -146,6 +152,7 @@ async def _run_http(
     )
     services.publish = workspaces
     services.realtime = realtime
+    services.revoke_live_session = realtime.revoke_session
     services.supervisor = root
     app = create_asgi(services)
     stop = trio.Event()
@@ -192,6 +199,17 @@ async def _run_ws_listener(
         nursery.cancel_scope.cancel()
 
 
+async def _run_pruner(
+    root: Supervisor,
+    policy: RetentionPolicy,
+    clock: Callable[[], float],
+    *,
+    task_status: trio.TaskStatus[EventPruner],
+) -> None:
+    db: Database = root.child("database").value
+    await EventPruner(db, policy, clock=clock).run(task_status=task_status)
+
+
 async def serve(
     settings: Settings,
     database_url: str,
@@ -236,6 +254,11 @@ async def serve(
             )
             ws_port = listener.value.port
         await root.start_child(workspaces_spec)
+        policy = retention_policy(settings)
+        if not policy.keeps_everything:
+            await root.start_child(
+                ChildSpec("event_retention", partial(_run_pruner, root, policy, clock))
+            )
         server: HttpServer = http.value
         task_status.started(Bound(server.host, server.port, ws_port, root))
         if shutdown_trigger is None:

@@ -48,6 +48,7 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
             "http",
             "ws_listener",
             "workspaces",
+            "event_retention",
         ]
         assert all(c["state"] == "running" for c in tree["children"])
         assert child(tree, "workspaces")["kind"] == "supervisor"
