@@ -63,6 +63,10 @@ class Settings:
     ws_rate_limit_per_second: int = 50
     workspace_idle_seconds: int = 30
     resume_max_events: int = 1000
+    ws_max_connections_per_user: int = 20
+    ws_user_edits_per_second: int = 20
+    event_log_retention_days: int = 30  # 0: keep events forever
+    event_log_max_events_per_project: int = 100_000  # 0: no cap
 
     @property
     def is_production(self) -> bool:
@@ -199,4 +203,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         ws_rate_limit_per_second=_int(env, "WS_RATE_LIMIT_PER_SECOND", 50),
         workspace_idle_seconds=_int(env, "WORKSPACE_IDLE_SECONDS", 30),
         resume_max_events=_int(env, "RESUME_MAX_EVENTS", 1000),
+        ws_max_connections_per_user=_int(env, "WS_MAX_CONNECTIONS_PER_USER", 20),
+        ws_user_edits_per_second=_int(env, "WS_USER_EDITS_PER_SECOND", 20),
+        event_log_retention_days=_int(env, "EVENT_LOG_RETENTION_DAYS", 30, minimum=0),
+        event_log_max_events_per_project=_int(
+            env, "EVENT_LOG_MAX_EVENTS_PER_PROJECT", 100_000, minimum=0
+        ),
     )

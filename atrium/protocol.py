@@ -34,7 +34,7 @@ class CloseCode(enum.IntEnum):
     SERVICE_RESTART = 1012  # the workspace restarted: reconnect and resume
     TRY_AGAIN_LATER = 1013  # the database is unavailable: reconnect after a backoff, resume
     BAD_REQUEST = 4000  # bad URL or query parameters: do not retry as is
-    UNAUTHORIZED = 4001  # missing or invalid token: retry with a new token
+    UNAUTHORIZED = 4001  # missing or invalid token, or the session ended: retry with a new token
     AUTH_TIMEOUT = 4002  # no AUTH frame in time
     FORBIDDEN = 4003  # origin not allowed, or the path's user id is not the token's
     PROJECT_NOT_FOUND = 4004  # no such project, or not a member: do not retry
@@ -44,6 +44,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008  # could not keep up: reconnect and resume
     HEARTBEAT_TIMEOUT = 4009  # did not answer pings
     RATE_LIMITED = 4010  # kept sending over the message rate limit
+    TOO_MANY_CONNECTIONS = 4011  # the user holds WS_MAX_CONNECTIONS_PER_USER already
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── postgres        supervisor (one_for_one), only without DATABASE_URL
     │   └── postmaster  the embedded PostgreSQL under its guard; restarted when it dies
     ├── database        asyncpg pool; migrations applied before it reports started
+    ├── event_retention prunes the event log at start and every 10 min (unless keep-all)
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     trio-websocket on WS_PORT (when configured)
     └── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
@@ -39,6 +40,8 @@ from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
 from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrations import migrate
+from .persistence.retention import RetentionPolicy
+from .retention import EventPruner, retention_policy
 from .services import build_services
 from .session import Realtime, SessionSettings
 from .supervision import Backoff, ChildSpec, Strategy, Supervisor, open_supervisor
@@ -108,6 +111,9 @@ def session_settings(settings: Settings) -> SessionSettings:
         send_queue=settings.ws_send_queue,
         rate_per_second=settings.ws_rate_limit_per_second,
         rate_burst=2 * settings.ws_rate_limit_per_second,
+        max_connections_per_user=settings.ws_max_connections_per_user,
+        user_edits_per_second=settings.ws_user_edits_per_second,
+        user_edit_burst=2 * settings.ws_user_edits_per_second,
     )
 
 
@@ -153,6 +159,7 @@ async def _run_http(
     )
     services.publish = workspaces
     services.realtime = realtime
+    services.revoke_live_session = realtime.revoke_session
     services.supervisor = root
     app = create_asgi(services)
     stop = trio.Event()
@@ -212,6 +219,17 @@ def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
     )
 
 
+async def _run_pruner(
+    root: Supervisor,
+    policy: RetentionPolicy,
+    clock: Callable[[], float],
+    *,
+    task_status: trio.TaskStatus[EventPruner],
+) -> None:
+    db: Database = root.child("database").value
+    await EventPruner(db, policy, clock=clock).run(task_status=task_status)
+
+
 async def serve(
     settings: Settings,
     database_url: str | None,
@@ -267,6 +285,12 @@ async def _serve_tree(
                 "database", partial(_run_database, settings, database_url), shutdown_timeout=15.0
             )
         )
+        # After the pool it prunes, before the servers: their restarts leave it alone.
+        policy = retention_policy(settings)
+        if not policy.keeps_everything:
+            await root.start_child(
+                ChildSpec("event_retention", partial(_run_pruner, root, policy, clock))
+            )
         http = await root.start_child(
             ChildSpec(
                 "http",

@@ -27,6 +27,14 @@ class EventPublisher(Protocol):
         ...
 
 
+class SessionRevoker(Protocol):
+    """Ends a login session's live connections (``Realtime.revoke_session``)."""
+
+    def __call__(self, session_id: uuid.UUID) -> int:
+        """Close the open WebSockets of ``session_id`` (4001); return how many."""
+        ...
+
+
 class NoPublisher:
     """An ``EventPublisher`` that delivers nowhere (no live workspaces attached)."""
 
@@ -42,7 +50,8 @@ class Services:
     substitute their own. ``project_cache`` holds each user's project-list pages;
     ``publish`` receives every project event after its transaction commits;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
-    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS.
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS;
+    ``revoke_live_session`` closes a revoked session's open WebSockets in this process.
     """
 
     settings: Settings
@@ -56,6 +65,7 @@ class Services:
     verified_tokens: VerifiedTokens | None = None
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
+    revoke_live_session: SessionRevoker = field(default=lambda session_id: 0)
 
 
 def build_services(

@@ -23,6 +23,7 @@ import trio
 from . import protocol
 from .actors import ActorStopped, AskTimeout
 from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor, Workspaces
+from .connections import ConnectionIndex
 from .outbox import Outbox
 from .persistence import accounts
 from .persistence import workspace as store
@@ -104,6 +105,9 @@ class SessionSettings:
     rate_strikes: int = 20
     token_warning: float = 60.0
     token_grace: float = 30.0
+    max_connections_per_user: int = 20
+    user_edits_per_second: float = 20.0
+    user_edit_burst: int = 40
 
 
 class Refused(Exception):
@@ -118,7 +122,12 @@ def _wall_iso(epoch: float) -> str:
 
 
 class Realtime:
-    """Serves workspace connections for one process."""
+    """Serves workspace connections for one process.
+
+    ``connections`` indexes them by login session and by user (``ConnectionIndex``): it
+    bounds each user's connections and edit rate, and ``revoke_session`` reaches a
+    session's open sockets.
+    """
 
     def __init__(
         self,
@@ -134,6 +143,11 @@ class Realtime:
         self.workspaces = workspaces
         self.allowed_origins = allowed_origins
         self.settings = settings
+        self.connections = ConnectionIndex(
+            max_per_user=settings.max_connections_per_user,
+            edits_per_second=settings.user_edits_per_second,
+            edit_burst=settings.user_edit_burst,
+        )
         self.active = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -153,6 +167,13 @@ class Realtime:
     async def wait_drained(self) -> None:
         """Return once no connection is being served."""
         await self._drained.wait()
+
+    def revoke_session(self, session_id: uuid.UUID) -> int:
+        """Close this process's connections whose current token belongs to ``session_id``
+        with 4001 ``session_revoked``, at once; returns how many. Call it after the
+        revocation is committed (a connection that joins meanwhile is refused by the
+        database check)."""
+        return self.connections.revoke_session(session_id)
 
 
 class _Session:
@@ -215,6 +236,9 @@ class _Session:
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
                 await self._receive_loop(nursery.cancel_scope)
         finally:
+            # Out of the index before the Leave: once others see this user leave, the
+            # user's connection count here already dropped.
+            self.rt.connections.release(self.outbox)
             await self._leave()
 
     # -- opening ----------------------------------------------------------------------------
@@ -243,6 +267,13 @@ class _Session:
                 since_seq = auth.since_seq
         if hs.path_user_id is not None and hs.path_user_id != str(claims.user_id):
             raise Refused(CloseCode.FORBIDDEN, "user_mismatch")
+        # Indexed before the session is checked, so a revocation committed after the
+        # check still reaches this connection.
+        admitted = self.rt.connections.admit(
+            self.outbox, claims.user_id, claims.session_id, trio.current_time()
+        )
+        if not admitted:
+            raise Refused(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
         if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
         role = await store.member_role(self.rt.db, project_id, claims.user_id)
@@ -254,6 +285,8 @@ class _Session:
         if try_send is not None and not batch:
             self.outbox.direct = try_send
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
+        if self.outbox.closing:  # revoked while it was being checked
+            raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
         try:
             self.actor = await self.rt.workspaces.get(project_id)
             await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
@@ -289,6 +322,7 @@ class _Session:
             raise Refused(CloseCode.UNAUTHORIZED, error.code) from None
 
     def _accept_token(self, claims: Claims) -> None:
+        self.rt.connections.renew(self.outbox, claims.session_id)
         self.claims = claims
         self.expires_at = trio.current_time() + (claims.expires_at - time.time())
 
@@ -357,6 +391,8 @@ class _Session:
             scope.cancel()
 
     async def _on_frame(self, raw: str | bytes) -> None:
+        if self.outbox.closing:
+            return  # closing (revoked, removed, too slow, ...): nothing more is acted on
         if not self._within_rate():
             return
         message = protocol.parse_client_frame(raw)
@@ -369,7 +405,16 @@ class _Session:
             if isinstance(message, protocol.CursorUpdate):
                 await actor.tell(Cursor(subscriber, message))
             elif isinstance(message, protocol.FileChange):
-                await actor.tell(Edit(subscriber, message))
+                if self.rt.connections.allow_edit(subscriber.user_id, trio.current_time()):
+                    await actor.tell(Edit(subscriber, message))
+                else:
+                    self._reply(
+                        ProtocolError(
+                            "rate_limited",
+                            "Too many edits from this user's connections; slow down",
+                            message.client_id,
+                        ).frame()
+                    )
             elif isinstance(message, protocol.Ping):
                 self._reply(protocol.encode({"type": "PONG"}))
             elif isinstance(message, protocol.Auth):

@@ -469,6 +469,10 @@ _ATRIUM_VARIABLES = (
     "REFRESH_TOKEN_EXPIRE_DAYS",
     "SECRET_KEY",
     "WS_PORT",
+    "WS_MAX_CONNECTIONS_PER_USER",
+    "WS_USER_EDITS_PER_SECOND",
+    "EVENT_LOG_RETENTION_DAYS",
+    "EVENT_LOG_MAX_EVENTS_PER_PROJECT",
 )
 
 
@@ -477,7 +481,8 @@ def atrium_env(
 ) -> dict[str, str]:
     """The environment of a ``run.py`` under test, none of atrium's variables leaking in.
 
-    Development mode, warnings only, HTTP rate limits lifted, no WebSocket listener; then
+    Development mode, warnings only, HTTP rate limits and per-user WebSocket bounds lifted
+    (a bench drives many connections and edits from few users), no WebSocket listener; then
     ``settings`` (more variables, or other values).
     """
     env = {k: v for k, v in os.environ.items() if k not in _ATRIUM_VARIABLES}
@@ -489,6 +494,8 @@ def atrium_env(
         LOG_LEVEL="WARNING",
         RATE_LIMIT_PER_MINUTE=_NO_LIMIT,
         AUTH_RATE_LIMIT_PER_MINUTE=_NO_LIMIT,
+        WS_MAX_CONNECTIONS_PER_USER=_NO_LIMIT,
+        WS_USER_EDITS_PER_SECOND=_NO_LIMIT,
     )
     if database_url:
         env["DATABASE_URL"] = database_url

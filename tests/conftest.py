@@ -121,6 +121,7 @@ def test_settings(data_dir: Path, **env: Any) -> Settings:
         "SECRET_KEY": "test-secret-key-with-enough-length-0123456789",
         "RATE_LIMIT_PER_MINUTE": "10000",
         "AUTH_RATE_LIMIT_PER_MINUTE": "10000",
+        "WS_USER_EDITS_PER_SECOND": "10000",
         "DB_POOL_SIZE": "4",
     }
     base.update({k: str(v) for k, v in env.items()})

@@ -45,6 +45,7 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
         assert tree["name"] == "root" and tree["strategy"] == "rest_for_one"
         assert [c["name"] for c in tree["children"]] == [
             "database",
+            "event_retention",
             "http",
             "ws_listener",
             "workspaces",

@@ -291,6 +291,13 @@ class WorkspaceActor(Actor[Message, Any]):
         return replayed
 
     async def _replay(self, subscriber: Subscriber, since_seq: int) -> int:
+        """Queue the events after ``since_seq``, then RESUMED; all of them or none.
+
+        Not recovered (nothing replayed): more than ``resume_max_events`` missed, a seq
+        ahead of the log, or a gap the log no longer holds. Retention deletes the oldest
+        events of a project (a prefix of its seqs), so fewer rows than seqs missed means
+        events after ``since_seq`` were pruned.
+        """
         missed = self._last_seq - since_seq
         recovered = 0 <= missed <= self._settings.resume_max_events
         events: list[dict[str, Any]] = []
@@ -298,7 +305,8 @@ class WorkspaceActor(Actor[Message, Any]):
             events = await store.events_between(
                 self._db, self.project_id, since_seq, self._last_seq
             )
-            recovered = len(events) == missed
+            if len(events) != missed:
+                recovered, events = False, []
         frames = [protocol.encode(protocol.event_frame(e)) for e in events]
         frames.append(
             protocol.encode(
@@ -385,8 +393,8 @@ class WorkspaceActor(Actor[Message, Any]):
         accepted: list[Edit] = []
         for edit in edits:
             subscriber, change = edit.subscriber, edit.change
-            if subscriber.id not in self._subscribers:
-                continue
+            if subscriber.id not in self._subscribers or subscriber.outbox.closing:
+                continue  # gone or being closed (a revoked session's edits are not stored)
             if not can(subscriber.role, Action.EDIT_WORKSPACE):
                 error = protocol.ProtocolError(
                     "forbidden_role", "Viewers cannot edit files", change.client_id

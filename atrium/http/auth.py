@@ -58,6 +58,13 @@ async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid
     return access, refresh, claims.jti, datetime.fromtimestamp(claims.expires_at, UTC)
 
 
+async def _session_ended(user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+    """After a session's revocation committed: no cached copy of it is trusted any more,
+    and its WebSockets in this process close at once."""
+    await forget_sessions(user_id)
+    services().revoke_live_session(session_id)
+
+
 @blueprint.post("/signup")
 @tag(["auth"])
 @validate_request(SignupRequest)
@@ -113,7 +120,8 @@ async def refresh(data: RefreshRequest) -> Response:
     """Rotate a refresh token: the presented one stops working, a new pair is returned.
 
     Presenting a token that was already rotated revokes the whole session (401
-    refresh_token_reused): every token descended from that login stops working.
+    refresh_token_reused): every token descended from that login stops working, and the
+    session's open WebSockets close (4001 session_revoked).
     """
     svc = services()
     try:
@@ -128,7 +136,7 @@ async def refresh(data: RefreshRequest) -> Response:
         svc.db, claims.session_id, claims.jti, new_jti, new_expiry
     )
     if outcome is Rotation.REUSED:
-        await forget_sessions(claims.user_id)
+        await _session_ended(claims.user_id, claims.session_id)
         raise ApiError(
             401,
             "refresh_token_reused",
@@ -153,9 +161,10 @@ async def refresh(data: RefreshRequest) -> Response:
 @error_responses(401)
 @require_user
 async def logout() -> Response:
-    """End the session: this access token and every refresh token of its family stop working."""
+    """End the session: this access token and every refresh token of its family stop
+    working, and the session's open WebSockets close (4001 session_revoked)."""
     await accounts.revoke_session(services().db, g.claims.session_id, "logout")
-    await forget_sessions(g.user.id)
+    await _session_ended(g.user.id, g.claims.session_id)
     return json_response({"message": "Logged out"})
 
 

@@ -332,6 +332,8 @@ async def list_events(project_id: str, query_args: EventListQuery) -> Response:
     """The project's event log after ``since_seq``, in seq order (any member).
 
     Seqs are gapless per project; read on with ``since_seq=next_seq`` while ``has_more``.
+    ``truncated``: events after ``since_seq`` were pruned by retention (the log now starts
+    at ``oldest_seq``; reload the state rather than replay).
     """
     pid = _id(project_id, "project")
     page = await projects.list_events(
@@ -345,5 +347,7 @@ async def list_events(project_id: str, query_args: EventListQuery) -> Response:
             "next_seq": next_seq,
             "last_seq": page.last_seq,
             "has_more": next_seq < page.last_seq,
+            "oldest_seq": page.oldest_seq,
+            "truncated": query_args.since_seq + 1 < (page.oldest_seq or page.last_seq + 1),
         }
     )

@@ -309,3 +309,7 @@ class EventListResponse(BaseModel):
     next_seq: int = Field(description="Pass as since_seq to read on")
     last_seq: int = Field(description="The project's latest seq when read")
     has_more: bool
+    oldest_seq: int | None = Field(
+        description="The oldest seq the log still holds (older ones were pruned); null: none"
+    )
+    truncated: bool = Field(description="Events after since_seq were pruned (retention)")

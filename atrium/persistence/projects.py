@@ -124,6 +124,7 @@ class Member:
 class EventPage:
     events: list[dict[str, Any]]
     last_seq: int  # the project's latest seq when read
+    oldest_seq: int | None = None  # the oldest event the log still holds (retention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,7 +622,8 @@ def event_from_row(row: asyncpg.Record) -> dict[str, Any]:
 async def list_events(
     db: Database, project_id: uuid.UUID, user_id: uuid.UUID, *, since_seq: int, limit: int
 ) -> EventPage:
-    """Up to ``limit`` events with ``seq > since_seq`` in seq order, for member ``user_id``."""
+    """Up to ``limit`` events with ``seq > since_seq`` in seq order, for member ``user_id``,
+    and the oldest seq the log still holds (older events were pruned by retention)."""
 
     async def read(conn: asyncpg.Connection) -> EventPage:
         # One snapshot, so ``last_seq`` and the events agree.
@@ -642,6 +644,10 @@ async def list_events(
             since_seq,
             limit,
         )
-        return EventPage([event_from_row(r) for r in rows], int(last_seq))
+        oldest = await conn.fetchval(
+            "SELECT min(seq) FROM project_events WHERE project_id = $1", project_id
+        )
+        events = [event_from_row(r) for r in rows]
+        return EventPage(events, int(last_seq), None if oldest is None else int(oldest))
 
     return await db.transaction(read)
