@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
+from .passwords import Passwords
 from .persistence.database import Database
-from .ratelimit import MemoryRateLimiter, RateLimiter
+from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec, VerifiedTokens
 
 if TYPE_CHECKING:
@@ -42,7 +43,9 @@ class Services:
     substitute their own. ``project_cache`` holds each user's project-list pages;
     ``publish`` receives every project event after its transaction commits;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
-    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS.
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS; ``passwords``
+    bounds argon2 work process-wide; ``login_backoff`` slows logins to an email that keeps
+    failing.
     """
 
     settings: Settings
@@ -56,6 +59,8 @@ class Services:
     verified_tokens: VerifiedTokens | None = None
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
+    passwords: Passwords = field(default_factory=lambda: Passwords(1, 2.0))
+    login_backoff: LoginBackoff = field(default_factory=lambda: LoginBackoff(5, 30))
 
 
 def build_services(
@@ -80,4 +85,10 @@ def build_services(
         project_cache=cache,
         session_cache=sessions,
         verified_tokens=VerifiedTokens(codec),
+        passwords=Passwords(
+            settings.password_hash_concurrency, settings.password_hash_queue_seconds
+        ),
+        login_backoff=LoginBackoff(
+            settings.login_backoff_after_failures, settings.login_backoff_max_seconds, clock
+        ),
     )
