@@ -6,8 +6,11 @@ into one ``ConfigError`` line that names the variable, so ``run.py`` can print i
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +19,11 @@ from typing import Literal
 import orjson
 
 Environment = Literal["development", "test", "production"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MIN_SECRET_LENGTH = 32
+_MIN_SECRET_BITS = 128
+_MAKE_A_KEY = 'make one with: python -c "import secrets; print(secrets.token_urlsafe(48))"'
 DEFAULT_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
 _WEAK_SECRETS = {"secret", "changeme", "your-super-secret-key-for-jwt-signing"}
 
@@ -47,6 +53,12 @@ class Settings:
     refresh_token_expire_days: int = 7
     rate_limit_per_minute: int = 60
     auth_rate_limit_per_minute: int = 5
+    auth_address_rate_limit_per_minute: int = 20
+    login_backoff_after_failures: int = 5
+    login_backoff_max_seconds: int = 30
+    password_hash_concurrency: int = 1
+    password_hash_queue_seconds: float = 2.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
@@ -96,6 +108,58 @@ def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     return value
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(name, f"must be 0 or more seconds, got {raw!r}")
+    return value
+
+
+def _trusted_proxies(raw: str | None) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                "TRUSTED_PROXIES", f"{item.strip()!r} is not an IP address or CIDR network"
+            ) from None
+    return tuple(networks)
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why ``key`` is too weak to sign production tokens, or None when it will do.
+
+    A key must have 32+ characters, must not be a short unit repeated (``'changeme' * 4``)
+    and must carry an estimated 128+ bits: Shannon entropy of its character frequencies
+    times its length. The estimate is generous to real random keys (``token_urlsafe(48)``
+    scores about 340) and stingy with keyboard patterns and repeated letters.
+    """
+    if len(key) < _MIN_SECRET_LENGTH:
+        return f"is too short ({len(key)} characters, need {_MIN_SECRET_LENGTH}+)"
+    if key.lower() in _WEAK_SECRETS:
+        return "is a known placeholder"
+    # The smallest period p such that key[i] == key[i + p]; a key built from a repeated
+    # unit has one no longer than half its length.
+    period = next(p for p in range(1, len(key) + 1) if key[p:] == key[:-p] or p == len(key))
+    if period <= len(key) // 2:
+        return f"repeats a {period}-character unit"
+    counts = Counter(key)
+    per_char = -sum(n / len(key) * math.log2(n / len(key)) for n in counts.values())
+    bits = per_char * len(key)
+    if bits < _MIN_SECRET_BITS:
+        return f"has too little variety (about {bits:.0f} bits, need {_MIN_SECRET_BITS}+)"
+    return None
+
+
 def _origins(raw: str | None) -> tuple[str, ...] | None:
     if raw is None or raw.strip() == "":
         return None
@@ -121,10 +185,9 @@ def _secret_key(env: Mapping[str, str], environment: Environment, data_dir: Path
     if environment == "production":
         if not key:
             raise ConfigError("SECRET_KEY", "is required in production")
-        if len(key) < _MIN_SECRET_LENGTH or key.lower() in _WEAK_SECRETS:
-            raise ConfigError(
-                "SECRET_KEY", f"is too weak for production (use {_MIN_SECRET_LENGTH}+ random chars)"
-            )
+        problem = secret_key_problem(key)
+        if problem is not None:
+            raise ConfigError("SECRET_KEY", f"{problem}; {_MAKE_A_KEY}")
         return key
     if key:
         return key
@@ -172,6 +235,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise ConfigError("ADMIN_TOKEN", "must be at least 16 characters in production")
     ws_default = 8001 if typed_env == "development" else None
     origins = _origins(env.get("ALLOWED_ORIGINS"))
+    auth_limit = _int(env, "AUTH_RATE_LIMIT_PER_MINUTE", 5)
 
     return Settings(
         environment=typed_env,
@@ -186,7 +250,16 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         access_token_expire_minutes=_int(env, "ACCESS_TOKEN_EXPIRE_MINUTES", 30),
         refresh_token_expire_days=_int(env, "REFRESH_TOKEN_EXPIRE_DAYS", 7),
         rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 60),
-        auth_rate_limit_per_minute=_int(env, "AUTH_RATE_LIMIT_PER_MINUTE", 5),
+        auth_rate_limit_per_minute=auth_limit,
+        # Default: four people behind one address (an office, a NAT) each get their budget.
+        auth_address_rate_limit_per_minute=_int(
+            env, "AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE", 4 * auth_limit
+        ),
+        login_backoff_after_failures=_int(env, "LOGIN_BACKOFF_AFTER_FAILURES", 5),
+        login_backoff_max_seconds=_int(env, "LOGIN_BACKOFF_MAX_SECONDS", 30),
+        password_hash_concurrency=_int(env, "PASSWORD_HASH_CONCURRENCY", os.cpu_count() or 1),
+        password_hash_queue_seconds=_seconds(env, "PASSWORD_HASH_QUEUE_SECONDS", 2.0),
+        trusted_proxies=_trusted_proxies(env.get("TRUSTED_PROXIES")),
         allowed_origins=origins if origins is not None else DEFAULT_ORIGINS,
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576, minimum=1024),
         log_level=log_level,

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
+from .passwords import Passwords
 from .persistence.database import Database
-from .ratelimit import MemoryRateLimiter, RateLimiter
+from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec, VerifiedTokens
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ class Services:
     ``publish`` receives every project event after its transaction commits;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
     ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS;
-    ``revoke_live_session`` closes a revoked session's open WebSockets in this process.
+    ``revoke_live_session`` closes a revoked session's open WebSockets in this process;
+    ``passwords`` bounds argon2 work process-wide; ``login_backoff`` slows logins to an
+    email that keeps failing.
     """
 
     settings: Settings
@@ -66,6 +69,8 @@ class Services:
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
     revoke_live_session: SessionRevoker = field(default=lambda session_id: 0)
+    passwords: Passwords = field(default_factory=lambda: Passwords(1, 2.0))
+    login_backoff: LoginBackoff = field(default_factory=lambda: LoginBackoff(5, 30))
 
 
 def build_services(
@@ -90,4 +95,10 @@ def build_services(
         project_cache=cache,
         session_cache=sessions,
         verified_tokens=VerifiedTokens(codec),
+        passwords=Passwords(
+            settings.password_hash_concurrency, settings.password_hash_queue_seconds
+        ),
+        login_backoff=LoginBackoff(
+            settings.login_backoff_after_failures, settings.login_backoff_max_seconds, clock
+        ),
     )

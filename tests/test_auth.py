@@ -213,8 +213,8 @@ async def test_login_rate_limit_reached_and_reset(start_server: StartServer) -> 
 
 
 async def test_login_limit_is_per_email_too(start_server: StartServer) -> None:
-    # Other addresses cannot be simulated over loopback, but the per-email key must hold
-    # even when the address key still has room.
+    # The (address, email) pair budget holds for any letter case of the email, while the
+    # address budget still has room (tests/test_login_limits.py: other addresses).
     clock = FakeClock()
     async with start_server(clock=clock, AUTH_RATE_LIMIT_PER_MINUTE=2) as srv:
         c = srv.client

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from pathlib import Path
 
 import pytest
+from conftest import test_settings as make_test_settings
 
-from atrium.config import ConfigError, load_settings
+from atrium.config import ConfigError, load_settings, secret_key_problem
 
 
 def test_defaults_suit_development(tmp_path: Path) -> None:
@@ -57,7 +60,7 @@ def test_bad_values_name_the_variable(tmp_path: Path, env: dict[str, str], varia
 
 
 def test_production_accepts_a_strong_key(tmp_path: Path) -> None:
-    key = "k" * 16 + "0123456789abcdefXYZ"
+    key = secrets.token_urlsafe(48)
     settings = load_settings(
         {"DATA_DIR": str(tmp_path), "ENVIRONMENT": "production", "SECRET_KEY": key}
     )
@@ -86,3 +89,69 @@ def test_flags_override_the_environment(tmp_path: Path) -> None:
     settings = load_settings({"DATA_DIR": str(tmp_path), "PORT": "9000"}, port=9100, host=None)
     assert settings.port == 9100
     assert settings.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a" * 32,
+        "changeme" * 4,
+        "0123456789" * 4,
+        "k" * 16 + "0123456789abcdefXYZ",  # 35 characters, about 116 bits by the estimate
+        secrets.token_hex(16),  # 128 random bits in hex: under the estimate's bar, use more
+        "Ab1!" * 10,
+    ],
+)
+def test_production_refuses_repeated_or_low_variety_keys(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATA_DIR": str(tmp_path), "ENVIRONMENT": "production", "SECRET_KEY": key})
+    assert caught.value.variable == "SECRET_KEY"
+    assert "secrets.token_urlsafe(48)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_generated_keys_and_the_test_key_pass_the_entropy_check(tmp_path: Path) -> None:
+    for _ in range(20):
+        assert secret_key_problem(secrets.token_urlsafe(48)) is None
+        assert secret_key_problem(secrets.token_hex(32)) is None
+    assert secret_key_problem(make_test_settings(tmp_path).secret_key) is None
+
+
+def test_trusted_proxies_parse_addresses_and_networks(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"DATA_DIR": str(tmp_path), "TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8 ,::1,"}
+    )
+    assert settings.trusted_proxies == (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert load_settings({"DATA_DIR": str(tmp_path)}).trusted_proxies == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"TRUSTED_PROXIES": "10.0.0.0/8,proxy.internal"}, "TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
+        ({"PASSWORD_HASH_CONCURRENCY": "0"}, "PASSWORD_HASH_CONCURRENCY"),
+        ({"PASSWORD_HASH_QUEUE_SECONDS": "-1"}, "PASSWORD_HASH_QUEUE_SECONDS"),
+        ({"PASSWORD_HASH_QUEUE_SECONDS": "nan"}, "PASSWORD_HASH_QUEUE_SECONDS"),
+        ({"AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE": "none"}, "AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE"),
+        ({"LOGIN_BACKOFF_MAX_SECONDS": "0"}, "LOGIN_BACKOFF_MAX_SECONDS"),
+    ],
+)
+def test_bad_identity_settings_name_the_variable(
+    tmp_path: Path, env: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATA_DIR": str(tmp_path), **env})
+    assert caught.value.variable == variable
+
+
+def test_login_limit_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"DATA_DIR": str(tmp_path), "AUTH_RATE_LIMIT_PER_MINUTE": "7"})
+    assert settings.auth_address_rate_limit_per_minute == 28
+    assert (settings.login_backoff_after_failures, settings.login_backoff_max_seconds) == (5, 30)
+    assert settings.password_hash_concurrency >= 1
+    assert settings.password_hash_queue_seconds == 2.0

@@ -136,7 +136,9 @@ async def _owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID
     """A user (inserted directly) and a new project of theirs: (owner id, project id)."""
     owner = uuid.uuid4()
     await db.execute(
-        "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, 'x')", owner, email
+        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $2, 'x')",
+        owner,
+        email,
     )
     created = await projects.create_project(
         db, owner, name="Log", description=None, visibility="private"

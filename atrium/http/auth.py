@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 from quart import Blueprint, Response, g, request
 from quart_schema import document_response, security_scheme, tag, validate_request
 
-from .. import passwords
+from ..emails import email_key
+from ..passwords import HashingBusy
 from ..persistence import accounts
 from ..persistence.accounts import Rotation, User
+from ..proxies import client_address
 from ..tokens import TokenError
 from .errors import ApiError
 from .json import json_response
@@ -33,18 +35,31 @@ _BAD_CREDENTIALS = ApiError(401, "invalid_credentials", "Wrong email or password
 
 
 def _client_address() -> str:
-    return request.remote_addr or "unknown"
+    """The peer's address, or the client's behind a TRUSTED_PROXIES hop (X-Forwarded-For)."""
+    return client_address(
+        request.remote_addr or "unknown",
+        request.headers.getlist("X-Forwarded-For"),
+        services().settings.trusted_proxies,
+    )
 
 
-async def _limit_auth(*keys: str) -> None:
-    """Count an auth attempt against every key; 429 when any is exhausted."""
+async def _limit_auth(*limits: tuple[str, int]) -> None:
+    """Count an auth attempt against every ``(key, limit)``; 429 when any is exhausted."""
     svc = services()
-    limit = svc.settings.auth_rate_limit_per_minute
-    decisions = [await svc.limiter.hit(f"auth:{key}", limit) for key in keys]
+    decisions = [await svc.limiter.hit(f"auth:{key}", limit) for key, limit in limits]
     tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
     note_rate(tightest)
     if not tightest.allowed:
         raise rate_limited(tightest)
+
+
+def _server_busy(error: HashingBusy) -> ApiError:
+    return ApiError(
+        503,
+        "server_busy",
+        f"Too many logins at once; retry in {error.retry_after} s",
+        headers={"Retry-After": str(error.retry_after)},
+    )
 
 
 async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid.UUID, datetime]:
@@ -69,12 +84,20 @@ async def _session_ended(user_id: uuid.UUID, session_id: uuid.UUID) -> None:
 @tag(["auth"])
 @validate_request(SignupRequest)
 @document_response(SignupResponse, 201)
-@error_responses(409, 422)
+@error_responses(409, 422, 429, 503)
 async def signup(data: SignupRequest) -> Response:
-    """Create an account. 409 email_taken when the email exists (any letter case)."""
-    await _limit_auth(f"signup:ip:{_client_address()}")
-    password_hash = await passwords.hash_password(data.password)
-    user = await accounts.create_user(services().db, str(data.email), password_hash)
+    """Create an account. 409 email_taken when an account's email normalises alike.
+
+    Limited per client address (AUTH_RATE_LIMIT_PER_MINUTE); 503 server_busy when password
+    hashing stays saturated for PASSWORD_HASH_QUEUE_SECONDS.
+    """
+    svc = services()
+    await _limit_auth((f"signup:ip:{_client_address()}", svc.settings.auth_rate_limit_per_minute))
+    try:
+        password_hash = await svc.passwords.hash(data.password)
+    except HashingBusy as busy:
+        raise _server_busy(busy) from None
+    user = await accounts.create_user(svc.db, str(data.email), password_hash)
     if user is None:
         raise ApiError(409, "email_taken", "An account with this email already exists")
     return json_response({"message": "Signup successful", "user_id": user.id}, 201)
@@ -84,19 +107,39 @@ async def signup(data: SignupRequest) -> Response:
 @tag(["auth"])
 @validate_request(LoginRequest)
 @document_response(LoginResponse, 200)
-@error_responses(401, 429)
+@error_responses(401, 422, 429, 503)
 async def login(data: LoginRequest) -> Response:
     """Exchange email and password for an access and a refresh token.
 
-    Limited per client address and per email (AUTH_RATE_LIMIT_PER_MINUTE); a wrong email
-    and a wrong password give the same 401 invalid_credentials.
+    Hard limits: AUTH_RATE_LIMIT_PER_MINUTE per (client address, email) pair and
+    AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE per address. Softer, per email from any address:
+    after LOGIN_BACKOFF_AFTER_FAILURES failures each attempt waits a doubling delay (at
+    most LOGIN_BACKOFF_MAX_SECONDS) after the last failure; a success clears it. All three
+    refuse with 429 rate_limited and Retry-After. A wrong email and a wrong password give
+    the same 401 invalid_credentials; 503 server_busy when hashing stays saturated.
     """
-    await _limit_auth(f"login:ip:{_client_address()}", f"login:email:{data.email.lower()}")
     svc = services()
+    address, key = _client_address(), email_key(data.email)
+    await _limit_auth(
+        (f"login:pair:{address}:{key}", svc.settings.auth_rate_limit_per_minute),
+        (f"login:ip:{address}", svc.settings.auth_address_rate_limit_per_minute),
+    )
+    if wait := svc.login_backoff.retry_after(key):
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Too many failed logins for this account; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     found = await accounts.find_credentials(svc.db, data.email)
-    valid = await passwords.verify_password(found.password_hash if found else None, data.password)
+    try:
+        valid = await svc.passwords.verify(found.password_hash if found else None, data.password)
+    except HashingBusy as busy:
+        raise _server_busy(busy) from None
     if found is None or not valid:
+        svc.login_backoff.failed(key)
         raise _BAD_CREDENTIALS
+    svc.login_backoff.succeeded(key)
     session_id = uuid.uuid4()
     access, refresh, refresh_jti, refresh_expiry = await _issue_pair(found.user, session_id)
     await accounts.open_session(svc.db, found.user.id, session_id, refresh_jti, refresh_expiry)

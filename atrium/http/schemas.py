@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -18,6 +19,7 @@ from pydantic import (
 )
 from quart_schema import document_response
 
+from ..emails import email_problem
 from ..roles import Role
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,8 +49,19 @@ def error_responses(*statuses: int) -> Callable[[F], F]:
     return decorate
 
 
+def _account_email(value: object) -> object:
+    # Before any other check: NUL and friends must be a 422, never reach the database.
+    if isinstance(value, str) and (problem := email_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+AccountEmail = Annotated[str, BeforeValidator(_account_email)]
+"""An email naming an existing account: free text, minus what ``email_problem`` refuses."""
+
+
 class SignupRequest(_Strict):
-    email: EmailStr = Field(max_length=320)
+    email: Annotated[EmailStr, BeforeValidator(_account_email)] = Field(max_length=320)
     password: str = Field(min_length=8, max_length=1024)
 
 
@@ -58,7 +71,7 @@ class SignupResponse(BaseModel):
 
 
 class LoginRequest(_Strict):
-    email: str = Field(min_length=1, max_length=320)
+    email: AccountEmail = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
 
 
@@ -248,7 +261,7 @@ class CollaboratorAddRequest(_Strict):
     """Exactly one of ``user_id`` and ``email`` names the user to add."""
 
     user_id: UUID | None = None
-    email: str | None = Field(default=None, min_length=1, max_length=320)
+    email: AccountEmail | None = Field(default=None, min_length=1, max_length=320)
     role: Role = Role.COLLABORATOR
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
+from ..emails import email_key
 from .database import Database
 
 
@@ -40,23 +41,23 @@ def _user(row: asyncpg.Record) -> User:
 
 
 async def create_user(db: Database, email: str, password_hash: str) -> User | None:
-    """Insert a user; return None when the email (case-insensitive) is taken."""
+    """Insert a user; return None when the email's normalised form (``email_key``) is taken."""
     row = await db.fetchrow(
-        "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)"
-        " ON CONFLICT (lower(email)) DO NOTHING RETURNING id, email, role, created_at",
+        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (email_normalised) DO NOTHING RETURNING id, email, role, created_at",
         uuid.uuid4(),
         email,
+        email_key(email),
         password_hash,
     )
     return None if row is None else _user(row)
 
 
 async def find_credentials(db: Database, email: str) -> Credentials | None:
-    """The user with ``email`` (case-insensitive) and their password hash, if any."""
+    """The user whose email normalises like ``email`` and their password hash, if any."""
     row = await db.fetchrow(
-        "SELECT id, email, role, created_at, password_hash FROM users"
-        " WHERE lower(email) = lower($1)",
-        email,
+        "SELECT id, email, role, created_at, password_hash FROM users WHERE email_normalised = $1",
+        email_key(email),
     )
     return None if row is None else Credentials(_user(row), row["password_hash"])
 

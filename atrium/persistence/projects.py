@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 import orjson
 
+from ..emails import email_key
 from ..roles import Action, Role, can
 from .database import Database
 
@@ -473,6 +474,7 @@ async def add_member(
     """
     if (user_id is None) == (email is None):
         raise ValueError("give exactly one of user_id and email")
+    key = None if email is None else email_key(email)
 
     async def add(conn: asyncpg.Connection) -> Change[Member]:
         _, actor_role = await _lock(conn, project_id, actor_id)
@@ -480,9 +482,7 @@ async def add_member(
         if user_id is not None:
             target = await conn.fetchval("SELECT id FROM users WHERE id = $1", user_id)
         else:
-            target = await conn.fetchval(
-                "SELECT id FROM users WHERE lower(email) = lower($1)", email
-            )
+            target = await conn.fetchval("SELECT id FROM users WHERE email_normalised = $1", key)
         if target is None:
             raise UserNotFound()
         inserted = await conn.fetchval(
