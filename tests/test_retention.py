@@ -27,7 +27,9 @@ async def project_with_events(db: Database, email: str, count: int) -> uuid.UUID
     """A project whose log holds seqs 1..count (PROJECT_CREATED, then FILE_CHANGEs)."""
     owner = uuid.uuid4()
     await db.execute(
-        "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, 'x')", owner, email
+        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $2, 'x')",
+        owner,
+        email,
     )
     created = await projects.create_project(
         db, owner, name="Log", description=None, visibility="private"
