@@ -87,7 +87,9 @@ async def test_at_most_concurrency_run_and_the_rest_give_up_after_the_queue_time
         hasher.gate.set()
     assert outcomes.count(True) == 2
     assert [o.retry_after for o in outcomes if isinstance(o, HashingBusy)] == [2, 2, 2, 2]
-    assert hasher.most == 2
+    # Two ran at once by the limiter's count; the threads themselves may start late on a
+    # loaded machine, so only the bound is certain on their side.
+    assert hasher.most <= 2 and hasher.calls == 3
     assert pw.statistics().in_flight == 0
 
 
