@@ -28,6 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
+from .failures import ContainedFailures
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
@@ -120,6 +121,7 @@ async def _run_http(
     settings: Settings,
     clock: Callable[[], float],
     workspaces_spec: ChildSpec[Supervisor],
+    failures: ContainedFailures,
     *,
     task_status: trio.TaskStatus[HttpServer],
 ) -> None:
@@ -137,12 +139,14 @@ async def _run_http(
         ),
     )
     services = build_services(settings, db, clock=clock)
+    services.failures = failures
     realtime = Realtime(
         db=db,
         tokens=services.tokens,
         workspaces=workspaces,
         allowed_origins=settings.allowed_origins,
         settings=session_settings(settings),
+        failures=failures,
     )
     services.publish = workspaces
     services.realtime = realtime
@@ -212,6 +216,8 @@ async def serve(
     workspaces_spec = make_supervisor_spec(
         "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
     )
+    # One count for the process: it outlives a restarted HTTP child.
+    failures = ContainedFailures()
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
@@ -223,7 +229,7 @@ async def serve(
         http = await root.start_child(
             ChildSpec(
                 "http",
-                partial(_run_http, root, settings, clock, workspaces_spec),
+                partial(_run_http, root, settings, clock, workspaces_spec, failures),
                 shutdown_timeout=15.0,
             )
         )

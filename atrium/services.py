@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
+from .failures import ContainedFailures
 from .persistence.database import Database
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec, VerifiedTokens
@@ -42,7 +43,8 @@ class Services:
     substitute their own. ``project_cache`` holds each user's project-list pages;
     ``publish`` receives every project event after its transaction commits;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
-    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS.
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS; ``failures``
+    counts the requests and connections that ended in an unexpected exception.
     """
 
     settings: Settings
@@ -56,6 +58,7 @@ class Services:
     verified_tokens: VerifiedTokens | None = None
     realtime: Realtime | None = None
     supervisor: Supervisor | None = None
+    failures: ContainedFailures = field(default_factory=ContainedFailures)
 
 
 def build_services(
