@@ -24,11 +24,11 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
 from .failures import ContainedFailures
+from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
@@ -156,7 +156,7 @@ async def _run_http(
     config = hypercorn_config(settings, settings.port)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)
+            partial(http_server.serve, app, config, shutdown_trigger=stop.wait)
         )
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
         task_status.started(HttpServer(host.strip("[]"), int(port), realtime, stop))

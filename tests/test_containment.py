@@ -49,9 +49,10 @@ async def contained(server: Running) -> dict[str, int]:
 async def still_served(team: Team, path: str) -> None:
     """A fresh authenticated join on the same transport stores and broadcasts an edit."""
     async with session(team, team.owner) as client:
-        await client.send(edit(path, client_id="check"))
+        # A client id of its own: a resent id is deduplicated, not broadcast again.
+        await client.send(edit(path, client_id=path))
         assert (await file_changes(client, 1))[0]["file_path"] == path
-        assert (await client.until("ACK"))["id"] == "check"
+        assert (await client.until("ACK"))["id"] == path
 
 
 @pytest.mark.parametrize("transport", ["main", "listener"])
@@ -188,7 +189,7 @@ async def test_edge_contains_what_escapes_the_app() -> None:
     assert sent[1]["body"] == (  # type: ignore[typeddict-item]
         b'{"error":{"code":"internal_error","message":"Something went wrong on our side"}}'
     )
-    assert edge._failures.counts() == {"connection": 0, "request": 1}
+    assert edge.failures.counts() == {"connection": 0, "request": 1}
 
     async def cancelled(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         raise KeyboardInterrupt
@@ -245,3 +246,51 @@ async def test_413_closes_the_connection(start_server: StartServer) -> None:
         with trio.fail_after(5):
             r = await server.client.get("/ready")
         assert r.status_code == 200
+
+
+HANDSHAKE = (
+    b"GET /ws/%s HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_hostile_bytes_on_the_wire_never_restart_a_server(start_server: StartServer) -> None:
+    async with start_server(ADMIN_TOKEN=ADMIN_TOKEN) as server:
+        team = await make_team(server, "main")
+        upgrade = HANDSHAKE % team.project_id.encode()
+        payloads = [
+            bytes(range(256)) * 2,
+            b"GET /ws/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            b"\x00" * 100 + b"\r\n\r\n",
+            HANDSHAKE % b"%ff%fe",
+            # Frames pipelined behind the upgrade, before the 101: on the main port this
+            # took hypercorn's h11 into an error that ended the whole HTTP server.
+            upgrade + b"\x81\x05hello",
+            upgrade + b"\x8f\x80abcd",  # unknown opcode
+            upgrade + b"\x81\xfe\xff\xffabcd" + b"x" * 100,  # truncated, oversized
+            upgrade + b"\x01\x80abcd\x81\x80abcd",  # a data frame inside a fragmented one
+            upgrade + b"\x81\x83abcd\xff\xfe\xfd",  # text that is not UTF-8
+        ]
+
+        async def send(port: int, payload: bytes) -> None:
+            stream = await trio.open_tcp_stream(server.bound.host, port)
+            # What the server answers matters less than what it survives: stop reading
+            # after a while (the listener waits out AUTH_TIMEOUT on some of these).
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(payload)
+                    while await stream.receive_some(65536):
+                        pass  # until the server closes it
+                except trio.BrokenResourceError:
+                    pass  # reset: closed without reading everything
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for port in (server.bound.port, server.bound.ws_port):
+                for payload in payloads:
+                    assert port is not None
+                    nursery.start_soon(send, port, payload)
+        assert await restarts(server) == dict.fromkeys(SHARED, 0)
+        await still_served(team, "/after-bytes.txt")
+        team.transport = "listener"
+        await still_served(team, "/after-bytes-listener.txt")

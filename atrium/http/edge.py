@@ -59,7 +59,7 @@ class Edge:
     ) -> None:
         self.app = app
         self.websocket = websocket or app
-        self._failures = failures or ContainedFailures()
+        self.failures = failures or ContainedFailures()
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(allowed_origins)
         self._methods = frozenset(ALLOWED_METHODS)
@@ -159,7 +159,7 @@ class Edge:
             await self.app(scope, receive, send_with_headers)
         except Exception as error:
             context = {"method": method, "path": path[:200]}
-            self._failures.record("request", error, context)
+            self.failures.record("request", error, context)
             if not started:  # else hypercorn ends the half-sent response
                 headers = [
                     (b"content-type", b"application/json"),
