@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from . import json_input
+
 MAX_PATH_LENGTH = 1024
 MAX_CLIENT_ID_LENGTH = 64
 # Integers from clients fit PostgreSQL's bigint (and orjson, which writes 64 bits at most).
@@ -194,9 +196,12 @@ def _auth(data: dict[str, Any]) -> Auth | ProtocolError:
 
 
 def parse_client_frame(raw: str | bytes) -> ClientMessage | ProtocolError:
-    """Parse one client frame; bad JSON, unknown types and bad fields give ProtocolError."""
+    """Parse one client frame; bad JSON (nesting past ``json_input.MAX_DEPTH`` included),
+    unknown types and bad fields give ProtocolError. Never raises, whatever ``raw`` is."""
     try:
-        data = orjson.loads(raw)
+        data = json_input.loads(raw)
+    except json_input.TooDeep as error:
+        return ProtocolError("malformed_json", str(error))
     except orjson.JSONDecodeError:
         return ProtocolError("malformed_json", "The frame is not valid JSON")
     if not isinstance(data, dict):
@@ -214,7 +219,10 @@ def parse_client_frame(raw: str | bytes) -> ClientMessage | ProtocolError:
         return _auth(data)
     if kind is None:
         return ProtocolError("missing_field", "A frame needs a type")
-    return ProtocolError("unknown_type", f"Unknown frame type {str(kind)[:40]!r}")
+    if not isinstance(kind, str):
+        # Never str() a value from the frame: of a deeply nested list it recurses.
+        return ProtocolError("invalid_field", "type must be a string")
+    return ProtocolError("unknown_type", f"Unknown frame type {kind[:40]!r}")
 
 
 def now_iso() -> str:

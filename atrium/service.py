@@ -31,10 +31,11 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
+from .failures import ContainedFailures
+from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
@@ -133,6 +134,7 @@ async def _run_http(
     settings: Settings,
     clock: Callable[[], float],
     workspaces_spec: ChildSpec[Supervisor],
+    failures: ContainedFailures,
     *,
     task_status: trio.TaskStatus[HttpServer],
 ) -> None:
@@ -150,12 +152,14 @@ async def _run_http(
         ),
     )
     services = build_services(settings, db, clock=clock)
+    services.failures = failures
     realtime = Realtime(
         db=db,
         tokens=services.tokens,
         workspaces=workspaces,
         allowed_origins=settings.allowed_origins,
         settings=session_settings(settings),
+        failures=failures,
     )
     services.publish = workspaces
     services.realtime = realtime
@@ -166,7 +170,7 @@ async def _run_http(
     config = hypercorn_config(settings, settings.port)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)
+            partial(http_server.serve, app, config, shutdown_trigger=stop.wait)
         )
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
         task_status.started(HttpServer(host.strip("[]"), int(port), realtime, stop))
@@ -275,6 +279,8 @@ async def _serve_tree(
     clock: Callable[[], float],
     task_status: trio.TaskStatus[Bound],
 ) -> None:
+    # One count for the process: it outlives a restarted HTTP child.
+    failures = ContainedFailures()
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
@@ -294,7 +300,7 @@ async def _serve_tree(
         http = await root.start_child(
             ChildSpec(
                 "http",
-                partial(_run_http, root, settings, clock, workspaces_spec),
+                partial(_run_http, root, settings, clock, workspaces_spec, failures),
                 shutdown_timeout=15.0,
             )
         )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
+from .failures import ContainedFailures
 from .passwords import Passwords
 from .persistence.database import Database
 from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
@@ -54,7 +55,8 @@ class Services:
     ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS;
     ``revoke_live_session`` closes a revoked session's open WebSockets in this process;
     ``passwords`` bounds argon2 work process-wide; ``login_backoff`` slows logins to an
-    email that keeps failing.
+    email that keeps failing; ``failures`` counts the requests and connections that ended
+    in an unexpected exception.
     """
 
     settings: Settings
@@ -71,6 +73,7 @@ class Services:
     revoke_live_session: SessionRevoker = field(default=lambda session_id: 0)
     passwords: Passwords = field(default_factory=lambda: Passwords(1, 2.0))
     login_backoff: LoginBackoff = field(default_factory=lambda: LoginBackoff(5, 30))
+    failures: ContainedFailures = field(default_factory=ContainedFailures)
 
 
 def build_services(

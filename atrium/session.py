@@ -24,6 +24,7 @@ from . import protocol
 from .actors import ActorStopped, AskTimeout
 from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor, Workspaces
 from .connections import ConnectionIndex
+from .failures import ContainedFailures
 from .outbox import Outbox
 from .persistence import accounts
 from .persistence import workspace as store
@@ -137,6 +138,7 @@ class Realtime:
         workspaces: Workspaces,
         allowed_origins: tuple[str, ...],
         settings: SessionSettings,
+        failures: ContainedFailures | None = None,
     ) -> None:
         self.db = db
         self.tokens = tokens
@@ -148,17 +150,29 @@ class Realtime:
             edits_per_second=settings.user_edits_per_second,
             edit_burst=settings.user_edit_burst,
         )
+        self.failures = failures or ContainedFailures()
         self.active = 0
         self._drained = trio.Event()
         self._drained.set()
 
-    async def serve(self, conn: Connection, handshake: Handshake) -> None:
-        """Run one accepted connection until it ends; closes it with a documented code."""
+    async def serve(self, conn: Connection, handshake: Handshake, *, transport: str) -> None:
+        """Run one accepted connection until it ends; closes it with a documented code.
+
+        This is the connection's failure boundary: an unexpected exception (a bug, a
+        database error) ends this connection alone with 1011 ``internal_error``, is
+        logged once with its context (``transport``, project, user) and counted in
+        ``failures``; it never reaches the server that serves everyone else. Cancellation
+        and other BaseExceptions propagate. Never raises an Exception.
+        """
         if self.active == 0:
             self._drained = trio.Event()
         self.active += 1
+        session = _Session(self, conn, handshake)
         try:
-            await _Session(self, conn, handshake).run()
+            await session.run()
+        except* Exception as group:
+            self.failures.record("connection", group, session.context(transport))
+            await session.fail()
         finally:
             self.active -= 1
             if self.active == 0:
@@ -240,6 +254,22 @@ class _Session:
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
             await self._leave()
+
+    def context(self, transport: str) -> dict[str, object]:
+        """Who and where, for the log line of a contained failure."""
+        claims = self.claims
+        return {
+            "transport": transport,
+            "project_id": self.handshake.project_id[:64],
+            "user_id": None if claims is None else str(claims.user_id),
+        }
+
+    async def fail(self) -> None:
+        """End the connection after an unexpected exception: 1011, best effort."""
+        try:
+            await self._close(CloseCode.INTERNAL_ERROR, "internal_error")
+        except Exception:  # the transport broke with it: nothing more can be sent
+            log.debug("closing a failed connection failed too", exc_info=True)
 
     # -- opening ----------------------------------------------------------------------------
 

@@ -566,10 +566,18 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(team: Team) 
             ),
             (
                 '{"type": "FILE_CHANGE", "file_path": "/a", "changes": {"deep": '
+                + "[" * 40
+                + "]" * 40
+                + "}}",
+                "invalid_field",
+            ),
+            # Past 64 levels a frame is refused as it is read, whatever its type.
+            (
+                '{"type": "FILE_CHANGE", "file_path": "/a", "changes": {"deep": '
                 + "[" * 300
                 + "]" * 300
                 + "}}",
-                "invalid_field",
+                "malformed_json",
             ),
         ]
         for frame, code in cases:

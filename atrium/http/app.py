@@ -9,6 +9,7 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
+from .. import json_input
 from ..services import Services
 from . import auth, ops, projects, ws
 from .edge import Edge
@@ -17,8 +18,8 @@ from .json import OrjsonProvider
 
 
 class AtriumRequest(TrioRequest):
-    """A request whose malformed JSON body is a 400 malformed_json, not a bare 400 (or,
-    for a body that is not UTF-8, a 500 from deep inside the framework)."""
+    """A request whose malformed JSON body (not UTF-8, not JSON, or nested deeper than
+    ``json_input.MAX_DEPTH``) is a 400 malformed_json, never a bare 400 or a 500."""
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
         try:
@@ -27,6 +28,8 @@ class AtriumRequest(TrioRequest):
             raise ApiError(400, "malformed_json", "The request body is not UTF-8 JSON") from None
 
     def on_json_loading_failed(self, error: Exception) -> Any:
+        if isinstance(error, json_input.TooDeep):
+            raise ApiError(400, "malformed_json", f"The request body is not valid: {error}")
         raise ApiError(400, "malformed_json", "The request body is not valid JSON")
 
 
@@ -34,7 +37,6 @@ def create_app(svc: Services) -> QuartTrio:
     """Build the HTTP application around ``svc`` (no I/O happens here)."""
     settings = svc.settings
     app = QuartTrio("atrium")
-    app.json = OrjsonProvider(app)
     app.request_class = AtriumRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
@@ -53,6 +55,8 @@ def create_app(svc: Services) -> QuartTrio:
         redoc_ui_path=None,
         scalar_ui_path=None,
     )
+    # After QuartSchema, which installs its own provider (stdlib json, unbounded depth).
+    app.json = OrjsonProvider(app)
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(projects.blueprint)
@@ -78,4 +82,5 @@ def create_asgi(svc: Services) -> Edge:
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),
+        failures=svc.failures,
     )

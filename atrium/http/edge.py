@@ -11,10 +11,14 @@ bytes, so requests pay nothing for it beyond a scan of their headers:
 - **Security headers** on every HTTP response (and ``Cache-Control: no-store`` on auth).
 - **Liveness**: ``GET /health`` from a probe (no ``Origin``) is answered without the app.
 - **WebSockets** go to their own ASGI application (``ws.WorkspaceSockets``), past Quart.
+- **Containment**: an exception that escapes the app (Quart renders its own as 500s) ends
+  that request alone with a 500 in the error shape, logged once and counted; a 413 closes
+  the connection (``Connection: close``), as the body it refused was never read.
 """
 
 from __future__ import annotations
 
+import trio
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -23,6 +27,7 @@ from hypercorn.typing import (
     Scope,
 )
 
+from ..failures import ContainedFailures
 from .json import dumps_bytes
 
 ALLOWED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -33,6 +38,9 @@ _SAFELISTED = frozenset({"accept", "accept-language", "content-language", "conte
 _DOC_PATHS = ("/docs", "/openapi.json")
 _AUTH_PATH = "/api/v1/auth"
 _HEALTH_BODY = b'{"status":"ok"}'
+_INTERNAL_ERROR_BODY = dumps_bytes(
+    {"error": {"code": "internal_error", "message": "Something went wrong on our side"}}
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -47,9 +55,11 @@ class Edge:
         production: bool,
         allowed_origins: tuple[str, ...],
         websocket: ASGIFramework | None = None,
+        failures: ContainedFailures | None = None,
     ) -> None:
         self.app = app
         self.websocket = websocket or app
+        self.failures = failures or ContainedFailures()
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(allowed_origins)
         self._methods = frozenset(ALLOWED_METHODS)
@@ -124,12 +134,39 @@ class Edge:
         else:
             extra = [*extra, (b"vary", b"Origin")]
 
+        started = False
+
         async def send_with_headers(message: ASGISendEvent) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                message["headers"] = [*message["headers"], *extra]
+                started = True
+                headers = [*message["headers"], *extra]
+                if message["status"] == 413:
+                    # The refused body is still on the socket: a kept-alive connection
+                    # would read it as the next request and hang.
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # hypercorn recycles or closes the connection inside this call, and Quart
+                # cancels the request's tasks as it ends: a close cut short there left the
+                # socket open until a timeout (issue 9: 32 s after a 413).
+                with trio.CancelScope(shield=True):
+                    await send(message)
+                return
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as error:
+            context = {"method": method, "path": path[:200]}
+            self.failures.record("request", error, context)
+            if not started:  # else hypercorn ends the half-sent response
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(_INTERNAL_ERROR_BODY)).encode()),
+                    *extra,
+                ]
+                await _respond(send, 500, headers, _INTERNAL_ERROR_BODY)
 
     def _allows(self, origin: bytes) -> bool:
         return self._any_origin or origin.decode("latin-1").rstrip("/") in self._origins

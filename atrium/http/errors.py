@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from ..failures import ContainedFailures
 from ..persistence.database import DatabaseUnavailable
 from .json import json_response
 
@@ -100,5 +101,14 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.exception("unhandled error", exc_info=error)
+        # The request's failure boundary: this request alone ends (500), logged once with
+        # its context and counted (``/health/supervisor``).
+        user = g.get("user")
+        context = {
+            "method": request.method,
+            "path": request.path[:200],
+            "user_id": None if user is None else str(getattr(user, "id", None)),
+        }
+        failures: ContainedFailures = app.extensions["atrium"].failures
+        failures.record("request", error, context)
         return error_response(500, "internal_error", "Something went wrong on our side")

@@ -9,6 +9,8 @@ import orjson
 from quart import Response
 from quart.json.provider import DefaultJSONProvider
 
+from .. import json_input
+
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 
@@ -30,10 +32,11 @@ def json_response(value: Any, status: int = 200) -> Response:
 
 
 class OrjsonProvider(DefaultJSONProvider):
-    """Quart's JSON provider backed by orjson."""
+    """Quart's JSON provider backed by orjson; what it reads (request bodies) is bounded
+    in depth (``json_input.loads``)."""
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         return dumps_bytes(obj).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        return orjson.loads(s)
+        return json_input.loads(s)

@@ -86,7 +86,10 @@ def _require_operator() -> None:
     scheme, _, token = header.partition(" ")
     if expected is None:
         raise ApiError(403, "operator_disabled", "Set ADMIN_TOKEN to use operator endpoints")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), expected):
+    # Bytes, not str: compare_digest refuses a str with non-ASCII characters (a TypeError).
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
         raise ApiError(
             401,
             "operator_token_required",
@@ -102,9 +105,12 @@ def _require_operator() -> None:
 @error_responses(401)
 async def supervisor_tree() -> Response:
     """The process's supervision tree: every supervisor and child with its state, restart
-    count, last failure, uptime and mailbox depth. Needs ``Authorization: Bearer
-    <ADMIN_TOKEN>`` outside development."""
+    count, last failure, uptime and mailbox depth; and ``contained_failures``, the
+    connections and requests that an unexpected exception ended (each alone, never a
+    child of the tree), by kind. Needs ``Authorization: Bearer <ADMIN_TOKEN>`` outside
+    development."""
     _require_operator()
-    root = services().supervisor
+    svc = services()
+    root = svc.supervisor
     tree: dict[str, Any] | None = None if root is None else root.snapshot().to_dict()
-    return json_response({"supervisor": tree})
+    return json_response({"supervisor": tree, "contained_failures": svc.failures.counts()})

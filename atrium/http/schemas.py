@@ -161,6 +161,9 @@ ChildModel.model_rebuild()  # it refers to SupervisorModel, defined after it
 
 class SupervisorTreeResponse(BaseModel):
     supervisor: SupervisorModel | None
+    contained_failures: dict[str, int] = Field(
+        description="Connections and requests ended by an unexpected exception, by kind"
+    )
 
 
 class OnlineUser(BaseModel):

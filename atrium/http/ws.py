@@ -69,13 +69,21 @@ class WorkspaceSockets:
         handshake = Handshake.parse(
             scope["path"], scope["query_string"].decode("latin-1"), scope["headers"]
         )
-        if handshake is None or self._realtime is None:
+        realtime = self._realtime
+        if handshake is None or realtime is None:
             await _reject(send, 404, "not_found", "No WebSocket endpoint at this path")
             return
-        if (await receive())["type"] != "websocket.connect":
+        # The connection's failure boundary before the session's own (Realtime.serve):
+        # hypercorn answers a handshake its application abandoned with a 500.
+        try:
+            if (await receive())["type"] != "websocket.connect":
+                return
+            await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        except Exception as error:
+            context = {"transport": "main", "project_id": handshake.project_id[:64]}
+            realtime.failures.record("connection", error, context)
             return
-        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
-        await self._realtime.serve(AsgiConnection(receive, send), handshake)
+        await realtime.serve(AsgiConnection(receive, send), handshake, transport="main")
 
 
 async def _reject(send: ASGISendCallable, status: int, code: str, message: str) -> None:

@@ -141,13 +141,23 @@ class TrioWebsocketConnection:
 
 
 async def _handle(realtime: Realtime, request: WebSocketRequest) -> None:
-    path, _, query = request.path.partition("?")
-    handshake = Handshake.parse(path, query, request.headers)
-    if handshake is None:
-        await request.reject(404)
-        return
-    ws = await request.accept()
-    await realtime.serve(TrioWebsocketConnection(ws), handshake)
+    """One connection, inside its failure boundary: the handshake here, the session in
+    ``Realtime.serve``. An exception never reaches the listener that serves everyone."""
+    try:
+        path, _, query = request.path.partition("?")
+        handshake = Handshake.parse(path, query, request.headers)
+        if handshake is None:
+            await request.reject(404)
+            return
+        conn = TrioWebsocketConnection(await request.accept())
+    except ConnectionClosed:
+        return  # the peer left during the handshake
+    except Exception as error:
+        realtime.failures.record(
+            "connection", error, {"transport": "listener", "path": request.path[:100]}
+        )
+        return  # trio-websocket closes the connection when its handler returns
+    await realtime.serve(conn, handshake, transport="listener")
 
 
 async def serve_listener(
