@@ -407,10 +407,12 @@ def versus_peer(cached: Cached, uncached: Uncached) -> bool:
     if stampede is not None:
         p50, p99, slowest = stampede.percentile_ms(50), stampede.percentile_ms(99), max_ms(stampede)
         stalls = slowest < STALL_MAX_MS and p99 <= STALL_P99_OVER_P50 * p50
+        stalled = sum(1 for latency in stampede.latencies if latency * 1000 >= STALL_MAX_MS)
         ok = ok and stalls
         print(
             f"\nGET {ME}, default caches, {stampede.wall_seconds:.0f} s: {stampede.rate:,.0f} req/s"
             f"  p50 {p50:.2f} ms  p99 {p99:.2f} ms ({p99 / p50:.2f}x p50)  max {slowest:.2f} ms"
+            f"  {stalled} of {stampede.completed:,} took >= {STALL_MAX_MS:.0f} ms"
             f"  | target: max < {STALL_MAX_MS:.0f} ms and p99 <= {STALL_P99_OVER_P50}x p50:"
             f" {'yes' if stalls else 'NO'}"
         )
