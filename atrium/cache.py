@@ -100,7 +100,8 @@ class SingleFlight:
     after following ``max_follows`` fills that stored nothing it fills by itself. So no
     one waits for a fill that will not come, and a failing source is tried again by the
     next caller rather than failing everyone with one error. A fill that reads None
-    (nothing to cache, e.g. a revoked session) hands None to its followers.
+    (nothing to cache) hands None to its followers as it is: fills return None only for
+    absences that do not come back, such as a revoked session.
     """
 
     __slots__ = ("_flights", "_max_follows")
