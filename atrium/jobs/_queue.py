@@ -1,0 +1,135 @@
+"""The in-process side of the job queue: settings, the clock, wake-ups and watchers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from ..persistence import jobs as store
+from ..persistence.database import Database
+from ..persistence.jobs import Job, JobStatus
+from ..tasks import TaskRegistry
+from ..tasks import registry as default_registry
+from ._policy import RetryPolicy
+
+if TYPE_CHECKING:
+    from ._actor import JobActor
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """How this process runs jobs."""
+
+    concurrency: int = 4
+    """Job actors in this process (WORKER_CONCURRENCY); 0 runs none."""
+    lease_seconds: float = 30.0
+    """A running job's lease (JOB_LEASE_SECONDS); renewed every third of it."""
+    default_timeout: float = 300.0
+    default_max_retries: int = 3
+    retention_days: int = 30
+    """Finished jobs older than this are deleted (JOB_RETENTION_DAYS); 0 keeps them."""
+    poll_seconds: float = 1.0
+    """Idle actors look for due jobs at least this often (retries, other processes)."""
+    drain_seconds: float = 5.0
+    """A stopping actor lets its job run this long, then releases it back to the queue."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        # Also how soon a cancel requested through another process is seen.
+        return min(self.lease_seconds / 3, 0.5)
+
+
+class JobObserver(Protocol):
+    """Told of every job state change this process makes (live workspace events)."""
+
+    async def job_changed(self, job: Job, previous: JobStatus | None) -> None: ...
+
+
+class JobQueue:
+    """Shared by the HTTP layer and the job actors of one process.
+
+    ``wake()`` after a submission rouses idle actors at once (same process; other
+    processes poll every ``poll_seconds``). ``changed(job)`` after every state change
+    wakes whoever waits in :meth:`wait_for`. Running actors register here so a cancel
+    reaches a job's cancel scope at once.
+    """
+
+    def __init__(
+        self,
+        settings: JobSettings,
+        *,
+        database: Callable[[], Database],
+        registry: TaskRegistry = default_registry,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._database = database
+        self._clock = clock
+        self._wakeup = trio.Event()
+        self._changed = trio.Event()
+        self._running: dict[uuid.UUID, JobActor] = {}
+        self.observers: list[JobObserver] = []
+
+    @property
+    def db(self) -> Database:
+        """The current pool (a restarted pool replaces the old one)."""
+        return self._database()
+
+    def now(self) -> datetime:
+        """Wall-clock time from the queue's clock: job rows never use SQL ``now()``."""
+        seconds = trio.current_time() if self._clock is None else self._clock()
+        return datetime.fromtimestamp(seconds, UTC)
+
+    def wake(self) -> None:
+        """A job may be due now: rouse every idle actor."""
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    def wakeup(self) -> trio.Event:
+        """The event the next :meth:`wake` sets. Take it *before* looking for work, so a
+        submission between the look and the wait is not missed."""
+        return self._wakeup
+
+    async def changed(self, job: Job, previous: JobStatus | None = None) -> None:
+        """Record that ``job`` changed state here: wake waiters and tell observers."""
+        self._changed.set()
+        self._changed = trio.Event()
+        for observer in self.observers:
+            await observer.job_changed(job, previous)
+
+    async def wait_for(self, job_id: uuid.UUID, statuses: Collection[JobStatus]) -> Job:
+        """Wait until the job is in one of ``statuses``; see :meth:`wait_until`."""
+        return await self.wait_until(job_id, lambda job: job.status in statuses)
+
+    async def wait_until(self, job_id: uuid.UUID, done: Callable[[Job], bool]) -> Job:
+        """Wait until ``done(job)`` holds and return the job. Changes made in this process
+        wake the wait at once; others' are seen within ``poll_seconds``. Callers bound the
+        wait (``trio.fail_after``)."""
+        while True:
+            changed = self._changed
+            job = await store.load_job(self.db, job_id)
+            if job is not None and done(job):
+                return job
+            with trio.move_on_after(self.settings.poll_seconds):
+                await changed.wait()
+
+    def register(self, job_id: uuid.UUID, actor: JobActor) -> None:
+        self._running[job_id] = actor
+
+    def unregister(self, job_id: uuid.UUID) -> None:
+        self._running.pop(job_id, None)
+
+    def cancel_local(self, job_id: uuid.UUID) -> bool:
+        """Stop the job's task now if an actor of this process runs it; True if so."""
+        actor = self._running.get(job_id)
+        if actor is None:
+            return False
+        actor.cancel_job(job_id)
+        return True

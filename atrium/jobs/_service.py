@@ -1,0 +1,117 @@
+"""The jobs application service: what the API (and anyone else) does with jobs."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..persistence import jobs as store
+from ..persistence.jobs import Job, JobPage, JobStatus, Priority
+from ..tasks import InvalidPayload
+from ._queue import JobQueue
+
+# Assumed run time of a task that has never completed, for the first estimates.
+_DEFAULT_RUN_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    job: Job
+    created: bool
+    position_in_queue: int
+    estimated_completion: datetime
+
+
+class JobService:
+    """Submits, reads, cancels and retries jobs, checking who may, and tells the job
+    actors of this process (wake-ups, cancels) and its observers (state changes)."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    async def submit(
+        self,
+        user_id: uuid.UUID,
+        *,
+        task_name: str,
+        payload: Any,
+        priority: Priority = Priority.NORMAL,
+        timeout_seconds: float | None = None,
+        max_retries: int | None = None,
+        project_id: uuid.UUID | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """Validate and queue a job. Raises UnknownTask, InvalidPayload (naming the field),
+        ProjectNotFound, RoleForbidden."""
+        queue = self.queue
+        task = queue.registry.get(task_name)
+        parsed = queue.registry.validate(task_name, payload)
+        if task.needs_project and project_id is None:
+            raise InvalidPayload("project_id", f"the task {task_name} needs a project_id")
+        settings = queue.settings
+        if timeout_seconds is None:
+            timeout_seconds = settings.default_timeout
+        if max_retries is None:
+            max_retries = settings.default_max_retries
+        submitted = await store.submit(
+            queue.db,
+            user_id=user_id,
+            task_name=task_name,
+            payload=parsed.model_dump(mode="json"),
+            priority=priority,
+            timeout_seconds=timeout_seconds,
+            max_retries=max_retries,
+            now=queue.now(),
+            project_id=project_id,
+            idempotency_key=idempotency_key,
+        )
+        job = submitted.job
+        if submitted.created:
+            queue.wake()
+            await queue.changed(job, None)
+        position, mean = await store.queue_position(queue.db, job)
+        run = _DEFAULT_RUN_SECONDS if mean is None else mean
+        waves = math.ceil(position / max(1, settings.concurrency))
+        estimate = queue.now() + timedelta(seconds=run * max(1, waves))
+        return Submission(job, submitted.created, position, estimate)
+
+    async def get(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
+        """The job if ``user_id`` may see it. Raises JobNotFound."""
+        return await store.get_job(self.queue.db, job_id, user_id)
+
+    async def list(
+        self,
+        user_id: uuid.UUID,
+        *,
+        status: JobStatus | None = None,
+        project_id: uuid.UUID | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> JobPage:
+        """The user's jobs, or a project's (members only), newest first."""
+        return await store.list_jobs(
+            self.queue.db, user_id, status=status, project_id=project_id, limit=limit, offset=offset
+        )
+
+    async def cancel(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
+        """Cancel: a waiting job at once; a running one is stopped by its actor (at once in
+        this process, within a heartbeat elsewhere). Raises JobNotFound, JobForbidden,
+        JobStateConflict."""
+        before = await store.get_job(self.queue.db, job_id, user_id)
+        job = await store.cancel(self.queue.db, job_id, user_id, self.queue.now())
+        if job.status is JobStatus.RUNNING:
+            self.queue.cancel_local(job_id)
+        else:
+            await self.queue.changed(job, before.status)
+        return job
+
+    async def retry(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
+        """Queue a failed, dead or cancelled job again. Raises as :meth:`cancel`."""
+        before = await store.get_job(self.queue.db, job_id, user_id)
+        job = await store.retry(self.queue.db, job_id, user_id, self.queue.now())
+        self.queue.wake()
+        await self.queue.changed(job, before.status)
+        return job

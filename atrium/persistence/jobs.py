@@ -1,0 +1,652 @@
+"""Background jobs: the durable queue. The ``jobs`` row is the truth of a job.
+
+Life of a row (the README draws it)::
+
+    queued -> running -> completed
+                      -> failed     (will run again at next_attempt_at) -> running ...
+                      -> dead       (no retries left, or a task said "do not retry")
+                      -> cancelled
+    queued | failed -> cancelled
+
+A job actor claims the oldest job of the highest priority with ``FOR UPDATE SKIP LOCKED``
+(two claimers never get the same row and never wait on each other) and holds it under a
+lease: a fresh ``lease_token`` per claim and a ``lease_expires_at`` it renews by heartbeat.
+Every write about a running attempt names its token, so a worker whose lease was reaped
+(it stalled, its process died) changes nothing any more. Times come from the caller's
+clock, never from ``now()`` in SQL, so tests can drive leases and backoff with a fake one.
+
+Who may see a job: its creator and, for a job tied to a project, every member of that
+project; who may cancel or retry it: its creator and the project's owners. Everyone else
+gets ``JobNotFound``, exactly as for a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ..roles import Action, Role, can
+from .database import Database
+from .projects import ProjectNotFound, RoleForbidden
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    """An attempt failed and the job runs again at ``next_attempt_at``."""
+    DEAD = "dead"
+    """No attempt left (or a "do not retry" error): the dead-letter state."""
+    CANCELLED = "cancelled"
+
+
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.DEAD, JobStatus.CANCELLED})
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
+
+
+class Priority(enum.IntEnum):
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+
+class JobError(Exception):
+    """A refused job operation; ``code`` is stable."""
+
+    code = "job_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class JobNotFound(JobError):
+    code = "job_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("No such job")
+
+
+class JobForbidden(JobError):
+    """The caller may see the job but not change it (a viewer, a collaborator)."""
+
+    code = "forbidden_role"
+
+
+class JobStateConflict(JobError):
+    """The job is not in a state that allows the operation (cancel a finished job, say)."""
+
+    code = "job_state_conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    project_id: uuid.UUID | None
+    task_name: str
+    payload: dict[str, Any]
+    priority: Priority
+    status: JobStatus
+    timeout_seconds: float
+    max_retries: int
+    attempt_count: int
+    budget_from: int
+    attempts: list[dict[str, Any]]
+    progress: int
+    progress_message: str | None
+    result: Any
+    error: str | None
+    idempotency_key: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    next_attempt_at: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+
+    @property
+    def retries_left(self) -> int:
+        """Attempts still allowed after the current (counted) one."""
+        return self.max_retries - (self.attempt_count - self.budget_from)
+
+    @property
+    def retry_count(self) -> int:
+        """Attempts after the first that counted (the seed's ``retry_count``)."""
+        return max(0, self.attempt_count - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job this worker now runs, and the token its writes must carry."""
+
+    job: Job
+    token: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[Job]
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job: Job
+    created: bool
+    """False when the idempotency key named an earlier job, which is returned instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    job_id: uuid.UUID
+    project_id: uuid.UUID | None
+    status: JobStatus
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _loads(raw: Any) -> Any:
+    return None if raw is None else orjson.loads(raw)
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        user_id=row["user_id"],
+        project_id=row["project_id"],
+        task_name=row["task_name"],
+        payload=_loads(row["payload"]),
+        priority=Priority(row["priority"]),
+        status=JobStatus(row["status"]),
+        timeout_seconds=row["timeout_seconds"],
+        max_retries=row["max_retries"],
+        attempt_count=row["attempt_count"],
+        budget_from=row["budget_from"],
+        attempts=_loads(row["attempts"]),
+        progress=row["progress"],
+        progress_message=row["progress_message"],
+        result=_loads(row["result"]),
+        error=row["error"],
+        idempotency_key=row["idempotency_key"],
+        cancel_requested=row["cancel_requested"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        next_attempt_at=row["next_attempt_at"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+    )
+
+
+# The last attempt, patched: ``attempts`` with its final element merged with $patch.
+_PATCH_LAST = (
+    "jsonb_set(attempts, ARRAY[(jsonb_array_length(attempts) - 1)::text],"
+    " (attempts -> -1) || {}::jsonb)"
+)
+
+
+async def _role(conn: asyncpg.Connection, project_id: uuid.UUID, user_id: uuid.UUID) -> Role | None:
+    role = await conn.fetchval(
+        "SELECT m.role FROM project_members m JOIN projects p ON p.id = m.project_id"
+        " WHERE m.project_id = $1 AND m.user_id = $2 AND p.deleted_at IS NULL",
+        project_id,
+        user_id,
+    )
+    return None if role is None else Role(role)
+
+
+async def submit(
+    db: Database,
+    *,
+    user_id: uuid.UUID,
+    task_name: str,
+    payload: Mapping[str, Any],
+    priority: Priority,
+    timeout_seconds: float,
+    max_retries: int,
+    now: datetime,
+    project_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """Queue a job (validated by the caller against its task) and return it.
+
+    With ``project_id``, the user must be a member whose role may run jobs there:
+    ``ProjectNotFound`` for a non-member (or a missing project), ``RoleForbidden`` for a
+    viewer. An ``idempotency_key`` the same user used before returns that earlier job
+    (``created`` False), whatever its state, and queues nothing.
+    """
+
+    async def insert(conn: asyncpg.Connection) -> Submitted:
+        if project_id is not None:
+            role = await _role(conn, project_id, user_id)
+            if role is None:
+                raise ProjectNotFound()
+            if not can(role, Action.RUN_JOBS):
+                raise RoleForbidden(f"A {role} cannot run jobs in this project")
+        row = await conn.fetchrow(
+            "INSERT INTO jobs (id, user_id, project_id, task_name, payload, priority, status,"
+            " timeout_seconds, max_retries, idempotency_key, created_at, next_attempt_at)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, 'queued', $7, $8, $9, $10, $10)"
+            " ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING *",
+            uuid.uuid4(),
+            user_id,
+            project_id,
+            task_name,
+            _json(payload),
+            int(priority),
+            timeout_seconds,
+            max_retries,
+            idempotency_key,
+            now,
+        )
+        if row is not None:
+            return Submitted(job_from_row(row), True)
+        earlier = await conn.fetchrow(
+            "SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+            user_id,
+            idempotency_key,
+        )
+        assert earlier is not None  # the conflict that stopped the insert
+        return Submitted(job_from_row(earlier), False)
+
+    return await db.transaction(insert)
+
+
+async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
+    """``(position, mean_seconds)``: the job's place among the jobs waiting to run (1 =
+    next; 0 when it is not waiting), and the mean run time of this task's recent completed
+    jobs (None before the first)."""
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM jobs w WHERE w.status IN ('queued', 'failed')"
+        "          AND (w.priority > $2 OR (w.priority = $2 AND w.seq <= j.seq))"
+        "          AND j.status IN ('queued', 'failed')) AS position,"
+        " (SELECT avg(extract(epoch FROM r.completed_at - r.started_at)) FROM"
+        "    (SELECT completed_at, started_at FROM jobs WHERE task_name = $3"
+        "     AND status = 'completed' ORDER BY completed_at DESC LIMIT 50) r) AS mean"
+        " FROM jobs j WHERE j.id = $1",
+        job.id,
+        int(job.priority),
+        job.task_name,
+    )
+    if row is None:
+        return 0, None
+    mean = row["mean"]
+    return int(row["position"]), None if mean is None else float(mean)
+
+
+async def _visible(
+    conn: asyncpg.Connection | Database, job_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool
+) -> tuple[Job, bool]:
+    """The job and whether ``user_id`` may change it; ``JobNotFound`` if they may not see it."""
+    row = await conn.fetchrow(
+        "SELECT j.*, m.role AS member_role FROM jobs j"
+        " LEFT JOIN projects p ON p.id = j.project_id AND p.deleted_at IS NULL"
+        " LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
+        " WHERE j.id = $1" + (" FOR UPDATE OF j" if lock else ""),
+        job_id,
+        user_id,
+    )
+    if row is None:
+        raise JobNotFound()
+    job = job_from_row(row)
+    role = None if row["member_role"] is None else Role(row["member_role"])
+    if job.user_id == user_id:
+        return job, True
+    if job.project_id is None or role is None:
+        raise JobNotFound()
+    return job, role is Role.OWNER
+
+
+async def load_job(db: Database, job_id: uuid.UUID) -> Job | None:
+    """The job, whoever asks (workers and operators, not the API)."""
+    row = await db.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+    return None if row is None else job_from_row(row)
+
+
+async def get_job(db: Database, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
+    """The job as ``user_id`` may see it; ``JobNotFound`` otherwise."""
+    job, _ = await _visible(db, job_id, user_id, lock=False)
+    return job
+
+
+async def list_jobs(
+    db: Database,
+    user_id: uuid.UUID,
+    *,
+    status: JobStatus | None = None,
+    project_id: uuid.UUID | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> JobPage:
+    """Newest first: the user's own jobs or, with ``project_id``, every job of that project
+    when the user is a member (``ProjectNotFound`` when not)."""
+    args: list[Any]
+    if project_id is not None:
+        if await _role_of(db, project_id, user_id) is None:
+            raise ProjectNotFound()
+        where, args = "j.project_id = $1", [project_id]
+    else:
+        where, args = "j.user_id = $1", [user_id]
+    if status is not None:
+        args.append(status.value)
+        where += f" AND j.status = ${len(args)}"
+    args += [limit, offset]
+    rows = await db.fetch(
+        "SELECT j.*, count(*) OVER () AS total FROM jobs j"
+        f" WHERE {where} ORDER BY j.seq DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}",
+        *args,
+    )
+    if rows:
+        total = int(rows[0]["total"])
+    else:
+        args = args[:-2]
+        total = int(await db.fetchval(f"SELECT count(*) FROM jobs j WHERE {where}", *args))
+    return JobPage([job_from_row(r) for r in rows], total)
+
+
+async def _role_of(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> Role | None:
+    async def read(conn: asyncpg.Connection) -> Role | None:
+        return await _role(conn, project_id, user_id)
+
+    return await db.transaction(read)
+
+
+async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Job:
+    """Cancel a job: a waiting one at once (``cancelled``); a running one is marked
+    ``cancel_requested`` and its worker stops it. ``JobNotFound``, ``JobForbidden`` for a
+    member who may only look, ``JobStateConflict`` for a finished job."""
+
+    async def update(conn: asyncpg.Connection) -> Job:
+        job, may_change = await _visible(conn, job_id, user_id, lock=True)
+        if not may_change:
+            raise JobForbidden("Only the job's creator or a project owner may cancel it")
+        if job.status in (JobStatus.QUEUED, JobStatus.FAILED):
+            row = await conn.fetchrow(
+                "UPDATE jobs SET status = 'cancelled', completed_at = $2, error = 'cancelled'"
+                " WHERE id = $1 RETURNING *",
+                job_id,
+                now,
+            )
+        elif job.status is JobStatus.RUNNING:
+            row = await conn.fetchrow(
+                "UPDATE jobs SET cancel_requested = true WHERE id = $1 RETURNING *", job_id
+            )
+        else:
+            raise JobStateConflict(f"The job is {job.status} and cannot be cancelled")
+        assert row is not None
+        return job_from_row(row)
+
+    return await db.transaction(update)
+
+
+async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Job:
+    """Queue a failed, dead or cancelled job again now, with a fresh retry budget; its
+    attempts so far are kept. Errors as for :func:`cancel`."""
+
+    async def update(conn: asyncpg.Connection) -> Job:
+        job, may_change = await _visible(conn, job_id, user_id, lock=True)
+        if not may_change:
+            raise JobForbidden("Only the job's creator or a project owner may retry it")
+        if job.status not in RETRYABLE:
+            raise JobStateConflict(
+                f"The job is {job.status}; only failed, dead or cancelled jobs can be retried"
+            )
+        row = await conn.fetchrow(
+            "UPDATE jobs SET status = 'queued', next_attempt_at = $2, cancel_requested = false,"
+            " budget_from = attempt_count, completed_at = NULL, error = NULL, result = NULL,"
+            " progress = 0, progress_message = NULL WHERE id = $1 RETURNING *",
+            job_id,
+            now,
+        )
+        assert row is not None
+        return job_from_row(row)
+
+    return await db.transaction(update)
+
+
+# -- the worker side -------------------------------------------------------------------------
+
+
+async def claim(
+    db: Database, *, worker: str, now: datetime, lease_seconds: float
+) -> Claimed | None:
+    """Take the next job that is due (highest priority, then oldest) and start an attempt:
+    ``running``, a new lease, the attempt counted and recorded. None when nothing is due."""
+    token = uuid.uuid4()
+    row = await db.fetchrow(
+        "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
+        "   AND next_attempt_at <= $1 ORDER BY priority DESC, seq LIMIT 1"
+        "   FOR UPDATE SKIP LOCKED)"
+        " UPDATE jobs j SET status = 'running', lease_token = $2, lease_owner = $3,"
+        " lease_expires_at = $4, started_at = coalesce(j.started_at, $1),"
+        " attempt_count = j.attempt_count + 1, progress = 0, progress_message = NULL,"
+        " attempts = j.attempts || jsonb_build_object('n', jsonb_array_length(j.attempts) + 1,"
+        "   'started_at', $5::text, 'worker', $3::text)"
+        " FROM next WHERE j.id = next.id RETURNING j.*",
+        now,
+        token,
+        worker,
+        now + timedelta(seconds=lease_seconds),
+        _iso(now),
+    )
+    return None if row is None else Claimed(job_from_row(row), token)
+
+
+async def heartbeat(
+    db: Database, claimed: Claimed, *, now: datetime, lease_seconds: float
+) -> bool | None:
+    """Renew the lease; return whether a cancel was requested, or None when the lease is
+    no longer ours (reaped, or the job was taken back)."""
+    return await db.fetchval(  # type: ignore[no-any-return]
+        "UPDATE jobs SET lease_expires_at = $3 WHERE id = $1 AND lease_token = $2"
+        " AND status = 'running' RETURNING cancel_requested",
+        claimed.job.id,
+        claimed.token,
+        now + timedelta(seconds=lease_seconds),
+    )
+
+
+async def set_progress(db: Database, claimed: Claimed, percent: int, message: str | None) -> bool:
+    """Record the running attempt's progress; False when the lease is no longer ours."""
+    status = await db.execute(
+        "UPDATE jobs SET progress = $3, progress_message = $4"
+        " WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+        claimed.job.id,
+        claimed.token,
+        percent,
+        message,
+    )
+    return status == "UPDATE 1"
+
+
+async def _finish(
+    db: Database, claimed: Claimed, sets: str, patch: Mapping[str, Any], *args: Any
+) -> Job | None:
+    row = await db.fetchrow(
+        f"UPDATE jobs SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
+        f" attempts = {_PATCH_LAST.format('$3')}"
+        " WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *",
+        claimed.job.id,
+        claimed.token,
+        _json(patch),
+        *args,
+    )
+    return None if row is None else job_from_row(row)
+
+
+async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any) -> Job | None:
+    """The attempt succeeded: ``completed`` with ``result``. None if the lease was lost."""
+    return await _finish(
+        db,
+        claimed,
+        "status = 'completed', result = $4::jsonb, completed_at = $5, progress = 100, error = NULL",
+        {"ended_at": _iso(now), "outcome": "completed", "error": None},
+        _json(result),
+        now,
+    )
+
+
+async def fail(
+    db: Database, claimed: Claimed, *, now: datetime, error: str, retry_at: datetime | None
+) -> Job | None:
+    """The attempt failed with ``error``: ``failed`` until ``retry_at``, or ``dead`` when
+    ``retry_at`` is None. None if the lease was lost."""
+    if retry_at is None:
+        return await _finish(
+            db,
+            claimed,
+            "status = 'dead', error = $4, completed_at = $5",
+            {"ended_at": _iso(now), "outcome": "dead", "error": error},
+            error,
+            now,
+        )
+    return await _finish(
+        db,
+        claimed,
+        "status = 'failed', error = $4, next_attempt_at = $5",
+        {"ended_at": _iso(now), "outcome": "failed", "error": error},
+        error,
+        retry_at,
+    )
+
+
+async def finish_cancelled(db: Database, claimed: Claimed, *, now: datetime) -> Job | None:
+    """A running job stopped on request: ``cancelled``. None if the lease was lost."""
+    return await _finish(
+        db,
+        claimed,
+        "status = 'cancelled', error = 'cancelled', completed_at = $4",
+        {"ended_at": _iso(now), "outcome": "cancelled", "error": "cancelled"},
+        now,
+    )
+
+
+async def release(db: Database, claimed: Claimed, *, now: datetime) -> Job | None:
+    """Hand a running job back (its worker is stopping): ``queued`` again at once, and the
+    attempt does not count. None if the lease was lost."""
+    return await _finish(
+        db,
+        claimed,
+        "status = 'queued', attempt_count = attempt_count - 1, next_attempt_at = $4",
+        {"ended_at": _iso(now), "outcome": "released", "error": None},
+        now,
+    )
+
+
+async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list[Reaped]:
+    """Take back running jobs whose lease expired (their worker died or stalled): the
+    attempt counts and ends with an error; the job is queued again at once, ``dead`` when
+    it has no attempt left, ``cancelled`` when a cancel was requested."""
+    patch = _PATCH_LAST.format(
+        "jsonb_build_object('ended_at', $2::text, 'outcome', s.status,"
+        " 'error', 'the worker stopped renewing its lease (lost or killed)')"
+    )
+    rows = await db.fetch(
+        "WITH expired AS (SELECT id, CASE WHEN cancel_requested THEN 'cancelled'"
+        "   WHEN attempt_count - budget_from > max_retries THEN 'dead' ELSE 'queued' END"
+        "   AS status FROM jobs WHERE status = 'running' AND lease_expires_at < $1"
+        "   ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+        " UPDATE jobs j SET status = s.status, lease_token = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = $1, error = 'the worker stopped renewing its lease',"
+        " completed_at = CASE WHEN s.status = 'queued' THEN NULL ELSE $1 END,"
+        f" attempts = {patch}"
+        " FROM expired s WHERE j.id = s.id RETURNING j.id, j.project_id, j.status",
+        now,
+        _iso(now),
+        limit,
+    )
+    return [Reaped(r["id"], r["project_id"], JobStatus(r["status"])) for r in rows]
+
+
+async def prune_finished(db: Database, *, before: datetime, limit: int = 1000) -> int:
+    """Delete up to ``limit`` finished jobs (completed, dead, cancelled) that finished
+    before ``before``; return how many."""
+    status = await db.execute(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
+        " WHERE status IN ('completed', 'dead', 'cancelled') AND completed_at < $1 LIMIT $2)",
+        before,
+        limit,
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def project_snapshot(db: Database, project_id: uuid.UUID) -> dict[str, Any] | None:
+    """The project row and its members as plain JSON values (for the export task); None
+    when the project is missing or deleted."""
+    row = await db.fetchrow(
+        "SELECT id, name, description, visibility, owner_id, created_at, updated_at"
+        " FROM projects WHERE id = $1 AND deleted_at IS NULL",
+        project_id,
+    )
+    if row is None:
+        return None
+    members = await db.fetch(
+        "SELECT m.user_id, u.email, m.role, m.invited_at, m.invited_by FROM project_members m"
+        " JOIN users u ON u.id = m.user_id WHERE m.project_id = $1 ORDER BY m.invited_at",
+        project_id,
+    )
+    return {
+        "project": {k: _plain(v) for k, v in row.items()},
+        "members": [{k: _plain(v) for k, v in m.items()} for m in members],
+    }
+
+
+async def project_events(
+    db: Database,
+    project_id: uuid.UUID,
+    *,
+    after_seq: int = 0,
+    limit: int = 5000,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` events of the project after ``after_seq`` in seq order, optionally
+    within ``[since, until)``, as plain JSON values."""
+    rows = await db.fetch(
+        "SELECT seq, type, actor_id, payload, created_at FROM project_events"
+        " WHERE project_id = $1 AND seq > $2"
+        " AND ($4::timestamptz IS NULL OR created_at >= $4)"
+        " AND ($5::timestamptz IS NULL OR created_at < $5)"
+        " ORDER BY seq LIMIT $3",
+        project_id,
+        after_seq,
+        limit,
+        since,
+        until,
+    )
+    return [
+        {
+            "seq": r["seq"],
+            "type": r["type"],
+            "actor_id": _plain(r["actor_id"]),
+            "payload": _loads(r["payload"]),
+            "created_at": _plain(r["created_at"]),
+        }
+        for r in rows
+    ]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return _iso(value)
+    return value
