@@ -1,6 +1,7 @@
-"""atrium command line: serve (default) | migrate.
+"""atrium command line: serve (default) | worker | migrate.
 
     python run.py [serve] [--host H] [--port P] [--data-dir D]
+    python run.py worker [--data-dir D]
     python run.py migrate [--data-dir D]
 
 With no DATABASE_URL an embedded PostgreSQL runs in DATA_DIR (default ./.atrium).
@@ -22,7 +23,7 @@ from atrium.config import ConfigError, Settings, load_settings
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrations import migrate
-from atrium.service import Bound, serve, tune_gc
+from atrium.service import Bound, serve, serve_worker, tune_gc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,8 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     serve_cmd = sub.add_parser("serve", help="serve the HTTP API and WebSockets (default)")
+    worker_cmd = sub.add_parser(
+        "worker", help="run background jobs only (WORKER_CONCURRENCY job actors, no HTTP)"
+    )
     migrate_cmd = sub.add_parser("migrate", help="apply database migrations and exit")
-    for p in (parser, serve_cmd, migrate_cmd):
+    for p in (parser, serve_cmd, worker_cmd, migrate_cmd):
         p.add_argument("--data-dir", help="embedded PostgreSQL and dev secrets (default ./.atrium)")
     for p in (parser, serve_cmd):
         p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
@@ -85,6 +89,34 @@ async def run_serve(settings: Settings, url: str | None) -> None:
                       flush=True)
 
 
+async def run_worker(settings: Settings, url: str | None) -> None:
+    """Run job actors until SIGINT/SIGTERM; the jobs they hold finish or go back to the
+    queue (uncounted) within the shutdown deadline."""
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for _ in signals:
+                    if stop.is_set():
+                        print("atrium: forced stop", flush=True)
+                        nursery.cancel_scope.cancel()
+                        return
+                    print("atrium: worker shutting down (releasing held jobs)", flush=True)
+                    stop.set()
+
+            async def run(task_status: trio.TaskStatus[Bound]) -> None:
+                await serve_worker(
+                    settings, url, shutdown_trigger=stop.wait, task_status=task_status
+                )
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            await nursery.start(run)
+            tune_gc()
+            print(f"atrium: worker running {settings.worker_concurrency} job actors", flush=True)
+
+
 async def run_migrate(settings: Settings, url: str) -> None:
     async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
         applied = await migrate(db)
@@ -109,7 +141,8 @@ def main(argv: list[str]) -> int:
     else:
         if not settings.database_url:
             print(f"atrium: embedded PostgreSQL in {settings.data_dir / 'pg'}", flush=True)
-        trio.run(run_serve, settings, settings.database_url)
+        runner = run_worker if args.command == "worker" else run_serve
+        trio.run(runner, settings, settings.database_url)
     print("atrium: stopped", flush=True)
     return 0
 

@@ -79,6 +79,12 @@ class Settings:
     ws_user_edits_per_second: int = 20
     event_log_retention_days: int = 30  # 0: keep events forever
     event_log_max_events_per_project: int = 100_000  # 0: no cap
+    worker_concurrency: int = 4  # job actors per process; 0: none (serve only)
+    max_job_retries: int = 3
+    job_timeout_seconds: float = 300.0
+    job_lease_seconds: float = 30.0
+    job_retention_days: int = 30  # 0: keep finished jobs forever
+    job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
 
     @property
     def is_production(self) -> bool:
@@ -118,6 +124,13 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(name, f"must be 0 or more seconds, got {raw!r}")
+    return value
+
+
+def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _seconds(env, name, default)
+    if value <= 0:
+        raise ConfigError(name, f"must be more than 0 seconds, got {value:g}")
     return value
 
 
@@ -281,5 +294,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         event_log_retention_days=_int(env, "EVENT_LOG_RETENTION_DAYS", 30, minimum=0),
         event_log_max_events_per_project=_int(
             env, "EVENT_LOG_MAX_EVENTS_PER_PROJECT", 100_000, minimum=0
+        ),
+        worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4, minimum=0),
+        max_job_retries=_int(env, "MAX_JOB_RETRIES", 3, minimum=0),
+        job_timeout_seconds=_positive_seconds(env, "JOB_TIMEOUT_SECONDS", 300.0),
+        job_lease_seconds=_positive_seconds(env, "JOB_LEASE_SECONDS", 30.0),
+        job_retention_days=_int(env, "JOB_RETENTION_DAYS", 30, minimum=0),
+        job_task_modules=tuple(
+            m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
     )

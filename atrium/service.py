@@ -9,7 +9,10 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── event_retention prunes the event log at start and every 10 min (unless keep-all)
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     trio-websocket on WS_PORT (when configured)
-    └── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    └── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper and job
+                        retention (unless WORKER_CONCURRENCY=0); ``run.py worker`` runs
+                        only postgres, database and jobs
 
 Children start in that order and stop in reverse: workspaces close their WebSockets with
 1001 first, then the listeners drain, then the pool closes, then PostgreSQL stops.
@@ -38,6 +41,7 @@ from .failures import ContainedFailures
 from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
+from .jobs import JobQueue, JobService, JobSettings, RetryPolicy, jobs_spec
 from .persistence.database import Database, open_database
 from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrations import migrate
@@ -47,6 +51,7 @@ from .services import build_services
 from .session import Realtime, SessionSettings
 from .supervision import Backoff, ChildSpec, Strategy, Supervisor, open_supervisor
 from .supervision import supervisor_spec as make_supervisor_spec
+from .tasks import load_task_modules
 
 log = logging.getLogger("atrium")
 
@@ -59,6 +64,7 @@ class Bound:
     port: int
     ws_port: int | None = None
     supervisor: Supervisor | None = field(default=None, compare=False)
+    jobs: JobQueue | None = field(default=None, compare=False)
 
     @property
     def url(self) -> str:
@@ -135,6 +141,7 @@ async def _run_http(
     clock: Callable[[], float],
     workspaces_spec: ChildSpec[Supervisor],
     failures: ContainedFailures,
+    jobs: JobQueue,
     *,
     task_status: trio.TaskStatus[HttpServer],
 ) -> None:
@@ -165,6 +172,7 @@ async def _run_http(
     services.realtime = realtime
     services.revoke_live_session = realtime.revoke_session
     services.supervisor = root
+    services.jobs = JobService(jobs)
     app = create_asgi(services)
     stop = trio.Event()
     config = hypercorn_config(settings, settings.port)
@@ -208,6 +216,28 @@ async def _run_ws_listener(
         with trio.move_on_after(5.0):
             await http.realtime.wait_drained()
         nursery.cancel_scope.cancel()
+
+
+def job_settings(settings: Settings) -> JobSettings:
+    """How this process runs jobs, from its settings."""
+    lease = settings.job_lease_seconds
+    return JobSettings(
+        concurrency=settings.worker_concurrency,
+        lease_seconds=lease,
+        default_timeout=settings.job_timeout_seconds,
+        default_max_retries=settings.max_job_retries,
+        retention_days=settings.job_retention_days,
+        poll_seconds=min(1.0, lease / 3),
+        drain_seconds=min(5.0, lease / 2),
+        retry=RetryPolicy(),
+    )
+
+
+def _job_queue(settings: Settings, root: Supervisor, clock: Callable[[], float]) -> JobQueue:
+    load_task_modules(settings.job_task_modules)
+    return JobQueue(
+        job_settings(settings), database=lambda: root.child("database").value, clock=clock
+    )
 
 
 def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
@@ -270,6 +300,46 @@ async def serve(
             cluster.close()
 
 
+async def serve_worker(
+    settings: Settings,
+    database_url: str | None,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a job worker (``run.py worker``): the database and the ``jobs`` subtree, no HTTP
+    and no WebSockets. Like :func:`serve` otherwise; ``Bound`` has no port (0)."""
+    cluster: EmbeddedPostgres | None = None
+    if database_url is None:
+        cluster = EmbeddedPostgres(settings.data_dir)
+        await trio.to_thread.run_sync(cluster.prepare)
+        database_url = cluster.url
+    try:
+        async with open_supervisor(
+            name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
+        ) as root:
+            if cluster is not None:
+                await root.start_child(postgres_spec(cluster))
+            await root.start_child(
+                ChildSpec(
+                    "database",
+                    partial(_run_database, settings, database_url),
+                    shutdown_timeout=15.0,
+                )
+            )
+            queue = _job_queue(settings, root, clock)
+            await root.start_child(jobs_spec(queue))
+            task_status.started(Bound(settings.host, 0, None, root, queue))
+            if shutdown_trigger is None:
+                await trio.sleep_forever()
+            else:
+                await shutdown_trigger()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
 async def _serve_tree(
     settings: Settings,
     database_url: str,
@@ -297,10 +367,11 @@ async def _serve_tree(
             await root.start_child(
                 ChildSpec("event_retention", partial(_run_pruner, root, policy, clock))
             )
+        jobs = _job_queue(settings, root, clock)
         http = await root.start_child(
             ChildSpec(
                 "http",
-                partial(_run_http, root, settings, clock, workspaces_spec, failures),
+                partial(_run_http, root, settings, clock, workspaces_spec, failures, jobs),
                 shutdown_timeout=15.0,
             )
         )
@@ -313,8 +384,11 @@ async def _serve_tree(
             )
             ws_port = listener.value.port
         await root.start_child(workspaces_spec)
+        if settings.worker_concurrency > 0:
+            # Last: stopped first, so held jobs are released while the pool is still open.
+            await root.start_child(jobs_spec(jobs))
         server: HttpServer = http.value
-        task_status.started(Bound(server.host, server.port, ws_port, root))
+        task_status.started(Bound(server.host, server.port, ws_port, root, jobs))
         if shutdown_trigger is None:
             await trio.sleep_forever()
         else:

@@ -17,6 +17,7 @@ from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec, VerifiedTokens
 
 if TYPE_CHECKING:
+    from .jobs import JobService
     from .session import Realtime
     from .supervision import Supervisor
 
@@ -56,7 +57,7 @@ class Services:
     ``revoke_live_session`` closes a revoked session's open WebSockets in this process;
     ``passwords`` bounds argon2 work process-wide; ``login_backoff`` slows logins to an
     email that keeps failing; ``failures`` counts the requests and connections that ended
-    in an unexpected exception.
+    in an unexpected exception; ``jobs`` submits and manages background jobs.
     """
 
     settings: Settings
@@ -74,6 +75,7 @@ class Services:
     passwords: Passwords = field(default_factory=lambda: Passwords(1, 2.0))
     login_backoff: LoginBackoff = field(default_factory=lambda: LoginBackoff(5, 30))
     failures: ContainedFailures = field(default_factory=ContainedFailures)
+    jobs: JobService | None = None
 
 
 def build_services(

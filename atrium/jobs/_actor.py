@@ -113,17 +113,21 @@ class JobActor:
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim and run jobs until stopped. Raises only for the actor's own faults."""
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self)
             try:
                 await self._loop()
             except Exception as crash:
-                await self._record_crash(crash)
-                raise
+                # Raised outside the nursery: the supervisor sees the error itself, not an
+                # ExceptionGroup around it.
+                failure = crash
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _loop(self) -> None:
         weather = 0.0
@@ -179,6 +183,11 @@ class JobActor:
                     await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
                 raise
             await self._record(claimed, outcome)
+        except Exception as crash:
+            # The actor's own fault, not the task's: the attempt fails by the policy, then
+            # the actor crashes and its supervisor starts a fresh one.
+            await self._record_crash(claimed, crash)
+            raise
         finally:
             self.queue.unregister(job.id)
             self._held = None
@@ -299,10 +308,7 @@ class JobActor:
             retry_at = now + timedelta(seconds=self.queue.settings.retry.delay(failures))
         return await store.fail(db, claimed, now=now, error=error, retry_at=retry_at)
 
-    async def _record_crash(self, crash: Exception) -> None:
-        claimed = self._held
-        if claimed is None:
-            return
+    async def _record_crash(self, claimed: Claimed, crash: Exception) -> None:
         error = f"job actor crashed: {type(crash).__name__}: {crash}"
         outcome = _Outcome(JobStatus.FAILED, error=error)
         with trio.move_on_after(5.0, shield=True):

@@ -118,8 +118,9 @@ class Job:
 
     @property
     def retries_left(self) -> int:
-        """Attempts still allowed after the current (counted) one."""
-        return self.max_retries - (self.attempt_count - self.budget_from)
+        """Attempts still allowed after the current (counted) one: ``max_retries`` retries
+        follow the first attempt."""
+        return self.max_retries + 1 - (self.attempt_count - self.budget_from)
 
     @property
     def retry_count(self) -> int:

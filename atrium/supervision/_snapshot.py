@@ -37,6 +37,8 @@ class ChildSnapshot:
     """Messages waiting, when the child is an actor."""
     supervisor: SupervisorSnapshot | None
     """The nested tree, when the child is a running supervisor."""
+    detail: dict[str, Any] | None = None
+    """What the child says about itself (``snapshot_detail()``), e.g. a job actor's job."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -620,4 +620,10 @@ def _child_snapshot(child: ChildHandle[Any], now: float) -> ChildSnapshot:
         uptime=now - child._started_at if running and child._started_at is not None else None,
         mailbox_depth=value.statistics().mailbox_depth if isinstance(value, Actor) else None,
         supervisor=value.snapshot() if running and isinstance(value, Supervisor) else None,
+        detail=_detail(value) if running else None,
     )
+
+
+def _detail(value: object) -> dict[str, Any] | None:
+    describe = getattr(value, "snapshot_detail", None)
+    return describe() if callable(describe) else None
