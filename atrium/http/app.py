@@ -11,7 +11,7 @@ from quart_trio.wrappers import TrioRequest
 
 from .. import json_input
 from ..services import Services
-from . import auth, ops, projects, ws
+from . import auth, jobs, ops, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
@@ -60,6 +60,7 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(projects.blueprint)
+    app.register_blueprint(jobs.blueprint)
     app.register_blueprint(ws.blueprint)
     register_error_handlers(app)
 

@@ -1,0 +1,244 @@
+"""``/api/v1/jobs``: submit background jobs, follow them, cancel and retry them.
+
+The rules live in ``atrium.jobs.JobService`` and ``atrium.persistence.jobs``: the creator
+sees and cancels their jobs; for a job tied to a project, submitting needs a role that may
+run jobs there, every member may look, owners may also cancel and retry. A job the caller
+may not see answers exactly like one that does not exist (404 job_not_found).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from quart import Blueprint, Response, g
+from quart_schema import (
+    document_response,
+    security_scheme,
+    tag,
+    validate_querystring,
+    validate_request,
+)
+
+from ..jobs import JobService
+from ..persistence.jobs import Job, JobError, JobStatus, Priority
+from ..persistence.projects import ProjectError
+from ..tasks import InvalidPayload, UnknownTask
+from .errors import ApiError, error_response
+from .job_schemas import (
+    JobListQuery,
+    JobListResponse,
+    JobRunRequest,
+    JobStatusResponse,
+    JobSubmitResponse,
+    TaskListResponse,
+)
+from .json import json_response
+from .schemas import error_responses
+from .security import require_user, services
+
+blueprint = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
+
+_STATUS = {
+    "job_not_found": 404,
+    "project_not_found": 404,
+    "forbidden_role": 403,
+    "job_state_conflict": 409,
+}
+
+
+@blueprint.errorhandler(JobError)
+async def job_error(error: JobError) -> Response:
+    return error_response(_STATUS.get(error.code, 400), error.code, error.message)
+
+
+@blueprint.errorhandler(ProjectError)
+async def project_error(error: ProjectError) -> Response:
+    return error_response(_STATUS.get(error.code, 400), error.code, error.message)
+
+
+@blueprint.errorhandler(UnknownTask)
+async def unknown_task(error: UnknownTask) -> Response:
+    return error_response(
+        422, "unknown_task", f"task_name: no task named {error.args[0]!r} (GET /api/v1/jobs/tasks)"
+    )
+
+
+@blueprint.errorhandler(InvalidPayload)
+async def invalid_payload(error: InvalidPayload) -> Response:
+    return error_response(422, "invalid_payload", str(error))
+
+
+def _service() -> JobService:
+    jobs = services().jobs
+    if jobs is None:
+        raise ApiError(503, "jobs_unavailable", "Background jobs are not available here")
+    return jobs
+
+
+def _job_id(value: str) -> uuid.UUID:
+    """``job_<uuid>`` (or a bare UUID); 422 invalid_id otherwise."""
+    try:
+        return uuid.UUID(value.removeprefix("job_"))
+    except ValueError:
+        raise ApiError(422, "invalid_id", "The job id is not job_<uuid>") from None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def job_json(job: Job, *, result: bool = True) -> dict[str, Any]:
+    """A job as the API shows it: the seed's fields, then the rest."""
+    body: dict[str, Any] = {
+        "job_id": f"job_{job.id}",
+        "status": job.status.value,
+        "error": job.error,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at),
+        "next_attempt_at": _iso(job.next_attempt_at) if job.status is JobStatus.FAILED else None,
+        "retry_count": job.retry_count,
+        "max_retries": job.max_retries,
+        "timeout": job.timeout_seconds,
+        "task_name": job.task_name,
+        "priority": job.priority.name.lower(),
+        "progress": {"percent": job.progress, "message": job.progress_message},
+        "attempts": job.attempts,
+        "project_id": job.project_id,
+        "user_id": job.user_id,
+    }
+    if result:
+        body["result"] = job.result
+    return body
+
+
+@blueprint.post("/run")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(JobSubmitResponse, 202)
+@document_response(JobSubmitResponse, 200)
+@error_responses(401, 403, 404, 422, 429, 503)
+@require_user
+@validate_request(JobRunRequest)
+async def run_job(data: JobRunRequest) -> Response:
+    """Queue a job: 202 with its id, place in the queue and an estimated completion.
+
+    The payload is checked against the task's schema now (422 ``invalid_payload`` naming
+    the field; 422 ``unknown_task``). With ``project_id`` the caller must be an owner or a
+    collaborator there (404 ``project_not_found``, 403 ``forbidden_role`` for a viewer).
+    An ``idempotency_key`` the caller used before returns that first job with 200.
+    """
+    submission = await _service().submit(
+        g.user.id,
+        task_name=data.task_name,
+        payload=data.payload,
+        priority=Priority[data.priority.upper()],
+        timeout_seconds=data.timeout,
+        max_retries=data.max_retries,
+        project_id=data.project_id,
+        idempotency_key=data.idempotency_key,
+    )
+    job = submission.job
+    return json_response(
+        {
+            "job_id": f"job_{job.id}",
+            "status": job.status.value,
+            "estimated_completion": _iso(submission.estimated_completion),
+            "position_in_queue": submission.position_in_queue,
+        },
+        202 if submission.created else 200,
+    )
+
+
+@blueprint.get("/tasks")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(TaskListResponse, 200)
+@error_responses(401, 429)
+@require_user
+async def list_tasks() -> Response:
+    """Every task a job can run: name, description and the JSON schema of its payload."""
+    registry = _service().queue.registry
+    return json_response(
+        {
+            "tasks": [
+                {
+                    "name": task.name,
+                    "description": task.description,
+                    "needs_project": task.needs_project,
+                    "payload_schema": task.payload_schema(),
+                }
+                for task in registry
+            ]
+        }
+    )
+
+
+@blueprint.get("/")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(JobListResponse, 200)
+@error_responses(401, 404, 422, 429)
+@require_user
+@validate_querystring(JobListQuery)
+async def list_jobs(query_args: JobListQuery) -> Response:
+    """The caller's jobs, newest first; with ``project_id``, every job of that project
+    (members only: 404 otherwise). Filter by ``status``; page with ``limit``/``offset``.
+    Results are left out here: fetch them from ``/{job_id}/status``."""
+    page = await _service().list(
+        g.user.id,
+        status=None if query_args.status is None else JobStatus(query_args.status),
+        project_id=query_args.project_id,
+        limit=query_args.limit,
+        offset=query_args.offset,
+    )
+    return json_response(
+        {
+            "jobs": [job_json(j, result=False) for j in page.jobs],
+            "total": page.total,
+            "limit": query_args.limit,
+            "offset": query_args.offset,
+        }
+    )
+
+
+@blueprint.get("/<job_id>/status")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(JobStatusResponse, 200)
+@error_responses(401, 404, 422, 429)
+@require_user
+async def job_status(job_id: str) -> Response:
+    """The job: status, result, progress and every attempt (start, end, error)."""
+    job = await _service().get(_job_id(job_id), g.user.id)
+    return json_response(job_json(job))
+
+
+@blueprint.post("/<job_id>/cancel")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(JobStatusResponse, 200)
+@error_responses(401, 403, 404, 409, 422, 429)
+@require_user
+async def cancel_job(job_id: str) -> Response:
+    """Cancel (the creator, or an owner of the job's project). A waiting job is
+    ``cancelled`` at once; a running one is stopped through its cancel scope within a
+    second (the answer then says ``running``; its status turns ``cancelled``). 409
+    ``job_state_conflict`` for a finished job; 403 for a member who may only look."""
+    job = await _service().cancel(_job_id(job_id), g.user.id)
+    return json_response(job_json(job))
+
+
+@blueprint.post("/<job_id>/retry")
+@tag(["jobs"])
+@security_scheme([{"bearer": []}])
+@document_response(JobStatusResponse, 200)
+@error_responses(401, 403, 404, 409, 422, 429)
+@require_user
+async def retry_job(job_id: str) -> Response:
+    """Queue a ``failed``, ``dead`` or ``cancelled`` job again now, with a fresh retry
+    budget; its attempts so far are kept. 409 for a job in any other state."""
+    job = await _service().retry(_job_id(job_id), g.user.id)
+    return json_response(job_json(job))
