@@ -105,7 +105,8 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         assert r.status_code == 503
         assert r.json()["checks"] == {
             "database": {"ok": True},
-            "supervision": {"ok": False, "down": ["workspaces"]},
+            # rest_for_one: the jobs subtree, started after the workspaces, restarts too.
+            "supervision": {"ok": False, "down": ["workspaces", "jobs"]},
         }
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         assert tree["healthy"] is False
