@@ -113,6 +113,9 @@ def test_lifetimes_follow_the_type_and_the_clock() -> None:
         (forge(sub="not-a-uuid"), "token_malformed"),
         (forge(sid="not-a-uuid"), "token_malformed"),
         (forge(jti=12), "token_malformed"),
+        (forge(sid=12), "token_malformed"),  # was an AttributeError out of verify()
+        (forge(sid=["x"]), "token_malformed"),
+        (forge(iat="yesterday"), "token_malformed"),
     ],
 )
 def test_refusals_have_stable_codes(token: str, code: str) -> None:
