@@ -21,11 +21,12 @@ from typing import Any, cast
 import orjson
 import pytest
 import trio
-from trio.testing import MockClock
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 import atrium.session as session_module
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave, Workspaces
+from atrium.outbox import PARTIAL, REFUSED, SENT
 from atrium.persistence.database import Database, DatabaseUnavailable
 from atrium.protocol import CursorUpdate, FileChange
 from atrium.roles import Role
@@ -735,6 +736,53 @@ async def test_batched_connections_get_arrays(autojump_clock: MockClock, world: 
             assert isinstance(batch, list)
             pongs.extend(batch)
         assert pongs == [{"type": "PONG"}] * 3
+
+
+class DirectConnection(FakeConnection):
+    """A transport that can write without waiting (``try_send``), as the dedicated
+    listener's is; each write's outcome is scripted, and every write is logged."""
+
+    def __init__(self, outcomes: list[int]) -> None:
+        super().__init__()
+        self.outcomes = outcomes
+        self.log: list[str] = []
+
+    def try_send(self, text: str) -> int:
+        outcome = self.outcomes.pop(0)
+        self.log.append({SENT: "sent", PARTIAL: "partial", REFUSED: "refused"}[outcome])
+        if outcome != REFUSED:
+            self._outbound.send_nowait(text)  # the client gets it (the rest of it: later)
+        return outcome
+
+    async def send(self, text: str) -> None:
+        self.log.append("send")
+        await super().send(text)
+
+    async def flush(self) -> None:
+        self.log.append("flush")
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_direct_writes_skip_the_queue_and_partial_ones_are_flushed(
+    mock_clock: MockClock, world: World, batch: bool
+) -> None:
+    user = world.member()
+    realtime = world.start()
+    conn = DirectConnection([PARTIAL, SENT, REFUSED])
+    hs = handshake(query={"batch": "1"} if batch else {})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(realtime.serve, conn, hs, transport="fake"))
+        conn.push({"type": "AUTH", "token": user.token()})
+        await world.actor.joined.wait()
+        for _ in range(3):
+            conn.push({"type": "PING"})
+            await wait_all_tasks_blocked()
+            assert await conn.frame() in ({"type": "PONG"}, [{"type": "PONG"}])
+        conn.hang_up()
+    if batch:  # a batch is built by the send task: never written directly
+        assert conn.log == ["send"] * 3
+    else:
+        assert conn.log == ["partial", "flush", "sent", "refused", "send"]
 
 
 # -- what ends a connection from the server side ------------------------------------------
