@@ -23,7 +23,6 @@ import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-import atrium.session as session_module
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave, Workspaces
 from atrium.outbox import PARTIAL, REFUSED, SENT
@@ -208,8 +207,8 @@ class World:
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
     world = World()
-    monkeypatch.setattr(session_module.accounts, "find_session_user", world.find_session_user)
-    monkeypatch.setattr(session_module.store, "member_role", world.member_role)
+    monkeypatch.setattr("atrium.session.accounts.find_session_user", world.find_session_user)
+    monkeypatch.setattr("atrium.session.store.member_role", world.member_role)
     return world
 
 
@@ -875,7 +874,7 @@ async def test_a_revocation_during_the_checks_still_reaches_the_connection(
         assert realtime.revoke_session(user.session_id) == 1
         return Role.OWNER
 
-    monkeypatch.setattr(session_module.store, "member_role", revoked_meanwhile)
+    monkeypatch.setattr("atrium.session.store.member_role", revoked_meanwhile)
     async with connection(realtime) as conn:
         conn.push({"type": "AUTH", "token": user.token()})
         assert await conn.rest() == []
