@@ -248,10 +248,11 @@ async def test_an_unknown_origin_gets_the_response_but_no_cors_grant() -> None:
     assert len(app.scopes) == 1
 
 
-async def test_a_request_without_origin_has_no_cors_headers() -> None:
+async def test_a_request_without_origin_has_no_cors_headers_but_varies_on_origin() -> None:
+    # A shared cache must not hand this response (no CORS grant) to a browser's request.
     response = await request(make_edge())
     assert response.header("access-control-allow-origin") is None
-    assert response.header("vary") is None
+    assert response.header("vary") == "Origin"
     assert_secure(response)
 
 
