@@ -9,8 +9,6 @@ may not see answers exactly like one that does not exist (404 job_not_found).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 from quart import Blueprint, Response, g
 from quart_schema import (
@@ -29,13 +27,14 @@ from .errors import ApiError, error_response
 from .job_schemas import (
     JobListQuery,
     JobListResponse,
+    JobProgress,
     JobRunRequest,
     JobStatusResponse,
     JobSubmitResponse,
     TaskListResponse,
+    TaskResponse,
 )
-from .json import json_response
-from .schemas import error_responses
+from .schemas import BY_ID, JSON_BODY, SIGNED_IN, error_responses, respond
 from .security import require_user, services
 
 blueprint = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
@@ -85,33 +84,29 @@ def _job_id(value: str) -> uuid.UUID:
         raise ApiError(422, "invalid_id", "The job id is not job_<uuid>") from None
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def job_json(job: Job, *, result: bool = True) -> dict[str, Any]:
-    """A job as the API shows it: the seed's fields, then the rest."""
-    body: dict[str, Any] = {
-        "job_id": f"job_{job.id}",
-        "status": job.status.value,
-        "error": job.error,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "completed_at": _iso(job.completed_at),
-        "next_attempt_at": _iso(job.next_attempt_at) if job.status is JobStatus.FAILED else None,
-        "retry_count": job.retry_count,
-        "max_retries": job.max_retries,
-        "timeout": job.timeout_seconds,
-        "task_name": job.task_name,
-        "priority": job.priority.name.lower(),
-        "progress": {"percent": job.progress, "message": job.progress_message},
-        "attempts": job.attempts,
-        "project_id": job.project_id,
-        "user_id": job.user_id,
-    }
-    if result:
-        body["result"] = job.result
-    return body
+def job_response(job: Job, *, result: bool = True) -> JobStatusResponse:
+    """A job as the API shows it (``result`` left null in lists)."""
+    return JobStatusResponse.model_validate(
+        {
+            "job_id": f"job_{job.id}",
+            "status": job.status.value,
+            "result": job.result if result else None,
+            "error": job.error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "completed_at": job.completed_at,
+            "next_attempt_at": job.next_attempt_at if job.status is JobStatus.FAILED else None,
+            "retry_count": job.retry_count,
+            "max_retries": job.max_retries,
+            "timeout": job.timeout_seconds,
+            "task_name": job.task_name,
+            "priority": job.priority.name.lower(),
+            "progress": JobProgress(percent=job.progress, message=job.progress_message),
+            "attempts": job.attempts,
+            "project_id": job.project_id,
+            "user_id": job.user_id,
+        }
+    )
 
 
 @blueprint.post("/run")
@@ -119,7 +114,7 @@ def job_json(job: Job, *, result: bool = True) -> dict[str, Any]:
 @security_scheme([{"bearer": []}])
 @document_response(JobSubmitResponse, 202)
 @document_response(JobSubmitResponse, 200)
-@error_responses(401, 403, 404, 422, 429, 503)
+@error_responses(*SIGNED_IN, *JSON_BODY, 403, 404)
 @require_user
 @validate_request(JobRunRequest)
 async def run_job(data: JobRunRequest) -> Response:
@@ -141,13 +136,13 @@ async def run_job(data: JobRunRequest) -> Response:
         idempotency_key=data.idempotency_key,
     )
     job = submission.job
-    return json_response(
-        {
-            "job_id": f"job_{job.id}",
-            "status": job.status.value,
-            "estimated_completion": _iso(submission.estimated_completion),
-            "position_in_queue": submission.position_in_queue,
-        },
+    return respond(
+        JobSubmitResponse(
+            job_id=f"job_{job.id}",
+            status=job.status.value,
+            estimated_completion=submission.estimated_completion,
+            position_in_queue=submission.position_in_queue,
+        ),
         202 if submission.created else 200,
     )
 
@@ -156,23 +151,23 @@ async def run_job(data: JobRunRequest) -> Response:
 @tag(["jobs"])
 @security_scheme([{"bearer": []}])
 @document_response(TaskListResponse, 200)
-@error_responses(401, 429)
+@error_responses(*SIGNED_IN)
 @require_user
 async def list_tasks() -> Response:
     """Every task a job can run: name, description and the JSON schema of its payload."""
     registry = _service().queue.registry
-    return json_response(
-        {
-            "tasks": [
-                {
-                    "name": task.name,
-                    "description": task.description,
-                    "needs_project": task.needs_project,
-                    "payload_schema": task.payload_schema(),
-                }
+    return respond(
+        TaskListResponse(
+            tasks=[
+                TaskResponse(
+                    name=task.name,
+                    description=task.description,
+                    needs_project=task.needs_project,
+                    payload_schema=task.payload_schema(),
+                )
                 for task in registry
             ]
-        }
+        )
     )
 
 
@@ -180,7 +175,7 @@ async def list_tasks() -> Response:
 @tag(["jobs"])
 @security_scheme([{"bearer": []}])
 @document_response(JobListResponse, 200)
-@error_responses(401, 404, 422, 429)
+@error_responses(*SIGNED_IN, 404, 422)
 @require_user
 @validate_querystring(JobListQuery)
 async def list_jobs(query_args: JobListQuery) -> Response:
@@ -194,13 +189,13 @@ async def list_jobs(query_args: JobListQuery) -> Response:
         limit=query_args.limit,
         offset=query_args.offset,
     )
-    return json_response(
-        {
-            "jobs": [job_json(j, result=False) for j in page.jobs],
-            "total": page.total,
-            "limit": query_args.limit,
-            "offset": query_args.offset,
-        }
+    return respond(
+        JobListResponse(
+            jobs=[job_response(j, result=False) for j in page.jobs],
+            total=page.total,
+            limit=query_args.limit,
+            offset=query_args.offset,
+        )
     )
 
 
@@ -208,19 +203,19 @@ async def list_jobs(query_args: JobListQuery) -> Response:
 @tag(["jobs"])
 @security_scheme([{"bearer": []}])
 @document_response(JobStatusResponse, 200)
-@error_responses(401, 404, 422, 429)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def job_status(job_id: str) -> Response:
     """The job: status, result, progress and every attempt (start, end, error)."""
     job = await _service().get(_job_id(job_id), g.user.id)
-    return json_response(job_json(job))
+    return respond(job_response(job))
 
 
 @blueprint.post("/<job_id>/cancel")
 @tag(["jobs"])
 @security_scheme([{"bearer": []}])
 @document_response(JobStatusResponse, 200)
-@error_responses(401, 403, 404, 409, 422, 429)
+@error_responses(*SIGNED_IN, *BY_ID, 403, 409)
 @require_user
 async def cancel_job(job_id: str) -> Response:
     """Cancel (the creator, or an owner of the job's project). A waiting job is
@@ -228,17 +223,17 @@ async def cancel_job(job_id: str) -> Response:
     second (the answer then says ``running``; its status turns ``cancelled``). 409
     ``job_state_conflict`` for a finished job; 403 for a member who may only look."""
     job = await _service().cancel(_job_id(job_id), g.user.id)
-    return json_response(job_json(job))
+    return respond(job_response(job))
 
 
 @blueprint.post("/<job_id>/retry")
 @tag(["jobs"])
 @security_scheme([{"bearer": []}])
 @document_response(JobStatusResponse, 200)
-@error_responses(401, 403, 404, 409, 422, 429)
+@error_responses(*SIGNED_IN, *BY_ID, 403, 409)
 @require_user
 async def retry_job(job_id: str) -> Response:
     """Queue a ``failed``, ``dead`` or ``cancelled`` job again now, with a fresh retry
     budget; its attempts so far are kept. 409 for a job in any other state."""
     job = await _service().retry(_job_id(job_id), g.user.id)
-    return json_response(job_json(job))
+    return respond(job_response(job))
