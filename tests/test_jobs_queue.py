@@ -425,3 +425,27 @@ async def test_supervisor_snapshot_shows_the_job_each_actor_holds(db: Database) 
         if c["name"].startswith("job_") and c["name"] != "job_reaper"
     ]
     assert f"job_{sub.job.id}" in held
+
+
+async def test_retention_prunes_finished_jobs_older_than_the_cutoff(db: Database) -> None:
+    rig = Rig()
+    user = await make_user(db, "ann")
+    async with running_jobs(db, rig.registry, concurrency=1) as (queue, service, _):
+        done = await service.submit(user, task_name="record", payload={})
+        await wait(queue, done.job.id, JobStatus.COMPLETED)
+    async with running_jobs(db, rig.registry, concurrency=0) as (queue, service, _):
+        waiting = await service.submit(user, task_name="record", payload={})
+        # Days later (by the queue's clock), the retention child's first pass at start.
+        later = JobQueue(
+            JobSettings(concurrency=1, retention_days=2),
+            database=lambda: db,
+            registry=rig.registry,
+            clock=lambda: trio_clock() + 3 * 86400,
+        )
+        async with open_supervisor(name="later") as root:
+            await root.start_child(jobs_spec(later))
+            names = [c.name for c in jobs_tree(root).which_children()]
+            assert names == ["job_1", "job_reaper", "job_retention"]
+            await wait(later, waiting.job.id, JobStatus.COMPLETED)
+    assert await store.load_job(db, done.job.id) is None
+    assert await store.load_job(db, waiting.job.id) is not None  # finished just now
