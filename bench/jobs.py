@@ -1,0 +1,183 @@
+"""Background jobs: throughput of the job actors and submit-to-start latency.
+
+    python bench/jobs.py [--jobs 10000] [--concurrency 4] [--samples 200] [--database-url URL]
+
+One process, as ``python run.py`` runs jobs: the ``jobs`` supervisor with ``--concurrency``
+job actors (WORKER_CONCURRENCY, default 4) on a pool of DB_POOL_SIZE (20) connections.
+
+- **Throughput**: ``--jobs`` no-op jobs are queued first (through ``JobService.submit``,
+  as the API does), then the actors start; the figure is completed jobs per minute from
+  the actors' start to the last completion. Each job is a full cycle: claim with
+  ``FOR UPDATE SKIP LOCKED``, lease, heartbeat task, run, record the outcome.
+- **Latency**: on an idle queue (actors waiting), ``--samples`` jobs are submitted one at a
+  time; each measures from the call to ``submit`` to the first line of the task body
+  (so it includes the insert's commit and the wake-up). p50 and p99 are printed.
+
+Without ``--database-url`` an embedded PostgreSQL is started in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import trio  # noqa: E402
+import trio_asyncio  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
+from atrium.persistence import accounts  # noqa: E402
+from atrium.persistence.database import Database, open_database  # noqa: E402
+from atrium.persistence.embedded import embedded_postgres  # noqa: E402
+from atrium.persistence.jobs import Job, JobStatus  # noqa: E402
+from atrium.persistence.migrations import migrate  # noqa: E402
+from atrium.supervision import open_supervisor  # noqa: E402
+from atrium.tasks import TaskContext, TaskRegistry  # noqa: E402
+
+POOL_SIZE = 20
+
+
+class Empty(BaseModel):
+    pass
+
+
+class Meter:
+    """The no-op task and what it saw: when each job's body started, and completions."""
+
+    def __init__(self) -> None:
+        self.started: dict[uuid.UUID, float] = {}
+        self.completed = 0
+        self.all_done = trio.Event()
+        self.target = 0
+        self.registry = TaskRegistry()
+
+        @self.registry.task("noop", Empty)
+        async def noop(ctx: TaskContext, payload: Empty) -> None:
+            """Does nothing: the cost measured is the queue's."""
+            self.started[ctx.job_id] = trio.current_time()
+
+    async def job_changed(self, job: Job, previous: JobStatus | None) -> None:
+        if job.status is JobStatus.COMPLETED:
+            self.completed += 1
+            if self.completed == self.target:
+                self.all_done.set()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/jobs.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000, help="no-op jobs for throughput")
+    parser.add_argument("--concurrency", type=int, default=4, help="job actors (default 4)")
+    parser.add_argument("--samples", type=int, default=200, help="latency samples")
+    parser.add_argument("--database-url", help="an existing PostgreSQL (default: embedded)")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
+        with embedded_postgres(Path(tmp)) as embedded:
+            yield embedded
+
+
+async def bench(args: argparse.Namespace, url: str) -> None:
+    async with trio_asyncio.open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
+        await migrate(db)
+        await db.execute("DELETE FROM jobs")
+        user = await accounts.create_user(db, f"bench-{uuid.uuid4().hex[:8]}@example.com", "x")
+        assert user is not None
+        await throughput(args, db, user.id)
+        await latency(args, db, user.id)
+
+
+def make_queue(args: argparse.Namespace, db: Database, meter: Meter) -> JobQueue:
+    queue = JobQueue(
+        JobSettings(concurrency=args.concurrency, retention_days=0),
+        database=lambda: db,
+        registry=meter.registry,
+        clock=time.time,
+    )
+    queue.observers.append(meter)
+    return queue
+
+
+async def throughput(args: argparse.Namespace, db: Database, user_id: uuid.UUID) -> None:
+    meter = Meter()
+    meter.target = args.jobs
+    queue = make_queue(args, db, meter)
+    service = JobService(queue)
+    began = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        # Eight submitters: queueing is not what is measured here, only made quick.
+        per = args.jobs // 8
+
+        async def submit(count: int) -> None:
+            for _ in range(count):
+                await service.submit(user_id, task_name="noop", payload={})
+
+        for i in range(8):
+            nursery.start_soon(submit, per + (args.jobs % 8 if i == 0 else 0))
+    queued = time.perf_counter() - began
+    print(f"queued {args.jobs} jobs in {queued:.1f} s ({args.jobs / queued:.0f}/s)")
+    cpu = time.process_time()
+    start = time.perf_counter()
+    async with open_supervisor(name="bench") as root:
+        await root.start_child(jobs_spec(queue))
+        await meter.all_done.wait()
+        elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    print(
+        f"throughput: {args.jobs} jobs in {elapsed:.2f} s with {args.concurrency} actors:"
+        f" {args.jobs / elapsed * 60:,.0f} jobs/minute"
+        f" ({cpu / args.jobs * 1e6:.0f} us CPU per job in this process)"
+    )
+
+
+async def latency(args: argparse.Namespace, db: Database, user_id: uuid.UUID) -> None:
+    meter = Meter()
+    queue = make_queue(args, db, meter)
+    service = JobService(queue)
+    samples = []
+    async with open_supervisor(name="bench") as root:
+        await root.start_child(jobs_spec(queue))
+        for i in range(args.samples + 10):
+            meter.target = meter.completed + 1
+            meter.all_done = trio.Event()
+            sent = trio.current_time()
+            submitted = await service.submit(user_id, task_name="noop", payload={})
+            await meter.all_done.wait()
+            if i >= 10:  # warm-up
+                samples.append((meter.started[submitted.job.id] - sent) * 1000)
+            await trio.sleep(0.01)  # an idle queue: every actor back to waiting
+    samples.sort()
+    p50 = statistics.median(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    print(
+        f"submit-to-start on an idle queue ({len(samples)} jobs): p50 {p50:.2f} ms,"
+        f" p99 {p99:.2f} ms, max {samples[-1]:.2f} ms"
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with database(args.database_url) as url:
+        trio.run(bench, args, url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
