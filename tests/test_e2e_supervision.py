@@ -53,7 +53,15 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
         ]
         assert all(c["state"] == "running" for c in tree["children"])
         jobs = [c["name"] for c in child(tree, "jobs")["supervisor"]["children"]]
-        assert jobs == ["job_1", "job_2", "job_3", "job_4", "job_reaper", "job_retention"]
+        assert jobs == [
+            "job_1",
+            "job_2",
+            "job_3",
+            "job_4",
+            "job_reaper",
+            "job_listener",
+            "job_retention",
+        ]
         assert child(tree, "workspaces")["kind"] == "supervisor"
         assert child(tree, "workspaces")["supervisor"]["children"] == []
 

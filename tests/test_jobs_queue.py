@@ -418,12 +418,8 @@ async def test_supervisor_snapshot_shows_the_job_each_actor_holds(db: Database) 
         rig.release.set()
     jobs = next(c for c in tree["children"] if c["name"] == "jobs")["supervisor"]
     names = [c["name"] for c in jobs["children"]]
-    assert names == ["job_1", "job_2", "job_reaper"]
-    held = [
-        c["detail"]["job_id"]
-        for c in jobs["children"]
-        if c["name"].startswith("job_") and c["name"] != "job_reaper"
-    ]
+    assert names == ["job_1", "job_2", "job_reaper", "job_listener"]
+    held = [c["detail"]["job_id"] for c in jobs["children"] if c["name"] in ("job_1", "job_2")]
     assert f"job_{sub.job.id}" in held
 
 
@@ -445,7 +441,23 @@ async def test_retention_prunes_finished_jobs_older_than_the_cutoff(db: Database
         async with open_supervisor(name="later") as root:
             await root.start_child(jobs_spec(later))
             names = [c.name for c in jobs_tree(root).which_children()]
-            assert names == ["job_1", "job_reaper", "job_retention"]
+            assert names == ["job_1", "job_reaper", "job_listener", "job_retention"]
             await wait(later, waiting.job.id, JobStatus.COMPLETED)
     assert await store.load_job(db, done.job.id) is None
     assert await store.load_job(db, waiting.job.id) is not None  # finished just now
+
+
+async def test_another_process_starts_a_submitted_job_without_waiting_for_a_poll(
+    db: Database,
+) -> None:
+    rig = Rig()
+    user = await make_user(db, "ann")
+    # The worker polls once a minute: only the notification can wake it in time.
+    async with (
+        running_jobs(db, rig.registry, concurrency=1, poll_seconds=60) as (worker, _, _),
+        running_jobs(db, rig.registry, concurrency=0) as (_, api, _),
+    ):
+        for _ in range(3):
+            sub = await api.submit(user, task_name="record", payload={})
+            with trio.fail_after(5):
+                await worker.wait_for(sub.job.id, {JobStatus.COMPLETED})

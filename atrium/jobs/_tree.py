@@ -55,6 +55,26 @@ class Reaper:
         return len(reaped)
 
 
+async def _run_listener(queue: JobQueue, *, task_status: trio.TaskStatus[None]) -> None:
+    """Wake this process's actors when any process queues a job (PostgreSQL NOTIFY), so
+    workers start jobs submitted elsewhere within milliseconds; polling stays the fallback.
+    A lost connection is noticed by a ping every few polls and listened on again."""
+    task_status.started()
+    delay = 0.1
+    while True:
+        try:
+            async with queue.db.listening(store.JOB_CHANNEL, queue.wake) as ping:
+                delay = 0.1
+                queue.wake()  # whatever was queued while nobody listened
+                while True:
+                    await trio.sleep(queue.settings.poll_seconds * 5)
+                    await ping()
+        except DatabaseUnavailable as error:
+            log.warning("job listener: %s; listening again in %.1fs", error, delay)
+            await trio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+
 async def _run_retention(queue: JobQueue, *, task_status: trio.TaskStatus[None]) -> None:
     task_status.started()
     while True:
@@ -76,9 +96,10 @@ async def _run_reaper(queue: JobQueue, *, task_status: trio.TaskStatus[Reaper]) 
 
 
 def jobs_spec(queue: JobQueue) -> ChildSpec[Supervisor]:
-    """The ``jobs`` subtree: ``job_1`` .. ``job_N`` (N = concurrency), ``job_reaper`` and,
-    unless retention keeps everything, ``job_retention``. One-for-one: an actor that
-    crashes is replaced alone; database outages never count as crashes."""
+    """The ``jobs`` subtree: ``job_1`` .. ``job_N`` (N = concurrency), ``job_reaper``,
+    ``job_listener`` and, unless retention keeps everything, ``job_retention``.
+    One-for-one: an actor that crashes is replaced alone; database outages never count as
+    crashes."""
     settings = queue.settings
     # A stopping actor drains its job for drain_seconds, then releases it.
     stop = settings.drain_seconds + 5.0
@@ -87,6 +108,7 @@ def jobs_spec(queue: JobQueue) -> ChildSpec[Supervisor]:
         for i in range(1, settings.concurrency + 1)
     ]
     children.append(ChildSpec("job_reaper", partial(_run_reaper, queue)))
+    children.append(ChildSpec("job_listener", partial(_run_listener, queue)))
     if settings.retention_days > 0:
         children.append(ChildSpec("job_retention", partial(_run_retention, queue)))
     return supervisor_spec(

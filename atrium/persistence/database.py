@@ -7,6 +7,7 @@ of atrium calls plain trio functions.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -89,6 +90,34 @@ class Database:
                 return await fn(connection)
 
         return await _call(run)
+
+    @asynccontextmanager
+    async def listening(
+        self, channel: str, notified: Callable[[], None]
+    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Hold one pooled connection with ``LISTEN channel`` for the block; ``notified()``
+        runs (on the loop's thread, between trio tasks) for every notification. The block
+        gets a ``ping()`` that raises DatabaseUnavailable once that connection is lost (a
+        lost connection delivers nothing, silently). The connection leaves ``UNLISTEN``ed.
+        Raises DatabaseUnavailable."""
+
+        def callback(*_: object) -> None:
+            notified()
+
+        connection = await _call(self._pool.acquire)
+
+        async def ping() -> None:
+            await _call(connection.execute, "SELECT 1")
+
+        try:
+            await _call(connection.add_listener, channel, callback)
+            yield ping
+        finally:
+            with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(DatabaseUnavailable):
+                    await _call(connection.remove_listener, channel, callback)
+                with contextlib.suppress(DatabaseUnavailable):
+                    await _call(self._pool.release, connection)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query. Raises DatabaseUnavailable."""

@@ -36,6 +36,9 @@ from ..roles import Action, Role, can
 from .database import Database
 from .projects import ProjectNotFound, RoleForbidden
 
+JOB_CHANNEL = "atrium_jobs"
+"""Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
+
 
 class JobStatus(enum.StrEnum):
     """Where a job is in its life."""
@@ -246,7 +249,8 @@ async def submit(
             "INSERT INTO jobs (id, user_id, project_id, task_name, payload, priority, status,"
             " timeout_seconds, max_retries, idempotency_key, created_at, next_attempt_at)"
             " VALUES ($1, $2, $3, $4, $5::jsonb, $6, 'queued', $7, $8, $9, $10, $10)"
-            " ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING *",
+            " ON CONFLICT (user_id, idempotency_key) DO NOTHING"
+            f" RETURNING *, pg_notify('{JOB_CHANNEL}', '')",
             uuid.uuid4(),
             user_id,
             project_id,
@@ -413,7 +417,8 @@ async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: dateti
         row = await conn.fetchrow(
             "UPDATE jobs SET status = 'queued', next_attempt_at = $2, cancel_requested = false,"
             " budget_from = attempt_count, completed_at = NULL, error = NULL, result = NULL,"
-            " progress = 0, progress_message = NULL WHERE id = $1 RETURNING *",
+            " progress = 0, progress_message = NULL WHERE id = $1"
+            f" RETURNING *, pg_notify('{JOB_CHANNEL}', '')",
             job_id,
             now,
         )
@@ -479,12 +484,18 @@ async def set_progress(db: Database, claimed: Claimed, percent: int, message: st
 
 
 async def _finish(
-    db: Database, claimed: Claimed, sets: str, patch: Mapping[str, Any], *args: Any
+    db: Database,
+    claimed: Claimed,
+    sets: str,
+    patch: Mapping[str, Any],
+    *args: Any,
+    notify: bool = False,
 ) -> Job | None:
+    wake = f", pg_notify('{JOB_CHANNEL}', '')" if notify else ""
     row = await db.fetchrow(
         f"UPDATE jobs SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
         f" attempts = {_PATCH_LAST.format('$3')}"
-        " WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *",
+        f" WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *{wake}",
         claimed.job.id,
         claimed.token,
         _json(patch),
@@ -549,6 +560,7 @@ async def release(db: Database, claimed: Claimed, *, now: datetime) -> Job | Non
         "status = 'queued', attempt_count = attempt_count - 1, next_attempt_at = $4",
         {"ended_at": _iso(now), "outcome": "released", "error": None},
         now,
+        notify=True,
     )
 
 
@@ -569,7 +581,8 @@ async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list
         " next_attempt_at = $1, error = 'the worker stopped renewing its lease',"
         " completed_at = CASE WHEN s.status = 'queued' THEN NULL ELSE $1 END,"
         f" attempts = {patch}"
-        " FROM expired s WHERE j.id = s.id RETURNING j.id, j.project_id, j.status",
+        " FROM expired s WHERE j.id = s.id RETURNING j.id, j.project_id, j.status,"
+        f" CASE WHEN s.status = 'queued' THEN pg_notify('{JOB_CHANNEL}', '') END",
         now,
         _iso(now),
         limit,
