@@ -177,8 +177,11 @@ class JobActor:
             await self.queue.changed(job, JobStatus.QUEUED)
             try:
                 outcome = await self._attempt(claimed)
-            except trio.Cancelled:
-                # Cancelled from outside (a forced stop): hand the job back uncounted.
+            except Exception:
+                raise  # the actor's own fault: below
+            except BaseException:
+                # Cancelled from outside (a forced stop; trio may wrap it in a group): hand
+                # the job back uncounted.
                 with trio.move_on_after(2.0, shield=True):
                     await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
                 raise
