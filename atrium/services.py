@@ -17,7 +17,7 @@ from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
 from .tokens import TokenCodec, VerifiedTokens
 
 if TYPE_CHECKING:
-    from .session import Realtime
+    from .realtime import Realtime
     from .supervision import Supervisor
 
 

@@ -25,8 +25,8 @@ from atrium.actors.workspace import WorkspaceActor
 from atrium.config import Settings, load_settings
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
-from atrium.persistence.migrations import migrate
-from atrium.service import Bound, serve
+from atrium.persistence.migrate import migrate
+from atrium.root import Bound, serve
 
 _TEMPLATE = f"atrium_tpl_{os.getpid()}"
 _counter = itertools.count()

@@ -16,7 +16,7 @@ from test_projects import API, make_accounts, new_project, sign_up
 
 from atrium.http.app import create_app
 from atrium.persistence import projects
-from atrium.persistence import workspace as workspace_log
+from atrium.persistence import events as event_log
 from atrium.persistence.database import Database
 from atrium.services import build_services
 
@@ -230,16 +230,16 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
 async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) -> None:
     owner, pid = await _owned_project(db, "w@example.com")
 
-    def change(client_id: str | None, path: str) -> workspace_log.NewEvent:
-        return workspace_log.NewEvent("FILE_CHANGE", owner, {"file_path": path}, client_id)
+    def change(client_id: str | None, path: str) -> event_log.NewEvent:
+        return event_log.NewEvent("FILE_CHANGE", owner, {"file_path": path}, client_id)
 
-    first = await workspace_log.append(db, pid, [change("a", "1.txt"), change(None, "2.txt")])
+    first = await event_log.append(db, pid, [change("a", "1.txt"), change(None, "2.txt")])
     assert [(e["seq"], e["payload"]["file_path"], new) for e, new in first] == [
         (2, "1.txt", True),
         (3, "2.txt", True),
     ]
     # "a" again (stored before), "b" twice in the batch: one new event, consecutive seqs.
-    second = await workspace_log.append(
+    second = await event_log.append(
         db, pid, [change("a", "again.txt"), change("b", "3.txt"), change("b", "x.txt")]
     )
     assert [(e["seq"], e["payload"]["file_path"], new) for e, new in second] == [
@@ -260,5 +260,5 @@ async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) 
     await db.execute("UPDATE projects SET deleted_at = now() WHERE id = $1", pid)
     for batch in ([change("c", "late.txt")], [change("a", "dup.txt")]):
         with pytest.raises(projects.ProjectNotFound):
-            await workspace_log.append(db, pid, batch)
+            await event_log.append(db, pid, batch)
     assert await db.fetchval("SELECT count(*) FROM project_events WHERE project_id = $1", pid) == 4

@@ -14,7 +14,7 @@ from test_workspace import joined, make_team, settle_then_jump
 from wsclient import connect
 
 from atrium.persistence import projects
-from atrium.persistence import workspace as event_log
+from atrium.persistence import events as event_log
 from atrium.persistence.database import Database
 from atrium.persistence.retention import RetentionPolicy, prune_events
 from atrium.retention import EventPruner

@@ -23,7 +23,7 @@ import trio
 
 from .. import protocol
 from ..outbox import Outbox
-from ..persistence import workspace as store
+from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.projects import ProjectNotFound
 from ..protocol import CloseCode, CursorUpdate, FileChange

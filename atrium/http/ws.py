@@ -11,8 +11,8 @@ from quart_schema import document_response, security_scheme, tag
 from ..actors import ActorStopped
 from ..actors.workspace import Status
 from ..persistence import projects
-from ..persistence import workspace as workspace_store
-from ..session import ConnectionGone, Handshake, Realtime
+from ..persistence import events as event_log
+from ..realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import dumps_bytes, json_response
 from .schemas import WorkspaceStatusResponse, error_responses
@@ -131,6 +131,6 @@ async def workspace_status(project_id: str) -> Response:
             "online_users": [],
             "workspace_url": f"/ws/{pid}",
             "real_time_events": 0,
-            "seq": await workspace_store.last_seq(svc.db, pid),
+            "seq": await event_log.last_seq(svc.db, pid),
         }
     )

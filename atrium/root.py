@@ -40,11 +40,11 @@ from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .persistence.database import Database, open_database
 from .persistence.embedded import EmbeddedPostgres
-from .persistence.migrations import migrate
+from .persistence.migrate import migrate
 from .persistence.retention import RetentionPolicy
 from .retention import EventPruner, retention_policy
 from .services import build_services
-from .session import Realtime, SessionSettings
+from .realtime import Realtime, SessionSettings
 from .supervision import Backoff, ChildSpec, Strategy, Supervisor, open_supervisor
 from .supervision import supervisor_spec as make_supervisor_spec
 

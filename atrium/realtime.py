@@ -27,7 +27,7 @@ from .connections import ConnectionIndex
 from .failures import ContainedFailures
 from .outbox import Outbox
 from .persistence import accounts
-from .persistence import workspace as store
+from .persistence import events as store
 from .persistence.database import Database, DatabaseUnavailable
 from .protocol import CloseCode, ProtocolError
 from .roles import Role
