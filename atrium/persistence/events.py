@@ -1,20 +1,80 @@
-"""What live workspaces read from and append to the project event log."""
+"""The project event log: the one place events are written to and read from.
+
+Rows become ``atrium.events.Event`` here and nowhere else. Every append, whether from a
+project write (``append_event``, inside its transaction) or from a live workspace
+(``append``, a batch of edits with their client ids), goes through ``_insert``: the
+project's next seqs are reserved on its row, and payloads are encoded by
+``json_output.dumps``.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
 import orjson
 
+from .. import json_output
+from ..events import Event, EventType, NewEvent
 from .database import Database
-from .projects import ProjectNotFound, event_from_row, reserve_seqs
-from .projects import member_role as member_role
+from .errors import ProjectNotFound
 
 _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
+
+
+def event_from_row(row: asyncpg.Record) -> Event:
+    """The ``Event`` of a ``project_events`` row (``_EVENT_COLUMNS``)."""
+    return Event(
+        project_id=row["project_id"],
+        seq=row["seq"],
+        type=EventType(row["type"]),
+        actor_id=row["actor_id"],
+        payload=orjson.loads(row["payload"]),
+        created_at=row["created_at"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    last_seq: int  # the project's latest seq when read
+    oldest_seq: int | None = None  # the oldest event the log still holds (retention)
+
+
+async def reserve_seqs(conn: asyncpg.Connection, project_id: uuid.UUID, count: int) -> int:
+    """Take the project's next ``count`` seqs inside the caller's transaction; returns the
+    last of them. Bumping the counter locks the project row until the transaction ends, so
+    seqs stay gapless and commit in order, even with writers on other processes. Raises
+    ``ProjectNotFound`` when the project does not exist or is deleted.
+    """
+    last = await conn.fetchval(
+        "UPDATE projects SET last_seq = last_seq + $2"
+        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
+        project_id,
+        count,
+    )
+    if last is None:
+        raise ProjectNotFound()
+    return int(last)
+
+
+async def append_event(
+    conn: asyncpg.Connection,
+    project_id: uuid.UUID,
+    type: EventType,
+    actor_id: uuid.UUID | None,
+    payload: Mapping[str, Any],
+) -> Event:
+    """Append one event to the project's log inside the caller's transaction.
+
+    Its ``seq`` is the project's next number (``reserve_seqs``). Returns the event as
+    stored. Raises ``ProjectNotFound`` when the project does not exist or is deleted.
+    """
+    (event,) = await _insert(conn, project_id, [NewEvent(type, actor_id, dict(payload))])
+    return event
 
 
 async def last_seq(db: Database, project_id: uuid.UUID) -> int:
@@ -25,7 +85,7 @@ async def last_seq(db: Database, project_id: uuid.UUID) -> int:
 
 async def events_between(
     db: Database, project_id: uuid.UUID, after: int, until: int
-) -> list[dict[str, Any]]:
+) -> list[Event]:
     """The events with ``after < seq <= until``, in seq order."""
     rows = await db.fetch(
         f"SELECT {_EVENT_COLUMNS} FROM project_events"
@@ -37,17 +97,42 @@ async def events_between(
     return [event_from_row(r) for r in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append; with ``client_id``, at most once per (project, actor, client_id)."""
+async def list_events(
+    db: Database, project_id: uuid.UUID, user_id: uuid.UUID, *, since_seq: int, limit: int
+) -> EventPage:
+    """Up to ``limit`` events with ``seq > since_seq`` in seq order, for member ``user_id``,
+    and the oldest seq the log still holds (older events were pruned by retention).
+    Raises ``ProjectNotFound`` when the project is missing, deleted or not theirs."""
 
-    type: str
-    actor_id: uuid.UUID
-    payload: dict[str, Any]
-    client_id: str | None = None
+    async def read(conn: asyncpg.Connection) -> EventPage:
+        # One snapshot, so ``last_seq`` and the events agree.
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        last_seq = await conn.fetchval(
+            "SELECT p.last_seq FROM projects p"
+            " JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
+            " WHERE p.id = $1 AND p.deleted_at IS NULL",
+            project_id,
+            user_id,
+        )
+        if last_seq is None:
+            raise ProjectNotFound()
+        rows = await conn.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM project_events"
+            " WHERE project_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            project_id,
+            since_seq,
+            limit,
+        )
+        oldest = await conn.fetchval(
+            "SELECT min(seq) FROM project_events WHERE project_id = $1", project_id
+        )
+        events = [event_from_row(r) for r in rows]
+        return EventPage(events, int(last_seq), None if oldest is None else int(oldest))
+
+    return await db.transaction(read)
 
 
-Appended = tuple[dict[str, Any], bool]
+Appended = tuple[Event, bool]
 
 
 async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]) -> list[Appended]:
@@ -62,7 +147,7 @@ async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
         stored = await _stored_client_ids(conn, project_id, events)
         results: list[Appended | None] = []
         fresh: list[int] = []  # indexes of the events to insert
-        first: dict[tuple[uuid.UUID, str], int] = {}
+        first: dict[tuple[uuid.UUID | None, str], int] = {}
         repeats: list[tuple[int, int]] = []  # (index, index of the first with its client id)
         for index, event in enumerate(events):
             results.append(None)
@@ -94,7 +179,7 @@ _LIVE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 AND deleted_at IS NULL"
 
 async def _stored_client_ids(
     conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
-) -> dict[tuple[uuid.UUID, str], dict[str, Any]]:
+) -> dict[tuple[uuid.UUID | None, str], Event]:
     """The events already stored under the client ids of ``events``."""
     keyed = [e for e in events if e.client_id is not None]
     if not keyed:
@@ -111,9 +196,10 @@ async def _stored_client_ids(
 
 
 async def _insert(
-    conn: asyncpg.Connection, project_id: uuid.UUID, events: list[NewEvent]
-) -> list[dict[str, Any]]:
-    """Insert ``events`` with the project's next seqs; returns them as stored, in order."""
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> list[Event]:
+    """Insert ``events`` with the project's next seqs; returns them as stored, in order.
+    The one insert path of the log."""
     last = await reserve_seqs(conn, project_id, len(events))
     rows = await conn.fetch(
         "INSERT INTO project_events (project_id, seq, type, actor_id, payload, client_event_id)"
@@ -121,9 +207,9 @@ async def _insert(
         f" RETURNING {_EVENT_COLUMNS}",
         project_id,
         list(range(last - len(events) + 1, last + 1)),
-        [e.type for e in events],
+        [str(e.type) for e in events],
         [e.actor_id for e in events],
-        [orjson.dumps(e.payload).decode() for e in events],
+        [json_output.dumps(e.payload).decode() for e in events],
         [e.client_id for e in events],
     )
     return [event_from_row(r) for r in sorted(rows, key=lambda r: int(r["seq"]))]
