@@ -9,7 +9,8 @@ bytes, so requests pay nothing for it beyond a scan of their headers:
   rate-limit headers. (quart-cors, used before, cost about a tenth of an authenticated
   request on every request and answered refused preflights outside the error shape.)
 - **Security headers** on every HTTP response (and ``Cache-Control: no-store`` on auth).
-- **Liveness**: ``GET /health`` from a probe (no ``Origin``) is answered without the app.
+- **Liveness**: ``GET /health`` is answered here, without the app (with CORS headers for
+  an allowed ``Origin``); the app's route only documents it in ``/openapi.json``.
 - **WebSockets** go to their own ASGI application (``ws.WorkspaceSockets``), past Quart.
 - **Containment**: an exception that escapes the app (Quart renders its own as 500s) ends
   that request alone with a 500 in the error shape, logged once and counted; a 413 closes
@@ -80,11 +81,11 @@ class Edge:
         ]
         # Tokens and credentials must never be cached by a browser or a proxy.
         self._auth_headers = [*self._headers, (b"cache-control", b"no-store")]
-        self._health_headers = [
+        self._health_content: Headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(_HEALTH_BODY)).encode()),
-            *self._headers,
         ]
+        self._health_headers = [*self._health_content, *self._headers]
         self._preflight_headers = [
             (b"access-control-allow-methods", ", ".join(ALLOWED_METHODS).encode()),
             (b"access-control-allow-headers", ", ".join(ALLOWED_HEADERS).encode()),
@@ -133,6 +134,10 @@ class Edge:
             extra = [*extra, (b"access-control-allow-origin", origin), *self._cors_headers]
         else:
             extra = [*extra, (b"vary", b"Origin")]
+        if path == "/health" and method in ("GET", "HEAD"):  # from a browser
+            body = _HEALTH_BODY if method == "GET" else b""
+            await _respond(send, 200, [*self._health_content, *extra], body)
+            return
 
         started = False
 

@@ -31,7 +31,10 @@ _READY_TIMEOUT = 2.0
 @tag(["ops"])
 @document_response(HealthResponse, 200)
 async def health() -> Response:
-    """Liveness: the process answers. No I/O."""
+    """Liveness: the process answers. No I/O.
+
+    The Edge layer answers every ``GET /health`` before the app is reached; this route is
+    what documents it in ``/openapi.json``, and answers the same if it is ever reached."""
     return json_response({"status": "ok"})
 
 
