@@ -59,7 +59,7 @@ class ProtocolError:
         body: dict[str, Any] = {"type": "ERROR", "code": self.code, "message": self.message}
         if self.id is not None:
             body["id"] = self.id
-        return orjson.dumps(body).decode()
+        return encode(body)
 
 
 @dataclass(frozen=True, slots=True)

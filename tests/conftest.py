@@ -171,7 +171,7 @@ class InjectedFault(RuntimeError):
     """The bug a crash-recovery test plants in an actor."""
 
 
-async def crash(actor: WorkspaceActor) -> None:
+async def crash_workspace(actor: WorkspaceActor) -> None:
     """Make a workspace actor crash as a bug would: on the next message, here a Status."""
     actor.inject_fault(InjectedFault(f"crash requested for {actor.name}"))
     await actor.tell(Status())

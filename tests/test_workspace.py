@@ -19,7 +19,7 @@ import orjson
 import pytest
 import trio
 import trio_asyncio
-from conftest import Running, StartServer
+from conftest import Running, StartServer, crash_workspace
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
@@ -825,7 +825,7 @@ async def test_workspace_crash_loses_and_duplicates_nothing(main_team: Team, db:
                             if (message := await s.recv())["type"] == "ACK":
                                 acked.add(message["id"])
                         actor = await team.server.workspace_actor(team.project_id)
-                        await crash(actor)
+                        await crash_workspace(actor)
                 while len(acked) < total:
                     if (message := await s.recv())["type"] == "ACK":
                         acked.add(message["id"])
