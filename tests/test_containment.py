@@ -18,7 +18,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEven
 from test_workspace import Team, edit, file_changes, make_team, session
 from wsclient import connect
 
-import atrium.http.ws
+import atrium.domain.workspaces
 import atrium.realtime
 from atrium.http.edge import Edge
 
@@ -158,7 +158,7 @@ async def test_unexpected_exception_in_a_request_is_a_counted_500(
         async def broken(*args: object) -> int:
             raise RuntimeError("a bug in a handler")
 
-        monkeypatch.setattr(atrium.http.ws.workspace_store, "last_seq", broken)
+        monkeypatch.setattr(atrium.domain.workspaces.event_log, "last_seq", broken)
         r = await server.client.get(
             f"/api/v1/projects/{team.project_id}/workspace/status", headers=team.owner.auth
         )
