@@ -9,8 +9,7 @@ bytes, so requests pay nothing for it beyond a scan of their headers:
   rate-limit headers. (quart-cors, used before, cost about a tenth of an authenticated
   request on every request and answered refused preflights outside the error shape.)
 - **Security headers** on every HTTP response (and ``Cache-Control: no-store`` on auth).
-- **Liveness**: ``GET /health`` is answered here, without the app (with CORS headers for
-  an allowed ``Origin``); the app's route only documents it in ``/openapi.json``.
+- **Liveness**: ``GET /health`` from a probe (no ``Origin``) is answered without the app.
 - **WebSockets** go to their own ASGI application (``ws.WorkspaceSockets``), past Quart.
 - **Containment**: an exception that escapes the app (Quart renders its own as 500s) ends
   that request alone with a 500 in the error shape, logged once and counted; a 413 closes
@@ -70,6 +69,9 @@ class Edge:
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"no-referrer"),
             (b"cross-origin-opener-policy", b"same-origin"),
+            # Every response depends on Origin (CORS headers come and go with it), also
+            # one sent without it: a shared cache must not serve it to a browser's request.
+            (b"vary", b"Origin"),
         ]
         if production:
             common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
@@ -81,20 +83,18 @@ class Edge:
         ]
         # Tokens and credentials must never be cached by a browser or a proxy.
         self._auth_headers = [*self._headers, (b"cache-control", b"no-store")]
-        self._health_content: Headers = [
+        self._health_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(_HEALTH_BODY)).encode()),
+            *self._headers,
         ]
-        self._health_headers = [*self._health_content, *self._headers]
         self._preflight_headers = [
             (b"access-control-allow-methods", ", ".join(ALLOWED_METHODS).encode()),
             (b"access-control-allow-headers", ", ".join(ALLOWED_HEADERS).encode()),
             (b"access-control-max-age", b"86400"),
-            (b"vary", b"Origin"),
         ]
         self._cors_headers = [
             (b"access-control-expose-headers", ", ".join(EXPOSED_HEADERS).encode()),
-            (b"vary", b"Origin"),
         ]
 
     async def __call__(
@@ -132,12 +132,6 @@ class Edge:
             return
         elif self._allows(origin):
             extra = [*extra, (b"access-control-allow-origin", origin), *self._cors_headers]
-        else:
-            extra = [*extra, (b"vary", b"Origin")]
-        if path == "/health" and method in ("GET", "HEAD"):  # from a browser
-            body = _HEALTH_BODY if method == "GET" else b""
-            await _respond(send, 200, [*self._health_content, *extra], body)
-            return
 
         started = False
 
@@ -200,7 +194,6 @@ class Edge:
         headers_out = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"vary", b"Origin"),
             *self._headers,
         ]
         await _respond(send, 403, headers_out, body)

@@ -33,8 +33,8 @@ _READY_TIMEOUT = 2.0
 async def health() -> Response:
     """Liveness: the process answers. No I/O.
 
-    The Edge layer answers every ``GET /health`` before the app is reached; this route is
-    what documents it in ``/openapi.json``, and answers the same if it is ever reached."""
+    A probe's request (no ``Origin``) is answered by the Edge layer before the app; a
+    page's request reaches this route and gets the CORS headers with its answer."""
     return json_response({"status": "ok"})
 
 

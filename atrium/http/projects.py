@@ -118,22 +118,23 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 
     Pages are cached per user for PROJECT_CACHE_TTL_SECONDS (0 disables it); every write
     that changes what a user would see drops that user's pages, so a read after a write
-    is never stale. ``cached`` and ``cache_expires_at`` say whether this page came from
-    the cache and when that entry expires.
+    is never stale. A page that expires under load is read once: concurrent requests for
+    it wait for that read. ``cached`` and ``cache_expires_at`` say whether this page came
+    from the cache and when that entry expires.
     """
     svc = services()
     user: User = g.user
     limit, offset = query_args.limit, query_args.offset
     key = f"list:{limit}:{offset}"
-    hit = await svc.project_cache.get(user.id, key)
-    if hit is not None:
-        page, cached, expires = hit.value, True, utc_iso_at(hit.expires_at)
-    else:
-        generation = await svc.project_cache.generation(user.id)
+
+    async def fill() -> dict[str, Any]:
         found = await svc.projects.page(user.id, limit=limit, offset=offset)
-        page = {"projects": [_project_json(p) for p in found.projects], "total": found.total}
-        await svc.project_cache.set(user.id, key, page, generation)
-        cached, expires = False, None
+        return {"projects": [_project_json(p) for p in found.projects], "total": found.total}
+
+    filled = await svc.project_cache.get_or_fill(user.id, key, fill)
+    page, hit = filled.value, filled.hit
+    cached = hit is not None
+    expires = None if hit is None else utc_iso_at(hit.expires_at)
     return json_response(
         {
             "projects": page["projects"],
