@@ -11,7 +11,7 @@ committed change.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from quart import Blueprint, Response, g
 from quart_schema import (
@@ -34,10 +34,14 @@ from ..persistence.projects import (
     RoleForbidden,
     UserNotFound,
 )
-from ..timestamps import utc_iso, utc_iso_at
+from ..timestamps import utc_iso_at
 from .errors import ApiError, error_response
 from .json import json_response
 from .schemas import (
+    BY_ID,
+    JSON_BODY,
+    SIGNED_IN,
+    Collaboration,
     CollaboratorAddedResponse,
     CollaboratorAddRequest,
     CollaboratorListResponse,
@@ -50,7 +54,10 @@ from .schemas import (
     ProjectResponse,
     ProjectUpdateRequest,
     RoleChangeRequest,
+    Visibility,
     error_responses,
+    no_content,
+    respond,
 )
 from .security import require_user, services
 
@@ -79,38 +86,42 @@ def _id(value: str, what: str) -> uuid.UUID:
         raise ApiError(422, "invalid_id", f"The {what} id is not a valid UUID") from None
 
 
+def _project(project: Project) -> ProjectResponse:
+    return ProjectResponse(
+        id=project.id,
+        name=project.name,
+        description=project.description,
+        visibility=cast(Visibility, project.visibility),  # checked by the model
+        owner_id=project.owner_id,
+        created_at=project.created_at,
+        updated_at=project.updated_at,
+        collaborator_count=project.collaborator_count,
+        status="active",
+        role=project.role,
+        workspace_url=f"/ws/{project.id}",
+    )
+
+
 def _project_json(project: Project) -> dict[str, Any]:
     # Plain JSON values only: this dict is also what the project-list cache stores.
-    return {
-        "id": str(project.id),
-        "name": project.name,
-        "description": project.description,
-        "visibility": project.visibility,
-        "owner_id": str(project.owner_id),
-        "created_at": utc_iso(project.created_at),
-        "updated_at": utc_iso(project.updated_at),
-        "collaborator_count": project.collaborator_count,
-        "status": "active",
-        "role": project.role.value,
-        "workspace_url": f"/ws/{project.id}",
-    }
+    return _project(project).model_dump(mode="json")
 
 
-def _member_json(member: Member) -> dict[str, Any]:
-    return {
-        "user_id": member.user_id,
-        "email": member.email,
-        "role": member.role.value,
-        "invited_at": member.invited_at,
-        "invited_by": member.invited_by,
-    }
+def _member(member: Member) -> CollaboratorResponse:
+    return CollaboratorResponse(
+        user_id=member.user_id,
+        email=member.email,
+        role=member.role,
+        invited_at=member.invited_at,
+        invited_by=member.invited_by,
+    )
 
 
 @blueprint.get("/")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectListResponse, 200)
-@error_responses(401, 422)
+@error_responses(*SIGNED_IN, 422)
 @require_user
 @validate_querystring(ProjectListQuery)
 async def list_projects(query_args: ProjectListQuery) -> Response:
@@ -151,7 +162,7 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 201)
-@error_responses(401, 422)
+@error_responses(*SIGNED_IN, *JSON_BODY)
 @require_user
 @validate_request(ProjectCreateRequest)
 async def create_project(data: ProjectCreateRequest) -> Response:
@@ -159,26 +170,26 @@ async def create_project(data: ProjectCreateRequest) -> Response:
     project = await services().projects.create(
         g.user.id, name=data.name, description=data.description, visibility=data.visibility
     )
-    return json_response(_project_json(project), 201)
+    return respond(_project(project), 201)
 
 
 @blueprint.get("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def get_project(project_id: str) -> Response:
     """One project the caller is a member of (any role)."""
     project = await services().projects.get(_id(project_id, "project"), g.user.id)
-    return json_response(_project_json(project))
+    return respond(_project(project))
 
 
 @blueprint.patch("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@error_responses(401, 403, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403)
 @require_user
 @validate_request(ProjectUpdateRequest)
 async def update_project(project_id: str, data: ProjectUpdateRequest) -> Response:
@@ -189,13 +200,14 @@ async def update_project(project_id: str, data: ProjectUpdateRequest) -> Respons
     pid = _id(project_id, "project")
     changes = {name: getattr(data, name) for name in data.model_fields_set}
     project = await services().projects.update(pid, g.user.id, changes)
-    return json_response(_project_json(project))
+    return respond(_project(project))
 
 
 @blueprint.delete("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@error_responses(401, 403, 404, 422)
+@no_content
+@error_responses(*SIGNED_IN, *BY_ID, 403)
 @require_user
 async def delete_project(project_id: str) -> Response:
     """Delete the project (owners only): 204, then 404 for every API. Logs PROJECT_DELETED."""
@@ -208,7 +220,7 @@ async def delete_project(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorAddedResponse, 201)
-@error_responses(401, 403, 404, 409, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403, 409)
 @require_user
 @validate_request(CollaboratorAddRequest)
 async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Response:
@@ -220,15 +232,18 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
     member = await services().projects.add_member(
         pid, g.user.id, role=data.role, user_id=data.user_id, email=data.email
     )
-    collaboration = {
-        "user_id": member.user_id,
-        "project_id": member.project_id,
-        "role": member.role.value,
-        "invited_at": member.invited_at,
-        "invited_by": member.invited_by,
-    }
-    return json_response(
-        {"message": "Collaborator added successfully", "collaboration": collaboration}, 201
+    collaboration = Collaboration(
+        user_id=member.user_id,
+        project_id=member.project_id,
+        role=member.role,
+        invited_at=member.invited_at,
+        invited_by=member.invited_by,
+    )
+    return respond(
+        CollaboratorAddedResponse(
+            message="Collaborator added successfully", collaboration=collaboration
+        ),
+        201,
     )
 
 
@@ -236,18 +251,16 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorListResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def list_collaborators(project_id: str) -> Response:
     """Every member with their role, owners included (any member may read it)."""
     pid = _id(project_id, "project")
     members = await services().projects.members(pid, g.user.id)
-    return json_response(
-        {
-            "project_id": pid,
-            "collaborators": [_member_json(m) for m in members],
-            "total": len(members),
-        }
+    return respond(
+        CollaboratorListResponse(
+            project_id=pid, collaborators=[_member(m) for m in members], total=len(members)
+        )
     )
 
 
@@ -255,7 +268,7 @@ async def list_collaborators(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorResponse, 200)
-@error_responses(401, 403, 404, 409, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403, 409)
 @require_user
 @validate_request(RoleChangeRequest)
 async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) -> Response:
@@ -265,13 +278,14 @@ async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) ->
     """
     pid, uid = _id(project_id, "project"), _id(user_id, "user")
     member = await services().projects.change_role(pid, g.user.id, uid, data.role)
-    return json_response(_member_json(member))
+    return respond(_member(member))
 
 
 @blueprint.delete("/<project_id>/collaborators/<user_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@error_responses(401, 403, 404, 409, 422)
+@no_content
+@error_responses(*SIGNED_IN, *BY_ID, 403, 409)
 @require_user
 async def remove_collaborator(project_id: str, user_id: str) -> Response:
     """Remove a member: owners remove anyone, any member themself. 204; logs MEMBER_REMOVED.
@@ -287,7 +301,7 @@ async def remove_collaborator(project_id: str, user_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(EventListResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 @validate_querystring(EventListQuery)
 async def list_events(project_id: str, query_args: EventListQuery) -> Response:

@@ -10,8 +10,8 @@ from quart_schema import document_response, security_scheme, tag
 
 from ..realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
-from .json import dumps_bytes, json_response
-from .schemas import WorkspaceStatusResponse, error_responses
+from .json import dumps_bytes
+from .schemas import BY_ID, SIGNED_IN, WorkspaceStatusResponse, error_responses, respond
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
@@ -102,7 +102,7 @@ async def _reject(send: ASGISendCallable, status: int, code: str, message: str) 
 @tag(["workspaces"])
 @security_scheme([{"bearer": []}])
 @document_response(WorkspaceStatusResponse, 200)
-@error_responses(404)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def workspace_status(project_id: str) -> Response:
     """Who is in the project's live workspace now (seed fields), from its actor."""
@@ -113,4 +113,5 @@ async def workspace_status(project_id: str) -> Response:
     svc = services()
     if await svc.projects.role(pid, g.user.id) is None:
         raise ApiError(404, "project_not_found", "Project not found")
-    return json_response(await svc.workspaces.status(pid))
+    status = await svc.workspaces.status(pid)
+    return respond(WorkspaceStatusResponse.model_validate(status))
