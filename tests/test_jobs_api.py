@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 from conftest import Running, StartServer
+from wsclient import connect
 
 from atrium.jobs import JobQueue
 from atrium.persistence.jobs import JobStatus
@@ -28,8 +29,8 @@ async def jobs_server(start_server: StartServer) -> AsyncIterator[Running]:
 
 
 def queue_of(server: Running) -> JobQueue:
-    assert server.bound.jobs is not None
-    return server.bound.jobs
+    assert server.bound.services is not None
+    return server.bound.services.value.jobs.queue
 
 
 async def wait_status(server: Running, job_id: str, *statuses: JobStatus) -> None:
@@ -265,3 +266,32 @@ async def test_tasks_openapi_and_supervision(jobs_server: Running) -> None:
     held = [c["detail"]["job_id"] for c in jobs["children"] if c["name"] in ("job_1", "job_2")]
     assert job_id in held
     await server.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=ann)
+
+
+@pytest.mark.parametrize("transport", ["main", "listener"])
+async def test_job_events_reach_a_connected_workspace(jobs_server: Running, transport: str) -> None:
+    server = jobs_server
+    tokens = await server.signup_login("ann@example.com")
+    ann = auth(tokens)
+    project_id = await project_with(server, ann, {})
+    port = server.bound.port if transport == "main" else server.bound.ws_port
+    async with connect(f"ws://127.0.0.1:{port}/ws/{project_id}", tokens["access_token"]) as ws:
+        assert (await ws.recv())["type"] == "PRESENCE_STATE"
+        await ws.until("USER_JOIN")
+        body = {"task_name": "data_processing", "payload": {"csv": CSV}, "project_id": project_id}
+        job_id = (await run(server, ann, **body)).json()["job_id"]
+        seen = []
+        while not seen or seen[-1]["type"] != "JOB_COMPLETED":
+            message = await ws.recv()
+            if message["type"].startswith("JOB_"):
+                seen.append(message)
+    durable = [m for m in seen if m["type"] != "JOB_PROGRESS"]
+    assert [m["type"] for m in durable] == ["JOB_QUEUED", "JOB_STARTED", "JOB_COMPLETED"]
+    assert all(m["job_id"] == job_id and m["user_id"] == tokens["user_id"] for m in seen)
+    assert [m["seq"] for m in durable] == list(range(durable[0]["seq"], durable[0]["seq"] + 3))
+    progress = [m for m in seen if m["type"] == "JOB_PROGRESS"]
+    assert progress and all("seq" not in m for m in progress)  # ephemeral
+    assert progress[-1]["progress"] <= 100 and progress[-1]["task_name"] == "data_processing"
+    log = await server.client.get(f"/api/v1/projects/{project_id}/events", headers=ann)
+    stored = [e["type"] for e in log.json()["events"] if e["type"].startswith("JOB_")]
+    assert stored == ["JOB_QUEUED", "JOB_STARTED", "JOB_COMPLETED"]  # progress is not stored

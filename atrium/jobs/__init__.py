@@ -1,6 +1,7 @@
 """Background jobs: the job actors, their supervisor, and the application service."""
 
 from ._actor import JobActor as JobActor
+from ._events import JobEvents as JobEvents
 from ._policy import RetryPolicy as RetryPolicy
 from ._queue import JobObserver as JobObserver
 from ._queue import JobQueue as JobQueue

@@ -268,6 +268,7 @@ class JobActor:
             await store.set_progress(self.queue.db, claimed, percent, message)
         except DatabaseUnavailable:
             return  # progress is advisory; the outcome is what must be written
+        await self.queue.progressed(claimed.job, percent, message)
 
     async def _record(self, claimed: Claimed, outcome: _Outcome) -> None:
         """Write the attempt's outcome, waiting out a database outage for as long as the

@@ -46,9 +46,12 @@ class JobSettings:
 
 
 class JobObserver(Protocol):
-    """Told of every job state change this process makes (live workspace events)."""
+    """Told of every job state change and progress report this process makes (live
+    workspace events)."""
 
     async def job_changed(self, job: Job, previous: JobStatus | None) -> None: ...
+
+    async def job_progress(self, job: Job, percent: int, message: str | None) -> None: ...
 
 
 class JobQueue:
@@ -103,6 +106,11 @@ class JobQueue:
         self._changed = trio.Event()
         for observer in self.observers:
             await observer.job_changed(job, previous)
+
+    async def progressed(self, job: Job, percent: int, message: str | None) -> None:
+        """Tell observers of a running job's progress report."""
+        for observer in self.observers:
+            await observer.job_progress(job, percent, message)
 
     async def wait_for(self, job_id: uuid.UUID, statuses: Collection[JobStatus]) -> Job:
         """Wait until the job is in one of ``statuses``; see :meth:`wait_until`."""

@@ -11,7 +11,7 @@ from typing import Any
 from ..persistence import jobs as store
 from ..persistence.jobs import Job, JobPage, JobStatus, Priority
 from ..tasks import InvalidPayload
-from ._queue import JobQueue
+from ._queue import JobObserver, JobQueue
 
 # Assumed run time of a task that has never completed, for the first estimates.
 _DEFAULT_RUN_SECONDS = 1.0
@@ -27,10 +27,13 @@ class Submission:
 
 class JobService:
     """Submits, reads, cancels and retries jobs, checking who may, and tells the job
-    actors of this process (wake-ups, cancels) and its observers (state changes)."""
+    actors of this process (wake-ups, cancels) and its observers (state changes; with
+    ``events``, a ``JobEvents`` that writes them into projects' logs and workspaces)."""
 
-    def __init__(self, queue: JobQueue) -> None:
+    def __init__(self, queue: JobQueue, events: JobObserver | None = None) -> None:
         self.queue = queue
+        if events is not None:
+            queue.observers.append(events)
 
     async def submit(
         self,

@@ -34,7 +34,7 @@ import orjson
 
 from ..roles import Action, Role, can
 from .database import Database
-from .projects import ProjectNotFound, RoleForbidden
+from .errors import ProjectNotFound, RoleForbidden
 
 JOB_CHANNEL = "atrium_jobs"
 """Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
