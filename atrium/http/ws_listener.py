@@ -32,7 +32,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import RemoteProtocolError
 
 from ..outbox import PARTIAL, REFUSED, SENT
 from ..session import ConnectionGone, Handshake, Realtime
@@ -140,11 +140,7 @@ class ListenerConnection:
         return handshake
 
     async def _reply_handshake(self, shake: H11Handshake, *events: Event) -> None:
-        try:
-            data = b"".join(shake.send(event) for event in events)
-        except LocalProtocolError:  # h11 cannot answer this request at all
-            return
-        await self._write(data)
+        await self._write(b"".join(shake.send(event) for event in events))
 
     # -- Connection ---------------------------------------------------------------------------
 
