@@ -8,6 +8,10 @@ to store it after the writer invalidated. So a reader takes a ``generation`` tok
 it reads the database and hands it to ``set``; ``set`` refuses the value when any of the
 user's entries was invalidated after that token was taken. A read after a write therefore
 never sees the data from before the write.
+
+Misses are filled once (single-flight): while one caller of ``get_or_fill`` reads the
+source for a key, the others asking for the same key wait for that read instead of
+running their own, so an expiry under load costs one query, not one per request in flight.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import trio
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,19 @@ class CacheHit:
 
     value: Any
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """What ``get_or_fill`` found: the value, and the entry it came from (``hit``), or
+    None when this caller read it from the source itself."""
+
+    value: Any
+    hit: CacheHit | None
+
+
+Fill = Callable[[], Awaitable[Any]]
+"""Reads a value from the source (the database); None means "nothing to cache"."""
 
 
 class UserCache(Protocol):
@@ -56,11 +75,90 @@ class UserCache(Protocol):
         """Drop every entry of every user in ``user_ids``; fills in flight for them fail."""
         ...
 
+    async def get_or_fill(self, user_id: uuid.UUID, key: str, fill: Fill) -> Filled:
+        """The live entry for ``key``, or ``fill()``'s value, stored under the generation
+        rule; concurrent misses of one key share one fill (see :class:`SingleFlight`).
+        Raises what ``fill`` raises."""
+        ...
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event
+    hit: CacheHit | None = None  # what the fill stored
+    value: Any = None  # what it read, handed on only when it is None (nothing to store)
+    completed: bool = False  # the fill returned (did not raise or get cancelled)
+
+
+class SingleFlight:
+    """The fills in flight in one process, one per (user, key): the first caller to miss
+    fills, the others wait for it and get what it stored.
+
+    A follower never gets a value older than its own request: when the fill it waited for
+    stored nothing (it raised, was cancelled, or an invalidation raced it and ``set``
+    refused the value), the follower looks again (a live entry, or a newer fill), and
+    after following ``max_follows`` fills that stored nothing it fills by itself. So no
+    one waits for a fill that will not come, and a failing source is tried again by the
+    next caller rather than failing everyone with one error. A fill that reads None
+    (nothing to cache) hands None to its followers as it is: fills return None only for
+    absences that do not come back, such as a revoked session.
+    """
+
+    __slots__ = ("_flights", "_max_follows")
+
+    def __init__(self, *, max_follows: int = 2) -> None:
+        self._flights: dict[tuple[uuid.UUID, str], _Flight] = {}
+        self._max_follows = max_follows
+
+    async def get_or_fill(
+        self, cache: UserCache, user_id: uuid.UUID, key: str, fill: Fill
+    ) -> Filled:
+        """``cache``'s live entry for ``key``, the value of a fill in flight for it, or
+        ``fill()``'s value, stored in ``cache`` unless an invalidation raced the read.
+        Raises what ``fill`` raises (only to the caller whose fill it was)."""
+        followed = 0
+        while True:
+            hit = await cache.get(user_id, key)
+            if hit is not None:
+                return Filled(hit.value, hit)
+            flight = self._flights.get((user_id, key))
+            if flight is None or followed >= self._max_follows:
+                return await self._fill(cache, user_id, key, fill)
+            followed += 1
+            await flight.done.wait()
+            if flight.hit is not None:
+                return Filled(flight.hit.value, flight.hit)
+            if flight.completed and flight.value is None:
+                return Filled(None, None)
+
+    async def _fill(self, cache: UserCache, user_id: uuid.UUID, key: str, fill: Fill) -> Filled:
+        flight = _Flight(trio.Event())
+        slot = (user_id, key)
+        leader = slot not in self._flights  # else a caller past max_follows: fill alone
+        if leader:
+            self._flights[slot] = flight
+        try:
+            generation = await cache.generation(user_id)
+            value = await fill()
+            if value is not None:
+                flight.hit = await cache.set(user_id, key, value, generation)
+            flight.value, flight.completed = value, True
+            return Filled(value, None)
+        finally:
+            if leader:
+                del self._flights[slot]
+            flight.done.set()
+
+    def __len__(self) -> int:
+        """The number of fills in flight."""
+        return len(self._flights)
+
 
 class MemoryUserCache:
     """One process's cache: entries expire ``ttl_seconds`` after they are stored.
 
-    ``ttl_seconds`` of 0 disables it (nothing is stored, every read misses). ``clock``
+    ``ttl_seconds`` of 0 disables it (nothing is stored, every read misses and reads the
+    source itself: no fills are shared either). ``clock``
     returns wall-clock seconds; tests pass one they move by hand. At most ``max_entries``
     entries are kept: past that, expired ones go first, then the oldest users' entries.
     """
@@ -86,6 +184,7 @@ class MemoryUserCache:
         self._latest = 0
         self._stamps: dict[uuid.UUID, int] = {}
         self._floor = 0
+        self.flights = SingleFlight()
 
     @property
     def enabled(self) -> bool:
@@ -133,6 +232,11 @@ class MemoryUserCache:
             entries = self._entries.pop(user_id, None)
             if entries is not None:
                 self._size -= len(entries)
+
+    async def get_or_fill(self, user_id: uuid.UUID, key: str, fill: Fill) -> Filled:
+        if not self.enabled:
+            return Filled(await fill(), None)
+        return await self.flights.get_or_fill(self, user_id, key, fill)
 
     def __len__(self) -> int:
         return self._size

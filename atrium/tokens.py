@@ -122,7 +122,7 @@ class TokenCodec:
                 issued_at=int(payload["iat"]),
                 expires_at=int(payload["exp"]),
             )
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):  # uuid.UUID(12): AttributeError
             raise TokenError("token_malformed", "The token is malformed") from None
 
 

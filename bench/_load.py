@@ -171,7 +171,11 @@ def process_tree_cpu(pid: int) -> CpuProbe:
 
     def probe() -> float:
         total = 0.0
-        for process in [root, *root.children(recursive=True)]:
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # it exited (a crashed postmaster): count nothing
+            processes = []
+        for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
                 times = process.cpu_times()
                 total += times.user + times.system

@@ -14,7 +14,7 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from test_projects import API, add, make_accounts, new_project, sign_up
 
-from atrium.cache import CacheHit, MemoryUserCache
+from atrium.cache import CacheHit, Fill, Filled, MemoryUserCache, SingleFlight
 from atrium.http.app import create_app
 from atrium.persistence.database import Database
 from atrium.services import build_services
@@ -149,6 +149,7 @@ class _HeldFills:
         self.reached = trio.Event()
         self.release = trio.Event()
         self.stored: list[CacheHit | None] = []
+        self.flights = SingleFlight()
 
     async def generation(self, user_id: uuid.UUID) -> int:
         return await self.inner.generation(user_id)
@@ -167,6 +168,9 @@ class _HeldFills:
 
     async def invalidate(self, user_ids: Iterable[uuid.UUID]) -> None:
         await self.inner.invalidate(user_ids)
+
+    async def get_or_fill(self, user_id: uuid.UUID, key: str, fill: Fill) -> Filled:
+        return await self.flights.get_or_fill(self, user_id, key, fill)
 
 
 async def test_a_fill_that_raced_an_invalidation_is_not_stored(

@@ -15,6 +15,7 @@ from . import auth, ops, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
+from .schemas import ContractProvider
 
 
 class AtriumRequest(TrioRequest):
@@ -54,6 +55,7 @@ def create_app(svc: Services) -> QuartTrio:
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         redoc_ui_path=None,
         scalar_ui_path=None,
+        openapi_provider_class=ContractProvider,
     )
     # After QuartSchema, which installs its own provider (stdlib json, unbounded depth).
     app.json = OrjsonProvider(app)

@@ -15,8 +15,9 @@ from ..persistence.accounts import Rotation, User
 from ..proxies import client_address
 from ..tokens import TokenError
 from .errors import ApiError
-from .json import json_response
 from .schemas import (
+    JSON_BODY,
+    SIGNED_IN,
     LoginRequest,
     LoginResponse,
     MessageResponse,
@@ -26,6 +27,7 @@ from .schemas import (
     TokenResponse,
     UserResponse,
     error_responses,
+    respond,
 )
 from .security import forget_sessions, note_rate, rate_limited, require_user, services
 
@@ -84,7 +86,7 @@ async def _session_ended(user_id: uuid.UUID, session_id: uuid.UUID) -> None:
 @tag(["auth"])
 @validate_request(SignupRequest)
 @document_response(SignupResponse, 201)
-@error_responses(409, 422, 429, 503)
+@error_responses(*JSON_BODY, 409, 429, 503)
 async def signup(data: SignupRequest) -> Response:
     """Create an account. 409 email_taken when an account's email normalises alike.
 
@@ -100,14 +102,14 @@ async def signup(data: SignupRequest) -> Response:
     user = await accounts.create_user(svc.db, str(data.email), password_hash)
     if user is None:
         raise ApiError(409, "email_taken", "An account with this email already exists")
-    return json_response({"message": "Signup successful", "user_id": user.id}, 201)
+    return respond(SignupResponse(message="Signup successful", user_id=user.id), 201)
 
 
 @blueprint.post("/login")
 @tag(["auth"])
 @validate_request(LoginRequest)
 @document_response(LoginResponse, 200)
-@error_responses(401, 422, 429, 503)
+@error_responses(*JSON_BODY, 401, 429, 503)
 async def login(data: LoginRequest) -> Response:
     """Exchange email and password for an access and a refresh token.
 
@@ -143,14 +145,14 @@ async def login(data: LoginRequest) -> Response:
     session_id = uuid.uuid4()
     access, refresh, refresh_jti, refresh_expiry = await _issue_pair(found.user, session_id)
     await accounts.open_session(svc.db, found.user.id, session_id, refresh_jti, refresh_expiry)
-    return json_response(
-        {
-            "user_id": found.user.id,
-            "access_token": access,
-            "refresh_token": refresh,
-            "token_type": "bearer",
-            "expires_in": svc.tokens.access_ttl_seconds,
-        }
+    return respond(
+        LoginResponse(
+            user_id=found.user.id,
+            access_token=access,
+            refresh_token=refresh,
+            token_type="bearer",
+            expires_in=svc.tokens.access_ttl_seconds,
+        )
     )
 
 
@@ -158,7 +160,7 @@ async def login(data: LoginRequest) -> Response:
 @tag(["auth"])
 @validate_request(RefreshRequest)
 @document_response(TokenResponse, 200)
-@error_responses(401)
+@error_responses(*JSON_BODY, 401, 503)
 async def refresh(data: RefreshRequest) -> Response:
     """Rotate a refresh token: the presented one stops working, a new pair is returned.
 
@@ -187,13 +189,13 @@ async def refresh(data: RefreshRequest) -> Response:
         )
     if outcome is not Rotation.ROTATED:
         raise ApiError(401, "session_revoked", "This session has ended; log in again")
-    return json_response(
-        {
-            "access_token": access,
-            "refresh_token": new_refresh,
-            "token_type": "bearer",
-            "expires_in": svc.tokens.access_ttl_seconds,
-        }
+    return respond(
+        TokenResponse(
+            access_token=access,
+            refresh_token=new_refresh,
+            token_type="bearer",
+            expires_in=svc.tokens.access_ttl_seconds,
+        )
     )
 
 
@@ -201,25 +203,25 @@ async def refresh(data: RefreshRequest) -> Response:
 @tag(["auth"])
 @security_scheme([{"bearer": []}])
 @document_response(MessageResponse, 200)
-@error_responses(401)
+@error_responses(*SIGNED_IN)
 @require_user
 async def logout() -> Response:
     """End the session: this access token and every refresh token of its family stop
     working, and the session's open WebSockets close (4001 session_revoked)."""
     await accounts.revoke_session(services().db, g.claims.session_id, "logout")
     await _session_ended(g.user.id, g.claims.session_id)
-    return json_response({"message": "Logged out"})
+    return respond(MessageResponse(message="Logged out"))
 
 
 @blueprint.get("/me")
 @tag(["auth"])
 @security_scheme([{"bearer": []}])
 @document_response(UserResponse, 200)
-@error_responses(401)
+@error_responses(*SIGNED_IN)
 @require_user
 async def me() -> Response:
     """The signed-in user."""
     user: User = g.user
-    return json_response(
-        {"user_id": user.id, "email": user.email, "role": user.role, "created_at": user.created_at}
+    return respond(
+        UserResponse(user_id=user.id, email=user.email, role=user.role, created_at=user.created_at)
     )

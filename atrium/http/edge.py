@@ -69,6 +69,9 @@ class Edge:
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"no-referrer"),
             (b"cross-origin-opener-policy", b"same-origin"),
+            # Every response depends on Origin (CORS headers come and go with it), also
+            # one sent without it: a shared cache must not serve it to a browser's request.
+            (b"vary", b"Origin"),
         ]
         if production:
             common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
@@ -89,11 +92,9 @@ class Edge:
             (b"access-control-allow-methods", ", ".join(ALLOWED_METHODS).encode()),
             (b"access-control-allow-headers", ", ".join(ALLOWED_HEADERS).encode()),
             (b"access-control-max-age", b"86400"),
-            (b"vary", b"Origin"),
         ]
         self._cors_headers = [
             (b"access-control-expose-headers", ", ".join(EXPOSED_HEADERS).encode()),
-            (b"vary", b"Origin"),
         ]
 
     async def __call__(
@@ -131,8 +132,6 @@ class Edge:
             return
         elif self._allows(origin):
             extra = [*extra, (b"access-control-allow-origin", origin), *self._cors_headers]
-        else:
-            extra = [*extra, (b"vary", b"Origin")]
 
         started = False
 
@@ -195,7 +194,6 @@ class Edge:
         headers_out = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"vary", b"Origin"),
             *self._headers,
         ]
         await _respond(send, 403, headers_out, body)

@@ -14,10 +14,15 @@ from ..supervision import SupervisorSnapshot
 from .errors import ApiError
 from .json import json_response
 from .schemas import (
+    DatabaseCheck,
     HealthResponse,
+    ReadyChecks,
     ReadyResponse,
+    SupervisionCheck,
+    SupervisorModel,
     SupervisorTreeResponse,
     error_responses,
+    respond,
 )
 from .security import services
 
@@ -32,7 +37,7 @@ _READY_TIMEOUT = 2.0
 @document_response(HealthResponse, 200)
 async def health() -> Response:
     """Liveness: the process answers. No I/O."""
-    return json_response({"status": "ok"})
+    return respond(HealthResponse(status="ok"))
 
 
 @blueprint.get("/ready")
@@ -54,14 +59,15 @@ async def ready() -> Response:
             database["error"] = str(error) or type(error).__name__
     if waiting.cancelled_caught:
         database["error"] = f"no answer within {_READY_TIMEOUT} s"
-    checks: dict[str, Any] = {"database": database}
+    checks = ReadyChecks(database=DatabaseCheck(**database))
     if svc.supervisor is not None:
-        checks["supervision"] = {
-            "ok": svc.supervisor.healthy(),
-            "down": _down(svc.supervisor.snapshot()),
-        }
-    ok = all(check["ok"] for check in checks.values())
-    return json_response({"ready": ok, "checks": checks}, 200 if ok else 503)
+        checks.supervision = SupervisionCheck(
+            ok=svc.supervisor.healthy(), down=_down(svc.supervisor.snapshot())
+        )
+    ok = checks.database.ok and (checks.supervision is None or checks.supervision.ok)
+    # Fields never set stay out of the body (no "error" when the database answered).
+    body = ReadyResponse(ready=ok, checks=checks).model_dump(exclude_unset=True)
+    return json_response(body, 200 if ok else 503)
 
 
 def _down(tree: SupervisorSnapshot, prefix: str = "") -> list[str]:
@@ -102,7 +108,7 @@ def _require_operator() -> None:
 @tag(["ops"])
 @security_scheme([{"bearer": []}])
 @document_response(SupervisorTreeResponse, 200)
-@error_responses(401)
+@error_responses(401, 403)
 async def supervisor_tree() -> Response:
     """The process's supervision tree: every supervisor and child with its state, restart
     count, last failure, uptime and mailbox depth; and ``contained_failures``, the
@@ -112,5 +118,7 @@ async def supervisor_tree() -> Response:
     _require_operator()
     svc = services()
     root = svc.supervisor
-    tree: dict[str, Any] | None = None if root is None else root.snapshot().to_dict()
-    return json_response({"supervisor": tree, "contained_failures": svc.failures.counts()})
+    tree = None if root is None else SupervisorModel.model_validate(root.snapshot().to_dict())
+    return respond(
+        SupervisorTreeResponse(supervisor=tree, contained_failures=svc.failures.counts())
+    )

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 from quart import Blueprint, Response, g
@@ -42,6 +42,10 @@ from ..persistence.projects import (
 from .errors import ApiError, error_response
 from .json import json_response
 from .schemas import (
+    BY_ID,
+    JSON_BODY,
+    SIGNED_IN,
+    Collaboration,
     CollaboratorAddedResponse,
     CollaboratorAddRequest,
     CollaboratorListResponse,
@@ -54,7 +58,10 @@ from .schemas import (
     ProjectResponse,
     ProjectUpdateRequest,
     RoleChangeRequest,
+    Visibility,
     error_responses,
+    no_content,
+    respond,
 )
 from .security import require_user, services
 
@@ -90,31 +97,35 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _project(project: Project) -> ProjectResponse:
+    return ProjectResponse(
+        id=project.id,
+        name=project.name,
+        description=project.description,
+        visibility=cast(Visibility, project.visibility),  # checked by the model
+        owner_id=project.owner_id,
+        created_at=project.created_at,
+        updated_at=project.updated_at,
+        collaborator_count=project.collaborator_count,
+        status="active",
+        role=project.role,
+        workspace_url=f"/ws/{project.id}",
+    )
+
+
 def _project_json(project: Project) -> dict[str, Any]:
     # Plain JSON values only: this dict is also what the project-list cache stores.
-    return {
-        "id": str(project.id),
-        "name": project.name,
-        "description": project.description,
-        "visibility": project.visibility,
-        "owner_id": str(project.owner_id),
-        "created_at": _iso(project.created_at),
-        "updated_at": _iso(project.updated_at),
-        "collaborator_count": project.collaborator_count,
-        "status": "active",
-        "role": project.role.value,
-        "workspace_url": f"/ws/{project.id}",
-    }
+    return _project(project).model_dump(mode="json")
 
 
-def _member_json(member: Member) -> dict[str, Any]:
-    return {
-        "user_id": member.user_id,
-        "email": member.email,
-        "role": member.role.value,
-        "invited_at": member.invited_at,
-        "invited_by": member.invited_by,
-    }
+def _member(member: Member) -> CollaboratorResponse:
+    return CollaboratorResponse(
+        user_id=member.user_id,
+        email=member.email,
+        role=member.role,
+        invited_at=member.invited_at,
+        invited_by=member.invited_by,
+    )
 
 
 async def _commit(write: Awaitable[Change[T]]) -> T:
@@ -141,7 +152,7 @@ async def _commit(write: Awaitable[Change[T]]) -> T:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectListResponse, 200)
-@error_responses(401, 422)
+@error_responses(*SIGNED_IN, 422)
 @require_user
 @validate_querystring(ProjectListQuery)
 async def list_projects(query_args: ProjectListQuery) -> Response:
@@ -149,22 +160,23 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 
     Pages are cached per user for PROJECT_CACHE_TTL_SECONDS (0 disables it); every write
     that changes what a user would see drops that user's pages, so a read after a write
-    is never stale. ``cached`` and ``cache_expires_at`` say whether this page came from
-    the cache and when that entry expires.
+    is never stale. A page that expires under load is read once: concurrent requests for
+    it wait for that read. ``cached`` and ``cache_expires_at`` say whether this page came
+    from the cache and when that entry expires.
     """
     svc = services()
     user: User = g.user
     limit, offset = query_args.limit, query_args.offset
     key = f"list:{limit}:{offset}"
-    hit = await svc.project_cache.get(user.id, key)
-    if hit is not None:
-        page, cached, expires = hit.value, True, _iso(datetime.fromtimestamp(hit.expires_at, UTC))
-    else:
-        generation = await svc.project_cache.generation(user.id)
+
+    async def fill() -> dict[str, Any]:
         found = await projects.list_projects(svc.db, user.id, limit=limit, offset=offset)
-        page = {"projects": [_project_json(p) for p in found.projects], "total": found.total}
-        await svc.project_cache.set(user.id, key, page, generation)
-        cached, expires = False, None
+        return {"projects": [_project_json(p) for p in found.projects], "total": found.total}
+
+    filled = await svc.project_cache.get_or_fill(user.id, key, fill)
+    page, hit = filled.value, filled.hit
+    cached = hit is not None
+    expires = None if hit is None else _iso(datetime.fromtimestamp(hit.expires_at, UTC))
     return json_response(
         {
             "projects": page["projects"],
@@ -181,7 +193,7 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 201)
-@error_responses(401, 422)
+@error_responses(*SIGNED_IN, *JSON_BODY)
 @require_user
 @validate_request(ProjectCreateRequest)
 async def create_project(data: ProjectCreateRequest) -> Response:
@@ -195,26 +207,26 @@ async def create_project(data: ProjectCreateRequest) -> Response:
             visibility=data.visibility,
         )
     )
-    return json_response(_project_json(project), 201)
+    return respond(_project(project), 201)
 
 
 @blueprint.get("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def get_project(project_id: str) -> Response:
     """One project the caller is a member of (any role)."""
     project = await projects.get_project(services().db, _id(project_id, "project"), g.user.id)
-    return json_response(_project_json(project))
+    return respond(_project(project))
 
 
 @blueprint.patch("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(ProjectResponse, 200)
-@error_responses(401, 403, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403)
 @require_user
 @validate_request(ProjectUpdateRequest)
 async def update_project(project_id: str, data: ProjectUpdateRequest) -> Response:
@@ -225,13 +237,14 @@ async def update_project(project_id: str, data: ProjectUpdateRequest) -> Respons
     pid = _id(project_id, "project")
     changes = {name: getattr(data, name) for name in data.model_fields_set}
     project = await _commit(projects.update_project(services().db, pid, g.user.id, changes))
-    return json_response(_project_json(project))
+    return respond(_project(project))
 
 
 @blueprint.delete("/<project_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@error_responses(401, 403, 404, 422)
+@no_content
+@error_responses(*SIGNED_IN, *BY_ID, 403)
 @require_user
 async def delete_project(project_id: str) -> Response:
     """Delete the project (owners only): 204, then 404 for every API. Logs PROJECT_DELETED."""
@@ -244,7 +257,7 @@ async def delete_project(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorAddedResponse, 201)
-@error_responses(401, 403, 404, 409, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403, 409)
 @require_user
 @validate_request(CollaboratorAddRequest)
 async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Response:
@@ -258,15 +271,18 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
             services().db, pid, g.user.id, role=data.role, user_id=data.user_id, email=data.email
         )
     )
-    collaboration = {
-        "user_id": member.user_id,
-        "project_id": member.project_id,
-        "role": member.role.value,
-        "invited_at": member.invited_at,
-        "invited_by": member.invited_by,
-    }
-    return json_response(
-        {"message": "Collaborator added successfully", "collaboration": collaboration}, 201
+    collaboration = Collaboration(
+        user_id=member.user_id,
+        project_id=member.project_id,
+        role=member.role,
+        invited_at=member.invited_at,
+        invited_by=member.invited_by,
+    )
+    return respond(
+        CollaboratorAddedResponse(
+            message="Collaborator added successfully", collaboration=collaboration
+        ),
+        201,
     )
 
 
@@ -274,18 +290,16 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorListResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def list_collaborators(project_id: str) -> Response:
     """Every member with their role, owners included (any member may read it)."""
     pid = _id(project_id, "project")
     members = await projects.list_members(services().db, pid, g.user.id)
-    return json_response(
-        {
-            "project_id": pid,
-            "collaborators": [_member_json(m) for m in members],
-            "total": len(members),
-        }
+    return respond(
+        CollaboratorListResponse(
+            project_id=pid, collaborators=[_member(m) for m in members], total=len(members)
+        )
     )
 
 
@@ -293,7 +307,7 @@ async def list_collaborators(project_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(CollaboratorResponse, 200)
-@error_responses(401, 403, 404, 409, 422)
+@error_responses(*SIGNED_IN, *BY_ID, *JSON_BODY, 403, 409)
 @require_user
 @validate_request(RoleChangeRequest)
 async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) -> Response:
@@ -303,13 +317,14 @@ async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) ->
     """
     pid, uid = _id(project_id, "project"), _id(user_id, "user")
     member = await _commit(projects.change_role(services().db, pid, g.user.id, uid, data.role))
-    return json_response(_member_json(member))
+    return respond(_member(member))
 
 
 @blueprint.delete("/<project_id>/collaborators/<user_id>")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
-@error_responses(401, 403, 404, 409, 422)
+@no_content
+@error_responses(*SIGNED_IN, *BY_ID, 403, 409)
 @require_user
 async def remove_collaborator(project_id: str, user_id: str) -> Response:
     """Remove a member: owners remove anyone, any member themself. 204; logs MEMBER_REMOVED.
@@ -325,7 +340,7 @@ async def remove_collaborator(project_id: str, user_id: str) -> Response:
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
 @document_response(EventListResponse, 200)
-@error_responses(401, 404, 422)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 @validate_querystring(EventListQuery)
 async def list_events(project_id: str, query_args: EventListQuery) -> Response:

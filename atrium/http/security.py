@@ -80,27 +80,29 @@ async def authenticate() -> tuple[User, Claims]:
 
 
 async def _session_user(claims: Claims) -> User | None:
-    """The user of a live session, from the session cache or the database.
+    """The user of a live session, from the session cache or the database (one query
+    for all the requests that miss the same session at once).
 
     Revocations on this instance invalidate the cache at once (``forget_sessions``);
     another instance's revocation is seen within SESSION_CACHE_SECONDS.
     """
-    cache = services().session_cache
-    key = str(claims.session_id)
-    hit = await cache.get(claims.user_id, key)
-    if hit is not None:
-        return User(
-            claims.user_id,
-            hit.value["email"],
-            hit.value["role"],
-            datetime.fromisoformat(hit.value["created_at"]),
-        )
-    generation = await cache.generation(claims.user_id)
-    user = await accounts.find_session_user(services().db, claims.user_id, claims.session_id)
-    if user is not None:
-        value = {"email": user.email, "role": user.role, "created_at": user.created_at.isoformat()}
-        await cache.set(claims.user_id, key, value, generation)
-    return user
+    svc = services()
+
+    async def fill() -> dict[str, str] | None:
+        user = await accounts.find_session_user(svc.db, claims.user_id, claims.session_id)
+        if user is None:
+            return None
+        return {"email": user.email, "role": user.role, "created_at": user.created_at.isoformat()}
+
+    found = await svc.session_cache.get_or_fill(claims.user_id, str(claims.session_id), fill)
+    if found.value is None:
+        return None
+    return User(
+        claims.user_id,
+        found.value["email"],
+        found.value["role"],
+        datetime.fromisoformat(found.value["created_at"]),
+    )
 
 
 async def forget_sessions(user_id: uuid.UUID) -> None:

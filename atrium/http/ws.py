@@ -14,8 +14,8 @@ from ..persistence import projects
 from ..persistence import workspace as workspace_store
 from ..session import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
-from .json import dumps_bytes, json_response
-from .schemas import WorkspaceStatusResponse, error_responses
+from .json import dumps_bytes
+from .schemas import BY_ID, SIGNED_IN, WorkspaceStatusResponse, error_responses, respond
 from .security import require_user, services
 
 blueprint = Blueprint("ws", __name__)
@@ -106,7 +106,7 @@ async def _reject(send: ASGISendCallable, status: int, code: str, message: str) 
 @tag(["workspaces"])
 @security_scheme([{"bearer": []}])
 @document_response(WorkspaceStatusResponse, 200)
-@error_responses(404)
+@error_responses(*SIGNED_IN, *BY_ID)
 @require_user
 async def workspace_status(project_id: str) -> Response:
     """Who is in the project's live workspace now (seed fields), from its actor."""
@@ -120,17 +120,18 @@ async def workspace_status(project_id: str) -> Response:
     actor = None if svc.realtime is None else svc.realtime.workspaces.find(pid)
     if actor is not None:
         try:
-            return json_response(await actor.ask(Status(), timeout=5.0))
+            status = await actor.ask(Status(), timeout=5.0)
+            return respond(WorkspaceStatusResponse.model_validate(status))
         except ActorStopped:
             pass  # stopped between find and ask: it has nobody online
-    return json_response(
-        {
-            "project_id": pid,
-            "active_collaborators": 0,
-            "connections": 0,
-            "online_users": [],
-            "workspace_url": f"/ws/{pid}",
-            "real_time_events": 0,
-            "seq": await workspace_store.last_seq(svc.db, pid),
-        }
+    return respond(
+        WorkspaceStatusResponse(
+            project_id=pid,
+            active_collaborators=0,
+            connections=0,
+            online_users=[],
+            workspace_url=f"/ws/{pid}",
+            real_time_events=0,
+            seq=await workspace_store.last_seq(svc.db, pid),
+        )
     )

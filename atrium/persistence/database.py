@@ -102,15 +102,21 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     failed; other errors (constraint violations, the caller's own) pass unchanged. A
     connection that broke is closed, and the pool opens a new one on the next acquire.
     """
+    # The hot path of every query, so it skips two conveniences (see docs/BENCHMARKS.md,
+    # "Database round trip"): ``trio.fail_after`` is a generator-based context manager
+    # around the same CancelScope, and ``aio_as_trio(fn)(*args)`` builds a wrapper and a
+    # second coroutine per call. ``fn(*args)`` only creates the coroutine; its body runs
+    # in the asyncio task, as with ``aio_as_trio``.
+    scope = trio.CancelScope(deadline=trio.current_time() + QUERY_TIMEOUT)
     try:
-        with trio.fail_after(QUERY_TIMEOUT):
-            result: T = await trio_asyncio.aio_as_trio(fn)(*args)
-    except trio.TooSlowError:
-        raise DatabaseTimeout(f"the database did not answer within {QUERY_TIMEOUT} s") from None
+        with scope:
+            result: T = await trio_asyncio.current_loop.get().run_aio_coroutine(fn(*args))
     except Exception as error:
         if _unavailable(error):
             raise DatabaseUnavailable(f"the database is unavailable: {error}") from error
         raise
+    if scope.cancelled_caught:
+        raise DatabaseTimeout(f"the database did not answer within {QUERY_TIMEOUT} s")
     return result
 
 
