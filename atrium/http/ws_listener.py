@@ -15,6 +15,7 @@ import io
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -34,8 +35,9 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
+from ..failures import ContainedFailures
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..session import ConnectionGone, Handshake, Realtime
+from ..session import ConnectionGone, Handshake
 from .json import dumps_bytes
 
 log = logging.getLogger("atrium.ws")
@@ -51,6 +53,16 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.E
 _NOT_FOUND = dumps_bytes(
     {"error": {"code": "not_found", "message": "No WebSocket endpoint at this path"}}
 )
+
+
+class Sessions(Protocol):
+    """Where the listener hands accepted connections: ``Realtime``."""
+
+    failures: ContainedFailures
+
+    async def serve(
+        self, conn: ListenerConnection, handshake: Handshake, *, transport: str
+    ) -> None: ...
 
 
 def text_frame(text: str) -> bytes:
@@ -316,9 +328,9 @@ class ListenerConnection:
                 return b""
 
 
-async def _serve_connection(realtime: Realtime, sock: socket.socket, max_message_size: int) -> None:
+async def _serve_connection(sessions: Sessions, sock: socket.socket, max_message_size: int) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
-    ``Realtime.serve``. An exception never reaches the listener that serves everyone."""
+    ``sessions.serve``. An exception never reaches the listener that serves everyone."""
     conn = ListenerConnection(sock, max_message_size=max_message_size)
     try:
         try:
@@ -326,10 +338,10 @@ async def _serve_connection(realtime: Realtime, sock: socket.socket, max_message
         except ConnectionGone:
             return  # the peer left during the handshake
         except Exception as error:
-            realtime.failures.record("connection", error, {"transport": "listener"})
+            sessions.failures.record("connection", error, {"transport": "listener"})
             return
         if handshake is not None:
-            await realtime.serve(conn, handshake, transport="listener")
+            await sessions.serve(conn, handshake, transport="listener")
     finally:
         await conn.aclose()
 
@@ -381,7 +393,7 @@ async def _accept_forever(
 
 
 async def serve_listener(
-    realtime: Realtime,
+    sessions: Sessions,
     host: str,
     port: int,
     *,
@@ -396,7 +408,7 @@ async def serve_listener(
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
         async def handle(sock: socket.socket) -> None:
-            await _serve_connection(realtime, sock, max_message_size)
+            await _serve_connection(sessions, sock, max_message_size)
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:
