@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -61,6 +61,18 @@ class Connection(Protocol):
     async def flush(self) -> None:
         """Send what a direct write left unsent (see ``Outbox.direct``). Raises
         ConnectionGone."""
+        ...
+
+
+@runtime_checkable
+class DirectWrite(Protocol):
+    """A ``Connection`` that can also write without waiting: the session then lets its
+    outbox hand frames straight to the socket while nothing is queued (``Outbox.direct``)."""
+
+    def try_send(self, text: str) -> int:
+        """Write one text frame now if the socket takes it without waiting: REFUSED
+        (nothing written: queue it), SENT, or PARTIAL (the rest is owed: ``flush``).
+        Never raises."""
         ...
 
 
@@ -314,9 +326,8 @@ class _LiveConnection:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
         self.batch = batch
-        try_send = getattr(self.conn, "try_send", None)
-        if try_send is not None and not batch:
-            self.outbox.direct = try_send
+        if isinstance(self.conn, DirectWrite) and not batch:
+            self.outbox.direct = self.conn.try_send
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
         if self.outbox.closing:  # revoked while it was being checked
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
