@@ -21,7 +21,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from playwright.sync_api import (
     Browser,
     ConsoleMessage,
     Page,
+    Playwright,
     Route,
     expect,
     sync_playwright,
@@ -131,18 +133,43 @@ def run_py(tmp_path: Path, database_url: str) -> Iterator[RunPy]:
             server.process.stdout.close()
 
 
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    # trio-asyncio's policy makes new loops its own (a loop that Playwright's sync API
-    # cannot nest); a plain asyncio policy for this thread while the browser runs.
-    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
-    try:
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield chromium
-            chromium.close()
-    finally:
-        asyncio.set_event_loop_policy(None)
+class Chromium:
+    """One headless Chromium for the module, driven from a thread of its own.
+
+    Playwright's sync API keeps an asyncio loop running in the thread that uses it, and the
+    test fixtures run ``asyncio.run`` in the main thread: so the browser lives in one
+    worker thread, and each test hands it a function of the browser (``run``).
+    """
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="chromium")
+        self._playwright, self.browser = self._thread.submit(self._launch).result()
+
+    @staticmethod
+    def _launch() -> tuple[Playwright, Browser]:
+        # trio-asyncio's policy would make Playwright's loop a trio-asyncio one, which
+        # cannot run nested; a plain asyncio policy, for this thread only.
+        asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+        playwright = sync_playwright().start()
+        return playwright, playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+    def run(self, check: Callable[[Browser, RunPy], None], server: RunPy) -> None:
+        self._thread.submit(check, self.browser, server).result()
+
+    def close(self) -> None:
+        def stop() -> None:
+            self.browser.close()
+            self._playwright.stop()
+
+        self._thread.submit(stop).result()
+        self._thread.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Chromium]:
+    browser = Chromium()
+    yield browser
+    browser.close()
 
 
 @dataclass
@@ -222,8 +249,12 @@ def send_edit(page: Page, path: str) -> None:
 
 
 def test_the_demo_keeps_every_edit_exactly_once_across_a_server_restart(
-    run_py: RunPy, browser: Browser
+    run_py: RunPy, chromium: Chromium
 ) -> None:
+    chromium.run(demo_across_a_restart, run_py)
+
+
+def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
     with httpx.Client(base_url=run_py.url) as http:
         ann, bob = signup(http, "ann@example.com"), signup(http, "bob@example.com")
         r = http.post("/api/v1/projects/", json={"name": "Demo"}, headers=auth(ann))
@@ -276,7 +307,11 @@ def test_the_demo_keeps_every_edit_exactly_once_across_a_server_restart(
     screenshot(b, "demo-collaborator")
 
 
-def test_the_docs_render_offline(run_py: RunPy, browser: Browser) -> None:
+def test_the_docs_render_offline(run_py: RunPy, chromium: Chromium) -> None:
+    chromium.run(docs_offline, run_py)
+
+
+def docs_offline(browser: Browser, run_py: RunPy) -> None:
     tab = new_tab(browser, run_py)
     page = tab.page
     page.goto(f"{run_py.url}/docs")
@@ -365,7 +400,11 @@ async ({ projectId, token }) => {
 """
 
 
-def test_atrium_js_resends_edits_whose_ack_never_came(run_py: RunPy, browser: Browser) -> None:
+def test_atrium_js_resends_edits_whose_ack_never_came(run_py: RunPy, chromium: Chromium) -> None:
+    chromium.run(resend_unacked_edits, run_py)
+
+
+def resend_unacked_edits(browser: Browser, run_py: RunPy) -> None:
     with httpx.Client(base_url=run_py.url) as http:
         ann = signup(http, "ann@example.com")
         project_id = http.post("/api/v1/projects/", json={"name": "P"}, headers=auth(ann)).json()[
