@@ -346,6 +346,7 @@ async ({ projectId, token }) => {
       super.send(data);
     }
     set onmessage(handler) {
+      this.deliver = (frame) => handler({ data: JSON.stringify(frame) });
       super.onmessage = (message) => {
         // Socket 1 (socket 0 had the refused token) goes dark once it has sent the edits:
         // nothing reaches the client, and it drops when the server has stored all three.
@@ -382,6 +383,12 @@ async ({ projectId, token }) => {
   edits.push(client.edit("/r4", { lines_added: 4, lines_removed: 0, change_type: "added" }));
   const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error("no ACK")), 10000));
   const acks = await Promise.race([Promise.all(edits), timeout]);
+
+  // TOKEN_EXPIRING (played into the socket): a token from the callback goes to the server.
+  const renewed = new Promise((resolve) =>
+    client.on("frame", (f) => f.type === "AUTH_OK" && resolve(f)));
+  sockets[2].deliver({ type: "TOKEN_EXPIRING", expires_at: "2030-01-01T00:00:00Z" });
+  const authOk = await renewed;
   client.close();
 
   // A project that is not ours: 4004, and the client stops (no retry, the edit is refused).
@@ -393,7 +400,7 @@ async ({ projectId, token }) => {
   const socketsBefore = sockets.length;
   ghost.connect();
   const end = await stopped;
-  return { acks, events, reasons, sent, sockets: sockets.length, lastSeq: client.lastSeq,
+  return { acks, events, reasons, sent, authOk, sockets: sockets.length, lastSeq: client.lastSeq,
            ghost: { code: end.code, sockets: sockets.length - socketsBefore,
                     edit: await refused, state: ghost.state } };
 }
@@ -415,8 +422,11 @@ def resend_unacked_edits(browser: Browser, run_py: RunPy) -> None:
         result = page.evaluate(RESEND, {"projectId": project_id, "token": ann.token})
         stored = file_changes(http, ann, project_id)
 
-    # The token callback was asked again after the server refused the first token.
-    assert result["reasons"][:2] == ["connect", "rejected"]
+    # The token callback was asked again after the server refused the first token, and for
+    # a fresh one on TOKEN_EXPIRING, which went to the server and was accepted.
+    assert result["reasons"] == ["connect", "rejected", "connect", "expiring"]
+    assert result["authOk"]["type"] == "AUTH_OK"
+    assert [2, {"type": "AUTH", "token": ann.token}] in result["sent"]
     by_socket: dict[int, list[dict[str, Any]]] = {}
     for index, frame in result["sent"]:
         by_socket.setdefault(index, []).append(frame)
