@@ -21,8 +21,8 @@ import trio_asyncio
 from atrium.config import ConfigError, Settings, load_settings
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import embedded_postgres
-from atrium.persistence.migrations import migrate
-from atrium.service import Bound, serve, tune_gc
+from atrium.persistence.migrate import migrate
+from atrium.root import Bound, serve, tune_gc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -30,7 +30,6 @@ class Outbox:
         "_lot",
         "close_code",
         "close_reason",
-        "flush",
         "on_close",
         "direct",
         "owed",
@@ -43,7 +42,6 @@ class Outbox:
         self._lot = trio.lowlevel.ParkingLot()
         self.close_code: int | None = None
         self.close_reason = ""
-        self.flush = True
         # Told when a close is requested (flush or not), so the send task can stop waiting.
         self.on_close: Callable[[bool], None] | None = None
         # A transport that can write without waiting sets this: while nothing is queued, a
@@ -103,7 +101,6 @@ class Outbox:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-            self.flush = flush
             if not flush:
                 self._queue.clear()
                 self._cursors.clear()

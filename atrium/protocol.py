@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from . import json_input
+from . import json_input, json_output
+from .events import Event
 
 MAX_PATH_LENGTH = 1024
 MAX_CLIENT_ID_LENGTH = 64
@@ -22,8 +22,6 @@ MAX_CLIENT_ID_LENGTH = 64
 MAX_INT = 2**63 - 1
 MAX_CHANGES_DEPTH = 32  # levels of objects and arrays in a FILE_CHANGE's changes
 MAX_CHANGES_BYTES = 16_384
-
-_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 
 class CloseCode(enum.IntEnum):
@@ -61,7 +59,7 @@ class ProtocolError:
         body: dict[str, Any] = {"type": "ERROR", "code": self.code, "message": self.message}
         if self.id is not None:
             body["id"] = self.id
-        return orjson.dumps(body).decode()
+        return encode(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,25 +223,21 @@ def parse_client_frame(raw: str | bytes) -> ClientMessage | ProtocolError:
     return ProtocolError("unknown_type", f"Unknown frame type {kind[:40]!r}")
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 def encode(frame: dict[str, Any]) -> str:
     """Serialise a server frame once, as the text every connection is sent."""
-    return orjson.dumps(frame, option=_OPTIONS, default=str).decode()
+    return json_output.dumps(frame).decode()
 
 
-def event_frame(event: dict[str, Any]) -> dict[str, Any]:
-    """The frame for a durable event of the project log (what clients see for it)."""
+def event_frame(event: Event) -> dict[str, Any]:
+    """The frame for a durable event of the project log (what clients see for it): the
+    event's fields, then its payload's (which never override them)."""
     frame: dict[str, Any] = {
-        "type": event["type"],
-        "seq": event["seq"],
-        "project_id": str(event["project_id"]),
-        "user_id": None if event["actor_id"] is None else str(event["actor_id"]),
-        "timestamp": event["created_at"],
+        "type": event.type,
+        "seq": event.seq,
+        "project_id": str(event.project_id),
+        "user_id": None if event.actor_id is None else str(event.actor_id),
+        "timestamp": event.created_at,
     }
-    payload = event.get("payload") or {}
-    for key, value in payload.items():
+    for key, value in event.payload.items():
         frame.setdefault(key, value)
     return frame

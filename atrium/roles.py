@@ -21,19 +21,18 @@ class Role(enum.StrEnum):
 class Action(enum.StrEnum):
     """Something a member may try to do to a project."""
 
-    VIEW = "view"  # the project, its members and its event log
     EDIT_DETAILS = "edit_details"  # name and description
     CHANGE_VISIBILITY = "change_visibility"
     DELETE = "delete"
     MANAGE_MEMBERS = "manage_members"  # add, change roles, remove others
     LEAVE = "leave"  # remove oneself
     EDIT_WORKSPACE = "edit_workspace"  # file changes in the live workspace
-    SEND_CURSOR = "send_cursor"  # ephemeral presence: cursors, selections
-    RUN_JOBS = "run_jobs"
 
 
-_VIEWER = frozenset({Action.VIEW, Action.LEAVE, Action.SEND_CURSOR})
-_COLLABORATOR = _VIEWER | {Action.EDIT_DETAILS, Action.EDIT_WORKSPACE, Action.RUN_JOBS}
+# Every member may read the project, its members and its event log, and send cursors:
+# those need no action here.
+_VIEWER = frozenset({Action.LEAVE})
+_COLLABORATOR = _VIEWER | {Action.EDIT_DETAILS, Action.EDIT_WORKSPACE}
 _OWNER = frozenset(Action)
 
 PERMISSIONS: Mapping[Role, frozenset[Action]] = {

@@ -1,85 +1,109 @@
-"""The long-lived objects request handlers use, built once per process."""
+"""The long-lived objects of one database pool, built together in one place.
+
+``build_services`` is the one constructor: the composition root (``atrium.root``) calls it
+when the ``database`` child has opened its pool and hands the result down, typed, to the
+children that serve (HTTP, the WebSocket listener, the workspace supervisor, the pruner).
+A new pool (the ``database`` child restarted) gets a new ``Services``, and under the
+root's ``rest_for_one`` every child after it restarts onto it.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
 
+from .actors.workspace import WorkspaceSettings
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
+from .domain.projects import Projects
+from .domain.workspaces import Workspaces
+from .events import EventPublisher
 from .failures import ContainedFailures
 from .passwords import Passwords
 from .persistence.database import Database
 from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
+from .realtime import ConnectionSettings, Realtime
+from .supervision import Supervisor
 from .tokens import TokenCodec, VerifiedTokens
 
-if TYPE_CHECKING:
-    from .session import Realtime
-    from .supervision import Supervisor
 
-
-class EventPublisher(Protocol):
-    """Where project events go once their transaction has committed (live workspaces)."""
-
-    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
-        """Deliver ``events`` (in ``seq`` order) to whoever follows ``project_id``."""
-        ...
-
-
-class SessionRevoker(Protocol):
-    """Ends a login session's live connections (``Realtime.revoke_session``)."""
-
-    def __call__(self, session_id: uuid.UUID) -> int:
-        """Close the open WebSockets of ``session_id`` (4001); return how many."""
-        ...
-
-
-class NoPublisher:
-    """An ``EventPublisher`` that delivers nowhere (no live workspaces attached)."""
-
-    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
-        return None
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Services:
-    """What the HTTP layer needs: settings, the database, tokens, limits and a clock.
+    """What request handlers and connections use; every field is set at construction.
 
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry; tests
     substitute their own. ``project_cache`` holds each user's project-list pages;
-    ``publish`` receives every project event after its transaction commits;
-    ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root;
-    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS;
-    ``revoke_live_session`` closes a revoked session's open WebSockets in this process;
-    ``passwords`` bounds argon2 work process-wide; ``login_backoff`` slows logins to an
-    email that keeps failing; ``failures`` counts the requests and connections that ended
-    in an unexpected exception.
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS; ``passwords``
+    bounds argon2 work process-wide; ``login_backoff`` slows logins to an email that keeps
+    failing; ``failures`` counts the requests and connections that ended in an unexpected
+    exception. ``projects`` and ``workspaces`` are the application services;
+    ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
+    for an app built outside a supervision tree, as some tests do).
     """
 
     settings: Settings
     db: Database
     tokens: TokenCodec
+    verified_tokens: VerifiedTokens
     limiter: RateLimiter
-    clock: Callable[[], float] = field(default=time.time)
-    project_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
-    publish: EventPublisher = field(default_factory=NoPublisher)
-    session_cache: UserCache = field(default_factory=lambda: MemoryUserCache(0))
-    verified_tokens: VerifiedTokens | None = None
-    realtime: Realtime | None = None
-    supervisor: Supervisor | None = None
-    revoke_live_session: SessionRevoker = field(default=lambda session_id: 0)
-    passwords: Passwords = field(default_factory=lambda: Passwords(1, 2.0))
-    login_backoff: LoginBackoff = field(default_factory=lambda: LoginBackoff(5, 30))
-    failures: ContainedFailures = field(default_factory=ContainedFailures)
+    clock: Callable[[], float]
+    project_cache: UserCache
+    session_cache: UserCache
+    passwords: Passwords
+    login_backoff: LoginBackoff
+    failures: ContainedFailures
+    projects: Projects
+    workspaces: Workspaces
+    realtime: Realtime
+    supervisor: Supervisor | None
+
+    def revoke_live_session(self, session_id: uuid.UUID) -> int:
+        """Close this process's open WebSockets of ``session_id`` (4001); how many."""
+        return self.realtime.revoke_session(session_id)
+
+
+def connection_settings(settings: Settings) -> ConnectionSettings:
+    """The per-connection limits and timers of live workspace connections."""
+    return ConnectionSettings(
+        auth_timeout=settings.ws_auth_timeout_seconds,
+        heartbeat_interval=settings.ws_heartbeat_interval_seconds,
+        heartbeat_timeout=settings.ws_heartbeat_timeout_seconds,
+        send_queue=settings.ws_send_queue,
+        rate_per_second=settings.ws_rate_limit_per_second,
+        rate_burst=2 * settings.ws_rate_limit_per_second,
+        max_connections_per_user=settings.ws_max_connections_per_user,
+        user_edits_per_second=settings.ws_user_edits_per_second,
+        user_edit_burst=2 * settings.ws_user_edits_per_second,
+    )
+
+
+def workspace_settings(settings: Settings) -> WorkspaceSettings:
+    return WorkspaceSettings(
+        resume_max_events=settings.resume_max_events,
+        idle_timeout=settings.workspace_idle_seconds,
+        # A batch of edits reaches every outbox at once: keep it well inside a
+        # connection's queue, so a burst is never taken for a slow consumer.
+        edit_batch=max(1, min(64, settings.ws_send_queue // 8)),
+    )
 
 
 def build_services(
-    settings: Settings, db: Database, *, clock: Callable[[], float] = time.time
+    settings: Settings,
+    db: Database,
+    *,
+    clock: Callable[[], float] = time.time,
+    failures: ContainedFailures | None = None,
+    supervisor: Supervisor | None = None,
+    publisher: EventPublisher | None = None,
+    project_cache: UserCache | None = None,
 ) -> Services:
-    """Assemble the services for ``settings`` on an open database."""
+    """Assemble the services for ``settings`` on an open database.
+
+    Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
+    ``project_cache`` replaces the in-memory project-list cache (tests pass both).
+    """
     codec = TokenCodec(
         secret=settings.secret_key,
         issuer=settings.jwt_issuer,
@@ -87,21 +111,37 @@ def build_services(
         access_ttl_seconds=settings.access_token_expire_minutes * 60,
         refresh_ttl_seconds=settings.refresh_token_expire_days * 86400,
     )
-    cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
-    sessions = MemoryUserCache(settings.session_cache_seconds, clock)
+    if failures is None:
+        failures = ContainedFailures()
+    if project_cache is None:
+        project_cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
+    workspaces = Workspaces(db, workspace_settings(settings))
+    realtime = Realtime(
+        db=db,
+        tokens=codec,
+        workspaces=workspaces,
+        allowed_origins=settings.allowed_origins,
+        settings=connection_settings(settings),
+        failures=failures,
+    )
     return Services(
-        settings,
-        db,
-        codec,
-        MemoryRateLimiter(clock),
-        clock,
-        project_cache=cache,
-        session_cache=sessions,
+        settings=settings,
+        db=db,
+        tokens=codec,
         verified_tokens=VerifiedTokens(codec),
+        limiter=MemoryRateLimiter(clock),
+        clock=clock,
+        project_cache=project_cache,
+        session_cache=MemoryUserCache(settings.session_cache_seconds, clock),
         passwords=Passwords(
             settings.password_hash_concurrency, settings.password_hash_queue_seconds
         ),
         login_backoff=LoginBackoff(
             settings.login_backoff_after_failures, settings.login_backoff_max_seconds, clock
         ),
+        failures=failures,
+        projects=Projects(db, project_cache, workspaces if publisher is None else publisher),
+        workspaces=workspaces,
+        realtime=realtime,
+        supervisor=supervisor,
     )

@@ -21,12 +21,12 @@ import pytest
 import trio
 import trio_asyncio
 
-from atrium.actors.workspace import WorkspaceActor
+from atrium.actors.workspace import Status, WorkspaceActor
 from atrium.config import Settings, load_settings
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
-from atrium.persistence.migrations import migrate
-from atrium.service import Bound, serve
+from atrium.persistence.migrate import migrate
+from atrium.root import Bound, serve
 
 _TEMPLATE = f"atrium_tpl_{os.getpid()}"
 _counter = itertools.count()
@@ -163,9 +163,18 @@ class Running:
 
     async def workspace_actor(self, project_id: str) -> WorkspaceActor:
         """The project's live actor (a test-only hook into the running tree)."""
-        assert self.bound.supervisor is not None
-        http = self.bound.supervisor.child("http").value
-        return await http.realtime.workspaces.get(uuid.UUID(project_id))
+        assert self.bound.services is not None
+        return await self.bound.services.value.workspaces.get(uuid.UUID(project_id))
+
+
+class InjectedFault(RuntimeError):
+    """The bug a crash-recovery test plants in an actor."""
+
+
+async def crash_workspace(actor: WorkspaceActor) -> None:
+    """Make a workspace actor crash as a bug would: on the next message, here a Status."""
+    actor.inject_fault(InjectedFault(f"crash requested for {actor.name}"))
+    await actor.tell(Status())
 
 
 StartServer = Callable[..., Any]

@@ -18,8 +18,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEven
 from test_workspace import Team, edit, file_changes, make_team, session
 from wsclient import connect
 
-import atrium.http.ws
-import atrium.session
+import atrium.domain.workspaces
+import atrium.realtime
 from atrium.http.edge import Edge
 
 ADMIN_TOKEN = "operator-token-0123456789"
@@ -102,14 +102,14 @@ async def test_unexpected_exception_closes_only_that_connection_with_1011(
                 raise ConnectionRefusedError("the database went away")
 
             with monkeypatch.context() as patch:
-                patch.setattr(atrium.session.accounts, "find_session_user", refused)
+                patch.setattr(atrium.realtime.accounts, "find_session_user", refused)
                 for _ in range(7):
                     async with connect(team.url(), team.owner.token) as failing:
                         assert await failing.closed() == (1011, "internal_error")
             assert (await contained(server))["connection"] == 7
 
             # While running, inside the connection's nursery: an exception group.
-            parse = atrium.session.protocol.parse_client_frame
+            parse = atrium.realtime.protocol.parse_client_frame
 
             def explode(raw: str | bytes) -> object:
                 if "boom" in str(raw):
@@ -117,7 +117,7 @@ async def test_unexpected_exception_closes_only_that_connection_with_1011(
                 return parse(raw)
 
             async with session(team, team.owner) as failing:
-                monkeypatch.setattr(atrium.session.protocol, "parse_client_frame", explode)
+                monkeypatch.setattr(atrium.realtime.protocol, "parse_client_frame", explode)
                 await failing.send({"type": "boom"})
                 assert await failing.closed() == (1011, "internal_error")
             monkeypatch.undo()
@@ -138,7 +138,7 @@ async def test_failures_are_logged_once_with_context(
         async def refused(*args: object) -> None:
             raise ConnectionRefusedError("the database went away")
 
-        monkeypatch.setattr(atrium.session.accounts, "find_session_user", refused)
+        monkeypatch.setattr(atrium.realtime.accounts, "find_session_user", refused)
         async with connect(team.url(), team.owner.token) as failing:
             assert await failing.closed() == (1011, "internal_error")
         records = [r for r in caplog.records if r.name == "atrium.failures"]
@@ -158,7 +158,7 @@ async def test_unexpected_exception_in_a_request_is_a_counted_500(
         async def broken(*args: object) -> int:
             raise RuntimeError("a bug in a handler")
 
-        monkeypatch.setattr(atrium.http.ws.workspace_store, "last_seq", broken)
+        monkeypatch.setattr(atrium.domain.workspaces.event_log, "last_seq", broken)
         r = await server.client.get(
             f"/api/v1/projects/{team.project_id}/workspace/status", headers=team.owner.auth
         )

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import trio
 import trio.testing
-from conftest import Running, StartServer
-
-from atrium.actors.workspace import Crash
+from conftest import Running, StartServer, crash_workspace
 
 ADMIN = {"Authorization": "Bearer operator-token-0123456789"}
 
@@ -72,13 +70,13 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         c = server.client
 
         actor = await server.workspace_actor(project_id)
-        await actor.tell(Crash())
+        await crash_workspace(actor)
         await trio.testing.wait_all_tasks_blocked()
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         workspace = child(child(tree, "workspaces")["supervisor"], f"workspace:{project_id}")
         assert workspace["state"] == "restarting"
         assert workspace["restart_count"] == 1
-        assert workspace["last_failure"]["type"] == "WorkspaceCrashed"
+        assert workspace["last_failure"]["type"] == "InjectedFault"
         # A transient workspace restarting is not a reason to stop taking traffic.
         assert (await c.get("/ready")).status_code == 200
 
@@ -87,7 +85,7 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         for delay in (0.1, 0.2, 0.4, 0.8):
             await settle_then_jump(mock_clock, delay)
             actor = await server.workspace_actor(project_id)
-            await actor.tell(Crash())
+            await crash_workspace(actor)
         await settle_then_jump(mock_clock, 1.6)
         actor = await server.workspace_actor(project_id)
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
@@ -96,7 +94,7 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
 
         # The sixth crash within the period exceeds the intensity: the workspace
         # supervisor gives up and fails to the root, which restarts it after a backoff.
-        await actor.tell(Crash())
+        await crash_workspace(actor)
         await trio.testing.wait_all_tasks_blocked()
         r = await c.get("/ready")
         assert r.status_code == 503

@@ -4,6 +4,7 @@ paging, and publication after commit."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ import trio
 from conftest import Running
 from test_projects import API, make_accounts, new_project, sign_up
 
+from atrium.events import Event, EventType, NewEvent
 from atrium.http.app import create_app
+from atrium.persistence import events as event_log
 from atrium.persistence import projects
-from atrium.persistence import workspace as workspace_log
 from atrium.persistence.database import Database
 from atrium.services import build_services
 
@@ -143,19 +145,21 @@ async def _owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID
     created = await projects.create_project(
         db, owner, name="Log", description=None, visibility="private"
     )
-    assert [e["seq"] for e in created.events] == [1]
+    assert [e.seq for e in created.events] == [1]
     return owner, created.value.id
 
 
 async def test_append_event_assigns_seq_in_the_transaction(db: Database) -> None:
     owner, pid = await _owned_project(db, "o@example.com")
 
-    async def append(conn: asyncpg.Connection) -> dict[str, Any]:
-        return await projects.append_event(conn, pid, "FILE_CHANGE", owner, {"path": "a.txt"})
+    async def append(conn: asyncpg.Connection) -> Event:
+        return await event_log.append_event(
+            conn, pid, EventType.FILE_CHANGE, owner, {"path": "a.txt"}
+        )
 
     event = await db.transaction(append)
-    assert event["seq"] == 2
-    assert (event["type"], event["actor_id"], event["payload"]) == (
+    assert event.seq == 2
+    assert (event.type, event.actor_id, event.payload) == (
         "FILE_CHANGE",
         owner,
         {"path": "a.txt"},
@@ -170,7 +174,7 @@ async def test_append_event_assigns_seq_in_the_transaction(db: Database) -> None
 
     with pytest.raises(Abort):
         await db.transaction(append_then_fail)
-    assert (await db.transaction(append))["seq"] == 3  # a rollback leaves no gap
+    assert (await db.transaction(append)).seq == 3  # a rollback leaves no gap
 
     await projects.delete_project(db, pid, owner)
     with pytest.raises(projects.ProjectNotFound):
@@ -184,18 +188,18 @@ class _Recorder:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.fail = False
-        self.published: list[tuple[uuid.UUID, list[dict[str, Any]]]] = []
+        self.published: list[tuple[uuid.UUID, list[Event]]] = []
 
-    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
-        self.published.append((project_id, events))
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        self.published.append((project_id, list(events)))
         for event in events:  # read on another connection: only committed rows show
             assert (
                 await self.db.fetchval(
                     "SELECT type FROM project_events WHERE project_id = $1 AND seq = $2",
                     project_id,
-                    event["seq"],
+                    event.seq,
                 )
-                == event["type"]
+                == event.type
             )
         if self.fail:
             raise RuntimeError("the workspace is down")
@@ -203,9 +207,8 @@ class _Recorder:
 
 async def test_events_are_published_after_commit(db: Database, data_dir: Path) -> None:
     settings = conftest.test_settings(data_dir)
-    services = build_services(settings, db)
     recorder = _Recorder(db)
-    services.publish = recorder
+    services = build_services(settings, db, publisher=recorder)
     client = create_app(services).test_client()
     ann, bob = await make_accounts(settings, db, "ann", "bob")
 
@@ -216,7 +219,7 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
         f"{API}/{pid}/collaborators", json={"email": "bob@example.com"}, headers=ann.headers
     )
     await client.get(f"{API}/{pid}/events", headers=ann.headers)  # reads publish nothing
-    assert [(p, [(e["seq"], e["type"]) for e in es]) for p, es in recorder.published] == [
+    assert [(p, [(e.seq, e.type) for e in es]) for p, es in recorder.published] == [
         (pid, [(1, "PROJECT_CREATED")]),
         (pid, [(2, "MEMBER_ADDED")]),
     ]
@@ -230,19 +233,19 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
 async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) -> None:
     owner, pid = await _owned_project(db, "w@example.com")
 
-    def change(client_id: str | None, path: str) -> workspace_log.NewEvent:
-        return workspace_log.NewEvent("FILE_CHANGE", owner, {"file_path": path}, client_id)
+    def change(client_id: str | None, path: str) -> NewEvent:
+        return NewEvent(EventType.FILE_CHANGE, owner, {"file_path": path}, client_id)
 
-    first = await workspace_log.append(db, pid, [change("a", "1.txt"), change(None, "2.txt")])
-    assert [(e["seq"], e["payload"]["file_path"], new) for e, new in first] == [
+    first = await event_log.append(db, pid, [change("a", "1.txt"), change(None, "2.txt")])
+    assert [(e.seq, e.payload["file_path"], new) for e, new in first] == [
         (2, "1.txt", True),
         (3, "2.txt", True),
     ]
     # "a" again (stored before), "b" twice in the batch: one new event, consecutive seqs.
-    second = await workspace_log.append(
+    second = await event_log.append(
         db, pid, [change("a", "again.txt"), change("b", "3.txt"), change("b", "x.txt")]
     )
-    assert [(e["seq"], e["payload"]["file_path"], new) for e, new in second] == [
+    assert [(e.seq, e.payload["file_path"], new) for e, new in second] == [
         (2, "1.txt", False),
         (4, "3.txt", True),
         (4, "3.txt", False),
@@ -260,5 +263,5 @@ async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) 
     await db.execute("UPDATE projects SET deleted_at = now() WHERE id = $1", pid)
     for batch in ([change("c", "late.txt")], [change("a", "dup.txt")]):
         with pytest.raises(projects.ProjectNotFound):
-            await workspace_log.append(db, pid, batch)
+            await event_log.append(db, pid, batch)
     assert await db.fetchval("SELECT count(*) FROM project_events WHERE project_id = $1", pid) == 4

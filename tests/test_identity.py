@@ -17,7 +17,7 @@ from test_projects import API, new_project, sign_up
 from atrium.emails import email_key, email_problem
 from atrium.persistence import accounts
 from atrium.persistence.database import Database, open_database
-from atrium.persistence.migrations import MigrationError, available_migrations, migrate
+from atrium.persistence.migrate import MigrationError, available_migrations, migrate
 
 
 def code(response: httpx.Response) -> str:

@@ -177,9 +177,8 @@ async def test_a_fill_that_raced_an_invalidation_is_not_stored(
     db: Database, data_dir: Path
 ) -> None:
     settings = conftest.test_settings(data_dir, PROJECT_CACHE_TTL_SECONDS=3600)
-    services = build_services(settings, db)
     held = _HeldFills(MemoryUserCache(3600))
-    services.project_cache = held
+    services = build_services(settings, db, project_cache=held)
     client = create_app(services).test_client()
     ann, bob = await make_accounts(settings, db, "ann", "bob")
 

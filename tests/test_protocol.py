@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from atrium import json_input
+from atrium.events import Event, EventType
 from atrium.protocol import (
     MAX_CHANGES_BYTES,
     MAX_CHANGES_DEPTH,
@@ -25,9 +26,9 @@ from atrium.protocol import (
     encode,
     event_frame,
     non_negative_int,
-    now_iso,
     parse_client_frame,
 )
+from atrium.timestamps import utc_iso, utc_now_iso
 
 
 def nested(depth: int, inner: str = "") -> str:
@@ -371,23 +372,20 @@ def test_encode_writes_utc_timestamps_and_ids() -> None:
         "naive": "2030-01-02T03:04:05Z",
         "project_id": str(project),
     }
-    stamp = now_iso()
+    stamp = utc_now_iso()
     assert stamp.endswith("Z")
     assert datetime.fromisoformat(stamp).tzinfo is not None
+    # One format: what a frame writes for a datetime is what atrium.timestamps writes.
+    for moment in (datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), datetime.fromisoformat(stamp)):
+        assert orjson.loads(encode({"at": moment}))["at"] == utc_iso(moment)
 
 
 def test_event_frame_flattens_the_payload_under_the_envelope() -> None:
     project, actor = uuid.uuid4(), uuid.uuid4()
     at = datetime(2030, 1, 2, tzinfo=UTC)
-    event = {
-        "type": "FILE_CHANGE",
-        "seq": 7,
-        "project_id": project,
-        "actor_id": actor,
-        "created_at": at,
-        # A payload cannot overwrite the envelope (a client chose these keys).
-        "payload": {"file_path": "/a", "seq": 999, "type": "FORGED"},
-    }
+    # A payload cannot overwrite the envelope (a client chose these keys).
+    payload = {"file_path": "/a", "seq": 999, "type": "FORGED"}
+    event = Event(project, 7, EventType.FILE_CHANGE, actor, payload, at)
     assert event_frame(event) == {
         "type": "FILE_CHANGE",
         "seq": 7,
@@ -396,7 +394,7 @@ def test_event_frame_flattens_the_payload_under_the_envelope() -> None:
         "timestamp": at,
         "file_path": "/a",
     }
-    system = {**event, "actor_id": None, "payload": None}
+    system = Event(project, 8, EventType.JOB_DEAD, None, {}, at)
     result = event_frame(system)
     assert result["user_id"] is None
     assert "file_path" not in result

@@ -13,8 +13,9 @@ from conftest import FakeClock, Running, StartServer
 from test_workspace import joined, make_team, settle_then_jump
 from wsclient import connect
 
+from atrium.events import EventType, NewEvent
+from atrium.persistence import events as event_log
 from atrium.persistence import projects
-from atrium.persistence import workspace as event_log
 from atrium.persistence.database import Database
 from atrium.persistence.retention import RetentionPolicy, prune_events
 from atrium.retention import EventPruner
@@ -36,7 +37,7 @@ async def project_with_events(db: Database, email: str, count: int) -> uuid.UUID
     )
     pid = created.value.id
     edits = [
-        event_log.NewEvent("FILE_CHANGE", owner, {"file_path": f"/{i}"}) for i in range(count - 1)
+        NewEvent(EventType.FILE_CHANGE, owner, {"file_path": f"/{i}"}) for i in range(count - 1)
     ]
     await event_log.append(db, pid, edits)
     return pid
@@ -72,8 +73,8 @@ async def test_pruning_by_age_keeps_a_gapless_suffix_and_the_seq_counter(db: Dat
     # The counter goes on from where it was: seqs are never reused.
     assert await event_log.last_seq(db, pid) == 8
     owner = await db.fetchval("SELECT owner_id FROM projects WHERE id = $1", pid)
-    appended = await event_log.append(db, pid, [event_log.NewEvent("FILE_CHANGE", owner, {})])
-    assert appended[0][0]["seq"] == 9
+    appended = await event_log.append(db, pid, [NewEvent(EventType.FILE_CHANGE, owner, {})])
+    assert appended[0][0].seq == 9
 
 
 async def test_pruning_by_count_keeps_each_projects_newest_events(db: Database) -> None:

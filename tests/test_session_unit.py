@@ -24,12 +24,13 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from atrium.actors import ActorStopped, AskTimeout
-from atrium.actors.workspace import Cursor, Edit, Join, Leave, Workspaces
+from atrium.actors.workspace import Cursor, Edit, Join, Leave
+from atrium.domain.workspaces import Workspaces
 from atrium.outbox import PARTIAL, REFUSED, SENT
 from atrium.persistence.database import Database, DatabaseUnavailable
 from atrium.protocol import CursorUpdate, FileChange
+from atrium.realtime import ConnectionGone, ConnectionSettings, Handshake, Realtime
 from atrium.roles import Role
-from atrium.session import ConnectionGone, Handshake, Realtime, SessionSettings
 from atrium.tokens import TokenCodec
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
@@ -199,7 +200,7 @@ class World:
             tokens=codec(),
             workspaces=cast(Workspaces, self.workspaces),
             allowed_origins=("https://app.example.com",),
-            settings=replace(SessionSettings(), **settings),
+            settings=replace(ConnectionSettings(), **settings),
         )
         return self.realtime
 
@@ -207,8 +208,8 @@ class World:
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
     world = World()
-    monkeypatch.setattr("atrium.session.accounts.find_session_user", world.find_session_user)
-    monkeypatch.setattr("atrium.session.store.member_role", world.member_role)
+    monkeypatch.setattr("atrium.realtime.accounts.find_session_user", world.find_session_user)
+    monkeypatch.setattr("atrium.realtime.projects.member_role", world.member_role)
     return world
 
 
@@ -881,7 +882,7 @@ async def test_a_revocation_during_the_checks_still_reaches_the_connection(
         assert realtime.revoke_session(user.session_id) == 1
         return Role.OWNER
 
-    monkeypatch.setattr("atrium.session.store.member_role", revoked_meanwhile)
+    monkeypatch.setattr("atrium.realtime.projects.member_role", revoked_meanwhile)
     async with connection(realtime) as conn:
         conn.push({"type": "AUTH", "token": user.token()})
         assert await conn.rest() == []

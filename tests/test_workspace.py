@@ -19,11 +19,10 @@ import orjson
 import pytest
 import trio
 import trio_asyncio
-from conftest import Running, StartServer
+from conftest import Running, StartServer, crash_workspace
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
-from atrium.actors.workspace import Crash
 from atrium.persistence.database import Database
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
@@ -826,7 +825,7 @@ async def test_workspace_crash_loses_and_duplicates_nothing(main_team: Team, db:
                             if (message := await s.recv())["type"] == "ACK":
                                 acked.add(message["id"])
                         actor = await team.server.workspace_actor(team.project_id)
-                        await actor.tell(Crash())
+                        await crash_workspace(actor)
                 while len(acked) < total:
                     if (message := await s.recv())["type"] == "ACK":
                         acked.add(message["id"])
@@ -851,4 +850,4 @@ async def test_workspace_crash_loses_and_duplicates_nothing(main_team: Team, db:
     workspaces = root.child("workspaces").value
     child = workspaces.child(f"workspace:{team.project_id}")
     assert child.restart_count == 1
-    assert child.last_failure is not None and child.last_failure.type == "WorkspaceCrashed"
+    assert child.last_failure is not None and child.last_failure.type == "InjectedFault"

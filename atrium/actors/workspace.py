@@ -16,20 +16,20 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import trio
 
 from .. import protocol
+from ..events import Event, EventType, NewEvent
 from ..outbox import Outbox
-from ..persistence import workspace as store
+from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.projects import ProjectNotFound
+from ..persistence.errors import ProjectNotFound
 from ..protocol import CloseCode, CursorUpdate, FileChange
 from ..roles import Action, Role, can
-from ..supervision import ChildSpec, NoSuchChild, Restart, Supervisor, actor_spec
-from . import Actor, ActorStopped
+from ..timestamps import utc_iso_at, utc_now_iso
+from ._actor import Actor
 
 log = logging.getLogger("atrium.workspace")
 
@@ -39,7 +39,7 @@ _connection_ids = itertools.count(1)
 
 @dataclass(eq=False, slots=True)
 class Subscriber:
-    """One connection as the workspace sees it; the session owns the socket."""
+    """One connection as the workspace sees it; the live connection owns the socket."""
 
     user_id: uuid.UUID
     email: str
@@ -51,8 +51,7 @@ class Subscriber:
 @dataclass(slots=True)
 class Presence:
     connections: int
-    joined_at: float
-    last_seen: float
+    last_seen: float  # trio clock
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -87,34 +86,25 @@ class Cursor:
 class Published:
     """Events another writer (the REST API, another instance) committed to the log."""
 
-    events: Sequence[dict[str, Any]]
+    events: Sequence[Event]
 
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    pass
+    """Replies with the workspace's status (the seed's fields)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Crash:
-    """Test hook: make the actor fail as a bug would."""
+Message = Join | Leave | Edit | Cursor | Published | Status
 
 
-Message = Join | Leave | Edit | Cursor | Published | Status | Crash
-
-
-def _presence_event(kind: str, subscriber: Subscriber, what: str) -> store.NewEvent:
+def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEvent:
     """A USER_JOIN or USER_LEAVE with the seed's fields."""
     payload = {"email": subscriber.email, "message": f"User {subscriber.email} {what}"}
-    return store.NewEvent(kind, subscriber.user_id, payload)
+    return NewEvent(kind, subscriber.user_id, payload)
 
 
 def _is_edit(message: Message) -> bool:
     return isinstance(message, Edit)
-
-
-class WorkspaceCrashed(RuntimeError):
-    """Raised inside the actor by the Crash test hook."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +136,6 @@ class WorkspaceActor(Actor[Message, Any]):
         "_presence",
         "_last_seq",
         "_broadcasts",
-        "_started_wall",
         "_slow",
     )
 
@@ -205,7 +194,7 @@ class WorkspaceActor(Actor[Message, Any]):
             return await self._leave(message.subscriber)
         if isinstance(message, Status):
             return self._status()
-        raise WorkspaceCrashed(f"crash requested for {self.name}")
+        raise TypeError(f"{self!r} does not handle {type(message).__name__}")
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -224,10 +213,10 @@ class WorkspaceActor(Actor[Message, Any]):
         while self._slow:
             await self._leave(self._slow.pop())
 
-    async def _deliver(self, events: Sequence[dict[str, Any]]) -> None:
+    async def _deliver(self, events: Sequence[Event]) -> None:
         """Broadcast log events in ``seq`` order, filling gaps from the log."""
-        for event in sorted(events, key=lambda e: int(e["seq"])):
-            seq = int(event["seq"])
+        for event in sorted(events, key=lambda e: e.seq):
+            seq = event.seq
             if seq <= self._last_seq:
                 continue  # already delivered (read from the log to fill a gap)
             if seq > self._last_seq + 1:
@@ -239,21 +228,20 @@ class WorkspaceActor(Actor[Message, Any]):
             self._deliver_one(event)
         await self._drop_slow()
 
-    def _deliver_one(self, event: dict[str, Any]) -> None:
-        self._last_seq = int(event["seq"])
+    def _deliver_one(self, event: Event) -> None:
+        self._last_seq = event.seq
         self._broadcast(protocol.encode(protocol.event_frame(event)))
         self._apply(event)
 
-    def _apply(self, event: dict[str, Any]) -> None:
+    def _apply(self, event: Event) -> None:
         """Side effects of project events on the live connections."""
-        kind = event["type"]
-        payload = event.get("payload") or {}
-        if kind == "PROJECT_DELETED":
+        kind, payload = event.type, event.payload
+        if kind is EventType.PROJECT_DELETED:
             self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
-        elif kind in ("MEMBER_REMOVED", "MEMBER_ROLE_CHANGED"):
+        elif kind in (EventType.MEMBER_REMOVED, EventType.MEMBER_ROLE_CHANGED):
             user_id = uuid.UUID(str(payload.get("user_id")))
             for subscriber in [s for s in self._subscribers.values() if s.user_id == user_id]:
-                if kind == "MEMBER_REMOVED":
+                if kind is EventType.MEMBER_REMOVED:
                     subscriber.outbox.close(CloseCode.MEMBER_REMOVED, "member_removed")
                     self._drop(subscriber)
                 else:
@@ -286,8 +274,10 @@ class WorkspaceActor(Actor[Message, Any]):
             presence.connections += 1
             presence.last_seen = now
             return replayed
-        self._presence[subscriber.user_id] = Presence(1, now, now)
-        await self._append([_presence_event("USER_JOIN", subscriber, "entered the workspace")])
+        self._presence[subscriber.user_id] = Presence(1, now)
+        await self._append(
+            [_presence_event(EventType.USER_JOIN, subscriber, "entered the workspace")]
+        )
         return replayed
 
     async def _replay(self, subscriber: Subscriber, since_seq: int) -> int:
@@ -300,7 +290,7 @@ class WorkspaceActor(Actor[Message, Any]):
         """
         missed = self._last_seq - since_seq
         recovered = 0 <= missed <= self._settings.resume_max_events
-        events: list[dict[str, Any]] = []
+        events: list[Event] = []
         if recovered and missed > 0:
             events = await store.events_between(
                 self._db, self.project_id, since_seq, self._last_seq
@@ -337,7 +327,9 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _leave(self, subscriber: Subscriber) -> None:
         if self._drop(subscriber):
-            await self._append([_presence_event("USER_LEAVE", subscriber, "left the workspace")])
+            await self._append(
+                [_presence_event(EventType.USER_LEAVE, subscriber, "left the workspace")]
+            )
 
     def _online_users(self) -> list[dict[str, Any]]:
         now = trio.current_time()
@@ -346,9 +338,7 @@ class WorkspaceActor(Actor[Message, Any]):
             {
                 "user_id": str(user_id),
                 "connections": p.connections,
-                "last_seen": datetime.fromtimestamp(p.last_seen + offset, UTC)
-                .isoformat()
-                .replace("+00:00", "Z"),
+                "last_seen": utc_iso_at(p.last_seen + offset),
                 "status": "active" if now - p.last_seen < _ACTIVE_SECONDS else "idle",
             }
             for user_id, p in self._presence.items()
@@ -361,7 +351,7 @@ class WorkspaceActor(Actor[Message, Any]):
 
     # -- client events ----------------------------------------------------------------------
 
-    async def _append(self, events: list[store.NewEvent]) -> list[store.Appended] | None:
+    async def _append(self, events: list[NewEvent]) -> list[store.Appended] | None:
         """Store events in one transaction and deliver the new ones; None when the project
         was deleted meanwhile (its workspace then closes)."""
         try:
@@ -408,8 +398,8 @@ class WorkspaceActor(Actor[Message, Any]):
             return
         results = await self._append(
             [
-                store.NewEvent(
-                    "FILE_CHANGE",
+                NewEvent(
+                    EventType.FILE_CHANGE,
                     e.subscriber.user_id,
                     {"file_path": e.change.file_path, "changes": e.change.changes},
                     e.change.client_id,
@@ -419,7 +409,7 @@ class WorkspaceActor(Actor[Message, Any]):
         )
         for edit, (event, _) in zip(accepted, results or (), strict=False):
             if edit.change.client_id is not None:
-                ack = {"type": "ACK", "id": edit.change.client_id, "seq": event["seq"]}
+                ack = {"type": "ACK", "id": edit.change.client_id, "seq": event.seq}
                 self._put(edit.subscriber, protocol.encode(ack))
         await self._drop_slow()
 
@@ -434,7 +424,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 "type": "CURSOR_UPDATE",
                 "user_id": str(subscriber.user_id),
                 "position": {"file": cursor.file, "line": cursor.line, "column": cursor.column},
-                "timestamp": protocol.now_iso(),
+                "timestamp": utc_now_iso(),
             }
         )
         for other in self._subscribers.values():
@@ -453,66 +443,15 @@ class WorkspaceActor(Actor[Message, Any]):
         }
 
 
-class Workspaces:
-    """Finds or starts the one WorkspaceActor of a project under the workspace supervisor.
-
-    The supervisor is looked up in ``root`` on every call, so a restarted workspace
-    supervisor is found (and waited for while it restarts) without rebuilding this object.
-    """
-
-    def __init__(
-        self,
-        root: Supervisor,
-        supervisor: ChildSpec[Supervisor],
-        db: Database,
-        settings: WorkspaceSettings,
-    ) -> None:
-        self._root = root
-        self._spec = supervisor
-        self._db = db
-        self._settings = settings
-
-    async def _supervisor(self) -> Supervisor:
-        return await self._root.get_or_start(self._spec)
-
-    async def get(self, project_id: uuid.UUID) -> WorkspaceActor:
-        """The running actor of ``project_id`` (started on first use; never two)."""
-        spec = actor_spec(
-            f"workspace:{project_id}",
-            lambda: WorkspaceActor(project_id, self._db, self._settings),
-            restart=Restart.TRANSIENT,
-        )
-        return await (await self._supervisor()).get_or_start(spec)
-
-    def find(self, project_id: uuid.UUID) -> WorkspaceActor | None:
-        """The actor of ``project_id`` if one is running now (never starts one)."""
-        try:
-            supervisor = cast(Supervisor, self._root.child(self._spec.name).value)
-            value = supervisor.child(f"workspace:{project_id}").value
-        except NoSuchChild:
-            return None
-        return value if isinstance(value, WorkspaceActor) and value.alive else None
-
-    async def publish(self, project_id: uuid.UUID, events: list[dict[str, Any]]) -> None:
-        """Hand committed log events to the project's workspace, if it is open here."""
-        actor = self.find(project_id)
-        if actor is not None and events:
-            try:
-                await actor.tell(Published(events))
-            except ActorStopped:
-                log.debug("workspace %s stopped before its events arrived", project_id)
-
-
 __all__ = [
-    "Crash",
     "Cursor",
     "Edit",
     "Join",
     "Leave",
+    "Message",
     "Published",
     "Status",
     "Subscriber",
     "WorkspaceActor",
     "WorkspaceSettings",
-    "Workspaces",
 ]

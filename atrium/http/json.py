@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import orjson
 from quart import Response
 from quart.json.provider import DefaultJSONProvider
 
-from .. import json_input
+from .. import json_input, json_output
 
-_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+_OPTIONS = json_output.OPTIONS | orjson.OPT_NON_STR_KEYS
 
 
 def dumps_bytes(value: Any) -> bytes:
     """Serialise to JSON bytes (UUIDs, datetimes and dataclasses included)."""
-    return orjson.dumps(value, option=_OPTIONS, default=_default)
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):  # asyncpg's UUID subclass, which orjson does not know
-        return str(value)
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return orjson.dumps(value, option=_OPTIONS, default=json_output.default)
 
 
 def json_response(value: Any, status: int = 200) -> Response:

@@ -36,7 +36,10 @@ _READY_TIMEOUT = 2.0
 @tag(["ops"])
 @document_response(HealthResponse, 200)
 async def health() -> Response:
-    """Liveness: the process answers. No I/O."""
+    """Liveness: the process answers. No I/O.
+
+    A probe's request (no ``Origin``) is answered by the Edge layer before the app; a
+    page's request reaches this route and gets the CORS headers with its answer."""
     return respond(HealthResponse(status="ok"))
 
 

@@ -3,19 +3,16 @@
 Access rules (``atrium.roles``) are checked in the persistence layer under the project's
 row lock. A project the caller is not a member of answers exactly like one that does not
 exist (404 project_not_found); a member whose role forbids an action gets 403
-forbidden_role. Every committed change invalidates the project lists of everyone it
-affects, then its events go to ``services().publish``.
+forbidden_role. The handlers translate HTTP to calls of the project service
+(``atrium.domain.projects``), which invalidates caches and publishes events after each
+committed change.
 """
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import Awaitable
-from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import trio
 from quart import Blueprint, Response, g
 from quart_schema import (
     document_response,
@@ -25,11 +22,9 @@ from quart_schema import (
     validate_request,
 )
 
-from ..persistence import projects
 from ..persistence.accounts import User
 from ..persistence.projects import (
     AlreadyMember,
-    Change,
     LastOwner,
     Member,
     MemberNotFound,
@@ -39,6 +34,7 @@ from ..persistence.projects import (
     RoleForbidden,
     UserNotFound,
 )
+from ..timestamps import utc_iso_at
 from .errors import ApiError, error_response
 from .json import json_response
 from .schemas import (
@@ -66,9 +62,6 @@ from .schemas import (
 from .security import require_user, services
 
 blueprint = Blueprint("projects", __name__, url_prefix="/api/v1/projects")
-log = logging.getLogger("atrium.http")
-
-T = TypeVar("T")
 
 _STATUS: dict[type[ProjectError], int] = {
     ProjectNotFound: 404,
@@ -91,10 +84,6 @@ def _id(value: str, what: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise ApiError(422, "invalid_id", f"The {what} id is not a valid UUID") from None
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _project(project: Project) -> ProjectResponse:
@@ -128,26 +117,6 @@ def _member(member: Member) -> CollaboratorResponse:
     )
 
 
-async def _commit(write: Awaitable[Change[T]]) -> T:
-    """Run a write, then invalidate the caches it touched and publish its events.
-
-    Shielded: once a write has committed, the invalidation must happen even if the client
-    has gone away, or a stale list would be served until its entry expires.
-    """
-    svc = services()
-    with trio.CancelScope(shield=True):
-        change = await write
-        if change.audience:
-            await svc.project_cache.invalidate(change.audience)
-    if change.events:
-        project_id = change.events[0]["project_id"]
-        try:
-            await svc.publish.publish(project_id, change.events)
-        except Exception:  # the change is durable; live clients catch up from the log
-            log.exception("publishing events of project %s failed", project_id)
-    return change.value
-
-
 @blueprint.get("/")
 @tag(["projects"])
 @security_scheme([{"bearer": []}])
@@ -170,13 +139,13 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
     key = f"list:{limit}:{offset}"
 
     async def fill() -> dict[str, Any]:
-        found = await projects.list_projects(svc.db, user.id, limit=limit, offset=offset)
+        found = await svc.projects.page(user.id, limit=limit, offset=offset)
         return {"projects": [_project_json(p) for p in found.projects], "total": found.total}
 
     filled = await svc.project_cache.get_or_fill(user.id, key, fill)
     page, hit = filled.value, filled.hit
     cached = hit is not None
-    expires = None if hit is None else _iso(datetime.fromtimestamp(hit.expires_at, UTC))
+    expires = None if hit is None else utc_iso_at(hit.expires_at)
     return json_response(
         {
             "projects": page["projects"],
@@ -198,14 +167,8 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
 @validate_request(ProjectCreateRequest)
 async def create_project(data: ProjectCreateRequest) -> Response:
     """Create a project; the caller becomes its owner. Logs PROJECT_CREATED."""
-    project = await _commit(
-        projects.create_project(
-            services().db,
-            g.user.id,
-            name=data.name,
-            description=data.description,
-            visibility=data.visibility,
-        )
+    project = await services().projects.create(
+        g.user.id, name=data.name, description=data.description, visibility=data.visibility
     )
     return respond(_project(project), 201)
 
@@ -218,7 +181,7 @@ async def create_project(data: ProjectCreateRequest) -> Response:
 @require_user
 async def get_project(project_id: str) -> Response:
     """One project the caller is a member of (any role)."""
-    project = await projects.get_project(services().db, _id(project_id, "project"), g.user.id)
+    project = await services().projects.get(_id(project_id, "project"), g.user.id)
     return respond(_project(project))
 
 
@@ -236,7 +199,7 @@ async def update_project(project_id: str, data: ProjectUpdateRequest) -> Respons
     """
     pid = _id(project_id, "project")
     changes = {name: getattr(data, name) for name in data.model_fields_set}
-    project = await _commit(projects.update_project(services().db, pid, g.user.id, changes))
+    project = await services().projects.update(pid, g.user.id, changes)
     return respond(_project(project))
 
 
@@ -249,7 +212,7 @@ async def update_project(project_id: str, data: ProjectUpdateRequest) -> Respons
 async def delete_project(project_id: str) -> Response:
     """Delete the project (owners only): 204, then 404 for every API. Logs PROJECT_DELETED."""
     pid = _id(project_id, "project")
-    await _commit(projects.delete_project(services().db, pid, g.user.id))
+    await services().projects.delete(pid, g.user.id)
     return Response(b"", status=204)
 
 
@@ -266,10 +229,8 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
     404 user_not_found for an unknown user, 409 already_member for a member.
     """
     pid = _id(project_id, "project")
-    member = await _commit(
-        projects.add_member(
-            services().db, pid, g.user.id, role=data.role, user_id=data.user_id, email=data.email
-        )
+    member = await services().projects.add_member(
+        pid, g.user.id, role=data.role, user_id=data.user_id, email=data.email
     )
     collaboration = Collaboration(
         user_id=member.user_id,
@@ -295,7 +256,7 @@ async def add_collaborator(project_id: str, data: CollaboratorAddRequest) -> Res
 async def list_collaborators(project_id: str) -> Response:
     """Every member with their role, owners included (any member may read it)."""
     pid = _id(project_id, "project")
-    members = await projects.list_members(services().db, pid, g.user.id)
+    members = await services().projects.members(pid, g.user.id)
     return respond(
         CollaboratorListResponse(
             project_id=pid, collaborators=[_member(m) for m in members], total=len(members)
@@ -316,7 +277,7 @@ async def change_role(project_id: str, user_id: str, data: RoleChangeRequest) ->
     Logs MEMBER_ROLE_CHANGED when the role actually changed.
     """
     pid, uid = _id(project_id, "project"), _id(user_id, "user")
-    member = await _commit(projects.change_role(services().db, pid, g.user.id, uid, data.role))
+    member = await services().projects.change_role(pid, g.user.id, uid, data.role)
     return respond(_member(member))
 
 
@@ -332,7 +293,7 @@ async def remove_collaborator(project_id: str, user_id: str) -> Response:
     409 last_owner for the project's only owner.
     """
     pid, uid = _id(project_id, "project"), _id(user_id, "user")
-    await _commit(projects.remove_member(services().db, pid, g.user.id, uid))
+    await services().projects.remove_member(pid, g.user.id, uid)
     return Response(b"", status=204)
 
 
@@ -351,10 +312,10 @@ async def list_events(project_id: str, query_args: EventListQuery) -> Response:
     at ``oldest_seq``; reload the state rather than replay).
     """
     pid = _id(project_id, "project")
-    page = await projects.list_events(
-        services().db, pid, g.user.id, since_seq=query_args.since_seq, limit=query_args.limit
+    page = await services().projects.events(
+        pid, g.user.id, since_seq=query_args.since_seq, limit=query_args.limit
     )
-    next_seq = page.events[-1]["seq"] if page.events else query_args.since_seq
+    next_seq = page.events[-1].seq if page.events else query_args.since_seq
     return json_response(
         {
             "project_id": pid,

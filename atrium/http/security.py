@@ -58,8 +58,7 @@ async def authenticate() -> tuple[User, Claims]:
     """Verify the access token and its session; count the call against the user's limit."""
     svc = services()
     try:
-        verifier = svc.tokens if svc.verified_tokens is None else svc.verified_tokens
-        claims = verifier.verify(bearer_token(), expected="access")
+        claims = svc.verified_tokens.verify(bearer_token(), expected="access")
     except TokenError as error:
         raise ApiError(
             401, error.code, error.message, headers={"WWW-Authenticate": "Bearer"}

@@ -8,11 +8,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Blueprint, Response, g
 from quart_schema import document_response, security_scheme, tag
 
-from ..actors import ActorStopped
-from ..actors.workspace import Status
-from ..persistence import projects
-from ..persistence import workspace as workspace_store
-from ..session import ConnectionGone, Handshake, Realtime
+from ..realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import dumps_bytes
 from .schemas import BY_ID, SIGNED_IN, WorkspaceStatusResponse, error_responses, respond
@@ -22,7 +18,7 @@ blueprint = Blueprint("ws", __name__)
 
 
 class AsgiConnection:
-    """The session's ``Connection`` over the server's ASGI WebSocket events."""
+    """A live connection's ``Connection`` over the server's ASGI WebSocket events."""
 
     __slots__ = ("_receive", "_send")
 
@@ -56,10 +52,10 @@ class WorkspaceSockets:
     The Edge layer hands every WebSocket scope here, past Quart: Quart's WebSocket
     machinery (two more tasks, a channel and a request context per connection) cost a
     third of each idle connection's memory and of each delivery's CPU, and did nothing
-    the session does not do itself.
+    the live connection does not do itself.
     """
 
-    def __init__(self, realtime: Realtime | None) -> None:
+    def __init__(self, realtime: Realtime) -> None:
         self._realtime = realtime
 
     async def __call__(
@@ -70,10 +66,10 @@ class WorkspaceSockets:
             scope["path"], scope["query_string"].decode("latin-1"), scope["headers"]
         )
         realtime = self._realtime
-        if handshake is None or realtime is None:
+        if handshake is None:
             await _reject(send, 404, "not_found", "No WebSocket endpoint at this path")
             return
-        # The connection's failure boundary before the session's own (Realtime.serve):
+        # The connection's failure boundary before its own (Realtime.serve):
         # hypercorn answers a handshake its application abandoned with a 500.
         try:
             if (await receive())["type"] != "websocket.connect":
@@ -115,23 +111,7 @@ async def workspace_status(project_id: str) -> Response:
     except ValueError:
         raise ApiError(422, "invalid_id", "project_id is not a valid UUID") from None
     svc = services()
-    if await projects.member_role(svc.db, pid, g.user.id) is None:
+    if await svc.projects.role(pid, g.user.id) is None:
         raise ApiError(404, "project_not_found", "Project not found")
-    actor = None if svc.realtime is None else svc.realtime.workspaces.find(pid)
-    if actor is not None:
-        try:
-            status = await actor.ask(Status(), timeout=5.0)
-            return respond(WorkspaceStatusResponse.model_validate(status))
-        except ActorStopped:
-            pass  # stopped between find and ask: it has nobody online
-    return respond(
-        WorkspaceStatusResponse(
-            project_id=pid,
-            active_collaborators=0,
-            connections=0,
-            online_users=[],
-            workspace_url=f"/ws/{pid}",
-            real_time_events=0,
-            seq=await workspace_store.last_seq(svc.db, pid),
-        )
-    )
+    status = await svc.workspaces.status(pid)
+    return respond(WorkspaceStatusResponse.model_validate(status))

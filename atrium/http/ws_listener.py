@@ -15,7 +15,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..session import ConnectionGone, Handshake, Realtime
+from ..realtime import ConnectionGone, Handshake, Realtime
 
 log = logging.getLogger("atrium.ws")
 

@@ -1,9 +1,10 @@
-"""Projects, their members, and each project's append-only event log.
+"""Projects and their members.
 
 Every write runs in one transaction that first locks the project row, checks the acting
 member's role against ``atrium.roles`` under that lock, makes the change and appends its
-event with ``append_event``. Writers to one project are therefore serialised: a check such
-as "is this the last owner?" cannot be invalidated by a concurrent change.
+event to the project's log with ``events.append_event``. Writers to one project are
+therefore serialised: a check such as "is this the last owner?" cannot be invalidated by a
+concurrent change.
 
 A project that is not found, is deleted, or of which the actor is not a member raises the
 same ``ProjectNotFound``: callers must not learn that someone else's project exists.
@@ -11,7 +12,6 @@ same ``ProjectNotFound``: callers must not learn that someone else's project exi
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,75 +19,21 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-import orjson
 
 from ..emails import email_key
+from ..events import Event, EventType
 from ..roles import Action, Role, can
 from .database import Database
+from .errors import AlreadyMember as AlreadyMember
+from .errors import LastOwner as LastOwner
+from .errors import MemberNotFound as MemberNotFound
+from .errors import ProjectError as ProjectError
+from .errors import ProjectNotFound as ProjectNotFound
+from .errors import RoleForbidden as RoleForbidden
+from .errors import UserNotFound as UserNotFound
+from .events import append_event
 
 T = TypeVar("T")
-
-
-class EventType(enum.StrEnum):
-    """The project-management events this module appends."""
-
-    PROJECT_CREATED = "PROJECT_CREATED"
-    PROJECT_UPDATED = "PROJECT_UPDATED"
-    PROJECT_DELETED = "PROJECT_DELETED"
-    MEMBER_ADDED = "MEMBER_ADDED"
-    MEMBER_ROLE_CHANGED = "MEMBER_ROLE_CHANGED"
-    MEMBER_REMOVED = "MEMBER_REMOVED"
-
-
-class ProjectError(Exception):
-    """A refused project operation; ``code`` is stable."""
-
-    code = "project_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ProjectNotFound(ProjectError):
-    code = "project_not_found"
-
-    def __init__(self) -> None:
-        super().__init__("No such project")
-
-
-class RoleForbidden(ProjectError):
-    """The actor is a member, but their role does not allow the action."""
-
-    code = "forbidden_role"
-
-
-class LastOwner(ProjectError):
-    code = "last_owner"
-
-    def __init__(self) -> None:
-        super().__init__("A project must keep at least one owner")
-
-
-class AlreadyMember(ProjectError):
-    code = "already_member"
-
-    def __init__(self) -> None:
-        super().__init__("This user is already a member of the project")
-
-
-class UserNotFound(ProjectError):
-    code = "user_not_found"
-
-    def __init__(self) -> None:
-        super().__init__("No such user")
-
-
-class MemberNotFound(ProjectError):
-    code = "member_not_found"
-
-    def __init__(self) -> None:
-        super().__init__("This user is not a member of the project")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +68,6 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
-class EventPage:
-    events: list[dict[str, Any]]
-    last_seq: int  # the project's latest seq when read
-    oldest_seq: int | None = None  # the oldest event the log still holds (retention)
-
-
-@dataclass(frozen=True, slots=True)
 class Change(Generic[T]):
     """The outcome of a committed write.
 
@@ -137,7 +76,7 @@ class Change(Generic[T]):
     """
 
     value: T
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     audience: frozenset[uuid.UUID] = frozenset()
 
 
@@ -170,65 +109,6 @@ def _member(row: asyncpg.Record, project_id: uuid.UUID) -> Member:
         invited_at=row["invited_at"],
         invited_by=row["invited_by"],
     )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):  # asyncpg's UUID subclass, which orjson does not know
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-async def append_event(
-    conn: asyncpg.Connection,
-    project_id: uuid.UUID,
-    type: str,
-    actor_id: uuid.UUID | None,
-    payload: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Append one event to the project's log inside the caller's transaction.
-
-    Its ``seq`` is the project's next number: bumping the counter on the project row
-    locks that row until the transaction ends, so seqs stay gapless and commit in order
-    even with writers on several processes. Returns the event as stored
-    (``project_id, seq, type, actor_id, payload, created_at``). Raises ``ProjectNotFound``
-    when the project does not exist or is deleted.
-    """
-    seq = await reserve_seqs(conn, project_id, 1)
-    body = orjson.dumps(payload, default=_json_default).decode()
-    created_at = await conn.fetchval(
-        "INSERT INTO project_events (project_id, seq, type, actor_id, payload)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING created_at",
-        project_id,
-        seq,
-        str(type),
-        actor_id,
-        body,
-    )
-    return {
-        "project_id": project_id,
-        "seq": seq,
-        "type": str(type),
-        "actor_id": actor_id,
-        "payload": orjson.loads(body),
-        "created_at": created_at,
-    }
-
-
-async def reserve_seqs(conn: asyncpg.Connection, project_id: uuid.UUID, count: int) -> int:
-    """Take the project's next ``count`` seqs inside the caller's transaction; returns the
-    last of them. Bumping the counter locks the project row until the transaction ends, so
-    seqs stay gapless and commit in order, even with writers on other processes. Raises
-    ``ProjectNotFound`` when the project does not exist or is deleted.
-    """
-    last = await conn.fetchval(
-        "UPDATE projects SET last_seq = last_seq + $2"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
-        project_id,
-        count,
-    )
-    if last is None:
-        raise ProjectNotFound()
-    return int(last)
 
 
 async def _lock(
@@ -605,49 +485,3 @@ async def remove_member(
         return Change(None, [event], audience)
 
     return await db.transaction(remove)
-
-
-def event_from_row(row: asyncpg.Record) -> dict[str, Any]:
-    """An event as stored: project_id, seq, type, actor_id, payload (parsed), created_at."""
-    return {
-        "project_id": row["project_id"],
-        "seq": row["seq"],
-        "type": row["type"],
-        "actor_id": row["actor_id"],
-        "payload": orjson.loads(row["payload"]),
-        "created_at": row["created_at"],
-    }
-
-
-async def list_events(
-    db: Database, project_id: uuid.UUID, user_id: uuid.UUID, *, since_seq: int, limit: int
-) -> EventPage:
-    """Up to ``limit`` events with ``seq > since_seq`` in seq order, for member ``user_id``,
-    and the oldest seq the log still holds (older events were pruned by retention)."""
-
-    async def read(conn: asyncpg.Connection) -> EventPage:
-        # One snapshot, so ``last_seq`` and the events agree.
-        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        last_seq = await conn.fetchval(
-            "SELECT p.last_seq FROM projects p"
-            " JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
-            " WHERE p.id = $1 AND p.deleted_at IS NULL",
-            project_id,
-            user_id,
-        )
-        if last_seq is None:
-            raise ProjectNotFound()
-        rows = await conn.fetch(
-            "SELECT project_id, seq, type, actor_id, payload, created_at FROM project_events"
-            " WHERE project_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            project_id,
-            since_seq,
-            limit,
-        )
-        oldest = await conn.fetchval(
-            "SELECT min(seq) FROM project_events WHERE project_id = $1", project_id
-        )
-        events = [event_from_row(r) for r in rows]
-        return EventPage(events, int(last_seq), None if oldest is None else int(oldest))
-
-    return await db.transaction(read)

@@ -5,6 +5,10 @@ from ._errors import NoSuchChild as NoSuchChild
 from ._errors import SupervisionError as SupervisionError
 from ._errors import SupervisorEscalation as SupervisorEscalation
 from ._errors import SupervisorStopped as SupervisorStopped
+from ._protocol import MailboxStatistics as MailboxStatistics
+from ._protocol import Runnable as Runnable
+from ._protocol import Stoppable as Stoppable
+from ._protocol import Supervised as Supervised
 from ._snapshot import ChildSnapshot as ChildSnapshot
 from ._snapshot import FailureInfo as FailureInfo
 from ._snapshot import SupervisorSnapshot as SupervisorSnapshot

@@ -8,21 +8,20 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
 
 import trio
 
-from atrium.actors import Actor
-
+from ..timestamps import utc_now_iso
 from ._errors import ChildExists, NoSuchChild, SupervisorEscalation, SupervisorStopped
+from ._protocol import Runnable, Supervised
 from ._snapshot import ChildSnapshot, FailureInfo, SupervisorSnapshot
 from ._spec import Backoff, ChildSpec, Restart, Strategy
 
 logger = logging.getLogger("atrium.supervision")
 
 T = TypeVar("T")
-A = TypeVar("A", bound=Actor[Any, Any])
+A = TypeVar("A", bound=Runnable)
 
 
 class ChildState(enum.StrEnum):
@@ -346,7 +345,7 @@ class Supervisor:
             child._last_failure = FailureInfo(
                 type=type(failure).__name__,
                 message=str(failure),
-                at=datetime.now(UTC).isoformat(),
+                at=utc_now_iso(),
             )
             logger.warning("%s: child %s failed", self.name, name, exc_info=failure)
         else:
@@ -562,8 +561,8 @@ def actor_spec(
     restart: Restart = Restart.PERMANENT,
     shutdown_timeout: float = 5.0,
 ) -> ChildSpec[A]:
-    """A child spec that runs a fresh actor from ``make()`` on every (re)start; the child's
-    value is the actor."""
+    """A child spec that runs a fresh process from ``make()`` (an actor) on every
+    (re)start; the child's value is that process."""
 
     def run_actor(*, task_status: trio.TaskStatus[A]) -> Awaitable[None]:
         # A plain function returning run()'s coroutine: no extra frame per idle actor.
@@ -603,13 +602,22 @@ def supervisor_spec(
     )
 
 
+def _supervised(value: object) -> Supervised | None:
+    """``value`` if it is a ``Supervised`` process (duck-typed, as in ``_stop_instance``)."""
+    if hasattr(value, "alive") and hasattr(value, "statistics"):
+        return cast(Supervised, value)
+    return None
+
+
 def _is_alive(value: object) -> bool:
-    return not isinstance(value, Actor) or value.alive
+    process = _supervised(value)
+    return process is None or process.alive
 
 
 def _child_snapshot(child: ChildHandle[Any], now: float) -> ChildSnapshot:
     running = child._state is ChildState.RUNNING
     value = child._value
+    process = _supervised(value)
     return ChildSnapshot(
         name=child.spec.name,
         kind=child.spec.kind,
@@ -618,6 +626,6 @@ def _child_snapshot(child: ChildHandle[Any], now: float) -> ChildSnapshot:
         restart_count=child._restart_count,
         last_failure=child._last_failure,
         uptime=now - child._started_at if running and child._started_at is not None else None,
-        mailbox_depth=value.statistics().mailbox_depth if isinstance(value, Actor) else None,
+        mailbox_depth=None if process is None else process.statistics().mailbox_depth,
         supervisor=value.snapshot() if running and isinstance(value, Supervisor) else None,
     )

@@ -5,7 +5,7 @@
 ALTER TABLE users ADD COLUMN email_normalised text;
 
 -- ASCII addresses: lower-casing is the whole normalisation, done exactly here. Others get
--- a unique placeholder that migrations.py replaces (Python's case folding is not available
+-- a unique placeholder that migrate.py replaces (Python's case folding is not available
 -- in SQL) in this same transaction; two accounts whose addresses now fold alike stop the
 -- migration with both ids named, changing nothing.
 UPDATE users SET email_normalised = CASE

@@ -1,11 +1,11 @@
-"""Assemble and run one atrium API process (what ``python run.py serve`` runs).
+"""The composition root: assemble and run one atrium API process (``python run.py serve``).
 
 The process is one supervision tree (docs/ARCHITECTURE.md)::
 
     root (rest_for_one)
     ├── postgres        supervisor (one_for_one), only without DATABASE_URL
     │   └── postmaster  the embedded PostgreSQL under its guard; restarted when it dies
-    ├── database        asyncpg pool; migrations applied before it reports started
+    ├── database        asyncpg pool (migrations applied first) and the Services built on it
     ├── event_retention prunes the event log at start and every 10 min (unless keep-all)
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     trio-websocket on WS_PORT (when configured)
@@ -18,12 +18,20 @@ sits one level down, under a ``one_for_one`` supervisor of its own: its crash re
 alone, and the pool (whose URL does not change) reconnects by itself, so a database crash
 never restarts the HTTP server. Only a postmaster that keeps dying (more than 10 restarts
 in 60 s) escalates to the root.
+
+Wiring: the ``database`` child opens the pool and reports the ``Services`` built on it
+(``build_services``: the application services, the workspace registry, ``Realtime``).
+Every later child is handed the typed handle of that child (``ChildHandle[Services]``)
+and reads its current value when it starts, so a new pool (the child restarted, which
+restarts everything after it) means fresh objects everywhere, and nothing is looked up
+by name or assigned after construction.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,20 +40,18 @@ from functools import partial
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from .actors.workspace import Workspaces, WorkspaceSettings
 from .config import Settings
 from .failures import ContainedFailures
 from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
-from .persistence.database import Database, open_database
+from .persistence.database import open_database
 from .persistence.embedded import EmbeddedPostgres
-from .persistence.migrations import migrate
+from .persistence.migrate import migrate
 from .persistence.retention import RetentionPolicy
 from .retention import EventPruner, retention_policy
-from .services import build_services
-from .session import Realtime, SessionSettings
-from .supervision import Backoff, ChildSpec, Strategy, Supervisor, open_supervisor
+from .services import Services, build_services
+from .supervision import Backoff, ChildHandle, ChildSpec, Strategy, Supervisor, open_supervisor
 from .supervision import supervisor_spec as make_supervisor_spec
 
 log = logging.getLogger("atrium")
@@ -53,12 +59,14 @@ log = logging.getLogger("atrium")
 
 @dataclass(frozen=True, slots=True)
 class Bound:
-    """Where a started server listens, and its supervision tree (for operators and tests)."""
+    """Where a started server listens, its supervision tree, and the handle of the
+    ``database`` child, whose value is the current ``Services`` (for operators and tests)."""
 
     host: str
     port: int
     ws_port: int | None = None
     supervisor: Supervisor | None = field(default=None, compare=False)
+    services: ChildHandle[Services] | None = field(default=None, compare=False)
 
     @property
     def url(self) -> str:
@@ -71,7 +79,6 @@ class HttpServer:
 
     host: str
     port: int
-    realtime: Realtime
     stop: trio.Event
 
     def request_stop(self) -> None:
@@ -104,68 +111,31 @@ def hypercorn_config(settings: Settings, port: int) -> HypercornConfig:
     return config
 
 
-def session_settings(settings: Settings) -> SessionSettings:
-    return SessionSettings(
-        auth_timeout=settings.ws_auth_timeout_seconds,
-        heartbeat_interval=settings.ws_heartbeat_interval_seconds,
-        heartbeat_timeout=settings.ws_heartbeat_timeout_seconds,
-        send_queue=settings.ws_send_queue,
-        rate_per_second=settings.ws_rate_limit_per_second,
-        rate_burst=2 * settings.ws_rate_limit_per_second,
-        max_connections_per_user=settings.ws_max_connections_per_user,
-        user_edits_per_second=settings.ws_user_edits_per_second,
-        user_edit_burst=2 * settings.ws_user_edits_per_second,
-    )
-
-
 async def _run_database(
-    settings: Settings, url: str, *, task_status: trio.TaskStatus[Database]
+    settings: Settings,
+    url: str,
+    clock: Callable[[], float],
+    failures: ContainedFailures,
+    root: Supervisor,
+    *,
+    task_status: trio.TaskStatus[Services],
 ) -> None:
     async with open_database(url, pool_size=settings.db_pool_size) as db:
         applied = await migrate(db)
         if applied:
             log.info("applied migrations %s", applied)
-        task_status.started(db)
+        services = build_services(settings, db, clock=clock, failures=failures, supervisor=root)
+        task_status.started(services)
         await trio.sleep_forever()
 
 
 async def _run_http(
-    root: Supervisor,
+    database: ChildHandle[Services],
     settings: Settings,
-    clock: Callable[[], float],
-    workspaces_spec: ChildSpec[Supervisor],
-    failures: ContainedFailures,
     *,
     task_status: trio.TaskStatus[HttpServer],
 ) -> None:
-    db: Database = root.child("database").value
-    workspaces = Workspaces(
-        root,
-        workspaces_spec,
-        db,
-        WorkspaceSettings(
-            resume_max_events=settings.resume_max_events,
-            idle_timeout=settings.workspace_idle_seconds,
-            # A batch of edits reaches every outbox at once: keep it well inside a
-            # connection's queue, so a burst is never taken for a slow consumer.
-            edit_batch=max(1, min(64, settings.ws_send_queue // 8)),
-        ),
-    )
-    services = build_services(settings, db, clock=clock)
-    services.failures = failures
-    realtime = Realtime(
-        db=db,
-        tokens=services.tokens,
-        workspaces=workspaces,
-        allowed_origins=settings.allowed_origins,
-        settings=session_settings(settings),
-        failures=failures,
-    )
-    services.publish = workspaces
-    services.realtime = realtime
-    services.revoke_live_session = realtime.revoke_session
-    services.supervisor = root
-    app = create_asgi(services)
+    app = create_asgi(database.value)
     stop = trio.Event()
     config = hypercorn_config(settings, settings.port)
     async with trio.open_nursery() as nursery:
@@ -173,12 +143,12 @@ async def _run_http(
             partial(http_server.serve, app, config, shutdown_trigger=stop.wait)
         )
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
-        task_status.started(HttpServer(host.strip("[]"), int(port), realtime, stop))
+        task_status.started(HttpServer(host.strip("[]"), int(port), stop))
 
 
 @dataclass(slots=True)
 class WsListener:
-    """The running WebSocket listener: ``request_stop`` lets its sessions close first."""
+    """The running WebSocket listener: ``request_stop`` lets its connections close first."""
 
     port: int
     stop: trio.Event
@@ -188,15 +158,19 @@ class WsListener:
 
 
 async def _run_ws_listener(
-    root: Supervisor, settings: Settings, port: int, *, task_status: trio.TaskStatus[WsListener]
+    database: ChildHandle[Services],
+    settings: Settings,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[WsListener],
 ) -> None:
-    http: HttpServer = root.child("http").value
+    realtime = database.value.realtime
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
             partial(
                 serve_listener,
-                http.realtime,
+                realtime,
                 settings.host,
                 port,
                 max_message_size=settings.ws_max_message_bytes,
@@ -204,10 +178,16 @@ async def _run_ws_listener(
         )
         task_status.started(WsListener(bound, stop))
         await stop.wait()
-        # The workspaces (stopped before us) have asked every session to close.
+        # The workspaces (stopped before us) have asked every connection to close.
         with trio.move_on_after(5.0):
-            await http.realtime.wait_drained()
+            await realtime.wait_drained()
         nursery.cancel_scope.cancel()
+
+
+def _run_workspaces(
+    database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
+) -> Awaitable[None]:
+    return database.value.workspaces.run(task_status=task_status)
 
 
 def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
@@ -224,14 +204,13 @@ def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
 
 
 async def _run_pruner(
-    root: Supervisor,
+    database: ChildHandle[Services],
     policy: RetentionPolicy,
     clock: Callable[[], float],
     *,
     task_status: trio.TaskStatus[EventPruner],
 ) -> None:
-    db: Database = root.child("database").value
-    await EventPruner(db, policy, clock=clock).run(task_status=task_status)
+    await EventPruner(database.value.db, policy, clock=clock).run(task_status=task_status)
 
 
 async def serve(
@@ -251,20 +230,13 @@ async def serve(
     requests finish, the pool closes, PostgreSQL stops.
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
-    # Backoff delays count against the period: 5 restarts of one workspace take 3.1 s of
-    # backoff, so a crash loop still escalates within 30 s.
-    workspaces_spec = make_supervisor_spec(
-        "workspaces", strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
-    )
     cluster: EmbeddedPostgres | None = None
     if database_url is None:
         cluster = EmbeddedPostgres(settings.data_dir)
         await trio.to_thread.run_sync(cluster.prepare)
         database_url = cluster.url
     try:
-        await _serve_tree(
-            settings, database_url, cluster, workspaces_spec, shutdown_trigger, clock, task_status
-        )
+        await _serve_tree(settings, database_url, cluster, shutdown_trigger, clock, task_status)
     finally:
         if cluster is not None:
             cluster.close()
@@ -274,47 +246,54 @@ async def _serve_tree(
     settings: Settings,
     database_url: str,
     cluster: EmbeddedPostgres | None,
-    workspaces_spec: ChildSpec[Supervisor],
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     clock: Callable[[], float],
     task_status: trio.TaskStatus[Bound],
 ) -> None:
-    # One count for the process: it outlives a restarted HTTP child.
+    # One count for the process: it outlives a restarted child.
     failures = ContainedFailures()
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
         if cluster is not None:
             await root.start_child(postgres_spec(cluster))
-        await root.start_child(
+        database = await root.start_child(
             ChildSpec(
-                "database", partial(_run_database, settings, database_url), shutdown_timeout=15.0
+                "database",
+                partial(_run_database, settings, database_url, clock, failures, root),
+                shutdown_timeout=15.0,
             )
         )
         # After the pool it prunes, before the servers: their restarts leave it alone.
         policy = retention_policy(settings)
         if not policy.keeps_everything:
             await root.start_child(
-                ChildSpec("event_retention", partial(_run_pruner, root, policy, clock))
+                ChildSpec("event_retention", partial(_run_pruner, database, policy, clock))
             )
         http = await root.start_child(
-            ChildSpec(
-                "http",
-                partial(_run_http, root, settings, clock, workspaces_spec, failures),
-                shutdown_timeout=15.0,
-            )
+            ChildSpec("http", partial(_run_http, database, settings), shutdown_timeout=15.0)
         )
         ws_port = None
         if settings.ws_port is not None:
             listener = await root.start_child(
                 ChildSpec(
-                    "ws_listener", partial(_run_ws_listener, root, settings, settings.ws_port)
+                    "ws_listener", partial(_run_ws_listener, database, settings, settings.ws_port)
                 )
             )
             ws_port = listener.value.port
-        await root.start_child(workspaces_spec)
-        server: HttpServer = http.value
-        task_status.started(Bound(server.host, server.port, ws_port, root))
+        # Last, so it stops first (its actors close every WebSocket with 1001) and restarts
+        # alone. Its supervisor (one_for_one) allows 5 restarts of its actors in 30 s: with
+        # backoff, a crash loop still escalates within 30 s.
+        await root.start_child(
+            ChildSpec(
+                "workspaces",
+                partial(_run_workspaces, database),
+                shutdown_timeout=math.inf,
+                kind="supervisor",
+            )
+        )
+        server = http.value
+        task_status.started(Bound(server.host, server.port, ws_port, root, database))
         if shutdown_trigger is None:
             await trio.sleep_forever()
         else:

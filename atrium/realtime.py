@@ -1,7 +1,8 @@
-"""One workspace connection, written once over a small transport interface.
+"""Live workspace connections, written once over a small transport interface.
 
-A transport adapter (the Quart-Trio route, the trio-websocket listener) accepts the
-WebSocket, wraps it as a ``Connection`` and calls ``Realtime.serve``. Everything else —
+A transport adapter (the ASGI route on the main port, the trio-websocket listener) accepts
+the WebSocket, wraps it as a ``Connection`` and calls ``Realtime.serve``, which runs it as
+a ``_LiveConnection``. Everything else —
 origin check, authentication, membership, resume, heartbeats, token expiry, limits and
 the per-connection send task — lives here and is the same for every transport.
 """
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import parse_qsl
 
@@ -22,18 +22,19 @@ import trio
 
 from . import protocol
 from .actors import ActorStopped, AskTimeout
-from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor, Workspaces
+from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor
 from .connections import ConnectionIndex
+from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
 from .outbox import Outbox
-from .persistence import accounts
-from .persistence import workspace as store
+from .persistence import accounts, projects
 from .persistence.database import Database, DatabaseUnavailable
 from .protocol import CloseCode, ProtocolError
 from .roles import Role
+from .timestamps import utc_iso_at, utc_now_iso
 from .tokens import Claims, TokenCodec, TokenError
 
-log = logging.getLogger("atrium.session")
+log = logging.getLogger("atrium.realtime")
 
 _CLOSE_TIMEOUT = 2.0
 
@@ -43,7 +44,7 @@ class ConnectionGone(Exception):
 
 
 class Connection(Protocol):
-    """What a transport gives a session: text in, text out, close with a code."""
+    """What a transport gives a live connection: text in, text out, close with a code."""
 
     async def receive(self) -> str | bytes:
         """The next message. Raises ConnectionGone."""
@@ -63,7 +64,7 @@ class Connection(Protocol):
         ...
 
 
-# The request headers a session reads; only these are kept (lower-case names), as the
+# The request headers a live connection reads; only these are kept (lower-case names), as the
 # rest would be held, decoded, for the life of every connection.
 HANDSHAKE_HEADERS = frozenset({"origin", "host", "authorization"})
 
@@ -96,7 +97,9 @@ class Handshake:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionSettings:
+class ConnectionSettings:
+    """Timers and limits of each live connection (from WS_* settings)."""
+
     auth_timeout: float = 5.0
     heartbeat_interval: float = 25.0
     heartbeat_timeout: float = 60.0
@@ -129,10 +132,6 @@ def _same_origin(origin: str, host: str | None) -> bool:
     return authority.rstrip("/").lower() == host.lower()
 
 
-def _wall_iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
-
-
 class Realtime:
     """Serves workspace connections for one process.
 
@@ -148,7 +147,7 @@ class Realtime:
         tokens: TokenCodec,
         workspaces: Workspaces,
         allowed_origins: tuple[str, ...],
-        settings: SessionSettings,
+        settings: ConnectionSettings,
         failures: ContainedFailures | None = None,
     ) -> None:
         self.db = db
@@ -178,12 +177,12 @@ class Realtime:
         if self.active == 0:
             self._drained = trio.Event()
         self.active += 1
-        session = _Session(self, conn, handshake)
+        connection = _LiveConnection(self, conn, handshake)
         try:
-            await session.run()
+            await connection.run()
         except* Exception as group:
-            self.failures.record("connection", group, session.context(transport))
-            await session.fail()
+            self.failures.record("connection", group, connection.context(transport))
+            await connection.fail()
         finally:
             self.active -= 1
             if self.active == 0:
@@ -201,7 +200,10 @@ class Realtime:
         return self.connections.revoke_session(session_id)
 
 
-class _Session:
+class _LiveConnection:
+    """One WebSocket connection to a workspace: open (origin, token, membership, Join),
+    then a receive loop that keeps time and a send task that drains its ``Outbox``."""
+
     # Slots: an idle connection's memory is mostly its tasks and these objects.
     __slots__ = (
         "rt",
@@ -212,8 +214,8 @@ class _Session:
         "claims",
         "expires_at",
         "last_activity",
-        "tokens",
-        "tokens_at",
+        "rate_allowance",
+        "rate_at",
         "strikes",
         "actor",
         "subscriber",
@@ -232,8 +234,9 @@ class _Session:
         self.claims: Claims | None = None
         self.expires_at = 0.0  # trio clock
         self.last_activity = trio.current_time()
-        self.tokens = float(realtime.settings.rate_burst)
-        self.tokens_at = trio.current_time()
+        # The message rate limit, a token bucket: messages allowed now, refilled since.
+        self.rate_allowance = float(realtime.settings.rate_burst)
+        self.rate_at = trio.current_time()
         self.strikes = 0
         self.actor: WorkspaceActor | None = None
         self.subscriber: Subscriber | None = None
@@ -313,7 +316,7 @@ class _Session:
                 since_seq = auth.since_seq
         if hs.path_user_id is not None and hs.path_user_id != str(claims.user_id):
             raise Refused(CloseCode.FORBIDDEN, "user_mismatch")
-        # Indexed before the session is checked, so a revocation committed after the
+        # Indexed before the login session is checked, so a revocation committed after the
         # check still reaches this connection.
         admitted = self.rt.connections.admit(
             self.outbox, claims.user_id, claims.session_id, trio.current_time()
@@ -322,7 +325,7 @@ class _Session:
             raise Refused(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
         if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
-        role = await store.member_role(self.rt.db, project_id, claims.user_id)
+        role = await projects.member_role(self.rt.db, project_id, claims.user_id)
         if role is None:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
@@ -476,10 +479,10 @@ class _Session:
     def _within_rate(self) -> bool:
         now = trio.current_time()
         rate, burst = self.settings.rate_per_second, self.settings.rate_burst
-        self.tokens = min(burst, self.tokens + (now - self.tokens_at) * rate)
-        self.tokens_at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        self.rate_allowance = min(burst, self.rate_allowance + (now - self.rate_at) * rate)
+        self.rate_at = now
+        if self.rate_allowance >= 1:
+            self.rate_allowance -= 1
             self.strikes = 0
             return True
         self.strikes += 1
@@ -508,7 +511,7 @@ class _Session:
                 {
                     "type": "AUTH_OK",
                     "user_id": str(claims.user_id),
-                    "expires_at": _wall_iso(claims.expires_at),
+                    "expires_at": utc_iso_at(claims.expires_at),
                 }
             )
         )
@@ -537,7 +540,7 @@ class _Session:
             if now - self.last_activity >= settings.heartbeat_timeout:
                 self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
                 return
-            self._reply(protocol.encode({"type": "PING", "timestamp": protocol.now_iso()}))
+            self._reply(protocol.encode({"type": "PING", "timestamp": utc_now_iso()}))
             self._next_ping = now + settings.heartbeat_interval
         if self._warned_for == self.expires_at:
             if now >= self.expires_at + settings.token_grace:
@@ -549,7 +552,7 @@ class _Session:
                 protocol.encode(
                     {
                         "type": "TOKEN_EXPIRING",
-                        "expires_at": _wall_iso(self.claims.expires_at),
+                        "expires_at": utc_iso_at(self.claims.expires_at),
                         "reauth_within_seconds": settings.token_warning + settings.token_grace,
                     }
                 )

@@ -1,8 +1,9 @@
-"""Numbered SQL migrations, applied in order, each in its own transaction.
+"""Apply the numbered SQL migrations in ``migrations/`` (``NNNN_name.sql``), in order.
 
-Files are ``migrations/NNNN_name.sql``. Applied versions are recorded in
-``schema_migrations``; an advisory lock keeps two instances starting at once from
-applying the same migration twice.
+All pending migrations run in one transaction, each inside its own savepoint: either every
+one of them applies or none does. Applied versions are recorded in ``schema_migrations``;
+an advisory lock keeps two instances starting at once from applying the same migration
+twice.
 """
 
 from __future__ import annotations

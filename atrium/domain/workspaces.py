@@ -1,0 +1,118 @@
+"""The registry of live workspaces: one ``WorkspaceActor`` per open project."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..actors import ActorStopped
+from ..actors.workspace import Published, Status, WorkspaceActor, WorkspaceSettings
+from ..events import Event
+from ..persistence import events as event_log
+from ..persistence.database import Database
+from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
+
+log = logging.getLogger("atrium.workspace")
+
+
+class Workspaces:
+    """Finds or starts the one WorkspaceActor of a project, and hands committed events to
+    it (an ``EventPublisher``).
+
+    The actors run under the ``workspaces`` supervisor that ``run`` opens: the composition
+    root starts ``run`` as a child of the root supervisor, so the tree
+    owns its lifetime and restarts it; meanwhile ``get`` waits for the new one and ``find``
+    finds nothing. One registry serves one database pool (``db``); a new pool gets a new
+    registry.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: WorkspaceSettings,
+        *,
+        max_restarts: int = 5,
+        period: float = 30.0,
+    ) -> None:
+        self._db = db
+        self._settings = settings
+        self._max_restarts = max_restarts
+        self._period = period
+        self._supervisor: Supervisor | None = None
+        self._attached = trio.Event()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the workspace supervisor (one_for_one; ``max_restarts`` in ``period``
+        seconds, else it escalates) and serve ``get`` from it until cancelled."""
+        async with open_supervisor(
+            name="workspaces",
+            strategy=Strategy.ONE_FOR_ONE,
+            max_restarts=self._max_restarts,
+            period=self._period,
+        ) as supervisor:
+            self._supervisor = supervisor
+            self._attached.set()
+            try:
+                task_status.started(supervisor)
+                await trio.sleep_forever()
+            finally:
+                self._supervisor = None
+                self._attached = trio.Event()
+
+    async def get(self, project_id: uuid.UUID) -> WorkspaceActor:
+        """The running actor of ``project_id`` (started on first use; never two). Waits
+        while the workspace supervisor (re)starts."""
+        spec = actor_spec(
+            f"workspace:{project_id}",
+            lambda: WorkspaceActor(project_id, self._db, self._settings),
+            restart=Restart.TRANSIENT,
+        )
+        while (supervisor := self._supervisor) is None:
+            await self._attached.wait()
+        return await supervisor.get_or_start(spec)
+
+    def find(self, project_id: uuid.UUID) -> WorkspaceActor | None:
+        """The actor of ``project_id`` if one is running now (never starts one)."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return None
+        try:
+            value = supervisor.child(f"workspace:{project_id}").value
+        except NoSuchChild:
+            return None
+        return value if isinstance(value, WorkspaceActor) and value.alive else None
+
+    async def status(self, project_id: uuid.UUID) -> dict[str, Any]:
+        """Who is in the project's live workspace now (the seed's fields): from its actor
+        when one runs here, else an empty workspace at the log's last seq."""
+        actor = self.find(project_id)
+        if actor is not None:
+            try:
+                status: dict[str, Any] = await actor.ask(Status(), timeout=5.0)
+                return status
+            except ActorStopped:
+                pass  # stopped between find and ask: it has nobody online
+        return {
+            "project_id": project_id,
+            "active_collaborators": 0,
+            "connections": 0,
+            "online_users": [],
+            "workspace_url": f"/ws/{project_id}",
+            "real_time_events": 0,
+            "seq": await event_log.last_seq(self._db, project_id),
+        }
+
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        """Hand committed log events to the project's workspace, if it is open here."""
+        actor = self.find(project_id)
+        if actor is not None and events:
+            try:
+                await actor.tell(Published(events))
+            except ActorStopped:
+                log.debug("workspace %s stopped before its events arrived", project_id)

@@ -1,0 +1,215 @@
+"""The project event log: the one place events are written to and read from.
+
+Rows become ``atrium.events.Event`` here and nowhere else. Every append, whether from a
+project write (``append_event``, inside its transaction) or from a live workspace
+(``append``, a batch of edits with their client ids), goes through ``_insert``: the
+project's next seqs are reserved on its row, and payloads are encoded by
+``json_output.dumps``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import asyncpg
+import orjson
+
+from .. import json_output
+from ..events import Event, EventType, NewEvent
+from .database import Database
+from .errors import ProjectNotFound
+
+_EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
+
+
+def event_from_row(row: asyncpg.Record) -> Event:
+    """The ``Event`` of a ``project_events`` row (``_EVENT_COLUMNS``)."""
+    return Event(
+        project_id=row["project_id"],
+        seq=row["seq"],
+        type=EventType(row["type"]),
+        actor_id=row["actor_id"],
+        payload=orjson.loads(row["payload"]),
+        created_at=row["created_at"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    last_seq: int  # the project's latest seq when read
+    oldest_seq: int | None = None  # the oldest event the log still holds (retention)
+
+
+async def reserve_seqs(conn: asyncpg.Connection, project_id: uuid.UUID, count: int) -> int:
+    """Take the project's next ``count`` seqs inside the caller's transaction; returns the
+    last of them. Bumping the counter locks the project row until the transaction ends, so
+    seqs stay gapless and commit in order, even with writers on other processes. Raises
+    ``ProjectNotFound`` when the project does not exist or is deleted.
+    """
+    last = await conn.fetchval(
+        "UPDATE projects SET last_seq = last_seq + $2"
+        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq",
+        project_id,
+        count,
+    )
+    if last is None:
+        raise ProjectNotFound()
+    return int(last)
+
+
+async def append_event(
+    conn: asyncpg.Connection,
+    project_id: uuid.UUID,
+    type: EventType,
+    actor_id: uuid.UUID | None,
+    payload: Mapping[str, Any],
+) -> Event:
+    """Append one event to the project's log inside the caller's transaction.
+
+    Its ``seq`` is the project's next number (``reserve_seqs``). Returns the event as
+    stored. Raises ``ProjectNotFound`` when the project does not exist or is deleted.
+    """
+    (event,) = await _insert(conn, project_id, [NewEvent(type, actor_id, dict(payload))])
+    return event
+
+
+async def last_seq(db: Database, project_id: uuid.UUID) -> int:
+    """The seq of the project's latest event (0 when it has none or does not exist)."""
+    value = await db.fetchval("SELECT last_seq FROM projects WHERE id = $1", project_id)
+    return int(value or 0)
+
+
+async def events_between(
+    db: Database, project_id: uuid.UUID, after: int, until: int
+) -> list[Event]:
+    """The events with ``after < seq <= until``, in seq order."""
+    rows = await db.fetch(
+        f"SELECT {_EVENT_COLUMNS} FROM project_events"
+        " WHERE project_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        project_id,
+        after,
+        until,
+    )
+    return [event_from_row(r) for r in rows]
+
+
+async def list_events(
+    db: Database, project_id: uuid.UUID, user_id: uuid.UUID, *, since_seq: int, limit: int
+) -> EventPage:
+    """Up to ``limit`` events with ``seq > since_seq`` in seq order, for member ``user_id``,
+    and the oldest seq the log still holds (older events were pruned by retention).
+    Raises ``ProjectNotFound`` when the project is missing, deleted or not theirs."""
+
+    async def read(conn: asyncpg.Connection) -> EventPage:
+        # One snapshot, so ``last_seq`` and the events agree.
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        last_seq = await conn.fetchval(
+            "SELECT p.last_seq FROM projects p"
+            " JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
+            " WHERE p.id = $1 AND p.deleted_at IS NULL",
+            project_id,
+            user_id,
+        )
+        if last_seq is None:
+            raise ProjectNotFound()
+        rows = await conn.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM project_events"
+            " WHERE project_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            project_id,
+            since_seq,
+            limit,
+        )
+        oldest = await conn.fetchval(
+            "SELECT min(seq) FROM project_events WHERE project_id = $1", project_id
+        )
+        events = [event_from_row(r) for r in rows]
+        return EventPage(events, int(last_seq), None if oldest is None else int(oldest))
+
+    return await db.transaction(read)
+
+
+Appended = tuple[Event, bool]
+
+
+async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]) -> list[Appended]:
+    """Append ``events`` in one transaction, in order, with consecutive seqs.
+
+    Returns, for each, the event and True; or, for a client id stored before (or earlier
+    in the same batch), the event stored under it and False. Raises ``ProjectNotFound``
+    when the project is gone (then nothing is written).
+    """
+
+    async def write(conn: asyncpg.Connection) -> list[Appended]:
+        stored = await _stored_client_ids(conn, project_id, events)
+        results: list[Appended | None] = []
+        fresh: list[int] = []  # indexes of the events to insert
+        first: dict[tuple[uuid.UUID | None, str], int] = {}
+        repeats: list[tuple[int, int]] = []  # (index, index of the first with its client id)
+        for index, event in enumerate(events):
+            results.append(None)
+            if event.client_id is not None:
+                key = (event.actor_id, event.client_id)
+                if key in stored:
+                    results[index] = (stored[key], False)
+                    continue
+                if key in first:
+                    repeats.append((index, first[key]))
+                    continue
+                first[key] = index
+            fresh.append(index)
+        if fresh:
+            inserted = await _insert(conn, project_id, [events[i] for i in fresh])
+            for index, stored_event in zip(fresh, inserted, strict=True):
+                results[index] = (stored_event, True)
+        elif await conn.fetchval(_LIVE_PROJECT, project_id) is None:
+            raise ProjectNotFound()
+        for index, original in repeats:
+            results[index] = (cast(Appended, results[original])[0], False)
+        return cast(list[Appended], results)
+
+    return await db.transaction(write)
+
+
+_LIVE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 AND deleted_at IS NULL"
+
+
+async def _stored_client_ids(
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> dict[tuple[uuid.UUID | None, str], Event]:
+    """The events already stored under the client ids of ``events``."""
+    keyed = [e for e in events if e.client_id is not None]
+    if not keyed:
+        return {}
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLUMNS}, client_event_id FROM project_events"
+        " WHERE project_id = $1 AND (actor_id, client_event_id) IN"
+        " (SELECT * FROM unnest($2::uuid[], $3::text[]))",
+        project_id,
+        [e.actor_id for e in keyed],
+        [e.client_id for e in keyed],
+    )
+    return {(r["actor_id"], r["client_event_id"]): event_from_row(r) for r in rows}
+
+
+async def _insert(
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> list[Event]:
+    """Insert ``events`` with the project's next seqs; returns them as stored, in order.
+    The one insert path of the log."""
+    last = await reserve_seqs(conn, project_id, len(events))
+    rows = await conn.fetch(
+        "INSERT INTO project_events (project_id, seq, type, actor_id, payload, client_event_id)"
+        " SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[])"
+        f" RETURNING {_EVENT_COLUMNS}",
+        project_id,
+        list(range(last - len(events) + 1, last + 1)),
+        [str(e.type) for e in events],
+        [e.actor_id for e in events],
+        [json_output.dumps(e.payload).decode() for e in events],
+        [e.client_id for e in events],
+    )
+    return [event_from_row(r) for r in sorted(rows, key=lambda r: int(r["seq"]))]
