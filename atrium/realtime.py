@@ -78,7 +78,7 @@ class DirectWrite(Protocol):
 
 # The request headers a live connection reads; only these are kept (lower-case names), as the
 # rest would be held, decoded, for the life of every connection.
-HANDSHAKE_HEADERS = frozenset({"origin", "authorization"})
+HANDSHAKE_HEADERS = frozenset({"origin", "host", "authorization"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,17 @@ class Refused(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's ``Origin`` names the host it connected to: a page this server
+    served (``/demo``), allowed without listing the server's own address in
+    ALLOWED_ORIGINS. Only the host and port are compared: behind a TLS proxy the page is
+    https while the proxied request is not."""
+    _, sep, authority = origin.partition("://")
+    if not sep or not host:
+        return False
+    return authority.rstrip("/").lower() == host.lower()
 
 
 class Realtime:
@@ -292,7 +303,12 @@ class _LiveConnection:
         hs = self.handshake
         origin = hs.headers.get("origin")
         allowed = self.rt.allowed_origins
-        if origin and "*" not in allowed and origin.rstrip("/") not in allowed:
+        if (
+            origin
+            and "*" not in allowed
+            and origin.rstrip("/") not in allowed
+            and not _same_origin(origin, hs.headers.get("host"))
+        ):
             raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
         try:
             project_id = uuid.UUID(hs.project_id)
