@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -64,9 +64,21 @@ class Connection(Protocol):
         ...
 
 
+@runtime_checkable
+class DirectWrite(Protocol):
+    """A ``Connection`` that can also write without waiting: the session then lets its
+    outbox hand frames straight to the socket while nothing is queued (``Outbox.direct``)."""
+
+    def try_send(self, text: str) -> int:
+        """Write one text frame now if the socket takes it without waiting: REFUSED
+        (nothing written: queue it), SENT, or PARTIAL (the rest is owed: ``flush``).
+        Never raises."""
+        ...
+
+
 # The request headers a live connection reads; only these are kept (lower-case names), as the
 # rest would be held, decoded, for the life of every connection.
-HANDSHAKE_HEADERS = frozenset({"origin", "authorization"})
+HANDSHAKE_HEADERS = frozenset({"origin", "host", "authorization"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +131,17 @@ class Refused(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's ``Origin`` names the host it connected to: a page this server
+    served (``/demo``), allowed without listing the server's own address in
+    ALLOWED_ORIGINS. Only the host and port are compared: behind a TLS proxy the page is
+    https while the proxied request is not."""
+    _, sep, authority = origin.partition("://")
+    if not sep or not host:
+        return False
+    return authority.rstrip("/").lower() == host.lower()
 
 
 class Realtime:
@@ -280,7 +303,12 @@ class _LiveConnection:
         hs = self.handshake
         origin = hs.headers.get("origin")
         allowed = self.rt.allowed_origins
-        if origin and "*" not in allowed and origin.rstrip("/") not in allowed:
+        if (
+            origin
+            and "*" not in allowed
+            and origin.rstrip("/") not in allowed
+            and not _same_origin(origin, hs.headers.get("host"))
+        ):
             raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
         try:
             project_id = uuid.UUID(hs.project_id)
@@ -314,9 +342,8 @@ class _LiveConnection:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
         self.batch = batch
-        try_send = getattr(self.conn, "try_send", None)
-        if try_send is not None and not batch:
-            self.outbox.direct = try_send
+        if isinstance(self.conn, DirectWrite) and not batch:
+            self.outbox.direct = self.conn.try_send
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
         if self.outbox.closing:  # revoked while it was being checked
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")

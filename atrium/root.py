@@ -8,7 +8,7 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── database        asyncpg pool (migrations applied first) and the Services built on it
     ├── event_retention prunes the event log at start and every 10 min (unless keep-all)
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
-    ├── ws_listener     trio-websocket on WS_PORT (when configured)
+    ├── ws_listener     the dedicated WebSocket listener (wsproto) on WS_PORT (when configured)
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     └── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
                         NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)

@@ -115,10 +115,16 @@ SECURITY = {
 CSP = "default-src 'none'; frame-ancestors 'none'"
 
 
-def assert_secure(response: Response, *, csp: bool = True) -> None:
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def assert_secure(response: Response, *, csp: str = CSP) -> None:
     for name, value in SECURITY.items():
         assert response.header(name) == value, name
-    assert response.header("content-security-policy") == (CSP if csp else None)
+    assert response.header("content-security-policy") == csp
 
 
 # -- liveness -------------------------------------------------------------------------------
@@ -271,9 +277,11 @@ async def test_security_headers_by_path_and_environment() -> None:
         assert_secure(auth)
         assert auth.header("cache-control") == "no-store"  # tokens are never cached
 
-    for path in ("/docs", "/openapi.json"):
-        docs = await request(edge, "GET", path)
-        assert_secure(docs, csp=False)  # Swagger UI runs scripts and styles
+    for path in ("/docs", "/demo", "/static/atrium.js", "/static/swagger-ui/swagger-ui.css"):
+        page = await request(edge, "GET", path)
+        assert_secure(page, csp=PAGE_CSP)  # pages run scripts and styles, from 'self' only
+    for path in ("/openapi.json", "/demonstration", "/staticky"):
+        assert_secure(await request(edge, "GET", path))
 
     production = make_edge(production=True)
     for path in ("/api/v1/projects/", "/docs", "/api/v1/auth/login", "/health"):

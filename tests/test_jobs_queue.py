@@ -166,31 +166,37 @@ async def test_project_export_and_activity_report(db: Database) -> None:
         db, project.id, owner, role=Role.COLLABORATOR, user_id=other, email=None
     )
     await projects.update_project(db, project.id, other, {"name": "P2"})
-    async with running_jobs(db, builtins) as (queue, service, _):
+    async with running_jobs(db, builtins, concurrency=0) as (_, service, _):
         export = await service.submit(
             owner, task_name="project_export", payload={}, project_id=project.id
         )
         report = await service.submit(
             owner, task_name="project_activity_report", payload={}, project_id=project.id
         )
+    async with running_jobs(db, builtins) as (queue, _, _):
         exported = await wait(queue, export.job.id, JobStatus.COMPLETED)
         reported = await wait(queue, report.job.id, JobStatus.COMPLETED)
     doc = exported.result
     assert doc["project"]["name"] == "P2"
     assert {m["user_id"] for m in doc["members"]} == {str(owner), str(other)}
+    # Both submissions were logged (JOB_QUEUED, in their transactions) before either ran.
     assert [e["type"] for e in doc["events"]] == [
         "PROJECT_CREATED",
         "MEMBER_ADDED",
         "PROJECT_UPDATED",
+        "JOB_QUEUED",
+        "JOB_QUEUED",
     ]
-    assert doc["event_count"] == 3
-    assert reported.result["total"] == 3
+    assert doc["event_count"] == 5
+    assert reported.result["total"] == 5
     assert reported.result["by_type"] == {
+        "JOB_QUEUED": 2,
         "PROJECT_CREATED": 1,
         "MEMBER_ADDED": 1,
         "PROJECT_UPDATED": 1,
     }
-    assert reported.result["by_user"] == {str(owner): 2, str(other): 1}
+    assert reported.result["by_user"] == {str(owner): 4, str(other): 1}
+    assert reported.result["by_user_and_type"][str(other)] == {"PROJECT_UPDATED": 1}
 
 
 async def test_retries_follow_the_backoff_schedule_then_dead(

@@ -384,6 +384,12 @@ REFUSALS = [
         "origin_not_allowed",
         lambda user: handshake(headers={"origin": "https://evil.example"}),
     ),
+    Refusal(
+        "origin of another port",
+        4003,
+        "origin_not_allowed",
+        lambda user: handshake(headers={"origin": "http://host:3001", "host": "host:8000"}),
+    ),
     Refusal("project id", 4004, "project_not_found", lambda user: handshake(project="nope")),
     Refusal(
         "since_seq", 4000, "invalid_since_seq", lambda user: handshake(query={"since_seq": "-1"})
@@ -436,7 +442,8 @@ async def test_allowed_origins_and_no_origin_are_let_in(
 ) -> None:
     user = world.member()
     realtime = world.start()
-    for headers in ({"origin": "https://app.example.com/"}, {}):
+    same_origin = {"origin": "http://atrium.example:8000", "host": "atrium.example:8000"}
+    for headers in ({"origin": "https://app.example.com/"}, same_origin, {}):
         world.actor.joined = trio.Event()
         hs = handshake(headers={"authorization": f"Bearer {user.token()}", **headers})
         async with connection(realtime, hs) as conn:

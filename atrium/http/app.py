@@ -11,7 +11,7 @@ from quart_trio.wrappers import TrioRequest
 
 from .. import json_input
 from ..services import Services
-from . import auth, jobs, ops, projects, ws
+from . import auth, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
@@ -55,6 +55,7 @@ def create_app(svc: Services) -> QuartTrio:
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         redoc_ui_path=None,
         scalar_ui_path=None,
+        swagger_ui_path=None,  # pages.py serves /docs from the package (offline, strict CSP)
         openapi_provider_class=ContractProvider,
     )
     # After QuartSchema, which installs its own provider (stdlib json, unbounded depth).
@@ -64,6 +65,7 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(projects.blueprint)
     app.register_blueprint(jobs.blueprint)
     app.register_blueprint(ws.blueprint)
+    app.register_blueprint(pages.blueprint)
     register_error_handlers(app)
 
     @app.after_request

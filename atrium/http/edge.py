@@ -35,7 +35,16 @@ ALLOWED_HEADERS = ("Authorization", "Content-Type", "X-Requested-With")
 EXPOSED_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
 # Headers a browser may send without asking (the CORS safelist).
 _SAFELISTED = frozenset({"accept", "accept-language", "content-language", "content-type"})
-_DOC_PATHS = ("/docs", "/openapi.json")
+# The pages a browser renders (pages.py) and their assets, all served by the app itself.
+_PAGES = frozenset({"/docs", "/docs/", "/demo", "/demo/"})
+_STATIC_PATH = "/static/"
+# Scripts, styles, images and connections (REST, and WebSockets: CSP 3 'self' covers ws:
+# and wss: on the same host) from the app only. Swagger UI's icons are data: SVGs; it sets
+# no inline styles that CSP governs (style attributes in markup, <style> elements).
+_PAGE_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 _AUTH_PATH = "/api/v1/auth"
 _HEALTH_BODY = b'{"status":"ok"}'
 _INTERNAL_ERROR_BODY = dumps_bytes(
@@ -75,8 +84,7 @@ class Edge:
         ]
         if production:
             common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
-        # The docs page loads Swagger UI's scripts and styles: no CSP there.
-        self._docs_headers = common
+        self._page_headers = [*common, (b"content-security-policy", _PAGE_CSP)]
         self._headers = [
             *common,
             (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
@@ -117,8 +125,8 @@ class Edge:
         path, method = scope["path"], scope["method"]
         if path.startswith(_AUTH_PATH):
             extra = self._auth_headers
-        elif path.startswith(_DOC_PATHS):
-            extra = self._docs_headers
+        elif path in _PAGES or path.startswith(_STATIC_PATH):
+            extra = self._page_headers
         else:
             extra = self._headers
         if origin is None:

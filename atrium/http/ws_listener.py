@@ -1,23 +1,68 @@
-"""The dedicated WebSocket listener on WS_PORT (trio-websocket): same paths, same frames.
+"""The dedicated WebSocket listener on WS_PORT: same paths, same frames, fewer layers.
 
 For high fan-out deployments a load balancer routes ``/ws/`` here; it skips the ASGI
-layers and serves the same protocol through the same ``Realtime``.
+layers and serves the same protocol through the same ``Realtime``. It is wsproto over
+sockets it owns, as hypercorn is: the opening handshake (wsproto's ``H11Handshake``, under
+a timeout), then wsproto's ``Connection`` for frames in, pings and the close handshake.
+Text frames out are framed here and written straight to the socket (``try_send``), which
+is what makes fan-out cheap: no task switch, no queue and no wsproto per delivery.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import socket
-from functools import partial
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError
 
+from ..failures import ContainedFailures
 from ..outbox import PARTIAL, REFUSED, SENT
-from ..realtime import ConnectionGone, Handshake, Realtime
+from ..realtime import ConnectionGone, Handshake
+from .json import dumps_bytes
 
 log = logging.getLogger("atrium.ws")
+
+# A client has this long to send its upgrade request once connected.
+HANDSHAKE_TIMEOUT = 10.0
+# After our close frame, how long the peer has to answer with its own before the TCP
+# connection is closed anyway; also the longest a control frame may wait for the socket.
+CLOSE_TIMEOUT = 2.0
+RECEIVE_SIZE = 65536
+# accept() errors that say the process is out of something: wait, then accept again.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_NOT_FOUND = dumps_bytes(
+    {"error": {"code": "not_found", "message": "No WebSocket endpoint at this path"}}
+)
+
+
+class Sessions(Protocol):
+    """Where the listener hands accepted connections: ``Realtime``."""
+
+    failures: ContainedFailures
+
+    async def serve(
+        self, conn: ListenerConnection, handshake: Handshake, *, transport: str
+    ) -> None: ...
 
 
 def text_frame(text: str) -> bytes:
@@ -31,44 +76,145 @@ def text_frame(text: str) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
-class TrioWebsocketConnection:
-    """The session's ``Connection`` over a trio-websocket connection, with a direct write.
+class ListenerConnection:
+    """One accepted socket: the WebSocket handshake, then the session's ``Connection``
+    with a direct write (``DirectWrite``).
 
-    trio-websocket keeps the handshake, the reader, pings and the close handshake. Outgoing
-    text frames are framed here (no extension is ever negotiated, so a data frame is a
-    header and the payload) and written straight to the socket: ``try_send`` from the
-    workspace's task when the socket takes them without waiting, ``send`` from the
-    session's send task otherwise. One gate orders every writer, trio-websocket's own
-    (pongs, the close frame) included: its lock is replaced by a semaphore, which, unlike a
-    lock, may be released by another task than the one that took it. A partial direct
-    write keeps the gate until the send task has written the rest (``flush``).
+    Every write goes through one gate (a lock) so frames never interleave: ``send``,
+    ``flush`` and ``close`` from the session's tasks, pongs and the answer to the peer's
+    close from the receiving task. ``try_send`` (the workspace's task) writes only when the
+    gate is free and nothing is owed. What a write could not finish (a partial direct
+    write, or an async write cancelled while it waited for the socket) is kept in
+    ``_pending``; whoever writes next writes it first, so a frame is never torn. No
+    extension is ever negotiated, so a data frame is a header and the payload.
     """
 
-    __slots__ = ("_ws", "_stream", "_sock", "_gate", "_pending")
+    __slots__ = ("_sock", "_ws", "_gate", "_pending", "_writable", "_max_size", "_buffer", "_size")
 
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self._ws = ws
-        # trio-websocket serves over a trio.SocketStream; its trio socket wraps the stdlib
-        # one, which is non-blocking.
-        self._stream = cast(trio.SocketStream, ws._stream)
-        self._sock: socket.socket = self._stream.socket._sock  # type: ignore[attr-defined]
-        self._gate = trio.Semaphore(1)
-        ws._stream_lock = self._gate  # type: ignore[assignment]
+    def __init__(self, sock: socket.socket, *, max_message_size: int) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # already reset by the peer: the first read says so
+            pass
+        self._sock = sock
+        self._ws: Connection | None = None  # wsproto, once the handshake is accepted
+        self._gate = trio.Lock()
         self._pending = b""
+        self._writable = False  # True from the 101 until our close frame (or a dead socket)
+        self._max_size = max_message_size
+        self._buffer: io.StringIO | io.BytesIO | None = None  # a fragmented message
+        self._size = 0  # of the message being received
+
+    # -- the opening handshake --------------------------------------------------------------
+
+    async def open(self) -> Handshake | None:
+        """Read the upgrade request and answer it: 101 for ``/ws/{project_id}[/{user_id}]``,
+        404 for any other path, 400 (or wsproto's hint) for a malformed request. Returns the
+        handshake of an accepted connection, else None (also on timeout or a peer that
+        left); the caller then closes it."""
+        shake = H11Handshake(ConnectionType.SERVER)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            while True:
+                for event in shake.events():
+                    if isinstance(event, Request):
+                        return await self._answer(shake, event)
+                data = await self._receive_some()
+                if not data:
+                    return None
+                try:
+                    shake.receive_data(data)
+                except RemoteProtocolError as error:
+                    await self._reply_handshake(shake, error.event_hint or RejectConnection())
+                    return None
+                except UnicodeError:  # a target or host that is not ASCII / IDNA
+                    await self._reply_handshake(shake, RejectConnection())
+                    return None
+        return None
+
+    async def _answer(self, shake: H11Handshake, request: Request) -> Handshake | None:
+        path, _, query = request.target.partition("?")
+        handshake = Handshake.parse(path, query, request.extra_headers)
+        if handshake is None:
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_NOT_FOUND)).encode()),
+            ]
+            await self._reply_handshake(
+                shake,
+                RejectConnection(status_code=404, headers=headers, has_body=True),
+                RejectData(data=_NOT_FOUND),
+            )
+            return None
+        await self._write(shake.send(AcceptConnection()))
+        self._ws = Connection(ConnectionType.SERVER)
+        self._writable = True
+        return handshake
+
+    async def _reply_handshake(self, shake: H11Handshake, *events: Event) -> None:
+        await self._write(b"".join(shake.send(event) for event in events))
+
+    # -- Connection ---------------------------------------------------------------------------
 
     async def receive(self) -> str | bytes:
-        try:
-            return await self._ws.get_message()
-        except ConnectionClosed as error:
-            raise ConnectionGone() from error
+        """The next message. Answers pings and the peer's close on the way; closes with
+        1009 a message over ``max_message_size`` and with the parser's code (1002, 1007)
+        a broken stream. Raises ConnectionGone once the connection is closing or gone."""
+        await trio.lowlevel.checkpoint()  # a client that floods us must not starve the rest
+        ws = self._ws
+        assert ws is not None, "receive before the handshake"
+        while self._writable:
+            for event in ws.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self._size += len(event.data)
+                    if self._size > self._max_size:
+                        await self._send_event(
+                            CloseConnection(CloseReason.MESSAGE_TOO_BIG, "message_too_big")
+                        )
+                        raise ConnectionGone()
+                    message = self._message(event)
+                    if message is not None:
+                        return message
+                elif isinstance(event, Ping):
+                    await self._send_event(event.response())
+                elif isinstance(event, CloseConnection):
+                    # The peer's close frame (REMOTE_CLOSING: answer it), or a stream the
+                    # parser gave up on (still OPEN: close with its code, 1002 or 1007).
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        event = event.response()
+                    await self._send_event(event)
+                    raise ConnectionGone()
+            data = await self._receive_some()
+            if not data:
+                self._writable = False
+                raise ConnectionGone()
+            ws.receive_data(data)
+        raise ConnectionGone()
+
+    def _message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """The message ``event`` completes, if it does (fragments are kept until then)."""
+        if event.message_finished and self._buffer is None:  # one frame: most messages
+            self._size = 0
+            return event.data if isinstance(event, TextMessage) else bytes(event.data)
+        buffer = self._buffer
+        if isinstance(event, TextMessage):
+            if not isinstance(buffer, io.StringIO):
+                buffer = self._buffer = io.StringIO()
+            buffer.write(event.data)
+        else:
+            if not isinstance(buffer, io.BytesIO):
+                buffer = self._buffer = io.BytesIO()
+            buffer.write(event.data)
+        if not event.message_finished:
+            return None
+        self._buffer, self._size = None, 0
+        return buffer.getvalue()
 
     def try_send(self, text: str) -> int:
-        """Write a frame now if the socket takes it without waiting (REFUSED, SENT, PARTIAL)."""
-        if self._ws.closed is not None:
-            return REFUSED
-        try:
-            self._gate.acquire_nowait()
-        except trio.WouldBlock:
+        """Write one text frame now if the socket takes it without waiting: REFUSED
+        (nothing written: the gate is taken, something is owed, or the connection is
+        closing), SENT, or PARTIAL (the rest is owed: ``flush``). Never raises."""
+        if not self._writable or self._pending or self._gate.locked():
             return REFUSED
         frame = text_frame(text)
         try:
@@ -76,17 +222,84 @@ class TrioWebsocketConnection:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._gate.release()
             return REFUSED  # the send task meets the error and ends the session
         if sent == len(frame):
-            self._gate.release()
             return SENT
         self._pending = frame[sent:]
         return PARTIAL
 
+    async def send(self, text: str) -> None:
+        """Send one text frame, waiting for the socket. Raises ConnectionGone."""
+        async with self._gate:
+            if not self._writable:
+                raise ConnectionGone()
+            await self._write_locked(text_frame(text))
+
+    async def flush(self) -> None:
+        """Send what a direct write left unsent. Raises ConnectionGone."""
+        async with self._gate:
+            if self._pending:
+                await self._write_locked(b"")
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send the close frame (after the rest of a frame begun). Never raises; the
+        caller bounds the wait. ``aclose`` then waits for the peer's answer."""
+        try:
+            await self._send_event(CloseConnection(code, reason))
+        except ConnectionGone:
+            pass
+
+    async def aclose(self) -> None:
+        """Finish the close handshake and close the socket; never raises.
+
+        Once our close frame is out, the peer has ``CLOSE_TIMEOUT`` to answer (closing
+        first with unread data would reset the connection, and the peer might lose the
+        close frame); a peer that never took the whole close frame is dropped at once.
+        """
+        ws = self._ws
+        try:
+            if ws is not None and not self._pending and ws.state is ConnectionState.LOCAL_CLOSING:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    while ws.state is ConnectionState.LOCAL_CLOSING:
+                        if any(isinstance(e, CloseConnection) for e in ws.events()):
+                            break  # the answer, or a stream too broken to wait for one
+                        data = await self._receive_some()
+                        if not data:
+                            break
+                        ws.receive_data(data)
+        finally:
+            self._writable = False
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+    # -- bytes ------------------------------------------------------------------------------
+
+    async def _send_event(self, event: CloseConnection | Pong) -> None:
+        """Send a control frame (a pong or a close) through the gate, within
+        ``CLOSE_TIMEOUT``: a peer that does not take even that is gone."""
+        ws = self._ws
+        assert ws is not None
+        with trio.move_on_after(CLOSE_TIMEOUT) as waited:
+            async with self._gate:
+                if not self._writable:
+                    raise ConnectionGone()
+                data = ws.send(event)
+                if ws.state is not ConnectionState.OPEN:
+                    self._writable = False  # no data frame after a close frame
+                await self._write_locked(data)
+        if waited.cancelled_caught:
+            self._writable = False
+            raise ConnectionGone()
+
     async def _write(self, data: bytes) -> None:
-        # Never tear a frame: if the wait for a writable socket is cancelled, what is left
-        # stays in ``_pending`` (and the gate stays taken) for ``flush`` or ``close``.
+        async with self._gate:
+            await self._write_locked(data)
+
+    async def _write_locked(self, data: bytes) -> None:
+        # Holding the gate: what a write left owed first. If the wait for a writable
+        # socket is cancelled, what is left stays owed (``_pending``), never torn.
+        if self._pending:
+            data, self._pending = self._pending + data, b""
         view = memoryview(data)
         while view:
             try:
@@ -94,6 +307,7 @@ class TrioWebsocketConnection:
             except BlockingIOError:
                 sent = 0
             except OSError as error:
+                self._writable = False
                 raise ConnectionGone() from error
             view = view[sent:]
             if view:
@@ -103,83 +317,104 @@ class TrioWebsocketConnection:
                     self._pending = bytes(view)
                     raise
 
-    async def flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, b""
-        await self._write(pending)
-        self._gate.release()
-
-    async def send(self, text: str) -> None:
-        if self._ws.closed is not None:
-            raise ConnectionGone()
-        await self._gate.acquire()
-        try:
-            await self._write(text_frame(text))
-        except BaseException:
-            if not self._pending:
-                self._gate.release()
-            raise
-        self._gate.release()
-        await trio.lowlevel.checkpoint()
-
-    async def close(self, code: int, reason: str) -> None:
-        try:
-            if self._pending:
-                await self.flush()  # the rest of a frame first, then the close frame
-            await self._ws.aclose(code, reason)
-        except trio.Cancelled:
-            # A peer that does not read the close frame in time: drop the connection.
-            await self._abort()
-            raise
-        except Exception:  # a broken stream: nothing more can be sent
-            await self._abort()
-
-    async def _abort(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+    async def _receive_some(self) -> bytes:
+        """Bytes from the socket, waiting for them; b"" once the peer is gone."""
+        while True:
+            try:
+                return self._sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+            except OSError:  # reset, or closed under us
+                return b""
 
 
-async def _handle(realtime: Realtime, request: WebSocketRequest) -> None:
+async def _serve_connection(sessions: Sessions, sock: socket.socket, max_message_size: int) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
-    ``Realtime.serve``. An exception never reaches the listener that serves everyone."""
+    ``sessions.serve``. An exception never reaches the listener that serves everyone."""
+    conn = ListenerConnection(sock, max_message_size=max_message_size)
     try:
-        path, _, query = request.path.partition("?")
-        handshake = Handshake.parse(path, query, request.headers)
-        if handshake is None:
-            await request.reject(404)
+        try:
+            handshake = await conn.open()
+        except ConnectionGone:
+            return  # the peer left during the handshake
+        except Exception as error:
+            sessions.failures.record("connection", error, {"transport": "listener"})
             return
-        conn = TrioWebsocketConnection(await request.accept())
-    except ConnectionClosed:
-        return  # the peer left during the handshake
-    except Exception as error:
-        realtime.failures.record(
-            "connection", error, {"transport": "listener", "path": request.path[:100]}
-        )
-        return  # trio-websocket closes the connection when its handler returns
-    await realtime.serve(conn, handshake, transport="listener")
+        if handshake is not None:
+            await sessions.serve(conn, handshake, transport="listener")
+    finally:
+        await conn.aclose()
+
+
+async def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking sockets listening on every address ``host`` resolves to."""
+    found = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in found:
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Port 0: the kernel picks it for the first address, the others follow it.
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(0xFFFF)  # the kernel caps it at net.core.somaxconn
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+async def _accept_forever(
+    listener: socket.socket,
+    nursery: trio.Nursery,
+    handle: Callable[[socket.socket], Awaitable[None]],
+) -> None:
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as error:
+            if error.errno not in _OUT_OF_RESOURCES:
+                continue  # this one connection failed (ECONNABORTED, ...): the next
+            log.error("WebSocket listener cannot accept: %s; retrying", error)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(handle, sock)
+        await trio.lowlevel.checkpoint()
 
 
 async def serve_listener(
-    realtime: Realtime,
+    sessions: Sessions,
     host: str,
     port: int,
     *,
     max_message_size: int,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve workspaces on ``host:port`` until cancelled; ``started(port)`` once listening."""
+    """Serve workspaces on ``host:port`` until cancelled; ``started(port)`` once listening
+    (with port 0, the port of the first address ``host`` resolves to)."""
+    listeners = await _listening_sockets(host, port)
+    try:
+        bound = listeners[0].getsockname()[1]
+        log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket,
-                partial(_handle, realtime),
-                host,
-                port,
-                None,
-                max_message_size=max_message_size,
-            )
-        )
-        log.info("WebSocket listener on ws://%s:%s/ws/", host, server.port)
-        task_status.started(server.port)
+        async def handle(sock: socket.socket) -> None:
+            await _serve_connection(sessions, sock, max_message_size)
+
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_forever, listener, nursery, handle)
+            task_status.started(bound)
+    finally:
+        for listener in listeners:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()

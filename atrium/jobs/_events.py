@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..events import EventPublisher, EventType, NewEvent
+from ..events import Event, EventPublisher, EventType, NewEvent
 from ..persistence import events as event_log
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
-from ..persistence.jobs import Job, JobStatus
+from ..persistence.jobs import Job, JobStatus, Submitted, event_payload
 from ..timestamps import utc_now_iso
 
 log = logging.getLogger("atrium.jobs")
@@ -41,21 +42,6 @@ class LiveProgress(Protocol):
     ) -> None: ...
 
 
-def job_payload(job: Job) -> dict[str, Any]:
-    """What a job event says about its job (results stay in the job: they can be large)."""
-    payload: dict[str, Any] = {
-        "job_id": f"job_{job.id}",
-        "task_name": job.task_name,
-        "status": job.status.value,
-        "retry_count": job.retry_count,
-    }
-    if job.error is not None and job.status is not JobStatus.COMPLETED:
-        payload["error"] = job.error
-    if job.status is JobStatus.FAILED:
-        payload["next_attempt_at"] = job.next_attempt_at.isoformat()
-    return payload
-
-
 class JobEvents:
     """A ``JobObserver`` that writes job events into projects' logs and workspaces."""
 
@@ -66,16 +52,29 @@ class JobEvents:
 
     async def job_changed(self, job: Job, previous: JobStatus | None) -> None:
         project_id = job.project_id
-        if project_id is None or job.status is previous:
-            return
-        event = NewEvent(_TYPES[job.status], job.user_id, job_payload(job))
+        if project_id is None or job.status is previous or previous is None:
+            return  # a new job's JOB_QUEUED was written with it (``submitted``)
+        event = NewEvent(_TYPES[job.status], job.user_id, event_payload(job))
         try:
             appended = await event_log.append(self._db, project_id, [event])
-            await self._publisher.publish(project_id, [stored for stored, _ in appended])
         except (ProjectNotFound, DatabaseUnavailable) as error:
             log.warning(
                 "job %s: no %s event in project %s: %s", job.id, event.type, project_id, error
             )
+            return
+        await self._publish(project_id, [stored for stored, _ in appended])
+
+    async def submitted(self, submitted: Submitted) -> None:
+        """Publish the JOB_QUEUED that the submission appended in its transaction."""
+        job = submitted.job
+        if job.project_id is not None and submitted.events:
+            await self._publish(job.project_id, submitted.events)
+
+    async def _publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        try:
+            await self._publisher.publish(project_id, events)
+        except Exception:  # the events are durable; live clients catch up from the log
+            log.exception("publishing job events of project %s failed", project_id)
 
     async def job_progress(self, job: Job, percent: int, message: str | None) -> None:
         if job.project_id is None:

@@ -11,7 +11,8 @@ from typing import Any
 from ..persistence import jobs as store
 from ..persistence.jobs import Job, JobPage, JobStatus, Priority
 from ..tasks import InvalidPayload
-from ._queue import JobObserver, JobQueue
+from ._events import JobEvents
+from ._queue import JobQueue
 
 # Assumed run time of a task that has never completed, for the first estimates.
 _DEFAULT_RUN_SECONDS = 1.0
@@ -30,8 +31,9 @@ class JobService:
     actors of this process (wake-ups, cancels) and its observers (state changes; with
     ``events``, a ``JobEvents`` that writes them into projects' logs and workspaces)."""
 
-    def __init__(self, queue: JobQueue, events: JobObserver | None = None) -> None:
+    def __init__(self, queue: JobQueue, events: JobEvents | None = None) -> None:
         self.queue = queue
+        self._events = events
         if events is not None:
             queue.observers.append(events)
 
@@ -74,6 +76,8 @@ class JobService:
         job = submitted.job
         if submitted.created:
             queue.wake()
+            if self._events is not None:
+                await self._events.submitted(submitted)
             await queue.changed(job, None)
         position, mean = await store.queue_position(queue.db, job)
         run = _DEFAULT_RUN_SECONDS if mean is None else mean

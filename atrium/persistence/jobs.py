@@ -32,9 +32,11 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ..events import Event, EventType
 from ..roles import Action, Role, can
 from .database import Database
 from .errors import ProjectNotFound, RoleForbidden
+from .events import append_event
 
 JOB_CHANNEL = "atrium_jobs"
 """Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
@@ -150,6 +152,8 @@ class Submitted:
     job: Job
     created: bool
     """False when the idempotency key named an earlier job, which is returned instead."""
+    events: list[Event]
+    """JOB_QUEUED, appended in the submitting transaction for a new job of a project."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,16 +267,42 @@ async def submit(
             now,
         )
         if row is not None:
-            return Submitted(job_from_row(row), True)
+            job = job_from_row(row)
+            events = []
+            if project_id is not None:
+                # In the same transaction: a worker that claims the job at once appends its
+                # JOB_STARTED after this, never before.
+                events.append(
+                    await append_event(
+                        conn, project_id, EventType.JOB_QUEUED, user_id, event_payload(job)
+                    )
+                )
+            return Submitted(job, True, events)
         earlier = await conn.fetchrow(
             "SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
             user_id,
             idempotency_key,
         )
         assert earlier is not None  # the conflict that stopped the insert
-        return Submitted(job_from_row(earlier), False)
+        return Submitted(job_from_row(earlier), False, [])
 
     return await db.transaction(insert)
+
+
+def event_payload(job: Job) -> dict[str, Any]:
+    """What a job event in the project's log says about its job (results stay in the job:
+    they can be large)."""
+    payload: dict[str, Any] = {
+        "job_id": f"job_{job.id}",
+        "task_name": job.task_name,
+        "status": job.status.value,
+        "retry_count": job.retry_count,
+    }
+    if job.error is not None and job.status is not JobStatus.COMPLETED:
+        payload["error"] = job.error
+    if job.status is JobStatus.FAILED:
+        payload["next_attempt_at"] = _iso(job.next_attempt_at)
+    return payload
 
 
 async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
