@@ -41,7 +41,7 @@ from atrium.persistence import accounts  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
 from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.jobs import Job, JobStatus  # noqa: E402
-from atrium.persistence.migrations import migrate  # noqa: E402
+from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.supervision import open_supervisor  # noqa: E402
 from atrium.tasks import TaskContext, TaskRegistry  # noqa: E402
 
