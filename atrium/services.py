@@ -166,5 +166,5 @@ def build_services(
         workspaces=workspaces,
         realtime=realtime,
         supervisor=supervisor,
-        jobs=JobService(jobs, JobEvents(db, publish, workspaces)),
+        jobs=JobService(jobs, JobEvents(publish, workspaces)),
     )

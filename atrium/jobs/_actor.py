@@ -15,7 +15,7 @@ import trio
 
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import Claimed, Job, JobStatus
+from ..persistence.jobs import Changed, Claimed, JobStatus
 from ..tasks import PermanentJobError, TaskContext, UnknownTask
 from ._queue import JobQueue
 
@@ -174,7 +174,7 @@ class JobActor:
                 job.task_name,
                 job.attempt_count,
             )
-            await self.queue.changed(job, JobStatus.QUEUED)
+            await self.queue.changed(claimed)
             try:
                 outcome = await self._attempt(claimed)
             except Exception:
@@ -291,12 +291,12 @@ class JobActor:
                 delay = min(_WEATHER_MAX, delay * 2)
         if written is not None:
             self._completed += 1
-            log.info("%s: job %s %s", self.name, job.id, written.status)
-            await self.queue.changed(written, JobStatus.RUNNING)
-            if written.status is JobStatus.QUEUED:
+            log.info("%s: job %s %s", self.name, job.id, written.job.status)
+            await self.queue.changed(written)
+            if written.job.status is JobStatus.QUEUED:
                 self.queue.wake()
 
-    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Job | None:
+    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Changed | None:
         db, now = self.queue.db, self.queue.now()
         if outcome.released:
             return await store.release(db, claimed, now=now)
@@ -322,4 +322,4 @@ class JobActor:
                 log.exception("%s: could not record the crash of job %s", self.name, claimed.job.id)
                 return
             if written is not None:
-                await self.queue.changed(written, JobStatus.RUNNING)
+                await self.queue.changed(written)
