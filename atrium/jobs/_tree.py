@@ -61,7 +61,7 @@ async def _run_listener(queue: JobQueue, *, task_status: trio.TaskStatus[None]) 
     delay = 0.1
     while True:
         try:
-            async with queue.db.listening(store.JOB_CHANNEL, queue.wake) as ping:
+            async with queue.db.listening(store.JOB_CHANNEL, lambda _: queue.wake()) as ping:
                 delay = 0.1
                 queue.wake()  # whatever was queued while nobody listened
                 while True:

@@ -43,7 +43,7 @@ from ..events import Event, EventType
 from ..roles import Action, Role, can
 from .database import Database
 from .errors import ProjectNotFound, RoleForbidden
-from .events import append_event
+from .events import append_event, notify_appended
 
 JOB_CHANNEL = "atrium_jobs"
 """Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
@@ -229,8 +229,8 @@ _EVENT_TYPES = {
 async def _log(conn: asyncpg.Connection, jobs: Sequence[Job]) -> list[Event]:
     """Append each job's event for the state it is now in to its project's log, inside the
     caller's transaction, projects in id order (two writers never wait on each other's
-    project rows in a cycle). A job without a project, or whose project was deleted, gets
-    none: the job row stays the truth."""
+    project rows in a cycle), and notify ``LOG_CHANNEL`` on commit. A job without a
+    project, or whose project was deleted, gets none: the job row stays the truth."""
     events: list[Event] = []
     for job in sorted(jobs, key=lambda j: (str(j.project_id), j.id.int)):
         if job.project_id is None:
@@ -243,6 +243,9 @@ async def _log(conn: asyncpg.Connection, jobs: Sequence[Job]) -> list[Event]:
             )
         except ProjectNotFound:
             continue
+    # The writer may be a worker process with no workspace of its own: the API processes'
+    # workspaces learn of these events on commit (``Workspaces`` follows LOG_CHANNEL).
+    await notify_appended(conn, events)
     return events
 
 
