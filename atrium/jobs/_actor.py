@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import trio
 
+from ..logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
 from ..persistence.jobs import Claimed, Job, JobStatus
@@ -163,38 +164,40 @@ class JobActor:
 
     async def _run_job(self, claimed: Claimed) -> None:
         job = claimed.job
-        self._held = claimed
-        self._stop_reason = None
-        self.queue.register(job.id, self)
-        try:
-            log.info(
-                "%s: started job %s (%s, attempt %d)",
-                self.name,
-                job.id,
-                job.task_name,
-                job.attempt_count,
-            )
-            await self.queue.changed(job, JobStatus.QUEUED)
+        # Every line about this attempt, the task's own included, carries these.
+        with log_context(job_id=str(job.id), attempt=job.attempt_count, task=job.task_name):
+            self._held = claimed
+            self._stop_reason = None
+            self.queue.register(job.id, self)
             try:
-                outcome = await self._attempt(claimed)
-            except Exception:
-                raise  # the actor's own fault: below
-            except BaseException:
-                # Cancelled from outside (a forced stop; trio may wrap it in a group): hand
-                # the job back uncounted.
-                with trio.move_on_after(2.0, shield=True):
-                    await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
+                log.info(
+                    "%s: started job %s (%s, attempt %d)",
+                    self.name,
+                    job.id,
+                    job.task_name,
+                    job.attempt_count,
+                )
+                await self.queue.changed(job, JobStatus.QUEUED)
+                try:
+                    outcome = await self._attempt(claimed)
+                except Exception:
+                    raise  # the actor's own fault: below
+                except BaseException:
+                    # Cancelled from outside (a forced stop; trio may wrap it in a group): hand
+                    # the job back uncounted.
+                    with trio.move_on_after(2.0, shield=True):
+                        await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
+                    raise
+                await self._record(claimed, outcome)
+            except Exception as crash:
+                # The actor's own fault, not the task's: the attempt fails by the policy, then
+                # the actor crashes and its supervisor starts a fresh one.
+                await self._record_crash(claimed, crash)
                 raise
-            await self._record(claimed, outcome)
-        except Exception as crash:
-            # The actor's own fault, not the task's: the attempt fails by the policy, then
-            # the actor crashes and its supervisor starts a fresh one.
-            await self._record_crash(claimed, crash)
-            raise
-        finally:
-            self.queue.unregister(job.id)
-            self._held = None
-            self._task_scope = None
+            finally:
+                self.queue.unregister(job.id)
+                self._held = None
+                self._task_scope = None
 
     async def _attempt(self, claimed: Claimed) -> _Outcome:
         job = claimed.job
