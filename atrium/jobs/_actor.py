@@ -165,7 +165,7 @@ class JobActor:
     async def _run_job(self, claimed: Claimed) -> None:
         job = claimed.job
         # Every line about this attempt, the task's own included, carries these.
-        with log_context(job_id=str(job.id), attempt=job.attempt_count, task=job.task_name):
+        with log_context(job_id=f"job_{job.id}", attempt=job.attempt_count, task=job.task_name):
             self._held = claimed
             self._stop_reason = None
             self.queue.register(job.id, self)
