@@ -67,6 +67,17 @@ def log_context(**fields: object) -> Iterator[LogContext]:
         _context.reset(token)
 
 
+@contextmanager
+def detached() -> Iterator[None]:
+    """Leave the current unit's context for the block: a long-lived task spawned there (a
+    supervisor's child) must not carry the ids of the request that happened to start it."""
+    token = _context.set(None)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
 def bind(**fields: object) -> None:
     """Add fields to the current unit's context (no-op outside one)."""
     context = _context.get()

@@ -14,10 +14,12 @@ import orjson
 import pytest
 import trio
 from conftest import Running, StartServer
+from trio.testing import wait_all_tasks_blocked
 from wsclient import connect
 
 from atrium.logs import REDACTED, TextFormatter, log_context, make_handler
 from atrium.persistence.jobs import JobStatus
+from atrium.supervision import ChildSpec, open_supervisor
 
 WAIT = 10.0
 
@@ -39,11 +41,12 @@ class Captured:
     async def access_line(self, request_id: str) -> dict[str, Any]:
         """The request's access line (written once its response is sent: the client may
         read the response first)."""
-        with trio.fail_after(WAIT):
-            while not (found := self.lines(request_id=request_id, logger="atrium.access")):
-                await trio.sleep(0.005)
-        (line,) = found
-        return line
+        for _ in range(1000):
+            if found := self.lines(request_id=request_id, logger="atrium.access"):
+                (line,) = found
+                return line
+            await trio.sleep(0.005)
+        raise AssertionError(f"no access line for {request_id}")
 
 
 @pytest.fixture
@@ -262,3 +265,21 @@ async def test_spawned_tasks_share_the_context_and_what_is_bound_later(
         nursery.start_soon(unit)
     (line,) = logs.lines(logger="atrium.test_tasks")
     assert line["connection_id"] == "c1" and line["user_id"] == "u1"
+
+
+async def test_a_child_started_during_a_request_does_not_carry_its_ids(
+    logs: Captured,
+) -> None:
+    log = logging.getLogger("atrium.test_child")
+
+    async def child(*, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        log.info("the child runs on")
+        await trio.sleep_forever()
+
+    async with open_supervisor(name="sup") as sup:
+        with log_context(request_id="r1"):
+            await sup.start_child(ChildSpec("child", child))
+        await wait_all_tasks_blocked()
+    (line,) = logs.lines(logger="atrium.test_child")
+    assert "request_id" not in line
