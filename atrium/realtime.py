@@ -191,14 +191,13 @@ class Realtime:
             self._drained = trio.Event()
         self.active += 1
         connection = _LiveConnection(self, conn, handshake)
-        # Every line about this connection, from any of its tasks, carries these.
-        context = log_context(
-            connection_id=uuid.uuid4().hex[:16],
-            transport=transport,
-            project_id=handshake.project_id[:64],
-        )
         try:
-            with context:
+            # Every line about this connection, from any of its tasks, carries these.
+            with log_context(
+                connection_id=uuid.uuid4().hex[:16],
+                transport=transport,
+                project_id=handshake.project_id[:64],
+            ):
                 try:
                     await connection.run()
                 except* Exception as group:
