@@ -171,6 +171,6 @@ def build_services(
         workspaces=workspaces,
         realtime=realtime,
         supervisor=supervisor,
-        jobs=JobService(jobs, JobEvents(db, publish, workspaces)),
+        jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
     )

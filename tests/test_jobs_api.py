@@ -123,6 +123,14 @@ async def test_idempotency_key_answers_200_with_the_first_job(jobs_server: Runni
             "payload.columns: Input should be a valid list",
         ),
         (
+            {
+                "task_name": "project_activity_report",
+                "payload": {"since": "2026-01-01T00:00:00", "until": "2030-01-01T00:00:00Z"},
+            },
+            "invalid_payload",
+            "payload.since: Input should have timezone info",
+        ),
+        (
             {"task_name": "project_export"},
             "invalid_payload",
             "project_id: the task project_export needs a project_id",

@@ -16,7 +16,7 @@ import trio
 from ..logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import Claimed, Job, JobStatus
+from ..persistence.jobs import Changed, Claimed, JobStatus
 from ..tasks import PermanentJobError, TaskContext, UnknownTask
 from ._queue import JobQueue
 
@@ -166,38 +166,43 @@ class JobActor:
         job = claimed.job
         # Every line about this attempt, the task's own included, carries these.
         with log_context(job_id=f"job_{job.id}", attempt=job.attempt_count, task=job.task_name):
-            self._held = claimed
-            self._stop_reason = None
-            self.queue.register(job.id, self)
+            await self._hold(claimed)
+
+    async def _hold(self, claimed: Claimed) -> None:
+        """Run the claimed job's attempt and record its outcome."""
+        job = claimed.job
+        self._held = claimed
+        self._stop_reason = None
+        self.queue.register(job.id, self)
+        try:
+            log.info(
+                "%s: started job %s (%s, attempt %d)",
+                self.name,
+                job.id,
+                job.task_name,
+                job.attempt_count,
+            )
+            await self.queue.changed(claimed)
             try:
-                log.info(
-                    "%s: started job %s (%s, attempt %d)",
-                    self.name,
-                    job.id,
-                    job.task_name,
-                    job.attempt_count,
-                )
-                await self.queue.changed(job, JobStatus.QUEUED)
-                try:
-                    outcome = await self._attempt(claimed)
-                except Exception:
-                    raise  # the actor's own fault: below
-                except BaseException:
-                    # Cancelled from outside (a forced stop; trio may wrap it in a group): hand
-                    # the job back uncounted.
-                    with trio.move_on_after(2.0, shield=True):
-                        await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
-                    raise
-                await self._record(claimed, outcome)
-            except Exception as crash:
-                # The actor's own fault, not the task's: the attempt fails by the policy, then
-                # the actor crashes and its supervisor starts a fresh one.
-                await self._record_crash(claimed, crash)
+                outcome = await self._attempt(claimed)
+            except Exception:
+                raise  # the actor's own fault: below
+            except BaseException:
+                # Cancelled from outside (a forced stop; trio may wrap it in a group): hand
+                # the job back uncounted.
+                with trio.move_on_after(2.0, shield=True):
+                    await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
                 raise
-            finally:
-                self.queue.unregister(job.id)
-                self._held = None
-                self._task_scope = None
+            await self._record(claimed, outcome)
+        except Exception as crash:
+            # The actor's own fault, not the task's: the attempt fails by the policy, then
+            # the actor crashes and its supervisor starts a fresh one.
+            await self._record_crash(claimed, crash)
+            raise
+        finally:
+            self.queue.unregister(job.id)
+            self._held = None
+            self._task_scope = None
 
     async def _attempt(self, claimed: Claimed) -> _Outcome:
         job = claimed.job
@@ -294,12 +299,12 @@ class JobActor:
                 delay = min(_WEATHER_MAX, delay * 2)
         if written is not None:
             self._completed += 1
-            log.info("%s: job %s %s", self.name, job.id, written.status)
-            await self.queue.changed(written, JobStatus.RUNNING)
-            if written.status is JobStatus.QUEUED:
+            log.info("%s: job %s %s", self.name, job.id, written.job.status)
+            await self.queue.changed(written)
+            if written.job.status is JobStatus.QUEUED:
                 self.queue.wake()
 
-    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Job | None:
+    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Changed | None:
         db, now = self.queue.db, self.queue.now()
         if outcome.released:
             return await store.release(db, claimed, now=now)
@@ -325,4 +330,4 @@ class JobActor:
                 log.exception("%s: could not record the crash of job %s", self.name, claimed.job.id)
                 return
             if written is not None:
-                await self.queue.changed(written, JobStatus.RUNNING)
+                await self.queue.changed(written)
