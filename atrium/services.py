@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import trio
+
 from .actors.workspace import WorkspaceSettings
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
@@ -43,7 +45,8 @@ class Services:
     exception. ``projects`` and ``workspaces`` are the application services;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
-    manages background jobs (its ``queue`` is what the ``jobs`` subtree runs).
+    manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
+    ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     """
 
     settings: Settings
@@ -62,6 +65,7 @@ class Services:
     realtime: Realtime
     supervisor: Supervisor | None
     jobs: JobService
+    draining: trio.Event
 
     def revoke_live_session(self, session_id: uuid.UUID) -> int:
         """Close this process's open WebSockets of ``session_id`` (4001); how many."""
@@ -115,6 +119,7 @@ def build_services(
     clock: Callable[[], float] = time.time,
     failures: ContainedFailures | None = None,
     supervisor: Supervisor | None = None,
+    draining: trio.Event | None = None,
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
 ) -> Services:
@@ -167,4 +172,5 @@ def build_services(
         realtime=realtime,
         supervisor=supervisor,
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
+        draining=trio.Event() if draining is None else draining,
     )

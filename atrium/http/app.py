@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Response, g
+from quart import Response, g, request
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
 from .. import json_input
+from ..logs import bind
 from ..services import Services
 from . import auth, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
+from .request_log import RequestLog
 from .schemas import ContractProvider
 
 
@@ -68,6 +70,12 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(pages.blueprint)
     register_error_handlers(app)
 
+    @app.before_request
+    async def note_route() -> None:
+        # The access line names the route template, not the ids in the path.
+        if request.url_rule is not None:
+            bind(route=request.url_rule.rule)
+
     @app.after_request
     async def add_rate_headers(response: Response) -> Response:
         # CORS, security and cache headers are added by the Edge layer (edge.py).
@@ -79,13 +87,15 @@ def create_app(svc: Services) -> QuartTrio:
     return app
 
 
-def create_asgi(svc: Services) -> Edge:
-    """The ASGI application to serve: the Edge layer around ``create_app(svc)``."""
+def create_asgi(svc: Services) -> RequestLog:
+    """The ASGI application to serve: request ids and access lines (``RequestLog``)
+    around the Edge layer around ``create_app(svc)``."""
     settings = svc.settings
-    return Edge(
+    edge = Edge(
         create_app(svc),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),
         failures=svc.failures,
     )
+    return RequestLog(edge)

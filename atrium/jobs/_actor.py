@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import trio
 
+from ..logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
 from ..persistence.jobs import Changed, Claimed, JobStatus
@@ -162,6 +163,13 @@ class JobActor:
         self._idle = None
 
     async def _run_job(self, claimed: Claimed) -> None:
+        job = claimed.job
+        # Every line about this attempt, the task's own included, carries these.
+        with log_context(job_id=f"job_{job.id}", attempt=job.attempt_count, task=job.task_name):
+            await self._hold(claimed)
+
+    async def _hold(self, claimed: Claimed) -> None:
+        """Run the claimed job's attempt and record its outcome."""
         job = claimed.job
         self._held = claimed
         self._stop_reason = None
