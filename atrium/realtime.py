@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
@@ -26,7 +26,8 @@ from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceAc
 from .connections import ConnectionIndex
 from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
-from .outbox import Outbox
+from .metrics import Metrics
+from .outbox import REFUSED, Outbox
 from .persistence import accounts, projects
 from .persistence.database import Database, DatabaseUnavailable
 from .protocol import CloseCode, ProtocolError
@@ -161,6 +162,7 @@ class Realtime:
         allowed_origins: tuple[str, ...],
         settings: ConnectionSettings,
         failures: ContainedFailures | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
         self.tokens = tokens
@@ -173,6 +175,7 @@ class Realtime:
             edit_burst=settings.user_edit_burst,
         )
         self.failures = failures or ContainedFailures()
+        self.metrics = metrics or Metrics()
         self.active = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -189,6 +192,9 @@ class Realtime:
         if self.active == 0:
             self._drained = trio.Event()
         self.active += 1
+        metrics = self.metrics
+        gauge = metrics.ws_open_by_transport.get(transport) or metrics.ws_open.labels(transport)
+        gauge.inc()
         connection = _LiveConnection(self, conn, handshake)
         try:
             await connection.run()
@@ -196,6 +202,9 @@ class Realtime:
             self.failures.record("connection", group, connection.context(transport))
             await connection.fail()
         finally:
+            gauge.dec()
+            if not connection.closed:
+                metrics.ws_closes.labels("peer").inc()
             self.active -= 1
             if self.active == 0:
                 self._drained.set()
@@ -235,6 +244,7 @@ class _LiveConnection:
         "_sending",
         "_next_ping",
         "_warned_for",
+        "closed",
     )
 
     def __init__(self, realtime: Realtime, conn: Connection, handshake: Handshake) -> None:
@@ -256,6 +266,7 @@ class _LiveConnection:
         self._sending = trio.CancelScope()
         self._next_ping = 0.0  # trio clock
         self._warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
+        self.closed = False  # a close frame was sent (else the peer ended it: metrics)
         self.outbox.on_close = self._closing
 
     async def run(self) -> None:
@@ -343,13 +354,13 @@ class _LiveConnection:
         self._accept_token(claims)
         self.batch = batch
         if isinstance(self.conn, DirectWrite) and not batch:
-            self.outbox.direct = self.conn.try_send
+            self.outbox.direct = _counted(self.conn.try_send, self.rt.metrics)
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
         if self.outbox.closing:  # revoked while it was being checked
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
         try:
             self.actor = await self.rt.workspaces.get(project_id)
-            await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
+            replayed = await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
         except ActorStopped:
             self.actor = None
             raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
@@ -357,6 +368,9 @@ class _LiveConnection:
             # The Join is still in the mailbox and may yet be handled: keep the actor, so
             # the Leave that follows it in the mailbox takes the connection out again.
             raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
+        if since_seq is not None:
+            self.rt.metrics.ws_resumes.inc()
+            self.rt.metrics.ws_replayed.inc(replayed)
 
     def _since_seq(self, raw: str | None) -> int | None:
         if raw is None or raw == "":
@@ -390,6 +404,7 @@ class _LiveConnection:
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
         outbox, conn = self.outbox, self.conn
+        count_out = self.rt.metrics.ws_frames_out.inc
         try:
             with self._sending:
                 while True:
@@ -401,10 +416,12 @@ class _LiveConnection:
                     if frames:
                         if self.batch:
                             await conn.send("[" + ",".join(frames) + "]")
+                            count_out()
                         else:
                             for frame in frames:
                                 await conn.send(frame)
                             del frame
+                            count_out(len(frames))
                         del frames  # not held while the connection idles
                     elif outbox.closing and not outbox.owed:
                         break
@@ -426,6 +443,12 @@ class _LiveConnection:
             self._sending.cancel()
 
     async def _close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            metrics = self.rt.metrics
+            metrics.ws_closes.labels(str(code)).inc()
+            if code == CloseCode.SLOW_CONSUMER:
+                metrics.ws_slow_consumers.inc()
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             await self.conn.close(code, reason)
 
@@ -437,6 +460,7 @@ class _LiveConnection:
         an AUTH frame, which moves a deadline, is handled in this same task.
         """
         receive = self.conn.receive
+        count_in = self.rt.metrics.ws_frames_in.inc
         self._next_ping = trio.current_time() + self.settings.heartbeat_interval
         try:
             while True:
@@ -446,6 +470,7 @@ class _LiveConnection:
                     self._on_timer()
                     continue
                 self.last_activity = trio.current_time()
+                count_in()
                 await self._on_frame(raw)
         except ConnectionGone:
             scope.cancel()
@@ -577,3 +602,16 @@ class _LiveConnection:
                 await self.actor.tell(Leave(self.subscriber))
             except ActorStopped:
                 pass
+
+
+def _counted(try_send: Callable[[str], int], metrics: Metrics) -> Callable[[str], int]:
+    """``try_send`` that counts the frames it wrote (``Outbox.direct``)."""
+    count_out = metrics.ws_frames_out.inc
+
+    def direct(text: str) -> int:
+        outcome = try_send(text)
+        if outcome != REFUSED:
+            count_out()
+        return outcome
+
+    return direct

@@ -22,6 +22,7 @@ from .domain.workspaces import Workspaces
 from .events import EventPublisher
 from .failures import ContainedFailures
 from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
+from .metrics import Metrics
 from .passwords import Passwords
 from .persistence.database import Database
 from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
@@ -43,7 +44,8 @@ class Services:
     exception. ``projects`` and ``workspaces`` are the application services;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
-    manages background jobs (its ``queue`` is what the ``jobs`` subtree runs).
+    manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
+    ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
     """
 
     settings: Settings
@@ -62,6 +64,7 @@ class Services:
     realtime: Realtime
     supervisor: Supervisor | None
     jobs: JobService
+    metrics: Metrics
 
     def revoke_live_session(self, session_id: uuid.UUID) -> int:
         """Close this process's open WebSockets of ``session_id`` (4001); how many."""
@@ -117,12 +120,17 @@ def build_services(
     supervisor: Supervisor | None = None,
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
+    metrics: Metrics | None = None,
 ) -> Services:
     """Assemble the services for ``settings`` on an open database.
 
     Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
     ``project_cache`` replaces the in-memory project-list cache (tests pass both).
+    ``metrics`` is the process's (the root makes one that outlives a new pool); without
+    it the services count into a registry of their own.
     """
+    if metrics is None:
+        metrics = Metrics()
     codec = TokenCodec(
         secret=settings.secret_key,
         issuer=settings.jwt_issuer,
@@ -134,10 +142,12 @@ def build_services(
         failures = ContainedFailures()
     if project_cache is None:
         project_cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
-    workspaces = Workspaces(db, workspace_settings(settings))
+    workspaces = Workspaces(
+        db, workspace_settings(settings), count_deliveries=metrics.ws_deliveries.inc
+    )
     publish = workspaces if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
-    jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock)
+    jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
     realtime = Realtime(
         db=db,
         tokens=codec,
@@ -145,6 +155,7 @@ def build_services(
         allowed_origins=settings.allowed_origins,
         settings=connection_settings(settings),
         failures=failures,
+        metrics=metrics,
     )
     return Services(
         settings=settings,
@@ -167,4 +178,5 @@ def build_services(
         realtime=realtime,
         supervisor=supervisor,
         jobs=JobService(jobs, JobEvents(db, publish, workspaces)),
+        metrics=metrics,
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Response, g
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response, g, request
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
@@ -15,6 +16,7 @@ from . import auth, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
+from .request_metrics import RequestMetrics, set_route
 from .schemas import ContractProvider
 
 
@@ -68,6 +70,22 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(pages.blueprint)
     register_error_handlers(app)
 
+    @app.before_request
+    async def name_route() -> None:
+        # The route template, for RequestMetrics (request_metrics.py); none: unmatched.
+        rule = request.url_rule
+        if rule is not None:
+            set_route(request.scope, rule.rule)
+
+    if settings.environment == "development":
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            """This process's Prometheus metrics (development only; METRICS_PORT serves
+            them everywhere)."""
+            body = await svc.metrics.exposition()
+            return Response(body, 200, content_type=CONTENT_TYPE_LATEST)
+
     @app.after_request
     async def add_rate_headers(response: Response) -> Response:
         # CORS, security and cache headers are added by the Edge layer (edge.py).
@@ -83,7 +101,7 @@ def create_asgi(svc: Services) -> Edge:
     """The ASGI application to serve: the Edge layer around ``create_app(svc)``."""
     settings = svc.settings
     return Edge(
-        create_app(svc),
+        RequestMetrics(create_app(svc), svc.metrics),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),
