@@ -1,6 +1,6 @@
 """Live workspace connections, written once over a small transport interface.
 
-A transport adapter (the ASGI route on the main port, the trio-websocket listener) accepts
+A transport adapter (the ASGI route on the main port, the wsproto listener on WS_PORT) accepts
 the WebSocket, wraps it as a ``Connection`` and calls ``Realtime.serve``, which runs it as
 a ``_LiveConnection``. Everything else —
 origin check, authentication, membership, resume, heartbeats, token expiry, limits and

@@ -1,7 +1,7 @@
 """Live workspaces end to end: a real server, real trio-websocket clients, real PostgreSQL.
 
 The transport-independent tests run against both the Quart-Trio route on the main port
-and the trio-websocket listener on WS_PORT.
+and the wsproto listener on WS_PORT.
 """
 
 from __future__ import annotations
