@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
@@ -27,7 +27,7 @@ from .connections import ConnectionIndex
 from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
 from .metrics import Metrics
-from .outbox import REFUSED, Outbox
+from .outbox import Outbox
 from .persistence import accounts, projects
 from .persistence.database import Database, DatabaseUnavailable
 from .protocol import CloseCode, ProtocolError
@@ -213,6 +213,13 @@ class Realtime:
         """Return once no connection is being served."""
         await self._drained.wait()
 
+    def count_direct_frames(self) -> None:
+        """Add the frames written directly (``Outbox.direct``) since the last count to
+        the frames-out metric; run before a scrape (connections that end add their own)."""
+        metrics = self.metrics
+        for outbox in self.connections.outboxes():
+            _count_direct(outbox, metrics)
+
     def revoke_session(self, session_id: uuid.UUID) -> int:
         """Close this process's connections whose current token belongs to ``session_id``
         with 4001 ``session_revoked``, at once; returns how many. Call it after the
@@ -290,6 +297,7 @@ class _LiveConnection:
             # Out of the index before the Leave: once others see this user leave, the
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
+            _count_direct(self.outbox, self.rt.metrics)
             await self._leave()
 
     def context(self, transport: str) -> dict[str, object]:
@@ -354,7 +362,7 @@ class _LiveConnection:
         self._accept_token(claims)
         self.batch = batch
         if isinstance(self.conn, DirectWrite) and not batch:
-            self.outbox.direct = _counted(self.conn.try_send, self.rt.metrics)
+            self.outbox.direct = self.conn.try_send
         self.subscriber = Subscriber(claims.user_id, claims.email, Role(role), self.outbox)
         if self.outbox.closing:  # revoked while it was being checked
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
@@ -604,14 +612,8 @@ class _LiveConnection:
                 pass
 
 
-def _counted(try_send: Callable[[str], int], metrics: Metrics) -> Callable[[str], int]:
-    """``try_send`` that counts the frames it wrote (``Outbox.direct``)."""
-    count_out = metrics.ws_frames_out.inc
-
-    def direct(text: str) -> int:
-        outcome = try_send(text)
-        if outcome != REFUSED:
-            count_out()
-        return outcome
-
-    return direct
+def _count_direct(outbox: Outbox, metrics: Metrics) -> None:
+    sent = outbox.sent_direct
+    if sent != outbox.counted_direct:
+        metrics.ws_frames_out.inc(sent - outbox.counted_direct)
+        outbox.counted_direct = sent
