@@ -20,6 +20,7 @@ import trio
 import trio_asyncio
 
 from atrium.config import ConfigError, Settings, load_settings
+from atrium.logs import configure_logging
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrate import migrate
@@ -73,7 +74,11 @@ async def run_serve(settings: Settings, url: str | None) -> None:
                         print("atrium: forced stop", flush=True)
                         nursery.cancel_scope.cancel()
                         return
-                    print("atrium: shutting down (finishing in-flight requests)", flush=True)
+                    print(
+                        f"atrium: shutting down (draining for {settings.drain_seconds:g} s, "
+                        "then finishing in-flight requests)",
+                        flush=True,
+                    )
                     stop.set()
 
             async def run_server(task_status: trio.TaskStatus[Bound]) -> None:
@@ -136,9 +141,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"atrium: configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # pgserver narrates every pg_ctl call at INFO; its warnings are what an operator needs.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     if args.command == "migrate":

@@ -18,6 +18,8 @@ from typing import Literal
 
 import orjson
 
+from .logs import LogFormat
+
 Environment = Literal["development", "test", "production"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -62,6 +64,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    drain_seconds: float = 0.0  # SIGTERM: /ready is 503 this long before the servers stop
     jwt_issuer: str = "workspace-backend"
     jwt_audience: str = "workspace-api"
     admin_token: str | None = None
@@ -248,6 +252,11 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     log_level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("LOG_LEVEL", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or (
+        "json" if environment == "production" else "text"
+    )
+    if log_format not in ("json", "text"):
+        raise ConfigError("LOG_FORMAT", f"must be json or text, got {log_format!r}")
     database_url = env.get("DATABASE_URL", "").strip() or None
     if database_url and not database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError("DATABASE_URL", "must be a postgresql:// URL")
@@ -289,6 +298,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         allowed_origins=origins if origins is not None else DEFAULT_ORIGINS,
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576, minimum=1024),
         log_level=log_level,
+        log_format=log_format,  # type: ignore[arg-type]
+        drain_seconds=_seconds(env, "DRAIN_SECONDS", 5.0 if typed_env == "production" else 0.0),
         jwt_issuer=env.get("JWT_ISSUER", "").strip() or "workspace-backend",
         jwt_audience=env.get("JWT_AUDIENCE", "").strip() or "workspace-api",
         admin_token=admin_token,

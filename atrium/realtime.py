@@ -26,6 +26,7 @@ from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceAc
 from .connections import ConnectionIndex
 from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
+from .logs import bind, log_context
 from .metrics import Metrics
 from .outbox import Outbox
 from .persistence import accounts, projects
@@ -197,10 +198,18 @@ class Realtime:
         gauge.inc()
         connection = _LiveConnection(self, conn, handshake)
         try:
-            await connection.run()
-        except* Exception as group:
-            self.failures.record("connection", group, connection.context(transport))
-            await connection.fail()
+            # Every line about this connection, from any of its tasks, carries these.
+            with log_context(
+                connection_id=uuid.uuid4().hex[:16],
+                transport=transport,
+                project_id=handshake.project_id[:64],
+            ):
+                try:
+                    await connection.run()
+                except* Exception as group:
+                    self.failures.record("connection", group, connection.context(transport))
+                    await connection.fail()
+                log.debug("workspace connection ended")
         finally:
             gauge.dec()
             if not connection.closed:
@@ -345,6 +354,7 @@ class _LiveConnection:
             claims = self._verify(auth.token)
             if auth.since_seq is not None:
                 since_seq = auth.since_seq
+        bind(user_id=str(claims.user_id))
         if hs.path_user_id is not None and hs.path_user_id != str(claims.user_id):
             raise Refused(CloseCode.FORBIDDEN, "user_mismatch")
         # Indexed before the login session is checked, so a revocation committed after the
@@ -369,6 +379,7 @@ class _LiveConnection:
         try:
             self.actor = await self.rt.workspaces.get(project_id)
             replayed = await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
+            log.info("joined the workspace as %s", Role(role).value)
         except ActorStopped:
             self.actor = None
             raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
@@ -457,6 +468,7 @@ class _LiveConnection:
             metrics.ws_closes.labels(str(code)).inc()
             if code == CloseCode.SLOW_CONSUMER:
                 metrics.ws_slow_consumers.inc()
+        log.info("closing the connection: %d %s", code, reason)
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             await self.conn.close(code, reason)
 

@@ -18,8 +18,10 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
 ``run.py worker`` runs the same tree without http, ws_listener and workspaces.
 The process's ``Metrics`` are made here, once: they outlive a restarted child.
 
-Children start in that order and stop in reverse: workspaces close their WebSockets with
-1001 first, then the listeners drain, then the pool closes, then PostgreSQL stops.
+Children start in that order and stop in reverse, after the process drained (``/ready``
+answers 503 for DRAIN_SECONDS while everything still serves): jobs are released, then
+workspaces close their WebSockets with 1001, then the listeners drain, then the pool
+closes, then PostgreSQL stops.
 ``rest_for_one``: a new pool restarts everything that holds the old one. The postmaster
 sits one level down, under a ``one_for_one`` supervisor of its own: its crash restarts it
 alone, and the pool (whose URL does not change) reconnects by itself, so a database crash
@@ -130,6 +132,7 @@ async def _run_database(
     root: Supervisor,
     metrics: Metrics,
     *,
+    draining: trio.Event | None = None,
     task_status: trio.TaskStatus[Services],
 ) -> None:
     async with open_database(
@@ -139,7 +142,13 @@ async def _run_database(
         if applied:
             log.info("applied migrations %s", applied)
         services = build_services(
-            settings, db, clock=clock, failures=failures, supervisor=root, metrics=metrics
+            settings,
+            db,
+            clock=clock,
+            failures=failures,
+            supervisor=root,
+            draining=draining,
+            metrics=metrics,
         )
         task_status.started(services)
         await trio.sleep_forever()
@@ -296,8 +305,10 @@ async def serve(
     With ``database_url`` None, an embedded PostgreSQL in ``settings.data_dir`` runs as the
     tree's first child. Must run inside the process's ``trio_asyncio`` loop. Calls
     ``task_status.started(Bound)`` once the ports are listening (port 0 picks a free one).
-    Shutdown stops the children in reverse order: WebSockets close (1001), in-flight
-    requests finish, the pool closes, PostgreSQL stops.
+    When ``shutdown_trigger`` returns, the process drains: ``/ready`` answers 503 at once
+    and everything keeps serving for ``settings.drain_seconds``; then the children stop
+    in reverse order: held jobs are released, WebSockets close (1001
+    ``server_shutdown``), in-flight requests finish, the pool closes, PostgreSQL stops.
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
     cluster: EmbeddedPostgres | None = None
@@ -320,8 +331,10 @@ async def _serve_tree(
     clock: Callable[[], float],
     task_status: trio.TaskStatus[Bound],
 ) -> None:
-    # One count for the process: it outlives a restarted child. Metrics likewise.
+    # One count, one drain flag and one set of metrics for the process: they outlive a
+    # restarted child.
     failures = ContainedFailures()
+    draining = trio.Event()
     metrics = Metrics()
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
@@ -331,7 +344,16 @@ async def _serve_tree(
         database = await root.start_child(
             ChildSpec(
                 "database",
-                partial(_run_database, settings, database_url, clock, failures, root, metrics),
+                partial(
+                    _run_database,
+                    settings,
+                    database_url,
+                    clock,
+                    failures,
+                    root,
+                    metrics,
+                    draining=draining,
+                ),
                 shutdown_timeout=15.0,
             )
         )
@@ -374,6 +396,16 @@ async def _serve_tree(
             await trio.sleep_forever()
         else:
             await shutdown_trigger()
+        await _drain(draining, settings.drain_seconds)
+
+
+async def _drain(draining: trio.Event, seconds: float) -> None:
+    """Fail readiness at once, then keep serving for ``seconds``: a load balancer that
+    polls ``/ready`` stops routing here before the servers stop."""
+    draining.set()
+    if seconds > 0:
+        log.info("draining: /ready answers 503; stopping in %g s", seconds)
+        await trio.sleep(seconds)
 
 
 async def serve_worker(

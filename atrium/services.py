@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import trio
+
 from .actors.workspace import WorkspaceSettings
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
@@ -45,6 +47,7 @@ class Services:
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
+    ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
     """
 
@@ -64,6 +67,7 @@ class Services:
     realtime: Realtime
     supervisor: Supervisor | None
     jobs: JobService
+    draining: trio.Event
     metrics: Metrics
 
     def revoke_live_session(self, session_id: uuid.UUID) -> int:
@@ -118,6 +122,7 @@ def build_services(
     clock: Callable[[], float] = time.time,
     failures: ContainedFailures | None = None,
     supervisor: Supervisor | None = None,
+    draining: trio.Event | None = None,
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
     metrics: Metrics | None = None,
@@ -177,6 +182,7 @@ def build_services(
         workspaces=workspaces,
         realtime=realtime,
         supervisor=supervisor,
-        jobs=JobService(jobs, JobEvents(db, publish, workspaces)),
+        jobs=JobService(jobs, JobEvents(publish, workspaces)),
+        draining=trio.Event() if draining is None else draining,
         metrics=metrics,
     )

@@ -30,12 +30,13 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 
 import trio  # noqa: E402
 import trio_asyncio  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from atrium.events import Event  # noqa: E402
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
@@ -67,7 +68,7 @@ class Meter:
             """Does nothing: the cost measured is the queue's."""
             self.started[ctx.job_id] = trio.current_time()
 
-    async def job_changed(self, job: Job, previous: JobStatus | None) -> None:
+    async def job_changed(self, job: Job, events: Sequence[Event]) -> None:
         if job.status is JobStatus.COMPLETED:
             self.completed += 1
             if self.completed == self.target:

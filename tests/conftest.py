@@ -122,7 +122,7 @@ def test_settings(data_dir: Path, **env: Any) -> Settings:
         "RATE_LIMIT_PER_MINUTE": "10000",
         "AUTH_RATE_LIMIT_PER_MINUTE": "10000",
         "WS_USER_EDITS_PER_SECOND": "10000",
-        "DB_POOL_SIZE": "4",
+        "DB_POOL_SIZE": "6",
         "METRICS_PORT": "0",
     }
     base.update({k: str(v) for k, v in env.items()})

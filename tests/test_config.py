@@ -49,6 +49,9 @@ def test_development_key_is_generated_once_and_kept(tmp_path: Path) -> None:
         ({"ALLOWED_ORIGINS": "[not json"}, "ALLOWED_ORIGINS"),
         ({"ALLOWED_ORIGINS": "ftp://files.example.com"}, "ALLOWED_ORIGINS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"DRAIN_SECONDS": "-1"}, "DRAIN_SECONDS"),
+        ({"DRAIN_SECONDS": "soon"}, "DRAIN_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(tmp_path: Path, env: dict[str, str], variable: str) -> None:
@@ -66,6 +69,17 @@ def test_production_accepts_a_strong_key(tmp_path: Path) -> None:
     )
     assert settings.is_production and settings.secret_key == key
     assert settings.ws_port is None
+    # Behind a load balancer: JSON lines, and time for it to notice a drain.
+    assert (settings.log_format, settings.drain_seconds) == ("json", 5.0)
+
+
+def test_logs_are_text_and_shutdown_is_prompt_in_development(tmp_path: Path) -> None:
+    settings = load_settings({"DATA_DIR": str(tmp_path)})
+    assert (settings.log_format, settings.drain_seconds) == ("text", 0.0)
+    settings = load_settings(
+        {"DATA_DIR": str(tmp_path), "LOG_FORMAT": "JSON", "DRAIN_SECONDS": "1.5"}
+    )
+    assert (settings.log_format, settings.drain_seconds) == ("json", 1.5)
 
 
 def test_origins_accept_the_seeds_json_list_and_commas(tmp_path: Path) -> None:

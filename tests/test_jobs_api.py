@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from conftest import Running, StartServer
 from wsclient import connect
 
 from atrium.jobs import JobQueue
+from atrium.persistence import jobs as store
+from atrium.persistence.database import open_database
 from atrium.persistence.jobs import JobStatus
 
 WAIT = 10.0
@@ -121,6 +124,14 @@ async def test_idempotency_key_answers_200_with_the_first_job(jobs_server: Runni
             {"task_name": "data_processing", "payload": {"csv": "a", "columns": "x"}},
             "invalid_payload",
             "payload.columns: Input should be a valid list",
+        ),
+        (
+            {
+                "task_name": "project_activity_report",
+                "payload": {"since": "2026-01-01T00:00:00", "until": "2030-01-01T00:00:00Z"},
+            },
+            "invalid_payload",
+            "payload.since: Input should have timezone info",
         ),
         (
             {"task_name": "project_export"},
@@ -295,3 +306,33 @@ async def test_job_events_reach_a_connected_workspace(jobs_server: Running, tran
     log = await server.client.get(f"/api/v1/projects/{project_id}/events", headers=ann)
     stored = [e["type"] for e in log.json()["events"] if e["type"].startswith("JOB_")]
     assert stored == ["JOB_QUEUED", "JOB_STARTED", "JOB_COMPLETED"]  # progress is not stored
+
+
+@pytest.mark.parametrize("transport", ["main", "listener"])
+async def test_events_a_separate_worker_commits_reach_the_workspace_live(
+    start_server: StartServer, database_url: str, transport: str
+) -> None:
+    """An API process that runs no job actors still shows a job's run live: the worker
+    (here: another pool, as another process has) commits JOB_STARTED and JOB_COMPLETED,
+    and the API's workspace reads them from the log on the NOTIFY."""
+    async with start_server(WORKER_CONCURRENCY=0) as server:
+        tokens = await server.signup_login("ann@example.com")
+        ann = auth(tokens)
+        project_id = await project_with(server, ann, {})
+        port = server.bound.port if transport == "main" else server.bound.ws_port
+        async with (
+            connect(f"ws://127.0.0.1:{port}/ws/{project_id}", tokens["access_token"]) as ws,
+            open_database(database_url, pool_size=2) as worker_db,
+        ):
+            await ws.until("USER_JOIN")
+            body = {"task_name": "data_processing", "payload": {"csv": CSV}}
+            job_id = (await run(server, ann, **body, project_id=project_id)).json()["job_id"]
+            assert (await ws.until("JOB_QUEUED"))["job_id"] == job_id
+            now = datetime.now(UTC)
+            claimed = await store.claim(worker_db, worker="elsewhere", now=now, lease_seconds=30)
+            assert claimed is not None
+            await store.complete(worker_db, claimed, now=now, result={"rows": 3})
+            started = await ws.until("JOB_STARTED")
+            completed = await ws.until("JOB_COMPLETED")
+        assert started["job_id"] == completed["job_id"] == job_id
+        assert completed["seq"] == started["seq"] + 1

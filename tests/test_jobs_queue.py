@@ -173,29 +173,34 @@ async def test_project_export_and_activity_report(db: Database) -> None:
         report = await service.submit(
             owner, task_name="project_activity_report", payload={}, project_id=project.id
         )
-    async with running_jobs(db, builtins) as (queue, _, _):
+    # One actor: the export runs first, then the report.
+    async with running_jobs(db, builtins, concurrency=1) as (queue, _, _):
         exported = await wait(queue, export.job.id, JobStatus.COMPLETED)
         reported = await wait(queue, report.job.id, JobStatus.COMPLETED)
     doc = exported.result
     assert doc["project"]["name"] == "P2"
     assert {m["user_id"] for m in doc["members"]} == {str(owner), str(other)}
-    # Both submissions were logged (JOB_QUEUED, in their transactions) before either ran.
+    # Both submissions were logged (JOB_QUEUED, in their transactions) before either ran;
+    # the export's own JOB_STARTED committed with its claim, before it read the log.
     assert [e["type"] for e in doc["events"]] == [
         "PROJECT_CREATED",
         "MEMBER_ADDED",
         "PROJECT_UPDATED",
         "JOB_QUEUED",
         "JOB_QUEUED",
+        "JOB_STARTED",
     ]
-    assert doc["event_count"] == 5
-    assert reported.result["total"] == 5
+    assert doc["event_count"] == 6
+    assert reported.result["total"] == 8
     assert reported.result["by_type"] == {
         "JOB_QUEUED": 2,
+        "JOB_STARTED": 2,
+        "JOB_COMPLETED": 1,
         "PROJECT_CREATED": 1,
         "MEMBER_ADDED": 1,
         "PROJECT_UPDATED": 1,
     }
-    assert reported.result["by_user"] == {str(owner): 4, str(other): 1}
+    assert reported.result["by_user"] == {str(owner): 7, str(other): 1}
     assert reported.result["by_user_and_type"][str(other)] == {"PROJECT_UPDATED": 1}
 
 

@@ -90,6 +90,14 @@ class Published:
 
 
 @dataclass(frozen=True, slots=True)
+class Behind:
+    """Another process committed the project's log up to ``seq`` (its NOTIFY): deliver
+    what this workspace has not seen yet, read from the log."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ephemeral:
     """A frame for every connection that is never stored (a job's progress); coalesced
     per ``key`` for a connection that falls behind, like cursors."""
@@ -103,7 +111,7 @@ class Status:
     """Replies with the workspace's status (the seed's fields)."""
 
 
-Message = Join | Leave | Edit | Cursor | Published | Ephemeral | Status
+Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | Status
 
 
 def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEvent:
@@ -212,6 +220,8 @@ class WorkspaceActor(Actor[Message, Any]):
             return await self._edits(message)
         if isinstance(message, Published):
             return await self._deliver(message.events)
+        if isinstance(message, Behind):
+            return await self._catch_up(message.seq)
         if isinstance(message, Join):
             return await self._join(message)
         if isinstance(message, Leave):
@@ -254,6 +264,12 @@ class WorkspaceActor(Actor[Message, Any]):
                     self._deliver_one(earlier)
             self._deliver_one(event)
         await self._drop_slow()
+
+    async def _catch_up(self, seq: int) -> None:
+        if seq > self._last_seq:
+            await self._deliver(
+                await store.events_between(self._db, self.project_id, self._last_seq, seq)
+            )
 
     def _deliver_one(self, event: Event) -> None:
         self._last_seq = event.seq

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -10,13 +11,23 @@ from typing import Any
 import trio
 
 from ..actors import ActorStopped, MailboxFull
-from ..actors.workspace import Ephemeral, Published, Status, WorkspaceActor, WorkspaceSettings
+from ..actors.workspace import (
+    Behind,
+    Ephemeral,
+    Published,
+    Status,
+    WorkspaceActor,
+    WorkspaceSettings,
+)
 from ..events import Event
 from ..persistence import events as event_log
-from ..persistence.database import Database
+from ..persistence.database import Database, DatabaseUnavailable
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.workspace")
+
+# How often the connection that follows the log is checked (a lost one delivers nothing).
+_FOLLOW_PING_SECONDS = 5.0
 
 
 class Workspaces:
@@ -51,7 +62,8 @@ class Workspaces:
         self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Open the workspace supervisor (one_for_one; ``max_restarts`` in ``period``
-        seconds, else it escalates) and serve ``get`` from it until cancelled."""
+        seconds, else it escalates) and serve ``get`` from it until cancelled, following
+        the log for events other processes commit (``follow_log``)."""
         async with open_supervisor(
             name="workspaces",
             strategy=Strategy.ONE_FOR_ONE,
@@ -61,11 +73,39 @@ class Workspaces:
             self._supervisor = supervisor
             self._attached.set()
             try:
-                task_status.started(supervisor)
-                await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.follow_log)
+                    task_status.started(supervisor)
+                    await trio.sleep_forever()
             finally:
                 self._supervisor = None
                 self._attached = trio.Event()
+
+    async def follow_log(self) -> None:
+        """Until cancelled: when another process commits events to a project whose
+        workspace is live here (a separate job worker's), that workspace reads them from
+        the log and delivers them in seq order (PostgreSQL NOTIFY on ``LOG_CHANNEL``).
+        A database outage is waited out; listening resumes with a backoff."""
+        delay = 0.1
+        while True:
+            try:
+                async with self._db.listening(event_log.LOG_CHANNEL, self._appended) as ping:
+                    delay = 0.1
+                    while True:
+                        await trio.sleep(_FOLLOW_PING_SECONDS)
+                        await ping()
+            except DatabaseUnavailable as error:
+                log.warning("following the event log: %s; again in %.1fs", error, delay)
+                await trio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    def _appended(self, payload: str) -> None:
+        parsed = event_log.parse_appended(payload)
+        actor = None if parsed is None else self.find(parsed[0])
+        if parsed is not None and actor is not None:
+            # A full mailbox drops this one: the workspace's next event fills the gap.
+            with contextlib.suppress(MailboxFull, ActorStopped):
+                actor.tell_nowait(Behind(parsed[1]))
 
     async def get(self, project_id: uuid.UUID) -> WorkspaceActor:
         """The running actor of ``project_id`` (started on first use; never two). Waits

@@ -11,11 +11,13 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
 from .. import json_input
+from ..logs import bind
 from ..services import Services
 from . import auth, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
+from .request_log import RequestLog
 from .request_metrics import RequestMetrics, set_route
 from .schemas import ContractProvider
 
@@ -71,10 +73,12 @@ def create_app(svc: Services) -> QuartTrio:
     register_error_handlers(app)
 
     @app.before_request
-    async def name_route() -> None:
-        # The route template, for RequestMetrics (request_metrics.py); none: unmatched.
+    async def note_route() -> None:
+        # The route template names the request in the access line and in the metrics
+        # (RequestMetrics), not the ids in the path; no rule: unmatched.
         rule = request.url_rule
         if rule is not None:
+            bind(route=rule.rule)
             set_route(request.scope, rule.rule)
 
     if settings.environment == "development":
@@ -97,13 +101,15 @@ def create_app(svc: Services) -> QuartTrio:
     return app
 
 
-def create_asgi(svc: Services) -> Edge:
-    """The ASGI application to serve: the Edge layer around ``create_app(svc)``."""
+def create_asgi(svc: Services) -> RequestLog:
+    """The ASGI application to serve: request ids and access lines (``RequestLog``)
+    around the Edge layer around ``create_app(svc)``."""
     settings = svc.settings
-    return Edge(
+    edge = Edge(
         RequestMetrics(create_app(svc), svc.metrics),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),
         failures=svc.failures,
     )
+    return RequestLog(edge)

@@ -51,7 +51,8 @@ async def ready() -> Response:
     """Readiness: 200 only when the database answers within 2 s and no permanent child of
     the supervision tree is down or restarting, else 503. ``checks`` says which failed:
     ``database.error`` why the database did not answer, ``supervision.down`` the children
-    that are not running (nested ones as ``parent/child``)."""
+    that are not running (nested ones as ``parent/child``), ``draining: true`` that the
+    process got SIGTERM and is about to stop (it still serves meanwhile)."""
     svc = services()
     database: dict[str, Any] = {"ok": False}
     with trio.move_on_after(_READY_TIMEOUT) as waiting:
@@ -68,6 +69,9 @@ async def ready() -> Response:
             ok=svc.supervisor.healthy(), down=_down(svc.supervisor.snapshot())
         )
     ok = checks.database.ok and (checks.supervision is None or checks.supervision.ok)
+    if svc.draining.is_set():  # shutting down: the load balancer should send no more
+        checks.draining = True
+        ok = False
     # Fields never set stay out of the body (no "error" when the database answered).
     body = ReadyResponse(ready=ok, checks=checks).model_dump(exclude_unset=True)
     return json_response(body, 200 if ok else 503)

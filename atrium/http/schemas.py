@@ -185,6 +185,7 @@ class SupervisionCheck(BaseModel):
 class ReadyChecks(BaseModel):
     database: DatabaseCheck
     supervision: SupervisionCheck | None = None
+    draining: bool | None = None  # present (true) only while the process drains
 
 
 class ReadyResponse(BaseModel):

@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 
 from quart import current_app, g, request
 
+from ..logs import bind
 from ..persistence import accounts
 from ..persistence.accounts import User
 from ..ratelimit import RateDecision
@@ -71,6 +72,7 @@ async def authenticate() -> tuple[User, Claims]:
             "This session has ended; log in again",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    bind(user_id=str(user.id))  # this request's log lines, from here on
     decision = await svc.limiter.hit(f"user:{user.id}", svc.settings.rate_limit_per_minute)
     note_rate(decision)
     if not decision.allowed:

@@ -6,7 +6,7 @@ included. One that a stranger can cause: a WebSocket upgrade request with frame 
 pipelined behind it, before the 101 (h11 raises ``LocalProtocolError`` answering it).
 ``serve`` runs hypercorn with a ``TCPServer`` that contains this: that connection ends
 (its socket is already closed by then), the failure is logged once and counted in the
-Edge layer's ``ContainedFailures``, and the server goes on.
+Edge layer's ``ContainedFailures`` (``app.failures``), and the server goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from ..failures import ContainedFailures
-from .edge import Edge
+from .request_log import RequestLog
 
 
 class ContainedTCPServer(TCPServer):
@@ -30,12 +30,14 @@ class ContainedTCPServer(TCPServer):
         try:
             await super().run()
         except* Exception as group:
-            edge = getattr(self.app, "app", None)  # hypercorn's ASGIWrapper around ours
-            failures = edge.failures if isinstance(edge, Edge) else _UNATTRIBUTED
+            ours = getattr(self.app, "app", None)  # hypercorn's ASGIWrapper around ours
+            failures = getattr(ours, "failures", None)
+            if not isinstance(failures, ContainedFailures):
+                failures = _UNATTRIBUTED
             failures.record("connection", group, {"transport": "http"})
 
 
-_UNATTRIBUTED = ContainedFailures()  # for an app that is not an Edge (never in atrium)
+_UNATTRIBUTED = ContainedFailures()  # for an app without ``failures`` (never in atrium)
 
 
 # hypercorn's worker looks its TCPServer up by name for each connection it accepts.
@@ -43,7 +45,7 @@ hypercorn.trio.run.TCPServer = ContainedTCPServer  # type: ignore[attr-defined]
 
 
 async def serve(
-    app: Edge,
+    app: RequestLog,
     config: Config,
     *,
     shutdown_trigger: Callable[..., Awaitable[None]],

@@ -13,9 +13,10 @@ from typing import Any, Self
 
 import trio
 
+from ..logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import Claimed, Job, JobStatus
+from ..persistence.jobs import Changed, Claimed, Job, JobStatus
 from ..tasks import PermanentJobError, TaskContext, UnknownTask
 from ._queue import JobQueue
 
@@ -163,6 +164,13 @@ class JobActor:
 
     async def _run_job(self, claimed: Claimed) -> None:
         job = claimed.job
+        # Every line about this attempt, the task's own included, carries these.
+        with log_context(job_id=f"job_{job.id}", attempt=job.attempt_count, task=job.task_name):
+            await self._hold(claimed)
+
+    async def _hold(self, claimed: Claimed) -> None:
+        """Run the claimed job's attempt and record its outcome."""
+        job = claimed.job
         self._held = claimed
         self._stop_reason = None
         self.queue.register(job.id, self)
@@ -174,7 +182,7 @@ class JobActor:
                 job.task_name,
                 job.attempt_count,
             )
-            await self.queue.changed(job, JobStatus.QUEUED)
+            await self.queue.changed(claimed)
             started = trio.current_time()
             try:
                 outcome = await self._attempt(claimed)
@@ -306,12 +314,12 @@ class JobActor:
                 delay = min(_WEATHER_MAX, delay * 2)
         if written is not None:
             self._completed += 1
-            log.info("%s: job %s %s", self.name, job.id, written.status)
-            await self.queue.changed(written, JobStatus.RUNNING)
-            if written.status is JobStatus.QUEUED:
+            log.info("%s: job %s %s", self.name, job.id, written.job.status)
+            await self.queue.changed(written)
+            if written.job.status is JobStatus.QUEUED:
                 self.queue.wake()
 
-    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Job | None:
+    async def _write(self, claimed: Claimed, outcome: _Outcome) -> Changed | None:
         db, now = self.queue.db, self.queue.now()
         if outcome.released:
             return await store.release(db, claimed, now=now)
@@ -337,4 +345,4 @@ class JobActor:
                 log.exception("%s: could not record the crash of job %s", self.name, claimed.job.id)
                 return
             if written is not None:
-                await self.queue.changed(written, JobStatus.RUNNING)
+                await self.queue.changed(written)

@@ -1,11 +1,10 @@
-"""Job lifecycle events in the project's log and live workspace (jobs tied to a project).
+"""Job lifecycle events in the project's live workspace (jobs tied to a project).
 
-Every state change is appended to the project's event log (JOB_QUEUED, JOB_STARTED,
-JOB_COMPLETED, JOB_FAILED, JOB_DEAD; a cancelled job ends with JOB_FAILED and status
-``cancelled``) and published to the workspace like any other log event. Progress is
+Every state change is appended to the project's event log by ``persistence.jobs`` in the
+transaction that makes it (JOB_QUEUED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_DEAD;
+a cancelled job ends with JOB_FAILED and status ``cancelled``); this observer publishes
+those events to the workspace once committed, as the domain services do. Progress is
 ephemeral: sent to the open workspace, coalesced per job like cursors, never stored.
-The job row stays the truth: an event that cannot be written (the project was deleted,
-the database is away) is logged and skipped, never a failure of the job.
 """
 
 from __future__ import annotations
@@ -15,23 +14,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..events import Event, EventPublisher, EventType, NewEvent
-from ..persistence import events as event_log
-from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.errors import ProjectNotFound
-from ..persistence.jobs import Job, JobStatus, Submitted, event_payload
+from ..events import Event, EventPublisher
+from ..persistence.jobs import Job
 from ..timestamps import utc_now_iso
 
 log = logging.getLogger("atrium.jobs")
-
-_TYPES = {
-    JobStatus.QUEUED: EventType.JOB_QUEUED,
-    JobStatus.RUNNING: EventType.JOB_STARTED,
-    JobStatus.COMPLETED: EventType.JOB_COMPLETED,
-    JobStatus.FAILED: EventType.JOB_FAILED,
-    JobStatus.DEAD: EventType.JOB_DEAD,
-    JobStatus.CANCELLED: EventType.JOB_FAILED,
-}
 
 
 class LiveProgress(Protocol):
@@ -43,38 +30,22 @@ class LiveProgress(Protocol):
 
 
 class JobEvents:
-    """A ``JobObserver`` that writes job events into projects' logs and workspaces."""
+    """A ``JobObserver`` that delivers job events to projects' live workspaces."""
 
-    def __init__(self, db: Database, publisher: EventPublisher, live: LiveProgress) -> None:
-        self._db = db
+    def __init__(self, publisher: EventPublisher, live: LiveProgress) -> None:
         self._publisher = publisher
         self._live = live
 
-    async def job_changed(self, job: Job, previous: JobStatus | None) -> None:
-        project_id = job.project_id
-        if project_id is None or job.status is previous or previous is None:
-            return  # a new job's JOB_QUEUED was written with it (``submitted``)
-        event = NewEvent(_TYPES[job.status], job.user_id, event_payload(job))
-        try:
-            appended = await event_log.append(self._db, project_id, [event])
-        except (ProjectNotFound, DatabaseUnavailable) as error:
-            log.warning(
-                "job %s: no %s event in project %s: %s", job.id, event.type, project_id, error
-            )
+    async def job_changed(self, job: Job, events: Sequence[Event]) -> None:
+        """Publish the committed ``events`` of the job's change. Publishing may fail
+        without failing anything: the events are durable, and live clients catch up from
+        the log."""
+        if job.project_id is None or not events:
             return
-        await self._publish(project_id, [stored for stored, _ in appended])
-
-    async def submitted(self, submitted: Submitted) -> None:
-        """Publish the JOB_QUEUED that the submission appended in its transaction."""
-        job = submitted.job
-        if job.project_id is not None and submitted.events:
-            await self._publish(job.project_id, submitted.events)
-
-    async def _publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         try:
-            await self._publisher.publish(project_id, events)
-        except Exception:  # the events are durable; live clients catch up from the log
-            log.exception("publishing job events of project %s failed", project_id)
+            await self._publisher.publish(job.project_id, events)
+        except Exception:
+            log.exception("publishing job events of project %s failed", job.project_id)
 
     async def job_progress(self, job: Job, percent: int, message: str | None) -> None:
         if job.project_id is None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from ..events import Event
 from ..metrics import Metrics
 from ..persistence import jobs as store
 from ..persistence.database import Database
@@ -50,7 +51,10 @@ class JobObserver(Protocol):
     """Told of every job state change and progress report this process makes (live
     workspace events)."""
 
-    async def job_changed(self, job: Job, previous: JobStatus | None) -> None: ...
+    async def job_changed(self, job: Job, events: Sequence[Event]) -> None:
+        """``job`` changed state here and committed; ``events`` are what that change
+        appended to its project's log (none for a job without a project)."""
+        ...
 
     async def job_progress(self, job: Job, percent: int, message: str | None) -> None: ...
 
@@ -60,7 +64,7 @@ class JobQueue:
 
     ``wake()`` after a submission rouses idle actors at once (same process; other
     processes poll every ``poll_seconds``). ``metrics`` counts the attempts its actors run.
-    ``changed(job)`` after every state change
+    ``changed(change)`` after every state change
     wakes whoever waits in :meth:`wait_for`. Running actors register here so a cancel
     reaches a job's cancel scope at once.
     """
@@ -104,12 +108,12 @@ class JobQueue:
         submission between the look and the wait is not missed."""
         return self._wakeup
 
-    async def changed(self, job: Job, previous: JobStatus | None = None) -> None:
-        """Record that ``job`` changed state here: wake waiters and tell observers."""
+    async def changed(self, change: store.Changed | store.Claimed | store.Submitted) -> None:
+        """Record a committed state change made here: wake waiters and tell observers."""
         self._changed.set()
         self._changed = trio.Event()
         for observer in self.observers:
-            await observer.job_changed(job, previous)
+            await observer.job_changed(change.job, change.events)
 
     async def progressed(self, job: Job, percent: int, message: str | None) -> None:
         """Tell observers of a running job's progress report."""

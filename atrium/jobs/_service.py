@@ -29,11 +29,10 @@ class Submission:
 class JobService:
     """Submits, reads, cancels and retries jobs, checking who may, and tells the job
     actors of this process (wake-ups, cancels) and its observers (state changes; with
-    ``events``, a ``JobEvents`` that writes them into projects' logs and workspaces)."""
+    ``events``, a ``JobEvents`` that publishes them to projects' workspaces)."""
 
     def __init__(self, queue: JobQueue, events: JobEvents | None = None) -> None:
         self.queue = queue
-        self._events = events
         if events is not None:
             queue.observers.append(events)
 
@@ -76,9 +75,7 @@ class JobService:
         job = submitted.job
         if submitted.created:
             queue.wake()
-            if self._events is not None:
-                await self._events.submitted(submitted)
-            await queue.changed(job, None)
+            await queue.changed(submitted)
         position, mean = await store.queue_position(queue.db, job)
         run = _DEFAULT_RUN_SECONDS if mean is None else mean
         waves = math.ceil(position / max(1, settings.concurrency))
@@ -107,18 +104,16 @@ class JobService:
         """Cancel: a waiting job at once; a running one is stopped by its actor (at once in
         this process, within a heartbeat elsewhere). Raises JobNotFound, JobForbidden,
         JobStateConflict."""
-        before = await store.get_job(self.queue.db, job_id, user_id)
-        job = await store.cancel(self.queue.db, job_id, user_id, self.queue.now())
-        if job.status is JobStatus.RUNNING:
+        change = await store.cancel(self.queue.db, job_id, user_id, self.queue.now())
+        if change.job.status is JobStatus.RUNNING:
             self.queue.cancel_local(job_id)
         else:
-            await self.queue.changed(job, before.status)
-        return job
+            await self.queue.changed(change)
+        return change.job
 
     async def retry(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
         """Queue a failed, dead or cancelled job again. Raises as :meth:`cancel`."""
-        before = await store.get_job(self.queue.db, job_id, user_id)
-        job = await store.retry(self.queue.db, job_id, user_id, self.queue.now())
+        change = await store.retry(self.queue.db, job_id, user_id, self.queue.now())
         self.queue.wake()
-        await self.queue.changed(job, before.status)
-        return job
+        await self.queue.changed(change)
+        return change.job

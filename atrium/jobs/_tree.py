@@ -44,12 +44,10 @@ class Reaper:
         except DatabaseUnavailable as error:
             log.warning("job reaper: %s", error)
             return 0
-        for item in reaped:
-            log.warning("job %s: lease expired; now %s", item.job_id, item.status)
-            job = await store.load_job(self.queue.db, item.job_id)
-            if job is not None:
-                await self.queue.changed(job, JobStatus.RUNNING)
-        if any(item.status is JobStatus.QUEUED for item in reaped):
+        for change in reaped:
+            log.warning("job %s: lease expired; now %s", change.job.id, change.job.status)
+            await self.queue.changed(change)
+        if any(change.job.status is JobStatus.QUEUED for change in reaped):
             self.queue.wake()
         self.reaped += len(reaped)
         return len(reaped)
@@ -63,7 +61,7 @@ async def _run_listener(queue: JobQueue, *, task_status: trio.TaskStatus[None]) 
     delay = 0.1
     while True:
         try:
-            async with queue.db.listening(store.JOB_CHANNEL, queue.wake) as ping:
+            async with queue.db.listening(store.JOB_CHANNEL, lambda _: queue.wake()) as ping:
                 delay = 0.1
                 queue.wake()  # whatever was queued while nobody listened
                 while True:

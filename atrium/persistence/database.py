@@ -111,16 +111,17 @@ class Database:
 
     @asynccontextmanager
     async def listening(
-        self, channel: str, notified: Callable[[], None]
+        self, channel: str, notified: Callable[[str], None]
     ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-        """Hold one pooled connection with ``LISTEN channel`` for the block; ``notified()``
-        runs (on the loop's thread, between trio tasks) for every notification. The block
+        """Hold one pooled connection with ``LISTEN channel`` for the block;
+        ``notified(payload)`` runs (on the loop's thread, between trio tasks) for every
+        notification. The block
         gets a ``ping()`` that raises DatabaseUnavailable once that connection is lost (a
         lost connection delivers nothing, silently). The connection leaves ``UNLISTEN``ed.
         Raises DatabaseUnavailable."""
 
-        def callback(*_: object) -> None:
-            notified()
+        def callback(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+            notified(payload)
 
         connection = await _call(self._pool.acquire)
 

@@ -24,6 +24,34 @@ from .errors import ProjectNotFound
 
 _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
 
+LOG_CHANNEL = "atrium_log"
+"""Notified on commit with ``<project_id>:<seq>`` by writers whose events no live workspace
+in their own process delivers (a separate job worker): every process's workspaces read
+the log up to that seq."""
+
+
+async def notify_appended(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+    """Inside the caller's transaction: on commit, tell every process listening on
+    ``LOG_CHANNEL`` the newest seq of each project in ``events`` (nothing if empty)."""
+    newest: dict[uuid.UUID, int] = {}
+    for event in events:
+        newest[event.project_id] = max(newest.get(event.project_id, 0), event.seq)
+    if newest:
+        await conn.execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+            LOG_CHANNEL,
+            [f"{project_id}:{seq}" for project_id, seq in newest.items()],
+        )
+
+
+def parse_appended(payload: str) -> tuple[uuid.UUID, int] | None:
+    """The project and seq of a ``LOG_CHANNEL`` payload, or None if it is not one."""
+    project, _, seq = payload.partition(":")
+    try:
+        return uuid.UUID(project), int(seq)
+    except ValueError:
+        return None
+
 
 def event_from_row(row: asyncpg.Record) -> Event:
     """The ``Event`` of a ``project_events`` row (``_EVENT_COLUMNS``)."""

@@ -15,6 +15,13 @@ Every write about a running attempt names its token, so a worker whose lease was
 (it stalled, its process died) changes nothing any more. Times come from the caller's
 clock, never from ``now()`` in SQL, so tests can drive leases and backoff with a fake one.
 
+Every state change of a job tied to a project appends its event (JOB_QUEUED, JOB_STARTED,
+JOB_COMPLETED, JOB_FAILED, JOB_DEAD; a cancelled job's is JOB_FAILED with status
+``cancelled``) to the project's log in the same transaction as the row change: the job row
+is locked first, then the project row by the seq counter, so the log holds a job's events
+in the order of its history, and a crash between the two loses neither. Callers publish
+the returned events after the commit.
+
 Who may see a job: its creator and, for a job tied to a project, every member of that
 project; who may cancel or retry it: its creator and the project's owners. Everyone else
 gets ``JobNotFound``, exactly as for a job that does not exist.
@@ -24,8 +31,8 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,7 +43,7 @@ from ..events import Event, EventType
 from ..roles import Action, Role, can
 from .database import Database
 from .errors import ProjectNotFound, RoleForbidden
-from .events import append_event
+from .events import append_event, notify_appended
 
 JOB_CHANNEL = "atrium_jobs"
 """Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
@@ -134,11 +141,23 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Changed:
+    """A job just after a state change, and the events that change appended to its
+    project's log in the same transaction (none for a job without a project, or whose
+    project is gone), to publish once committed."""
+
+    job: Job
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
-    """A job this worker now runs, and the token its writes must carry."""
+    """A job this worker now runs, the token its writes must carry, and its JOB_STARTED
+    (``events``, as in ``Changed``)."""
 
     job: Job
     token: uuid.UUID
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +173,6 @@ class Submitted:
     """False when the idempotency key named an earlier job, which is returned instead."""
     events: list[Event]
     """JOB_QUEUED, appended in the submitting transaction for a new job of a project."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reaped:
-    job_id: uuid.UUID
-    project_id: uuid.UUID | None
-    status: JobStatus
 
 
 def _json(value: Any) -> str:
@@ -202,6 +214,39 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"],
     )
+
+
+_EVENT_TYPES = {
+    JobStatus.QUEUED: EventType.JOB_QUEUED,
+    JobStatus.RUNNING: EventType.JOB_STARTED,
+    JobStatus.COMPLETED: EventType.JOB_COMPLETED,
+    JobStatus.FAILED: EventType.JOB_FAILED,
+    JobStatus.DEAD: EventType.JOB_DEAD,
+    JobStatus.CANCELLED: EventType.JOB_FAILED,
+}
+
+
+async def _log(conn: asyncpg.Connection, jobs: Sequence[Job]) -> list[Event]:
+    """Append each job's event for the state it is now in to its project's log, inside the
+    caller's transaction, projects in id order (two writers never wait on each other's
+    project rows in a cycle), and notify ``LOG_CHANNEL`` on commit. A job without a
+    project, or whose project was deleted, gets none: the job row stays the truth."""
+    events: list[Event] = []
+    for job in sorted(jobs, key=lambda j: (str(j.project_id), j.id.int)):
+        if job.project_id is None:
+            continue
+        try:
+            events.append(
+                await append_event(
+                    conn, job.project_id, _EVENT_TYPES[job.status], job.user_id, event_payload(job)
+                )
+            )
+        except ProjectNotFound:
+            continue
+    # The writer may be a worker process with no workspace of its own: the API processes'
+    # workspaces learn of these events on commit (``Workspaces`` follows LOG_CHANNEL).
+    await notify_appended(conn, events)
+    return events
 
 
 # The last attempt, patched: ``attempts`` with its final element merged with $patch.
@@ -268,16 +313,7 @@ async def submit(
         )
         if row is not None:
             job = job_from_row(row)
-            events = []
-            if project_id is not None:
-                # In the same transaction: a worker that claims the job at once appends its
-                # JOB_STARTED after this, never before.
-                events.append(
-                    await append_event(
-                        conn, project_id, EventType.JOB_QUEUED, user_id, event_payload(job)
-                    )
-                )
-            return Submitted(job, True, events)
+            return Submitted(job, True, await _log(conn, [job]))
         earlier = await conn.fetchrow(
             "SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
             user_id,
@@ -419,39 +455,42 @@ async def _role_of(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> R
     return await db.transaction(read)
 
 
-async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Job:
-    """Cancel a job: a waiting one at once (``cancelled``); a running one is marked
-    ``cancel_requested`` and its worker stops it. ``JobNotFound``, ``JobForbidden`` for a
-    member who may only look, ``JobStateConflict`` for a finished job."""
+async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Changed:
+    """Cancel a job: a waiting one at once (``cancelled``, with its event); a running one
+    is marked ``cancel_requested`` (no event yet) and its worker stops it. ``JobNotFound``,
+    ``JobForbidden`` for a member who may only look, ``JobStateConflict`` for a finished
+    job."""
 
-    async def update(conn: asyncpg.Connection) -> Job:
+    async def update(conn: asyncpg.Connection) -> Changed:
         job, may_change = await _visible(conn, job_id, user_id, lock=True)
         if not may_change:
             raise JobForbidden("Only the job's creator or a project owner may cancel it")
-        if job.status in (JobStatus.QUEUED, JobStatus.FAILED):
-            row = await conn.fetchrow(
-                "UPDATE jobs SET status = 'cancelled', completed_at = $2, error = 'cancelled'"
-                " WHERE id = $1 RETURNING *",
-                job_id,
-                now,
-            )
-        elif job.status is JobStatus.RUNNING:
+        if job.status is JobStatus.RUNNING:
             row = await conn.fetchrow(
                 "UPDATE jobs SET cancel_requested = true WHERE id = $1 RETURNING *", job_id
             )
-        else:
+            assert row is not None
+            return Changed(job_from_row(row))
+        if job.status not in (JobStatus.QUEUED, JobStatus.FAILED):
             raise JobStateConflict(f"The job is {job.status} and cannot be cancelled")
+        row = await conn.fetchrow(
+            "UPDATE jobs SET status = 'cancelled', completed_at = $2, error = 'cancelled'"
+            " WHERE id = $1 RETURNING *",
+            job_id,
+            now,
+        )
         assert row is not None
-        return job_from_row(row)
+        cancelled = job_from_row(row)
+        return Changed(cancelled, await _log(conn, [cancelled]))
 
     return await db.transaction(update)
 
 
-async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Job:
-    """Queue a failed, dead or cancelled job again now, with a fresh retry budget; its
-    attempts so far are kept. Errors as for :func:`cancel`."""
+async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Changed:
+    """Queue a failed, dead or cancelled job again now, with a fresh retry budget and its
+    JOB_QUEUED; its attempts so far are kept. Errors as for :func:`cancel`."""
 
-    async def update(conn: asyncpg.Connection) -> Job:
+    async def update(conn: asyncpg.Connection) -> Changed:
         job, may_change = await _visible(conn, job_id, user_id, lock=True)
         if not may_change:
             raise JobForbidden("Only the job's creator or a project owner may retry it")
@@ -468,7 +507,8 @@ async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: dateti
             now,
         )
         assert row is not None
-        return job_from_row(row)
+        queued = job_from_row(row)
+        return Changed(queued, await _log(conn, [queued]))
 
     return await db.transaction(update)
 
@@ -480,25 +520,32 @@ async def claim(
     db: Database, *, worker: str, now: datetime, lease_seconds: float
 ) -> Claimed | None:
     """Take the next job that is due (highest priority, then oldest) and start an attempt:
-    ``running``, a new lease, the attempt counted and recorded. None when nothing is due."""
+    ``running``, a new lease, the attempt counted and recorded, its JOB_STARTED logged.
+    None when nothing is due."""
     token = uuid.uuid4()
-    row = await db.fetchrow(
-        "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
-        "   AND next_attempt_at <= $1 ORDER BY priority DESC, seq LIMIT 1"
-        "   FOR UPDATE SKIP LOCKED)"
-        " UPDATE jobs j SET status = 'running', lease_token = $2, lease_owner = $3,"
-        " lease_expires_at = $4, started_at = coalesce(j.started_at, $1),"
-        " attempt_count = j.attempt_count + 1, progress = 0, progress_message = NULL,"
-        " attempts = j.attempts || jsonb_build_object('n', jsonb_array_length(j.attempts) + 1,"
-        "   'started_at', $5::text, 'worker', $3::text)"
-        " FROM next WHERE j.id = next.id RETURNING j.*",
-        now,
-        token,
-        worker,
-        now + timedelta(seconds=lease_seconds),
-        _iso(now),
-    )
-    return None if row is None else Claimed(job_from_row(row), token)
+
+    async def take(conn: asyncpg.Connection) -> Claimed | None:
+        row = await conn.fetchrow(_CLAIM, now, token, worker, expires, _iso(now))
+        if row is None:
+            return None
+        job = job_from_row(row)
+        return Claimed(job, token, await _log(conn, [job]))
+
+    expires = now + timedelta(seconds=lease_seconds)
+    return await db.transaction(take)
+
+
+_CLAIM = (
+    "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
+    "   AND next_attempt_at <= $1 ORDER BY priority DESC, seq LIMIT 1"
+    "   FOR UPDATE SKIP LOCKED)"
+    " UPDATE jobs j SET status = 'running', lease_token = $2, lease_owner = $3,"
+    " lease_expires_at = $4, started_at = coalesce(j.started_at, $1),"
+    " attempt_count = j.attempt_count + 1, progress = 0, progress_message = NULL,"
+    " attempts = j.attempts || jsonb_build_object('n', jsonb_array_length(j.attempts) + 1,"
+    "   'started_at', $5::text, 'worker', $3::text)"
+    " FROM next WHERE j.id = next.id RETURNING j.*"
+)
 
 
 async def heartbeat(
@@ -535,21 +582,30 @@ async def _finish(
     patch: Mapping[str, Any],
     *args: Any,
     notify: bool = False,
-) -> Job | None:
+) -> Changed | None:
+    """End the claimed attempt (``sets``, the attempt patched) and log the job's event, in
+    one transaction; None when the lease is no longer ours (nothing written)."""
     wake = f", pg_notify('{JOB_CHANNEL}', '')" if notify else ""
-    row = await db.fetchrow(
-        f"UPDATE jobs SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
-        f" attempts = {_PATCH_LAST.format('$3')}"
-        f" WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *{wake}",
-        claimed.job.id,
-        claimed.token,
-        _json(patch),
-        *args,
-    )
-    return None if row is None else job_from_row(row)
+
+    async def write(conn: asyncpg.Connection) -> Changed | None:
+        row = await conn.fetchrow(
+            f"UPDATE jobs SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
+            f" attempts = {_PATCH_LAST.format('$3')}"
+            f" WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *{wake}",
+            claimed.job.id,
+            claimed.token,
+            _json(patch),
+            *args,
+        )
+        if row is None:
+            return None
+        job = job_from_row(row)
+        return Changed(job, await _log(conn, [job]))
+
+    return await db.transaction(write)
 
 
-async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any) -> Job | None:
+async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any) -> Changed | None:
     """The attempt succeeded: ``completed`` with ``result``. None if the lease was lost."""
     return await _finish(
         db,
@@ -563,7 +619,7 @@ async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any
 
 async def fail(
     db: Database, claimed: Claimed, *, now: datetime, error: str, retry_at: datetime | None
-) -> Job | None:
+) -> Changed | None:
     """The attempt failed with ``error``: ``failed`` until ``retry_at``, or ``dead`` when
     ``retry_at`` is None. None if the lease was lost."""
     if retry_at is None:
@@ -585,7 +641,7 @@ async def fail(
     )
 
 
-async def finish_cancelled(db: Database, claimed: Claimed, *, now: datetime) -> Job | None:
+async def finish_cancelled(db: Database, claimed: Claimed, *, now: datetime) -> Changed | None:
     """A running job stopped on request: ``cancelled``. None if the lease was lost."""
     return await _finish(
         db,
@@ -596,7 +652,7 @@ async def finish_cancelled(db: Database, claimed: Claimed, *, now: datetime) -> 
     )
 
 
-async def release(db: Database, claimed: Claimed, *, now: datetime) -> Job | None:
+async def release(db: Database, claimed: Claimed, *, now: datetime) -> Changed | None:
     """Hand a running job back (its worker is stopping): ``queued`` again at once, and the
     attempt does not count. None if the lease was lost."""
     return await _finish(
@@ -609,30 +665,42 @@ async def release(db: Database, claimed: Claimed, *, now: datetime) -> Job | Non
     )
 
 
-async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list[Reaped]:
+async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list[Changed]:
     """Take back running jobs whose lease expired (their worker died or stalled): the
     attempt counts and ends with an error; the job is queued again at once, ``dead`` when
-    it has no attempt left, ``cancelled`` when a cancel was requested."""
+    it has no attempt left, ``cancelled`` when a cancel was requested. Their events are
+    logged in the same transaction, so a worker that claims a re-queued job logs its
+    JOB_STARTED after the JOB_QUEUED."""
     patch = _PATCH_LAST.format(
         "jsonb_build_object('ended_at', $2::text, 'outcome', s.status,"
         " 'error', 'the worker stopped renewing its lease (lost or killed)')"
     )
-    rows = await db.fetch(
-        "WITH expired AS (SELECT id, CASE WHEN cancel_requested THEN 'cancelled'"
-        "   WHEN attempt_count - budget_from > max_retries THEN 'dead' ELSE 'queued' END"
-        "   AS status FROM jobs WHERE status = 'running' AND lease_expires_at < $1"
-        "   ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
-        " UPDATE jobs j SET status = s.status, lease_token = NULL, lease_expires_at = NULL,"
-        " next_attempt_at = $1, error = 'the worker stopped renewing its lease',"
-        " completed_at = CASE WHEN s.status = 'queued' THEN NULL ELSE $1 END,"
-        f" attempts = {patch}"
-        " FROM expired s WHERE j.id = s.id RETURNING j.id, j.project_id, j.status,"
-        f" CASE WHEN s.status = 'queued' THEN pg_notify('{JOB_CHANNEL}', '') END",
-        now,
-        _iso(now),
-        limit,
-    )
-    return [Reaped(r["id"], r["project_id"], JobStatus(r["status"])) for r in rows]
+
+    async def reap(conn: asyncpg.Connection) -> list[Changed]:
+        rows = await conn.fetch(
+            "WITH expired AS (SELECT id, CASE WHEN cancel_requested THEN 'cancelled'"
+            "   WHEN attempt_count - budget_from > max_retries THEN 'dead' ELSE 'queued' END"
+            "   AS status FROM jobs WHERE status = 'running' AND lease_expires_at < $1"
+            "   ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            " UPDATE jobs j SET status = s.status, lease_token = NULL, lease_expires_at = NULL,"
+            " next_attempt_at = $1, error = 'the worker stopped renewing its lease',"
+            " completed_at = CASE WHEN s.status = 'queued' THEN NULL ELSE $1 END,"
+            f" attempts = {patch}"
+            " FROM expired s WHERE j.id = s.id RETURNING j.*,"
+            f" CASE WHEN s.status = 'queued' THEN pg_notify('{JOB_CHANNEL}', '') END",
+            now,
+            _iso(now),
+            limit,
+        )
+        jobs = [job_from_row(r) for r in rows]
+        events = await _log(conn, jobs)
+        return [Changed(job, [e for e in events if _event_of(e, job)]) for job in jobs]
+
+    return await db.transaction(reap)
+
+
+def _event_of(event: Event, job: Job) -> bool:
+    return bool(event.payload["job_id"] == f"job_{job.id}")
 
 
 async def prune_finished(db: Database, *, before: datetime, limit: int = 1000) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import trio
 
+from ..logs import detached
 from ..timestamps import utc_now_iso
 from ._errors import ChildExists, NoSuchChild, SupervisorEscalation, SupervisorStopped
 from ._protocol import Runnable, Supervised
@@ -210,7 +211,8 @@ class Supervisor:
         self._children[spec.name] = child
         try:
             async with self._group_lock():
-                await self._nursery.start(self._run_instance, child)
+                with detached():  # the child outlives the request that may start it
+                    await self._nursery.start(self._run_instance, child)
         except BaseException:
             # A caller cancelled while a (shielded) child was starting may see Cancelled
             # after the child came up: that child is supervised as usual, not dropped.

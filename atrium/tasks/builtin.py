@@ -6,12 +6,12 @@ import csv
 import io
 import math
 from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from ..persistence import jobs as store
+from ..timestamps import utc_iso, utc_now_iso
 from ._registry import PermanentJobError, TaskContext, registry
 
 # Distinct values listed per text column; the count of distinct values is always complete.
@@ -144,7 +144,7 @@ async def project_export(ctx: TaskContext, payload: ProjectExportPayload) -> dic
     await ctx.progress(10, "project and members read")
     events = await _events(ctx) if payload.include_events else []
     return {
-        "exported_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "exported_at": utc_now_iso(),
         **snapshot,
         "event_count": len(events),
         "events": events,
@@ -152,8 +152,12 @@ async def project_export(ctx: TaskContext, payload: ProjectExportPayload) -> dic
 
 
 class ActivityReportPayload(_Payload):
-    since: datetime | None = Field(default=None, description="Window start (default: no limit)")
-    until: datetime | None = Field(default=None, description="Window end, exclusive")
+    # Aware only: a time without its zone is refused at submission (naming the field),
+    # never guessed, and never compared with an aware one.
+    since: AwareDatetime | None = Field(
+        default=None, description="Window start, with a zone (default: no limit)"
+    )
+    until: AwareDatetime | None = Field(default=None, description="Window end, exclusive")
 
     @model_validator(mode="after")
     def _window(self) -> ActivityReportPayload:
@@ -190,7 +194,7 @@ async def project_activity_report(
     events = await _events(ctx, since=payload.since, until=payload.until)
     report = await ctx.to_thread(activity, events)
     window = {
-        "since": None if payload.since is None else payload.since.isoformat(),
-        "until": None if payload.until is None else payload.until.isoformat(),
+        "since": None if payload.since is None else utc_iso(payload.since),
+        "until": None if payload.until is None else utc_iso(payload.until),
     }
     return {"window": window, **report}
