@@ -92,6 +92,9 @@ async def run_serve(settings: Settings, url: str | None) -> None:
             if bound.ws_port is not None:
                 print(f"atrium: WebSocket listener on ws://{bound.host}:{bound.ws_port}/ws/",
                       flush=True)
+            if bound.metrics_port is not None:
+                print(f"atrium: metrics on http://{bound.host}:{bound.metrics_port}/metrics",
+                      flush=True)
 
 
 async def run_worker(settings: Settings, url: str | None) -> None:
@@ -117,9 +120,12 @@ async def run_worker(settings: Settings, url: str | None) -> None:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_signals)
-            await nursery.start(run)
+            bound: Bound = await nursery.start(run)
             tune_gc()
             print(f"atrium: worker running {settings.worker_concurrency} job actors", flush=True)
+            if bound.metrics_port is not None:
+                print(f"atrium: metrics on http://{settings.host}:{bound.metrics_port}/metrics",
+                      flush=True)
 
 
 async def run_migrate(settings: Settings, url: str) -> None:

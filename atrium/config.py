@@ -89,6 +89,8 @@ class Settings:
     job_lease_seconds: float = 30.0
     job_retention_days: int = 30  # 0: keep finished jobs forever
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
+    enable_metrics: bool = True
+    metrics_port: int = 9090  # 0: any free port
 
     @property
     def is_production(self) -> bool:
@@ -116,6 +118,17 @@ def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     if value > 65535:
         raise ConfigError(name, f"must be a TCP port (0-65535), got {value}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be true or false, got {raw!r}")
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
@@ -314,4 +327,6 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         job_task_modules=tuple(
             m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
+        enable_metrics=_bool(env, "ENABLE_METRICS", True),
+        metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
     )

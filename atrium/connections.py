@@ -9,6 +9,7 @@ index across instances (the Redis bridge) is not built yet.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .outbox import Outbox
@@ -44,6 +45,10 @@ class ConnectionIndex:
 
     def __len__(self) -> int:
         return len(self._of)
+
+    def outboxes(self) -> Iterator[Outbox]:
+        """The admitted connections' outboxes."""
+        return iter(self._of)
 
     def admit(self, outbox: Outbox, user_id: uuid.UUID, session_id: uuid.UUID, now: float) -> bool:
         """Index a new connection; False (and nothing indexed) when its user already holds

@@ -27,6 +27,7 @@ from .connections import ConnectionIndex
 from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
 from .logs import bind, log_context
+from .metrics import Metrics
 from .outbox import Outbox
 from .persistence import accounts, projects
 from .persistence.database import Database, DatabaseUnavailable
@@ -162,6 +163,7 @@ class Realtime:
         allowed_origins: tuple[str, ...],
         settings: ConnectionSettings,
         failures: ContainedFailures | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
         self.tokens = tokens
@@ -174,6 +176,7 @@ class Realtime:
             edit_burst=settings.user_edit_burst,
         )
         self.failures = failures or ContainedFailures()
+        self.metrics = metrics or Metrics()
         self.active = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -190,6 +193,9 @@ class Realtime:
         if self.active == 0:
             self._drained = trio.Event()
         self.active += 1
+        metrics = self.metrics
+        gauge = metrics.ws_open_by_transport.get(transport) or metrics.ws_open.labels(transport)
+        gauge.inc()
         connection = _LiveConnection(self, conn, handshake)
         try:
             # Every line about this connection, from any of its tasks, carries these.
@@ -205,6 +211,9 @@ class Realtime:
                     await connection.fail()
                 log.debug("workspace connection ended")
         finally:
+            gauge.dec()
+            if not connection.closed:
+                metrics.ws_closes.labels("peer").inc()
             self.active -= 1
             if self.active == 0:
                 self._drained.set()
@@ -212,6 +221,13 @@ class Realtime:
     async def wait_drained(self) -> None:
         """Return once no connection is being served."""
         await self._drained.wait()
+
+    def count_direct_frames(self) -> None:
+        """Add the frames written directly (``Outbox.direct``) since the last count to
+        the frames-out metric; run before a scrape (connections that end add their own)."""
+        metrics = self.metrics
+        for outbox in self.connections.outboxes():
+            _count_direct(outbox, metrics)
 
     def revoke_session(self, session_id: uuid.UUID) -> int:
         """Close this process's connections whose current token belongs to ``session_id``
@@ -244,6 +260,7 @@ class _LiveConnection:
         "_sending",
         "_next_ping",
         "_warned_for",
+        "closed",
     )
 
     def __init__(self, realtime: Realtime, conn: Connection, handshake: Handshake) -> None:
@@ -265,6 +282,7 @@ class _LiveConnection:
         self._sending = trio.CancelScope()
         self._next_ping = 0.0  # trio clock
         self._warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
+        self.closed = False  # a close frame was sent (else the peer ended it: metrics)
         self.outbox.on_close = self._closing
 
     async def run(self) -> None:
@@ -288,6 +306,7 @@ class _LiveConnection:
             # Out of the index before the Leave: once others see this user leave, the
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
+            _count_direct(self.outbox, self.rt.metrics)
             await self._leave()
 
     def context(self, transport: str) -> dict[str, object]:
@@ -359,7 +378,7 @@ class _LiveConnection:
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
         try:
             self.actor = await self.rt.workspaces.get(project_id)
-            await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
+            replayed = await self.actor.ask(Join(self.subscriber, since_seq), timeout=10.0)
             log.info("joined the workspace as %s", Role(role).value)
         except ActorStopped:
             self.actor = None
@@ -368,6 +387,9 @@ class _LiveConnection:
             # The Join is still in the mailbox and may yet be handled: keep the actor, so
             # the Leave that follows it in the mailbox takes the connection out again.
             raise Refused(CloseCode.SERVICE_RESTART, "workspace_restarting") from None
+        if since_seq is not None:
+            self.rt.metrics.ws_resumes.inc()
+            self.rt.metrics.ws_replayed.inc(replayed)
 
     def _since_seq(self, raw: str | None) -> int | None:
         if raw is None or raw == "":
@@ -401,6 +423,7 @@ class _LiveConnection:
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
         outbox, conn = self.outbox, self.conn
+        count_out = self.rt.metrics.ws_frames_out.inc
         try:
             with self._sending:
                 while True:
@@ -412,10 +435,12 @@ class _LiveConnection:
                     if frames:
                         if self.batch:
                             await conn.send("[" + ",".join(frames) + "]")
+                            count_out()
                         else:
                             for frame in frames:
                                 await conn.send(frame)
                             del frame
+                            count_out(len(frames))
                         del frames  # not held while the connection idles
                     elif outbox.closing and not outbox.owed:
                         break
@@ -437,6 +462,12 @@ class _LiveConnection:
             self._sending.cancel()
 
     async def _close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            metrics = self.rt.metrics
+            metrics.ws_closes.labels(str(code)).inc()
+            if code == CloseCode.SLOW_CONSUMER:
+                metrics.ws_slow_consumers.inc()
         log.info("closing the connection: %d %s", code, reason)
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             await self.conn.close(code, reason)
@@ -449,6 +480,7 @@ class _LiveConnection:
         an AUTH frame, which moves a deadline, is handled in this same task.
         """
         receive = self.conn.receive
+        count_in = self.rt.metrics.ws_frames_in.inc
         self._next_ping = trio.current_time() + self.settings.heartbeat_interval
         try:
             while True:
@@ -458,6 +490,7 @@ class _LiveConnection:
                     self._on_timer()
                     continue
                 self.last_activity = trio.current_time()
+                count_in()
                 await self._on_frame(raw)
         except ConnectionGone:
             scope.cancel()
@@ -589,3 +622,10 @@ class _LiveConnection:
                 await self.actor.tell(Leave(self.subscriber))
             except ActorStopped:
                 pass
+
+
+def _count_direct(outbox: Outbox, metrics: Metrics) -> None:
+    sent = outbox.sent_direct
+    if sent != outbox.counted_direct:
+        metrics.ws_frames_out.inc(sent - outbox.counted_direct)
+        outbox.counted_direct = sent

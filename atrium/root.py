@@ -10,10 +10,13 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     the dedicated WebSocket listener (wsproto) on WS_PORT (when configured)
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
-    └── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
-                        NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
+    ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
+    │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
+    └── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false);
+                        last, so its own fault restarts nothing else
 
 ``run.py worker`` runs the same tree without http, ws_listener and workspaces.
+The process's ``Metrics`` are made here, once: they outlive a restarted child.
 
 Children start in that order and stop in reverse, after the process drained (``/ready``
 answers 503 for DRAIN_SECONDS while everything still serves): jobs are released, then
@@ -52,6 +55,8 @@ from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .jobs import jobs_spec
+from .metrics import LiveState, Metrics, serve_metrics
+from .persistence import jobs as job_store
 from .persistence.database import open_database
 from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrate import migrate
@@ -72,6 +77,7 @@ class Bound:
     host: str
     port: int
     ws_port: int | None = None
+    metrics_port: int | None = None
     supervisor: Supervisor | None = field(default=None, compare=False)
     services: ChildHandle[Services] | None = field(default=None, compare=False)
 
@@ -124,16 +130,25 @@ async def _run_database(
     clock: Callable[[], float],
     failures: ContainedFailures,
     root: Supervisor,
+    metrics: Metrics,
     *,
     draining: trio.Event | None = None,
     task_status: trio.TaskStatus[Services],
 ) -> None:
-    async with open_database(url, pool_size=settings.db_pool_size) as db:
+    async with open_database(
+        url, pool_size=settings.db_pool_size, observe=metrics.db_query_seconds.observe
+    ) as db:
         applied = await migrate(db)
         if applied:
             log.info("applied migrations %s", applied)
         services = build_services(
-            settings, db, clock=clock, failures=failures, supervisor=root, draining=draining
+            settings,
+            db,
+            clock=clock,
+            failures=failures,
+            supervisor=root,
+            draining=draining,
+            metrics=metrics,
         )
         task_status.started(services)
         await trio.sleep_forever()
@@ -213,6 +228,47 @@ def _jobs_child(database: ChildHandle[Services]) -> ChildSpec[Supervisor]:
     )
 
 
+def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) -> None:
+    """Read the tree, the pool and the job queue into ``metrics`` when it is scraped."""
+
+    def pool() -> tuple[int, int] | None:
+        services = database.value
+        return None if services is None else services.db.pool_statistics()
+
+    async def sample_jobs() -> None:
+        counts = await job_store.count_active(database.value.db)
+        for state, count in counts.items():
+            metrics.jobs.labels(str(state)).set(count)
+
+    async def count_direct_frames() -> None:
+        database.value.realtime.count_direct_frames()
+
+    metrics.watch(LiveState(lambda: root, pool))
+    metrics.add_sampler(count_direct_frames)
+    metrics.add_sampler(sample_jobs)
+
+
+async def _run_metrics(
+    metrics: Metrics, settings: Settings, *, task_status: trio.TaskStatus[int]
+) -> None:
+    await serve_metrics(metrics, settings.host, settings.metrics_port, task_status=task_status)
+
+
+async def _start_metrics(
+    root: Supervisor, settings: Settings, metrics: Metrics, database: ChildHandle[Services]
+) -> int | None:
+    """Watch the tree; with ENABLE_METRICS, start the ``metrics`` listener (last) and
+    return its port."""
+    _watch(metrics, root, database)
+    if not settings.enable_metrics:
+        return None
+    child = await root.start_child(
+        ChildSpec("metrics", partial(_run_metrics, metrics, settings), shutdown_timeout=2.0)
+    )
+    port: int = child.value
+    return port
+
+
 def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
     """The ``postgres`` subtree: the embedded postmaster, restarted (after 0.5-5 s) when it
     dies, on the same data directory and socket."""
@@ -275,9 +331,11 @@ async def _serve_tree(
     clock: Callable[[], float],
     task_status: trio.TaskStatus[Bound],
 ) -> None:
-    # One count and one drain flag for the process: they outlive a restarted child.
+    # One count, one drain flag and one set of metrics for the process: they outlive a
+    # restarted child.
     failures = ContainedFailures()
     draining = trio.Event()
+    metrics = Metrics()
     async with open_supervisor(
         name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
     ) as root:
@@ -293,6 +351,7 @@ async def _serve_tree(
                     clock,
                     failures,
                     root,
+                    metrics,
                     draining=draining,
                 ),
                 shutdown_timeout=15.0,
@@ -330,8 +389,9 @@ async def _serve_tree(
             # After the workspaces, so a crash loop of its own restarts nothing else; it
             # stops first, releasing held jobs while the pool is still open.
             await root.start_child(_jobs_child(database))
+        metrics_port = await _start_metrics(root, settings, metrics, database)
         server = http.value
-        task_status.started(Bound(server.host, server.port, ws_port, root, database))
+        task_status.started(Bound(server.host, server.port, ws_port, metrics_port, root, database))
         if shutdown_trigger is None:
             await trio.sleep_forever()
         else:
@@ -363,6 +423,7 @@ async def serve_worker(
         cluster = EmbeddedPostgres(settings.data_dir)
         await trio.to_thread.run_sync(cluster.prepare)
         database_url = cluster.url
+    metrics = Metrics()
     try:
         async with open_supervisor(
             name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
@@ -373,13 +434,20 @@ async def serve_worker(
                 ChildSpec(
                     "database",
                     partial(
-                        _run_database, settings, database_url, clock, ContainedFailures(), root
+                        _run_database,
+                        settings,
+                        database_url,
+                        clock,
+                        ContainedFailures(),
+                        root,
+                        metrics,
                     ),
                     shutdown_timeout=15.0,
                 )
             )
             await root.start_child(_jobs_child(database))
-            task_status.started(Bound(settings.host, 0, None, root, database))
+            metrics_port = await _start_metrics(root, settings, metrics, database)
+            task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
             if shutdown_trigger is None:
                 await trio.sleep_forever()
             else:

@@ -24,6 +24,7 @@ from .domain.workspaces import Workspaces
 from .events import EventPublisher
 from .failures import ContainedFailures
 from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
+from .metrics import Metrics
 from .passwords import Passwords
 from .persistence.database import Database
 from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
@@ -47,6 +48,7 @@ class Services:
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
+    ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
     """
 
     settings: Settings
@@ -66,6 +68,7 @@ class Services:
     supervisor: Supervisor | None
     jobs: JobService
     draining: trio.Event
+    metrics: Metrics
 
     def revoke_live_session(self, session_id: uuid.UUID) -> int:
         """Close this process's open WebSockets of ``session_id`` (4001); how many."""
@@ -122,12 +125,17 @@ def build_services(
     draining: trio.Event | None = None,
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
+    metrics: Metrics | None = None,
 ) -> Services:
     """Assemble the services for ``settings`` on an open database.
 
     Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
     ``project_cache`` replaces the in-memory project-list cache (tests pass both).
+    ``metrics`` is the process's (the root makes one that outlives a new pool); without
+    it the services count into a registry of their own.
     """
+    if metrics is None:
+        metrics = Metrics()
     codec = TokenCodec(
         secret=settings.secret_key,
         issuer=settings.jwt_issuer,
@@ -139,10 +147,12 @@ def build_services(
         failures = ContainedFailures()
     if project_cache is None:
         project_cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
-    workspaces = Workspaces(db, workspace_settings(settings))
+    workspaces = Workspaces(
+        db, workspace_settings(settings), count_deliveries=metrics.ws_deliveries.inc
+    )
     publish = workspaces if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
-    jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock)
+    jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
     realtime = Realtime(
         db=db,
         tokens=codec,
@@ -150,6 +160,7 @@ def build_services(
         allowed_origins=settings.allowed_origins,
         settings=connection_settings(settings),
         failures=failures,
+        metrics=metrics,
     )
     return Services(
         settings=settings,
@@ -173,4 +184,5 @@ def build_services(
         supervisor=supervisor,
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
+        metrics=metrics,
     )

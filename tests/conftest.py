@@ -123,6 +123,7 @@ def test_settings(data_dir: Path, **env: Any) -> Settings:
         "AUTH_RATE_LIMIT_PER_MINUTE": "10000",
         "WS_USER_EDITS_PER_SECOND": "10000",
         "DB_POOL_SIZE": "6",
+        "METRICS_PORT": "0",
     }
     base.update({k: str(v) for k, v in env.items()})
     return load_settings(base)

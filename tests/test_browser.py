@@ -84,6 +84,7 @@ class RunPy:
             DATA_DIR=str(tmp_path / "data"),
             RATE_LIMIT_PER_MINUTE="10000",
             AUTH_RATE_LIMIT_PER_MINUTE="10000",
+            METRICS_PORT="0",
         )
         self.process: subprocess.Popen[bytes] | None = None
 

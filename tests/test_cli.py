@@ -30,7 +30,7 @@ def run_py(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def base_env(tmp_path: Path, database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SECRET_KEY")}
-    env.update(DATA_DIR=str(tmp_path / "data"), DATABASE_URL=database_url)
+    env.update(DATA_DIR=str(tmp_path / "data"), DATABASE_URL=database_url, METRICS_PORT="0")
     return env
 
 

@@ -66,6 +66,7 @@ async def start_worker(tmp_path: Path, database_url: str, name: str) -> Worker:
         DATA_DIR=str(tmp_path / name),
         DATABASE_URL=database_url,
         WORKER_CONCURRENCY="1",
+        METRICS_PORT="0",
         JOB_LEASE_SECONDS=str(LEASE),
         JOB_TASK_MODULES="tests.job_tasks",
         LOG_LEVEL="INFO",

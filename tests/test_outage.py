@@ -242,6 +242,7 @@ async def run_py(data_dir: Path, log: Path) -> AsyncIterator[Process]:
         DATA_DIR=str(data_dir),
         PORT="0",
         WS_PORT="0",
+        METRICS_PORT="0",
         RATE_LIMIT_PER_MINUTE="10000",
         AUTH_RATE_LIMIT_PER_MINUTE="10000",
     )

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -120,6 +120,10 @@ def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEv
     return NewEvent(kind, subscriber.user_id, payload)
 
 
+def _uncounted(_: int) -> None:
+    pass
+
+
 def _is_edit(message: Message) -> bool:
     return isinstance(message, Edit)
 
@@ -154,9 +158,19 @@ class WorkspaceActor(Actor[Message, Any]):
         "_last_seq",
         "_broadcasts",
         "_slow",
+        "_count_deliveries",
     )
 
-    def __init__(self, project_id: uuid.UUID, db: Database, settings: WorkspaceSettings) -> None:
+    def __init__(
+        self,
+        project_id: uuid.UUID,
+        db: Database,
+        settings: WorkspaceSettings,
+        *,
+        count_deliveries: Callable[[int], object] | None = None,
+    ) -> None:
+        """``count_deliveries(n)`` is told how many connections each broadcast reached
+        (a metric: once per broadcast, not per delivery)."""
         super().__init__(
             name=f"workspace:{project_id}",
             mailbox_size=settings.mailbox_size,
@@ -170,6 +184,7 @@ class WorkspaceActor(Actor[Message, Any]):
         self._last_seq = 0
         self._broadcasts = 0
         self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
+        self._count_deliveries = count_deliveries or _uncounted
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -221,6 +236,7 @@ class WorkspaceActor(Actor[Message, Any]):
 
     def _broadcast(self, frame: str) -> None:
         self._broadcasts += 1
+        self._count_deliveries(len(self._subscribers))
         for subscriber in self._subscribers.values():
             self._put(subscriber, frame)
 
@@ -457,12 +473,14 @@ class WorkspaceActor(Actor[Message, Any]):
         for other in self._subscribers.values():
             if other is not subscriber:
                 other.outbox.put_cursor(subscriber.user_id, frame)
+        self._count_deliveries(len(self._subscribers) - 1)
 
     def _ephemeral(self, message: Ephemeral) -> None:
         self._broadcasts += 1
         frame = protocol.encode(message.frame)
         for subscriber in self._subscribers.values():
             subscriber.outbox.put_cursor(message.key, frame)
+        self._count_deliveries(len(self._subscribers))
 
     def _status(self) -> dict[str, Any]:
         return {

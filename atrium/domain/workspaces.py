@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -48,8 +48,10 @@ class Workspaces:
         *,
         max_restarts: int = 5,
         period: float = 30.0,
+        count_deliveries: Callable[[int], object] | None = None,
     ) -> None:
         self._db = db
+        self._count_deliveries = count_deliveries
         self._settings = settings
         self._max_restarts = max_restarts
         self._period = period
@@ -110,7 +112,9 @@ class Workspaces:
         while the workspace supervisor (re)starts."""
         spec = actor_spec(
             f"workspace:{project_id}",
-            lambda: WorkspaceActor(project_id, self._db, self._settings),
+            lambda: WorkspaceActor(
+                project_id, self._db, self._settings, count_deliveries=self._count_deliveries
+            ),
             restart=Restart.TRANSIENT,
         )
         while (supervisor := self._supervisor) is None:

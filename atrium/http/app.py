@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, g, request
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
@@ -17,6 +18,7 @@ from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
 from .request_log import RequestLog
+from .request_metrics import RequestMetrics, set_route
 from .schemas import ContractProvider
 
 
@@ -72,9 +74,21 @@ def create_app(svc: Services) -> QuartTrio:
 
     @app.before_request
     async def note_route() -> None:
-        # The access line names the route template, not the ids in the path.
-        if request.url_rule is not None:
-            bind(route=request.url_rule.rule)
+        # The route template names the request in the access line and in the metrics
+        # (RequestMetrics), not the ids in the path; no rule: unmatched.
+        rule = request.url_rule
+        if rule is not None:
+            bind(route=rule.rule)
+            set_route(request.scope, rule.rule)
+
+    if settings.environment == "development":
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            """This process's Prometheus metrics (development only; METRICS_PORT serves
+            them everywhere)."""
+            body = await svc.metrics.exposition()
+            return Response(body, 200, content_type=CONTENT_TYPE_LATEST)
 
     @app.after_request
     async def add_rate_headers(response: Response) -> Response:
@@ -92,7 +106,7 @@ def create_asgi(svc: Services) -> RequestLog:
     around the Edge layer around ``create_app(svc)``."""
     settings = svc.settings
     edge = Edge(
-        create_app(svc),
+        RequestMetrics(create_app(svc), svc.metrics),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),

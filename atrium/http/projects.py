@@ -145,6 +145,7 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
     filled = await svc.project_cache.get_or_fill(user.id, key, fill)
     page, hit = filled.value, filled.hit
     cached = hit is not None
+    (svc.metrics.cache_hits if cached else svc.metrics.cache_misses).inc()
     expires = None if hit is None else utc_iso_at(hit.expires_at)
     return json_response(
         {

@@ -16,7 +16,7 @@ import trio
 from ..logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import Changed, Claimed, JobStatus
+from ..persistence.jobs import Changed, Claimed, Job, JobStatus
 from ..tasks import PermanentJobError, TaskContext, UnknownTask
 from ._queue import JobQueue
 
@@ -183,6 +183,7 @@ class JobActor:
                 job.attempt_count,
             )
             await self.queue.changed(claimed)
+            started = trio.current_time()
             try:
                 outcome = await self._attempt(claimed)
             except Exception:
@@ -193,6 +194,7 @@ class JobActor:
                 with trio.move_on_after(2.0, shield=True):
                     await self._record(claimed, _Outcome(JobStatus.QUEUED, released=True))
                 raise
+            self._count(job, outcome, trio.current_time() - started)
             await self._record(claimed, outcome)
         except Exception as crash:
             # The actor's own fault, not the task's: the attempt fails by the policy, then
@@ -203,6 +205,19 @@ class JobActor:
             self.queue.unregister(job.id)
             self._held = None
             self._task_scope = None
+
+    def _count(self, job: Job, outcome: _Outcome, seconds: float) -> None:
+        metrics = self.queue.metrics
+        # Only registered names: any string can be submitted, and each would be a series.
+        task = job.task_name if job.task_name in self.queue.registry else "unknown"
+        if outcome.released:
+            result = "released"
+        elif outcome.lease_lost:
+            result = "lease_lost"
+        else:
+            result = str(outcome.status)
+        metrics.job_attempts.labels(task, result).inc()
+        metrics.job_seconds.labels(task).observe(seconds)
 
     async def _attempt(self, claimed: Claimed) -> _Outcome:
         job = claimed.job

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..events import Event
+from ..metrics import Metrics
 from ..persistence import jobs as store
 from ..persistence.database import Database
 from ..persistence.jobs import Job, JobStatus
@@ -62,7 +63,8 @@ class JobQueue:
     """Shared by the HTTP layer and the job actors of one process.
 
     ``wake()`` after a submission rouses idle actors at once (same process; other
-    processes poll every ``poll_seconds``). ``changed(change)`` after every state change
+    processes poll every ``poll_seconds``). ``metrics`` counts the attempts its actors run.
+    ``changed(change)`` after every state change
     wakes whoever waits in :meth:`wait_for`. Running actors register here so a cancel
     reaches a job's cancel scope at once.
     """
@@ -74,8 +76,10 @@ class JobQueue:
         database: Callable[[], Database],
         registry: TaskRegistry = default_registry,
         clock: Callable[[], float] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.registry = registry
         self._database = database
         self._clock = clock

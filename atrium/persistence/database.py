@@ -8,6 +8,7 @@ of atrium calls plain trio functions.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ import trio
 import trio_asyncio
 
 T = TypeVar("T")
+Observe = Callable[[float], None]
+"""Told the seconds of each query or transaction (a latency metric)."""
 _CLOSE_TIMEOUT = 10.0
 # Queries time out on the trio side. asyncpg's own timers (command_timeout, and the pool's
 # inactivity timer) are asyncio TimerHandles, and trio-asyncio keeps a cancelled one in its
@@ -65,22 +68,37 @@ class Database:
     receives an asyncpg connection inside an open transaction and runs on the asyncio side.
     """
 
-    __slots__ = ("_pool",)
+    __slots__ = ("_pool", "_observe")
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, observe: Observe | None = None) -> None:
         self._pool = pool
+        self._observe = observe
+
+    def pool_statistics(self) -> tuple[int, int]:
+        """``(open, idle)``: connections the pool holds now, and how many wait unused."""
+        return self._pool.get_size(), self._pool.get_idle_size()
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        return await _call(self._pool.fetch, query, *args)
+        return await self._timed(self._pool.fetch, query, *args)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        return await _call(self._pool.fetchrow, query, *args)
+        return await self._timed(self._pool.fetchrow, query, *args)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        return await _call(self._pool.fetchval, query, *args)
+        return await self._timed(self._pool.fetchval, query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        return await _call(self._pool.execute, query, *args)
+        return await self._timed(self._pool.execute, query, *args)
+
+    async def _timed(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        observe = self._observe
+        if observe is None:
+            return await _call(fn, *args)
+        started = time.perf_counter()
+        try:
+            return await _call(fn, *args)
+        finally:
+            observe(time.perf_counter() - started)
 
     async def transaction(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``fn(connection)`` in one transaction; it commits when ``fn`` returns."""
@@ -89,7 +107,7 @@ class Database:
             async with self._pool.acquire() as connection, connection.transaction():
                 return await fn(connection)
 
-        return await _call(run)
+        return await self._timed(run)
 
     @asynccontextmanager
     async def listening(
@@ -161,8 +179,11 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 
 @asynccontextmanager
-async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Database]:
-    """Open a pool to ``url`` for the duration of the block (needs a trio-asyncio loop)."""
+async def open_database(
+    url: str, *, pool_size: int = 10, observe: Observe | None = None
+) -> AsyncIterator[Database]:
+    """Open a pool to ``url`` for the duration of the block (needs a trio-asyncio loop);
+    ``observe`` is told the duration of every query and transaction."""
     pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
         url,
         min_size=1,
@@ -171,7 +192,7 @@ async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Datab
         max_inactive_connection_lifetime=0,  # no timer per release (see QUERY_TIMEOUT)
     )
     try:
-        yield Database(pool)
+        yield Database(pool, observe)
     finally:
         # Shielded: the block usually ends by cancellation, and an unclosed pool leaks
         # connections. A close that hangs (a dead server) is cut short and terminated.

@@ -341,6 +341,21 @@ def event_payload(job: Job) -> dict[str, Any]:
     return payload
 
 
+ACTIVE_STATES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED)
+
+
+async def count_active(db: Database) -> dict[JobStatus, int]:
+    """How many jobs wait or run now, by state (``ACTIVE_STATES``, each present). Only
+    these: the partial indexes cover them, while finished jobs may be millions of rows."""
+    rows = await db.fetch(
+        "SELECT status, count(*) AS n FROM jobs"
+        " WHERE status IN ('queued', 'running', 'failed') GROUP BY status"
+    )
+    counts = dict.fromkeys(ACTIVE_STATES, 0)
+    counts.update({JobStatus(row["status"]): int(row["n"]) for row in rows})
+    return counts
+
+
 async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
     """``(position, mean_seconds)``: the job's place among the jobs waiting to run (1 =
     next; 0 when it is not waiting), and the mean run time of this task's recent completed

@@ -1,0 +1,204 @@
+"""Prometheus metrics after real traffic: the real server, scraped on its METRICS_PORT and
+parsed with prometheus-client's own text parser."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from conftest import Running, StartServer, crash_workspace
+from prometheus_client.parser import text_string_to_metric_families
+from test_jobs_api import CSV, auth, run, wait_status
+from test_workspace import edit, make_team, session
+from wsclient import connect
+
+from atrium.persistence.jobs import JobStatus
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+WAIT = 10.0
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+async def scrape(server: Running) -> Samples:
+    port = server.bound.metrics_port
+    assert port is not None
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"http://127.0.0.1:{port}/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return parse(r.text)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def drained(server: Running) -> None:
+    """Wait until the server has finished with every WebSocket connection."""
+    assert server.bound.services is not None
+    with trio.fail_after(WAIT):
+        await server.bound.services.value.realtime.wait_drained()
+
+
+async def test_http_requests_by_route_template_method_and_status(server: Running) -> None:
+    owner = (await server.signup_login("ann@example.com"))["access_token"]
+    headers = {"Authorization": f"Bearer {owner}"}
+    r = await server.client.post("/api/v1/projects/", json={"name": "M"}, headers=headers)
+    project_id = r.json()["id"]
+    before = await scrape(server)
+
+    assert (await server.client.get(f"/no/such/{uuid.uuid4()}")).status_code == 404
+    r = await server.client.get(f"/api/v1/projects/{project_id}", headers=headers)
+    assert r.status_code == 200
+    for _ in range(2):  # a miss fills the project-list cache, then a hit
+        assert (await server.client.get("/api/v1/projects/", headers=headers)).status_code == 200
+    after = await scrape(server)
+
+    requests = "atrium_http_requests_total"
+    assert moved(before, after, requests, route="unmatched", method="GET", status="404") == 1
+    route = "/api/v1/projects/<project_id>"
+    assert moved(before, after, requests, route=route, method="GET", status="200") == 1
+    # One series per template, never per id.
+    assert not any(project_id in dict(labels).get("route", "") for _, labels in after)
+    timed = "atrium_http_request_duration_seconds_count"
+    assert moved(before, after, timed, route=route, method="GET") == 1
+    assert moved(before, after, timed, route="unmatched", method="GET") == 1
+    lookups = "atrium_project_cache_lookups_total"
+    assert moved(before, after, lookups, result="miss") == 1
+    assert moved(before, after, lookups, result="hit") == 1
+    # Database round trips are timed, and the pool is read at scrape time.
+    assert moved(before, after, "atrium_db_query_duration_seconds_count") >= 2
+    assert 1 <= value(after, "atrium_db_pool_connections") <= server.settings.db_pool_size
+    assert value(after, "atrium_db_pool_in_use") >= 0
+
+
+@pytest.mark.parametrize("transport", ["main", "listener"])
+async def test_websocket_join_and_leave(server: Running, transport: str) -> None:
+    team = await make_team(server, transport)
+    before = await scrape(server)
+    async with session(team, team.owner) as client:
+        await client.send(edit("/a.py"))
+        while (await client.recv())["type"] != "FILE_CHANGE":
+            pass
+        during = await scrape(server)
+        assert value(during, "atrium_ws_connections_open", transport=transport) == 1
+        assert value(during, "atrium_workspaces_running") == 1
+    await drained(server)
+    after = await scrape(server)
+
+    assert value(after, "atrium_ws_connections_open", transport=transport) == 0
+    # The client closed first: counted as a peer close, not under a server close code.
+    assert moved(before, after, "atrium_ws_closes_total", code="peer") == 1
+    assert moved(before, after, "atrium_ws_frames_in_total") == 1  # the edit
+    # USER_JOIN and FILE_CHANGE reached the one connection, with the greeting and the ACK-
+    # less edit's echo: every frame out was a delivery or the greeting.
+    assert moved(before, after, "atrium_ws_deliveries_total") == 2
+    assert moved(before, after, "atrium_ws_frames_out_total") == 3  # + PRESENCE_STATE
+
+
+async def test_refusals_and_resumes_are_counted(server: Running) -> None:
+    team = await make_team(server, "main")
+    before = await scrape(server)
+    async with connect(team.url(), "not-a-token") as refused:
+        assert (await refused.closed())[0] == 4001
+    async with session(team, team.owner, "?since_seq=0") as client:
+        assert client is not None
+    await drained(server)
+    after = await scrape(server)
+    assert moved(before, after, "atrium_ws_closes_total", code="4001") == 1
+    assert moved(before, after, "atrium_ws_resumes_total") == 1
+    # The project's log held its creation and two member additions.
+    assert moved(before, after, "atrium_ws_resume_replayed_events_total") == 3
+
+
+async def test_slow_consumer_close_is_counted(start_server: StartServer) -> None:
+    async with start_server(WS_SEND_QUEUE=16, WS_RATE_LIMIT_PER_SECOND=100_000) as server:
+        team = await make_team(server, "main")
+        before = await scrape(server)
+        big = "y" * 15_000
+        async with (
+            session(team, team.owner) as fast,
+            connect(team.url(), team.viewer.token, queue=1) as slow,
+            session(team, team.collaborator) as sender,
+        ):
+            total = 300
+            async with trio.open_nursery() as nursery:
+
+                async def send_all() -> None:
+                    for i in range(total):
+                        await sender.send(edit(f"/f{i}", blob=big))
+
+                nursery.start_soon(send_all)
+                left = False
+                while not left:
+                    message = await fast.recv()
+                    left = message["type"] == "USER_LEAVE"
+            assert (await slow.closed())[0] == 4008
+        await drained(server)
+        after = await scrape(server)
+    assert moved(before, after, "atrium_ws_slow_consumer_closes_total") == 1
+    assert moved(before, after, "atrium_ws_closes_total", code="4008") == 1
+
+
+async def test_a_workspace_crash_counts_as_a_supervised_restart(server: Running) -> None:
+    team = await make_team(server, "main")
+    before = await scrape(server)
+    async with session(team, team.owner) as client:
+        await crash_workspace(await server.workspace_actor(team.project_id))
+        assert (await client.closed())[0] == 1012
+    await drained(server)
+    after = await scrape(server)
+    restarts = "atrium_supervisor_restarts_total"
+    assert moved(before, after, restarts, supervisor="root/workspaces", child="workspace:*") == 1
+    assert value(after, restarts, supervisor="root", child="http") == 0
+
+
+async def test_job_runs_and_queue_depth(start_server: StartServer) -> None:
+    async with start_server(WORKER_CONCURRENCY=1) as server:
+        ann = auth(await server.signup_login("ann@example.com"))
+        before = await scrape(server)
+        r = await run(server, ann, task_name="data_processing", payload={"csv": CSV})
+        assert r.status_code == 202, r.text
+        await wait_status(server, r.json()["job_id"], JobStatus.COMPLETED)
+        after = await scrape(server)
+    attempts = "atrium_job_attempts_total"
+    assert moved(before, after, attempts, task="data_processing", outcome="completed") == 1
+    timed = "atrium_job_run_duration_seconds_count"
+    assert moved(before, after, timed, task="data_processing") == 1
+    for state in ("queued", "running", "failed"):
+        assert value(after, "atrium_jobs", state=state) == 0
+
+
+async def test_disabled_metrics_have_no_listener(start_server: StartServer) -> None:
+    async with start_server(ENABLE_METRICS="false") as server:
+        assert server.bound.metrics_port is None
+        assert server.bound.supervisor is not None
+        names = [child.name for child in server.bound.supervisor.snapshot().children]
+        assert "metrics" not in names and "http" in names
+        assert (await server.client.get("/metrics")).status_code == 404
+
+
+async def test_development_serves_metrics_on_the_main_port_too(
+    start_server: StartServer,
+) -> None:
+    async with start_server(ENVIRONMENT="development") as server:
+        await server.client.get("/nowhere")
+        r = await server.client.get("/metrics")
+        assert r.status_code == 200
+        samples: dict[Any, float] = parse(r.text)
+        key = "atrium_http_requests_total"
+        assert value(samples, key, route="unmatched", method="GET", status="404") == 1
