@@ -48,6 +48,7 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
             "ws_listener",
             "workspaces",
             "jobs",
+            "metrics",
         ]
         assert all(c["state"] == "running" for c in tree["children"])
         jobs = [c["name"] for c in child(tree, "jobs")["supervisor"]["children"]]
@@ -111,8 +112,9 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         assert r.status_code == 503
         assert r.json()["checks"] == {
             "database": {"ok": True},
-            # rest_for_one: the jobs subtree, started after the workspaces, restarts too.
-            "supervision": {"ok": False, "down": ["workspaces", "jobs"]},
+            # rest_for_one: the jobs subtree and the metrics listener, started after the
+            # workspaces, restart too.
+            "supervision": {"ok": False, "down": ["workspaces", "jobs", "metrics"]},
         }
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         assert tree["healthy"] is False
