@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import httpx
 import orjson
 import trio
+from served import start_serving
 from wsclient import connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,26 +65,9 @@ async def test_serve_answers_then_stops_cleanly_on_sigterm(
     env["PORT"] = "0"
     env["WS_PORT"] = "0"
     async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, str(ROOT / "run.py"), "serve"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                check=False,
-            )
-        )
+        served = await start_serving(nursery, env, stderr=subprocess.DEVNULL)
+        process, url = served.process, served.url
         assert process.stdout is not None
-        buffer = b""
-        with trio.fail_after(60):
-            while b"API on " not in buffer:
-                chunk = await process.stdout.receive_some()
-                assert chunk, "server exited before listening"
-                buffer += chunk
-            while not buffer.endswith(b"\n"):
-                buffer += await process.stdout.receive_some()
-        url = buffer.split(b"API on ")[1].split()[0].decode()
         async with httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
         process.send_signal(signal.SIGTERM)
@@ -104,24 +87,8 @@ async def test_sigterm_drains_then_closes_websockets_and_finishes_requests(
     log_path = tmp_path / "stderr.log"
     with open(log_path, "wb") as stderr:  # noqa: ASYNC230 - a local file, opened once
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, str(ROOT / "run.py"), "serve"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=stderr,
-                    check=False,
-                )
-            )
-            assert process.stdout is not None
-            out = b""
-            with trio.fail_after(60):
-                while b"WebSocket listener on " not in out or not out.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some()
-                    assert chunk, "server exited before listening"
-                    out += chunk
-            url = out.split(b"API on ")[1].split()[0].decode()
+            served = await start_serving(nursery, env, stderr=stderr)
+            process, url = served.process, served.url
             host, port = url.removeprefix("http://").rsplit(":", 1)
             with trio.fail_after(60):
                 rest = await _drain_while_a_client_waits(process, url, host, int(port))

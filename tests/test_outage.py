@@ -11,13 +11,11 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import httpx
 import pytest
 import trio
 from conftest import FakeClock
+from served import start_serving
 from trio_websocket import HandshakeError
 from wsclient import Client, connect
 
@@ -34,7 +33,6 @@ from atrium.persistence.embedded import EmbeddedPostgres, _is_postmaster_of, emb
 from atrium.root import Bound, serve
 from atrium.supervision import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -248,26 +246,9 @@ async def run_py(data_dir: Path, log: Path) -> AsyncIterator[Process]:
     )
     with open(log, "ab") as errors:  # noqa: ASYNC230 - a local file, opened once
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, str(ROOT / "run.py"), "serve"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=errors,
-                    check=False,
-                )
-            )
-            assert process.stdout is not None
-            out = b""
-            with trio.fail_after(60):
-                while b"WebSocket listener on " not in out or not out.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some()
-                    assert chunk, "server exited before listening"
-                    out += chunk
-            url = out.split(b"API on ")[1].split()[0].decode()
-            ws_port = int(out.split(b"WebSocket listener on ")[1].split()[0].split(b":")[2][:-4])
-            yield Process(process, url, ws_port, (data_dir / "pg").resolve())
+            served = await start_serving(nursery, env, stderr=errors)
+            process = served.process
+            yield Process(process, served.url, served.ws_port, (data_dir / "pg").resolve())
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
                 with trio.fail_after(60):
