@@ -34,7 +34,6 @@ from atrium.root import Bound, serve
 from atrium.supervision import Supervisor
 
 
-
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     """A data directory outside pytest's tmp_path: as root, PostgreSQL runs as another user
