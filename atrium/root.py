@@ -42,7 +42,8 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -311,52 +312,15 @@ async def serve(
     ``server_shutdown``), in-flight requests finish, the pool closes, PostgreSQL stops.
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry.
     """
-    cluster: EmbeddedPostgres | None = None
-    if database_url is None:
-        cluster = EmbeddedPostgres(settings.data_dir)
-        await trio.to_thread.run_sync(cluster.prepare)
-        database_url = cluster.url
-    try:
-        await _serve_tree(settings, database_url, cluster, shutdown_trigger, clock, task_status)
-    finally:
-        if cluster is not None:
-            cluster.close()
-
-
-async def _serve_tree(
-    settings: Settings,
-    database_url: str,
-    cluster: EmbeddedPostgres | None,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None,
-    clock: Callable[[], float],
-    task_status: trio.TaskStatus[Bound],
-) -> None:
     # One count, one drain flag and one set of metrics for the process: they outlive a
     # restarted child.
     failures = ContainedFailures()
     draining = trio.Event()
     metrics = Metrics()
-    async with open_supervisor(
-        name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
-    ) as root:
-        if cluster is not None:
-            await root.start_child(postgres_spec(cluster))
-        database = await root.start_child(
-            ChildSpec(
-                "database",
-                partial(
-                    _run_database,
-                    settings,
-                    database_url,
-                    clock,
-                    failures,
-                    root,
-                    metrics,
-                    draining=draining,
-                ),
-                shutdown_timeout=15.0,
-            )
-        )
+    async with _open_root(settings, database_url, clock, failures, metrics, draining=draining) as (
+        root,
+        database,
+    ):
         # After the pool it prunes, before the servers: their restarts leave it alone.
         policy = retention_policy(settings)
         if not policy.keeps_everything:
@@ -399,6 +363,53 @@ async def _serve_tree(
         await _drain(draining, settings.drain_seconds)
 
 
+@asynccontextmanager
+async def _open_root(
+    settings: Settings,
+    database_url: str | None,
+    clock: Callable[[], float],
+    failures: ContainedFailures,
+    metrics: Metrics,
+    *,
+    draining: trio.Event | None = None,
+) -> AsyncIterator[tuple[Supervisor, ChildHandle[Services]]]:
+    """What every process's tree begins with: the root supervisor (rest_for_one), with
+    the embedded PostgreSQL's ``postgres`` subtree when ``database_url`` is None, and the
+    ``database`` child whose value is the process's ``Services``. The embedded cluster is
+    prepared before the tree and closed after it."""
+    cluster: EmbeddedPostgres | None = None
+    if database_url is None:
+        cluster = EmbeddedPostgres(settings.data_dir)
+        await trio.to_thread.run_sync(cluster.prepare)
+        database_url = cluster.url
+    try:
+        async with open_supervisor(
+            name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
+        ) as root:
+            if cluster is not None:
+                await root.start_child(postgres_spec(cluster))
+            database = await root.start_child(
+                ChildSpec(
+                    "database",
+                    partial(
+                        _run_database,
+                        settings,
+                        database_url,
+                        clock,
+                        failures,
+                        root,
+                        metrics,
+                        draining=draining,
+                    ),
+                    shutdown_timeout=15.0,
+                )
+            )
+            yield root, database
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
 async def _drain(draining: trio.Event, seconds: float) -> None:
     """Fail readiness at once, then keep serving for ``seconds``: a load balancer that
     polls ``/ready`` stops routing here before the servers stop."""
@@ -418,40 +429,15 @@ async def serve_worker(
 ) -> None:
     """Run a job worker (``run.py worker``): the database and the ``jobs`` subtree, no HTTP
     and no WebSockets. Otherwise like :func:`serve`; ``Bound`` has port 0."""
-    cluster: EmbeddedPostgres | None = None
-    if database_url is None:
-        cluster = EmbeddedPostgres(settings.data_dir)
-        await trio.to_thread.run_sync(cluster.prepare)
-        database_url = cluster.url
     metrics = Metrics()
-    try:
-        async with open_supervisor(
-            name="root", strategy=Strategy.REST_FOR_ONE, max_restarts=5, period=60.0
-        ) as root:
-            if cluster is not None:
-                await root.start_child(postgres_spec(cluster))
-            database = await root.start_child(
-                ChildSpec(
-                    "database",
-                    partial(
-                        _run_database,
-                        settings,
-                        database_url,
-                        clock,
-                        ContainedFailures(),
-                        root,
-                        metrics,
-                    ),
-                    shutdown_timeout=15.0,
-                )
-            )
-            await root.start_child(_jobs_child(database))
-            metrics_port = await _start_metrics(root, settings, metrics, database)
-            task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
-            if shutdown_trigger is None:
-                await trio.sleep_forever()
-            else:
-                await shutdown_trigger()
-    finally:
-        if cluster is not None:
-            cluster.close()
+    async with _open_root(settings, database_url, clock, ContainedFailures(), metrics) as (
+        root,
+        database,
+    ):
+        await root.start_child(_jobs_child(database))
+        metrics_port = await _start_metrics(root, settings, metrics, database)
+        task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
