@@ -33,14 +33,16 @@ import enum
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
+from .. import json_output
 from ..events import Event, EventType
 from ..roles import Action, Role, can
+from ..timestamps import utc_iso
 from .database import Database
 from .errors import ProjectNotFound, RoleForbidden
 from .events import append_event, notify_appended
@@ -176,11 +178,7 @@ class Submitted:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return json_output.dumps(value).decode()
 
 
 def _loads(raw: Any) -> Any:
@@ -337,7 +335,7 @@ def event_payload(job: Job) -> dict[str, Any]:
     if job.error is not None and job.status is not JobStatus.COMPLETED:
         payload["error"] = job.error
     if job.status is JobStatus.FAILED:
-        payload["next_attempt_at"] = _iso(job.next_attempt_at)
+        payload["next_attempt_at"] = utc_iso(job.next_attempt_at)
     return payload
 
 
@@ -525,7 +523,7 @@ async def claim(
     token = uuid.uuid4()
 
     async def take(conn: asyncpg.Connection) -> Claimed | None:
-        row = await conn.fetchrow(_CLAIM, now, token, worker, expires, _iso(now))
+        row = await conn.fetchrow(_CLAIM, now, token, worker, expires, utc_iso(now))
         if row is None:
             return None
         job = job_from_row(row)
@@ -611,7 +609,7 @@ async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any
         db,
         claimed,
         "status = 'completed', result = $4::jsonb, completed_at = $5, progress = 100, error = NULL",
-        {"ended_at": _iso(now), "outcome": "completed", "error": None},
+        {"ended_at": utc_iso(now), "outcome": "completed", "error": None},
         _json(result),
         now,
     )
@@ -627,7 +625,7 @@ async def fail(
             db,
             claimed,
             "status = 'dead', error = $4, completed_at = $5",
-            {"ended_at": _iso(now), "outcome": "dead", "error": error},
+            {"ended_at": utc_iso(now), "outcome": "dead", "error": error},
             error,
             now,
         )
@@ -635,7 +633,7 @@ async def fail(
         db,
         claimed,
         "status = 'failed', error = $4, next_attempt_at = $5",
-        {"ended_at": _iso(now), "outcome": "failed", "error": error},
+        {"ended_at": utc_iso(now), "outcome": "failed", "error": error},
         error,
         retry_at,
     )
@@ -647,7 +645,7 @@ async def finish_cancelled(db: Database, claimed: Claimed, *, now: datetime) -> 
         db,
         claimed,
         "status = 'cancelled', error = 'cancelled', completed_at = $4",
-        {"ended_at": _iso(now), "outcome": "cancelled", "error": "cancelled"},
+        {"ended_at": utc_iso(now), "outcome": "cancelled", "error": "cancelled"},
         now,
     )
 
@@ -659,7 +657,7 @@ async def release(db: Database, claimed: Claimed, *, now: datetime) -> Changed |
         db,
         claimed,
         "status = 'queued', attempt_count = attempt_count - 1, next_attempt_at = $4",
-        {"ended_at": _iso(now), "outcome": "released", "error": None},
+        {"ended_at": utc_iso(now), "outcome": "released", "error": None},
         now,
         notify=True,
     )
@@ -689,7 +687,7 @@ async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list
             " FROM expired s WHERE j.id = s.id RETURNING j.*,"
             f" CASE WHEN s.status = 'queued' THEN pg_notify('{JOB_CHANNEL}', '') END",
             now,
-            _iso(now),
+            utc_iso(now),
             limit,
         )
         jobs = [job_from_row(r) for r in rows]
@@ -775,5 +773,5 @@ def _plain(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime):
-        return _iso(value)
+        return utc_iso(value)
     return value
