@@ -21,7 +21,7 @@ from ..actors.workspace import (
 )
 from ..events import Event
 from ..persistence import events as event_log
-from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.database import Database
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.workspace")
@@ -86,18 +86,9 @@ class Workspaces:
         workspace is live here (a separate job worker's), that workspace reads them from
         the log and delivers them in seq order (PostgreSQL NOTIFY on ``LOG_CHANNEL``).
         A database outage is waited out; listening resumes with a backoff."""
-        delay = 0.1
-        while True:
-            try:
-                async with self._db.listening(event_log.LOG_CHANNEL, self._appended) as ping:
-                    delay = 0.1
-                    while True:
-                        await trio.sleep(_FOLLOW_PING_SECONDS)
-                        await ping()
-            except DatabaseUnavailable as error:
-                log.warning("following the event log: %s; again in %.1fs", error, delay)
-                await trio.sleep(delay)
-                delay = min(5.0, delay * 2)
+        await self._db.follow(
+            event_log.LOG_CHANNEL, self._appended, ping_seconds=_FOLLOW_PING_SECONDS
+        )
 
     def _appended(self, payload: str) -> None:
         parsed = event_log.parse_appended(payload)

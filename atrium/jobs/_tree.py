@@ -58,19 +58,12 @@ async def _run_listener(queue: JobQueue, *, task_status: trio.TaskStatus[None]) 
     workers start jobs submitted elsewhere within milliseconds; polling stays the fallback.
     A lost connection is noticed by a ping every few polls and listened on again."""
     task_status.started()
-    delay = 0.1
-    while True:
-        try:
-            async with queue.db.listening(store.JOB_CHANNEL, lambda _: queue.wake()) as ping:
-                delay = 0.1
-                queue.wake()  # whatever was queued while nobody listened
-                while True:
-                    await trio.sleep(queue.settings.poll_seconds * 5)
-                    await ping()
-        except DatabaseUnavailable as error:
-            log.warning("job listener: %s; listening again in %.1fs", error, delay)
-            await trio.sleep(delay)
-            delay = min(5.0, delay * 2)
+    await queue.db.follow(
+        store.JOB_CHANNEL,
+        lambda _: queue.wake(),
+        ping_seconds=queue.settings.poll_seconds * 5,
+        on_listen=queue.wake,  # whatever was queued while nobody listened
+    )
 
 
 async def _run_retention(queue: JobQueue, *, task_status: trio.TaskStatus[None]) -> None:

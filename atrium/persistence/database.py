@@ -8,16 +8,18 @@ of atrium calls plain trio functions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import trio
 import trio_asyncio
 
 T = TypeVar("T")
+log = logging.getLogger("atrium.database")
 Observe = Callable[[float], None]
 """Told the seconds of each query or transaction (a latency metric)."""
 _CLOSE_TIMEOUT = 10.0
@@ -137,6 +139,32 @@ class Database:
                     await _call(connection.remove_listener, channel, callback)
                 with contextlib.suppress(DatabaseUnavailable):
                     await _call(self._pool.release, connection)
+
+    async def follow(
+        self,
+        channel: str,
+        notified: Callable[[str], None],
+        *,
+        ping_seconds: float,
+        on_listen: Callable[[], None] = lambda: None,
+    ) -> NoReturn:
+        """Listen on ``channel`` (``listening``) until cancelled, and again whenever the
+        connection is lost: a ping every ``ping_seconds`` notices a silent loss, and a
+        database that is away is waited out (0.1 s, doubling up to 5 s). ``on_listen()``
+        runs each time listening (re)starts, for what was notified while nobody listened."""
+        delay = 0.1
+        while True:
+            try:
+                async with self.listening(channel, notified) as ping:
+                    delay = 0.1
+                    on_listen()
+                    while True:
+                        await trio.sleep(ping_seconds)
+                        await ping()
+            except DatabaseUnavailable as error:
+                log.warning("listening on %s: %s; again in %.1fs", channel, error, delay)
+                await trio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query. Raises DatabaseUnavailable."""
