@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 import trio_asyncio
+from redis_server import RedisServer
 
 from atrium.actors.workspace import Status, WorkspaceActor
 from atrium.config import Settings, load_settings
@@ -91,6 +92,40 @@ def database_url(pg_server: str, template_url: str) -> Iterator[str]:
     asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
     yield _with_database(pg_server, name)
     asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """The URL of a Redis server for the whole session (REDIS_URL, else one started here)."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+_redis_databases = itertools.count()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """A Redis logical database of the session's server, emptied for this test (pub/sub
+    channels are server-wide: name them by something unique, such as a project id)."""
+    import redis
+
+    index = 1 + next(_redis_databases) % 15
+    url = _with_database(redis_server, str(index))
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture
