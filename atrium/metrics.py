@@ -15,8 +15,11 @@ nothing is kept up to date between scrapes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import math
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -36,6 +39,9 @@ SAMPLE_TIMEOUT = 2.0
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 TRANSPORTS = ("main", "listener")
+# atrium_jobs_completed_recent counts the jobs completed within this window (all of them
+# may be millions of rows: JOB_RETENTION_DAYS keeps them).
+COMPLETED_WINDOW = timedelta(minutes=5)
 
 Sampler = Callable[[], Awaitable[None]]
 
@@ -126,12 +132,24 @@ class Metrics:
         )
         self.jobs = Gauge(
             "atrium_jobs",
-            "Jobs waiting or running, by state (queued, running, failed: waiting for a "
-            "retry), across all processes: read from the database on scrape",
+            "Jobs by state (queued, running, failed: waiting for a retry, dead, "
+            "cancelled), across all processes: read from the database on scrape",
             ["state"],
             registry=r,
         )
+        self.jobs_completed_recent = Gauge(
+            "atrium_jobs_completed_recent",
+            "Jobs completed within the last 5 minutes, across all processes: read from "
+            "the database on scrape",
+            registry=r,
+        )
         self._samplers: list[Sampler] = []
+
+    def set_job_counts(self, by_state: Mapping[str, int], completed_recent: int) -> None:
+        """Set the job gauges from one count of the queue (``by_state``: state to jobs)."""
+        for state, count in by_state.items():
+            self.jobs.labels(str(state)).set(count)
+        self.jobs_completed_recent.set(completed_recent)
 
     def add_sampler(self, sampler: Sampler) -> None:
         """Run ``sampler`` before each scrape (it sets gauges from a query)."""
@@ -155,6 +173,127 @@ class Metrics:
         """The text exposition of every metric, after sampling."""
         await self.sample()
         return generate_latest(self.registry)
+
+    async def summary(self) -> dict[str, Any]:
+        """The key figures of this process, after sampling, as JSON-ready values (for the
+        operator console): totals since the process started, latency percentiles
+        estimated from the histograms' buckets as Prometheus' ``histogram_quantile``
+        does (None before the first observation), and the live gauges (None for a
+        figure this process does not have, such as the pool before the database is up)."""
+        await self.sample()
+        values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                values[key] = values.get(key, 0.0) + sample.value
+        figures = _Figures(values)
+        hits = figures.total("atrium_project_cache_lookups_total", result="hit")
+        misses = figures.total("atrium_project_cache_lookups_total", result="miss")
+        return {
+            "http": {
+                "requests": int(figures.total("atrium_http_requests_total")),
+                "server_errors": int(
+                    figures.total("atrium_http_requests_total", status=lambda s: s[0] == "5")
+                ),
+                "client_errors": int(
+                    figures.total("atrium_http_requests_total", status=lambda s: s[0] == "4")
+                ),
+                "latency_seconds": figures.percentiles("atrium_http_request_duration_seconds"),
+            },
+            "websockets": {
+                "open": {
+                    t: int(figures.total("atrium_ws_connections_open", transport=t))
+                    for t in TRANSPORTS
+                },
+                "frames_in": int(figures.total("atrium_ws_frames_in_total")),
+                "frames_out": int(figures.total("atrium_ws_frames_out_total")),
+                "deliveries": int(figures.total("atrium_ws_deliveries_total")),
+                "slow_consumer_closes": int(figures.total("atrium_ws_slow_consumer_closes_total")),
+            },
+            "workspaces": {
+                "running": figures.maybe("atrium_workspaces_running"),
+                "mailbox_depth": figures.maybe("atrium_workspace_mailbox_depth"),
+            },
+            "database": {
+                "pool_connections": figures.maybe("atrium_db_pool_connections"),
+                "pool_in_use": figures.maybe("atrium_db_pool_in_use"),
+                "query_latency_seconds": figures.percentiles("atrium_db_query_duration_seconds"),
+            },
+            "project_cache": {
+                "hits": int(hits),
+                "misses": int(misses),
+                "hit_ratio": hits / (hits + misses) if hits + misses else None,
+            },
+            "jobs": {
+                "by_state": {
+                    labels["state"]: int(v) for labels, v in figures.matching("atrium_jobs")
+                },
+                "completed_recent": int(figures.total("atrium_jobs_completed_recent")),
+            },
+            "supervision": {
+                "restarts": int(figures.total("atrium_supervisor_restarts_total")),
+                "escalations": int(figures.total("atrium_supervisor_escalations_total")),
+            },
+        }
+
+
+_Match = str | Callable[[str], bool]
+
+
+class _Figures:
+    """Sums and percentiles over one collection of samples (name and labels to value)."""
+
+    def __init__(self, values: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
+        self._values = values
+
+    def matching(self, name: str, **labels: _Match) -> Iterator[tuple[dict[str, str], float]]:
+        """The samples called ``name`` whose labels match ``labels`` (a value, or a test
+        of the value): their labels and values."""
+        for (sample, frozen), value in self._values.items():
+            if sample != name:
+                continue
+            have = dict(frozen)
+            if all(
+                key in have and (want(have[key]) if callable(want) else have[key] == want)
+                for key, want in labels.items()
+            ):
+                yield have, value
+
+    def total(self, name: str, **labels: _Match) -> float:
+        """The sum of the samples called ``name`` whose labels match ``labels``."""
+        return sum(value for _, value in self.matching(name, **labels))
+
+    def maybe(self, name: str) -> int | None:
+        """The value of an unlabelled gauge, None when it has no sample."""
+        found = [value for _, value in self.matching(name)]
+        return int(sum(found)) if found else None
+
+    def percentiles(self, histogram: str) -> dict[str, float] | None:
+        """p50, p95 and p99 of ``histogram`` over all its label values, or None when it
+        has no observation."""
+        buckets: dict[float, float] = {}
+        for labels, value in self.matching(f"{histogram}_bucket"):
+            bound = float(labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + value
+        cumulative = sorted(buckets.items())
+        if not cumulative or cumulative[-1][1] == 0:
+            return None
+        return {f"p{round(q * 100)}": _quantile(q, cumulative) for q in (0.5, 0.95, 0.99)}
+
+
+def _quantile(q: float, cumulative: list[tuple[float, float]]) -> float:
+    """The ``q`` quantile from cumulative bucket counts ``(upper bound, count)`` (the
+    last bound is +Inf), interpolated linearly within its bucket; a quantile that falls
+    in the +Inf bucket is the highest finite bound."""
+    rank = q * cumulative[-1][1]  # > 0: the histogram has observations
+    lower, below = 0.0, 0.0
+    for bound, count in cumulative:
+        if count >= rank:  # the last bucket's count is the total: always reached
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    raise AssertionError("the cumulative counts do not end with the total")
 
 
 class LiveState(Collector):
@@ -188,6 +327,13 @@ class LiveState(Collector):
             "since its supervisor started",
             labels=["supervisor", "child"],
         )
+        escalations = CounterMetricFamily(
+            "atrium_supervisor_escalations",
+            "Escalations of each nested supervisor (more than its max_restarts within its "
+            "period: it stopped its children and failed to its parent) since its parent "
+            "started",
+            labels=["supervisor"],
+        )
         children_down = GaugeMetricFamily(
             "atrium_supervisor_children_down",
             "Children of each supervisor that are not running",
@@ -201,9 +347,11 @@ class LiveState(Collector):
             depth.add_metric([], totals.mailbox)
             for (sup, child), count in sorted(totals.restarts.items()):
                 restarts.add_metric([sup, child], count)
+            for sup, count in sorted(totals.escalations.items()):
+                escalations.add_metric([sup], count)
             for sup, count in sorted(totals.down.items()):
                 children_down.add_metric([sup], count)
-        yield from (running, depth, restarts, children_down)
+        yield from (running, depth, restarts, escalations, children_down)
         pool = self._pool()
         if pool is not None:
             size, idle = pool
@@ -216,12 +364,13 @@ class LiveState(Collector):
 
 
 class _Totals:
-    __slots__ = ("workspaces", "mailbox", "restarts", "down")
+    __slots__ = ("workspaces", "mailbox", "restarts", "escalations", "down")
 
     def __init__(self) -> None:
         self.workspaces = 0
         self.mailbox = 0
         self.restarts: dict[tuple[str, str], int] = {}
+        self.escalations: dict[str, int] = {}  # by the path of the supervisor that escalated
         self.down: dict[str, int] = {}
 
 
@@ -236,6 +385,8 @@ def _walk(tree: SupervisorSnapshot, prefix: str, totals: _Totals) -> None:
             totals.mailbox += child.mailbox_depth or 0
         key = (path, name)
         totals.restarts[key] = totals.restarts.get(key, 0) + child.restart_count
+        if child.kind == "supervisor":
+            totals.escalations[f"{path}/{child.name}"] = child.escalation_count
         if child.state != "running" and child.restart == "permanent":
             totals.down[path] += 1
         if child.supervisor is not None:

@@ -56,7 +56,7 @@ from .http import server as http_server
 from .http.app import create_asgi
 from .http.ws_listener import serve_listener
 from .jobs import jobs_spec
-from .metrics import LiveState, Metrics, serve_metrics
+from .metrics import COMPLETED_WINDOW, LiveState, Metrics, serve_metrics
 from .persistence import jobs as job_store
 from .persistence.database import open_database
 from .persistence.embedded import EmbeddedPostgres
@@ -237,9 +237,12 @@ def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) 
         return None if services is None else services.db.pool_statistics()
 
     async def sample_jobs() -> None:
-        counts = await job_store.count_active(database.value.db)
-        for state, count in counts.items():
-            metrics.jobs.labels(str(state)).set(count)
+        services = database.value
+        since = services.jobs.queue.now() - COMPLETED_WINDOW
+        counts = await job_store.count_jobs(services.db, completed_since=since)
+        metrics.set_job_counts(
+            {str(state): n for state, n in counts.by_state.items()}, counts.completed_since
+        )
 
     async def count_direct_frames() -> None:
         database.value.realtime.count_direct_frames()

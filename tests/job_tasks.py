@@ -8,7 +8,8 @@ from typing import Any
 import trio
 from pydantic import BaseModel, ConfigDict
 
-from atrium.tasks import TaskContext, registry
+from atrium.persistence.jobs import load_job
+from atrium.tasks import PermanentJobError, TaskContext, registry
 
 
 class BlockPayload(BaseModel):
@@ -24,3 +25,20 @@ async def block(ctx: TaskContext, payload: BlockPayload) -> dict[str, Any]:
     if ctx.attempt <= payload.block_attempts:
         await trio.sleep_forever()
     return {"attempt": ctx.attempt}
+
+
+class DeadFirstPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dead_attempts: int = 1
+
+
+@registry.task("test_dead_first", DeadFirstPayload)
+async def dead_first(ctx: TaskContext, payload: DeadFirstPayload) -> dict[str, Any]:
+    """Goes dead at once (a "do not retry" error) in the first ``dead_attempts`` attempts
+    of the job's life (retries by hand included), then returns that attempt's number: a
+    dead job that a retry brings back."""
+    job = await load_job(ctx.db, ctx.job_id)
+    assert job is not None
+    if job.attempt_count <= payload.dead_attempts:
+        raise PermanentJobError(f"attempt {job.attempt_count} refused")
+    return {"attempt": job.attempt_count}

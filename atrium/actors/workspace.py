@@ -482,6 +482,24 @@ class WorkspaceActor(Actor[Message, Any]):
             subscriber.outbox.put_cursor(message.key, frame)
         self._count_deliveries(len(self._subscribers))
 
+    def overview(self) -> dict[str, Any]:
+        """Who is here now, for operators (JSON-ready): ``connections``, ``seq``,
+        ``real_time_events`` and ``users`` (each with ``email``, ``role``,
+        ``connections``, ``status``, ``last_seen``). Read from outside the actor's task
+        like ``statistics()``: synchronous, so it never sees a change half done."""
+        online = {user["user_id"]: user for user in self._online_users()}
+        for subscriber in self._subscribers.values():
+            user = online.get(str(subscriber.user_id))
+            if user is not None:
+                user["email"] = subscriber.email
+                user["role"] = str(subscriber.role)
+        return {
+            "connections": len(self._subscribers),
+            "seq": self._last_seq,
+            "real_time_events": self._broadcasts,
+            "users": list(online.values()),
+        }
+
     def _status(self) -> dict[str, Any]:
         return {
             "project_id": str(self.project_id),

@@ -123,6 +123,32 @@ class Workspaces:
             return None
         return value if isinstance(value, WorkspaceActor) and value.alive else None
 
+    def overview(self, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
+        """The workspaces running in this process now: how many, their connections all
+        together, and at most ``limit`` of them, the most connected first, each with
+        ``project_id``, ``mailbox_depth``, ``processed`` (messages handled) and the
+        actor's ``overview()`` (connections and users). Reads no database and waits on
+        no actor."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return 0, 0, []
+        shown = []
+        for child in supervisor.which_children():
+            actor = child.value
+            if isinstance(actor, WorkspaceActor) and actor.alive:
+                statistics = actor.statistics()
+                shown.append(
+                    {
+                        "project_id": str(actor.project_id),
+                        "mailbox_depth": statistics.mailbox_depth,
+                        "processed": statistics.processed,
+                        **actor.overview(),
+                    }
+                )
+        shown.sort(key=lambda w: (-w["connections"], w["project_id"]))
+        connections = sum(w["connections"] for w in shown)
+        return len(shown), connections, shown[:limit]
+
     async def status(self, project_id: uuid.UUID) -> dict[str, Any]:
         """Who is in the project's live workspace now (the seed's fields): from its actor
         when one runs here, else an empty workspace at the log's last seq."""

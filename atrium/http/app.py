@@ -13,7 +13,7 @@ from quart_trio.wrappers import TrioRequest
 from .. import json_input
 from ..logs import bind
 from ..services import Services
-from . import auth, jobs, ops, pages, projects, ws
+from . import auth, console, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .json import OrjsonProvider
@@ -70,6 +70,7 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(jobs.blueprint)
     app.register_blueprint(ws.blueprint)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(console.blueprint)
     register_error_handlers(app)
 
     @app.before_request

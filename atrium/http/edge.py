@@ -36,7 +36,7 @@ EXPOSED_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Re
 # Headers a browser may send without asking (the CORS safelist).
 _SAFELISTED = frozenset({"accept", "accept-language", "content-language", "content-type"})
 # The pages a browser renders (pages.py) and their assets, all served by the app itself.
-_PAGES = frozenset({"/docs", "/docs/", "/demo", "/demo/"})
+_PAGES = frozenset({"/docs", "/docs/", "/demo", "/demo/", "/console", "/console/"})
 _STATIC_PATH = "/static/"
 # Scripts, styles, images and connections (REST, and WebSockets: CSP 3 'self' covers ws:
 # and wss: on the same host) from the app only. Swagger UI's icons are data: SVGs; it sets
@@ -46,6 +46,8 @@ _PAGE_CSP = (
     b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 _AUTH_PATH = "/api/v1/auth"
+# Operator data (the console's JSON, the supervision tree): never kept by a cache either.
+_OPERATOR_PATHS = ("/ops/", "/health/supervisor")
 _HEALTH_BODY = b'{"status":"ok"}'
 _INTERNAL_ERROR_BODY = dumps_bytes(
     {"error": {"code": "internal_error", "message": "Something went wrong on our side"}}
@@ -89,7 +91,7 @@ class Edge:
             *common,
             (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
         ]
-        # Tokens and credentials must never be cached by a browser or a proxy.
+        # Tokens, credentials and operator data must never be cached by a browser or a proxy.
         self._auth_headers = [*self._headers, (b"cache-control", b"no-store")]
         self._health_headers = [
             (b"content-type", b"application/json"),
@@ -123,7 +125,7 @@ class Edge:
             elif name == b"access-control-request-headers":
                 preflight_headers = value
         path, method = scope["path"], scope["method"]
-        if path.startswith(_AUTH_PATH):
+        if path.startswith(_AUTH_PATH) or path.startswith(_OPERATOR_PATHS):
             extra = self._auth_headers
         elif path in _PAGES or path.startswith(_STATIC_PATH):
             extra = self._page_headers

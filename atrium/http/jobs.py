@@ -76,7 +76,7 @@ def _service() -> JobService:
     return jobs
 
 
-def _job_id(value: str) -> uuid.UUID:
+def parse_job_id(value: str) -> uuid.UUID:
     """``job_<uuid>`` (or a bare UUID); 422 invalid_id otherwise."""
     try:
         return uuid.UUID(value.removeprefix("job_"))
@@ -207,7 +207,7 @@ async def list_jobs(query_args: JobListQuery) -> Response:
 @require_user
 async def job_status(job_id: str) -> Response:
     """The job: status, result, progress and every attempt (start, end, error)."""
-    job = await _service().get(_job_id(job_id), g.user.id)
+    job = await _service().get(parse_job_id(job_id), g.user.id)
     return respond(job_response(job))
 
 
@@ -222,7 +222,7 @@ async def cancel_job(job_id: str) -> Response:
     ``cancelled`` at once; a running one is stopped through its cancel scope within a
     second (the answer then says ``running``; its status turns ``cancelled``). 409
     ``job_state_conflict`` for a finished job; 403 for a member who may only look."""
-    job = await _service().cancel(_job_id(job_id), g.user.id)
+    job = await _service().cancel(parse_job_id(job_id), g.user.id)
     return respond(job_response(job))
 
 
@@ -235,5 +235,5 @@ async def cancel_job(job_id: str) -> Response:
 async def retry_job(job_id: str) -> Response:
     """Queue a ``failed``, ``dead`` or ``cancelled`` job again now, with a fresh retry
     budget; its attempts so far are kept. 409 for a job in any other state."""
-    job = await _service().retry(_job_id(job_id), g.user.id)
+    job = await _service().retry(parse_job_id(job_id), g.user.id)
     return respond(job_response(job))

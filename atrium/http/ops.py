@@ -1,4 +1,4 @@
-"""Operational endpoints: liveness and readiness."""
+"""Operational endpoints: liveness, readiness and the supervision tree (operators)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,10 @@ def _down(tree: SupervisorSnapshot, prefix: str = "") -> list[str]:
     return down
 
 
-def _require_operator() -> None:
+def require_operator() -> None:
+    """Let the operator through: ``Authorization: Bearer <ADMIN_TOKEN>`` (anyone in
+    development). Raises 403 operator_disabled when no ADMIN_TOKEN is set, 401
+    operator_token_required for a missing or wrong token (compared in constant time)."""
     settings = services().settings
     if settings.environment == "development":
         return
@@ -122,7 +125,7 @@ async def supervisor_tree() -> Response:
     connections and requests that an unexpected exception ended (each alone, never a
     child of the tree), by kind. Needs ``Authorization: Bearer <ADMIN_TOKEN>`` outside
     development."""
-    _require_operator()
+    require_operator()
     svc = services()
     root = svc.supervisor
     tree = None if root is None else SupervisorModel.model_validate(root.snapshot().to_dict())

@@ -205,6 +205,9 @@ class ChildModel(BaseModel):
     restart: str
     state: str
     restart_count: int
+    escalation_count: int = Field(
+        description="How often this child, a nested supervisor, gave up and failed upward"
+    )
     last_failure: FailureModel | None
     uptime: float | None
     mailbox_depth: int | None

@@ -111,8 +111,9 @@ class JobService:
             await self.queue.changed(change)
         return change.job
 
-    async def retry(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
-        """Queue a failed, dead or cancelled job again. Raises as :meth:`cancel`."""
+    async def retry(self, job_id: uuid.UUID, user_id: uuid.UUID | None) -> Job:
+        """Queue a failed, dead or cancelled job again; ``user_id`` None is the operator,
+        who may retry any job. Raises as :meth:`cancel`."""
         change = await store.retry(self.queue.db, job_id, user_id, self.queue.now())
         self.queue.wake()
         await self.queue.changed(change)

@@ -339,19 +339,51 @@ def event_payload(job: Job) -> dict[str, Any]:
     return payload
 
 
-ACTIVE_STATES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED)
+COUNTED_STATES = (
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.FAILED,
+    JobStatus.DEAD,
+    JobStatus.CANCELLED,
+)
 
 
-async def count_active(db: Database) -> dict[JobStatus, int]:
-    """How many jobs wait or run now, by state (``ACTIVE_STATES``, each present). Only
-    these: the partial indexes cover them, while finished jobs may be millions of rows."""
-    rows = await db.fetch(
-        "SELECT status, count(*) AS n FROM jobs"
-        " WHERE status IN ('queued', 'running', 'failed') GROUP BY status"
+@dataclass(frozen=True, slots=True)
+class JobCounts:
+    """Jobs by state across all processes: every state of ``COUNTED_STATES`` (each
+    present), and the jobs completed since a given moment (completed jobs are kept for
+    JOB_RETENTION_DAYS and may be millions of rows: only a recent window is counted)."""
+
+    by_state: dict[JobStatus, int]
+    completed_since: int
+
+
+async def count_jobs(db: Database, *, completed_since: datetime) -> JobCounts:
+    """Count the jobs by state in one round trip. Each count is one state's index range
+    (``jobs_queue``, ``jobs_leases``, ``jobs_finished``), never a scan of the table."""
+    counts = " ".join(
+        f"(SELECT count(*) FROM jobs WHERE status = '{state.value}') AS {state.value},"
+        for state in COUNTED_STATES
     )
-    counts = dict.fromkeys(ACTIVE_STATES, 0)
-    counts.update({JobStatus(row["status"]): int(row["n"]) for row in rows})
-    return counts
+    row = await db.fetchrow(
+        f"SELECT {counts} (SELECT count(*) FROM jobs WHERE status = 'completed'"
+        " AND completed_at >= $1) AS completed",
+        completed_since,
+    )
+    assert row is not None
+    return JobCounts(
+        {state: int(row[state.value]) for state in COUNTED_STATES}, int(row["completed"])
+    )
+
+
+async def list_dead(db: Database, *, limit: int) -> list[Job]:
+    """The dead jobs of every user and project, the most recently dead first (at most
+    ``limit``; the ``jobs_finished`` index serves them in order)."""
+    rows = await db.fetch(
+        "SELECT * FROM jobs WHERE status = 'dead' ORDER BY completed_at DESC, seq DESC LIMIT $1",
+        limit,
+    )
+    return [job_from_row(row) for row in rows]
 
 
 async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
@@ -484,14 +516,23 @@ async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datet
     return await db.transaction(update)
 
 
-async def retry(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Changed:
+async def retry(
+    db: Database, job_id: uuid.UUID, user_id: uuid.UUID | None, now: datetime
+) -> Changed:
     """Queue a failed, dead or cancelled job again now, with a fresh retry budget and its
-    JOB_QUEUED; its attempts so far are kept. Errors as for :func:`cancel`."""
+    JOB_QUEUED; its attempts so far are kept. ``user_id`` None is the operator, who may
+    retry any job. Errors as for :func:`cancel`."""
 
     async def update(conn: asyncpg.Connection) -> Changed:
-        job, may_change = await _visible(conn, job_id, user_id, lock=True)
-        if not may_change:
-            raise JobForbidden("Only the job's creator or a project owner may retry it")
+        if user_id is None:
+            row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            if row is None:
+                raise JobNotFound()
+            job = job_from_row(row)
+        else:
+            job, may_change = await _visible(conn, job_id, user_id, lock=True)
+            if not may_change:
+                raise JobForbidden("Only the job's creator or a project owner may retry it")
         if job.status not in RETRYABLE:
             raise JobStateConflict(
                 f"The job is {job.status}; only failed, dead or cancelled jobs can be retried"

@@ -30,6 +30,8 @@ class ChildSnapshot:
     state: str
     """``starting``, ``running``, ``restarting``, ``stopping``, ``stopped`` or ``failed``."""
     restart_count: int
+    escalation_count: int
+    """How often the child, a nested supervisor, gave up and failed upward (escalated)."""
     last_failure: FailureInfo | None
     uptime: float | None
     """Seconds since the current instance started; None when not running."""

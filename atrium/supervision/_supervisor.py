@@ -47,6 +47,7 @@ class ChildHandle(Generic[T]):
         "_value",
         "_changed",
         "_restart_count",
+        "_escalation_count",
         "_recent_restarts",
         "_last_failure",
         "_started_at",
@@ -66,6 +67,7 @@ class ChildHandle(Generic[T]):
         # the thousands of children nobody waits on carry no Event.
         self._changed: trio.Event | None = None
         self._restart_count = 0
+        self._escalation_count = 0
         # A list, not a deque: it is short, and an empty deque costs 600 bytes per child.
         self._recent_restarts: list[float] = []
         self._last_failure: FailureInfo | None = None
@@ -98,6 +100,12 @@ class ChildHandle(Generic[T]):
     def restart_count(self) -> int:
         """Restarts since the child was added."""
         return self._restart_count
+
+    @property
+    def escalation_count(self) -> int:
+        """How often the child (a nested supervisor) gave up and failed to this one with
+        SupervisorEscalation, since the child was added; each also counts as a crash."""
+        return self._escalation_count
 
     @property
     def last_failure(self) -> FailureInfo | None:
@@ -343,6 +351,8 @@ class Supervisor:
         if child._stopping:
             return  # stopped by this supervisor: whoever stops it sets the state
         name = child.spec.name
+        if isinstance(failure, SupervisorEscalation):
+            child._escalation_count += 1
         if failure is not None:
             child._last_failure = FailureInfo(
                 type=type(failure).__name__,
@@ -626,6 +636,7 @@ def _child_snapshot(child: ChildHandle[Any], now: float) -> ChildSnapshot:
         restart=str(child.spec.restart),
         state=str(child._state),
         restart_count=child._restart_count,
+        escalation_count=child._escalation_count,
         last_failure=child._last_failure,
         uptime=now - child._started_at if running and child._started_at is not None else None,
         mailbox_depth=None if process is None else process.statistics().mailbox_depth,

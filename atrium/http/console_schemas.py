@@ -1,0 +1,117 @@
+"""Response models of the operator console's endpoints (``/ops/...``, see console.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, Field
+
+from .job_schemas import JobStatusResponse
+
+
+class WorkspaceUser(BaseModel):
+    user_id: UUID
+    email: str | None = Field(description="Null for a user whose connection is leaving")
+    role: str | None
+    connections: int
+    last_seen: datetime
+    status: Literal["active", "idle"]
+
+
+class WorkspaceOverview(BaseModel):
+    project_id: UUID
+    connections: int
+    users: list[WorkspaceUser]
+    seq: int = Field(description="The last seq of the project's log this workspace has seen")
+    real_time_events: int = Field(description="Messages broadcast since it started")
+    mailbox_depth: int
+    processed: int = Field(description="Messages its actor handled since it started")
+
+
+class WorkspacesResponse(BaseModel):
+    total: int = Field(description="Workspaces running in this process")
+    connections: int = Field(description="Connections to them, all together")
+    workspaces: list[WorkspaceOverview] = Field(description="The most connected first")
+
+
+class OpsListQuery(BaseModel):
+    limit: int = Field(default=100, ge=1, le=500)
+
+
+class JobCountsModel(BaseModel):
+    queued: int
+    running: int
+    failed: int = Field(description="Waiting for a retry")
+    dead: int
+    cancelled: int
+
+
+class OpsJobsResponse(BaseModel):
+    by_state: JobCountsModel = Field(description="Jobs by state, across all processes")
+    completed_recent: int = Field(description="Jobs completed within the last 5 minutes")
+    dead: list[JobStatusResponse] = Field(
+        description="Dead jobs of every user and project, most recently dead first"
+    )
+
+
+class Percentiles(BaseModel):
+    p50: float
+    p95: float
+    p99: float
+
+
+class HttpFigures(BaseModel):
+    requests: int
+    server_errors: int = Field(description="5xx answers")
+    client_errors: int = Field(description="4xx answers")
+    latency_seconds: Percentiles | None
+
+
+class WebSocketFigures(BaseModel):
+    open: dict[str, int] = Field(description="Open connections by transport")
+    frames_in: int
+    frames_out: int
+    deliveries: int
+    slow_consumer_closes: int
+
+
+class WorkspaceFigures(BaseModel):
+    running: int | None
+    mailbox_depth: int | None
+
+
+class DatabaseFigures(BaseModel):
+    pool_connections: int | None
+    pool_in_use: int | None
+    query_latency_seconds: Percentiles | None
+
+
+class CacheFigures(BaseModel):
+    hits: int
+    misses: int
+    hit_ratio: float | None
+
+
+class JobFigures(BaseModel):
+    by_state: dict[str, int]
+    completed_recent: int
+
+
+class SupervisionFigures(BaseModel):
+    restarts: int
+    escalations: int
+
+
+class MetricsSummaryResponse(BaseModel):
+    """This process's key figures: totals since it started, live gauges, and latency
+    percentiles estimated from the histograms' buckets."""
+
+    http: HttpFigures
+    websockets: WebSocketFigures
+    workspaces: WorkspaceFigures
+    database: DatabaseFigures
+    project_cache: CacheFigures
+    jobs: JobFigures
+    supervision: SupervisionFigures
