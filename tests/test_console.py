@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,10 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Running, StartServer
+from playwright.sync_api import Browser, Request, expect
+from test_browser import Chromium as Chromium
+from test_browser import RunPy, chromium, need_chromium, new_tab, screenshot, signup
+from test_browser import auth as user_auth
 from test_jobs_api import auth, run, wait_status
 from test_workspace import joined, make_team, session
 from wsclient import connect
@@ -18,6 +21,7 @@ from wsclient import connect
 from atrium.persistence.jobs import JobStatus
 
 TOKEN = "operator-token-0123456789"
+__all__ = ["chromium"]  # the module's browser (a fixture of test_browser)
 OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
 ENDPOINTS = [
     ("GET", "/ops/workspaces"),
@@ -151,3 +155,90 @@ async def test_the_metrics_summary_after_traffic(ops_server: Running) -> None:
         "completed_recent": 0,
     }
     assert body["supervision"] == {"restarts": 0, "escalations": 0}
+
+
+@pytest.fixture
+def console_server(tmp_path: Path, database_url: str) -> Iterator[RunPy]:
+    """``run.py serve`` with an operator token and the test tasks (and chromium present)."""
+    need_chromium()
+    server = RunPy(tmp_path, database_url)
+    server.env.update(ADMIN_TOKEN=TOKEN, WORKER_CONCURRENCY="1", JOB_TASK_MODULES="tests.job_tasks")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_console_shows_a_joining_client_and_retries_a_dead_job(
+    console_server: RunPy, chromium: Chromium
+) -> None:
+    chromium.run(console_live, console_server)
+
+
+# Runs in a page of the server: an atrium.js client joins the project and stays.
+JOIN = """
+async ({ projectId, token }) => {
+  const { AtriumClient } = await import("/static/atrium.js");
+  const client = new AtriumClient({ projectId, getToken: () => token });
+  const open = new Promise((resolve) => client.on("state", (s) => s.state === "open" && resolve()));
+  client.connect();
+  await open;
+  window.atriumClient = client;
+}
+"""
+
+
+def console_live(browser: Browser, server: RunPy) -> None:
+    with httpx.Client(base_url=server.url) as http:
+        ann = signup(http, "ann@example.com")
+        r = http.post("/api/v1/projects/", json={"name": "Watched"}, headers=user_auth(ann))
+        project_id = r.json()["id"]
+        body = {"task_name": "test_dead_first", "payload": {"dead_attempts": 1}}
+        r = http.post("/api/v1/jobs/run", json=body, headers=user_auth(ann))
+        job_id = r.json()["job_id"]
+
+    tab = new_tab(browser, server)
+    page = tab.page
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(f"{server.url}/console")
+    # No token yet: the endpoints refuse, and the page asks for one.
+    expect(page.locator("#token-view")).to_be_visible()
+    page.fill("#token", "not-the-token-0123456789")
+    page.click("#save-token")
+    expect(page.locator("#token-message")).to_contain_text("refused")
+    page.fill("#token", TOKEN)
+    page.click("#save-token")
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    expect(page.locator("#tree li[data-child='workspaces']")).to_contain_text("running")
+    expect(page.locator("#workspaces-empty")).to_be_visible()
+
+    # A client joins the project: its workspace appears, with who is connected.
+    client_page = new_tab(browser, server).page
+    client_page.goto(f"{server.url}/demo")
+    client_page.evaluate(JOIN, {"projectId": project_id, "token": ann.token})
+    workspace = page.locator(f"#workspaces tr[data-project-id='{project_id}']")
+    expect(workspace).to_contain_text(f"{ann.email} (owner, 1 connection, active)")
+    expect(page.locator("[data-figure='websockets'] dd")).to_have_text("1")
+
+    # The dead job is listed; its Retry button queues it again, and it completes.
+    dead = page.locator(f"#dead-jobs tr[data-job-id='{job_id}']")
+    expect(dead).to_contain_text("attempt 1 refused")
+    screenshot(page, "console")
+    dead.locator("button.retry").click()
+    expect(dead).to_have_count(0)
+    expect(page.locator("#dead-empty")).to_be_visible()
+    expect(page.locator("[data-figure='jobs-completed-recent'] dd")).to_have_text("1")
+    with httpx.Client(base_url=server.url) as http:
+        r = http.get(f"/api/v1/jobs/{job_id}/status", headers=user_auth(ann))
+    assert (r.json()["status"], r.json()["result"]) == ("completed", {"attempt": 2})
+
+    # The token stays in the tab (a reload asks for nothing) and never goes into a URL.
+    page.reload()
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    assert page.evaluate("sessionStorage.getItem('atrium.operatorToken')") == TOKEN
+    operator_calls = [r for r in requests if "/ops/" in r.url or "/health/" in r.url]
+    assert operator_calls and all(TOKEN not in r.url for r in requests)
+    assert operator_calls[-1].headers["authorization"] == f"Bearer {TOKEN}"
+    assert tab.csp_violations == [] and tab.blocked == []

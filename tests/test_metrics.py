@@ -13,12 +13,16 @@ from conftest import Running, StartServer, crash_workspace
 from prometheus_client.parser import text_string_to_metric_families
 from test_jobs_api import CSV, auth, run, wait_status
 from test_workspace import edit, make_team, session
+from trio.testing import MockClock
 from wsclient import connect
 
-from atrium.persistence.jobs import JobStatus
+from atrium.metrics import LiveState, Metrics
+from atrium.persistence.jobs import COUNTED_STATES, JobStatus
+from atrium.supervision import Backoff, ChildSpec, open_supervisor, supervisor_spec
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 WAIT = 10.0
+COUNTED = [str(state) for state in COUNTED_STATES]
 
 
 def parse(text: str) -> Samples:
@@ -168,19 +172,62 @@ async def test_a_workspace_crash_counts_as_a_supervised_restart(server: Running)
 
 
 async def test_job_runs_and_queue_depth(start_server: StartServer) -> None:
-    async with start_server(WORKER_CONCURRENCY=1) as server:
+    async with start_server(WORKER_CONCURRENCY=1, JOB_TASK_MODULES="tests.job_tasks") as server:
         ann = auth(await server.signup_login("ann@example.com"))
         before = await scrape(server)
         r = await run(server, ann, task_name="data_processing", payload={"csv": CSV})
         assert r.status_code == 202, r.text
         await wait_status(server, r.json()["job_id"], JobStatus.COMPLETED)
+        r = await run(server, ann, task_name="test_dead_first", payload={"dead_attempts": 1})
+        await wait_status(server, r.json()["job_id"], JobStatus.DEAD)
         after = await scrape(server)
     attempts = "atrium_job_attempts_total"
     assert moved(before, after, attempts, task="data_processing", outcome="completed") == 1
+    assert moved(before, after, attempts, task="test_dead_first", outcome="dead") == 1
     timed = "atrium_job_run_duration_seconds_count"
     assert moved(before, after, timed, task="data_processing") == 1
-    for state in ("queued", "running", "failed"):
-        assert value(after, "atrium_jobs", state=state) == 0
+    # Every state but completed is counted whole; completed jobs within the last 5 minutes.
+    depth = {state: value(after, "atrium_jobs", state=state) for state in COUNTED}
+    assert depth == {"queued": 0, "running": 0, "failed": 0, "dead": 1, "cancelled": 0}
+    assert value(after, "atrium_jobs_completed_recent") == 1
+
+
+async def test_escalations_are_counted_by_the_supervisor_that_escalated(
+    autojump_clock: MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def crashes_twice(*, task_status: trio.TaskStatus[None]) -> None:
+        starts.append(trio.current_time())
+        task_status.started()
+        if len(starts) <= 2:
+            await trio.sleep(1)
+            raise RuntimeError("boom")
+        await trio.sleep_forever()
+
+    # "sub" gives up at its worker's first crash; the root restarts it (twice, within its
+    # own allowance), and the third worker lives.
+    sub = supervisor_spec(
+        "sub", ChildSpec("worker", crashes_twice), max_restarts=0, backoff=Backoff(base=0.0)
+    )
+    metrics = Metrics()
+    async with open_supervisor(
+        name="root", max_restarts=5, period=60, backoff=Backoff(base=0.0)
+    ) as root:
+        metrics.watch(LiveState(lambda: root, lambda: None))
+        await root.start_child(sub)
+        await trio.sleep(10)
+        samples = parse((await metrics.exposition()).decode())
+        summary = await metrics.summary()
+    assert len(starts) == 3
+    escalations = "atrium_supervisor_escalations_total"
+    assert value(samples, escalations, supervisor="root/sub") == 2
+    # An escalation is also a restart of the supervisor child, by its parent.
+    restarts = "atrium_supervisor_restarts_total"
+    assert value(samples, restarts, supervisor="root", child="sub") == 2
+    assert value(samples, restarts, supervisor="root/sub", child="worker") == 0
+    assert summary["supervision"] == {"restarts": 2, "escalations": 2}
+    assert root.child("sub").escalation_count == 2
 
 
 async def test_disabled_metrics_have_no_listener(start_server: StartServer) -> None:

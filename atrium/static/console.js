@@ -183,7 +183,8 @@ async function retryJob(jobId, button) {
 // -- workspaces -----------------------------------------------------------------------------
 
 function renderWorkspaces(body) {
-  $("workspace-total").textContent = `(${body.total} open, ${body.connections} connections)`;
+  const plural = body.connections === 1 ? "" : "s";
+  $("workspace-total").textContent = `(${body.total} open, ${body.connections} connection${plural})`;
   $("workspaces-empty").hidden = body.total > 0;
   $("workspaces").hidden = body.total === 0;
   $("workspaces").tBodies[0].replaceChildren(
