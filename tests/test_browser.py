@@ -15,6 +15,7 @@ except in CI (``CI`` set), where they fail: ``.ci/run`` installs it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import selectors
 import signal
@@ -453,3 +454,109 @@ def resend_unacked_edits(browser: Browser, run_py: RunPy) -> None:
     assert seqs == sorted(set(seqs))  # no duplicate, in order
     assert result["ghost"] == {"code": 4004, "sockets": 1, "edit": "closed_4004", "state": "closed"}
     screenshot(page, "atrium-js-resend")
+
+
+# Runs in the page: two edits reach the server but their ACKs never reach the client, and a
+# third is made while the client is closed (the server is out of reach, say). Then the tab
+# reloads (below).
+BEFORE_RELOAD = """
+async ({ projectId, token }) => {
+  const { AtriumClient, pendingKey } = await import("/static/atrium.js");
+  let acked = 0;
+  let bothStored;
+  const stored = new Promise((resolve) => (bothStored = resolve));
+  class NoAcks extends WebSocket {
+    set onmessage(handler) {
+      super.onmessage = (message) => {
+        const frames = [].concat(JSON.parse(message.data));
+        const acks = frames.filter((f) => f.type === "ACK").length;
+        if (acks === 0) return handler(message);
+        acked += acks; // swallowed: the client never learns that these were stored
+        if (acked === 2) bothStored();
+      };
+    }
+  }
+  const client = new AtriumClient({ projectId, getToken: () => token, WebSocket: NoAcks });
+  const open = new Promise((resolve) => client.on("state", (s) => s.state === "open" && resolve()));
+  client.connect();
+  await open;
+  client.edit("/p1", { lines_added: 1, lines_removed: 0, change_type: "modification" });
+  client.edit("/p2", { lines_added: 2, lines_removed: 0, change_type: "modification" });
+  await stored;
+  client.close();
+  client.edit("/p3", { lines_added: 3, lines_removed: 0, change_type: "added" });
+  return { pending: client.pendingEdits,
+           kept: JSON.parse(sessionStorage.getItem(pendingKey(projectId))) };
+}
+"""
+
+# After the reload: a client for the project (first another user's, who must not send
+# them, then the author's) picks up the kept edits and sends them until each is ACKed.
+AFTER_RELOAD = """
+async ({ projectId, token }) => {
+  const { AtriumClient, pendingKey } = await import("/static/atrium.js");
+  const client = new AtriumClient({ projectId, getToken: () => token });
+  const restored = client.pendingEdits;
+  const acks = [];
+  const open = new Promise((resolve) => client.on("state", (s) => s.state === "open" && resolve()));
+  const done = new Promise((resolve) => client.on("ack", (ack) => {
+    acks.push(ack);
+    if (client.pendingEdits === 0) resolve();
+  }));
+  client.connect();
+  await open;
+  const pendingWhenOpen = client.pendingEdits;
+  if (pendingWhenOpen > 0) {
+    const timeout = new Promise((_, no) => setTimeout(() => no(new Error("no ACK")), 10000));
+    await Promise.race([done, timeout]);
+  }
+  client.close();
+  return { restored, pendingWhenOpen, acks,
+           kept: JSON.parse(sessionStorage.getItem(pendingKey(projectId))) };
+}
+"""
+
+
+def test_atrium_js_pending_edits_survive_a_reload(run_py: RunPy, chromium: Chromium) -> None:
+    chromium.run(pending_across_a_reload, run_py)
+
+
+def pending_across_a_reload(browser: Browser, run_py: RunPy) -> None:
+    with httpx.Client(base_url=run_py.url) as http:
+        ann, bob = signup(http, "ann@example.com"), signup(http, "bob@example.com")
+        r = http.post("/api/v1/projects/", json={"name": "Reload"}, headers=auth(ann))
+        project_id = r.json()["id"]
+        r = http.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"email": bob.email},
+            headers=auth(ann),
+        )
+        assert r.status_code == 201, r.text
+        page = new_tab(browser, run_py).page
+        page.goto(f"{run_py.url}/demo")
+        before = page.evaluate(BEFORE_RELOAD, {"projectId": project_id, "token": ann.token})
+        assert before["pending"] == 3
+        kept = before["kept"]
+        assert [entry["user"] for entry in kept] == [ann.user_id] * 3
+        assert [json.loads(entry["frame"])["file_path"] for entry in kept] == ["/p1", "/p2", "/p3"]
+        # Two are stored already, though their author never heard.
+        assert [e["payload"]["file_path"] for e in file_changes(http, ann, project_id)] == [
+            "/p1",
+            "/p2",
+        ]
+
+        page.reload()
+        # Bob, in the same tab: Ann's edits are not his to send; they stay kept.
+        as_bob = page.evaluate(AFTER_RELOAD, {"projectId": project_id, "token": bob.token})
+        assert (as_bob["restored"], as_bob["pendingWhenOpen"], as_bob["acks"]) == (3, 0, [])
+        assert as_bob["kept"] == kept
+        page.reload()
+        as_ann = page.evaluate(AFTER_RELOAD, {"projectId": project_id, "token": ann.token})
+        stored = file_changes(http, ann, project_id)
+
+    assert (as_ann["restored"], as_ann["pendingWhenOpen"], as_ann["kept"]) == (3, 3, None)
+    # Stored exactly once each, all Ann's; the resent edits were ACKed with their first seq.
+    assert [e["payload"]["file_path"] for e in stored] == ["/p1", "/p2", "/p3"]
+    assert [e["actor_id"] for e in stored] == [ann.user_id] * 3
+    acks = {a["id"]: a["seq"] for a in as_ann["acks"]}
+    assert acks == {entry["id"]: event["seq"] for entry, event in zip(kept, stored, strict=True)}

@@ -14,7 +14,9 @@
  *   last `seq` it delivered: "event" listeners see every durable event once, in `seq` order.
  *   When the gap was too old to replay it emits "resync" (reload the state over REST).
  * - Every edit carries an id and stays pending until the server ACKs it; pending edits are
- *   sent again after a reconnect, and the server stores each id at most once.
+ *   sent again after a reconnect, and the server stores each id at most once. They are kept
+ *   in the tab's sessionStorage (per project), so a reload sends them again too, under the
+ *   same user only.
  * - It does not retry when retrying cannot help (4000, 4003, 4004, 4005, 4006, 1009).
  * - It asks for batched frames (`batch=1`) and keeps a presence map.
  */
@@ -30,6 +32,34 @@ const CONNECTING = "connecting";
 const OPEN = "open";
 const RECONNECTING = "reconnecting";
 const CLOSED = "closed";
+
+/** Where pending edits of a project are kept in the tab (sessionStorage) across reloads. */
+export function pendingKey(projectId) {
+  return `atrium.pending:${projectId}`;
+}
+
+/** The tab's sessionStorage, or null where it is missing or forbidden (sandboxed frames). */
+function tabStorage() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/** The user a token names (its JWT `sub`), or null when it cannot be read. */
+function tokenSubject(token) {
+  try {
+    const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const padded = part + "=".repeat((4 - (part.length % 4)) % 4);
+    const sub = JSON.parse(atob(padded)).sub;
+    return typeof sub === "string" ? sub : null;
+  } catch {
+    return null;
+  }
+}
+
+function ignore() {}
 
 /** A client id for an edit: 32 hex digits (getRandomValues works outside secure contexts too). */
 function newEditId() {
@@ -72,6 +102,8 @@ export class AtriumClient {
    *   (the server pings every 25 s)
    * @param {number} [options.retryEditMs=1000]  delay before resending a rate-limited edit
    * @param {typeof WebSocket} [options.WebSocket]  the WebSocket class (tests, Node)
+   * @param {Storage|null} [options.storage]  where pending edits survive a reload (default:
+   *   the tab's sessionStorage; null: in memory only). One client per project per tab.
    */
   constructor(options) {
     if (!options || !options.projectId || typeof options.getToken !== "function") {
@@ -93,8 +125,16 @@ export class AtriumClient {
     this._presence = new Map();
     this._presenceSeq = null;
     this._emails = new Map();
-    /** id -> { frame, resolve, reject, timer }; a Map keeps the order edits were made in. */
+    /**
+     * id -> { frame, user, resolve, reject, timer }; a Map keeps the order edits were made
+     * in. `user` made it (the subject of the last token; null before the first token).
+     */
     this._pending = new Map();
+    /** Stored edits of another user of this tab: kept, never sent by this one. */
+    this._others = [];
+    this._user = null;
+    this._storage = options.storage === undefined ? tabStorage() : options.storage;
+    this._restore();
     this._listeners = new Map();
     this._ws = null;
     this._generation = 0;
@@ -174,8 +214,10 @@ export class AtriumClient {
     const id = options.id ?? newEditId();
     const frame = JSON.stringify({ type: "FILE_CHANGE", id, file_path: filePath, changes });
     return new Promise((resolve, reject) => {
-      this._pending.set(id, { frame, resolve, reject, timer: null });
+      // Made by the user of the last token (null before the first): only they send it.
+      this._pending.set(id, { frame, user: this._user, resolve, reject, timer: null });
       if (this._state === OPEN) this._ws.send(frame);
+      this._save();
     });
   }
 
@@ -198,6 +240,7 @@ export class AtriumClient {
       return;
     }
     if (this._stopped || generation !== this._generation) return;
+    this._user = tokenSubject(token);
     const query = this._batch ? "?batch=1" : "";
     const ws = new this._WebSocket(`${this._base}/ws/${encodeURIComponent(this.projectId)}${query}`);
     this._ws = ws;
@@ -257,6 +300,7 @@ export class AtriumClient {
         edit.reject(new EditRefused(`closed_${code}`, message, id));
       }
       this._pending.clear();
+      this._save();
       this._stop({ code, reason });
       return;
     }
@@ -329,12 +373,21 @@ export class AtriumClient {
     if (!this._resuming) this._lastSeq = frame.seq;
     this._tokenReason = "connect";
     this._attempt = 0;
+    // Edits restored from another user's session in this tab are not ours to send.
+    for (const [id, edit] of this._pending) {
+      if (edit.user !== null && this._user !== null && edit.user !== this._user) {
+        this._pending.delete(id);
+        this._others.push({ id, user: edit.user, frame: edit.frame });
+      }
+    }
     this._setState(OPEN);
     this._emit("presence", this.presence);
     for (const edit of this._pending.values()) {
       clearTimeout(edit.timer);
+      edit.user ??= this._user;
       this._ws.send(edit.frame);
     }
+    this._save();
   }
 
   _event(frame) {
@@ -365,6 +418,7 @@ export class AtriumClient {
     const edit = this._pending.get(frame.id);
     if (edit === undefined) return;
     this._pending.delete(frame.id);
+    this._save();
     clearTimeout(edit.timer);
     edit.resolve({ id: frame.id, seq: frame.seq });
     this._emit("ack", { id: frame.id, seq: frame.seq });
@@ -383,6 +437,7 @@ export class AtriumClient {
       return;
     }
     this._pending.delete(frame.id);
+    this._save();
     edit.reject(new EditRefused(frame.code, frame.message, frame.id));
   }
 
@@ -393,6 +448,45 @@ export class AtriumClient {
     } catch (error) {
       // The server closes with 4007 when the time is up; that asks for a token once more.
       this._emit("error", { code: "token_unavailable", message: String(error) });
+    }
+  }
+
+  // -- pending edits across reloads -----------------------------------------------------
+
+  /** Take up the pending edits a previous page of this tab left for the project. */
+  _restore() {
+    let stored = [];
+    try {
+      stored = JSON.parse(this._storage?.getItem(pendingKey(this.projectId)) ?? "[]");
+    } catch {
+      return; // unreadable: nothing to restore
+    }
+    if (!Array.isArray(stored)) return;
+    for (const entry of stored) {
+      if (typeof entry?.id !== "string" || typeof entry.frame !== "string") continue;
+      // Nobody awaits a restored edit: its ACK is seen through the "ack" listeners.
+      this._pending.set(entry.id, {
+        frame: entry.frame,
+        user: typeof entry.user === "string" ? entry.user : null,
+        resolve: ignore,
+        reject: ignore,
+        timer: null,
+      });
+    }
+  }
+
+  /** Keep the pending edits (and other users' stored ones) in the tab's storage. */
+  _save() {
+    if (!this._storage) return;
+    const entries = [
+      ...this._others,
+      ...Array.from(this._pending, ([id, edit]) => ({ id, user: edit.user, frame: edit.frame })),
+    ];
+    try {
+      if (entries.length === 0) this._storage.removeItem(pendingKey(this.projectId));
+      else this._storage.setItem(pendingKey(this.projectId), JSON.stringify(entries));
+    } catch {
+      // Full or forbidden: the edits stay pending in memory, as without storage.
     }
   }
 
