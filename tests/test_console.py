@@ -92,7 +92,6 @@ async def test_workspaces_list_their_connections_and_users(ops_server: Running) 
         assert users["owner@example.com"]["role"] == "owner"
         assert users["viewer@example.com"]["connections"] == 2
         assert users["viewer@example.com"]["user_id"] == team.viewer.user_id
-        assert users["viewer@example.com"]["status"] == "active"
     r = await client.get("/ops/workspaces?limit=0", headers=OPERATOR)
     assert r.status_code == 422
 
@@ -219,7 +218,7 @@ def console_live(browser: Browser, server: RunPy) -> None:
     client_page.goto(f"{server.url}/demo")
     client_page.evaluate(JOIN, {"projectId": project_id, "token": ann.token})
     workspace = page.locator(f"#workspaces tr[data-project-id='{project_id}']")
-    expect(workspace).to_contain_text(f"{ann.email} (owner, 1 connection, active)")
+    expect(workspace).to_contain_text(f"{ann.email} (owner, 1 connection)")
     expect(page.locator("[data-figure='websockets'] dd")).to_have_text("1")
 
     # The dead job is listed; its Retry button queues it again, and it completes.

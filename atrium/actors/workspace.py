@@ -483,21 +483,27 @@ class WorkspaceActor(Actor[Message, Any]):
         self._count_deliveries(len(self._subscribers))
 
     def overview(self) -> dict[str, Any]:
-        """Who is here now, for operators (JSON-ready): ``connections``, ``seq``,
-        ``real_time_events`` and ``users`` (each with ``email``, ``role``,
-        ``connections``, ``status``, ``last_seen``). Read from outside the actor's task
-        like ``statistics()``: synchronous, so it never sees a change half done."""
-        online = {user["user_id"]: user for user in self._online_users()}
+        """Who is connected here now, for operators (JSON-ready): ``connections``,
+        ``seq``, ``real_time_events`` and ``users`` (each with ``user_id``, ``email``,
+        ``role`` and its ``connections`` to this process). Read from outside the actor's
+        task like ``statistics()``: synchronous, so it never sees a change half done."""
+        users: dict[uuid.UUID, dict[str, Any]] = {}
         for subscriber in self._subscribers.values():
-            user = online.get(str(subscriber.user_id))
-            if user is not None:
-                user["email"] = subscriber.email
-                user["role"] = str(subscriber.role)
+            user = users.setdefault(
+                subscriber.user_id,
+                {
+                    "user_id": str(subscriber.user_id),
+                    "email": subscriber.email,
+                    "role": str(subscriber.role),
+                    "connections": 0,
+                },
+            )
+            user["connections"] += 1
         return {
             "connections": len(self._subscribers),
             "seq": self._last_seq,
             "real_time_events": self._broadcasts,
-            "users": list(online.values()),
+            "users": list(users.values()),
         }
 
     def _status(self) -> dict[str, Any]:

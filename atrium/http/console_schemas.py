@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Field
@@ -13,11 +11,9 @@ from .job_schemas import JobStatusResponse
 
 class WorkspaceUser(BaseModel):
     user_id: UUID
-    email: str | None = Field(description="Null for a user whose connection is leaving")
-    role: str | None
-    connections: int
-    last_seen: datetime
-    status: Literal["active", "idle"]
+    email: str
+    role: str = Field(description="Their role in the project when they connected")
+    connections: int = Field(description="Their connections to this workspace here")
 
 
 class WorkspaceOverview(BaseModel):

@@ -204,7 +204,7 @@ function renderWorkspaces(body) {
               el(
                 "li",
                 { "data-user-id": u.user_id },
-                `${u.email ?? u.user_id} (${u.role ?? "?"}, ${u.connections} connection${u.connections === 1 ? "" : "s"}, ${u.status})`,
+                `${u.email} (${u.role}, ${u.connections} connection${u.connections === 1 ? "" : "s"})`,
               ),
             ),
           ),
