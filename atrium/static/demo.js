@@ -93,6 +93,7 @@ function openWorkspace(project) {
       state === "reconnecting"
         ? `reconnecting in ${(delayMs / 1000).toFixed(1)} s (closed ${code})`
         : state + (code ? ` (${code})` : "");
+    updatePending();
   });
   client.on("event", (event) => {
     if (event.email) emails.set(event.user_id, event.email);
@@ -132,6 +133,7 @@ function openWorkspace(project) {
   client.on("error", (error) => console.warn("atrium:", error.code, error.message));
   client.on("ack", () => updatePending());
   client.connect();
+  updatePending(); // edits a reload left pending are sent once connected
 }
 
 function updatePending() {
