@@ -241,7 +241,7 @@ def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) 
         since = services.jobs.queue.now() - COMPLETED_WINDOW
         counts = await job_store.count_jobs(services.db, completed_since=since)
         metrics.set_job_counts(
-            {str(state): n for state, n in counts.by_state.items()}, counts.completed_since
+            {str(state): n for state, n in counts.by_state.items()}, counts.completed_recent
         )
 
     async def count_direct_frames() -> None:

@@ -56,6 +56,7 @@ CHROMIUM_ARGS = [
 ]
 PASSWORD = "correct horse"
 TIMEOUT_MS = 15_000
+RECONNECT_MS = 35_000  # atrium.js's largest reconnect delay (30 s) and a margin
 
 
 def need_chromium() -> None:
@@ -294,8 +295,10 @@ def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
         send_edit(a, f"/e{n}")  # queued while the server is down
     expect(a.locator("#pending")).to_have_text("2")
     run_py.start()  # the same port, the same database
-    expect(a.locator("#status")).to_have_attribute("data-state", "open")
-    expect(b.locator("#status")).to_have_attribute("data-state", "open")
+    # The pages retry on their backoff, which grew while the server was down (a slow
+    # restart on a loaded machine: 4-8 s and more); it is capped at 30 s.
+    expect(a.locator("#status")).to_have_attribute("data-state", "open", timeout=RECONNECT_MS)
+    expect(b.locator("#status")).to_have_attribute("data-state", "open", timeout=RECONNECT_MS)
     expect(a.locator("#pending")).to_have_text("0")
     send_edit(a, "/e6")
     expect(a.locator("#pending")).to_have_text("0")

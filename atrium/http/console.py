@@ -88,7 +88,7 @@ async def jobs(query_args: OpsListQuery) -> Response:
         OpsJobsResponse.model_validate(
             {
                 "by_state": {str(state): n for state, n in counts.by_state.items()},
-                "completed_recent": counts.completed_since,
+                "completed_recent": counts.completed_recent,
                 "dead": [job_response(job, result=False) for job in dead],
             }
         )

@@ -355,7 +355,8 @@ class JobCounts:
     JOB_RETENTION_DAYS and may be millions of rows: only a recent window is counted)."""
 
     by_state: dict[JobStatus, int]
-    completed_since: int
+    completed_recent: int
+    """Jobs completed since the moment given to :func:`count_jobs`."""
 
 
 async def count_jobs(db: Database, *, completed_since: datetime) -> JobCounts:
