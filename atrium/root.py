@@ -12,8 +12,10 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
-    └── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false);
-                        last, so its own fault restarts nothing else
+    ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
+    └── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
+                        revocation listener (``atrium.cluster``); a Redis or database
+                        outage is waited out inside it
 
 ``run.py worker`` runs the same tree without http, ws_listener and workspaces.
 The process's ``Metrics`` are made here, once: they outlive a restarted child.
@@ -61,6 +63,7 @@ from .persistence import jobs as job_store
 from .persistence.database import open_database
 from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrate import migrate
+from .persistence.redis import BreakerSettings, Redis, open_redis
 from .persistence.retention import RetentionPolicy
 from .retention import EventPruner, retention_policy
 from .services import Services, build_services
@@ -134,6 +137,7 @@ async def _run_database(
     metrics: Metrics,
     *,
     draining: trio.Event | None = None,
+    redis: Redis | None = None,
     task_status: trio.TaskStatus[Services],
 ) -> None:
     async with open_database(
@@ -150,6 +154,7 @@ async def _run_database(
             supervisor=root,
             draining=draining,
             metrics=metrics,
+            redis=redis,
         )
         task_status.started(services)
         await trio.sleep_forever()
@@ -317,9 +322,11 @@ async def serve(
     failures = ContainedFailures()
     draining = trio.Event()
     metrics = Metrics()
-    async with _open_root(settings, database_url, clock, failures, metrics, draining=draining) as (
-        root,
-        database,
+    async with (
+        _open_redis(settings) as redis,
+        _open_root(
+            settings, database_url, clock, failures, metrics, draining=draining, redis=redis
+        ) as (root, database),
     ):
         # After the pool it prunes, before the servers: their restarts leave it alone.
         policy = retention_policy(settings)
@@ -354,6 +361,10 @@ async def serve(
             # stops first, releasing held jobs while the pool is still open.
             await root.start_child(_jobs_child(database))
         metrics_port = await _start_metrics(root, settings, metrics, database)
+        if redis is not None:
+            await root.start_child(
+                ChildSpec("cluster", partial(_run_cluster, database), shutdown_timeout=2.0)
+            )
         server = http.value
         task_status.started(Bound(server.host, server.port, ws_port, metrics_port, root, database))
         if shutdown_trigger is None:
@@ -372,6 +383,7 @@ async def _open_root(
     metrics: Metrics,
     *,
     draining: trio.Event | None = None,
+    redis: Redis | None = None,
 ) -> AsyncIterator[tuple[Supervisor, ChildHandle[Services]]]:
     """What every process's tree begins with: the root supervisor (rest_for_one), with
     the embedded PostgreSQL's ``postgres`` subtree when ``database_url`` is None, and the
@@ -400,6 +412,7 @@ async def _open_root(
                         root,
                         metrics,
                         draining=draining,
+                        redis=redis,
                     ),
                     shutdown_timeout=15.0,
                 )
@@ -408,6 +421,25 @@ async def _open_root(
     finally:
         if cluster is not None:
             cluster.close()
+
+
+@asynccontextmanager
+async def _open_redis(settings: Settings) -> AsyncIterator[Redis | None]:
+    """With REDIS_URL, the process's Redis client for the block (Redis need not be up);
+    without it, None."""
+    if settings.redis_url is None:
+        yield None
+        return
+    async with open_redis(settings.redis_url, BreakerSettings()) as redis:
+        yield redis
+
+
+async def _run_cluster(
+    database: ChildHandle[Services], *, task_status: trio.TaskStatus[object]
+) -> None:
+    cluster = database.value.cluster
+    assert cluster is not None  # started only with Redis
+    await cluster.run(task_status=task_status)
 
 
 async def _drain(draining: trio.Event, seconds: float) -> None:

@@ -26,14 +26,21 @@ from ..outbox import Outbox
 from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
+from ..presence import (
+    LocalPresence,
+    OnlineUser,
+    PresenceBoard,
+    Transition,
+    online_json,
+    presence_event,
+)
 from ..protocol import CloseCode, CursorUpdate, FileChange
 from ..roles import Action, Role, can
-from ..timestamps import utc_iso_at, utc_now_iso
+from ..timestamps import utc_now_iso
 from ._actor import Actor
 
 log = logging.getLogger("atrium.workspace")
 
-_ACTIVE_SECONDS = 300.0  # a user seen within this is "active", else "idle"
 _connection_ids = itertools.count(1)
 
 
@@ -114,12 +121,6 @@ class Status:
 Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | Status
 
 
-def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEvent:
-    """A USER_JOIN or USER_LEAVE with the seed's fields."""
-    payload = {"email": subscriber.email, "message": f"User {subscriber.email} {what}"}
-    return NewEvent(kind, subscriber.user_id, payload)
-
-
 def _uncounted(_: int) -> None:
     pass
 
@@ -145,6 +146,10 @@ class WorkspaceActor(Actor[Message, Any]):
     spends none of the supervisor's restart budget. Edits whose transaction failed were
     not ACKed; clients resend them with the same ``client_id`` once they are back, which
     stores each at most once. An asker (a Join) gets the DatabaseUnavailable.
+
+    Who is online, and whether a connection is its user's first or last (USER_JOIN,
+    USER_LEAVE), the ``presence`` board decides: this process alone (``LocalPresence``,
+    the default) or every process sharing Redis (``ClusterPresence``).
     """
 
     expected_errors = (DatabaseUnavailable,)
@@ -159,6 +164,7 @@ class WorkspaceActor(Actor[Message, Any]):
         "_broadcasts",
         "_slow",
         "_count_deliveries",
+        "_board",
     )
 
     def __init__(
@@ -168,9 +174,11 @@ class WorkspaceActor(Actor[Message, Any]):
         settings: WorkspaceSettings,
         *,
         count_deliveries: Callable[[int], object] | None = None,
+        presence: PresenceBoard | None = None,
     ) -> None:
         """``count_deliveries(n)`` is told how many connections each broadcast reached
-        (a metric: once per broadcast, not per delivery)."""
+        (a metric: once per broadcast, not per delivery); ``presence`` is told of every
+        connection that comes and goes."""
         super().__init__(
             name=f"workspace:{project_id}",
             mailbox_size=settings.mailbox_size,
@@ -185,6 +193,7 @@ class WorkspaceActor(Actor[Message, Any]):
         self._broadcasts = 0
         self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
         self._count_deliveries = count_deliveries or _uncounted
+        self._board: PresenceBoard = presence or LocalPresence()
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -194,6 +203,7 @@ class WorkspaceActor(Actor[Message, Any]):
             # workspace that no longer exists: they reconnect and resume from the log.
             for subscriber in self._subscribers.values():
                 subscriber.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
+            self._board.vacate(self.project_id)
 
     async def on_start(self) -> None:
         self._last_seq = await store.last_seq(self._db, self.project_id)
@@ -227,7 +237,7 @@ class WorkspaceActor(Actor[Message, Any]):
         if isinstance(message, Leave):
             return await self._leave(message.subscriber)
         if isinstance(message, Status):
-            return self._status()
+            return await self._status()
         if isinstance(message, Ephemeral):
             return self._ephemeral(message)
         raise TypeError(f"{self!r} does not handle {type(message).__name__}")
@@ -286,7 +296,9 @@ class WorkspaceActor(Actor[Message, Any]):
             for subscriber in [s for s in self._subscribers.values() if s.user_id == user_id]:
                 if kind is EventType.MEMBER_REMOVED:
                     subscriber.outbox.close(CloseCode.MEMBER_REMOVED, "member_removed")
-                    self._drop(subscriber)
+                    remaining = self._drop(subscriber)
+                    if remaining is not None:
+                        self._board.dropped(self.project_id, user_id, remaining)
                 else:
                     subscriber.role = Role(str(payload.get("role")))
 
@@ -302,7 +314,7 @@ class WorkspaceActor(Actor[Message, Any]):
                         "type": "PRESENCE_STATE",
                         "project_id": str(self.project_id),
                         "seq": self._last_seq,
-                        "users": self._online_users(),
+                        "users": online_json(await self._online()),
                     }
                 )
             ]
@@ -313,13 +325,15 @@ class WorkspaceActor(Actor[Message, Any]):
         self._subscribers[subscriber.id] = subscriber
         now = trio.current_time()
         presence = self._presence.get(subscriber.user_id)
-        if presence is not None:
-            presence.connections += 1
-            presence.last_seen = now
-            return replayed
-        self._presence[subscriber.user_id] = Presence(1, now)
-        await self._append(
-            [_presence_event(EventType.USER_JOIN, subscriber, "entered the workspace")]
+        if presence is None:
+            presence = self._presence[subscriber.user_id] = Presence(0, now)
+        presence.connections += 1
+        presence.last_seen = now
+        await self._announce(
+            subscriber,
+            await self._board.joined(
+                self.project_id, subscriber.user_id, subscriber.email, presence.connections
+            ),
         )
         return replayed
 
@@ -355,42 +369,51 @@ class WorkspaceActor(Actor[Message, Any]):
         subscriber.outbox.put_unbounded(frames)
         return len(events)
 
-    def _drop(self, subscriber: Subscriber) -> bool:
-        """Forget a connection; True when it was its user's last one."""
+    def _drop(self, subscriber: Subscriber) -> int | None:
+        """Forget a connection; how many its user still holds here (None: it was not
+        subscribed)."""
         if self._subscribers.pop(subscriber.id, None) is None:
-            return False
+            return None
         presence = self._presence.get(subscriber.user_id)
         if presence is None:
-            return False
+            return None
         presence.connections -= 1
         if presence.connections > 0:
-            return False
+            return presence.connections
         del self._presence[subscriber.user_id]
-        return True
+        return 0
 
     async def _leave(self, subscriber: Subscriber) -> None:
-        if self._drop(subscriber):
-            await self._append(
-                [_presence_event(EventType.USER_LEAVE, subscriber, "left the workspace")]
+        remaining = self._drop(subscriber)
+        if remaining is not None:
+            await self._announce(
+                subscriber,
+                await self._board.left(
+                    self.project_id, subscriber.user_id, subscriber.email, remaining
+                ),
             )
 
-    def _online_users(self) -> list[dict[str, Any]]:
-        now = trio.current_time()
-        offset = time.time() - now  # trio's clock to wall clock
-        return [
-            {
-                "user_id": str(user_id),
-                "connections": p.connections,
-                "last_seen": utc_iso_at(p.last_seen + offset),
-                "status": "active" if now - p.last_seen < _ACTIVE_SECONDS else "idle",
-            }
+    async def _announce(self, subscriber: Subscriber, transition: Transition) -> None:
+        """Store the USER_JOIN or USER_LEAVE that ``transition`` calls for."""
+        if transition is Transition.NONE:
+            return
+        kind = EventType.USER_JOIN if transition is Transition.JOINED else EventType.USER_LEAVE
+        await self._append([presence_event(kind, subscriber.user_id, subscriber.email)])
+
+    async def _online(self) -> dict[uuid.UUID, OnlineUser]:
+        """Everyone online in the project (on every process, with a cluster board)."""
+        offset = time.time() - trio.current_time()  # trio's clock to wall clock
+        here = {
+            user_id: OnlineUser(p.connections, p.last_seen + offset)
             for user_id, p in self._presence.items()
-        ]
+        }
+        return await self._board.online(self.project_id, here)
 
     def _touch(self, user_id: uuid.UUID) -> None:
         presence = self._presence.get(user_id)
         if presence is not None:
             presence.last_seen = trio.current_time()
+            self._board.seen(self.project_id, user_id)
 
     # -- client events ----------------------------------------------------------------------
 
@@ -482,12 +505,13 @@ class WorkspaceActor(Actor[Message, Any]):
             subscriber.outbox.put_cursor(message.key, frame)
         self._count_deliveries(len(self._subscribers))
 
-    def _status(self) -> dict[str, Any]:
+    async def _status(self) -> dict[str, Any]:
+        online = await self._online()
         return {
             "project_id": str(self.project_id),
-            "active_collaborators": len(self._presence),
-            "connections": len(self._subscribers),
-            "online_users": self._online_users(),
+            "active_collaborators": len(online),
+            "connections": sum(user.connections for user in online.values()),
+            "online_users": online_json(online),
             "workspace_url": f"/ws/{self.project_id}",
             "real_time_events": self._broadcasts,
             "seq": self._last_seq,

@@ -22,6 +22,7 @@ from ..actors.workspace import (
 from ..events import Event
 from ..persistence import events as event_log
 from ..persistence.database import Database
+from ..presence import LocalPresence, PresenceBoard, online_json
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.workspace")
@@ -38,7 +39,8 @@ class Workspaces:
     root starts ``run`` as a child of the root supervisor, so the tree
     owns its lifetime and restarts it; meanwhile ``get`` waits for the new one and ``find``
     finds nothing. One registry serves one database pool (``db``); a new pool gets a new
-    registry.
+    registry. ``presence`` is the board every actor tells of its connections (this
+    process alone by default; the cluster's with Redis).
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class Workspaces:
         max_restarts: int = 5,
         period: float = 30.0,
         count_deliveries: Callable[[int], object] | None = None,
+        presence: PresenceBoard | None = None,
     ) -> None:
         self._db = db
+        self.presence: PresenceBoard = presence or LocalPresence()
         self._count_deliveries = count_deliveries
         self._settings = settings
         self._max_restarts = max_restarts
@@ -104,7 +108,11 @@ class Workspaces:
         spec = actor_spec(
             f"workspace:{project_id}",
             lambda: WorkspaceActor(
-                project_id, self._db, self._settings, count_deliveries=self._count_deliveries
+                project_id,
+                self._db,
+                self._settings,
+                count_deliveries=self._count_deliveries,
+                presence=self.presence,
             ),
             restart=Restart.TRANSIENT,
         )
@@ -125,7 +133,8 @@ class Workspaces:
 
     async def status(self, project_id: uuid.UUID) -> dict[str, Any]:
         """Who is in the project's live workspace now (the seed's fields): from its actor
-        when one runs here, else an empty workspace at the log's last seq."""
+        when one runs here, else from the presence board (the users on other processes)
+        at the log's last seq."""
         actor = self.find(project_id)
         if actor is not None:
             try:
@@ -133,11 +142,12 @@ class Workspaces:
                 return status
             except ActorStopped:
                 pass  # stopped between find and ask: it has nobody online
+        online = await self.presence.online(project_id, {})
         return {
             "project_id": project_id,
-            "active_collaborators": 0,
-            "connections": 0,
-            "online_users": [],
+            "active_collaborators": len(online),
+            "connections": sum(user.connections for user in online.values()),
+            "online_users": online_json(online),
             "workspace_url": f"/ws/{project_id}",
             "real_time_events": 0,
             "seq": await event_log.last_seq(self._db, project_id),

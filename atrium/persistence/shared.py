@@ -1,0 +1,210 @@
+"""State that every process sharing Redis must agree on: rate-limit windows, failed-login
+counts, cache generations and session revocations (keys under ``atrium:``).
+
+Each operation is one round trip (a Lua script where a read and a write must not be
+split), and every function raises ``RedisUnavailable`` when Redis cannot be used; the
+callers (``ratelimit``, ``cache``, ``sessions``) fall back to this process's own state.
+Times are the caller's wall clock (seconds), so every process applies one rule to one
+stored window; key TTLs only clean up after them.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .redis import Redis
+
+REVOKED_CHANNEL = "atrium:revoked"
+"""Published with a session id when a login session is revoked."""
+
+# KEYS: the window. ARGV: now, window seconds, limit, ttl (ms). A fixed window anchored
+# at the key's first hit; a refused hit is not counted. Returns {allowed, count, start}.
+_HIT = """
+local raw = redis.call('HGET', KEYS[1], 's')
+local start = tonumber(raw or '')
+local count = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
+if start == nil or tonumber(ARGV[1]) >= start + tonumber(ARGV[2]) then
+  raw = ARGV[1]
+  count = 0
+end
+local allowed = 0
+if count < tonumber(ARGV[3]) then
+  count = count + 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 's', raw, 'c', count)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {allowed, count, raw}
+"""
+
+# KEYS: the failures. ARGV: now, forget after (s), ttl (ms). Counts one failed login,
+# starting over when the last one is ``forget after`` old. Returns the count.
+_FAILED = """
+local last = tonumber(redis.call('HGET', KEYS[1], 't') or '')
+local count = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
+if last == nil or tonumber(ARGV[1]) - last >= tonumber(ARGV[2]) then count = 0 end
+count = count + 1
+redis.call('HSET', KEYS[1], 't', ARGV[1], 'c', count)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return count
+"""
+
+# KEYS: the epoch, a user's generation. ARGV: an epoch to use if none is set.
+# Returns {epoch, generation}. The epoch is set once per Redis dataset: a Redis that lost
+# its data (a restart without persistence) gets a new one, and nothing cached under the
+# old one is trusted.
+_GENERATION = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+return {epoch, redis.call('GET', KEYS[2]) or '0'}
+"""
+
+
+class _Scripts:
+    """Lua scripts of one ``Redis``, sent by SHA (and loaded when Redis lacks them)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._scripts: dict[str, Any] = {}
+
+    async def run(self, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+        def call(client: Any) -> Any:
+            script = self._scripts.get(source)
+            if script is None or script.registered_client is not client:
+                script = self._scripts[source] = client.register_script(source)
+            return script(keys=list(keys), args=list(args))
+
+        return await self.redis.call(call)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A rate-limit window after one hit: whether it was counted, how many are, and when
+    the window began (epoch seconds)."""
+
+    allowed: bool
+    count: int
+    start: float
+
+
+class RateWindows:
+    """Fixed rate-limit windows shared by every process."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._scripts = _Scripts(redis)
+
+    async def hit(self, key: str, limit: int, window_seconds: float, now: float) -> Window:
+        """Count one hit of ``key`` at ``now`` unless ``limit`` hits are counted in its
+        window already."""
+        allowed, count, start = await self._scripts.run(
+            _HIT,
+            [f"atrium:rate:{key}"],
+            [repr(now), repr(window_seconds), limit, math.ceil(window_seconds * 1000) + 1000],
+        )
+        return Window(bool(allowed), int(count), float(start))
+
+
+@dataclass(frozen=True, slots=True)
+class Failures:
+    """Failed logins in a row for a key, and when the latest was (epoch seconds)."""
+
+    count: int
+    last_at: float
+
+
+class LoginFailures:
+    """Failed-login counts per key (an email) shared by every process."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._scripts = _Scripts(redis)
+        self._redis = redis
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"atrium:login-failures:{key}"
+
+    async def get(self, key: str) -> Failures | None:
+        """The failures recorded for ``key``, if any."""
+        count, last = await self._redis.call(lambda client: client.hmget(self._key(key), "c", "t"))
+        if count is None or last is None:
+            return None
+        return Failures(int(count), float(last))
+
+    async def failed(self, key: str, now: float, forget_after: float) -> int:
+        """Record a failure at ``now``; the count in a row (starting over after
+        ``forget_after`` quiet seconds, when the key expires too)."""
+        ttl_ms = math.ceil(forget_after * 1000)
+        count = await self._scripts.run(
+            _FAILED, [self._key(key)], [repr(now), repr(forget_after), ttl_ms]
+        )
+        return int(count)
+
+    async def clear(self, key: str) -> None:
+        await self._redis.call(lambda client: client.delete(self._key(key)))
+
+
+class Generations:
+    """Per-user generations of one cache (``name``): a token that changes whenever the
+    user's cached values become invalid, on any process."""
+
+    _EPOCH = "atrium:cache:epoch"
+
+    def __init__(self, redis: Redis, name: str, ttl_seconds: float) -> None:
+        self._scripts = _Scripts(redis)
+        self._redis = redis
+        self._prefix = f"atrium:cache:{name}:gen:"
+        # A generation outlives every value cached under the one before it (those expire
+        # after ttl_seconds) and every fill in flight when it changed.
+        self._keep_ms = math.ceil((2 * ttl_seconds + 60) * 1000)
+
+    async def current(self, user_id: uuid.UUID) -> int:
+        """The user's generation now."""
+        epoch, generation = await self._scripts.run(
+            _GENERATION, [self._EPOCH, self._prefix + str(user_id)], [secrets.randbits(31) + 1]
+        )
+        return int(epoch) << 40 | int(generation)
+
+    async def bump(self, user_ids: Iterable[uuid.UUID]) -> None:
+        """Change the generation of every user in ``user_ids``."""
+        keys = [self._prefix + str(user_id) for user_id in user_ids]
+        if not keys:
+            return
+
+        async def bump_all(client: Any) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.incr(key)
+                    pipe.pexpire(key, self._keep_ms)
+                await pipe.execute()
+
+        await self._redis.call(bump_all)
+
+
+async def publish_revoked(redis: Redis, session_id: uuid.UUID) -> None:
+    """Tell every process listening (``listen_revoked``) that ``session_id`` was revoked."""
+    await redis.call(lambda client: client.publish(REVOKED_CHANNEL, str(session_id)))
+
+
+async def listen_revoked(
+    redis: Redis, revoked: Callable[[uuid.UUID], None], *, on_subscribed: Callable[[], None]
+) -> NoReturn:
+    """Call ``revoked(session_id)`` for every revocation published, until the
+    subscription is lost (``RedisUnavailable``) or cancelled. ``on_subscribed()`` runs
+    once listening: revocations published before were missed."""
+
+    def received(_channel: bytes, data: bytes) -> None:
+        try:
+            session_id = uuid.UUID(data.decode())
+        except ValueError:
+            return  # not ours
+        revoked(session_id)
+
+    await redis.listen(received, channels=[REVOKED_CHANNEL], on_subscribed=on_subscribed)

@@ -1,0 +1,231 @@
+"""Cluster presence: two real servers sharing one PostgreSQL and one Redis show the union
+of their users, a user with tabs on both joins once and leaves once, and a process that
+dies has its users leave without anyone closing anything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from conftest import Running, StartServer
+from redis_server import free_port
+from served import start_serving
+from test_workspace import Member, make_member
+from wsclient import Client, connect
+
+from atrium.persistence.redis import BreakerSettings, open_redis
+from atrium.presence import ClusterPresence, PresenceSettings
+
+SECRET = "test-secret-key-with-enough-length-0123456789"
+FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}
+
+
+def ws_url(server: Running, project_id: str) -> str:
+    return f"ws://127.0.0.1:{server.bound.port}/ws/{project_id}"
+
+
+async def project_with(server: Running, owner: Member, *others: Member) -> str:
+    r = await server.client.post("/api/v1/projects/", json={"name": "Both"}, headers=owner.auth)
+    assert r.status_code == 201, r.text
+    project_id: str = r.json()["id"]
+    for member in others:
+        r = await server.client.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"user_id": member.user_id, "role": "collaborator"},
+            headers=owner.auth,
+        )
+        assert r.status_code == 201, r.text
+    return project_id
+
+
+@asynccontextmanager
+async def joined(url: str, member: Member) -> AsyncIterator[tuple[Client, dict[str, Any]]]:
+    """A connection whose join is done (its PRESENCE_STATE read, its Join handled)."""
+    async with connect(url, member.token) as client:
+        state = await client.recv()
+        assert state["type"] == "PRESENCE_STATE"
+        yield client, state
+
+
+async def status(server: Running, project_id: str, member: Member) -> dict[str, Any]:
+    r = await server.client.get(
+        f"/api/v1/projects/{project_id}/workspace/status", headers=member.auth
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def settled(server: Running, project_id: str, member: Member) -> dict[str, Any]:
+    """The status once every connection ``server`` served has ended and been handled: the
+    status is asked of the workspace after the Leaves its connections sent."""
+    assert server.bound.services is not None
+    with trio.fail_after(10):
+        await server.bound.services.value.realtime.wait_drained()
+    return await status(server, project_id, member)
+
+
+async def presence_events(server: Running, project_id: str, member: Member) -> list[Any]:
+    r = await server.client.get(f"/api/v1/projects/{project_id}/events", headers=member.auth)
+    assert r.status_code == 200, r.text
+    return [
+        (e["type"], e["actor_id"])
+        for e in r.json()["events"]
+        if e["type"] in ("USER_JOIN", "USER_LEAVE")
+    ]
+
+
+def online(state: dict[str, Any], key: str = "users") -> dict[str, int]:
+    return {u["user_id"]: u["connections"] for u in state[key]}
+
+
+async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
+    start_server: StartServer, redis_url: str
+) -> None:
+    async with (
+        start_server(REDIS_URL=redis_url) as a,
+        start_server(REDIS_URL=redis_url) as b,
+    ):
+        ann = await make_member(a, "ann@example.com")
+        bob = await make_member(b, "bob@example.com")
+        project = await project_with(a, ann, bob)
+        async with joined(ws_url(a, project), ann) as (ann_a, first):
+            assert first["users"] == []
+            async with joined(ws_url(b, project), bob) as (bob_b, state):
+                assert online(state) == {ann.user_id: 1}  # Ann is on the other process
+                async with joined(ws_url(b, project), ann) as (ann_b, state):
+                    assert online(state) == {ann.user_id: 1, bob.user_id: 1}
+                    for server in (a, b):
+                        seen = await status(server, project, bob)
+                        assert online(seen, "online_users") == {ann.user_id: 2, bob.user_id: 1}
+                        assert (seen["active_collaborators"], seen["connections"]) == (2, 3)
+                        assert {u["status"] for u in seen["online_users"]} == {"active"}
+                    await ann_a.ws.aclose()  # her tab on A closes: she is still on B
+                    after = await settled(a, project, ann)
+                    assert online(after, "online_users") == {ann.user_id: 1, bob.user_id: 1}
+                # Her last tab closed: Bob, on the process where it was, sees her leave.
+                left = await bob_b.until("USER_LEAVE")
+                assert left["user_id"] == ann.user_id
+            assert (await settled(b, project, ann))["online_users"] == []
+        events = await presence_events(a, project, ann)
+        assert events == [
+            ("USER_JOIN", ann.user_id),
+            ("USER_JOIN", bob.user_id),
+            ("USER_LEAVE", ann.user_id),
+            ("USER_LEAVE", bob.user_id),
+        ]
+
+
+async def test_a_killed_process_users_leave_on_another_within_15_seconds(
+    start_server: StartServer, database_url: str, redis_url: str, tmp_path: Any
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "DATABASE_URL")}
+    env.update(
+        ENVIRONMENT="test",
+        SECRET_KEY=SECRET,
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        DATA_DIR=str(tmp_path / "b"),
+        PORT="0",
+        WS_PORT="0",
+        METRICS_PORT="0",
+        RATE_LIMIT_PER_MINUTE="10000",
+        AUTH_RATE_LIMIT_PER_MINUTE="10000",
+        **FAST,
+    )
+    async with start_server(REDIS_URL=redis_url, **FAST) as a, trio.open_nursery() as nursery:
+        with open(tmp_path / "b.log", "wb") as errors:  # noqa: ASYNC230 - a local file
+            b = await start_serving(nursery, env, stderr=errors)
+        ann = await make_member(a, "ann@example.com")
+        bob = await make_member(a, "bob@example.com")
+        project = await project_with(a, ann, bob)
+        async with joined(ws_url(a, project), ann) as (ann_a, _):
+            await ann_a.until("USER_JOIN")
+            b_url = f"ws://127.0.0.1:{b.ws_port}/ws/{project}"
+            async with joined(b_url, bob) as (bob_b, _):
+                mine = await bob_b.until("USER_JOIN")
+                assert mine["user_id"] == bob.user_id
+                seen = await status(a, project, ann)
+                assert online(seen, "online_users") == {ann.user_id: 1, bob.user_id: 1}
+                b.process.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+                with trio.fail_after(15):
+                    while (message := await ann_a.recv())["type"] != "USER_LEAVE":
+                        pass
+                took = time.monotonic() - killed_at
+                assert message["user_id"] == bob.user_id, message
+                await bob_b.release()
+        assert took < 15
+        assert await b.process.wait() == -signal.SIGKILL
+        assert online(await status(a, project, ann), "online_users") == {}
+        assert (await presence_events(a, project, ann)).count(("USER_LEAVE", bob.user_id)) == 1
+
+
+async def test_with_redis_down_presence_is_this_process_alone(start_server: StartServer) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    async with start_server(REDIS_URL=nowhere, **FAST) as server:
+        ann = await make_member(server, "ann@example.com")
+        bob = await make_member(server, "bob@example.com")
+        project = await project_with(server, ann, bob)
+        async with joined(ws_url(server, project), ann) as (ann_1, _):
+            assert (await ann_1.until("USER_JOIN"))["user_id"] == ann.user_id
+            async with joined(ws_url(server, project), ann), joined(ws_url(server, project), bob):
+                join = await ann_1.until("USER_JOIN")
+                assert join["user_id"] == bob.user_id  # her second tab was no join
+                seen = await status(server, project, ann)
+                assert online(seen, "online_users") == {ann.user_id: 2, bob.user_id: 1}
+            assert (await ann_1.until("USER_LEAVE"))["user_id"] == bob.user_id
+        assert server.bound.supervisor is not None
+        snapshot = server.bound.supervisor.snapshot()
+        cluster = next(c for c in snapshot.children if c.name == "cluster")
+        assert cluster.state == "running" and cluster.restart_count == 0
+        assert cluster.detail is not None and cluster.detail["redis"] == "unreachable"
+
+
+async def test_a_process_cut_off_while_reaped_announces_its_users_again(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # A process whose heartbeat stopped (cut off from Redis) is reaped: its users got a
+    # USER_LEAVE. When it is back, its next heartbeat finds that out and joins them again.
+    from atrium.persistence import accounts, projects
+    from atrium.persistence import events as event_log
+
+    user = await accounts.create_user(db, "ann@example.com", "x")
+    assert user is not None
+    created = await projects.create_project(
+        db, user.id, name="Cut off", description=None, visibility="private"
+    )
+    project_id = created.value.id
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        cut_off = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await cut_off.beat()
+        assert (await cut_off.joined(project_id, user.id, user.email, 1)).value == "joined"
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{cut_off.instance}"))
+        reaper = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await reaper.beat()
+        await cut_off.beat()
+    stored = await event_log.events_between(db, project_id, 0, 100)
+    assert [(e.type, e.actor_id) for e in stored if e.type.startswith("USER_")] == [
+        ("USER_LEAVE", user.id),
+        ("USER_JOIN", user.id),
+    ]
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+async def test_local_presence_decides_from_this_process_counts(connections: int) -> None:
+    from atrium.presence import LocalPresence, Transition
+
+    board = LocalPresence()
+    project, user = uuid.uuid4(), uuid.uuid4()
+    joined_as = await board.joined(project, user, "a@example.com", connections)
+    left_as = await board.left(project, user, "a@example.com", connections - 1)
+    first = connections == 1
+    assert joined_as is (Transition.JOINED if first else Transition.NONE)
+    assert left_as is (Transition.LEFT if first else Transition.NONE)
