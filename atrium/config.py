@@ -91,6 +91,11 @@ class Settings:
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
+    # Redis circuit breaker (the seed's thresholds): open after this many failures in a
+    # row, half-open after the reset, closed again after this many successes.
+    redis_breaker_failures: int = 5
+    redis_breaker_reset_seconds: float = 60.0
+    redis_breaker_successes: int = 3
 
     @property
     def is_production(self) -> bool:
@@ -329,4 +334,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         ),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
+        redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
+        redis_breaker_reset_seconds=_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 60.0),
+        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 3),
     )

@@ -3,9 +3,9 @@ down (at start, or taken away mid-subscription) is RedisUnavailable, never a cra
 
 from __future__ import annotations
 
-import uuid
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 
 import pytest
