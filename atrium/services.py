@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .actors.bridge import Bridge
 from .actors.workspace import WorkspaceSettings
 from .cache import MemoryUserCache, UserCache
 from .config import Settings
@@ -27,6 +28,7 @@ from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
 from .metrics import Metrics
 from .passwords import Passwords
 from .persistence.database import Database
+from .persistence.redis import Redis
 from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
 from .realtime import ConnectionSettings, Realtime
 from .supervision import Supervisor
@@ -49,6 +51,8 @@ class Services:
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
+    ``bridge`` relays live workspace traffic to and from other processes through
+    ``redis`` (both None without REDIS_URL).
     """
 
     settings: Settings
@@ -69,6 +73,8 @@ class Services:
     jobs: JobService
     draining: trio.Event
     metrics: Metrics
+    bridge: Bridge | None = None
+    redis: Redis | None = None
 
     def revoke_live_session(self, session_id: uuid.UUID) -> int:
         """Close this process's open WebSockets of ``session_id`` (4001); how many."""
@@ -126,13 +132,15 @@ def build_services(
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
     metrics: Metrics | None = None,
+    bridge: Bridge | None = None,
 ) -> Services:
     """Assemble the services for ``settings`` on an open database.
 
     Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
     ``project_cache`` replaces the in-memory project-list cache (tests pass both).
     ``metrics`` is the process's (the root makes one that outlives a new pool); without
-    it the services count into a registry of their own.
+    it the services count into a registry of their own. ``bridge`` (REDIS_URL set) is
+    the workspaces' relay to other processes.
     """
     if metrics is None:
         metrics = Metrics()
@@ -148,7 +156,11 @@ def build_services(
     if project_cache is None:
         project_cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
     workspaces = Workspaces(
-        db, workspace_settings(settings), count_deliveries=metrics.ws_deliveries.inc
+        db,
+        workspace_settings(settings),
+        count_deliveries=metrics.ws_deliveries.inc,
+        relay=bridge,
+        count_gap_fills=metrics.workspace_gap_fills.inc,
     )
     publish = workspaces if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
@@ -185,4 +197,6 @@ def build_services(
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
+        bridge=bridge,
+        redis=None if bridge is None else bridge.redis,
     )

@@ -27,6 +27,7 @@ from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
 from ..protocol import CloseCode, CursorUpdate, FileChange
+from ..relay import NoRelay, Relay
 from ..roles import Action, Role, can
 from ..timestamps import utc_iso_at, utc_now_iso
 from ._actor import Actor
@@ -99,11 +100,18 @@ class Behind:
 
 @dataclass(frozen=True, slots=True)
 class Ephemeral:
-    """A frame for every connection that is never stored (a job's progress); coalesced
-    per ``key`` for a connection that falls behind, like cursors."""
+    """An encoded frame for every connection that is never stored (a job's progress, or
+    a cursor or progress relayed from another process); coalesced per ``key`` for a
+    connection that falls behind, like cursors."""
 
     key: uuid.UUID
-    frame: dict[str, Any]
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Deliver whatever the log holds past what this workspace delivered: the relay
+    between processes (re)connected, and it may have dropped events meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,7 @@ class Status:
     """Replies with the workspace's status (the seed's fields)."""
 
 
-Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | Status
+Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | CatchUp | Status
 
 
 def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEvent:
@@ -159,6 +167,8 @@ class WorkspaceActor(Actor[Message, Any]):
         "_broadcasts",
         "_slow",
         "_count_deliveries",
+        "_relay",
+        "_count_gap_fills",
     )
 
     def __init__(
@@ -168,9 +178,14 @@ class WorkspaceActor(Actor[Message, Any]):
         settings: WorkspaceSettings,
         *,
         count_deliveries: Callable[[int], object] | None = None,
+        relay: Relay | None = None,
+        count_gap_fills: Callable[[int], object] | None = None,
     ) -> None:
         """``count_deliveries(n)`` is told how many connections each broadcast reached
-        (a metric: once per broadcast, not per delivery)."""
+        (a metric: once per broadcast, not per delivery). ``relay`` passes the events this
+        workspace commits and the cursors it broadcasts on to other processes;
+        ``count_gap_fills(n)`` is told how many events it read from the log because they
+        had not reached it (a gap, a catch-up)."""
         super().__init__(
             name=f"workspace:{project_id}",
             mailbox_size=settings.mailbox_size,
@@ -185,6 +200,8 @@ class WorkspaceActor(Actor[Message, Any]):
         self._broadcasts = 0
         self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
         self._count_deliveries = count_deliveries or _uncounted
+        self._relay = relay or NoRelay()
+        self._count_gap_fills = count_gap_fills or _uncounted
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -222,6 +239,8 @@ class WorkspaceActor(Actor[Message, Any]):
             return await self._deliver(message.events)
         if isinstance(message, Behind):
             return await self._catch_up(message.seq)
+        if isinstance(message, CatchUp):
+            return await self._catch_up(await store.last_seq(self._db, self.project_id))
         if isinstance(message, Join):
             return await self._join(message)
         if isinstance(message, Leave):
@@ -260,6 +279,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 missing = await store.events_between(
                     self._db, self.project_id, self._last_seq, seq - 1
                 )
+                self._count_gap_fills(len(missing))
                 for earlier in missing:
                     self._deliver_one(earlier)
             self._deliver_one(event)
@@ -267,9 +287,9 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _catch_up(self, seq: int) -> None:
         if seq > self._last_seq:
-            await self._deliver(
-                await store.events_between(self._db, self.project_id, self._last_seq, seq)
-            )
+            missed = await store.events_between(self._db, self.project_id, self._last_seq, seq)
+            self._count_gap_fills(len(missed))
+            await self._deliver(missed)
 
     def _deliver_one(self, event: Event) -> None:
         self._last_seq = event.seq
@@ -404,6 +424,7 @@ class WorkspaceActor(Actor[Message, Any]):
             return None
         created = [event for event, new in results if new]
         if created:
+            self._relay.events(self.project_id, created)
             await self._deliver(created)
         return results
 
@@ -474,10 +495,11 @@ class WorkspaceActor(Actor[Message, Any]):
             if other is not subscriber:
                 other.outbox.put_cursor(subscriber.user_id, frame)
         self._count_deliveries(len(self._subscribers) - 1)
+        self._relay.ephemeral(self.project_id, subscriber.user_id, frame)
 
     def _ephemeral(self, message: Ephemeral) -> None:
         self._broadcasts += 1
-        frame = protocol.encode(message.frame)
+        frame = message.frame
         for subscriber in self._subscribers.values():
             subscriber.outbox.put_cursor(message.key, frame)
         self._count_deliveries(len(self._subscribers))
@@ -495,6 +517,8 @@ class WorkspaceActor(Actor[Message, Any]):
 
 
 __all__ = [
+    "Behind",
+    "CatchUp",
     "Cursor",
     "Edit",
     "Ephemeral",
