@@ -94,6 +94,11 @@ class Settings:
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
     presence_heartbeat_seconds: float = 2.0
     presence_ttl_seconds: float = 8.0
+    # Redis circuit breaker (the seed's thresholds): open after this many failures in a
+    # row, half-open after the reset, closed again after this many successes.
+    redis_breaker_failures: int = 5
+    redis_breaker_reset_seconds: float = 60.0
+    redis_breaker_successes: int = 3
 
     @property
     def is_production(self) -> bool:
@@ -341,4 +346,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
         presence_heartbeat_seconds=heartbeat,
         presence_ttl_seconds=presence_ttl,
+        redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
+        redis_breaker_reset_seconds=_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 60.0),
+        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 3),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .actors.bridge import Bridge
 from .actors.workspace import WorkspaceSettings
 from .cache import MemoryUserCache, SharedUserCache, UserCache
 from .cluster import Cluster
@@ -63,6 +64,8 @@ class Services:
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
+    ``bridge`` relays live workspace traffic to and from other processes through
+    ``redis`` (both None without REDIS_URL).
     """
 
     settings: Settings
@@ -85,6 +88,8 @@ class Services:
     metrics: Metrics
     session_ends: SessionEnds
     cluster: Cluster | None = None
+    bridge: Bridge | None = None
+    redis: Redis | None = None
 
 
 def connection_settings(settings: Settings) -> ConnectionSettings:
@@ -138,16 +143,17 @@ def build_services(
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
     metrics: Metrics | None = None,
-    redis: Redis | None = None,
+    bridge: Bridge | None = None,
 ) -> Services:
     """Assemble the services for ``settings`` on an open database.
 
     Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
     ``project_cache`` replaces the in-memory project-list cache (tests pass both).
     ``metrics`` is the process's (the root makes one that outlives a new pool); without
-    it the services count into a registry of their own. With ``redis`` (REDIS_URL),
-    rate limits, login backoff, both caches, presence and session revocation are shared
-    with every process using it (``_Shared``).
+    it the services count into a registry of their own. ``bridge`` (REDIS_URL set) is
+    the workspaces' relay to other processes; with its Redis, rate limits, login backoff,
+    both caches, presence and session revocation are shared with every process using it
+    (``_Shared``).
     """
     if metrics is None:
         metrics = Metrics()
@@ -160,6 +166,7 @@ def build_services(
     )
     if failures is None:
         failures = ContainedFailures()
+    redis = None if bridge is None else bridge.redis
     shared = None if redis is None else _Shared(settings, db, redis, clock)
     if project_cache is None:
         ttl = settings.project_cache_ttl_seconds
@@ -170,6 +177,8 @@ def build_services(
         db,
         workspace_settings(settings),
         count_deliveries=metrics.ws_deliveries.inc,
+        relay=bridge,
+        count_gap_fills=metrics.workspace_gap_fills.inc,
         presence=LocalPresence() if shared is None else shared.presence,
     )
     publish = workspaces if publisher is None else publisher
@@ -212,6 +221,8 @@ def build_services(
         metrics=metrics,
         session_ends=LocalSessionEnds(realtime) if cluster is None else cluster.session_ends,
         cluster=cluster,
+        bridge=bridge,
+        redis=redis,
     )
 
 

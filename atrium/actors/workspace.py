@@ -35,6 +35,7 @@ from ..presence import (
     presence_event,
 )
 from ..protocol import CloseCode, CursorUpdate, FileChange
+from ..relay import NoRelay, Relay
 from ..roles import Action, Role, can
 from ..timestamps import utc_now_iso
 from ._actor import Actor
@@ -106,11 +107,18 @@ class Behind:
 
 @dataclass(frozen=True, slots=True)
 class Ephemeral:
-    """A frame for every connection that is never stored (a job's progress); coalesced
-    per ``key`` for a connection that falls behind, like cursors."""
+    """An encoded frame for every connection that is never stored (a job's progress, or
+    a cursor or progress relayed from another process); coalesced per ``key`` for a
+    connection that falls behind, like cursors."""
 
     key: uuid.UUID
-    frame: dict[str, Any]
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Deliver whatever the log holds past what this workspace delivered: the relay
+    between processes (re)connected, and it may have dropped events meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +126,7 @@ class Status:
     """Replies with the workspace's status (the seed's fields)."""
 
 
-Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | Status
+Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | CatchUp | Status
 
 
 def _uncounted(_: int) -> None:
@@ -165,6 +173,8 @@ class WorkspaceActor(Actor[Message, Any]):
         "_slow",
         "_count_deliveries",
         "_board",
+        "_relay",
+        "_count_gap_fills",
     )
 
     def __init__(
@@ -174,11 +184,16 @@ class WorkspaceActor(Actor[Message, Any]):
         settings: WorkspaceSettings,
         *,
         count_deliveries: Callable[[int], object] | None = None,
+        relay: Relay | None = None,
+        count_gap_fills: Callable[[int], object] | None = None,
         presence: PresenceBoard | None = None,
     ) -> None:
         """``count_deliveries(n)`` is told how many connections each broadcast reached
-        (a metric: once per broadcast, not per delivery); ``presence`` is told of every
-        connection that comes and goes."""
+        (a metric: once per broadcast, not per delivery). ``relay`` passes the events this
+        workspace commits and the cursors it broadcasts on to other processes;
+        ``count_gap_fills(n)`` is told how many events it read from the log because they
+        had not reached it (a gap, a catch-up). ``presence`` is told of every connection
+        that comes and goes."""
         super().__init__(
             name=f"workspace:{project_id}",
             mailbox_size=settings.mailbox_size,
@@ -194,6 +209,8 @@ class WorkspaceActor(Actor[Message, Any]):
         self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
         self._count_deliveries = count_deliveries or _uncounted
         self._board: PresenceBoard = presence or LocalPresence()
+        self._relay = relay or NoRelay()
+        self._count_gap_fills = count_gap_fills or _uncounted
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -232,6 +249,8 @@ class WorkspaceActor(Actor[Message, Any]):
             return await self._deliver(message.events)
         if isinstance(message, Behind):
             return await self._catch_up(message.seq)
+        if isinstance(message, CatchUp):
+            return await self._catch_up(await store.last_seq(self._db, self.project_id))
         if isinstance(message, Join):
             return await self._join(message)
         if isinstance(message, Leave):
@@ -270,6 +289,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 missing = await store.events_between(
                     self._db, self.project_id, self._last_seq, seq - 1
                 )
+                self._count_gap_fills(len(missing))
                 for earlier in missing:
                     self._deliver_one(earlier)
             self._deliver_one(event)
@@ -277,9 +297,9 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _catch_up(self, seq: int) -> None:
         if seq > self._last_seq:
-            await self._deliver(
-                await store.events_between(self._db, self.project_id, self._last_seq, seq)
-            )
+            missed = await store.events_between(self._db, self.project_id, self._last_seq, seq)
+            self._count_gap_fills(len(missed))
+            await self._deliver(missed)
 
     def _deliver_one(self, event: Event) -> None:
         self._last_seq = event.seq
@@ -427,6 +447,7 @@ class WorkspaceActor(Actor[Message, Any]):
             return None
         created = [event for event, new in results if new]
         if created:
+            self._relay.events(self.project_id, created)
             await self._deliver(created)
         return results
 
@@ -497,10 +518,11 @@ class WorkspaceActor(Actor[Message, Any]):
             if other is not subscriber:
                 other.outbox.put_cursor(subscriber.user_id, frame)
         self._count_deliveries(len(self._subscribers) - 1)
+        self._relay.ephemeral(self.project_id, subscriber.user_id, frame)
 
     def _ephemeral(self, message: Ephemeral) -> None:
         self._broadcasts += 1
-        frame = protocol.encode(message.frame)
+        frame = message.frame
         for subscriber in self._subscribers.values():
             subscriber.outbox.put_cursor(message.key, frame)
         self._count_deliveries(len(self._subscribers))
@@ -519,6 +541,8 @@ class WorkspaceActor(Actor[Message, Any]):
 
 
 __all__ = [
+    "Behind",
+    "CatchUp",
     "Cursor",
     "Edit",
     "Ephemeral",
