@@ -194,6 +194,7 @@ class ClusterPresence:
         self._lock = trio.Lock()
         self._announcements: list[tuple[EventType, Someone]] = []  # still to store
         self._reachable = True
+        self._wake = trio.Event()  # set: write what changed without waiting for the beat
 
     # -- the board --------------------------------------------------------------------------
 
@@ -221,11 +222,13 @@ class ClusterPresence:
         if held is not None:
             self._hold(slot, held.email, connections)
             self._dirty.add(slot)
+            self._wake.set()
 
     def vacate(self, project_id: uuid.UUID) -> None:
         for slot in [s for s in self._held if s[0] == project_id]:
             del self._held[slot]
             self._dirty.add(slot)
+            self._wake.set()
 
     async def online(
         self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
@@ -306,11 +309,15 @@ class ClusterPresence:
     async def run(
         self, *, task_status: trio.TaskStatus[ClusterPresence] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Heartbeat every ``heartbeat_seconds`` until cancelled (``beat``)."""
+        """Heartbeat every ``heartbeat_seconds`` until cancelled (``beat``), and at once
+        when connections went without a USER_LEAVE (``dropped``, ``vacate``), so the
+        union stops showing them."""
         task_status.started(self)
         while True:
             await self.beat()
-            await trio.sleep(self._settings.heartbeat_seconds)
+            with trio.move_on_after(self._settings.heartbeat_seconds):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
     async def beat(self) -> None:
         """Keep this process's entries alive, write what changed since the last beat (all

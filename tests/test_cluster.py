@@ -8,14 +8,14 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
-from conftest import Running, StartServer
-from redis_server import free_port
+from conftest import FakeClock, Running, StartServer
+from redis_server import RedisServer, free_port
 from served import start_serving
 from test_workspace import Member, make_member
 from wsclient import Client, connect
@@ -229,3 +229,116 @@ async def test_local_presence_decides_from_this_process_counts(connections: int)
     first = connections == 1
     assert joined_as is (Transition.JOINED if first else Transition.NONE)
     assert left_as is (Transition.LEFT if first else Transition.NONE)
+
+
+def test_presence_settings_are_validated() -> None:
+    from atrium.config import ConfigError, load_settings
+
+    defaults = load_settings({"ENVIRONMENT": "test", "SECRET_KEY": SECRET})
+    assert (defaults.presence_heartbeat_seconds, defaults.presence_ttl_seconds) == (2.0, 8.0)
+    fast = load_settings({"ENVIRONMENT": "test", "SECRET_KEY": SECRET, **FAST})
+    assert (fast.presence_heartbeat_seconds, fast.presence_ttl_seconds) == (0.2, 1.0)
+    env = {"ENVIRONMENT": "test", "SECRET_KEY": SECRET, "PRESENCE_HEARTBEAT_SECONDS": "5"}
+    with pytest.raises(ConfigError) as error:
+        load_settings({**env, "PRESENCE_TTL_SECONDS": "5"})
+    assert error.value.variable == "PRESENCE_TTL_SECONDS"
+    with pytest.raises(ConfigError, match="PRESENCE_HEARTBEAT_SECONDS"):
+        load_settings({**env, "PRESENCE_HEARTBEAT_SECONDS": "0"})
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def two_users(db: Any) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    from atrium.persistence import accounts, projects
+
+    ann = await accounts.create_user(db, "ann@example.com", "x")
+    bob = await accounts.create_user(db, "bob@example.com", "x")
+    assert ann is not None and bob is not None
+    created = await projects.create_project(
+        db, ann.id, name="Board", description=None, visibility="private"
+    )
+    return created.value.id, ann.id, bob.id
+
+
+async def test_the_board_writes_activity_and_silent_drops_at_its_next_beat(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    project, ann, bob = await two_users(db)
+    clock = FakeClock()
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0), clock=clock)
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await board.beat()
+        await board.joined(project, ann, "ann@example.com", 1)
+        await board.joined(project, bob, "bob@example.com", 2)
+        clock.advance(30)
+        board.seen(project, ann)
+        board.seen(project, uuid.uuid4())  # not here: nothing to write
+        await board.beat()
+        seen = await elsewhere.online(project, {})
+        assert seen[ann].last_seen == clock.now and seen[bob].connections == 2
+        board.dropped(project, bob, 0)  # removed from the project: no USER_LEAVE
+        await board.beat()
+        assert set(await elsewhere.online(project, {})) == {ann}
+        board.vacate(project)  # the workspace stopped here
+        await board.beat()
+        assert await elsewhere.online(project, {}) == {}
+        assert board.snapshot_detail()["users_here"] == 0
+
+
+async def test_a_board_cut_off_from_redis_decides_alone_and_rewrites_everything_on_return(
+    aio_loop: None, db: Any, own_redis: RedisServer
+) -> None:
+    from atrium.presence import OnlineUser, Transition
+
+    project, ann, bob = await two_users(db)
+    breaker = BreakerSettings(failures=1, reset_seconds=0.0, successes=1)
+    async with open_redis(own_redis.url, breaker) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await board.beat()
+        assert await board.joined(project, ann, "ann@example.com", 1) is Transition.JOINED
+        own_redis.stop()
+        assert await board.joined(project, bob, "bob@example.com", 1) is Transition.JOINED
+        assert await board.joined(project, bob, "bob@example.com", 2) is Transition.NONE
+        here = {bob: OnlineUser(2, 1.0)}
+        assert await board.online(project, here) == here  # what this process knows
+        await board.beat()
+        assert board.snapshot_detail()["redis"] == "unreachable"
+        own_redis.start()  # empty: a Redis restart loses what it held
+        await board.beat()
+        assert board.snapshot_detail()["redis"] == "reachable"
+        online_now = await ClusterPresence(redis, db, PresenceSettings(1.0, 60.0)).online(
+            project, {}
+        )
+        assert {user: u.connections for user, u in online_now.items()} == {ann: 1, bob: 2}
+        assert await board.left(project, bob, "bob@example.com", 1) is Transition.NONE
+        assert await board.left(project, bob, "bob@example.com", 0) is Transition.LEFT
+
+
+async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    project, ann, _ = await two_users(db)
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(3600.0, 7200.0))
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(board.run) is board
+            await board.joined(project, ann, "ann@example.com", 1)
+            assert set(await elsewhere.online(project, {})) == {ann}
+            board.vacate(project)  # written at once, not at the next beat an hour away
+            for _ in range(1000):  # read Redis until the woken beat has written (<= 10 s)
+                if not await elsewhere.online(project, {}):
+                    break
+                await trio.sleep(0.01)
+            assert await elsewhere.online(project, {}) == {}
+            nursery.cancel_scope.cancel()
