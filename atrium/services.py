@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .passwords import Passwords
 from .persistence.database import Database
 from .persistence.redis import Redis
-from .persistence.shared import Generations, LoginFailures, RateWindows
+from .persistence.shared import Generations, LoginFailures, RateWindows, Scripts
 from .presence import ClusterPresence, LocalPresence, PresenceSettings
 from .ratelimit import (
     LoginBackoff,
@@ -243,6 +243,7 @@ class _Shared:
         self, settings: Settings, db: Database, redis: Redis, clock: Callable[[], float]
     ) -> None:
         self.settings, self.db, self.redis, self.clock = settings, db, redis, clock
+        self.scripts = Scripts(redis)  # one queue: concurrent requests share round trips
         self.presence = ClusterPresence(
             redis,
             db,
@@ -250,15 +251,19 @@ class _Shared:
         )
 
     def cache(self, name: str, ttl_seconds: float) -> UserCache:
-        return SharedUserCache(Generations(self.redis, name, ttl_seconds), ttl_seconds, self.clock)
+        return SharedUserCache(
+            Generations(self.scripts, name, ttl_seconds), ttl_seconds, self.clock
+        )
 
     def limiter(self) -> RateLimiter:
-        return SharedRateLimiter(RateWindows(self.redis), MemoryRateLimiter(self.clock), self.clock)
+        return SharedRateLimiter(
+            RateWindows(self.scripts), MemoryRateLimiter(self.clock), self.clock
+        )
 
     def backoff(self) -> LoginBackoff:
         fallback = _login_backoff(self.settings, self.clock)
         return SharedLoginBackoff(
-            LoginFailures(self.redis),
+            LoginFailures(self.scripts),
             fallback,
             self.settings.login_backoff_after_failures,
             self.settings.login_backoff_max_seconds,

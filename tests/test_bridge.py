@@ -209,9 +209,7 @@ async def test_the_bridge_is_a_child_of_the_root_and_ready_reports_it(
         body = r.json()
         assert body["status"] == "ready"
         assert body["checks"]["redis"] == {"ok": True, "state": "connected", "breaker": "closed"}
-        r = await a.client.get(
-            "/health/supervisor", headers={"Authorization": f"Bearer {token}"}
-        )
+        r = await a.client.get("/health/supervisor", headers={"Authorization": f"Bearer {token}"})
         children = r.json()["supervisor"]["children"]
         assert [c["name"] for c in children][-1] == "bridge"
         (bridge,) = [c for c in children if c["name"] == "bridge"]

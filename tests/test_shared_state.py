@@ -20,7 +20,7 @@ from test_workspace import Member, make_member
 
 from atrium.cache import SharedUserCache
 from atrium.persistence.redis import BreakerSettings, Redis, open_redis
-from atrium.persistence.shared import Generations, LoginFailures, RateWindows
+from atrium.persistence.shared import Generations, LoginFailures, RateWindows, Scripts
 from atrium.ratelimit import (
     MemoryLoginBackoff,
     MemoryRateLimiter,
@@ -100,8 +100,8 @@ async def test_the_login_backoff_adds_up_failures_on_every_process(
 
 async def test_shared_windows_follow_the_in_process_rule(redis: Redis) -> None:
     clock = FakeClock()
-    limiter = SharedRateLimiter(RateWindows(redis), MemoryRateLimiter(clock), clock)
-    other = SharedRateLimiter(RateWindows(redis), MemoryRateLimiter(clock), clock)
+    limiter = SharedRateLimiter(RateWindows(Scripts(redis)), MemoryRateLimiter(clock), clock)
+    other = SharedRateLimiter(RateWindows(Scripts(redis)), MemoryRateLimiter(clock), clock)
     first = await limiter.hit("k", 2, 60)
     assert (first.allowed, first.remaining, first.reset_at) == (True, 1, int(clock.now) + 60)
     assert (await other.hit("k", 2, 60)).remaining == 0  # another process, same window
@@ -120,7 +120,12 @@ async def test_shared_backoff_follows_the_in_process_rule(redis: Redis) -> None:
 
     def backoff() -> SharedLoginBackoff:
         return SharedLoginBackoff(
-            LoginFailures(redis), MemoryLoginBackoff(2, 30, clock), 2, 30, clock, forget_after=100
+            LoginFailures(Scripts(redis)),
+            MemoryLoginBackoff(2, 30, clock),
+            2,
+            30,
+            clock,
+            forget_after=100,
         )
 
     a, b = backoff(), backoff()
@@ -146,10 +151,10 @@ async def test_shared_backoff_follows_the_in_process_rule(redis: Redis) -> None:
 async def test_without_redis_limits_are_counted_in_each_process(aio_loop: None) -> None:
     clock = FakeClock()
     async with open_redis(f"redis://127.0.0.1:{free_port()}/0", BREAKER) as nowhere:
-        limiter = SharedRateLimiter(RateWindows(nowhere), MemoryRateLimiter(clock), clock)
+        limiter = SharedRateLimiter(RateWindows(Scripts(nowhere)), MemoryRateLimiter(clock), clock)
         assert [(await limiter.hit("k", 2, 60)).allowed for _ in range(3)] == [True, True, False]
         backoff = SharedLoginBackoff(
-            LoginFailures(nowhere), MemoryLoginBackoff(1, 30, clock), 1, 30, clock
+            LoginFailures(Scripts(nowhere)), MemoryLoginBackoff(1, 30, clock), 1, 30, clock
         )
         await backoff.failed("k")
         assert await backoff.retry_after("k") == 1
@@ -193,8 +198,8 @@ async def test_a_project_created_on_one_process_is_at_once_in_the_other_cached_l
 
 async def test_an_invalidation_elsewhere_refuses_a_fill_in_flight(redis: Redis) -> None:
     clock = FakeClock()
-    here = SharedUserCache(Generations(redis, "t", 60), 60, clock)
-    there = SharedUserCache(Generations(redis, "t", 60), 60, clock)
+    here = SharedUserCache(Generations(Scripts(redis), "t", 60), 60, clock)
+    there = SharedUserCache(Generations(Scripts(redis), "t", 60), 60, clock)
     user = uuid.uuid4()
     generation = await here.generation(user)
     await there.invalidate([user])  # a write committed on another process meanwhile
@@ -206,7 +211,7 @@ async def test_an_invalidation_elsewhere_refuses_a_fill_in_flight(redis: Redis) 
     assert len(here) == 1
     clock.advance(60)
     assert await here.get(user, "k") is None  # expired
-    disabled = SharedUserCache(Generations(redis, "t", 0), 0, clock)
+    disabled = SharedUserCache(Generations(Scripts(redis), "t", 0), 0, clock)
     calls = []
 
     async def fill() -> str:
@@ -225,8 +230,8 @@ async def test_while_redis_is_away_nothing_cached_is_trusted_and_invalidations_w
         open_redis(own_redis.url, BREAKER) as here_redis,
         open_redis(own_redis.url, BREAKER) as there_redis,
     ):
-        here = SharedUserCache(Generations(here_redis, "t", 60), 60, clock)
-        there = SharedUserCache(Generations(there_redis, "t", 60), 60, clock)
+        here = SharedUserCache(Generations(Scripts(here_redis), "t", 60), 60, clock)
+        there = SharedUserCache(Generations(Scripts(there_redis), "t", 60), 60, clock)
         user = uuid.uuid4()
         await there.set(user, "k", "before", await there.generation(user))
         assert await there.get(user, "k") is not None
@@ -301,3 +306,43 @@ async def test_with_redis_down_everything_still_works_in_the_process(
             assert await client.closed() == (4001, "session_revoked")
         r = await server.client.get("/api/v1/auth/me", headers=bearer(ann.token))
         assert r.status_code == 401 and error_code(r) == "session_revoked"
+
+
+async def test_concurrent_hits_share_round_trips_and_each_is_counted_once(redis: Redis) -> None:
+    scripts = Scripts(redis)
+    windows = RateWindows(scripts)
+    counts: list[int] = []
+
+    async def hit() -> None:
+        counts.append((await windows.hit("busy", 1000, 60, 1_800_000_000.0)).count)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(hit)
+    assert sorted(counts) == list(range(1, 51))
+    # After a Redis restart its scripts are gone: they are loaded again and the calls that
+    # found them missing (and ran nothing) are sent again, once.
+    await redis.call(lambda client: client.script_flush())
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(hit)
+    assert sorted(counts)[-10:] == list(range(51, 61))
+
+
+async def test_a_cancelled_caller_leaves_the_others_served(redis: Redis) -> None:
+    generations = Generations(Scripts(redis), "t", 60)
+    users = [uuid.uuid4() for _ in range(5)]
+    await generations.bump(users[1:])
+    found: dict[uuid.UUID, int] = {}
+
+    async def current(user: uuid.UUID) -> None:
+        found[user] = await generations.current(user)
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as doomed:
+            doomed.cancel()  # the first caller (the one that flushes) is cancelled at once
+            await current(users[0])
+        for user in users[1:]:
+            nursery.start_soon(current, user)
+    assert set(found) == set(users[1:])
+    assert len({value & 0xFFFFFFFFFF for value in found.values()}) == 1  # each bumped once

@@ -1,23 +1,30 @@
 """State that every process sharing Redis must agree on: rate-limit windows, failed-login
 counts, cache generations and session revocations (keys under ``atrium:``).
 
-Each operation is one round trip (a Lua script where a read and a write must not be
-split), and every function raises ``RedisUnavailable`` when Redis cannot be used; the
-callers (``ratelimit``, ``cache``, ``sessions``) fall back to this process's own state.
+Each operation is one Lua script where a read and a write must not be split, run through
+one ``Scripts`` per process so that concurrent callers share a round trip; every
+function raises ``RedisUnavailable`` when Redis cannot be used, and the callers
+(``ratelimit``, ``cache``, ``sessions``) fall back to this process's own state.
 Times are the caller's wall clock (seconds), so every process applies one rule to one
 stored window; key TTLs only clean up after them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
-from .redis import Redis
+import outcome
+import trio
+from redis.exceptions import NoScriptError
+
+from .redis import Redis, RedisUnavailable
 
 REVOKED_CHANNEL = "atrium:revoked"
 """Published with a session id when a login session is revoked."""
@@ -68,21 +75,78 @@ return {epoch, redis.call('GET', KEYS[2]) or '0'}
 """
 
 
-class _Scripts:
-    """Lua scripts of one ``Redis``, sent by SHA (and loaded when Redis lacks them)."""
+@dataclass(slots=True)
+class _Call:
+    source: str
+    sha: str
+    keys: list[str]
+    args: list[object]
+    outcome: outcome.Outcome[Any] | None = None
+
+
+class Scripts:
+    """Lua scripts of one ``Redis``, sent by SHA (loaded when Redis lacks them), the calls
+    of concurrent callers together in one pipeline: a process serving many requests at
+    once makes one round trip (and one crossing into asyncio) for all of their rate-limit
+    hits and cache checks, not one each."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._scripts: dict[str, Any] = {}
+        self._queue: list[_Call] = []
+        self._flushing: trio.Event | None = None
 
     async def run(self, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
-        def call(client: Any) -> Any:
-            script = self._scripts.get(source)
-            if script is None or script.registered_client is not client:
-                script = self._scripts[source] = client.register_script(source)
-            return script(keys=list(keys), args=list(args))
+        """The script's result. Raises RedisUnavailable, or the script's error."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        call = _Call(source, sha, list(keys), list(args))
+        self._queue.append(call)
+        while call.outcome is None:
+            if self._flushing is None:
+                await self._flush()
+            else:
+                await self._flushing.wait()
+        return call.outcome.unwrap()
 
-        return await self.redis.call(call)
+    async def _flush(self) -> None:
+        """Send every queued call in one pipeline and hand each its outcome."""
+        self._flushing = flushed = trio.Event()
+        batch: list[_Call] = []
+        try:
+            await trio.lowlevel.checkpoint()  # callers running now join this round trip
+            batch, self._queue = self._queue, []
+            try:
+                results = await self.redis.call(partial(_pipelined, batch))
+            except RedisUnavailable as error:
+                for call in batch:
+                    call.outcome = outcome.Error(error)
+            else:
+                for call, result in zip(batch, results, strict=True):
+                    failed = isinstance(result, Exception)
+                    call.outcome = outcome.Error(result) if failed else outcome.Value(result)
+        finally:
+            # Cancelled mid-flight: whoever flushes next sends what got no outcome.
+            self._queue[:0] = [call for call in batch if call.outcome is None]
+            self._flushing = None
+            flushed.set()
+
+
+async def _pipelined(batch: Sequence[_Call], client: Any) -> list[Any]:
+    """EVALSHA every call in one pipeline; the scripts Redis lacks (after a restart) are
+    loaded and only their calls sent again (a missing script ran nothing)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for call in batch:
+            pipe.evalsha(call.sha, len(call.keys), *call.keys, *call.args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for source in {batch[i].source for i in missing}:
+                await client.script_load(source)
+            for i in missing:
+                call = batch[i]
+                pipe.evalsha(call.sha, len(call.keys), *call.keys, *call.args)
+            for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +162,8 @@ class Window:
 class RateWindows:
     """Fixed rate-limit windows shared by every process."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._scripts = _Scripts(redis)
+    def __init__(self, scripts: Scripts) -> None:
+        self._scripts = scripts
 
     async def hit(self, key: str, limit: int, window_seconds: float, now: float) -> Window:
         """Count one hit of ``key`` at ``now`` unless ``limit`` hits are counted in its
@@ -123,9 +187,9 @@ class Failures:
 class LoginFailures:
     """Failed-login counts per key (an email) shared by every process."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._scripts = _Scripts(redis)
-        self._redis = redis
+    def __init__(self, scripts: Scripts) -> None:
+        self._scripts = scripts
+        self._redis = scripts.redis
 
     @staticmethod
     def _key(key: str) -> str:
@@ -157,9 +221,9 @@ class Generations:
 
     _EPOCH = "atrium:cache:epoch"
 
-    def __init__(self, redis: Redis, name: str, ttl_seconds: float) -> None:
-        self._scripts = _Scripts(redis)
-        self._redis = redis
+    def __init__(self, scripts: Scripts, name: str, ttl_seconds: float) -> None:
+        self._scripts = scripts
+        self._redis = scripts.redis
         self._prefix = f"atrium:cache:{name}:gen:"
         # A generation outlives every value cached under the one before it (those expire
         # after ttl_seconds) and every fill in flight when it changed.
