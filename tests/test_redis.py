@@ -102,9 +102,7 @@ async def test_listen_receives_and_reports_a_lost_connection(
         assert received == [(channel.encode(), b"%d" % n) for n in range(3)]
 
 
-async def test_listen_notices_a_silent_loss_by_ping(
-    aio_loop: None, own_redis: RedisServer
-) -> None:
+async def test_listen_notices_a_silent_loss_by_ping(aio_loop: None, own_redis: RedisServer) -> None:
     # A paused server (SIGSTOP) keeps the socket open and answers nothing, as a network
     # partition would: the PINGs notice.
     async with open_redis(own_redis.url, BREAKER) as client:

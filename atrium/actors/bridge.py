@@ -139,6 +139,7 @@ class Bridge:
         self._running = False
         self._listening = False
         self._connected = False
+        self._changed = trio.Event()  # set (and replaced) when ``connected`` changes
         # Projects whose events were not relayed, and the highest seq among them.
         self._unsent: dict[uuid.UUID, int] = {}
         self._published = {kind: metrics.bridge_published.labels(kind) for kind in _KINDS.values()}
@@ -226,9 +227,17 @@ class Bridge:
             self._running = False
             self._set_connected(False)
 
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Return once the subscriber is ``connected`` (subscribed), or is not."""
+        while self._connected is not connected:
+            await self._changed.wait()
+
     def _set_connected(self, connected: bool) -> None:
-        self._connected = connected
         self._metrics.bridge_connected.set(1 if connected else 0)
+        if connected is not self._connected:
+            self._connected = connected
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _publish_forever(self) -> None:
         receive = self._receive
