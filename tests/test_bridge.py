@@ -13,15 +13,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from conftest import Running, StartServer
+from conftest import test_settings as make_settings
 from redis_server import RedisServer
 from wsclient import Client, connect
 
 from atrium.actors.bridge import Bridge, channel_of
+from atrium.root import Bound, serve_worker
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
 FAST_BREAKER = {"REDIS_BREAKER_RESET_SECONDS": "0.3", "REDIS_BREAKER_FAILURES": "2"}
@@ -421,3 +424,37 @@ async def test_messages_that_do_not_parse_are_dropped_and_counted(
         assert counter(a, "atrium_bridge_messages_dropped_total", reason="invalid") == 6
         root = a.bound.supervisor
         assert root is not None and root.child("bridge").restart_count == 0
+
+
+async def test_progress_of_a_job_run_by_a_worker_process_reaches_a_server(
+    start_server: StartServer,
+    redis_url: str,
+    database_url: str,
+    data_dir: Path,
+    nursery: trio.Nursery,
+) -> None:
+    async with start_server(REDIS_URL=redis_url, WORKER_CONCURRENCY=0) as b:
+        # A worker (``run.py worker``'s tree): its bridge only publishes.
+        settings = make_settings(data_dir, REDIS_URL=redis_url, WORKER_CONCURRENCY=1)
+        worker: Bound = await nursery.start(
+            lambda task_status: serve_worker(settings, database_url, task_status=task_status)
+        )
+        assert worker.supervisor is not None
+        assert worker.supervisor.child("bridge").value.alive
+        await wait_connected(b)
+        pair = await make_pair(b, b)
+        async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
+            await on_b.until("USER_JOIN")
+            r = await b.client.post(
+                "/api/v1/jobs/run",
+                json={
+                    "task_name": "data_processing",
+                    "payload": {"csv": "name,score\nann,3\n"},
+                    "project_id": pair.project_id,
+                },
+                headers=pair.owner.auth,
+            )
+            assert r.status_code in (200, 202), r.text
+            with trio.fail_after(WAIT):
+                progress = await on_b.until("JOB_PROGRESS")
+            assert progress["job_id"] == r.json()["job_id"]
