@@ -17,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 import trio
+import trio.testing
 from conftest import Running, StartServer
 from conftest import test_settings as make_settings
 from redis_server import RedisServer
 from wsclient import Client, connect
 
+from atrium.actors import MailboxFull
 from atrium.actors.bridge import Bridge, channel_of
+from atrium.breaker import BreakerSettings, CircuitBreaker
+from atrium.metrics import Metrics
+from atrium.persistence.redis import Redis
 from atrium.root import Bound, serve_worker
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
@@ -458,3 +464,48 @@ async def test_progress_of_a_job_run_by_a_worker_process_reaches_a_server(
             with trio.fail_after(WAIT):
                 progress = await on_b.until("JOB_PROGRESS")
             assert progress["job_id"] == r.json()["job_id"]
+
+
+class FakeWorkspace:
+    """Stands in for a WorkspaceActor: records what it is told, or has a full mailbox."""
+
+    def __init__(self) -> None:
+        self.full = True
+        self.told: list[object] = []
+
+    def tell_nowait(self, message: object) -> None:
+        if self.full:
+            raise MailboxFull("full")
+        self.told.append(message)
+
+
+async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    project = uuid.uuid4()
+    workspace = FakeWorkspace()
+
+    class Local:
+        def find(self, project_id: uuid.UUID) -> Any:
+            return workspace if project_id == project else None
+
+        def running(self) -> list[Any]:
+            return [workspace]
+
+    client = redis.asyncio.Redis()  # never connected: only the relay's receiving side runs
+    bridge = Bridge(Redis(client, CircuitBreaker(BreakerSettings()), timeout=1.0), Metrics())
+    bridge._set_connected(True)
+    channel = channel_of(project).encode()
+    bridge._received_message(Local(), channel, b"other|p|" + uuid.uuid4().hex.encode() + b"|{}")
+    assert not bridge._missed  # a lost cursor is no loss
+    bridge._received_message(Local(), channel, b"other|s||7")
+    assert bridge._missed == {project}
+    workspace.full = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge._poll_while_degraded, Local())
+        await trio.sleep(1.5)
+        assert [type(m).__name__ for m in workspace.told] == ["CatchUp"]
+        bridge._set_connected(False)  # degraded: every open workspace polls the log
+        await trio.sleep(1.0)
+        assert [type(m).__name__ for m in workspace.told] == ["CatchUp", "CatchUp"]
+        nursery.cancel_scope.cancel()
