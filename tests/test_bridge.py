@@ -225,6 +225,8 @@ async def test_the_bridge_is_a_child_of_the_root_and_ready_reports_it(
         assert bridge["state"] == "running"
         assert bridge["detail"]["connected"] is True
         assert bridge["detail"]["instance"] == bridge_of(a).instance
+        assert counter(a, "atrium_bridge_connected") == 1
+        assert counter(a, "atrium_redis_breaker_state", state="closed") == 1
 
 
 async def test_a_bridge_restart_restarts_nothing_else(

@@ -152,6 +152,7 @@ class Bridge:
         self._invalid = metrics.bridge_dropped.labels("invalid")
         for state in BreakerState:
             metrics.redis_breaker.labels(str(state)).set_function(partial(_is_state, redis, state))
+        metrics.bridge_connected.set_function(lambda: 1.0 if self.connected else 0.0)
 
     # -- the Relay: called by workspaces, never blocks -----------------------------------------
 
@@ -236,7 +237,6 @@ class Bridge:
             await self._changed.wait()
 
     def _set_connected(self, connected: bool) -> None:
-        self._metrics.bridge_connected.set(1 if connected else 0)
         if connected is not self._connected:
             self._connected = connected
             self._changed.set()
