@@ -135,7 +135,8 @@ class Metrics:
         self.bridge_connected = Gauge(
             "atrium_bridge_connected",
             "1 while the bridge is subscribed to Redis, 0 while degraded (Redis away: this "
-            "process serves its own clients alone)",
+            "process serves its own clients alone); a publish-only bridge (run.py worker): 1 "
+            "while Redis answers",
             registry=r,
         )
         self.redis_breaker = Gauge(

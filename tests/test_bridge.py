@@ -13,15 +13,24 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 import trio
+import trio.testing
 from conftest import Running, StartServer
+from conftest import test_settings as make_settings
 from redis_server import RedisServer
 from wsclient import Client, connect
 
+from atrium.actors import MailboxFull
 from atrium.actors.bridge import Bridge, channel_of
+from atrium.breaker import BreakerSettings, CircuitBreaker
+from atrium.metrics import Metrics
+from atrium.persistence.redis import Redis
+from atrium.root import Bound, serve_worker
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
 FAST_BREAKER = {"REDIS_BREAKER_RESET_SECONDS": "0.3", "REDIS_BREAKER_FAILURES": "2"}
@@ -65,11 +74,11 @@ def counter(server: Running, name: str, **labels: str) -> float:
 
 
 async def wait_connected(*servers: Running, connected: bool = True) -> None:
-    """Wait (polling the bridge's state, at most WAIT s) until every bridge is
-    ``connected`` (subscribed) or not."""
+    """Wait (at most WAIT s) until every server's bridge is ``connected`` (subscribed), or
+    is not."""
     with trio.fail_after(WAIT):
-        while any(bridge_of(s).connected is not connected for s in servers):
-            await trio.sleep(0.02)
+        for server in servers:
+            await bridge_of(server).wait_connected(connected)
 
 
 async def make_pair(a: Running, b: Running) -> Pair:
@@ -216,6 +225,8 @@ async def test_the_bridge_is_a_child_of_the_root_and_ready_reports_it(
         assert bridge["state"] == "running"
         assert bridge["detail"]["connected"] is True
         assert bridge["detail"]["instance"] == bridge_of(a).instance
+        assert counter(a, "atrium_bridge_connected") == 1
+        assert counter(a, "atrium_redis_breaker_state", state="closed") == 1
 
 
 async def test_a_bridge_restart_restarts_nothing_else(
@@ -228,7 +239,6 @@ async def test_a_bridge_restart_restarts_nothing_else(
         assert root is not None
         before = {c.name: c.restart_count for c in root.which_children()}
         # A fault in the bridge (a bug: Redis outages never end it) restarts it alone.
-        handle = root.child("bridge")
         bridge = bridge_of(a)
 
         def broken(*_: object) -> None:
@@ -236,17 +246,13 @@ async def test_a_bridge_restart_restarts_nothing_else(
             raise RuntimeError("injected bridge fault")
 
         bridge._encode = broken  # type: ignore[method-assign]
-        async with connect(pair.url(a, "main"), pair.owner.token) as on_a:
-            await on_a.until("USER_JOIN")  # its relay is what trips the fault
-            with trio.fail_after(WAIT):
-                while handle.restart_count == before["bridge"]:
-                    await trio.sleep(0.02)
-            await wait_connected(a)
-            async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
-                await on_b.until("USER_JOIN")
-                await on_a.send(cursor(4))
-                assert (await on_b.until("CURSOR_UPDATE"))["user_id"] == pair.owner.user_id
-        await wait_connected(a)
+        async with (
+            connect(pair.url(b, "main"), pair.collaborator.token) as on_b,
+            connect(pair.url(a, "main"), pair.owner.token) as on_a,
+        ):
+            await on_a.until("USER_JOIN")  # relaying it is what trips the fault
+            # A cursor crosses from A again: the bridge was restarted (only it).
+            assert (await cursor_crosses(on_a, on_b))["user_id"] == pair.owner.user_id
         after = {c.name: c.restart_count for c in root.which_children()}
         assert after["bridge"] == before["bridge"] + 1
         assert {k: v for k, v in after.items() if k != "bridge"} == {
@@ -418,13 +424,90 @@ async def test_messages_that_do_not_parse_are_dropped_and_counted(
             ):
                 await bridge.redis.call(lambda r, d=data: r.publish(channel_of(project), d))
             await bridge.redis.call(lambda r: r.publish("atrium:ws:not-a-uuid", b"x"))
-            with trio.fail_after(WAIT):
-                while counter(a, "atrium_bridge_messages_dropped_total", reason="invalid") < 6:
-                    await trio.sleep(0.02)
-            # Still relaying: B's cursor reaches A.
+            # Still relaying: B's cursor reaches A, after the garbage (published first).
             async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
                 await on_b.until("USER_JOIN")
                 await on_b.send(cursor(2))
                 assert (await on_a.until("CURSOR_UPDATE"))["user_id"] == pair.collaborator.user_id
+        assert counter(a, "atrium_bridge_messages_dropped_total", reason="invalid") == 6
         root = a.bound.supervisor
         assert root is not None and root.child("bridge").restart_count == 0
+
+
+async def test_progress_of_a_job_run_by_a_worker_process_reaches_a_server(
+    start_server: StartServer,
+    redis_url: str,
+    database_url: str,
+    data_dir: Path,
+    nursery: trio.Nursery,
+) -> None:
+    async with start_server(REDIS_URL=redis_url, WORKER_CONCURRENCY=0) as b:
+        # A worker (``run.py worker``'s tree): its bridge only publishes.
+        settings = make_settings(data_dir, REDIS_URL=redis_url, WORKER_CONCURRENCY=1)
+        worker: Bound = await nursery.start(
+            lambda task_status: serve_worker(settings, database_url, task_status=task_status)
+        )
+        assert worker.supervisor is not None
+        assert worker.supervisor.child("bridge").value.alive
+        await wait_connected(b)
+        pair = await make_pair(b, b)
+        async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
+            await on_b.until("USER_JOIN")
+            r = await b.client.post(
+                "/api/v1/jobs/run",
+                json={
+                    "task_name": "data_processing",
+                    "payload": {"csv": "name,score\nann,3\n"},
+                    "project_id": pair.project_id,
+                },
+                headers=pair.owner.auth,
+            )
+            assert r.status_code in (200, 202), r.text
+            with trio.fail_after(WAIT):
+                progress = await on_b.until("JOB_PROGRESS")
+            assert progress["job_id"] == r.json()["job_id"]
+
+
+class FakeWorkspace:
+    """Stands in for a WorkspaceActor: records what it is told, or has a full mailbox."""
+
+    def __init__(self) -> None:
+        self.full = True
+        self.told: list[object] = []
+
+    def tell_nowait(self, message: object) -> None:
+        if self.full:
+            raise MailboxFull("full")
+        self.told.append(message)
+
+
+async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    project = uuid.uuid4()
+    workspace = FakeWorkspace()
+
+    class Local:
+        def find(self, project_id: uuid.UUID) -> Any:
+            return workspace if project_id == project else None
+
+        def running(self) -> list[Any]:
+            return [workspace]
+
+    client = redis.asyncio.Redis()  # never connected: only the relay's receiving side runs
+    bridge = Bridge(Redis(client, CircuitBreaker(BreakerSettings()), timeout=1.0), Metrics())
+    bridge._set_connected(True)
+    channel = channel_of(project).encode()
+    bridge._received_message(Local(), channel, b"other|p|" + uuid.uuid4().hex.encode() + b"|{}")
+    assert not bridge._missed  # a lost cursor is no loss
+    bridge._received_message(Local(), channel, b"other|s||7")
+    assert bridge._missed == {project}
+    workspace.full = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge._poll_while_degraded, Local())
+        await trio.sleep(1.5)
+        assert [type(m).__name__ for m in workspace.told] == ["CatchUp"]
+        bridge._set_connected(False)  # degraded: every open workspace polls the log
+        await trio.sleep(1.0)
+        assert [type(m).__name__ for m in workspace.told] == ["CatchUp", "CatchUp"]
+        nursery.cancel_scope.cancel()

@@ -63,7 +63,7 @@ async def test_down_at_start_then_the_breaker_opens_and_recovers(aio_loop: None)
 async def test_a_call_that_does_not_answer_times_out(aio_loop: None, redis_url: str) -> None:
     async with open_redis(redis_url, BREAKER, call_timeout=0.2) as client:
         with pytest.raises(RedisUnavailable, match="did not answer"):
-            await client.call(lambda r: r.execute_command("DEBUG", "SLEEP", "1"))
+            await client.call(lambda r: r.execute_command("DEBUG", "SLEEP", "3"))
 
 
 async def _publish(redis: Redis, channel: str, data: bytes) -> int:
@@ -100,6 +100,10 @@ async def test_listen_receives_and_reports_a_lost_connection(
                 await got.wait()
                 own_redis.stop(kill=True)  # listen ends with RedisUnavailable
         assert received == [(channel.encode(), b"%d" % n) for n in range(3)]
+        # Back on the same port: the pooled connections of before were let go, so the
+        # first call reconnects instead of failing on a dead one.
+        own_redis.start()
+        assert await client.ping()
 
 
 async def test_listen_notices_a_silent_loss_by_ping(aio_loop: None, own_redis: RedisServer) -> None:

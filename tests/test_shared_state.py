@@ -15,7 +15,7 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from redis_server import RedisServer, free_port
 from test_auth import bearer, error_code
-from test_cluster import joined, project_with, ws_url
+from test_presence import joined, project_with, ws_url
 from test_workspace import Member, make_member
 
 from atrium.cache import SharedUserCache

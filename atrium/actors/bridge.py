@@ -28,7 +28,8 @@ seen later is filled from the log by the actor itself. Clients see every event o
 breaker open) the bridge drops what it would publish and retries the subscription with a
 backoff no shorter than the breaker's reset: the process serves its own clients, its
 open workspaces poll the log every second for other processes' durable events, and
-cursors and job progress from other processes do not arrive until Redis is back.
+cursors and job progress from other processes do not arrive until Redis is back. A
+workspace whose mailbox was too full to take a received event catches up the same way.
 """
 
 from __future__ import annotations
@@ -139,8 +140,11 @@ class Bridge:
         self._running = False
         self._listening = False
         self._connected = False
+        self._changed = trio.Event()  # set (and replaced) when ``connected`` changes
         # Projects whose events were not relayed, and the highest seq among them.
         self._unsent: dict[uuid.UUID, int] = {}
+        # Open projects whose workspace could not take a received event (a full mailbox).
+        self._missed: set[uuid.UUID] = set()
         self._published = {kind: metrics.bridge_published.labels(kind) for kind in _KINDS.values()}
         self._received = {code: metrics.bridge_received.labels(k) for code, k in _KINDS.items()}
         self._dropped_unavailable = metrics.bridge_dropped.labels("unavailable")
@@ -148,6 +152,7 @@ class Bridge:
         self._invalid = metrics.bridge_dropped.labels("invalid")
         for state in BreakerState:
             metrics.redis_breaker.labels(str(state)).set_function(partial(_is_state, redis, state))
+        metrics.bridge_connected.set_function(lambda: 1.0 if self.connected else 0.0)
 
     # -- the Relay: called by workspaces, never blocks -----------------------------------------
 
@@ -226,9 +231,16 @@ class Bridge:
             self._running = False
             self._set_connected(False)
 
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Return once the subscriber is ``connected`` (subscribed), or is not."""
+        while self._connected is not connected:
+            await self._changed.wait()
+
     def _set_connected(self, connected: bool) -> None:
-        self._connected = connected
-        self._metrics.bridge_connected.set(1 if connected else 0)
+        if connected is not self._connected:
+            self._connected = connected
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _publish_forever(self) -> None:
         receive = self._receive
@@ -300,20 +312,26 @@ class Bridge:
                 delay = min(_RETRY_MAX, delay * 2)
 
     async def _poll_while_degraded(self, local: LocalWorkspaces) -> None:
+        """Every DEGRADED_POLL_SECONDS: while degraded, every open workspace catches up
+        from the log; otherwise those that missed a received event (a full mailbox)."""
         while True:
             await trio.sleep(DEGRADED_POLL_SECONDS)
             if not self._connected:
-                self._catch_up(local)
+                self._missed.clear()
+                self._catch_up(local.running())
+            elif self._missed:
+                missed, self._missed = self._missed, set()
+                self._catch_up([a for p in missed if (a := local.find(p)) is not None])
 
     def _subscribed(self, local: LocalWorkspaces) -> None:
         """Subscribed (again): what was published before is lost to this subscriber, so
         every open workspace catches up from the log."""
         self._set_connected(True)
         log.info("bridge: subscribed to %s as %s", _PATTERN, self.instance)
-        self._catch_up(local)
+        self._catch_up(local.running())
 
-    def _catch_up(self, local: LocalWorkspaces) -> None:
-        for actor in local.running():
+    def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
+        for actor in actors:
             try:
                 actor.tell_nowait(CatchUp())
             except (MailboxFull, ActorStopped):
@@ -352,10 +370,11 @@ class Bridge:
         self._received[kind].inc()
         try:
             actor.tell_nowait(message)
-        except (MailboxFull, ActorStopped):
-            # Events: the workspace's next event, or the log's NOTIFY, fills the gap.
-            # Ephemeral frames are lossy by design.
-            pass
+        except MailboxFull:
+            if kind != _EPHEMERAL:  # lossy by design; events are caught up within a second
+                self._missed.add(project_id)
+        except ActorStopped:
+            pass  # it has no one to deliver to
 
 
 def _is_state(redis: Redis, state: BreakerState) -> float:

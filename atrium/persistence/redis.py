@@ -149,10 +149,19 @@ class Redis:
                 with contextlib.suppress(Exception):
                     await _aio(pubsub.aclose())
         self.breaker.failure()
+        await self._forget_idle_connections()
         error = lost[0]
         if isinstance(error, RedisUnavailable):
             raise error
         raise RedisUnavailable(f"redis subscription lost: {error}") from error
+
+    async def _forget_idle_connections(self) -> None:
+        """Close the pool's idle connections: after one connection failed, they are most
+        likely dead too (a restarted server), and each would fail its next call, counting
+        against the breaker (a half-open one would open again), instead of reconnecting."""
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(Exception):
+                await _aio(self._client.connection_pool.disconnect(inuse_connections=False))
 
     def _admit(self) -> None:
         if not self.breaker.allow():
@@ -167,6 +176,7 @@ class Redis:
                 result: T = await _aio(coroutine)
         except _UNAVAILABLE as error:
             self.breaker.failure()
+            await self._forget_idle_connections()
             raise RedisUnavailable(f"redis is unavailable: {error}") from error
         except redis.exceptions.ResponseError:
             self.breaker.success()  # it answered: the server is there
