@@ -117,8 +117,10 @@ class Scripts:
             try:
                 results = await self.redis.call(partial(_pipelined, batch))
             except RedisUnavailable as error:
-                for call in batch:
-                    call.outcome = outcome.Error(error)
+                for call in batch:  # an exception of its own for each caller to raise
+                    unavailable = RedisUnavailable(str(error))
+                    unavailable.__cause__ = error.__cause__
+                    call.outcome = outcome.Error(unavailable)
             else:
                 for call, result in zip(batch, results, strict=True):
                     failed = isinstance(result, Exception)
