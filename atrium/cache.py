@@ -12,11 +12,16 @@ never sees the data from before the write.
 Misses are filled once (single-flight): while one caller of ``get_or_fill`` reads the
 source for a key, the others asking for the same key wait for that read instead of
 running their own, so an expiry under load costs one query, not one per request in flight.
+
+With REDIS_URL, ``SharedUserCache`` keeps values in each process but trusts one only while
+the user's generation in Redis is still the one it was read under: an invalidation on any
+process is seen by the next read on every process.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,6 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
+
+from .persistence.redis import RedisUnavailable
+from .persistence.shared import Generations
+
+log = logging.getLogger("atrium.cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +267,87 @@ class MemoryUserCache:
         while self._size > self._max_entries:
             oldest = next(iter(self._entries))
             self._size -= len(self._entries.pop(oldest))
+
+
+_UNKNOWN = -1
+"""The generation of a user when Redis cannot be asked: nothing is stored under it."""
+
+
+class SharedUserCache:
+    """A per-user cache whose invalidations reach every process sharing Redis.
+
+    Values stay in this process (a ``MemoryUserCache``: same TTL, same bound) together
+    with the user's generation in Redis (``Generations``) when they were read; a value is
+    served only while that generation is unchanged, and ``invalidate`` changes it for
+    every process. So a read after a write is never stale, whichever process served the
+    write: one small round trip per hit instead of the source's query. While Redis cannot
+    be reached, nothing is stored or served (every read goes to the source); the
+    invalidations made meanwhile are recorded in Redis once it answers again.
+    """
+
+    def __init__(
+        self,
+        generations: Generations,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._generations = generations
+        self._entries = MemoryUserCache(ttl_seconds, clock, max_entries=max_entries)
+        self._unrecorded: set[uuid.UUID] = set()  # invalidated here, not yet in Redis
+        self.flights = SingleFlight()
+
+    @property
+    def enabled(self) -> bool:
+        return self._entries.enabled
+
+    async def generation(self, user_id: uuid.UUID) -> int:
+        try:
+            await self._record()
+            return await self._generations.current(user_id)
+        except RedisUnavailable:
+            return _UNKNOWN
+
+    async def get(self, user_id: uuid.UUID, key: str) -> CacheHit | None:
+        hit = await self._entries.get(user_id, key)
+        if hit is None:
+            return None
+        generation, value = hit.value
+        if generation != await self.generation(user_id):
+            await self._entries.invalidate([user_id])
+            return None
+        return CacheHit(value, hit.expires_at)
+
+    async def set(
+        self, user_id: uuid.UUID, key: str, value: Any, generation: int
+    ) -> CacheHit | None:
+        if generation == _UNKNOWN or generation != await self.generation(user_id):
+            return None  # Redis away, or the user was invalidated since the read began
+        local = await self._entries.generation(user_id)
+        stored = await self._entries.set(user_id, key, (generation, value), local)
+        return None if stored is None else CacheHit(value, stored.expires_at)
+
+    async def invalidate(self, user_ids: Iterable[uuid.UUID]) -> None:
+        users = list(user_ids)
+        await self._entries.invalidate(users)
+        self._unrecorded.update(users)
+        try:
+            await self._record()
+        except RedisUnavailable as error:
+            log.warning("cache invalidation kept for when Redis answers: %s", error)
+
+    async def get_or_fill(self, user_id: uuid.UUID, key: str, fill: Fill) -> Filled:
+        if not self.enabled:
+            return Filled(await fill(), None)
+        return await self.flights.get_or_fill(self, user_id, key, fill)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def _record(self) -> None:
+        """Change the generations of the users invalidated while Redis was away."""
+        if self._unrecorded:
+            users = list(self._unrecorded)
+            await self._generations.bump(users)
+            self._unrecorded.difference_update(users)

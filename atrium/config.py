@@ -91,6 +91,14 @@ class Settings:
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
+    # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
+    presence_heartbeat_seconds: float = 2.0
+    presence_ttl_seconds: float = 8.0
+    # Redis circuit breaker (the seed's thresholds): open after this many failures in a
+    # row, half-open after the reset, closed again after this many successes.
+    redis_breaker_failures: int = 5
+    redis_breaker_reset_seconds: float = 60.0
+    redis_breaker_successes: int = 3
 
     @property
     def is_production(self) -> bool:
@@ -271,6 +279,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     ws_default = 8001 if typed_env == "development" else None
     origins = _origins(env.get("ALLOWED_ORIGINS"))
     auth_limit = _int(env, "AUTH_RATE_LIMIT_PER_MINUTE", 5)
+    heartbeat = _positive_seconds(env, "PRESENCE_HEARTBEAT_SECONDS", 2.0)
+    presence_ttl = _positive_seconds(env, "PRESENCE_TTL_SECONDS", 4 * heartbeat)
+    if presence_ttl <= heartbeat:
+        raise ConfigError(
+            "PRESENCE_TTL_SECONDS",
+            f"must be longer than PRESENCE_HEARTBEAT_SECONDS ({heartbeat:g}), got {presence_ttl:g}",
+        )
 
     return Settings(
         environment=typed_env,
@@ -329,4 +344,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         ),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
+        presence_heartbeat_seconds=heartbeat,
+        presence_ttl_seconds=presence_ttl,
+        redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
+        redis_breaker_reset_seconds=_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 60.0),
+        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 3),
     )

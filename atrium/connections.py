@@ -2,8 +2,8 @@
 per-user bounds: how many connections a user may hold open and how fast they may edit.
 
 Free of I/O: a connection is its ``Outbox``, and revoking a session closes the outboxes
-indexed under it (their send tasks then close the sockets). One process only; a shared
-index across instances (the Redis bridge) is not built yet.
+indexed under it (their send tasks then close the sockets). One process only: a
+revocation on another process reaches this index through ``atrium.sessions``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ class ConnectionIndex:
         for outbox in outboxes:
             outbox.close(CloseCode.UNAUTHORIZED, "session_revoked", flush=False)
         return len(outboxes)
+
+    def sessions(self) -> list[uuid.UUID]:
+        """The login sessions that hold connections here now."""
+        return list(self._sessions)
 
     def connections_of(self, user_id: uuid.UUID) -> int:
         """How many connections ``user_id`` holds open in this process."""

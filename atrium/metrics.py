@@ -143,6 +143,53 @@ class Metrics:
             "the database on scrape",
             registry=r,
         )
+        # -- the Redis bridge between processes (atrium.actors.bridge) --
+        self.bridge_connected = Gauge(
+            "atrium_bridge_connected",
+            "1 while the bridge is subscribed to Redis, 0 while degraded (Redis away: this "
+            "process serves its own clients alone); a publish-only bridge (run.py worker): 1 "
+            "while Redis answers",
+            registry=r,
+        )
+        self.redis_breaker = Gauge(
+            "atrium_redis_breaker_state",
+            "The Redis circuit breaker's state (1 for the current one)",
+            ["state"],
+            registry=r,
+        )
+        self.bridge_published = Counter(
+            "atrium_bridge_messages_published",
+            "Messages this process published to Redis, by kind (events, ephemeral, catch_up: "
+            "the log position of events it could not publish earlier)",
+            ["kind"],
+            registry=r,
+        )
+        self.bridge_received = Counter(
+            "atrium_bridge_messages_received",
+            "Messages from other processes received from Redis for a workspace open here, "
+            "by kind (events, ephemeral, catch_up)",
+            ["kind"],
+            registry=r,
+        )
+        self.bridge_dropped = Counter(
+            "atrium_bridge_messages_dropped",
+            "Messages not relayed, by reason (unavailable: Redis away or the breaker open; "
+            "queue_full; invalid: a message received that did not parse)",
+            ["reason"],
+            registry=r,
+        )
+        self.bridge_catch_ups = Counter(
+            "atrium_bridge_catch_ups",
+            "Workspaces told to catch up from the log: when the bridge (re)subscribed, and "
+            "every second while it is degraded",
+            registry=r,
+        )
+        self.workspace_gap_fills = Counter(
+            "atrium_workspace_gap_fills",
+            "Events workspaces read from the log because they had not reached them (a gap "
+            "in what arrived, a catch-up after a reconnect, another process's commit)",
+            registry=r,
+        )
         self._samplers: list[Sampler] = []
 
     def set_job_counts(self, by_state: Mapping[str, int], completed_recent: int) -> None:

@@ -1,4 +1,6 @@
-"""Rate limiting behind a small interface (in-process now; Redis-backed later)."""
+"""Rate limiting and login backoff behind small interfaces: in this process, or shared by
+every process through Redis (``Shared*``, with REDIS_URL), falling back to this process's
+own counts while Redis cannot be reached."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from .persistence.redis import RedisUnavailable
+from .persistence.shared import LoginFailures, RateWindows
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +60,11 @@ class MemoryRateLimiter:
         start, count = self._windows.get(key, (now, 0))
         if now >= start + window_seconds:
             start, count = now, 0
-        reset = start + window_seconds
         allowed = count < limit
         if allowed:
             count += 1
         self._windows[key] = (start, count)
-        return RateDecision(
-            allowed=allowed,
-            limit=limit,
-            remaining=max(0, limit - count),
-            reset_at=math.ceil(reset),
-            retry_after=0 if allowed else max(1, math.ceil(reset - now)),
-        )
+        return _decision(allowed, limit, count, start + window_seconds, now)
 
     def _maybe_sweep(self, now: float) -> None:
         # Drop finished windows now and then so idle keys do not pile up forever.
@@ -78,13 +76,67 @@ class MemoryRateLimiter:
         self._windows = {k: v for k, v in self._windows.items() if v[0] > horizon}
 
 
+def _decision(allowed: bool, limit: int, count: int, reset: float, now: float) -> RateDecision:
+    return RateDecision(
+        allowed=allowed,
+        limit=limit,
+        remaining=max(0, limit - count),
+        reset_at=math.ceil(reset),
+        retry_after=0 if allowed else max(1, math.ceil(reset - now)),
+    )
+
+
+class SharedRateLimiter:
+    """The windows of ``MemoryRateLimiter``, counted in Redis: a limit holds across every
+    process. While Redis cannot be reached, each process counts alone (``fallback``)."""
+
+    def __init__(
+        self, windows: RateWindows, fallback: MemoryRateLimiter, clock: Callable[[], float]
+    ) -> None:
+        self._windows = windows
+        self._fallback = fallback
+        self._clock = clock
+
+    async def hit(self, key: str, limit: int, window_seconds: float = 60.0) -> RateDecision:
+        now = self._clock()
+        try:
+            window = await self._windows.hit(key, limit, window_seconds, now)
+        except RedisUnavailable:
+            return await self._fallback.hit(key, limit, window_seconds)
+        return _decision(window.allowed, limit, window.count, window.start + window_seconds, now)
+
+
+class LoginBackoff(Protocol):
+    """A per-account delay that grows with failed logins (see ``MemoryLoginBackoff``)."""
+
+    async def retry_after(self, key: str) -> int:
+        """Seconds before ``key`` may try again (0: now)."""
+        ...
+
+    async def failed(self, key: str) -> None:
+        """Record a failed login for ``key``."""
+        ...
+
+    async def succeeded(self, key: str) -> None:
+        """A successful login clears ``key``'s failures."""
+        ...
+
+
+def _wait(count: int, last_at: float, after: int, max_seconds: float, now: float) -> int:
+    """Seconds to wait after ``count`` failures in a row, the latest at ``last_at``."""
+    if count < after:
+        return 0
+    delay = min(max_seconds, 2.0 ** (count - after))
+    return max(0, math.ceil(last_at + delay - now))
+
+
 @dataclass(slots=True)
 class _Failures:
     count: int
     last_at: float
 
 
-class LoginBackoff:
+class MemoryLoginBackoff:
     """A per-account delay that grows with failed logins, from any address; one process.
 
     After ``after_failures`` failures in a row for a key (an email), each further attempt
@@ -112,22 +164,20 @@ class LoginBackoff:
         self._failures: dict[str, _Failures] = {}
         self._changes_since_sweep = 0
 
-    def retry_after(self, key: str) -> int:
+    async def retry_after(self, key: str) -> int:
         """Seconds before ``key`` may try again (0: now)."""
         entry = self._live(key)
-        if entry is None or entry.count < self._after:
+        if entry is None:
             return 0
-        delay = min(self._max, 2.0 ** (entry.count - self._after))
-        wait = entry.last_at + delay - self._clock()
-        return max(0, math.ceil(wait))
+        return _wait(entry.count, entry.last_at, self._after, self._max, self._clock())
 
-    def failed(self, key: str) -> None:
+    async def failed(self, key: str) -> None:
         """Record a failed login for ``key``."""
         self._maybe_sweep()
         entry = self._live(key)
         self._failures[key] = _Failures((entry.count if entry else 0) + 1, self._clock())
 
-    def succeeded(self, key: str) -> None:
+    async def succeeded(self, key: str) -> None:
         """A successful login clears ``key``'s failures."""
         self._failures.pop(key, None)
 
@@ -145,3 +195,49 @@ class LoginBackoff:
         self._changes_since_sweep = 0
         horizon = self._clock() - self._forget_after
         self._failures = {k: v for k, v in self._failures.items() if v.last_at > horizon}
+
+
+class SharedLoginBackoff:
+    """The rule of ``MemoryLoginBackoff`` over failures counted in Redis, so failures on
+    every process add up. While Redis cannot be reached, each process counts alone
+    (``fallback``)."""
+
+    def __init__(
+        self,
+        failures: LoginFailures,
+        fallback: MemoryLoginBackoff,
+        after_failures: int,
+        max_seconds: float,
+        clock: Callable[[], float],
+        *,
+        forget_after: float = 900.0,
+    ) -> None:
+        self._failures = failures
+        self._fallback = fallback
+        self._after = after_failures
+        self._max = max_seconds
+        self._clock = clock
+        self._forget_after = forget_after
+
+    async def retry_after(self, key: str) -> int:
+        try:
+            entry = await self._failures.get(key)
+        except RedisUnavailable:
+            return await self._fallback.retry_after(key)
+        now = self._clock()
+        if entry is None or now - entry.last_at >= self._forget_after:
+            return 0
+        return _wait(entry.count, entry.last_at, self._after, self._max, now)
+
+    async def failed(self, key: str) -> None:
+        try:
+            await self._failures.failed(key, self._clock(), self._forget_after)
+        except RedisUnavailable:
+            await self._fallback.failed(key)
+
+    async def succeeded(self, key: str) -> None:
+        await self._fallback.succeeded(key)
+        try:
+            await self._failures.clear(key)
+        except RedisUnavailable:
+            pass  # the failures are forgotten after forget_after anyway

@@ -12,11 +12,18 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
-    └── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false);
-                        last, so its own fault restarts nothing else
+    ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
+    ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
+    │                   revocation listener (``atrium.cluster``); a Redis or database outage
+    │                   is waited out inside it
+    └── bridge          with REDIS_URL: relays workspace traffic to and from other processes
+                        (Redis pub/sub); last, so its restart (a bug: a Redis outage is
+                        waited out inside it) restarts nothing else
 
-``run.py worker`` runs the same tree without http, ws_listener and workspaces.
-The process's ``Metrics`` are made here, once: they outlive a restarted child.
+``run.py worker`` runs the same tree without http, ws_listener and workspaces (its bridge
+only publishes: job events and progress).
+The process's ``Metrics``, its Redis client and its ``Bridge`` are made here, once: they
+outlive a restarted child (the ``bridge`` child runs the bridge's connection loops).
 
 Children start in that order and stop in reverse, after the process drained (``/ready``
 answers 503 for DRAIN_SECONDS while everything still serves): jobs are released, then
@@ -50,6 +57,8 @@ from functools import partial
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from .actors.bridge import Bridge
+from .breaker import BreakerSettings
 from .config import Settings
 from .failures import ContainedFailures
 from .http import server as http_server
@@ -61,6 +70,7 @@ from .persistence import jobs as job_store
 from .persistence.database import open_database
 from .persistence.embedded import EmbeddedPostgres
 from .persistence.migrate import migrate
+from .persistence.redis import open_redis
 from .persistence.retention import RetentionPolicy
 from .retention import EventPruner, retention_policy
 from .services import Services, build_services
@@ -134,6 +144,7 @@ async def _run_database(
     metrics: Metrics,
     *,
     draining: trio.Event | None = None,
+    bridge: Bridge | None = None,
     task_status: trio.TaskStatus[Services],
 ) -> None:
     async with open_database(
@@ -150,6 +161,7 @@ async def _run_database(
             supervisor=root,
             draining=draining,
             metrics=metrics,
+            bridge=bridge,
         )
         task_status.started(services)
         await trio.sleep_forever()
@@ -320,9 +332,11 @@ async def serve(
     failures = ContainedFailures()
     draining = trio.Event()
     metrics = Metrics()
-    async with _open_root(settings, database_url, clock, failures, metrics, draining=draining) as (
-        root,
-        database,
+    async with (
+        _open_bridge(settings, metrics) as bridge,
+        _open_root(
+            settings, database_url, clock, failures, metrics, draining=draining, bridge=bridge
+        ) as (root, database),
     ):
         # After the pool it prunes, before the servers: their restarts leave it alone.
         policy = retention_policy(settings)
@@ -357,6 +371,11 @@ async def serve(
             # stops first, releasing held jobs while the pool is still open.
             await root.start_child(_jobs_child(database))
         metrics_port = await _start_metrics(root, settings, metrics, database)
+        if bridge is not None:
+            await root.start_child(
+                ChildSpec("cluster", partial(_run_cluster, database), shutdown_timeout=2.0)
+            )
+            await root.start_child(_bridge_child(bridge, database))
         server = http.value
         task_status.started(Bound(server.host, server.port, ws_port, metrics_port, root, database))
         if shutdown_trigger is None:
@@ -375,6 +394,7 @@ async def _open_root(
     metrics: Metrics,
     *,
     draining: trio.Event | None = None,
+    bridge: Bridge | None = None,
 ) -> AsyncIterator[tuple[Supervisor, ChildHandle[Services]]]:
     """What every process's tree begins with: the root supervisor (rest_for_one), with
     the embedded PostgreSQL's ``postgres`` subtree when ``database_url`` is None, and the
@@ -403,6 +423,7 @@ async def _open_root(
                         root,
                         metrics,
                         draining=draining,
+                        bridge=bridge,
                     ),
                     shutdown_timeout=15.0,
                 )
@@ -411,6 +432,50 @@ async def _open_root(
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def breaker_settings(settings: Settings) -> BreakerSettings:
+    """The Redis circuit breaker's thresholds (REDIS_BREAKER_*)."""
+    return BreakerSettings(
+        failures=settings.redis_breaker_failures,
+        reset_seconds=settings.redis_breaker_reset_seconds,
+        successes=settings.redis_breaker_successes,
+    )
+
+
+@asynccontextmanager
+async def _open_bridge(settings: Settings, metrics: Metrics) -> AsyncIterator[Bridge | None]:
+    """With REDIS_URL: the process's Redis client and its ``Bridge`` for the block (Redis
+    need not be up: the process starts degraded). Without it: None."""
+    if settings.redis_url is None:
+        yield None
+        return
+    async with open_redis(settings.redis_url, breaker_settings(settings)) as redis:
+        yield Bridge(redis, metrics)
+
+
+async def _run_bridge(
+    bridge: Bridge,
+    database: ChildHandle[Services] | None,
+    *,
+    task_status: trio.TaskStatus[Bridge],
+) -> None:
+    local = None if database is None else database.value.workspaces
+    await bridge.run(local, task_status=task_status)
+
+
+def _bridge_child(bridge: Bridge, database: ChildHandle[Services] | None) -> ChildSpec[Bridge]:
+    """The ``bridge`` child: publishes what this process relays and, given the
+    ``database`` child (a serving process), receives for the workspaces open here."""
+    return ChildSpec("bridge", partial(_run_bridge, bridge, database), shutdown_timeout=2.0)
+
+
+async def _run_cluster(
+    database: ChildHandle[Services], *, task_status: trio.TaskStatus[object]
+) -> None:
+    cluster = database.value.cluster
+    assert cluster is not None  # started only with Redis
+    await cluster.run(task_status=task_status)
 
 
 async def _drain(draining: trio.Event, seconds: float) -> None:
@@ -433,12 +498,17 @@ async def serve_worker(
     """Run a job worker (``run.py worker``): the database and the ``jobs`` subtree, no HTTP
     and no WebSockets. Otherwise like :func:`serve`; ``Bound`` has port 0."""
     metrics = Metrics()
-    async with _open_root(settings, database_url, clock, ContainedFailures(), metrics) as (
-        root,
-        database,
+    async with (
+        _open_bridge(settings, metrics) as bridge,
+        _open_root(settings, database_url, clock, ContainedFailures(), metrics, bridge=bridge) as (
+            root,
+            database,
+        ),
     ):
         await root.start_child(_jobs_child(database))
         metrics_port = await _start_metrics(root, settings, metrics, database)
+        if bridge is not None:
+            await root.start_child(_bridge_child(bridge, None))
         task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
         if shutdown_trigger is None:
             await trio.sleep_forever()

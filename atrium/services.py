@@ -10,14 +10,15 @@ root's ``rest_for_one`` every child after it restarts onto it.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
+from .actors.bridge import Bridge
 from .actors.workspace import WorkspaceSettings
-from .cache import MemoryUserCache, UserCache
+from .cache import MemoryUserCache, SharedUserCache, UserCache
+from .cluster import Cluster
 from .config import Settings
 from .domain.projects import Projects
 from .domain.workspaces import Workspaces
@@ -27,8 +28,19 @@ from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
 from .metrics import Metrics
 from .passwords import Passwords
 from .persistence.database import Database
-from .ratelimit import LoginBackoff, MemoryRateLimiter, RateLimiter
+from .persistence.redis import Redis
+from .persistence.shared import Generations, LoginFailures, RateWindows, Scripts
+from .presence import ClusterPresence, LocalPresence, PresenceSettings
+from .ratelimit import (
+    LoginBackoff,
+    MemoryLoginBackoff,
+    MemoryRateLimiter,
+    RateLimiter,
+    SharedLoginBackoff,
+    SharedRateLimiter,
+)
 from .realtime import ConnectionSettings, Realtime
+from .sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
 from .supervision import Supervisor
 from .tasks import load_task_modules
 from .tokens import TokenCodec, VerifiedTokens
@@ -49,6 +61,11 @@ class Services:
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
+    ``session_ends`` closes a revoked session's WebSockets (on every process, with
+    Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
+    heartbeat and reaper, and the revocation listener.
+    ``bridge`` relays live workspace traffic to and from other processes through
+    ``redis`` (both None without REDIS_URL).
     """
 
     settings: Settings
@@ -69,10 +86,10 @@ class Services:
     jobs: JobService
     draining: trio.Event
     metrics: Metrics
-
-    def revoke_live_session(self, session_id: uuid.UUID) -> int:
-        """Close this process's open WebSockets of ``session_id`` (4001); how many."""
-        return self.realtime.revoke_session(session_id)
+    session_ends: SessionEnds
+    cluster: Cluster | None = None
+    bridge: Bridge | None = None
+    redis: Redis | None = None
 
 
 def connection_settings(settings: Settings) -> ConnectionSettings:
@@ -126,13 +143,17 @@ def build_services(
     publisher: EventPublisher | None = None,
     project_cache: UserCache | None = None,
     metrics: Metrics | None = None,
+    bridge: Bridge | None = None,
 ) -> Services:
     """Assemble the services for ``settings`` on an open database.
 
     Project events go to this pool's live workspaces unless ``publisher`` says otherwise;
     ``project_cache`` replaces the in-memory project-list cache (tests pass both).
     ``metrics`` is the process's (the root makes one that outlives a new pool); without
-    it the services count into a registry of their own.
+    it the services count into a registry of their own. ``bridge`` (REDIS_URL set) is
+    the workspaces' relay to other processes; with its Redis, rate limits, login backoff,
+    both caches, presence and session revocation are shared with every process using it
+    (``_Shared``).
     """
     if metrics is None:
         metrics = Metrics()
@@ -145,10 +166,20 @@ def build_services(
     )
     if failures is None:
         failures = ContainedFailures()
+    redis = None if bridge is None else bridge.redis
+    shared = None if redis is None else _Shared(settings, db, redis, clock)
     if project_cache is None:
-        project_cache = MemoryUserCache(settings.project_cache_ttl_seconds, clock)
+        ttl = settings.project_cache_ttl_seconds
+        project_cache = (
+            MemoryUserCache(ttl, clock) if shared is None else shared.cache("projects", ttl)
+        )
     workspaces = Workspaces(
-        db, workspace_settings(settings), count_deliveries=metrics.ws_deliveries.inc
+        db,
+        workspace_settings(settings),
+        count_deliveries=metrics.ws_deliveries.inc,
+        relay=bridge,
+        count_gap_fills=metrics.workspace_gap_fills.inc,
+        presence=LocalPresence() if shared is None else shared.presence,
     )
     publish = workspaces if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
@@ -162,21 +193,24 @@ def build_services(
         failures=failures,
         metrics=metrics,
     )
+    cluster = None if shared is None else shared.cluster(realtime)
     return Services(
         settings=settings,
         db=db,
         tokens=codec,
         verified_tokens=VerifiedTokens(codec),
-        limiter=MemoryRateLimiter(clock),
+        limiter=MemoryRateLimiter(clock) if shared is None else shared.limiter(),
         clock=clock,
         project_cache=project_cache,
-        session_cache=MemoryUserCache(settings.session_cache_seconds, clock),
+        session_cache=(
+            MemoryUserCache(settings.session_cache_seconds, clock)
+            if shared is None
+            else shared.cache("sessions", settings.session_cache_seconds)
+        ),
         passwords=Passwords(
             settings.password_hash_concurrency, settings.password_hash_queue_seconds
         ),
-        login_backoff=LoginBackoff(
-            settings.login_backoff_after_failures, settings.login_backoff_max_seconds, clock
-        ),
+        login_backoff=_login_backoff(settings, clock) if shared is None else shared.backoff(),
         failures=failures,
         projects=Projects(db, project_cache, publish),
         workspaces=workspaces,
@@ -185,4 +219,56 @@ def build_services(
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
+        session_ends=LocalSessionEnds(realtime) if cluster is None else cluster.session_ends,
+        cluster=cluster,
+        bridge=bridge,
+        redis=redis,
     )
+
+
+# -- shared state (REDIS_URL) ---------------------------------------------------------------
+
+
+def _login_backoff(settings: Settings, clock: Callable[[], float]) -> MemoryLoginBackoff:
+    return MemoryLoginBackoff(
+        settings.login_backoff_after_failures, settings.login_backoff_max_seconds, clock
+    )
+
+
+class _Shared:
+    """The Redis-backed parts of one ``Services``: each falls back to this process's own
+    state while Redis cannot be reached."""
+
+    def __init__(
+        self, settings: Settings, db: Database, redis: Redis, clock: Callable[[], float]
+    ) -> None:
+        self.settings, self.db, self.redis, self.clock = settings, db, redis, clock
+        self.scripts = Scripts(redis)  # one queue: concurrent requests share round trips
+        self.presence = ClusterPresence(
+            redis,
+            db,
+            PresenceSettings(settings.presence_heartbeat_seconds, settings.presence_ttl_seconds),
+        )
+
+    def cache(self, name: str, ttl_seconds: float) -> UserCache:
+        return SharedUserCache(
+            Generations(self.scripts, name, ttl_seconds), ttl_seconds, self.clock
+        )
+
+    def limiter(self) -> RateLimiter:
+        return SharedRateLimiter(
+            RateWindows(self.scripts), MemoryRateLimiter(self.clock), self.clock
+        )
+
+    def backoff(self) -> LoginBackoff:
+        fallback = _login_backoff(self.settings, self.clock)
+        return SharedLoginBackoff(
+            LoginFailures(self.scripts),
+            fallback,
+            self.settings.login_backoff_after_failures,
+            self.settings.login_backoff_max_seconds,
+            self.clock,
+        )
+
+    def cluster(self, realtime: Realtime) -> Cluster:
+        return Cluster(self.presence, SharedSessionEnds(self.redis, self.db, realtime))

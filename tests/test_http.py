@@ -109,6 +109,7 @@ async def test_health_and_ready(server: Running) -> None:
     assert r.status_code == 200
     assert r.json() == {
         "ready": True,
+        "status": "ready",
         "checks": {"database": {"ok": True}, "supervision": {"ok": True, "down": []}},
     }
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import FakeClock, Running, StartServer
 
 from atrium.proxies import client_address
-from atrium.ratelimit import LoginBackoff
+from atrium.ratelimit import MemoryLoginBackoff
 
 LOGIN = "/api/v1/auth/login"
 VICTIM = "victim@example.com"
@@ -63,26 +63,26 @@ def test_without_trusted_proxies_the_header_is_ignored() -> None:
     assert client_address("127.0.0.1", ["198.51.100.7"], ()) == "127.0.0.1"
 
 
-def test_backoff_doubles_caps_and_clears() -> None:
+async def test_backoff_doubles_caps_and_clears() -> None:
     clock = FakeClock()
-    backoff = LoginBackoff(3, 30, clock)
+    backoff = MemoryLoginBackoff(3, 30, clock)
     for _ in range(3):
-        assert backoff.retry_after("k") == 0
-        backoff.failed("k")
+        assert await backoff.retry_after("k") == 0
+        await backoff.failed("k")
     waits = []
     for _ in range(8):
-        waits.append(backoff.retry_after("k"))
+        waits.append(await backoff.retry_after("k"))
         clock.advance(waits[-1])
-        backoff.failed("k")
+        await backoff.failed("k")
     assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
-    assert backoff.retry_after("other") == 0
-    backoff.succeeded("k")
-    assert backoff.retry_after("k") == 0
+    assert await backoff.retry_after("other") == 0
+    await backoff.succeeded("k")
+    assert await backoff.retry_after("k") == 0
     for _ in range(4):
-        backoff.failed("k")
-    assert backoff.retry_after("k") == 2
+        await backoff.failed("k")
+    assert await backoff.retry_after("k") == 2
     clock.advance(900)
-    assert backoff.retry_after("k") == 0  # failures are forgotten after 15 quiet minutes
+    assert await backoff.retry_after("k") == 0  # failures are forgotten after 15 quiet minutes
 
 
 async def test_forwarded_for_is_trusted_only_from_trusted_proxies(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import FakeClock
 
-from atrium.ratelimit import LoginBackoff, MemoryRateLimiter, RateDecision
+from atrium.ratelimit import MemoryLoginBackoff, MemoryRateLimiter, RateDecision
 
 START = 1_800_000_000.0
 
@@ -93,38 +93,38 @@ def test_headers_report_the_decision() -> None:
     assert refused.headers()["X-RateLimit-Remaining"] == "0"
 
 
-def test_backoff_waits_from_the_latest_failure() -> None:
+async def test_backoff_waits_from_the_latest_failure() -> None:
     clock = FakeClock(START)
-    backoff = LoginBackoff(2, 60, clock)
-    backoff.failed("k")
-    backoff.failed("k")
-    assert backoff.retry_after("k") == 1  # 2 ** 0 after the threshold
+    backoff = MemoryLoginBackoff(2, 60, clock)
+    await backoff.failed("k")
+    await backoff.failed("k")
+    assert await backoff.retry_after("k") == 1  # 2 ** 0 after the threshold
     clock.advance(0.4)
-    assert backoff.retry_after("k") == 1  # rounded up
+    assert await backoff.retry_after("k") == 1  # rounded up
     clock.advance(0.6)
-    assert backoff.retry_after("k") == 0
-    backoff.failed("k")
-    assert backoff.retry_after("k") == 2
+    assert await backoff.retry_after("k") == 0
+    await backoff.failed("k")
+    assert await backoff.retry_after("k") == 2
     clock.advance(1.5)
-    assert backoff.retry_after("k") == 1
-    backoff.succeeded("k")  # the password was right: no wait, and the count starts over
-    assert backoff.retry_after("k") == 0
-    backoff.failed("k")
-    assert backoff.retry_after("k") == 0
+    assert await backoff.retry_after("k") == 1
+    await backoff.succeeded("k")  # the password was right: no wait, and the count starts over
+    assert await backoff.retry_after("k") == 0
+    await backoff.failed("k")
+    assert await backoff.retry_after("k") == 0
 
 
-def test_backoff_forgets_quiet_keys_and_sweeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_backoff_forgets_quiet_keys_and_sweeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock(START)
-    backoff = LoginBackoff(1, 60, clock, forget_after=100)
+    backoff = MemoryLoginBackoff(1, 60, clock, forget_after=100)
     monkeypatch.setattr(backoff, "_SWEEP_EVERY", 5)
     for key in ("a", "b", "c"):
-        backoff.failed(key)
-    assert backoff.retry_after("a") == 1
+        await backoff.failed(key)
+    assert await backoff.retry_after("a") == 1
     clock.advance(99)
-    backoff.failed("a")  # still remembered: the count goes on
-    assert backoff.retry_after("a") == 2
+    await backoff.failed("a")  # still remembered: the count goes on
+    assert await backoff.retry_after("a") == 2
     clock.advance(100)
-    assert backoff.retry_after("a") == 0  # forgotten after 100 quiet seconds
-    backoff.failed("a")  # a fresh count; this fifth change sweeps "b" and "c"
-    assert backoff.retry_after("a") == 1
+    assert await backoff.retry_after("a") == 0  # forgotten after 100 quiet seconds
+    await backoff.failed("a")  # a fresh count; this fifth change sweeps "b" and "c"
+    assert await backoff.retry_after("a") == 1
     assert set(backoff._failures) == {"a"}

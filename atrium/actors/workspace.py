@@ -26,14 +26,22 @@ from ..outbox import Outbox
 from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
+from ..presence import (
+    LocalPresence,
+    OnlineUser,
+    PresenceBoard,
+    Transition,
+    online_json,
+    presence_event,
+)
 from ..protocol import CloseCode, CursorUpdate, FileChange
+from ..relay import NoRelay, Relay
 from ..roles import Action, Role, can
-from ..timestamps import utc_iso_at, utc_now_iso
+from ..timestamps import utc_now_iso
 from ._actor import Actor
 
 log = logging.getLogger("atrium.workspace")
 
-_ACTIVE_SECONDS = 300.0  # a user seen within this is "active", else "idle"
 _connection_ids = itertools.count(1)
 
 
@@ -99,11 +107,18 @@ class Behind:
 
 @dataclass(frozen=True, slots=True)
 class Ephemeral:
-    """A frame for every connection that is never stored (a job's progress); coalesced
-    per ``key`` for a connection that falls behind, like cursors."""
+    """An encoded frame for every connection that is never stored (a job's progress, or
+    a cursor or progress relayed from another process); coalesced per ``key`` for a
+    connection that falls behind, like cursors."""
 
     key: uuid.UUID
-    frame: dict[str, Any]
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Deliver whatever the log holds past what this workspace delivered: the relay
+    between processes (re)connected, and it may have dropped events meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +126,7 @@ class Status:
     """Replies with the workspace's status (the seed's fields)."""
 
 
-Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | Status
-
-
-def _presence_event(kind: EventType, subscriber: Subscriber, what: str) -> NewEvent:
-    """A USER_JOIN or USER_LEAVE with the seed's fields."""
-    payload = {"email": subscriber.email, "message": f"User {subscriber.email} {what}"}
-    return NewEvent(kind, subscriber.user_id, payload)
+Message = Join | Leave | Edit | Cursor | Published | Behind | Ephemeral | CatchUp | Status
 
 
 def _uncounted(_: int) -> None:
@@ -145,6 +154,10 @@ class WorkspaceActor(Actor[Message, Any]):
     spends none of the supervisor's restart budget. Edits whose transaction failed were
     not ACKed; clients resend them with the same ``client_id`` once they are back, which
     stores each at most once. An asker (a Join) gets the DatabaseUnavailable.
+
+    Who is online, and whether a connection is its user's first or last (USER_JOIN,
+    USER_LEAVE), the ``presence`` board decides: this process alone (``LocalPresence``,
+    the default) or every process sharing Redis (``ClusterPresence``).
     """
 
     expected_errors = (DatabaseUnavailable,)
@@ -159,6 +172,9 @@ class WorkspaceActor(Actor[Message, Any]):
         "_broadcasts",
         "_slow",
         "_count_deliveries",
+        "_board",
+        "_relay",
+        "_count_gap_fills",
     )
 
     def __init__(
@@ -168,9 +184,16 @@ class WorkspaceActor(Actor[Message, Any]):
         settings: WorkspaceSettings,
         *,
         count_deliveries: Callable[[int], object] | None = None,
+        relay: Relay | None = None,
+        count_gap_fills: Callable[[int], object] | None = None,
+        presence: PresenceBoard | None = None,
     ) -> None:
         """``count_deliveries(n)`` is told how many connections each broadcast reached
-        (a metric: once per broadcast, not per delivery)."""
+        (a metric: once per broadcast, not per delivery). ``relay`` passes the events this
+        workspace commits and the cursors it broadcasts on to other processes;
+        ``count_gap_fills(n)`` is told how many events it read from the log because they
+        had not reached it (a gap, a catch-up). ``presence`` is told of every connection
+        that comes and goes."""
         super().__init__(
             name=f"workspace:{project_id}",
             mailbox_size=settings.mailbox_size,
@@ -185,6 +208,9 @@ class WorkspaceActor(Actor[Message, Any]):
         self._broadcasts = 0
         self._slow: list[Subscriber] = []  # closed as slow consumers, still to be dropped
         self._count_deliveries = count_deliveries or _uncounted
+        self._board: PresenceBoard = presence or LocalPresence()
+        self._relay = relay or NoRelay()
+        self._count_gap_fills = count_gap_fills or _uncounted
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -194,6 +220,7 @@ class WorkspaceActor(Actor[Message, Any]):
             # workspace that no longer exists: they reconnect and resume from the log.
             for subscriber in self._subscribers.values():
                 subscriber.outbox.close(CloseCode.SERVICE_RESTART, "workspace_restarted")
+            self._board.vacate(self.project_id)
 
     async def on_start(self) -> None:
         self._last_seq = await store.last_seq(self._db, self.project_id)
@@ -222,12 +249,14 @@ class WorkspaceActor(Actor[Message, Any]):
             return await self._deliver(message.events)
         if isinstance(message, Behind):
             return await self._catch_up(message.seq)
+        if isinstance(message, CatchUp):
+            return await self._catch_up(await store.last_seq(self._db, self.project_id))
         if isinstance(message, Join):
             return await self._join(message)
         if isinstance(message, Leave):
             return await self._leave(message.subscriber)
         if isinstance(message, Status):
-            return self._status()
+            return await self._status()
         if isinstance(message, Ephemeral):
             return self._ephemeral(message)
         raise TypeError(f"{self!r} does not handle {type(message).__name__}")
@@ -260,6 +289,7 @@ class WorkspaceActor(Actor[Message, Any]):
                 missing = await store.events_between(
                     self._db, self.project_id, self._last_seq, seq - 1
                 )
+                self._count_gap_fills(len(missing))
                 for earlier in missing:
                     self._deliver_one(earlier)
             self._deliver_one(event)
@@ -267,9 +297,9 @@ class WorkspaceActor(Actor[Message, Any]):
 
     async def _catch_up(self, seq: int) -> None:
         if seq > self._last_seq:
-            await self._deliver(
-                await store.events_between(self._db, self.project_id, self._last_seq, seq)
-            )
+            missed = await store.events_between(self._db, self.project_id, self._last_seq, seq)
+            self._count_gap_fills(len(missed))
+            await self._deliver(missed)
 
     def _deliver_one(self, event: Event) -> None:
         self._last_seq = event.seq
@@ -286,7 +316,9 @@ class WorkspaceActor(Actor[Message, Any]):
             for subscriber in [s for s in self._subscribers.values() if s.user_id == user_id]:
                 if kind is EventType.MEMBER_REMOVED:
                     subscriber.outbox.close(CloseCode.MEMBER_REMOVED, "member_removed")
-                    self._drop(subscriber)
+                    remaining = self._drop(subscriber)
+                    if remaining is not None:
+                        self._board.dropped(self.project_id, user_id, remaining)
                 else:
                     subscriber.role = Role(str(payload.get("role")))
 
@@ -302,7 +334,7 @@ class WorkspaceActor(Actor[Message, Any]):
                         "type": "PRESENCE_STATE",
                         "project_id": str(self.project_id),
                         "seq": self._last_seq,
-                        "users": self._online_users(),
+                        "users": online_json(await self._online()),
                     }
                 )
             ]
@@ -313,13 +345,15 @@ class WorkspaceActor(Actor[Message, Any]):
         self._subscribers[subscriber.id] = subscriber
         now = trio.current_time()
         presence = self._presence.get(subscriber.user_id)
-        if presence is not None:
-            presence.connections += 1
-            presence.last_seen = now
-            return replayed
-        self._presence[subscriber.user_id] = Presence(1, now)
-        await self._append(
-            [_presence_event(EventType.USER_JOIN, subscriber, "entered the workspace")]
+        if presence is None:
+            presence = self._presence[subscriber.user_id] = Presence(0, now)
+        presence.connections += 1
+        presence.last_seen = now
+        await self._announce(
+            subscriber,
+            await self._board.joined(
+                self.project_id, subscriber.user_id, subscriber.email, presence.connections
+            ),
         )
         return replayed
 
@@ -355,42 +389,51 @@ class WorkspaceActor(Actor[Message, Any]):
         subscriber.outbox.put_unbounded(frames)
         return len(events)
 
-    def _drop(self, subscriber: Subscriber) -> bool:
-        """Forget a connection; True when it was its user's last one."""
+    def _drop(self, subscriber: Subscriber) -> int | None:
+        """Forget a connection; how many its user still holds here (None: it was not
+        subscribed)."""
         if self._subscribers.pop(subscriber.id, None) is None:
-            return False
+            return None
         presence = self._presence.get(subscriber.user_id)
         if presence is None:
-            return False
+            return None
         presence.connections -= 1
         if presence.connections > 0:
-            return False
+            return presence.connections
         del self._presence[subscriber.user_id]
-        return True
+        return 0
 
     async def _leave(self, subscriber: Subscriber) -> None:
-        if self._drop(subscriber):
-            await self._append(
-                [_presence_event(EventType.USER_LEAVE, subscriber, "left the workspace")]
+        remaining = self._drop(subscriber)
+        if remaining is not None:
+            await self._announce(
+                subscriber,
+                await self._board.left(
+                    self.project_id, subscriber.user_id, subscriber.email, remaining
+                ),
             )
 
-    def _online_users(self) -> list[dict[str, Any]]:
-        now = trio.current_time()
-        offset = time.time() - now  # trio's clock to wall clock
-        return [
-            {
-                "user_id": str(user_id),
-                "connections": p.connections,
-                "last_seen": utc_iso_at(p.last_seen + offset),
-                "status": "active" if now - p.last_seen < _ACTIVE_SECONDS else "idle",
-            }
+    async def _announce(self, subscriber: Subscriber, transition: Transition) -> None:
+        """Store the USER_JOIN or USER_LEAVE that ``transition`` calls for."""
+        if transition is Transition.NONE:
+            return
+        kind = EventType.USER_JOIN if transition is Transition.JOINED else EventType.USER_LEAVE
+        await self._append([presence_event(kind, subscriber.user_id, subscriber.email)])
+
+    async def _online(self) -> dict[uuid.UUID, OnlineUser]:
+        """Everyone online in the project (on every process, with a cluster board)."""
+        offset = time.time() - trio.current_time()  # trio's clock to wall clock
+        here = {
+            user_id: OnlineUser(p.connections, p.last_seen + offset)
             for user_id, p in self._presence.items()
-        ]
+        }
+        return await self._board.online(self.project_id, here)
 
     def _touch(self, user_id: uuid.UUID) -> None:
         presence = self._presence.get(user_id)
         if presence is not None:
             presence.last_seen = trio.current_time()
+            self._board.seen(self.project_id, user_id)
 
     # -- client events ----------------------------------------------------------------------
 
@@ -404,6 +447,7 @@ class WorkspaceActor(Actor[Message, Any]):
             return None
         created = [event for event, new in results if new]
         if created:
+            self._relay.events(self.project_id, created)
             await self._deliver(created)
         return results
 
@@ -474,10 +518,11 @@ class WorkspaceActor(Actor[Message, Any]):
             if other is not subscriber:
                 other.outbox.put_cursor(subscriber.user_id, frame)
         self._count_deliveries(len(self._subscribers) - 1)
+        self._relay.ephemeral(self.project_id, subscriber.user_id, frame)
 
     def _ephemeral(self, message: Ephemeral) -> None:
         self._broadcasts += 1
-        frame = protocol.encode(message.frame)
+        frame = message.frame
         for subscriber in self._subscribers.values():
             subscriber.outbox.put_cursor(message.key, frame)
         self._count_deliveries(len(self._subscribers))
@@ -506,12 +551,13 @@ class WorkspaceActor(Actor[Message, Any]):
             "users": list(users.values()),
         }
 
-    def _status(self) -> dict[str, Any]:
+    async def _status(self) -> dict[str, Any]:
+        online = await self._online()
         return {
             "project_id": str(self.project_id),
-            "active_collaborators": len(self._presence),
-            "connections": len(self._subscribers),
-            "online_users": self._online_users(),
+            "active_collaborators": len(online),
+            "connections": sum(user.connections for user in online.values()),
+            "online_users": online_json(online),
             "workspace_url": f"/ws/{self.project_id}",
             "real_time_events": self._broadcasts,
             "seq": self._last_seq,
@@ -519,6 +565,8 @@ class WorkspaceActor(Actor[Message, Any]):
 
 
 __all__ = [
+    "Behind",
+    "CatchUp",
     "Cursor",
     "Edit",
     "Ephemeral",

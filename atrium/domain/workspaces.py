@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from .. import protocol
 from ..actors import ActorStopped, MailboxFull
 from ..actors.workspace import (
     Behind,
@@ -22,6 +23,8 @@ from ..actors.workspace import (
 from ..events import Event
 from ..persistence import events as event_log
 from ..persistence.database import Database
+from ..presence import LocalPresence, PresenceBoard, online_json
+from ..relay import NoRelay, Relay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.workspace")
@@ -39,6 +42,12 @@ class Workspaces:
     owns its lifetime and restarts it; meanwhile ``get`` waits for the new one and ``find``
     finds nothing. One registry serves one database pool (``db``); a new pool gets a new
     registry.
+
+    ``relay`` passes what is committed or sent here on to other processes (the bridge):
+    the events ``publish`` is handed, job progress, and through the actors their own
+    events and cursors. ``count_gap_fills`` counts events the actors read from the log
+    because they had not reached them. ``presence`` is the board every actor tells of its
+    connections (this process alone by default; the cluster's with Redis).
     """
 
     def __init__(
@@ -49,9 +58,15 @@ class Workspaces:
         max_restarts: int = 5,
         period: float = 30.0,
         count_deliveries: Callable[[int], object] | None = None,
+        relay: Relay | None = None,
+        count_gap_fills: Callable[[int], object] | None = None,
+        presence: PresenceBoard | None = None,
     ) -> None:
         self._db = db
+        self.presence: PresenceBoard = presence or LocalPresence()
         self._count_deliveries = count_deliveries
+        self._relay = relay or NoRelay()
+        self._count_gap_fills = count_gap_fills
         self._settings = settings
         self._max_restarts = max_restarts
         self._period = period
@@ -104,7 +119,13 @@ class Workspaces:
         spec = actor_spec(
             f"workspace:{project_id}",
             lambda: WorkspaceActor(
-                project_id, self._db, self._settings, count_deliveries=self._count_deliveries
+                project_id,
+                self._db,
+                self._settings,
+                count_deliveries=self._count_deliveries,
+                relay=self._relay,
+                count_gap_fills=self._count_gap_fills,
+                presence=self.presence,
             ),
             restart=Restart.TRANSIENT,
         )
@@ -122,6 +143,17 @@ class Workspaces:
         except NoSuchChild:
             return None
         return value if isinstance(value, WorkspaceActor) and value.alive else None
+
+    def running(self) -> list[WorkspaceActor]:
+        """The actors running now (a snapshot)."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return []
+        return [
+            child.value
+            for child in supervisor.which_children()
+            if isinstance(child.value, WorkspaceActor) and child.value.alive
+        ]
 
     def overview(self, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
         """The workspaces running in this process now: how many, their connections all
@@ -151,7 +183,8 @@ class Workspaces:
 
     async def status(self, project_id: uuid.UUID) -> dict[str, Any]:
         """Who is in the project's live workspace now (the seed's fields): from its actor
-        when one runs here, else an empty workspace at the log's last seq."""
+        when one runs here, else from the presence board (the users on other processes)
+        at the log's last seq."""
         actor = self.find(project_id)
         if actor is not None:
             try:
@@ -159,28 +192,35 @@ class Workspaces:
                 return status
             except ActorStopped:
                 pass  # stopped between find and ask: it has nobody online
+        online = await self.presence.online(project_id, {})
         return {
             "project_id": project_id,
-            "active_collaborators": 0,
-            "connections": 0,
-            "online_users": [],
+            "active_collaborators": len(online),
+            "connections": sum(user.connections for user in online.values()),
+            "online_users": online_json(online),
             "workspace_url": f"/ws/{project_id}",
             "real_time_events": 0,
             "seq": await event_log.last_seq(self._db, project_id),
         }
 
     async def progress(self, project_id: uuid.UUID, key: uuid.UUID, frame: dict[str, Any]) -> None:
-        """Send an ephemeral frame (a job's progress) to the project's workspace if it is
-        open here; a newer frame with the same ``key`` replaces one not yet sent."""
+        """Send an ephemeral frame (a job's progress) to the project's workspace, here if
+        it is open here and in other processes through the relay; a newer frame with the
+        same ``key`` replaces one not yet sent."""
+        encoded = protocol.encode(frame)
+        self._relay.ephemeral(project_id, key, encoded)
         actor = self.find(project_id)
         if actor is not None:
             try:
-                actor.tell_nowait(Ephemeral(key, frame))
+                actor.tell_nowait(Ephemeral(key, encoded))
             except (ActorStopped, MailboxFull):
                 pass  # ephemeral: the next report, or the job's end event, follows
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
-        """Hand committed log events to the project's workspace, if it is open here."""
+        """Hand committed log events to the project's workspace, if it is open here, and
+        to the relay for other processes."""
+        if events:
+            self._relay.events(project_id, events)
         actor = self.find(project_id)
         if actor is not None and events:
             try:

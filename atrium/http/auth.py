@@ -77,9 +77,9 @@ async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid
 
 async def _session_ended(user_id: uuid.UUID, session_id: uuid.UUID) -> None:
     """After a session's revocation committed: no cached copy of it is trusted any more,
-    and its WebSockets in this process close at once."""
+    and its WebSockets close at once (on every process, with Redis)."""
     await forget_sessions(user_id)
-    services().revoke_live_session(session_id)
+    await services().session_ends.ended(session_id)
 
 
 @blueprint.post("/signup")
@@ -126,7 +126,7 @@ async def login(data: LoginRequest) -> Response:
         (f"login:pair:{address}:{key}", svc.settings.auth_rate_limit_per_minute),
         (f"login:ip:{address}", svc.settings.auth_address_rate_limit_per_minute),
     )
-    if wait := svc.login_backoff.retry_after(key):
+    if wait := await svc.login_backoff.retry_after(key):
         raise ApiError(
             429,
             "rate_limited",
@@ -139,9 +139,9 @@ async def login(data: LoginRequest) -> Response:
     except HashingBusy as busy:
         raise _server_busy(busy) from None
     if found is None or not valid:
-        svc.login_backoff.failed(key)
+        await svc.login_backoff.failed(key)
         raise _BAD_CREDENTIALS
-    svc.login_backoff.succeeded(key)
+    await svc.login_backoff.succeeded(key)
     session_id = uuid.uuid4()
     access, refresh, refresh_jti, refresh_expiry = await _issue_pair(found.user, session_id)
     await accounts.open_session(svc.db, found.user.id, session_id, refresh_jti, refresh_expiry)

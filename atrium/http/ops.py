@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from quart import Blueprint, Response, request
@@ -18,6 +18,7 @@ from .schemas import (
     HealthResponse,
     ReadyChecks,
     ReadyResponse,
+    RedisCheck,
     SupervisionCheck,
     SupervisorModel,
     SupervisorTreeResponse,
@@ -52,7 +53,11 @@ async def ready() -> Response:
     the supervision tree is down or restarting, else 503. ``checks`` says which failed:
     ``database.error`` why the database did not answer, ``supervision.down`` the children
     that are not running (nested ones as ``parent/child``), ``draining: true`` that the
-    process got SIGTERM and is about to stop (it still serves meanwhile)."""
+    process got SIGTERM and is about to stop (it still serves meanwhile).
+
+    ``status`` is ``ready``, ``not_ready`` (503), or ``degraded``: ready (200) but Redis is
+    away (``checks.redis``, present with REDIS_URL), so this process serves its own
+    clients alone until it rejoins; the load balancer should keep sending it traffic."""
     svc = services()
     database: dict[str, Any] = {"ok": False}
     with trio.move_on_after(_READY_TIMEOUT) as waiting:
@@ -68,12 +73,25 @@ async def ready() -> Response:
         checks.supervision = SupervisionCheck(
             ok=svc.supervisor.healthy(), down=_down(svc.supervisor.snapshot())
         )
+    bridge = svc.bridge
+    if bridge is not None:  # no I/O: the bridge's own state, kept by its loops
+        connected = bridge.connected
+        checks.redis = RedisCheck(
+            ok=connected,
+            state="connected" if connected else "degraded",
+            breaker=bridge.redis.breaker.state.value,
+        )
     ok = checks.database.ok and (checks.supervision is None or checks.supervision.ok)
     if svc.draining.is_set():  # shutting down: the load balancer should send no more
         checks.draining = True
         ok = False
+    status: Literal["ready", "degraded", "not_ready"] = "ready"
+    if not ok:
+        status = "not_ready"
+    elif checks.redis is not None and not checks.redis.ok:
+        status = "degraded"
     # Fields never set stay out of the body (no "error" when the database answered).
-    body = ReadyResponse(ready=ok, checks=checks).model_dump(exclude_unset=True)
+    body = ReadyResponse(ready=ok, status=status, checks=checks).model_dump(exclude_unset=True)
     return json_response(body, 200 if ok else 503)
 
 

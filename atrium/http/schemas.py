@@ -182,14 +182,25 @@ class SupervisionCheck(BaseModel):
     down: list[str]
 
 
+class RedisCheck(BaseModel):
+    """The bridge to other processes (present with REDIS_URL). Not ok is ``degraded``,
+    not unready: the process still serves its own clients."""
+
+    ok: bool
+    state: Literal["connected", "degraded"]
+    breaker: Literal["closed", "open", "half_open"]
+
+
 class ReadyChecks(BaseModel):
     database: DatabaseCheck
     supervision: SupervisionCheck | None = None
+    redis: RedisCheck | None = None
     draining: bool | None = None  # present (true) only while the process drains
 
 
 class ReadyResponse(BaseModel):
     ready: bool
+    status: Literal["ready", "degraded", "not_ready"]
     checks: ReadyChecks
 
 
@@ -212,6 +223,7 @@ class ChildModel(BaseModel):
     uptime: float | None
     mailbox_depth: int | None
     supervisor: SupervisorModel | None
+    detail: dict[str, Any] | None = None  # what the child says of itself (the bridge: state)
 
 
 class SupervisorModel(BaseModel):

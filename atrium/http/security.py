@@ -84,8 +84,9 @@ async def _session_user(claims: Claims) -> User | None:
     """The user of a live session, from the session cache or the database (one query
     for all the requests that miss the same session at once).
 
-    Revocations on this instance invalidate the cache at once (``forget_sessions``);
-    another instance's revocation is seen within SESSION_CACHE_SECONDS.
+    Revocations invalidate the cache at once (``forget_sessions``): on every instance
+    with Redis (a shared cache), else on this one, and another instance's revocation is
+    seen within SESSION_CACHE_SECONDS.
     """
     svc = services()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -156,6 +157,18 @@ async def revoke_session(db: Database, session_id: uuid.UUID, reason: str) -> No
         session_id,
         reason,
     )
+
+
+async def revoked_among(db: Database, session_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Which of ``session_ids`` are revoked (or gone)."""
+    if not session_ids:
+        return []
+    live = await db.fetch(
+        "SELECT id FROM sessions WHERE id = ANY($1::uuid[]) AND revoked_at IS NULL",
+        list(session_ids),
+    )
+    alive = {row["id"] for row in live}
+    return [session_id for session_id in session_ids if session_id not in alive]
 
 
 async def session_revoked_reason(db: Database, session_id: uuid.UUID) -> str | None:

@@ -205,6 +205,22 @@ async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
 _LIVE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 AND deleted_at IS NULL"
 
 
+async def append_notified(
+    db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> list[Event]:
+    """Append ``events`` in one transaction and NOTIFY ``LOG_CHANNEL`` on commit, for a
+    writer that no live workspace delivers for (every process's open workspace of the
+    project reads them from the log). Returns them as stored. Raises ``ProjectNotFound``
+    when the project is gone (then nothing is written)."""
+
+    async def write(conn: asyncpg.Connection) -> list[Event]:
+        stored = await _insert(conn, project_id, events)
+        await notify_appended(conn, stored)
+        return stored
+
+    return await db.transaction(write)
+
+
 async def _stored_client_ids(
     conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
 ) -> dict[tuple[uuid.UUID | None, str], Event]:

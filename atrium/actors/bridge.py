@@ -1,0 +1,393 @@
+"""The bridge between processes: live workspace traffic over Redis pub/sub.
+
+Every process that serves workspaces with REDIS_URL set runs one ``Bridge``. It is the
+process's ``Relay``: what a workspace commits (durable events) or sends (cursor moves, job
+progress) here is published to the project's channel ``atrium:ws:<project id>``,
+serialised once per message whatever the number of receivers. Its subscriber receives the
+other processes' messages and hands them to the project's ``WorkspaceActor`` if it is open
+here: events as ``Published`` (the actor orders them by ``seq``, fills gaps from the log
+and skips what it has delivered), ephemeral frames as ``Ephemeral`` (already encoded).
+Messages carry the publishing process's instance id, so a process skips its own.
+
+One pattern subscription (``atrium:ws:*``) rather than one subscription per open
+workspace: nothing to do when a workspace starts or stops (they come and go with idle
+timeouts), no window between a workspace starting and its subscription taking effect, and
+one command to re-subscribe after a reconnect. The price is that each process also
+receives the traffic of projects it does not serve; it drops those by the channel name,
+before decoding anything. For a handful of processes serving overlapping projects (the
+case here) that is cheaper than subscription churn; many processes with disjoint projects
+would want per-project subscriptions.
+
+Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
+and so are those this process could not publish. So after every (re)subscription each
+open workspace catches up from the log (``CatchUp``); events this process could not
+publish are announced, once Redis takes messages again, as one "the log reached seq N"
+message per project, on which the others read them from the log (``Behind``); and a gap
+seen later is filled from the log by the actor itself. Clients see every event once, in
+``seq`` order, across a Redis restart. While Redis is away (the
+breaker open) the bridge drops what it would publish and retries the subscription with a
+backoff no shorter than the breaker's reset: the process serves its own clients, its
+open workspaces poll the log every second for other processes' durable events, and
+cursors and job progress from other processes do not arrive until Redis is back. A
+workspace whose mailbox was too full to take a received event catches up the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio
+import trio
+
+from ..breaker import BreakerState
+from ..events import Event, EventType
+from ..json_output import dumps
+from ..metrics import Metrics
+from ..persistence.redis import Redis, RedisUnavailable
+from ._errors import ActorStopped, MailboxFull
+from .workspace import Behind, CatchUp, Ephemeral, Published, WorkspaceActor
+
+log = logging.getLogger("atrium.bridge")
+
+CHANNEL_PREFIX = "atrium:ws:"
+_PATTERN = CHANNEL_PREFIX + "*"
+_EVENTS = b"e"
+_EPHEMERAL = b"p"
+_LOGGED = b"s"  # "the project's log reached seq N": events this process could not relay
+_KINDS = {_EVENTS: "events", _EPHEMERAL: "ephemeral", _LOGGED: "catch_up"}
+_BATCH = 512  # messages published in one pipeline at most
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 5.0
+# How often the publisher retries telling others about events it could not relay.
+_UNSENT_RETRY_SECONDS = 0.5
+# While degraded, open workspaces poll the log this often: other processes' durable
+# events still arrive (late), though nothing tells this one about them.
+DEGRADED_POLL_SECONDS = 1.0
+
+_Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
+
+
+class LocalWorkspaces(Protocol):
+    """The workspaces open in this process (``domain.workspaces.Workspaces``)."""
+
+    def find(self, project_id: uuid.UUID) -> WorkspaceActor | None: ...
+
+    def running(self) -> list[WorkspaceActor]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStatistics:
+    mailbox_depth: int
+    """Messages waiting to be published."""
+
+
+def channel_of(project_id: uuid.UUID) -> str:
+    """The project's pub/sub channel."""
+    return f"{CHANNEL_PREFIX}{project_id}"
+
+
+def _event_to_wire(event: Event) -> dict[str, Any]:
+    return {
+        "s": event.seq,
+        "t": event.type,
+        "a": event.actor_id,
+        "d": event.payload,
+        "c": event.created_at,
+    }
+
+
+def _event_from_wire(project_id: uuid.UUID, item: dict[str, Any]) -> Event:
+    actor = item["a"]
+    return Event(
+        project_id=project_id,
+        seq=int(item["s"]),
+        type=EventType(item["t"]),
+        actor_id=None if actor is None else uuid.UUID(actor),
+        payload=dict(item["d"]),
+        created_at=datetime.fromisoformat(item["c"]),
+    )
+
+
+class Bridge:
+    """The process's relay to and from Redis (see the module docstring).
+
+    The object lives as long as the process (workspaces hold it as their ``Relay``); its
+    ``run`` is the supervised ``bridge`` child, restarted on its own faults. What is
+    relayed while ``run`` is not running, or while Redis is away, is dropped (counted).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        metrics: Metrics,
+        *,
+        queue_size: int = 8192,
+        ping_seconds: float = 5.0,
+    ) -> None:
+        self.redis = redis
+        self.instance = uuid.uuid4().hex
+        self._own = self.instance.encode() + b"|"
+        self._metrics = metrics
+        self._ping_seconds = ping_seconds
+        self._send, self._receive = trio.open_memory_channel[_Outgoing](queue_size)
+        self._running = False
+        self._listening = False
+        self._connected = False
+        self._changed = trio.Event()  # set (and replaced) when ``connected`` changes
+        # Projects whose events were not relayed, and the highest seq among them.
+        self._unsent: dict[uuid.UUID, int] = {}
+        # Open projects whose workspace could not take a received event (a full mailbox).
+        self._missed: set[uuid.UUID] = set()
+        self._published = {kind: metrics.bridge_published.labels(kind) for kind in _KINDS.values()}
+        self._received = {code: metrics.bridge_received.labels(k) for code, k in _KINDS.items()}
+        self._dropped_unavailable = metrics.bridge_dropped.labels("unavailable")
+        self._dropped_full = metrics.bridge_dropped.labels("queue_full")
+        self._invalid = metrics.bridge_dropped.labels("invalid")
+        for state in BreakerState:
+            metrics.redis_breaker.labels(str(state)).set_function(partial(_is_state, redis, state))
+        metrics.bridge_connected.set_function(lambda: 1.0 if self.connected else 0.0)
+
+    # -- the Relay: called by workspaces, never blocks -----------------------------------------
+
+    def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        """Publish committed events to the project's channel (dropped while Redis is away:
+        the other processes catch up from the log)."""
+        self._put((project_id, _EVENTS, None, events))
+
+    def ephemeral(self, project_id: uuid.UUID, key: uuid.UUID, frame: str) -> None:
+        """Publish an encoded ephemeral frame to the project's channel."""
+        self._put((project_id, _EPHEMERAL, key, frame))
+
+    def _put(self, item: _Outgoing) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._dropped_full.inc()
+            self._not_relayed([item])
+
+    def _not_relayed(self, items: Sequence[_Outgoing]) -> None:
+        """Remember the newest seq of each project whose events were dropped."""
+        unsent = self._unsent
+        for project_id, kind, _, body in items:
+            if kind == _EVENTS and not isinstance(body, str) and body:
+                newest = max(event.seq for event in body)
+                if newest > unsent.get(project_id, 0):
+                    unsent[project_id] = newest
+
+    # -- what operators see -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True when the bridge can relay both ways now: subscribed (a publish-only bridge:
+        Redis answering)."""
+        if self._listening:
+            return self._connected
+        return self._running and self.redis.available
+
+    @property
+    def alive(self) -> bool:
+        return self._running
+
+    def statistics(self) -> BridgeStatistics:
+        return BridgeStatistics(self._send.statistics().current_buffer_used)
+
+    def snapshot_detail(self) -> dict[str, Any]:
+        """Shown in ``/health/supervisor`` under the ``bridge`` child."""
+        return {
+            "instance": self.instance,
+            "connected": self.connected,
+            "breaker": self.redis.state,
+        }
+
+    # -- the supervised child --------------------------------------------------------------------
+
+    async def run(
+        self,
+        local: LocalWorkspaces | None,
+        *,
+        task_status: trio.TaskStatus[Bridge] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Publish what is relayed until cancelled; with ``local``, also receive the other
+        processes' messages for the workspaces open here (re-subscribing after every loss,
+        with a backoff). Redis being away is waited out, never raised; anything else (a
+        bug) ends the child for its supervisor to restart."""
+        try:
+            self._running = True
+            self._listening = local is not None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish_forever)
+                if local is not None:
+                    nursery.start_soon(self._listen_forever, local)
+                    nursery.start_soon(self._poll_while_degraded, local)
+                task_status.started(self)
+        finally:
+            self._running = False
+            self._set_connected(False)
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Return once the subscriber is ``connected`` (subscribed), or is not."""
+        while self._connected is not connected:
+            await self._changed.wait()
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected is not self._connected:
+            self._connected = connected
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _publish_forever(self) -> None:
+        receive = self._receive
+        while True:
+            batch: list[_Outgoing] = []
+            if self._unsent:  # wake up to announce them even if nothing else comes
+                with trio.move_on_after(_UNSENT_RETRY_SECONDS):
+                    batch.append(await receive.receive())
+            else:
+                batch.append(await receive.receive())
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if not self.redis.available:
+                self._dropped_unavailable.inc(len(batch))
+                self._not_relayed(batch)
+                continue
+            unsent, self._unsent = self._unsent, {}
+            messages = [self._logged(project_id, seq) for project_id, seq in unsent.items()]
+            messages.extend(self._encode(item) for item in batch)
+            if not messages:
+                continue
+            try:
+                await self.redis.call(partial(_publish_all, messages))
+            except RedisUnavailable as error:
+                log.debug("not relayed (%d messages): %s", len(batch), error)
+                self._dropped_unavailable.inc(len(batch))
+                for project_id, seq in unsent.items():
+                    self._unsent[project_id] = max(seq, self._unsent.get(project_id, 0))
+                self._not_relayed(batch)
+                continue
+            if unsent:
+                self._published["catch_up"].inc(len(unsent))
+            for _, kind, _, _ in batch:
+                self._published[_KINDS[kind]].inc()
+
+    def _logged(self, project_id: uuid.UUID, seq: int) -> tuple[str, bytes]:
+        """The message that tells others the project's log reached ``seq``."""
+        return channel_of(project_id), self._own + _LOGGED + b"||" + str(seq).encode()
+
+    def _encode(self, item: _Outgoing) -> tuple[str, bytes]:
+        """``(channel, data)``: data is ``instance|kind|key|body``, serialised once."""
+        project_id, kind, key, body = item
+        head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
+        if isinstance(body, str):
+            return channel_of(project_id), head + body.encode()
+        return channel_of(project_id), head + dumps([_event_to_wire(e) for e in body])
+
+    async def _listen_forever(self, local: LocalWorkspaces) -> None:
+        delay = _RETRY_FIRST
+        on_message = partial(self._received_message, local)
+        while True:
+            try:
+                await self.redis.listen(
+                    on_message,
+                    patterns=[_PATTERN],
+                    on_subscribed=partial(self._subscribed, local),
+                    ping_seconds=self._ping_seconds,
+                )
+            except RedisUnavailable as error:
+                if self._connected:
+                    delay = _RETRY_FIRST  # it was up: a fresh loss
+                self._set_connected(False)
+                wait = max(delay, self.redis.breaker.retry_in())
+                log.warning("bridge: %s; degraded, subscribing again in %.1fs", error, wait)
+                await trio.sleep(wait)
+                delay = min(_RETRY_MAX, delay * 2)
+
+    async def _poll_while_degraded(self, local: LocalWorkspaces) -> None:
+        """Every DEGRADED_POLL_SECONDS: while degraded, every open workspace catches up
+        from the log; otherwise those that missed a received event (a full mailbox)."""
+        while True:
+            await trio.sleep(DEGRADED_POLL_SECONDS)
+            if not self._connected:
+                self._missed.clear()
+                self._catch_up(local.running())
+            elif self._missed:
+                missed, self._missed = self._missed, set()
+                self._catch_up([a for p in missed if (a := local.find(p)) is not None])
+
+    def _subscribed(self, local: LocalWorkspaces) -> None:
+        """Subscribed (again): what was published before is lost to this subscriber, so
+        every open workspace catches up from the log."""
+        self._set_connected(True)
+        log.info("bridge: subscribed to %s as %s", _PATTERN, self.instance)
+        self._catch_up(local.running())
+
+    def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
+        for actor in actors:
+            try:
+                actor.tell_nowait(CatchUp())
+            except (MailboxFull, ActorStopped):
+                continue  # a busy workspace's next event fills the gap; a stopped one is gone
+            self._metrics.bridge_catch_ups.inc()
+
+    def _received_message(self, local: LocalWorkspaces, channel: bytes, data: bytes) -> None:
+        """Hand another process's message to the project's workspace if it is open here.
+        A message that does not parse is counted and dropped, never raised."""
+        if data.startswith(self._own):
+            return
+        try:
+            project_id = uuid.UUID(channel[len(CHANNEL_PREFIX) :].decode())
+        except ValueError:
+            self._invalid.inc()
+            return
+        actor = local.find(project_id)
+        if actor is None:
+            return
+        try:
+            _, kind, key, body = data.split(b"|", 3)
+            if kind == _EVENTS:
+                message: Published | Ephemeral | Behind = Published(
+                    [_event_from_wire(project_id, item) for item in orjson.loads(body)]
+                )
+            elif kind == _EPHEMERAL:
+                message = Ephemeral(uuid.UUID(hex=key.decode()), body.decode())
+            elif kind == _LOGGED:
+                message = Behind(int(body))
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            log.warning("bridge: dropped a message on %r that did not parse: %s", channel, error)
+            self._invalid.inc()
+            return
+        self._received[kind].inc()
+        try:
+            actor.tell_nowait(message)
+        except MailboxFull:
+            if kind != _EPHEMERAL:  # lossy by design; events are caught up within a second
+                self._missed.add(project_id)
+        except ActorStopped:
+            pass  # it has no one to deliver to
+
+
+def _is_state(redis: Redis, state: BreakerState) -> float:
+    return 1.0 if redis.breaker.state is state else 0.0
+
+
+async def _publish_all(messages: list[tuple[str, bytes]], client: redis.asyncio.Redis) -> None:
+    """Publish in one round trip (runs on the asyncio side)."""
+    if len(messages) == 1:
+        channel, data = messages[0]
+        await client.publish(channel, data)
+        return
+    pipeline = client.pipeline(transaction=False)
+    for channel, data in messages:
+        pipeline.publish(channel, data)
+    await pipeline.execute()

@@ -1,0 +1,319 @@
+"""Cluster presence in Redis: who is connected to which project, on every process.
+
+Each process (an *instance*, named by a random id per start) writes its own entries: one
+per (project, user) it holds connections of, with that count and the user's email. The
+keys (all under ``atrium:presence:``)::
+
+    instances              set: every instance that has heartbeated and was not reaped
+    alive:{instance}       "1" with a TTL, set again by each heartbeat: the instance lives
+    instance:{instance}    hash "{project}:{user}" -> {"p", "u", "n", "e"} (JSON)
+    project:{project}      hash user -> connections on every instance together
+    seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
+    reaped:{instance}      set for an hour when another process reaped the instance
+
+Every change is a Lua script, so an instance's entries and the project totals never
+disagree, and each script reports the transitions of the totals it made (a user online
+nowhere before, or nowhere any more): the first join and the last leave of a user across
+the cluster are decided once, in Redis. ``reap`` claims an instance whose ``alive`` key
+expired in one script, so exactly one live process gets its users.
+
+The scripts name keys they derive from an entry (a project's totals), so they need one
+Redis, not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .redis import Redis
+
+PREFIX = "atrium:presence:"
+_TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
+
+# KEYS: instance hash, project totals, project seen. ARGV: field, user, count, email,
+# project, now (ms). Sets this instance's count of the user's connections to the
+# project; returns the user's total before and after.
+_SET_COUNT = """
+local old = 0
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then old = tonumber(cjson.decode(raw).n) end
+local n = tonumber(ARGV[3])
+if n > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1],
+    cjson.encode({p = ARGV[5], u = ARGV[2], n = n, e = ARGV[4]}))
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+local after = before + n - old
+if after > 0 then
+  redis.call('HSET', KEYS[2], ARGV[2], after)
+  if n > old then redis.call('HSET', KEYS[3], ARGV[2], ARGV[6]) end
+else
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('HDEL', KEYS[3], ARGV[2])
+end
+return {before, after}
+"""
+
+# KEYS: instances, alive key, tombstone. ARGV: instance, ttl (ms).
+# Returns {was alive, had been reaped}.
+_HEARTBEAT = """
+local alive = redis.call('EXISTS', KEYS[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+local reaped = redis.call('DEL', KEYS[3])
+return {alive, reaped}
+"""
+
+# KEYS: instance hash. ARGV: prefix, entries (JSON list of {p, u, n, e, t}), full (0/1).
+# Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
+# with full, entries not listed are removed too. Returns the users that came online
+# (flat: project, user, email, ...).
+_SYNC = """
+local prefix = ARGV[1]
+local wanted = cjson.decode(ARGV[2])
+local joined = {}
+local function move(p, u, e, delta)
+  local totals = prefix .. 'project:' .. p
+  local before = tonumber(redis.call('HGET', totals, u) or '0')
+  local after = before + delta
+  if after > 0 then
+    redis.call('HSET', totals, u, after)
+    if before <= 0 then
+      table.insert(joined, p); table.insert(joined, u); table.insert(joined, e)
+    end
+  else
+    redis.call('HDEL', totals, u)
+    redis.call('HDEL', prefix .. 'seen:' .. p, u)
+  end
+end
+local listed = {}
+for _, w in ipairs(wanted) do
+  local field = w.p .. ':' .. w.u
+  listed[field] = true
+  local old = 0
+  local raw = redis.call('HGET', KEYS[1], field)
+  if raw then old = tonumber(cjson.decode(raw).n) end
+  local n = tonumber(w.n)
+  if n > 0 then
+    redis.call('HSET', KEYS[1], field, cjson.encode({p = w.p, u = w.u, n = n, e = w.e}))
+  else
+    redis.call('HDEL', KEYS[1], field)
+  end
+  if n ~= old then move(w.p, w.u, w.e, n - old) end
+  if n > 0 then
+    local seen = prefix .. 'seen:' .. w.p
+    local t = tonumber(w.t)
+    if t > tonumber(redis.call('HGET', seen, w.u) or '0') then
+      redis.call('HSET', seen, w.u, t)
+    end
+  end
+end
+if ARGV[3] == '1' then
+  local stored = redis.call('HGETALL', KEYS[1])
+  for i = 1, #stored, 2 do
+    if not listed[stored[i]] then
+      local entry = cjson.decode(stored[i + 1])
+      redis.call('HDEL', KEYS[1], stored[i])
+      move(entry.p, entry.u, entry.e, -tonumber(entry.n))
+    end
+  end
+end
+return joined
+"""
+
+# KEYS: instances. ARGV: prefix, tombstone ttl (ms).
+# Claims every instance whose alive key is gone: takes its entries off the totals, and
+# returns the users now online nowhere (flat: project, user, email, ...).
+_REAP = """
+local prefix = ARGV[1]
+local left = {}
+for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', prefix .. 'alive:' .. instance) == 0 then
+    redis.call('SREM', KEYS[1], instance)
+    local key = prefix .. 'instance:' .. instance
+    local stored = redis.call('HGETALL', key)
+    for i = 2, #stored, 2 do
+      local entry = cjson.decode(stored[i])
+      local totals = prefix .. 'project:' .. entry.p
+      local after = tonumber(redis.call('HGET', totals, entry.u) or '0') - tonumber(entry.n)
+      if after > 0 then
+        redis.call('HSET', totals, entry.u, after)
+      else
+        redis.call('HDEL', totals, entry.u)
+        redis.call('HDEL', prefix .. 'seen:' .. entry.p, entry.u)
+        table.insert(left, entry.p); table.insert(left, entry.u); table.insert(left, entry.e)
+      end
+    end
+    redis.call('DEL', key)
+    redis.call('SET', prefix .. 'reaped:' .. instance, '1', 'PX', ARGV[2])
+  end
+end
+return left
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A user's connections on every instance together, before and after a change."""
+
+    before: int
+    after: int
+
+    @property
+    def came_online(self) -> bool:
+        return self.before <= 0 < self.after
+
+    @property
+    def went_offline(self) -> bool:
+        return self.before > 0 >= self.after
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One instance's connections of a user to a project (``count`` 0: none any more);
+    ``seen_ms`` is when the user was last active there (epoch ms)."""
+
+    project_id: uuid.UUID
+    user_id: uuid.UUID
+    count: int
+    email: str
+    seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user of a project as the cluster sees it."""
+
+    user_id: uuid.UUID
+    connections: int
+    seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Someone:
+    """A user that came online or went offline in a project (for its USER_JOIN/LEAVE)."""
+
+    project_id: uuid.UUID
+    user_id: uuid.UUID
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a heartbeat found: whether the instance was still alive (its entries are in
+    Redis as it left them) and whether another process had reaped it meanwhile."""
+
+    was_alive: bool
+    was_reaped: bool
+
+
+def _key(*parts: object) -> str:
+    return PREFIX + ":".join(str(p) for p in parts)
+
+
+def _people(flat: Sequence[Any]) -> list[Someone]:
+    """``[project, user, email, ...]`` from a script as ``Someone``s."""
+    values = [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+    return [
+        Someone(uuid.UUID(values[i]), uuid.UUID(values[i + 1]), values[i + 2])
+        for i in range(0, len(values) - 2, 3)
+    ]
+
+
+class PresenceStore:
+    """The presence keys of one instance (``instance``) in ``redis``.
+
+    Every method raises ``RedisUnavailable`` when Redis cannot be used.
+    """
+
+    def __init__(self, redis: Redis, instance: str) -> None:
+        self.redis = redis
+        self.instance = instance
+        self._hash = _key("instance", instance)
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, client: Any, source: str) -> Any:
+        # A Script object sends EVALSHA and loads the source when Redis lacks it (after a
+        # restart); one per source and client.
+        script = self._scripts.get(source)
+        if script is None or script.registered_client is not client:
+            script = self._scripts[source] = client.register_script(source)
+        return script
+
+    async def _run(self, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+        return await self.redis.call(
+            lambda client: self._script(client, source)(keys=list(keys), args=list(args))
+        )
+
+    async def set_count(self, entry: Entry) -> Totals:
+        """Set this instance's count of ``entry``'s user in its project (0 removes it);
+        the user's totals before and after, decided atomically."""
+        project, user = entry.project_id, entry.user_id
+        before, after = await self._run(
+            _SET_COUNT,
+            [self._hash, _key("project", project), _key("seen", project)],
+            [f"{project}:{user}", str(user), entry.count, entry.email, str(project), entry.seen_ms],
+        )
+        return Totals(int(before), int(after))
+
+    async def heartbeat(self, ttl_ms: int) -> Heartbeat:
+        """Mark the instance alive for ``ttl_ms`` more (registering it if needed)."""
+        alive, reaped = await self._run(
+            _HEARTBEAT,
+            [_key("instances"), _key("alive", self.instance), _key("reaped", self.instance)],
+            [self.instance, ttl_ms],
+        )
+        return Heartbeat(bool(alive), bool(reaped))
+
+    async def sync(self, entries: Sequence[Entry], *, full: bool) -> list[Someone]:
+        """Write ``entries`` as this instance's counts (and raise their last-seen times);
+        with ``full``, they are all of them (any other entry is removed). Returns the
+        users that came online through it."""
+        wanted = [
+            {
+                "p": str(e.project_id),
+                "u": str(e.user_id),
+                "n": e.count,
+                "e": e.email,
+                "t": e.seen_ms,
+            }
+            for e in entries
+        ]
+        flat = await self._run(
+            _SYNC,
+            [self._hash],
+            [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0"],
+        )
+        return _people(flat)
+
+    async def reap(self) -> list[Someone]:
+        """Claim every instance whose heartbeat stopped (its TTL ran out): its entries
+        leave the totals, and the users online nowhere any more are returned, to this
+        caller alone."""
+        flat = await self._run(_REAP, [_key("instances")], [PREFIX, _TOMBSTONE_MS])
+        return _people(flat)
+
+    async def members(self, project_id: uuid.UUID) -> list[Member]:
+        """Who is connected to ``project_id`` on any instance, with their connections
+        and when they were last seen."""
+
+        async def read(client: Any) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(_key("project", project_id))
+                pipe.hgetall(_key("seen", project_id))
+                totals, seen = await pipe.execute()
+            return totals, seen
+
+        totals, seen = await self.redis.call(read)
+        return [
+            Member(uuid.UUID(user.decode()), int(count), int(seen.get(user, b"0")))
+            for user, count in totals.items()
+            if int(count) > 0
+        ]

@@ -1,0 +1,276 @@
+"""Redis (redis-py's asyncio client), reached from trio through the root trio-asyncio loop.
+
+Like ``persistence.database`` for asyncpg: this module (and the bridge actor) is the only
+place that imports redis, and everything it offers is a plain trio coroutine. Redis is an
+optional, shared service: a Redis that is down is weather. Every call runs under a
+trio-side timeout and a circuit breaker (``atrium.breaker``): failures open it, and while
+it is open calls fail at once with ``RedisUnavailable`` instead of hammering a server that
+is not there. ``open_redis`` never fails because Redis is down: the process starts
+degraded and calls succeed once Redis answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn, TypeVar
+
+import redis.asyncio
+import redis.exceptions
+import trio
+import trio_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..breaker import BreakerSettings, BreakerState, CircuitBreaker
+
+T = TypeVar("T")
+log = logging.getLogger("atrium.redis")
+
+_CLOSE_TIMEOUT = 5.0
+# Errors that say "no usable connection" (refused, reset, timed out, server loading or
+# shutting down), as opposed to "the command was wrong" (a ResponseError).
+_UNAVAILABLE = (
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+OnMessage = Callable[[bytes, bytes], None]
+"""Told ``(channel, data)`` of each message a subscription receives."""
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be used now: unreachable, no answer within the timeout, a connection
+    lost, or the circuit breaker is open. Weather, not a bug: the caller degrades (local
+    fan-out, in-process state) and Redis is tried again later. The redis-py (or OS) error,
+    if any, is kept as ``__cause__``."""
+
+
+class Redis:
+    """A Redis client whose methods are trio-native coroutines, behind a circuit breaker.
+
+    ``call(fn)`` runs ``fn(client)`` on the asyncio side (``client`` is a
+    ``redis.asyncio.Redis`` that answers bytes); ``listen`` receives pub/sub messages.
+    """
+
+    __slots__ = ("_client", "breaker", "timeout")
+
+    def __init__(
+        self, client: redis.asyncio.Redis, breaker: CircuitBreaker, *, timeout: float
+    ) -> None:
+        self._client = client
+        self.breaker = breaker
+        self.timeout = timeout
+
+    @property
+    def state(self) -> str:
+        """The breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``."""
+        return str(self.breaker.state)
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (calls would fail at once)."""
+        return self.breaker.allow()
+
+    async def call(self, fn: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        """``fn(client)`` on the asyncio side, within ``timeout`` seconds.
+
+        Raises RedisUnavailable when the breaker is open (without trying), when the
+        connection fails, or past the timeout; each of those but the first counts as a
+        failure in the breaker, and an answer (even an error reply) as a success. Other
+        errors (a ``redis.exceptions.ResponseError``, the caller's own) pass unchanged.
+        """
+        self._admit()
+        return await self._timed(fn(self._client))
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING. Raises RedisUnavailable."""
+        return bool(await self.call(lambda client: client.ping()))
+
+    async def listen(
+        self,
+        on_message: OnMessage,
+        *,
+        channels: Sequence[str] = (),
+        patterns: Sequence[str] = (),
+        on_subscribed: Callable[[], None] = lambda: None,
+        ping_seconds: float = 5.0,
+    ) -> NoReturn:
+        """Subscribe to ``channels`` and ``patterns`` on a connection of its own and call
+        ``on_message(channel, data)`` for each message (on the loop's thread, between trio
+        tasks: it must not block), until cancelled or the connection is lost.
+
+        ``on_subscribed()`` runs once Redis has confirmed every subscription (messages
+        published before that were not received: the caller catches up then). The
+        connection is PINGed every ``ping_seconds``; no answer within another
+        ``ping_seconds`` counts as lost (a silent network loss delivers nothing). Raises
+        RedisUnavailable when the breaker is open, the subscription fails, or the
+        connection is lost; the breaker counts a subscription as a success and a failure
+        or loss as a failure.
+        """
+        if not channels and not patterns:
+            raise ValueError("listen needs at least one channel or pattern")
+        self._admit()
+        pubsub: Any = self._client.pubsub()
+        lost: list[Exception] = []
+        try:
+            await self._timed(_subscribe(pubsub, channels, patterns))
+            on_subscribed()
+            heard = [trio.current_time()]
+
+            def received(channel: bytes, data: bytes) -> None:
+                heard[0] = trio.current_time()
+                if channel:
+                    on_message(channel, data)
+
+            async def read() -> None:
+                await _aio(_read_forever(pubsub, received))
+
+            async def keep_alive() -> None:
+                while True:
+                    await trio.sleep(ping_seconds)
+                    if trio.current_time() - heard[0] > 2 * ping_seconds:
+                        raise RedisUnavailable(
+                            f"redis did not answer PING within {ping_seconds:g} s"
+                        )
+                    with trio.move_on_after(ping_seconds) as scope:
+                        await _aio(pubsub.ping())
+                    if scope.cancelled_caught:
+                        raise RedisUnavailable("redis did not take a PING")
+
+            async with trio.open_nursery() as nursery:
+                for task in (read, keep_alive):
+                    nursery.start_soon(_until_lost, task, lost, nursery.cancel_scope)
+        finally:
+            with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(Exception):
+                    await _aio(pubsub.aclose())
+        self.breaker.failure()
+        await self._forget_idle_connections()
+        error = lost[0]
+        if isinstance(error, RedisUnavailable):
+            raise error
+        raise RedisUnavailable(f"redis subscription lost: {error}") from error
+
+    async def _forget_idle_connections(self) -> None:
+        """Close the pool's idle connections: after one connection failed, they are most
+        likely dead too (a restarted server), and each would fail its next call, counting
+        against the breaker (a half-open one would open again), instead of reconnecting."""
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(Exception):
+                await _aio(self._client.connection_pool.disconnect(inuse_connections=False))
+
+    def _admit(self) -> None:
+        if not self.breaker.allow():
+            raise RedisUnavailable(
+                f"redis circuit breaker is open (retry in {self.breaker.retry_in():.1f} s)"
+            )
+
+    async def _timed(self, coroutine: Awaitable[T]) -> T:
+        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        try:
+            with scope:
+                result: T = await _aio(coroutine)
+        except _UNAVAILABLE as error:
+            self.breaker.failure()
+            await self._forget_idle_connections()
+            raise RedisUnavailable(f"redis is unavailable: {error}") from error
+        except redis.exceptions.ResponseError:
+            self.breaker.success()  # it answered: the server is there
+            raise
+        if scope.cancelled_caught:
+            self.breaker.failure()
+            raise RedisUnavailable(f"redis did not answer within {self.timeout:g} s")
+        self.breaker.success()
+        return result
+
+
+def _aio(coroutine: Awaitable[T]) -> Awaitable[T]:
+    loop = trio_asyncio.current_loop.get()
+    awaitable: Awaitable[T] = loop.run_aio_coroutine(coroutine)
+    return awaitable
+
+
+async def _until_lost(
+    task: Callable[[], Awaitable[None]], lost: list[Exception], scope: trio.CancelScope
+) -> None:
+    """Run ``task``; when it fails for want of Redis, note why and cancel ``scope``."""
+    try:
+        await task()
+    except (RedisUnavailable, *_UNAVAILABLE) as error:
+        lost.append(error)
+        scope.cancel()
+
+
+async def _subscribe(pubsub: Any, channels: Sequence[str], patterns: Sequence[str]) -> None:
+    """Subscribe and read until Redis confirmed each subscription (on the asyncio side)."""
+    if channels:
+        await pubsub.subscribe(*channels)
+    if patterns:
+        await pubsub.psubscribe(*patterns)
+    count = len(channels) + len(patterns)
+    while count:
+        message = await pubsub.get_message(timeout=None)
+        if message is not None and message["type"] in ("subscribe", "psubscribe"):
+            count -= 1
+
+
+async def _read_forever(pubsub: Any, received: OnMessage) -> NoReturn:
+    """Hand every message to ``received``: ``(channel, data)``, or ``(b"", b"")`` for a
+    PING's answer. Raises when the connection fails. No timeout per read: an asyncio timer
+    per message would pile up in trio-asyncio (see ``persistence.database``); the caller's
+    PINGs notice a silent loss instead."""
+    get = pubsub.get_message
+    while True:
+        message = await get(timeout=None)
+        if message is None:
+            continue
+        kind = message["type"]
+        if kind in ("message", "pmessage"):
+            received(message["channel"], message["data"])
+        elif kind == "pong":
+            received(b"", b"")
+
+
+@asynccontextmanager
+async def open_redis(
+    url: str,
+    breaker: BreakerSettings,
+    *,
+    call_timeout: float = 2.0,
+    clock: Callable[[], float] = trio.current_time,
+    max_connections: int = 32,
+) -> AsyncIterator[Redis]:
+    """A ``Redis`` for ``url`` for the duration of the block (needs a trio-asyncio loop).
+
+    Connects lazily: a Redis that is down at start is not an error here (calls raise
+    RedisUnavailable until it is back). ``call_timeout`` bounds each call and each connection
+    attempt; ``clock`` drives the breaker (trio's clock, so tests can use MockClock).
+    redis-py's own retries are off: the breaker decides when to try again.
+    """
+    client = redis.asyncio.Redis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=call_timeout,
+        socket_keepalive=True,
+        max_connections=max_connections,
+    )
+    try:
+        yield Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
+    finally:
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            with contextlib.suppress(Exception):
+                await _aio(client.aclose())
+
+
+__all__ = [
+    "BreakerSettings",
+    "BreakerState",
+    "OnMessage",
+    "Redis",
+    "RedisUnavailable",
+    "open_redis",
+]

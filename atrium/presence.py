@@ -1,0 +1,372 @@
+"""Who is online in a project's workspace: this process alone, or the whole cluster.
+
+A ``WorkspaceActor`` keeps its own connections and asks a ``PresenceBoard`` two things:
+whether a connection that arrives or goes is its user's first or last one (the USER_JOIN
+or USER_LEAVE to store), and who is online (``PRESENCE_STATE``, the workspace status).
+
+``LocalPresence`` (one process, no Redis) answers from the actor's own counts.
+``ClusterPresence`` (with REDIS_URL) keeps every process's counts in Redis
+(``persistence.presence``): the union is shown, a user with tabs on two processes joins
+once and leaves once, and a heartbeat keeps this process's entries alive. A process that
+dies stops heartbeating; within ``ttl_seconds`` plus one heartbeat another process reaps
+its entries and stores USER_LEAVE for its users who are connected nowhere else. When
+Redis cannot be reached, the board answers as ``LocalPresence`` would (a user may then
+join or leave once per process) and writes this process's whole state again once Redis
+answers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from .events import EventType, NewEvent
+from .persistence import events as event_log
+from .persistence.database import Database, DatabaseUnavailable
+from .persistence.errors import ProjectNotFound
+from .persistence.presence import Entry, PresenceStore, Someone
+from .persistence.redis import Redis, RedisUnavailable
+from .timestamps import utc_iso_at
+
+log = logging.getLogger("atrium.presence")
+
+ACTIVE_SECONDS = 300.0  # a user seen within this is "active", else "idle"
+
+
+class Transition(enum.Enum):
+    """What a change of a user's connections means for the project's log."""
+
+    NONE = "none"
+    JOINED = "joined"  # online nowhere before: store USER_JOIN
+    LEFT = "left"  # online nowhere now: store USER_LEAVE
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineUser:
+    """A user's connections to a project and when they were last active (epoch s)."""
+
+    connections: int
+    last_seen: float
+
+
+def presence_event(kind: EventType, user_id: uuid.UUID, email: str) -> NewEvent:
+    """A USER_JOIN or USER_LEAVE with the seed's fields."""
+    what = "entered the workspace" if kind is EventType.USER_JOIN else "left the workspace"
+    return NewEvent(kind, user_id, {"email": email, "message": f"User {email} {what}"})
+
+
+def online_json(users: Mapping[uuid.UUID, OnlineUser]) -> list[dict[str, Any]]:
+    """``users`` as ``PRESENCE_STATE`` and the workspace status list them."""
+    now = time.time()
+    return [
+        {
+            "user_id": str(user_id),
+            "connections": user.connections,
+            "last_seen": utc_iso_at(user.last_seen),
+            "status": "active" if now - user.last_seen < ACTIVE_SECONDS else "idle",
+        }
+        for user_id, user in users.items()
+    ]
+
+
+class PresenceBoard(Protocol):
+    """What a workspace tells about its connections, and asks about everyone's.
+
+    ``connections`` is always how many connections of the user to the project this
+    process holds after the change. Never raises for want of Redis.
+    """
+
+    async def joined(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        """One more connection of the user here."""
+        ...
+
+    async def left(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        """One connection of the user fewer here."""
+        ...
+
+    def seen(self, project_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """The user was active (an edit, a cursor move)."""
+        ...
+
+    def dropped(self, project_id: uuid.UUID, user_id: uuid.UUID, connections: int) -> None:
+        """Connections went without a USER_LEAVE (the user was removed from the project)."""
+        ...
+
+    def vacate(self, project_id: uuid.UUID) -> None:
+        """The project's workspace stopped here: none of its connections remain."""
+        ...
+
+    async def online(
+        self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
+    ) -> dict[uuid.UUID, OnlineUser]:
+        """Everyone online in the project: ``here`` (this process's users) and the rest."""
+        ...
+
+
+class LocalPresence:
+    """One process's presence: a user's first connection here joins, the last leaves."""
+
+    async def joined(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        return Transition.JOINED if connections == 1 else Transition.NONE
+
+    async def left(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        return Transition.LEFT if connections == 0 else Transition.NONE
+
+    def seen(self, project_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        pass
+
+    def dropped(self, project_id: uuid.UUID, user_id: uuid.UUID, connections: int) -> None:
+        pass
+
+    def vacate(self, project_id: uuid.UUID) -> None:
+        pass
+
+    async def online(
+        self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
+    ) -> dict[uuid.UUID, OnlineUser]:
+        return dict(here)
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSettings:
+    """A heartbeat every ``heartbeat_seconds`` keeps this process's entries alive for
+    ``ttl_seconds``; each heartbeat also reaps processes whose entries outlived theirs."""
+
+    heartbeat_seconds: float = 2.0
+    ttl_seconds: float = 8.0
+
+
+@dataclass(slots=True)
+class _Held:
+    """This process's connections of one user to one project."""
+
+    count: int
+    email: str
+    seen: float  # epoch s
+
+
+Slot = tuple[uuid.UUID, uuid.UUID]  # (project, user)
+
+
+class ClusterPresence:
+    """Presence across every process that shares ``redis`` (see the module docstring).
+
+    This process's own counts are kept here too (``_held``), so that Redis can be told
+    all of them again after it was unreachable, restarted, or reaped this process. One
+    lock orders every write of this process's entries, so Redis sees them in the order
+    they were made. ``run`` is the heartbeat and reaper; the USER_JOIN and USER_LEAVE it
+    stores (for reaped processes' users, or for this process's own users after it was
+    reaped while cut off from Redis) are appended to the log with a NOTIFY, so every
+    process's open workspace delivers them.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        db: Database,
+        settings: PresenceSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance = uuid.uuid4().hex
+        self._store = PresenceStore(redis, self.instance)
+        self._db = db
+        self._settings = settings
+        self._clock = clock
+        self._held: dict[Slot, _Held] = {}
+        self._dirty: set[Slot] = set()  # changed here, not yet written to Redis
+        self._full = True  # write every entry at the next heartbeat (nothing written yet)
+        self._lock = trio.Lock()
+        self._announcements: list[tuple[EventType, Someone]] = []  # still to store
+        self._reachable = True
+        self._wake = trio.Event()  # set: write what changed without waiting for the beat
+
+    # -- the board --------------------------------------------------------------------------
+
+    async def joined(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        alone = Transition.JOINED if connections == 1 else Transition.NONE
+        return await self._count(project_id, user_id, email, connections, alone)
+
+    async def left(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
+    ) -> Transition:
+        alone = Transition.LEFT if connections == 0 else Transition.NONE
+        return await self._count(project_id, user_id, email, connections, alone)
+
+    def seen(self, project_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        held = self._held.get((project_id, user_id))
+        if held is not None:
+            held.seen = self._clock()
+            self._dirty.add((project_id, user_id))
+
+    def dropped(self, project_id: uuid.UUID, user_id: uuid.UUID, connections: int) -> None:
+        slot = (project_id, user_id)
+        held = self._held.get(slot)
+        if held is not None:
+            self._hold(slot, held.email, connections)
+            self._dirty.add(slot)
+            self._wake.set()
+
+    def vacate(self, project_id: uuid.UUID) -> None:
+        for slot in [s for s in self._held if s[0] == project_id]:
+            del self._held[slot]
+            self._dirty.add(slot)
+            self._wake.set()
+
+    async def online(
+        self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
+    ) -> dict[uuid.UUID, OnlineUser]:
+        try:
+            members = await self._store.members(project_id)
+        except RedisUnavailable:
+            return dict(here)
+        users = dict(here)
+        for member in members:
+            seen = member.seen_ms / 1000
+            mine = here.get(member.user_id)
+            if mine is None:
+                users[member.user_id] = OnlineUser(member.connections, seen)
+            else:  # Redis may not have this process's latest yet
+                users[member.user_id] = OnlineUser(
+                    max(member.connections, mine.connections), max(seen, mine.last_seen)
+                )
+        return users
+
+    def _hold(self, slot: Slot, email: str, connections: int) -> Entry:
+        """Record this process's count for ``slot``; the entry to write to Redis."""
+        now = self._clock()
+        held = self._held.get(slot)
+        if connections <= 0:
+            self._held.pop(slot, None)
+        elif held is None:
+            held = self._held[slot] = _Held(connections, email, now)
+        else:
+            held.count, held.email = connections, email
+            held.seen = now
+        return self._entry(slot)
+
+    def _entry(self, slot: Slot) -> Entry:
+        held = self._held.get(slot)
+        if held is None:
+            return Entry(slot[0], slot[1], 0, "", 0)
+        return Entry(slot[0], slot[1], held.count, held.email, int(held.seen * 1000))
+
+    async def _count(
+        self,
+        project_id: uuid.UUID,
+        user_id: uuid.UUID,
+        email: str,
+        connections: int,
+        alone: Transition,
+    ) -> Transition:
+        """Write the user's count here; the transition Redis decided, or ``alone`` (this
+        process's own view) when Redis cannot be reached."""
+        async with self._lock:
+            entry = self._hold((project_id, user_id), email, connections)
+            written = False
+            try:
+                totals = await self._store.set_count(entry)
+                written = True
+            except RedisUnavailable:
+                return alone
+            finally:
+                if not written:  # unknown whether Redis has it: write everything later
+                    self._full = True
+        if totals.came_online:
+            return Transition.JOINED
+        if totals.went_offline:
+            return Transition.LEFT
+        return Transition.NONE
+
+    # -- heartbeat and reaper ---------------------------------------------------------------
+
+    def snapshot_detail(self) -> dict[str, Any]:
+        """For ``/health/supervisor``: this process's instance id and what it holds."""
+        return {
+            "instance": self.instance,
+            "redis": "reachable" if self._reachable else "unreachable",
+            "users_here": len(self._held),
+            "events_to_store": len(self._announcements),
+        }
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ClusterPresence] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Heartbeat every ``heartbeat_seconds`` until cancelled (``beat``), and at once
+        when connections went without a USER_LEAVE (``dropped``, ``vacate``), so the
+        union stops showing them."""
+        task_status.started(self)
+        while True:
+            await self.beat()
+            with trio.move_on_after(self._settings.heartbeat_seconds):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def beat(self) -> None:
+        """Keep this process's entries alive, write what changed since the last beat (all
+        of it after a Redis failure, or when Redis lost or reaped them), reap processes
+        whose heartbeat stopped, and store the USER_JOIN/USER_LEAVE that follow. A Redis
+        or database outage is waited out: what is still to write stays for the next beat.
+        """
+        try:
+            async with self._lock:
+                found = await self._store.heartbeat(int(self._settings.ttl_seconds * 1000))
+                full = self._full or not found.was_alive
+                dirty, self._dirty = self._dirty, set()
+                slots: Iterable[Slot] = self._held if full else dirty
+                entries = [self._entry(slot) for slot in slots]
+                try:
+                    came = await self._store.sync(entries, full=full) if entries or full else []
+                except BaseException:
+                    self._dirty |= dirty
+                    raise
+                self._full = False
+            if found.was_reaped:  # another process stored USER_LEAVE for them
+                self._announcements += [(EventType.USER_JOIN, s) for s in came]
+            self._announcements += [(EventType.USER_LEAVE, s) for s in await self._store.reap()]
+            self._reached(None)
+        except RedisUnavailable as error:
+            self._full = True
+            self._reached(error)
+        await self._announce()
+
+    def _reached(self, error: RedisUnavailable | None) -> None:
+        if error is None and not self._reachable:
+            log.info("presence: Redis reachable again; this process's entries rewritten")
+        elif error is not None and self._reachable:
+            log.warning("presence: %s; presence is this process's alone until it returns", error)
+        self._reachable = error is None
+
+    async def _announce(self) -> None:
+        """Store the pending USER_JOIN/USER_LEAVE events, one transaction per project;
+        those the database could not take wait for the next beat."""
+        pending, self._announcements = self._announcements, []
+        by_project: dict[uuid.UUID, list[tuple[EventType, Someone]]] = {}
+        for kind, someone in pending:
+            by_project.setdefault(someone.project_id, []).append((kind, someone))
+        for project_id, items in by_project.items():
+            events = [presence_event(kind, s.user_id, s.email) for kind, s in items]
+            try:
+                await event_log.append_notified(self._db, project_id, events)
+            except ProjectNotFound:
+                pass  # deleted meanwhile: nobody is left to tell
+            except DatabaseUnavailable as error:
+                log.warning("presence: storing %d events of %s: %s", len(events), project_id, error)
+                self._announcements += items

@@ -1,0 +1,39 @@
+"""Where a process's live workspace traffic goes besides its own connections.
+
+With REDIS_URL set, the bridge (``atrium.actors.bridge``) relays every durable event and
+every ephemeral frame committed or sent here to the other processes that serve the same
+project; without it, nothing is relayed (``NoRelay``). A relay never blocks and never
+raises: what it cannot pass on is dropped (durable events are in the log, and the other
+processes catch up from it; ephemeral frames are lossy by design).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from .events import Event
+
+
+class Relay(Protocol):
+    """Passes a project's live traffic on to other processes (see the module docstring)."""
+
+    def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        """Relay durable events that have committed to the project's log (in seq order)."""
+        ...
+
+    def ephemeral(self, project_id: uuid.UUID, key: uuid.UUID, frame: str) -> None:
+        """Relay an encoded frame that is never stored (a cursor move, a job's progress);
+        ``key`` coalesces frames for a connection that falls behind (a user, a job)."""
+        ...
+
+
+class NoRelay:
+    """A ``Relay`` for a single process: nothing to pass on."""
+
+    def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        return None
+
+    def ephemeral(self, project_id: uuid.UUID, key: uuid.UUID, frame: str) -> None:
+        return None

@@ -1,0 +1,344 @@
+"""Cluster presence: two real servers sharing one PostgreSQL and one Redis show the union
+of their users, a user with tabs on both joins once and leaves once, and a process that
+dies has its users leave without anyone closing anything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from conftest import FakeClock, Running, StartServer
+from redis_server import RedisServer, free_port
+from served import start_serving
+from test_workspace import Member, make_member
+from wsclient import Client, connect
+
+from atrium.persistence.redis import BreakerSettings, open_redis
+from atrium.presence import ClusterPresence, PresenceSettings
+
+SECRET = "test-secret-key-with-enough-length-0123456789"
+FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}
+
+
+def ws_url(server: Running, project_id: str) -> str:
+    return f"ws://127.0.0.1:{server.bound.port}/ws/{project_id}"
+
+
+async def project_with(server: Running, owner: Member, *others: Member) -> str:
+    r = await server.client.post("/api/v1/projects/", json={"name": "Both"}, headers=owner.auth)
+    assert r.status_code == 201, r.text
+    project_id: str = r.json()["id"]
+    for member in others:
+        r = await server.client.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"user_id": member.user_id, "role": "collaborator"},
+            headers=owner.auth,
+        )
+        assert r.status_code == 201, r.text
+    return project_id
+
+
+@asynccontextmanager
+async def joined(url: str, member: Member) -> AsyncIterator[tuple[Client, dict[str, Any]]]:
+    """A connection whose join is done (its PRESENCE_STATE read, its Join handled)."""
+    async with connect(url, member.token) as client:
+        state = await client.recv()
+        assert state["type"] == "PRESENCE_STATE"
+        yield client, state
+
+
+async def status(server: Running, project_id: str, member: Member) -> dict[str, Any]:
+    r = await server.client.get(
+        f"/api/v1/projects/{project_id}/workspace/status", headers=member.auth
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def settled(server: Running, project_id: str, member: Member) -> dict[str, Any]:
+    """The status once every connection ``server`` served has ended and been handled: the
+    status is asked of the workspace after the Leaves its connections sent."""
+    assert server.bound.services is not None
+    with trio.fail_after(10):
+        await server.bound.services.value.realtime.wait_drained()
+    return await status(server, project_id, member)
+
+
+async def presence_events(server: Running, project_id: str, member: Member) -> list[Any]:
+    r = await server.client.get(f"/api/v1/projects/{project_id}/events", headers=member.auth)
+    assert r.status_code == 200, r.text
+    return [
+        (e["type"], e["actor_id"])
+        for e in r.json()["events"]
+        if e["type"] in ("USER_JOIN", "USER_LEAVE")
+    ]
+
+
+def online(state: dict[str, Any], key: str = "users") -> dict[str, int]:
+    return {u["user_id"]: u["connections"] for u in state[key]}
+
+
+async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
+    start_server: StartServer, redis_url: str
+) -> None:
+    async with (
+        start_server(REDIS_URL=redis_url) as a,
+        start_server(REDIS_URL=redis_url) as b,
+    ):
+        ann = await make_member(a, "ann@example.com")
+        bob = await make_member(b, "bob@example.com")
+        project = await project_with(a, ann, bob)
+        async with joined(ws_url(a, project), ann) as (ann_a, first):
+            assert first["users"] == []
+            async with joined(ws_url(b, project), bob) as (bob_b, state):
+                assert online(state) == {ann.user_id: 1}  # Ann is on the other process
+                async with joined(ws_url(b, project), ann) as (ann_b, state):
+                    assert online(state) == {ann.user_id: 1, bob.user_id: 1}
+                    for server in (a, b):
+                        seen = await status(server, project, bob)
+                        assert online(seen, "online_users") == {ann.user_id: 2, bob.user_id: 1}
+                        assert (seen["active_collaborators"], seen["connections"]) == (2, 3)
+                        assert {u["status"] for u in seen["online_users"]} == {"active"}
+                    await ann_a.ws.aclose()  # her tab on A closes: she is still on B
+                    after = await settled(a, project, ann)
+                    assert online(after, "online_users") == {ann.user_id: 1, bob.user_id: 1}
+                # Her last tab closed: Bob, on the process where it was, sees her leave.
+                left = await bob_b.until("USER_LEAVE")
+                assert left["user_id"] == ann.user_id
+            assert (await settled(b, project, ann))["online_users"] == []
+        events = await presence_events(a, project, ann)
+        assert events == [
+            ("USER_JOIN", ann.user_id),
+            ("USER_JOIN", bob.user_id),
+            ("USER_LEAVE", ann.user_id),
+            ("USER_LEAVE", bob.user_id),
+        ]
+
+
+async def test_a_killed_process_users_leave_on_another_within_15_seconds(
+    start_server: StartServer, database_url: str, redis_url: str, tmp_path: Any
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "DATABASE_URL")}
+    env.update(
+        ENVIRONMENT="test",
+        SECRET_KEY=SECRET,
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        DATA_DIR=str(tmp_path / "b"),
+        PORT="0",
+        WS_PORT="0",
+        METRICS_PORT="0",
+        RATE_LIMIT_PER_MINUTE="10000",
+        AUTH_RATE_LIMIT_PER_MINUTE="10000",
+        **FAST,
+    )
+    async with start_server(REDIS_URL=redis_url, **FAST) as a, trio.open_nursery() as nursery:
+        with open(tmp_path / "b.log", "wb") as errors:  # noqa: ASYNC230 - a local file
+            b = await start_serving(nursery, env, stderr=errors)
+        ann = await make_member(a, "ann@example.com")
+        bob = await make_member(a, "bob@example.com")
+        project = await project_with(a, ann, bob)
+        async with joined(ws_url(a, project), ann) as (ann_a, _):
+            await ann_a.until("USER_JOIN")
+            b_url = f"ws://127.0.0.1:{b.ws_port}/ws/{project}"
+            async with joined(b_url, bob) as (bob_b, _):
+                mine = await bob_b.until("USER_JOIN")
+                assert mine["user_id"] == bob.user_id
+                seen = await status(a, project, ann)
+                assert online(seen, "online_users") == {ann.user_id: 1, bob.user_id: 1}
+                b.process.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+                with trio.fail_after(15):
+                    while (message := await ann_a.recv())["type"] != "USER_LEAVE":
+                        pass
+                took = time.monotonic() - killed_at
+                assert message["user_id"] == bob.user_id, message
+                await bob_b.release()
+        assert took < 15
+        assert await b.process.wait() == -signal.SIGKILL
+        assert online(await status(a, project, ann), "online_users") == {}
+        assert (await presence_events(a, project, ann)).count(("USER_LEAVE", bob.user_id)) == 1
+
+
+async def test_with_redis_down_presence_is_this_process_alone(start_server: StartServer) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    async with start_server(REDIS_URL=nowhere, **FAST) as server:
+        ann = await make_member(server, "ann@example.com")
+        bob = await make_member(server, "bob@example.com")
+        project = await project_with(server, ann, bob)
+        async with joined(ws_url(server, project), ann) as (ann_1, _):
+            assert (await ann_1.until("USER_JOIN"))["user_id"] == ann.user_id
+            async with joined(ws_url(server, project), ann), joined(ws_url(server, project), bob):
+                join = await ann_1.until("USER_JOIN")
+                assert join["user_id"] == bob.user_id  # her second tab was no join
+                seen = await status(server, project, ann)
+                assert online(seen, "online_users") == {ann.user_id: 2, bob.user_id: 1}
+            assert (await ann_1.until("USER_LEAVE"))["user_id"] == bob.user_id
+        assert server.bound.supervisor is not None
+        snapshot = server.bound.supervisor.snapshot()
+        cluster = next(c for c in snapshot.children if c.name == "cluster")
+        assert cluster.state == "running" and cluster.restart_count == 0
+        assert cluster.detail is not None and cluster.detail["redis"] == "unreachable"
+
+
+async def test_a_process_cut_off_while_reaped_announces_its_users_again(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # A process whose heartbeat stopped (cut off from Redis) is reaped: its users got a
+    # USER_LEAVE. When it is back, its next heartbeat finds that out and joins them again.
+    from atrium.persistence import accounts, projects
+    from atrium.persistence import events as event_log
+
+    user = await accounts.create_user(db, "ann@example.com", "x")
+    assert user is not None
+    created = await projects.create_project(
+        db, user.id, name="Cut off", description=None, visibility="private"
+    )
+    project_id = created.value.id
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        cut_off = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await cut_off.beat()
+        assert (await cut_off.joined(project_id, user.id, user.email, 1)).value == "joined"
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{cut_off.instance}"))
+        reaper = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await reaper.beat()
+        await cut_off.beat()
+    stored = await event_log.events_between(db, project_id, 0, 100)
+    assert [(e.type, e.actor_id) for e in stored if e.type.startswith("USER_")] == [
+        ("USER_LEAVE", user.id),
+        ("USER_JOIN", user.id),
+    ]
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+async def test_local_presence_decides_from_this_process_counts(connections: int) -> None:
+    from atrium.presence import LocalPresence, Transition
+
+    board = LocalPresence()
+    project, user = uuid.uuid4(), uuid.uuid4()
+    joined_as = await board.joined(project, user, "a@example.com", connections)
+    left_as = await board.left(project, user, "a@example.com", connections - 1)
+    first = connections == 1
+    assert joined_as is (Transition.JOINED if first else Transition.NONE)
+    assert left_as is (Transition.LEFT if first else Transition.NONE)
+
+
+def test_presence_settings_are_validated() -> None:
+    from atrium.config import ConfigError, load_settings
+
+    defaults = load_settings({"ENVIRONMENT": "test", "SECRET_KEY": SECRET})
+    assert (defaults.presence_heartbeat_seconds, defaults.presence_ttl_seconds) == (2.0, 8.0)
+    fast = load_settings({"ENVIRONMENT": "test", "SECRET_KEY": SECRET, **FAST})
+    assert (fast.presence_heartbeat_seconds, fast.presence_ttl_seconds) == (0.2, 1.0)
+    env = {"ENVIRONMENT": "test", "SECRET_KEY": SECRET, "PRESENCE_HEARTBEAT_SECONDS": "5"}
+    with pytest.raises(ConfigError) as error:
+        load_settings({**env, "PRESENCE_TTL_SECONDS": "5"})
+    assert error.value.variable == "PRESENCE_TTL_SECONDS"
+    with pytest.raises(ConfigError, match="PRESENCE_HEARTBEAT_SECONDS"):
+        load_settings({**env, "PRESENCE_HEARTBEAT_SECONDS": "0"})
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def two_users(db: Any) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    from atrium.persistence import accounts, projects
+
+    ann = await accounts.create_user(db, "ann@example.com", "x")
+    bob = await accounts.create_user(db, "bob@example.com", "x")
+    assert ann is not None and bob is not None
+    created = await projects.create_project(
+        db, ann.id, name="Board", description=None, visibility="private"
+    )
+    return created.value.id, ann.id, bob.id
+
+
+async def test_the_board_writes_activity_and_silent_drops_at_its_next_beat(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    project, ann, bob = await two_users(db)
+    clock = FakeClock()
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0), clock=clock)
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await board.beat()
+        await board.joined(project, ann, "ann@example.com", 1)
+        await board.joined(project, bob, "bob@example.com", 2)
+        clock.advance(30)
+        board.seen(project, ann)
+        board.seen(project, uuid.uuid4())  # not here: nothing to write
+        await board.beat()
+        seen = await elsewhere.online(project, {})
+        assert seen[ann].last_seen == clock.now and seen[bob].connections == 2
+        board.dropped(project, bob, 0)  # removed from the project: no USER_LEAVE
+        await board.beat()
+        assert set(await elsewhere.online(project, {})) == {ann}
+        board.vacate(project)  # the workspace stopped here
+        await board.beat()
+        assert await elsewhere.online(project, {}) == {}
+        assert board.snapshot_detail()["users_here"] == 0
+
+
+async def test_a_board_cut_off_from_redis_decides_alone_and_rewrites_everything_on_return(
+    aio_loop: None, db: Any, own_redis: RedisServer
+) -> None:
+    from atrium.presence import OnlineUser, Transition
+
+    project, ann, bob = await two_users(db)
+    breaker = BreakerSettings(failures=1, reset_seconds=0.0, successes=1)
+    async with open_redis(own_redis.url, breaker) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await board.beat()
+        assert await board.joined(project, ann, "ann@example.com", 1) is Transition.JOINED
+        own_redis.stop()
+        assert await board.joined(project, bob, "bob@example.com", 1) is Transition.JOINED
+        assert await board.joined(project, bob, "bob@example.com", 2) is Transition.NONE
+        here = {bob: OnlineUser(2, 1.0)}
+        assert await board.online(project, here) == here  # what this process knows
+        await board.beat()
+        assert board.snapshot_detail()["redis"] == "unreachable"
+        own_redis.start()  # empty: a Redis restart loses what it held
+        await board.beat()
+        assert board.snapshot_detail()["redis"] == "reachable"
+        online_now = await ClusterPresence(redis, db, PresenceSettings(1.0, 60.0)).online(
+            project, {}
+        )
+        assert {user: u.connections for user, u in online_now.items()} == {ann: 1, bob: 2}
+        assert await board.left(project, bob, "bob@example.com", 1) is Transition.NONE
+        assert await board.left(project, bob, "bob@example.com", 0) is Transition.LEFT
+
+
+async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    project, ann, _ = await two_users(db)
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(3600.0, 7200.0))
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(board.run) is board
+            await board.joined(project, ann, "ann@example.com", 1)
+            assert set(await elsewhere.online(project, {})) == {ann}
+            board.vacate(project)  # written at once, not at the next beat an hour away
+            for _ in range(1000):  # read Redis until the woken beat has written (<= 10 s)
+                if not await elsewhere.online(project, {}):
+                    break
+                await trio.sleep(0.01)
+            assert await elsewhere.online(project, {}) == {}
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,142 @@
+"""The Redis wrapper against a real redis-server: calls, pub/sub, and a Redis that is
+down (at start, or taken away mid-subscription) is RedisUnavailable, never a crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis.exceptions
+import trio
+from redis_server import RedisServer, free_port
+
+from atrium.breaker import BreakerSettings
+from atrium.persistence.redis import Redis, RedisUnavailable, open_redis
+
+BREAKER = BreakerSettings(failures=2, reset_seconds=0.5, successes=1)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_calls_run_on_redis(aio_loop: None, redis_url: str) -> None:
+    async with open_redis(redis_url, BreakerSettings()) as client:
+        assert await client.ping()
+        await client.call(lambda r: r.set("atrium:test", b"1"))
+        assert await client.call(lambda r: r.get("atrium:test")) == b"1"
+        with pytest.raises(redis.exceptions.ResponseError):  # an answer, not an outage
+            await client.call(lambda r: r.execute_command("NO-SUCH-COMMAND"))
+        assert client.state == "closed" and client.available
+
+
+async def test_down_at_start_then_the_breaker_opens_and_recovers(aio_loop: None) -> None:
+    server = RedisServer(free_port())
+    async with open_redis(server.url, BREAKER, call_timeout=1.0) as client:
+        for _ in range(2):
+            with pytest.raises(RedisUnavailable) as raised:
+                await client.ping()
+            assert raised.value.__cause__ is not None
+        assert client.state == "open" and not client.available
+        with pytest.raises(RedisUnavailable, match="breaker is open"):
+            await client.ping()  # refused without trying
+        server.start()
+        try:
+            await trio.sleep(0.5)  # the breaker's reset (real time: a real server)
+            assert client.state == "half_open"
+            assert await client.ping()
+            assert client.state == "closed"
+        finally:
+            server.close()
+
+
+async def test_a_call_that_does_not_answer_times_out(aio_loop: None, redis_url: str) -> None:
+    async with open_redis(redis_url, BREAKER, call_timeout=0.2) as client:
+        with pytest.raises(RedisUnavailable, match="did not answer"):
+            await client.call(lambda r: r.execute_command("DEBUG", "SLEEP", "3"))
+
+
+async def _publish(redis: Redis, channel: str, data: bytes) -> int:
+    return int(await redis.call(lambda r: r.publish(channel, data)))
+
+
+async def test_listen_receives_and_reports_a_lost_connection(
+    aio_loop: None, own_redis: RedisServer
+) -> None:
+    channel = f"atrium:test:{uuid.uuid4()}"
+    received: list[tuple[bytes, bytes]] = []
+    subscribed = trio.Event()
+    got = trio.Event()
+
+    def on_message(name: bytes, data: bytes) -> None:
+        received.append((name, data))
+        if len(received) == 3:
+            got.set()
+
+    async with open_redis(own_redis.url, BREAKER) as client:
+
+        async def listen() -> None:
+            with pytest.raises(RedisUnavailable):
+                await client.listen(
+                    on_message, patterns=["atrium:test:*"], on_subscribed=subscribed.set
+                )
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listen)
+                await subscribed.wait()
+                for n in range(3):
+                    assert await _publish(client, channel, b"%d" % n) == 1
+                await got.wait()
+                own_redis.stop(kill=True)  # listen ends with RedisUnavailable
+        assert received == [(channel.encode(), b"%d" % n) for n in range(3)]
+        # Back on the same port: the pooled connections of before were let go, so the
+        # first call reconnects instead of failing on a dead one.
+        own_redis.start()
+        assert await client.ping()
+
+
+async def test_listen_notices_a_silent_loss_by_ping(aio_loop: None, own_redis: RedisServer) -> None:
+    # A paused server (SIGSTOP) keeps the socket open and answers nothing, as a network
+    # partition would: the PINGs notice.
+    async with open_redis(own_redis.url, BREAKER) as client:
+        subscribed = trio.Event()
+        process = own_redis._process
+        assert process is not None
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def listen() -> None:
+                    with pytest.raises(RedisUnavailable, match="PING"):
+                        await client.listen(
+                            lambda *_: None,
+                            channels=["atrium:silent"],
+                            on_subscribed=subscribed.set,
+                            ping_seconds=0.2,
+                        )
+
+                nursery.start_soon(listen)
+                await subscribed.wait()
+                os.kill(process.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGCONT)
+
+
+async def test_listen_refuses_while_the_breaker_is_open(aio_loop: None) -> None:
+    async with open_redis(f"redis://127.0.0.1:{free_port()}/0", BREAKER) as client:
+        for _ in range(2):
+            with pytest.raises(RedisUnavailable):
+                await client.listen(lambda *_: None, channels=["x"])
+        with pytest.raises(RedisUnavailable, match="breaker is open"):
+            await client.listen(lambda *_: None, channels=["x"])
+        with pytest.raises(ValueError):
+            await client.listen(lambda *_: None)
