@@ -91,6 +91,8 @@ class Settings:
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
+    workers: int = 1  # serving processes (run.py --workers); more than 1: a process group
+    reuse_port: bool = False  # bind PORT and WS_PORT with SO_REUSEPORT (a --workers process)
 
     @property
     def is_production(self) -> bool:
@@ -329,4 +331,6 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         ),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
+        workers=_int(env, "WORKERS", 1),
+        reuse_port=_bool(env, "REUSE_PORT", False),
     )
