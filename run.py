@@ -180,7 +180,7 @@ async def run_processes(settings: Settings, supervised: bool = False) -> None:
             async def run_group(task_status: trio.TaskStatus[ProcessGroup]) -> None:
                 await serve_processes(
                     settings, command, shutdown_trigger=stop.wait, report=_say,
-                    task_status=task_status,
+                    environ=os.environ, task_status=task_status,
                 )  # fmt: skip
                 nursery.cancel_scope.cancel()
 

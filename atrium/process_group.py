@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import tempfile
@@ -255,10 +254,13 @@ async def serve_processes(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     report: Callable[[str], None],
+    environ: Mapping[str, str],
+    backoff: Backoff = RESTART_BACKOFF,
     task_status: trio.TaskStatus[ProcessGroup] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``settings.workers`` serving processes (each ``command``, a ``run.py serve
-    --supervised``) until ``shutdown_trigger`` returns, then stop them all.
+    --supervised``, in ``environ`` and the group's variables) until ``shutdown_trigger``
+    returns, then stop them all. ``backoff``: the delay before a worker is restarted.
 
     Must run inside the process's ``trio_asyncio`` loop (it migrates the database once).
     Reports progress to ``report`` (one line each, ``API on ...`` once every worker serves)
@@ -279,7 +281,7 @@ async def serve_processes(
             strategy=Strategy.ONE_FOR_ONE,
             max_restarts=MAX_RESTARTS,
             period=RESTART_PERIOD,
-            backoff=RESTART_BACKOFF,
+            backoff=backoff,
         ) as supervisor:
             group = ProcessGroup(settings.host, port, ws_port, supervisor)
             database_url = await _start_database(settings, supervisor, stack, report)
@@ -298,9 +300,7 @@ async def serve_processes(
                 expected.append(_METRICS_ON)
             for index in range(settings.workers):
                 name = f"worker-{index + 1}"
-                env = worker_env(
-                    settings, index, port, ws_port, database_url, redis_url, os.environ
-                )
+                env = worker_env(settings, index, port, ws_port, database_url, redis_url, environ)
                 await supervisor.start_child(
                     ChildSpec(
                         name,
