@@ -82,9 +82,7 @@ _SECRET_VALUES = {
 def compose_env(service: str) -> dict[str, str]:
     """A service's environment, ``${VAR...}`` substitutions given strong values."""
     raw = compose()["services"][service].get("environment", {})
-    return {
-        name: re.sub(r"\$\{[^}]*\}", STRONG_KEY, str(value)) for name, value in raw.items()
-    }
+    return {name: re.sub(r"\$\{[^}]*\}", STRONG_KEY, str(value)) for name, value in raw.items()}
 
 
 def dockerfile_env() -> dict[str, str]:
