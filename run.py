@@ -25,9 +25,10 @@ import trio_asyncio
 from atrium.config import ConfigError, Settings, load_settings
 from atrium.logs import configure_logging
 from atrium.persistence.database import open_database
-from atrium.persistence.embedded import embedded_postgres
+from atrium.persistence.embedded import EmbeddedPostgresError, embedded_postgres
+from atrium.persistence.embedded_redis import EmbeddedRedisError
 from atrium.persistence.migrate import migrate
-from atrium.process_group import ProcessGroup, serve_processes
+from atrium.process_group import ProcessGroup, WorkerExited, serve_processes
 from atrium.root import Bound, serve, serve_worker, tune_gc
 from atrium.supervision import SupervisorEscalation
 
@@ -190,6 +191,32 @@ async def run_processes(settings: Settings, supervised: bool = False) -> None:
             group = await nursery.start(run_group)
 
 
+GROUP_FAILURES = (
+    SupervisorEscalation, WorkerExited, EmbeddedPostgresError, EmbeddedRedisError, OSError
+)  # fmt: skip
+
+
+def run_group(settings: Settings, supervised: bool) -> bool:
+    """Run the process group until it is stopped (True) or gives up (False, after saying
+    why: a worker that cannot start or keeps dying, a port taken, a service that cannot
+    start; everything is stopped by then, and the workers' own output shows their errors)."""
+    stopped = False
+    try:
+        trio.run(run_processes, settings, supervised)
+        stopped = True
+    except* GROUP_FAILURES as failed:
+        for error in _leaves(failed):
+            print(f"atrium: gave up: {error}", file=sys.stderr, flush=True)
+    return stopped
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -221,10 +248,7 @@ def main(argv: list[str]) -> int:
         if args.command == "worker":
             trio.run(run_worker, settings, settings.database_url)
         elif settings.workers > 1:
-            try:
-                trio.run(run_processes, settings, args.supervised)
-            except SupervisorEscalation as error:
-                print(f"atrium: gave up: {error}", file=sys.stderr, flush=True)
+            if not run_group(settings, args.supervised):
                 return 1
         else:
             trio.run(run_serve, settings, settings.database_url, args.supervised)

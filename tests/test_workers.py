@@ -276,3 +276,29 @@ async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm
     assert rest.count(b"]: stopped") == 2
     assert rest.endswith(b"atrium: stopped\n")
     assert [pid for pid in below if alive(pid)] == []
+
+
+def test_run_py_workers_gives_up_with_one_line_when_a_worker_cannot_start(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    env = worker_environ()
+    env.update(
+        DATA_DIR=str(tmp_path / "data"),
+        PORT="0",
+        WS_PORT="0",
+        METRICS_PORT="0",
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        JOB_TASK_MODULES="no_such_module",  # every worker fails to import it at start
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "No module named 'no_such_module'" in result.stderr  # the worker's own error
+    assert "atrium: gave up: worker-1 exited while starting (status 1)" in result.stderr
