@@ -21,7 +21,13 @@ from conftest import test_settings as make_settings
 from served import start_serving
 
 from atrium.config import ConfigError, load_settings
-from atrium.process_group import ProcessGroup, _LineReader, serve_processes, worker_env
+from atrium.process_group import (
+    ProcessGroup,
+    WorkerExited,
+    _LineReader,
+    serve_processes,
+    worker_env,
+)
 from atrium.reuseport import reuse_port_socket
 from atrium.supervision import Backoff, SupervisorEscalation
 
@@ -162,19 +168,24 @@ async def test_workers_that_keep_dying_make_the_group_give_up(
     assert "exited with status 3" in str(raised.value)
 
 
-async def test_a_port_held_by_another_server_stops_the_group_at_once(data_dir: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        settings = make_settings(data_dir, WORKERS="2", PORT=str(taken.getsockname()[1]))
-        with pytest.raises(OSError):
-            await serve_processes(
-                settings,
-                RUN_PY,
-                shutdown_trigger=trio.sleep_forever,
-                report=print,
-                environ=worker_environ(),
-            )
+async def test_a_worker_that_cannot_start_stops_the_group_at_once(
+    aio_loop: None, data_dir: Path, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(
+        data_dir, WORKERS="2", DATABASE_URL=database_url, REDIS_URL=redis_url, WS_PORT=""
+    )
+    failing = [sys.executable, "-c", "print('no such setting'); raise SystemExit(2)"]
+    lines = Lines()
+    with trio.fail_after(30), pytest.raises(WorkerExited) as raised:
+        await serve_processes(
+            settings,
+            failing,
+            shutdown_trigger=trio.sleep_forever,
+            report=lines.report,
+            environ=worker_environ(),
+        )
+    assert str(raised.value) == "worker-1 exited while starting (status 2)"
+    assert await lines.wait_for("no such setting") == "atrium[worker-1]: no such setting"
 
 
 def test_reuse_port_sockets_share_a_port() -> None:
@@ -278,27 +289,19 @@ async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm
     assert [pid for pid in below if alive(pid)] == []
 
 
-def test_run_py_workers_gives_up_with_one_line_when_a_worker_cannot_start(
-    tmp_path: Path, database_url: str, redis_url: str
-) -> None:
+def test_run_py_workers_gives_up_with_one_line_when_its_port_is_taken(tmp_path: Path) -> None:
     env = worker_environ()
-    env.update(
-        DATA_DIR=str(tmp_path / "data"),
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        JOB_TASK_MODULES="no_such_module",  # every worker fails to import it at start
-    )
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "--workers", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()  # without SO_REUSEPORT: nobody may share it
+        env.update(DATA_DIR=str(tmp_path / "data"), PORT=str(taken.getsockname()[1]))
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), "--workers", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     assert result.returncode == 1
-    assert "No module named 'no_such_module'" in result.stderr  # the worker's own error
-    assert "atrium: gave up: worker-1 exited while starting (status 1)" in result.stderr
+    assert result.stderr.strip() == "atrium: gave up: [Errno 98] Address already in use"
