@@ -21,6 +21,7 @@ from conftest import test_settings as make_settings
 from served import start_serving
 
 from atrium.config import ConfigError, load_settings
+from atrium.persistence.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from atrium.process_group import (
     ProcessGroup,
     WorkerExited,
@@ -195,6 +196,37 @@ def test_reuse_port_sockets_share_a_port() -> None:
             first.listen()
             second.listen()
             assert second.getsockname()[1] == port
+
+
+def test_a_port_held_without_reuse_port_is_refused() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="Address already in use"):
+            reuse_port_socket("127.0.0.1", taken.getsockname()[1])
+
+
+async def test_embedded_redis_answers_on_its_private_socket_and_reports_its_death(
+    tmp_path: Path,
+) -> None:
+    socket_dir = tmp_path / "redis"
+    socket_dir.mkdir(mode=0o700)
+    redis = EmbeddedRedis(socket_dir, tmp_path / "redis.log")
+    with pytest.RaisesGroup(EmbeddedRedisError) as raised:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(redis.run)
+            assert url == f"unix://{socket_dir}/redis.sock?db=0"
+            assert oct(redis.socket_path.stat().st_mode & 0o777) == "0o700"
+            client = trio.socket.socket(socket.AF_UNIX)
+            await client.connect(str(redis.socket_path))
+            await client.send(b"PING\r\n")
+            assert await client.recv(16) == b"+PONG\r\n"
+            client.close()
+            server = next(
+                pid for pid in descendants(os.getpid()) if b"redis-server" in command_line(pid)
+            )
+            os.kill(server, signal.SIGKILL)  # run() raises: a supervisor would restart it
+    assert str(raised.value.exceptions[0]) == "redis-server exited with status 137"
 
 
 def test_each_worker_gets_the_shared_services_and_its_own_metrics_port(data_dir: Path) -> None:
