@@ -5,7 +5,7 @@ that runs this module is the group's supervisor and serves nothing itself::
 
     processes (one_for_one, at most 5 restarts in 60 s, backoff 0.5 s .. 10 s)
     ├── postgres    the embedded PostgreSQL, only without DATABASE_URL (root.postgres_spec)
-    ├── redis       an embedded Redis on a private Unix socket, only without REDIS_URL
+    ├── redis       an embedded Redis on 127.0.0.1 with a password, only without REDIS_URL
     ├── worker-1    ``run.py serve`` as a child process (REUSE_PORT=true)
     ...
     └── worker-N
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
@@ -287,12 +288,12 @@ async def serve_processes(
             database_url = await _start_database(settings, supervisor, stack, report)
             redis_url = settings.redis_url
             if redis_url is None:
-                redis = EmbeddedRedis(redis_dir, settings.data_dir / "redis.log")
+                redis = EmbeddedRedis(redis_dir, settings.data_dir / "redis.log", _free_port())
                 started = await supervisor.start_child(
                     ChildSpec("redis", redis.run, shutdown_timeout=30.0)
                 )
                 redis_url = started.value
-                report(f"atrium: embedded Redis on {redis.socket_path}")
+                report(f"atrium: embedded Redis on {redis.address}")
             expected = [_API_ON]
             if ws_port is not None:
                 expected.append(_WS_ON)
@@ -319,6 +320,14 @@ async def serve_processes(
             await shutdown_trigger()
             group.stopping.set()
             group.signal_workers()
+
+
+def _free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago (Redis cannot share a held one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 async def _start_database(

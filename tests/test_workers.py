@@ -18,6 +18,7 @@ import httpx
 import pytest
 import trio
 from conftest import test_settings as make_settings
+from redis_server import free_port
 from served import start_serving
 
 from atrium.config import ConfigError, load_settings
@@ -206,25 +207,24 @@ def test_a_port_held_without_reuse_port_is_refused() -> None:
             reuse_port_socket("127.0.0.1", taken.getsockname()[1])
 
 
-async def test_embedded_redis_answers_on_its_private_socket_and_reports_its_death(
-    tmp_path: Path,
-) -> None:
-    socket_dir = tmp_path / "redis"
-    socket_dir.mkdir(mode=0o700)
-    redis = EmbeddedRedis(socket_dir, tmp_path / "redis.log")
-    with pytest.RaisesGroup(EmbeddedRedisError) as raised:
+async def test_embedded_redis_needs_its_password_and_reports_its_death(tmp_path: Path) -> None:
+    directory = tmp_path / "redis"
+    directory.mkdir(mode=0o700)
+    redis = EmbeddedRedis(directory, tmp_path / "redis.log", free_port())
+    with trio.fail_after(30), pytest.RaisesGroup(EmbeddedRedisError) as raised:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(redis.run)
-            assert url == f"unix://{socket_dir}/redis.sock?db=0"
-            assert oct(redis.socket_path.stat().st_mode & 0o777) == "0o700"
-            client = trio.socket.socket(socket.AF_UNIX)
-            await client.connect(str(redis.socket_path))
-            await client.send(b"PING\r\n")
-            assert await client.recv(16) == b"+PONG\r\n"
-            client.close()
-            server = next(
-                pid for pid in descendants(os.getpid()) if b"redis-server" in command_line(pid)
-            )
+            password = url.split("//:", 1)[1].split("@", 1)[0]
+            assert url == f"redis://:{password}@127.0.0.1:{redis.port}/0"
+            assert oct((directory / "redis.conf").stat().st_mode & 0o777) == "0o600"
+            async with await trio.open_tcp_stream("127.0.0.1", redis.port) as stream:
+                await stream.send_all(b"PING\r\n")
+                assert (await stream.receive_some()).startswith(b"-NOAUTH")
+            assert await redis.answers()
+            # redis-server names itself by its address (the session's Redis is another one).
+            title = f"redis-server 127.0.0.1:{redis.port}".encode()
+            server = next(pid for pid in descendants(os.getpid()) if title in command_line(pid))
+            assert password.encode() not in command_line(server)  # ps shows command lines
             os.kill(server, signal.SIGKILL)  # run() raises: a supervisor would restart it
     assert str(raised.value.exceptions[0]) == "redis-server exited with status 137"
 
