@@ -129,7 +129,7 @@ def open_group(
     """Run ``python run.py --workers N`` on a free port for the block; yield the
     supervisor's pid and the port once it reports every worker serving ("API on")."""
     port = free_port(HOST)
-    env = atrium_env(port, data_dir, SECRET_KEY=secret)
+    env = atrium_env(port, data_dir, SECRET_KEY=secret, METRICS_PORT="0")
     print(f"group: python run.py --workers {workers} --port {port} --data-dir {data_dir}")
     argv = [sys.executable, "run.py", "--workers", str(workers)]
     argv += ["--port", str(port), "--data-dir", str(data_dir)]
@@ -160,7 +160,12 @@ def main(argv: list[str]) -> int:
         work = Path(tmp)
         data_dir = work / "atrium"
         with open_atrium(
-            "one process", data_dir, work / "one.log", timeout=START_TIMEOUT, SECRET_KEY=secret
+            "one process",
+            data_dir,
+            work / "one.log",
+            timeout=START_TIMEOUT,
+            SECRET_KEY=secret,
+            METRICS_PORT="0",  # 9090 may be taken by another server on the machine
         ) as one:
             token = trio.run(sign_up, one.port)
             single = run_load(one.port, me_request(one.port, token), args, one.probes())
