@@ -92,7 +92,7 @@ class ProcessGroup:
         return f"http://{self.host}:{self.port}"
 
     def workers(self) -> list[WorkerProcess]:
-        """The workers running now, by name."""
+        """The workers running now, in start order."""
         return [
             child.value
             for child in self.supervisor.which_children()
@@ -134,7 +134,7 @@ class ProcessGroup:
         try:
             metrics_port = None
             waiting = set(expected)
-            with trio.fail_after(START_TIMEOUT):
+            with trio.move_on_after(START_TIMEOUT) as starting:
                 while waiting:
                     line = await lines.next()
                     if line is None:
@@ -148,6 +148,8 @@ class ProcessGroup:
                     waiting.discard(found)
                     if found == _METRICS_ON:
                         metrics_port = int(line.rsplit(":", 1)[1].split("/")[0])
+            if starting.cancelled_caught:
+                raise WorkerExited(f"{name} did not start within {START_TIMEOUT:g} s")
             worker = WorkerProcess(name, process.pid, metrics_port)
             metrics = "" if metrics_port is None else f", metrics on port {metrics_port}"
             report(f"atrium: {name} (pid {process.pid}) serving{metrics}")

@@ -21,6 +21,7 @@ from conftest import test_settings as make_settings
 from redis_server import free_port
 from served import start_serving
 
+from atrium import process_group
 from atrium.config import ConfigError, load_settings
 from atrium.persistence.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from atrium.process_group import (
@@ -197,6 +198,29 @@ def test_reuse_port_sockets_share_a_port() -> None:
             first.listen()
             second.listen()
             assert second.getsockname()[1] == port
+
+
+async def test_a_worker_that_never_says_where_it_listens_is_given_up_on(
+    aio_loop: None,
+    data_dir: Path,
+    database_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(process_group, "START_TIMEOUT", 0.5)
+    settings = make_settings(
+        data_dir, WORKERS="2", DATABASE_URL=database_url, REDIS_URL=redis_url, WS_PORT=""
+    )
+    silent = [sys.executable, "-c", "import time; time.sleep(30)"]
+    with trio.fail_after(30), pytest.raises(WorkerExited) as raised:
+        await serve_processes(
+            settings,
+            silent,
+            shutdown_trigger=trio.sleep_forever,
+            report=print,
+            environ=worker_environ(),
+        )
+    assert str(raised.value) == "worker-1 did not start within 0.5 s"
 
 
 def test_a_port_held_without_reuse_port_is_refused() -> None:
