@@ -9,6 +9,8 @@ server, every port is the one the code listens on.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -210,6 +212,20 @@ def test_ports_are_the_ones_the_code_listens_on() -> None:
     assert {str(api.port), str(api.ws_port), str(api.metrics_port)} == set(
         compose()["services"]["api"]["expose"]
     )
+
+
+def test_every_command_they_run_is_a_run_py_command() -> None:
+    spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
+    assert spec is not None and spec.loader is not None
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    dockerfile_cmd = re.findall(r"^CMD (.+)$", DOCKERFILE.read_text(), re.MULTILINE)[-1]
+    commands = [json.loads(dockerfile_cmd)]
+    commands += [compose()["services"][s]["command"] for s in ATRIUM_SERVICES]
+    commands += [container["command"] for _, container in containers()]
+    assert {tuple(c[:2]) for c in commands} == {("python", "run.py")}
+    # parse_args exits (SystemExit) on an unknown command or flag.
+    assert {run_py.parse_args(c[2:]).command for c in commands} == {"serve", "worker"}
 
 
 def probes() -> set[tuple[int, str]]:
