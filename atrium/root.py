@@ -73,6 +73,7 @@ from .persistence.migrate import migrate
 from .persistence.redis import open_redis
 from .persistence.retention import RetentionPolicy
 from .retention import EventPruner, retention_policy
+from .reuseport import reuse_port_socket
 from .services import Services, build_services
 from .supervision import Backoff, ChildHandle, ChildSpec, Strategy, Supervisor, open_supervisor
 from .supervision import supervisor_spec as make_supervisor_spec
@@ -176,6 +177,9 @@ async def _run_http(
     app = create_asgi(database.value)
     stop = trio.Event()
     config = hypercorn_config(settings, settings.port)
+    if settings.reuse_port:
+        # A --workers process: hypercorn listens on a socket that shares the port.
+        config.bind = [f"fd://{reuse_port_socket(settings.host, settings.port).detach()}"]
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             partial(http_server.serve, app, config, shutdown_trigger=stop.wait)
@@ -212,6 +216,7 @@ async def _run_ws_listener(
                 settings.host,
                 port,
                 max_message_size=settings.ws_max_message_bytes,
+                reuse_port=settings.reuse_port,
             )
         )
         task_status.started(WsListener(bound, stop))

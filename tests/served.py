@@ -23,14 +23,18 @@ class Served:
 
 
 async def start_serving(
-    nursery: trio.Nursery, env: dict[str, str], *, stderr: int | IO[bytes]
+    nursery: trio.Nursery,
+    env: dict[str, str],
+    *,
+    stderr: int | IO[bytes],
+    args: tuple[str, ...] = ("serve",),
 ) -> Served:
-    """Start ``run.py serve`` with ``env`` in ``nursery`` and wait (at most 60 s) until it
-    has printed where its API and WebSocket listener are."""
+    """Start ``run.py serve`` (or ``run.py *args``) with ``env`` in ``nursery`` and wait
+    (at most 60 s) until it has printed where its API and WebSocket listener are."""
     process: trio.Process = await nursery.start(
         partial(
             trio.run_process,
-            [sys.executable, str(ROOT / "run.py"), "serve"],
+            [sys.executable, str(ROOT / "run.py"), *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from typing import Any, Literal
 
 import trio
@@ -138,7 +139,7 @@ def require_operator() -> None:
 @document_response(SupervisorTreeResponse, 200)
 @error_responses(401, 403)
 async def supervisor_tree() -> Response:
-    """The process's supervision tree: every supervisor and child with its state, restart
+    """The process's id and supervision tree: every supervisor and child with its state, restart
     count, last failure, uptime and mailbox depth; and ``contained_failures``, the
     connections and requests that an unexpected exception ended (each alone, never a
     child of the tree), by kind. Needs ``Authorization: Bearer <ADMIN_TOKEN>`` outside
@@ -148,5 +149,7 @@ async def supervisor_tree() -> Response:
     root = svc.supervisor
     tree = None if root is None else SupervisorModel.model_validate(root.snapshot().to_dict())
     return respond(
-        SupervisorTreeResponse(supervisor=tree, contained_failures=svc.failures.counts())
+        SupervisorTreeResponse(
+            pid=os.getpid(), supervisor=tree, contained_failures=svc.failures.counts()
+        )
     )

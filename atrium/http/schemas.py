@@ -239,6 +239,9 @@ ChildModel.model_rebuild()  # it refers to SupervisorModel, defined after it
 
 
 class SupervisorTreeResponse(BaseModel):
+    pid: int = Field(
+        description="The process that answered (under run.py --workers, several share a port)"
+    )
     supervisor: SupervisorModel | None
     contained_failures: dict[str, int] = Field(
         description="Connections and requests ended by an unexpected exception, by kind"

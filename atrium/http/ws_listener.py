@@ -38,6 +38,7 @@ from wsproto.utilities import RemoteProtocolError
 from ..failures import ContainedFailures
 from ..outbox import PARTIAL, REFUSED, SENT
 from ..realtime import ConnectionGone, Handshake
+from ..reuseport import reuse_port_socket
 from .json import dumps_bytes
 
 log = logging.getLogger("atrium.ws")
@@ -346,8 +347,14 @@ async def _serve_connection(sessions: Sessions, sock: socket.socket, max_message
         await conn.aclose()
 
 
-async def _listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """Non-blocking sockets listening on every address ``host`` resolves to."""
+async def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Non-blocking sockets listening on every address ``host`` resolves to (with
+    ``reuse_port``, on the one address hypercorn would bind, sharing the port)."""
+    if reuse_port:
+        sock = reuse_port_socket(host, port)
+        sock.listen(0xFFFF)
+        sock.setblocking(False)
+        return [sock]
     found = await trio.socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -398,11 +405,13 @@ async def serve_listener(
     port: int,
     *,
     max_message_size: int,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve workspaces on ``host:port`` until cancelled; ``started(port)`` once listening
-    (with port 0, the port of the first address ``host`` resolves to)."""
-    listeners = await _listening_sockets(host, port)
+    (with port 0, the port of the first address ``host`` resolves to). ``reuse_port``:
+    share the port with other processes (SO_REUSEPORT; ``run.py --workers``)."""
+    listeners = await _listening_sockets(host, port, reuse_port)
     try:
         bound = listeners[0].getsockname()[1]
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)

@@ -1,4 +1,5 @@
-"""The guard between atrium and its embedded PostgreSQL (run as a script, stdlib only).
+"""The guard between atrium and its embedded PostgreSQL (run as a script, stdlib only);
+it guards the embedded Redis of ``run.py --workers`` the same way (``embedded_redis.py``).
 
     python _pg_guard.py LOG USER POSTGRES_ARGV...
 
