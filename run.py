@@ -17,10 +17,10 @@ import sys
 from collections.abc import Iterator
 
 import trio
-import trio_asyncio
 
 from atrium.config import ConfigError, Settings, load_settings
 from atrium.logs import configure_logging
+from atrium.persistence.aio_loop import open_loop
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrate import migrate
@@ -66,7 +66,7 @@ async def run_serve(settings: Settings, url: str | None) -> None:
     PostgreSQL as its ``postgres`` child (restarted when it dies, stopped with the server)."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with open_loop(), trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for _ in signals:
@@ -102,7 +102,7 @@ async def run_worker(settings: Settings, url: str | None) -> None:
     queue (uncounted) within the shutdown deadline."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with open_loop(), trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for _ in signals:
@@ -129,7 +129,7 @@ async def run_worker(settings: Settings, url: str | None) -> None:
 
 
 async def run_migrate(settings: Settings, url: str) -> None:
-    async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
+    async with open_loop(), open_database(url, pool_size=1) as db:
         applied = await migrate(db)
     print(f"atrium: applied migrations {applied}" if applied else "atrium: schema is up to date")
 
