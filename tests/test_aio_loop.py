@@ -207,7 +207,7 @@ async def test_a_busy_asyncio_side_does_not_starve_trio(aio_loop: None) -> None:
 
     loop.call_soon(spin)
     for _ in range(20):
-        await trio.sleep(0)  # each needs the loop to let trio run
+        await trio.lowlevel.checkpoint()  # each needs the loop to let trio run
     stop = True
     await loop.synchronize()
     assert spins > 20

@@ -98,9 +98,7 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
             self._sleep_deadline = math.inf
             trio.lowlevel.reschedule(sleeping)
 
-    def call_soon(
-        self, callback: Callable[..., object], *args: Any, context: Any = None
-    ) -> Any:
+    def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> Any:
         # As asyncio's loop: the callback is checked in debug mode only (the check, an
         # ``inspect`` walk, cost about as much as the rest of a crossing).
         if self._debug:
