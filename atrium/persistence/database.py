@@ -62,7 +62,11 @@ _UNAVAILABLE = (
 def _unavailable(error: Exception) -> bool:
     if isinstance(error, _UNAVAILABLE):
         return True
-    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
+    # "connection is closed", or "connection has been released back to the pool": asyncpg
+    # takes a lost connection back from whoever holds it.
+    return isinstance(error, asyncpg.InterfaceError) and (
+        "closed" in str(error) or "released back to the pool" in str(error)
+    )
 
 
 class Database:
@@ -151,7 +155,7 @@ class Database:
             free = self._free
             while free:
                 connection = free.pop()
-                if not connection.is_closed():
+                if _reusable(connection):
                     return connection
                 await self._discard(connection)
             if self._out >= self._size:
@@ -300,8 +304,12 @@ async def _within_timeout(awaitable: Awaitable[T]) -> T:
 
 
 def _reusable(connection: asyncpg.Connection) -> bool:
-    """Whether a connection a call failed on can be lent again as it is."""
-    return not connection.is_closed() and not connection.is_in_transaction()
+    """Whether a connection can be lent (again) as it is: open, not taken back by asyncpg
+    (it does that with a connection it lost), outside a transaction."""
+    try:
+        return not connection.is_closed() and not connection.is_in_transaction()
+    except asyncpg.InterfaceError:  # taken back: the proxy refuses every call
+        return False
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
