@@ -238,8 +238,8 @@ class _Steps(trio.abc.Instrument):
 
 async def test_a_query_costs_two_task_steps_and_the_loop_task_none(db: Database) -> None:
     # trio-asyncio's own loop took about eleven trips through trio's scheduler a query
-    # (docs/BENCHMARKS.md); now the reply's reader runs asyncpg's callbacks and the caller
-    # resumes with the row.
+    # (docs/BENCHMARKS.md); now the socket poller runs asyncpg's callbacks when the reply
+    # arrives, and the caller resumes with the row.
     for n in range(10):
         await db.fetchval("SELECT $1::int", n)
     steps = _Steps()
@@ -281,3 +281,24 @@ async def test_concurrent_queries_and_redis_under_the_loop(db: Database, redis_u
             await client.aclose()
 
     assert await _in_asyncio(with_redis) == [b"value", 1, b"hello"]
+
+
+async def test_one_poller_wake_serves_many_ready_connections(db: Database) -> None:
+    async def queries(count: int) -> None:
+        for n in range(count):
+            assert await db.fetchval("SELECT $1::int", n) == n
+
+    async def in_parallel(count: int) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):  # the pool's size
+                nursery.start_soon(queries, count)
+
+    await in_parallel(5)
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await in_parallel(50)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    polls = sum(n for name, n in steps.steps.items() if "_poll_sockets" in name)
+    assert 0 < polls < 200  # trio-asyncio: a reader task's step for each of the 200 replies

@@ -9,21 +9,27 @@ mode only. One query through asyncpg's pool makes 8 or 9 handles (task steps, a 
 wake-up, the ``shield`` in ``Pool.release``...), so those trips, not asyncpg, were most of
 a query's CPU (docs/BENCHMARKS.md, "Issue 11").
 
-:class:`BatchingEventLoop` keeps trio-asyncio's loop (tasks, futures, transports with one
-trio task per socket reader or writer, executors, signals, shutdown, the exception
-handler) and replaces how callbacks are queued and run:
+:class:`BatchingEventLoop` keeps trio-asyncio's loop (tasks, futures, executors, signals,
+shutdown, the exception handler) and replaces how callbacks are queued and run, and how
+sockets are waited for:
 
 - The queue is a deque. A *pass* runs every handle that is ready when it starts, in
   order; handles queued during a pass run in the next one, and timers join the queue when
   they are due, in deadline order: asyncio's own rules.
 - Passes run back to back until the queue is empty (at most ``_TURN`` handles, then trio's
-  other tasks get a turn), in whichever trio task made the work: a socket's reader task
-  right after its callback, the caller of :meth:`run_aio_coroutine` right after creating
-  its asyncio task. The loop's own task runs what is queued from anywhere else (trio code,
-  other threads, timers) and is woken only for that. A query thus costs two trips through
-  trio's scheduler (the reply's reader, the caller's wake-up) instead of about eleven.
+  other tasks get a turn), in whichever trio task made the work: the caller of
+  :meth:`run_aio_coroutine` right after creating its asyncio task, the socket poller right
+  after queuing the ready sockets' callbacks. The loop's own task runs what is queued from
+  anywhere else (trio code, other threads, timers) and is woken only for that.
+- Sockets are registered once in a real selector (epoll), as in asyncio, and one trio
+  task waits for the selector's own fd; trio-asyncio ran a trio task per socket, woken
+  (and re-armed with an ``epoll_ctl``) per read. With many connections busy, one wake-up
+  serves all the ready ones.
 - Cancelled timers leave the heap as in asyncio (trio-asyncio kept each one until it would
   have fired).
+
+A query thus costs two trips through trio's scheduler (the poller, the caller's wake-up),
+fewer when queries run concurrently, instead of about eleven.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import collections
 import heapq
 import inspect
 import math
+import os
+import selectors
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +59,10 @@ _MIN_CANCELLED_TIMERS = 100
 _MIN_CANCELLED_TIMERS_FRACTION = 0.5
 
 
+# asyncio's own socket registration (trio-asyncio replaces it with a task per socket).
+_SELECTOR_LOOP: Any = asyncio.selector_events.BaseSelectorEventLoop
+
+
 class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
     """A trio-asyncio loop that runs ready callbacks in passes, in the task that made them.
 
@@ -62,6 +74,10 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
 
     def __init__(self, queue_len: int | None = None) -> None:
         super().__init__(queue_len=queue_len)
+        # trio-asyncio's selector only records the sockets; this one waits for them.
+        self._selector.close()
+        # epoll (kqueue elsewhere): a selector with a file descriptor of its own to wait on.
+        self._selector: Any = selectors.DefaultSelector()
         # asyncio's handles, read through their private fields as asyncio's loop does.
         self._queue: collections.deque[Any] = collections.deque()
         self._timers: list[Any] = []
@@ -246,27 +262,35 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
         with trio.CancelScope(deadline=deadline):
             await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def _io_task(self, fd: int, handle: Any, wait_ready: Callable[[int], Any]) -> None:
-        """A socket's reader (or writer): whenever the socket is ready, run what was
-        queued before (asyncio appends an I/O callback to the ready queue), then the
-        callback and what it queues."""
-        with handle._scope:
-            try:
-                while not handle._cancelled:
-                    try:
-                        await wait_ready(fd)
-                    except OSError:
-                        # The fd was closed under a reader cancelled without a checkpoint.
-                        if handle._cancelled:
-                            break
-                        raise
-                    if self._queue and not self._run_here():
-                        await self._wait_for_pass()
-                    if handle._cancelled:
-                        break
-                    self._run_here(handle)
-            except Exception as exc:
-                handle._raise(exc)
+    # -- sockets -------------------------------------------------------------------------
+    # trio-asyncio waits for each socket in a trio task of its own (a task step and an
+    # epoll_ctl per read). Here, as in asyncio, sockets are registered once in a real
+    # epoll selector, and one trio task waits for that selector's fd: every socket that
+    # is ready is handled in one step, its callback queued after what was queued before
+    # (asyncio's order), and the passes run right there.
+
+    _add_reader = _SELECTOR_LOOP._add_reader
+    _add_writer = _SELECTOR_LOOP._add_writer
+
+    def _add_callback(self, handle: Any) -> None:
+        if not handle._cancelled:
+            self._queue.append(handle)
+
+    async def _main_loop_init(self, nursery: trio.Nursery) -> None:
+        await super()._main_loop_init(nursery)
+        nursery.start_soon(self._poll_sockets)
+
+    async def _poll_sockets(self) -> None:
+        """Wait for the selector; queue the callbacks of the ready sockets and run them."""
+        selector = self._selector
+        while True:
+            await trio.lowlevel.wait_readable(selector.fileno())
+            events = selector.select(0)
+            if events:
+                self._process_events(events)
+                if not self._run_here():
+                    # asyncio runs the ready queue before it polls again.
+                    await self._wait_for_pass()
 
     async def _wait_for_pass(self) -> None:
         """Return once every handle queued so far has run (``synchronize``, without an
@@ -279,6 +303,17 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _cancel_fds(self) -> None:
+        fd: Any
+        for fd, key in list(self._selector.get_map().items()):
+            reader, writer = key.data
+            for handle in (reader, writer):
+                if handle is not None:
+                    handle.cancel()
+            self._selector.unregister(fd)
+            if fd in self._close_files:
+                os.close(fd)
 
     async def run_aio_coroutine(self, coro: Any) -> Any:
         """Run ``coro`` (a coroutine or any awaitable) in an asyncio task on this loop;
