@@ -241,11 +241,11 @@ def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) 
         for state, count in counts.items():
             metrics.jobs.labels(str(state)).set(count)
 
-    async def count_direct_frames() -> None:
-        database.value.realtime.count_direct_frames()
+    async def count_sent_frames() -> None:
+        database.value.realtime.count_sent_frames()
 
     metrics.watch(LiveState(lambda: root, pool))
-    metrics.add_sampler(count_direct_frames)
+    metrics.add_sampler(count_sent_frames)
     metrics.add_sampler(sample_jobs)
 
 
