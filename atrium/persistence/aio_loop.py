@@ -156,19 +156,16 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
 
     # -- running -------------------------------------------------------------------------
 
-    def _run_passes(self, first: Any = None, *, inline: bool = False) -> bool:
-        """Run ``first``, then passes until the queue is empty, an ``AsyncHandle`` (a trio
-        task to start, which the loop task does) is next, or ``_TURN`` handles ran; when
-        ``inline`` (not the loop task), also once ``stop()`` was called. True when the
-        queue is empty. Never checkpoints."""
+    def _run_passes(self, *, inline: bool = False) -> bool:
+        """Run passes until the queue is empty, an ``AsyncHandle`` (a trio task to start,
+        which the loop task does) is next, or ``_TURN`` handles ran; when ``inline`` (not
+        the loop task), also once ``stop()`` was called. True when the queue is empty.
+        Never checkpoints."""
         queue = self._queue
         self._in_pass = True
         previous, sniffio_library.name = sniffio_library.name, "asyncio"
         try:
             ran = 0
-            if first is not None:
-                first._run()
-                ran = 1
             # The clock is read once per run: a run is short, and a timer is never early.
             if self._timers:
                 self._move_due_timers()
@@ -211,14 +208,11 @@ class BatchingEventLoop(trio_asyncio.TrioEventLoop):  # type: ignore[misc]
             else:
                 self._queue.append(timer)
 
-    def _run_here(self, first: Any = None) -> bool:
+    def _run_here(self) -> bool:
         """Run what is queued in the calling task if the loop allows it (not stopping),
         else leave it to the loop task. True when nothing is left queued."""
-        if self._inline:
-            if self._run_passes(first, inline=True):
-                return True
-        elif first is not None:
-            first._run()
+        if self._inline and self._run_passes(inline=True):
+            return True
         if self._queue:
             self._wake()
             return False
