@@ -20,10 +20,10 @@ import sys
 from collections.abc import Iterator
 
 import trio
-import trio_asyncio
 
 from atrium.config import ConfigError, Settings, load_settings
 from atrium.logs import configure_logging
+from atrium.persistence.aio_loop import open_loop
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import EmbeddedPostgresError, embedded_postgres
 from atrium.persistence.embedded_redis import EmbeddedRedisError
@@ -95,7 +95,7 @@ async def run_serve(settings: Settings, url: str | None, supervised: bool = Fals
     (restarted when it dies, stopped with the server)."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with open_loop(), trio.open_nursery() as nursery:
             if supervised:
                 nursery.start_soon(stop_when_stdin_closes, stop)
 
@@ -133,7 +133,7 @@ async def run_worker(settings: Settings, url: str | None) -> None:
     queue (uncounted) within the shutdown deadline."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with open_loop(), trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for _ in signals:
@@ -166,7 +166,7 @@ async def run_processes(settings: Settings, supervised: bool = False) -> None:
     stop = trio.Event()
     command = [sys.executable, _RUN_PY, "serve", "--supervised"]
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with open_loop(), trio.open_nursery() as nursery:
             group: ProcessGroup | None = None
 
             async def watch_signals() -> None:
@@ -222,7 +222,7 @@ def _say(line: str) -> None:
 
 
 async def run_migrate(settings: Settings, url: str) -> None:
-    async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
+    async with open_loop(), open_database(url, pool_size=1) as db:
         applied = await migrate(db)
     print(f"atrium: applied migrations {applied}" if applied else "atrium: schema is up to date")
 

@@ -27,21 +27,23 @@ class Outbox:
         "_queue",
         "_cursors",
         "_limit",
-        "_lot",
+        "_waiter",
         "close_code",
         "close_reason",
         "on_close",
         "direct",
         "owed",
-        "sent_direct",
-        "counted_direct",
+        "sent",
+        "counted",
     )
 
     def __init__(self, limit: int) -> None:
         self._queue: list[str] = []
         self._cursors: dict[object, str] = {}
         self._limit = limit
-        self._lot = trio.lowlevel.ParkingLot()
+        # The send task while it waits in ``wait`` (only it waits): a put reschedules it
+        # directly, for less than a ParkingLot's unpark_all costs per delivery.
+        self._waiter: trio.lowlevel.Task | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         # Told when a close is requested (flush or not), so the send task can stop waiting.
@@ -51,10 +53,11 @@ class Outbox:
         # switch and a queue per delivery. It returns REFUSED, SENT or PARTIAL.
         self.direct: Callable[[str], int] | None = None
         self.owed = False
-        # Frames ``direct`` wrote, and how many of them a metric has counted (a plain int
-        # here: a metric's counter costs ten times as much per delivery).
-        self.sent_direct = 0
-        self.counted_direct = 0
+        # Frames sent (by the send task or ``direct``), and how many of them a metric has
+        # counted: a plain int here, folded into the metric before each scrape and at the
+        # connection's end (a metric's counter costs ten times as much per delivery).
+        self.sent = 0
+        self.counted = 0
 
     @property
     def closing(self) -> bool:
@@ -74,21 +77,21 @@ class Outbox:
             self.close(CloseCode.SLOW_CONSUMER, "slow_consumer", flush=False)
             return False
         self._queue.append(frame)
-        self._lot.unpark_all()
+        self._wake()
         return True
 
     def put_unbounded(self, frames: list[str]) -> None:
         """Queue frames past the limit (a resume's replay: bounded by the caller)."""
         if self.close_code is None:
             self._queue.extend(frames)
-            self._lot.unpark_all()
+            self._wake()
 
     def put_cursor(self, key: object, frame: str) -> None:
         """Queue a cursor frame, replacing one from the same ``key`` not yet sent."""
         if self.close_code is None and not self._try_direct(frame):
             self._cursors.pop(key, None)
             self._cursors[key] = frame
-            self._lot.unpark_all()
+            self._wake()
 
     def _try_direct(self, frame: str) -> bool:
         if self.direct is None or self._queue or self._cursors or self.owed:
@@ -96,10 +99,10 @@ class Outbox:
         outcome = self.direct(frame)
         if outcome == REFUSED:
             return False
-        self.sent_direct += 1
+        self.sent += 1
         if outcome == PARTIAL:
             self.owed = True
-            self._lot.unpark_all()
+            self._wake()
         return True
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
@@ -115,7 +118,7 @@ class Outbox:
                 self._cursors.clear()
             if self.on_close is not None:
                 self.on_close(flush)
-            self._lot.unpark_all()
+            self._wake()
 
     def take(self) -> list[str]:
         """Everything queued now, oldest first (cursors last), leaving the outbox empty."""
@@ -125,7 +128,23 @@ class Outbox:
             self._cursors.clear()
         return frames
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
     async def wait(self) -> None:
-        """Return once frames are queued or owed, or a close is requested."""
+        """Return once frames are queued or owed, or a close is requested. One task at a
+        time may wait."""
         if not self._queue and not self._cursors and not self.owed and self.close_code is None:
-            await self._lot.park()
+            task = trio.lowlevel.current_task()
+            assert self._waiter is None, "one task at a time waits on an outbox"
+            self._waiter = task
+
+            def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+                if self._waiter is task:
+                    self._waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)

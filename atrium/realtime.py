@@ -222,12 +222,12 @@ class Realtime:
         """Return once no connection is being served."""
         await self._drained.wait()
 
-    def count_direct_frames(self) -> None:
-        """Add the frames written directly (``Outbox.direct``) since the last count to
-        the frames-out metric; run before a scrape (connections that end add their own)."""
+    def count_sent_frames(self) -> None:
+        """Add the frames sent since the last count (``Outbox.sent``) to the frames-out
+        metric; run before a scrape (connections that end add their own)."""
         metrics = self.metrics
         for outbox in self.connections.outboxes():
-            _count_direct(outbox, metrics)
+            _count_sent(outbox, metrics)
 
     def revoke_session(self, session_id: uuid.UUID) -> int:
         """Close this process's connections whose current token belongs to ``session_id``
@@ -306,7 +306,7 @@ class _LiveConnection:
             # Out of the index before the Leave: once others see this user leave, the
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
-            _count_direct(self.outbox, self.rt.metrics)
+            _count_sent(self.outbox, self.rt.metrics)
             await self._leave()
 
     def context(self, transport: str) -> dict[str, object]:
@@ -423,7 +423,6 @@ class _LiveConnection:
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
         outbox, conn = self.outbox, self.conn
-        count_out = self.rt.metrics.ws_frames_out.inc
         try:
             with self._sending:
                 while True:
@@ -435,12 +434,12 @@ class _LiveConnection:
                     if frames:
                         if self.batch:
                             await conn.send("[" + ",".join(frames) + "]")
-                            count_out()
+                            outbox.sent += 1
                         else:
                             for frame in frames:
                                 await conn.send(frame)
                             del frame
-                            count_out(len(frames))
+                            outbox.sent += len(frames)
                         del frames  # not held while the connection idles
                     elif outbox.closing and not outbox.owed:
                         break
@@ -624,8 +623,8 @@ class _LiveConnection:
                 pass
 
 
-def _count_direct(outbox: Outbox, metrics: Metrics) -> None:
-    sent = outbox.sent_direct
-    if sent != outbox.counted_direct:
-        metrics.ws_frames_out.inc(sent - outbox.counted_direct)
-        outbox.counted_direct = sent
+def _count_sent(outbox: Outbox, metrics: Metrics) -> None:
+    sent = outbox.sent
+    if sent != outbox.counted:
+        metrics.ws_frames_out.inc(sent - outbox.counted)
+        outbox.counted = sent

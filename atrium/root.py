@@ -261,11 +261,11 @@ def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) 
             {str(state): n for state, n in counts.by_state.items()}, counts.completed_recent
         )
 
-    async def count_direct_frames() -> None:
-        database.value.realtime.count_direct_frames()
+    async def count_sent_frames() -> None:
+        database.value.realtime.count_sent_frames()
 
     metrics.watch(LiveState(lambda: root, pool))
-    metrics.add_sampler(count_direct_frames)
+    metrics.add_sampler(count_sent_frames)
     metrics.add_sampler(sample_jobs)
 
 

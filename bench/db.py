@@ -5,7 +5,7 @@
 The same query on the same database, each side in its own process:
 
 - ``trio``: ``atrium.persistence.database.Database.fetchrow`` under ``trio.run`` inside a
-  ``trio_asyncio.open_loop()``, the pool opened by ``open_database`` (what a request does);
+  ``open_loop()``, the pool opened by ``open_database`` (what a request does);
 - ``asyncio``: ``asyncpg.Pool.fetchrow`` under ``asyncio.run`` on the default event loop,
   a pool with the same settings (no reset on release, no inactivity timer), so the
   difference is the path from trio into asyncpg and back, not the pool's configuration.
@@ -101,8 +101,8 @@ async def _measure(
 
 def run_trio_side(url: str, queries: int, tasks: int, profile: str | None) -> dict[str, float]:
     import trio
-    import trio_asyncio
 
+    from atrium.persistence.aio_loop import open_loop
     from atrium.persistence.database import open_database
 
     async def gather(jobs: list[Callable[[], Awaitable[None]]]) -> None:
@@ -111,7 +111,7 @@ def run_trio_side(url: str, queries: int, tasks: int, profile: str | None) -> di
                 nursery.start_soon(job)
 
     async def main() -> dict[str, float]:
-        async with trio_asyncio.open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
+        async with open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
             return await _measure(db.fetchrow, gather, queries, tasks, profile)
 
     return trio.run(main)

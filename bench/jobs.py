@@ -33,12 +33,12 @@ import uuid  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 
 import trio  # noqa: E402
-import trio_asyncio  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from atrium.events import Event  # noqa: E402
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402
+from atrium.persistence.aio_loop import open_loop  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
 from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.jobs import Job, JobStatus  # noqa: E402
@@ -95,7 +95,7 @@ def database(url: str | None) -> Iterator[str]:
 
 
 async def bench(args: argparse.Namespace, url: str) -> None:
-    async with trio_asyncio.open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
+    async with open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
         await migrate(db)
         await db.execute("DELETE FROM jobs")
         user = await accounts.create_user(db, f"bench-{uuid.uuid4().hex[:8]}@example.com", "x")

@@ -19,11 +19,11 @@ import asyncpg
 import httpx
 import pytest
 import trio
-import trio_asyncio
 from redis_server import RedisServer
 
 from atrium.actors.workspace import Status, WorkspaceActor
 from atrium.config import Settings, load_settings
+from atrium.persistence.aio_loop import open_loop
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrate import migrate
@@ -70,7 +70,7 @@ def template_url(pg_server: str) -> Iterator[str]:
     url = _with_database(pg_server, _TEMPLATE)
 
     async def run_migrations() -> None:
-        async with trio_asyncio.open_loop(), open_database(url, pool_size=1) as db:
+        async with open_loop(), open_database(url, pool_size=1) as db:
             await migrate(db)
 
     trio.run(run_migrations)
@@ -131,7 +131,7 @@ def redis_url(redis_server: str) -> str:
 @pytest.fixture
 async def aio_loop() -> AsyncIterator[None]:
     """The trio-asyncio loop that run.py opens at its root."""
-    async with trio_asyncio.open_loop():
+    async with open_loop():
         yield
 
 

@@ -11,10 +11,10 @@ from atrium.persistence import database
 from atrium.persistence.database import Database, DatabaseTimeout, DatabaseUnavailable
 
 
-async def test_queries_leave_no_timers_on_the_asyncio_loop(db: Database) -> None:
-    # trio-asyncio keeps a cancelled asyncio timer until it would have fired; asyncpg's
-    # command_timeout and pool inactivity timer made two per query (memory that grew
-    # with the request rate for up to five minutes).
+async def test_queries_leave_no_timers_piling_up_on_the_asyncio_loop(db: Database) -> None:
+    # trio-asyncio's own loop kept a cancelled asyncio timer until it would have fired:
+    # with a timer per query, memory grew with the request rate for the timeout's length.
+    # atrium's loop drops them as asyncio does (at most about a hundred wait to go).
     loop = trio_asyncio.current_loop.get()
     before = len(loop._timers)
 
@@ -22,10 +22,10 @@ async def test_queries_leave_no_timers_on_the_asyncio_loop(db: Database) -> None
         await connection.execute("SELECT 1")
         return int(await connection.fetchval("SELECT 2"))
 
-    for _ in range(100):
+    for _ in range(300):
         assert await db.fetchval("SELECT 1") == 1
         assert await db.transaction(two_statements) == 2
-    assert len(loop._timers) <= before + 2
+    assert len(loop._timers) <= before + 210
 
 
 async def test_a_slow_query_times_out_and_the_pool_recovers(
