@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -142,21 +143,24 @@ async def test_two_processes_one_order_across_a_redis_restart(
                         headers=auth,
                     )
                     assert r.status_code == 201, r.text
-            async with (
-                connect(ws_url(a, "main", project_id), owner["access_token"]) as on_a,
-                connect(ws_url(b, "listener", project_id), collaborator["access_token"]) as on_b,
-                connect(ws_url(b, "main", project_id), viewer["access_token"]) as viewer_b,
-            ):
-                # Each client sees its own join and every later one (B's reach A).
-                users = [owner["user_id"], collaborator["user_id"], viewer["user_id"]]
-                for n, client in enumerate((on_a, on_b, viewer_b)):
-                    joined: list[str] = []
-                    with trio.fail_after(WAIT):
-                        while len(joined) < 3 - n:
-                            message = await client.recv()
-                            if message["type"] == "USER_JOIN":
-                                joined.append(message["user_id"])
-                    assert joined == users[n:]
+            async with AsyncExitStack() as stack:
+                # One at a time: each join reaches every client already in, across the
+                # processes, before the next client connects (so the joins' order is known).
+                clients: list[Client] = []
+                for served, transport, member in (
+                    (a, "main", owner),
+                    (b, "listener", collaborator),
+                    (b, "main", viewer),
+                ):
+                    url = ws_url(served, transport, project_id)
+                    clients.append(
+                        await stack.enter_async_context(connect(url, member["access_token"]))
+                    )
+                    for client in clients:
+                        with trio.fail_after(WAIT):
+                            while (await client.until("USER_JOIN"))["user_id"] != member["user_id"]:
+                                pass
+                on_a, on_b, viewer_b = clients
                 await cursor_crosses(on_a, viewer_b, owner["user_id"])
                 await cursor_crosses(on_b, on_a, collaborator["user_id"])
                 total = 60
