@@ -49,6 +49,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def unix_url(self) -> str:
+        """The same server over its unix socket (in its private directory)."""
+        return f"unix://{self._dir.name}/redis.sock?db=0"
+
     def start(self) -> None:
         """Start the server and wait (at most 10 s) until it accepts connections."""
         self._process = subprocess.Popen(
@@ -64,6 +69,10 @@ class RedisServer:
                 "no",
                 "--dir",
                 self._dir.name,
+                "--unixsocket",
+                f"{self._dir.name}/redis.sock",
+                "--unixsocketperm",
+                "700",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -40,6 +40,12 @@ async def test_calls_run_on_redis(aio_loop: None, redis_url: str) -> None:
         assert client.state == "closed" and client.available
 
 
+async def test_a_unix_socket_url_works(aio_loop: None, own_redis: RedisServer) -> None:
+    async with open_redis(own_redis.unix_url, BreakerSettings()) as client:
+        await client.call(lambda r: r.set("atrium:unix", b"1"))
+        assert await client.call(lambda r: r.get("atrium:unix")) == b"1"
+
+
 async def test_down_at_start_then_the_breaker_opens_and_recovers(aio_loop: None) -> None:
     server = RedisServer(free_port())
     async with open_redis(server.url, BREAKER, call_timeout=1.0) as client:

@@ -251,12 +251,14 @@ async def open_redis(
     attempt; ``clock`` drives the breaker (trio's clock, so tests can use MockClock).
     redis-py's own retries are off: the breaker decides when to try again.
     """
+    # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
+    tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
     client = redis.asyncio.Redis.from_url(
         url,
         retry=Retry(NoBackoff(), 0),
         socket_connect_timeout=call_timeout,
-        socket_keepalive=True,
         max_connections=max_connections,
+        **tcp,
     )
     try:
         yield Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
