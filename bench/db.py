@@ -4,8 +4,9 @@
 
 The same query on the same database, each side in its own process:
 
-- ``trio``: ``atrium.persistence.database.Database.fetchrow`` under ``trio.run`` inside a
-  ``open_loop()``, the pool opened by ``open_database`` (what a request does);
+- ``trio``: ``atrium.persistence.database.Database.fetchrow`` under ``trio.run`` inside
+  atrium's asyncio loop (``atrium.persistence.aio_loop.open_loop()``, as ``run.py`` opens
+  it), the pool opened by ``open_database`` (what a request does);
 - ``asyncio``: ``asyncpg.Pool.fetchrow`` under ``asyncio.run`` on the default event loop,
   a pool with the same settings (no reset on release, no inactivity timer), so the
   difference is the path from trio into asyncpg and back, not the pool's configuration.
