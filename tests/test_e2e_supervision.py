@@ -7,8 +7,11 @@ held open while the test looks at /ready and /health/supervisor.
 from __future__ import annotations
 
 import trio
+import trio.lowlevel
 import trio.testing
 from conftest import Running, StartServer, crash_workspace
+
+from atrium.supervision import ChildState
 
 ADMIN = {"Authorization": "Bearer operator-token-0123456789"}
 
@@ -25,6 +28,20 @@ async def project_of(server: Running) -> str:
         headers={"Authorization": f"Bearer {owner['access_token']}"},
     )
     return str(r.json()["id"])
+
+
+async def taken_down(server: Running, name: str) -> None:
+    """Wait until the root has seen its child ``name`` end. A subtree that gives up
+    unwinds partly through asyncio I/O (its database connections), which
+    ``wait_all_tasks_blocked`` takes for blocked tasks: so wait for the state itself."""
+    assert server.bound.supervisor is not None
+    handle = server.bound.supervisor.child(name)
+    for _ in range(1_000_000):  # each pass lets the loop run and poll I/O once
+        if handle.state is not ChildState.RUNNING:
+            break
+        await trio.lowlevel.checkpoint()
+    assert handle.state is not ChildState.RUNNING
+    await trio.testing.wait_all_tasks_blocked()
 
 
 async def settle_then_jump(clock: trio.testing.MockClock, seconds: float) -> None:
@@ -107,7 +124,7 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         # The sixth crash within the period exceeds the intensity: the workspace
         # supervisor gives up and fails to the root, which restarts it after a backoff.
         await crash_workspace(actor)
-        await trio.testing.wait_all_tasks_blocked()
+        await taken_down(server, "workspaces")
         r = await c.get("/ready")
         assert r.status_code == 503
         assert r.json()["checks"] == {
