@@ -121,11 +121,15 @@ async def run_serve(settings: Settings, url: str | None, supervised: bool = Fals
             tune_gc()
             print(f"atrium: API on {bound.url}  (docs: {bound.url}/docs)", flush=True)
             if bound.ws_port is not None:
-                print(f"atrium: WebSocket listener on ws://{bound.host}:{bound.ws_port}/ws/",
-                      flush=True)
+                print(
+                    f"atrium: WebSocket listener on ws://{bound.host}:{bound.ws_port}/ws/",
+                    flush=True,
+                )
             if bound.metrics_port is not None:
-                print(f"atrium: metrics on http://{bound.host}:{bound.metrics_port}/metrics",
-                      flush=True)
+                print(
+                    f"atrium: metrics on http://{bound.host}:{bound.metrics_port}/metrics",
+                    flush=True,
+                )
 
 
 async def run_worker(settings: Settings, url: str | None) -> None:
@@ -155,8 +159,10 @@ async def run_worker(settings: Settings, url: str | None) -> None:
             tune_gc()
             print(f"atrium: worker running {settings.worker_concurrency} job actors", flush=True)
             if bound.metrics_port is not None:
-                print(f"atrium: metrics on http://{settings.host}:{bound.metrics_port}/metrics",
-                      flush=True)
+                print(
+                    f"atrium: metrics on http://{settings.host}:{bound.metrics_port}/metrics",
+                    flush=True,
+                )
 
 
 async def run_processes(settings: Settings, supervised: bool = False) -> None:

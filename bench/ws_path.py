@@ -110,7 +110,7 @@ async def measure(kind: str, receivers: int, messages: int) -> float:
         await trio.testing.wait_all_tasks_blocked()
         outboxes = [connection.outbox for connection in connections]
         started = time.process_time()
-        for n in range(messages):
+        for _ in range(messages):
             for key, outbox in enumerate(outboxes):
                 outbox.put_cursor(key, FRAME)
             await trio.testing.wait_all_tasks_blocked()
