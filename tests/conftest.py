@@ -109,6 +109,17 @@ def redis_server() -> Iterator[str]:
         server.close()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start (never the session's)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 _redis_databases = itertools.count()
 
 

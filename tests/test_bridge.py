@@ -10,7 +10,7 @@ a reordering, whatever Redis does.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,17 +258,6 @@ async def test_a_bridge_restart_restarts_nothing_else(
         assert {k: v for k, v in after.items() if k != "bridge"} == {
             k: v for k, v in before.items() if k != "bridge"
         }
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, which it stops and starts (never the session's)."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_a_redis_restart_mid_stream_loses_duplicates_and_reorders_nothing(

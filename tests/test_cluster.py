@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from redis_server import RedisServer
 from served import Served, start_serving
@@ -20,16 +18,6 @@ from wsclient import Client, connect
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 WAIT = 30.0
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def process_env(tmp_path: Path, name: str, database_url: str, redis_url: str) -> dict[str, str]:

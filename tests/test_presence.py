@@ -8,7 +8,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -244,17 +244,6 @@ def test_presence_settings_are_validated() -> None:
     assert error.value.variable == "PRESENCE_TTL_SECONDS"
     with pytest.raises(ConfigError, match="PRESENCE_HEARTBEAT_SECONDS"):
         load_settings({**env, "PRESENCE_HEARTBEAT_SECONDS": "0"})
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, which it may stop and start."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def two_users(db: Any) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis.exceptions
@@ -17,17 +16,6 @@ from atrium.breaker import BreakerSettings
 from atrium.persistence.redis import Redis, RedisUnavailable, open_redis
 
 BREAKER = BreakerSettings(failures=2, reset_seconds=0.5, successes=1)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, which it may stop and start."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_calls_run_on_redis(aio_loop: None, redis_url: str) -> None:

@@ -6,7 +6,7 @@ Redis (one of the test's own where it is stopped and started)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,17 +31,6 @@ from atrium.ratelimit import (
 LOGIN = "/api/v1/auth/login"
 PASSWORD = "correct horse"
 BREAKER = BreakerSettings(failures=1, reset_seconds=0.0, successes=1)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, which it may stop and start."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
