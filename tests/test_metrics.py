@@ -140,10 +140,14 @@ async def test_slow_consumer_close_is_counted(start_server: StartServer) -> None
             session(team, team.collaborator) as sender,
         ):
             total = 300
+            # At most 8 edits ahead of the fast client (its queue holds 16): only the client
+            # that stopped reading falls behind, however this process's tasks are scheduled.
+            ahead, caught_up = trio.open_memory_channel[None](8)
             async with trio.open_nursery() as nursery:
 
                 async def send_all() -> None:
                     for i in range(total):
+                        await ahead.send(None)
                         await sender.send(edit(f"/f{i}", blob=big))
 
                 nursery.start_soon(send_all)
@@ -151,6 +155,9 @@ async def test_slow_consumer_close_is_counted(start_server: StartServer) -> None
                 while not left:
                     message = await fast.recv()
                     left = message["type"] == "USER_LEAVE"
+                    if message["type"] == "FILE_CHANGE":
+                        caught_up.receive_nowait()
+                nursery.cancel_scope.cancel()
             assert (await slow.closed())[0] == 4008
         await drained(server)
         after = await scrape(server)
