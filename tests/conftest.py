@@ -4,8 +4,11 @@ migrated database per test, and the real server on port 0 with an HTTP client.""
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +26,7 @@ from redis_server import RedisServer
 
 from atrium.actors.workspace import Status, WorkspaceActor
 from atrium.config import Settings, load_settings
+from atrium.logs import make_handler
 from atrium.persistence.aio_loop import open_loop
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
@@ -92,6 +96,30 @@ def database_url(pg_server: str, template_url: str) -> Iterator[str]:
     asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
     yield _with_database(pg_server, name)
     asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+# What must never reach a log line, whichever test wrote it: the suite's password, its
+# signing key, and (should the redaction fail) anything shaped like a JWT.
+_NEVER_LOGGED = re.compile(
+    r"correct horse|test-secret-key-with-enough-length|eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """Every record the suite logs (at the levels the loggers pass, warnings and
+    tracebacks included) goes through the handler run.py installs; at the end, none may
+    hold a secret."""
+    stream = io.StringIO()
+    handler = make_handler("json", stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    leaked = [line for line in stream.getvalue().splitlines() if _NEVER_LOGGED.search(line)]
+    assert not leaked, f"{len(leaked)} log line(s) hold a secret, the first: {leaked[0][:300]}"
 
 
 @pytest.fixture(scope="session")
