@@ -2,7 +2,7 @@
 
     python bench/ws_fanout.py [--transport main|listener|both]
                               [--scenario a|b|c|durable|churn|all]
-                              [--duration 8] [--warmup 1]
+                              [--peer none|socketio] [--duration 8] [--warmup 1]
 
 Per transport, a fresh server (``python run.py``, embedded PostgreSQL in a temp dir, limits
 lifted) and, in that order:
@@ -32,6 +32,15 @@ sequence number each receiver saw). Latency is send-to-receive: the sender write
 The client is one process, no framework: ``bench/_ws.py`` (non-blocking sockets, epoll,
 hand-written framing). Its CPU and the server's are printed for every measurement so a
 reader can see which one was saturated.
+
+With ``--peer socketio`` the fan-out scenarios (a, b; without ``?batch=1``, which it has
+no counterpart for) run a third time against bench/peer_socketio.py, a minimal
+python-socketio ASGI app on uvicorn (the ``bench`` extra) that emits each ``cursor``
+event of a client to the rest of its room, encoded once. The same client speaks
+engine.io/socket.io text framing over plain WebSocket (``transport=websocket``): the
+sender writes ``42["cursor",{...}]`` around the same CURSOR_UPDATE object, receivers
+match the same pattern in what they get, and answer engine.io pings ``2`` with ``3``.
+The summary then gives atrium's max-throughput deliveries/s over the peer's.
 """
 
 from __future__ import annotations
@@ -63,18 +72,22 @@ import trio  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     PASSWORD,
+    REPO,
     _connect,
     api_request,
     bench_email,
+    exit_if_not_started,
     free_port,
     log_tail,
     nearest_rank_ms,
     open_atrium,
+    open_process,
     own_cpu,
     postgres_probe,
     print_load_average,
     process_cpu,
     run_script,
+    wait_port,
 )
 from bench._ws import Conn, Engine, Handler  # noqa: E402
 
@@ -101,6 +114,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--transport", choices=("main", "listener", "both"), default="both")
     parser.add_argument(
         "--scenario", choices=("a", "b", "c", "durable", "churn", "all"), default="all"
+    )
+    parser.add_argument(
+        "--peer",
+        choices=("none", "socketio"),
+        default="none",
+        help="also run scenarios a and b against a python-socketio app "
+        "(bench/peer_socketio.py, the bench extra)",
     )
     parser.add_argument(
         "--duration", type=float, default=8.0, help="measured seconds per run (default 8)"
@@ -199,6 +219,22 @@ def atrium_server(work: Path, name: str) -> Iterator[Server]:
         yield Server(process, atrium.port, ws_port, atrium.data_dir, process_cpu(process.pid))
         if process.poll() is not None:
             print(f"  warning: the server exited early:\n{log_tail(atrium.log_path)}")
+
+
+@contextlib.contextmanager
+def socketio_server(work: Path) -> Iterator[Server]:
+    """bench/peer_socketio.py on a free port for the block (no database: no REST set-up)."""
+    port = free_port(HOST)
+    log_path = work / "peer-socketio.log"
+    print(f"peer: python -m bench.peer_socketio --port {port} (python-socketio + uvicorn)")
+    argv = [sys.executable, "-m", "bench.peer_socketio", "--host", HOST, "--port", str(port)]
+    with open_process(argv, env=dict(os.environ), log_path=log_path, cwd=REPO) as process:
+        with exit_if_not_started("the peer (pip install -e '.[bench]')", log_path):
+            wait_port(HOST, port, process, timeout=START_TIMEOUT)
+        print(f"  {log_path.read_text(errors='replace').splitlines()[0]}", flush=True)
+        yield Server(process, port, port, work / "no-database", process_cpu(process.pid))
+        if process.poll() is not None:
+            print(f"  warning: the peer exited early:\n{log_tail(log_path)}")
 
 
 # -- REST set-up -------------------------------------------------------------------------
@@ -323,9 +359,8 @@ def connect_all(
                 exhausted = True
                 break
             path, user, handler = spec
-            conn = engine.connect(
-                HOST, port, path, handler=handler, headers={"Authorization": f"Bearer {user.token}"}
-            )
+            headers = {"Authorization": f"Bearer {user.token}"} if user.token else None
+            conn = engine.connect(HOST, port, path, handler=handler, headers=headers)
             conns.append(conn)
             opening.append(conn)
         if exhausted and not opening:
@@ -345,7 +380,24 @@ def idle_handler(conn: Conn, payload: bytes, now: float) -> None:
         conn.send_text(PONG)
 
 
-def receiver_handler(stats: Stats, pattern: re.Pattern[bytes]) -> Handler:
+def sio_control(conn: Conn, payload: bytes) -> None:
+    """An engine.io/socket.io frame that is not an event: open, ping, namespace CONNECT."""
+    if payload == b"2":  # engine.io ping
+        conn.send_text(b"3")
+    elif payload[:1] == b"0":  # engine.io open: join the default namespace
+        conn.send_text(b"40")
+    elif payload[:2] == b"40":  # namespace joined (the peer has put us in the room)
+        conn.ready = True
+    elif payload[:2] == b"44":
+        conn.error = f"socket.io CONNECT refused: {payload[:200]!r}"
+
+
+def sio_idle_handler(conn: Conn, payload: bytes, now: float) -> None:
+    if payload[:2] != b"42":
+        sio_control(conn, payload)
+
+
+def receiver_handler(stats: Stats, pattern: re.Pattern[bytes], socketio: bool = False) -> Handler:
     """A receiver's handler: each match of ``pattern`` in a frame is one delivery.
 
     ``pattern`` captures a message's send time (``perf_counter`` microseconds after T0), and
@@ -356,9 +408,14 @@ def receiver_handler(stats: Stats, pattern: re.Pattern[bytes]) -> Handler:
     sequenced = pattern.groups == 2
 
     def handle(conn: Conn, payload: bytes, now: float) -> None:
-        conn.ready = True
-        if b'"PING"' in payload:
-            conn.send_text(PONG)
+        if socketio:
+            if payload[:2] != b"42":
+                sio_control(conn, payload)
+                return
+        else:
+            conn.ready = True
+            if b'"PING"' in payload:
+                conn.send_text(PONG)
         found = findall(payload)
         if not found:
             return
@@ -523,22 +580,26 @@ def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
 
 
 class Sender:
-    """The one sender of CURSOR_UPDATE frames; ``seq`` keeps counting across runs."""
+    """The one sender of CURSOR_UPDATE frames; ``seq`` keeps counting across runs.
 
-    def __init__(self, conn: Conn) -> None:
+    With ``socketio`` each is wrapped as a socket.io event: ``42["cursor",{...}]``.
+    """
+
+    def __init__(self, conn: Conn, socketio: bool = False) -> None:
         self.conn = conn
         self.seq = 0
+        self.head, self.tail = (b'42["cursor",', b"]") if socketio else (b"", b"")
 
     def send(self, count: int) -> None:
-        conn, seq = self.conn, self.seq
+        conn, seq, head, tail = self.conn, self.seq, self.head, self.tail
         now_us = int((time.perf_counter() - T0) * 1e6)
         frames = []
         for _ in range(count):
             seq += 1
             frames.append(
                 conn.frame(
-                    b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}'
-                    % (seq, now_us)
+                    b'%s{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}%s'
+                    % (head, seq, now_us, tail)
                 )
             )
         self.seq = seq
@@ -605,18 +666,27 @@ def bench_fanout(
     args: argparse.Namespace,
 ) -> list[Row]:
     port = server.port_of(transport)
-    owner, reader = make_users(server.port, 2)
-    (project,) = make_projects(server.port, [owner], [[reader]])
+    socketio = transport == "socketio"
+    if socketio:  # no accounts: one room per scenario, named in the query string
+        owner = reader = User("", "", "")
+        path = f"/socket.io/?EIO=4&transport=websocket&room={uuid.uuid4().hex}"
+        batches, sender_handler = (False,), sio_idle_handler
+    else:
+        owner, reader = make_users(server.port, 2)
+        (project,) = make_projects(server.port, [owner], [[reader]])
+        batches, sender_handler = (False, True), idle_handler
     rows = []
     stats = Stats()
     engine = Engine()
-    for batch in (False, True):
-        handler = receiver_handler(stats, CURSOR_RE)
-        receivers = connect_all(
-            engine, port, [(ws_path(project, batch), reader, handler)] * receivers_n
-        )
-        (sender_conn,) = connect_all(engine, port, [(ws_path(project, False), owner, idle_handler)])
-        sender = Sender(sender_conn)
+    for batch in batches:
+        if not socketio:
+            path = ws_path(project, batch)
+        handler = receiver_handler(stats, CURSOR_RE, socketio)
+        receivers = connect_all(engine, port, [(path, reader, handler)] * receivers_n)
+        if not socketio:
+            path = ws_path(project, False)
+        (sender_conn,) = connect_all(engine, port, [(path, owner, sender_handler)])
+        sender = Sender(sender_conn, socketio)
         wait_server_idle(engine, server)
         runs: list[tuple[str, float | None]] = [("max", None)]
         if not batch:
@@ -649,9 +719,11 @@ def bench_fanout(
                 target, met = f"p99 < {LATENCY_TARGET_MS:g} ms", p99 < LATENCY_TARGET_MS
                 if name != "a":
                     target, met = "", None
-            else:
+            elif (name, transport) in TARGETS:
                 goal = TARGETS[(name, transport)]
                 target, met = f">= {goal:,} /s", per_s >= goal
+            else:
+                target, met = "", None
             row = Row(
                 name,
                 transport,
@@ -866,6 +938,21 @@ def summary(rows: list[Row]) -> bool:
     return ok
 
 
+def versus_socketio(rows: list[Row]) -> None:
+    """atrium's max-throughput deliveries/s over python-socketio's, per scenario."""
+    peer = {r.scenario: r.rate for r in rows if r.transport == "socketio" and r.run == "max"}
+    if not peer:
+        return
+    print("\natrium / python-socketio, max-throughput deliveries/s (receivers without batch)")
+    for r in rows:
+        if r.transport != "socketio" and r.run == "max" and r.scenario in peer:
+            theirs = peer[r.scenario]
+            print(
+                f"  {r.scenario} {r.transport:<9}{r.rate:>10,.0f} /s  socketio {theirs:>10,.0f} /s"
+                f"  ratio {r.rate / theirs:.2f}"
+            )
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65_536) if hard != resource.RLIM_INFINITY else 65_536
@@ -903,9 +990,17 @@ def main(argv: list[str]) -> int:
                         rows += bench_durable(server, transport, args)
                     else:
                         rows += bench_churn(server, transport)
+        peer_scenarios = [s for s in scenarios if s in ("a", "b")]
+        if args.peer == "socketio" and peer_scenarios:
+            print("\n== peer: socketio (scenarios a and b only)", flush=True)
+            with socketio_server(Path(tmp)) as server:
+                for scenario in peer_scenarios:
+                    receivers, paced = (100, 200) if scenario == "a" else (1000, 20)
+                    rows += bench_fanout(scenario, receivers, paced, server, "socketio", args)
     print_load_average("after")
     print(f"total {time.perf_counter() - wall:.0f} s")
     ok = summary(rows)
+    versus_socketio(rows)
     print("\nall targets met" if ok else "\nsome targets missed")
     return 0 if ok else 1
 
