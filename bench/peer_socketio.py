@@ -1,6 +1,6 @@
 """The peer in bench/ws_fanout.py: a minimal python-socketio ASGI app on uvicorn doing a broadcast.
 
-    python -m bench.peer_socketio --port 8102 [--host 127.0.0.1]
+    python -m bench.peer_socketio --port 8102 [--host 127.0.0.1] [--ws auto|wsproto|websockets]
 
 (from the repository root; needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 
@@ -14,9 +14,10 @@ receiver, as atrium serialises a broadcast once. No authentication, no validatio
 limit, no coalescing: the peer's cost is the floor of its stack.
 
 The server pings every 25 s (engine.io ``2``) and the client answers ``3``. uvicorn runs
-with its defaults (``loop="auto"``, ``http="auto"``, ``ws="auto"``: uvloop, httptools and
-websockets when installed, else asyncio, h11 and wsproto) without an access log; the log
-line at start-up names the WebSocket implementation in use.
+with its defaults (``loop="auto"``, ``http="auto"``: uvloop and httptools when installed,
+else asyncio and h11) without an access log; ``--ws`` picks its WebSocket protocol
+(default ``auto``: websockets when installed, else wsproto). The first log line names the
+implementation in use.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/peer_socketio.py")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ws", choices=("auto", "wsproto", "websockets"), default="auto")
     args = parser.parse_args()
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, ws=args.ws, access_log=False)
     server = uvicorn.Server(config)
     config.load()  # resolves ws="auto" into a protocol class
     logging.getLogger("bench.peer_socketio").warning(
