@@ -1,6 +1,7 @@
 """The peer in bench/ws_fanout.py: a minimal python-socketio ASGI app on uvicorn doing a broadcast.
 
-    python -m bench.peer_socketio --port 8102 [--host 127.0.0.1] [--ws auto|wsproto|websockets]
+    python -m bench.peer_socketio --port 8102 [--host 127.0.0.1]
+        [--ws auto|wsproto|websockets|websockets-sansio]
 
 (from the repository root; needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 
@@ -16,8 +17,9 @@ limit, no coalescing: the peer's cost is the floor of its stack.
 The server pings every 25 s (engine.io ``2``) and the client answers ``3``. uvicorn runs
 with its defaults (``loop="auto"``, ``http="auto"``: uvloop and httptools when installed,
 else asyncio and h11) without an access log; ``--ws`` picks its WebSocket protocol
-(default ``auto``: websockets when installed, else wsproto). The first log line names the
-implementation in use.
+(default ``auto``: websockets-sansio when websockets is installed, else wsproto; plain
+``websockets`` is uvicorn's older, deprecated implementation). The first log line names
+the implementation in use.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/peer_socketio.py")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--ws", choices=("auto", "wsproto", "websockets"), default="auto")
+    parser.add_argument(
+        "--ws", choices=("auto", "wsproto", "websockets", "websockets-sansio"), default="auto"
+    )
     args = parser.parse_args()
     config = uvicorn.Config(app, host=args.host, port=args.port, ws=args.ws, access_log=False)
     server = uvicorn.Server(config)

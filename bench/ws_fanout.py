@@ -128,7 +128,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peer-ws",
         nargs="+",
-        choices=("auto", "wsproto", "websockets"),
+        choices=("auto", "wsproto", "websockets", "websockets-sansio"),
         default=["auto"],
         help="uvicorn's WebSocket implementation for the peer; several: one peer run each",
     )
