@@ -42,7 +42,7 @@ engine.io/socket.io text framing over plain WebSocket (``transport=websocket``):
 sender writes ``42["cursor",{...}]`` around the same CURSOR_UPDATE object, receivers
 match the same pattern in what they get, and answer engine.io pings ``2`` with ``3``.
 ``--peer-ws`` names uvicorn's WebSocket implementation(s) for the peer (one peer run
-each, labelled ``socketio`` for auto, else ``sio-wsproto``/``sio-websockets``). The
+each, labelled ``socketio`` for auto, else ``sio-wsproto``, ``sio-websockets``, ``sio-sansio``). The
 summary then gives atrium's max-throughput deliveries/s over each peer run's.
 """
 
@@ -1007,7 +1007,7 @@ def main(argv: list[str]) -> int:
         peer_scenarios = [s for s in scenarios if s in ("a", "b")]
         if args.peer == "socketio" and peer_scenarios:
             for ws in args.peer_ws:
-                label = "socketio" if ws == "auto" else f"sio-{ws}"
+                label = "socketio" if ws == "auto" else f"sio-{ws.replace('websockets-', '')}"
                 print(f"\n== peer: {label} (scenarios a and b only)", flush=True)
                 with socketio_server(Path(tmp), ws) as server:
                     for scenario in peer_scenarios:
