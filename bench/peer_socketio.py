@@ -18,8 +18,9 @@ The server pings every 25 s (engine.io ``2``) and the client answers ``3``. uvic
 with its defaults (``loop="auto"``, ``http="auto"``: uvloop and httptools when installed,
 else asyncio and h11) without an access log; ``--ws`` picks its WebSocket protocol
 (default ``auto``: websockets-sansio when websockets is installed, else wsproto; plain
-``websockets`` is uvicorn's older, deprecated implementation). The first log line names
-the implementation in use.
+``websockets`` is uvicorn's older, deprecated implementation; the websockets package is
+not in the ``bench`` extra: ``pip install websockets`` for those two). The first log line
+names the implementation in use.
 """
 
 from __future__ import annotations
