@@ -2,6 +2,7 @@
 
     python bench/ws_fanout.py [--transport main|listener|both]
                               [--scenario a|b|c|durable|churn|all]
+                              [--peer none|socketio] [--peer-ws auto|wsproto|websockets ...]
                               [--duration 8] [--warmup 1]
 
 Per transport, a fresh server (``python run.py``, embedded PostgreSQL in a temp dir, limits
@@ -32,6 +33,17 @@ sequence number each receiver saw). Latency is send-to-receive: the sender write
 The client is one process, no framework: ``bench/_ws.py`` (non-blocking sockets, epoll,
 hand-written framing). Its CPU and the server's are printed for every measurement so a
 reader can see which one was saturated.
+
+With ``--peer socketio`` the fan-out scenarios (a, b; without ``?batch=1``, which it has
+no counterpart for) run a third time against bench/peer_socketio.py, a minimal
+python-socketio ASGI app on uvicorn (the ``bench`` extra) that emits each ``cursor``
+event of a client to the rest of its room, encoded once. The same client speaks
+engine.io/socket.io text framing over plain WebSocket (``transport=websocket``): the
+sender writes ``42["cursor",{...}]`` around the same CURSOR_UPDATE object, receivers
+match the same pattern in what they get, and answer engine.io pings ``2`` with ``3``.
+``--peer-ws`` names uvicorn's WebSocket implementation(s) for the peer (one peer run
+each, labelled ``socketio`` for auto, else ``sio-wsproto``, ``sio-websockets``, ``sio-sansio``). The
+summary then gives atrium's max-throughput deliveries/s over each peer run's.
 """
 
 from __future__ import annotations
@@ -63,18 +75,22 @@ import trio  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     PASSWORD,
+    REPO,
     _connect,
     api_request,
     bench_email,
+    exit_if_not_started,
     free_port,
     log_tail,
     nearest_rank_ms,
     open_atrium,
+    open_process,
     own_cpu,
     postgres_probe,
     print_load_average,
     process_cpu,
     run_script,
+    wait_port,
 )
 from bench._ws import Conn, Engine, Handler  # noqa: E402
 
@@ -101,6 +117,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--transport", choices=("main", "listener", "both"), default="both")
     parser.add_argument(
         "--scenario", choices=("a", "b", "c", "durable", "churn", "all"), default="all"
+    )
+    parser.add_argument(
+        "--peer",
+        choices=("none", "socketio"),
+        default="none",
+        help="also run scenarios a and b against a python-socketio app "
+        "(bench/peer_socketio.py, the bench extra)",
+    )
+    parser.add_argument(
+        "--peer-ws",
+        nargs="+",
+        choices=("auto", "wsproto", "websockets", "websockets-sansio"),
+        default=["auto"],
+        help="uvicorn's WebSocket implementation for the peer; several: one peer run each",
     )
     parser.add_argument(
         "--duration", type=float, default=8.0, help="measured seconds per run (default 8)"
@@ -199,6 +229,25 @@ def atrium_server(work: Path, name: str) -> Iterator[Server]:
         yield Server(process, atrium.port, ws_port, atrium.data_dir, process_cpu(process.pid))
         if process.poll() is not None:
             print(f"  warning: the server exited early:\n{log_tail(atrium.log_path)}")
+
+
+@contextlib.contextmanager
+def socketio_server(work: Path, ws: str) -> Iterator[Server]:
+    """bench/peer_socketio.py on a free port for the block (no database: no REST set-up)."""
+    port = free_port(HOST)
+    log_path = work / f"peer-socketio-{ws}.log"
+    print(
+        f"peer: python -m bench.peer_socketio --port {port} --ws {ws} (python-socketio + uvicorn)"
+    )
+    argv = [sys.executable, "-m", "bench.peer_socketio", "--host", HOST, "--port", str(port)]
+    argv += ["--ws", ws]
+    with open_process(argv, env=dict(os.environ), log_path=log_path, cwd=REPO) as process:
+        with exit_if_not_started("the peer (pip install -e '.[bench]')", log_path):
+            wait_port(HOST, port, process, timeout=START_TIMEOUT)
+        print(f"  {log_path.read_text(errors='replace').splitlines()[0]}", flush=True)
+        yield Server(process, port, port, work / "no-database", process_cpu(process.pid))
+        if process.poll() is not None:
+            print(f"  warning: the peer exited early:\n{log_tail(log_path)}")
 
 
 # -- REST set-up -------------------------------------------------------------------------
@@ -323,9 +372,8 @@ def connect_all(
                 exhausted = True
                 break
             path, user, handler = spec
-            conn = engine.connect(
-                HOST, port, path, handler=handler, headers={"Authorization": f"Bearer {user.token}"}
-            )
+            headers = {"Authorization": f"Bearer {user.token}"} if user.token else None
+            conn = engine.connect(HOST, port, path, handler=handler, headers=headers)
             conns.append(conn)
             opening.append(conn)
         if exhausted and not opening:
@@ -345,7 +393,24 @@ def idle_handler(conn: Conn, payload: bytes, now: float) -> None:
         conn.send_text(PONG)
 
 
-def receiver_handler(stats: Stats, pattern: re.Pattern[bytes]) -> Handler:
+def sio_control(conn: Conn, payload: bytes) -> None:
+    """An engine.io/socket.io frame that is not an event: open, ping, namespace CONNECT."""
+    if payload == b"2":  # engine.io ping
+        conn.send_text(b"3")
+    elif payload[:1] == b"0":  # engine.io open: join the default namespace
+        conn.send_text(b"40")
+    elif payload[:2] == b"40":  # namespace joined (the peer has put us in the room)
+        conn.ready = True
+    elif payload[:2] == b"44":
+        conn.error = f"socket.io CONNECT refused: {payload[:200]!r}"
+
+
+def sio_idle_handler(conn: Conn, payload: bytes, now: float) -> None:
+    if payload[:2] != b"42":
+        sio_control(conn, payload)
+
+
+def receiver_handler(stats: Stats, pattern: re.Pattern[bytes], socketio: bool = False) -> Handler:
     """A receiver's handler: each match of ``pattern`` in a frame is one delivery.
 
     ``pattern`` captures a message's send time (``perf_counter`` microseconds after T0), and
@@ -356,9 +421,14 @@ def receiver_handler(stats: Stats, pattern: re.Pattern[bytes]) -> Handler:
     sequenced = pattern.groups == 2
 
     def handle(conn: Conn, payload: bytes, now: float) -> None:
-        conn.ready = True
-        if b'"PING"' in payload:
-            conn.send_text(PONG)
+        if socketio:
+            if payload[:2] != b"42":
+                sio_control(conn, payload)
+                return
+        else:
+            conn.ready = True
+            if b'"PING"' in payload:
+                conn.send_text(PONG)
         found = findall(payload)
         if not found:
             return
@@ -523,22 +593,26 @@ def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
 
 
 class Sender:
-    """The one sender of CURSOR_UPDATE frames; ``seq`` keeps counting across runs."""
+    """The one sender of CURSOR_UPDATE frames; ``seq`` keeps counting across runs.
 
-    def __init__(self, conn: Conn) -> None:
+    With ``socketio`` each is wrapped as a socket.io event: ``42["cursor",{...}]``.
+    """
+
+    def __init__(self, conn: Conn, socketio: bool = False) -> None:
         self.conn = conn
         self.seq = 0
+        self.head, self.tail = (b'42["cursor",', b"]") if socketio else (b"", b"")
 
     def send(self, count: int) -> None:
-        conn, seq = self.conn, self.seq
+        conn, seq, head, tail = self.conn, self.seq, self.head, self.tail
         now_us = int((time.perf_counter() - T0) * 1e6)
         frames = []
         for _ in range(count):
             seq += 1
             frames.append(
                 conn.frame(
-                    b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}'
-                    % (seq, now_us)
+                    b'%s{"type":"CURSOR_UPDATE","position":{"file":"f","line":%d,"column":%d}}%s'
+                    % (head, seq, now_us, tail)
                 )
             )
         self.seq = seq
@@ -605,18 +679,27 @@ def bench_fanout(
     args: argparse.Namespace,
 ) -> list[Row]:
     port = server.port_of(transport)
-    owner, reader = make_users(server.port, 2)
-    (project,) = make_projects(server.port, [owner], [[reader]])
+    socketio = transport.startswith("s")
+    if socketio:  # no accounts: one room per scenario, named in the query string
+        owner = reader = User("", "", "")
+        path = f"/socket.io/?EIO=4&transport=websocket&room={uuid.uuid4().hex}"
+        batches, sender_handler = (False,), sio_idle_handler
+    else:
+        owner, reader = make_users(server.port, 2)
+        (project,) = make_projects(server.port, [owner], [[reader]])
+        batches, sender_handler = (False, True), idle_handler
     rows = []
     stats = Stats()
     engine = Engine()
-    for batch in (False, True):
-        handler = receiver_handler(stats, CURSOR_RE)
-        receivers = connect_all(
-            engine, port, [(ws_path(project, batch), reader, handler)] * receivers_n
-        )
-        (sender_conn,) = connect_all(engine, port, [(ws_path(project, False), owner, idle_handler)])
-        sender = Sender(sender_conn)
+    for batch in batches:
+        if not socketio:
+            path = ws_path(project, batch)
+        handler = receiver_handler(stats, CURSOR_RE, socketio)
+        receivers = connect_all(engine, port, [(path, reader, handler)] * receivers_n)
+        if not socketio:
+            path = ws_path(project, False)
+        (sender_conn,) = connect_all(engine, port, [(path, owner, sender_handler)])
+        sender = Sender(sender_conn, socketio)
         wait_server_idle(engine, server)
         runs: list[tuple[str, float | None]] = [("max", None)]
         if not batch:
@@ -647,11 +730,13 @@ def bench_fanout(
                 note += f", {len(lost)} receivers lost ({lost[0].error})"
             if rate is not None:
                 target, met = f"p99 < {LATENCY_TARGET_MS:g} ms", p99 < LATENCY_TARGET_MS
-                if name != "a":
+                if name != "a" or socketio:
                     target, met = "", None
-            else:
+            elif (name, transport) in TARGETS:
                 goal = TARGETS[(name, transport)]
                 target, met = f">= {goal:,} /s", per_s >= goal
+            else:
+                target, met = "", None
             row = Row(
                 name,
                 transport,
@@ -847,10 +932,10 @@ def report(row: Row, unit: str = "deliveries/s") -> None:
 def summary(rows: list[Row]) -> bool:
     print()
     print(
-        f"{'scenario':<9}{'transport':<10}{'run':<18}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'scenario':<9}{'transport':<15}{'run':<18}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv CPU':>8}{'cli CPU':>8}  {'target':<20}{'met':<4}"
     )
-    print("-" * 110)
+    print("-" * 115)
     ok = True
     for r in rows:
         unit = {"c": " KB", "durable": " ev/s", "churn": " %"}.get(r.scenario, " /s")
@@ -859,11 +944,27 @@ def summary(rows: list[Row]) -> bool:
         met = "" if r.met is None else ("yes" if r.met else "NO")
         ok = ok and r.met is not False
         print(
-            f"{r.scenario:<9}{r.transport:<10}{r.run:<18}{rate:>12}{fmt(r.p50, '.2f'):>9}"
+            f"{r.scenario:<9}{r.transport:<15}{r.run:<18}{rate:>12}{fmt(r.p50, '.2f'):>9}"
             f"{fmt(r.p99, '.2f'):>9}{fmt(r.server_cpu, '.0%'):>8}{fmt(r.client_cpu, '.0%'):>8}"
             f"  {r.target:<20}{met:<4}"
         )
     return ok
+
+
+def versus_socketio(rows: list[Row]) -> None:
+    """atrium's max-throughput deliveries/s over python-socketio's, per scenario."""
+    maxed = [r for r in rows if r.run == "max"]
+    peers = [r for r in maxed if r.transport.startswith("s")]
+    if not peers:
+        return
+    print("\natrium / python-socketio, max-throughput deliveries/s (receivers without batch)")
+    for peer in peers:
+        for r in maxed:
+            if r.scenario == peer.scenario and r.transport in ("main", "listener"):
+                print(
+                    f"  {r.scenario} {r.transport:<9}{r.rate:>10,.0f} /s  {peer.transport:<15}"
+                    f"{peer.rate:>10,.0f} /s  ratio {r.rate / peer.rate:.2f}"
+                )
 
 
 def raise_fd_limit() -> None:
@@ -903,9 +1004,19 @@ def main(argv: list[str]) -> int:
                         rows += bench_durable(server, transport, args)
                     else:
                         rows += bench_churn(server, transport)
+        peer_scenarios = [s for s in scenarios if s in ("a", "b")]
+        if args.peer == "socketio" and peer_scenarios:
+            for ws in args.peer_ws:
+                label = "socketio" if ws == "auto" else f"sio-{ws.replace('websockets-', '')}"
+                print(f"\n== peer: {label} (scenarios a and b only)", flush=True)
+                with socketio_server(Path(tmp), ws) as server:
+                    for scenario in peer_scenarios:
+                        receivers, paced = (100, 200) if scenario == "a" else (1000, 20)
+                        rows += bench_fanout(scenario, receivers, paced, server, label, args)
     print_load_average("after")
     print(f"total {time.perf_counter() - wall:.0f} s")
     ok = summary(rows)
+    versus_socketio(rows)
     print("\nall targets met" if ok else "\nsome targets missed")
     return 0 if ok else 1
 
