@@ -110,7 +110,9 @@ def test_lifetimes_follow_the_type_and_the_clock() -> None:
         (lambda: "", "token_malformed"),
         (lambda: "not-a-jwt", "token_malformed"),
         (lambda: "a.b.c", "token_malformed"),
-        (lambda: forge()[:-5], "token_malformed"),
+        # A signature cut to 41 characters is never valid base64url (a cut to 38 sometimes
+        # decodes, and is then a wrong signature instead).
+        (lambda: forge()[:-2], "token_malformed"),
         # The algorithm is fixed: "none" and other HMACs with the same secret are refused.
         (lambda: forge(algorithm="HS512"), "token_malformed"),
         (lambda: jwt.encode(payload(), cast(Any, None), algorithm="none"), "token_malformed"),
