@@ -283,7 +283,7 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     # cancelled asyncio timers, which trio-asyncio's own kept for their whole delay).
     try:
         result: T = await trio_asyncio.current_loop.get().run_aio_coroutine(
-            _within_timeout(fn(*args))
+            _within_timeout(fn, *args)
         )
     except Exception as error:
         if _unavailable(error):
@@ -292,11 +292,13 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return result
 
 
-async def _within_timeout(awaitable: Awaitable[T]) -> T:
+async def _within_timeout(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    # ``fn`` is called inside the task: a task cancelled before its first step then
+    # leaves no coroutine behind that was never awaited.
     timeout = asyncio.timeout(QUERY_TIMEOUT)
     try:
         async with timeout:
-            return await awaitable
+            return await fn(*args)
     except TimeoutError:
         if timeout.expired():
             raise DatabaseTimeout(f"the database did not answer within {QUERY_TIMEOUT} s") from None
