@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import ParamSpec, TypeVar
@@ -27,10 +28,9 @@ def services() -> Services:
     return current_app.extensions["atrium"]  # type: ignore[no-any-return]
 
 
-def bearer_token() -> str:
-    """The token of the ``Authorization: Bearer`` header (401 token_missing without one)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer`` header value (401 token_missing without one)."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401,
@@ -55,16 +55,31 @@ def note_rate(decision: RateDecision) -> None:
     g.rate_decision = decision
 
 
-async def authenticate() -> tuple[User, Claims]:
-    """Verify the access token and its session; count the call against the user's limit."""
-    svc = services()
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    """Who made an authenticated request, and its count against the user's rate limit."""
+
+    user: User
+    claims: Claims
+    rate: RateDecision
+
+
+async def sign_in(svc: Services, authorization: str) -> SignedIn:
+    """Verify the bearer token of an ``Authorization`` header value and its session, and
+    count the request against the user's rate limit.
+
+    Raises ``ApiError``: 401 (no, a bad or an expired token; a revoked session) or 429
+    (rate limited, with its headers); ``DatabaseUnavailable`` when the session must be
+    looked up and cannot be. Framework-free: the Quart routes (``require_user``) and the
+    plain ASGI routes (``hot.py``) both authenticate here.
+    """
     try:
-        claims = svc.verified_tokens.verify(bearer_token(), expected="access")
+        claims = svc.verified_tokens.verify(bearer_token(authorization), expected="access")
     except TokenError as error:
         raise ApiError(
             401, error.code, error.message, headers={"WWW-Authenticate": "Bearer"}
         ) from None
-    user = await _session_user(claims)
+    user = await _session_user(svc, claims)
     if user is None:
         raise ApiError(
             401,
@@ -74,13 +89,19 @@ async def authenticate() -> tuple[User, Claims]:
         )
     bind(user_id=str(user.id))  # this request's log lines, from here on
     decision = await svc.limiter.hit(f"user:{user.id}", svc.settings.rate_limit_per_minute)
-    note_rate(decision)
     if not decision.allowed:
         raise rate_limited(decision)
-    return user, claims
+    return SignedIn(user, claims, decision)
 
 
-async def _session_user(claims: Claims) -> User | None:
+async def authenticate() -> tuple[User, Claims]:
+    """``sign_in`` for the current Quart request; its rate headers go on the response."""
+    signed = await sign_in(services(), request.headers.get("Authorization", ""))
+    note_rate(signed.rate)
+    return signed.user, signed.claims
+
+
+async def _session_user(svc: Services, claims: Claims) -> User | None:
     """The user of a live session, from the session cache or the database (one query
     for all the requests that miss the same session at once).
 
@@ -88,7 +109,6 @@ async def _session_user(claims: Claims) -> User | None:
     with Redis (a shared cache), else on this one, and another instance's revocation is
     seen within SESSION_CACHE_SECONDS.
     """
-    svc = services()
 
     async def fill() -> dict[str, str] | None:
         user = await accounts.find_session_user(svc.db, claims.user_id, claims.session_id)
