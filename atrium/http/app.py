@@ -16,6 +16,7 @@ from ..services import Services
 from . import auth, console, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
+from .hot import HotRoutes
 from .json import OrjsonProvider
 from .request_log import RequestLog
 from .request_metrics import RequestMetrics, set_route
@@ -104,10 +105,11 @@ def create_app(svc: Services) -> QuartTrio:
 
 def create_asgi(svc: Services) -> RequestLog:
     """The ASGI application to serve: request ids and access lines (``RequestLog``)
-    around the Edge layer around ``create_app(svc)``."""
+    around the Edge layer around the metrics, the hot routes (``hot.py``) and
+    ``create_app(svc)``."""
     settings = svc.settings
     edge = Edge(
-        RequestMetrics(create_app(svc), svc.metrics),
+        RequestMetrics(HotRoutes(create_app(svc), svc), svc.metrics),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
         websocket=ws.WorkspaceSockets(svc.realtime),

@@ -221,7 +221,11 @@ async def logout() -> Response:
 @require_user
 async def me() -> Response:
     """The signed-in user."""
-    user: User = g.user
-    return respond(
-        UserResponse(user_id=user.id, email=user.email, role=user.role, created_at=user.created_at)
+    return respond(me_body(g.user))
+
+
+def me_body(user: User) -> UserResponse:
+    """What ``GET /me`` answers (also served past Quart: ``hot.py``)."""
+    return UserResponse(
+        user_id=user.id, email=user.email, role=user.role, created_at=user.created_at
     )

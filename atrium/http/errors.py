@@ -54,6 +54,16 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
+def database_unavailable_error() -> ApiError:
+    """The 503 for a request that needs the database while it is away."""
+    return ApiError(
+        503,
+        "database_unavailable",
+        "The database is unavailable; retry shortly",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+    )
+
+
 def _validation_message(error: RequestSchemaValidationError) -> str:
     inner = error.validation_error
     details = getattr(inner, "errors", None)
@@ -93,11 +103,7 @@ def register_error_handlers(app: Quart) -> None:
     @app.errorhandler(DatabaseUnavailable)
     async def database_unavailable(error: DatabaseUnavailable) -> Response:
         log.warning("%s %s: %s", request.method, request.path, error)
-        response = error_response(
-            503, "database_unavailable", "The database is unavailable; retry shortly"
-        )
-        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
-        return response
+        return await api_error(database_unavailable_error())
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

@@ -34,6 +34,7 @@ from ..persistence.projects import (
     RoleForbidden,
     UserNotFound,
 )
+from ..services import Services
 from ..timestamps import utc_iso_at
 from .errors import ApiError, error_response
 from .json import json_response
@@ -133,9 +134,12 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
     it wait for that read. ``cached`` and ``cache_expires_at`` say whether this page came
     from the cache and when that entry expires.
     """
-    svc = services()
-    user: User = g.user
-    limit, offset = query_args.limit, query_args.offset
+    return json_response(await list_page(services(), g.user, query_args))
+
+
+async def list_page(svc: Services, user: User, query: ProjectListQuery) -> dict[str, Any]:
+    """What ``GET /`` answers for ``query`` (also served past Quart: ``hot.py``)."""
+    limit, offset = query.limit, query.offset
     key = f"list:{limit}:{offset}"
 
     async def fill() -> dict[str, Any]:
@@ -147,16 +151,14 @@ async def list_projects(query_args: ProjectListQuery) -> Response:
     cached = hit is not None
     (svc.metrics.cache_hits if cached else svc.metrics.cache_misses).inc()
     expires = None if hit is None else utc_iso_at(hit.expires_at)
-    return json_response(
-        {
-            "projects": page["projects"],
-            "total": page["total"],
-            "limit": limit,
-            "offset": offset,
-            "cached": cached,
-            "cache_expires_at": expires,
-        }
-    )
+    return {
+        "projects": page["projects"],
+        "total": page["total"],
+        "limit": limit,
+        "offset": offset,
+        "cached": cached,
+        "cache_expires_at": expires,
+    }
 
 
 @blueprint.post("/")
