@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_jobs_api import CSV, auth, run, wait_status
 from test_workspace import edit, make_team, session
 from trio.testing import MockClock
-from wsclient import connect
+from wsclient import connect, open_sending_ahead
 
 from atrium.metrics import LiveState, Metrics
 from atrium.persistence.jobs import COUNTED_STATES, JobStatus
@@ -139,25 +139,15 @@ async def test_slow_consumer_close_is_counted(start_server: StartServer) -> None
             connect(team.url(), team.viewer.token, queue=1) as slow,
             session(team, team.collaborator) as sender,
         ):
-            total = 300
-            # At most 8 edits ahead of the fast client (its queue holds 16): only the client
-            # that stopped reading falls behind, however this process's tasks are scheduled.
-            ahead, caught_up = trio.open_memory_channel[None](8)
-            async with trio.open_nursery() as nursery:
-
-                async def send_all() -> None:
-                    for i in range(total):
-                        await ahead.send(None)
-                        await sender.send(edit(f"/f{i}", blob=big))
-
-                nursery.start_soon(send_all)
+            # At most 8 edits ahead of the fast client (its queue holds 16).
+            edits = (edit(f"/f{i}", blob=big) for i in range(300))
+            async with open_sending_ahead(sender, edits, ahead=8) as read_one:
                 left = False
                 while not left:
                     message = await fast.recv()
                     left = message["type"] == "USER_LEAVE"
                     if message["type"] == "FILE_CHANGE":
-                        caught_up.receive_nowait()
-                nursery.cancel_scope.cancel()
+                        read_one()
             assert (await slow.closed())[0] == 4008
         await drained(server)
         after = await scrape(server)
