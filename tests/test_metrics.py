@@ -3,6 +3,7 @@ parsed with prometheus-client's own text parser."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -246,3 +247,38 @@ async def test_development_serves_metrics_on_the_main_port_too(
         samples: dict[Any, float] = parse(r.text)
         key = "atrium_http_requests_total"
         assert value(samples, key, route="unmatched", method="GET", status="404") == 1
+
+
+async def test_console_percentiles_cover_the_last_five_minutes(
+    autojump_clock: MockClock,
+) -> None:
+    metrics = Metrics(clock=trio.current_time)
+    for _ in range(100):
+        metrics.observe_query(2.0)  # in the 1-2.5 s bucket
+    await trio.sleep(200)
+    for _ in range(100):
+        metrics.observe_query(0.002)  # in the 1-2.5 ms bucket
+    both = (await metrics.summary())["database"]["query_latency_seconds"]
+    assert both["p50"] == pytest.approx(0.0025)
+    assert both["p99"] == pytest.approx(1.0 + 1.5 * 98 / 100)
+
+    await trio.sleep(150)  # the slow queries are 350 s old, the fast ones 150 s
+    recent = (await metrics.summary())["database"]["query_latency_seconds"]
+    assert recent["p99"] == pytest.approx(0.001 + 0.0015 * 99 / 100)
+
+    await trio.sleep(300)
+    assert (await metrics.summary())["database"]["query_latency_seconds"] is None
+    # The Prometheus histogram still counts every query since the start.
+    registry = metrics.registry
+    assert registry.get_sample_value("atrium_db_query_duration_seconds_count") == 200
+
+
+def test_recent_latencies_keep_one_count_per_bucket_per_step() -> None:
+    now = [0.0]
+    recent = Metrics(clock=lambda: now[0]).recent_requests
+    for second in range(1000):  # one request a second for 1000 s
+        now[0] = second
+        recent.observe(0.01)
+    # Kept: the current 30 s step (990-999 s) and the nine before it, nothing older.
+    assert len(recent._slots) == 10
+    assert recent.cumulative()[-1] == (math.inf, 9 * 30 + 10)
