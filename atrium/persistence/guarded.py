@@ -31,7 +31,7 @@ async def run_guarded(
     exit_error: type[Exception],
     up: str,
     started: str,
-    task_status: trio.TaskStatus[str],
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Start the guard ``command`` (its own session, so Ctrl-C reaches atrium, which then
     stops the server), poll ``ready(guard_pid)`` every ``poll`` seconds, log ``up`` and
