@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
 from functools import partial
@@ -42,14 +45,19 @@ TRANSPORTS = ("main", "listener")
 # atrium_jobs_completed_recent counts the jobs completed within this window (all of them
 # may be millions of rows: JOB_RETENTION_DAYS keeps them).
 COMPLETED_WINDOW = timedelta(minutes=5)
+# The operator console's latency percentiles cover about this many recent seconds (the
+# Prometheus histograms count since the process started: a dashboard takes its own rates).
+RECENT_WINDOW = 300.0
+_RECENT_SLOTS = 10  # the window moves in steps of RECENT_WINDOW / _RECENT_SLOTS
 
 Sampler = Callable[[], Awaitable[None]]
 
 
 class Metrics:
-    """The metrics of one process and the registry that serves them."""
+    """The metrics of one process and the registry that serves them; ``clock`` (monotonic
+    seconds) places observations in the window of the console's recent percentiles."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.http_requests = Counter(
@@ -65,6 +73,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.recent_requests = RecentHistogram(_LATENCY_BUCKETS, clock)
         self.ws_open = Gauge(
             "atrium_ws_connections_open",
             "WebSocket connections being served, by transport",
@@ -109,6 +118,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.recent_queries = RecentHistogram(_LATENCY_BUCKETS, clock)
         cache = Counter(
             "atrium_project_cache_lookups",
             "Project-list cache lookups, by result (hit or miss)",
@@ -198,6 +208,11 @@ class Metrics:
             self.jobs.labels(str(state)).set(count)
         self.jobs_completed_recent.set(completed_recent)
 
+    def observe_query(self, seconds: float) -> None:
+        """Count one database round trip of ``seconds``."""
+        self.db_query_seconds.observe(seconds)
+        self.recent_queries.observe(seconds)
+
     def add_sampler(self, sampler: Sampler) -> None:
         """Run ``sampler`` before each scrape (it sets gauges from a query)."""
         self._samplers.append(sampler)
@@ -223,10 +238,11 @@ class Metrics:
 
     async def summary(self) -> dict[str, Any]:
         """The key figures of this process, after sampling, as JSON-ready values (for the
-        operator console): totals since the process started, latency percentiles
-        estimated from the histograms' buckets as Prometheus' ``histogram_quantile``
-        does (None before the first observation), and the live gauges (None for a
-        figure this process does not have, such as the pool before the database is up)."""
+        operator console): totals since the process started, latency percentiles of the
+        last RECENT_WINDOW seconds estimated from the histograms' buckets as Prometheus'
+        ``histogram_quantile`` does (None when there was no observation in the window),
+        and the live gauges (None for a figure this process does not have, such as the
+        pool before the database is up)."""
         await self.sample()
         values: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
         for family in self.registry.collect():
@@ -245,7 +261,7 @@ class Metrics:
                 "client_errors": int(
                     figures.total("atrium_http_requests_total", status=lambda s: s[0] == "4")
                 ),
-                "latency_seconds": figures.percentiles("atrium_http_request_duration_seconds"),
+                "latency_seconds": _percentiles(self.recent_requests.cumulative()),
             },
             "websockets": {
                 "open": {
@@ -264,7 +280,7 @@ class Metrics:
             "database": {
                 "pool_connections": figures.maybe("atrium_db_pool_connections"),
                 "pool_in_use": figures.maybe("atrium_db_pool_in_use"),
-                "query_latency_seconds": figures.percentiles("atrium_db_query_duration_seconds"),
+                "query_latency_seconds": _percentiles(self.recent_queries.cumulative()),
             },
             "project_cache": {
                 "hits": int(hits),
@@ -288,7 +304,7 @@ _Match = str | Callable[[str], bool]
 
 
 class _Figures:
-    """Sums and percentiles over one collection of samples (name and labels to value)."""
+    """Sums over one collection of samples (name and labels to value)."""
 
     def __init__(self, values: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
         self._values = values
@@ -315,17 +331,51 @@ class _Figures:
         found = [value for _, value in self.matching(name)]
         return int(sum(found)) if found else None
 
-    def percentiles(self, histogram: str) -> dict[str, float] | None:
-        """p50, p95 and p99 of ``histogram`` over all its label values, or None when it
-        has no observation."""
-        buckets: dict[float, float] = {}
-        for labels, value in self.matching(f"{histogram}_bucket"):
-            bound = float(labels["le"])
-            buckets[bound] = buckets.get(bound, 0.0) + value
-        cumulative = sorted(buckets.items())
-        if not cumulative or cumulative[-1][1] == 0:
-            return None
-        return {f"p{round(q * 100)}": _quantile(q, cumulative) for q in (0.5, 0.95, 0.99)}
+
+class RecentHistogram:
+    """Counts by bucket of the observations of about the last RECENT_WINDOW seconds.
+
+    Time is cut into _RECENT_SLOTS slots and the oldest slot drops out whole, so the
+    counts cover between nine tenths of the window and all of it, and memory stays at
+    slots × buckets counts whatever the rate. ``clock`` gives monotonic seconds.
+    """
+
+    def __init__(self, buckets: tuple[float, ...], clock: Callable[[], float]) -> None:
+        self._bounds = (*buckets, math.inf)
+        self._clock = clock
+        self._slot_seconds = RECENT_WINDOW / _RECENT_SLOTS
+        self._slots: deque[tuple[int, list[int]]] = deque()  # (slot number, counts)
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` in the current slot (in the first bucket whose bound holds it)."""
+        slot = self._expire()
+        if not self._slots or self._slots[-1][0] != slot:
+            self._slots.append((slot, [0] * len(self._bounds)))
+        self._slots[-1][1][bisect_left(self._bounds, value)] += 1
+
+    def cumulative(self) -> list[tuple[float, float]]:
+        """``(upper bound, observations up to it)`` for every bucket, the last bound +Inf,
+        over the slots still in the window."""
+        self._expire()
+        running, result = 0, []
+        for index, bound in enumerate(self._bounds):
+            running += sum(counts[index] for _, counts in self._slots)
+            result.append((bound, float(running)))
+        return result
+
+    def _expire(self) -> int:
+        """Drop the slots that left the window; return the current slot's number."""
+        slot = int(self._clock() // self._slot_seconds)
+        while self._slots and self._slots[0][0] <= slot - _RECENT_SLOTS:
+            self._slots.popleft()
+        return slot
+
+
+def _percentiles(cumulative: list[tuple[float, float]]) -> dict[str, float] | None:
+    """p50, p95 and p99 from cumulative bucket counts, or None when there are none."""
+    if not cumulative or cumulative[-1][1] == 0:
+        return None
+    return {f"p{round(q * 100)}": _quantile(q, cumulative) for q in (0.5, 0.95, 0.99)}
 
 
 def _quantile(q: float, cumulative: list[tuple[float, float]]) -> float:

@@ -149,7 +149,7 @@ async def _run_database(
     task_status: trio.TaskStatus[Services],
 ) -> None:
     async with open_database(
-        url, pool_size=settings.db_pool_size, observe=metrics.db_query_seconds.observe
+        url, pool_size=settings.db_pool_size, observe=metrics.observe_query
     ) as db:
         applied = await migrate(db)
         if applied:

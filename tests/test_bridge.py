@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,14 @@ class Pair:
         port = server.bound.port if transport == "main" else server.bound.ws_port
         return f"ws://127.0.0.1:{port}/ws/{self.project_id}"
 
+    def owner_on_a(self, transport: str) -> AbstractAsyncContextManager[Client]:
+        """The owner's WebSocket to the project on server A."""
+        return connect(self.url(self.a, transport), self.owner.token)
+
+    def collaborator_on_b(self, transport: str) -> AbstractAsyncContextManager[Client]:
+        """The collaborator's WebSocket to the project on server B."""
+        return connect(self.url(self.b, transport), self.collaborator.token)
+
 
 def bridge_of(server: Running) -> Bridge:
     assert server.bound.services is not None
@@ -99,14 +107,17 @@ async def make_pair(a: Running, b: Running) -> Pair:
 
 
 @asynccontextmanager
-async def two_servers(
+async def bridged_pair(
     start_server: StartServer, redis_url: str, **env: Any
-) -> AsyncIterator[tuple[Running, Running]]:
+) -> AsyncIterator[tuple[Running, Running, Pair]]:
+    """Two servers on ``redis_url`` (``env`` for both), both bridges connected, and a
+    project shared by a user of each."""
     async with (
         start_server(REDIS_URL=redis_url, **env) as a,
         start_server(REDIS_URL=redis_url, **env) as b,
     ):
-        yield a, b
+        await wait_connected(a, b)
+        yield a, b, await make_pair(a, b)
 
 
 def edit(path: str, client_id: str) -> dict[str, Any]:
@@ -159,13 +170,11 @@ class Seen:
 async def test_clients_on_two_servers_see_each_others_joins_edits_and_cursors(
     start_server: StartServer, redis_url: str, transport: str
 ) -> None:
-    async with two_servers(start_server, redis_url) as (a, b):
-        await wait_connected(a, b)
-        pair = await make_pair(a, b)
-        async with connect(pair.url(a, transport), pair.owner.token) as on_a:
+    async with bridged_pair(start_server, redis_url) as (a, b, pair):
+        async with pair.owner_on_a(transport) as on_a:
             assert (await on_a.recv())["type"] == "PRESENCE_STATE"
             await on_a.until("USER_JOIN")
-            async with connect(pair.url(b, transport), pair.collaborator.token) as on_b:
+            async with pair.collaborator_on_b(transport) as on_b:
                 state = await on_b.recv()
                 assert state["type"] == "PRESENCE_STATE"
                 assert (await on_b.until("USER_JOIN"))["user_id"] == pair.collaborator.user_id
@@ -232,9 +241,7 @@ async def test_the_bridge_is_a_child_of_the_root_and_ready_reports_it(
 async def test_a_bridge_restart_restarts_nothing_else(
     start_server: StartServer, redis_url: str
 ) -> None:
-    async with two_servers(start_server, redis_url) as (a, b):
-        await wait_connected(a, b)
-        pair = await make_pair(a, b)
+    async with bridged_pair(start_server, redis_url) as (a, b, pair):
         root = a.bound.supervisor
         assert root is not None
         before = {c.name: c.restart_count for c in root.which_children()}
@@ -247,8 +254,8 @@ async def test_a_bridge_restart_restarts_nothing_else(
 
         bridge._encode = broken  # type: ignore[method-assign]
         async with (
-            connect(pair.url(b, "main"), pair.collaborator.token) as on_b,
-            connect(pair.url(a, "main"), pair.owner.token) as on_a,
+            pair.collaborator_on_b("main") as on_b,
+            pair.owner_on_a("main") as on_a,
         ):
             await on_a.until("USER_JOIN")  # relaying it is what trips the fault
             # A cursor crosses from A again: the bridge was restarted (only it).
@@ -263,12 +270,10 @@ async def test_a_bridge_restart_restarts_nothing_else(
 async def test_a_redis_restart_mid_stream_loses_duplicates_and_reorders_nothing(
     start_server: StartServer, own_redis: RedisServer
 ) -> None:
-    async with two_servers(start_server, own_redis.url, **FAST_BREAKER) as (a, b):
-        await wait_connected(a, b)
-        pair = await make_pair(a, b)
+    async with bridged_pair(start_server, own_redis.url, **FAST_BREAKER) as (a, b, pair):
         async with (
-            connect(pair.url(a, "main"), pair.owner.token) as on_a,
-            connect(pair.url(b, "listener"), pair.collaborator.token) as on_b,
+            pair.owner_on_a("main") as on_a,
+            pair.collaborator_on_b("listener") as on_b,
         ):
             await on_a.until("USER_JOIN")
             await on_b.until("USER_JOIN")
@@ -315,7 +320,7 @@ async def test_redis_down_at_start_is_degraded_then_the_server_rejoins(
             assert body["checks"]["redis"]["state"] == "degraded"
             pair = await make_pair(a, b)
             # Degraded, B still serves its own clients.
-            async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
+            async with pair.collaborator_on_b("main") as on_b:
                 await on_b.until("USER_JOIN")
                 await on_b.send(edit("/alone", "alone"))
                 assert (await on_b.until("ACK"))["id"] == "alone"
@@ -334,16 +339,14 @@ async def test_redis_down_at_start_is_degraded_then_the_server_rejoins(
 async def test_degraded_servers_rejoin_and_relay_cursors_again(
     start_server: StartServer, own_redis: RedisServer
 ) -> None:
-    async with two_servers(start_server, own_redis.url, **FAST_BREAKER) as (a, b):
-        await wait_connected(a, b)
-        pair = await make_pair(a, b)
+    async with bridged_pair(start_server, own_redis.url, **FAST_BREAKER) as (a, b, pair):
         own_redis.stop(kill=True)
         await wait_connected(a, b, connected=False)
         r = await a.client.get("/ready")
         assert r.status_code == 200 and r.json()["status"] == "degraded"
         async with (
-            connect(pair.url(a, "main"), pair.owner.token) as on_a,
-            connect(pair.url(b, "main"), pair.collaborator.token) as on_b,
+            pair.owner_on_a("main") as on_a,
+            pair.collaborator_on_b("main") as on_b,
         ):
             await on_a.until("USER_JOIN")
             await on_b.until("USER_JOIN")
@@ -365,7 +368,7 @@ async def test_job_progress_on_one_server_reaches_a_client_on_the_other(
     ):
         await wait_connected(a, b)
         pair = await make_pair(a, b)
-        async with connect(pair.url(b, "listener"), pair.collaborator.token) as on_b:
+        async with pair.collaborator_on_b("listener") as on_b:
             await on_b.until("USER_JOIN")
             # Submitted on A and run by A's job actors: no workspace is open on A.
             r = await a.client.post(
@@ -397,11 +400,9 @@ async def test_job_progress_on_one_server_reaches_a_client_on_the_other(
 async def test_messages_that_do_not_parse_are_dropped_and_counted(
     start_server: StartServer, redis_url: str
 ) -> None:
-    async with two_servers(start_server, redis_url) as (a, b):
-        await wait_connected(a, b)
-        pair = await make_pair(a, b)
+    async with bridged_pair(start_server, redis_url) as (a, b, pair):
         bridge = bridge_of(a)
-        async with connect(pair.url(a, "main"), pair.owner.token) as on_a:
+        async with pair.owner_on_a("main") as on_a:
             await on_a.until("USER_JOIN")
             project = uuid.UUID(pair.project_id)
             for data in (
@@ -414,7 +415,7 @@ async def test_messages_that_do_not_parse_are_dropped_and_counted(
                 await bridge.redis.call(lambda r, d=data: r.publish(channel_of(project), d))
             await bridge.redis.call(lambda r: r.publish("atrium:ws:not-a-uuid", b"x"))
             # Still relaying: B's cursor reaches A, after the garbage (published first).
-            async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
+            async with pair.collaborator_on_b("main") as on_b:
                 await on_b.until("USER_JOIN")
                 await on_b.send(cursor(2))
                 assert (await on_a.until("CURSOR_UPDATE"))["user_id"] == pair.collaborator.user_id
@@ -440,7 +441,7 @@ async def test_progress_of_a_job_run_by_a_worker_process_reaches_a_server(
         assert worker.supervisor.child("bridge").value.alive
         await wait_connected(b)
         pair = await make_pair(b, b)
-        async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
+        async with pair.collaborator_on_b("main") as on_b:
             await on_b.until("USER_JOIN")
             r = await b.client.post(
                 "/api/v1/jobs/run",

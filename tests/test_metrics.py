@@ -3,6 +3,7 @@ parsed with prometheus-client's own text parser."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_jobs_api import CSV, auth, run, wait_status
 from test_workspace import edit, make_team, session
 from trio.testing import MockClock
-from wsclient import connect
+from wsclient import connect, open_sending_ahead
 
 from atrium.metrics import LiveState, Metrics
 from atrium.persistence.jobs import COUNTED_STATES, JobStatus
@@ -139,25 +140,15 @@ async def test_slow_consumer_close_is_counted(start_server: StartServer) -> None
             connect(team.url(), team.viewer.token, queue=1) as slow,
             session(team, team.collaborator) as sender,
         ):
-            total = 300
-            # At most 8 edits ahead of the fast client (its queue holds 16): only the client
-            # that stopped reading falls behind, however this process's tasks are scheduled.
-            ahead, caught_up = trio.open_memory_channel[None](8)
-            async with trio.open_nursery() as nursery:
-
-                async def send_all() -> None:
-                    for i in range(total):
-                        await ahead.send(None)
-                        await sender.send(edit(f"/f{i}", blob=big))
-
-                nursery.start_soon(send_all)
+            # At most 8 edits ahead of the fast client (its queue holds 16).
+            edits = (edit(f"/f{i}", blob=big) for i in range(300))
+            async with open_sending_ahead(sender, edits, ahead=8) as read_one:
                 left = False
                 while not left:
                     message = await fast.recv()
                     left = message["type"] == "USER_LEAVE"
                     if message["type"] == "FILE_CHANGE":
-                        caught_up.receive_nowait()
-                nursery.cancel_scope.cancel()
+                        read_one()
             assert (await slow.closed())[0] == 4008
         await drained(server)
         after = await scrape(server)
@@ -256,3 +247,38 @@ async def test_development_serves_metrics_on_the_main_port_too(
         samples: dict[Any, float] = parse(r.text)
         key = "atrium_http_requests_total"
         assert value(samples, key, route="unmatched", method="GET", status="404") == 1
+
+
+async def test_console_percentiles_cover_the_last_five_minutes(
+    autojump_clock: MockClock,
+) -> None:
+    metrics = Metrics(clock=trio.current_time)
+    for _ in range(100):
+        metrics.observe_query(2.0)  # in the 1-2.5 s bucket
+    await trio.sleep(200)
+    for _ in range(100):
+        metrics.observe_query(0.002)  # in the 1-2.5 ms bucket
+    both = (await metrics.summary())["database"]["query_latency_seconds"]
+    assert both["p50"] == pytest.approx(0.0025)
+    assert both["p99"] == pytest.approx(1.0 + 1.5 * 98 / 100)
+
+    await trio.sleep(150)  # the slow queries are 350 s old, the fast ones 150 s
+    recent = (await metrics.summary())["database"]["query_latency_seconds"]
+    assert recent["p99"] == pytest.approx(0.001 + 0.0015 * 99 / 100)
+
+    await trio.sleep(300)
+    assert (await metrics.summary())["database"]["query_latency_seconds"] is None
+    # The Prometheus histogram still counts every query since the start.
+    registry = metrics.registry
+    assert registry.get_sample_value("atrium_db_query_duration_seconds_count") == 200
+
+
+def test_recent_latencies_keep_one_count_per_bucket_per_step() -> None:
+    now = [0.0]
+    recent = Metrics(clock=lambda: now[0]).recent_requests
+    for second in range(1000):  # one request a second for 1000 s
+        now[0] = second
+        recent.observe(0.01)
+    # Kept: the current 30 s step (990-999 s) and the nine before it, nothing older.
+    assert len(recent._slots) == 10
+    assert recent.cumulative()[-1] == (math.inf, 9 * 30 + 10)

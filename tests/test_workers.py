@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +24,7 @@ from redis_server import free_port
 from served import start_serving
 
 from atrium import process_group
-from atrium.config import ConfigError, load_settings
+from atrium.config import ConfigError, Settings, load_settings
 from atrium.persistence.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from atrium.process_group import (
     ProcessGroup,
@@ -83,6 +85,20 @@ class Lines:
                 if text in line:
                     return line
         raise AssertionError(f"no line with {text!r} in {self.seen}")
+
+
+async def serve_until_it_fails(
+    settings: Settings, command: list[str], report: Callable[[str], None], **options: Any
+) -> None:
+    """Run a group of ``command`` workers, never asked to stop, until it raises."""
+    await serve_processes(
+        settings,
+        command,
+        shutdown_trigger=trio.sleep_forever,
+        report=report,
+        environ=worker_environ(),
+        **options,
+    )
 
 
 async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
@@ -159,13 +175,8 @@ async def test_workers_that_keep_dying_make_the_group_give_up(
     )
     lines = Lines()
     with trio.fail_after(30), pytest.raises(SupervisorEscalation) as raised:
-        await serve_processes(
-            settings,
-            crashing,
-            shutdown_trigger=trio.sleep_forever,
-            report=lines.report,
-            environ=worker_environ(),
-            backoff=Backoff(base=0.0, maximum=0.0),
+        await serve_until_it_fails(
+            settings, crashing, lines.report, backoff=Backoff(base=0.0, maximum=0.0)
         )
     assert "gave up: more than 5 restarts" in str(raised.value)
     assert "exited with status 3" in str(raised.value)
@@ -180,13 +191,7 @@ async def test_a_worker_that_cannot_start_stops_the_group_at_once(
     failing = [sys.executable, "-c", "print('no such setting'); raise SystemExit(2)"]
     lines = Lines()
     with trio.fail_after(30), pytest.raises(WorkerExited) as raised:
-        await serve_processes(
-            settings,
-            failing,
-            shutdown_trigger=trio.sleep_forever,
-            report=lines.report,
-            environ=worker_environ(),
-        )
+        await serve_until_it_fails(settings, failing, lines.report)
     assert str(raised.value) == "worker-1 exited while starting (status 2)"
     assert await lines.wait_for("no such setting") == "atrium[worker-1]: no such setting"
 
@@ -213,13 +218,7 @@ async def test_a_worker_that_never_says_where_it_listens_is_given_up_on(
     )
     silent = [sys.executable, "-c", "import time; time.sleep(30)"]
     with trio.fail_after(30), pytest.raises(WorkerExited) as raised:
-        await serve_processes(
-            settings,
-            silent,
-            shutdown_trigger=trio.sleep_forever,
-            report=print,
-            environ=worker_environ(),
-        )
+        await serve_until_it_fails(settings, silent, print)
     assert str(raised.value) == "worker-1 did not start within 0.5 s"
 
 

@@ -21,7 +21,7 @@ import trio
 import trio_asyncio
 from conftest import Running, StartServer, crash_workspace
 from trio_websocket import ConnectionClosed
-from wsclient import Client, connect
+from wsclient import Client, connect, open_sending_ahead
 
 from atrium.persistence.database import Database
 
@@ -632,23 +632,15 @@ async def test_slow_client_is_closed_while_a_fast_one_keeps_up(
             async with session(team, team.collaborator) as sender:
                 total = 600
                 # The sender stays at most 8 edits ahead of the fast client (its queue holds
-                # 16), so only the client that stopped reading can fall behind, however the
-                # machine schedules this process's tasks.
-                ahead, caught_up = trio.open_memory_channel[None](8)
-                async with trio.open_nursery() as nursery:
-
-                    async def send_all() -> None:
-                        for i in range(total):
-                            await ahead.send(None)
-                            await sender.send(edit(f"/f{i}", blob=big))
-
-                    nursery.start_soon(send_all)
+                # 16), so only the client that stopped reading can fall behind.
+                edits = (edit(f"/f{i}", blob=big) for i in range(total))
+                async with open_sending_ahead(sender, edits, ahead=8) as read_one:
                     paths, left = [], []
                     while len(paths) < total:
                         message = await fast.recv()
                         if message["type"] == "FILE_CHANGE":
                             paths.append(message["file_path"])
-                            caught_up.receive_nowait()
+                            read_one()
                         elif message["type"] == "USER_LEAVE":
                             left.append(message["user_id"])
                 assert paths == [f"/f{i}" for i in range(total)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -83,3 +83,25 @@ async def connect(
         url, extra_headers=headers, message_queue_size=queue, max_message_size=max_message_size
     ) as ws:
         yield Client(ws)
+
+
+@asynccontextmanager
+async def open_sending_ahead(
+    sender: Client, frames: Iterable[Any], *, ahead: int
+) -> AsyncIterator[Callable[[], None]]:
+    """Send ``frames`` from ``sender`` in the background, never more than ``ahead`` frames
+    beyond a reader: the block calls the yielded function once for each of those frames it
+    has read. Paced by a reader that keeps up, the sender can put only a client that stopped
+    reading behind, however this process's tasks are scheduled. Sending is cancelled when
+    the block ends."""
+    sent, read = trio.open_memory_channel[None](ahead)
+
+    async def send_all() -> None:
+        for frame in frames:
+            await sent.send(None)
+            await sender.send(frame)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all)
+        yield read.receive_nowait
+        nursery.cancel_scope.cancel()

@@ -62,7 +62,9 @@ class HttpFigures(BaseModel):
     requests: int
     server_errors: int = Field(description="5xx answers")
     client_errors: int = Field(description="4xx answers")
-    latency_seconds: Percentiles | None
+    latency_seconds: Percentiles | None = Field(
+        description="Over the last 5 minutes; null when no request was answered in them"
+    )
 
 
 class WebSocketFigures(BaseModel):
@@ -81,7 +83,9 @@ class WorkspaceFigures(BaseModel):
 class DatabaseFigures(BaseModel):
     pool_connections: int | None
     pool_in_use: int | None
-    query_latency_seconds: Percentiles | None
+    query_latency_seconds: Percentiles | None = Field(
+        description="Over the last 5 minutes; null when no query ran in them"
+    )
 
 
 class CacheFigures(BaseModel):
@@ -102,7 +106,7 @@ class SupervisionFigures(BaseModel):
 
 class MetricsSummaryResponse(BaseModel):
     """This process's key figures: totals since it started, live gauges, and latency
-    percentiles estimated from the histograms' buckets."""
+    percentiles of the last 5 minutes estimated from the histograms' buckets."""
 
     http: HttpFigures
     websockets: WebSocketFigures

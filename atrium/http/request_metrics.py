@@ -83,3 +83,4 @@ class RequestMetrics:
         if timer is None:
             timer = self._timers[(route, method)] = self._metrics.http_seconds.labels(route, method)
         timer.observe(elapsed)
+        self._metrics.recent_requests.observe(elapsed)

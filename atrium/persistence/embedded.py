@@ -33,15 +33,15 @@ from pathlib import Path
 
 import trio
 
+from .guarded import GUARD, STOP_TIMEOUT, run_guarded
+
 log = logging.getLogger("atrium.embedded")
 
 _SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; pgserver's user is reused
 _SOCKET_NAME = ".s.PGSQL.5432"
 _MAX_SOCKET_PATH = 100  # a Unix socket path must fit in 107 bytes
 _START_TIMEOUT = 60.0
-_STOP_TIMEOUT = 40.0  # the guard's fast then immediate shutdown take at most 30 s
 _POLL = 0.05
-_GUARD = Path(__file__).with_name("_pg_guard.py")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -151,7 +151,7 @@ class EmbeddedPostgres:
         """The command line of the guard that runs this cluster's postmaster."""
         postgres = _bin_path() / "postgres"
         return [
-            sys.executable, str(_GUARD), str(self.log_path), self.system_user or "",
+            sys.executable, str(GUARD), str(self.log_path), self.system_user or "",
             str(postgres), "-D", str(self.pgdata), "-h", "", "-k", str(self.socket_dir),
         ]  # fmt: skip
 
@@ -181,7 +181,7 @@ class EmbeddedPostgres:
             return
         stat = _proc_stat(pid)
         parent = stat[1] if stat is not None else 0
-        if any(_GUARD.name in arg for arg in _cmdline(parent)):
+        if any(GUARD.name in arg for arg in _cmdline(parent)):
             raise EmbeddedPostgresError(
                 f"{self.pgdata} is in use by another atrium (guard process {parent})"
             )
@@ -208,29 +208,23 @@ class EmbeddedPostgres:
         Raises EmbeddedPostgresError when it does not come up within 60 s.
         """
         await trio.to_thread.run_sync(self.stop_orphan)
-        guard = await trio.lowlevel.open_process(
+
+        async def ready(guard_pid: int) -> bool:
+            return self.ready_under(guard_pid)
+
+        await run_guarded(
             self.guard_command(),
-            stdin=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C stops atrium, which then stops PostgreSQL
+            name="PostgreSQL",
+            ready=ready,
+            start_timeout=_START_TIMEOUT,
+            poll=_POLL,
+            log_path=self.log_path,
+            start_error=EmbeddedPostgresError,
+            exit_error=PostmasterExited,
+            up=f"PostgreSQL is up in {self.pgdata}",
+            started=self.url,
+            task_status=task_status,
         )
-        try:
-            with trio.move_on_after(_START_TIMEOUT) as starting:
-                while not self.ready_under(guard.pid):
-                    if guard.poll() is not None:
-                        raise EmbeddedPostgresError(
-                            f"PostgreSQL exited while starting (status {guard.returncode});"
-                            f" see {self.log_path}"
-                        )
-                    await trio.sleep(_POLL)
-            if starting.cancelled_caught:
-                raise EmbeddedPostgresError(f"PostgreSQL did not start within {_START_TIMEOUT} s")
-            log.info("PostgreSQL is up in %s (guard %d)", self.pgdata, guard.pid)
-            task_status.started(self.url)
-            status = await guard.wait()
-            raise PostmasterExited(f"PostgreSQL exited with status {status}")
-        finally:
-            with trio.CancelScope(shield=True):
-                await _stop_guard(guard)
 
     # -- from synchronous code ----------------------------------------------------------------
 
@@ -255,20 +249,10 @@ def stop_blocking(guard: subprocess.Popen[bytes]) -> None:
     assert guard.stdin is not None
     guard.stdin.close()
     try:
-        guard.wait(_STOP_TIMEOUT)
+        guard.wait(STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         guard.kill()  # the postmaster then gets SIGINT from the kernel (PDEATHSIG)
         guard.wait()
-
-
-async def _stop_guard(guard: trio.Process) -> None:
-    if guard.stdin is not None:
-        await guard.stdin.aclose()
-    with trio.move_on_after(_STOP_TIMEOUT):
-        await guard.wait()
-        return
-    guard.kill()
-    await guard.wait()
 
 
 @contextmanager

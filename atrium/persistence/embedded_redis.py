@@ -14,18 +14,14 @@ so the URL suits any client option, e.g. TCP keepalive, that a Unix socket refus
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
-import subprocess
 import sys
 from pathlib import Path
 
 import trio
 
-from .embedded import _GUARD, _stop_guard
-
-log = logging.getLogger("atrium.embedded")
+from .guarded import GUARD, run_guarded
 
 _HOST = "127.0.0.1"
 _START_TIMEOUT = 10.0
@@ -81,33 +77,29 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         """The guard's command line for this server."""
         server = [redis_server_binary(), str(self.write_config())]
-        return [sys.executable, str(_GUARD), str(self.log_path), "", *server]
+        return [sys.executable, str(GUARD), str(self.log_path), "", *server]
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start Redis under its guard, report its URL once it answers, and run until it
         ends: then raise EmbeddedRedisError (a supervisor restarts it on the same port).
         Cancelling stops it. Raises EmbeddedRedisError when it does not answer within 10 s."""
-        guard = await trio.lowlevel.open_process(
-            self.command(), stdin=subprocess.PIPE, start_new_session=True
+
+        async def ready(guard_pid: int) -> bool:
+            return await self.answers()
+
+        await run_guarded(
+            self.command(),
+            name="redis-server",
+            ready=ready,
+            start_timeout=_START_TIMEOUT,
+            poll=_POLL,
+            log_path=self.log_path,
+            start_error=EmbeddedRedisError,
+            exit_error=EmbeddedRedisError,
+            up=f"Redis is up on {self.address}",
+            started=self.url,
+            task_status=task_status,
         )
-        try:
-            with trio.move_on_after(_START_TIMEOUT) as starting:
-                while not await self.answers():
-                    if guard.poll() is not None:
-                        raise EmbeddedRedisError(
-                            f"redis-server exited while starting (status {guard.returncode});"
-                            f" see {self.log_path}"
-                        )
-                    await trio.sleep(_POLL)
-            if starting.cancelled_caught:
-                raise EmbeddedRedisError(f"redis-server did not start within {_START_TIMEOUT} s")
-            log.info("Redis is up on %s (guard %d)", self.address, guard.pid)
-            task_status.started(self.url)
-            status = await guard.wait()
-            raise EmbeddedRedisError(f"redis-server exited with status {status}")
-        finally:
-            with trio.CancelScope(shield=True):
-                await _stop_guard(guard)
 
     async def answers(self) -> bool:
         """Whether the server accepts the password and answers PING."""
