@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from .persistence.redis import RedisUnavailable
-from .persistence.shared import Generations, Hit, Window
+from .persistence.shared import Generations, RateHit, Window
 
 log = logging.getLogger("atrium.cache")
 
@@ -321,7 +321,7 @@ class SharedUserCache:
         return CacheHit(value, hit.expires_at)
 
     async def get_then_hit(
-        self, user_id: uuid.UUID, key: str, hit: Hit
+        self, user_id: uuid.UUID, key: str, hit: RateHit
     ) -> tuple[CacheHit, Window] | None:
         """``get``, and ``hit`` counted in the same round trip (one script) when it finds
         a live entry: the entry and the hit's window, or None with nothing counted (no

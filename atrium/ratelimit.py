@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .persistence.redis import RedisUnavailable
-from .persistence.shared import Hit, LoginFailures, RateWindows, Window
+from .persistence.shared import LoginFailures, RateHit, RateWindows, Window
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +110,16 @@ class SharedRateLimiter:
             return await self.hit_here(hit)
         return self.decision(hit, window)
 
-    def stamp(self, key: str, limit: int, window_seconds: float = 60.0) -> Hit:
+    def stamp(self, key: str, limit: int, window_seconds: float = 60.0) -> RateHit:
         """A hit of ``key`` now, not yet counted."""
-        return Hit(key, limit, window_seconds, self._clock())
+        return RateHit(key, limit, window_seconds, self._clock())
 
-    def decision(self, hit: Hit, window: Window) -> RateDecision:
+    def decision(self, hit: RateHit, window: Window) -> RateDecision:
         """The decision on ``hit``, counted in Redis in ``window``."""
         reset = window.start + hit.window_seconds
         return _decision(window.allowed, hit.limit, window.count, reset, hit.now)
 
-    async def hit_here(self, hit: Hit) -> RateDecision:
+    async def hit_here(self, hit: RateHit) -> RateDecision:
         """Count ``hit`` in this process alone (Redis cannot be reached)."""
         return await self._fallback.hit(hit.key, hit.limit, hit.window_seconds)
 

@@ -198,18 +198,15 @@ def build_services(
         metrics=metrics,
     )
     cluster = None if shared is None else shared.cluster(realtime)
-    session_ttl = settings.session_cache_seconds
     limiter: RateLimiter
     session_cache: UserCache
     admission: Admission
     if shared is None:
         limiter = MemoryRateLimiter(clock)
-        session_cache = MemoryUserCache(session_ttl, clock)
+        session_cache = MemoryUserCache(settings.session_cache_seconds, clock)
         admission = LocalAdmission(session_cache, limiter)
     else:
-        limiter = shared_limiter = shared.limiter()
-        session_cache = shared_sessions = shared.cache("sessions", session_ttl)
-        admission = SharedAdmission(shared_sessions, shared_limiter)
+        limiter, session_cache, admission = shared.admission(settings.session_cache_seconds)
     return Services(
         settings=settings,
         db=db,
@@ -268,10 +265,16 @@ class _Shared:
             Generations(self.scripts, name, ttl_seconds), ttl_seconds, self.clock
         )
 
-    def limiter(self) -> SharedRateLimiter:
-        return SharedRateLimiter(
+    def admission(
+        self, session_ttl: float
+    ) -> tuple[SharedRateLimiter, SharedUserCache, SharedAdmission]:
+        """The rate limiter, the session cache, and the admission that asks Redis about
+        both at once."""
+        limiter = SharedRateLimiter(
             RateWindows(self.scripts), MemoryRateLimiter(self.clock), self.clock
         )
+        sessions = self.cache("sessions", session_ttl)
+        return limiter, sessions, SharedAdmission(sessions, limiter)
 
     def backoff(self) -> LoginBackoff:
         fallback = _login_backoff(self.settings, self.clock)

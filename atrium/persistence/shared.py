@@ -2,9 +2,11 @@
 counts, cache generations and session revocations (keys under ``atrium:``).
 
 Each operation is one Lua script where a read and a write must not be split, run through
-one ``Scripts`` per process so that concurrent callers share a round trip; every
-function raises ``RedisUnavailable`` when Redis cannot be used, and the callers
-(``ratelimit``, ``cache``, ``sessions``) fall back to this process's own state.
+one ``Scripts`` per process so that concurrent callers share a round trip; an
+authenticated request's session-cache check and rate-limit hit are one script
+(``Generations.confirm_then_hit``), so one round trip. Every function raises
+``RedisUnavailable`` when Redis cannot be used, and the callers (``ratelimit``,
+``cache``, ``admission``, ``sessions``) fall back to this process's own state.
 Times are the caller's wall clock (seconds), so every process applies one rule to one
 stored window; key TTLs only clean up after them.
 """
@@ -194,7 +196,7 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
-class Hit:
+class RateHit:
     """One hit of a rate-limit window: ``key`` at ``now``, counted unless ``limit`` hits
     are counted in its window (``window_seconds`` long) already."""
 
@@ -225,7 +227,7 @@ class RateWindows:
     async def hit(self, key: str, limit: int, window_seconds: float, now: float) -> Window:
         """Count one hit of ``key`` at ``now`` unless ``limit`` hits are counted in its
         window already."""
-        hit = Hit(key, limit, window_seconds, now)
+        hit = RateHit(key, limit, window_seconds, now)
         return _window(await self._scripts.run(_HIT, [hit._key()], hit._args()))
 
 
@@ -292,7 +294,9 @@ class Generations:
         )
         return int(epoch) << _GENERATION_BITS | int(generation)
 
-    async def confirm_then_hit(self, user_id: uuid.UUID, expected: int, hit: Hit) -> Window | None:
+    async def confirm_then_hit(
+        self, user_id: uuid.UUID, expected: int, hit: RateHit
+    ) -> Window | None:
         """Count ``hit`` if the user's generation is still ``expected``: its window, or
         None when the generation changed (nothing counted). One script, one round trip:
         a cached value and the request's rate limit are checked together."""
