@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from .persistence.redis import RedisUnavailable
-from .persistence.shared import Generations
+from .persistence.shared import Generations, RateHit, Window
 
 log = logging.getLogger("atrium.cache")
 
@@ -280,9 +280,10 @@ class SharedUserCache:
     with the user's generation in Redis (``Generations``) when they were read; a value is
     served only while that generation is unchanged, and ``invalidate`` changes it for
     every process. So a read after a write is never stale, whichever process served the
-    write: one small round trip per hit instead of the source's query. While Redis cannot
-    be reached, nothing is stored or served (every read goes to the source); the
-    invalidations made meanwhile are recorded in Redis once it answers again.
+    write: one small round trip per hit instead of the source's query (``get_then_hit``
+    counts a rate-limit hit in that same round trip). While Redis cannot be reached,
+    nothing is stored or served (every read goes to the source); the invalidations made
+    meanwhile are recorded in Redis once it answers again.
     """
 
     def __init__(
@@ -318,6 +319,29 @@ class SharedUserCache:
             await self._entries.invalidate([user_id])
             return None
         return CacheHit(value, hit.expires_at)
+
+    async def get_then_hit(
+        self, user_id: uuid.UUID, key: str, hit: RateHit
+    ) -> tuple[CacheHit, Window] | None:
+        """``get``, and ``hit`` counted in the same round trip (one script) when it finds
+        a live entry: the entry and the hit's window, or None with nothing counted (no
+        entry here, or the user was invalidated since it was read: it is dropped).
+        Raises RedisUnavailable (nothing counted; the entry is dropped, as ``get`` does
+        while Redis is away)."""
+        found = await self._entries.get(user_id, key)
+        if found is None:
+            return None
+        generation, value = found.value
+        try:
+            await self._record()
+            window = await self._generations.confirm_then_hit(user_id, generation, hit)
+        except RedisUnavailable:
+            await self._entries.invalidate([user_id])
+            raise
+        if window is None:
+            await self._entries.invalidate([user_id])
+            return None
+        return CacheHit(value, found.expires_at), window
 
     async def set(
         self, user_id: uuid.UUID, key: str, value: Any, generation: int

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .persistence.redis import RedisUnavailable
-from .persistence.shared import LoginFailures, RateWindows
+from .persistence.shared import LoginFailures, RateHit, RateWindows, Window
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,12 @@ def _decision(allowed: bool, limit: int, count: int, reset: float, now: float) -
 
 class SharedRateLimiter:
     """The windows of ``MemoryRateLimiter``, counted in Redis: a limit holds across every
-    process. While Redis cannot be reached, each process counts alone (``fallback``)."""
+    process. While Redis cannot be reached, each process counts alone (``fallback``).
+
+    ``hit`` counts with a script of its own; a caller that counts a hit in a script
+    that does more (``admission``) takes it with ``stamp``, then turns the window Redis
+    gave into a decision with ``decision``, or counts it with ``hit_here`` if Redis could
+    not be reached."""
 
     def __init__(
         self, windows: RateWindows, fallback: MemoryRateLimiter, clock: Callable[[], float]
@@ -98,12 +103,25 @@ class SharedRateLimiter:
         self._clock = clock
 
     async def hit(self, key: str, limit: int, window_seconds: float = 60.0) -> RateDecision:
-        now = self._clock()
+        hit = self.stamp(key, limit, window_seconds)
         try:
-            window = await self._windows.hit(key, limit, window_seconds, now)
+            window = await self._windows.hit(key, limit, window_seconds, hit.now)
         except RedisUnavailable:
-            return await self._fallback.hit(key, limit, window_seconds)
-        return _decision(window.allowed, limit, window.count, window.start + window_seconds, now)
+            return await self.hit_here(hit)
+        return self.decision(hit, window)
+
+    def stamp(self, key: str, limit: int, window_seconds: float = 60.0) -> RateHit:
+        """A hit of ``key`` now, not yet counted."""
+        return RateHit(key, limit, window_seconds, self._clock())
+
+    def decision(self, hit: RateHit, window: Window) -> RateDecision:
+        """The decision on ``hit``, counted in Redis in ``window``."""
+        reset = window.start + hit.window_seconds
+        return _decision(window.allowed, hit.limit, window.count, reset, hit.now)
+
+    async def hit_here(self, hit: RateHit) -> RateDecision:
+        """Count ``hit`` in this process alone (Redis cannot be reached)."""
+        return await self._fallback.hit(hit.key, hit.limit, hit.window_seconds)
 
 
 class LoginBackoff(Protocol):

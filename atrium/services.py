@@ -17,6 +17,7 @@ import trio
 
 from .actors.bridge import Bridge
 from .actors.workspace import WorkspaceSettings
+from .admission import Admission, LocalAdmission, SharedAdmission
 from .cache import MemoryUserCache, SharedUserCache, UserCache
 from .cluster import Cluster
 from .config import Settings
@@ -52,7 +53,9 @@ class Services:
 
     ``clock`` (wall-clock seconds) drives rate-limit windows and cache expiry; tests
     substitute their own. ``project_cache`` holds each user's project-list pages;
-    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS; ``passwords``
+    ``session_cache`` remembers live sessions for SESSION_CACHE_SECONDS; ``admission``
+    checks an authenticated request's session and counts it against the user's rate
+    limit (with Redis, in one round trip when the session is cached); ``passwords``
     bounds argon2 work process-wide; ``login_backoff`` slows logins to an email that keeps
     failing; ``failures`` counts the requests and connections that ended in an unexpected
     exception. ``projects`` and ``workspaces`` are the application services;
@@ -76,6 +79,7 @@ class Services:
     clock: Callable[[], float]
     project_cache: UserCache
     session_cache: UserCache
+    admission: Admission
     passwords: Passwords
     login_backoff: LoginBackoff
     failures: ContainedFailures
@@ -194,19 +198,25 @@ def build_services(
         metrics=metrics,
     )
     cluster = None if shared is None else shared.cluster(realtime)
+    limiter: RateLimiter
+    session_cache: UserCache
+    admission: Admission
+    if shared is None:
+        limiter = MemoryRateLimiter(clock)
+        session_cache = MemoryUserCache(settings.session_cache_seconds, clock)
+        admission = LocalAdmission(session_cache, limiter)
+    else:
+        limiter, session_cache, admission = shared.admission(settings.session_cache_seconds)
     return Services(
         settings=settings,
         db=db,
         tokens=codec,
         verified_tokens=VerifiedTokens(codec),
-        limiter=MemoryRateLimiter(clock) if shared is None else shared.limiter(),
+        limiter=limiter,
         clock=clock,
         project_cache=project_cache,
-        session_cache=(
-            MemoryUserCache(settings.session_cache_seconds, clock)
-            if shared is None
-            else shared.cache("sessions", settings.session_cache_seconds)
-        ),
+        session_cache=session_cache,
+        admission=admission,
         passwords=Passwords(
             settings.password_hash_concurrency, settings.password_hash_queue_seconds
         ),
@@ -250,15 +260,21 @@ class _Shared:
             PresenceSettings(settings.presence_heartbeat_seconds, settings.presence_ttl_seconds),
         )
 
-    def cache(self, name: str, ttl_seconds: float) -> UserCache:
+    def cache(self, name: str, ttl_seconds: float) -> SharedUserCache:
         return SharedUserCache(
             Generations(self.scripts, name, ttl_seconds), ttl_seconds, self.clock
         )
 
-    def limiter(self) -> RateLimiter:
-        return SharedRateLimiter(
+    def admission(
+        self, session_ttl: float
+    ) -> tuple[SharedRateLimiter, SharedUserCache, SharedAdmission]:
+        """The rate limiter, the session cache, and the admission that asks Redis about
+        both at once."""
+        limiter = SharedRateLimiter(
             RateWindows(self.scripts), MemoryRateLimiter(self.clock), self.clock
         )
+        sessions = self.cache("sessions", session_ttl)
+        return limiter, sessions, SharedAdmission(sessions, limiter)
 
     def backoff(self) -> LoginBackoff:
         fallback = _login_backoff(self.settings, self.clock)

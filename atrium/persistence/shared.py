@@ -2,9 +2,11 @@
 counts, cache generations and session revocations (keys under ``atrium:``).
 
 Each operation is one Lua script where a read and a write must not be split, run through
-one ``Scripts`` per process so that concurrent callers share a round trip; every
-function raises ``RedisUnavailable`` when Redis cannot be used, and the callers
-(``ratelimit``, ``cache``, ``sessions``) fall back to this process's own state.
+one ``Scripts`` per process so that concurrent callers share a round trip; an
+authenticated request's session-cache check and rate-limit hit are one script
+(``Generations.confirm_then_hit``), so one round trip. Every function raises
+``RedisUnavailable`` when Redis cannot be used, and the callers (``ratelimit``,
+``cache``, ``admission``, ``sessions``) fall back to this process's own state.
 Times are the caller's wall clock (seconds), so every process applies one rule to one
 stored window; key TTLs only clean up after them.
 """
@@ -29,25 +31,30 @@ from .redis import Redis, RedisUnavailable
 REVOKED_CHANNEL = "atrium:revoked"
 """Published with a session id when a login session is revoked."""
 
-# KEYS: the window. ARGV: now, window seconds, limit, ttl (ms). A fixed window anchored
-# at the key's first hit; a refused hit is not counted. Returns {allowed, count, start}.
-_HIT = """
-local raw = redis.call('HGET', KEYS[1], 's')
-local start = tonumber(raw or '')
-local count = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
-if start == nil or tonumber(ARGV[1]) >= start + tonumber(ARGV[2]) then
-  raw = ARGV[1]
-  count = 0
+# A fixed window anchored at the key's first hit; a refused hit is not counted. ``now`` and
+# ``window`` are seconds, ``ttl`` milliseconds. Returns {allowed, count, start}.
+_WINDOW = """
+local function hit(key, now, window, limit, ttl)
+  local raw = redis.call('HGET', key, 's')
+  local start = tonumber(raw or '')
+  local count = tonumber(redis.call('HGET', key, 'c') or '0')
+  if start == nil or tonumber(now) >= start + tonumber(window) then
+    raw = now
+    count = 0
+  end
+  local allowed = 0
+  if count < tonumber(limit) then
+    count = count + 1
+    allowed = 1
+  end
+  redis.call('HSET', key, 's', raw, 'c', count)
+  redis.call('PEXPIRE', key, ttl)
+  return {allowed, count, raw}
 end
-local allowed = 0
-if count < tonumber(ARGV[3]) then
-  count = count + 1
-  allowed = 1
-end
-redis.call('HSET', KEYS[1], 's', raw, 'c', count)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {allowed, count, raw}
 """
+
+# KEYS: the window. ARGV: now, window seconds, limit, ttl (ms).
+_HIT = _WINDOW + "return hit(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
 
 # KEYS: the failures. ARGV: now, forget after (s), ttl (ms). Counts one failed login,
 # starting over when the last one is ``forget after`` old. Returns the count.
@@ -61,18 +68,45 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return count
 """
 
-# KEYS: the epoch, a user's generation. ARGV: an epoch to use if none is set.
-# Returns {epoch, generation}. The epoch is set once per Redis dataset: a Redis that lost
-# its data (a restart without persistence) gets a new one, and nothing cached under the
-# old one is trusted.
-_GENERATION = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
+# A user's generation: {epoch, generation}. The epoch is set once per Redis dataset
+# (to ``new_epoch`` if none is set): a Redis that lost its data (a restart without
+# persistence) gets a new one, and nothing cached under the old one is trusted.
+_GENERATIONS = """
+local function generation(epoch_key, key, new_epoch)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = new_epoch
+    redis.call('SET', epoch_key, epoch)
+  end
+  return epoch, redis.call('GET', key) or '0'
 end
-return {epoch, redis.call('GET', KEYS[2]) or '0'}
 """
+
+# KEYS: the epoch, a user's generation. ARGV: an epoch to use if none is set.
+_GENERATION = (
+    _GENERATIONS
+    + """
+local epoch, gen = generation(KEYS[1], KEYS[2], ARGV[1])
+return {epoch, gen}
+"""
+)
+
+# KEYS: the epoch, a user's generation, a window. ARGV: an epoch to use if none is set,
+# the epoch and generation expected, then _HIT's. Counts the hit only when the user's
+# generation is the one expected: {allowed, count, start}, else {} (nothing counted).
+_CONFIRM_THEN_HIT = (
+    _GENERATIONS
+    + _WINDOW
+    + """
+local epoch, gen = generation(KEYS[1], KEYS[2], ARGV[1])
+if epoch ~= ARGV[2] or gen ~= ARGV[3] then
+  return {}
+end
+return hit(KEYS[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+"""
+)
+
+_GENERATION_BITS = 40  # a generation is ``epoch << 40 | count``
 
 
 @dataclass(slots=True)
@@ -161,6 +195,29 @@ class Window:
     start: float
 
 
+@dataclass(frozen=True, slots=True)
+class RateHit:
+    """One hit of a rate-limit window: ``key`` at ``now``, counted unless ``limit`` hits
+    are counted in its window (``window_seconds`` long) already."""
+
+    key: str
+    limit: int
+    window_seconds: float
+    now: float
+
+    def _key(self) -> str:
+        return f"atrium:rate:{self.key}"
+
+    def _args(self) -> list[object]:
+        ttl_ms = math.ceil(self.window_seconds * 1000) + 1000
+        return [repr(self.now), repr(self.window_seconds), self.limit, ttl_ms]
+
+
+def _window(reply: list[Any]) -> Window:
+    allowed, count, start = reply
+    return Window(bool(allowed), int(count), float(start))
+
+
 class RateWindows:
     """Fixed rate-limit windows shared by every process."""
 
@@ -170,12 +227,8 @@ class RateWindows:
     async def hit(self, key: str, limit: int, window_seconds: float, now: float) -> Window:
         """Count one hit of ``key`` at ``now`` unless ``limit`` hits are counted in its
         window already."""
-        allowed, count, start = await self._scripts.run(
-            _HIT,
-            [f"atrium:rate:{key}"],
-            [repr(now), repr(window_seconds), limit, math.ceil(window_seconds * 1000) + 1000],
-        )
-        return Window(bool(allowed), int(count), float(start))
+        hit = RateHit(key, limit, window_seconds, now)
+        return _window(await self._scripts.run(_HIT, [hit._key()], hit._args()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +284,29 @@ class Generations:
         # after ttl_seconds) and every fill in flight when it changed.
         self._keep_ms = math.ceil((2 * ttl_seconds + 60) * 1000)
 
+    def _keys(self, user_id: uuid.UUID) -> list[str]:
+        return [self._EPOCH, self._prefix + str(user_id)]
+
     async def current(self, user_id: uuid.UUID) -> int:
         """The user's generation now."""
         epoch, generation = await self._scripts.run(
-            _GENERATION, [self._EPOCH, self._prefix + str(user_id)], [secrets.randbits(31) + 1]
+            _GENERATION, self._keys(user_id), [_new_epoch()]
         )
-        return int(epoch) << 40 | int(generation)
+        return int(epoch) << _GENERATION_BITS | int(generation)
+
+    async def confirm_then_hit(
+        self, user_id: uuid.UUID, expected: int, hit: RateHit
+    ) -> Window | None:
+        """Count ``hit`` if the user's generation is still ``expected``: its window, or
+        None when the generation changed (nothing counted). One script, one round trip:
+        a cached value and the request's rate limit are checked together."""
+        epoch, count = expected >> _GENERATION_BITS, expected & ((1 << _GENERATION_BITS) - 1)
+        reply = await self._scripts.run(
+            _CONFIRM_THEN_HIT,
+            [*self._keys(user_id), hit._key()],
+            [_new_epoch(), epoch, count, *hit._args()],
+        )
+        return _window(reply) if reply else None
 
     async def bump(self, user_ids: Iterable[uuid.UUID]) -> None:
         """Change the generation of every user in ``user_ids``."""
@@ -252,6 +322,10 @@ class Generations:
                 await pipe.execute()
 
         await self._redis.call(bump_all)
+
+
+def _new_epoch() -> int:
+    return secrets.randbits(31) + 1
 
 
 async def publish_revoked(redis: Redis, session_id: uuid.UUID) -> None:
