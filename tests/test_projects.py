@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
+import pytest
 from conftest import Running
 
 from atrium.config import Settings
 from atrium.persistence import accounts
 from atrium.persistence.database import Database
+from atrium.persistence.projects import Project
+from atrium.roles import Role
+from atrium.timestamps import utc_iso
 from atrium.tokens import TokenCodec
 
 API = "/api/v1/projects"
@@ -311,3 +316,27 @@ async def test_pagination_edges(server: Running, db: Database) -> None:
         r = await page(query)
         assert r.status_code == 422, query
         assert code(r) == "validation_error"
+
+
+@pytest.mark.parametrize("microseconds", [0, 123456])
+@pytest.mark.parametrize("role", list(Role))
+def test_a_listed_project_is_its_response_model_as_json(microseconds: int, role: Role) -> None:
+    from atrium.http.projects import _project, _project_json  # the model and the list's dict
+
+    moment = datetime(2026, 11, 30, 4, 30, 42, microseconds, tzinfo=UTC)
+    for description, visibility in ((None, "private"), ("Ünïcode \u2028 text", "team")):
+        project = Project(
+            id=uuid.uuid4(),
+            name="Apollo",
+            description=description,
+            visibility=visibility,
+            owner_id=uuid.uuid4(),
+            created_at=moment,
+            updated_at=moment + timedelta(days=1),  # asyncpg gives timestamptz in UTC
+            collaborator_count=3,
+            role=role,
+        )
+        assert _project_json(project) == _project(project).model_dump(mode="json")
+    elsewhere = moment.astimezone(timezone(timedelta(hours=5)))
+    listed = _project_json(dataclasses.replace(project, updated_at=elsewhere))
+    assert listed["updated_at"] == utc_iso(moment)  # the one timestamp format, in UTC
