@@ -29,7 +29,7 @@ from atrium.actors import MailboxFull
 from atrium.actors.bridge import Bridge, channel_of
 from atrium.breaker import BreakerSettings, CircuitBreaker
 from atrium.metrics import Metrics
-from atrium.persistence.redis import Redis
+from atrium.persistence.redis import Redis, open_redis
 from atrium.root import Bound, serve_worker
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
@@ -411,7 +411,9 @@ async def test_messages_that_do_not_parse_are_dropped_and_counted(
                 b"other|x||",
                 b"other|p|nothex|{}",
             ):
-                await bridge.redis.call(lambda r, d=data: r.publish(channel_of(project), d))
+                await bridge.redis.call(
+                    lambda r, d=data: r.publish(channel_of("other", project), d)
+                )
             await bridge.redis.call(lambda r: r.publish("atrium:ws:not-a-uuid", b"x"))
             # Still relaying: B's cursor reaches A, after the garbage (published first).
             async with connect(pair.url(b, "main"), pair.collaborator.token) as on_b:
@@ -486,7 +488,7 @@ async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_seco
     client = redis.asyncio.Redis()  # never connected: only the relay's receiving side runs
     bridge = Bridge(Redis(client, CircuitBreaker(BreakerSettings()), timeout=1.0), Metrics())
     bridge._set_connected(True)
-    channel = channel_of(project).encode()
+    channel = channel_of("other", project).encode()
     bridge._received_message(Local(), channel, b"other|p|" + uuid.uuid4().hex.encode() + b"|{}")
     assert not bridge._missed  # a lost cursor is no loss
     bridge._received_message(Local(), channel, b"other|s||7")
@@ -500,3 +502,67 @@ async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_seco
         await trio.sleep(1.0)
         assert [type(m).__name__ for m in workspace.told] == ["CatchUp", "CatchUp"]
         nursery.cancel_scope.cancel()
+
+
+class Inbox:
+    """Stands in for a WorkspaceActor that takes every message, and can be waited on."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self._changed = trio.Event()
+
+    def tell_nowait(self, message: Any) -> None:
+        self.frames.append(message.frame)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.frames) < count:
+            await self._changed.wait()
+
+
+class Recording:
+    """Stands in for the workspaces open in a process: one project, and every project the
+    bridge looked up (which it does for each message it receives)."""
+
+    def __init__(self, project: uuid.UUID) -> None:
+        self.project = project
+        self.workspace = Inbox()
+        self.looked_up: list[uuid.UUID] = []
+
+    def find(self, project_id: uuid.UUID) -> Any:
+        self.looked_up.append(project_id)
+        return self.workspace if project_id == self.project else None
+
+    def running(self) -> list[Any]:
+        return []
+
+
+async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redis_url: str) -> None:
+    project = uuid.uuid4()
+    a_local, b_local = Recording(project), Recording(project)
+    async with (
+        open_redis(redis_url, BreakerSettings()) as a_redis,
+        open_redis(redis_url, BreakerSettings()) as b_redis,
+        trio.open_nursery() as nursery,
+    ):
+        # Instances that share a prefix: the patterns must tell them apart by the last digit.
+        a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
+        b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
+        await nursery.start(a.run, a_local)
+        await nursery.start(b.run, b_local)
+        with trio.fail_after(WAIT):
+            await a.wait_connected()
+            await b.wait_connected()
+            for n in range(3):
+                a.ephemeral(project, uuid.uuid4(), f'{{"from":"a","n":{n}}}')
+            await b_local.workspace.wait_for(3)
+            # Redis delivers in order on a connection: had a's own messages come back, they
+            # would have reached it before this one from b.
+            b.ephemeral(project, uuid.uuid4(), '{"from":"b"}')
+            await a_local.workspace.wait_for(1)
+        nursery.cancel_scope.cancel()
+    assert b_local.workspace.frames == [f'{{"from":"a","n":{n}}}' for n in range(3)]
+    assert a_local.workspace.frames == ['{"from":"b"}']
+    assert a_local.looked_up == [project]  # b's message only: none of its own came back
+    assert b_local.looked_up == [project] * 3

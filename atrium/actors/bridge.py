@@ -2,21 +2,28 @@
 
 Every process that serves workspaces with REDIS_URL set runs one ``Bridge``. It is the
 process's ``Relay``: what a workspace commits (durable events) or sends (cursor moves, job
-progress) here is published to the project's channel ``atrium:ws:<project id>``,
-serialised once per message whatever the number of receivers. Its subscriber receives the
-other processes' messages and hands them to the project's ``WorkspaceActor`` if it is open
-here: events as ``Published`` (the actor orders them by ``seq``, fills gaps from the log
-and skips what it has delivered), ephemeral frames as ``Ephemeral`` (already encoded).
-Messages carry the publishing process's instance id, so a process skips its own.
+progress) here is published to the channel of the project and this process,
+``atrium:ws:<instance id>:<project id>``, serialised once per message whatever the number
+of receivers. Its subscriber receives the other processes' messages and hands them to the
+project's ``WorkspaceActor`` if it is open here: events as ``Published`` (the actor orders
+them by ``seq``, fills gaps from the log and skips what it has delivered), ephemeral frames
+as ``Ephemeral`` (already encoded).
 
-One pattern subscription (``atrium:ws:*``) rather than one subscription per open
-workspace: nothing to do when a workspace starts or stops (they come and go with idle
-timeouts), no window between a workspace starting and its subscription taking effect, and
-one command to re-subscribe after a reconnect. The price is that each process also
-receives the traffic of projects it does not serve; it drops those by the channel name,
-before decoding anything. For a handful of processes serving overlapping projects (the
-case here) that is cheaper than subscription churn; many processes with disjoint projects
-would want per-project subscriptions.
+Pattern subscriptions that match every process's channels but this one's, rather than one
+subscription per open workspace: nothing to do when a workspace starts or stops (they come
+and go with idle timeouts), no window between a workspace starting and its subscription
+taking effect, and one command to re-subscribe after a reconnect. The price is that each
+process also receives the traffic of projects it does not serve; it drops those by the
+channel name, before decoding anything. For a handful of processes serving overlapping
+projects (the case here) that is cheaper than subscription churn; many processes with
+disjoint projects would want per-project subscriptions.
+
+Redis sends a message to every subscription that matches, the publisher's own included, and
+parsing one costs redis-py about as much as publishing it. So the patterns leave out this
+process's own channels: for instance id ``c0 c1 ... cn``, one pattern per position,
+``atrium:ws:[^c0]*``, ``atrium:ws:c0[^c1]*``, ... A channel of another process matches
+exactly one of them (the one where the two ids first differ), and one of this process's
+none: Redis never sends a process its own messages back.
 
 Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
 and so are those this process could not publish. So after every (re)subscription each
@@ -35,6 +42,7 @@ workspace whose mailbox was too full to take a received event catches up the sam
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +65,6 @@ from .workspace import Behind, CatchUp, Ephemeral, Published, WorkspaceActor
 log = logging.getLogger("atrium.bridge")
 
 CHANNEL_PREFIX = "atrium:ws:"
-_PATTERN = CHANNEL_PREFIX + "*"
 _EVENTS = b"e"
 _EPHEMERAL = b"p"
 _LOGGED = b"s"  # "the project's log reached seq N": events this process could not relay
@@ -88,9 +95,15 @@ class BridgeStatistics:
     """Messages waiting to be published."""
 
 
-def channel_of(project_id: uuid.UUID) -> str:
-    """The project's pub/sub channel."""
-    return f"{CHANNEL_PREFIX}{project_id}"
+def channel_of(instance: str, project_id: uuid.UUID) -> str:
+    """The pub/sub channel of ``project_id``'s messages published by ``instance``."""
+    return f"{CHANNEL_PREFIX}{instance}:{project_id}"
+
+
+def patterns_of(instance: str) -> list[str]:
+    """Patterns that match the channels of every instance but ``instance`` (a channel
+    matches one of them at most, so no message arrives twice)."""
+    return [f"{CHANNEL_PREFIX}{instance[:i]}[^{char}]*" for i, char in enumerate(instance)]
 
 
 def _event_to_wire(event: Event) -> dict[str, Any]:
@@ -121,6 +134,8 @@ class Bridge:
     The object lives as long as the process (workspaces hold it as their ``Relay``); its
     ``run`` is the supervised ``bridge`` child, restarted on its own faults. What is
     relayed while ``run`` is not running, or while Redis is away, is dropped (counted).
+    ``instance`` names the process in its channels: hex digits, the same length on every
+    process (16 random ones unless given).
     """
 
     def __init__(
@@ -130,9 +145,11 @@ class Bridge:
         *,
         queue_size: int = 8192,
         ping_seconds: float = 5.0,
+        instance: str | None = None,
     ) -> None:
         self.redis = redis
-        self.instance = uuid.uuid4().hex
+        # 64 random bits unless given: one pattern per hex digit (see patterns_of).
+        self.instance = secrets.token_hex(8) if instance is None else instance
         self._own = self.instance.encode() + b"|"
         self._metrics = metrics
         self._ping_seconds = ping_seconds
@@ -281,15 +298,18 @@ class Bridge:
 
     def _logged(self, project_id: uuid.UUID, seq: int) -> tuple[str, bytes]:
         """The message that tells others the project's log reached ``seq``."""
-        return channel_of(project_id), self._own + _LOGGED + b"||" + str(seq).encode()
+        return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode()
 
     def _encode(self, item: _Outgoing) -> tuple[str, bytes]:
         """``(channel, data)``: data is ``instance|kind|key|body``, serialised once."""
         project_id, kind, key, body = item
         head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
         if isinstance(body, str):
-            return channel_of(project_id), head + body.encode()
-        return channel_of(project_id), head + dumps([_event_to_wire(e) for e in body])
+            return self._channel(project_id), head + body.encode()
+        return self._channel(project_id), head + dumps([_event_to_wire(e) for e in body])
+
+    def _channel(self, project_id: uuid.UUID) -> str:
+        return channel_of(self.instance, project_id)
 
     async def _listen_forever(self, local: LocalWorkspaces) -> None:
         delay = _RETRY_FIRST
@@ -298,7 +318,7 @@ class Bridge:
             try:
                 await self.redis.listen(
                     on_message,
-                    patterns=[_PATTERN],
+                    patterns=patterns_of(self.instance),
                     on_subscribed=partial(self._subscribed, local),
                     ping_seconds=self._ping_seconds,
                 )
@@ -327,7 +347,7 @@ class Bridge:
         """Subscribed (again): what was published before is lost to this subscriber, so
         every open workspace catches up from the log."""
         self._set_connected(True)
-        log.info("bridge: subscribed to %s as %s", _PATTERN, self.instance)
+        log.info("bridge: subscribed to %s* as %s", CHANNEL_PREFIX, self.instance)
         self._catch_up(local.running())
 
     def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
@@ -341,10 +361,8 @@ class Bridge:
     def _received_message(self, local: LocalWorkspaces, channel: bytes, data: bytes) -> None:
         """Hand another process's message to the project's workspace if it is open here.
         A message that does not parse is counted and dropped, never raised."""
-        if data.startswith(self._own):
-            return
         try:
-            project_id = uuid.UUID(channel[len(CHANNEL_PREFIX) :].decode())
+            project_id = uuid.UUID(channel.rpartition(b":")[2].decode())
         except ValueError:
             self._invalid.inc()
             return
