@@ -561,6 +561,9 @@ async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redi
             # would have reached it before this one from b.
             b.ephemeral(project, uuid.uuid4(), '{"from":"b"}')
             await a_local.workspace.wait_for(1)
+            # Cursors are published without answers (CLIENT REPLY SKIP): the pool's
+            # connections still answer each command with its own reply.
+            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
         nursery.cancel_scope.cancel()
     assert b_local.workspace.frames == [f'{{"from":"a","n":{n}}}' for n in range(3)]
     assert a_local.workspace.frames == ['{"from":"b"}']

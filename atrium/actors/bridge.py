@@ -79,6 +79,8 @@ _UNSENT_RETRY_SECONDS = 0.5
 DEGRADED_POLL_SECONDS = 1.0
 
 _Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
+_Publish = tuple[str, bytes, bool]  # channel, data, and whether Redis must confirm it
+_SKIP_REPLY = ("CLIENT", "REPLY", "SKIP")
 
 
 class LocalWorkspaces(Protocol):
@@ -296,17 +298,19 @@ class Bridge:
             for _, kind, _, _ in batch:
                 self._published[_KINDS[kind]].inc()
 
-    def _logged(self, project_id: uuid.UUID, seq: int) -> tuple[str, bytes]:
+    def _logged(self, project_id: uuid.UUID, seq: int) -> _Publish:
         """The message that tells others the project's log reached ``seq``."""
-        return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode()
+        return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode(), True
 
-    def _encode(self, item: _Outgoing) -> tuple[str, bytes]:
-        """``(channel, data)``: data is ``instance|kind|key|body``, serialised once."""
+    def _encode(self, item: _Outgoing) -> _Publish:
+        """``(channel, data, confirm)``: data is ``instance|kind|key|body``, serialised
+        once; only events wait for Redis to confirm (see ``_publish_all``)."""
         project_id, kind, key, body = item
         head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
         if isinstance(body, str):
-            return self._channel(project_id), head + body.encode()
-        return self._channel(project_id), head + dumps([_event_to_wire(e) for e in body])
+            return self._channel(project_id), head + body.encode(), False
+        events = dumps([_event_to_wire(e) for e in body])
+        return self._channel(project_id), head + events, True
 
     def _channel(self, project_id: uuid.UUID) -> str:
         return channel_of(self.instance, project_id)
@@ -399,13 +403,33 @@ def _is_state(redis: Redis, state: BreakerState) -> float:
     return 1.0 if redis.breaker.state is state else 0.0
 
 
-async def _publish_all(messages: list[tuple[str, bytes]], client: redis.asyncio.Redis) -> None:
-    """Publish in one round trip (runs on the asyncio side)."""
-    if len(messages) == 1:
-        channel, data = messages[0]
-        await client.publish(channel, data)
-        return
-    pipeline = client.pipeline(transaction=False)
-    for channel, data in messages:
-        pipeline.publish(channel, data)
-    await pipeline.execute()
+async def _publish_all(messages: list[_Publish], client: redis.asyncio.Redis) -> None:
+    """Publish in one write, in order, on one connection of the pool (runs on the asyncio
+    side); wait for Redis's answer to the messages to confirm only.
+
+    The others (cursor moves, job progress: lossy by design, and most of the traffic) are
+    each preceded by ``CLIENT REPLY SKIP``, so Redis sends nothing back for them. Reading
+    an answer cost a wake-up of the socket poller and of this task: waiting for one per
+    cursor move made publishing it cost twice as much CPU. Events and "the log reached
+    seq N" still wait: a failure must be known, to announce them later (``_unsent``).
+    """
+    pool: Any = client.connection_pool  # redis-py leaves it untyped
+    connection = await pool.get_connection()
+    try:
+        commands: list[tuple[str | bytes, ...]] = []
+        answers = 0
+        for channel, data, confirm in messages:
+            if confirm:
+                answers += 1
+            else:
+                commands.append(_SKIP_REPLY)
+            commands.append(("PUBLISH", channel, data))
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        for _ in range(answers):
+            await connection.read_response()
+    except BaseException:
+        # Half written or answers unread (cancelled, failed): never lend it out again.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
