@@ -25,6 +25,10 @@ process's own channels: for instance id ``c0 c1 ... cn``, one pattern per positi
 exactly one of them (the one where the two ids first differ), and one of this process's
 none: Redis never sends a process its own messages back.
 
+Cursor moves and job progress (lossy by design: the next one replaces a lost one) are
+published without waiting for Redis's answer, durable events and catch-up notices with it
+(see ``_publish_all``).
+
 Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
 and so are those this process could not publish. So after every (re)subscription each
 open workspace catches up from the log (``CatchUp``); events this process could not
