@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from redis_server import RedisServer
 from wsclient import Client, connect
 
 from atrium.actors import MailboxFull
-from atrium.actors.bridge import Bridge, channel_of
+from atrium.actors.bridge import Bridge, _publish_all, channel_of, patterns_of
 from atrium.breaker import BreakerSettings, CircuitBreaker
 from atrium.metrics import Metrics
 from atrium.persistence.redis import Redis, open_redis
@@ -569,3 +570,49 @@ async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redi
     assert a_local.workspace.frames == ['{"from":"b"}']
     assert a_local.looked_up == [project]  # b's message only: none of its own came back
     assert b_local.looked_up == [project] * 3
+
+
+async def test_a_batch_of_events_and_cursors_is_published_in_order_in_one_write(
+    aio_loop: None, redis_url: str
+) -> None:
+    project = uuid.uuid4()
+    async with open_redis(redis_url, BreakerSettings()) as redis_a:
+        other = Bridge(redis_a, Metrics(), instance="f" * 16)
+        received: list[bytes] = []
+        subscribed, all_four = trio.Event(), trio.Event()
+
+        def on_message(channel: bytes, data: bytes) -> None:
+            received.append(data.split(b"|", 3)[3])
+            if len(received) == 4:
+                all_four.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    redis_a.listen,
+                    on_message,
+                    patterns=patterns_of(other.instance),
+                    on_subscribed=subscribed.set,
+                )
+            )
+            with trio.fail_after(WAIT):
+                await subscribed.wait()
+                bridge = Bridge(redis_a, Metrics(), instance="0" * 16)
+                # Events wait for Redis's answer, cursors do not: one write, in order.
+                batch = [
+                    bridge._encode((project, b"p", uuid.uuid4(), '"cursor 1"')),
+                    bridge._encode((project, b"e", None, [])),
+                    bridge._encode((project, b"p", uuid.uuid4(), '"cursor 2"')),
+                    bridge._logged(project, 7),
+                ]
+                assert [confirm for _, _, confirm in batch] == [False, True, False, True]
+                connection = await redis_a.call(lambda r: r.client_id())
+                await redis_a.call(partial(_publish_all, batch))
+                await all_four.wait()
+                # Exactly the answers asked for were read: the connection went back to
+                # the pool clean (one with unread answers would be replaced), and the
+                # next command gets its own answer.
+                assert await redis_a.call(lambda r: r.client_id()) == connection
+                assert await redis_a.call(lambda r: r.echo("next")) == b"next"
+            nursery.cancel_scope.cancel()
+    assert received == [b'"cursor 1"', b"[]", b'"cursor 2"', b"7"]
