@@ -19,7 +19,9 @@ bridge is the only way it reaches B), in one run:
 
 ``--only-a`` runs (a) alone; ``--no-redis`` runs it in A alone, without Redis or B (the
 local receivers only: the workspace's cost without the bridge's); ``--profile FILE``
-records A with py-spy over (a) (``py-spy record -f raw``: collapsed stacks, one a line).
+records A with py-spy over (a) (``py-spy record -r 250 -f raw --gil``: collapsed stacks,
+one a line, sampled while A holds the GIL, so its Python time and not its waits; py-spy is
+not in the bench extra: ``pip install py-spy``).
 
 The client is one process (bench/_ws.py, epoll); its CPU is printed, as are the
 servers', Redis's and the machine's load, so a reader can see what was saturated.
