@@ -73,7 +73,7 @@ _EVENTS = b"e"
 _EPHEMERAL = b"p"
 _LOGGED = b"s"  # "the project's log reached seq N": events this process could not relay
 _KINDS = {_EVENTS: "events", _EPHEMERAL: "ephemeral", _LOGGED: "catch_up"}
-_BATCH = 512  # messages published in one pipeline at most
+_BATCH = 512  # messages published in one write at most
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 5.0
 # How often the publisher retries telling others about events it could not relay.
