@@ -27,7 +27,13 @@ from redis_server import RedisServer
 from wsclient import Client, connect
 
 from atrium.actors import MailboxFull
-from atrium.actors.bridge import Bridge, _publish_all, channel_of, patterns_of
+from atrium.actors.bridge import (
+    Bridge,
+    _publish_all,
+    _replies_can_be_skipped,
+    channel_of,
+    patterns_of,
+)
 from atrium.breaker import BreakerSettings, CircuitBreaker
 from atrium.metrics import Metrics
 from atrium.persistence.redis import Redis, open_redis
@@ -607,7 +613,7 @@ async def test_a_batch_of_events_and_cursors_is_published_in_order_in_one_write(
                 ]
                 assert [confirm for _, _, confirm in batch] == [False, True, False, True]
                 connection = await redis_a.call(lambda r: r.client_id())
-                await redis_a.call(partial(_publish_all, batch))
+                await redis_a.call(partial(_publish_all, batch, True))
                 await all_four.wait()
                 # Exactly the answers asked for were read: the connection went back to
                 # the pool clean (one with unread answers would be replaced), and the
@@ -616,3 +622,40 @@ async def test_a_batch_of_events_and_cursors_is_published_in_order_in_one_write(
                 assert await redis_a.call(lambda r: r.echo("next")) == b"next"
             nursery.cancel_scope.cancel()
     assert received == [b'"cursor 1"', b"[]", b'"cursor 2"', b"7"]
+
+
+async def test_a_redis_that_refuses_client_commands_still_relays_cursors(
+    aio_loop: None, own_redis: RedisServer
+) -> None:
+    # A managed Redis, or an ACL, may refuse CLIENT commands (CLIENT REPLY SKIP): the
+    # bridge then publishes cursor moves with answers instead of crash-looping on them.
+    async with open_redis(own_redis.url, BreakerSettings()) as admin:
+        assert await admin.call(_replies_can_be_skipped) is True
+        await admin.call(
+            lambda r: r.execute_command(
+                "ACL", "SETUSER", "limited", "on", "nopass", "~*", "&*", "+@all", "-client"
+            )
+        )
+    limited = own_redis.url.replace("redis://", "redis://limited:any@")
+    project = uuid.uuid4()
+    a_local, b_local = Recording(project), Recording(project)
+    async with (
+        open_redis(limited, BreakerSettings()) as a_redis,
+        open_redis(limited, BreakerSettings()) as b_redis,
+        trio.open_nursery() as nursery,
+    ):
+        assert await a_redis.call(_replies_can_be_skipped) is False
+        a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
+        b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
+        await nursery.start(a.run, a_local)
+        await nursery.start(b.run, b_local)
+        with trio.fail_after(WAIT):
+            await a.wait_connected()
+            await b.wait_connected()
+            for n in range(3):
+                a.ephemeral(project, uuid.uuid4(), f'{{"n":{n}}}')
+            await b_local.workspace.wait_for(3)
+            # Every answer was read: the pool's connections still answer in step.
+            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
+        nursery.cancel_scope.cancel()
+    assert b_local.workspace.frames == [f'{{"n":{n}}}' for n in range(3)]

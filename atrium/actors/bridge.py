@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio
+import redis.exceptions
 import trio
 
 from ..breaker import BreakerState
@@ -173,6 +174,9 @@ class Bridge:
         self._dropped_unavailable = metrics.bridge_dropped.labels("unavailable")
         self._dropped_full = metrics.bridge_dropped.labels("queue_full")
         self._invalid = metrics.bridge_dropped.labels("invalid")
+        # Whether Redis lets this process skip replies (``CLIENT REPLY SKIP``; a managed
+        # Redis or an ACL may refuse CLIENT commands): asked before the first publish.
+        self._skip_replies: bool | None = None
         for state in BreakerState:
             metrics.redis_breaker.labels(str(state)).set_function(partial(_is_state, redis, state))
         metrics.bridge_connected.set_function(lambda: 1.0 if self.connected else 0.0)
@@ -289,7 +293,14 @@ class Bridge:
             if not messages:
                 continue
             try:
-                await self.redis.call(partial(_publish_all, messages))
+                if self._skip_replies is None:
+                    self._skip_replies = await self.redis.call(_replies_can_be_skipped)
+                    if not self._skip_replies:
+                        log.warning(
+                            "bridge: Redis refuses CLIENT REPLY SKIP; cursor moves and job "
+                            "progress are published with answers (more CPU per message)"
+                        )
+                await self.redis.call(partial(_publish_all, messages, self._skip_replies))
             except RedisUnavailable as error:
                 log.debug("not relayed (%d messages): %s", len(batch), error)
                 self._dropped_unavailable.inc(len(batch))
@@ -407,9 +418,40 @@ def _is_state(redis: Redis, state: BreakerState) -> float:
     return 1.0 if redis.breaker.state is state else 0.0
 
 
-async def _publish_all(messages: list[_Publish], client: redis.asyncio.Redis) -> None:
+async def _replies_can_be_skipped(client: redis.asyncio.Redis) -> bool:
+    """Whether Redis, for this user, lets a connection skip the reply to a command
+    (``CLIENT REPLY SKIP``); managed services and ACLs may refuse CLIENT commands. Runs
+    on the asyncio side.
+
+    Sends ``CLIENT REPLY SKIP``, ``PING``, ``PING``: one answer when skipping works (the
+    first PING's is skipped, and CLIENT REPLY itself never answers), an error and two
+    answers when it is refused.
+    """
+    pool: Any = client.connection_pool  # redis-py leaves it untyped
+    connection = await pool.get_connection()
+    try:
+        commands = [_SKIP_REPLY, ("PING",), ("PING",)]
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        try:
+            await connection.read_response()
+        except redis.exceptions.ResponseError:
+            await connection.read_response()
+            await connection.read_response()
+            return False
+        return True
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def _publish_all(
+    messages: list[_Publish], skip_replies: bool, client: redis.asyncio.Redis
+) -> None:
     """Publish in one write, in order, on one connection of the pool (runs on the asyncio
-    side); wait for Redis's answer to the messages to confirm only.
+    side); with ``skip_replies``, wait for Redis's answer to the messages to confirm only
+    (else to every one).
 
     The others (cursor moves, job progress: lossy by design, and most of the traffic) are
     each preceded by ``CLIENT REPLY SKIP``, so Redis sends nothing back for them. Reading
@@ -423,7 +465,7 @@ async def _publish_all(messages: list[_Publish], client: redis.asyncio.Redis) ->
         commands: list[tuple[str | bytes, ...]] = []
         answers = 0
         for channel, data, confirm in messages:
-            if confirm:
+            if confirm or not skip_replies:
                 answers += 1
             else:
                 commands.append(_SKIP_REPLY)
