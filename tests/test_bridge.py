@@ -546,15 +546,18 @@ class Recording:
         return []
 
 
-async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redis_url: str) -> None:
+@asynccontextmanager
+async def two_bridges(url: str) -> AsyncIterator[tuple[Bridge, Bridge, Recording, Recording]]:
+    """Bridges ``a`` and ``b`` on ``url``, subscribed, each relaying one project to its
+    recorded local workspace. Their instance ids share all but the last digit, so the
+    patterns must tell them apart there."""
     project = uuid.uuid4()
     a_local, b_local = Recording(project), Recording(project)
     async with (
-        open_redis(redis_url, BreakerSettings()) as a_redis,
-        open_redis(redis_url, BreakerSettings()) as b_redis,
+        open_redis(url, BreakerSettings()) as a_redis,
+        open_redis(url, BreakerSettings()) as b_redis,
         trio.open_nursery() as nursery,
     ):
-        # Instances that share a prefix: the patterns must tell them apart by the last digit.
         a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
         b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
         await nursery.start(a.run, a_local)
@@ -562,6 +565,14 @@ async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redi
         with trio.fail_after(WAIT):
             await a.wait_connected()
             await b.wait_connected()
+        yield a, b, a_local, b_local
+        nursery.cancel_scope.cancel()
+
+
+async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redis_url: str) -> None:
+    async with two_bridges(redis_url) as (a, b, a_local, b_local):
+        project = a_local.project
+        with trio.fail_after(WAIT):
             for n in range(3):
                 a.ephemeral(project, uuid.uuid4(), f'{{"from":"a","n":{n}}}')
             await b_local.workspace.wait_for(3)
@@ -571,8 +582,7 @@ async def test_redis_never_sends_a_process_its_own_messages(aio_loop: None, redi
             await a_local.workspace.wait_for(1)
             # Cursors are published without answers (CLIENT REPLY SKIP): the pool's
             # connections still answer each command with its own reply.
-            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
-        nursery.cancel_scope.cancel()
+            assert await a.redis.call(lambda r: r.echo("in step")) == b"in step"
     assert b_local.workspace.frames == [f'{{"from":"a","n":{n}}}' for n in range(3)]
     assert a_local.workspace.frames == ['{"from":"b"}']
     assert a_local.looked_up == [project]  # b's message only: none of its own came back
@@ -638,25 +648,12 @@ async def test_a_redis_that_refuses_client_commands_still_relays_cursors(
             )
         )
     limited = own_redis.url.replace("redis://", "redis://limited:any@")
-    project = uuid.uuid4()
-    a_local, b_local = Recording(project), Recording(project)
-    async with (
-        open_redis(limited, BreakerSettings()) as a_redis,
-        open_redis(limited, BreakerSettings()) as b_redis,
-        trio.open_nursery() as nursery,
-    ):
-        assert await a_redis.call(_replies_can_be_skipped) is False
-        a = Bridge(a_redis, Metrics(), instance="0" * 15 + "a")
-        b = Bridge(b_redis, Metrics(), instance="0" * 15 + "b")
-        await nursery.start(a.run, a_local)
-        await nursery.start(b.run, b_local)
+    async with two_bridges(limited) as (a, _, _, b_local):
+        assert await a.redis.call(_replies_can_be_skipped) is False
         with trio.fail_after(WAIT):
-            await a.wait_connected()
-            await b.wait_connected()
             for n in range(3):
-                a.ephemeral(project, uuid.uuid4(), f'{{"n":{n}}}')
+                a.ephemeral(b_local.project, uuid.uuid4(), f'{{"n":{n}}}')
             await b_local.workspace.wait_for(3)
             # Every answer was read: the pool's connections still answer in step.
-            assert await a_redis.call(lambda r: r.echo("in step")) == b"in step"
-        nursery.cancel_scope.cancel()
+            assert await a.redis.call(lambda r: r.echo("in step")) == b"in step"
     assert b_local.workspace.frames == [f'{{"n":{n}}}' for n in range(3)]
