@@ -10,6 +10,9 @@ import orjson
 import pytest
 import trio
 from conftest import Running, StartServer
+from hypothesis import example, given
+from hypothesis import strategies as st
+from test_fuzz import SETTINGS, drive
 from test_projects import API, new_project, sign_up
 
 from atrium.http.app import create_app
@@ -253,3 +256,38 @@ async def test_the_project_list_is_served_from_the_cache_past_quart(
         await new_project(server, ann, name="two")  # a write drops the user's pages
         third = (await server.client.get(f"{API}/", headers=ann.headers)).json()
         assert third["cached"] is False and third["total"] == 2
+
+
+# Query strings near the layer's rule: known and unknown keys, canonical and not-quite
+# numbers, in and out of bounds, repeated, malformed.
+QUERY_PARAMETER = st.tuples(
+    st.sampled_from(["limit", "offset", "x", "Limit", "limit "]),
+    st.sampled_from(["=", "", "=="]),
+    st.sampled_from(["0", "1", "20", "100", "101", "-1", "+5", "05", "%31", "abc", "", "9" * 11]),
+).map("".join)
+QUERIES = st.lists(QUERY_PARAMETER, max_size=3).map(lambda parts: "&".join(parts).encode())
+
+
+async def test_any_query_gets_the_views_answer_or_is_left_to_them(
+    uncached: Running, db: Database
+) -> None:
+    (ann,) = await sign_up(uncached, db, "ann")
+    paths = Paths(uncached)
+    bearer = ann.headers["Authorization"]
+
+    async def check(query: bytes) -> None:
+        passed_on = paths.passed_on
+        hot = await asgi_get(paths.hot, f"{API}/", query, authorization=bearer)
+        if paths.passed_on == passed_on:  # taken: it must be the view's answer
+            same(hot, await asgi_get(paths.quart, f"{API}/", query, authorization=bearer))
+        else:
+            assert hot[0] in (200, 422), (query, hot)
+
+    @SETTINGS
+    @given(QUERIES)
+    @example(b"limit=5&offset=0")
+    @example(b"limit=101")
+    def run(query: bytes) -> None:
+        trio.from_thread.run(check, query)
+
+    await drive(run)()
