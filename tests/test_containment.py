@@ -19,6 +19,7 @@ from test_workspace import Team, edit, file_changes, make_team, session
 from wsclient import connect
 
 import atrium.domain.workspaces
+import atrium.http.hot
 import atrium.realtime
 from atrium.http.edge import Edge
 
@@ -294,3 +295,26 @@ async def test_hostile_bytes_on_the_wire_never_restart_a_server(start_server: St
         await still_served(team, "/after-bytes.txt")
         team.transport = "listener"
         await still_served(team, "/after-bytes-listener.txt")
+
+
+async def test_an_unexpected_exception_in_a_hot_route_is_a_counted_500(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GET /api/v1/projects/ is answered past Quart (atrium/http/hot.py): same boundary.
+    async with start_server(ADMIN_TOKEN=ADMIN_TOKEN) as server:
+        team = await make_team(server, "main")
+
+        async def broken(*args: object) -> int:
+            raise RuntimeError("a bug in the project list")
+
+        monkeypatch.setattr(atrium.http.hot, "list_page", broken)
+        r = await server.client.get("/api/v1/projects/", headers=team.owner.auth)
+        assert r.status_code == 500
+        assert r.json() == {
+            "error": {"code": "internal_error", "message": "Something went wrong on our side"}
+        }
+        assert r.headers["x-request-id"] and r.headers["x-content-type-options"] == "nosniff"
+        assert await contained(server) == {"connection": 0, "request": 1}
+        assert await restarts(server) == dict.fromkeys(SHARED, 0)
+        r = await server.client.get("/api/v1/auth/me", headers=team.owner.auth)
+        assert r.status_code == 200  # the next request is served
