@@ -331,3 +331,50 @@ async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
                 await trio.sleep(0.01)
             assert await elsewhere.online(project, {}) == {}
             nursery.cancel_scope.cancel()
+
+
+async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second(
+    start_server: StartServer, own_redis: RedisServer
+) -> None:
+    # Redis stops answering (SIGSTOP) while Cat comes and goes: her joins and leaves ask
+    # the cluster board, and Ann's edits must keep reaching Bob meanwhile. Redis's own
+    # call timeout (2 s) would hold the workspace that long per join and per leave.
+    async with start_server(REDIS_URL=own_redis.url) as server:
+        ann = await make_member(server, "ann@example.com")
+        bob = await make_member(server, "bob@example.com")
+        cat = await make_member(server, "cat@example.com")
+        project = await project_with(server, ann, bob, cat)
+        url = ws_url(server, project)
+        async with joined(url, ann) as (ann_ws, _), joined(url, bob) as (bob_ws, _):
+            own_redis.pause()
+            try:
+                latencies: list[float] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def cat_comes_and_goes() -> None:
+                        for _ in range(3):
+                            async with joined(url, cat):
+                                pass
+
+                    nursery.start_soon(cat_comes_and_goes)
+                    for n in range(12):
+                        start = trio.current_time()
+                        await ann_ws.send(
+                            {
+                                "type": "FILE_CHANGE",
+                                "file_path": f"/during{n}",
+                                "changes": {"lines_added": 1},
+                            }
+                        )
+                        with trio.fail_after(10):
+                            while (await bob_ws.until("FILE_CHANGE"))["file_path"] != (
+                                f"/during{n}"
+                            ):
+                                pass
+                        latencies.append(trio.current_time() - start)
+                        await trio.sleep(0.1)
+            finally:
+                own_redis.resume()
+        # A join asks Redis twice (who is online, then the count), each within 0.25 s,
+        # and may wait 0.25 s more for the heartbeat to let go of the board.
+        assert max(latencies) < 1.2, latencies
