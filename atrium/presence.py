@@ -189,10 +189,13 @@ class ClusterPresence:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance = uuid.uuid4().hex
-        self._store = PresenceStore(redis, self.instance)
+        ttl_ms = int(settings.ttl_seconds * 1000)
+        self._store = PresenceStore(redis, self.instance, ttl_ms=ttl_ms)
         # What a workspace waits for (joins, leaves, who is online): answered quickly or
         # not at all.
-        self._quick = PresenceStore(redis.answering_within(settings.answer_seconds), self.instance)
+        self._quick = PresenceStore(
+            redis.answering_within(settings.answer_seconds), self.instance, ttl_ms=ttl_ms
+        )
         self._db = db
         self._settings = settings
         self._clock = clock
@@ -347,7 +350,8 @@ class ClusterPresence:
         try:
             async with self._lock:
                 found = await self._store.heartbeat(int(self._settings.ttl_seconds * 1000))
-                full = self._full or not found.was_alive
+                # Reaped: its entries are gone, even if a join revived it since.
+                full = self._full or not found.was_alive or found.was_reaped
                 dirty, self._dirty = self._dirty, set()
                 slots: Iterable[Slot] = self._held if full else dirty
                 entries = [self._entry(slot) for slot in slots]
