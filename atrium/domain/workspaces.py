@@ -56,7 +56,7 @@ class Workspaces:
     (PostgreSQL NOTIFY on ``LOG_CHANNEL``), so that process's open workspaces deliver
     them at once rather than at their next poll. Not while the relay is connected: the
     commits of NOTIFYing transactions queue behind one lock in PostgreSQL, which halves
-    the commit rate of 16 concurrent writers (README, Many instances), for nothing there.
+    the append rate of 16 concurrent writers (``bench/log_notify.py``), for nothing there.
     Processes learn of each other by greeting on the log when they start following it
     (``hello``, answered by ``here``); a process alone never notifies.
     """
