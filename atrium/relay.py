@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+import trio
+
 from .events import Event
 
 
@@ -24,6 +26,10 @@ class Relay(Protocol):
     @property
     def connected(self) -> bool:
         """True while what is relayed reaches the other processes."""
+        ...
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Return once ``connected`` is as asked."""
         ...
 
     def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
@@ -42,6 +48,10 @@ class NoRelay:
     @property
     def connected(self) -> bool:
         return False
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        if connected:
+            await trio.sleep_forever()
 
     def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         return None

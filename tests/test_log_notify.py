@@ -12,14 +12,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
+import trio.testing
 from conftest import Running, StartServer
 from redis_server import RedisServer
 from test_bridge import FAST_BREAKER, Pair, edit, make_pair, wait_connected
 from wsclient import Client, connect
 
-from atrium.domain.workspaces import Workspaces
+from atrium.actors.workspace import WorkspaceSettings
+from atrium.domain.workspaces import PEER_SECONDS, Workspaces
 from atrium.persistence import events as event_log
 from atrium.persistence.database import open_database
 
@@ -144,3 +147,42 @@ async def test_degraded_servers_announce_on_the_log_and_connected_ones_do_not(
             # announced, its seq would come first.
             last = await event_log.last_seq(db, project)
             assert announced[:2] == [last - 1, last]
+
+
+async def test_a_connected_server_announces_for_one_whose_redis_is_away(
+    start_server: StartServer, own_redis: RedisServer
+) -> None:
+    # A reaches Redis, B does not (its own Redis is down): A's bridge relays, but B
+    # hears nothing from Redis, so A announces its events on the log too.
+    away = RedisServer()  # never started
+    try:
+        async with (
+            start_server(REDIS_URL=own_redis.url, **SLOW_POLL) as a,
+            start_server(REDIS_URL=away.url, **FAST_BREAKER, **SLOW_POLL) as b,
+        ):
+            await wait_connected(a)
+            await wait_peers(a, b)
+            assert workspaces_of(a).notifies()  # B's greeting said its relay is cut off
+            pair = await make_pair(a, b)
+            async with clients(pair) as (on_a, on_b):
+                assert await crosses(on_a, on_b, "/to-the-cut-off") < PROMPT
+                assert await crosses(on_b, on_a, "/from-the-cut-off") < PROMPT
+    finally:
+        away.close()
+
+
+async def test_a_peer_that_goes_quiet_is_forgotten(autojump_clock: trio.testing.MockClock) -> None:
+    del autojump_clock
+    no_database: Any = None  # greetings are only queued here, never sent
+    workspaces = Workspaces(no_database, WorkspaceSettings())
+    workspaces._heard("another", "hello", connected=True)
+    assert workspaces.notifies()  # this relay (none) does not reach it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workspaces._tell_state_forever)
+        await trio.sleep(2 * PEER_SECONDS)
+        workspaces._heard("another", "state", connected=True)
+        await trio.sleep(2.5 * PEER_SECONDS)
+        assert workspaces.notifies()  # heard within three periods
+        await trio.sleep(2 * PEER_SECONDS)
+        assert not workspaces.notifies()  # not for more than three: gone
+        nursery.cancel_scope.cancel()

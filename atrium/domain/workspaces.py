@@ -33,6 +33,9 @@ log = logging.getLogger("atrium.workspace")
 
 # How often the connection that follows the log is checked (a lost one delivers nothing).
 _FOLLOW_PING_SECONDS = 5.0
+# How often a process tells the others on the log that it is there (and whether its relay
+# is connected); one not heard for three of these is gone.
+PEER_SECONDS = 5.0
 
 
 class Workspaces:
@@ -51,14 +54,17 @@ class Workspaces:
     because they had not reached them. ``presence`` is the board every actor tells of its
     connections (this process alone by default; the cluster's with Redis).
 
-    While the relay is not ``connected`` (no Redis, or Redis away) and another process
-    follows the same log, the events committed here are also announced on the log
-    (PostgreSQL NOTIFY on ``LOG_CHANNEL``), so that process's open workspaces deliver
-    them at once rather than at their next poll. Not while the relay is connected: the
-    commits of NOTIFYing transactions queue behind one lock in PostgreSQL, which halves
-    the append rate of 16 concurrent writers (``bench/log_notify.py``), for nothing there.
-    Processes learn of each other by greeting on the log when they start following it
-    (``hello``, answered by ``here``); a process alone never notifies.
+    While another process follows the same log and the relay cannot carry this one's
+    events to it (this relay is not ``connected``: no Redis, or Redis away; or that
+    process said its own is not), the events committed here are also announced on the
+    log (PostgreSQL NOTIFY on ``LOG_CHANNEL``), so its open workspaces deliver them at
+    once rather than at their next poll. Not while every relay is connected: the commits
+    of NOTIFYing transactions queue behind one lock in PostgreSQL, which halves the
+    append rate of 16 concurrent writers (``bench/log_notify.py``), for nothing there.
+    Processes learn of each other on the log: a greeting when one starts following it
+    (``hello``, answered by ``here``), then every ``PEER_SECONDS`` and whenever its relay
+    connects or disconnects (``state``), each saying whether its relay is connected. One
+    not heard for three periods is gone; a process alone never notifies.
     """
 
     def __init__(
@@ -84,7 +90,10 @@ class Workspaces:
         self._supervisor: Supervisor | None = None
         self._attached = trio.Event()
         self.instance = uuid.uuid4().hex
-        self._peers: set[str] = set()  # the other processes heard on the log
+        # The other processes heard on the log: when last (trio clock), and whether their
+        # relay was connected then (``_cut_off``: those whose relay was not).
+        self._peers: dict[str, float] = {}
+        self._cut_off: set[str] = set()
         self._peer_heard = trio.Event()
         self._greet, self._greetings = trio.open_memory_channel[str](math.inf)
 
@@ -105,6 +114,8 @@ class Workspaces:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._greet_forever)
+                    nursery.start_soon(self._tell_state_forever)
+                    nursery.start_soon(self._watch_relay)
                     nursery.start_soon(self.follow_log)
                     task_status.started(supervisor)
                     await trio.sleep_forever()
@@ -127,8 +138,9 @@ class Workspaces:
 
     def notifies(self) -> bool:
         """True when events committed here must be announced on the log: another process
-        follows it, and the relay cannot reach it now."""
-        return bool(self._peers) and not self._relay.connected
+        follows it, and the relay cannot reach it now (this relay or its own is not
+        connected)."""
+        return bool(self._peers) and (bool(self._cut_off) or not self._relay.connected)
 
     async def wait_peer(self) -> None:
         """Return once another process that follows the log has been heard."""
@@ -137,18 +149,44 @@ class Workspaces:
     async def _greet_forever(self) -> None:
         async for word in self._greetings:
             try:
-                await event_log.notify_peer(self._db, self.instance, word)
+                await event_log.notify_peer(
+                    self._db, self.instance, word, connected=self._relay.connected
+                )
             except DatabaseUnavailable as error:
-                # Greeting again when listening resumes (``follow_log``).
+                # Said again when listening resumes (``follow_log``), or at the next period.
                 log.debug("greeting on the log: %s", error)
 
-    def _heard(self, instance: str, word: str) -> None:
+    async def _tell_state_forever(self) -> None:
+        """Every PEER_SECONDS: say this process is there, and forget the processes that
+        have not said so for three periods."""
+        while True:
+            await trio.sleep(PEER_SECONDS)
+            self._greet.send_nowait("state")
+            gone = trio.current_time() - 3 * PEER_SECONDS
+            for instance in [i for i, heard in self._peers.items() if heard < gone]:
+                log.info("process %s no longer heard on the log", instance)
+                del self._peers[instance]
+                self._cut_off.discard(instance)
+
+    async def _watch_relay(self) -> None:
+        """Tell the others at once when this process's relay connects or disconnects."""
+        told = self._relay.connected
+        while True:
+            await self._relay.wait_connected(not told)
+            told = not told
+            self._greet.send_nowait("state")
+
+    def _heard(self, instance: str, word: str, connected: bool) -> None:
         if instance == self.instance:
             return
         if instance not in self._peers:
             log.info("another process follows the log: %s", instance)
-            self._peers.add(instance)
             self._peer_heard.set()
+        self._peers[instance] = trio.current_time()
+        if connected:
+            self._cut_off.discard(instance)
+        else:
+            self._cut_off.add(instance)
         if word == "hello":
             self._greet.send_nowait("here")
 

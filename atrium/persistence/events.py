@@ -54,18 +54,23 @@ async def notify_reached(db: Database, project_id: uuid.UUID, seq: int) -> None:
     await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{project_id}:{seq}")
 
 
-async def notify_peer(db: Database, instance: str, word: str) -> None:
+async def notify_peer(db: Database, instance: str, word: str, *, connected: bool) -> None:
     """Say ``word`` (``hello``: this process started following the log; ``here``: the
-    answer to another's hello) as process ``instance`` to the others on ``LOG_CHANNEL``."""
-    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{_PEER}{instance}:{word}")
+    answer to another's hello; ``state``: still here) as process ``instance`` to the
+    others on ``LOG_CHANNEL``, with whether its relay to them is ``connected``."""
+    state = "connected" if connected else "cut_off"
+    await db.execute(
+        "SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{_PEER}{instance}:{word}:{state}"
+    )
 
 
-def parse_peer(payload: str) -> tuple[str, str] | None:
-    """The instance and word of a greeting (``notify_peer``), or None if it is not one."""
+def parse_peer(payload: str) -> tuple[str, str, bool] | None:
+    """The instance, word and relay state (connected) of a greeting (``notify_peer``), or
+    None if it is not one."""
     if not payload.startswith(_PEER):
         return None
-    instance, _, word = payload[len(_PEER) :].partition(":")
-    return instance, word
+    instance, word, state = (payload[len(_PEER) :].split(":") + ["", ""])[:3]
+    return instance, word, state == "connected"
 
 
 def parse_appended(payload: str) -> tuple[uuid.UUID, int] | None:
