@@ -59,9 +59,7 @@ async def notify_peer(db: Database, instance: str, word: str, *, connected: bool
     answer to another's hello; ``state``: still here) as process ``instance`` to the
     others on ``LOG_CHANNEL``, with whether its relay to them is ``connected``."""
     state = "connected" if connected else "cut_off"
-    await db.execute(
-        "SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{_PEER}{instance}:{word}:{state}"
-    )
+    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{_PEER}{instance}:{word}:{state}")
 
 
 def parse_peer(payload: str) -> tuple[str, str, bool] | None:
