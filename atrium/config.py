@@ -99,6 +99,9 @@ class Settings:
     redis_breaker_failures: int = 5
     redis_breaker_reset_seconds: float = 60.0
     redis_breaker_successes: int = 3
+    # While Redis is away, open workspaces read the log this often (a fallback: NOTIFY on
+    # the log carries other processes' events at once).
+    degraded_poll_seconds: float = 1.0
     workers: int = 1  # serving processes (run.py --workers); more than 1: a process group
     reuse_port: bool = False  # bind PORT and WS_PORT with SO_REUSEPORT (a --workers process)
 
@@ -351,6 +354,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
         redis_breaker_reset_seconds=_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 60.0),
         redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 3),
+        degraded_poll_seconds=_positive_seconds(env, "DEGRADED_POLL_SECONDS", 1.0),
         workers=_int(env, "WORKERS", 1),
         reuse_port=_bool(env, "REUSE_PORT", False),
     )

@@ -145,10 +145,15 @@ class LocalPresence:
 @dataclass(frozen=True, slots=True)
 class PresenceSettings:
     """A heartbeat every ``heartbeat_seconds`` keeps this process's entries alive for
-    ``ttl_seconds``; each heartbeat also reaps processes whose entries outlived theirs."""
+    ``ttl_seconds``; each heartbeat also reaps processes whose entries outlived theirs.
+    A workspace waits at most ``answer_seconds`` for Redis to answer a join, a leave or
+    who is online (twice that when the heartbeat holds the board), then answers from
+    this process's own view: a slow or hanging Redis must not stall the other work of
+    the workspace (everyone's edits) for the client's whole timeout."""
 
     heartbeat_seconds: float = 2.0
     ttl_seconds: float = 8.0
+    answer_seconds: float = 0.25
 
 
 @dataclass(slots=True)
@@ -184,7 +189,13 @@ class ClusterPresence:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance = uuid.uuid4().hex
-        self._store = PresenceStore(redis, self.instance)
+        ttl_ms = int(settings.ttl_seconds * 1000)
+        self._store = PresenceStore(redis, self.instance, ttl_ms=ttl_ms)
+        # What a workspace waits for (joins, leaves, who is online): answered quickly or
+        # not at all.
+        self._quick = PresenceStore(
+            redis.answering_within(settings.answer_seconds), self.instance, ttl_ms=ttl_ms
+        )
         self._db = db
         self._settings = settings
         self._clock = clock
@@ -234,7 +245,7 @@ class ClusterPresence:
         self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
     ) -> dict[uuid.UUID, OnlineUser]:
         try:
-            members = await self._store.members(project_id)
+            members = await self._quick.members(project_id)
         except RedisUnavailable:
             return dict(here)
         users = dict(here)
@@ -277,18 +288,29 @@ class ClusterPresence:
         alone: Transition,
     ) -> Transition:
         """Write the user's count here; the transition Redis decided, or ``alone`` (this
-        process's own view) when Redis cannot be reached."""
-        async with self._lock:
-            entry = self._hold((project_id, user_id), email, connections)
+        process's own view) when Redis cannot be reached, or does not answer (or the
+        heartbeat does not let go of the board) within ``answer_seconds``."""
+        slot = (project_id, user_id)
+        with trio.move_on_after(self._settings.answer_seconds) as waited:
+            await self._lock.acquire()
+        if waited.cancelled_caught:
+            # The heartbeat holds the board, stuck on Redis: a later beat writes this.
+            self._hold(slot, email, connections)
+            self._dirty.add(slot)
+            return alone
+        try:
+            entry = self._hold(slot, email, connections)
             written = False
             try:
-                totals = await self._store.set_count(entry)
+                totals = await self._quick.set_count(entry)
                 written = True
             except RedisUnavailable:
                 return alone
             finally:
                 if not written:  # unknown whether Redis has it: write everything later
                     self._full = True
+        finally:
+            self._lock.release()
         if totals.came_online:
             return Transition.JOINED
         if totals.went_offline:
@@ -328,7 +350,8 @@ class ClusterPresence:
         try:
             async with self._lock:
                 found = await self._store.heartbeat(int(self._settings.ttl_seconds * 1000))
-                full = self._full or not found.was_alive
+                # Reaped: its entries are gone, even if a join revived it since.
+                full = self._full or not found.was_alive or found.was_reaped
                 dirty, self._dirty = self._dirty, set()
                 slots: Iterable[Slot] = self._held if full else dirty
                 entries = [self._entry(slot) for slot in slots]

@@ -4,7 +4,9 @@ With REDIS_URL set, the bridge (``atrium.actors.bridge``) relays every durable e
 every ephemeral frame committed or sent here to the other processes that serve the same
 project; without it, nothing is relayed (``NoRelay``). A relay never blocks and never
 raises: what it cannot pass on is dropped (durable events are in the log, and the other
-processes catch up from it; ephemeral frames are lossy by design).
+processes catch up from it; ephemeral frames are lossy by design). While a relay is not
+``connected``, the workspaces announce their durable events on the log instead
+(PostgreSQL NOTIFY; see ``domain.workspaces.Workspaces``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,22 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+import trio
+
 from .events import Event
 
 
 class Relay(Protocol):
     """Passes a project's live traffic on to other processes (see the module docstring)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while what is relayed reaches the other processes."""
+        ...
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Return once ``connected`` is as asked."""
+        ...
 
     def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Relay durable events that have committed to the project's log (in seq order)."""
@@ -31,6 +44,14 @@ class Relay(Protocol):
 
 class NoRelay:
     """A ``Relay`` for a single process: nothing to pass on."""
+
+    @property
+    def connected(self) -> bool:
+        return False
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        if connected:
+            await trio.sleep_forever()
 
     def events(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         return None

@@ -456,7 +456,7 @@ async def _open_bridge(settings: Settings, metrics: Metrics) -> AsyncIterator[Br
         yield None
         return
     async with open_redis(settings.redis_url, breaker_settings(settings)) as redis:
-        yield Bridge(redis, metrics)
+        yield Bridge(redis, metrics, poll_seconds=settings.degraded_poll_seconds)
 
 
 async def _run_bridge(

@@ -331,3 +331,90 @@ async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
                 await trio.sleep(0.01)
             assert await elsewhere.online(project, {}) == {}
             nursery.cancel_scope.cancel()
+
+
+async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second(
+    start_server: StartServer, own_redis: RedisServer
+) -> None:
+    # Redis stops answering (SIGSTOP) while Cat comes and goes: her joins and leaves ask
+    # the cluster board, and Ann's edits must keep reaching Bob meanwhile. Redis's own
+    # call timeout (2 s) would hold the workspace that long per join and per leave.
+    async with start_server(REDIS_URL=own_redis.url) as server:
+        ann = await make_member(server, "ann@example.com")
+        bob = await make_member(server, "bob@example.com")
+        cat = await make_member(server, "cat@example.com")
+        project = await project_with(server, ann, bob, cat)
+        url = ws_url(server, project)
+        async with joined(url, ann) as (ann_ws, _), joined(url, bob) as (bob_ws, _):
+            own_redis.pause()
+            try:
+                latencies: list[float] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def cat_comes_and_goes() -> None:
+                        for _ in range(3):
+                            async with joined(url, cat):
+                                pass
+
+                    nursery.start_soon(cat_comes_and_goes)
+                    for n in range(12):
+                        start = trio.current_time()
+                        await ann_ws.send(
+                            {
+                                "type": "FILE_CHANGE",
+                                "file_path": f"/during{n}",
+                                "changes": {"lines_added": 1},
+                            }
+                        )
+                        with trio.fail_after(10):
+                            while (await bob_ws.until("FILE_CHANGE"))["file_path"] != (
+                                f"/during{n}"
+                            ):
+                                pass
+                        latencies.append(trio.current_time() - start)
+                        await trio.sleep(0.1)
+            finally:
+                own_redis.resume()
+        # A join asks Redis twice (who is online, then the count), each within 0.25 s,
+        # and may wait 0.25 s more for the heartbeat to let go of the board.
+        assert max(latencies) < 1.2, latencies
+
+
+async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_dies(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # A process presumed dead (its heartbeat stopped) is reaped; it comes back and a user
+    # joins there before its next heartbeat, and then it dies for good. The user must
+    # leave when it dies, as everyone else on a dead process does, and must not go
+    # through a leave while the process lives.
+    from atrium.persistence import events as event_log
+    from atrium.presence import Transition
+
+    project, ann, bob = await two_users(db)
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        back = ClusterPresence(redis, db, PresenceSettings(1.0, 2.0))
+        reaper = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await back.beat()
+        assert await back.joined(project, ann, "ann@example.com", 1) is Transition.JOINED
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
+        await reaper.beat()  # Ann leaves: her process is presumed dead
+        assert await back.joined(project, bob, "bob@example.com", 1) is Transition.JOINED
+        await reaper.beat()  # the process is alive again: nobody leaves
+        assert set(await reaper.online(project, {})) == {bob}
+        await back.beat()  # its heartbeat: Ann, still connected there, joins again
+        assert set(await reaper.online(project, {})) == {ann, bob}
+        # Presumed dead again (both leave), back again (Ann's join revives it), and dead
+        # for good before its next heartbeat: she must leave once its TTL runs out.
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
+        await reaper.beat()
+        assert await reaper.online(project, {}) == {}
+        assert await back.joined(project, ann, "ann@example.com", 2) is Transition.JOINED
+        assert set(await reaper.online(project, {})) == {ann}
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
+        await reaper.beat()
+        assert await reaper.online(project, {}) == {}
+    stored = await event_log.events_between(db, project, 0, 100)
+    presence = [(e.type, e.actor_id) for e in stored if e.type.startswith("USER_")]
+    assert presence[:2] == [("USER_LEAVE", ann), ("USER_JOIN", ann)]
+    assert sorted(presence[2:4]) == sorted([("USER_LEAVE", ann), ("USER_LEAVE", bob)])
+    assert presence[4:] == [("USER_LEAVE", ann)]  # her JOIN was the workspace's to store

@@ -37,9 +37,11 @@ message per project, on which the others read them from the log (``Behind``); an
 seen later is filled from the log by the actor itself. Clients see every event once, in
 ``seq`` order, across a Redis restart. While Redis is away (the
 breaker open) the bridge drops what it would publish and retries the subscription with a
-backoff no shorter than the breaker's reset: the process serves its own clients, its
-open workspaces poll the log every second for other processes' durable events, and
-cursors and job progress from other processes do not arrive until Redis is back. A
+backoff no shorter than the breaker's reset: the process serves its own clients, the
+durable events committed here are announced on the log (PostgreSQL NOTIFY, see
+``domain.workspaces.Workspaces``) and so reach the other processes' workspaces at once,
+its open workspaces also poll the log every second (in case a notification was lost),
+and cursors and job progress from other processes do not arrive until Redis is back. A
 workspace whose mailbox was too full to take a received event catches up the same way.
 """
 
@@ -79,8 +81,8 @@ _RETRY_FIRST = 0.1
 _RETRY_MAX = 5.0
 # How often the publisher retries telling others about events it could not relay.
 _UNSENT_RETRY_SECONDS = 0.5
-# While degraded, open workspaces poll the log this often: other processes' durable
-# events still arrive (late), though nothing tells this one about them.
+# While degraded, open workspaces poll the log this often (the default): other processes'
+# durable events still arrive, late, should their NOTIFY on the log not reach this one.
 DEGRADED_POLL_SECONDS = 1.0
 
 _Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
@@ -153,13 +155,16 @@ class Bridge:
         queue_size: int = 8192,
         ping_seconds: float = 5.0,
         instance: str | None = None,
+        poll_seconds: float = DEGRADED_POLL_SECONDS,
     ) -> None:
+        """``poll_seconds``: how often, while degraded, the open workspaces read the log."""
         self.redis = redis
         # 64 random bits unless given: one pattern per hex digit (see patterns_of).
         self.instance = secrets.token_hex(8) if instance is None else instance
         self._own = self.instance.encode() + b"|"
         self._metrics = metrics
         self._ping_seconds = ping_seconds
+        self._poll_seconds = poll_seconds
         self._send, self._receive = trio.open_memory_channel[_Outgoing](queue_size)
         self._running = False
         self._listening = False
@@ -351,10 +356,10 @@ class Bridge:
                 delay = min(_RETRY_MAX, delay * 2)
 
     async def _poll_while_degraded(self, local: LocalWorkspaces) -> None:
-        """Every DEGRADED_POLL_SECONDS: while degraded, every open workspace catches up
-        from the log; otherwise those that missed a received event (a full mailbox)."""
+        """Every ``poll_seconds``: while degraded, every open workspace catches up from
+        the log; otherwise those that missed a received event (a full mailbox)."""
         while True:
-            await trio.sleep(DEGRADED_POLL_SECONDS)
+            await trio.sleep(self._poll_seconds)
             if not self._connected:
                 self._missed.clear()
                 self._catch_up(local.running())

@@ -133,6 +133,10 @@ def _uncounted(_: int) -> None:
     pass
 
 
+def _never() -> bool:
+    return False
+
+
 def _is_edit(message: Message) -> bool:
     return isinstance(message, Edit)
 
@@ -175,6 +179,7 @@ class WorkspaceActor(Actor[Message, Any]):
         "_board",
         "_relay",
         "_count_gap_fills",
+        "_notify_log",
     )
 
     def __init__(
@@ -187,6 +192,7 @@ class WorkspaceActor(Actor[Message, Any]):
         relay: Relay | None = None,
         count_gap_fills: Callable[[int], object] | None = None,
         presence: PresenceBoard | None = None,
+        notify_log: Callable[[], bool] | None = None,
     ) -> None:
         """``count_deliveries(n)`` is told how many connections each broadcast reached
         (a metric: once per broadcast, not per delivery). ``relay`` passes the events this
@@ -211,6 +217,7 @@ class WorkspaceActor(Actor[Message, Any]):
         self._board: PresenceBoard = presence or LocalPresence()
         self._relay = relay or NoRelay()
         self._count_gap_fills = count_gap_fills or _uncounted
+        self._notify_log = notify_log or _never
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -441,7 +448,9 @@ class WorkspaceActor(Actor[Message, Any]):
         """Store events in one transaction and deliver the new ones; None when the project
         was deleted meanwhile (its workspace then closes)."""
         try:
-            results = await store.append(self._db, self.project_id, events)
+            results = await store.append(
+                self._db, self.project_id, events, notify=self._notify_log()
+            )
         except ProjectNotFound:
             self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
             return None

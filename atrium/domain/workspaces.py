@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -22,7 +24,7 @@ from ..actors.workspace import (
 )
 from ..events import Event
 from ..persistence import events as event_log
-from ..persistence.database import Database
+from ..persistence.database import Database, DatabaseUnavailable
 from ..presence import LocalPresence, PresenceBoard, online_json
 from ..relay import NoRelay, Relay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
@@ -31,6 +33,9 @@ log = logging.getLogger("atrium.workspace")
 
 # How often the connection that follows the log is checked (a lost one delivers nothing).
 _FOLLOW_PING_SECONDS = 5.0
+# How often a process tells the others on the log that it is there (and whether its relay
+# is connected); one not heard for three of these is gone.
+PEER_SECONDS = 5.0
 
 
 class Workspaces:
@@ -48,6 +53,18 @@ class Workspaces:
     events and cursors. ``count_gap_fills`` counts events the actors read from the log
     because they had not reached them. ``presence`` is the board every actor tells of its
     connections (this process alone by default; the cluster's with Redis).
+
+    While another process follows the same log and the relay cannot carry this one's
+    events to it (this relay is not ``connected``: no Redis, or Redis away; or that
+    process said its own is not), the events committed here are also announced on the
+    log (PostgreSQL NOTIFY on ``LOG_CHANNEL``), so its open workspaces deliver them at
+    once rather than at their next poll. Not while every relay is connected: the commits
+    of NOTIFYing transactions queue behind one lock in PostgreSQL, which halves the
+    append rate of 16 concurrent writers (``bench/log_notify.py``), for nothing there.
+    Processes learn of each other on the log: a greeting when one starts following it
+    (``hello``, answered by ``here``), then every ``PEER_SECONDS`` and whenever its relay
+    connects or disconnects (``state``), each saying whether its relay is connected. One
+    not heard for three periods is gone; a process alone never notifies.
     """
 
     def __init__(
@@ -72,6 +89,13 @@ class Workspaces:
         self._period = period
         self._supervisor: Supervisor | None = None
         self._attached = trio.Event()
+        self.instance = uuid.uuid4().hex
+        # The other processes heard on the log: when last (trio clock), and whether their
+        # relay was connected then (``_cut_off``: those whose relay was not).
+        self._peers: dict[str, float] = {}
+        self._cut_off: set[str] = set()
+        self._peer_heard = trio.Event()
+        self._greet, self._greetings = trio.open_memory_channel[str](math.inf)
 
     async def run(
         self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
@@ -89,6 +113,9 @@ class Workspaces:
             self._attached.set()
             try:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._greet_forever)
+                    nursery.start_soon(self._tell_state_forever)
+                    nursery.start_soon(self._watch_relay)
                     nursery.start_soon(self.follow_log)
                     task_status.started(supervisor)
                     await trio.sleep_forever()
@@ -100,12 +127,74 @@ class Workspaces:
         """Until cancelled: when another process commits events to a project whose
         workspace is live here (a separate job worker's), that workspace reads them from
         the log and delivers them in seq order (PostgreSQL NOTIFY on ``LOG_CHANNEL``).
-        A database outage is waited out; listening resumes with a backoff."""
+        A database outage is waited out; listening resumes with a backoff. Each time
+        listening (re)starts, this process greets the others that follow the log."""
         await self._db.follow(
-            event_log.LOG_CHANNEL, self._appended, ping_seconds=_FOLLOW_PING_SECONDS
+            event_log.LOG_CHANNEL,
+            self._appended,
+            ping_seconds=_FOLLOW_PING_SECONDS,
+            on_listen=partial(self._greet.send_nowait, "hello"),
         )
 
+    def notifies(self) -> bool:
+        """True when events committed here must be announced on the log: another process
+        follows it, and the relay cannot reach it now (this relay or its own is not
+        connected)."""
+        return bool(self._peers) and (bool(self._cut_off) or not self._relay.connected)
+
+    async def wait_peer(self) -> None:
+        """Return once another process that follows the log has been heard."""
+        await self._peer_heard.wait()
+
+    async def _greet_forever(self) -> None:
+        async for word in self._greetings:
+            try:
+                await event_log.notify_peer(
+                    self._db, self.instance, word, connected=self._relay.connected
+                )
+            except DatabaseUnavailable as error:
+                # Said again when listening resumes (``follow_log``), or at the next period.
+                log.debug("greeting on the log: %s", error)
+
+    async def _tell_state_forever(self) -> None:
+        """Every PEER_SECONDS: say this process is there, and forget the processes that
+        have not said so for three periods."""
+        while True:
+            await trio.sleep(PEER_SECONDS)
+            self._greet.send_nowait("state")
+            gone = trio.current_time() - 3 * PEER_SECONDS
+            for instance in [i for i, heard in self._peers.items() if heard < gone]:
+                log.info("process %s no longer heard on the log", instance)
+                del self._peers[instance]
+                self._cut_off.discard(instance)
+
+    async def _watch_relay(self) -> None:
+        """Tell the others at once when this process's relay connects or disconnects."""
+        told = self._relay.connected
+        while True:
+            await self._relay.wait_connected(not told)
+            told = not told
+            self._greet.send_nowait("state")
+
+    def _heard(self, instance: str, word: str, connected: bool) -> None:
+        if instance == self.instance:
+            return
+        if instance not in self._peers:
+            log.info("another process follows the log: %s", instance)
+            self._peer_heard.set()
+        self._peers[instance] = trio.current_time()
+        if connected:
+            self._cut_off.discard(instance)
+        else:
+            self._cut_off.add(instance)
+        if word == "hello":
+            self._greet.send_nowait("here")
+
     def _appended(self, payload: str) -> None:
+        peer = event_log.parse_peer(payload)
+        if peer is not None:
+            self._heard(*peer)
+            return
         parsed = event_log.parse_appended(payload)
         actor = None if parsed is None else self.find(parsed[0])
         if parsed is not None and actor is not None:
@@ -126,6 +215,7 @@ class Workspaces:
                 relay=self._relay,
                 count_gap_fills=self._count_gap_fills,
                 presence=self.presence,
+                notify_log=self.notifies,
             ),
             restart=Restart.TRANSIENT,
         )
@@ -218,12 +308,22 @@ class Workspaces:
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Hand committed log events to the project's workspace, if it is open here, and
-        to the relay for other processes."""
-        if events:
-            self._relay.events(project_id, events)
+        to the relay for other processes (announced on the log too while the relay cannot
+        reach them: ``notifies``)."""
+        if not events:
+            return
+        self._relay.events(project_id, events)
         actor = self.find(project_id)
-        if actor is not None and events:
+        if actor is not None:
             try:
                 await actor.tell(Published(events))
             except ActorStopped:
                 log.debug("workspace %s stopped before its events arrived", project_id)
+        if self.notifies():
+            # Job events were announced in their own transaction already: announcing
+            # them twice while degraded costs a notification, not a flag on every caller.
+            try:
+                await event_log.notify_reached(self._db, project_id, max(e.seq for e in events))
+            except DatabaseUnavailable as error:
+                # Durable all the same: the others read them at their next poll or gap.
+                log.warning("announcing events of %s on the log: %s", project_id, error)

@@ -26,8 +26,12 @@ _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
 
 LOG_CHANNEL = "atrium_log"
 """Notified on commit with ``<project_id>:<seq>`` by writers whose events no live workspace
-in their own process delivers (a separate job worker): every process's workspaces read
-the log up to that seq."""
+in their own process delivers (a separate job worker), and by workspaces whose events the
+bridge cannot carry to the other processes (no Redis, or Redis away): every process's
+workspaces read the log up to that seq. The processes that follow the log also greet
+each other on it (``notify_peer``), so a process learns whether any other one follows."""
+
+_PEER = "peer:"
 
 
 async def notify_appended(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
@@ -42,6 +46,29 @@ async def notify_appended(conn: asyncpg.Connection, events: Sequence[Event]) -> 
             LOG_CHANNEL,
             [f"{project_id}:{seq}" for project_id, seq in newest.items()],
         )
+
+
+async def notify_reached(db: Database, project_id: uuid.UUID, seq: int) -> None:
+    """Tell every process listening on ``LOG_CHANNEL`` that the project's log reached
+    ``seq`` (for events committed in an earlier transaction)."""
+    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{project_id}:{seq}")
+
+
+async def notify_peer(db: Database, instance: str, word: str, *, connected: bool) -> None:
+    """Say ``word`` (``hello``: this process started following the log; ``here``: the
+    answer to another's hello; ``state``: still here) as process ``instance`` to the
+    others on ``LOG_CHANNEL``, with whether its relay to them is ``connected``."""
+    state = "connected" if connected else "cut_off"
+    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{_PEER}{instance}:{word}:{state}")
+
+
+def parse_peer(payload: str) -> tuple[str, str, bool] | None:
+    """The instance, word and relay state (connected) of a greeting (``notify_peer``), or
+    None if it is not one."""
+    if not payload.startswith(_PEER):
+        return None
+    instance, word, state = (payload[len(_PEER) :].split(":") + ["", ""])[:3]
+    return instance, word, state == "connected"
 
 
 def parse_appended(payload: str) -> tuple[uuid.UUID, int] | None:
@@ -163,8 +190,11 @@ async def list_events(
 Appended = tuple[Event, bool]
 
 
-async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]) -> list[Appended]:
-    """Append ``events`` in one transaction, in order, with consecutive seqs.
+async def append(
+    db: Database, project_id: uuid.UUID, events: Sequence[NewEvent], *, notify: bool = False
+) -> list[Appended]:
+    """Append ``events`` in one transaction, in order, with consecutive seqs; with
+    ``notify``, NOTIFY ``LOG_CHANNEL`` on commit when any was new (``notify_appended``).
 
     Returns, for each, the event and True; or, for a client id stored before (or earlier
     in the same batch), the event stored under it and False. Raises ``ProjectNotFound``
@@ -193,6 +223,8 @@ async def append(db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
             inserted = await _insert(conn, project_id, [events[i] for i in fresh])
             for index, stored_event in zip(fresh, inserted, strict=True):
                 results[index] = (stored_event, True)
+            if notify:
+                await notify_appended(conn, inserted)
         elif await conn.fetchval(_LIVE_PROJECT, project_id) is None:
             raise ProjectNotFound()
         for index, original in repeats:

@@ -35,10 +35,17 @@ from .redis import Redis
 PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
 
-# KEYS: instance hash, project totals, project seen. ARGV: field, user, count, email,
-# project, now (ms). Sets this instance's count of the user's connections to the
-# project; returns the user's total before and after.
+# KEYS: instance hash, project totals, project seen, instances, alive key, tombstone.
+# ARGV: field, user, count, email, project, now (ms), instance, ttl (ms). Sets this
+# instance's count of the user's connections to the project; returns the user's total
+# before and after. An instance that was reaped and writes before its next heartbeat is
+# alive again (registered, with its TTL): else what it writes now would never be reaped
+# if it died before that heartbeat. The tombstone stays for the heartbeat to find.
 _SET_COUNT = """
+if redis.call('EXISTS', KEYS[6]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('SADD', KEYS[4], ARGV[7])
+  redis.call('SET', KEYS[5], '1', 'PX', ARGV[8])
+end
 local old = 0
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if raw then old = tonumber(cjson.decode(raw).n) end
@@ -233,9 +240,12 @@ class PresenceStore:
     Every method raises ``RedisUnavailable`` when Redis cannot be used.
     """
 
-    def __init__(self, redis: Redis, instance: str) -> None:
+    def __init__(self, redis: Redis, instance: str, *, ttl_ms: int = 8000) -> None:
+        """``ttl_ms``: how long the instance lives without a heartbeat, when a write
+        revives it after it was reaped (``set_count``)."""
         self.redis = redis
         self.instance = instance
+        self._ttl_ms = ttl_ms
         self._hash = _key("instance", instance)
         self._scripts: dict[str, Any] = {}
 
@@ -258,8 +268,24 @@ class PresenceStore:
         project, user = entry.project_id, entry.user_id
         before, after = await self._run(
             _SET_COUNT,
-            [self._hash, _key("project", project), _key("seen", project)],
-            [f"{project}:{user}", str(user), entry.count, entry.email, str(project), entry.seen_ms],
+            [
+                self._hash,
+                _key("project", project),
+                _key("seen", project),
+                _key("instances"),
+                _key("alive", self.instance),
+                _key("reaped", self.instance),
+            ],
+            [
+                f"{project}:{user}",
+                str(user),
+                entry.count,
+                entry.email,
+                str(project),
+                entry.seen_ms,
+                self.instance,
+                self._ttl_ms,
+            ],
         )
         return Totals(int(before), int(after))
 

@@ -86,6 +86,11 @@ class Redis:
         self._admit()
         return await self._timed(fn(self._client))
 
+    def answering_within(self, timeout: float) -> Redis:
+        """This client with calls bounded by ``timeout`` seconds instead (same connections,
+        same breaker: a call past it counts as a failure)."""
+        return Redis(self._client, self.breaker, timeout=timeout)
+
     async def ping(self) -> bool:
         """True when Redis answers PING. Raises RedisUnavailable."""
         return bool(await self.call(lambda client: client.ping()))
