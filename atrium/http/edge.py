@@ -18,7 +18,6 @@ bytes, so requests pay nothing for it beyond a scan of their headers:
 
 from __future__ import annotations
 
-import trio
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -155,13 +154,6 @@ class Edge:
                     # would read it as the next request and hang.
                     headers.append((b"connection", b"close"))
                 message["headers"] = headers
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                # hypercorn recycles or closes the connection inside this call, and Quart
-                # cancels the request's tasks as it ends: a close cut short there left the
-                # socket open until a timeout (issue 9: 32 s after a 413).
-                with trio.CancelScope(shield=True):
-                    await send(message)
-                return
             await send(message)
 
         try:

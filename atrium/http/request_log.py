@@ -1,7 +1,7 @@
 """The outermost ASGI layer: each HTTP request's id and its one access line.
 
 Every HTTP response carries ``X-Request-ID``: the client's own when it is well formed
-(1-128 characters of ``A-Z a-z 0-9 . _ -``), else a new one (uuid4 hex), so a client can
+(1-128 characters of ``A-Z a-z 0-9 . _ -``), else a new one (32 hex digits), so a client can
 quote it and an operator can find every line of that request. The request's log context
 (``atrium.logs``) holds the id, method and path from the start, the route template and
 the user id once known, and status and duration at the end, when the access line
@@ -12,9 +12,10 @@ logged and carry the id too. Headers and bodies are never logged.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
-import uuid
+import secrets
 from collections.abc import Iterable
 
 import trio
@@ -34,14 +35,22 @@ access_log = logging.getLogger("atrium.access")
 _WELL_FORMED = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
 
+# New ids: 32 hex digits, as a uuid4's hex, made of 64 random bits per process and a
+# counter (a uuid4 costs a getrandom call and about 3 µs, a tenth of a cached request's
+# own work); unique across processes but for a 2**-64 chance per pair of processes.
+_PROCESS = secrets.token_hex(8)
+_SERIAL = itertools.count()
+
+
 def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The request's id: its ``X-Request-ID`` when well formed, else a new uuid4 hex."""
+    """The request's id: its ``X-Request-ID`` when well formed, else a new one (32 hex
+    digits, unique to this request)."""
     for name, value in headers:
         if name == b"x-request-id":
             if _WELL_FORMED.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return f"{_PROCESS}{next(_SERIAL):016x}"
 
 
 class RequestLog:
