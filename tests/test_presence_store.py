@@ -153,6 +153,9 @@ async def test_every_transition_of_a_user_gets_a_newer_version(redis: Redis) -> 
     assert versions == sorted(versions) and len(set(versions)) == len(versions) == 7
     # Bob's versions are his own; another project's too.
     assert 0 < (await a.set_count(entry(BOB, 1, project))).version
-    # A Redis that lost its keys (a restart) still hands out newer versions.
-    await redis.call(lambda client: client.delete(f"atrium:presence:version:{project}"))
+    # The versions are kept for a day after the project's last transition; a Redis that
+    # lost them (a restart, or that day passed) still hands out newer ones.
+    key = f"atrium:presence:version:{project}"
+    assert 0 < await redis.call(lambda client: client.pttl(key)) <= 86_400_000
+    await redis.call(lambda client: client.delete(key))
     assert (await a.set_count(entry(ANN, 0, project))).version > versions[-1]

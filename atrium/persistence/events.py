@@ -1,10 +1,11 @@
 """The project event log: the one place events are written to and read from.
 
 Rows become ``atrium.events.Event`` here and nowhere else. Every append, whether from a
-project write (``append_event``, inside its transaction) or from a live workspace
-(``append``, a batch of edits with their client ids), goes through ``_insert``: the
-project's next seqs are reserved on its row, and payloads are encoded by
-``json_output.dumps``.
+project write (``append_event``, inside its transaction), from a live workspace
+(``append``, a batch of edits with their client ids) or from presence (``append_presence``,
+which drops a USER_JOIN/USER_LEAVE decided before the last one stored for its user), goes
+through ``_insert``: the project's next seqs are reserved on its row, and payloads are
+encoded by ``json_output.dumps``.
 """
 
 from __future__ import annotations

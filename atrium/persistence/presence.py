@@ -10,7 +10,8 @@ keys (all under ``atrium:presence:``)::
     project:{project}      hash user -> connections on every instance together
     seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
     reaped:{instance}      set for an hour when another process reaped the instance
-    version:{project}      hash user -> the version of the user's latest transition
+    version:{project}      hash user -> the version of the user's latest transition (for
+                           a day after the project's latest one)
 
 Every change is a Lua script, so an instance's entries and the project totals never
 disagree, and each script reports the transitions of the totals it made (a user online
@@ -20,9 +21,10 @@ the cluster are decided once, in Redis. Each transition also raises the user's
 transitions, which the event log follows (``persistence.events.append_presence`` stores a
 USER_JOIN or USER_LEAVE only if its version is newer than the last stored). A version is
 the Redis clock in microseconds, or one more than the previous version if that is not
-less: it only grows, and also across a Redis restart that lost the keys (transitions do
-not come a microsecond apart). ``reap`` claims an instance whose ``alive`` key
-expired in one script, so exactly one live process gets its users.
+less: it only grows, and also across a Redis restart that lost the keys, as a lost
+version was at most the clock when it was taken (a user's transitions never come more
+than one a microsecond) unless Redis's clock stepped back. ``reap`` claims an instance
+whose ``alive`` key expired in one script, so exactly one live process gets its users.
 
 The scripts name keys they derive from an entry (a project's totals), so they need one
 Redis, not a Redis Cluster.
@@ -43,14 +45,18 @@ PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
 
 # ``advance(key, user)``: raise the user's version in the hash ``key`` (a transition) and
-# return it. Numbers are formatted by hand: Lua writes 1.7e+15 for a plain tostring.
+# return it. Numbers are formatted by hand: Lua writes 1.7e+15 for a plain tostring. The
+# hash goes a day after the project's last transition: the clock then gives newer
+# versions than those it held, as after a Redis restart.
 _ADVANCE = """
 local function advance(key, user)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local step = now - tonumber(redis.call('HGET', key, user) or '0')
   if step < 1 then step = 1 end
-  return redis.call('HINCRBY', key, user, string.format('%.0f', step))
+  local version = redis.call('HINCRBY', key, user, string.format('%.0f', step))
+  redis.call('PEXPIRE', key, 86400000)
+  return version
 end
 """
 
