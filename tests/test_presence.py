@@ -587,3 +587,48 @@ async def test_workspaces_on_two_processes_store_and_deliver_no_stale_leave(
             assert set(await p1.online(project, {})) == {ann, bob}
             nursery.cancel_scope.cancel()
     assert await presence_log(db, project) == [(join, bob), (join, ann), (join, ann)]
+
+
+async def test_the_reaper_stores_no_leave_decided_before_the_users_return(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # Through the heartbeat's own reaping: the reaper decides Ann left with her dead
+    # process, and is held up before storing it while she joins on another process.
+    from atrium.persistence.events import append_presence
+    from atrium.presence import Transition, presence_event
+
+    class HeldReaper(ClusterPresence):
+        """Holds the events its heartbeat reaped between deciding and storing them."""
+
+        reaped = trio.Event()
+        release = trio.Event()
+
+        async def _announce(self) -> None:
+            if self.snapshot_detail()["events_to_store"]:
+                self.reaped.set()
+                await self.release.wait()
+            await super()._announce()
+
+    project, ann, _ = await two_users(db)
+    join = EventType.USER_JOIN
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        dead = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        reaper = HeldReaper(redis, db, PresenceSettings(1.0, 60.0))
+        await dead.beat()
+        first = await dead.joined(project, ann, "ann@example.com", 1)
+        await append_presence(
+            db, project, [presence_event(join, ann, "ann", first.version)], notify=False
+        )
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{dead.instance}"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reaper.beat)
+            await reaper.reaped.wait()
+            back = await elsewhere.joined(project, ann, "ann@example.com", 1)
+            assert back.transition is Transition.JOINED
+            await append_presence(
+                db, project, [presence_event(join, ann, "ann", back.version)], notify=False
+            )
+            reaper.release.set()
+        assert reaper.snapshot_detail()["events_to_store"] == 0  # dropped, not retried
+    assert await presence_log(db, project) == [(join, ann), (join, ann)]
