@@ -53,12 +53,16 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event to append. With ``client_id`` it is stored at most once per
-    (project, actor, client_id): a client's retry finds the first one."""
+    (project, actor, client_id): a client's retry finds the first one. With
+    ``presence_version`` (a USER_JOIN or USER_LEAVE the cluster's presence decided), it
+    is stored only if newer than the actor's last one stored (``append_presence``);
+    clients never see the version."""
 
     type: EventType
     actor_id: uuid.UUID | None
     payload: dict[str, Any]
     client_id: str | None = None
+    presence_version: int | None = None
 
 
 class EventPublisher(Protocol):

@@ -49,6 +49,18 @@ class Transition(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Decision:
+    """A transition and, when the cluster decided it, its ``version`` (the order of the
+    user's transitions in the project; None: decided by this process alone)."""
+
+    transition: Transition
+    version: int | None = None
+
+
+_NONE = Decision(Transition.NONE)
+
+
+@dataclass(frozen=True, slots=True)
 class OnlineUser:
     """A user's connections to a project and when they were last active (epoch s)."""
 
@@ -56,10 +68,14 @@ class OnlineUser:
     last_seen: float
 
 
-def presence_event(kind: EventType, user_id: uuid.UUID, email: str) -> NewEvent:
-    """A USER_JOIN or USER_LEAVE with the seed's fields."""
+def presence_event(
+    kind: EventType, user_id: uuid.UUID, email: str, version: int | None = None
+) -> NewEvent:
+    """A USER_JOIN or USER_LEAVE with the seed's fields, and the ``version`` of the
+    transition when the cluster decided it (stored only in that order)."""
     what = "entered the workspace" if kind is EventType.USER_JOIN else "left the workspace"
-    return NewEvent(kind, user_id, {"email": email, "message": f"User {email} {what}"})
+    payload = {"email": email, "message": f"User {email} {what}"}
+    return NewEvent(kind, user_id, payload, presence_version=version)
 
 
 def online_json(users: Mapping[uuid.UUID, OnlineUser]) -> list[dict[str, Any]]:
@@ -85,13 +101,13 @@ class PresenceBoard(Protocol):
 
     async def joined(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
+    ) -> Decision:
         """One more connection of the user here."""
         ...
 
     async def left(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
+    ) -> Decision:
         """One connection of the user fewer here."""
         ...
 
@@ -119,13 +135,13 @@ class LocalPresence:
 
     async def joined(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
-        return Transition.JOINED if connections == 1 else Transition.NONE
+    ) -> Decision:
+        return Decision(Transition.JOINED) if connections == 1 else _NONE
 
     async def left(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
-        return Transition.LEFT if connections == 0 else Transition.NONE
+    ) -> Decision:
+        return Decision(Transition.LEFT) if connections == 0 else _NONE
 
     def seen(self, project_id: uuid.UUID, user_id: uuid.UUID) -> None:
         pass
@@ -211,14 +227,14 @@ class ClusterPresence:
 
     async def joined(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
-        alone = Transition.JOINED if connections == 1 else Transition.NONE
+    ) -> Decision:
+        alone = Decision(Transition.JOINED) if connections == 1 else _NONE
         return await self._count(project_id, user_id, email, connections, alone)
 
     async def left(
         self, project_id: uuid.UUID, user_id: uuid.UUID, email: str, connections: int
-    ) -> Transition:
-        alone = Transition.LEFT if connections == 0 else Transition.NONE
+    ) -> Decision:
+        alone = Decision(Transition.LEFT) if connections == 0 else _NONE
         return await self._count(project_id, user_id, email, connections, alone)
 
     def seen(self, project_id: uuid.UUID, user_id: uuid.UUID) -> None:
@@ -285,11 +301,12 @@ class ClusterPresence:
         user_id: uuid.UUID,
         email: str,
         connections: int,
-        alone: Transition,
-    ) -> Transition:
-        """Write the user's count here; the transition Redis decided, or ``alone`` (this
-        process's own view) when Redis cannot be reached, or does not answer (or the
-        heartbeat does not let go of the board) within ``answer_seconds``."""
+        alone: Decision,
+    ) -> Decision:
+        """Write the user's count here; the transition Redis decided (with its version),
+        or ``alone`` (this process's own view, no version) when Redis cannot be reached,
+        or does not answer (or the heartbeat does not let go of the board) within
+        ``answer_seconds``."""
         slot = (project_id, user_id)
         with trio.move_on_after(self._settings.answer_seconds) as waited:
             await self._lock.acquire()
@@ -312,10 +329,10 @@ class ClusterPresence:
         finally:
             self._lock.release()
         if totals.came_online:
-            return Transition.JOINED
+            return Decision(Transition.JOINED, totals.version)
         if totals.went_offline:
-            return Transition.LEFT
-        return Transition.NONE
+            return Decision(Transition.LEFT, totals.version)
+        return _NONE
 
     # -- heartbeat and reaper ---------------------------------------------------------------
 
@@ -385,9 +402,9 @@ class ClusterPresence:
         for kind, someone in pending:
             by_project.setdefault(someone.project_id, []).append((kind, someone))
         for project_id, items in by_project.items():
-            events = [presence_event(kind, s.user_id, s.email) for kind, s in items]
+            events = [presence_event(kind, s.user_id, s.email, s.version) for kind, s in items]
             try:
-                await event_log.append_notified(self._db, project_id, events)
+                await event_log.append_presence(self._db, project_id, events, notify=True)
             except ProjectNotFound:
                 pass  # deleted meanwhile: nobody is left to tell
             except DatabaseUnavailable as error:

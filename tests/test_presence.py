@@ -20,6 +20,7 @@ from served import start_serving
 from test_workspace import Member, make_member
 from wsclient import Client, connect
 
+from atrium.events import EventType
 from atrium.persistence.redis import BreakerSettings, open_redis
 from atrium.presence import ClusterPresence, PresenceSettings
 
@@ -206,7 +207,9 @@ async def test_a_process_cut_off_while_reaped_announces_its_users_again(
     async with open_redis(redis_url, BreakerSettings()) as redis:
         cut_off = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
         await cut_off.beat()
-        assert (await cut_off.joined(project_id, user.id, user.email, 1)).value == "joined"
+        assert (
+            await cut_off.joined(project_id, user.id, user.email, 1)
+        ).transition.value == "joined"
         await redis.call(lambda c: c.delete(f"atrium:presence:alive:{cut_off.instance}"))
         reaper = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
         await reaper.beat()
@@ -227,8 +230,9 @@ async def test_local_presence_decides_from_this_process_counts(connections: int)
     joined_as = await board.joined(project, user, "a@example.com", connections)
     left_as = await board.left(project, user, "a@example.com", connections - 1)
     first = connections == 1
-    assert joined_as is (Transition.JOINED if first else Transition.NONE)
-    assert left_as is (Transition.LEFT if first else Transition.NONE)
+    assert joined_as.transition is (Transition.JOINED if first else Transition.NONE)
+    assert left_as.transition is (Transition.LEFT if first else Transition.NONE)
+    assert joined_as.version is None and left_as.version is None  # no cluster order
 
 
 def test_presence_settings_are_validated() -> None:
@@ -294,10 +298,16 @@ async def test_a_board_cut_off_from_redis_decides_alone_and_rewrites_everything_
     async with open_redis(own_redis.url, breaker) as redis:
         board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
         await board.beat()
-        assert await board.joined(project, ann, "ann@example.com", 1) is Transition.JOINED
+        assert (
+            await board.joined(project, ann, "ann@example.com", 1)
+        ).transition is Transition.JOINED
         own_redis.stop()
-        assert await board.joined(project, bob, "bob@example.com", 1) is Transition.JOINED
-        assert await board.joined(project, bob, "bob@example.com", 2) is Transition.NONE
+        assert (
+            await board.joined(project, bob, "bob@example.com", 1)
+        ).transition is Transition.JOINED
+        assert (
+            await board.joined(project, bob, "bob@example.com", 2)
+        ).transition is Transition.NONE
         here = {bob: OnlineUser(2, 1.0)}
         assert await board.online(project, here) == here  # what this process knows
         await board.beat()
@@ -309,8 +319,8 @@ async def test_a_board_cut_off_from_redis_decides_alone_and_rewrites_everything_
             project, {}
         )
         assert {user: u.connections for user, u in online_now.items()} == {ann: 1, bob: 2}
-        assert await board.left(project, bob, "bob@example.com", 1) is Transition.NONE
-        assert await board.left(project, bob, "bob@example.com", 0) is Transition.LEFT
+        assert (await board.left(project, bob, "bob@example.com", 1)).transition is Transition.NONE
+        assert (await board.left(project, bob, "bob@example.com", 0)).transition is Transition.LEFT
 
 
 async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
@@ -395,10 +405,14 @@ async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_d
         back = ClusterPresence(redis, db, PresenceSettings(1.0, 2.0))
         reaper = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
         await back.beat()
-        assert await back.joined(project, ann, "ann@example.com", 1) is Transition.JOINED
+        assert (
+            await back.joined(project, ann, "ann@example.com", 1)
+        ).transition is Transition.JOINED
         await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
         await reaper.beat()  # Ann leaves: her process is presumed dead
-        assert await back.joined(project, bob, "bob@example.com", 1) is Transition.JOINED
+        assert (
+            await back.joined(project, bob, "bob@example.com", 1)
+        ).transition is Transition.JOINED
         await reaper.beat()  # the process is alive again: nobody leaves
         assert set(await reaper.online(project, {})) == {bob}
         await back.beat()  # its heartbeat: Ann, still connected there, joins again
@@ -408,7 +422,9 @@ async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_d
         await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
         await reaper.beat()
         assert await reaper.online(project, {}) == {}
-        assert await back.joined(project, ann, "ann@example.com", 2) is Transition.JOINED
+        assert (
+            await back.joined(project, ann, "ann@example.com", 2)
+        ).transition is Transition.JOINED
         assert set(await reaper.online(project, {})) == {ann}
         await redis.call(lambda c: c.delete(f"atrium:presence:alive:{back.instance}"))
         await reaper.beat()
@@ -418,3 +434,201 @@ async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_d
     assert presence[:2] == [("USER_LEAVE", ann), ("USER_JOIN", ann)]
     assert sorted(presence[2:4]) == sorted([("USER_LEAVE", ann), ("USER_LEAVE", bob)])
     assert presence[4:] == [("USER_LEAVE", ann)]  # her JOIN was the workspace's to store
+
+
+async def presence_log(db: Any, project: uuid.UUID) -> list[tuple[str, uuid.UUID | None]]:
+    from atrium.persistence import events as event_log
+
+    stored = await event_log.events_between(db, project, 0, 1000)
+    return [(e.type, e.actor_id) for e in stored if e.type in ("USER_JOIN", "USER_LEAVE")]
+
+
+async def test_a_leave_the_reaper_stores_after_the_users_next_join_is_dropped(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # P dies; the reaper decides Ann went offline; she comes back on Q, whose JOIN is
+    # stored first; the reaper's LEAVE, stored after it, would say she left while online.
+    from atrium.persistence.events import append_presence
+    from atrium.persistence.presence import Entry, PresenceStore
+    from atrium.presence import presence_event
+
+    project, ann, bob = await two_users(db)
+    join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        dead, q, reaper = (PresenceStore(redis, uuid.uuid4().hex) for _ in range(3))
+        await dead.heartbeat(60_000)
+        first = await dead.set_count(Entry(project, ann, 1, "ann@example.com", 1))
+        stored = await append_presence(
+            db, project, [presence_event(join, ann, "ann", first.version)], notify=False
+        )
+        assert [e.type for e in stored] == [join]
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{dead.instance}"))
+        (gone,) = await reaper.reap()  # decided first ...
+        back = await q.set_count(Entry(project, ann, 1, "ann@example.com", 2))
+        assert back.came_online and back.version > gone.version
+        stored = await append_presence(
+            db, project, [presence_event(join, ann, "ann", back.version)], notify=False
+        )
+        assert [e.type for e in stored] == [join]
+        # ... stored last: dropped, and nothing for a workspace to deliver.
+        late = presence_event(leave, ann, "ann", gone.version)
+        assert await append_presence(db, project, [late], notify=True) == []
+        assert await presence_log(db, project) == [(join, ann), (join, ann)]
+        # Stored in the order decided, both stay; Bob's versions are his own, and an event
+        # decided by one process alone (Redis away) has no version and is always stored.
+        offline = await q.set_count(Entry(project, ann, 0, "ann@example.com", 3))
+        bob_on = await q.set_count(Entry(project, bob, 1, "bob@example.com", 3))
+        stored = await append_presence(
+            db,
+            project,
+            [
+                presence_event(leave, ann, "ann", offline.version),
+                presence_event(join, bob, "bob", bob_on.version),
+                presence_event(join, ann, "ann"),
+                presence_event(join, ann, "ann", back.version),  # stale even in one batch
+            ],
+            notify=False,
+        )
+        assert [(e.type, e.actor_id) for e in stored] == [(leave, ann), (join, bob), (join, ann)]
+        assert [e.seq - stored[0].seq for e in stored] == [0, 1, 2]  # no gap in the log
+        assert "presence_version" not in stored[0].payload  # clients see the same frame
+        assert stored[0].payload == {"email": "ann", "message": "User ann left the workspace"}
+
+
+async def test_a_leave_on_one_process_committed_after_a_join_on_another_is_dropped(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # Ann leaves on P1 and joins on P2 at once: P2's JOIN commits before P1's LEAVE.
+    from atrium.persistence.events import append_presence
+    from atrium.presence import Transition, presence_event
+
+    project, ann, _ = await two_users(db)
+    join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        p1 = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        p2 = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        on = await p1.joined(project, ann, "ann@example.com", 1)
+        off = await p1.left(project, ann, "ann@example.com", 0)
+        again = await p2.joined(project, ann, "ann@example.com", 1)
+        assert (on.transition, off.transition, again.transition) == (
+            Transition.JOINED,
+            Transition.LEFT,
+            Transition.JOINED,
+        )
+        for decision, kind in ((on, join), (again, join), (off, leave)):
+            await append_presence(
+                db, project, [presence_event(kind, ann, "ann", decision.version)], notify=False
+            )
+    assert await presence_log(db, project) == [(join, ann), (join, ann)]
+
+
+async def test_workspaces_on_two_processes_store_and_deliver_no_stale_leave(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # End to end through two workspaces (two processes' actors sharing Redis and the
+    # log): Ann's LEAVE on P1 is decided, then P1 is held up before storing it while she
+    # joins on P2, whose JOIN is stored first. P1 must neither store nor deliver its LEAVE.
+    import orjson
+
+    from atrium.actors.workspace import (
+        Join,
+        Leave,
+        Status,
+        Subscriber,
+        WorkspaceActor,
+        WorkspaceSettings,
+    )
+    from atrium.outbox import Outbox
+    from atrium.presence import Decision
+    from atrium.roles import Role
+
+    class SlowToStore(ClusterPresence):
+        """Holds a leave between Redis deciding it and the workspace storing it."""
+
+        decided = trio.Event()
+        release = trio.Event()
+
+        async def left(self, *args: Any) -> Decision:
+            decision = await super().left(*args)
+            self.decided.set()
+            await self.release.wait()
+            return decision
+
+    project, ann, bob = await two_users(db)
+    join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
+
+    def subscriber(user: uuid.UUID, email: str) -> Subscriber:
+        return Subscriber(user, email, Role.COLLABORATOR, Outbox(100))
+
+    def seen(who: Subscriber) -> list[tuple[str, str]]:
+        frames = [orjson.loads(frame) for frame in who.outbox.take()]
+        return [(f["type"], f["user_id"]) for f in frames if f["type"] in (join, leave)]
+
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        p1 = SlowToStore(redis, db, PresenceSettings(1.0, 60.0))
+        p2 = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        one = WorkspaceActor(project, db, WorkspaceSettings(), presence=p1)
+        two = WorkspaceActor(project, db, WorkspaceSettings(), presence=p2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(one.run)
+            await nursery.start(two.run)
+            bob_on_one, ann_on_one = subscriber(bob, "bob"), subscriber(ann, "ann")
+            ann_on_two = subscriber(ann, "ann")
+            await one.ask(Join(bob_on_one, None))
+            await one.ask(Join(ann_on_one, None))
+            assert seen(bob_on_one) == [(join, str(bob)), (join, str(ann))]
+            await one.tell(Leave(ann_on_one))
+            await p1.decided.wait()  # Redis: Ann went offline ...
+            await two.ask(Join(ann_on_two, None))  # ... and came back, stored first
+            p1.release.set()
+            await one.ask(Status())  # the Leave is handled
+            assert seen(bob_on_one) == []  # no USER_LEAVE while she is online
+            assert (join, str(ann)) in seen(ann_on_two)
+            assert set(await p1.online(project, {})) == {ann, bob}
+            nursery.cancel_scope.cancel()
+    assert await presence_log(db, project) == [(join, bob), (join, ann), (join, ann)]
+
+
+async def test_the_reaper_stores_no_leave_decided_before_the_users_return(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # Through the heartbeat's own reaping: the reaper decides Ann left with her dead
+    # process, and is held up before storing it while she joins on another process.
+    from atrium.persistence.events import append_presence
+    from atrium.presence import Transition, presence_event
+
+    class HeldReaper(ClusterPresence):
+        """Holds the events its heartbeat reaped between deciding and storing them."""
+
+        reaped = trio.Event()
+        release = trio.Event()
+
+        async def _announce(self) -> None:
+            if self.snapshot_detail()["events_to_store"]:
+                self.reaped.set()
+                await self.release.wait()
+            await super()._announce()
+
+    project, ann, _ = await two_users(db)
+    join = EventType.USER_JOIN
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        dead = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        elsewhere = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        reaper = HeldReaper(redis, db, PresenceSettings(1.0, 60.0))
+        await dead.beat()
+        first = await dead.joined(project, ann, "ann@example.com", 1)
+        await append_presence(
+            db, project, [presence_event(join, ann, "ann", first.version)], notify=False
+        )
+        await redis.call(lambda c: c.delete(f"atrium:presence:alive:{dead.instance}"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reaper.beat)
+            await reaper.reaped.wait()
+            back = await elsewhere.joined(project, ann, "ann@example.com", 1)
+            assert back.transition is Transition.JOINED
+            await append_presence(
+                db, project, [presence_event(join, ann, "ann", back.version)], notify=False
+            )
+            reaper.release.set()
+        assert reaper.snapshot_detail()["events_to_store"] == 0  # dropped, not retried
+    assert await presence_log(db, project) == [(join, ann), (join, ann)]

@@ -77,7 +77,9 @@ async def test_a_dead_instance_is_reaped_by_exactly_one_process(redis: Redis) ->
         for store in (live, other, live, other):
             nursery.start_soon(reap, store)
     left = [someone for claim in claims for someone in claim]
-    assert left == [Someone(PROJECT, ANN, entry(ANN, 1).email)]
+    assert [(s.project_id, s.user_id, s.email) for s in left] == [
+        (PROJECT, ANN, entry(ANN, 1).email)
+    ]
     members = {m.user_id: m.connections for m in await live.members(PROJECT)}
     assert members == {BOB: 1}
     assert await live.reap() == []
@@ -103,8 +105,9 @@ async def test_sync_sets_counts_and_a_full_sync_removes_the_rest(redis: Redis) -
     a, b = PresenceStore(redis, "a"), PresenceStore(redis, "b")
     other_project = uuid.uuid4()
     await b.set_count(entry(ANN, 1))
-    assert await a.sync([entry(ANN, 2), entry(BOB, 1, other_project)], full=False) == [
-        Someone(other_project, BOB, entry(BOB, 1).email)
+    came = await a.sync([entry(ANN, 2), entry(BOB, 1, other_project)], full=False)
+    assert [(s.project_id, s.user_id, s.email) for s in came] == [
+        (other_project, BOB, entry(BOB, 1).email)
     ]
     # A partial sync leaves what it does not list; a count of 0 removes an entry.
     assert await a.sync([entry(BOB, 0, other_project)], full=False) == []
@@ -117,3 +120,42 @@ async def test_sync_sets_counts_and_a_full_sync_removes_the_rest(redis: Redis) -
     await a.sync([entry(ANN, 1, seen_ms=5000)], full=False)
     await a.sync([entry(ANN, 1, seen_ms=4000)], full=False)
     assert [m.seen_ms for m in await a.members(PROJECT)] == [5000]
+
+
+async def test_every_transition_of_a_user_gets_a_newer_version(redis: Redis) -> None:
+    # The version is the order Redis decided a user's transitions in, whichever script
+    # decided them: a join, a leave, a reap, a reaped instance's users coming back.
+    project = uuid.uuid4()
+    a, b, reaper = (
+        PresenceStore(redis, "va"),
+        PresenceStore(redis, "vb"),
+        PresenceStore(redis, "vr"),
+    )
+    versions = [(await a.set_count(entry(ANN, 1, project))).version]
+    assert (await a.set_count(entry(ANN, 2, project))).version == 0  # no transition
+    assert (await b.set_count(entry(ANN, 1, project))).version == 0
+    assert (await a.set_count(entry(ANN, 0, project))).version == 0
+    versions.append((await b.set_count(entry(ANN, 0, project))).version)  # went offline
+    await b.heartbeat(60_000)
+    versions.append((await b.set_count(entry(ANN, 1, project))).version)
+    await expire(redis, b)
+    (reaped,) = await reaper.reap()
+    versions.append(reaped.version)
+    await b.heartbeat(60_000)
+    (back,) = await b.sync([entry(ANN, 1, project)], full=True)
+    versions.append(back.version)
+    await b.sync([], full=True)  # offline without a USER_LEAVE: still a transition
+    silent = await redis.call(
+        lambda client: client.hget(f"atrium:presence:version:{project}", str(ANN))
+    )
+    versions.append(int(silent))
+    versions.append((await a.set_count(entry(ANN, 1, project))).version)
+    assert versions == sorted(versions) and len(set(versions)) == len(versions) == 7
+    # Bob's versions are his own; another project's too.
+    assert 0 < (await a.set_count(entry(BOB, 1, project))).version
+    # The versions are kept for a day after the project's last transition; a Redis that
+    # lost them (a restart, or that day passed) still hands out newer ones.
+    key = f"atrium:presence:version:{project}"
+    assert 0 < await redis.call(lambda client: client.pttl(key)) <= 86_400_000
+    await redis.call(lambda client: client.delete(key))
+    assert (await a.set_count(entry(ANN, 0, project))).version > versions[-1]

@@ -27,6 +27,7 @@ from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
 from ..presence import (
+    Decision,
     LocalPresence,
     OnlineUser,
     PresenceBoard,
@@ -420,12 +421,22 @@ class WorkspaceActor(Actor[Message, Any]):
                 ),
             )
 
-    async def _announce(self, subscriber: Subscriber, transition: Transition) -> None:
-        """Store the USER_JOIN or USER_LEAVE that ``transition`` calls for."""
+    async def _announce(self, subscriber: Subscriber, decision: Decision) -> None:
+        """Store and deliver the USER_JOIN or USER_LEAVE that ``decision`` calls for,
+        unless the log already holds a later transition of the user (it is stale)."""
+        transition = decision.transition
         if transition is Transition.NONE:
             return
         kind = EventType.USER_JOIN if transition is Transition.JOINED else EventType.USER_LEAVE
-        await self._append([presence_event(kind, subscriber.user_id, subscriber.email)])
+        event = presence_event(kind, subscriber.user_id, subscriber.email, decision.version)
+        try:
+            stored = await store.append_presence(
+                self._db, self.project_id, [event], notify=self._notify_log()
+            )
+        except ProjectNotFound:
+            self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
+            return
+        await self._publish(stored)
 
     async def _online(self) -> dict[uuid.UUID, OnlineUser]:
         """Everyone online in the project (on every process, with a cluster board)."""
@@ -454,11 +465,15 @@ class WorkspaceActor(Actor[Message, Any]):
         except ProjectNotFound:
             self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
             return None
-        created = [event for event, new in results if new]
+        await self._publish([event for event, new in results if new])
+        return results
+
+    async def _publish(self, created: list[Event]) -> None:
+        """Pass events this workspace committed on to the other processes, and deliver
+        them here."""
         if created:
             self._relay.events(self.project_id, created)
             await self._deliver(created)
-        return results
 
     def _close_all(self, code: CloseCode, reason: str) -> None:
         for subscriber in self._subscribers.values():

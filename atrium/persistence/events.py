@@ -1,10 +1,11 @@
 """The project event log: the one place events are written to and read from.
 
 Rows become ``atrium.events.Event`` here and nowhere else. Every append, whether from a
-project write (``append_event``, inside its transaction) or from a live workspace
-(``append``, a batch of edits with their client ids), goes through ``_insert``: the
-project's next seqs are reserved on its row, and payloads are encoded by
-``json_output.dumps``.
+project write (``append_event``, inside its transaction), from a live workspace
+(``append``, a batch of edits with their client ids) or from presence (``append_presence``,
+which drops a USER_JOIN/USER_LEAVE decided before the last one stored for its user), goes
+through ``_insert``: the project's next seqs are reserved on its row, and payloads are
+encoded by ``json_output.dumps``.
 """
 
 from __future__ import annotations
@@ -237,20 +238,75 @@ async def append(
 _LIVE_PROJECT = "SELECT 1 FROM projects WHERE id = $1 AND deleted_at IS NULL"
 
 
-async def append_notified(
-    db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
+async def append_presence(
+    db: Database, project_id: uuid.UUID, events: Sequence[NewEvent], *, notify: bool
 ) -> list[Event]:
-    """Append ``events`` in one transaction and NOTIFY ``LOG_CHANNEL`` on commit, for a
-    writer that no live workspace delivers for (every process's open workspace of the
-    project reads them from the log). Returns them as stored. Raises ``ProjectNotFound``
-    when the project is gone (then nothing is written)."""
+    """Append USER_JOIN/USER_LEAVE ``events`` in one transaction, in order, with
+    consecutive seqs; with ``notify``, NOTIFY ``LOG_CHANNEL`` on commit (a writer that no
+    live workspace delivers for, or whose workspace cannot reach the other processes).
+
+    An event with a ``presence_version`` (decided by the cluster's presence) is stored
+    only if that version is newer than the last stored for its user in the project: one
+    decided before the newest stored is stale (the later transition already told
+    everyone the user's state) and is dropped, so the log's presence events of a user
+    follow the order the cluster decided them, whichever process stores first. Events
+    without a version (decided by one process alone) are always stored. Returns the
+    events stored, in order; those dropped are not there, and must not be delivered.
+    Raises ``ProjectNotFound`` when the project is gone (then nothing is written).
+    """
 
     async def write(conn: asyncpg.Connection) -> list[Event]:
-        stored = await _insert(conn, project_id, events)
-        await notify_appended(conn, stored)
+        fresh = await _newer_presence(conn, project_id, events)
+        if not fresh:
+            return []
+        stored = await _insert(conn, project_id, fresh)
+        if notify:
+            await notify_appended(conn, stored)
         return stored
 
     return await db.transaction(write)
+
+
+async def _newer_presence(
+    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> list[NewEvent]:
+    """Inside the caller's transaction: ``events`` without the presence events older than
+    the newest stored for their user (or than one earlier in ``events``), recording the
+    newest versions. Locks the project's row first, as ``reserve_seqs`` does, so versions
+    are compared and seqs taken by one writer of the project at a time. Raises
+    ``ProjectNotFound`` when the project does not exist or is deleted."""
+    users = list({e.actor_id for e in events if e.presence_version is not None and e.actor_id})
+    if not users:
+        return list(events)
+    rows = await conn.fetch(
+        "SELECT v.user_id, v.version FROM projects p"
+        " LEFT JOIN presence_versions v ON v.project_id = p.id AND v.user_id = ANY($2::uuid[])"
+        " WHERE p.id = $1 AND p.deleted_at IS NULL FOR UPDATE OF p",
+        project_id,
+        users,
+    )
+    if not rows:
+        raise ProjectNotFound()
+    newest: dict[uuid.UUID, int] = {r["user_id"]: r["version"] for r in rows if r["user_id"]}
+    changed: dict[uuid.UUID, int] = {}
+    fresh: list[NewEvent] = []
+    for event in events:
+        user, version = event.actor_id, event.presence_version
+        if user is not None and version is not None:
+            if version <= newest.get(user, -1):
+                continue
+            newest[user] = changed[user] = version
+        fresh.append(event)
+    if changed:
+        await conn.execute(
+            "INSERT INTO presence_versions (project_id, user_id, version)"
+            " SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])"
+            " ON CONFLICT (project_id, user_id) DO UPDATE SET version = excluded.version",
+            project_id,
+            list(changed),
+            list(changed.values()),
+        )
+    return fresh
 
 
 async def _stored_client_ids(

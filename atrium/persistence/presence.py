@@ -10,12 +10,21 @@ keys (all under ``atrium:presence:``)::
     project:{project}      hash user -> connections on every instance together
     seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
     reaped:{instance}      set for an hour when another process reaped the instance
+    version:{project}      hash user -> the version of the user's latest transition (for
+                           a day after the project's latest one)
 
 Every change is a Lua script, so an instance's entries and the project totals never
 disagree, and each script reports the transitions of the totals it made (a user online
 nowhere before, or nowhere any more): the first join and the last leave of a user across
-the cluster are decided once, in Redis. ``reap`` claims an instance whose ``alive`` key
-expired in one script, so exactly one live process gets its users.
+the cluster are decided once, in Redis. Each transition also raises the user's
+*version* in the project, in the same script: the order in which Redis decided a user's
+transitions, which the event log follows (``persistence.events.append_presence`` stores a
+USER_JOIN or USER_LEAVE only if its version is newer than the last stored). A version is
+the Redis clock in microseconds, or one more than the previous version if that is not
+less: it only grows, and also across a Redis restart that lost the keys, as a lost
+version was at most the clock when it was taken (a user's transitions never come more
+than one a microsecond) unless Redis's clock stepped back. ``reap`` claims an instance
+whose ``alive`` key expired in one script, so exactly one live process gets its users.
 
 The scripts name keys they derive from an entry (a project's totals), so they need one
 Redis, not a Redis Cluster.
@@ -35,13 +44,32 @@ from .redis import Redis
 PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
 
-# KEYS: instance hash, project totals, project seen, instances, alive key, tombstone.
-# ARGV: field, user, count, email, project, now (ms), instance, ttl (ms). Sets this
-# instance's count of the user's connections to the project; returns the user's total
-# before and after. An instance that was reaped and writes before its next heartbeat is
+# ``advance(key, user)``: raise the user's version in the hash ``key`` (a transition) and
+# return it. Numbers are formatted by hand: Lua writes 1.7e+15 for a plain tostring. The
+# hash goes a day after the project's last transition: the clock then gives newer
+# versions than those it held, as after a Redis restart.
+_ADVANCE = """
+local function advance(key, user)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local step = now - tonumber(redis.call('HGET', key, user) or '0')
+  if step < 1 then step = 1 end
+  local version = redis.call('HINCRBY', key, user, string.format('%.0f', step))
+  redis.call('PEXPIRE', key, 86400000)
+  return version
+end
+"""
+
+# KEYS: instance hash, project totals, project seen, instances, alive key, tombstone,
+# project versions. ARGV: field, user, count, email, project, now (ms), instance, ttl
+# (ms). Sets this instance's count of the user's connections to the project; returns the
+# user's total before and after, and the user's new version if it was a transition (else
+# 0). An instance that was reaped and writes before its next heartbeat is
 # alive again (registered, with its TTL): else what it writes now would never be reaped
 # if it died before that heartbeat. The tombstone stays for the heartbeat to find.
-_SET_COUNT = """
+_SET_COUNT = (
+    _ADVANCE
+    + """
 if redis.call('EXISTS', KEYS[6]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
   redis.call('SADD', KEYS[4], ARGV[7])
   redis.call('SET', KEYS[5], '1', 'PX', ARGV[8])
@@ -65,8 +93,11 @@ else
   redis.call('HDEL', KEYS[2], ARGV[2])
   redis.call('HDEL', KEYS[3], ARGV[2])
 end
-return {before, after}
+local version = 0
+if (before > 0) ~= (after > 0) then version = advance(KEYS[7], ARGV[2]) end
+return {before, after, version}
 """
+)
 
 # KEYS: instances, alive key, tombstone. ARGV: instance, ttl (ms).
 # Returns {was alive, had been reaped}.
@@ -81,8 +112,11 @@ return {alive, reaped}
 # KEYS: instance hash. ARGV: prefix, entries (JSON list of {p, u, n, e, t}), full (0/1).
 # Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
 # with full, entries not listed are removed too. Returns the users that came online
-# (flat: project, user, email, ...).
-_SYNC = """
+# (flat: project, user, email, version, ...); those that went offline (connections that
+# went without a USER_LEAVE) get a new version too.
+_SYNC = (
+    _ADVANCE
+    + """
 local prefix = ARGV[1]
 local wanted = cjson.decode(ARGV[2])
 local joined = {}
@@ -93,11 +127,14 @@ local function move(p, u, e, delta)
   if after > 0 then
     redis.call('HSET', totals, u, after)
     if before <= 0 then
+      local version = advance(prefix .. 'version:' .. p, u)
       table.insert(joined, p); table.insert(joined, u); table.insert(joined, e)
+      table.insert(joined, version)
     end
   else
     redis.call('HDEL', totals, u)
     redis.call('HDEL', prefix .. 'seen:' .. p, u)
+    if before > 0 then advance(prefix .. 'version:' .. p, u) end
   end
 end
 local listed = {}
@@ -134,11 +171,14 @@ if ARGV[3] == '1' then
 end
 return joined
 """
+)
 
 # KEYS: instances. ARGV: prefix, tombstone ttl (ms).
 # Claims every instance whose alive key is gone: takes its entries off the totals, and
-# returns the users now online nowhere (flat: project, user, email, ...).
-_REAP = """
+# returns the users now online nowhere (flat: project, user, email, version, ...).
+_REAP = (
+    _ADVANCE
+    + """
 local prefix = ARGV[1]
 local left = {}
 for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -155,7 +195,9 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       else
         redis.call('HDEL', totals, entry.u)
         redis.call('HDEL', prefix .. 'seen:' .. entry.p, entry.u)
+        local version = advance(prefix .. 'version:' .. entry.p, entry.u)
         table.insert(left, entry.p); table.insert(left, entry.u); table.insert(left, entry.e)
+        table.insert(left, version)
       end
     end
     redis.call('DEL', key)
@@ -164,14 +206,17 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return left
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """A user's connections on every instance together, before and after a change."""
+    """A user's connections on every instance together, before and after a change, and
+    the user's version after it if it was a transition (else 0)."""
 
     before: int
     after: int
+    version: int = 0
 
     @property
     def came_online(self) -> bool:
@@ -205,11 +250,13 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Someone:
-    """A user that came online or went offline in a project (for its USER_JOIN/LEAVE)."""
+    """A user that came online or went offline in a project (for its USER_JOIN/LEAVE),
+    and the version of that transition."""
 
     project_id: uuid.UUID
     user_id: uuid.UUID
     email: str
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +273,11 @@ def _key(*parts: object) -> str:
 
 
 def _people(flat: Sequence[Any]) -> list[Someone]:
-    """``[project, user, email, ...]`` from a script as ``Someone``s."""
+    """``[project, user, email, version, ...]`` from a script as ``Someone``s."""
     values = [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
     return [
-        Someone(uuid.UUID(values[i]), uuid.UUID(values[i + 1]), values[i + 2])
-        for i in range(0, len(values) - 2, 3)
+        Someone(uuid.UUID(values[i]), uuid.UUID(values[i + 1]), values[i + 2], int(values[i + 3]))
+        for i in range(0, len(values) - 3, 4)
     ]
 
 
@@ -264,9 +311,10 @@ class PresenceStore:
 
     async def set_count(self, entry: Entry) -> Totals:
         """Set this instance's count of ``entry``'s user in its project (0 removes it);
-        the user's totals before and after, decided atomically."""
+        the user's totals before and after, decided atomically, with the version of the
+        transition if it was one."""
         project, user = entry.project_id, entry.user_id
-        before, after = await self._run(
+        before, after, version = await self._run(
             _SET_COUNT,
             [
                 self._hash,
@@ -275,6 +323,7 @@ class PresenceStore:
                 _key("instances"),
                 _key("alive", self.instance),
                 _key("reaped", self.instance),
+                _key("version", project),
             ],
             [
                 f"{project}:{user}",
@@ -287,7 +336,7 @@ class PresenceStore:
                 self._ttl_ms,
             ],
         )
-        return Totals(int(before), int(after))
+        return Totals(int(before), int(after), int(version))
 
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
         """Mark the instance alive for ``ttl_ms`` more (registering it if needed)."""
