@@ -27,7 +27,7 @@ from hypercorn.typing import (
 )
 
 from ..failures import ContainedFailures
-from .json import dumps_bytes
+from .json import error_body
 
 ALLOWED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ALLOWED_HEADERS = ("Authorization", "Content-Type", "X-Requested-With")
@@ -48,9 +48,7 @@ _AUTH_PATH = "/api/v1/auth"
 # Operator data (the console's JSON, the supervision tree): never kept by a cache either.
 _OPERATOR_PATHS = ("/ops/", "/health/supervisor")
 _HEALTH_BODY = b'{"status":"ok"}'
-_INTERNAL_ERROR_BODY = dumps_bytes(
-    {"error": {"code": "internal_error", "message": "Something went wrong on our side"}}
-)
+_INTERNAL_ERROR_BODY = error_body("internal_error", "Something went wrong on our side")
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -132,7 +130,7 @@ class Edge:
             extra = self._headers
         if origin is None:
             if path == "/health" and method in ("GET", "HEAD"):
-                await _respond(
+                await send_response(
                     send, 200, self._health_headers, _HEALTH_BODY if method == "GET" else b""
                 )
                 return
@@ -167,7 +165,7 @@ class Edge:
                     (b"content-length", str(len(_INTERNAL_ERROR_BODY)).encode()),
                     *extra,
                 ]
-                await _respond(send, 500, headers, _INTERNAL_ERROR_BODY)
+                await send_response(send, 500, headers, _INTERNAL_ERROR_BODY)
 
     def _allows(self, origin: bytes) -> bool:
         return self._any_origin or origin.decode("latin-1").rstrip("/") in self._origins
@@ -183,24 +181,20 @@ class Edge:
             and requested <= self._request_headers
         ):
             allow = [(b"access-control-allow-origin", origin), *self._preflight_headers]
-            await _respond(send, 204, [*allow, *self._headers], b"")
+            await send_response(send, 204, [*allow, *self._headers], b"")
             return
-        body = dumps_bytes(
-            {
-                "error": {
-                    "code": "cors_not_allowed",
-                    "message": "This origin, method or header is not allowed (ALLOWED_ORIGINS)",
-                }
-            }
+        body = error_body(
+            "cors_not_allowed", "This origin, method or header is not allowed (ALLOWED_ORIGINS)"
         )
         headers_out = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             *self._headers,
         ]
-        await _respond(send, 403, headers_out, body)
+        await send_response(send, 403, headers_out, body)
 
 
-async def _respond(send: ASGISendCallable, status: int, headers: Headers, body: bytes) -> None:
+async def send_response(send: ASGISendCallable, status: int, headers: Headers, body: bytes) -> None:
+    """Send a whole HTTP response: its start, then ``body`` in one message."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..failures import ContainedFailures
 from ..persistence.database import DatabaseUnavailable
-from .json import json_response
+from .json import error_body
 
 log = logging.getLogger("atrium.http")
 
@@ -51,7 +51,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status)
+    return Response(error_body(code, message), status=status, content_type="application/json")
 
 
 def database_unavailable_error() -> ApiError:

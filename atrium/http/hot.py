@@ -35,8 +35,9 @@ from ..persistence.accounts import User
 from ..persistence.database import DatabaseUnavailable
 from ..services import Services
 from .auth import me_body
+from .edge import send_response
 from .errors import ApiError, database_unavailable_error
-from .json import dumps_bytes
+from .json import dumps_bytes, error_body
 from .projects import list_page
 from .request_metrics import set_route
 from .schemas import ProjectListQuery
@@ -113,8 +114,8 @@ class HotRoutes:
             route = self._routes.get(scope["path"])
             if route is not None:
                 takes, query = route.query(scope["query_string"])
-                authorization = _authorization(scope["headers"])
-                if takes and authorization is not None:
+                authorization = _authorization(scope["headers"]) if takes else None
+                if authorization is not None:
                     await self._answer(scope, send, route, query, authorization)
                     return
         await self.app(scope, receive, send)
@@ -140,13 +141,11 @@ class HotRoutes:
             status, body, extra = _error(error)
         headers = [_JSON, (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_response(send, status, headers, body)
 
 
 def _error(error: ApiError) -> tuple[int, bytes, dict[str, str]]:
-    body = dumps_bytes({"error": {"code": error.code, "message": error.message}})
-    return error.status, body, error.headers
+    return error.status, error_body(error.code, error.message), error.headers
 
 
 def _authorization(headers: Any) -> str | None:

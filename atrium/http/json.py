@@ -18,6 +18,11 @@ def dumps_bytes(value: Any) -> bytes:
     return orjson.dumps(value, option=_OPTIONS, default=json_output.default)
 
 
+def error_body(code: str, message: str) -> bytes:
+    """The one error shape, ``{"error": {"code", "message"}}``, as JSON bytes."""
+    return dumps_bytes({"error": {"code": code, "message": message}})
+
+
 def json_response(value: Any, status: int = 200) -> Response:
     return Response(dumps_bytes(value), status=status, content_type="application/json")
 

@@ -10,7 +10,7 @@ from quart_schema import document_response, security_scheme, tag
 
 from ..realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
-from .json import dumps_bytes
+from .json import error_body
 from .schemas import BY_ID, SIGNED_IN, WorkspaceStatusResponse, error_responses, respond
 from .security import require_user, services
 
@@ -84,7 +84,7 @@ class WorkspaceSockets:
 
 async def _reject(send: ASGISendCallable, status: int, code: str, message: str) -> None:
     """Refuse the upgrade with an HTTP response in the error shape."""
-    body = dumps_bytes({"error": {"code": code, "message": message}})
+    body = error_body(code, message)
     await send(
         {
             "type": "websocket.http.response.start",

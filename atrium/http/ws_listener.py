@@ -39,7 +39,7 @@ from ..failures import ContainedFailures
 from ..outbox import PARTIAL, REFUSED, SENT
 from ..realtime import ConnectionGone, Handshake
 from ..reuseport import reuse_port_socket
-from .json import dumps_bytes
+from .json import error_body
 
 log = logging.getLogger("atrium.ws")
 
@@ -51,9 +51,7 @@ CLOSE_TIMEOUT = 2.0
 RECEIVE_SIZE = 65536
 # accept() errors that say the process is out of something: wait, then accept again.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_NOT_FOUND = dumps_bytes(
-    {"error": {"code": "not_found", "message": "No WebSocket endpoint at this path"}}
-)
+_NOT_FOUND = error_body("not_found", "No WebSocket endpoint at this path")
 
 
 class Sessions(Protocol):
