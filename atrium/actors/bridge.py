@@ -50,7 +50,8 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -432,11 +433,8 @@ async def _replies_can_be_skipped(client: redis.asyncio.Redis) -> bool:
     first PING's is skipped, and CLIENT REPLY itself never answers), an error and two
     answers when it is refused.
     """
-    pool: Any = client.connection_pool  # redis-py leaves it untyped
-    connection = await pool.get_connection()
-    try:
-        commands = [_SKIP_REPLY, ("PING",), ("PING",)]
-        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+    async with _pooled(client) as connection:
+        await _send_commands(connection, [_SKIP_REPLY, ("PING",), ("PING",)])
         try:
             await connection.read_response()
         except redis.exceptions.ResponseError:
@@ -444,11 +442,6 @@ async def _replies_can_be_skipped(client: redis.asyncio.Redis) -> bool:
             await connection.read_response()
             return False
         return True
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(connection)
 
 
 async def _publish_all(
@@ -464,23 +457,36 @@ async def _publish_all(
     cursor move made publishing it cost twice as much CPU. Events and "the log reached
     seq N" still wait: a failure must be known, to announce them later (``_unsent``).
     """
+    commands: list[tuple[str | bytes, ...]] = []
+    answers = 0
+    for channel, data, confirm in messages:
+        if confirm or not skip_replies:
+            answers += 1
+        else:
+            commands.append(_SKIP_REPLY)
+        commands.append(("PUBLISH", channel, data))
+    async with _pooled(client) as connection:
+        await _send_commands(connection, commands)
+        for _ in range(answers):
+            await connection.read_response()
+
+
+@asynccontextmanager
+async def _pooled(client: redis.asyncio.Redis) -> AsyncIterator[Any]:
+    """One connection of ``client``'s pool for commands written and answers read by hand
+    (on the asyncio side). One left half written or with answers unread (cancelled,
+    failed) is closed, never lent out again."""
     pool: Any = client.connection_pool  # redis-py leaves it untyped
     connection = await pool.get_connection()
     try:
-        commands: list[tuple[str | bytes, ...]] = []
-        answers = 0
-        for channel, data, confirm in messages:
-            if confirm or not skip_replies:
-                answers += 1
-            else:
-                commands.append(_SKIP_REPLY)
-            commands.append(("PUBLISH", channel, data))
-        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-        for _ in range(answers):
-            await connection.read_response()
+        yield connection
     except BaseException:
-        # Half written or answers unread (cancelled, failed): never lend it out again.
         await connection.disconnect(nowait=True)
         raise
     finally:
         await pool.release(connection)
+
+
+async def _send_commands(connection: Any, commands: list[tuple[str | bytes, ...]]) -> None:
+    """Write ``commands`` in one write, answers unread."""
+    await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
