@@ -24,6 +24,7 @@ import trio.testing
 from conftest import Running, StartServer
 from conftest import test_settings as make_settings
 from redis_server import RedisServer
+from test_workspace import edit
 from wsclient import Client, connect
 
 from atrium.actors import MailboxFull
@@ -113,6 +114,23 @@ async def make_pair(a: Running, b: Running) -> Pair:
     return Pair(a, b, project_id, owner, collaborator)
 
 
+async def submit_job(server: Running, pair: Pair, csv: str) -> str:
+    """The owner submits a data_processing job of ``csv`` for the pair's project on
+    ``server``; its id."""
+    r = await server.client.post(
+        "/api/v1/jobs/run",
+        json={
+            "task_name": "data_processing",
+            "payload": {"csv": csv},
+            "project_id": pair.project_id,
+        },
+        headers=pair.owner.auth,
+    )
+    assert r.status_code in (200, 202), r.text
+    job_id: str = r.json()["job_id"]
+    return job_id
+
+
 @asynccontextmanager
 async def bridged_pair(
     start_server: StartServer, redis_url: str, **env: Any
@@ -125,15 +143,6 @@ async def bridged_pair(
     ):
         await wait_connected(a, b)
         yield a, b, await make_pair(a, b)
-
-
-def edit(path: str, client_id: str) -> dict[str, Any]:
-    return {
-        "type": "FILE_CHANGE",
-        "id": client_id,
-        "file_path": path,
-        "changes": {"lines_added": 1, "lines_removed": 0, "change_type": "modification"},
-    }
 
 
 def cursor(line: int) -> dict[str, Any]:
@@ -378,17 +387,7 @@ async def test_job_progress_on_one_server_reaches_a_client_on_the_other(
         async with pair.collaborator_on_b("listener") as on_b:
             await on_b.until("USER_JOIN")
             # Submitted on A and run by A's job actors: no workspace is open on A.
-            r = await a.client.post(
-                "/api/v1/jobs/run",
-                json={
-                    "task_name": "data_processing",
-                    "payload": {"csv": "name,score\nann,3\nbob,5\n"},
-                    "project_id": pair.project_id,
-                },
-                headers=pair.owner.auth,
-            )
-            assert r.status_code in (200, 202), r.text
-            job_id = r.json()["job_id"]
+            job_id = await submit_job(a, pair, "name,score\nann,3\nbob,5\n")
             seen: list[dict[str, Any]] = []
             with trio.fail_after(WAIT):
                 while not seen or seen[-1]["type"] != "JOB_COMPLETED":
@@ -452,19 +451,10 @@ async def test_progress_of_a_job_run_by_a_worker_process_reaches_a_server(
         pair = await make_pair(b, b)
         async with pair.collaborator_on_b("main") as on_b:
             await on_b.until("USER_JOIN")
-            r = await b.client.post(
-                "/api/v1/jobs/run",
-                json={
-                    "task_name": "data_processing",
-                    "payload": {"csv": "name,score\nann,3\n"},
-                    "project_id": pair.project_id,
-                },
-                headers=pair.owner.auth,
-            )
-            assert r.status_code in (200, 202), r.text
+            job_id = await submit_job(b, pair, "name,score\nann,3\n")
             with trio.fail_after(WAIT):
                 progress = await on_b.until("JOB_PROGRESS")
-            assert progress["job_id"] == r.json()["job_id"]
+            assert progress["job_id"] == job_id
 
 
 class FakeWorkspace:

@@ -14,6 +14,7 @@ import httpx
 import trio
 from redis_server import RedisServer
 from served import Served, start_serving
+from test_workspace import edit
 from wsclient import Client, connect
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
@@ -58,15 +59,6 @@ async def signup(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     tokens: dict[str, Any] = r.json()
     return tokens
-
-
-def edit(n: int) -> dict[str, Any]:
-    return {
-        "type": "FILE_CHANGE",
-        "id": f"e{n}",
-        "file_path": f"/e{n}",
-        "changes": {"lines_added": 1, "lines_removed": 0, "change_type": "modification"},
-    }
 
 
 def cursor(line: int) -> dict[str, Any]:
@@ -157,7 +149,7 @@ async def test_two_processes_one_order_across_a_redis_restart(
                         own_redis.stop(kill=True)
                     if n == 40:
                         own_redis.start()
-                    await (on_a if n % 2 else on_b).send(edit(n))
+                    await (on_a if n % 2 else on_b).send(edit(f"/e{n}", f"e{n}"))
                     await trio.sleep(0.01)
                 seen = [await read_changes(c, total) for c in (on_a, on_b, viewer_b)]
                 await wait_bridged(a.url)

@@ -26,6 +26,7 @@ import pytest
 import trio
 from conftest import FakeClock
 from served import start_serving
+from test_workspace import edit
 from trio_websocket import HandshakeError
 from wsclient import Client, connect
 
@@ -40,15 +41,6 @@ def data_dir() -> Iterator[Path]:
     who must reach it, and pytest keeps its own base directory private (0700)."""
     with tempfile.TemporaryDirectory(prefix="atrium-outage-") as tmp:
         yield Path(tmp) / "data"
-
-
-def edit(path: str, client_id: str) -> dict[str, Any]:
-    return {
-        "type": "FILE_CHANGE",
-        "id": client_id,
-        "file_path": path,
-        "changes": {"lines_added": 1, "lines_removed": 0, "change_type": "modification"},
-    }
 
 
 async def owner_and_project(http: httpx.AsyncClient) -> tuple[dict[str, str], str]:
