@@ -641,6 +641,18 @@ async def sign_up(port: int) -> str:
 # -- scripts -----------------------------------------------------------------------------
 
 
+def print_run_header(args: argparse.Namespace, extra: str = "") -> None:
+    """What every run measures and on what (the --connections, --warmup and --duration
+    of :func:`add_load_options`, ``extra``, cores, Python), then the load average."""
+    print(
+        f"{args.connections} connections, {args.warmup:g} s warm-up + {args.duration:g} s"
+        f" measured per scenario; {extra}{os.cpu_count()} CPUs;"
+        f" Python {sys.version.split()[0]}",
+        flush=True,
+    )
+    print_load_average("before")
+
+
 def print_load_average(when: str) -> None:
     """The 1, 5 and 15 minute load average: other work on the machine skews the figures."""
     print("load average {}: {:.2f} {:.2f} {:.2f}".format(when, *os.getloadavg()), flush=True)

@@ -65,6 +65,7 @@ from bench._load import (  # noqa: E402
     open_process,
     print_load_average,
     print_report,
+    print_run_header,
     process_cpu,
     run_load,
     run_script,
@@ -421,12 +422,7 @@ def versus_peer(cached: Cached, uncached: Uncached) -> bool:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    print(
-        f"{args.connections} connections, {args.warmup:g} s warm-up + {args.duration:g} s"
-        f" measured per scenario; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}",
-        flush=True,
-    )
-    print_load_average("before")
+    print_run_header(args)
     secret = secrets.token_urlsafe(48)  # atrium's and the peer's, so both accept the token
     with contextlib.ExitStack() as stack:
         if args.database_url:

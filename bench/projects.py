@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -40,6 +39,7 @@ from bench._load import (  # noqa: E402
     open_atrium,
     print_load_average,
     print_report,
+    print_run_header,
     run_load,
     run_script,
     sign_up,
@@ -123,13 +123,7 @@ def run_server(
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    print(
-        f"{args.connections} connections, {args.warmup:g} s warm-up + {args.duration:g} s"
-        f" measured per scenario; {args.projects} projects; {os.cpu_count()} CPUs;"
-        f" Python {sys.version.split()[0]}",
-        flush=True,
-    )
-    print_load_average("before")
+    print_run_header(args, f"{args.projects} projects; ")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atrium-bench-projects-") as tmp:
         work = Path(tmp)

@@ -56,6 +56,7 @@ from bench._load import (  # noqa: E402
     postgres_probe,
     print_load_average,
     print_report,
+    print_run_header,
     process_cpu,
     run_load,
     run_script,
@@ -149,12 +150,7 @@ def open_group(
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    print(
-        f"{args.connections} connections, {args.warmup:g} s warm-up + {args.duration:g} s"
-        f" measured per scenario; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}",
-        flush=True,
-    )
-    print_load_average("before")
+    print_run_header(args)
     secret = secrets.token_urlsafe(48)
     with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
         work = Path(tmp)
