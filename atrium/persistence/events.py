@@ -45,14 +45,20 @@ async def notify_appended(conn: asyncpg.Connection, events: Sequence[Event]) -> 
         await conn.execute(
             "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
             LOG_CHANNEL,
-            [f"{project_id}:{seq}" for project_id, seq in newest.items()],
+            [_reached(project_id, seq) for project_id, seq in newest.items()],
         )
 
 
 async def notify_reached(db: Database, project_id: uuid.UUID, seq: int) -> None:
     """Tell every process listening on ``LOG_CHANNEL`` that the project's log reached
     ``seq`` (for events committed in an earlier transaction)."""
-    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, f"{project_id}:{seq}")
+    await db.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, _reached(project_id, seq))
+
+
+def _reached(project_id: uuid.UUID, seq: int) -> str:
+    """The ``LOG_CHANNEL`` payload "the project's log reached ``seq``" (``parse_appended``
+    reads it)."""
+    return f"{project_id}:{seq}"
 
 
 async def notify_peer(db: Database, instance: str, word: str, *, connected: bool) -> None:
