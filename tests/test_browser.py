@@ -236,6 +236,20 @@ def auth(user: User) -> dict[str, str]:
     return {"Authorization": f"Bearer {user.token}"}
 
 
+def shared_project(http: httpx.Client, name: str) -> tuple[User, User, str]:
+    """Ann and Bob signed up, and the id of project ``name``: Ann's, Bob a collaborator."""
+    ann, bob = signup(http, "ann@example.com"), signup(http, "bob@example.com")
+    r = http.post("/api/v1/projects/", json={"name": name}, headers=auth(ann))
+    project_id: str = r.json()["id"]
+    r = http.post(
+        f"/api/v1/projects/{project_id}/collaborators",
+        json={"email": bob.email},
+        headers=auth(ann),
+    )
+    assert r.status_code == 201, r.text
+    return ann, bob, project_id
+
+
 def file_changes(http: httpx.Client, user: User, project_id: str) -> list[dict[str, Any]]:
     r = http.get(f"/api/v1/projects/{project_id}/events?since_seq=0&limit=1000", headers=auth(user))
     assert r.status_code == 200, r.text
@@ -265,15 +279,7 @@ def test_the_demo_keeps_every_edit_exactly_once_across_a_server_restart(
 
 def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
     with httpx.Client(base_url=run_py.url) as http:
-        ann, bob = signup(http, "ann@example.com"), signup(http, "bob@example.com")
-        r = http.post("/api/v1/projects/", json={"name": "Demo"}, headers=auth(ann))
-        project_id = r.json()["id"]
-        r = http.post(
-            f"/api/v1/projects/{project_id}/collaborators",
-            json={"email": bob.email},
-            headers=auth(ann),
-        )
-        assert r.status_code == 201, r.text
+        ann, bob, project_id = shared_project(http, "Demo")
 
     tab_a, tab_b = new_tab(browser, run_py), new_tab(browser, run_py)
     a, b = tab_a.page, tab_b.page
@@ -526,15 +532,7 @@ def test_atrium_js_pending_edits_survive_a_reload(run_py: RunPy, chromium: Chrom
 
 def pending_across_a_reload(browser: Browser, run_py: RunPy) -> None:
     with httpx.Client(base_url=run_py.url) as http:
-        ann, bob = signup(http, "ann@example.com"), signup(http, "bob@example.com")
-        r = http.post("/api/v1/projects/", json={"name": "Reload"}, headers=auth(ann))
-        project_id = r.json()["id"]
-        r = http.post(
-            f"/api/v1/projects/{project_id}/collaborators",
-            json={"email": bob.email},
-            headers=auth(ann),
-        )
-        assert r.status_code == 201, r.text
+        ann, bob, project_id = shared_project(http, "Reload")
         page = new_tab(browser, run_py).page
         page.goto(f"{run_py.url}/demo")
         before = page.evaluate(BEFORE_RELOAD, {"projectId": project_id, "token": ann.token})
