@@ -94,11 +94,12 @@ class Settings:
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
     presence_heartbeat_seconds: float = 2.0
     presence_ttl_seconds: float = 8.0
-    # Redis circuit breaker (the seed's thresholds): open after this many failures in a
-    # row, half-open after the reset, closed again after this many successes.
+    # Redis circuit breaker: open after this many failures in a row; while open, Redis is
+    # PINGed after 0.25 s, doubling to at most reset_seconds between probes; this many
+    # probes in a row that succeed close it (docs/REDIS.md).
     redis_breaker_failures: int = 5
-    redis_breaker_reset_seconds: float = 60.0
-    redis_breaker_successes: int = 3
+    redis_breaker_reset_seconds: float = 1.0
+    redis_breaker_successes: int = 1
     # While Redis is away, open workspaces read the log this often (a fallback: NOTIFY on
     # the log carries other processes' events at once).
     degraded_poll_seconds: float = 1.0
@@ -161,6 +162,22 @@ def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> floa
     value = _seconds(env, name, default)
     if value <= 0:
         raise ConfigError(name, f"must be more than 0 seconds, got {value:g}")
+    return value
+
+
+# Longer waits between probes would leave Redis unused for that long after it answers
+# again: the seed's 60 (the fixed open period it used to be) is refused, not obeyed.
+_MAX_BREAKER_RESET_SECONDS = 10.0
+
+
+def _breaker_reset(env: Mapping[str, str]) -> float:
+    value = _positive_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 1.0)
+    if value > _MAX_BREAKER_RESET_SECONDS:
+        raise ConfigError(
+            "REDIS_BREAKER_RESET_SECONDS",
+            f"is now the longest wait between two probes of an open breaker (default 1), "
+            f"at most {_MAX_BREAKER_RESET_SECONDS:g}, got {value:g}",
+        )
     return value
 
 
@@ -352,8 +369,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         presence_heartbeat_seconds=heartbeat,
         presence_ttl_seconds=presence_ttl,
         redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
-        redis_breaker_reset_seconds=_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 60.0),
-        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 3),
+        redis_breaker_reset_seconds=_breaker_reset(env),
+        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 1),
         degraded_poll_seconds=_positive_seconds(env, "DEGRADED_POLL_SECONDS", 1.0),
         workers=_int(env, "WORKERS", 1),
         reuse_port=_bool(env, "REUSE_PORT", False),

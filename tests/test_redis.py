@@ -46,10 +46,12 @@ async def test_down_at_start_then_the_breaker_opens_and_recovers(aio_loop: None)
             await client.ping()  # refused without trying
         server.start()
         try:
-            await trio.sleep(0.5)  # the breaker's reset (real time: a real server)
-            assert client.state == "half_open"
-            assert await client.ping()
+            answering = trio.current_time()
+            with trio.fail_after(5):
+                await client.wait_available()  # a probe's PING closed it
+            assert trio.current_time() - answering < 1.0  # probes at most 0.5 s apart
             assert client.state == "closed"
+            assert await client.ping()
         finally:
             server.close()
 

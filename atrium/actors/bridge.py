@@ -36,8 +36,9 @@ publish are announced, once Redis takes messages again, as one "the log reached 
 message per project, on which the others read them from the log (``Behind``); and a gap
 seen later is filled from the log by the actor itself. Clients see every event once, in
 ``seq`` order, across a Redis restart. While Redis is away (the
-breaker open) the bridge drops what it would publish and retries the subscription with a
-backoff no shorter than the breaker's reset: the process serves its own clients, the
+breaker open) the bridge drops what it would publish and subscribes again as soon as a
+probe closes the breaker (a failure with the breaker closed is retried after 0.1 s,
+doubling to 5 s): the process serves its own clients, the
 durable events committed here are announced on the log (PostgreSQL NOTIFY, see
 ``domain.workspaces.Workspaces``) and so reach the other processes' workspaces at once,
 its open workspaces also poll the log every second (in case a notification was lost),
@@ -351,9 +352,14 @@ class Bridge:
                 if self._connected:
                     delay = _RETRY_FIRST  # it was up: a fresh loss
                 self._set_connected(False)
-                wait = max(delay, self.redis.breaker.retry_in())
-                log.warning("bridge: %s; degraded, subscribing again in %.1fs", error, wait)
-                await trio.sleep(wait)
+                if not self.redis.available:
+                    # Subscribe again the moment a probe closes the breaker.
+                    log.warning("bridge: %s; degraded until Redis answers a probe", error)
+                    await self.redis.wait_available()
+                    delay = _RETRY_FIRST
+                    continue
+                log.warning("bridge: %s; degraded, subscribing again in %.1fs", error, delay)
+                await trio.sleep(delay)
                 delay = min(_RETRY_MAX, delay * 2)
 
     async def _poll_while_degraded(self, local: LocalWorkspaces) -> None:

@@ -4,9 +4,11 @@ Like ``persistence.database`` for asyncpg: this module (and the bridge actor) is
 place that imports redis, and everything it offers is a plain trio coroutine. Redis is an
 optional, shared service: a Redis that is down is weather. Every call runs under a
 trio-side timeout and a circuit breaker (``atrium.breaker``): failures open it, and while
-it is open calls fail at once with ``RedisUnavailable`` instead of hammering a server that
-is not there. ``open_redis`` never fails because Redis is down: the process starts
-degraded and calls succeed once Redis answers.
+it is open calls fail at once with ``RedisUnavailable`` instead of hammering (or hanging
+on) a server that is not there. Meanwhile a probe PINGs Redis on a connection of its own,
+at least once a second, and closes the breaker at the first answer. ``open_redis`` never
+fails because Redis is down: the process starts degraded and calls succeed once Redis
+answers.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Redis:
 
     @property
     def state(self) -> str:
-        """The breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``."""
+        """The breaker's state: ``"closed"`` or ``"open"``."""
         return str(self.breaker.state)
 
     @property
@@ -85,6 +87,35 @@ class Redis:
         """
         self._admit()
         return await self._timed(fn(self._client))
+
+    async def wait_available(self) -> None:
+        """Return once the breaker is closed (at once if it is)."""
+        await self.breaker.wait_state(BreakerState.CLOSED)
+
+    async def probe(self) -> bool:
+        """PING Redis on a new connection of its own, within ``timeout`` seconds: True
+        when it answered. Never raises for want of Redis, and never waits behind the
+        pool (whose connections may hang on a frozen server). Before an answer closes
+        the breaker, the pool's idle connections (which predate the outage) are closed."""
+        pool: Any = self._client.connection_pool  # redis-py leaves it untyped
+        connection: Any = pool.make_connection()
+        ok = False
+        try:
+            with trio.move_on_after(self.timeout):
+                ok = bool(await _aio(_ping_on(connection)))
+        except (*_UNAVAILABLE, redis.exceptions.ResponseError) as error:
+            log.debug("redis probe: %s", error)
+        finally:
+            with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(Exception):
+                    await _aio(connection.disconnect())
+        if ok and not self.breaker.allow():
+            await self._forget_idle_connections()
+        return ok
+
+    async def run_probes(self) -> None:
+        """Probe Redis whenever the breaker is open, until cancelled (see ``probe``)."""
+        await self.breaker.run(self.probe)
 
     def answering_within(self, timeout: float) -> Redis:
         """This client with calls bounded by ``timeout`` seconds instead (same connections,
@@ -163,16 +194,14 @@ class Redis:
     async def _forget_idle_connections(self) -> None:
         """Close the pool's idle connections: after one connection failed, they are most
         likely dead too (a restarted server), and each would fail its next call, counting
-        against the breaker (a half-open one would open again), instead of reconnecting."""
+        against the breaker, instead of reconnecting."""
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             with contextlib.suppress(Exception):
                 await _aio(self._client.connection_pool.disconnect(inuse_connections=False))
 
     def _admit(self) -> None:
         if not self.breaker.allow():
-            raise RedisUnavailable(
-                f"redis circuit breaker is open (retry in {self.breaker.retry_in():.1f} s)"
-            )
+            raise RedisUnavailable("redis circuit breaker is open (probing Redis)")
 
     async def _timed(self, coroutine: Awaitable[T]) -> T:
         scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
@@ -191,6 +220,13 @@ class Redis:
             raise RedisUnavailable(f"redis did not answer within {self.timeout:g} s")
         self.breaker.success()
         return result
+
+
+async def _ping_on(connection: Any) -> bool:
+    """Connect ``connection`` and PING on it (on the asyncio side)."""
+    await connection.connect()
+    await connection.send_command("PING", check_health=False)
+    return bool(await connection.read_response())
 
 
 def _aio(coroutine: Awaitable[T]) -> Awaitable[T]:
@@ -252,9 +288,10 @@ async def open_redis(
     """A ``Redis`` for ``url`` for the duration of the block (needs a trio-asyncio loop).
 
     Connects lazily: a Redis that is down at start is not an error here (calls raise
-    RedisUnavailable until it is back). ``call_timeout`` bounds each call and each connection
-    attempt; ``clock`` drives the breaker (trio's clock, so tests can use MockClock).
-    redis-py's own retries are off: the breaker decides when to try again.
+    RedisUnavailable until it is back). ``call_timeout`` bounds each call, each connection
+    attempt and each probe; ``clock`` drives the breaker (trio's clock, so tests can use
+    MockClock). redis-py's own retries are off: the breaker decides when to try again,
+    and its probes run in the block's background (``Redis.run_probes``).
     """
     # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
     tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
@@ -266,11 +303,30 @@ async def open_redis(
         **tcp,
     )
     try:
-        yield Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
+        redis_client = Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
+        async with _probing(redis_client):
+            yield redis_client
     finally:
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             with contextlib.suppress(Exception):
                 await _aio(client.aclose())
+
+
+@asynccontextmanager
+async def _probing(client: Redis) -> AsyncIterator[Redis]:
+    """``client`` with its probes running for the block. An error of the block propagates
+    unchanged (not wrapped in an exception group by the probes' nursery)."""
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run_probes)
+        try:
+            yield client
+        except BaseException as error:  # re-raised below, once the probes stopped
+            body_error = error
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
 
 
 __all__ = [
