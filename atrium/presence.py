@@ -13,6 +13,17 @@ its entries and stores USER_LEAVE for its users who are connected nowhere else. 
 Redis cannot be reached, the board answers as ``LocalPresence`` would (a user may then
 join or leave once per process) and writes this process's whole state again once Redis
 answers.
+
+Redis holds no truth, and may come back without what it held (a restart without
+persistence, FLUSHALL, a failover that lost the last writes). So a process re-asserts its
+own entries (alive key, users, counts) before it trusts a total from Redis again: a write
+that finds Redis does not hold this process's last generation is refused, and the process
+rewrites everything, then counts. And each process keeps a copy of the other processes'
+entries (``_copies``: per remote user, the process it came through), refreshed at every
+heartbeat; when Redis lost a process's entries and that process has not re-asserted them,
+the copy is put back with a fresh TTL, so if that process died (even at the moment Redis
+came back, before it could re-assert anything) its users are reaped and leave within
+``ttl_seconds`` plus a heartbeat or two, as without the loss.
 """
 
 from __future__ import annotations
@@ -27,17 +38,21 @@ from typing import Any, Protocol
 
 import trio
 
+from .breaker import BreakerState
 from .events import EventType, NewEvent
 from .persistence import events as event_log
 from .persistence.database import Database, DatabaseUnavailable
 from .persistence.errors import ProjectNotFound
-from .persistence.presence import Entry, PresenceStore, Someone
+from .persistence.presence import Copy, Entry, Heartbeat, PresenceStore, Someone
 from .persistence.redis import Redis, RedisUnavailable
 from .timestamps import utc_iso_at
 
 log = logging.getLogger("atrium.presence")
 
 ACTIVE_SECONDS = 300.0  # a user seen within this is "active", else "idle"
+# After a heartbeat that could not reach Redis, the next one comes this soon at most (and
+# at once when the breaker's probe finds Redis back).
+_RETRY_SECONDS = 0.5
 
 
 class Transition(enum.Enum):
@@ -205,13 +220,14 @@ class ClusterPresence:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance = uuid.uuid4().hex
-        ttl_ms = int(settings.ttl_seconds * 1000)
-        self._store = PresenceStore(redis, self.instance, ttl_ms=ttl_ms)
+        self._redis = redis
+        self._ttl_ms = int(settings.ttl_seconds * 1000)
+        self._store = PresenceStore(redis, self.instance)
         # What a workspace waits for (joins, leaves, who is online): answered quickly or
         # not at all.
-        self._quick = PresenceStore(
-            redis.answering_within(settings.answer_seconds), self.instance, ttl_ms=ttl_ms
-        )
+        self._quick = self._store.answering_within(settings.answer_seconds)
+        # The other processes' entries as last read from Redis, by instance.
+        self._copies: dict[str, Copy] = {}
         self._db = db
         self._settings = settings
         self._clock = clock
@@ -316,11 +332,15 @@ class ClusterPresence:
             self._dirty.add(slot)
             return alone
         try:
+            was = self._entry(slot)
             entry = self._hold(slot, email, connections)
             written = False
             try:
                 totals = await self._quick.set_count(entry)
-                written = True
+                if totals is None:  # Redis lost what this process wrote: re-assert first
+                    await self._reassert(self._quick, {slot: was})
+                    totals = await self._quick.set_count(entry)
+                written = totals is not None
             except RedisUnavailable:
                 return alone
             finally:
@@ -328,6 +348,8 @@ class ClusterPresence:
                     self._full = True
         finally:
             self._lock.release()
+        if totals is None:
+            return alone
         if totals.came_online:
             return Decision(Transition.JOINED, totals.version)
         if totals.went_offline:
@@ -342,21 +364,34 @@ class ClusterPresence:
             "instance": self.instance,
             "redis": "reachable" if self._reachable else "unreachable",
             "users_here": len(self._held),
+            "users_elsewhere": sum(len(c.entries) for c in self._copies.values()),
             "events_to_store": len(self._announcements),
         }
 
     async def run(
         self, *, task_status: trio.TaskStatus[ClusterPresence] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Heartbeat every ``heartbeat_seconds`` until cancelled (``beat``), and at once
-        when connections went without a USER_LEAVE (``dropped``, ``vacate``), so the
-        union stops showing them."""
-        task_status.started(self)
+        """Heartbeat every ``heartbeat_seconds`` until cancelled (``beat``), at once when
+        connections went without a USER_LEAVE (``dropped``, ``vacate``), so the union
+        stops showing them, and at once when Redis answers again after the breaker
+        opened (every ``_RETRY_SECONDS`` while a beat cannot reach it otherwise)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._wake_when_redis_returns)
+            task_status.started(self)
+            while True:
+                await self.beat()
+                wait = self._settings.heartbeat_seconds
+                if not self._reachable:
+                    wait = min(wait, _RETRY_SECONDS)
+                with trio.move_on_after(wait):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _wake_when_redis_returns(self) -> None:
         while True:
-            await self.beat()
-            with trio.move_on_after(self._settings.heartbeat_seconds):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            await self._redis.breaker.wait_state(BreakerState.OPEN)
+            await self._redis.wait_available()
+            self._wake.set()
 
     async def beat(self) -> None:
         """Keep this process's entries alive, write what changed since the last beat (all
@@ -366,26 +401,79 @@ class ClusterPresence:
         """
         try:
             async with self._lock:
-                found = await self._store.heartbeat(int(self._settings.ttl_seconds * 1000))
-                # Reaped: its entries are gone, even if a join revived it since.
-                full = self._full or not found.was_alive or found.was_reaped
+                found = await self._store.heartbeat(self._ttl_ms)
+                # Reaped, or Redis lost what it held: rewrite every entry.
+                full = self._full or not found.was_alive or found.was_reaped or not found.current
                 dirty, self._dirty = self._dirty, set()
                 slots: Iterable[Slot] = self._held if full else dirty
                 entries = [self._entry(slot) for slot in slots]
                 try:
                     came = await self._store.sync(entries, full=full) if entries or full else []
+                    if came is None:  # lost since the heartbeat: rewrite everything
+                        came = await self._store.sync(self._entries(), full=True)
+                        found = Heartbeat(found.was_alive, found.was_reaped, False)
                 except BaseException:
                     self._dirty |= dirty
                     raise
                 self._full = False
             if found.was_reaped:  # another process stored USER_LEAVE for them
-                self._announcements += [(EventType.USER_JOIN, s) for s in came]
+                self._announcements += [(EventType.USER_JOIN, s) for s in came or ()]
+            await self._reconcile()
             self._announcements += [(EventType.USER_LEAVE, s) for s in await self._store.reap()]
             self._reached(None)
         except RedisUnavailable as error:
             self._full = True
             self._reached(error)
         await self._announce()
+
+    def _entries(self, instead: Mapping[Slot, Entry] | None = None) -> list[Entry]:
+        """Every entry of this process, with ``instead``'s in place of those it names."""
+        entries = {slot: self._entry(slot) for slot in self._held}
+        entries.update(instead or {})
+        return [entry for entry in entries.values() if entry.count > 0]
+
+    async def _reassert(self, store: PresenceStore, instead: Mapping[Slot, Entry]) -> None:
+        """Under the lock: make this process alive and rewrite all its entries (with
+        ``instead``'s, those not counted yet, in place of the held ones; left out if this
+        process was reaped), as a heartbeat that found Redis without them does."""
+        found = await store.heartbeat(self._ttl_ms)
+        if found.was_reaped:  # their users left: the count to come is their join
+            instead = {slot: Entry(slot[0], slot[1], 0, "", 0) for slot in instead}
+        dirty, self._dirty = self._dirty, set()
+        try:
+            came = await store.sync(self._entries(instead), full=True)
+        except BaseException:
+            self._dirty |= dirty
+            raise
+        self._full = False
+        if found.was_reaped:  # another process stored USER_LEAVE for them
+            self._announcements += [(EventType.USER_JOIN, s) for s in came or ()]
+            self._wake.set()
+        log.info("presence: Redis did not hold this process's entries; all rewritten")
+
+    async def _reconcile(self) -> None:
+        """Refresh the copies of the other processes' entries, and put back those Redis
+        lost (a restart, FLUSHALL, a failover) for processes that have not re-asserted
+        them: alive for one TTL more, then reaped (their users leave) unless they
+        heartbeat by then."""
+        view = await self._store.view({i: c.generation for i, c in self._copies.items()})
+        for instance in view.gone:
+            self._copies.pop(instance, None)
+        for instance, copy in view.changed.items():
+            if copy.entries:
+                self._copies[instance] = copy
+            else:
+                self._copies.pop(instance, None)
+        for instance in view.lost:
+            copy = self._copies[instance]
+            now_ms = int(self._clock() * 1000)
+            if await self._store.restore(instance, copy, ttl_ms=self._ttl_ms, now_ms=now_ms):
+                log.warning(
+                    "presence: Redis lost the entries of process %s; its %d users put back "
+                    "until it rewrites them or its TTL runs out",
+                    instance,
+                    len(copy.entries),
+                )
 
     def _reached(self, error: RedisUnavailable | None) -> None:
         if error is None and not self._reachable:

@@ -38,7 +38,7 @@ seen later is filled from the log by the actor itself. Clients see every event o
 ``seq`` order, across a Redis restart. While Redis is away (the
 breaker open) the bridge drops what it would publish and subscribes again as soon as a
 probe closes the breaker (a failure with the breaker closed is retried after 0.1 s,
-doubling to 5 s): the process serves its own clients, the
+doubling to 1 s): the process serves its own clients, the
 durable events committed here are announced on the log (PostgreSQL NOTIFY, see
 ``domain.workspaces.Workspaces``) and so reach the other processes' workspaces at once,
 its open workspaces also poll the log every second (in case a notification was lost),
@@ -80,7 +80,10 @@ _LOGGED = b"s"  # "the project's log reached seq N": events this process could n
 _KINDS = {_EVENTS: "events", _EPHEMERAL: "ephemeral", _LOGGED: "catch_up"}
 _BATCH = 512  # messages published in one write at most
 _RETRY_FIRST = 0.1
-_RETRY_MAX = 5.0
+_RETRY_MAX = 1.0  # as the breaker's probes: back within a second of Redis answering
+# The subscription is PINGed this often; no answer for twice as long counts as lost (a
+# frozen or silently unreachable Redis), so the process degrades within 2-3 s.
+PING_SECONDS = 1.0
 # How often the publisher retries telling others about events it could not relay.
 _UNSENT_RETRY_SECONDS = 0.5
 # While degraded, open workspaces poll the log this often (the default): other processes'
@@ -155,7 +158,7 @@ class Bridge:
         metrics: Metrics,
         *,
         queue_size: int = 8192,
-        ping_seconds: float = 5.0,
+        ping_seconds: float = PING_SECONDS,
         instance: str | None = None,
         poll_seconds: float = DEGRADED_POLL_SECONDS,
     ) -> None:

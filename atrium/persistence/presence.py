@@ -7,6 +7,7 @@ keys (all under ``atrium:presence:``)::
     instances              set: every instance that has heartbeated and was not reaped
     alive:{instance}       "1" with a TTL, set again by each heartbeat: the instance lives
     instance:{instance}    hash "{project}:{user}" -> {"p", "u", "n", "e"} (JSON)
+    gen:{instance}         how many writes of its entries the instance has made
     project:{project}      hash user -> connections on every instance together
     seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
     reaped:{instance}      set for an hour when another process reaped the instance
@@ -26,6 +27,16 @@ version was at most the clock when it was taken (a user's transitions never come
 than one a microsecond) unless Redis's clock stepped back. ``reap`` claims an instance
 whose ``alive`` key expired in one script, so exactly one live process gets its users.
 
+Redis may lose any of this (a restart without persistence, FLUSHALL, a failover to a
+replica that missed the last writes). An instance's *generation* tells: every write of an
+instance's entries names the generation it last wrote, and a write that finds another one
+in Redis changes nothing (``set_count`` returns None, ``sync`` too unless ``full``): the
+instance must re-assert all its entries first (a ``full`` sync), and only then trust the
+totals it is given. Other instances keep their own copy of everyone's entries with their
+generation (``view``); one that finds an instance's generation gone or gone back without
+a reap can put that copy back (``restore``) with a TTL, so an instance that died before it
+could re-assert is reaped like any other.
+
 The scripts name keys they derive from an entry (a project's totals), so they need one
 Redis, not a Redis Cluster.
 """
@@ -33,7 +44,7 @@ Redis, not a Redis Cluster.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,20 +71,17 @@ local function advance(key, user)
 end
 """
 
-# KEYS: instance hash, project totals, project seen, instances, alive key, tombstone,
-# project versions. ARGV: field, user, count, email, project, now (ms), instance, ttl
-# (ms). Sets this instance's count of the user's connections to the project; returns the
-# user's total before and after, and the user's new version if it was a transition (else
-# 0). An instance that was reaped and writes before its next heartbeat is
-# alive again (registered, with its TTL): else what it writes now would never be reaped
-# if it died before that heartbeat. The tombstone stays for the heartbeat to find.
+# KEYS: instance hash, project totals, project seen, generation, project versions.
+# ARGV: field, user, count, email, project, now (ms), generation last written.
+# Sets this instance's count of the user's connections to the project; returns
+# {1, the user's total before, after, the user's new version if it was a transition (else
+# 0)}, or {0} without changing anything when Redis does not hold the generation this
+# instance last wrote (Redis lost its writes, or it was reaped: re-assert everything).
 _SET_COUNT = (
     _ADVANCE
     + """
-if redis.call('EXISTS', KEYS[6]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
-  redis.call('SADD', KEYS[4], ARGV[7])
-  redis.call('SET', KEYS[5], '1', 'PX', ARGV[8])
-end
+if tonumber(redis.call('GET', KEYS[4]) or '0') ~= tonumber(ARGV[7]) then return {0} end
+redis.call('SET', KEYS[4], tonumber(ARGV[7]) + 1)
 local old = 0
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if raw then old = tonumber(cjson.decode(raw).n) end
@@ -94,29 +102,36 @@ else
   redis.call('HDEL', KEYS[3], ARGV[2])
 end
 local version = 0
-if (before > 0) ~= (after > 0) then version = advance(KEYS[7], ARGV[2]) end
-return {before, after, version}
+if (before > 0) ~= (after > 0) then version = advance(KEYS[5], ARGV[2]) end
+return {1, before, after, version}
 """
 )
 
-# KEYS: instances, alive key, tombstone. ARGV: instance, ttl (ms).
-# Returns {was alive, had been reaped}.
+# KEYS: instances, alive key, tombstone, generation. ARGV: instance, ttl (ms).
+# Returns {was alive, had been reaped, generation held}.
 _HEARTBEAT = """
 local alive = redis.call('EXISTS', KEYS[2])
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 local reaped = redis.call('DEL', KEYS[3])
-return {alive, reaped}
+return {alive, reaped, tonumber(redis.call('GET', KEYS[4]) or '0')}
 """
 
-# KEYS: instance hash. ARGV: prefix, entries (JSON list of {p, u, n, e, t}), full (0/1).
+# KEYS: instance hash, generation. ARGV: prefix, entries (JSON list of {p, u, n, e, t}),
+# full (0/1), generation last written.
 # Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
-# with full, entries not listed are removed too. Returns the users that came online
-# (flat: project, user, email, version, ...); those that went offline (connections that
-# went without a USER_LEAVE) get a new version too.
+# with full, entries not listed are removed too. Returns {1, the new generation, the
+# users that came online (flat: project, user, email, version, ...)}; those that went
+# offline (connections that went without a USER_LEAVE) get a new version too. Not full,
+# it changes nothing and returns {0} when Redis does not hold the generation last written.
 _SYNC = (
     _ADVANCE
     + """
+local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+local written = tonumber(ARGV[4])
+if ARGV[3] ~= '1' and held ~= written then return {0} end
+local generation = math.max(held, written) + 1
+redis.call('SET', KEYS[2], generation)
 local prefix = ARGV[1]
 local wanted = cjson.decode(ARGV[2])
 local joined = {}
@@ -169,7 +184,7 @@ if ARGV[3] == '1' then
     end
   end
 end
-return joined
+return {1, generation, joined}
 """
 )
 
@@ -201,12 +216,85 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       end
     end
     redis.call('DEL', key)
+    redis.call('DEL', prefix .. 'gen:' .. instance)
     redis.call('SET', prefix .. 'reaped:' .. instance, '1', 'PX', ARGV[2])
   end
 end
 return left
 """
 )
+
+
+# KEYS: instances. ARGV: prefix, this instance, JSON {instance: generation} of the copies
+# the caller holds. Returns {changed, lost, gone}: changed lists {instance, generation,
+# entries (raw JSON)} of every other registered instance whose generation is not the
+# caller's (newer, or not held); lost the held instances whose generation in Redis went
+# back or is gone without a reap (Redis lost their writes); gone those reaped.
+_VIEW = """
+local prefix, own = ARGV[1], ARGV[2]
+local known = cjson.decode(ARGV[3])
+local changed, lost, gone, listed = {}, {}, {}, {}
+for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if instance ~= own then
+    listed[instance] = true
+    local generation = tonumber(redis.call('GET', prefix .. 'gen:' .. instance) or '0')
+    local was = known[instance]
+    if was == nil or generation > was then
+      table.insert(changed, {instance, generation,
+        redis.call('HVALS', prefix .. 'instance:' .. instance)})
+    elseif generation < was then
+      table.insert(lost, instance)
+    end
+  end
+end
+for instance, _ in pairs(known) do
+  if not listed[instance] then
+    if redis.call('EXISTS', prefix .. 'reaped:' .. instance) == 1 then
+      table.insert(gone, instance)
+    else
+      table.insert(lost, instance)
+    end
+  end
+end
+return {changed, lost, gone}
+"""
+
+# ARGV: prefix, instance, generation, ttl (ms), now (ms), entries (raw JSON, one each).
+# Puts back another instance's entries as a survivor last saw them, unless it was reaped
+# or Redis holds that generation or a newer one (the instance re-asserted itself): its
+# current entries leave the totals, the copy's join them, its generation is the copy's,
+# it is registered, and alive for ``ttl`` unless it is already. No transition, no version:
+# the log already says these users are online. Returns 1 if it restored.
+_RESTORE = """
+local prefix, instance, generation = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', prefix .. 'reaped:' .. instance) == 1 then return 0 end
+if tonumber(redis.call('GET', prefix .. 'gen:' .. instance) or '0') >= generation then
+  return 0
+end
+local key = prefix .. 'instance:' .. instance
+local function add(entry, sign)
+  local totals = prefix .. 'project:' .. entry.p
+  local after = tonumber(redis.call('HGET', totals, entry.u) or '0') + sign * tonumber(entry.n)
+  if after > 0 then
+    redis.call('HSET', totals, entry.u, after)
+  else
+    redis.call('HDEL', totals, entry.u)
+    redis.call('HDEL', prefix .. 'seen:' .. entry.p, entry.u)
+  end
+end
+for _, raw in ipairs(redis.call('HVALS', key)) do add(cjson.decode(raw), -1) end
+redis.call('DEL', key)
+for i = 6, #ARGV do
+  local entry = cjson.decode(ARGV[i])
+  redis.call('HSET', key, entry.p .. ':' .. entry.u, ARGV[i])
+  add(entry, 1)
+  redis.call('HSETNX', prefix .. 'seen:' .. entry.p, entry.u, ARGV[5])
+end
+redis.call('SET', prefix .. 'gen:' .. instance, generation)
+redis.call('SADD', prefix .. 'instances', instance)
+redis.call('SET', prefix .. 'alive:' .. instance, '1', 'PX', ARGV[4], 'NX')
+return 1
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +349,38 @@ class Someone:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """What a heartbeat found: whether the instance was still alive (its entries are in
-    Redis as it left them) and whether another process had reaped it meanwhile."""
+    """What a heartbeat found: whether the instance was still alive, whether another
+    process had reaped it meanwhile, and whether Redis holds the generation it last wrote
+    (``current``: its entries are in Redis as it left them)."""
 
     was_alive: bool
     was_reaped: bool
+    current: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Another instance's entries (raw JSON, as Redis holds them) at a generation."""
+
+    generation: int
+    entries: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What ``view`` found of the other instances (see ``_VIEW``)."""
+
+    changed: dict[str, Copy]
+    lost: list[str]
+    gone: list[str]
 
 
 def _key(*parts: object) -> str:
     return PREFIX + ":".join(str(p) for p in parts)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _people(flat: Sequence[Any]) -> list[Someone]:
@@ -281,20 +392,34 @@ def _people(flat: Sequence[Any]) -> list[Someone]:
     ]
 
 
+class _Written:
+    """The generation an instance last wrote (shared by its stores)."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+
 class PresenceStore:
     """The presence keys of one instance (``instance``) in ``redis``.
 
     Every method raises ``RedisUnavailable`` when Redis cannot be used.
     """
 
-    def __init__(self, redis: Redis, instance: str, *, ttl_ms: int = 8000) -> None:
-        """``ttl_ms``: how long the instance lives without a heartbeat, when a write
-        revives it after it was reaped (``set_count``)."""
+    def __init__(self, redis: Redis, instance: str, *, _written: _Written | None = None) -> None:
         self.redis = redis
         self.instance = instance
-        self._ttl_ms = ttl_ms
+        self._written = _Written() if _written is None else _written
         self._hash = _key("instance", instance)
+        self._generation = _key("gen", instance)
         self._scripts: dict[str, Any] = {}
+
+    def answering_within(self, timeout: float) -> PresenceStore:
+        """The same instance's store (same generation) with calls bounded by ``timeout``."""
+        return PresenceStore(
+            self.redis.answering_within(timeout), self.instance, _written=self._written
+        )
 
     def _script(self, client: Any, source: str) -> Any:
         # A Script object sends EVALSHA and loads the source when Redis lacks it (after a
@@ -309,20 +434,21 @@ class PresenceStore:
             lambda client: self._script(client, source)(keys=list(keys), args=list(args))
         )
 
-    async def set_count(self, entry: Entry) -> Totals:
+    async def set_count(self, entry: Entry) -> Totals | None:
         """Set this instance's count of ``entry``'s user in its project (0 removes it);
         the user's totals before and after, decided atomically, with the version of the
-        transition if it was one."""
+        transition if it was one. None, changing nothing, when Redis does not hold what
+        this instance last wrote (its totals cannot be trusted): ``sync`` everything
+        (``full``) first."""
         project, user = entry.project_id, entry.user_id
-        before, after, version = await self._run(
+        written = self._written.generation
+        answer = await self._run(
             _SET_COUNT,
             [
                 self._hash,
                 _key("project", project),
                 _key("seen", project),
-                _key("instances"),
-                _key("alive", self.instance),
-                _key("reaped", self.instance),
+                self._generation,
                 _key("version", project),
             ],
             [
@@ -332,25 +458,33 @@ class PresenceStore:
                 entry.email,
                 str(project),
                 entry.seen_ms,
-                self.instance,
-                self._ttl_ms,
+                written,
             ],
         )
-        return Totals(int(before), int(after), int(version))
+        if not int(answer[0]):
+            return None
+        self._written.generation = written + 1
+        return Totals(int(answer[1]), int(answer[2]), int(answer[3]))
 
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
         """Mark the instance alive for ``ttl_ms`` more (registering it if needed)."""
-        alive, reaped = await self._run(
+        alive, reaped, generation = await self._run(
             _HEARTBEAT,
-            [_key("instances"), _key("alive", self.instance), _key("reaped", self.instance)],
+            [
+                _key("instances"),
+                _key("alive", self.instance),
+                _key("reaped", self.instance),
+                self._generation,
+            ],
             [self.instance, ttl_ms],
         )
-        return Heartbeat(bool(alive), bool(reaped))
+        return Heartbeat(bool(alive), bool(reaped), int(generation) == self._written.generation)
 
-    async def sync(self, entries: Sequence[Entry], *, full: bool) -> list[Someone]:
+    async def sync(self, entries: Sequence[Entry], *, full: bool) -> list[Someone] | None:
         """Write ``entries`` as this instance's counts (and raise their last-seen times);
         with ``full``, they are all of them (any other entry is removed). Returns the
-        users that came online through it."""
+        users that came online through it; not ``full``, None (changing nothing) when
+        Redis does not hold what this instance last wrote."""
         wanted = [
             {
                 "p": str(e.project_id),
@@ -361,12 +495,41 @@ class PresenceStore:
             }
             for e in entries
         ]
-        flat = await self._run(
+        answer = await self._run(
             _SYNC,
-            [self._hash],
-            [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0"],
+            [self._hash, self._generation],
+            [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0", self._written.generation],
         )
-        return _people(flat)
+        if not int(answer[0]):
+            return None
+        self._written.generation = int(answer[1])
+        return _people(answer[2])
+
+    async def view(self, held: Mapping[str, int]) -> View:
+        """The other instances' entries whose generation is not in ``held`` (instance ->
+        generation of the caller's copy), and which held ones Redis lost or reaped."""
+        changed, lost, gone = await self._run(
+            _VIEW,
+            [_key("instances")],
+            [PREFIX, self.instance, orjson.dumps(held).decode() if held else "{}"],
+        )
+        return View(
+            {
+                _text(instance): Copy(int(generation), tuple(entries))
+                for instance, generation, entries in changed
+            },
+            [_text(i) for i in lost],
+            [_text(i) for i in gone],
+        )
+
+    async def restore(self, instance: str, copy: Copy, *, ttl_ms: int, now_ms: int) -> bool:
+        """Put ``copy`` back as ``instance``'s entries, alive for ``ttl_ms`` unless it is,
+        if it was not reaped and Redis holds an older generation of it (see
+        ``_RESTORE``). True if it did."""
+        restored = await self._run(
+            _RESTORE, [], [PREFIX, instance, copy.generation, ttl_ms, now_ms, *copy.entries]
+        )
+        return bool(restored)
 
     async def reap(self) -> list[Someone]:
         """Claim every instance whose heartbeat stopped (its TTL ran out): its entries
