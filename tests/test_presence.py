@@ -638,3 +638,51 @@ async def test_the_reaper_stores_no_leave_decided_before_the_users_return(
             reaper.release.set()
         assert reaper.snapshot_detail()["events_to_store"] == 0  # dropped, not retried
     assert await presence_log(db, project) == [(join, ann), (join, ann)]
+
+
+async def test_after_redis_lost_its_data_a_process_re_asserts_before_it_trusts_a_total(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # Redis restarted empty (FLUSHDB here), then failed over to a replica that missed the
+    # last write (its keys put back as they were before it): the totals Redis gives the
+    # next join or leave would be wrong (a second tab taken for a first join, a last
+    # leave for nothing), unless the process writes everything it holds first.
+    from atrium.presence import Transition
+
+    project, ann, bob = await two_users(db)
+    cat = uuid.uuid4()
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        board = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        other = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        await board.beat()
+        for user in (ann, bob):
+            assert (await board.joined(project, user, "u@example.com", 1)).transition is (
+                Transition.JOINED
+            )
+        await redis.call(lambda c: c.flushdb())
+        second_tab = await board.joined(project, ann, "ann@example.com", 2)
+        assert second_tab.transition is Transition.NONE  # she was online all along
+        assert {u: o.connections for u, o in (await other.online(project, {})).items()} == {
+            ann: 2,
+            bob: 1,
+        }
+        assert (await board.left(project, bob, "bob@example.com", 0)).transition is (
+            Transition.LEFT
+        )
+
+        keys = await redis.call(lambda c: c.keys("atrium:presence:*"))
+        dumped = {k: await redis.call(lambda c, k=k: c.dump(k)) for k in keys}
+        assert (await board.joined(project, cat, "cat@example.com", 1)).transition is (
+            Transition.JOINED
+        )
+
+        async def failover(client: Any) -> None:  # the replica never got Cat's join
+            await client.flushdb()
+            for key, value in dumped.items():
+                await client.restore(key, 0, value)
+
+        await redis.call(failover)
+        assert (await board.joined(project, cat, "cat@example.com", 2)).transition is (
+            Transition.NONE
+        )
+        assert set(await other.online(project, {})) == {ann, cat}
