@@ -200,6 +200,8 @@ async def test_while_redis_is_away_nothing_cached_is_served_and_limits_count_her
         # This process's own window, from nothing: three allowed, then refused.
         assert [a.rate.allowed for a in away if a is not None] == [True, True, True, False]
         own_redis.start()  # (its data is gone: a new epoch, a new window)
+        with trio.fail_after(5):
+            await redis.wait_available()  # the breaker's probe found it
         back = [await admit(admission, user, source) for _ in range(2)]
         assert [a.value for a in back if a is not None] == [{"read": 6}, {"read": 6}]
         assert [a.rate.remaining for a in back if a is not None] == [2, 1]

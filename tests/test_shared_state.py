@@ -229,6 +229,9 @@ async def test_while_redis_is_away_nothing_cached_is_trusted_and_invalidations_w
         assert await there.get(user, "k") is None  # nothing is trusted without Redis
         assert await there.set(user, "k", "x", await there.generation(user)) is None
         own_redis.start()  # (the same dataset: nothing was persisted, so a new epoch)
+        with trio.fail_after(5):
+            await there_redis.wait_available()  # the breakers' probes found it
+            await here_redis.wait_available()
         await there.set(user, "k", "again", await there.generation(user))
         assert await there.get(user, "k") is not None
         await here.generation(user)  # here's next use records what it could not
