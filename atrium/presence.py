@@ -43,7 +43,7 @@ from .events import EventType, NewEvent
 from .persistence import events as event_log
 from .persistence.database import Database, DatabaseUnavailable
 from .persistence.errors import ProjectNotFound
-from .persistence.presence import Copy, Entry, Heartbeat, PresenceStore, Someone
+from .persistence.presence import Copy, Entry, PresenceStore, Someone
 from .persistence.redis import Redis, RedisUnavailable
 from .timestamps import utc_iso_at
 
@@ -411,7 +411,6 @@ class ClusterPresence:
                     came = await self._store.sync(entries, full=full) if entries or full else []
                     if came is None:  # lost since the heartbeat: rewrite everything
                         came = await self._store.sync(self._entries(), full=True)
-                        found = Heartbeat(found.was_alive, found.was_reaped, False)
                 except BaseException:
                     self._dirty |= dirty
                     raise

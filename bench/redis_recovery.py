@@ -41,6 +41,7 @@ from contextlib import AsyncExitStack  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
 import trio  # noqa: E402
+from trio_websocket import ConnectionClosed  # noqa: E402
 
 from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -63,7 +64,7 @@ def process_env(data_dir: Path, database_url: str, redis_url: str) -> dict[str, 
         PORT="0",
         WS_PORT="0",
         METRICS_PORT="0",
-        LOG_LEVEL="WARNING",
+        LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"),
         WORKER_CONCURRENCY="0",
         RATE_LIMIT_PER_MINUTE="1000000",
         AUTH_RATE_LIMIT_PER_MINUTE="1000000",
@@ -104,6 +105,7 @@ class Cluster:
         self.cursor_seen = trio.Event()
         self.since = 0.0
         self.left = trio.Event()
+        self.ending = False
 
     async def start(self, name: str) -> tuple[Served, httpx.AsyncClient]:
         env = process_env(self.root / name, self.database_url, self.redis.url)
@@ -164,7 +166,12 @@ class Cluster:
     async def read_ann(self) -> None:
         """Ann's messages, without a timeout (nothing may arrive for a while)."""
         while True:
-            data = orjson.loads(await self.ann_ws.ws.get_message())
+            try:
+                data = orjson.loads(await self.ann_ws.ws.get_message())
+            except ConnectionClosed as closed:
+                if not self.ending:
+                    raise RuntimeError(f"Ann's connection closed: {closed.reason}") from None
+                return
             for message in data if isinstance(data, list) else [data]:
                 kind = message.get("type")
                 if kind == "CURSOR_UPDATE" and message.get("user_id") == self.bob["user_id"]:
@@ -281,6 +288,7 @@ async def main(args: argparse.Namespace) -> None:
                                 await trio.sleep(3)  # settle before the next fault
                         for name, runs in results.items():
                             print(summary(name, runs))
+                        cluster.ending = True
                     for served in (cluster.a, cluster.b):
                         if served.process.returncode is None:
                             served.process.terminate()

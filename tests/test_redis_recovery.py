@@ -116,8 +116,9 @@ async def test_redis_restarted_empty_and_a_process_killed_as_it_answers(
                 took = trio.current_time() - answered
                 assert message["user_id"] == bob.user_id, message
                 await bob_b.release()
-            # TTL (1 s) + a heartbeat (0.2 s) + the breaker's probe (at most 1 s).
-            assert took < 2.5, took
+            # TTL (1 s) + a heartbeat (0.2 s) + the breaker's probe (at most 1 s), and some
+            # slack for a loaded machine; before issue 20 it never came.
+            assert took < 3.0, took
             assert online(await status(a, project, ann), "online_users") == {ann.user_id: 1}
         assert await b.process.wait() == -signal.SIGKILL
         events = await presence_events(a, project, ann)
