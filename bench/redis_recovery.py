@@ -174,7 +174,9 @@ class Cluster:
                 return
             for message in data if isinstance(data, list) else [data]:
                 kind = message.get("type")
-                if kind == "CURSOR_UPDATE" and message.get("user_id") == self.bob["user_id"]:
+                if kind == "PING":  # the server's heartbeat: an idle reader must answer
+                    await self.ann_ws.ws.send_message('{"type":"PONG"}')
+                elif kind == "CURSOR_UPDATE" and message.get("user_id") == self.bob["user_id"]:
                     if self.sent.get(message["position"]["line"], -1.0) >= self.since:
                         self.cursor_seen.set()
                 elif kind == "USER_LEAVE" and message.get("user_id") == self.bob["user_id"]:
