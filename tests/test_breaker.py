@@ -143,9 +143,5 @@ def test_the_settings_keep_their_names_with_their_new_meaning() -> None:
         load_settings({**env, "REDIS_BREAKER_RESET_SECONDS": "2.5"}).redis_breaker_reset_seconds
         == 2.5
     )
-    for bad in ("60", "0", "-1", "soon"):  # the seed's 60 would mean a minute offline
-        with pytest.raises(ConfigError) as error:
-            load_settings({**env, "REDIS_BREAKER_RESET_SECONDS": bad})
-        assert error.value.variable == "REDIS_BREAKER_RESET_SECONDS"
-    with pytest.raises(ConfigError, match="REDIS_BREAKER_SUCCESSES"):
-        load_settings({**env, "REDIS_BREAKER_SUCCESSES": "0"})
+    with pytest.raises(ConfigError, match="longest wait between two probes"):
+        load_settings({**env, "REDIS_BREAKER_RESET_SECONDS": "60"})  # test_config: the rest

@@ -46,6 +46,10 @@ def test_development_key_is_generated_once_and_kept(tmp_path: Path) -> None:
         ({"DB_POOL_SIZE": "-3"}, "DB_POOL_SIZE"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        # Now the longest wait between probes: the seed's 60 s would keep Redis unused.
+        ({"REDIS_BREAKER_RESET_SECONDS": "60"}, "REDIS_BREAKER_RESET_SECONDS"),
+        ({"REDIS_BREAKER_RESET_SECONDS": "0"}, "REDIS_BREAKER_RESET_SECONDS"),
+        ({"REDIS_BREAKER_SUCCESSES": "0"}, "REDIS_BREAKER_SUCCESSES"),
         ({"ALLOWED_ORIGINS": "[not json"}, "ALLOWED_ORIGINS"),
         ({"ALLOWED_ORIGINS": "ftp://files.example.com"}, "ALLOWED_ORIGINS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
