@@ -103,7 +103,7 @@ class Redis:
         try:
             with trio.move_on_after(self.timeout):
                 ok = bool(await _aio(_ping_on(connection)))
-        except (*_UNAVAILABLE, redis.exceptions.ResponseError) as error:
+        except Exception as error:  # any failure is a failed probe: the prober must not die
             log.debug("redis probe: %s", error)
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
