@@ -97,3 +97,16 @@ def job_bodies(project_id: str) -> st.SearchStrategy[dict[str, Any]]:
         lambda name: HOSTILE_FIELDS[name].map(lambda value: (name, value))
     )
     return st.builds(spoil, st.sampled_from(sorted(PAYLOADS)).flatmap(body), st.none() | hostile)
+
+
+def known_job_bodies(project_id: str) -> list[dict[str, Any]]:
+    """Bodies that once got a 500 (a NUL character) or a job failing in every attempt (a
+    date with no UTC form): issue 19. Now each is a 422 naming its field."""
+    report = {"task_name": "project_activity_report", "project_id": project_id}
+    return [
+        {"task_name": "data_processing", "payload": {"csv": "a\x00b"}},
+        {"task_name": "data_processing", "payload": {"csv": "a", "columns": ["\x00"]}},
+        {"task_name": "data_processing", "payload": {"csv": "a"}, "idempotency_key": "\x00"},
+        {**report, "payload": {"since": "0001-01-01T00:00:00+14:00"}},
+        {**report, "payload": {"until": "9999-12-31T23:59:59-14:00"}},
+    ]

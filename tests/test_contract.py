@@ -33,7 +33,7 @@ import trio
 from conftest import Running, StartServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from job_payloads import job_bodies
+from job_payloads import job_bodies, known_job_bodies
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
@@ -76,6 +76,8 @@ class Fuzzer:
     ids: dict[str, str]
     bodies: dict[tuple[str, str], st.SearchStrategy[Any]] = field(default_factory=dict)
     """Bodies of one operation (method, path) beyond what its schema generates."""
+    known_bodies: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    """Bodies always sent to one operation (method, path), before the generated ones."""
     http: requests.Session = field(default_factory=requests.Session)
     failures: dict[str, str] = field(default_factory=dict)
     calls: int = 0
@@ -103,12 +105,17 @@ class Fuzzer:
                 strategies.append(
                     operation.as_strategy(generation_mode=mode, path_parameters=known)
                 )
-        bodies = self.bodies.get((operation.method.upper(), operation.path))
-        if bodies is not None:
-            strategies.append(
-                bodies.map(lambda body: operation.Case(body=body, media_type="application/json"))
-            )
+        key = (operation.method.upper(), operation.path)
+        for body in self.known_bodies.get(key, []):
+            self.check(operation.Case(body=body, media_type="application/json"))
         self.run(operation.label, st.one_of(strategies), self.check)
+        bodies = self.bodies.get(key)
+        if bodies is not None:  # examples of their own: the schema's would crowd them out
+            self.run(
+                f"{operation.label} (bodies)",
+                bodies.map(lambda body: operation.Case(body=body, media_type="application/json")),
+                self.check,
+            )
 
     def raw_bodies(self, operation: APIOperation) -> None:
         """The bodies in ``RAW_BODIES``, on real ids (random UUIDs for the others)."""
@@ -180,8 +187,14 @@ async def test_every_response_matches_the_openapi_document(start_server: StartSe
 
         ids = {"project_id": project_id, "user_id": member["user_id"], "job_id": r.json()["job_id"]}
         # The job payload's schema is the task's (GET /api/v1/jobs/tasks), not the document's.
-        bodies = {("POST", "/api/v1/jobs/run"): job_bodies(project_id)}
-        fuzzer = Fuzzer(server.bound.url, auth, ids, bodies)
+        run = ("POST", "/api/v1/jobs/run")
+        fuzzer = Fuzzer(
+            server.bound.url,
+            auth,
+            ids,
+            bodies={run: job_bodies(project_id)},
+            known_bodies={run: known_job_bodies(project_id)},
+        )
         await trio.to_thread.run_sync(fuzz_all, document, fuzzer)
         assert fuzzer.calls > 0
         assert not fuzzer.failures, (
