@@ -11,16 +11,21 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import orjson
 import trio
 from conftest import StartServer
 from served import start_serving
 from test_jobs_api import auth, run, wait_status
+from test_jobs_queue import make_user
 
+from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus
+from atrium.persistence.jobs import JobStatus, Priority
+from atrium.timestamps import utc_iso
 
 MB = 1_000_000
 
@@ -116,3 +121,39 @@ async def test_payload_and_result_limits(start_server: StartServer) -> None:
         sizes = {j["job_id"]: (j["result"], j["payload_bytes"], j["result_bytes"]) for j in listed}
         # Stored JSON text: PostgreSQL writes a space after each colon.
         assert sizes == {fits_id: (None, 15, 4012), over_id: (None, 15, None)}
+
+
+async def test_a_listing_shows_the_last_attempts_and_errors_are_cut(db: Database) -> None:
+    """A job retried by hand again and again, or a task whose error quotes its input,
+    does not make a listing heavy: lists show the last ``LISTED_ATTEMPTS`` attempts, and
+    an error is stored cut to ``MAX_ERROR_CHARS``."""
+    user = await make_user(db, "ann")
+    now = datetime.now(UTC)
+    submitted = await store.submit(
+        db,
+        user_id=user,
+        task_name="t",
+        payload={},
+        priority=Priority.NORMAL,
+        timeout_seconds=60,
+        max_retries=0,
+        now=now,
+    )
+    attempts = [{"n": n, "started_at": utc_iso(now)} for n in range(1, 13)]
+    await db.execute(
+        "UPDATE jobs SET attempts = $2::jsonb WHERE id = $1",
+        submitted.job.id,
+        orjson.dumps(attempts).decode(),
+    )
+    claimed = await store.claim(db, worker="w", now=now, lease_seconds=30)
+    assert claimed is not None
+    await store.fail(db, claimed, now=now, error="e" * 10_000, retry_at=None)
+
+    (listed,) = (await store.list_jobs(db, user)).jobs
+    assert [a["n"] for a in listed.attempts] == list(range(4, 14))
+    assert len(listed.attempts) == store.LISTED_ATTEMPTS
+    job = await store.get_job(db, submitted.job.id, user)
+    assert [a["n"] for a in job.attempts] == list(range(1, 14))
+    assert job.error is not None and len(job.error) <= store.MAX_ERROR_CHARS
+    assert job.error.endswith("... (10,000 characters, cut)")
+    assert job.attempts[-1]["error"] == job.error
