@@ -249,7 +249,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
 
 
 # What reads of a job select: every column but the payload and the result (their sizes
-# instead). ``_ONE`` shows every attempt; ``_LISTED`` the last ten (a job retried by hand
+# instead). ``_ONE`` shows every attempt; ``_LISTED`` the last few (a job retried by hand
 # again and again keeps them all, and a listing stays small whatever a job holds).
 _SHOWN = ", ".join(
     f"j.{column}"
@@ -260,10 +260,13 @@ _SHOWN = ", ".join(
         " lease_expires_at payload_bytes result_bytes"
     ).split()
 )
-_ONE = f"{_SHOWN}, j.attempts"
-_LISTED = f"{_SHOWN}, jsonb_path_query_array(j.attempts, '$[last-9 to last]') AS attempts"
 LISTED_ATTEMPTS = 10
 """Listings show a job's last this many attempts; its status shows them all."""
+_ONE = f"{_SHOWN}, j.attempts"
+_LISTED = (
+    f"{_SHOWN}, jsonb_path_query_array(j.attempts,"
+    f" '$[last-{LISTED_ATTEMPTS - 1} to last]') AS attempts"
+)
 
 # An error longer than this is cut where it is stored (the row, its attempt, its event):
 # a task's message may quote its input.
