@@ -89,6 +89,8 @@ class Settings:
     job_lease_seconds: float = 30.0
     job_retention_days: int = 30  # 0: keep finished jobs forever
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
+    job_max_payload_bytes: int = 1_048_576  # a job's payload as JSON; over it: 413
+    job_max_result_bytes: int = 8_388_608  # a job's result as JSON; over it: the job is dead
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
@@ -364,6 +366,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         job_task_modules=tuple(
             m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
+        job_max_payload_bytes=_int(env, "JOB_MAX_PAYLOAD_BYTES", 1_048_576, minimum=1024),
+        job_max_result_bytes=_int(env, "JOB_MAX_RESULT_BYTES", 8_388_608, minimum=1024),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
         presence_heartbeat_seconds=heartbeat,

@@ -123,6 +123,8 @@ def job_settings(settings: Settings) -> JobSettings:
         poll_seconds=min(1.0, lease / 3),
         drain_seconds=min(5.0, lease / 2),
         retry=RetryPolicy(),
+        max_payload_bytes=settings.job_max_payload_bytes,
+        max_result_bytes=settings.job_max_result_bytes,
     )
 
 

@@ -42,3 +42,14 @@ async def dead_first(ctx: TaskContext, payload: DeadFirstPayload) -> dict[str, A
     if job.attempt_count <= payload.dead_attempts:
         raise PermanentJobError(f"attempt {job.attempt_count} refused")
     return {"attempt": job.attempt_count}
+
+
+class SizedResultPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    chars: int = 10
+
+
+@registry.task("test_sized_result", SizedResultPayload)
+async def sized_result(ctx: TaskContext, payload: SizedResultPayload) -> dict[str, Any]:
+    """Returns a result of about ``chars`` characters (``{"blob": "xx..."}``)."""
+    return {"blob": "x" * payload.chars}

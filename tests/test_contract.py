@@ -3,7 +3,8 @@
 schemathesis reads ``/openapi.json`` from the real server (port 0, started as run.py
 does) and generates requests for every operation from it: valid ones (positive) and
 invalid ones (negative: wrong types, missing fields, no or a broken token), with a
-logged-in user's token, on generated ids and on the ids of a real project and member.
+logged-in user's token, on generated ids and on the ids of a real project, member and job;
+job submissions also get bodies from each task's payload strategy (tests/job_payloads.py).
 Every body route also gets a body that is not JSON and one over MAX_BODY_BYTES. Each
 response must be no 5xx, carry a status the document lists for that operation, and have
 a body and content type matching the schema documented for that status.
@@ -32,6 +33,7 @@ import trio
 from conftest import Running, StartServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from job_payloads import job_bodies, known_job_bodies
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
@@ -72,6 +74,10 @@ class Fuzzer:
     base_url: str
     auth: dict[str, str]
     ids: dict[str, str]
+    bodies: dict[tuple[str, str], st.SearchStrategy[Any]] = field(default_factory=dict)
+    """Bodies of one operation (method, path) beyond what its schema generates."""
+    known_bodies: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    """Bodies always sent to one operation (method, path), before the generated ones."""
     http: requests.Session = field(default_factory=requests.Session)
     failures: dict[str, str] = field(default_factory=dict)
     calls: int = 0
@@ -99,7 +105,17 @@ class Fuzzer:
                 strategies.append(
                     operation.as_strategy(generation_mode=mode, path_parameters=known)
                 )
+        key = (operation.method.upper(), operation.path)
+        for body in self.known_bodies.get(key, []):
+            self.check(operation.Case(body=body, media_type="application/json"))
         self.run(operation.label, st.one_of(strategies), self.check)
+        bodies = self.bodies.get(key)
+        if bodies is not None:  # examples of their own: the schema's would crowd them out
+            self.run(
+                f"{operation.label} (bodies)",
+                bodies.map(lambda body: operation.Case(body=body, media_type="application/json")),
+                self.check,
+            )
 
     def raw_bodies(self, operation: APIOperation) -> None:
         """The bodies in ``RAW_BODIES``, on real ids (random UUIDs for the others)."""
@@ -164,10 +180,20 @@ async def test_every_response_matches_the_openapi_document(start_server: StartSe
             headers=auth,
         )
         assert r.status_code == 201, r.text
+        job = {"task_name": "data_processing", "payload": {"csv": "a\n1\n"}}
+        r = await server.client.post("/api/v1/jobs/run", json=job, headers=auth)
+        assert r.status_code == 202, r.text
         document = (await server.client.get("/openapi.json")).json()
 
+        ids = {"project_id": project_id, "user_id": member["user_id"], "job_id": r.json()["job_id"]}
+        # The job payload's schema is the task's (GET /api/v1/jobs/tasks), not the document's.
+        run = ("POST", "/api/v1/jobs/run")
         fuzzer = Fuzzer(
-            server.bound.url, auth, {"project_id": project_id, "user_id": member["user_id"]}
+            server.bound.url,
+            auth,
+            ids,
+            bodies={run: job_bodies(project_id)},
+            known_bodies={run: known_job_bodies(project_id)},
         )
         await trio.to_thread.run_sync(fuzz_all, document, fuzzer)
         assert fuzzer.calls > 0

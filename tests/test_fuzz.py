@@ -34,9 +34,12 @@ import trio
 from conftest import StartServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from job_payloads import job_bodies
 from test_workspace import Team, make_team, session
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
+
+from atrium.persistence.jobs import JobStatus
 
 ADMIN_TOKEN = "operator-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -404,6 +407,80 @@ async def test_hostile_bodies_get_4xx_in_the_error_shape(start_server: StartServ
 
         await drive(run)()
         await watch.serving()
+
+
+async def test_hostile_job_submissions_are_refused_or_run_without_a_retry(
+    start_server: StartServer,
+) -> None:
+    """``POST /api/v1/jobs/run`` from every role and from no one, with each task's payload
+    strategy (tests/job_payloads.py) and raw hostile bodies: every answer is below 500 in
+    the error shape (401 without a token), and every job accepted ends completed or dead
+    with no attempt failed (an input the run would refuse is refused at submission)."""
+    async with fuzzing(start_server) as watch:
+        team = watch.team
+        server = team.server
+        assert server.bound.services is not None
+        queue = server.bound.services.value.jobs.queue
+        members = {
+            "owner": team.owner,
+            "collaborator": team.collaborator,
+            "viewer": team.viewer,
+            "outsider": team.outsider,
+        }
+        accepted: list[str] = []
+
+        async def batch(requests: list[tuple[str | None, bytes]]) -> None:
+            for who, body in requests:
+                headers = {"Content-Type": "application/json"}
+                if who is not None:
+                    headers.update(members[who].auth)
+                with trio.fail_after(20):
+                    r = await server.client.post("/api/v1/jobs/run", content=body, headers=headers)
+                assert r.status_code < 500, (who, body, r.status_code, r.text)
+                if who is None:
+                    assert r.status_code == 401, (body, r.text)
+                if r.status_code >= 400:
+                    error = r.json()["error"]
+                    assert set(error) == {"code", "message"}, error
+                else:
+                    accepted.append(r.json()["job_id"])
+            await watch.serving(fresh_join=False)
+
+        bodies = st.one_of(job_bodies(team.project_id).map(dumps).map(str.encode), hostile_body())
+        who = st.sampled_from(["owner", None, *members])  # the owner twice as often
+
+        @SETTINGS
+        @given(st.lists(st.tuples(who, bodies), min_size=1, max_size=6))
+        @example(
+            [
+                (
+                    "owner",
+                    dumps({"task_name": "data_processing", "payload": {"csv": "a\x00"}}).encode(),
+                ),
+                (
+                    "owner",
+                    dumps(
+                        {
+                            "task_name": "project_activity_report",
+                            "payload": {"since": "0001-01-01T00:00:00+14:00"},
+                            "project_id": team.project_id,
+                        }
+                    ).encode(),
+                ),
+            ]
+        )
+        def run(requests: list[tuple[str | None, bytes]]) -> None:
+            with normal_stack():
+                trio.from_thread.run(batch, requests)
+
+        await drive(run)()
+        await watch.serving()
+        finished = {JobStatus.COMPLETED, JobStatus.DEAD, JobStatus.FAILED}
+        for job_id in accepted:
+            with trio.fail_after(30):
+                job = await queue.wait_for(uuid.UUID(job_id.removeprefix("job_")), finished)
+            outcomes = [a["outcome"] for a in job.attempts]
+            assert "failed" not in outcomes, (job_id, job.task_name, job.error)
 
 
 async def test_deep_frames_and_bodies_at_the_edges_of_the_limits(

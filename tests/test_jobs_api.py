@@ -110,49 +110,91 @@ async def test_idempotency_key_answers_200_with_the_first_job(jobs_server: Runni
     assert again.json()["job_id"] == first.json()["job_id"]
 
 
-@pytest.mark.parametrize(
-    ("body", "code", "message"),
-    [
-        ({"task_name": "nope"}, "unknown_task", "task_name: no task named 'nope'"),
-        ({"task_name": "data_processing"}, "invalid_payload", "payload.csv: Field required"),
-        (
-            {"task_name": "data_processing", "payload": {"csv": "a", "extra": 1}},
-            "invalid_payload",
-            "payload.extra: Extra inputs are not permitted",
-        ),
-        (
-            {"task_name": "data_processing", "payload": {"csv": "a", "columns": "x"}},
-            "invalid_payload",
-            "payload.columns: Input should be a valid list",
-        ),
-        (
-            {
-                "task_name": "project_activity_report",
-                "payload": {"since": "2026-01-01T00:00:00", "until": "2030-01-01T00:00:00Z"},
-            },
-            "invalid_payload",
-            "payload.since: Input should have timezone info",
-        ),
-        (
-            {"task_name": "project_export"},
-            "invalid_payload",
-            "project_id: the task project_export needs a project_id",
-        ),
-        (
-            {"task_name": "data_processing", "payload": {"csv": "a"}, "priority": "urgent"},
-            "validation_error",
-            "priority:",
-        ),
-    ],
-)
-async def test_bad_submissions_are_422_naming_the_field(
-    jobs_server: Running, body: dict[str, Any], code: str, message: str
-) -> None:
+BAD_SUBMISSIONS: list[tuple[dict[str, Any], str, str]] = [
+    ({"task_name": "nope"}, "unknown_task", "task_name: no task named 'nope'"),
+    ({"task_name": "data_processing"}, "invalid_payload", "payload.csv: Field required"),
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a", "extra": 1}},
+        "invalid_payload",
+        "payload.extra: Extra inputs are not permitted",
+    ),
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a", "columns": "x"}},
+        "invalid_payload",
+        "payload.columns: Input should be a valid list",
+    ),
+    (
+        {
+            "task_name": "project_activity_report",
+            "payload": {"since": "2026-01-01T00:00:00", "until": "2030-01-01T00:00:00Z"},
+        },
+        "invalid_payload",
+        "payload.since: Input should have timezone info",
+    ),
+    (
+        {"task_name": "project_export"},
+        "invalid_payload",
+        "project_id: the task project_export needs a project_id",
+    ),
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a"}, "priority": "urgent"},
+        "validation_error",
+        "priority:",
+    ),
+    # What PostgreSQL (or the run) would refuse: before, a 500 or a retried attempt.
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a\x00b"}},
+        "invalid_payload",
+        "payload.csv: must not contain NUL characters",
+    ),
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a", "columns": ["a", "\x00"]}},
+        "invalid_payload",
+        "payload.columns.1: must not contain NUL characters",
+    ),
+    (
+        {"task_name": "data_processing", "payload": {"csv": "a"}, "idempotency_key": "k\x00"},
+        "validation_error",
+        "idempotency_key: Value error, must not contain NUL characters",
+    ),
+    (
+        {"task_name": "data\x00processing"},
+        "validation_error",
+        "task_name: Value error, must not contain NUL characters",
+    ),
+    (
+        {
+            "task_name": "project_activity_report",
+            "payload": {"since": "0001-01-01T00:00:00+14:00"},
+            "project_id": str(uuid.uuid4()),
+        },
+        "invalid_payload",
+        "payload.since: is out of range: it has no UTC form",
+    ),
+    (
+        {
+            "task_name": "project_activity_report",
+            "payload": {"until": "9999-12-31T23:00:00-14:00"},
+            "project_id": str(uuid.uuid4()),
+        },
+        "invalid_payload",
+        "payload.until: is out of range: it has no UTC form",
+    ),
+    (
+        {"task_name": "test_block", "payload": {"block_attempts": "1" + "0" * 24}},
+        "invalid_payload",
+        "payload.block_attempts: is out of range (at most 64 bits)",
+    ),
+]
+
+
+async def test_bad_submissions_are_422_naming_the_field(jobs_server: Running) -> None:
     ann = auth(await jobs_server.signup_login("ann@example.com"))
-    r = await run(jobs_server, ann, **body)
-    assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == code
-    assert r.json()["error"]["message"].startswith(message)
+    for body, code, message in BAD_SUBMISSIONS:
+        r = await run(jobs_server, ann, **body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["code"] == code, body
+        assert r.json()["error"]["message"].startswith(message), (body, r.text)
     listed = await jobs_server.client.get("/api/v1/jobs/", headers=ann)
     assert listed.json()["total"] == 0  # nothing was queued
 

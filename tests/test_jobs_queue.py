@@ -286,10 +286,16 @@ async def test_cancel_a_queued_and_a_running_job(db: Database) -> None:
 async def test_priority_then_age(db: Database) -> None:
     rig = Rig()
     user = await make_user(db, "ann")
+    # High priority is an owner's, for the project's jobs.
+    owned = (
+        await projects.create_project(db, user, name="P", description=None, visibility="private")
+    ).value
     async with running_jobs(db, rig.registry, concurrency=0) as (_, service, _):
         low = await service.submit(user, task_name="record", payload={}, priority=Priority.LOW)
         normal1 = await service.submit(user, task_name="record", payload={})
-        high = await service.submit(user, task_name="record", payload={}, priority=Priority.HIGH)
+        high = await service.submit(
+            user, task_name="record", payload={}, priority=Priority.HIGH, project_id=owned.id
+        )
         normal2 = await service.submit(user, task_name="record", payload={})
         # Places when each was submitted: the high one jumps the two queued before it.
         assert [j.position_in_queue for j in (low, normal1, high, normal2)] == [1, 1, 1, 3]

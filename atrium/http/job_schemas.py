@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from .schemas import _Strict
 
@@ -14,16 +14,32 @@ PriorityName = Literal["low", "normal", "high"]
 StatusName = Literal["queued", "running", "completed", "failed", "dead", "cancelled"]
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: a 422 naming the field, never a 500 at the insert.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string stored as PostgreSQL text."""
+
+
 class JobRunRequest(_Strict):
-    task_name: str = Field(min_length=1, max_length=100, description="See GET /api/v1/jobs/tasks")
-    payload: dict[str, Any] = Field(default_factory=dict, description="Checked against the task")
-    priority: PriorityName = "normal"
+    task_name: Text = Field(min_length=1, max_length=100, description="See GET /api/v1/jobs/tasks")
+    payload: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Checked against the task's schema; at most JOB_MAX_PAYLOAD_BYTES as JSON",
+    )
+    priority: PriorityName = Field(
+        default="normal", description="high: only an owner of the job's project"
+    )
     timeout: float | None = Field(
         default=None, gt=0, le=86_400, description="Seconds per attempt (JOB_TIMEOUT_SECONDS)"
     )
     project_id: UUID | None = Field(default=None, description="Tie the job to a project")
     max_retries: int | None = Field(default=None, ge=0, le=20, description="MAX_JOB_RETRIES")
-    idempotency_key: str | None = Field(
+    idempotency_key: Text | None = Field(
         default=None,
         min_length=1,
         max_length=200,
@@ -72,6 +88,8 @@ class JobStatusResponse(BaseModel):
     attempts: list[JobAttempt]
     project_id: UUID | None
     user_id: UUID
+    payload_bytes: int = Field(description="The payload's size as stored JSON")
+    result_bytes: int | None = Field(description="The result's size as stored JSON; null without")
 
 
 class JobListQuery(BaseModel):
@@ -82,7 +100,10 @@ class JobListQuery(BaseModel):
 
 
 class JobListResponse(BaseModel):
-    jobs: list[JobStatusResponse] = Field(description="Newest first; results are left out")
+    jobs: list[JobStatusResponse] = Field(
+        description="Newest first; results are left out (their sizes stay), and each job"
+        " shows its last 10 attempts"
+    )
     total: int
     limit: int
     offset: int

@@ -1,9 +1,11 @@
 """``/api/v1/jobs``: submit background jobs, follow them, cancel and retry them.
 
-The rules live in ``atrium.jobs.JobService`` and ``atrium.persistence.jobs``: the creator
-sees and cancels their jobs; for a job tied to a project, submitting needs a role that may
-run jobs there, every member may look, owners may also cancel and retry. A job the caller
-may not see answers exactly like one that does not exist (404 job_not_found).
+The rules live in ``atrium.jobs.JobService`` and ``atrium.persistence.jobs`` and use the
+caller's rights now (docs/JOBS.md, "Rights"): a job without a project is its creator's; a
+project job is seen by the project's members, cancelled by its creator (while a member)
+and the owners, retried by its creator (while a collaborator or an owner) and the owners.
+A job the caller may not see answers exactly like one that does not exist (404
+job_not_found). Lists never carry payloads or results, only their sizes.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ _STATUS = {
     "job_not_found": 404,
     "project_not_found": 404,
     "forbidden_role": 403,
+    "priority_forbidden": 403,
     "job_state_conflict": 409,
+    "job_payload_too_large": 413,
 }
 
 
@@ -105,6 +109,8 @@ def job_response(job: Job, *, result: bool = True) -> JobStatusResponse:
             "attempts": job.attempts,
             "project_id": job.project_id,
             "user_id": job.user_id,
+            "payload_bytes": job.payload_bytes,
+            "result_bytes": job.result_bytes,
         }
     )
 
@@ -121,9 +127,12 @@ async def run_job(data: JobRunRequest) -> Response:
     """Queue a job: 202 with its id, place in the queue and an estimated completion.
 
     The payload is checked against the task's schema now (422 ``invalid_payload`` naming
-    the field; 422 ``unknown_task``). With ``project_id`` the caller must be an owner or a
-    collaborator there (404 ``project_not_found``, 403 ``forbidden_role`` for a viewer).
-    An ``idempotency_key`` the caller used before returns that first job with 200.
+    the field, also for a NUL character or a date with no UTC form; 422 ``unknown_task``;
+    413 ``job_payload_too_large`` past JOB_MAX_PAYLOAD_BYTES). With ``project_id`` the
+    caller must be an owner or a collaborator there (404 ``project_not_found``, 403
+    ``forbidden_role`` for a viewer); ``priority: high`` needs an owner of the project
+    (403 ``priority_forbidden``). An ``idempotency_key`` the caller used before returns
+    that first job with 200.
     """
     submission = await _service().submit(
         g.user.id,
@@ -179,9 +188,11 @@ async def list_tasks() -> Response:
 @require_user
 @validate_querystring(JobListQuery)
 async def list_jobs(query_args: JobListQuery) -> Response:
-    """The caller's jobs, newest first; with ``project_id``, every job of that project
-    (members only: 404 otherwise). Filter by ``status``; page with ``limit``/``offset``.
-    Results are left out here: fetch them from ``/{job_id}/status``."""
+    """The caller's jobs (less those of projects they are no longer a member of), newest
+    first; with ``project_id``, every job of that project (members only: 404 otherwise).
+    Filter by ``status``; page with ``limit``/``offset``. Payloads and results are left
+    out (``payload_bytes``, ``result_bytes`` give their sizes): fetch a result from
+    ``/{job_id}/status``."""
     page = await _service().list(
         g.user.id,
         status=None if query_args.status is None else JobStatus(query_args.status),
@@ -218,10 +229,11 @@ async def job_status(job_id: str) -> Response:
 @error_responses(*SIGNED_IN, *BY_ID, 403, 409)
 @require_user
 async def cancel_job(job_id: str) -> Response:
-    """Cancel (the creator, or an owner of the job's project). A waiting job is
-    ``cancelled`` at once; a running one is stopped through its cancel scope within a
-    second (the answer then says ``running``; its status turns ``cancelled``). 409
-    ``job_state_conflict`` for a finished job; 403 for a member who may only look."""
+    """Cancel (the creator while a member of the job's project, or one of its owners). A
+    waiting job is ``cancelled`` at once; a running one is stopped through its cancel
+    scope within a second (the answer then says ``running``; its status turns
+    ``cancelled``). 409 ``job_state_conflict`` for a finished job; 403 for another
+    member."""
     job = await _service().cancel(parse_job_id(job_id), g.user.id)
     return respond(job_response(job))
 
@@ -234,6 +246,9 @@ async def cancel_job(job_id: str) -> Response:
 @require_user
 async def retry_job(job_id: str) -> Response:
     """Queue a ``failed``, ``dead`` or ``cancelled`` job again now, with a fresh retry
-    budget; its attempts so far are kept. 409 for a job in any other state."""
+    budget; its attempts so far are kept. The creator may while a collaborator or an owner
+    of the job's project, and its owners may (403 ``forbidden_role`` otherwise); a
+    ``high`` job retried by anyone but an owner runs at ``normal``. 409 for a job in any
+    other state."""
     job = await _service().retry(parse_job_id(job_id), g.user.id)
     return respond(job_response(job))

@@ -221,6 +221,14 @@ class JobActor:
 
     async def _attempt(self, claimed: Claimed) -> _Outcome:
         job = claimed.job
+        # The creator's rights now, not at submission: a creator removed from the project
+        # or demoted since then ends the job here, before the task reads anything.
+        try:
+            refusal = await store.run_refusal(self.queue.db, job)
+        except DatabaseUnavailable:
+            return _Outcome(JobStatus.QUEUED, released=True)  # claimed again once it is back
+        if refusal is not None:
+            return _Outcome(JobStatus.DEAD, error=refusal)
         try:
             task = self.queue.registry.get(job.task_name)
         except UnknownTask:
@@ -324,7 +332,13 @@ class JobActor:
         if outcome.released:
             return await store.release(db, claimed, now=now)
         if outcome.status is JobStatus.COMPLETED:
-            return await store.complete(db, claimed, now=now, result=outcome.result)
+            return await store.complete(
+                db,
+                claimed,
+                now=now,
+                result=outcome.result,
+                max_result_bytes=self.queue.settings.max_result_bytes,
+            )
         if outcome.status is JobStatus.CANCELLED:
             return await store.finish_cancelled(db, claimed, now=now)
         error = outcome.error or "failed"

@@ -40,6 +40,10 @@ class JobSettings:
     drain_seconds: float = 5.0
     """A stopping actor lets its job run this long, then releases it back to the queue."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_payload_bytes: int = 1_048_576
+    """A payload longer as JSON is refused at submission (JOB_MAX_PAYLOAD_BYTES)."""
+    max_result_bytes: int = 8_388_608
+    """A result longer as JSON is not stored: the job is dead (JOB_MAX_RESULT_BYTES)."""
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from .. import json_output
 from ..persistence import jobs as store
-from ..persistence.jobs import Job, JobPage, JobStatus, Priority
+from ..persistence.jobs import Job, JobPage, JobStatus, PayloadTooLarge, Priority
 from ..tasks import InvalidPayload
 from ._events import JobEvents
 from ._queue import JobQueue
+from ._storable import refuse_unstorable
 
 # Assumed run time of a task that has never completed, for the first estimates.
 _DEFAULT_RUN_SECONDS = 1.0
@@ -48,14 +50,20 @@ class JobService:
         project_id: uuid.UUID | None = None,
         idempotency_key: str | None = None,
     ) -> Submission:
-        """Validate and queue a job. Raises UnknownTask, InvalidPayload (naming the field),
-        ProjectNotFound, RoleForbidden."""
+        """Validate and queue a job. Raises UnknownTask, InvalidPayload (naming the field:
+        also for a value PostgreSQL or the run would refuse, see ``refuse_unstorable``),
+        PayloadTooLarge, ProjectNotFound, RoleForbidden, PriorityForbidden."""
         queue = self.queue
+        settings = queue.settings
         task = queue.registry.get(task_name)
         parsed = queue.registry.validate(task_name, payload)
         if task.needs_project and project_id is None:
             raise InvalidPayload("project_id", f"the task {task_name} needs a project_id")
-        settings = queue.settings
+        dumped = parsed.model_dump(mode="json")
+        refuse_unstorable(parsed, dumped)
+        size = len(json_output.dumps(dumped))
+        if size > settings.max_payload_bytes:
+            raise PayloadTooLarge(size, settings.max_payload_bytes)
         if timeout_seconds is None:
             timeout_seconds = settings.default_timeout
         if max_retries is None:
@@ -64,7 +72,7 @@ class JobService:
             queue.db,
             user_id=user_id,
             task_name=task_name,
-            payload=parsed.model_dump(mode="json"),
+            payload=dumped,
             priority=priority,
             timeout_seconds=timeout_seconds,
             max_retries=max_retries,
@@ -102,7 +110,8 @@ class JobService:
 
     async def cancel(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
         """Cancel: a waiting job at once; a running one is stopped by its actor (at once in
-        this process, within a heartbeat elsewhere). Raises JobNotFound, JobForbidden,
+        this process, within a heartbeat elsewhere). Its creator may while a member of its
+        project (any role), and the project's owners. Raises JobNotFound, JobForbidden,
         JobStateConflict."""
         change = await store.cancel(self.queue.db, job_id, user_id, self.queue.now())
         if change.job.status is JobStatus.RUNNING:
@@ -113,7 +122,8 @@ class JobService:
 
     async def retry(self, job_id: uuid.UUID, user_id: uuid.UUID | None) -> Job:
         """Queue a failed, dead or cancelled job again; ``user_id`` None is the operator,
-        who may retry any job. Raises as :meth:`cancel`."""
+        who may retry any job; others need, now, to be its creator or a project owner, and
+        a role that may run jobs in its project. Raises as :meth:`cancel`."""
         change = await store.retry(self.queue.db, job_id, user_id, self.queue.now())
         self.queue.wake()
         await self.queue.changed(change)

@@ -22,9 +22,17 @@ is locked first, then the project row by the seq counter, so the log holds a job
 in the order of its history, and a crash between the two loses neither. Callers publish
 the returned events after the commit.
 
-Who may see a job: its creator and, for a job tied to a project, every member of that
-project; who may cancel or retry it: its creator and the project's owners. Everyone else
-gets ``JobNotFound``, exactly as for a job that does not exist.
+Rights are those held now, never those held at submission (docs/JOBS.md, "Rights"). A job
+without a project is its creator's alone. A job tied to a project is seen by the project's
+members only (its creator included: one removed from the project gets ``JobNotFound``, as
+for a job that does not exist); its creator, while a member of any role, and the project's
+owners may cancel it; its creator, while a role that may run jobs there, and the owners may
+retry it. A job actor runs a project job only while its creator still may run jobs there
+(:func:`run_refusal`). ``priority`` high is for a project's owners, on that project.
+
+Reads never load a payload, and only one job's status read loads a result: listings read
+the columns they show and the sizes of both (``payload_bytes``, ``result_bytes``, kept by
+PostgreSQL beside them). Only a job actor's claim reads a payload, to run it.
 """
 
 from __future__ import annotations
@@ -103,13 +111,32 @@ class JobStateConflict(JobError):
     code = "job_state_conflict"
 
 
+class PriorityForbidden(JobError):
+    """``priority`` high asked by someone other than an owner of the job's project."""
+
+    code = "priority_forbidden"
+
+    def __init__(self) -> None:
+        super().__init__("priority: high is for an owner of the job's project; use normal or low")
+
+
+class PayloadTooLarge(JobError):
+    """A payload longer, as JSON, than the limit (JOB_MAX_PAYLOAD_BYTES)."""
+
+    code = "job_payload_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload: {size:,} bytes as JSON, over JOB_MAX_PAYLOAD_BYTES ({limit:,})")
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     id: uuid.UUID
     user_id: uuid.UUID
     project_id: uuid.UUID | None
     task_name: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None
+    """None when not read: only a job actor's claim reads it (and :func:`load_job`)."""
     priority: Priority
     status: JobStatus
     timeout_seconds: float
@@ -120,6 +147,7 @@ class Job:
     progress: int
     progress_message: str | None
     result: Any
+    """None until completed, and in listings (only :func:`get_job` reads it)."""
     error: str | None
     idempotency_key: str | None
     cancel_requested: bool
@@ -129,6 +157,10 @@ class Job:
     next_attempt_at: datetime
     lease_owner: str | None
     lease_expires_at: datetime | None
+    payload_bytes: int
+    """The payload's size as stored JSON text."""
+    result_bytes: int | None
+    """The result's size as stored JSON text; None without a result."""
 
     @property
     def retries_left(self) -> int:
@@ -191,7 +223,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         user_id=row["user_id"],
         project_id=row["project_id"],
         task_name=row["task_name"],
-        payload=_loads(row["payload"]),
+        payload=_loads(row.get("payload")),
         priority=Priority(row["priority"]),
         status=JobStatus(row["status"]),
         timeout_seconds=row["timeout_seconds"],
@@ -201,7 +233,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         attempts=_loads(row["attempts"]),
         progress=row["progress"],
         progress_message=row["progress_message"],
-        result=_loads(row["result"]),
+        result=_loads(row.get("result")),
         error=row["error"],
         idempotency_key=row["idempotency_key"],
         cancel_requested=row["cancel_requested"],
@@ -211,7 +243,40 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         next_attempt_at=row["next_attempt_at"],
         lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"],
+        payload_bytes=row["payload_bytes"],
+        result_bytes=row["result_bytes"],
     )
+
+
+# What reads of a job select: every column but the payload and the result (their sizes
+# instead). ``_ONE`` shows every attempt; ``_LISTED`` the last few (a job retried by hand
+# again and again keeps them all, and a listing stays small whatever a job holds).
+_SHOWN = ", ".join(
+    f"j.{column}"
+    for column in (
+        "id user_id project_id task_name priority status timeout_seconds max_retries"
+        " attempt_count budget_from progress progress_message error idempotency_key"
+        " cancel_requested created_at started_at completed_at next_attempt_at lease_owner"
+        " lease_expires_at payload_bytes result_bytes"
+    ).split()
+)
+LISTED_ATTEMPTS = 10
+"""Listings show a job's last this many attempts; its status shows them all."""
+_ONE = f"{_SHOWN}, j.attempts"
+_LISTED = (
+    f"{_SHOWN}, jsonb_path_query_array(j.attempts,"
+    f" '$[last-{LISTED_ATTEMPTS - 1} to last]') AS attempts"
+)
+
+# An error longer than this is cut where it is stored (the row, its attempt, its event):
+# a task's message may quote its input.
+MAX_ERROR_CHARS = 2000
+
+
+def _bounded(error: str) -> str:
+    if len(error) <= MAX_ERROR_CHARS:
+        return error
+    return f"{error[: MAX_ERROR_CHARS - 40]}... ({len(error):,} characters, cut)"
 
 
 _EVENT_TYPES = {
@@ -264,6 +329,12 @@ async def _role(conn: asyncpg.Connection, project_id: uuid.UUID, user_id: uuid.U
     return None if role is None else Role(role)
 
 
+def may_run_jobs(role: Role | None) -> bool:
+    """Whether a member with ``role`` may submit (and so run) jobs in the project: the one
+    rule of submit, retry and the claim."""
+    return role is not None and can(role, Action.RUN_JOBS)
+
+
 async def submit(
     db: Database,
     *,
@@ -281,23 +352,28 @@ async def submit(
 
     With ``project_id``, the user must be a member whose role may run jobs there:
     ``ProjectNotFound`` for a non-member (or a missing project), ``RoleForbidden`` for a
-    viewer. An ``idempotency_key`` the same user used before returns that earlier job
-    (``created`` False), whatever its state, and queues nothing.
+    viewer. ``Priority.HIGH`` needs an owner of the project (``PriorityForbidden``, also
+    for a job without a project). An ``idempotency_key`` the same user used before returns
+    that earlier job (``created`` False), whatever its state, and queues nothing.
     """
 
     async def insert(conn: asyncpg.Connection) -> Submitted:
+        role = None
         if project_id is not None:
             role = await _role(conn, project_id, user_id)
             if role is None:
                 raise ProjectNotFound()
-            if not can(role, Action.RUN_JOBS):
+            if not may_run_jobs(role):
                 raise RoleForbidden(f"A {role} cannot run jobs in this project")
+        if priority is Priority.HIGH and role is not Role.OWNER:
+            raise PriorityForbidden()
         row = await conn.fetchrow(
-            "INSERT INTO jobs (id, user_id, project_id, task_name, payload, priority, status,"
-            " timeout_seconds, max_retries, idempotency_key, created_at, next_attempt_at)"
+            "INSERT INTO jobs AS j (id, user_id, project_id, task_name, payload, priority,"
+            " status, timeout_seconds, max_retries, idempotency_key, created_at,"
+            " next_attempt_at)"
             " VALUES ($1, $2, $3, $4, $5::jsonb, $6, 'queued', $7, $8, $9, $10, $10)"
             " ON CONFLICT (user_id, idempotency_key) DO NOTHING"
-            f" RETURNING *, pg_notify('{JOB_CHANNEL}', '')",
+            f" RETURNING {_ONE}, pg_notify('{JOB_CHANNEL}', '')",
             uuid.uuid4(),
             user_id,
             project_id,
@@ -313,7 +389,7 @@ async def submit(
             job = job_from_row(row)
             return Submitted(job, True, await _log(conn, [job]))
         earlier = await conn.fetchrow(
-            "SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
+            f"SELECT {_ONE} FROM jobs j WHERE user_id = $1 AND idempotency_key = $2",
             user_id,
             idempotency_key,
         )
@@ -381,7 +457,8 @@ async def list_dead(db: Database, *, limit: int) -> list[Job]:
     """The dead jobs of every user and project, the most recently dead first (at most
     ``limit``; the ``jobs_finished`` index serves them in order)."""
     rows = await db.fetch(
-        "SELECT * FROM jobs WHERE status = 'dead' ORDER BY completed_at DESC, seq DESC LIMIT $1",
+        f"SELECT {_LISTED} FROM jobs j WHERE status = 'dead'"
+        " ORDER BY completed_at DESC, seq DESC LIMIT $1",
         limit,
     )
     return [job_from_row(row) for row in rows]
@@ -409,12 +486,29 @@ async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
     return int(row["position"]), None if mean is None else float(mean)
 
 
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """A job as one user may see it now."""
+
+    job: Job
+    role: Role | None
+    """The user's role in the job's project now (None for a job without a project)."""
+    creator: bool
+
+
 async def _visible(
-    conn: asyncpg.Connection | Database, job_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool
-) -> tuple[Job, bool]:
-    """The job and whether ``user_id`` may change it; ``JobNotFound`` if they may not see it."""
+    conn: asyncpg.Connection | Database,
+    job_id: uuid.UUID,
+    user_id: uuid.UUID,
+    *,
+    lock: bool,
+    columns: str = _ONE,
+) -> _Seen:
+    """The job (``columns`` of it) and ``user_id``'s role in its project now.
+    ``JobNotFound`` when they may not see it: a job without a project is its creator's
+    alone; a project job is its project's members' (not its creator's once removed)."""
     row = await conn.fetchrow(
-        "SELECT j.*, m.role AS member_role FROM jobs j"
+        f"SELECT {columns}, m.role AS member_role FROM jobs j"
         " LEFT JOIN projects p ON p.id = j.project_id AND p.deleted_at IS NULL"
         " LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
         " WHERE j.id = $1" + (" FOR UPDATE OF j" if lock else ""),
@@ -425,11 +519,9 @@ async def _visible(
         raise JobNotFound()
     job = job_from_row(row)
     role = None if row["member_role"] is None else Role(row["member_role"])
-    if job.user_id == user_id:
-        return job, True
-    if job.project_id is None or role is None:
+    if (job.user_id != user_id) if job.project_id is None else role is None:
         raise JobNotFound()
-    return job, role is Role.OWNER
+    return _Seen(job, role, job.user_id == user_id)
 
 
 async def load_job(db: Database, job_id: uuid.UUID) -> Job | None:
@@ -439,9 +531,17 @@ async def load_job(db: Database, job_id: uuid.UUID) -> Job | None:
 
 
 async def get_job(db: Database, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
-    """The job as ``user_id`` may see it; ``JobNotFound`` otherwise."""
-    job, _ = await _visible(db, job_id, user_id, lock=False)
-    return job
+    """The job as ``user_id`` may see it now, with its result (not its payload);
+    ``JobNotFound`` otherwise. The one read of the API that loads a result."""
+    return (await _visible(db, job_id, user_id, lock=False, columns=f"{_ONE}, j.result")).job
+
+
+# A user's own jobs, less those of projects they are no longer a member of.
+_OWN = (
+    "j.user_id = $1 AND (j.project_id IS NULL OR EXISTS (SELECT 1 FROM project_members m"
+    " JOIN projects p ON p.id = m.project_id AND p.deleted_at IS NULL"
+    " WHERE m.project_id = j.project_id AND m.user_id = $1))"
+)
 
 
 async def list_jobs(
@@ -453,21 +553,23 @@ async def list_jobs(
     limit: int = 20,
     offset: int = 0,
 ) -> JobPage:
-    """Newest first: the user's own jobs or, with ``project_id``, every job of that project
-    when the user is a member (``ProjectNotFound`` when not)."""
+    """Newest first: the user's own jobs (those of projects they left or were removed
+    from excepted) or, with ``project_id``, every job of that project when the user is a
+    member (``ProjectNotFound`` when not). No payload, no result: their sizes, and each
+    job's last ``LISTED_ATTEMPTS`` attempts."""
     args: list[Any]
     if project_id is not None:
         if await _role_of(db, project_id, user_id) is None:
             raise ProjectNotFound()
         where, args = "j.project_id = $1", [project_id]
     else:
-        where, args = "j.user_id = $1", [user_id]
+        where, args = _OWN, [user_id]
     if status is not None:
         args.append(status.value)
         where += f" AND j.status = ${len(args)}"
     args += [limit, offset]
     rows = await db.fetch(
-        "SELECT j.*, count(*) OVER () AS total FROM jobs j"
+        f"SELECT {_LISTED}, count(*) OVER () AS total FROM jobs j"
         f" WHERE {where} ORDER BY j.seq DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}",
         *args,
     )
@@ -488,25 +590,28 @@ async def _role_of(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> R
 
 async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> Changed:
     """Cancel a job: a waiting one at once (``cancelled``, with its event); a running one
-    is marked ``cancel_requested`` (no event yet) and its worker stops it. ``JobNotFound``,
-    ``JobForbidden`` for a member who may only look, ``JobStateConflict`` for a finished
-    job."""
+    is marked ``cancel_requested`` (no event yet) and its worker stops it. Its creator
+    may, while a member of its project (any role), and the project's owners.
+    ``JobNotFound``, ``JobForbidden`` for another member, ``JobStateConflict`` for a
+    finished job."""
 
     async def update(conn: asyncpg.Connection) -> Changed:
-        job, may_change = await _visible(conn, job_id, user_id, lock=True)
-        if not may_change:
+        seen = await _visible(conn, job_id, user_id, lock=True)
+        job = seen.job
+        if not (seen.creator or seen.role is Role.OWNER):
             raise JobForbidden("Only the job's creator or a project owner may cancel it")
         if job.status is JobStatus.RUNNING:
             row = await conn.fetchrow(
-                "UPDATE jobs SET cancel_requested = true WHERE id = $1 RETURNING *", job_id
+                f"UPDATE jobs j SET cancel_requested = true WHERE id = $1 RETURNING {_ONE}",
+                job_id,
             )
             assert row is not None
             return Changed(job_from_row(row))
         if job.status not in (JobStatus.QUEUED, JobStatus.FAILED):
             raise JobStateConflict(f"The job is {job.status} and cannot be cancelled")
         row = await conn.fetchrow(
-            "UPDATE jobs SET status = 'cancelled', completed_at = $2, error = 'cancelled'"
-            " WHERE id = $1 RETURNING *",
+            "UPDATE jobs j SET status = 'cancelled', completed_at = $2, error = 'cancelled'"
+            f" WHERE id = $1 RETURNING {_ONE}",
             job_id,
             now,
         )
@@ -517,40 +622,88 @@ async def cancel(db: Database, job_id: uuid.UUID, user_id: uuid.UUID, now: datet
     return await db.transaction(update)
 
 
+def _may_retry(seen: _Seen) -> None:
+    """Retrying needs, now: to be the creator or a project owner, and (for a project job)
+    a role that may run jobs in the project. Raises JobForbidden."""
+    if seen.role is Role.OWNER:
+        return
+    if not seen.creator:
+        raise JobForbidden("Only the job's creator or a project owner may retry it")
+    if seen.job.project_id is not None and not may_run_jobs(seen.role):
+        raise JobForbidden(
+            f"A {seen.role} cannot run jobs in this project: retrying needs a collaborator"
+            " or an owner"
+        )
+
+
 async def retry(
     db: Database, job_id: uuid.UUID, user_id: uuid.UUID | None, now: datetime
 ) -> Changed:
     """Queue a failed, dead or cancelled job again now, with a fresh retry budget and its
     JOB_QUEUED; its attempts so far are kept. ``user_id`` None is the operator, who may
-    retry any job. Errors as for :func:`cancel`."""
+    retry any job. Anyone else needs the rights of :func:`_may_retry` now; a high-priority
+    job keeps its priority only when an owner of its project (or the operator) retries it,
+    and runs at normal priority otherwise. ``JobNotFound``, ``JobForbidden``,
+    ``JobStateConflict`` (a job in another state)."""
 
     async def update(conn: asyncpg.Connection) -> Changed:
         if user_id is None:
-            row = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            row = await conn.fetchrow(f"SELECT {_ONE} FROM jobs j WHERE id = $1 FOR UPDATE", job_id)
             if row is None:
                 raise JobNotFound()
             job = job_from_row(row)
+            priority = job.priority
         else:
-            job, may_change = await _visible(conn, job_id, user_id, lock=True)
-            if not may_change:
-                raise JobForbidden("Only the job's creator or a project owner may retry it")
+            seen = await _visible(conn, job_id, user_id, lock=True)
+            _may_retry(seen)
+            job = seen.job
+            keep = seen.role is Role.OWNER
+            priority = job.priority if keep else min(job.priority, Priority.NORMAL)
         if job.status not in RETRYABLE:
             raise JobStateConflict(
                 f"The job is {job.status}; only failed, dead or cancelled jobs can be retried"
             )
         row = await conn.fetchrow(
-            "UPDATE jobs SET status = 'queued', next_attempt_at = $2, cancel_requested = false,"
+            "UPDATE jobs j SET status = 'queued', next_attempt_at = $2, cancel_requested = false,"
             " budget_from = attempt_count, completed_at = NULL, error = NULL, result = NULL,"
-            " progress = 0, progress_message = NULL WHERE id = $1"
-            f" RETURNING *, pg_notify('{JOB_CHANNEL}', '')",
+            " progress = 0, progress_message = NULL, priority = $3 WHERE id = $1"
+            f" RETURNING {_ONE}, pg_notify('{JOB_CHANNEL}', '')",
             job_id,
             now,
+            int(priority),
         )
         assert row is not None
         queued = job_from_row(row)
         return Changed(queued, await _log(conn, [queued]))
 
     return await db.transaction(update)
+
+
+async def run_refusal(db: Database, job: Job) -> str | None:
+    """Why the claimed ``job`` must not run now, or None when it may. A job tied to a
+    project runs only while the project exists and its creator holds a role there that
+    may run jobs (``may_run_jobs``): rights are those of the moment the work runs. The job
+    actor asks right after its claim, before the task reads anything."""
+    if job.project_id is None:
+        return None
+    row = await db.fetchrow(
+        "SELECT p.deleted_at IS NULL AS live, m.role FROM projects p"
+        " LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
+        " WHERE p.id = $1",
+        job.project_id,
+        job.user_id,
+    )
+    if row is None or not row["live"]:
+        return "not run: the job's project no longer exists"
+    if row["role"] is None:
+        return "not run: the job's creator is no longer a member of its project"
+    role = Role(row["role"])
+    if not may_run_jobs(role):
+        return (
+            f"not run: the job's creator is now a {role} of its project,"
+            f" and a {role} cannot run jobs there"
+        )
+    return None
 
 
 # -- the worker side -------------------------------------------------------------------------
@@ -629,9 +782,10 @@ async def _finish(
 
     async def write(conn: asyncpg.Connection) -> Changed | None:
         row = await conn.fetchrow(
-            f"UPDATE jobs SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
+            f"UPDATE jobs j SET {sets}, lease_token = NULL, lease_expires_at = NULL,"
             f" attempts = {_PATCH_LAST.format('$3')}"
-            f" WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *{wake}",
+            f" WHERE id = $1 AND lease_token = $2 AND status = 'running'"
+            f" RETURNING {_ONE}{wake}",
             claimed.job.id,
             claimed.token,
             _json(patch),
@@ -645,14 +799,31 @@ async def _finish(
     return await db.transaction(write)
 
 
-async def complete(db: Database, claimed: Claimed, *, now: datetime, result: Any) -> Changed | None:
-    """The attempt succeeded: ``completed`` with ``result``. None if the lease was lost."""
+async def complete(
+    db: Database,
+    claimed: Claimed,
+    *,
+    now: datetime,
+    result: Any,
+    max_result_bytes: int | None = None,
+) -> Changed | None:
+    """The attempt succeeded: ``completed`` with ``result``. A result longer as JSON than
+    ``max_result_bytes`` is not stored: the job is ``dead`` with an error naming the limit
+    (JOB_MAX_RESULT_BYTES; the same input would make the same result). None if the lease
+    was lost."""
+    encoded = json_output.dumps(result)
+    if max_result_bytes is not None and len(encoded) > max_result_bytes:
+        error = (
+            f"result too large: {len(encoded):,} bytes as JSON, over JOB_MAX_RESULT_BYTES"
+            f" ({max_result_bytes:,}); it was not stored"
+        )
+        return await fail(db, claimed, now=now, error=error, retry_at=None)
     return await _finish(
         db,
         claimed,
         "status = 'completed', result = $4::jsonb, completed_at = $5, progress = 100, error = NULL",
         {"ended_at": utc_iso(now), "outcome": "completed", "error": None},
-        _json(result),
+        encoded.decode(),
         now,
     )
 
@@ -661,7 +832,9 @@ async def fail(
     db: Database, claimed: Claimed, *, now: datetime, error: str, retry_at: datetime | None
 ) -> Changed | None:
     """The attempt failed with ``error``: ``failed`` until ``retry_at``, or ``dead`` when
-    ``retry_at`` is None. None if the lease was lost."""
+    ``retry_at`` is None. None if the lease was lost. An error past ``MAX_ERROR_CHARS`` is
+    cut."""
+    error = _bounded(error)
     if retry_at is None:
         return await _finish(
             db,
@@ -726,7 +899,7 @@ async def reap_expired(db: Database, *, now: datetime, limit: int = 100) -> list
             " next_attempt_at = $1, error = 'the worker stopped renewing its lease',"
             " completed_at = CASE WHEN s.status = 'queued' THEN NULL ELSE $1 END,"
             f" attempts = {patch}"
-            " FROM expired s WHERE j.id = s.id RETURNING j.*,"
+            f" FROM expired s WHERE j.id = s.id RETURNING {_ONE},"
             f" CASE WHEN s.status = 'queued' THEN pg_notify('{JOB_CHANNEL}', '') END",
             now,
             utc_iso(now),

@@ -160,7 +160,7 @@ function renderJobs(jobs) {
         el("td", { className: "id" }, job.project_id ?? "-"),
         el("td", { className: "id" }, job.user_id),
         el("td", {}, job.completed_at ? new Date(job.completed_at).toLocaleString() : "-"),
-        el("td", { className: "num" }, job.attempts.length),
+        el("td", { className: "num" }, job.retry_count + 1), // attempts that counted
         el("td", { className: "failure" }, job.error ?? ""),
         el("td", {}, retry),
       );
