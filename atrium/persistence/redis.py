@@ -22,9 +22,11 @@ import redis.exceptions
 import trio
 import trio_asyncio
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..breaker import BreakerSettings, BreakerState, CircuitBreaker
+from ..config import RedisAddress, RedisTLSFiles
 
 T = TypeVar("T")
 log = logging.getLogger("atrium.redis")
@@ -240,37 +242,97 @@ async def _read_forever(pubsub: Any, received: OnMessage) -> NoReturn:
             received(b"", b"")
 
 
+def _tls_options(tls: RedisTLSFiles) -> dict[str, Any]:
+    """redis-py's options for TLS connections verified against ``tls``'s CA (or the
+    system's) that present ``tls``'s client certificate, if any."""
+    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if tls.ca_file is not None:
+        options["ssl_ca_certs"] = tls.ca_file
+    if tls.cert_file is not None:
+        options["ssl_certfile"] = tls.cert_file
+        options["ssl_keyfile"] = tls.key_file
+    return options
+
+
+def _client(
+    address: RedisAddress, call_timeout: float, max_connections: int
+) -> tuple[redis.asyncio.Redis, Sentinel | None]:
+    """The redis-py client for ``address`` (and the Sentinel it asks, to close with it).
+
+    redis-py's own retries are off, for the commands and for the sentinels: the breaker
+    decides when to try again. With Sentinel, every new connection asks the sentinels
+    (the first that answers) where the master is: after a failover, connections to the
+    old master fail or are refused as read-only, the breaker counts that, the pool drops
+    its idle connections and the next ones go to the new master.
+    """
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": call_timeout,
+        "max_connections": max_connections,
+    }
+    if address.sentinel is None:
+        url = address.url or ""
+        if url.startswith("rediss://"):
+            options.update(_tls_options(address.tls))
+        # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
+        if not url.startswith("unix://"):
+            options["socket_keepalive"] = True
+        return redis.asyncio.Redis.from_url(url, **options), None
+    watched = address.sentinel
+    tls = _tls_options(address.tls) if watched.tls else {}
+    sentinel = Sentinel(
+        watched.addresses,
+        sentinel_kwargs={
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": call_timeout,
+            "socket_timeout": call_timeout,
+            "socket_keepalive": True,
+            "password": watched.sentinel_password,
+            "ssl": watched.tls,
+            **tls,
+        },
+    )
+    client = sentinel.master_for(
+        watched.master,
+        username=watched.username,
+        password=watched.password,
+        socket_keepalive=True,
+        ssl=watched.tls,
+        **tls,
+        **options,
+    )
+    return client, sentinel
+
+
 @asynccontextmanager
 async def open_redis(
-    url: str,
+    address: str | RedisAddress,
     breaker: BreakerSettings,
     *,
     call_timeout: float = 2.0,
     clock: Callable[[], float] = trio.current_time,
     max_connections: int = 32,
 ) -> AsyncIterator[Redis]:
-    """A ``Redis`` for ``url`` for the duration of the block (needs a trio-asyncio loop).
+    """A ``Redis`` for ``address`` (a URL, or where Redis is: a URL or a Sentinel-watched
+    master, with TLS files) for the duration of the block (needs a trio-asyncio loop).
 
     Connects lazily: a Redis that is down at start is not an error here (calls raise
-    RedisUnavailable until it is back). ``call_timeout`` bounds each call and each connection
-    attempt; ``clock`` drives the breaker (trio's clock, so tests can use MockClock).
-    redis-py's own retries are off: the breaker decides when to try again.
+    RedisUnavailable until it is back), nor are sentinels that are. ``call_timeout`` bounds
+    each call and each connection attempt (to a sentinel too); ``clock`` drives the breaker
+    (trio's clock, so tests can use MockClock).
     """
-    # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
-    tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
-    client = redis.asyncio.Redis.from_url(
-        url,
-        retry=Retry(NoBackoff(), 0),
-        socket_connect_timeout=call_timeout,
-        max_connections=max_connections,
-        **tcp,
-    )
+    if isinstance(address, str):
+        address = RedisAddress(url=address)
+    client, sentinel = _client(address, call_timeout, max_connections)
     try:
         yield Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
     finally:
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             with contextlib.suppress(Exception):
                 await _aio(client.aclose())
+            if sentinel is not None:
+                with contextlib.suppress(Exception):
+                    await _aio(sentinel.aclose())
 
 
 __all__ = [
