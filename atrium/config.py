@@ -247,9 +247,7 @@ def _redis_sentinel(env: Mapping[str, str], redis_url: str | None) -> RedisSenti
             raise ConfigError("REDIS_SENTINEL_MASTER", "needs REDIS_SENTINELS (host:port,...)")
         for name in options:
             if env.get(name, "").strip():
-                raise ConfigError(
-                    name, "is for REDIS_SENTINELS only (a REDIS_URL carries its own)"
-                )
+                raise ConfigError(name, "is for REDIS_SENTINELS only (a REDIS_URL carries its own)")
         return None
     if redis_url is not None:
         raise ConfigError("REDIS_SENTINELS", "set REDIS_URL or REDIS_SENTINELS, not both")

@@ -93,7 +93,7 @@ async def test_a_server_on_a_rediss_url_is_bridged(
         REDIS_TLS_CERT_FILE=certificates.client_cert,
         REDIS_TLS_KEY_FILE=certificates.client_key,
     ) as server:
-        with trio.fail_after(10):
-            while (body := (await server.client.get("/ready")).json())["status"] != "ready":
+        with trio.fail_after(10):  # /ready: what an operator sees of the bridge
+            while (body := (await server.client.get("/ready")).json())["status"] != "ready":  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert body["checks"]["redis"]["ok"] is True
