@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -206,11 +207,15 @@ class ClusterPresence:
     ) -> None:
         self.instance = uuid.uuid4().hex
         ttl_ms = int(settings.ttl_seconds * 1000)
-        self._store = PresenceStore(redis, self.instance, ttl_ms=ttl_ms)
+        floor = partial(event_log.presence_version_floor, db)  # versions never go back
+        self._store = PresenceStore(redis, self.instance, ttl_ms=ttl_ms, floor=floor)
         # What a workspace waits for (joins, leaves, who is online): answered quickly or
         # not at all.
         self._quick = PresenceStore(
-            redis.answering_within(settings.answer_seconds), self.instance, ttl_ms=ttl_ms
+            redis.answering_within(settings.answer_seconds),
+            self.instance,
+            ttl_ms=ttl_ms,
+            floor=floor,
         )
         self._db = db
         self._settings = settings

@@ -6,6 +6,7 @@ two seconds of the sentinels naming the new master."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,13 +15,17 @@ from typing import Any
 import pytest
 import trio
 from conftest import Running, StartServer
-from redis_server import MASTER, SentinelGroup
+from redis_server import MASTER, RedisServer, SentinelGroup
 from test_outage import edits_in_log
 from test_presence import online, project_with, status, ws_url
 from test_workspace import Member, edit, make_member
 from wsclient import Client, connect
 
+from atrium.breaker import BreakerSettings
 from atrium.config import ConfigError, RedisSentinel, load_settings
+from atrium.persistence.database import Database
+from atrium.persistence.presence import Entry, PresenceStore
+from atrium.persistence.redis import open_redis
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 RECOVERY = 2.0  # seconds from the new master named to everything crossing again
@@ -85,6 +90,53 @@ def test_tls_files_need_a_tls_connection_and_come_in_pairs(tmp_path: Path) -> No
         settings_of(REDIS_URL="rediss://r:6380/0", REDIS_TLS_CERT_FILE=str(pem))
     tls = settings_of(REDIS_URL="rediss://r:6380/0", REDIS_TLS_CA_FILE=str(pem)).redis_tls
     assert tls.ca_file == str(pem) and tls.cert_file is None
+
+
+# -- presence versions never go back ------------------------------------------------------
+
+
+class Floor:
+    """What PostgreSQL would answer as the newest stored version; counts the reads."""
+
+    def __init__(self, version: int) -> None:
+        self.version, self.reads = version, 0
+
+    async def __call__(self) -> int:
+        self.reads += 1
+        return self.version
+
+
+async def test_a_transition_after_redis_lost_or_rolled_back_its_versions_is_above_the_floor(
+    aio_loop: None, own_redis: RedisServer
+) -> None:
+    project, ann = uuid.uuid4(), uuid.uuid4()
+    versions = f"atrium:presence:version:{project}"
+    # An hour ahead of this Redis's clock: what the old master's clock gave, seen from a
+    # new master whose clock is behind.
+    floor = Floor((int(time.time()) + 3600) * 1_000_000)
+    async with open_redis(own_redis.url, BreakerSettings()) as redis:
+        store = PresenceStore(redis, "f", floor=floor)
+
+        async def count(n: int) -> int:
+            return (await store.set_count(Entry(project, ann, n, "ann@example.com", 1))).version
+
+        joined = await count(1)
+        assert joined > floor.version and floor.reads == 1
+        # Redis restarted empty (or FLUSHALL): versions and floor gone; PostgreSQL had
+        # stored the join meanwhile. Ann's process asserts her again: a join.
+        floor.version = joined
+        await redis.call(lambda client: client.flushall())
+        again = await count(1)
+        assert again > joined and floor.reads == 2
+        # Failed over to a replica that missed the last versions: its floor is the old
+        # master's run's, and its counter is older than what PostgreSQL stored.
+        floor.version = again + 10_000_000
+        await redis.call(lambda client: client.hset(versions, str(ann), str(joined)))
+        await redis.call(lambda client: client.hset("atrium:presence:floor", "run", "old"))
+        left = await count(0)
+        assert left > floor.version and floor.reads == 3
+        # The floor is read once per run of the server, not per transition.
+        assert await count(1) > left and floor.reads == 3
 
 
 # -- a real failover -------------------------------------------------------------------
@@ -153,7 +205,7 @@ async def cursor_crosses(sender: Recorder, receiver: Recorder, user_id: str, lin
 
 
 async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged_is_lost(
-    start_server: StartServer, group: SentinelGroup
+    start_server: StartServer, group: SentinelGroup, db: Database
 ) -> None:
     env = {
         "REDIS_SENTINELS": group.addresses,
@@ -172,44 +224,50 @@ async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged
         bob = await make_member(b, "bob@example.com")
         carol = await make_member(b, "carol@example.com")
         project = await project_with(a, ann, bob, carol)
-        async with (
-            recorded(ws_url(a, project), ann) as on_a,
-            recorded(ws_url(b, project), bob) as on_b,
-        ):
-            with trio.fail_after(10):
-                await on_a.wait_for("USER_JOIN", user_id=bob.user_id)
-                await cursor_crosses(on_b, on_a, bob.user_id, 1)
-            acked: dict[str, int] = {}
-            total = 60
-            for n in range(total):
-                if n == 15:
-                    group.master.stop(kill=True)
-                    killed = time.monotonic()
-                await on_a.client.send(edit(f"/e{n}", f"e{n}"))
-                with trio.fail_after(10):  # PostgreSQL takes edits while Redis fails over
-                    acked[f"/e{n}"] = (await on_a.wait_for("ACK", id=f"e{n}"))["seq"]
-                await trio.sleep(0.05)
-            with trio.fail_after(30):
-                # Other processes: what the sentinels answer is what can be observed.
-                while await trio.to_thread.run_sync(group.master_port) != group.replica.port:  # noqa: ASYNC110
+        async with recorded(ws_url(a, project), ann) as on_a:
+            async with recorded(ws_url(b, project), bob) as on_b:
+                with trio.fail_after(10):
+                    await on_a.wait_for("USER_JOIN", user_id=bob.user_id)
+                    await cursor_crosses(on_b, on_a, bob.user_id, 1)
+                acked: dict[str, int] = {}
+                total = 60
+                for n in range(total):
+                    if n == 15:
+                        # As if the new master's clock were an hour behind the old one's: the
+                        # versions PostgreSQL stored are ahead of any it would take.
+                        await db.execute(
+                            "UPDATE presence_versions SET version = version + 3600000000"
+                        )
+                        group.master.stop(kill=True)
+                        killed = time.monotonic()
+                    await on_a.client.send(edit(f"/e{n}", f"e{n}"))
+                    with trio.fail_after(10):  # PostgreSQL takes edits while Redis fails over
+                        acked[f"/e{n}"] = (await on_a.wait_for("ACK", id=f"e{n}"))["seq"]
                     await trio.sleep(0.05)
-            named = time.monotonic()
-            with trio.fail_after(RECOVERY + 3):  # the figure is asserted below
-                for server in (a, b):
-                    await wait_ready(server)
-                await cursor_crosses(on_a, on_b, ann.user_id, 2)
-                await cursor_crosses(on_b, on_a, bob.user_id, 3)
-                async with recorded(ws_url(b, project), carol):
-                    await on_a.wait_for("USER_JOIN", user_id=carol.user_id)
-                    seen = await status(a, project, ann)
-                recovered = time.monotonic() - named
-            # Every edit reached Bob on the other process once, in order, with no gap.
+                with trio.fail_after(30):
+                    # Other processes: what the sentinels answer is what can be observed.
+                    while await trio.to_thread.run_sync(group.master_port) != group.replica.port:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                named = time.monotonic()
+                with trio.fail_after(RECOVERY + 3):  # the figure is asserted below
+                    for server in (a, b):
+                        await wait_ready(server)
+                    await cursor_crosses(on_a, on_b, ann.user_id, 2)
+                    await cursor_crosses(on_b, on_a, bob.user_id, 3)
+                    async with recorded(ws_url(b, project), carol):
+                        await on_a.wait_for("USER_JOIN", user_id=carol.user_id)
+                        seen = await status(a, project, ann)
+                    recovered = time.monotonic() - named
+                # Every edit reached Bob on the other process once, in order, with no gap.
+                with trio.fail_after(10):
+                    await on_b.wait_for("FILE_CHANGE", seq=acked[f"/e{total - 1}"])
+                changes = on_b.durable("FILE_CHANGE")
+                assert {m["file_path"]: m["seq"] for m in changes} == acked
+                durable = [m["seq"] for m in on_b.messages if "seq" in m and m["type"] != "ACK"]
+                assert durable == list(range(durable[0], durable[0] + len(durable)))
+            # Bob's leave is ordered after his join although the clock says otherwise.
             with trio.fail_after(10):
-                await on_b.wait_for("FILE_CHANGE", seq=acked[f"/e{total - 1}"])
-            changes = on_b.durable("FILE_CHANGE")
-            assert {m["file_path"]: m["seq"] for m in changes} == acked
-            durable = [m["seq"] for m in on_b.messages if "seq" in m and m["type"] != "ACK"]
-            assert durable == list(range(durable[0], durable[0] + len(durable)))
+                await on_a.wait_for("USER_LEAVE", user_id=bob.user_id)
         assert online(seen, "online_users") == {ann.user_id: 1, bob.user_id: 1, carol.user_id: 1}
         assert await edits_in_log(ws_url(a, project), ann.token) == acked
         assert recovered < RECOVERY, (
