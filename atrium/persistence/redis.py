@@ -313,13 +313,13 @@ async def open_redis(
     clock: Callable[[], float] = trio.current_time,
     max_connections: int = 32,
 ) -> AsyncIterator[Redis]:
-    """A ``Redis`` for ``address`` (a URL, or where Redis is: a URL or a Sentinel-watched
-    master, with TLS files) for the duration of the block (needs a trio-asyncio loop).
+    """A ``Redis`` for ``address`` (a URL, or a ``RedisAddress``: a URL or a master that
+    Sentinel watches, and TLS files) for the duration of the block (needs a trio-asyncio loop).
 
     Connects lazily: a Redis that is down at start is not an error here (calls raise
-    RedisUnavailable until it is back), nor are sentinels that are. ``call_timeout`` bounds
-    each call and each connection attempt (to a sentinel too); ``clock`` drives the breaker
-    (trio's clock, so tests can use MockClock).
+    RedisUnavailable until it is back). ``call_timeout`` bounds each call and each connection
+    attempt; ``clock`` drives the breaker (trio's clock, so tests can use MockClock).
+    redis-py's own retries are off: the breaker decides when to try again.
     """
     if isinstance(address, str):
         address = RedisAddress(url=address)
