@@ -26,6 +26,7 @@ from atrium.config import ConfigError, RedisSentinel, load_settings
 from atrium.persistence.database import Database
 from atrium.persistence.presence import Entry, PresenceStore
 from atrium.persistence.redis import open_redis
+from atrium.process_group import worker_env
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 RECOVERY = 2.0  # seconds from the new master named to everything crossing again
@@ -90,6 +91,22 @@ def test_tls_files_need_a_tls_connection_and_come_in_pairs(tmp_path: Path) -> No
         settings_of(REDIS_URL="rediss://r:6380/0", REDIS_TLS_CERT_FILE=str(pem))
     tls = settings_of(REDIS_URL="rediss://r:6380/0", REDIS_TLS_CA_FILE=str(pem)).redis_tls
     assert tls.ca_file == str(pem) and tls.cert_file is None
+
+
+def test_workers_of_a_group_ask_the_sentinels_too(tmp_path: Path) -> None:
+    base = {
+        "ENVIRONMENT": "test",
+        "SECRET_KEY": SECRET,
+        "REDIS_SENTINELS": "s1:26379,s2:26379",
+        "REDIS_SENTINEL_MASTER": "atrium",
+        "DATA_DIR": str(tmp_path),
+    }
+    group = load_settings(base)
+    assert group.redis is not None  # so serve_processes starts no embedded Redis
+    env = worker_env(group, 0, 8000, None, "postgresql://db", None, base)
+    assert "REDIS_URL" not in env
+    worker = load_settings(env)
+    assert worker.redis_sentinel == group.redis_sentinel
 
 
 # -- presence versions never go back ------------------------------------------------------
