@@ -314,6 +314,13 @@ class SentinelGroup:
                 lambda port=port: self._knows_everyone(port), f"sentinel {port} knows the group"
             )
 
+    def pause_sentinel(self, index: int) -> None:
+        """Freeze sentinel ``index`` (SIGSTOP): it accepts connections, answers nothing."""
+        self._sentinels[index].send_signal(signal.SIGSTOP)
+
+    def resume_sentinel(self, index: int) -> None:
+        self._sentinels[index].send_signal(signal.SIGCONT)
+
     def _knows_everyone(self, port: int) -> bool:
         try:
             with self._client(port, self._sentinel_password) as sentinel:
@@ -335,6 +342,7 @@ class SentinelGroup:
 
     def close(self) -> None:
         for process in self._sentinels:
+            process.send_signal(signal.SIGCONT)
             process.terminate()
         for process in self._sentinels:
             process.wait(timeout=10)

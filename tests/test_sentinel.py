@@ -223,7 +223,9 @@ async def cursor_crosses(sender: Recorder, receiver: Recorder, user_id: str, lin
             return
 
 
-async def test_the_master_and_the_sentinels_each_get_their_own_password(aio_loop: None) -> None:
+async def test_the_master_and_the_sentinels_each_get_their_own_password_and_one_may_hang(
+    aio_loop: None,
+) -> None:
     group = SentinelGroup(password="master-secret-1", sentinel_password="sentinel-secret-2")
     group.start()
     try:
@@ -234,6 +236,13 @@ async def test_the_master_and_the_sentinels_each_get_their_own_password(aio_loop
         async with open_redis(RedisAddress(sentinel=right), BreakerSettings()) as client:
             await client.call(lambda r: r.set("atrium:auth", b"1"))
             assert await client.call(lambda r: r.get("atrium:auth")) == b"1"
+        # The first sentinel hangs: the others are asked within the same call.
+        group.pause_sentinel(0)
+        try:
+            async with open_redis(RedisAddress(sentinel=right), BreakerSettings()) as client:
+                assert await client.call(lambda r: r.get("atrium:auth")) == b"1"
+        finally:
+            group.resume_sentinel(0)
         for wrong in (
             replace(right, sentinel_password=None),  # the sentinels refuse to say
             replace(right, password="not-it"),  # the master refuses

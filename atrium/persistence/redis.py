@@ -260,10 +260,11 @@ def _client(
     """The redis-py client for ``address`` (and the Sentinel it asks, to close with it).
 
     redis-py's own retries are off, for the commands and for the sentinels: the breaker
-    decides when to try again. With Sentinel, every new connection asks the sentinels
-    (the first that answers) where the master is: after a failover, connections to the
-    old master fail or are refused as read-only, the breaker counts that, the pool drops
-    its idle connections and the next ones go to the new master.
+    decides when to try again. With Sentinel, every new connection asks the sentinels (in
+    turn; the first that answers goes first next time) where the master is: after a
+    failover, connections to the old master fail or are refused as read-only, the breaker
+    counts that, the pool drops its idle connections and the next ones go to the new
+    master.
     """
     options: dict[str, Any] = {
         "retry": Retry(NoBackoff(), 0),
@@ -280,12 +281,15 @@ def _client(
         return redis.asyncio.Redis.from_url(url, **options), None
     watched = address.sentinel
     tls = _tls_options(address.tls) if watched.tls else {}
+    # Sentinels are asked in turn until one answers, all within one call: a sentinel that
+    # hangs (frozen, or its host gone) must leave time to ask the next ones and the master.
+    each = call_timeout / (len(watched.addresses) + 1)
     sentinel = Sentinel(
         watched.addresses,
         sentinel_kwargs={
             "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": call_timeout,
-            "socket_timeout": call_timeout,
+            "socket_connect_timeout": each,
+            "socket_timeout": each,
             "socket_keepalive": True,
             "password": watched.sentinel_password,
             "ssl": watched.tls,
