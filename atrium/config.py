@@ -224,8 +224,9 @@ def _trusted_proxies(raw: str | None) -> tuple[IPNetwork, ...]:
 
 def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     addresses = []
-    for item in raw.split(","):
-        text = item.strip()
+    for text in (item.strip() for item in raw.split(",")):
+        if not text:
+            continue
         host, colon, port = text.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -233,6 +234,8 @@ def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
                 "REDIS_SENTINELS", f"{text!r} is not host:port (e.g. sentinel-1:26379)"
             )
         addresses.append((host, int(port)))
+    if not addresses:
+        raise ConfigError("REDIS_SENTINELS", "names no sentinel (host:port,...)")
     return tuple(addresses)
 
 
@@ -241,13 +244,15 @@ def _redis_sentinel(env: Mapping[str, str], redis_url: str | None) -> RedisSenti
     Sentinel uses must be unset: a REDIS_URL carries its own credentials and scheme)."""
     raw = env.get("REDIS_SENTINELS", "").strip()
     master = env.get("REDIS_SENTINEL_MASTER", "").strip()
-    options = ("REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD", "REDIS_TLS")
+    tls = _bool(env, "REDIS_TLS", False)
     if not raw:
         if master:
             raise ConfigError("REDIS_SENTINEL_MASTER", "needs REDIS_SENTINELS (host:port,...)")
-        for name in options:
-            if env.get(name, "").strip():
-                raise ConfigError(name, "is for REDIS_SENTINELS only (a REDIS_URL carries its own)")
+        credentials = ("REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD")
+        stray = [name for name in credentials if env.get(name, "").strip()]
+        stray += ["REDIS_TLS"] if tls else []
+        if stray:
+            raise ConfigError(stray[0], "is for REDIS_SENTINELS only (a REDIS_URL carries its own)")
         return None
     if redis_url is not None:
         raise ConfigError("REDIS_SENTINELS", "set REDIS_URL or REDIS_SENTINELS, not both")
@@ -259,7 +264,7 @@ def _redis_sentinel(env: Mapping[str, str], redis_url: str | None) -> RedisSenti
         username=env.get("REDIS_USERNAME", "").strip() or None,
         password=env.get("REDIS_PASSWORD", "") or None,
         sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", "") or None,
-        tls=_bool(env, "REDIS_TLS", False),
+        tls=tls,
     )
 
 

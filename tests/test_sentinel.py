@@ -39,7 +39,7 @@ def settings_of(**env: str) -> Any:
 
 def test_sentinel_settings_are_read() -> None:
     settings = settings_of(
-        REDIS_SENTINELS="s1:26379, [::1]:26380",
+        REDIS_SENTINELS="s1:26379, [::1]:26380,",
         REDIS_SENTINEL_MASTER="atrium",
         REDIS_PASSWORD="master-secret",
         REDIS_SENTINEL_PASSWORD="sentinel-secret",
@@ -55,6 +55,7 @@ def test_sentinel_settings_are_read() -> None:
     assert settings.redis is not None and settings.redis.url is None
     assert "secret" not in repr(settings.redis_sentinel)  # passwords stay out of logs
     assert settings_of().redis is None
+    assert settings_of(REDIS_TLS="false").redis is None  # off is no contradiction
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,8 @@ def test_sentinel_settings_are_read() -> None:
             "REDIS_SENTINELS: set REDIS_URL or REDIS_SENTINELS, not both",
         ),
         ({"REDIS_PASSWORD": "x", "REDIS_URL": "redis://r"}, "REDIS_PASSWORD: is for REDIS_SENT"),
+        ({"REDIS_TLS": "true", "REDIS_URL": "redis://r"}, "REDIS_TLS: is for REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": " , ", "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS: names no"),
         (
             {"REDIS_TLS": "maybe", "REDIS_SENTINELS": "s:1", "REDIS_SENTINEL_MASTER": "m"},
             "REDIS_TLS",
