@@ -25,16 +25,16 @@ USER_JOIN or USER_LEAVE only if its version is newer than the last stored). A ve
 the Redis clock in microseconds, or one more than the previous version if that is not
 less: it only grows, and also across a Redis restart that lost the keys, as a lost
 version was at most the clock when it was taken (a user's transitions never come more
-than one a microsecond) unless Redis's clock stepped back.
-
-A failover can step it back: the new master's clock may be behind the old one's, and the
-replica may have missed the last versions. So every version is also above a *floor*: the
-newest version PostgreSQL stored, read once for each run of a server (its ``run_id``,
-new with every start and every server, so a restart, a FLUSHALL and a failover all
-lose it). A script that would decide a transition first checks that the floor was set
-for this run; if not, it changes nothing and answers ``NOFLOOR``, and the caller sets it
-(``raise_floor``) and runs it again. ``reap`` claims an instance
+than one a microsecond) unless Redis's clock stepped back. ``reap`` claims an instance
 whose ``alive`` key expired in one script, so exactly one live process gets its users.
+
+A failover can step a version back: the new master's clock may be behind the old one's,
+and the replica may have missed the last versions. So every version is also above a
+*floor*: the newest version PostgreSQL stored, read once for each run of a server (its
+``run_id``, new with every start and every server, so a restart, a FLUSHALL and a
+failover all lose it). A script that would decide a transition first checks that the
+floor was set for this run; if not, it changes nothing and answers ``NOFLOOR``, and the
+caller sets it (``raise_floor``) and runs it again.
 
 The scripts name keys they derive from an entry (a project's totals), so they need one
 Redis, not a Redis Cluster.
@@ -375,7 +375,13 @@ class PresenceStore:
             if not str(error).startswith(_NO_FLOOR):
                 raise
         await self.raise_floor()
-        return await run()
+        try:
+            return await run()
+        except redis.exceptions.ResponseError as error:
+            if not str(error).startswith(_NO_FLOOR):
+                raise
+            # Lost again at once (another failover): try later, as for any outage.
+            raise RedisUnavailable("redis lost the presence versions' floor again") from error
 
     async def raise_floor(self) -> int:
         """Set Redis's floor for its current run from ``floor`` (kept if Redis's is
