@@ -314,6 +314,11 @@ class SentinelGroup:
                 lambda port=port: self._knows_everyone(port), f"sentinel {port} knows the group"
             )
 
+    def force_failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote the replica while the master still runs."""
+        with self._client(self.sentinel_ports[0], self._sentinel_password) as sentinel:
+            sentinel.sentinel_failover(MASTER)
+
     def pause_sentinel(self, index: int) -> None:
         """Freeze sentinel ``index`` (SIGSTOP): it accepts connections, answers nothing."""
         self._sentinels[index].send_signal(signal.SIGSTOP)

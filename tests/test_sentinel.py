@@ -5,6 +5,7 @@ two seconds of the sentinels naming the new master."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +27,7 @@ from atrium.breaker import BreakerSettings
 from atrium.config import ConfigError, RedisAddress, RedisSentinel, load_settings
 from atrium.persistence.database import Database
 from atrium.persistence.presence import Entry, PresenceStore
-from atrium.persistence.redis import RedisUnavailable, open_redis
+from atrium.persistence.redis import Redis, RedisUnavailable, open_redis
 from atrium.process_group import worker_env
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
@@ -226,6 +227,26 @@ async def cursor_crosses(sender: Recorder, receiver: Recorder, user_id: str, lin
             return
 
 
+async def port_of(client: Redis) -> int:
+    """The port of the server a call of ``client`` reaches."""
+    return int((await client.call(lambda r: r.config_get("port")))["port"])
+
+
+async def subscribe_forever(client: Redis, subscribed: trio.Event) -> None:
+    """A subscription, as the bridge keeps one (``subscribed`` set the first time)."""
+    while True:
+        with contextlib.suppress(RedisUnavailable):
+            await client.listen(lambda c, d: None, channels=["x"], on_subscribed=subscribed.set)
+        await trio.sleep(0.05)
+
+
+async def wait_named(group: SentinelGroup) -> None:
+    """Until the sentinels name the replica as the master."""
+    # Other processes: what the sentinels answer is what can be observed.
+    while await trio.to_thread.run_sync(group.master_port) != group.replica.port:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
 async def test_the_master_and_the_sentinels_each_get_their_own_password_and_one_may_hang(
     aio_loop: None,
 ) -> None:
@@ -246,6 +267,25 @@ async def test_the_master_and_the_sentinels_each_get_their_own_password_and_one_
                 assert await client.call(lambda r: r.get("atrium:auth")) == b"1"
         finally:
             group.resume_sentinel(0)
+        # A forced failover: the old master runs on (until the sentinels convert it, ~10 s
+        # later), yet calls move to the new one within a second or two.
+        async with (
+            open_redis(RedisAddress(sentinel=right), BreakerSettings()) as client,
+            trio.open_nursery() as nursery,
+        ):
+            subscribed = trio.Event()
+            nursery.start_soon(subscribe_forever, client, subscribed)
+            await subscribed.wait()
+            assert await port_of(client) == group.master.port
+            await trio.to_thread.run_sync(group.force_failover)
+            with trio.fail_after(10):
+                await wait_named(group)
+            named = time.monotonic()
+            with trio.fail_after(5):
+                while await port_of(client) != group.replica.port:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert time.monotonic() - named < RECOVERY
+            nursery.cancel_scope.cancel()
         for wrong in (
             replace(right, sentinel_password=None),  # the sentinels refuse to say
             replace(right, password="not-it"),  # the master refuses
@@ -298,9 +338,7 @@ async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged
                         acked[f"/e{n}"] = (await on_a.wait_for("ACK", id=f"e{n}"))["seq"]
                     await trio.sleep(0.05)
                 with trio.fail_after(30):
-                    # Other processes: what the sentinels answer is what can be observed.
-                    while await trio.to_thread.run_sync(group.master_port) != group.replica.port:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
+                    await wait_named(group)
                 named = time.monotonic()
                 with trio.fail_after(RECOVERY + 3):  # the figure is asserted below
                     for server in (a, b):
