@@ -199,32 +199,6 @@ class Redis:
         return result
 
 
-async def _follow_master(pool: Any, pubsub: Any, answer_within: float) -> None:
-    """With Sentinel, ask the sentinels every ``_FOLLOW_SECONDS`` where the master is;
-    when they name another one than the subscription's, raise RedisUnavailable (and the
-    pool's idle connections to the old one are closed, its others as they come back).
-    Without Sentinel, return at once. Each look takes at most ``answer_within`` seconds.
-
-    A master the sentinels replaced while it still runs (``SENTINEL FAILOVER``, for
-    maintenance) keeps answering, and taking writes that its conversion to a replica
-    then throws away, until the sentinels' next look at it: about 10 s after the new
-    master was named, measured here. This moves within a second instead.
-    """
-    if not isinstance(pool, SentinelConnectionPool):
-        return
-    sentinel_pool: Any = pool  # redis-py leaves its methods untyped
-    while True:
-        await trio.sleep(_FOLLOW_SECONDS)
-        with trio.move_on_after(answer_within):
-            try:
-                master = await _aio(sentinel_pool.get_master_address())
-            except _UNAVAILABLE:
-                continue  # no sentinel is sure: keep what works
-            connection = pubsub.connection
-            if connection is not None and (connection.host, connection.port) != master:
-                raise RedisUnavailable(f"redis master moved to {master[0]}:{master[1]}")
-
-
 def _aio(coroutine: Awaitable[T]) -> Awaitable[T]:
     loop = trio_asyncio.current_loop.get()
     awaitable: Awaitable[T] = loop.run_aio_coroutine(coroutine)
@@ -270,6 +244,32 @@ async def _read_forever(pubsub: Any, received: OnMessage) -> NoReturn:
             received(message["channel"], message["data"])
         elif kind == "pong":
             received(b"", b"")
+
+
+async def _follow_master(pool: Any, pubsub: Any, answer_within: float) -> None:
+    """With Sentinel, ask the sentinels every ``_FOLLOW_SECONDS`` where the master is;
+    when they name another one than the subscription's, raise RedisUnavailable (and the
+    pool's idle connections to the old one are closed, its others as they come back).
+    Without Sentinel, return at once. Each look takes at most ``answer_within`` seconds.
+
+    A master the sentinels replaced while it still runs (``SENTINEL FAILOVER``, for
+    maintenance) keeps answering, and taking writes that its conversion to a replica
+    then throws away, until the sentinels' next look at it: about 10 s after the new
+    master was named, measured here. This moves within a second instead.
+    """
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    sentinel_pool: Any = pool  # redis-py leaves its methods untyped
+    while True:
+        await trio.sleep(_FOLLOW_SECONDS)
+        with trio.move_on_after(answer_within):
+            try:
+                master = await _aio(sentinel_pool.get_master_address())
+            except _UNAVAILABLE:
+                continue  # no sentinel is sure: keep what works
+            connection = pubsub.connection
+            if connection is not None and (connection.host, connection.port) != master:
+                raise RedisUnavailable(f"redis master moved to {master[0]}:{master[1]}")
 
 
 def _tls_options(tls: RedisTLSFiles) -> dict[str, Any]:
