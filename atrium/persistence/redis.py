@@ -274,8 +274,8 @@ async def _follow_master(pool: Any, pubsub: Any, answer_within: float) -> None:
 
 def _tls_options(tls: RedisTLSFiles) -> dict[str, Any]:
     """redis-py's options for TLS connections verified against ``tls``'s CA (or the
-    system's) that present ``tls``'s client certificate, if any."""
-    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    system's) and the host's name, that present ``tls``'s client certificate, if any."""
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if tls.ca_file is not None:
         options["ssl_ca_certs"] = tls.ca_file
     if tls.cert_file is not None:
