@@ -12,7 +12,7 @@ import os
 import secrets
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +39,41 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTLSFiles:
+    """Files for TLS connections to Redis (a ``rediss://`` REDIS_URL, or REDIS_TLS with
+    Sentinel): the CA that signed the servers' certificates (None: the system's CAs), and
+    this client's certificate and key, for a server that asks for one (``tls-auth-clients``,
+    on by default in redis-server)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSentinel:
+    """A Redis master that Sentinel watches (REDIS_SENTINELS, REDIS_SENTINEL_MASTER):
+    atrium asks the sentinels where the master is, and asks again after a failover."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    username: str | None = None  # the master's ACL user (REDIS_USERNAME)
+    password: str | None = field(default=None, repr=False)  # REDIS_PASSWORD
+    sentinel_password: str | None = field(default=None, repr=False)  # REDIS_SENTINEL_PASSWORD
+    tls: bool = False  # REDIS_TLS: TLS to the sentinels and to the master
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where a process finds Redis: ``url`` or ``sentinel`` (exactly one), and the TLS
+    files its connections use."""
+
+    url: str | None = None
+    sentinel: RedisSentinel | None = None
+    tls: RedisTLSFiles = RedisTLSFiles()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The validated configuration of one atrium process."""
 
@@ -50,6 +85,8 @@ class Settings:
     data_dir: Path = Path(".atrium")
     database_url: str | None = None
     redis_url: str | None = None
+    redis_sentinel: RedisSentinel | None = None  # instead of REDIS_URL
+    redis_tls: RedisTLSFiles = RedisTLSFiles()
     db_pool_size: int = 20
     access_token_expire_minutes: int = 30
     refresh_token_expire_days: int = 7
@@ -111,6 +148,13 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def redis(self) -> RedisAddress | None:
+        """Where Redis is (REDIS_URL or REDIS_SENTINELS), or None without Redis."""
+        if self.redis_url is None and self.redis_sentinel is None:
+            return None
+        return RedisAddress(self.redis_url, self.redis_sentinel, self.redis_tls)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
@@ -195,6 +239,74 @@ def _trusted_proxies(raw: str | None) -> tuple[IPNetwork, ...]:
                 "TRUSTED_PROXIES", f"{item.strip()!r} is not an IP address or CIDR network"
             ) from None
     return tuple(networks)
+
+
+def _sentinel_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for text in (item.strip() for item in raw.split(",")):
+        if not text:
+            continue
+        host, colon, port = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                "REDIS_SENTINELS", f"{text!r} is not host:port (e.g. sentinel-1:26379)"
+            )
+        addresses.append((host, int(port)))
+    if not addresses:
+        raise ConfigError("REDIS_SENTINELS", "names no sentinel (host:port,...)")
+    return tuple(addresses)
+
+
+def _redis_sentinel(env: Mapping[str, str], redis_url: str | None) -> RedisSentinel | None:
+    """The Sentinel settings, or None without REDIS_SENTINELS (then the options that only
+    Sentinel uses must be unset: a REDIS_URL carries its own credentials and scheme)."""
+    raw = env.get("REDIS_SENTINELS", "").strip()
+    master = env.get("REDIS_SENTINEL_MASTER", "").strip()
+    tls = _bool(env, "REDIS_TLS", False)
+    if not raw:
+        if master:
+            raise ConfigError("REDIS_SENTINEL_MASTER", "needs REDIS_SENTINELS (host:port,...)")
+        credentials = ("REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD")
+        stray = [name for name in credentials if env.get(name, "").strip()]
+        stray += ["REDIS_TLS"] if tls else []
+        if stray:
+            raise ConfigError(stray[0], "is for REDIS_SENTINELS only (a REDIS_URL carries its own)")
+        return None
+    if redis_url is not None:
+        raise ConfigError("REDIS_SENTINELS", "set REDIS_URL or REDIS_SENTINELS, not both")
+    if not master:
+        raise ConfigError("REDIS_SENTINEL_MASTER", "is required with REDIS_SENTINELS")
+    return RedisSentinel(
+        addresses=_sentinel_addresses(raw),
+        master=master,
+        username=env.get("REDIS_USERNAME", "").strip() or None,
+        password=env.get("REDIS_PASSWORD", "") or None,
+        sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", "") or None,
+        tls=tls,
+    )
+
+
+def _redis_tls(
+    env: Mapping[str, str], redis_url: str | None, sentinel: RedisSentinel | None
+) -> RedisTLSFiles:
+    files: dict[str, str | None] = {}
+    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+        value = env.get(name, "").strip() or None
+        if value is not None:
+            if not os.access(value, os.R_OK) or not Path(value).is_file():
+                raise ConfigError(name, f"{value!r} is not a readable file")
+            uses_tls = (redis_url or "").startswith("rediss://") or (
+                sentinel is not None and sentinel.tls
+            )
+            if not uses_tls:
+                raise ConfigError(name, "needs a rediss:// REDIS_URL or REDIS_TLS=true")
+        files[name] = value
+    cert, key = files["REDIS_TLS_CERT_FILE"], files["REDIS_TLS_KEY_FILE"]
+    if (cert is None) != (key is None):
+        missing = "REDIS_TLS_KEY_FILE" if key is None else "REDIS_TLS_CERT_FILE"
+        raise ConfigError(missing, "is required with the other (a certificate and its key)")
+    return RedisTLSFiles(files["REDIS_TLS_CA_FILE"], cert, key)
 
 
 def secret_key_problem(key: str) -> str | None:
@@ -295,6 +407,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     redis_url = env.get("REDIS_URL", "").strip() or None
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("REDIS_URL", "must be a redis:// or rediss:// URL")
+    redis_sentinel = _redis_sentinel(env, redis_url)
+    redis_tls = _redis_tls(env, redis_url, redis_sentinel)
     data_dir = Path(env.get("DATA_DIR", "").strip() or ".atrium").expanduser()
     typed_env: Environment = environment  # type: ignore[assignment]
     admin_token = env.get("ADMIN_TOKEN", "").strip() or None
@@ -320,6 +434,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         data_dir=data_dir,
         database_url=database_url,
         redis_url=redis_url,
+        redis_sentinel=redis_sentinel,
+        redis_tls=redis_tls,
         db_pool_size=_int(env, "DB_POOL_SIZE", 20),
         access_token_expire_minutes=_int(env, "ACCESS_TOKEN_EXPIRE_MINUTES", 30),
         refresh_token_expire_days=_int(env, "REFRESH_TOKEN_EXPIRE_DAYS", 7),

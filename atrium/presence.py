@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -222,7 +223,8 @@ class ClusterPresence:
         self.instance = uuid.uuid4().hex
         self._redis = redis
         self._ttl_ms = int(settings.ttl_seconds * 1000)
-        self._store = PresenceStore(redis, self.instance)
+        floor = partial(event_log.presence_version_floor, db)  # versions never go back
+        self._store = PresenceStore(redis, self.instance, floor=floor)
         # What a workspace waits for (joins, leaves, who is online): answered quickly or
         # not at all.
         self._quick = self._store.answering_within(settings.answer_seconds)

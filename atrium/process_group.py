@@ -6,6 +6,7 @@ that runs this module is the group's supervisor and serves nothing itself::
     processes (one_for_one, at most 5 restarts in 60 s, backoff 0.5 s .. 10 s)
     ├── postgres    the embedded PostgreSQL, only without DATABASE_URL (root.postgres_spec)
     ├── redis       an embedded Redis on 127.0.0.1 with a password, only without REDIS_URL
+    │               (or REDIS_SENTINELS: then the workers ask the sentinels)
     ├── worker-1    ``run.py serve`` as a child process (REUSE_PORT=true)
     ...
     └── worker-N
@@ -229,21 +230,23 @@ def worker_env(
     port: int,
     ws_port: int | None,
     database_url: str,
-    redis_url: str,
+    redis_url: str | None,
     base: Mapping[str, str],
 ) -> dict[str, str]:
     """The environment of worker ``index`` (from 0): ``base`` with the group's shared
-    ports, database and Redis, SO_REUSEPORT on, and its own metrics port."""
+    ports, database and Redis (``redis_url``, or None: Sentinel's settings in ``base``),
+    SO_REUSEPORT on, and its own metrics port."""
     env = dict(base)
     env.update(
         HOST=settings.host,
         PORT=str(port),
         DATA_DIR=str(settings.data_dir),
         DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
         WORKERS="1",
         REUSE_PORT="true",
     )
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
     if ws_port is not None:
         env["WS_PORT"] = str(ws_port)
     if settings.enable_metrics:
@@ -289,7 +292,7 @@ async def serve_processes(
             group = ProcessGroup(settings.host, port, ws_port, supervisor)
             database_url = await _start_database(settings, supervisor, stack, report)
             redis_url = settings.redis_url
-            if redis_url is None:
+            if settings.redis is None:
                 redis = EmbeddedRedis(redis_dir, settings.data_dir / "redis.log", _free_port())
                 started = await supervisor.start_child(
                     ChildSpec("redis", redis.run, shutdown_timeout=30.0)

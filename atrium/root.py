@@ -450,12 +450,12 @@ def breaker_settings(settings: Settings) -> BreakerSettings:
 
 @asynccontextmanager
 async def _open_bridge(settings: Settings, metrics: Metrics) -> AsyncIterator[Bridge | None]:
-    """With REDIS_URL: the process's Redis client and its ``Bridge`` for the block (Redis
-    need not be up: the process starts degraded). Without it: None."""
-    if settings.redis_url is None:
+    """With REDIS_URL (or REDIS_SENTINELS): the process's Redis client and its ``Bridge``
+    for the block (Redis need not be up: the process starts degraded). Without: None."""
+    if settings.redis is None:
         yield None
         return
-    async with open_redis(settings.redis_url, breaker_settings(settings)) as redis:
+    async with open_redis(settings.redis, breaker_settings(settings)) as redis:
         yield Bridge(redis, metrics, poll_seconds=settings.degraded_poll_seconds)
 
 

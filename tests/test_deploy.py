@@ -81,10 +81,20 @@ _SECRET_VALUES = {
 }
 
 
-def compose_env(service: str) -> dict[str, str]:
-    """A service's environment, ``${VAR...}`` substitutions given strong values."""
+def compose_env(service: str, **given: str) -> dict[str, str]:
+    """A service's environment as Compose makes it from ``given`` (variables set when it
+    runs): ``${VAR-default}`` and ``${VAR:-default}`` take the default when VAR is not
+    given (``:-`` also when it is empty), a required ``${VAR:?...}`` a strong value."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, default = match.groups()
+        if name in given and (given[name] or operator != ":-"):
+            return given[name]
+        return STRONG_KEY if operator == ":?" else default
+
     raw = compose()["services"][service].get("environment", {})
-    return {name: re.sub(r"\$\{[^}]*\}", STRONG_KEY, str(value)) for name, value in raw.items()}
+    pattern = r"\$\{([A-Z_]+)(:?-|:\?)([^}]*)\}"
+    return {name: re.sub(pattern, substitute, str(value)) for name, value in raw.items()}
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -149,7 +159,8 @@ def test_the_image_is_multi_stage_non_root_and_checks_its_health() -> None:
 
 def test_compose_runs_two_api_replicas_a_worker_and_nginx_in_front() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "redis", "api", "worker", "nginx"}
+    always = {name for name, service in services.items() if "profiles" not in service}
+    assert always == {"postgres", "redis", "api", "worker", "nginx"}
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["worker"]["command"] == ["python", "run.py", "worker"]
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
@@ -158,6 +169,30 @@ def test_compose_runs_two_api_replicas_a_worker_and_nginx_in_front() -> None:
         assert int(grace.removesuffix("s")) >= 35, name
     for deployment in (doc for doc in manifests() if doc["kind"] == "Deployment"):
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 35
+
+
+def test_compose_sentinel_profile_is_a_replica_and_three_sentinels_atrium_can_find() -> None:
+    services = compose()["services"]
+    profile = {
+        name for name, service in services.items() if "sentinel" in service.get("profiles", [])
+    }
+    assert profile == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1] == "redis"
+    # What the compose file's header says to set for the profile.
+    header = COMPOSE.read_text().split("name: atrium", 1)[0]
+    given = dict(re.findall(r"(REDIS_[A-Z_]+)=(\S*)", header))
+    assert given["REDIS_URL"] == ""
+    for name in ATRIUM_SERVICES:
+        settings = load_settings(compose_env(name, **given))
+        assert settings.redis_url is None and settings.redis_sentinel is not None, name
+        hosts = {host for host, _ in settings.redis_sentinel.addresses}
+        assert hosts == {f"sentinel-{n}" for n in (1, 2, 3)}
+        watched = services["sentinel-1"]["command"][-1]
+        assert f"sentinel monitor {settings.redis_sentinel.master} redis 6379 2" in watched
+        assert all(port == 26379 for _, port in settings.redis_sentinel.addresses)
+    # Without the profile's variables: the one Redis.
+    assert load_settings(compose_env("api")).redis_url == "redis://redis:6379/0"
 
 
 def test_nginx_passes_websocket_upgrades_to_the_listener() -> None:

@@ -273,6 +273,14 @@ async def append_presence(
     return await db.transaction(write)
 
 
+async def presence_version_floor(db: Database) -> int:
+    """The newest presence version stored (0: none yet): Redis gives out none at or
+    below it (``persistence.presence``), so a failover to a Redis whose clock is behind,
+    or that lost the versions, never orders a transition before one already stored.
+    Raises DatabaseUnavailable."""
+    return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM presence_versions"))
+
+
 async def _newer_presence(
     conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
 ) -> list[NewEvent]:

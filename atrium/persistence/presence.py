@@ -13,6 +13,8 @@ keys (all under ``atrium:presence:``)::
     reaped:{instance}      set for an hour when another process reaped the instance
     version:{project}      hash user -> the version of the user's latest transition (for
                            a day after the project's latest one)
+    floor                  hash: "run" (the server's run_id) and "version": no version
+                           this server gives out is at or below it
 
 Every change is a Lua script, so an instance's entries and the project totals never
 disagree, and each script reports the transitions of the totals it made (a user online
@@ -37,6 +39,14 @@ generation (``view``); one that finds an instance's generation gone or gone back
 a reap can put that copy back (``restore``) with a TTL, so an instance that died before it
 could re-assert is reaped like any other.
 
+A failover can step a version back: the new master's clock may be behind the old one's,
+and the replica may have missed the last versions. So every version is also above a
+*floor*: the newest version PostgreSQL stored, read once for each run of a server (its
+``run_id``, new with every start and every server, so a restart, a FLUSHALL and a
+failover all lose it). A script that would decide a transition first checks that the
+floor was set for this run; if not, it changes nothing and answers ``NOFLOOR``, and the
+caller sets it (``raise_floor``) and runs it again.
+
 The scripts name keys they derive from an entry (a project's totals), so they need one
 Redis, not a Redis Cluster.
 """
@@ -44,25 +54,64 @@ Redis, not a Redis Cluster.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import redis.exceptions
 
-from .redis import Redis
+from .database import DatabaseUnavailable
+from .redis import Redis, RedisUnavailable
 
 PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
+_FLOOR_KEY = PREFIX + "floor"
+_NO_FLOOR = "NOFLOOR"
+
+FloorSource = Callable[[], Awaitable[int]]
+"""The newest presence version stored for good (PostgreSQL's): versions go above it."""
+
+
+async def _no_floor() -> int:
+    return 0
+
+
+# ``floor_of_this_run()``: the floor set for this server's run, or nil. Every script that
+# may decide a transition starts with ``floor = floor_of_this_run()`` and answers NOFLOOR,
+# having changed nothing, when it is nil.
+_FLOOR = f"""
+local function floor_of_this_run()
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local stored = redis.call('HMGET', '{_FLOOR_KEY}', 'run', 'version')
+  if stored[1] ~= run then return nil end
+  return tonumber(stored[2])
+end
+local floor = floor_of_this_run()
+if not floor then return redis.error_reply('{_NO_FLOOR} presence versions need their floor') end
+"""
+
+# ARGV: a floor (the newest version stored for good). Sets it as this run's floor, or
+# keeps this run's floor if that is higher; returns the floor in force.
+_SET_FLOOR = f"""
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local stored = redis.call('HMGET', '{_FLOOR_KEY}', 'run', 'version')
+local floor = tonumber(ARGV[1])
+if stored[1] == run and tonumber(stored[2]) > floor then floor = tonumber(stored[2]) end
+redis.call('HSET', '{_FLOOR_KEY}', 'run', run, 'version', string.format('%.0f', floor))
+return string.format('%.0f', floor)
+"""
 
 # ``advance(key, user)``: raise the user's version in the hash ``key`` (a transition) and
 # return it. Numbers are formatted by hand: Lua writes 1.7e+15 for a plain tostring. The
 # hash goes a day after the project's last transition: the clock then gives newer
-# versions than those it held, as after a Redis restart.
-_ADVANCE = """
+# versions than those it held, as after a Redis restart. Never at or below the floor.
+_ADVANCE = (
+    _FLOOR
+    + """
 local function advance(key, user)
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local now = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor + 1)
   local step = now - tonumber(redis.call('HGET', key, user) or '0')
   if step < 1 then step = 1 end
   local version = redis.call('HINCRBY', key, user, string.format('%.0f', step))
@@ -70,6 +119,7 @@ local function advance(key, user)
   return version
 end
 """
+)
 
 # KEYS: instance hash, project totals, project seen, generation, project versions.
 # ARGV: field, user, count, email, project, now (ms), generation last written.
@@ -407,9 +457,19 @@ class PresenceStore:
     Every method raises ``RedisUnavailable`` when Redis cannot be used.
     """
 
-    def __init__(self, redis: Redis, instance: str, *, _written: _Written | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        instance: str,
+        *,
+        floor: FloorSource = _no_floor,
+        _written: _Written | None = None,
+    ) -> None:
+        """``floor``: the newest version stored for good, read when Redis has no floor
+        for its run (see the module)."""
         self.redis = redis
         self.instance = instance
+        self._floor = floor
         self._written = _Written() if _written is None else _written
         self._hash = _key("instance", instance)
         self._generation = _key("gen", instance)
@@ -418,7 +478,10 @@ class PresenceStore:
     def answering_within(self, timeout: float) -> PresenceStore:
         """The same instance's store (same generation) with calls bounded by ``timeout``."""
         return PresenceStore(
-            self.redis.answering_within(timeout), self.instance, _written=self._written
+            self.redis.answering_within(timeout),
+            self.instance,
+            floor=self._floor,
+            _written=self._written,
         )
 
     def _script(self, client: Any, source: str) -> Any:
@@ -430,9 +493,34 @@ class PresenceStore:
         return script
 
     async def _run(self, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
-        return await self.redis.call(
-            lambda client: self._script(client, source)(keys=list(keys), args=list(args))
-        )
+        async def run() -> Any:
+            return await self.redis.call(
+                lambda client: self._script(client, source)(keys=list(keys), args=list(args))
+            )
+
+        try:
+            return await run()
+        except redis.exceptions.ResponseError as error:
+            if not str(error).startswith(_NO_FLOOR):
+                raise
+        await self.raise_floor()
+        try:
+            return await run()
+        except redis.exceptions.ResponseError as error:
+            if not str(error).startswith(_NO_FLOOR):
+                raise
+            # Lost again at once (another failover): try later, as for any outage.
+            raise RedisUnavailable("redis lost the presence versions' floor again") from error
+
+    async def raise_floor(self) -> int:
+        """Set Redis's floor for its current run from ``floor`` (kept if Redis's is
+        higher); the floor in force. Raises RedisUnavailable (also when ``floor`` raises
+        DatabaseUnavailable)."""
+        try:
+            lowest = await self._floor()
+        except DatabaseUnavailable as error:  # presence waits for both, as for Redis alone
+            raise RedisUnavailable(f"no floor for presence versions: {error}") from error
+        return int(await self._run(_SET_FLOOR, [], [lowest]))
 
     async def set_count(self, entry: Entry) -> Totals | None:
         """Set this instance's count of ``entry``'s user in its project (0 removes it);

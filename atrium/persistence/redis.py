@@ -24,14 +24,17 @@ import redis.exceptions
 import trio
 import trio_asyncio
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from ..breaker import BreakerSettings, BreakerState, CircuitBreaker
+from ..config import RedisAddress, RedisTLSFiles
 
 T = TypeVar("T")
 log = logging.getLogger("atrium.redis")
 
 _CLOSE_TIMEOUT = 5.0
+_FOLLOW_SECONDS = 1.0  # with Sentinel, how often a subscription asks where the master is
 # Errors that say "no usable connection" (refused, reset, timed out, server loading or
 # shutting down), as opposed to "the command was wrong" (a ResponseError).
 _UNAVAILABLE = (
@@ -177,8 +180,11 @@ class Redis:
                     if scope.cancelled_caught:
                         raise RedisUnavailable("redis did not take a PING")
 
+            async def follow_master() -> None:
+                await _follow_master(self._client.connection_pool, pubsub, self.timeout)
+
             async with trio.open_nursery() as nursery:
-                for task in (read, keep_alive):
+                for task in (read, keep_alive, follow_master):
                     nursery.start_soon(_until_lost, task, lost, nursery.cancel_scope)
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
@@ -276,16 +282,109 @@ async def _read_forever(pubsub: Any, received: OnMessage) -> NoReturn:
             received(b"", b"")
 
 
+async def _follow_master(pool: Any, pubsub: Any, answer_within: float) -> None:
+    """With Sentinel, ask the sentinels every ``_FOLLOW_SECONDS`` where the master is;
+    when they name another one than the subscription's, raise RedisUnavailable (and the
+    pool's idle connections to the old one are closed, its others as they come back).
+    Without Sentinel, return at once. Each look takes at most ``answer_within`` seconds.
+
+    A master the sentinels replaced while it still runs (``SENTINEL FAILOVER``, for
+    maintenance) keeps answering, and taking writes that its conversion to a replica
+    then throws away, until the sentinels' next look at it: about 10 s after the new
+    master was named, measured here. This moves within a second instead.
+    """
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    sentinel_pool: Any = pool  # redis-py leaves its methods untyped
+    while True:
+        await trio.sleep(_FOLLOW_SECONDS)
+        with trio.move_on_after(answer_within):
+            try:
+                master = await _aio(sentinel_pool.get_master_address())
+            except _UNAVAILABLE:
+                continue  # no sentinel is sure: keep what works
+            connection = pubsub.connection
+            if connection is not None and (connection.host, connection.port) != master:
+                raise RedisUnavailable(f"redis master moved to {master[0]}:{master[1]}")
+
+
+def _tls_options(tls: RedisTLSFiles) -> dict[str, Any]:
+    """redis-py's options for TLS connections verified against ``tls``'s CA (or the
+    system's) and the host's name, that present ``tls``'s client certificate, if any."""
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if tls.ca_file is not None:
+        options["ssl_ca_certs"] = tls.ca_file
+    if tls.cert_file is not None:
+        options["ssl_certfile"] = tls.cert_file
+        options["ssl_keyfile"] = tls.key_file
+    return options
+
+
+def _client(
+    address: RedisAddress, call_timeout: float, max_connections: int
+) -> tuple[redis.asyncio.Redis, Sentinel | None]:
+    """The redis-py client for ``address`` (and the Sentinel it asks, to close with it).
+
+    redis-py's own retries are off, for the commands and for the sentinels: the breaker
+    decides when to try again. With Sentinel, every new connection asks the sentinels (in
+    turn; the first that answers goes first next time) where the master is: after a
+    failover, connections to the old master fail or are refused as read-only, the breaker
+    counts that, the pool drops its idle connections and the next ones go to the new
+    master.
+    """
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": call_timeout,
+        "max_connections": max_connections,
+    }
+    if address.sentinel is None:
+        url = address.url or ""
+        if url.startswith("rediss://"):
+            options.update(_tls_options(address.tls))
+        # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
+        if not url.startswith("unix://"):
+            options["socket_keepalive"] = True
+        return redis.asyncio.Redis.from_url(url, **options), None
+    watched = address.sentinel
+    tls = _tls_options(address.tls) if watched.tls else {}
+    # Sentinels are asked in turn until one answers, all within one call: a sentinel that
+    # hangs (frozen, or its host gone) must leave time to ask the next ones and the master.
+    each = call_timeout / (len(watched.addresses) + 1)
+    sentinel = Sentinel(
+        watched.addresses,
+        sentinel_kwargs={
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": each,
+            "socket_timeout": each,
+            "socket_keepalive": True,
+            "password": watched.sentinel_password,
+            "ssl": watched.tls,
+            **tls,
+        },
+    )
+    client = sentinel.master_for(
+        watched.master,
+        username=watched.username,
+        password=watched.password,
+        socket_keepalive=True,
+        ssl=watched.tls,
+        **tls,
+        **options,
+    )
+    return client, sentinel
+
+
 @asynccontextmanager
 async def open_redis(
-    url: str,
+    address: str | RedisAddress,
     breaker: BreakerSettings,
     *,
     call_timeout: float = 2.0,
     clock: Callable[[], float] = trio.current_time,
     max_connections: int = 32,
 ) -> AsyncIterator[Redis]:
-    """A ``Redis`` for ``url`` for the duration of the block (needs a trio-asyncio loop).
+    """A ``Redis`` for ``address`` (a URL, or a ``RedisAddress``: a URL or a master that
+    Sentinel watches, and TLS files) for the duration of the block (needs a trio-asyncio loop).
 
     Connects lazily: a Redis that is down at start is not an error here (calls raise
     RedisUnavailable until it is back). ``call_timeout`` bounds each call, each connection
@@ -293,15 +392,9 @@ async def open_redis(
     MockClock). redis-py's own retries are off: the breaker decides when to try again,
     and its probes run in the block's background (``Redis.run_probes``).
     """
-    # TCP keepalive notices a peer that vanished; redis-py refuses it for unix:// sockets.
-    tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}
-    client = redis.asyncio.Redis.from_url(
-        url,
-        retry=Retry(NoBackoff(), 0),
-        socket_connect_timeout=call_timeout,
-        max_connections=max_connections,
-        **tcp,
-    )
+    if isinstance(address, str):
+        address = RedisAddress(url=address)
+    client, sentinel = _client(address, call_timeout, max_connections)
     try:
         redis_client = Redis(client, CircuitBreaker(breaker, clock), timeout=call_timeout)
         async with _probing(redis_client):
@@ -310,6 +403,9 @@ async def open_redis(
         with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
             with contextlib.suppress(Exception):
                 await _aio(client.aclose())
+            if sentinel is not None:
+                with contextlib.suppress(Exception):
+                    await _aio(sentinel.aclose())
 
 
 @asynccontextmanager
