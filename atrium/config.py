@@ -89,6 +89,7 @@ class Settings:
     job_lease_seconds: float = 30.0
     job_retention_days: int = 30  # 0: keep finished jobs forever
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
+    job_worker_memory_mb: int = 1024  # address-space limit of each job worker process; 0: none
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
@@ -347,6 +348,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         job_task_modules=tuple(
             m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
+        job_worker_memory_mb=_int(env, "JOB_WORKER_MEMORY_MB", 1024, minimum=0),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
         presence_heartbeat_seconds=heartbeat,

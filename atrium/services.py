@@ -123,6 +123,7 @@ def job_settings(settings: Settings) -> JobSettings:
         poll_seconds=min(1.0, lease / 3),
         drain_seconds=min(5.0, lease / 2),
         retry=RetryPolicy(),
+        worker_memory_mb=settings.job_worker_memory_mb,
     )
 
 

@@ -40,6 +40,11 @@ class JobSettings:
     drain_seconds: float = 5.0
     """A stopping actor lets its job run this long, then releases it back to the queue."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    worker_memory_mb: int = 1024
+    """Address-space limit of each job worker process (JOB_WORKER_MEMORY_MB); 0: none."""
+    progress_interval: float = 0.25
+    """A running job's progress is written and sent at most once per this many seconds;
+    reports in between are coalesced (the latest wins)."""
 
     @property
     def heartbeat_seconds(self) -> float:

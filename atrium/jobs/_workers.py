@@ -1,0 +1,125 @@
+"""The job worker processes: where CPU-heavy task steps run, killable and bounded.
+
+A thread cannot be stopped: a timed-out job whose step ran in one kept burning CPU (and
+the GIL) long after the job was ``dead``. Here such steps run in trio-parallel worker
+processes instead; cancelling the step (timeout, cancel, release, lease lost) kills its
+process. Each process runs at low priority and under an address-space limit, set in the
+process itself when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Self, TypeVar
+
+import trio
+import trio_parallel
+
+from ..tasks import PermanentJobError
+
+log = logging.getLogger("atrium.jobs")
+
+T = TypeVar("T")
+
+WORKER_NICE = 10
+"""Worker processes' niceness: the event loop of the process that owns them keeps its core."""
+
+
+def _init_worker(memory_bytes: int, nice: int) -> None:
+    """Runs in each worker process before its first step."""
+    # os.nice adds to the current value: reach at least ``nice``, never lower it.
+    os.nice(max(0, nice - os.nice(0)))
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+
+class WorkerPool:
+    """As many worker processes as job actors, owned by the ``jobs`` subtree (its
+    ``job_workers`` child opens them; see :meth:`run`).
+
+    ``run_sync(fn, *args)`` runs ``fn(*args)`` in a worker process; a cancel kills that
+    process at once. Processes start on first use and are kept for the next step.
+    """
+
+    def __init__(self, processes: int, *, memory_mb: int, nice: int = WORKER_NICE) -> None:
+        if processes < 1:
+            raise ValueError("a worker pool needs at least one process")
+        self.processes = processes
+        self.memory_mb = memory_mb
+        self.nice = nice
+        # At most one step per process: a job never waits for a process while its
+        # timeout runs, as long as each actor runs one step at a time.
+        self._limiter = trio.CapacityLimiter(processes)
+        self._context: trio_parallel.WorkerContext | None = None
+        self._open = trio.Event()
+        self.steps = 0
+        self.broken = 0
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool processes={self.processes} memory_mb={self.memory_mb}>"
+
+    def snapshot_detail(self) -> dict[str, Any]:
+        """What ``/health/supervisor`` shows for the ``job_workers`` child."""
+        context = self._context
+        stats = None if context is None else context.statistics()
+        return {
+            "processes": self.processes,
+            "memory_mb": self.memory_mb,
+            "idle_workers": 0 if stats is None else stats.idle_workers,
+            "running_workers": 0 if stats is None else stats.running_workers,
+            "steps": self.steps,
+            "workers_died": self.broken,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the worker processes open until cancelled; then stop them (steps still
+        running are the actors' to cancel: the ``jobs`` subtree stops its actors first)."""
+        init = partial(_init_worker, self.memory_mb * 1024 * 1024, self.nice)
+        async with trio_parallel.open_worker_context(init=init, grace_period=5.0) as context:
+            self._context = context
+            self._open.set()
+            try:
+                task_status.started(self)
+                await trio.sleep_forever()
+            finally:
+                self._context = None
+                self._open = trio.Event()
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker process: its result, or what it raised. ``fn`` and the
+        arguments travel by pickle, so ``fn`` must be an importable top-level function.
+
+        Cancelling the call kills the process (its CPU use ends then). Raises
+        PermanentJobError when the process died (the address-space limit, most likely)
+        or ran out of memory: the same input would hit the same limit again."""
+        await self._open.wait()
+        context = self._context
+        assert context is not None
+        self.steps += 1
+        try:
+            result: T = await context.run_sync(
+                fn, *args, kill_on_cancel=True, limiter=self._limiter
+            )
+            return result
+        except trio_parallel.BrokenWorkerError as error:
+            self.broken += 1
+            process = error.args[-1] if error.args else None
+            code = getattr(process, "exitcode", None)
+            log.warning("a job worker process died (exit code %s)", code)
+            raise PermanentJobError(
+                f"the worker process died (exit code {code}) running {_name(fn)}; it may"
+                f" have reached its memory limit (JOB_WORKER_MEMORY_MB={self.memory_mb})"
+            ) from None
+        except MemoryError:
+            raise PermanentJobError(
+                f"out of memory in {_name(fn)}: the worker process's limit is"
+                f" JOB_WORKER_MEMORY_MB={self.memory_mb}"
+            ) from None
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
