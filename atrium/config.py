@@ -158,6 +158,16 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _worker_memory_mb(env: Mapping[str, str]) -> int:
+    # Below this a worker process dies while it starts (Python, atrium and Polars loaded),
+    # and trio-parallel starts another, again and again, until the job times out.
+    least = 512
+    value = _int(env, "JOB_WORKER_MEMORY_MB", 1024, minimum=0)
+    if 0 < value < least:
+        raise ConfigError("JOB_WORKER_MEMORY_MB", f"must be 0 (no limit) or at least {least}")
+    return value
+
+
 def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
     value = _seconds(env, name, default)
     if value <= 0:
@@ -348,7 +358,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         job_task_modules=tuple(
             m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
-        job_worker_memory_mb=_int(env, "JOB_WORKER_MEMORY_MB", 1024, minimum=0),
+        job_worker_memory_mb=_worker_memory_mb(env),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
         presence_heartbeat_seconds=heartbeat,
