@@ -51,6 +51,13 @@ class _LatestProgress:
         self._latest = (percent, message)
         self._reported.set()
 
+    def take_unsent(self) -> tuple[int, str | None] | None:
+        """The latest report if it was not sent yet (then it counts as sent)."""
+        if self._latest is None or self._latest == self._sent:
+            return None
+        self._sent = self._latest
+        return self._latest
+
     async def wait_changed(self) -> tuple[int, str | None]:
         """The latest report once it differs from the one this last returned."""
         while True:
@@ -279,6 +286,9 @@ class JobActor:
                         run_sync=self.workers.run_sync,
                     )
                     result = await task.run(ctx, payload)
+                    # The task's last word (its final message) is kept, not coalesced away.
+                    if (last := progress.take_unsent()) is not None:
+                        await self._write_progress(claimed, *last)
                     outcome = _Outcome(JobStatus.COMPLETED, result=result)
                 except PermanentJobError as error:
                     outcome = _Outcome(JobStatus.DEAD, error=str(error) or type(error).__name__)
@@ -325,14 +335,15 @@ class JobActor:
         column costs a few row writes and frames, not 3,000."""
         interval = self.queue.settings.progress_interval
         while True:
-            percent, message = await progress.wait_changed()
-            try:
-                await store.set_progress(self.queue.db, claimed, percent, message)
-            except DatabaseUnavailable:
-                pass  # progress is advisory; the outcome is what must be written
-            else:
-                await self.queue.progressed(claimed.job, percent, message)
+            await self._write_progress(claimed, *await progress.wait_changed())
             await trio.sleep(interval)
+
+    async def _write_progress(self, claimed: Claimed, percent: int, message: str | None) -> None:
+        try:
+            await store.set_progress(self.queue.db, claimed, percent, message)
+        except DatabaseUnavailable:
+            return  # progress is advisory; the outcome is what must be written
+        await self.queue.progressed(claimed.job, percent, message)
 
     async def _record(self, claimed: Claimed, outcome: _Outcome) -> None:
         """Write the attempt's outcome, waiting out a database outage for as long as the

@@ -37,7 +37,9 @@ async def data_processing(ctx: TaskContext, payload: DataProcessingPayload) -> d
     """
     await ctx.progress(5, "summarising")
     # Parsed and summarised with Polars in a worker process: a timeout kills it.
-    return await ctx.run_sync(summarise_csv, payload.csv, payload.columns)
+    summary: dict[str, Any] = await ctx.run_sync(summarise_csv, payload.csv, payload.columns)
+    await ctx.progress(100, f"summarised {summary['rows']} rows")
+    return summary
 
 
 class ProjectExportPayload(_Payload):
