@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from atrium.persistence.jobs import load_job
 from atrium.tasks import PermanentJobError, TaskContext, registry
 from atrium.tasks._csv import summarise_csv
+from tests import csv_reference
 
 
 class BlockPayload(BaseModel):
@@ -61,12 +62,14 @@ def spin(seconds: float) -> int:
 
 
 def summarise_for(text: str, seconds: float) -> int:
-    """Summarise ``text`` with data_processing's Polars code again and again for
-    ``seconds`` of wall time: a heavy CSV job from a small payload."""
+    """Summarise ``text`` with data_processing's Polars code and with the pure-Python code
+    it replaced (which holds the GIL throughout, as a plugin's Python code would), again
+    and again for ``seconds`` of wall time: a heavy CSV job from a small payload."""
     end = time.monotonic() + seconds
     rounds = 0
     while time.monotonic() < end:
         summarise_csv(text, None)
+        csv_reference.summarise_csv(text, None)
         rounds += 1
     return rounds
 
