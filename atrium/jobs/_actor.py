@@ -46,6 +46,8 @@ class _LatestProgress:
         self._latest: tuple[int, str | None] | None = None
         self._sent: tuple[int, str | None] | None = None
         self._reported = trio.Event()
+        self.writing = trio.Lock()
+        """Held to take and write a report: writes land in the order they were taken."""
 
     def report(self, percent: int, message: str | None) -> None:
         self._latest = (percent, message)
@@ -58,14 +60,10 @@ class _LatestProgress:
         self._sent = self._latest
         return self._latest
 
-    async def wait_changed(self) -> tuple[int, str | None]:
-        """The latest report once it differs from the one this last returned."""
-        while True:
-            await self._reported.wait()
-            self._reported = trio.Event()
-            if self._latest is not None and self._latest != self._sent:
-                self._sent = self._latest
-                return self._latest
+    async def wait_reported(self) -> None:
+        """Until the task reports (again)."""
+        await self._reported.wait()
+        self._reported = trio.Event()
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +285,7 @@ class JobActor:
                     )
                     result = await task.run(ctx, payload)
                     # The task's last word (its final message) is kept, not coalesced away.
-                    if (last := progress.take_unsent()) is not None:
-                        await self._write_progress(claimed, *last)
+                    await self._flush_progress(claimed, progress)
                     outcome = _Outcome(JobStatus.COMPLETED, result=result)
                 except PermanentJobError as error:
                     outcome = _Outcome(JobStatus.DEAD, error=str(error) or type(error).__name__)
@@ -335,8 +332,14 @@ class JobActor:
         column costs a few row writes and frames, not 3,000."""
         interval = self.queue.settings.progress_interval
         while True:
-            await self._write_progress(claimed, *await progress.wait_changed())
+            await progress.wait_reported()
+            await self._flush_progress(claimed, progress)
             await trio.sleep(interval)
+
+    async def _flush_progress(self, claimed: Claimed, progress: _LatestProgress) -> None:
+        async with progress.writing:
+            if (latest := progress.take_unsent()) is not None:
+                await self._write_progress(claimed, *latest)
 
     async def _write_progress(self, claimed: Claimed, percent: int, message: str | None) -> None:
         try:
