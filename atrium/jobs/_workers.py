@@ -69,7 +69,9 @@ class WorkerPool:
         # timeout runs, as long as each actor runs one step at a time.
         self._limiter = trio.CapacityLimiter(processes)
         self._context: trio_parallel.WorkerContext | None = None
-        self._open = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._running = trio.Event()
+        self._opening = trio.Lock()
         self.steps = 0
         self.broken = 0
 
@@ -90,8 +92,21 @@ class WorkerPool:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the worker processes open until cancelled; then stop them (steps still
-        running are the actors' to cancel: the ``jobs`` subtree stops its actors first)."""
+        """Own the worker processes until cancelled; then stop them (steps still running
+        are the actors' to cancel: the ``jobs`` subtree stops its actors first). They are
+        opened on the first step: a process that never runs one starts none, and its
+        ``jobs`` subtree stops without waiting on trio-parallel's shutdown thread."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._running.set()
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._running = trio.Event()
+
+    async def _hold_context(self, *, task_status: trio.TaskStatus[None]) -> None:
         init = partial(_init_worker, self.memory_mb * 1024 * 1024, self.nice)
         # Workers fork from a server process that imported the main module and the tasks
         # once: a worker that replaces a killed one starts in 0.15 s, where a spawned one
@@ -103,13 +118,19 @@ class WorkerPool:
             init=init, grace_period=5.0, worker_type=trio_parallel.WorkerType.FORKSERVER
         ) as context:
             self._context = context
-            self._open.set()
             try:
-                task_status.started(self)
+                task_status.started()
                 await trio.sleep_forever()
             finally:
                 self._context = None
-                self._open = trio.Event()
+
+    async def _open_context(self) -> trio_parallel.WorkerContext:
+        async with self._opening:
+            while self._context is None:
+                await self._running.wait()
+                if self._nursery is not None:
+                    await self._nursery.start(self._hold_context)
+            return self._context
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker process: its result, or what it raised. ``fn`` and the
@@ -118,9 +139,7 @@ class WorkerPool:
         Cancelling the call kills the process (its CPU use ends then). Raises
         PermanentJobError when the process died (the address-space limit, most likely)
         or ran out of memory: the same input would hit the same limit again."""
-        await self._open.wait()
-        context = self._context
-        assert context is not None
+        context = self._context or await self._open_context()
         self.steps += 1
         try:
             result: T = await context.run_sync(
