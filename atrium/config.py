@@ -128,6 +128,7 @@ class Settings:
     job_task_modules: tuple[str, ...] = ()  # imported at start: they register more tasks
     job_max_payload_bytes: int = 1_048_576  # a job's payload as JSON; over it: 413
     job_max_result_bytes: int = 8_388_608  # a job's result as JSON; over it: the job is dead
+    job_worker_memory_mb: int = 1024  # address-space limit of each job worker process; 0: none
     enable_metrics: bool = True
     metrics_port: int = 9090  # 0: any free port
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
@@ -201,6 +202,16 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(name, f"must be 0 or more seconds, got {raw!r}")
+    return value
+
+
+def _worker_memory_mb(env: Mapping[str, str]) -> int:
+    # Below this a worker process dies while it starts (Python, atrium and Polars loaded),
+    # and trio-parallel starts another, again and again, until the job times out.
+    least = 512
+    value = _int(env, "JOB_WORKER_MEMORY_MB", 1024, minimum=0)
+    if 0 < value < least:
+        raise ConfigError("JOB_WORKER_MEMORY_MB", f"must be 0 (no limit) or at least {least}")
     return value
 
 
@@ -484,6 +495,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         ),
         job_max_payload_bytes=_int(env, "JOB_MAX_PAYLOAD_BYTES", 1_048_576, minimum=1024),
         job_max_result_bytes=_int(env, "JOB_MAX_RESULT_BYTES", 8_388_608, minimum=1024),
+        job_worker_memory_mb=_worker_memory_mb(env),
         enable_metrics=_bool(env, "ENABLE_METRICS", True),
         metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
         presence_heartbeat_seconds=heartbeat,

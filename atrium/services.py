@@ -125,6 +125,7 @@ def job_settings(settings: Settings) -> JobSettings:
         retry=RetryPolicy(),
         max_payload_bytes=settings.job_max_payload_bytes,
         max_result_bytes=settings.job_max_result_bytes,
+        worker_memory_mb=settings.job_worker_memory_mb,
     )
 
 

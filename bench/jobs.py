@@ -14,6 +14,16 @@ job actors (WORKER_CONCURRENCY, default 4) on a pool of DB_POOL_SIZE (20) connec
   (so it includes the insert's commit and the wake-up). p50 and p99 are printed.
 
 Without ``--database-url`` an embedded PostgreSQL is started in a temporary directory.
+
+    python bench/jobs.py --csv [--csv-file PATH] [--csv-mb 100]
+
+- **CSV summary** (issue 19, benchmark b; no database): ``data_processing``'s summary
+  function, called in a job worker process (``WorkerPool``, as the job actors call it) on a
+  ``--csv-mb`` MB, 20-column CSV file (written once to ``--csv-file``, or a temporary
+  file), side by side with the pure-Python code it replaced (``tests/csv_reference.py``).
+  Each runs in a fresh worker process (limit ``--csv-memory-mb``, default 2048): wall time
+  of the call, the function's own time, and the process's peak resident memory and address
+  space (what the limit counts).
 """
 
 from __future__ import annotations
@@ -26,17 +36,20 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
 import trio  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from atrium.events import Event  # noqa: E402
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
+from atrium.jobs._workers import WorkerPool  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402
 from atrium.persistence.aio_loop import open_loop  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
@@ -45,6 +58,8 @@ from atrium.persistence.jobs import Job, JobStatus  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.supervision import open_supervisor  # noqa: E402
 from atrium.tasks import TaskContext, TaskRegistry  # noqa: E402
+from atrium.tasks._csv import summarise_csv  # noqa: E402
+from tests import csv_reference  # noqa: E402
 
 POOL_SIZE = 20
 
@@ -81,6 +96,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="job actors (default 4)")
     parser.add_argument("--samples", type=int, default=200, help="latency samples")
     parser.add_argument("--database-url", help="an existing PostgreSQL (default: embedded)")
+    parser.add_argument("--csv", action="store_true", help="only the CSV summary benchmark")
+    parser.add_argument("--csv-file", type=Path, help="the CSV file (written if missing)")
+    parser.add_argument("--csv-mb", type=int, default=100, help="its size in MB (default 100)")
+    parser.add_argument(
+        "--csv-memory-mb", type=int, default=2048, help="the workers' JOB_WORKER_MEMORY_MB"
+    )
     return parser.parse_args(argv)
 
 
@@ -172,9 +193,87 @@ async def latency(args: argparse.Namespace, db: Database, user_id: uuid.UUID) ->
     )
 
 
+CSV_COLUMNS = 20
+WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
+
+
+def write_csv(path: Path, megabytes: int) -> None:
+    """20 columns: decimals, integers with padding and text with a few thousand distinct
+    values (and a quoted comma now and then), until the file holds ``megabytes`` MB."""
+    rng = random.Random(19)
+    with path.open("w") as out:
+        out.write(",".join(f"c{i}" for i in range(CSV_COLUMNS)) + "\n")
+        while out.tell() < megabytes * 1_000_000:
+            cells = []
+            for i in range(CSV_COLUMNS):
+                if i % 2 == 0:
+                    cells.append(f"{rng.uniform(-1e4, 1e4):.4f}")
+                elif i % 4 == 1:
+                    word = f"{rng.choice(WORDS)}{rng.randrange(1000)}"
+                    cells.append(f'"{word}, {i}"' if rng.random() < 0.01 else word)
+                else:
+                    cells.append(f" {rng.randrange(100_000)} ")
+            out.write(",".join(cells) + "\n")
+
+
+def summarise_file(summarise: Any, path: str) -> tuple[float, int, int, int, str]:
+    """In the worker: read ``path``, summarise it; the function's seconds, the rows, peak
+    RSS and peak address space (KiB), and a digest of the result to compare."""
+    text = Path(path).read_text()
+    began = time.perf_counter()
+    result = summarise(text, None)
+    seconds = time.perf_counter() - began
+    status = Path("/proc/self/status").read_text()
+    peaks = {
+        k: int(v.split()[0])
+        for k, v in (line.split(":", 1) for line in status.splitlines())
+        if k in ("VmHWM", "VmPeak")
+    }
+    digest = ",".join(
+        f"{name}:{s['type']}:{s['count']}:{s.get('distinct', '')}"
+        for name, s in result["stats"].items()
+    )
+    return seconds, result["rows"], peaks["VmHWM"], peaks["VmPeak"], digest
+
+
+async def csv_bench(path: Path, size: float, memory_mb: int) -> None:
+    print(
+        f"CSV summary of {path} ({size:.0f} MB, {CSV_COLUMNS} columns), each in a fresh"
+        f" worker process (JOB_WORKER_MEMORY_MB={memory_mb}):"
+    )
+    digests = set()
+    for label, summarise in (
+        ("Polars (atrium.tasks._csv)", summarise_csv),
+        ("pure Python (tests/csv_reference.py)", csv_reference.summarise_csv),
+    ):
+        pool = WorkerPool(1, memory_mb=memory_mb)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            began = time.perf_counter()
+            seconds, rows, rss, address, digest = await pool.run_sync(
+                summarise_file, summarise, str(path)
+            )
+            wall = time.perf_counter() - began
+            nursery.cancel_scope.cancel()
+        digests.add(digest)
+        print(
+            f"  {label:38} {wall:6.1f} s wall (call), {seconds:6.1f} s in the function,"
+            f" {rows:,} rows; peak RSS {rss / 1024:,.0f} MB, peak address space"
+            f" {address / 1024:,.0f} MB"
+        )
+    print("  same types, counts and distinct values:", "yes" if len(digests) == 1 else "NO")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.csv:
+        with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
+            path = args.csv_file or Path(tmp) / "bench.csv"
+            if not path.exists():
+                write_csv(path, args.csv_mb)
+            trio.run(csv_bench, path, path.stat().st_size / 1e6, args.csv_memory_mb)
+        return 0
     with database(args.database_url) as url:
         trio.run(bench, args, url)
     return 0

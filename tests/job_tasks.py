@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import polars
 import trio
 from pydantic import BaseModel, ConfigDict
 
 from atrium.persistence.jobs import load_job
 from atrium.tasks import PermanentJobError, TaskContext, registry
+from atrium.tasks._csv import summarise_csv
+from tests import csv_reference
 
 
 class BlockPayload(BaseModel):
@@ -53,3 +57,76 @@ class SizedResultPayload(BaseModel):
 async def sized_result(ctx: TaskContext, payload: SizedResultPayload) -> dict[str, Any]:
     """Returns a result of about ``chars`` characters (``{"blob": "xx..."}``)."""
     return {"blob": "x" * payload.chars}
+
+
+# CPU-heavy steps for the worker-process tests: importable top-level functions, as
+# ctx.run_sync requires (they are pickled to the worker process by name).
+
+
+def spin(seconds: float) -> int:
+    """Burn CPU for ``seconds`` (a step that only a kill stops early)."""
+    end = time.process_time() + seconds
+    turns = 0
+    while time.process_time() < end:
+        turns += 1
+    return turns
+
+
+def summarise_for(text: str, seconds: float) -> int:
+    """Summarise ``text`` with data_processing's Polars code and with the pure-Python code
+    it replaced (which holds the GIL throughout, as a plugin's Python code would), again
+    and again for ``seconds`` of wall time: a heavy CSV job from a small payload."""
+    end = time.monotonic() + seconds
+    rounds = 0
+    while time.monotonic() < end:
+        summarise_csv(text, None)
+        csv_reference.summarise_csv(text, None)
+        rounds += 1
+    return rounds
+
+
+def hog(how: str) -> None:
+    """Reach past the worker process's address-space limit: Polars aborts the process
+    (``abort``), Python raises MemoryError (``python``)."""
+    if how == "abort":
+        polars.zeros(1 << 30, eager=True)  # 8 GiB
+    else:
+        bytearray(1 << 33)
+
+
+class SpinPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float = 60.0
+
+
+@registry.task("test_spin", SpinPayload)
+async def spin_task(ctx: TaskContext, payload: SpinPayload) -> dict[str, Any]:
+    """Burns CPU in a worker process for ``seconds``."""
+    await ctx.progress(1, "spinning")
+    return {"turns": await ctx.run_sync(spin, payload.seconds)}
+
+
+class HeavyCsvPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    csv: str
+    seconds: float
+
+
+@registry.task("test_heavy_csv", HeavyCsvPayload)
+async def heavy_csv(ctx: TaskContext, payload: HeavyCsvPayload) -> dict[str, Any]:
+    """Summarises ``csv`` in a worker process, again and again for ``seconds``, once the
+    process has started (reported as progress ``warm``)."""
+    await ctx.run_sync(len, "")  # the process starts: its imports run before its nice 10
+    await ctx.progress(1, "warm")
+    return {"rounds": await ctx.run_sync(summarise_for, payload.csv, payload.seconds)}
+
+
+class HogPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    how: str = "abort"
+
+
+@registry.task("test_hog", HogPayload)
+async def hog_task(ctx: TaskContext, payload: HogPayload) -> None:
+    """Allocates past the worker process's memory limit."""
+    await ctx.run_sync(hog, payload.how)

@@ -70,6 +70,7 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
         assert all(c["state"] == "running" for c in tree["children"])
         jobs = [c["name"] for c in child(tree, "jobs")["supervisor"]["children"]]
         assert jobs == [
+            "job_workers",
             "job_1",
             "job_2",
             "job_3",

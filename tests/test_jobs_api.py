@@ -83,7 +83,7 @@ async def test_submit_follow_and_fetch_each_builtin(jobs_server: Running) -> Non
     assert status["result"]["rows"] == 3
     assert status["result"]["stats"]["score"]["mean"] == 5.0
     assert status["result"]["stats"]["name"]["values"] == {"ann": 2, "bob": 1}
-    assert status["progress"] == {"percent": 100, "message": "column score"}
+    assert status["progress"] == {"percent": 100, "message": "summarised 3 rows"}
     assert status["retry_count"] == 0 and status["priority"] == "normal"
     assert [a["outcome"] for a in status["attempts"]] == ["completed"]
     for key in ("created_at", "started_at", "completed_at"):

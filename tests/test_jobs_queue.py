@@ -435,7 +435,7 @@ async def test_supervisor_snapshot_shows_the_job_each_actor_holds(db: Database) 
         rig.release.set()
     jobs = next(c for c in tree["children"] if c["name"] == "jobs")["supervisor"]
     names = [c["name"] for c in jobs["children"]]
-    assert names == ["job_1", "job_2", "job_reaper", "job_listener"]
+    assert names == ["job_workers", "job_1", "job_2", "job_reaper", "job_listener"]
     held = [c["detail"]["job_id"] for c in jobs["children"] if c["name"] in ("job_1", "job_2")]
     assert f"job_{sub.job.id}" in held
 
@@ -458,7 +458,7 @@ async def test_retention_prunes_finished_jobs_older_than_the_cutoff(db: Database
         async with open_supervisor(name="later") as root:
             await root.start_child(jobs_spec(later))
             names = [c.name for c in jobs_tree(root).which_children()]
-            assert names == ["job_1", "job_reaper", "job_listener", "job_retention"]
+            assert names == ["job_workers", "job_1", "job_reaper", "job_listener", "job_retention"]
             await wait(later, waiting.job.id, JobStatus.COMPLETED)
     assert await store.load_job(db, done.job.id) is None
     assert await store.load_job(db, waiting.job.id) is not None  # finished just now

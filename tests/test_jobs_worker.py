@@ -1,9 +1,11 @@
-"""``python run.py worker`` as real processes: SIGKILL mid-job, then SIGTERM mid-job.
+"""``python run.py worker`` as real processes: SIGKILL mid-job, then SIGTERM mid-job; a
+timed-out or cancelled job's CPU, measured from outside.
 
 A worker killed with SIGKILL stops renewing its lease; another worker's reaper takes the
 job back (the attempt counted) and runs it to completion. A worker stopped with SIGTERM
-hands its job back to the queue without counting an attempt. Waits follow the workers'
-own log lines, never a fixed sleep.
+hands its job back to the queue without counting an attempt. A job whose CPU-heavy step
+times out or is cancelled stops using CPU (the worker and all its child processes) within
+a second. Waits follow the workers' own log lines or the job's row, never a fixed sleep.
 """
 
 from __future__ import annotations
@@ -122,3 +124,71 @@ async def test_killed_worker_job_completes_elsewhere_and_sigterm_releases(
     released = await store.load_job(db, held.job.id)
     assert released is not None and released.status is JobStatus.QUEUED
     assert released.attempt_count == 0 and released.attempts[-1]["outcome"] == "released"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` and every process under it, the ones already reaped
+    included (utime + stime + cutime + cstime in /proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return 0.0  # exited between the listing and the read: its time is its parent's
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])
+    total = ticks / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(cpu_seconds(int(child)) for child in task.read_text().split())
+    return total
+
+
+async def cpu_over(pid: int, seconds: float) -> float:
+    """The CPU the process tree of ``pid`` uses in the next ``seconds`` (a measurement
+    window, not a wait for something)."""
+    before = cpu_seconds(pid)
+    await trio.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+async def wait_for_cpu(pid: int, seconds: float) -> None:
+    """Wait until the process tree of ``pid`` has used ``seconds`` more CPU."""
+    until = cpu_seconds(pid) + seconds
+    with trio.fail_after(30):
+        # CPU time has no event to wait on: read it until it has grown.
+        while cpu_seconds(pid) < until:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def test_a_timed_out_or_cancelled_job_stops_using_cpu_within_a_second(
+    db: Database, database_url: str, tmp_path: Path
+) -> None:
+    user = await accounts.create_user(db, "ann@example.com", "x")
+    assert user is not None
+    load_task_modules(("tests.job_tasks",))
+    queue = JobQueue(JobSettings(concurrency=0, poll_seconds=0.1), database=lambda: db)
+    service = JobService(queue)
+    worker = await start_worker(tmp_path, database_url, "cpu")
+    pid = worker.process.pid
+    try:
+        timed = await service.submit(
+            user.id, task_name="test_spin", payload={}, timeout_seconds=3.0, max_retries=0
+        )
+        await worker.wait_for_line(f"started job {timed.job.id}")
+        await wait_for_cpu(pid, 0.5)  # the step spins (in a process started for it)
+        with trio.fail_after(30):
+            job = await queue.wait_for(timed.job.id, [JobStatus.DEAD])
+        assert job.error == "timed out after 3 s"
+        await trio.sleep(1.0)  # "within a second"
+        assert await cpu_over(pid, 1.0) < 0.2  # an idle worker, no spinning step
+
+        cancelled = await service.submit(user.id, task_name="test_spin", payload={})
+        await worker.wait_for_line(f"started job {cancelled.job.id}")
+        await wait_for_cpu(pid, 0.5)
+        await service.cancel(cancelled.job.id, user.id)
+        with trio.fail_after(30):
+            await queue.wait_for(cancelled.job.id, [JobStatus.CANCELLED])
+        await trio.sleep(1.0)
+        assert await cpu_over(pid, 1.0) < 0.2
+    finally:
+        worker.process.kill()
+        with trio.CancelScope(shield=True):
+            await worker.process.wait()

@@ -44,6 +44,11 @@ class JobSettings:
     """A payload longer as JSON is refused at submission (JOB_MAX_PAYLOAD_BYTES)."""
     max_result_bytes: int = 8_388_608
     """A result longer as JSON is not stored: the job is dead (JOB_MAX_RESULT_BYTES)."""
+    worker_memory_mb: int = 1024
+    """Address-space limit of each job worker process (JOB_WORKER_MEMORY_MB); 0: none."""
+    progress_interval: float = 0.25
+    """A running job's progress is written and sent at most once per this many seconds;
+    reports in between are coalesced (the latest wins)."""
 
     @property
     def heartbeat_seconds(self) -> float:

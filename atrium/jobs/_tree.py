@@ -15,6 +15,7 @@ from ..persistence.jobs import JobStatus
 from ..supervision import Backoff, ChildSpec, Strategy, Supervisor, supervisor_spec
 from ._actor import JobActor
 from ._queue import JobQueue
+from ._workers import WorkerPool
 
 log = logging.getLogger("atrium.jobs")
 
@@ -78,8 +79,14 @@ async def _run_retention(queue: JobQueue, *, task_status: trio.TaskStatus[None])
         await trio.sleep(RETENTION_INTERVAL)
 
 
-async def _run_actor(queue: JobQueue, name: str, *, task_status: trio.TaskStatus[JobActor]) -> None:
-    await JobActor(queue, name).run(task_status=task_status)
+async def _run_actor(
+    queue: JobQueue, workers: WorkerPool, name: str, *, task_status: trio.TaskStatus[JobActor]
+) -> None:
+    await JobActor(queue, name, workers).run(task_status=task_status)
+
+
+async def _run_workers(workers: WorkerPool, *, task_status: trio.TaskStatus[WorkerPool]) -> None:
+    await workers.run(task_status=task_status)
 
 
 async def _run_reaper(queue: JobQueue, *, task_status: trio.TaskStatus[Reaper]) -> None:
@@ -87,15 +94,23 @@ async def _run_reaper(queue: JobQueue, *, task_status: trio.TaskStatus[Reaper]) 
 
 
 def jobs_spec(queue: JobQueue) -> ChildSpec[Supervisor]:
-    """The ``jobs`` subtree: ``job_1`` .. ``job_N`` (N = concurrency), ``job_reaper``,
+    """The ``jobs`` subtree: ``job_workers`` (the worker processes for CPU-heavy steps,
+    one per actor), ``job_1`` .. ``job_N`` (N = concurrency), ``job_reaper``,
     ``job_listener`` and, unless retention keeps everything, ``job_retention``.
     One-for-one: an actor that crashes is replaced alone; database outages never count as
-    crashes."""
+    crashes. Children stop in reverse order, so the actors (and the steps they run in the
+    worker processes) stop before the processes are closed."""
     settings = queue.settings
     # A stopping actor drains its job for drain_seconds, then releases it.
     stop = settings.drain_seconds + 5.0
+    workers = WorkerPool(max(1, settings.concurrency), memory_mb=settings.worker_memory_mb)
     children: list[ChildSpec[Any]] = [
-        ChildSpec(f"job_{i}", partial(_run_actor, queue, f"job_{i}"), shutdown_timeout=stop)
+        ChildSpec("job_workers", partial(_run_workers, workers), shutdown_timeout=stop)
+    ]
+    children += [
+        ChildSpec(
+            f"job_{i}", partial(_run_actor, queue, workers, f"job_{i}"), shutdown_timeout=stop
+        )
         for i in range(1, settings.concurrency + 1)
     ]
     children.append(ChildSpec("job_reaper", partial(_run_reaper, queue)))

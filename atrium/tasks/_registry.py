@@ -38,7 +38,7 @@ class InvalidPayload(ValueError):
 
 class TaskContext:
     """What a running task may use: who runs it and where, the database, progress
-    reports, and a worker thread for CPU-heavy steps."""
+    reports, and a worker process for CPU-heavy steps."""
 
     def __init__(
         self,
@@ -48,7 +48,8 @@ class TaskContext:
         project_id: uuid.UUID | None,
         attempt: int,
         db: Database,
-        report: Callable[[int, str | None], Awaitable[None]],
+        report: Callable[[int, str | None], None],
+        run_sync: Callable[..., Awaitable[Any]],
     ) -> None:
         self.job_id = job_id
         self.user_id = user_id
@@ -57,15 +58,29 @@ class TaskContext:
         """1 for the first attempt that counted, 2 for the first retry, and so on."""
         self.db = db
         self._report = report
+        self._run_sync = run_sync
 
     async def progress(self, percent: int, message: str | None = None) -> None:
-        """Report progress (0-100, clamped) with an optional message."""
-        await self._report(max(0, min(100, int(percent))), message)
+        """Report progress (0-100, clamped) with an optional message. Cheap to call
+        often: reports are coalesced, and the job's row and its project's live workspace
+        see the latest a few times a second at most."""
+        self._report(max(0, min(100, int(percent))), message)
+        await trio.lowlevel.checkpoint()
 
-    async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a worker thread, off the event loop. A job cancelled or
-        timed out meanwhile stops waiting at once; the thread finishes on its own."""
-        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a job worker process, off the event loop and its GIL: the
+        result, or what ``fn`` raised. ``fn`` and ``args`` are pickled, so ``fn`` must be
+        an importable top-level function (not a lambda, closure or method of a local).
+
+        When the job times out or is cancelled, the process is killed: its CPU use ends
+        at once. Raises PermanentJobError when the process dies or runs out of memory
+        (JOB_WORKER_MEMORY_MB): the job ends ``dead``, since a retry would hit it again."""
+        result: T = await self._run_sync(fn, *args)
+        return result
+
+    to_thread = run_sync
+    """The former name of :meth:`run_sync` (it ran ``fn`` in a thread that could not be
+    stopped); task modules written for it now get a worker process as well."""
 
 
 TaskFn = Callable[[TaskContext, P], Awaitable[Any]]

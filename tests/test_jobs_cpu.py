@@ -1,0 +1,184 @@
+"""Where a job's CPU-heavy work runs: worker processes with a memory limit, the API's event
+loop left alone, and progress that costs what it is worth.
+
+The CPU-after-timeout test runs ``run.py worker`` as a real process (tests/test_jobs_worker.py);
+these run the ``jobs`` subtree, or the whole server, in the test's process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from pydantic import BaseModel
+
+from atrium.events import Event
+from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec
+from atrium.persistence import accounts
+from atrium.persistence import jobs as store
+from atrium.persistence.database import Database
+from atrium.persistence.jobs import Job, JobStatus
+from atrium.supervision import Supervisor, open_supervisor
+from atrium.tasks import TaskContext, TaskRegistry, load_task_modules
+from atrium.tasks import registry as builtins
+from tests.conftest import Running, StartServer
+
+load_task_modules(("tests.job_tasks",))
+
+
+async def make_user(db: Database) -> uuid.UUID:
+    user = await accounts.create_user(db, f"u-{uuid.uuid4().hex[:8]}@example.com", "x")
+    assert user is not None
+    return user.id
+
+
+@asynccontextmanager
+async def running_jobs(
+    db: Database, registry: TaskRegistry = builtins, **settings: Any
+) -> AsyncIterator[tuple[JobQueue, JobService, Supervisor]]:
+    options: dict[str, Any] = {"concurrency": 1, "retention_days": 0, **settings}
+    queue = JobQueue(JobSettings(**options), database=lambda: db, registry=registry)
+    async with open_supervisor(name="root") as root:
+        await root.start_child(jobs_spec(queue))
+        yield queue, JobService(queue), root
+
+
+async def test_a_worker_killed_by_its_memory_limit_fails_only_its_attempt(db: Database) -> None:
+    user = await make_user(db)
+    async with running_jobs(db, worker_memory_mb=1024) as (queue, service, root):
+        aborted = await service.submit(
+            user, task_name="test_hog", payload={"how": "abort"}, max_retries=3
+        )
+        raised = await service.submit(
+            user, task_name="test_hog", payload={"how": "python"}, max_retries=3
+        )
+        fine = await service.submit(user, task_name="data_processing", payload={"csv": "a\n1\n"})
+        with trio.fail_after(60):
+            done = await queue.wait_for(fine.job.id, [JobStatus.COMPLETED])
+        tree = root.child("jobs").value
+        workers = tree.child("job_workers")
+        assert workers.value.snapshot_detail()["workers_died"] == 1
+        assert workers.restart_count == 0 and tree.child("job_1").restart_count == 0
+    assert done.result["stats"]["a"]["count"] == 1  # the next job ran on a fresh process
+    died = await store.load_job(db, aborted.job.id)
+    assert died is not None and died.status is JobStatus.DEAD and died.attempt_count == 1
+    assert died.error is not None and "worker process died" in died.error
+    assert "JOB_WORKER_MEMORY_MB=1024" in died.error
+    oom = await store.load_job(db, raised.job.id)
+    assert oom is not None and oom.status is JobStatus.DEAD and oom.attempt_count == 1
+    assert oom.error is not None and "out of memory" in oom.error
+
+
+class Empty(BaseModel):
+    pass
+
+
+class Frames:
+    """A JobObserver noting each progress frame and when (by trio's clock) it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, int, str | None]] = []
+
+    async def job_changed(self, job: Job, events: Sequence[Event]) -> None:
+        pass
+
+    async def job_progress(self, job: Job, percent: int, message: str | None) -> None:
+        self.sent.append((trio.current_time(), percent, message))
+
+
+async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
+    db: Database, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ten times real time: the 3 s of reports pass in 0.3 s, the database keeps up (an
+    # autojumping clock would also jump asyncpg's own timeouts).
+    mock_clock.rate = 10.0
+    registry = TaskRegistry()
+    columns = 3000
+
+    @registry.task("wide", Empty)
+    async def wide(ctx: TaskContext, payload: Empty) -> None:
+        """Reports each of 3,000 columns, one every millisecond."""
+        for i in range(columns):
+            await ctx.progress(100 * (i + 1) // columns, f"column {i + 1}")
+            await trio.sleep(0.001)
+
+    writes = 0
+    real_set_progress = store.set_progress
+
+    async def counted(*args: Any) -> bool:
+        nonlocal writes
+        writes += 1
+        return await real_set_progress(*args)
+
+    monkeypatch.setattr(store, "set_progress", counted)
+    user = await make_user(db)
+    frames = Frames()
+    async with running_jobs(db, registry, progress_interval=0.25) as (queue, service, _):
+        queue.observers.append(frames)
+        sub = await service.submit(user, task_name="wide", payload={})
+        started = trio.current_time()
+        job = await queue.wait_for(sub.job.id, [JobStatus.COMPLETED])
+        elapsed = trio.current_time() - started
+    assert job.progress == 100
+    # 3 s of reports: the first at once, then one per 0.25 s (3,000 before this change).
+    assert elapsed >= columns * 0.001
+    assert 2 <= len(frames.sent) <= elapsed / 0.25 + 2
+    assert writes == len(frames.sent)
+    # At most one per 0.25 s, but for the task's last word, written when it returns.
+    times = [t for t, _, _ in frames.sent[:-1]]
+    assert all(b - a >= 0.25 for a, b in zip(times, times[1:], strict=False))
+    assert frames.sent[0][1:] == (0, "column 1")  # the first report is not held back
+    assert frames.sent[-1][1:] == (100, "column 3000")  # nor the last
+
+
+async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
+    start_server: StartServer,
+) -> None:
+    actors = 4
+    rows = "\n".join(f"{i},{i % 97}.5,name{i % 1013},{i * 7 % 10007}" for i in range(20_000))
+    csv = "id,price,name,qty\n" + rows + "\n"
+    async with start_server(WORKER_CONCURRENCY=str(actors)) as running:
+        server: Running = running
+        assert server.bound.services is not None
+        service = server.bound.services.value.jobs
+        user = await make_user(service.queue.db)
+        jobs = [
+            await service.submit(
+                user, task_name="test_heavy_csv", payload={"csv": csv, "seconds": 3.0}
+            )
+            for _ in range(actors)
+        ]
+        queue = service.queue
+        with trio.fail_after(30):
+            for sub in jobs:
+                # Each actor's process has started (a once-per-process cost, paid at
+                # normal priority) and is summarising.
+                await queue.wait_until(sub.job.id, lambda j: j.progress_message == "warm")
+        latencies = []
+        done = trio.Event()
+
+        async def wait_all_done() -> None:
+            for sub in jobs:
+                await queue.wait_for(sub.job.id, [JobStatus.COMPLETED])
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_all_done)
+            with trio.fail_after(30):
+                while not done.is_set():
+                    began = time.perf_counter()
+                    answer = await server.client.get("/ready")
+                    latencies.append(time.perf_counter() - began)
+                    assert answer.status_code == 200
+                    await trio.sleep(0.02)
+    results = [await store.load_job(queue.db, sub.job.id) for sub in jobs]
+    assert all(r is not None and r.result["rounds"] >= 2 for r in results)
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert len(latencies) >= 50 and p99 < 0.050, (p99, max(latencies))
