@@ -108,6 +108,8 @@ SERVER_SETTINGS = {
 }
 PASSWORD = "chaos-Passw0rd!"
 _SERVING = re.compile(r"atrium: (worker-\d+) \(pid (\d+)\) serving")
+_EXCEPTION = re.compile(r"^([\w.]*(?:Error|Exception|Exited|Escalation|Timeout)\w*)(?::|$)")
+_CHILD_FAILED = re.compile(r"WARNING atrium\.supervision: (\S+): child (\S+) failed")
 _EXITED = re.compile(r"atrium: (worker-\d+) \(pid (\d+)\) exited with status (-?\d+)")
 
 
@@ -208,7 +210,9 @@ class Group:
         self.live: dict[str, int] = {}  # worker name -> pid
         self.events: list[WorkerEvent] = []
         self.changed = trio.Event()
-        self.errors: Counter[str] = Counter()
+        self.exceptions: Counter[str] = Counter()  # in the processes' output, by class
+        self.children_failed: Counter[str] = Counter()  # supervisor/child
+        self.escalated: list[str] = []
         self.gave_up: list[str] = []
         self.up = trio.Event()
 
@@ -271,8 +275,12 @@ class Group:
             self.gave_up.append(line)
         elif "API on" in line and "worker processes" in line:
             self.up.set()
-        if "Traceback" in line or " ERROR " in line or '"level": "error"' in line.lower():
-            self.errors[line[:160]] += 1
+        if match := _EXCEPTION.match(line):
+            self.exceptions[match[1]] += 1
+        elif match := _CHILD_FAILED.search(line):
+            self.children_failed[f"{match[1]}/{match[2]}"] += 1
+        elif ": escalating: " in line:
+            self.escalated.append(line)
         self.changed.set()
         self.changed = trio.Event()
 
@@ -324,8 +332,9 @@ class Client:
         self.connected = False
         self.connections = 0
         self.closes: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # ERROR frames, by code
         self.resumes = 0
+        self.cursors = 0  # CURSOR_UPDATE frames received (other tabs' moves)
         self.editing = True
         self.drop_requested = False
         self.drop_done = trio.Event()
@@ -463,6 +472,8 @@ class Client:
             self.acked[edit_id] = seq
             self.pending.pop(edit_id, None)
             self._notify()
+        elif kind == "CURSOR_UPDATE":
+            self.cursors += 1
         elif kind == "ERROR":
             self.errors[str(message.get("code"))] += 1
             if message.get("id") in self.pending:
@@ -856,6 +867,7 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
         failures.append(
             f"at the end {len(soak.group.live)} workers serve, not {soak.group.workers}"
         )
+    failures.extend(f"escalated: {line}" for line in soak.group.escalated)
     for pid, count in soak.escalations.items():
         if count:
             failures.append(f"a supervisor in process {pid} escalated {count} times")
@@ -872,6 +884,14 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
         "events_in_log": len(rows),
         "max_convergence": max(converged, default=None),
         "not_converged": sum(f.converged_after is None for f in soak.faults),
+        "convergence_by_kind": {
+            kind: sorted(
+                f.converged_after
+                for f in soak.faults
+                if f.kind == kind and f.converged_after is not None
+            )
+            for kind in KINDS
+        },
         "clients": [
             {
                 "index": c.index,
@@ -880,6 +900,7 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
                 "connections": c.connections,
                 "resumes": c.resumes,
                 "events_seen": len(c.seen),
+                "cursors_seen": c.cursors,
                 "acked": len(c.acked),
                 "closes": dict(c.closes),
                 "errors": dict(c.errors),
@@ -888,7 +909,8 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
         ],  # fmt: skip
         "worker_events": [asdict(e) | {"at": round(e.at - soak.t0, 2)} for e in soak.group.events],
         "restarts_by_process": soak.restarts,
-        "error_lines": dict(soak.group.errors.most_common(20)),
+        "exceptions_logged": dict(soak.group.exceptions),
+        "children_failed": dict(soak.group.children_failed),
         "failures": failures,
     }
 
@@ -1009,6 +1031,11 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"  supervised children that failed (and were restarted): {report['children_failed']}")
+    print(f"  exceptions in the processes' logs: {report['exceptions_logged']}")
+    for kind, times in report["convergence_by_kind"].items():
+        if times:
+            print(f"  presence converged after {kind}: {' '.join(f'{t:.1f}' for t in times)} s")
     for failure in report["failures"]:
         print(f"  FAILED: {failure}")
     print(summary(report), flush=True)
