@@ -196,14 +196,17 @@ class WorkerEvent:
 class Group:
     """``run.py --workers 3``: its output is read line by line for the workers' lives."""
 
-    def __init__(self, data_dir: Path, log_path: Path, redis_url: str, workers: int) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path, redis_url: str, workers: int, settings: dict[str, str]
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = free_port(HOST)
         self.ws_port = free_port(HOST)
+        self.settings = SERVER_SETTINGS | settings
         self.env = atrium_env(
             self.port, data_dir, REDIS_URL=redis_url, WS_PORT=str(self.ws_port),
-            WORKERS=str(workers), **SERVER_SETTINGS,
+            WORKERS=str(workers), **self.settings,
         )  # fmt: skip
         self.workers = workers
         self.process: trio.Process | None = None
@@ -643,10 +646,13 @@ class Soak:
             assert found is not None
             old = found[0]
             os.kill(old, signal.SIGKILL)
+            killed = now()
             with trio.fail_after(120):
                 while (pm := self.group.postmaster()) is None or pm[0] == old or not pm[1]:  # noqa: ASYNC110 - another process's file
                     await trio.sleep(0.05)
-            fault.detail = f"postmaster {old} SIGKILLed, {pm[0]} ready"
+            fault.detail = f"postmaster {old} SIGKILLed, {pm[0]} ready after {now() - killed:.1f} s"
+            # atrium's supervisor restarts PostgreSQL: its recovery counts from the kill.
+            fault.ended = killed
         elif kind == "worker-kill":
             name = rng.choice(sorted(self.group.live))
             pid = self.group.live[name]
@@ -656,15 +662,17 @@ class Soak:
             for client in single:
                 client.hold = release
             os.kill(pid, signal.SIGKILL)
+            # The fault is the kill: recovery (the survivors reaping its users, the group
+            # starting a replacement) counts from it.
+            fault.ended = now()
             with trio.fail_after(120):
                 while self.group.live.get(name, pid) == pid:
                     await self.group.changed.wait()
             held = [f"u{c.user}" for c in single if c.held is not None]
             fault.detail = (
-                f"{name} (pid {pid}) SIGKILLed, replaced by {self.group.live[name]};"
-                f" users gone with it: {', '.join(held) or 'none'}"
+                f"{name} (pid {pid}) SIGKILLed, replaced by {self.group.live[name]} after"
+                f" {now() - fault.ended:.1f} s; users gone with it: {', '.join(held) or 'none'}"
             )
-            fault.ended = now()
             await self.converge(fault)
             for client in single:
                 client.hold = None
@@ -681,7 +689,7 @@ class Soak:
             await self.converge(fault)
             client.come_back.set()
             return fault
-        fault.ended = now()
+        fault.ended = fault.ended or now()
         await self.converge(fault)
         return fault
 
@@ -875,7 +883,8 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
     return {
         "seed": soak.args.seed,
         "duration": soak.args.duration,
-        "faults": [asdict(f) for f in soak.faults],
+        "settings": soak.group.settings,
+        "faults": [asdict(f) | {"ended": round(f.ended - soak.t0, 2)} for f in soak.faults],
         "faults_by_kind": dict(Counter(f.kind for f in soak.faults)),
         "edits_sent": sum(c.sent for c in soak.clients),
         "edits_acked": acked,
@@ -919,7 +928,8 @@ async def soak_main(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     redis = Redis(workdir)
     await redis.start()
     data_dir = workdir / "data"
-    group = Group(data_dir, workdir / "group.log", redis.url, args.workers)
+    settings = dict(item.split("=", 1) for item in args.set)
+    group = Group(data_dir, workdir / "group.log", redis.url, args.workers, settings)
     try:
         async with trio.open_nursery() as services:
             with trio.fail_after(180):
@@ -1011,6 +1021,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=0.25,
         help="seconds between a client's cursor moves (default 0.25)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting over the soak's (repeatable): REDIS_BREAKER_RESET_SECONDS=60",
     )
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--keep", type=Path, help="keep the logs and data in this directory")
