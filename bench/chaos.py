@@ -871,6 +871,10 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
         )  # fmt: skip
         if not replaced:
             failures.append(f"{name} (pid {pid}) was killed and not replaced")
+    postmaster_deaths = soak.group.children_failed["postgres/postmaster"]
+    pg_kills = sum(f.kind == "pg-kill" for f in soak.faults)
+    if postmaster_deaths != pg_kills:
+        failures.append(f"the postmaster died {postmaster_deaths} times, {pg_kills} of them killed")
     failures.extend(f"group: {line}" for line in soak.group.gave_up)
     if len(soak.group.live) != soak.group.workers:
         failures.append(
