@@ -2,7 +2,7 @@
 steady editing, then an invariant checker over every client's log and the database.
 
     python bench/chaos.py [--seed 1] [--duration 600] [--min-gap 10] [--max-gap 20]
-                          [--json FILE] [--keep DIR]
+                          [--kinds K,...] [--set NAME=VALUE] [--json FILE] [--keep DIR]
 
 Issue 20, item 4. What runs (all on 127.0.0.1):
 
@@ -32,6 +32,10 @@ seconds after the previous one ended and its presence check finished:
   client-drop   one client goes silent without a close (reads nothing, sends nothing, keeps
                 its TCP connection); ends at once: the server must notice it by heartbeat.
                 The client comes back (resuming) once the presence check is over.
+
+``--kinds`` chooses among them; it also offers ``redis-empty-worker-kill`` (Redis SIGKILLed
+and restarted empty, then a serving process SIGKILLed the moment Redis answers), not drawn
+by default. ``--set NAME=VALUE`` changes a server setting (e.g. ``PRESENCE_TTL_SECONDS``).
 
 After each fault ends, presence is probed on every serving process (a fresh connection
 each, until every live process has answered: ``/health/supervisor`` says which process it
@@ -94,6 +98,9 @@ from bench._load import REPO, atrium_env, free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 KINDS = ("redis-kill", "redis-stop", "pg-kill", "worker-kill", "client-drop")
+# Not drawn unless asked for (--kinds): a process SIGKILLed the moment Redis answers again,
+# empty, before it can re-assert anything (issue 20's second table row).
+COMPOUND = ("redis-empty-worker-kill",)
 CONVERGE_LIMIT = 15.0  # the invariant
 CONVERGE_GIVE_UP = 60.0  # how long a check keeps measuring past the limit
 SERVER_SETTINGS = {
@@ -630,6 +637,33 @@ class Soak:
         index = {c.user_id: f"u{c.user}" for c in self.clients}
         return "{" + ",".join(sorted(index.get(u, u[:8]) for u in users)) + "}"
 
+    async def _kill_worker(self, fault: Fault, rng: random.Random, before: str = "") -> None:
+        """SIGKILL a serving process; the single-tab users on it stay away until presence
+        converged (or the check gave up)."""
+        name = rng.choice(sorted(self.group.live))
+        pid = self.group.live[name]
+        self.killed_workers.append((name, pid))
+        release = trio.Event()
+        single = self._single_tab()
+        for client in single:
+            client.hold = release
+        os.kill(pid, signal.SIGKILL)
+        # The fault is the kill: recovery (the survivors reaping its users, the group
+        # starting a replacement) counts from it.
+        fault.ended = now()
+        with trio.fail_after(120):
+            while self.group.live.get(name, pid) == pid:
+                await self.group.changed.wait()
+        held = [f"u{c.user}" for c in single if c.held is not None]
+        fault.detail = (
+            f"{before}{name} (pid {pid}) SIGKILLed, replaced by {self.group.live[name]} after"
+            f" {now() - fault.ended:.1f} s; users gone with it: {', '.join(held) or 'none'}"
+        )
+        await self.converge(fault)
+        for client in single:
+            client.hold = None
+        release.set()
+
     async def inject(self, kind: str, rng: random.Random) -> Fault:
         fault = Fault(kind, now() - self.t0)
         if kind == "redis-kill":
@@ -655,29 +689,12 @@ class Soak:
             # atrium's supervisor restarts PostgreSQL: its recovery counts from the kill.
             fault.ended = killed
         elif kind == "worker-kill":
-            name = rng.choice(sorted(self.group.live))
-            pid = self.group.live[name]
-            self.killed_workers.append((name, pid))
-            release = trio.Event()
-            single = self._single_tab()
-            for client in single:
-                client.hold = release
-            os.kill(pid, signal.SIGKILL)
-            # The fault is the kill: recovery (the survivors reaping its users, the group
-            # starting a replacement) counts from it.
-            fault.ended = now()
-            with trio.fail_after(120):
-                while self.group.live.get(name, pid) == pid:
-                    await self.group.changed.wait()
-            held = [f"u{c.user}" for c in single if c.held is not None]
-            fault.detail = (
-                f"{name} (pid {pid}) SIGKILLed, replaced by {self.group.live[name]} after"
-                f" {now() - fault.ended:.1f} s; users gone with it: {', '.join(held) or 'none'}"
-            )
-            await self.converge(fault)
-            for client in single:
-                client.hold = None
-            release.set()
+            await self._kill_worker(fault, rng)
+            return fault
+        elif kind == "redis-empty-worker-kill":
+            await self.redis.kill()
+            await self.redis.start()
+            await self._kill_worker(fault, rng, "Redis SIGKILLed and restarted empty, then ")
             return fault
         elif kind == "client-drop":
             client = rng.choice(self._single_tab())
@@ -701,7 +718,7 @@ class Soak:
         await trio.sleep(rng.uniform(self.args.min_gap, self.args.max_gap) / 2)
         while now() < end:
             if not kinds:
-                kinds = list(KINDS)
+                kinds = list(self.args.kinds)
                 rng.shuffle(kinds)
             kind = kinds.pop()
             gap = rng.uniform(self.args.min_gap, self.args.max_gap)
@@ -904,7 +921,7 @@ def check(soak: Soak, settled: list[str]) -> dict[str, Any]:
                 for f in soak.faults
                 if f.kind == kind and f.converged_after is not None
             )
-            for kind in KINDS
+            for kind in soak.args.kinds
         },
         "clients": [
             {
@@ -1028,6 +1045,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds between a client's cursor moves (default 0.25)",
     )
     parser.add_argument(
+        "--kinds",
+        type=lambda text: tuple(text.split(",")),
+        default=KINDS,
+        help=f"the faults to draw, comma-separated (default all of {','.join(KINDS)};"
+        f" also {','.join(COMPOUND)})",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1036,7 +1060,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--keep", type=Path, help="keep the logs and data in this directory")
-    return parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
+    unknown = set(args.kinds) - set(KINDS) - set(COMPOUND)
+    if unknown:
+        parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    return args  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
