@@ -335,6 +335,10 @@ class Client:
         self.violations = violations
         self.first: int | None = None  # the seq it started from (PRESENCE_STATE's)
         self.last: int | None = None  # the last durable seq it saw
+        # Who is online as this tab shows it: PRESENCE_STATE, then USER_JOIN / USER_LEAVE
+        # past the seq that state was taken at (replayed ones are already in it).
+        self.online: set[str] = set()
+        self.state_seq = 0
         self.seen: list[tuple[int, str, str | None]] = []  # (seq, type, file_path)
         self.pending: dict[str, dict[str, Any]] = {}  # edit id -> frame, not yet ACKed
         self.acked: dict[str, int] = {}
@@ -411,6 +415,8 @@ class Client:
                 self._violate("protocol", f"first frame {state.get('type')}")
                 return
             resuming = self.last is not None
+            self.online = {str(user["user_id"]) for user in state["users"]}
+            self.state_seq = int(state["seq"])
             if self.last is None:
                 self.first = self.last = int(state["seq"])
             while resuming:
@@ -497,6 +503,10 @@ class Client:
                 what = "gap" if seq > self.last + 1 else "duplicate_or_reorder"
                 self._violate(what, f"after seq {self.last} got {seq} ({kind})")
             self.seen.append((seq, str(kind), message.get("file_path")))
+            if seq > self.state_seq and kind == "USER_JOIN":
+                self.online.add(str(message["user_id"]))
+            elif seq > self.state_seq and kind == "USER_LEAVE":
+                self.online.discard(str(message["user_id"]))
             self.last = max(self.last, seq)
             self._notify()
 
@@ -610,14 +620,19 @@ class Soak:
             live = set(self.group.live.values())
             views = {pid: p.online for pid, p in probes.items()}
             if before == after and set(views) == live and len(live) == self.group.workers:
-                wrong = {pid: v for pid, v in views.items() if v != after}
+                wrong = [
+                    f"process {pid} shows {self._names(v)}"
+                    for pid, v in views.items()
+                    if v != after
+                ] + [
+                    f"client {c.index} (u{c.user}) shows {self._names(frozenset(c.online))}"
+                    for c in self.clients
+                    if c.connected and c.online != after
+                ]
                 if not wrong:
                     fault.converged_after = round(now() - fault.ended, 2)
                     return
-                fault.last_mismatch = "; ".join(
-                    f"pid {pid} shows {self._names(v)}, truth {self._names(after)}"
-                    for pid, v in wrong.items()
-                )
+                fault.last_mismatch = f"{'; '.join(wrong)}; truth {self._names(after)}"
             else:
                 fault.last_mismatch = (
                     f"processes answering {sorted(views)} of live {sorted(live)}"
@@ -651,13 +666,18 @@ class Soak:
         # The fault is the kill: recovery (the survivors reaping its users, the group
         # starting a replacement) counts from it.
         fault.ended = now()
-        with trio.fail_after(120):
-            while self.group.live.get(name, pid) == pid:
+        with trio.move_on_after(60):
+            while self.group.live.get(name, pid) == pid and not self.group.gave_up:
                 await self.group.changed.wait()
         held = [f"u{c.user}" for c in single if c.held is not None]
+        replaced = (
+            f"replaced by {self.group.live[name]} after {now() - fault.ended:.1f} s"
+            if self.group.live.get(name, pid) != pid
+            else "not replaced"
+        )
         fault.detail = (
-            f"{before}{name} (pid {pid}) SIGKILLed, replaced by {self.group.live[name]} after"
-            f" {now() - fault.ended:.1f} s; users gone with it: {', '.join(held) or 'none'}"
+            f"{before}{name} (pid {pid}) SIGKILLed, {replaced};"
+            f" users gone with it: {', '.join(held) or 'none'}"
         )
         await self.converge(fault)
         for client in single:
@@ -716,7 +736,7 @@ class Soak:
         kinds: list[str] = []
         end = self.t0 + self.args.duration
         await trio.sleep(rng.uniform(self.args.min_gap, self.args.max_gap) / 2)
-        while now() < end:
+        while now() < end and not self.group.gave_up:
             if not kinds:
                 kinds = list(self.args.kinds)
                 rng.shuffle(kinds)
