@@ -750,7 +750,13 @@ class Soak:
                 else (f"presence converged in {fault.converged_after} s")
             )
             print(f"  {fault.started:7.1f} s  {kind:<12} {fault.detail}; {took}", flush=True)
-            await trio.sleep(max(0.0, fault.ended + gap - now()))
+            # One fault at a time: the tabs a fault kept away (dropped, or gone with their
+            # process) coming back is the end of it, not part of the next one.
+            with trio.move_on_after(30):
+                for client in self.clients:
+                    while not client.connected:
+                        await client.changed.wait()
+            await trio.sleep(max(1.0, fault.ended + gap - now()))
 
 
 async def sign_up(http: httpx.AsyncClient, n: int) -> tuple[str, str]:
