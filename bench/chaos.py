@@ -23,12 +23,15 @@ probes Redis by itself (issue 20, item 1), ``REDIS_BREAKER_RESET_SECONDS=1``.
 
 A scheduler injects one fault at a time, in an order drawn from ``--seed`` (each block of
 five faults is the five kinds shuffled), the next one ``--min-gap`` to ``--max-gap``
-seconds after the previous one ended and its presence check finished:
+seconds after the previous one ended, and no sooner than its presence check finished and
+the tabs it kept away are back (plus a second):
 
   redis-kill    SIGKILL Redis, start it again on its port, empty; ends when it answers
   redis-stop    SIGSTOP Redis for 3-12 s, then SIGCONT; ends at the SIGCONT
-  pg-kill       SIGKILL the embedded postmaster; ends when the new one accepts connections
-  worker-kill   SIGKILL one serving process; ends when the group has started its replacement
+  pg-kill       SIGKILL the embedded postmaster (the group's supervisor restarts it); ends
+                at the kill (recovery is atrium's own)
+  worker-kill   SIGKILL one serving process (the group replaces it); ends at the kill. A user
+                whose only tab was on it stays away until the presence check is over
   client-drop   one client goes silent without a close (reads nothing, sends nothing, keeps
                 its TCP connection); ends at once: the server must notice it by heartbeat.
                 The client comes back (resuming) once the presence check is over.
