@@ -43,8 +43,9 @@ by default. ``--set NAME=VALUE`` changes a server setting (e.g. ``PRESENCE_TTL_S
 After each fault ends, presence is probed on every serving process (a fresh connection
 each, until every live process has answered: ``/health/supervisor`` says which process it
 is, then ``/workspace/status`` on the same connection gives its view) until every
-process's online users equal the truth (the users with a client connected, unchanged
-across the probe); the time that took is the fault's convergence time.
+process's online users, and every connected tab's view (its PRESENCE_STATE, then the
+USER_JOIN / USER_LEAVE after it), equal the truth (the users with a client connected,
+unchanged across the probe); the time that took is the fault's convergence time.
 
 Afterwards: edits stop, every client reconnects and gets its edits ACKed, every client
 reads up to the log's last seq, and the checker reads the database and asserts
