@@ -311,12 +311,13 @@ async def test_idempotency_key_returns_the_first_job(db: Database) -> None:
 
 async def test_many_actors_in_two_processes_run_every_job_exactly_once(db: Database) -> None:
     rig = Rig()
-    user = await make_user(db, "ann")
+    users = [await make_user(db, name) for name in ("ann", "bob", "cy")]
     async with (
         running_jobs(db, rig.registry, concurrency=0) as (_, service, _),
     ):
         ids = [
-            (await service.submit(user, task_name="record", payload={})).job.id for _ in range(300)
+            (await service.submit(users[n % 3], task_name="record", payload={})).job.id
+            for n in range(300)
         ]
     # Two queues are two processes as far as the database can tell.
     async with (
