@@ -452,10 +452,11 @@ async def list_dead(db: Database, *, limit: int) -> list[Job]:
 _WAITING_USERS = (
     "waiting (user_id) AS ("
     "   (SELECT user_id FROM jobs WHERE status IN ('queued', 'failed')"
-    "    ORDER BY user_id LIMIT 1)"
+    "    ORDER BY user_id, priority DESC, seq LIMIT 1)"
     " UNION ALL"
     "   SELECT (SELECT j.user_id FROM jobs j WHERE j.status IN ('queued', 'failed')"
-    "           AND j.user_id > w.user_id ORDER BY j.user_id LIMIT 1)"
+    "           AND j.user_id > w.user_id ORDER BY j.user_id, j.priority DESC, j.seq"
+    "           LIMIT 1)"
     "   FROM waiting w WHERE w.user_id IS NOT NULL)"
 )
 
@@ -678,6 +679,10 @@ async def retry(
 # -- the worker side -------------------------------------------------------------------------
 
 
+# The first due jobs of users running none that a claim considers: concurrent claimers
+# that find one user's lock taken try the next of these users.
+_IDLE_CANDIDATES = 8
+
 # A claim that lost its user to another claimer (that user reached the limit, or their
 # last due job was taken) chooses again, at most this many times, then reports nothing due.
 _CLAIM_TRIES = 3
@@ -738,19 +743,29 @@ async def claim(
 
 
 # $1 now, $2 the running limit (or NULL), $3 the lock space. The users with a due job and
-# room under the limit, in fair order (fewest running, then their next job's priority and
-# age); the first whose lock is free is locked and returned (``locked``), or else the
-# first of all. The lock is tried on the sorted rows of the CTE, one at a time, so no
-# other user's lock is taken.
+# room under the limit, in fair order: fewest running first, then their next job's
+# priority and age. At most a few users run jobs (no more than there are job actors):
+# ``busy`` are they, with the next job of each. Every other user runs none, so the best of
+# them are the owners of the first due jobs in (priority, age) order that are not a busy
+# user's (``jobs_queue``; it skips at most the busy users' waiting jobs). The first user
+# whose lock is free is locked and returned (``locked``), else the first of all; the lock
+# is tried on the sorted rows one at a time, so no other user's lock is taken.
 _PICK_USER = (
-    f"WITH RECURSIVE {_WAITING_USERS},"
-    " fair AS MATERIALIZED (SELECT w.user_id FROM waiting w"
-    f"   CROSS JOIN LATERAL (SELECT {_RUNNING_OF.format('w.user_id')} AS running) r"
-    "   CROSS JOIN LATERAL (SELECT h.priority, h.seq FROM jobs h"
-    "     WHERE h.status IN ('queued', 'failed') AND h.user_id = w.user_id"
-    "     AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
-    "   WHERE w.user_id IS NOT NULL AND ($2::integer IS NULL OR r.running < $2)"
-    "   ORDER BY r.running, h.priority DESC, h.seq)"
+    "WITH busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
+    "   WHERE status = 'running' GROUP BY user_id),"
+    " idle AS (SELECT user_id, priority, seq FROM jobs"
+    "   WHERE status IN ('queued', 'failed') AND next_attempt_at <= $1"
+    "   AND user_id <> ALL (ARRAY(SELECT user_id FROM busy))"
+    f"   ORDER BY priority DESC, seq LIMIT {_IDLE_CANDIDATES}),"
+    " fair AS MATERIALIZED (SELECT user_id FROM ("
+    "     (SELECT DISTINCT ON (user_id) user_id, 0::bigint AS running, priority, seq"
+    "      FROM idle ORDER BY user_id, priority DESC, seq)"
+    "     UNION ALL SELECT b.user_id, b.running, h.priority, h.seq FROM busy b"
+    "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
+    "       WHERE h.status IN ('queued', 'failed') AND h.user_id = b.user_id"
+    "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
+    "     WHERE $2::integer IS NULL OR b.running < $2) c"
+    "   ORDER BY running, priority DESC, seq)"
     " SELECT user_id, locked FROM ("
     "   (SELECT user_id, true AS locked FROM fair"
     "    WHERE pg_try_advisory_xact_lock($3, hashtext(user_id::text)) LIMIT 1)"
