@@ -682,6 +682,8 @@ async def retry(
 # The first due jobs of users running none that a claim considers: concurrent claimers
 # that find one user's lock taken try the next of these users.
 _IDLE_CANDIDATES = 8
+# How far into the waiting jobs (in priority and age order) a claim looks for them.
+_IDLE_WINDOW = 1000
 
 # A claim that lost its user to another claimer (that user reached the limit, or their
 # last due job was taken) chooses again, at most this many times, then reports nothing due.
@@ -744,19 +746,30 @@ async def claim(
 
 # $1 now, $2 the running limit (or NULL), $3 the lock space. The users with a due job and
 # room under the limit, in fair order: fewest running first, then their next job's
-# priority and age. At most a few users run jobs (no more than there are job actors):
-# ``busy`` are they, with the next job of each. Every other user runs none, so the best of
-# them are the owners of the first due jobs in (priority, age) order that are not a busy
-# user's (``jobs_queue``; it skips at most the busy users' waiting jobs). The first user
-# whose lock is free is locked and returned (``locked``), else the first of all; the lock
-# is tried on the sorted rows one at a time, so no other user's lock is taken.
+# priority and age. Few users run jobs (no more than there are job actors): ``busy`` are
+# they, each with their next job. Every other user runs none: the best of them own the
+# first due jobs in (priority, age) order that are not a busy user's (``jobs_queue``),
+# looked for only when ``walk`` (users with waiting jobs in id order, one probe each,
+# stopping at the first not busy) found such a user, and among the first
+# ``_IDLE_WINDOW`` waiting jobs (the busy users' waiting jobs are at most actors x
+# JOB_MAX_QUEUED_PER_USER, under it by default). The first user whose lock is free is
+# locked and returned (``locked``), else the first of all; the lock is tried on the sorted
+# rows one at a time, so no other user's lock is taken.
 _PICK_USER = (
-    "WITH busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
+    "WITH RECURSIVE busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
     "   WHERE status = 'running' GROUP BY user_id),"
-    " idle AS (SELECT user_id, priority, seq FROM jobs"
-    "   WHERE status IN ('queued', 'failed') AND next_attempt_at <= $1"
-    "   AND user_id <> ALL (ARRAY(SELECT user_id FROM busy))"
-    f"   ORDER BY priority DESC, seq LIMIT {_IDLE_CANDIDATES}),"
+    " walk (user_id) AS ("
+    "   (SELECT user_id FROM jobs WHERE status IN ('queued', 'failed')"
+    "    ORDER BY user_id, priority DESC, seq LIMIT 1)"
+    "   UNION ALL SELECT (SELECT j.user_id FROM jobs j WHERE j.status IN ('queued', 'failed')"
+    "     AND j.user_id > w.user_id ORDER BY j.user_id, j.priority DESC, j.seq LIMIT 1)"
+    "   FROM walk w WHERE w.user_id IN (SELECT user_id FROM busy)),"
+    " idle AS (SELECT user_id, priority, seq FROM (SELECT user_id, priority, seq,"
+    "     next_attempt_at FROM jobs WHERE status IN ('queued', 'failed')"
+    f"     ORDER BY priority DESC, seq LIMIT {_IDLE_WINDOW}) f"
+    "   WHERE next_attempt_at <= $1 AND user_id <> ALL (ARRAY(SELECT user_id FROM busy))"
+    "   AND EXISTS (SELECT 1 FROM walk WHERE user_id NOT IN (SELECT user_id FROM busy))"
+    f"   LIMIT {_IDLE_CANDIDATES}),"
     " fair AS MATERIALIZED (SELECT user_id FROM ("
     "     (SELECT DISTINCT ON (user_id) user_id, 0::bigint AS running, priority, seq"
     "      FROM idle ORDER BY user_id, priority DESC, seq)"
