@@ -460,7 +460,7 @@ _WAITING_USERS = (
     "   FROM waiting w WHERE w.user_id IS NOT NULL)"
 )
 
-# How many jobs the user of ``{}`` (a column) runs now (``jobs_running``).
+# How many jobs the user of ``{}`` (a column) runs now (``jobs_run_slots``).
 _RUNNING_OF = "(SELECT count(*) FROM jobs r WHERE r.status = 'running' AND r.user_id = {})"
 
 
@@ -685,13 +685,9 @@ _IDLE_CANDIDATES = 8
 # How far into the waiting jobs (in priority and age order) a claim looks for them.
 _IDLE_WINDOW = 1000
 
-# A claim that lost its user to another claimer (that user reached the limit, or their
-# last due job was taken) chooses again, at most this many times, then reports nothing due.
-_CLAIM_TRIES = 3
-
-
-class _Raced(enum.Enum):
-    AGAIN = "again"
+# A claim that met another on the same run slot chooses again, at most this many times in
+# all, then reports nothing due (its actor looks again within a poll).
+_CLAIM_TRIES = 8
 
 
 async def claim(
@@ -709,42 +705,34 @@ async def claim(
     Fair order: the user with the fewest running jobs first, then that user's job of the
     highest priority, then their oldest; so one user's backlog makes another's job wait
     for at most one job to end. ``max_running`` (None: no limit) holds across every
-    process that claims: claims of one user's jobs are serialised by an advisory lock
-    held to their commit, and the running count is read again once it is held.
-    Concurrent claimers first try the users in fair order without waiting, so they spread
-    across users instead of queueing on one.
+    process that claims, in the database itself: a running job holds one of its user's
+    ``max_running`` run slots, unique among the user's running jobs (``jobs_run_slots``),
+    so two claims at once that took the same slot cannot both commit; the second fails
+    and chooses again. Concurrent claimers try the users in fair order without waiting
+    (an advisory lock per user), so they spread across users instead of meeting on one.
     """
     token = uuid.uuid4()
     expires = now + timedelta(seconds=lease_seconds)
 
-    async def take(conn: asyncpg.Connection) -> Claimed | None | _Raced:
-        pick = await conn.fetchrow(_PICK_USER, now, max_running, _CLAIM_LOCK)
-        if pick is None:
-            return None
-        user_id, locked = pick["user_id"], pick["locked"]
-        if not locked and max_running is not None:
-            # Every user with a due job is being claimed from right now: wait for the
-            # first in fair order (its claimer holds the lock for one statement and a
-            # commit), then count again.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))", _CLAIM_LOCK, user_id
-            )
+    async def take(conn: asyncpg.Connection) -> Claimed | None:
         row = await conn.fetchrow(
-            _CLAIM, now, token, worker, expires, utc_iso(now), user_id, max_running
+            _CLAIM, now, token, worker, expires, utc_iso(now), max_running, _CLAIM_LOCK
         )
         if row is None:
-            return _Raced.AGAIN
+            return None
         job = job_from_row(row)
         return Claimed(job, token, await _log(conn, [job]))
 
     for _ in range(_CLAIM_TRIES):
-        taken = await db.transaction(take)
-        if taken is not _Raced.AGAIN:
-            return taken
+        try:
+            return await db.transaction(take)
+        except asyncpg.UniqueViolationError:
+            # Another claim took the same run slot of the same user and committed first.
+            continue
     return None
 
 
-# $1 now, $2 the running limit (or NULL), $3 the lock space. The users with a due job and
+# $1 now, $6 the running limit (or NULL), $7 the lock space. The users with a due job and
 # room under the limit, in fair order: fewest running first, then their next job's
 # priority and age. Few users run jobs (no more than there are job actors): ``busy`` are
 # they, each with their next job. Every other user runs none: the best of them own the
@@ -752,11 +740,11 @@ async def claim(
 # looked for only when ``walk`` (users with waiting jobs in id order, one probe each,
 # stopping at the first not busy) found such a user, and among the first
 # ``_IDLE_WINDOW`` waiting jobs (the busy users' waiting jobs are at most actors x
-# JOB_MAX_QUEUED_PER_USER, under it by default). The first user whose lock is free is
-# locked and returned (``locked``), else the first of all; the lock is tried on the sorted
-# rows one at a time, so no other user's lock is taken.
-_PICK_USER = (
-    "WITH RECURSIVE busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
+# JOB_MAX_QUEUED_PER_USER, under it by default). ``chosen`` is the first user whose lock
+# is free, locked, or else the first of all; the lock is tried on the sorted rows one at
+# a time, so no other user's lock is taken.
+_FAIR_USER = (
+    "busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
     "   WHERE status = 'running' GROUP BY user_id),"
     " walk (user_id) AS ("
     "   (SELECT user_id FROM jobs WHERE status IN ('queued', 'failed')"
@@ -777,28 +765,32 @@ _PICK_USER = (
     "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
     "       WHERE h.status IN ('queued', 'failed') AND h.user_id = b.user_id"
     "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
-    "     WHERE $2::integer IS NULL OR b.running < $2) c"
-    "   ORDER BY running, priority DESC, seq)"
-    " SELECT user_id, locked FROM ("
-    "   (SELECT user_id, true AS locked FROM fair"
-    "    WHERE pg_try_advisory_xact_lock($3, hashtext(user_id::text)) LIMIT 1)"
-    "   UNION ALL (SELECT user_id, false FROM fair LIMIT 1)) c LIMIT 1"
+    "     WHERE $6::integer IS NULL OR b.running < $6) c"
+    "   ORDER BY running, priority DESC, seq),"
+    " chosen AS (SELECT user_id FROM ("
+    "   (SELECT user_id FROM fair"
+    "    WHERE pg_try_advisory_xact_lock($7, hashtext(user_id::text)) LIMIT 1)"
+    "   UNION ALL (SELECT user_id FROM fair LIMIT 1)) c LIMIT 1)"
 )
 
-# $6 the user whose lock this transaction holds, $7 the running limit (or NULL): their
-# next due job, if they are still under the limit (counted in this statement, which
-# began after the lock was taken, so it sees every claim of theirs committed before).
+# The chosen user's next due job, and a run slot of theirs that no running job of theirs
+# holds (one at random: two claims of the same user at once seldom meet on one).
 _CLAIM = (
-    "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
-    "   AND user_id = $6 AND next_attempt_at <= $1"
-    f"   AND ($7::integer IS NULL OR {_RUNNING_OF.format('$6')} < $7)"
-    "   ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    f"WITH RECURSIVE {_FAIR_USER},"
+    " next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
+    "   AND user_id = (SELECT user_id FROM chosen) AND next_attempt_at <= $1"
+    "   ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),"
+    " slot AS (SELECT (SELECT s FROM generate_series(0, $6::integer - 1) s"
+    "   WHERE s NOT IN (SELECT r.run_slot FROM jobs r WHERE r.status = 'running'"
+    "     AND r.user_id = (SELECT user_id FROM chosen) AND r.run_slot IS NOT NULL)"
+    "   ORDER BY random() LIMIT 1) AS s)"
     " UPDATE jobs j SET status = 'running', lease_token = $2, lease_owner = $3,"
-    " lease_expires_at = $4, started_at = coalesce(j.started_at, $1),"
+    " lease_expires_at = $4, started_at = coalesce(j.started_at, $1), run_slot = slot.s,"
     " attempt_count = j.attempt_count + 1, progress = 0, progress_message = NULL,"
     " attempts = j.attempts || jsonb_build_object('n', jsonb_array_length(j.attempts) + 1,"
     "   'started_at', $5::text, 'worker', $3::text)"
-    " FROM next WHERE j.id = next.id RETURNING j.*"
+    " FROM next, slot WHERE j.id = next.id AND ($6::integer IS NULL OR slot.s IS NOT NULL)"
+    " RETURNING j.*"
 )
 
 
