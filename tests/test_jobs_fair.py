@@ -161,10 +161,12 @@ async def test_two_claims_at_once_cannot_pass_the_running_limit(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(claimer_b)
-            # B cannot see A's claim yet; it must wait on it, not take a second job.
+            # B cannot see A's claim yet; it must wait on it, not take a second job (then
+            # B is done at once). PostgreSQL tells of a wait only when asked: look often.
             with trio.fail_after(WAIT):
                 while not done.is_set() and not await _waiting_on_a_lock(db):
-                    await trio.sleep(0.01)
+                    with trio.move_on_after(0.01):
+                        await done.wait()
             await trio_asyncio.aio_as_trio(held.commit)()
     finally:
         await trio_asyncio.aio_as_trio(conn.close)()
