@@ -101,9 +101,7 @@ class Meter:
         @self.registry.task("heavy", Heavy)
         async def heavy(ctx: TaskContext, payload: Heavy) -> float:
             """Burns CPU in a worker process, killed if the job is cancelled."""
-            spent: float = await trio_parallel.run_sync(
-                burn, payload.seconds, kill_on_cancel=True
-            )
+            spent: float = await trio_parallel.run_sync(burn, payload.seconds, kill_on_cancel=True)
             return spent
 
     async def job_changed(self, job: Job, events: Sequence[Event]) -> None:
