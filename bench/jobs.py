@@ -60,6 +60,7 @@ from atrium.persistence.jobs import Job, JobStatus, QueueFull  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.supervision import open_supervisor  # noqa: E402
 from atrium.tasks import TaskContext, TaskRegistry  # noqa: E402
+from bench._load import CpuProbe, postgres_probe  # noqa: E402
 
 POOL_SIZE = 20
 
@@ -128,16 +129,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
+def database(url: str | None) -> Iterator[tuple[str, CpuProbe | None]]:
+    """The URL, and a probe of the embedded server's CPU (None for ``--database-url``)."""
     if url:
-        yield url
+        yield url, None
         return
     with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
         with embedded_postgres(Path(tmp)) as embedded:
-            yield embedded
+            yield embedded, postgres_probe(Path(tmp))
 
 
-async def bench(args: argparse.Namespace, url: str) -> None:
+async def bench(args: argparse.Namespace, url: str, postgres: CpuProbe | None) -> None:
     async with open_loop(), open_database(url, pool_size=POOL_SIZE) as db:
         await migrate(db)
         await db.execute("DELETE FROM jobs")
@@ -145,7 +147,7 @@ async def bench(args: argparse.Namespace, url: str) -> None:
             await fairness(args, db)
             return
         users = [await new_user(db) for _ in range(args.users)]
-        await throughput(args, db, users)
+        await throughput(args, db, users, postgres)
         await latency(args, db, users[0])
 
 
@@ -173,7 +175,9 @@ def make_queue(
     return queue
 
 
-async def throughput(args: argparse.Namespace, db: Database, users: list[uuid.UUID]) -> None:
+async def throughput(
+    args: argparse.Namespace, db: Database, users: list[uuid.UUID], postgres: CpuProbe | None
+) -> None:
     meter = Meter()
     meter.target = args.jobs
     queue = make_queue(args, db, meter, max_queued=max(100, math.ceil(args.jobs / len(users))))
@@ -192,17 +196,21 @@ async def throughput(args: argparse.Namespace, db: Database, users: list[uuid.UU
     queued = time.perf_counter() - began
     print(f"queued {args.jobs} jobs in {queued:.1f} s ({args.jobs / queued:.0f}/s)")
     cpu = time.process_time()
+    pg_cpu = 0.0 if postgres is None else postgres()
     start = time.perf_counter()
     async with open_supervisor(name="bench") as root:
         await root.start_child(jobs_spec(queue))
         await meter.all_done.wait()
         elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
+    pg_cpu = 0.0 if postgres is None else postgres() - pg_cpu
     print(
         f"throughput: {args.jobs} jobs of {len(users)} users in {elapsed:.2f} s with"
         f" {args.concurrency} actors, at most {args.max_running} running per user:"
         f" {args.jobs / elapsed * 60:,.0f} jobs/minute"
-        f" ({cpu / args.jobs * 1e6:.0f} us CPU per job in this process)"
+        f" ({cpu / args.jobs * 1e6:.0f} us CPU per job in this process"
+        + ("" if postgres is None else f", {pg_cpu / args.jobs * 1e6:.0f} us in PostgreSQL")
+        + ")"
     )
 
 
@@ -283,8 +291,8 @@ async def fairness(args: argparse.Namespace, db: Database) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    with database(args.database_url) as url:
-        trio.run(bench, args, url)
+    with database(args.database_url) as (url, postgres):
+        trio.run(bench, args, url, postgres)
     return 0
 
 

@@ -737,8 +737,8 @@ async def claim(
 # priority and age. Few users run jobs (no more than there are job actors): ``busy`` are
 # they, each with their next job. Every other user runs none: the best of them own the
 # first due jobs in (priority, age) order that are not a busy user's (``jobs_queue``),
-# looked for only when ``walk`` (users with waiting jobs in id order, one probe each,
-# stopping at the first not busy) found such a user, and among the first
+# looked for only when no user is busy or ``walk`` (users with waiting jobs in id order,
+# one probe each, stopping at the first not busy) found such a user, and among the first
 # ``_IDLE_WINDOW`` waiting jobs (the busy users' waiting jobs are at most actors x
 # JOB_MAX_QUEUED_PER_USER, under it by default). ``chosen`` is the first user whose lock
 # is free, locked, or else the first of all; the lock is tried on the sorted rows one at
@@ -756,7 +756,8 @@ _FAIR_USER = (
     "     next_attempt_at FROM jobs WHERE status IN ('queued', 'failed')"
     f"     ORDER BY priority DESC, seq LIMIT {_IDLE_WINDOW}) f"
     "   WHERE next_attempt_at <= $1 AND user_id <> ALL (ARRAY(SELECT user_id FROM busy))"
-    "   AND EXISTS (SELECT 1 FROM walk WHERE user_id NOT IN (SELECT user_id FROM busy))"
+    "   AND (NOT EXISTS (SELECT 1 FROM busy)"
+    "     OR EXISTS (SELECT 1 FROM walk WHERE user_id NOT IN (SELECT user_id FROM busy)))"
     f"   LIMIT {_IDLE_CANDIDATES}),"
     " fair AS MATERIALIZED (SELECT user_id FROM ("
     "     (SELECT DISTINCT ON (user_id) user_id, 0::bigint AS running, priority, seq"
