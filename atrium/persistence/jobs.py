@@ -715,6 +715,10 @@ async def claim(
     expires = now + timedelta(seconds=lease_seconds)
 
     async def take(conn: asyncpg.Connection) -> Claimed | None:
+        # A queue's churn outruns its statistics: believing few jobs wait, the planner
+        # reads a whole index (waiting and long-claimed entries) as a bitmap where the
+        # claim needs the first few entries in order.
+        await conn.execute("SET LOCAL enable_bitmapscan = off")
         row = await conn.fetchrow(
             _CLAIM, now, token, worker, expires, utc_iso(now), max_running, _CLAIM_LOCK
         )
