@@ -744,9 +744,10 @@ async def claim(
 # looked for only when no user is busy or ``walk`` (users with waiting jobs in id order,
 # one probe each, stopping at the first not busy) found such a user, and among the first
 # ``_IDLE_WINDOW`` waiting jobs (the busy users' waiting jobs are at most actors x
-# JOB_MAX_QUEUED_PER_USER, under it by default). ``chosen`` is the first user whose lock
-# is free, locked, or else the first of all; the lock is tried on the sorted rows one at
-# a time, so no other user's lock is taken.
+# JOB_MAX_QUEUED_PER_USER, under it by default; when none is found there, the user
+# ``walk`` found stands in, so no one waits for busy users' backlogs to shrink).
+# ``chosen`` is the first user whose lock is free, locked, or else the first of all; the
+# lock is tried on the sorted rows one at a time, so no other user's lock is taken.
 _FAIR_USER = (
     "busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
     "   WHERE status = 'running' GROUP BY user_id),"
@@ -770,7 +771,13 @@ _FAIR_USER = (
     "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
     "       WHERE h.status IN ('queued', 'failed') AND h.user_id = b.user_id"
     "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
-    "     WHERE $6::integer IS NULL OR b.running < $6) c"
+    "     WHERE $6::integer IS NULL OR b.running < $6"
+    "     UNION ALL SELECT w.user_id, 0::bigint, h.priority, h.seq FROM walk w"
+    "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
+    "       WHERE h.status IN ('queued', 'failed') AND h.user_id = w.user_id"
+    "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
+    "     WHERE NOT EXISTS (SELECT 1 FROM idle)"
+    "     AND w.user_id NOT IN (SELECT user_id FROM busy)) c"
     "   ORDER BY running, priority DESC, seq),"
     " chosen AS (SELECT user_id FROM ("
     "   (SELECT user_id FROM fair"
