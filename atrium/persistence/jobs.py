@@ -114,21 +114,6 @@ class JobStateConflict(JobError):
     code = "job_state_conflict"
 
 
-class QueueFull(JobError):
-    """The user already has as many jobs waiting to run as they may
-    (JOB_MAX_QUEUED_PER_USER); ``retry_after`` is about when one of them will have
-    started."""
-
-    code = "job_queue_full"
-
-    def __init__(self, limit: int, retry_after: int) -> None:
-        super().__init__(
-            f"You have {limit} jobs waiting to run, the most allowed"
-            f" (JOB_MAX_QUEUED_PER_USER); retry in {retry_after} s"
-        )
-        self.retry_after = retry_after
-
-
 @dataclass(frozen=True, slots=True)
 class Job:
     id: uuid.UUID
@@ -351,6 +336,21 @@ async def submit(
         return Submitted(job_from_row(earlier), False, [])
 
     return await db.transaction(insert)
+
+
+class QueueFull(JobError):
+    """The user already has as many jobs waiting to run as they may
+    (JOB_MAX_QUEUED_PER_USER); ``retry_after`` is about when one of them will have
+    started."""
+
+    code = "job_queue_full"
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"You have {limit} jobs waiting to run, the most allowed"
+            f" (JOB_MAX_QUEUED_PER_USER); retry in {retry_after} s"
+        )
+        self.retry_after = retry_after
 
 
 async def _within_queued(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int) -> None:
