@@ -117,7 +117,9 @@ async def test_running_limit_holds_across_two_processes(db: Database) -> None:
         running_jobs(db, gates.registry, concurrency=3, max_running_per_user=2),
     ):
         backlog = [(await service.submit(x, task_name="gate", payload={})).job.id for _ in range(6)]
-        assert {await gates.next_started(), await gates.next_started()} == set(backlog[:2])
+        # Which two of X's depends on the claims' race (a claim that lost a run slot to
+        # another rolls back, and a later job of X's may be taken meanwhile).
+        assert {await gates.next_started(), await gates.next_started()} < set(backlog)
         theirs = (await service.submit(y, task_name="gate", payload={})).job.id
         # Every idle actor of both processes looked again since; the next start is Y's.
         assert await gates.next_started() == theirs
