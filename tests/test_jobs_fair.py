@@ -263,7 +263,8 @@ async def test_a_small_job_is_not_stuck_behind_another_users_wide_csv_backlog(
                 await trio.sleep(0.02)
         r = await run(server, y, task_name="data_processing", payload={"csv": "a\n1\n"})
         assert r.status_code == 202, r.text
-        assert r.json()["position_in_queue"] == 1
+        # Next in the queue (0: the free actor took it before the answer was written).
+        assert r.json()["position_in_queue"] in (0, 1)
         await wait_status(server, r.json()["job_id"], JobStatus.COMPLETED)
         # X still runs two; the rest wait.
         assert await statuses() == ["queued", "queued", "running", "running"]
