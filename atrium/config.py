@@ -121,6 +121,9 @@ class Settings:
     event_log_retention_days: int = 30  # 0: keep events forever
     event_log_max_events_per_project: int = 100_000  # 0: no cap
     worker_concurrency: int = 4  # job actors per process; 0: none (serve only)
+    # Fair queues: one user's jobs running at once (across every process), and waiting.
+    job_max_running_per_user: int = 2
+    job_max_queued_per_user: int = 100
     max_job_retries: int = 3
     job_timeout_seconds: float = 300.0
     job_lease_seconds: float = 30.0
@@ -486,6 +489,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             env, "EVENT_LOG_MAX_EVENTS_PER_PROJECT", 100_000, minimum=0
         ),
         worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4, minimum=0),
+        job_max_running_per_user=_int(env, "JOB_MAX_RUNNING_PER_USER", 2),
+        job_max_queued_per_user=_int(env, "JOB_MAX_QUEUED_PER_USER", 100),
         max_job_retries=_int(env, "MAX_JOB_RETRIES", 3, minimum=0),
         job_timeout_seconds=_positive_seconds(env, "JOB_TIMEOUT_SECONDS", 300.0),
         job_lease_seconds=_positive_seconds(env, "JOB_LEASE_SECONDS", 30.0),

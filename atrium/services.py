@@ -116,6 +116,8 @@ def job_settings(settings: Settings) -> JobSettings:
     lease = settings.job_lease_seconds
     return JobSettings(
         concurrency=settings.worker_concurrency,
+        max_running_per_user=settings.job_max_running_per_user,
+        max_queued_per_user=settings.job_max_queued_per_user,
         lease_seconds=lease,
         default_timeout=settings.job_timeout_seconds,
         default_max_retries=settings.max_job_retries,

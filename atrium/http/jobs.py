@@ -22,7 +22,7 @@ from quart_schema import (
 )
 
 from ..jobs import JobService
-from ..persistence.jobs import Job, JobError, JobStatus, Priority
+from ..persistence.jobs import Job, JobError, JobStatus, Priority, QueueFull
 from ..persistence.projects import ProjectError
 from ..tasks import InvalidPayload, UnknownTask
 from .errors import ApiError, error_response
@@ -42,6 +42,7 @@ from .security import require_user, services
 blueprint = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
 _STATUS = {
+    "job_queue_full": 429,
     "job_not_found": 404,
     "project_not_found": 404,
     "forbidden_role": 403,
@@ -53,7 +54,10 @@ _STATUS = {
 
 @blueprint.errorhandler(JobError)
 async def job_error(error: JobError) -> Response:
-    return error_response(_STATUS.get(error.code, 400), error.code, error.message)
+    response = error_response(_STATUS.get(error.code, 400), error.code, error.message)
+    if isinstance(error, QueueFull):
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 @blueprint.errorhandler(ProjectError)

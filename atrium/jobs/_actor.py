@@ -176,6 +176,7 @@ class JobActor:
                     worker=self.worker,
                     now=self.queue.now(),
                     lease_seconds=settings.lease_seconds,
+                    max_running=settings.max_running_per_user,
                 )
             except DatabaseUnavailable as error:
                 weather = min(_WEATHER_MAX, max(_WEATHER_MIN, weather * 2))

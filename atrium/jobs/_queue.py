@@ -29,6 +29,11 @@ class JobSettings:
 
     concurrency: int = 4
     """Job actors in this process (WORKER_CONCURRENCY); 0 runs none."""
+    max_running_per_user: int | None = 2
+    """One user's jobs running at once across every process (JOB_MAX_RUNNING_PER_USER);
+    None: no limit. Below the actors of a process, so another user's job finds one free."""
+    max_queued_per_user: int | None = 100
+    """One user's jobs waiting to run (JOB_MAX_QUEUED_PER_USER); more is refused, 429."""
     lease_seconds: float = 30.0
     """A running job's lease (JOB_LEASE_SECONDS); renewed every third of it."""
     default_timeout: float = 300.0

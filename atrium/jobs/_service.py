@@ -79,16 +79,26 @@ class JobService:
             now=queue.now(),
             project_id=project_id,
             idempotency_key=idempotency_key,
+            max_queued=settings.max_queued_per_user,
         )
         job = submitted.job
         if submitted.created:
             queue.wake()
             await queue.changed(submitted)
-        position, mean = await store.queue_position(queue.db, job)
-        run = _DEFAULT_RUN_SECONDS if mean is None else mean
-        waves = math.ceil(position / max(1, settings.concurrency))
-        estimate = queue.now() + timedelta(seconds=run * max(1, waves))
-        return Submission(job, submitted.created, position, estimate)
+        place = await store.queue_position(queue.db, job)
+        return Submission(job, submitted.created, place.position, self._estimate(place))
+
+    def _estimate(self, place: store.QueuePlace) -> datetime:
+        """When a job at ``place`` should be done: one run per wave of jobs ahead of it,
+        as many to a wave as this process has actors or, when its user's running limit
+        is the tighter bound, as many as that user may run."""
+        settings = self.queue.settings
+        run = _DEFAULT_RUN_SECONDS if place.mean_seconds is None else place.mean_seconds
+        waves = math.ceil(place.position / max(1, settings.concurrency))
+        if settings.max_running_per_user is not None:
+            own = place.running + place.own_ahead + 1
+            waves = max(waves, math.ceil(own / settings.max_running_per_user))
+        return self.queue.now() + timedelta(seconds=run * max(1, waves))
 
     async def get(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job:
         """The job if ``user_id`` may see it. Raises JobNotFound."""

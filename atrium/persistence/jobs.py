@@ -8,11 +8,12 @@ Life of a row (the README draws it)::
                       -> cancelled
     queued | failed -> cancelled
 
-A job actor claims the oldest job of the highest priority with ``FOR UPDATE SKIP LOCKED``
-(two claimers never get the same row and never wait on each other) and holds it under a
-lease: a fresh ``lease_token`` per claim and a ``lease_expires_at`` it renews by heartbeat.
-Every write about a running attempt names its token, so a worker whose lease was reaped
-(it stalled, its process died) changes nothing any more. Times come from the caller's
+A job actor claims in fair order (:func:`claim`: the user with the fewest running jobs,
+then priority, then age; per-user running and queued limits) with ``FOR UPDATE SKIP
+LOCKED`` (two claimers never get the same row) and holds the job under a lease: a fresh
+``lease_token`` per claim and a ``lease_expires_at`` it renews by heartbeat. Every
+write about a running attempt names its token, so a worker whose lease was reaped (it
+stalled, its process died) changes nothing any more. Times come from the caller's
 clock, never from ``now()`` in SQL, so tests can drive leases and backoff with a fake one.
 
 Every state change of a job tied to a project appends its event (JOB_QUEUED, JOB_STARTED,
@@ -38,6 +39,7 @@ PostgreSQL beside them). Only a job actor's claim reads a payload, to run it.
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +59,15 @@ from .events import append_event, notify_appended
 
 JOB_CHANNEL = "atrium_jobs"
 """Notified (``pg_notify``) when a job may be due now: every process's actors wake."""
+
+# Advisory lock spaces: the first key of ``pg_advisory_xact_lock(int, int)``; the second is
+# ``hashtext`` of a user id (two users sharing a key only wait on each other, never more).
+_CLAIM_LOCK = 0x6A6F6201
+"""Held by a claim of a user's job from choosing the user to its commit."""
+_SUBMIT_LOCK = 0x6A6F6202
+"""Held by a submission from its insert to its commit (the queued limit)."""
+# The longest Retry-After a submission over the queued limit is told.
+_MAX_RETRY_AFTER = 600
 
 
 class JobStatus(enum.StrEnum):
@@ -347,6 +358,7 @@ async def submit(
     now: datetime,
     project_id: uuid.UUID | None = None,
     idempotency_key: str | None = None,
+    max_queued: int | None = None,
 ) -> Submitted:
     """Queue a job (validated by the caller against its task) and return it.
 
@@ -355,6 +367,8 @@ async def submit(
     viewer. ``Priority.HIGH`` needs an owner of the project (``PriorityForbidden``, also
     for a job without a project). An ``idempotency_key`` the same user used before returns
     that earlier job (``created`` False), whatever its state, and queues nothing.
+    ``QueueFull`` when the user would have more than ``max_queued`` jobs waiting (see
+    :func:`_within_queued`).
     """
 
     async def insert(conn: asyncpg.Connection) -> Submitted:
@@ -387,6 +401,8 @@ async def submit(
         )
         if row is not None:
             job = job_from_row(row)
+            if max_queued is not None:
+                await _within_queued(conn, user_id, max_queued)
             return Submitted(job, True, await _log(conn, [job]))
         earlier = await conn.fetchrow(
             f"SELECT {_ONE} FROM jobs j WHERE user_id = $1 AND idempotency_key = $2",
@@ -397,6 +413,52 @@ async def submit(
         return Submitted(job_from_row(earlier), False, [])
 
     return await db.transaction(insert)
+
+
+class QueueFull(JobError):
+    """The user already has as many jobs waiting to run as they may
+    (JOB_MAX_QUEUED_PER_USER); ``retry_after`` is about when one of them will have
+    started."""
+
+    code = "job_queue_full"
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"You have {limit} jobs waiting to run, the most allowed"
+            f" (JOB_MAX_QUEUED_PER_USER); retry in {retry_after} s"
+        )
+        self.retry_after = retry_after
+
+
+async def _within_queued(conn: asyncpg.Connection, user_id: uuid.UUID, limit: int) -> None:
+    """Raise ``QueueFull`` (the caller's transaction then rolls back its insert) when the
+    user now has more than ``limit`` jobs waiting to run, queued or failed (awaiting a
+    retry). The user's submissions take turns from here to their commit, and the count
+    is a statement of its own after the lock, so it sees each earlier one committed: two
+    submissions at once cannot both slip under the limit, from any process."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))", _SUBMIT_LOCK, user_id
+    )
+    waiting = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status IN ('queued', 'failed')"
+        " AND user_id = $1 LIMIT $2) w",
+        user_id,
+        limit + 1,
+    )
+    if waiting <= limit:
+        return
+    # A place frees when one of their waiting jobs starts, which is when one of their
+    # running jobs ends: about their mean run time over the jobs they run at once.
+    row = await conn.fetchrow(
+        f"SELECT {_RUNNING_OF.format('$1')} AS running,"
+        " (SELECT avg(extract(epoch FROM c.completed_at - c.started_at)) FROM"
+        "   (SELECT completed_at, started_at FROM jobs WHERE user_id = $1"
+        "    AND status = 'completed' ORDER BY seq DESC LIMIT 20) c) AS mean",
+        user_id,
+    )
+    assert row is not None
+    mean = 1.0 if row["mean"] is None else float(row["mean"])
+    raise QueueFull(limit, min(_MAX_RETRY_AFTER, max(1, math.ceil(mean / max(1, row["running"])))))
 
 
 def event_payload(job: Job) -> dict[str, Any]:
@@ -464,26 +526,88 @@ async def list_dead(db: Database, *, limit: int) -> list[Job]:
     return [job_from_row(row) for row in rows]
 
 
-async def queue_position(db: Database, job: Job) -> tuple[int, float | None]:
-    """``(position, mean_seconds)``: the job's place among the jobs waiting to run (1 =
-    next; 0 when it is not waiting), and the mean run time of this task's recent completed
-    jobs (None before the first)."""
-    row = await db.fetchrow(
-        "SELECT (SELECT count(*) FROM jobs w WHERE w.status IN ('queued', 'failed')"
-        "          AND (w.priority > $2 OR (w.priority = $2 AND w.seq <= j.seq))"
-        "          AND j.status IN ('queued', 'failed')) AS position,"
-        " (SELECT avg(extract(epoch FROM r.completed_at - r.started_at)) FROM"
-        "    (SELECT completed_at, started_at FROM jobs WHERE task_name = $3"
-        "     AND status = 'completed' ORDER BY completed_at DESC LIMIT 50) r) AS mean"
-        " FROM jobs j WHERE j.id = $1",
-        job.id,
-        int(job.priority),
-        job.task_name,
-    )
+# The users with waiting jobs, one index probe each (a skip scan of ``jobs_waiting``).
+_WAITING_USERS = (
+    "waiting (user_id) AS ("
+    "   (SELECT user_id FROM jobs WHERE status IN ('queued', 'failed')"
+    "    ORDER BY user_id, priority DESC, seq LIMIT 1)"
+    " UNION ALL"
+    "   SELECT (SELECT j.user_id FROM jobs j WHERE j.status IN ('queued', 'failed')"
+    "           AND j.user_id > w.user_id ORDER BY j.user_id, j.priority DESC, j.seq"
+    "           LIMIT 1)"
+    "   FROM waiting w WHERE w.user_id IS NOT NULL)"
+)
+
+# How many jobs the user of ``{}`` (a column) runs now (``jobs_run_slots``).
+_RUNNING_OF = "(SELECT count(*) FROM jobs r WHERE r.status = 'running' AND r.user_id = {})"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlace:
+    """Where a waiting job stands in the fair order (see :func:`claim`)."""
+
+    position: int
+    """1 = the next job to start, across every user; 0 when the job is not waiting."""
+    own_ahead: int
+    """The same user's waiting jobs before it."""
+    running: int
+    """The same user's running jobs."""
+    mean_seconds: float | None
+    """The mean run time of this task's recent completed jobs (None before the first)."""
+
+
+async def queue_position(db: Database, job: Job) -> QueuePlace:
+    """The job's place in the fair order, if no job ended meanwhile: the order in which
+    :func:`claim` would start the waiting jobs.
+
+    Each waiting job gets a turn: its user's running jobs plus the user's waiting jobs
+    before it. The claim takes the lowest turn first (the user with the fewest running
+    jobs), then the highest priority, then the oldest. So the jobs before this one are
+    its user's own before it and, of every other user, those with a lower turn, plus the
+    one with the same turn if it goes first by priority and age: a few rows of each user
+    read (``jobs_waiting``), never a user's whole backlog.
+    """
+    row = await db.fetchrow(_POSITION, job.id, job.task_name)
     if row is None:
-        return 0, None
+        return QueuePlace(0, 0, 0, None)
     mean = row["mean"]
-    return int(row["position"]), None if mean is None else float(mean)
+    return QueuePlace(
+        1 + int(row["own_ahead"]) + int(row["others_ahead"]),
+        int(row["own_ahead"]),
+        int(row["running"]),
+        None if mean is None else float(mean),
+    )
+
+
+# $1 the job, $2 its task. ``me.turn``: its user's running jobs plus their waiting jobs
+# before it. Of another user with ``r.running`` running jobs, their k-th waiting job (in
+# priority and age) has turn running + k - 1: those with k <= me.turn - running are before
+# the job, and the next one is when it wins on priority, then age.
+_POSITION = (
+    "WITH RECURSIVE me AS (SELECT j.user_id, j.priority, j.seq, o.own_ahead, r.running,"
+    "   o.own_ahead + r.running AS turn FROM jobs j"
+    "   CROSS JOIN LATERAL (SELECT count(*) AS own_ahead FROM jobs w"
+    "     WHERE w.status IN ('queued', 'failed') AND w.user_id = j.user_id"
+    "     AND (w.priority > j.priority OR (w.priority = j.priority AND w.seq < j.seq))) o"
+    f"   CROSS JOIN LATERAL (SELECT {_RUNNING_OF.format('j.user_id')} AS running) r"
+    "   WHERE j.id = $1 AND j.status IN ('queued', 'failed')),"
+    f" {_WAITING_USERS},"
+    " others AS (SELECT (SELECT count(*) FROM"
+    "     (SELECT w.priority, w.seq, row_number() OVER (ORDER BY w.priority DESC, w.seq) AS k"
+    "      FROM jobs w WHERE w.status IN ('queued', 'failed') AND w.user_id = u.user_id"
+    "      ORDER BY w.priority DESC, w.seq LIMIT greatest(0, me.turn - r.running + 1)) x"
+    "     WHERE x.k <= me.turn - r.running OR x.priority > me.priority"
+    "     OR (x.priority = me.priority AND x.seq < me.seq)) AS ahead"
+    "   FROM waiting u CROSS JOIN me"
+    f"   CROSS JOIN LATERAL (SELECT {_RUNNING_OF.format('u.user_id')} AS running) r"
+    "   WHERE u.user_id IS NOT NULL AND u.user_id <> me.user_id)"
+    " SELECT me.own_ahead, me.running, (SELECT coalesce(sum(ahead), 0) FROM others)"
+    "   AS others_ahead,"
+    " (SELECT avg(extract(epoch FROM c.completed_at - c.started_at)) FROM"
+    "    (SELECT completed_at, started_at FROM jobs WHERE task_name = $2"
+    "     AND status = 'completed' ORDER BY completed_at DESC LIMIT 50) c) AS mean"
+    " FROM me"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,35 +833,130 @@ async def run_refusal(db: Database, job: Job) -> str | None:
 # -- the worker side -------------------------------------------------------------------------
 
 
+# The first due jobs of users running none that a claim considers: concurrent claimers
+# that find one user's lock taken try the next of these users.
+_IDLE_CANDIDATES = 8
+# How far into the waiting jobs (in priority and age order) a claim looks for them.
+_IDLE_WINDOW = 1000
+
+# A claim that met another on the same run slot chooses again, at most this many times in
+# all, then reports nothing due (its actor looks again within a poll).
+_CLAIM_TRIES = 8
+
+
 async def claim(
-    db: Database, *, worker: str, now: datetime, lease_seconds: float
+    db: Database,
+    *,
+    worker: str,
+    now: datetime,
+    lease_seconds: float,
+    max_running: int | None = None,
 ) -> Claimed | None:
-    """Take the next job that is due (highest priority, then oldest) and start an attempt:
-    ``running``, a new lease, the attempt counted and recorded, its JOB_STARTED logged.
-    None when nothing is due."""
+    """Take the next due job in fair order and start an attempt: ``running``, a new
+    lease, the attempt counted and recorded, its JOB_STARTED logged. None when nothing is
+    due (or every user with a due job already runs ``max_running`` jobs).
+
+    Fair order: the user with the fewest running jobs first, then that user's job of the
+    highest priority, then their oldest; so one user's backlog makes another's job wait
+    for at most one job to end. ``max_running`` (None: no limit) holds across every
+    process that claims, in the database itself: a running job holds one of its user's
+    ``max_running`` run slots, unique among the user's running jobs (``jobs_run_slots``),
+    so two claims at once that took the same slot cannot both commit; the second fails
+    and chooses again. Concurrent claimers try the users in fair order without waiting
+    (an advisory lock per user), so they spread across users instead of meeting on one.
+    """
     token = uuid.uuid4()
+    expires = now + timedelta(seconds=lease_seconds)
 
     async def take(conn: asyncpg.Connection) -> Claimed | None:
-        row = await conn.fetchrow(_CLAIM, now, token, worker, expires, utc_iso(now))
+        # A queue's churn outruns its statistics: believing few jobs wait, the planner
+        # reads a whole index (waiting and long-claimed entries) as a bitmap where the
+        # claim needs the first few entries in order.
+        await conn.execute("SET LOCAL enable_bitmapscan = off")
+        row = await conn.fetchrow(
+            _CLAIM, now, token, worker, expires, utc_iso(now), max_running, _CLAIM_LOCK
+        )
         if row is None:
             return None
         job = job_from_row(row)
         return Claimed(job, token, await _log(conn, [job]))
 
-    expires = now + timedelta(seconds=lease_seconds)
-    return await db.transaction(take)
+    for _ in range(_CLAIM_TRIES):
+        try:
+            return await db.transaction(take)
+        except asyncpg.UniqueViolationError:
+            # Another claim took the same run slot of the same user and committed first.
+            continue
+    return None
 
 
+# $1 now, $6 the running limit (or NULL), $7 the lock space. The users with a due job and
+# room under the limit, in fair order: fewest running first, then their next job's
+# priority and age. Few users run jobs (no more than there are job actors): ``busy`` are
+# they, each with their next job. Every other user runs none: the best of them own the
+# first due jobs in (priority, age) order that are not a busy user's (``jobs_queue``),
+# looked for only when no user is busy or ``walk`` (users with waiting jobs in id order,
+# one probe each, stopping at the first not busy) found such a user, and among the first
+# ``_IDLE_WINDOW`` waiting jobs (the busy users' waiting jobs are at most actors x
+# JOB_MAX_QUEUED_PER_USER, under it by default; when none is found there, the user
+# ``walk`` found stands in, so no one waits for busy users' backlogs to shrink).
+# ``chosen`` is the first user whose lock is free, locked, or else the first of all; the
+# lock is tried on the sorted rows one at a time, so no other user's lock is taken.
+_FAIR_USER = (
+    "busy AS MATERIALIZED (SELECT user_id, count(*) AS running FROM jobs"
+    "   WHERE status = 'running' GROUP BY user_id),"
+    " walk (user_id) AS ("
+    "   (SELECT user_id FROM jobs WHERE status IN ('queued', 'failed')"
+    "    ORDER BY user_id, priority DESC, seq LIMIT 1)"
+    "   UNION ALL SELECT (SELECT j.user_id FROM jobs j WHERE j.status IN ('queued', 'failed')"
+    "     AND j.user_id > w.user_id ORDER BY j.user_id, j.priority DESC, j.seq LIMIT 1)"
+    "   FROM walk w WHERE w.user_id IN (SELECT user_id FROM busy)),"
+    " idle AS (SELECT user_id, priority, seq FROM (SELECT user_id, priority, seq,"
+    "     next_attempt_at FROM jobs WHERE status IN ('queued', 'failed')"
+    f"     ORDER BY priority DESC, seq LIMIT {_IDLE_WINDOW}) f"
+    "   WHERE next_attempt_at <= $1 AND user_id <> ALL (ARRAY(SELECT user_id FROM busy))"
+    "   AND (NOT EXISTS (SELECT 1 FROM busy)"
+    "     OR EXISTS (SELECT 1 FROM walk WHERE user_id NOT IN (SELECT user_id FROM busy)))"
+    f"   LIMIT {_IDLE_CANDIDATES}),"
+    " fair AS MATERIALIZED (SELECT user_id FROM ("
+    "     (SELECT DISTINCT ON (user_id) user_id, 0::bigint AS running, priority, seq"
+    "      FROM idle ORDER BY user_id, priority DESC, seq)"
+    "     UNION ALL SELECT b.user_id, b.running, h.priority, h.seq FROM busy b"
+    "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
+    "       WHERE h.status IN ('queued', 'failed') AND h.user_id = b.user_id"
+    "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
+    "     WHERE $6::integer IS NULL OR b.running < $6"
+    "     UNION ALL SELECT w.user_id, 0::bigint, h.priority, h.seq FROM walk w"
+    "     CROSS JOIN LATERAL (SELECT priority, seq FROM jobs h"
+    "       WHERE h.status IN ('queued', 'failed') AND h.user_id = w.user_id"
+    "       AND h.next_attempt_at <= $1 ORDER BY h.priority DESC, h.seq LIMIT 1) h"
+    "     WHERE NOT EXISTS (SELECT 1 FROM idle)"
+    "     AND w.user_id NOT IN (SELECT user_id FROM busy)) c"
+    "   ORDER BY running, priority DESC, seq),"
+    " chosen AS (SELECT user_id FROM ("
+    "   (SELECT user_id FROM fair"
+    "    WHERE pg_try_advisory_xact_lock($7, hashtext(user_id::text)) LIMIT 1)"
+    "   UNION ALL (SELECT user_id FROM fair LIMIT 1)) c LIMIT 1)"
+)
+
+# The chosen user's next due job, and a run slot of theirs that no running job of theirs
+# holds (one at random: two claims of the same user at once seldom meet on one).
 _CLAIM = (
-    "WITH next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
-    "   AND next_attempt_at <= $1 ORDER BY priority DESC, seq LIMIT 1"
-    "   FOR UPDATE SKIP LOCKED)"
+    f"WITH RECURSIVE {_FAIR_USER},"
+    " next AS (SELECT id FROM jobs WHERE status IN ('queued', 'failed')"
+    "   AND user_id = (SELECT user_id FROM chosen) AND next_attempt_at <= $1"
+    "   ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),"
+    " slot AS (SELECT (SELECT s FROM generate_series(0, $6::integer - 1) s"
+    "   WHERE s NOT IN (SELECT r.run_slot FROM jobs r WHERE r.status = 'running'"
+    "     AND r.user_id = (SELECT user_id FROM chosen) AND r.run_slot IS NOT NULL)"
+    "   ORDER BY random() LIMIT 1) AS s)"
     " UPDATE jobs j SET status = 'running', lease_token = $2, lease_owner = $3,"
-    " lease_expires_at = $4, started_at = coalesce(j.started_at, $1),"
+    " lease_expires_at = $4, started_at = coalesce(j.started_at, $1), run_slot = slot.s,"
     " attempt_count = j.attempt_count + 1, progress = 0, progress_message = NULL,"
     " attempts = j.attempts || jsonb_build_object('n', jsonb_array_length(j.attempts) + 1,"
     "   'started_at', $5::text, 'worker', $3::text)"
-    " FROM next WHERE j.id = next.id RETURNING j.*"
+    " FROM next, slot WHERE j.id = next.id AND ($6::integer IS NULL OR slot.s IS NOT NULL)"
+    " RETURNING j.*"
 )
 
 
