@@ -24,6 +24,7 @@ import trio
 import trio.testing
 from pydantic import BaseModel
 
+from atrium.config import ConfigError, load_settings
 from atrium.events import Event
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec
 from atrium.persistence import accounts
@@ -208,3 +209,17 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
     assert all(r["status"] == "completed" and r["result"]["rounds"] >= 2 for r in results)
     p99 = statistics.quantiles(latencies, n=100)[98]
     assert len(latencies) >= 50 and p99 < 0.050, (p99, max(latencies))
+
+
+@pytest.mark.parametrize(("raw", "limit"), [(None, 1024), ("0", 0), ("512", 512), ("100", None)])
+def test_worker_memory_setting(tmp_path: Path, raw: str | None, limit: int | None) -> None:
+    env = {"DATA_DIR": str(tmp_path)}
+    if raw is not None:
+        env["JOB_WORKER_MEMORY_MB"] = raw
+    if limit is None:  # a worker could not even start: refused, naming the variable
+        with pytest.raises(ConfigError) as caught:
+            load_settings(env)
+        assert caught.value.variable == "JOB_WORKER_MEMORY_MB"
+        assert "at least 512" in str(caught.value)
+    else:
+        assert load_settings(env).job_worker_memory_mb == limit
