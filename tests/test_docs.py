@@ -1,4 +1,7 @@
-"""The documents a user reads are whole: no merge left its conflict markers in them."""
+"""The documents a user reads hold together: no merge left its conflict markers in them,
+the README stays short, every relative link reaches a file and a heading, and the
+configuration reference is the one its rows generate, covering every variable
+``load_settings`` reads with the defaults a bare start gets."""
 
 from __future__ import annotations
 
