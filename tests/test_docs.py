@@ -38,6 +38,12 @@ def test_the_readme_is_short_enough_to_read() -> None:
     )
 
 
+def test_the_readme_links_every_page_in_docs() -> None:
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in links(README)}
+    unlinked = [p.name for p in DOCUMENTS[1:] if p.resolve() not in linked]
+    assert unlinked == [], f"README.md links no page for {unlinked}: add them to its list"
+
+
 def anchors(path: Path) -> set[str]:
     """The anchors GitHub gives the headings of ``path``: lower case, punctuation dropped,
     spaces to hyphens, and ``-1``, ``-2``, ... on repeats."""
