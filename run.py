@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="run.py",
         description="atrium: real-time collaborative workspace backend.",
         epilog="Every flag can also be set by environment (HOST, PORT, DATA_DIR, WORKERS); "
-        "see README.md for all variables.",
+        "see docs/CONFIGURATION.md for all variables.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
     serve_cmd = sub.add_parser("serve", help="serve the HTTP API and WebSockets (default)")
@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(
             "--workers",
             type=int,
-            help="serving processes sharing PORT and WS_PORT (default 1; see README)",
+            help="serving processes sharing PORT and WS_PORT (default 1; see docs/OPERATIONS.md)",
         )
         # Set by the --workers supervisor on the processes it runs: stop when its pipe on
         # stdin closes (the supervisor stopped or died).

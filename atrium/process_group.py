@@ -56,8 +56,8 @@ log = logging.getLogger("atrium.processes")
 MAX_RESTARTS = 5
 RESTART_PERIOD = 60.0
 RESTART_BACKOFF = Backoff(base=0.5, maximum=10.0)
-# A worker's own stop takes DRAIN_SECONDS and at worst about 30 s more (README); past this
-# it is killed.
+# A worker's own stop takes DRAIN_SECONDS and at worst about 30 s more (docs/OPERATIONS.md,
+# Stopping); past this it is killed.
 STOP_GRACE = 60.0
 # How long a worker has to come up (the first start of a pool, the app, the listeners).
 START_TIMEOUT = 60.0

@@ -25,7 +25,7 @@ MAX_CHANGES_BYTES = 16_384
 
 
 class CloseCode(enum.IntEnum):
-    """WebSocket close codes the server uses; the README documents when to retry."""
+    """WebSocket close codes the server uses; docs/WEBSOCKET.md documents when to retry."""
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down: reconnect and resume

@@ -209,7 +209,7 @@ def test_nginx_passes_websocket_upgrades_to_the_listener() -> None:
 
 def test_every_variable_they_set_is_a_setting_and_loads() -> None:
     names = setting_names()
-    readme = (ROOT / "README.md").read_text()
+    reference = (ROOT / "docs" / "CONFIGURATION.md").read_text()
     environments = {f"compose {s}": compose_env(s) for s in ATRIUM_SERVICES}
     environments |= {f"k8s {name}": container_env(c) for name, c in containers()}
     environments["Dockerfile"] = dockerfile_env()
@@ -218,7 +218,7 @@ def test_every_variable_they_set_is_a_setting_and_loads() -> None:
         unknown = set(env) - names - NOT_SETTINGS
         assert not unknown, f"{where} sets {unknown}, which atrium/config.py never reads"
         for name in set(env) - NOT_SETTINGS:
-            assert f"`{name}`" in readme, f"{name} is not in the README's settings table"
+            assert f"`{name}`" in reference, f"{name} is not in docs/CONFIGURATION.md"
     for where in [w for w in environments if w != "workflow"]:
         env = dockerfile_env() | environments[where]
         env.setdefault("SECRET_KEY", STRONG_KEY)  # the Dockerfile alone: given at run time

@@ -323,7 +323,7 @@ def test_auth_fields_are_checked(fields: dict[str, Any], code: str) -> None:
 def test_ping_pong_and_types() -> None:
     assert parse_client_frame('{"type": "PING"}') == Ping()
     assert parse_client_frame('{"type": "PONG", "extra": [1]}') == Pong()
-    # Types are case-sensitive, as the README writes them.
+    # Types are case-sensitive, as docs/WEBSOCKET.md writes them.
     assert refused('{"type": "ping"}').code == "unknown_type"
     assert refused('{"position": {}}').code == "missing_field"
     assert refused('{"type": null}').code == "missing_field"

@@ -1,6 +1,6 @@
 """Background jobs: the durable queue. The ``jobs`` row is the truth of a job.
 
-Life of a row (the README draws it)::
+Life of a row (docs/JOBS.md draws it)::
 
     queued -> running -> completed
                       -> failed     (will run again at next_attempt_at) -> running ...

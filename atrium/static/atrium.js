@@ -7,7 +7,7 @@
  *   client.connect();
  *   const { seq } = await client.edit("/src/app.py", { lines_added: 1, lines_removed: 0, change_type: "modification" });
  *
- * What it promises (the protocol is in the README, "Live workspaces"):
+ * What it promises (the protocol is in docs/WEBSOCKET.md):
  * - It authenticates with an AUTH frame (browsers cannot set headers) and asks the token
  *   callback again when the token is about to expire (TOKEN_EXPIRING) or was refused (4001, 4007).
  * - It reconnects after a drop with exponential backoff and jitter, and resumes from the
