@@ -27,7 +27,7 @@ none: Redis never sends a process its own messages back.
 
 Cursor moves and job progress (lossy by design: the next one replaces a lost one) are
 published without waiting for Redis's answer, durable events and catch-up notices with it
-(see ``_publish_all``).
+(see ``atrium.seams.redis_wire.publish_all``).
 
 Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
 and so are those this process could not publish. So after every (re)subscription each
@@ -325,7 +325,8 @@ class Bridge:
 
     def _encode(self, item: _Outgoing) -> Publish:
         """``(channel, data, confirm)``: data is ``instance|kind|key|body``, serialised
-        once; only events wait for Redis to confirm (see ``_publish_all``)."""
+        once; only events wait for Redis to confirm (see
+        ``atrium.seams.redis_wire.publish_all``)."""
         project_id, kind, key, body = item
         head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
         if isinstance(body, str):
