@@ -9,9 +9,13 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# The pinned versions first (requirements/runtime.lock, see docs/DEPENDENCIES.md): a layer
+# that changes only with the lock; then atrium itself, resolving nothing again.
+COPY requirements/runtime.lock ./requirements/
+RUN pip install --no-cache-dir -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY atrium ./atrium
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 FROM python:3.12-slim-bookworm AS runtime
 # A system user with no shell and no home of its own; it owns only /data.

@@ -23,7 +23,7 @@ import trio
 
 from atrium.config import ConfigError, Settings, load_settings
 from atrium.logs import configure_logging
-from atrium.persistence.aio_loop import open_loop
+from atrium.seams.aio_loop import open_loop
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import EmbeddedPostgresError, embedded_postgres
 from atrium.persistence.embedded_redis import EmbeddedRedisError

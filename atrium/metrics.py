@@ -26,13 +26,14 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from .failures import ContainedFailures
+from .seams import hypercorn_server
 from .supervision import Supervisor, SupervisorSnapshot
 
 log = logging.getLogger("atrium.metrics")
@@ -525,6 +526,11 @@ class MetricsApp:
         )
 
 
+# What a metrics connection lets out (logged once; the metrics server goes on). As the HTTP
+# server's, through the same seam; the counts are not exported.
+_FAILURES = ContainedFailures()
+
+
 async def serve_metrics(
     metrics: Metrics,
     host: str,
@@ -543,7 +549,11 @@ async def serve_metrics(
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             partial(
-                hypercorn_serve, MetricsApp(metrics), config, shutdown_trigger=trio.sleep_forever
+                hypercorn_server.serve,
+                MetricsApp(metrics),
+                config,
+                contain=partial(_FAILURES.record, "connection", context={"transport": "metrics"}),
+                shutdown_trigger=trio.sleep_forever,
             )
         )
         task_status.started(int(binds[0].rpartition(":")[2]))

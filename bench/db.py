@@ -5,7 +5,7 @@
 The same query on the same database, each side in its own process:
 
 - ``trio``: ``atrium.persistence.database.Database.fetchrow`` under ``trio.run`` inside
-  atrium's asyncio loop (``atrium.persistence.aio_loop.open_loop()``, as ``run.py`` opens
+  atrium's asyncio loop (``atrium.seams.aio_loop.open_loop()``, as ``run.py`` opens
   it), the pool opened by ``open_database`` (what a request does);
 - ``asyncio``: ``asyncpg.Pool.fetchrow`` under ``asyncio.run`` on the default event loop,
   a pool with the same settings (no reset on release, no inactivity timer), so the
@@ -103,8 +103,8 @@ async def _measure(
 def run_trio_side(url: str, queries: int, tasks: int, profile: str | None) -> dict[str, float]:
     import trio
 
-    from atrium.persistence.aio_loop import open_loop
     from atrium.persistence.database import open_database
+    from atrium.seams.aio_loop import open_loop
 
     async def gather(jobs: list[Callable[[], Awaitable[None]]]) -> None:
         async with trio.open_nursery() as nursery:

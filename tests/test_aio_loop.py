@@ -13,8 +13,8 @@ import trio
 import trio.testing
 import trio_asyncio
 
-from atrium.persistence.aio_loop import BatchingEventLoop, open_loop
 from atrium.persistence.database import Database
+from atrium.seams.aio_loop import BatchingEventLoop, open_loop
 
 
 def _loop() -> BatchingEventLoop:

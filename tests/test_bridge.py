@@ -30,8 +30,6 @@ from wsclient import Client, connect
 from atrium.actors import MailboxFull
 from atrium.actors.bridge import (
     Bridge,
-    _publish_all,
-    _replies_can_be_skipped,
     channel_of,
     patterns_of,
 )
@@ -39,6 +37,7 @@ from atrium.breaker import BreakerSettings, CircuitBreaker
 from atrium.metrics import Metrics
 from atrium.persistence.redis import Redis, open_redis
 from atrium.root import Bound, serve_worker
+from atrium.seams.redis_wire import publish_all, replies_can_be_skipped
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.
 FAST_BREAKER = {"REDIS_BREAKER_RESET_SECONDS": "0.3", "REDIS_BREAKER_FAILURES": "2"}
@@ -613,7 +612,7 @@ async def test_a_batch_of_events_and_cursors_is_published_in_order_in_one_write(
                 ]
                 assert [confirm for _, _, confirm in batch] == [False, True, False, True]
                 connection = await redis_a.call(lambda r: r.client_id())
-                await redis_a.call(partial(_publish_all, batch, True))
+                await redis_a.call(partial(publish_all, batch, True))
                 await all_four.wait()
                 # Exactly the answers asked for were read: the connection went back to
                 # the pool clean (one with unread answers would be replaced), and the
@@ -630,7 +629,7 @@ async def test_a_redis_that_refuses_client_commands_still_relays_cursors(
     # A managed Redis, or an ACL, may refuse CLIENT commands (CLIENT REPLY SKIP): the
     # bridge then publishes cursor moves with answers instead of crash-looping on them.
     async with open_redis(own_redis.url, BreakerSettings()) as admin:
-        assert await admin.call(_replies_can_be_skipped) is True
+        assert await admin.call(replies_can_be_skipped) is True
         await admin.call(
             lambda r: r.execute_command(
                 "ACL", "SETUSER", "limited", "on", "nopass", "~*", "&*", "+@all", "-client"
@@ -638,7 +637,7 @@ async def test_a_redis_that_refuses_client_commands_still_relays_cursors(
         )
     limited = own_redis.url.replace("redis://", "redis://limited:any@")
     async with two_bridges(limited) as (a, _, _, b_local):
-        assert await a.redis.call(_replies_can_be_skipped) is False
+        assert await a.redis.call(replies_can_be_skipped) is False
         with trio.fail_after(WAIT):
             for n in range(3):
                 a.ephemeral(b_local.project, uuid.uuid4(), f'{{"n":{n}}}')

@@ -27,7 +27,7 @@ none: Redis never sends a process its own messages back.
 
 Cursor moves and job progress (lossy by design: the next one replaces a lost one) are
 published without waiting for Redis's answer, durable events and catch-up notices with it
-(see ``_publish_all``).
+(see ``atrium.seams.redis_wire.publish_all``).
 
 Pub/sub is at-most-once: messages published while a subscriber is disconnected are lost,
 and so are those this process could not publish. So after every (re)subscription each
@@ -51,16 +51,13 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio
-import redis.exceptions
 import trio
 
 from ..breaker import BreakerState
@@ -68,6 +65,7 @@ from ..events import Event, EventType
 from ..json_output import dumps
 from ..metrics import Metrics
 from ..persistence.redis import Redis, RedisUnavailable
+from ..seams.redis_wire import Publish, publish_all, replies_can_be_skipped
 from ._errors import ActorStopped, MailboxFull
 from .workspace import Behind, CatchUp, Ephemeral, Published, WorkspaceActor
 
@@ -91,8 +89,6 @@ _UNSENT_RETRY_SECONDS = 0.5
 DEGRADED_POLL_SECONDS = 1.0
 
 _Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
-_Publish = tuple[str, bytes, bool]  # channel, data, and whether Redis must confirm it
-_SKIP_REPLY = ("CLIENT", "REPLY", "SKIP")
 
 
 class LocalWorkspaces(Protocol):
@@ -304,13 +300,13 @@ class Bridge:
                 continue
             try:
                 if self._skip_replies is None:
-                    self._skip_replies = await self.redis.call(_replies_can_be_skipped)
+                    self._skip_replies = await self.redis.call(replies_can_be_skipped)
                     if not self._skip_replies:
                         log.warning(
                             "bridge: Redis refuses CLIENT REPLY SKIP; cursor moves and job "
                             "progress are published with answers (more CPU per message)"
                         )
-                await self.redis.call(partial(_publish_all, messages, self._skip_replies))
+                await self.redis.call(partial(publish_all, messages, self._skip_replies))
             except RedisUnavailable as error:
                 log.debug("not relayed (%d messages): %s", len(batch), error)
                 self._dropped_unavailable.inc(len(batch))
@@ -323,13 +319,14 @@ class Bridge:
             for _, kind, _, _ in batch:
                 self._published[_KINDS[kind]].inc()
 
-    def _logged(self, project_id: uuid.UUID, seq: int) -> _Publish:
+    def _logged(self, project_id: uuid.UUID, seq: int) -> Publish:
         """The message that tells others the project's log reached ``seq``."""
         return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode(), True
 
-    def _encode(self, item: _Outgoing) -> _Publish:
+    def _encode(self, item: _Outgoing) -> Publish:
         """``(channel, data, confirm)``: data is ``instance|kind|key|body``, serialised
-        once; only events wait for Redis to confirm (see ``_publish_all``)."""
+        once; only events wait for Redis to confirm (see
+        ``atrium.seams.redis_wire.publish_all``)."""
         project_id, kind, key, body = item
         head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
         if isinstance(body, str):
@@ -431,71 +428,3 @@ class Bridge:
 
 def _is_state(redis: Redis, state: BreakerState) -> float:
     return 1.0 if redis.breaker.state is state else 0.0
-
-
-async def _replies_can_be_skipped(client: redis.asyncio.Redis) -> bool:
-    """Whether Redis, for this user, lets a connection skip the reply to a command
-    (``CLIENT REPLY SKIP``); managed services and ACLs may refuse CLIENT commands. Runs
-    on the asyncio side.
-
-    Sends ``CLIENT REPLY SKIP``, ``PING``, ``PING``: one answer when skipping works (the
-    first PING's is skipped, and CLIENT REPLY itself never answers), an error and two
-    answers when it is refused.
-    """
-    async with _pooled(client) as connection:
-        await _send_commands(connection, [_SKIP_REPLY, ("PING",), ("PING",)])
-        try:
-            await connection.read_response()
-        except redis.exceptions.ResponseError:
-            await connection.read_response()
-            await connection.read_response()
-            return False
-        return True
-
-
-async def _publish_all(
-    messages: list[_Publish], skip_replies: bool, client: redis.asyncio.Redis
-) -> None:
-    """Publish in one write, in order, on one connection of the pool (runs on the asyncio
-    side); with ``skip_replies``, wait for Redis's answer to the messages to confirm only
-    (else to every one).
-
-    The others (cursor moves, job progress: lossy by design, and most of the traffic) are
-    each preceded by ``CLIENT REPLY SKIP``, so Redis sends nothing back for them. Reading
-    an answer cost a wake-up of the socket poller and of this task: waiting for one per
-    cursor move made publishing it cost twice as much CPU. Events and "the log reached
-    seq N" still wait: a failure must be known, to announce them later (``_unsent``).
-    """
-    commands: list[tuple[str | bytes, ...]] = []
-    answers = 0
-    for channel, data, confirm in messages:
-        if confirm or not skip_replies:
-            answers += 1
-        else:
-            commands.append(_SKIP_REPLY)
-        commands.append(("PUBLISH", channel, data))
-    async with _pooled(client) as connection:
-        await _send_commands(connection, commands)
-        for _ in range(answers):
-            await connection.read_response()
-
-
-@asynccontextmanager
-async def _pooled(client: redis.asyncio.Redis) -> AsyncIterator[Any]:
-    """One connection of ``client``'s pool for commands written and answers read by hand
-    (on the asyncio side). One left half written or with answers unread (cancelled,
-    failed) is closed, never lent out again."""
-    pool: Any = client.connection_pool  # redis-py leaves it untyped
-    connection = await pool.get_connection()
-    try:
-        yield connection
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(connection)
-
-
-async def _send_commands(connection: Any, commands: list[tuple[str | bytes, ...]]) -> None:
-    """Write ``commands`` in one write, answers unread."""
-    await connection.send_packed_command(connection.pack_commands(commands), check_health=False)

@@ -5,7 +5,9 @@ layers and serves the same protocol through the same ``Realtime``. It is wsproto
 sockets it owns, as hypercorn is: the opening handshake (wsproto's ``H11Handshake``, under
 a timeout), then wsproto's ``Connection`` for frames in, pings and the close handshake.
 Text frames out are framed here and written straight to the socket (``try_send``), which
-is what makes fan-out cheap: no task switch, no queue and no wsproto per delivery.
+is what makes fan-out cheap: no task switch, no queue and no wsproto per delivery. What
+it takes from wsproto, and the frames it writes itself, live in the seam
+``atrium.seams.wsproto_server``.
 """
 
 from __future__ import annotations
@@ -18,27 +20,30 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.frame_protocol import CloseReason
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError
 
 from ..failures import ContainedFailures
 from ..outbox import PARTIAL, REFUSED, SENT
 from ..realtime import ConnectionGone, Handshake
 from ..reuseport import reuse_port_socket
+from ..seams.wsproto_server import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    CloseReason,
+    Connection,
+    ConnectionState,
+    ConnectionType,
+    Event,
+    H11Handshake,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    RemoteProtocolError,
+    Request,
+    TextMessage,
+    text_frame,
+)
 from .json import error_body
 
 log = logging.getLogger("atrium.ws")
@@ -62,17 +67,6 @@ class Sessions(Protocol):
     async def serve(
         self, conn: ListenerConnection, handshake: Handshake, *, transport: str
     ) -> None: ...
-
-
-def text_frame(text: str) -> bytes:
-    """An unmasked, unfragmented WebSocket text frame (RFC 6455, server to client)."""
-    payload = text.encode()
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 class ListenerConnection:

@@ -1,5 +1,19 @@
 """The process's asyncio loop on trio: trio-asyncio's loop, with asyncio's callback passes.
 
+Written against trio-asyncio 0.16.0 (and CPython 3.11-3.13's ``asyncio`` handles and
+selector loop). A seam: it subclasses ``trio_asyncio.TrioEventLoop`` and overrides its
+private methods (``_queue_handle``, ``_handle_sig``, ``_timer_handle_cancelled``,
+``_add_callback``, ``_main_loop_init``, ``_main_loop_one``, ``_cancel_fds``), reads its
+private state (``_selector``, ``_token``, ``_nursery``, ``_close_files``,
+``_signal_handlers``), starts trio tasks for ``trio_asyncio._handles.AsyncHandle`` (its
+``_started``, ``_context``, ``_run``), reads asyncio's handles by their private fields
+(``_run``, ``_cancelled``, ``_when``, ``_scheduled``), borrows
+``BaseSelectorEventLoop._add_reader``/``_add_writer``, and has :func:`open_loop` point
+``trio_asyncio._loop.TrioEventLoop`` at its class while ``trio_asyncio.open_loop`` builds
+the loop (it takes no class; the swap is undone before the first checkpoint, so no other
+code ever sees it, and nothing is changed at import). tests/test_seams.py checks each of
+these.
+
 asyncpg (and redis-py) run inside one trio-asyncio loop that the process opens at its root
 with :func:`open_loop`. trio-asyncio 0.16 runs one asyncio callback per trip through trio's
 scheduler: every ``call_soon`` handle is sent on a trio memory channel, and the loop's task
