@@ -23,7 +23,10 @@ entries (``_copies``: per remote user, the process it came through), refreshed a
 heartbeat; when Redis lost a process's entries and that process has not re-asserted them,
 the copy is put back with a fresh TTL, so if that process died (even at the moment Redis
 came back, before it could re-assert anything) its users are reaped and leave within
-``ttl_seconds`` plus a heartbeat or two, as without the loss.
+``ttl_seconds`` plus a heartbeat or two, as without the loss. Until a lost process's
+entries are back, who is online (a tab's ``PRESENCE_STATE``, which no later USER_JOIN
+corrects) includes its users from the copy, and a join or leave that re-asserts this
+process's entries puts the lost copies back before it counts.
 """
 
 from __future__ import annotations
