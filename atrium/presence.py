@@ -23,7 +23,10 @@ entries (``_copies``: per remote user, the process it came through), refreshed a
 heartbeat; when Redis lost a process's entries and that process has not re-asserted them,
 the copy is put back with a fresh TTL, so if that process died (even at the moment Redis
 came back, before it could re-assert anything) its users are reaped and leave within
-``ttl_seconds`` plus a heartbeat or two, as without the loss.
+``ttl_seconds`` plus a heartbeat or two, as without the loss. Until a lost process's
+entries are back, who is online (a tab's ``PRESENCE_STATE``, which no later USER_JOIN
+corrects) includes its users from the copy, and a join or leave that re-asserts this
+process's entries puts the lost copies back before it counts.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+import orjson
 import trio
 
 from .breaker import BreakerState
@@ -278,20 +282,34 @@ class ClusterPresence:
     async def online(
         self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
     ) -> dict[uuid.UUID, OnlineUser]:
+        copies = dict(self._copies)
         try:
-            members = await self._quick.members(project_id)
+            roster = await self._quick.roster(
+                project_id, {instance: copy.generation for instance, copy in copies.items()}
+            )
         except RedisUnavailable:
             return dict(here)
         users = dict(here)
-        for member in members:
-            seen = member.seen_ms / 1000
-            mine = here.get(member.user_id)
-            if mine is None:
-                users[member.user_id] = OnlineUser(member.connections, seen)
-            else:  # Redis may not have this process's latest yet
-                users[member.user_id] = OnlineUser(
-                    max(member.connections, mine.connections), max(seen, mine.last_seen)
-                )
+
+        def add(user_id: uuid.UUID, connections: int, seen: float) -> None:
+            # Redis may not have this process's latest yet, nor a restored copy's.
+            known = users.get(user_id)
+            if known is not None:
+                connections = max(connections, known.connections)
+                seen = max(seen, known.last_seen)
+            users[user_id] = OnlineUser(connections, seen)
+
+        for member in roster.members:
+            add(member.user_id, member.connections, member.seen_ms / 1000)
+        # Redis lost these processes' entries and they are not back yet (a restart, a
+        # FLUSHALL, a failover): their users are online as far as the log knows, and a
+        # PRESENCE_STATE without them would show them offline to a tab that no USER_JOIN
+        # corrects (when they come back, it is no transition).
+        for instance in roster.lost:
+            for raw in copies[instance].entries:
+                entry = orjson.loads(raw)
+                if entry["p"] == str(project_id):
+                    add(uuid.UUID(entry["u"]), int(entry["n"]), self._clock())
         return users
 
     def _hold(self, slot: Slot, email: str, connections: int) -> Entry:
@@ -339,8 +357,11 @@ class ClusterPresence:
             written = False
             try:
                 totals = await self._quick.set_count(entry)
-                if totals is None:  # Redis lost what this process wrote: re-assert first
+                if totals is None:  # Redis lost what this process wrote: re-assert first,
+                    # and put back what it knows of the others' (a user on another
+                    # process that has not re-asserted yet is online all the same)
                     await self._reassert(self._quick, {slot: was})
+                    await self._reconcile(self._quick)
                     totals = await self._quick.set_count(entry)
                 written = totals is not None
             except RedisUnavailable:
@@ -419,7 +440,7 @@ class ClusterPresence:
                 self._full = False
             if found.was_reaped:  # another process stored USER_LEAVE for them
                 self._announcements += [(EventType.USER_JOIN, s) for s in came or ()]
-            await self._reconcile()
+            await self._reconcile(self._store)
             self._announcements += [(EventType.USER_LEAVE, s) for s in await self._store.reap()]
             self._reached(None)
         except RedisUnavailable as error:
@@ -452,12 +473,12 @@ class ClusterPresence:
             self._wake.set()
         log.info("presence: Redis did not hold this process's entries; all rewritten")
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, store: PresenceStore) -> None:
         """Refresh the copies of the other processes' entries, and put back those Redis
         lost (a restart, FLUSHALL, a failover) for processes that have not re-asserted
         them: alive for one TTL more, then reaped (their users leave) unless they
         heartbeat by then."""
-        view = await self._store.view({i: c.generation for i, c in self._copies.items()})
+        view = await store.view({i: c.generation for i, c in self._copies.items()})
         for instance in view.gone:
             self._copies.pop(instance, None)
         for instance, copy in view.changed.items():
@@ -466,14 +487,16 @@ class ClusterPresence:
             else:
                 self._copies.pop(instance, None)
         for instance in view.lost:
-            copy = self._copies[instance]
+            kept = self._copies.get(instance)
+            if kept is None:  # dropped by a reconcile that ran meanwhile (a beat, a count)
+                continue
             now_ms = int(self._clock() * 1000)
-            if await self._store.restore(instance, copy, ttl_ms=self._ttl_ms, now_ms=now_ms):
+            if await store.restore(instance, kept, ttl_ms=self._ttl_ms, now_ms=now_ms):
                 log.warning(
                     "presence: Redis lost the entries of process %s; its %d users put back "
                     "until it rewrites them or its TTL runs out",
                     instance,
-                    len(copy.entries),
+                    len(kept.entries),
                 )
 
     def _reached(self, error: RedisUnavailable | None) -> None:

@@ -686,3 +686,73 @@ async def test_after_redis_lost_its_data_a_process_re_asserts_before_it_trusts_a
             Transition.NONE
         )
         assert set(await other.online(project, {})) == {ann, cat}
+
+
+async def test_a_tab_joining_as_redis_comes_back_empty_is_shown_everyone_online(
+    aio_loop: None, db: Any, redis_url: str
+) -> None:
+    # Two processes' workspaces share Redis and the log. Ann is online on C only, Bob on
+    # A and C. Redis comes back empty (FLUSHDB here) and, before C re-asserts anything, a
+    # tab of Cat connects to A, then Bob's tab on A closes. Cat's tab must see what a user
+    # would: Ann and Bob online (no USER_JOIN ever comes for them: when C re-asserts, it
+    # is no transition), and no USER_LEAVE for Bob, who is still on C.
+    import orjson
+
+    from atrium.actors.workspace import Join, Leave, Status, Subscriber, WorkspaceActor
+    from atrium.actors.workspace import WorkspaceSettings as Settings
+    from atrium.outbox import Outbox
+    from atrium.persistence import accounts
+    from atrium.roles import Role
+
+    project, ann, bob = await two_users(db)
+    made = await accounts.create_user(db, "cat@example.com", "x")
+    assert made is not None
+    cat = made.id
+    join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
+
+    def subscriber(user: uuid.UUID, email: str) -> Subscriber:
+        return Subscriber(user, email, Role.COLLABORATOR, Outbox(100))
+
+    view: set[str] = set()  # who is online as Cat's tab shows it
+
+    def follow(tab: Subscriber) -> None:
+        for frame in map(orjson.loads, tab.outbox.take()):
+            if frame["type"] == "PRESENCE_STATE":
+                view.clear()
+                view.update(u["user_id"] for u in frame["users"])
+            elif frame["type"] == join:
+                view.add(frame["user_id"])
+            elif frame["type"] == leave:
+                view.discard(frame["user_id"])
+
+    async with open_redis(redis_url, BreakerSettings()) as redis:
+        on_a = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        on_c = ClusterPresence(redis, db, PresenceSettings(1.0, 60.0))
+        a = WorkspaceActor(project, db, Settings(), presence=on_a)
+        c = WorkspaceActor(project, db, Settings(), presence=on_c)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(c.run)
+            bob_on_a = subscriber(bob, "bob@example.com")
+            await c.ask(Join(subscriber(ann, "ann@example.com"), None))
+            await c.ask(Join(subscriber(bob, "bob@example.com"), None))
+            await a.ask(Join(bob_on_a, None))
+            for board in (on_c, on_a):  # each has a copy of the other's entries
+                await board.beat()
+
+            await redis.call(lambda client: client.flushdb())
+            cat_on_a = subscriber(cat, "cat@example.com")
+            await a.ask(Join(cat_on_a, None))
+            follow(cat_on_a)
+            assert view == {str(ann), str(bob), str(cat)}
+            await a.tell(Leave(bob_on_a))
+            await a.ask(Status())  # the Leave is handled
+            for board in (on_c, on_a, on_c):  # C re-asserts; nothing changes for A
+                await board.beat()
+            await a.ask(Status())
+            follow(cat_on_a)
+            assert view == {str(ann), str(bob), str(cat)}
+            status = await a.ask(Status())
+            assert {u["user_id"] for u in status["online_users"]} == view
+            nursery.cancel_scope.cancel()
+    assert await presence_log(db, project) == [(join, ann), (join, bob), (join, cat)]

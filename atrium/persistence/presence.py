@@ -347,6 +347,23 @@ return 1
 """
 
 
+# KEYS: project totals, project seen. ARGV: prefix, JSON {instance: generation} of the
+# copies the caller holds. Returns {totals (flat), seen (flat), lost}: the project's users
+# on every instance together, when each was last seen, and the held instances whose
+# generation Redis lost (gone back, or gone without a reap) and nobody has put back.
+_ROSTER = """
+local prefix = ARGV[1]
+local lost = {}
+for instance, generation in pairs(cjson.decode(ARGV[2])) do
+  local held = tonumber(redis.call('GET', prefix .. 'gen:' .. instance) or '0')
+  if held < generation and redis.call('EXISTS', prefix .. 'reaped:' .. instance) == 0 then
+    table.insert(lost, instance)
+  end
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), lost}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """A user's connections on every instance together, before and after a change, and
@@ -414,6 +431,15 @@ class Copy:
 
     generation: int
     entries: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """A project's users as Redis holds them, and the instances whose entries Redis lost
+    (of those the caller holds a copy of; see ``_ROSTER``)."""
+
+    members: list[Member]
+    lost: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,17 +655,22 @@ class PresenceStore:
     async def members(self, project_id: uuid.UUID) -> list[Member]:
         """Who is connected to ``project_id`` on any instance, with their connections
         and when they were last seen."""
+        return (await self.roster(project_id, {})).members
 
-        async def read(client: Any) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(_key("project", project_id))
-                pipe.hgetall(_key("seen", project_id))
-                totals, seen = await pipe.execute()
-            return totals, seen
-
-        totals, seen = await self.redis.call(read)
-        return [
-            Member(uuid.UUID(user.decode()), int(count), int(seen.get(user, b"0")))
-            for user, count in totals.items()
-            if int(count) > 0
-        ]
+    async def roster(self, project_id: uuid.UUID, held: Mapping[str, int]) -> Roster:
+        """``members`` of ``project_id`` and, read with them in one step, which of the
+        instances in ``held`` (instance -> generation of the caller's copy) Redis lost
+        the entries of without anyone putting them back: their users are missing from the
+        members until those instances re-assert or a copy is restored."""
+        totals, seen, lost = await self._run(
+            _ROSTER,
+            [_key("project", project_id), _key("seen", project_id)],
+            [PREFIX, orjson.dumps(held).decode() if held else "{}"],
+        )
+        last_seen = {_text(seen[i]): int(seen[i + 1]) for i in range(0, len(seen) - 1, 2)}
+        members = []
+        for i in range(0, len(totals) - 1, 2):
+            user, count = _text(totals[i]), int(totals[i + 1])
+            if count > 0:
+                members.append(Member(uuid.UUID(user), count, last_seen.get(user, 0)))
+        return Roster(members, [_text(instance) for instance in lost])
