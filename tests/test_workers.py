@@ -318,10 +318,14 @@ async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm
         DATA_DIR=str(tmp_path / "data"), PORT="0", WS_PORT="0", METRICS_PORT="0", ENVIRONMENT=""
     )
     env.pop("SECRET_KEY")
+    log = tmp_path / "stderr.log"
     async with trio.open_nursery() as nursery:
-        served = await start_serving(
-            nursery, env, stderr=subprocess.DEVNULL, args=("--workers", "2")
-        )
+        with log.open("wb") as stderr:
+            try:
+                served = await start_serving(nursery, env, stderr=stderr, args=("--workers", "2"))
+            except AssertionError as error:  # say why: the group's own account of its exit
+                tail = log.read_text(errors="replace")[-4000:]
+                raise AssertionError(f"{error}; its stderr ended:\n{tail}") from None
         process = served.process
         async with httpx.AsyncClient(base_url=served.url) as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
