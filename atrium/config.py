@@ -209,6 +209,12 @@ class Settings:
         return RedisAddress(self.redis_url, self.redis_sentinel, self.redis_tls)
 
 
+DEFAULTS = Settings()
+"""A development process's defaults: where components' own settings records
+(``JobSettings``, ``BreakerSettings``, ...) take the defaults of their fields, so that a
+record built without a ``Settings`` (in a test, a benchmark) has the process's numbers."""
+
+
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import test_settings as make_test_settings
 
+from atrium.actors.workspace import WorkspaceSettings
+from atrium.breaker import BreakerSettings
 from atrium.config import (
     ENVIRONMENT_DEFAULTS,
     ConfigError,
@@ -19,6 +21,10 @@ from atrium.config import (
     load_settings,
     secret_key_problem,
 )
+from atrium.jobs import JobSettings
+from atrium.presence import PresenceSettings
+from atrium.root import breaker_settings
+from atrium.services import job_settings, workspace_settings
 
 
 def test_defaults_suit_development(tmp_path: Path) -> None:
@@ -55,6 +61,18 @@ def test_settings_built_as_documented_are_what_an_empty_environment_gives(
     assert Settings(secret_key=loaded.secret_key, data_dir=tmp_path) == loaded
     assert Settings() == Settings.defaults()
     assert Settings().ws_port == 8001
+
+
+def test_components_records_default_to_the_settings_model() -> None:
+    # A record built without settings (a test's, a benchmark's) is what a process with
+    # default settings builds: the rules that derive one from the other agree too.
+    defaults = Settings()
+    assert BreakerSettings() == breaker_settings(defaults)
+    assert JobSettings() == job_settings(defaults)
+    assert WorkspaceSettings() == workspace_settings(defaults)
+    assert PresenceSettings() == PresenceSettings(
+        defaults.presence_heartbeat_seconds, defaults.presence_ttl_seconds
+    )
 
 
 def test_development_key_is_generated_once_and_kept(tmp_path: Path) -> None:
