@@ -4,9 +4,10 @@ Every default is written once: a field default of ``Settings`` (development's va
 for the few that depend on ENVIRONMENT, one row each in ``ENVIRONMENT_DEFAULTS``.
 ``Settings.defaults(environment)`` is what an empty environment gives, and ``load_settings``
 reads each variable over it; it turns a bad value into one ``ConfigError`` line that names
-the variable, so ``run.py`` can print it and exit. Components' own settings records
-(``ConnectionSettings``, ``JobSettings``, ...) are built from a ``Settings`` by
-``atrium/services.py``, not from numbers of their own.
+the variable, so ``run.py`` can print it and exit. Components' own settings records are
+built from a process's ``Settings`` (``services.job_settings``, ``root.breaker_settings``,
+``ConnectionSettings.of``, ...); built without one, their fields default to ``DEFAULTS``,
+never to numbers of their own.
 """
 
 from __future__ import annotations
