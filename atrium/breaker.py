@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .config import DEFAULTS
+
 
 class BreakerState(enum.StrEnum):
     CLOSED = "closed"
@@ -41,10 +43,10 @@ class BreakerSettings:
     """When a breaker opens, how often an open one probes, and what closes it
     (REDIS_BREAKER_* settings)."""
 
-    failures: int = 5
-    reset_seconds: float = 1.0
+    failures: int = DEFAULTS.redis_breaker_failures
+    reset_seconds: float = DEFAULTS.redis_breaker_reset_seconds
     """The longest wait between two probes of an open breaker."""
-    successes: int = 1
+    successes: int = DEFAULTS.redis_breaker_successes
     """Probes in a row that must succeed to close it."""
     first_probe_seconds: float = 0.25
     """The wait before the first probe (doubling from there up to ``reset_seconds``)."""

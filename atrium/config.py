@@ -1,11 +1,18 @@
 """Settings from the environment (12-factor), validated once at start.
 
-Every variable has a default that suits development; ``load_settings`` turns a bad value
-into one ``ConfigError`` line that names the variable, so ``run.py`` can print it and exit.
+Every default is written once: a field default of ``Settings`` (development's value), and
+for the few that depend on ENVIRONMENT, one row each in ``ENVIRONMENT_DEFAULTS``.
+``Settings.defaults(environment)`` is what an empty environment gives, and ``load_settings``
+reads each variable over it; it turns a bad value into one ``ConfigError`` line that names
+the variable, so ``run.py`` can print it and exit. Components' own settings records are
+built from a process's ``Settings`` (``services.job_settings``, ``root.breaker_settings``,
+``ConnectionSettings.of``, ...); built without one, their fields default to ``DEFAULTS``,
+never to numbers of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -73,15 +80,51 @@ class RedisAddress:
     tls: RedisTLSFiles = RedisTLSFiles()
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentDefaults:
+    """The defaults that differ by ENVIRONMENT (each one a field of ``Settings``)."""
+
+    ws_port: int | None
+    """The dedicated WebSocket listener: on in development, where a browser page finds
+    it at a known port; off elsewhere (WebSockets are on the main port too)."""
+    log_format: LogFormat
+    """JSON lines for a log collector in production; readable text elsewhere."""
+    drain_seconds: float
+    """SIGTERM: /ready answers 503 this long before the servers stop (a load balancer
+    sees it go); no one to tell in development and tests."""
+
+
+ENVIRONMENT_DEFAULTS: Mapping[Environment, EnvironmentDefaults] = {
+    "development": EnvironmentDefaults(ws_port=8001, log_format="text", drain_seconds=0.0),
+    "test": EnvironmentDefaults(ws_port=None, log_format="text", drain_seconds=0.0),
+    "production": EnvironmentDefaults(ws_port=None, log_format="json", drain_seconds=5.0),
+}
+_DEVELOPMENT = ENVIRONMENT_DEFAULTS["development"]
+# Defaults that follow another setting (also when only that one is set): four people behind
+# one address (an office, a NAT) each get their login budget; presence outlives four
+# missed heartbeats.
+_PEOPLE_PER_ADDRESS = 4
+_HEARTBEATS_PER_TTL = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The validated configuration of one atrium process."""
+    """The validated configuration of one atrium process.
+
+    The field defaults are the defaults of a development process (ENVIRONMENT unset);
+    ``Settings.defaults(environment)`` gives another environment's, and ``load_settings``
+    reads the environment over them.
+    """
 
     environment: Environment = "development"
     secret_key: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
-    ws_port: int | None = None
+    ws_port: int | None = _DEVELOPMENT.ws_port
     data_dir: Path = Path(".atrium")
     database_url: str | None = None
     redis_url: str | None = None
@@ -92,17 +135,17 @@ class Settings:
     refresh_token_expire_days: int = 7
     rate_limit_per_minute: int = 60
     auth_rate_limit_per_minute: int = 5
-    auth_address_rate_limit_per_minute: int = 20
+    auth_address_rate_limit_per_minute: int = _PEOPLE_PER_ADDRESS * auth_rate_limit_per_minute
     login_backoff_after_failures: int = 5
     login_backoff_max_seconds: int = 30
-    password_hash_concurrency: int = 1
+    password_hash_concurrency: int = field(default_factory=_cores)  # hashes at once
     password_hash_queue_seconds: float = 2.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
-    log_format: LogFormat = "text"
-    drain_seconds: float = 0.0  # SIGTERM: /ready is 503 this long before the servers stop
+    log_format: LogFormat = _DEVELOPMENT.log_format
+    drain_seconds: float = _DEVELOPMENT.drain_seconds
     jwt_issuer: str = "workspace-backend"
     jwt_audience: str = "workspace-api"
     admin_token: str | None = None
@@ -136,7 +179,7 @@ class Settings:
     metrics_port: int = 9090  # 0: any free port
     # Cluster presence (REDIS_URL): a heartbeat keeps this process's entries for the TTL.
     presence_heartbeat_seconds: float = 2.0
-    presence_ttl_seconds: float = 8.0
+    presence_ttl_seconds: float = _HEARTBEATS_PER_TTL * presence_heartbeat_seconds
     # Redis circuit breaker: open after this many failures in a row; while open, Redis is
     # PINGed after 0.25 s, doubling to at most reset_seconds between probes; this many
     # probes in a row that succeed close it (docs/REDIS.md).
@@ -149,6 +192,12 @@ class Settings:
     workers: int = 1  # serving processes (run.py --workers); more than 1: a process group
     reuse_port: bool = False  # bind PORT and WS_PORT with SO_REUSEPORT (a --workers process)
 
+    @classmethod
+    def defaults(cls, environment: Environment = "development") -> Settings:
+        """What a process in ``environment`` runs with when no variable is set (but
+        SECRET_KEY, which production requires and development keeps in DATA_DIR)."""
+        return cls(environment=environment, **dataclasses.asdict(ENVIRONMENT_DEFAULTS[environment]))
+
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
@@ -159,6 +208,12 @@ class Settings:
         if self.redis_url is None and self.redis_sentinel is None:
             return None
         return RedisAddress(self.redis_url, self.redis_sentinel, self.redis_tls)
+
+
+DEFAULTS = Settings()
+"""A development process's defaults: where components' own settings records
+(``JobSettings``, ``BreakerSettings``, ...) take the defaults of their fields, so that a
+record built without a ``Settings`` (in a test, a benchmark) has the process's numbers."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
@@ -208,11 +263,11 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _worker_memory_mb(env: Mapping[str, str]) -> int:
+def _worker_memory_mb(env: Mapping[str, str], default: int) -> int:
     # Below this a worker process dies while it starts (Python, atrium and Polars loaded),
     # and trio-parallel starts another, again and again, until the job times out.
     least = 512
-    value = _int(env, "JOB_WORKER_MEMORY_MB", 1024, minimum=0)
+    value = _int(env, "JOB_WORKER_MEMORY_MB", default, minimum=0)
     if 0 < value < least:
         raise ConfigError("JOB_WORKER_MEMORY_MB", f"must be 0 (no limit) or at least {least}")
     return value
@@ -230,12 +285,12 @@ def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> floa
 _MAX_BREAKER_RESET_SECONDS = 10.0
 
 
-def _breaker_reset(env: Mapping[str, str]) -> float:
-    value = _positive_seconds(env, "REDIS_BREAKER_RESET_SECONDS", 1.0)
+def _breaker_reset(env: Mapping[str, str], default: float) -> float:
+    value = _positive_seconds(env, "REDIS_BREAKER_RESET_SECONDS", default)
     if value > _MAX_BREAKER_RESET_SECONDS:
         raise ConfigError(
             "REDIS_BREAKER_RESET_SECONDS",
-            f"is now the longest wait between two probes of an open breaker (default 1), "
+            f"is now the longest wait between two probes of an open breaker (default {default:g}), "
             f"at most {_MAX_BREAKER_RESET_SECONDS:g}, got {value:g}",
         )
     return value
@@ -407,12 +462,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise ConfigError(
             "ENVIRONMENT", f"must be development, test or production, got {environment!r}"
         )
-    log_level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    typed_env: Environment = environment  # type: ignore[assignment]
+    d = Settings.defaults(typed_env)
+    log_level = env.get("LOG_LEVEL", "").strip().upper() or d.log_level
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("LOG_LEVEL", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    log_format = env.get("LOG_FORMAT", "").strip().lower() or (
-        "json" if environment == "production" else "text"
-    )
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or d.log_format
     if log_format not in ("json", "text"):
         raise ConfigError("LOG_FORMAT", f"must be json or text, got {log_format!r}")
     database_url = env.get("DATABASE_URL", "").strip() or None
@@ -423,16 +478,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise ConfigError("REDIS_URL", "must be a redis:// or rediss:// URL")
     redis_sentinel = _redis_sentinel(env, redis_url)
     redis_tls = _redis_tls(env, redis_url, redis_sentinel)
-    data_dir = Path(env.get("DATA_DIR", "").strip() or ".atrium").expanduser()
-    typed_env: Environment = environment  # type: ignore[assignment]
+    data_dir = Path(env.get("DATA_DIR", "").strip() or d.data_dir).expanduser()
     admin_token = env.get("ADMIN_TOKEN", "").strip() or None
     if typed_env == "production" and admin_token is not None and len(admin_token) < 16:
         raise ConfigError("ADMIN_TOKEN", "must be at least 16 characters in production")
-    ws_default = 8001 if typed_env == "development" else None
     origins = _origins(env.get("ALLOWED_ORIGINS"))
-    auth_limit = _int(env, "AUTH_RATE_LIMIT_PER_MINUTE", 5)
-    heartbeat = _positive_seconds(env, "PRESENCE_HEARTBEAT_SECONDS", 2.0)
-    presence_ttl = _positive_seconds(env, "PRESENCE_TTL_SECONDS", 4 * heartbeat)
+    auth_limit = _int(env, "AUTH_RATE_LIMIT_PER_MINUTE", d.auth_rate_limit_per_minute)
+    heartbeat = _positive_seconds(env, "PRESENCE_HEARTBEAT_SECONDS", d.presence_heartbeat_seconds)
+    presence_ttl = _positive_seconds(env, "PRESENCE_TTL_SECONDS", _HEARTBEATS_PER_TTL * heartbeat)
     if presence_ttl <= heartbeat:
         raise ConfigError(
             "PRESENCE_TTL_SECONDS",
@@ -442,73 +495,104 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     return Settings(
         environment=typed_env,
         secret_key=_secret_key(env, typed_env, data_dir),
-        host=env.get("HOST", "").strip() or "127.0.0.1",
-        port=_port(env, "PORT", 8000) or 0,  # 0: any free port
-        ws_port=_port(env, "WS_PORT", ws_default),
+        host=env.get("HOST", "").strip() or d.host,
+        port=_port(env, "PORT", d.port) or 0,  # 0: any free port
+        ws_port=_port(env, "WS_PORT", d.ws_port),
         data_dir=data_dir,
         database_url=database_url,
         redis_url=redis_url,
         redis_sentinel=redis_sentinel,
         redis_tls=redis_tls,
-        db_pool_size=_int(env, "DB_POOL_SIZE", 20),
-        access_token_expire_minutes=_int(env, "ACCESS_TOKEN_EXPIRE_MINUTES", 30),
-        refresh_token_expire_days=_int(env, "REFRESH_TOKEN_EXPIRE_DAYS", 7),
-        rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 60),
-        auth_rate_limit_per_minute=auth_limit,
-        # Default: four people behind one address (an office, a NAT) each get their budget.
-        auth_address_rate_limit_per_minute=_int(
-            env, "AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE", 4 * auth_limit
+        db_pool_size=_int(env, "DB_POOL_SIZE", d.db_pool_size),
+        access_token_expire_minutes=_int(
+            env, "ACCESS_TOKEN_EXPIRE_MINUTES", d.access_token_expire_minutes
         ),
-        login_backoff_after_failures=_int(env, "LOGIN_BACKOFF_AFTER_FAILURES", 5),
-        login_backoff_max_seconds=_int(env, "LOGIN_BACKOFF_MAX_SECONDS", 30),
-        password_hash_concurrency=_int(env, "PASSWORD_HASH_CONCURRENCY", os.cpu_count() or 1),
-        password_hash_queue_seconds=_seconds(env, "PASSWORD_HASH_QUEUE_SECONDS", 2.0),
+        refresh_token_expire_days=_int(
+            env, "REFRESH_TOKEN_EXPIRE_DAYS", d.refresh_token_expire_days
+        ),
+        rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", d.rate_limit_per_minute),
+        auth_rate_limit_per_minute=auth_limit,
+        auth_address_rate_limit_per_minute=_int(
+            env, "AUTH_ADDRESS_RATE_LIMIT_PER_MINUTE", _PEOPLE_PER_ADDRESS * auth_limit
+        ),
+        login_backoff_after_failures=_int(
+            env, "LOGIN_BACKOFF_AFTER_FAILURES", d.login_backoff_after_failures
+        ),
+        login_backoff_max_seconds=_int(
+            env, "LOGIN_BACKOFF_MAX_SECONDS", d.login_backoff_max_seconds
+        ),
+        password_hash_concurrency=_int(
+            env, "PASSWORD_HASH_CONCURRENCY", d.password_hash_concurrency
+        ),
+        password_hash_queue_seconds=_seconds(
+            env, "PASSWORD_HASH_QUEUE_SECONDS", d.password_hash_queue_seconds
+        ),
         trusted_proxies=_trusted_proxies(env.get("TRUSTED_PROXIES")),
-        allowed_origins=origins if origins is not None else DEFAULT_ORIGINS,
-        max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576, minimum=1024),
+        allowed_origins=origins if origins is not None else d.allowed_origins,
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
         log_level=log_level,
         log_format=log_format,  # type: ignore[arg-type]
-        drain_seconds=_seconds(env, "DRAIN_SECONDS", 5.0 if typed_env == "production" else 0.0),
-        jwt_issuer=env.get("JWT_ISSUER", "").strip() or "workspace-backend",
-        jwt_audience=env.get("JWT_AUDIENCE", "").strip() or "workspace-api",
+        drain_seconds=_seconds(env, "DRAIN_SECONDS", d.drain_seconds),
+        jwt_issuer=env.get("JWT_ISSUER", "").strip() or d.jwt_issuer,
+        jwt_audience=env.get("JWT_AUDIENCE", "").strip() or d.jwt_audience,
         admin_token=admin_token,
-        project_cache_ttl_seconds=_int(env, "PROJECT_CACHE_TTL_SECONDS", 60, minimum=0),
-        session_cache_seconds=_int(env, "SESSION_CACHE_SECONDS", 5, minimum=0),
-        ws_max_message_bytes=_int(env, "WS_MAX_MESSAGE_BYTES", 65_536, minimum=1024),
-        ws_auth_timeout_seconds=_int(env, "WS_AUTH_TIMEOUT_SECONDS", 5),
-        ws_heartbeat_interval_seconds=_int(env, "WS_HEARTBEAT_INTERVAL_SECONDS", 25),
-        ws_heartbeat_timeout_seconds=_int(env, "WS_HEARTBEAT_TIMEOUT_SECONDS", 60),
-        ws_send_queue=_int(env, "WS_SEND_QUEUE", 1024, minimum=16),
-        ws_rate_limit_per_second=_int(env, "WS_RATE_LIMIT_PER_SECOND", 50),
-        workspace_idle_seconds=_int(env, "WORKSPACE_IDLE_SECONDS", 30),
-        resume_max_events=_int(env, "RESUME_MAX_EVENTS", 1000),
-        ws_max_connections_per_user=_int(env, "WS_MAX_CONNECTIONS_PER_USER", 20),
-        ws_user_edits_per_second=_int(env, "WS_USER_EDITS_PER_SECOND", 20),
-        event_log_retention_days=_int(env, "EVENT_LOG_RETENTION_DAYS", 30, minimum=0),
-        event_log_max_events_per_project=_int(
-            env, "EVENT_LOG_MAX_EVENTS_PER_PROJECT", 100_000, minimum=0
+        project_cache_ttl_seconds=_int(
+            env, "PROJECT_CACHE_TTL_SECONDS", d.project_cache_ttl_seconds, minimum=0
         ),
-        worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4, minimum=0),
-        job_max_running_per_user=_int(env, "JOB_MAX_RUNNING_PER_USER", 2),
-        job_max_queued_per_user=_int(env, "JOB_MAX_QUEUED_PER_USER", 100),
-        max_job_retries=_int(env, "MAX_JOB_RETRIES", 3, minimum=0),
-        job_timeout_seconds=_positive_seconds(env, "JOB_TIMEOUT_SECONDS", 300.0),
-        job_lease_seconds=_positive_seconds(env, "JOB_LEASE_SECONDS", 30.0),
-        job_retention_days=_int(env, "JOB_RETENTION_DAYS", 30, minimum=0),
+        session_cache_seconds=_int(
+            env, "SESSION_CACHE_SECONDS", d.session_cache_seconds, minimum=0
+        ),
+        ws_max_message_bytes=_int(
+            env, "WS_MAX_MESSAGE_BYTES", d.ws_max_message_bytes, minimum=1024
+        ),
+        ws_auth_timeout_seconds=_int(env, "WS_AUTH_TIMEOUT_SECONDS", d.ws_auth_timeout_seconds),
+        ws_heartbeat_interval_seconds=_int(
+            env, "WS_HEARTBEAT_INTERVAL_SECONDS", d.ws_heartbeat_interval_seconds
+        ),
+        ws_heartbeat_timeout_seconds=_int(
+            env, "WS_HEARTBEAT_TIMEOUT_SECONDS", d.ws_heartbeat_timeout_seconds
+        ),
+        ws_send_queue=_int(env, "WS_SEND_QUEUE", d.ws_send_queue, minimum=16),
+        ws_rate_limit_per_second=_int(env, "WS_RATE_LIMIT_PER_SECOND", d.ws_rate_limit_per_second),
+        workspace_idle_seconds=_int(env, "WORKSPACE_IDLE_SECONDS", d.workspace_idle_seconds),
+        resume_max_events=_int(env, "RESUME_MAX_EVENTS", d.resume_max_events),
+        ws_max_connections_per_user=_int(
+            env, "WS_MAX_CONNECTIONS_PER_USER", d.ws_max_connections_per_user
+        ),
+        ws_user_edits_per_second=_int(env, "WS_USER_EDITS_PER_SECOND", d.ws_user_edits_per_second),
+        event_log_retention_days=_int(
+            env, "EVENT_LOG_RETENTION_DAYS", d.event_log_retention_days, minimum=0
+        ),
+        event_log_max_events_per_project=_int(
+            env, "EVENT_LOG_MAX_EVENTS_PER_PROJECT", d.event_log_max_events_per_project, minimum=0
+        ),
+        worker_concurrency=_int(env, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=0),
+        job_max_running_per_user=_int(env, "JOB_MAX_RUNNING_PER_USER", d.job_max_running_per_user),
+        job_max_queued_per_user=_int(env, "JOB_MAX_QUEUED_PER_USER", d.job_max_queued_per_user),
+        max_job_retries=_int(env, "MAX_JOB_RETRIES", d.max_job_retries, minimum=0),
+        job_timeout_seconds=_positive_seconds(env, "JOB_TIMEOUT_SECONDS", d.job_timeout_seconds),
+        job_lease_seconds=_positive_seconds(env, "JOB_LEASE_SECONDS", d.job_lease_seconds),
+        job_retention_days=_int(env, "JOB_RETENTION_DAYS", d.job_retention_days, minimum=0),
         job_task_modules=tuple(
             m.strip() for m in env.get("JOB_TASK_MODULES", "").split(",") if m.strip()
         ),
-        job_max_payload_bytes=_int(env, "JOB_MAX_PAYLOAD_BYTES", 1_048_576, minimum=1024),
-        job_max_result_bytes=_int(env, "JOB_MAX_RESULT_BYTES", 8_388_608, minimum=1024),
-        job_worker_memory_mb=_worker_memory_mb(env),
-        enable_metrics=_bool(env, "ENABLE_METRICS", True),
-        metrics_port=_port(env, "METRICS_PORT", 9090) or 0,
+        job_max_payload_bytes=_int(
+            env, "JOB_MAX_PAYLOAD_BYTES", d.job_max_payload_bytes, minimum=1024
+        ),
+        job_max_result_bytes=_int(
+            env, "JOB_MAX_RESULT_BYTES", d.job_max_result_bytes, minimum=1024
+        ),
+        job_worker_memory_mb=_worker_memory_mb(env, d.job_worker_memory_mb),
+        enable_metrics=_bool(env, "ENABLE_METRICS", d.enable_metrics),
+        metrics_port=_port(env, "METRICS_PORT", d.metrics_port) or 0,
         presence_heartbeat_seconds=heartbeat,
         presence_ttl_seconds=presence_ttl,
-        redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", 5),
-        redis_breaker_reset_seconds=_breaker_reset(env),
-        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", 1),
-        degraded_poll_seconds=_positive_seconds(env, "DEGRADED_POLL_SECONDS", 1.0),
-        workers=_int(env, "WORKERS", 1),
-        reuse_port=_bool(env, "REUSE_PORT", False),
+        redis_breaker_failures=_int(env, "REDIS_BREAKER_FAILURES", d.redis_breaker_failures),
+        redis_breaker_reset_seconds=_breaker_reset(env, d.redis_breaker_reset_seconds),
+        redis_breaker_successes=_int(env, "REDIS_BREAKER_SUCCESSES", d.redis_breaker_successes),
+        degraded_poll_seconds=_positive_seconds(
+            env, "DEGRADED_POLL_SECONDS", d.degraded_poll_seconds
+        ),
+        workers=_int(env, "WORKERS", d.workers),
+        reuse_port=_bool(env, "REUSE_PORT", d.reuse_port),
     )

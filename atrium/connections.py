@@ -106,11 +106,6 @@ class ConnectionIndex:
         """The login sessions that hold connections here now."""
         return list(self._sessions)
 
-    def connections_of(self, user_id: uuid.UUID) -> int:
-        """How many connections ``user_id`` holds open in this process."""
-        user = self._users.get(user_id)
-        return 0 if user is None else len(user.connections)
-
     def allow_edit(self, user_id: uuid.UUID, now: float) -> bool:
         """Spend one of the user's edit tokens; False when they are out of them (the edit
         must then be refused). ``now`` is the trio clock."""

@@ -71,10 +71,3 @@ class EventPublisher(Protocol):
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Deliver ``events`` (in ``seq`` order) to whoever follows ``project_id``."""
         ...
-
-
-class NoPublisher:
-    """An ``EventPublisher`` that delivers nowhere (no live workspaces attached)."""
-
-    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
-        return None

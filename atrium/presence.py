@@ -44,6 +44,7 @@ import orjson
 import trio
 
 from .breaker import BreakerState
+from .config import DEFAULTS
 from .events import EventType, NewEvent
 from .persistence import events as event_log
 from .persistence.database import Database, DatabaseUnavailable
@@ -187,8 +188,8 @@ class PresenceSettings:
     this process's own view: a slow or hanging Redis must not stall the other work of
     the workspace (everyone's edits) for the client's whole timeout."""
 
-    heartbeat_seconds: float = 2.0
-    ttl_seconds: float = 8.0
+    heartbeat_seconds: float = DEFAULTS.presence_heartbeat_seconds
+    ttl_seconds: float = DEFAULTS.presence_ttl_seconds
     answer_seconds: float = 0.25
 
 

@@ -23,6 +23,7 @@ import trio
 from . import protocol
 from .actors import ActorStopped, AskTimeout
 from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor
+from .config import Settings
 from .connections import ConnectionIndex
 from .domain.workspaces import Workspaces
 from .failures import ContainedFailures
@@ -112,20 +113,37 @@ class Handshake:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
-    """Timers and limits of each live connection (from WS_* settings)."""
+    """Timers and limits of each live connection: the WS_* settings (``of``), and a few
+    fixed ones."""
 
-    auth_timeout: float = 5.0
-    heartbeat_interval: float = 25.0
-    heartbeat_timeout: float = 60.0
-    send_queue: int = 1024
-    rate_per_second: float = 50.0
-    rate_burst: int = 100
+    auth_timeout: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    send_queue: int
+    rate_per_second: float
+    rate_burst: int
+    max_connections_per_user: int
+    user_edits_per_second: float
+    user_edit_burst: int
     rate_strikes: int = 20
     token_warning: float = 60.0
     token_grace: float = 30.0
-    max_connections_per_user: int = 20
-    user_edits_per_second: float = 20.0
-    user_edit_burst: int = 40
+
+    @classmethod
+    def of(cls, settings: Settings) -> ConnectionSettings:
+        """The connection settings of a process's ``settings`` (``Settings()``: the
+        defaults); bursts allow twice the per-second rate."""
+        return cls(
+            auth_timeout=settings.ws_auth_timeout_seconds,
+            heartbeat_interval=settings.ws_heartbeat_interval_seconds,
+            heartbeat_timeout=settings.ws_heartbeat_timeout_seconds,
+            send_queue=settings.ws_send_queue,
+            rate_per_second=settings.ws_rate_limit_per_second,
+            rate_burst=2 * settings.ws_rate_limit_per_second,
+            max_connections_per_user=settings.ws_max_connections_per_user,
+            user_edits_per_second=settings.ws_user_edits_per_second,
+            user_edit_burst=2 * settings.ws_user_edits_per_second,
+        )
 
 
 class Refused(Exception):

@@ -52,7 +52,6 @@ class EventPruner:
         self._passes = 0
         self._deleted = 0
         self._failures = 0
-        self._passed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         """Report started at once, then prune now and every ``interval`` seconds.
@@ -80,14 +79,7 @@ class EventPruner:
                 log.info("pruned %d events from the event log", deleted)
         self._deleted += deleted
         self._passes += 1
-        self._passed.set()
-        self._passed = trio.Event()
         return deleted
-
-    async def wait_passes(self, count: int) -> None:
-        """Return once ``count`` passes have finished since start."""
-        while self._passes < count:
-            await self._passed.wait()
 
     def statistics(self) -> PrunerStatistics:
         return PrunerStatistics(self._passes, self._deleted, self._failures)

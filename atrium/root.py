@@ -9,16 +9,22 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── event_retention prunes the event log at start and every 10 min (unless keep-all)
     ├── http            hypercorn + the QuartTrio app (REST and /ws/ on the main port)
     ├── ws_listener     the dedicated WebSocket listener (wsproto) on WS_PORT (when configured)
-    ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
+    ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
     ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
     │                   revocation listener (``atrium.cluster``); a Redis or database outage
     │                   is waited out inside it
     └── bridge          with REDIS_URL: relays workspace traffic to and from other processes
-                        (Redis pub/sub); last, so its restart (a bug: a Redis outage is
-                        waited out inside it) restarts nothing else
+                        (Redis pub/sub); a Redis outage is waited out inside it
+
+``rest_for_one``: a child's restart restarts every child below it, in this order (the one
+list is ``_serving_children``; tests/test_root_order.py restarts each child and checks).
+``jobs`` sits above ``workspaces`` so that a workspace crash loop (it closes every
+WebSocket; clients resume) never releases running jobs; a ``jobs`` restart restarts the
+workspaces. ``metrics``, ``cluster`` and ``bridge`` restart with anything above them,
+which costs them a reconnect.
 
 ``run.py worker`` runs the same tree without http, ws_listener and workspaces (its bridge
 only publishes: job events and progress).
@@ -26,10 +32,10 @@ The process's ``Metrics``, its Redis client and its ``Bridge`` are made here, on
 outlive a restarted child (the ``bridge`` child runs the bridge's connection loops).
 
 Children start in that order and stop in reverse, after the process drained (``/ready``
-answers 503 for DRAIN_SECONDS while everything still serves): jobs are released, then
-workspaces close their WebSockets with 1001, then the listeners drain, then the pool
-closes, then PostgreSQL stops.
-``rest_for_one``: a new pool restarts everything that holds the old one. The postmaster
+answers 503 for DRAIN_SECONDS while everything still serves): workspaces close their
+WebSockets with 1001, then held jobs are released, then the listeners drain, then the
+pool closes, then PostgreSQL stops.
+A new pool restarts everything that holds the old one. The postmaster
 sits one level down, under a ``one_for_one`` supervisor of its own: its crash restarts it
 alone, and the pool (whose URL does not change) reconnects by itself, so a database crash
 never restarts the HTTP server. Only a postmaster that keeps dying (more than 10 restarts
@@ -53,6 +59,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -275,19 +282,87 @@ async def _run_metrics(
     await serve_metrics(metrics, settings.host, settings.metrics_port, task_status=task_status)
 
 
-async def _start_metrics(
-    root: Supervisor, settings: Settings, metrics: Metrics, database: ChildHandle[Services]
-) -> int | None:
-    """Watch the tree; with ENABLE_METRICS, start the ``metrics`` listener (last) and
-    return its port."""
-    _watch(metrics, root, database)
-    if not settings.enable_metrics:
-        return None
-    child = await root.start_child(
-        ChildSpec("metrics", partial(_run_metrics, metrics, settings), shutdown_timeout=2.0)
+def _serving_children(
+    settings: Settings,
+    database: ChildHandle[Services],
+    bridge: Bridge | None,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> list[ChildSpec[Any]]:
+    """The root's children after ``database`` in a serving process, in start order: the
+    one list of the tree's order (the module docstring draws it; a test restarts each).
+
+    Under ``rest_for_one`` a child's restart restarts every child after it, and children
+    stop in reverse. So: the pruner right after the pool it prunes; the listeners next
+    (their restarts drop connections, and nothing before them needs them); then ``jobs``
+    before ``workspaces``, so a crash loop of the workspaces (a restart of that subtree
+    closes every WebSocket, which clients resume) leaves running jobs alone rather than
+    releasing and retrying them (a restart of ``jobs`` restarts the workspaces). At
+    shutdown the workspaces close their WebSockets (1001) before the listeners drain, and
+    jobs are released while the pool is still open. ``metrics``, ``cluster`` and
+    ``bridge`` come last: restarting them costs a reconnect and nothing else; the bridge
+    follows the workspaces, whose registry it receives for.
+    """
+    children: list[ChildSpec[Any]] = []
+    policy = retention_policy(settings)
+    if not policy.keeps_everything:
+        children.append(ChildSpec("event_retention", partial(_run_pruner, database, policy, clock)))
+    children.append(
+        ChildSpec("http", partial(_run_http, database, settings), shutdown_timeout=15.0)
     )
-    port: int = child.value
-    return port
+    if settings.ws_port is not None:
+        children.append(
+            ChildSpec(
+                "ws_listener", partial(_run_ws_listener, database, settings, settings.ws_port)
+            )
+        )
+    if settings.worker_concurrency > 0:
+        children.append(_jobs_child(database))
+    # Its supervisor (one_for_one) allows 5 restarts of its actors in 30 s: with backoff,
+    # a crash loop still escalates within 30 s, and restarts the children after it.
+    children.append(
+        ChildSpec(
+            "workspaces",
+            partial(_run_workspaces, database),
+            shutdown_timeout=math.inf,
+            kind="supervisor",
+        )
+    )
+    children += _tail_children(settings, database, bridge, metrics)
+    return children
+
+
+def _worker_children(
+    settings: Settings,
+    database: ChildHandle[Services],
+    bridge: Bridge | None,
+    metrics: Metrics,
+) -> list[ChildSpec[Any]]:
+    """The root's children after ``database`` in a job worker (``run.py worker``), in
+    start order: the ``jobs`` subtree, then the same tail as a serving process."""
+    return [_jobs_child(database), *_tail_children(settings, None, bridge, metrics)]
+
+
+def _tail_children(
+    settings: Settings,
+    database: ChildHandle[Services] | None,
+    bridge: Bridge | None,
+    metrics: Metrics,
+) -> list[ChildSpec[Any]]:
+    """``metrics`` (with ENABLE_METRICS), then with Redis ``cluster`` (serving processes
+    only) and ``bridge``: last, as restarting them restarts nothing else."""
+    children: list[ChildSpec[Any]] = []
+    if settings.enable_metrics:
+        children.append(
+            ChildSpec("metrics", partial(_run_metrics, metrics, settings), shutdown_timeout=2.0)
+        )
+    if bridge is not None:
+        if database is not None:
+            children.append(
+                ChildSpec("cluster", partial(_run_cluster, database), shutdown_timeout=2.0)
+            )
+        children.append(_bridge_child(bridge, database))
+    return children
 
 
 def postgres_spec(cluster: EmbeddedPostgres) -> ChildSpec[Supervisor]:
@@ -343,45 +418,12 @@ async def serve(
             settings, database_url, clock, failures, metrics, draining=draining, bridge=bridge
         ) as (root, database),
     ):
-        # After the pool it prunes, before the servers: their restarts leave it alone.
-        policy = retention_policy(settings)
-        if not policy.keeps_everything:
-            await root.start_child(
-                ChildSpec("event_retention", partial(_run_pruner, database, policy, clock))
-            )
-        http = await root.start_child(
-            ChildSpec("http", partial(_run_http, database, settings), shutdown_timeout=15.0)
-        )
-        ws_port = None
-        if settings.ws_port is not None:
-            listener = await root.start_child(
-                ChildSpec(
-                    "ws_listener", partial(_run_ws_listener, database, settings, settings.ws_port)
-                )
-            )
-            ws_port = listener.value.port
-        # Last, so it stops first (its actors close every WebSocket with 1001) and restarts
-        # alone. Its supervisor (one_for_one) allows 5 restarts of its actors in 30 s: with
-        # backoff, a crash loop still escalates within 30 s.
-        await root.start_child(
-            ChildSpec(
-                "workspaces",
-                partial(_run_workspaces, database),
-                shutdown_timeout=math.inf,
-                kind="supervisor",
-            )
-        )
-        if settings.worker_concurrency > 0:
-            # After the workspaces, so a crash loop of its own restarts nothing else; it
-            # stops first, releasing held jobs while the pool is still open.
-            await root.start_child(_jobs_child(database))
-        metrics_port = await _start_metrics(root, settings, metrics, database)
-        if bridge is not None:
-            await root.start_child(
-                ChildSpec("cluster", partial(_run_cluster, database), shutdown_timeout=2.0)
-            )
-            await root.start_child(_bridge_child(bridge, database))
-        server = http.value
+        _watch(metrics, root, database)
+        for spec in _serving_children(settings, database, bridge, metrics, clock):
+            await root.start_child(spec)
+        server: HttpServer = root.child("http").value
+        ws_port = root.child("ws_listener").value.port if settings.ws_port is not None else None
+        metrics_port = root.child("metrics").value if settings.enable_metrics else None
         task_status.started(Bound(server.host, server.port, ws_port, metrics_port, root, database))
         if shutdown_trigger is None:
             await trio.sleep_forever()
@@ -510,10 +552,10 @@ async def serve_worker(
             database,
         ),
     ):
-        await root.start_child(_jobs_child(database))
-        metrics_port = await _start_metrics(root, settings, metrics, database)
-        if bridge is not None:
-            await root.start_child(_bridge_child(bridge, None))
+        _watch(metrics, root, database)
+        for spec in _worker_children(settings, database, bridge, metrics):
+            await root.start_child(spec)
+        metrics_port = root.child("metrics").value if settings.enable_metrics else None
         task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
         if shutdown_trigger is None:
             await trio.sleep_forever()

@@ -96,21 +96,6 @@ class Services:
     redis: Redis | None = None
 
 
-def connection_settings(settings: Settings) -> ConnectionSettings:
-    """The per-connection limits and timers of live workspace connections."""
-    return ConnectionSettings(
-        auth_timeout=settings.ws_auth_timeout_seconds,
-        heartbeat_interval=settings.ws_heartbeat_interval_seconds,
-        heartbeat_timeout=settings.ws_heartbeat_timeout_seconds,
-        send_queue=settings.ws_send_queue,
-        rate_per_second=settings.ws_rate_limit_per_second,
-        rate_burst=2 * settings.ws_rate_limit_per_second,
-        max_connections_per_user=settings.ws_max_connections_per_user,
-        user_edits_per_second=settings.ws_user_edits_per_second,
-        user_edit_burst=2 * settings.ws_user_edits_per_second,
-    )
-
-
 def job_settings(settings: Settings) -> JobSettings:
     """How this process runs jobs, from its settings."""
     lease = settings.job_lease_seconds
@@ -198,7 +183,7 @@ def build_services(
         tokens=codec,
         workspaces=workspaces,
         allowed_origins=settings.allowed_origins,
-        settings=connection_settings(settings),
+        settings=ConnectionSettings.of(settings),
         failures=failures,
         metrics=metrics,
     )

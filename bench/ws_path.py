@@ -37,6 +37,7 @@ from hypercorn.config import Config  # noqa: E402
 from hypercorn.protocol.events import Request  # noqa: E402
 from hypercorn.protocol.ws_stream import WSStream  # noqa: E402
 
+from atrium.config import Settings  # noqa: E402
 from atrium.http.ws import AsgiConnection  # noqa: E402
 from atrium.metrics import Metrics  # noqa: E402
 from atrium.realtime import ConnectionSettings, Handshake, _LiveConnection  # noqa: E402
@@ -97,7 +98,7 @@ async def _hypercorn_send(config: Config) -> Any:
 
 async def measure(kind: str, receivers: int, messages: int) -> float:
     """CPU microseconds per delivery."""
-    realtime = types.SimpleNamespace(settings=ConnectionSettings(), metrics=Metrics())
+    realtime = types.SimpleNamespace(settings=ConnectionSettings.of(Settings()), metrics=Metrics())
     handshake = Handshake("x", None, {}, {})
     config = Config()
     connections = []

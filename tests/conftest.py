@@ -246,9 +246,21 @@ class InjectedFault(RuntimeError):
     """The bug a crash-recovery test plants in an actor."""
 
 
+class _CrashingWorkspaceActor(WorkspaceActor):
+    """A workspace actor whose next message raises InjectedFault, as a bug in ``handle``
+    would. ``crash_workspace`` turns one running actor into this class for one message:
+    production actors carry no fault hook."""
+
+    __slots__ = ()
+
+    async def handle(self, message: Any) -> Any:
+        self.__class__ = WorkspaceActor
+        raise InjectedFault(f"crash requested for {self.name}")
+
+
 async def crash_workspace(actor: WorkspaceActor) -> None:
     """Make a workspace actor crash as a bug would: on the next message, here a Status."""
-    actor.inject_fault(InjectedFault(f"crash requested for {actor.name}"))
+    actor.__class__ = _CrashingWorkspaceActor
     await actor.tell(Status())
 
 

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import secrets
 from pathlib import Path
 
 import pytest
 from conftest import test_settings as make_test_settings
 
-from atrium.config import ConfigError, load_settings, secret_key_problem
+from atrium.actors.workspace import WorkspaceSettings
+from atrium.breaker import BreakerSettings
+from atrium.config import (
+    ENVIRONMENT_DEFAULTS,
+    ConfigError,
+    Environment,
+    Settings,
+    load_settings,
+    secret_key_problem,
+)
+from atrium.jobs import JobSettings
+from atrium.presence import PresenceSettings
+from atrium.root import breaker_settings
+from atrium.services import job_settings, workspace_settings
 
 
 def test_defaults_suit_development(tmp_path: Path) -> None:
@@ -20,6 +35,44 @@ def test_defaults_suit_development(tmp_path: Path) -> None:
     assert settings.auth_rate_limit_per_minute == 5
     assert settings.rate_limit_per_minute == 60
     assert settings.database_url is None
+
+
+@pytest.mark.parametrize("environment", ["development", "test", "production"])
+def test_the_settings_model_holds_every_default_once(
+    tmp_path: Path, environment: Environment
+) -> None:
+    # An empty environment (but the key production requires) gives exactly the model's
+    # defaults for that ENVIRONMENT: nothing in load_settings has a default of its own.
+    key = secrets.token_urlsafe(48)
+    env = {"ENVIRONMENT": environment, "SECRET_KEY": key, "DATA_DIR": str(tmp_path)}
+    loaded = load_settings(env)
+    model = Settings.defaults(environment)
+    assert loaded == dataclasses.replace(model, secret_key=key, data_dir=tmp_path)
+    assert loaded.password_hash_concurrency == (os.cpu_count() or 1)
+    assert loaded.ws_port == ENVIRONMENT_DEFAULTS[environment].ws_port
+    assert loaded.drain_seconds == (5.0 if environment == "production" else 0.0)
+
+
+def test_settings_built_as_documented_are_what_an_empty_environment_gives(
+    tmp_path: Path,
+) -> None:
+    # ``Settings()``: a development process with nothing set (its key aside).
+    loaded = load_settings({"DATA_DIR": str(tmp_path)})
+    assert Settings(secret_key=loaded.secret_key, data_dir=tmp_path) == loaded
+    assert Settings() == Settings.defaults()
+    assert Settings().ws_port == 8001
+
+
+def test_components_records_default_to_the_settings_model() -> None:
+    # A record built without settings (a test's, a benchmark's) is what a process with
+    # default settings builds: the rules that derive one from the other agree too.
+    defaults = Settings()
+    assert BreakerSettings() == breaker_settings(defaults)
+    assert JobSettings() == job_settings(defaults)
+    assert WorkspaceSettings() == workspace_settings(defaults)
+    assert PresenceSettings() == PresenceSettings(
+        defaults.presence_heartbeat_seconds, defaults.presence_ttl_seconds
+    )
 
 
 def test_development_key_is_generated_once_and_kept(tmp_path: Path) -> None:

@@ -63,8 +63,8 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
             "event_retention",
             "http",
             "ws_listener",
-            "workspaces",
             "jobs",
+            "workspaces",
             "metrics",
         ]
         assert all(c["state"] == "running" for c in tree["children"])
@@ -130,9 +130,9 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         assert r.status_code == 503
         assert r.json()["checks"] == {
             "database": {"ok": True},
-            # rest_for_one: the jobs subtree and the metrics listener, started after the
-            # workspaces, restart too.
-            "supervision": {"ok": False, "down": ["workspaces", "jobs", "metrics"]},
+            # rest_for_one: the metrics listener, started after the workspaces, restarts
+            # too; the jobs subtree, started before them, keeps running its jobs.
+            "supervision": {"ok": False, "down": ["workspaces", "metrics"]},
         }
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         assert tree["healthy"] is False

@@ -25,6 +25,7 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave
+from atrium.config import Settings
 from atrium.domain.workspaces import Workspaces
 from atrium.outbox import PARTIAL, REFUSED, SENT
 from atrium.persistence.database import Database, DatabaseUnavailable
@@ -200,7 +201,7 @@ class World:
             tokens=codec(),
             workspaces=cast(Workspaces, self.workspaces),
             allowed_origins=("https://app.example.com",),
-            settings=replace(ConnectionSettings(), **settings),
+            settings=replace(ConnectionSettings.of(Settings()), **settings),
         )
         return self.realtime
 

@@ -28,7 +28,6 @@ def test_index_caps_connections_per_user_and_frees_a_place_on_release() -> None:
     assert index.admit(a, USER, S1, 0.0) and index.admit(b, USER, S2, 0.0)
     assert not index.admit(c, USER, S1, 0.0)
     assert index.admit(d, OTHER, uuid.uuid4(), 0.0)
-    assert index.connections_of(USER) == 2
     index.release(c)  # never admitted: nothing to forget
     index.release(a)
     assert index.admit(c, USER, S1, 0.0)

@@ -75,7 +75,6 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         "_state",
         "_nursery",
         "_held",
-        "_fault",
     )
 
     expected_errors: ClassVar[tuple[type[Exception], ...]] = ()
@@ -108,7 +107,6 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         self._state = _NEW
         self._nursery: trio.Nursery | None = None
         self._held: MsgT | Ask[MsgT] | None = None  # looked at by take_nowait, not taken
-        self._fault: Exception | None = None  # see inject_fault
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -266,8 +264,6 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
             if ask.abandoned:
                 return
             try:
-                if self._fault is not None:
-                    self._raise_fault()
                 result = await self.handle(ask.message)
             except self.expected_errors as exc:
                 ask.resolve(outcome.Error(exc))
@@ -284,16 +280,9 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
                 ask.resolve(outcome.Value(result))
         else:
             try:
-                if self._fault is not None:
-                    self._raise_fault()
                 await self.handle(cast(MsgT, item))
             except self.expected_errors as exc:
                 logger.warning("%r refused a message nobody waits for: %r", self, exc)
-
-    def _raise_fault(self) -> None:
-        fault, self._fault = self._fault, None
-        assert fault is not None
-        raise fault
 
     def _close(self) -> None:
         self._state = _STOPPED
@@ -354,15 +343,6 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
                 raise ActorStopped(f"{self!r} is not accepting messages") from None
             return cast(ReplyT, await slot.wait())
         raise AskTimeout(f"{self!r} did not answer within {timeout}s")
-
-    def inject_fault(self, error: Exception) -> None:
-        """Make the next message this actor takes raise ``error`` instead of being handled,
-        as a bug in :meth:`handle` would: the actor crashes (unless ``error`` is one of
-        :attr:`expected_errors`) and its supervisor restarts it.
-
-        A seam for crash-recovery tests and fault drills; atrium itself never calls it.
-        """
-        self._fault = error
 
     def statistics(self) -> ActorStatistics:
         """Return the mailbox depth and capacity, the messages handled and liveness."""

@@ -21,6 +21,7 @@ from typing import Any, Self
 import trio
 
 from .. import protocol
+from ..config import DEFAULTS
 from ..events import Event, EventType, NewEvent
 from ..outbox import Outbox
 from ..persistence import events as store
@@ -144,10 +145,12 @@ def _is_edit(message: Message) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class WorkspaceSettings:
-    resume_max_events: int = 1000
-    idle_timeout: float = 30.0
+    resume_max_events: int = DEFAULTS.resume_max_events
+    idle_timeout: float = DEFAULTS.workspace_idle_seconds
     mailbox_size: int = 4096
-    edit_batch: int = 64  # at most this many queued edits are stored in one transaction
+    # At most this many queued edits are stored in one transaction (services.py derives
+    # it from WS_SEND_QUEUE; this is what the default queue gives).
+    edit_batch: int = 64
 
 
 class WorkspaceActor(Actor[Message, Any]):

@@ -94,7 +94,6 @@ class Workspaces:
         # relay was connected then (``_cut_off``: those whose relay was not).
         self._peers: dict[str, float] = {}
         self._cut_off: set[str] = set()
-        self._peer_heard = trio.Event()
         self._greet, self._greetings = trio.open_memory_channel[str](math.inf)
 
     async def run(
@@ -142,9 +141,10 @@ class Workspaces:
         connected)."""
         return bool(self._peers) and (bool(self._cut_off) or not self._relay.connected)
 
-    async def wait_peer(self) -> None:
-        """Return once another process that follows the log has been heard."""
-        await self._peer_heard.wait()
+    @property
+    def peers(self) -> frozenset[str]:
+        """The other processes that follow the log, as heard now (their ``instance``)."""
+        return frozenset(self._peers)
 
     async def _greet_forever(self) -> None:
         async for word in self._greetings:
@@ -181,7 +181,6 @@ class Workspaces:
             return
         if instance not in self._peers:
             log.info("another process follows the log: %s", instance)
-            self._peer_heard.set()
         self._peers[instance] = trio.current_time()
         if connected:
             self._cut_off.discard(instance)

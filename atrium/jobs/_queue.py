@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from ..config import DEFAULTS
 from ..events import Event
 from ..metrics import Metrics
 from ..persistence import jobs as store
@@ -27,29 +28,29 @@ if TYPE_CHECKING:
 class JobSettings:
     """How this process runs jobs."""
 
-    concurrency: int = 4
+    concurrency: int = DEFAULTS.worker_concurrency
     """Job actors in this process (WORKER_CONCURRENCY); 0 runs none."""
-    max_running_per_user: int | None = 2
+    max_running_per_user: int | None = DEFAULTS.job_max_running_per_user
     """One user's jobs running at once across every process (JOB_MAX_RUNNING_PER_USER);
     None: no limit. Below the actors of a process, so another user's job finds one free."""
-    max_queued_per_user: int | None = 100
+    max_queued_per_user: int | None = DEFAULTS.job_max_queued_per_user
     """One user's jobs waiting to run (JOB_MAX_QUEUED_PER_USER); more is refused, 429."""
-    lease_seconds: float = 30.0
+    lease_seconds: float = DEFAULTS.job_lease_seconds
     """A running job's lease (JOB_LEASE_SECONDS); renewed every third of it."""
-    default_timeout: float = 300.0
-    default_max_retries: int = 3
-    retention_days: int = 30
+    default_timeout: float = DEFAULTS.job_timeout_seconds
+    default_max_retries: int = DEFAULTS.max_job_retries
+    retention_days: int = DEFAULTS.job_retention_days
     """Finished jobs older than this are deleted (JOB_RETENTION_DAYS); 0 keeps them."""
     poll_seconds: float = 1.0
     """Idle actors look for due jobs at least this often (retries, other processes)."""
     drain_seconds: float = 5.0
     """A stopping actor lets its job run this long, then releases it back to the queue."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    max_payload_bytes: int = 1_048_576
+    max_payload_bytes: int = DEFAULTS.job_max_payload_bytes
     """A payload longer as JSON is refused at submission (JOB_MAX_PAYLOAD_BYTES)."""
-    max_result_bytes: int = 8_388_608
+    max_result_bytes: int = DEFAULTS.job_max_result_bytes
     """A result longer as JSON is not stored: the job is dead (JOB_MAX_RESULT_BYTES)."""
-    worker_memory_mb: int = 1024
+    worker_memory_mb: int = DEFAULTS.job_worker_memory_mb
     """Address-space limit of each job worker process (JOB_WORKER_MEMORY_MB); 0: none."""
     progress_interval: float = 0.25
     """A running job's progress is written and sent at most once per this many seconds;

@@ -169,10 +169,3 @@ async def revoked_among(db: Database, session_ids: Sequence[uuid.UUID]) -> list[
     )
     alive = {row["id"] for row in live}
     return [session_id for session_id in session_ids if session_id not in alive]
-
-
-async def session_revoked_reason(db: Database, session_id: uuid.UUID) -> str | None:
-    """Why the session was revoked, or None while it is live (for tests and audits)."""
-    return await db.fetchval(  # type: ignore[no-any-return]
-        "SELECT revoked_reason FROM sessions WHERE id = $1", session_id
-    )
