@@ -15,12 +15,12 @@ import trio.testing
 from conftest import FakeClock
 from test_projects import API, make_accounts
 
-from atrium.cache import Filled, MemoryUserCache
 from atrium.domain import projects as project_service
+from atrium.domain.services import build_services
 from atrium.http import security
 from atrium.http.app import create_app
+from atrium.identity.cache import Filled, MemoryUserCache
 from atrium.persistence.database import Database
-from atrium.services import build_services
 
 USER = uuid.uuid4()
 

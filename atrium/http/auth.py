@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 from quart import Blueprint, Response, g, request
 from quart_schema import document_response, security_scheme, tag, validate_request
 
-from ..emails import email_key
-from ..passwords import HashingBusy
+from ..core.emails import email_key
+from ..identity.passwords import HashingBusy
+from ..identity.proxies import client_address
+from ..identity.tokens import TokenError
 from ..persistence import accounts
 from ..persistence.accounts import Rotation, User
-from ..proxies import client_address
-from ..tokens import TokenError
 from .errors import ApiError
 from .schemas import (
     JSON_BODY,

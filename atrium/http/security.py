@@ -11,13 +11,13 @@ from typing import ParamSpec, TypeVar
 
 from quart import current_app, g, request
 
-from ..cache import Fill
-from ..logs import bind
+from ..core.logs import bind
+from ..domain.services import Services
+from ..identity.cache import Fill
+from ..identity.ratelimit import RateDecision
+from ..identity.tokens import Claims, TokenError
 from ..persistence import accounts
 from ..persistence.accounts import User
-from ..ratelimit import RateDecision
-from ..services import Services
-from ..tokens import Claims, TokenError
 from .errors import ApiError
 
 P = ParamSpec("P")

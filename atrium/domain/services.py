@@ -1,6 +1,6 @@
 """The long-lived objects of one database pool, built together in one place.
 
-``build_services`` is the one constructor: the composition root (``atrium.root``) calls it
+``build_services`` is the one constructor: the composition root (``atrium.runtime.root``) calls it
 when the ``database`` child has opened its pool and hands the result down, typed, to the
 children that serve (HTTP, the WebSocket listener, the workspace supervisor, the pruner).
 A new pool (the ``database`` child restarted) gets a new ``Services``, and under the
@@ -15,24 +15,16 @@ from dataclasses import dataclass
 
 import trio
 
-from .actors.bridge import Bridge
-from .actors.workspace import WorkspaceSettings
-from .admission import Admission, LocalAdmission, SharedAdmission
-from .cache import MemoryUserCache, SharedUserCache, UserCache
-from .cluster import Cluster
-from .config import Settings
-from .domain.projects import Projects
-from .domain.workspaces import Workspaces
-from .events import EventPublisher
-from .failures import ContainedFailures
-from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
-from .metrics import Metrics
-from .passwords import Passwords
-from .persistence.database import Database
-from .persistence.redis import Redis
-from .persistence.shared import Generations, LoginFailures, RateWindows, Scripts
-from .presence import ClusterPresence, LocalPresence, PresenceSettings
-from .ratelimit import (
+from ..actors.bridge import Bridge
+from ..actors.workspace import WorkspaceSettings
+from ..core.config import Settings
+from ..core.events import EventPublisher
+from ..core.failures import ContainedFailures
+from ..core.metrics import Metrics
+from ..identity.admission import Admission, LocalAdmission, SharedAdmission
+from ..identity.cache import MemoryUserCache, SharedUserCache, UserCache
+from ..identity.passwords import Passwords
+from ..identity.ratelimit import (
     LoginBackoff,
     MemoryLoginBackoff,
     MemoryRateLimiter,
@@ -40,11 +32,19 @@ from .ratelimit import (
     SharedLoginBackoff,
     SharedRateLimiter,
 )
+from ..identity.sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
+from ..identity.tokens import TokenCodec, VerifiedTokens
+from ..jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
+from ..persistence.database import Database
+from ..persistence.redis import Redis
+from ..persistence.shared import Generations, LoginFailures, RateWindows, Scripts
+from ..realtime.cluster import Cluster
+from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
+from ..supervision import Supervisor
+from ..tasks import load_task_modules
+from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
-from .sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
-from .supervision import Supervisor
-from .tasks import load_task_modules
-from .tokens import TokenCodec, VerifiedTokens
+from .workspaces import Workspaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class Services:
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
-    ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
+    ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
