@@ -57,5 +57,7 @@ def test_the_reference_states_the_models_defaults() -> None:
                 if value not in row.default:
                     wrong.append(f"{'/'.join(row.names)}: {row.default!r} lacks {value!r}")
         checked += 1
-    assert wrong == [], f"docs/CONFIGURATION.md's defaults differ from atrium/core/config.py: {wrong}"
+    assert wrong == [], (
+        f"docs/CONFIGURATION.md's defaults differ from atrium/core/config.py: {wrong}"
+    )
     assert checked >= 50
