@@ -42,6 +42,7 @@ from ..realtime.cluster import Cluster
 from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
 from ..supervision import Supervisor
 from ..tasks import load_task_modules
+from .accounts import Accounts
 from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
 from .workspaces import Workspaces
@@ -58,7 +59,8 @@ class Services:
     limit (with Redis, in one round trip when the session is cached); ``passwords``
     bounds argon2 work process-wide; ``login_backoff`` slows logins to an email that keeps
     failing; ``failures`` counts the requests and connections that ended in an unexpected
-    exception. ``projects`` and ``workspaces`` are the application services;
+    exception. ``accounts`` (signup, login, refresh, logout, signing a request in),
+    ``projects`` and ``workspaces`` are the application services;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
@@ -83,6 +85,7 @@ class Services:
     passwords: Passwords
     login_backoff: LoginBackoff
     failures: ContainedFailures
+    accounts: Accounts
     projects: Projects
     workspaces: Workspaces
     realtime: Realtime
@@ -197,21 +200,35 @@ def build_services(
         admission = LocalAdmission(session_cache, limiter)
     else:
         limiter, session_cache, admission = shared.admission(settings.session_cache_seconds)
+    verified_tokens = VerifiedTokens(codec)
+    passwords = Passwords(settings.password_hash_concurrency, settings.password_hash_queue_seconds)
+    login_backoff = _login_backoff(settings, clock) if shared is None else shared.backoff()
+    session_ends = LocalSessionEnds(realtime) if cluster is None else cluster.session_ends
     return Services(
         settings=settings,
         db=db,
         tokens=codec,
-        verified_tokens=VerifiedTokens(codec),
+        verified_tokens=verified_tokens,
         limiter=limiter,
         clock=clock,
         project_cache=project_cache,
         session_cache=session_cache,
         admission=admission,
-        passwords=Passwords(
-            settings.password_hash_concurrency, settings.password_hash_queue_seconds
-        ),
-        login_backoff=_login_backoff(settings, clock) if shared is None else shared.backoff(),
+        passwords=passwords,
+        login_backoff=login_backoff,
         failures=failures,
+        accounts=Accounts(
+            settings=settings,
+            db=db,
+            tokens=codec,
+            verified_tokens=verified_tokens,
+            limiter=limiter,
+            passwords=passwords,
+            login_backoff=login_backoff,
+            admission=admission,
+            session_cache=session_cache,
+            session_ends=session_ends,
+        ),
         projects=Projects(db, project_cache, publish),
         workspaces=workspaces,
         realtime=realtime,
@@ -219,7 +236,7 @@ def build_services(
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
-        session_ends=LocalSessionEnds(realtime) if cluster is None else cluster.session_ends,
+        session_ends=session_ends,
         cluster=cluster,
         bridge=bridge,
         redis=redis,

@@ -31,8 +31,8 @@ from hypercorn.typing import (
 from pydantic import BaseModel, ValidationError
 
 from ..core.logs import bind
+from ..domain.accounts import User
 from ..domain.services import Services
-from ..persistence.accounts import User
 from ..persistence.database import DatabaseUnavailable
 from .auth import me_body
 from .edge import send_response

@@ -23,8 +23,8 @@ from quart_schema import (
 )
 
 from ..core.timestamps import utc_iso, utc_iso_at
+from ..domain.accounts import User
 from ..domain.services import Services
-from ..persistence.accounts import User
 from ..persistence.projects import (
     AlreadyMember,
     LastOwner,
