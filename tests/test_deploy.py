@@ -43,7 +43,7 @@ NOT_SETTINGS |= {"PIP_DISABLE_PIP_VERSION_CHECK", "CI"}
 
 def setting_names() -> set[str]:
     """The environment variables atrium/core/config.py reads."""
-    source = (ROOT / "atrium" / "config.py").read_text()
+    source = (ROOT / "atrium" / "core" / "config.py").read_text()
     return set(re.findall(r'(?:env, |env\.get\()"([A-Z][A-Z0-9_]*)"', source))
 
 
