@@ -6,7 +6,7 @@
 
 With no DATABASE_URL an embedded PostgreSQL runs in DATA_DIR (default ./.atrium).
 ``--workers N`` (or WORKERS) serves from N processes sharing the ports
-(atrium/process_group.py), bridged through REDIS_URL or an embedded Redis.
+(atrium/runtime/process_group.py), bridged through REDIS_URL or an embedded Redis.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from collections.abc import Iterator
 
 import trio
 
-from atrium.config import ConfigError, Settings, load_settings
-from atrium.logs import configure_logging
-from atrium.seams.aio_loop import open_loop
+from atrium.core.config import ConfigError, Settings, load_settings
+from atrium.core.logs import configure_logging
 from atrium.persistence.database import open_database
 from atrium.persistence.embedded import EmbeddedPostgresError, embedded_postgres
 from atrium.persistence.embedded_redis import EmbeddedRedisError
 from atrium.persistence.migrate import migrate
-from atrium.process_group import ProcessGroup, WorkerExited, serve_processes
-from atrium.root import Bound, serve, serve_worker, tune_gc
+from atrium.runtime.process_group import ProcessGroup, WorkerExited, serve_processes
+from atrium.runtime.root import Bound, serve, serve_worker, tune_gc
+from atrium.seams.aio_loop import open_loop
 from atrium.supervision import SupervisorEscalation
 
 _RUN_PY = os.path.abspath(__file__)

@@ -25,10 +25,10 @@ from typing import Any  # noqa: E402
 
 import trio  # noqa: E402
 
+from atrium.core.metrics import Metrics  # noqa: E402
 from atrium.http.edge import Edge  # noqa: E402
 from atrium.http.request_log import RequestLog  # noqa: E402
 from atrium.http.request_metrics import RequestMetrics  # noqa: E402
-from atrium.metrics import Metrics  # noqa: E402
 
 App = Callable[[Any, Any, Any], Any]
 _BODY = b'{"ok":true}'

@@ -62,7 +62,7 @@ import trio  # noqa: E402
 import trio_parallel  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from atrium.events import Event  # noqa: E402
+from atrium.core.events import Event  # noqa: E402
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
 from atrium.jobs._workers import WorkerPool  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402

@@ -37,10 +37,10 @@ from hypercorn.config import Config  # noqa: E402
 from hypercorn.protocol.events import Request  # noqa: E402
 from hypercorn.protocol.ws_stream import WSStream  # noqa: E402
 
-from atrium.config import Settings  # noqa: E402
+from atrium.core.config import Settings  # noqa: E402
+from atrium.core.metrics import Metrics  # noqa: E402
+from atrium.domain.realtime import ConnectionSettings, Handshake, _LiveConnection  # noqa: E402
 from atrium.http.ws import AsgiConnection  # noqa: E402
-from atrium.metrics import Metrics  # noqa: E402
-from atrium.realtime import ConnectionSettings, Handshake, _LiveConnection  # noqa: E402
 
 FRAME = (
     '{"type":"CURSOR_UPDATE","user_id":"6f1c2a3e-1111-4a4b-9c9d-0e0f10111213",'

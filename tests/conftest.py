@@ -25,12 +25,12 @@ import trio
 from redis_server import RedisServer
 
 from atrium.actors.workspace import Status, WorkspaceActor
-from atrium.config import Settings, load_settings
-from atrium.logs import make_handler
+from atrium.core.config import Settings, load_settings
+from atrium.core.logs import make_handler
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrate import migrate
-from atrium.root import Bound, serve
+from atrium.runtime.root import Bound, serve
 from atrium.seams.aio_loop import open_loop
 
 _TEMPLATE = f"atrium_tpl_{os.getpid()}"

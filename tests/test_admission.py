@@ -20,11 +20,11 @@ from redis_server import RedisServer
 from test_shared_state import BREAKER
 from test_workspace import make_member
 
-from atrium.admission import Admitted, SharedAdmission
-from atrium.cache import SharedUserCache
+from atrium.identity.admission import Admitted, SharedAdmission
+from atrium.identity.cache import SharedUserCache
+from atrium.identity.ratelimit import MemoryRateLimiter, SharedRateLimiter
 from atrium.persistence.redis import Redis, open_redis
 from atrium.persistence.shared import Generations, RateWindows, Scripts
-from atrium.ratelimit import MemoryRateLimiter, SharedRateLimiter
 
 # The revocation listener PINGs its subscription; the test resets and reads the statistics.
 _NOT_REQUESTS = {"ping", "info", "config"}

@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from atrium.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from atrium.config import ConfigError, load_settings
+from atrium.core.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from atrium.core.config import ConfigError, load_settings
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 

@@ -33,10 +33,10 @@ from atrium.actors.bridge import (
     channel_of,
     patterns_of,
 )
-from atrium.breaker import BreakerSettings, CircuitBreaker
-from atrium.metrics import Metrics
+from atrium.core.breaker import BreakerSettings, CircuitBreaker
+from atrium.core.metrics import Metrics
 from atrium.persistence.redis import Redis, open_redis
-from atrium.root import Bound, serve_worker
+from atrium.runtime.root import Bound, serve_worker
 from atrium.seams.redis_wire import publish_all, replies_can_be_skipped
 
 # Small breaker: a Redis restart must not keep the servers apart for a minute.

@@ -12,8 +12,8 @@ import pytest
 from conftest import test_settings as make_test_settings
 
 from atrium.actors.workspace import WorkspaceSettings
-from atrium.breaker import BreakerSettings
-from atrium.config import (
+from atrium.core.breaker import BreakerSettings
+from atrium.core.config import (
     ENVIRONMENT_DEFAULTS,
     ConfigError,
     Environment,
@@ -21,10 +21,10 @@ from atrium.config import (
     load_settings,
     secret_key_problem,
 )
+from atrium.domain.services import job_settings, workspace_settings
 from atrium.jobs import JobSettings
-from atrium.presence import PresenceSettings
-from atrium.root import breaker_settings
-from atrium.services import job_settings, workspace_settings
+from atrium.realtime.presence import PresenceSettings
+from atrium.runtime.root import breaker_settings
 
 
 def test_defaults_suit_development(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The configuration reference (docs/CONFIGURATION.md, written from
-``atrium/config_reference.py``) states the defaults that the settings model holds."""
+``atrium/core/config_reference.py``) states the defaults that the settings model holds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import get_args
 
-from atrium import config_reference as reference
-from atrium.config import Environment, Settings
+from atrium.core import config_reference as reference
+from atrium.core.config import Environment, Settings
 
 FIELDS = {field.name for field in dataclasses.fields(Settings)}
 # Defaults the reference states as a rule, not a value: generated, or following another
@@ -57,5 +57,7 @@ def test_the_reference_states_the_models_defaults() -> None:
                 if value not in row.default:
                     wrong.append(f"{'/'.join(row.names)}: {row.default!r} lacks {value!r}")
         checked += 1
-    assert wrong == [], f"docs/CONFIGURATION.md's defaults differ from atrium/config.py: {wrong}"
+    assert wrong == [], (
+        f"docs/CONFIGURATION.md's defaults differ from atrium/core/config.py: {wrong}"
+    )
     assert checked >= 50

@@ -18,9 +18,9 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEven
 from test_workspace import Team, edit, file_changes, make_team, session
 from wsclient import connect
 
+import atrium.domain.realtime
 import atrium.domain.workspaces
 import atrium.http.hot
-import atrium.realtime
 from atrium.http.edge import Edge
 
 ADMIN_TOKEN = "operator-token-0123456789"
@@ -103,14 +103,14 @@ async def test_unexpected_exception_closes_only_that_connection_with_1011(
                 raise ConnectionRefusedError("the database went away")
 
             with monkeypatch.context() as patch:
-                patch.setattr(atrium.realtime.accounts, "find_session_user", refused)
+                patch.setattr(atrium.domain.realtime.accounts, "find_session_user", refused)
                 for _ in range(7):
                     async with connect(team.url(), team.owner.token) as failing:
                         assert await failing.closed() == (1011, "internal_error")
             assert (await contained(server))["connection"] == 7
 
             # While running, inside the connection's nursery: an exception group.
-            parse = atrium.realtime.protocol.parse_client_frame
+            parse = atrium.domain.realtime.protocol.parse_client_frame
 
             def explode(raw: str | bytes) -> object:
                 if "boom" in str(raw):
@@ -118,7 +118,7 @@ async def test_unexpected_exception_closes_only_that_connection_with_1011(
                 return parse(raw)
 
             async with session(team, team.owner) as failing:
-                monkeypatch.setattr(atrium.realtime.protocol, "parse_client_frame", explode)
+                monkeypatch.setattr(atrium.domain.realtime.protocol, "parse_client_frame", explode)
                 await failing.send({"type": "boom"})
                 assert await failing.closed() == (1011, "internal_error")
             monkeypatch.undo()
@@ -139,7 +139,7 @@ async def test_failures_are_logged_once_with_context(
         async def refused(*args: object) -> None:
             raise ConnectionRefusedError("the database went away")
 
-        monkeypatch.setattr(atrium.realtime.accounts, "find_session_user", refused)
+        monkeypatch.setattr(atrium.domain.realtime.accounts, "find_session_user", refused)
         async with connect(team.url(), team.owner.token) as failing:
             assert await failing.closed() == (1011, "internal_error")
         records = [r for r in caplog.records if r.name == "atrium.failures"]

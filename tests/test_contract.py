@@ -44,9 +44,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from atrium.core.roles import Role
 from atrium.http.json import dumps_bytes
 from atrium.http.schemas import CollaboratorResponse, UserResponse, respond
-from atrium.roles import Role
 
 EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "10"))
 CHECKS = [

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import Running
 
-from atrium.config import Settings, load_settings
+from atrium.core.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -42,8 +42,8 @@ NOT_SETTINGS |= {"PIP_DISABLE_PIP_VERSION_CHECK", "CI"}
 
 
 def setting_names() -> set[str]:
-    """The environment variables atrium/config.py reads."""
-    source = (ROOT / "atrium" / "config.py").read_text()
+    """The environment variables atrium/core/config.py reads."""
+    source = (ROOT / "atrium" / "core" / "config.py").read_text()
     return set(re.findall(r'(?:env, |env\.get\()"([A-Z][A-Z0-9_]*)"', source))
 
 
@@ -216,7 +216,7 @@ def test_every_variable_they_set_is_a_setting_and_loads() -> None:
     environments["workflow"] = yaml.safe_load(WORKFLOW.read_text())["jobs"]["test"]["env"]
     for where, env in environments.items():
         unknown = set(env) - names - NOT_SETTINGS
-        assert not unknown, f"{where} sets {unknown}, which atrium/config.py never reads"
+        assert not unknown, f"{where} sets {unknown}, which atrium/core/config.py never reads"
         for name in set(env) - NOT_SETTINGS:
             assert f"`{name}`" in reference, f"{name} is not in docs/CONFIGURATION.md"
     for where in [w for w in environments if w != "workflow"]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from atrium import config
-from atrium.config_reference import ENVIRONMENT_VARIABLES, reference_markdown
+from atrium.core import config
+from atrium.core.config_reference import ENVIRONMENT_VARIABLES, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -80,8 +80,8 @@ def test_every_relative_link_reaches_a_file_and_heading(path: Path) -> None:
 def test_the_configuration_reference_is_generated_from_its_rows() -> None:
     written = (ROOT / "docs" / "CONFIGURATION.md").read_text(encoding="utf-8")
     assert written == reference_markdown(), (
-        "docs/CONFIGURATION.md differs from atrium/config_reference.py: run "
-        "python -m atrium.config_reference > docs/CONFIGURATION.md"
+        "docs/CONFIGURATION.md differs from atrium/core/config_reference.py: run "
+        "python -m atrium.core.config_reference > docs/CONFIGURATION.md"
     )
 
 
@@ -114,9 +114,11 @@ def test_every_variable_load_settings_reads_has_a_row(
     config.load_settings(env)
     documented = {name for row in ENVIRONMENT_VARIABLES for name in row.names}
     missing, stale = env.read - documented, documented - env.read
-    assert not missing, f"load_settings reads {missing}: add rows to atrium/config_reference.py"
+    assert not missing, (
+        f"load_settings reads {missing}: add rows to atrium/core/config_reference.py"
+    )
     assert not stale, (
-        f"atrium/config_reference.py has rows for {stale}: load_settings never reads them"
+        f"atrium/core/config_reference.py has rows for {stale}: load_settings never reads them"
     )
 
 

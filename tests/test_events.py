@@ -15,12 +15,12 @@ import trio
 from conftest import Running
 from test_projects import API, make_accounts, new_project, sign_up
 
-from atrium.events import Event, EventType, NewEvent
+from atrium.core.events import Event, EventType, NewEvent
+from atrium.domain.services import build_services
 from atrium.http.app import create_app
 from atrium.persistence import events as event_log
 from atrium.persistence import projects
 from atrium.persistence.database import Database
-from atrium.services import build_services
 
 
 async def _events(server: Running, headers: dict[str, str], pid: str, query: str = "") -> Any:

@@ -14,7 +14,7 @@ import trio_asyncio
 from conftest import FakeClock, Running, StartServer, _admin, _with_database
 from test_projects import API, new_project, sign_up
 
-from atrium.emails import email_key, email_problem
+from atrium.core.emails import email_key, email_problem
 from atrium.persistence import accounts
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.migrate import MigrationError, available_migrations, migrate

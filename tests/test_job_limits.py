@@ -22,10 +22,10 @@ from served import start_serving
 from test_jobs_api import auth, run, wait_status
 from test_jobs_queue import make_user
 
+from atrium.core.timestamps import utc_iso
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
 from atrium.persistence.jobs import JobStatus, Priority
-from atrium.timestamps import utc_iso
 
 MB = 1_000_000
 

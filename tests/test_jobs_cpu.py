@@ -24,8 +24,8 @@ import trio
 import trio.testing
 from pydantic import BaseModel
 
-from atrium.config import ConfigError, load_settings
-from atrium.events import Event
+from atrium.core.config import ConfigError, load_settings
+from atrium.core.events import Event
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec
 from atrium.persistence import accounts
 from atrium.persistence import jobs as store

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from test_jobs_queue import WAIT, Rig, make_user, running_jobs, wait
 
-from atrium.events import Event
+from atrium.core.events import Event
 from atrium.jobs import RetryPolicy
 from atrium.persistence import jobs as store
 from atrium.persistence import projects

@@ -19,12 +19,12 @@ import trio
 import trio.testing
 from pydantic import BaseModel
 
+from atrium.core.roles import Role
 from atrium.jobs import JobQueue, JobService, JobSettings, RetryPolicy, jobs_spec
 from atrium.persistence import accounts, projects
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
 from atrium.persistence.jobs import Job, JobStatus, Priority
-from atrium.roles import Role
 from atrium.supervision import Supervisor, open_supervisor
 from atrium.tasks import PermanentJobError, TaskContext, TaskRegistry
 from atrium.tasks import registry as builtins

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from conftest import FakeClock, Running, StartServer
 
-from atrium.proxies import client_address
-from atrium.ratelimit import MemoryLoginBackoff
+from atrium.identity.proxies import client_address
+from atrium.identity.ratelimit import MemoryLoginBackoff
 
 LOGIN = "/api/v1/auth/login"
 VICTIM = "victim@example.com"

@@ -1,6 +1,6 @@
 """Log lines as an operator reads them: JSON, correlated by request, connection and job
 id, and free of secrets. Captured from a real server (hypercorn on port 0) through the
-handler ``run.py`` installs (``atrium.logs.make_handler``)."""
+handler ``run.py`` installs (``atrium.core.logs.make_handler``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import Running, StartServer
 from trio.testing import wait_all_tasks_blocked
 from wsclient import connect
 
-from atrium.logs import REDACTED, TextFormatter, log_context, make_handler
+from atrium.core.logs import REDACTED, TextFormatter, log_context, make_handler
 from atrium.persistence.jobs import JobStatus
 from atrium.supervision import ChildSpec, open_supervisor
 

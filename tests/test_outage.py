@@ -31,7 +31,7 @@ from trio_websocket import HandshakeError
 from wsclient import Client, connect
 
 from atrium.persistence.embedded import EmbeddedPostgres, _is_postmaster_of, embedded_postgres
-from atrium.root import Bound, serve
+from atrium.runtime.root import Bound, serve
 from atrium.supervision import Supervisor
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from atrium.outbox import Outbox
+from atrium.realtime.outbox import Outbox
 
 
 def test_frames_come_out_in_order_and_cursors_last() -> None:

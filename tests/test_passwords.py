@@ -13,8 +13,8 @@ import trio.testing
 from argon2 import PasswordHasher
 from conftest import StartServer
 
-from atrium import passwords
-from atrium.passwords import HashingBusy, Passwords
+from atrium.identity import passwords
+from atrium.identity.passwords import HashingBusy, Passwords
 
 # Cheap parameters: the bound is under test here, not argon2's cost.
 _FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)

@@ -20,9 +20,9 @@ from served import start_serving
 from test_workspace import Member, make_member
 from wsclient import Client, connect
 
-from atrium.events import EventType
+from atrium.core.events import EventType
 from atrium.persistence.redis import BreakerSettings, open_redis
-from atrium.presence import ClusterPresence, PresenceSettings
+from atrium.realtime.presence import ClusterPresence, PresenceSettings
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}
@@ -223,7 +223,7 @@ async def test_a_process_cut_off_while_reaped_announces_its_users_again(
 
 @pytest.mark.parametrize("connections", [1, 3])
 async def test_local_presence_decides_from_this_process_counts(connections: int) -> None:
-    from atrium.presence import LocalPresence, Transition
+    from atrium.realtime.presence import LocalPresence, Transition
 
     board = LocalPresence()
     project, user = uuid.uuid4(), uuid.uuid4()
@@ -236,7 +236,7 @@ async def test_local_presence_decides_from_this_process_counts(connections: int)
 
 
 def test_presence_settings_are_validated() -> None:
-    from atrium.config import ConfigError, load_settings
+    from atrium.core.config import ConfigError, load_settings
 
     defaults = load_settings({"ENVIRONMENT": "test", "SECRET_KEY": SECRET})
     assert (defaults.presence_heartbeat_seconds, defaults.presence_ttl_seconds) == (2.0, 8.0)
@@ -291,7 +291,7 @@ async def test_the_board_writes_activity_and_silent_drops_at_its_next_beat(
 async def test_a_board_cut_off_from_redis_decides_alone_and_rewrites_everything_on_return(
     aio_loop: None, db: Any, own_redis: RedisServer
 ) -> None:
-    from atrium.presence import OnlineUser, Transition
+    from atrium.realtime.presence import OnlineUser, Transition
 
     project, ann, bob = await two_users(db)
     breaker = BreakerSettings(failures=1, reset_seconds=0.0, successes=1)
@@ -400,7 +400,7 @@ async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_d
     # leave when it dies, as everyone else on a dead process does, and must not go
     # through a leave while the process lives.
     from atrium.persistence import events as event_log
-    from atrium.presence import Transition
+    from atrium.realtime.presence import Transition
 
     project, ann, bob = await two_users(db)
     async with open_redis(redis_url, BreakerSettings()) as redis:
@@ -456,7 +456,7 @@ async def test_a_leave_the_reaper_stores_after_the_users_next_join_is_dropped(
     # stored first; the reaper's LEAVE, stored after it, would say she left while online.
     from atrium.persistence.events import append_presence
     from atrium.persistence.presence import Entry, PresenceStore
-    from atrium.presence import presence_event
+    from atrium.realtime.presence import presence_event
 
     project, ann, bob = await two_users(db)
     join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
@@ -506,7 +506,7 @@ async def test_a_leave_on_one_process_committed_after_a_join_on_another_is_dropp
 ) -> None:
     # Ann leaves on P1 and joins on P2 at once: P2's JOIN commits before P1's LEAVE.
     from atrium.persistence.events import append_presence
-    from atrium.presence import Transition, presence_event
+    from atrium.realtime.presence import Transition, presence_event
 
     project, ann, _ = await two_users(db)
     join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
@@ -544,9 +544,9 @@ async def test_workspaces_on_two_processes_store_and_deliver_no_stale_leave(
         WorkspaceActor,
         WorkspaceSettings,
     )
-    from atrium.outbox import Outbox
-    from atrium.presence import Decision
-    from atrium.roles import Role
+    from atrium.core.roles import Role
+    from atrium.realtime.outbox import Outbox
+    from atrium.realtime.presence import Decision
 
     class SlowToStore(ClusterPresence):
         """Holds a leave between Redis deciding it and the workspace storing it."""
@@ -601,7 +601,7 @@ async def test_the_reaper_stores_no_leave_decided_before_the_users_return(
     # Through the heartbeat's own reaping: the reaper decides Ann left with her dead
     # process, and is held up before storing it while she joins on another process.
     from atrium.persistence.events import append_presence
-    from atrium.presence import Transition, presence_event
+    from atrium.realtime.presence import Transition, presence_event
 
     class HeldReaper(ClusterPresence):
         """Holds the events its heartbeat reaped between deciding and storing them."""
@@ -647,7 +647,7 @@ async def test_after_redis_lost_its_data_a_process_re_asserts_before_it_trusts_a
     # last write (its keys put back as they were before it): the totals Redis gives the
     # next join or leave would be wrong (a second tab taken for a first join, a last
     # leave for nothing), unless the process writes everything it holds first.
-    from atrium.presence import Transition
+    from atrium.realtime.presence import Transition
 
     project, ann, bob = await two_users(db)
     cat = uuid.uuid4()
@@ -700,9 +700,9 @@ async def test_a_tab_joining_as_redis_comes_back_empty_is_shown_everyone_online(
 
     from atrium.actors.workspace import Join, Leave, Status, Subscriber, WorkspaceActor
     from atrium.actors.workspace import WorkspaceSettings as Settings
-    from atrium.outbox import Outbox
+    from atrium.core.roles import Role
     from atrium.persistence import accounts
-    from atrium.roles import Role
+    from atrium.realtime.outbox import Outbox
 
     project, ann, bob = await two_users(db)
     made = await accounts.create_user(db, "cat@example.com", "x")

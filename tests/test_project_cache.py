@@ -14,10 +14,10 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from test_projects import API, add, make_accounts, new_project, sign_up
 
-from atrium.cache import CacheHit, Fill, Filled, MemoryUserCache, SingleFlight
+from atrium.domain.services import build_services
 from atrium.http.app import create_app
+from atrium.identity.cache import CacheHit, Fill, Filled, MemoryUserCache, SingleFlight
 from atrium.persistence.database import Database
-from atrium.services import build_services
 
 
 def _iso(epoch: float) -> str:

@@ -9,8 +9,8 @@ import pytest
 from conftest import Running
 from test_projects import API, add, new_project, sign_up
 
+from atrium.core.roles import PERMISSIONS, Action, Role, can
 from atrium.persistence.database import Database
-from atrium.roles import PERMISSIONS, Action, Role, can
 
 ROLES = ("owner", "collaborator", "viewer", "outsider")
 

@@ -9,9 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from atrium import json_input
-from atrium.events import Event, EventType
-from atrium.protocol import (
+from atrium.core import json_input
+from atrium.core.events import Event, EventType
+from atrium.core.timestamps import utc_iso, utc_now_iso
+from atrium.realtime.protocol import (
     MAX_CHANGES_BYTES,
     MAX_CHANGES_DEPTH,
     MAX_CLIENT_ID_LENGTH,
@@ -28,7 +29,6 @@ from atrium.protocol import (
     non_negative_int,
     parse_client_frame,
 )
-from atrium.timestamps import utc_iso, utc_now_iso
 
 
 def nested(depth: int, inner: str = "") -> str:
@@ -375,7 +375,7 @@ def test_encode_writes_utc_timestamps_and_ids() -> None:
     stamp = utc_now_iso()
     assert stamp.endswith("Z")
     assert datetime.fromisoformat(stamp).tzinfo is not None
-    # One format: what a frame writes for a datetime is what atrium.timestamps writes.
+    # One format: what a frame writes for a datetime is what atrium.core.timestamps writes.
     for moment in (datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), datetime.fromisoformat(stamp)):
         assert orjson.loads(encode({"at": moment}))["at"] == utc_iso(moment)
 

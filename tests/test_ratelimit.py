@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import FakeClock
 
-from atrium.ratelimit import MemoryLoginBackoff, MemoryRateLimiter, RateDecision
+from atrium.identity.ratelimit import MemoryLoginBackoff, MemoryRateLimiter, RateDecision
 
 START = 1_800_000_000.0
 

@@ -12,7 +12,7 @@ import redis.exceptions
 import trio
 from redis_server import RedisServer, free_port
 
-from atrium.breaker import BreakerSettings
+from atrium.core.breaker import BreakerSettings
 from atrium.persistence.redis import Redis, RedisUnavailable, open_redis
 
 BREAKER = BreakerSettings(failures=2, reset_seconds=0.5, successes=1)

@@ -21,7 +21,7 @@ from test_bridge import bridge_of
 from test_presence import SECRET, joined, online, presence_events, project_with, status, ws_url
 from test_workspace import make_member
 
-from atrium.breaker import BreakerState
+from atrium.core.breaker import BreakerState
 
 # Short presence timings: a dead process's users leave within about 1.2 s.
 FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}

@@ -16,8 +16,8 @@ import trio
 from conftest import StartServer
 from redis_server import MASTER, Certificates, SentinelGroup, TLSRedisServer, tls_redis_binary
 
-from atrium.breaker import BreakerSettings
-from atrium.config import RedisAddress, RedisSentinel, RedisTLSFiles
+from atrium.core.breaker import BreakerSettings
+from atrium.core.config import RedisAddress, RedisSentinel, RedisTLSFiles
 from atrium.persistence.redis import RedisUnavailable, open_redis
 
 

@@ -14,12 +14,12 @@ from conftest import FakeClock, Running, StartServer
 from test_workspace import joined, make_team, settle_then_jump
 from wsclient import connect
 
-from atrium.events import EventType, NewEvent
+from atrium.core.events import EventType, NewEvent
 from atrium.persistence import events as event_log
 from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.retention import RetentionPolicy, prune_events
-from atrium.retention import EventPruner
+from atrium.runtime.retention import EventPruner
 from atrium.supervision import NoSuchChild
 
 NOW = datetime.now(UTC)  # events written by the tests are this young

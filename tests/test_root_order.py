@@ -1,7 +1,7 @@
 """The root's children, in order, and what a restart of each one restarts, on a real server.
 
 The root is ``rest_for_one``: a child's restart restarts every child after it. Where a
-child sits therefore decides what its crash costs (atrium/root.py, docs/ARCHITECTURE.md):
+child sits therefore decides what its crash costs (atrium/runtime/root.py, docs/ARCHITECTURE.md):
 above all, a crash loop of the ``workspaces`` subtree must not release running jobs.
 
 Each child of the real root is wrapped here, on the test side, so that the test can make

@@ -23,12 +23,12 @@ from test_presence import online, project_with, status, ws_url
 from test_workspace import Member, edit, make_member
 from wsclient import Client, connect
 
-from atrium.breaker import BreakerSettings
-from atrium.config import ConfigError, RedisAddress, RedisSentinel, load_settings
+from atrium.core.breaker import BreakerSettings
+from atrium.core.config import ConfigError, RedisAddress, RedisSentinel, load_settings
 from atrium.persistence.database import Database
 from atrium.persistence.presence import Entry, PresenceStore
 from atrium.persistence.redis import Redis, RedisUnavailable, open_redis
-from atrium.process_group import worker_env
+from atrium.runtime.process_group import worker_env
 
 SECRET = "test-secret-key-with-enough-length-0123456789"
 RECOVERY = 2.0  # seconds from the new master named to everything crossing again

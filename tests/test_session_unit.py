@@ -25,14 +25,14 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave
-from atrium.config import Settings
+from atrium.core.config import Settings
+from atrium.core.roles import Role
+from atrium.domain.realtime import ConnectionGone, ConnectionSettings, Handshake, Realtime
 from atrium.domain.workspaces import Workspaces
-from atrium.outbox import PARTIAL, REFUSED, SENT
+from atrium.identity.tokens import TokenCodec
 from atrium.persistence.database import Database, DatabaseUnavailable
-from atrium.protocol import CursorUpdate, FileChange
-from atrium.realtime import ConnectionGone, ConnectionSettings, Handshake, Realtime
-from atrium.roles import Role
-from atrium.tokens import TokenCodec
+from atrium.realtime.outbox import PARTIAL, REFUSED, SENT
+from atrium.realtime.protocol import CursorUpdate, FileChange
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 PROJECT = uuid.UUID("00000000-0000-4000-8000-000000000001")
@@ -209,8 +209,10 @@ class World:
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
     world = World()
-    monkeypatch.setattr("atrium.realtime.accounts.find_session_user", world.find_session_user)
-    monkeypatch.setattr("atrium.realtime.projects.member_role", world.member_role)
+    monkeypatch.setattr(
+        "atrium.domain.realtime.accounts.find_session_user", world.find_session_user
+    )
+    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", world.member_role)
     return world
 
 
@@ -883,7 +885,7 @@ async def test_a_revocation_during_the_checks_still_reaches_the_connection(
         assert realtime.revoke_session(user.session_id) == 1
         return Role.OWNER
 
-    monkeypatch.setattr("atrium.realtime.projects.member_role", revoked_meanwhile)
+    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", revoked_meanwhile)
     async with connection(realtime) as conn:
         conn.push({"type": "AUTH", "token": user.token()})
         assert await conn.rest() == []

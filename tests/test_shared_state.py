@@ -18,15 +18,15 @@ from test_auth import bearer, error_code
 from test_presence import joined, project_with, ws_url
 from test_workspace import Member, make_member
 
-from atrium.cache import SharedUserCache
-from atrium.persistence.redis import BreakerSettings, Redis, open_redis
-from atrium.persistence.shared import Generations, LoginFailures, RateWindows, Scripts
-from atrium.ratelimit import (
+from atrium.identity.cache import SharedUserCache
+from atrium.identity.ratelimit import (
     MemoryLoginBackoff,
     MemoryRateLimiter,
     SharedLoginBackoff,
     SharedRateLimiter,
 )
+from atrium.persistence.redis import BreakerSettings, Redis, open_redis
+from atrium.persistence.shared import Generations, LoginFailures, RateWindows, Scripts
 
 LOGIN = "/api/v1/auth/login"
 PASSWORD = "correct horse"

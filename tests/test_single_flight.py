@@ -15,12 +15,12 @@ import trio.testing
 from conftest import FakeClock
 from test_projects import API, make_accounts
 
-from atrium.cache import Filled, MemoryUserCache
+from atrium.domain import accounts as account_service
 from atrium.domain import projects as project_service
-from atrium.http import security
+from atrium.domain.services import build_services
 from atrium.http.app import create_app
+from atrium.identity.cache import Filled, MemoryUserCache
 from atrium.persistence.database import Database
-from atrium.services import build_services
 
 USER = uuid.uuid4()
 
@@ -199,7 +199,7 @@ async def test_an_expiry_under_load_costs_one_query_per_route(
     clock = FakeClock()
     client = create_app(build_services(settings, db, clock=clock)).test_client()
     (ann,) = await make_accounts(settings, db, "ann")
-    module: Any = security.accounts if route == "session" else project_service.projects
+    module: Any = account_service.accounts if route == "session" else project_service.projects
     name = "find_session_user" if route == "session" else "list_projects"
     path = "/api/v1/auth/me" if route == "session" else f"{API}/"
     real = getattr(module, name)

@@ -11,7 +11,7 @@ from typing import Any, cast
 import jwt
 import pytest
 
-from atrium.tokens import Claims, TokenCodec, TokenError, TokenType, VerifiedTokens
+from atrium.identity.tokens import Claims, TokenCodec, TokenError, TokenType, VerifiedTokens
 
 SECRET = "unit-test-secret-" + "x" * 48  # 64 bytes: long enough for HS512 too
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000aa")

@@ -13,10 +13,10 @@ from conftest import StartServer
 from test_workspace import edit, joined, make_team, session, settle_then_jump
 from wsclient import Client, connect
 
-from atrium.config import ConfigError, load_settings
-from atrium.connections import ConnectionIndex
-from atrium.outbox import Outbox
+from atrium.core.config import ConfigError, load_settings
 from atrium.persistence.database import Database
+from atrium.realtime.connections import ConnectionIndex
+from atrium.realtime.outbox import Outbox
 
 USER, OTHER = uuid.uuid4(), uuid.uuid4()
 S1, S2 = uuid.uuid4(), uuid.uuid4()

@@ -23,17 +23,17 @@ from conftest import test_settings as make_settings
 from redis_server import free_port
 from served import start_serving
 
-from atrium import process_group
-from atrium.config import ConfigError, Settings, load_settings
+from atrium.core.config import ConfigError, Settings, load_settings
+from atrium.http.reuseport import reuse_port_socket
 from atrium.persistence.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from atrium.process_group import (
+from atrium.runtime import process_group
+from atrium.runtime.process_group import (
     ProcessGroup,
     WorkerExited,
     _LineReader,
     serve_processes,
     worker_env,
 )
-from atrium.reuseport import reuse_port_socket
 from atrium.supervision import Backoff, SupervisorEscalation
 
 ROOT = Path(__file__).resolve().parent.parent

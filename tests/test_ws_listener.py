@@ -32,7 +32,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from atrium.failures import ContainedFailures
+from atrium.core.failures import ContainedFailures
+from atrium.domain.realtime import ConnectionGone, DirectWrite, Handshake
 from atrium.http.ws import AsgiConnection
 from atrium.http.ws_listener import (
     CLOSE_TIMEOUT,
@@ -41,8 +42,7 @@ from atrium.http.ws_listener import (
     serve_listener,
     text_frame,
 )
-from atrium.outbox import PARTIAL, REFUSED, SENT
-from atrium.realtime import ConnectionGone, DirectWrite, Handshake
+from atrium.realtime.outbox import PARTIAL, REFUSED, SENT
 
 MAX_MESSAGE = 1024
 CAP = 10.0  # seconds: no test here waits on anything but an event

@@ -60,10 +60,10 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from ..breaker import BreakerState
-from ..events import Event, EventType
-from ..json_output import dumps
-from ..metrics import Metrics
+from ..core.breaker import BreakerState
+from ..core.events import Event, EventType
+from ..core.json_output import dumps
+from ..core.metrics import Metrics
 from ..persistence.redis import Redis, RedisUnavailable
 from ..seams.redis_wire import Publish, publish_all, replies_can_be_skipped
 from ._errors import ActorStopped, MailboxFull

@@ -20,14 +20,16 @@ from typing import Any, Self
 
 import trio
 
-from .. import protocol
-from ..config import DEFAULTS
-from ..events import Event, EventType, NewEvent
-from ..outbox import Outbox
+from ..core.config import DEFAULTS
+from ..core.events import Event, EventType, NewEvent
+from ..core.roles import Action, Role, can
+from ..core.timestamps import utc_now_iso
 from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.errors import ProjectNotFound
-from ..presence import (
+from ..realtime import protocol
+from ..realtime.outbox import Outbox
+from ..realtime.presence import (
     Decision,
     LocalPresence,
     OnlineUser,
@@ -36,10 +38,8 @@ from ..presence import (
     online_json,
     presence_event,
 )
-from ..protocol import CloseCode, CursorUpdate, FileChange
-from ..relay import NoRelay, Relay
-from ..roles import Action, Role, can
-from ..timestamps import utc_now_iso
+from ..realtime.protocol import CloseCode, CursorUpdate, FileChange
+from ..realtime.relay import NoRelay, Relay
 from ._actor import Actor
 
 log = logging.getLogger("atrium.workspace")

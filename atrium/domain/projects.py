@@ -15,14 +15,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..cache import UserCache
-from ..events import EventPublisher
+from ..core.events import EventPublisher
+from ..core.roles import Role
+from ..identity.cache import UserCache
 from ..persistence import events as event_log
 from ..persistence import projects
 from ..persistence.database import Database
 from ..persistence.events import EventPage
 from ..persistence.projects import Change, Member, Project, ProjectPage
-from ..roles import Role
 
 log = logging.getLogger("atrium.projects")
 

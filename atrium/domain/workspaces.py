@@ -12,7 +12,6 @@ from typing import Any
 
 import trio
 
-from .. import protocol
 from ..actors import ActorStopped, MailboxFull
 from ..actors.workspace import (
     Behind,
@@ -22,11 +21,12 @@ from ..actors.workspace import (
     WorkspaceActor,
     WorkspaceSettings,
 )
-from ..events import Event
+from ..core.events import Event
 from ..persistence import events as event_log
 from ..persistence.database import Database, DatabaseUnavailable
-from ..presence import LocalPresence, PresenceBoard, online_json
-from ..relay import NoRelay, Relay
+from ..realtime import protocol
+from ..realtime.presence import LocalPresence, PresenceBoard, online_json
+from ..realtime.relay import NoRelay, Relay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.workspace")

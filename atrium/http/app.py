@@ -18,9 +18,9 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
-from .. import json_input
-from ..logs import bind
-from ..services import Services
+from ..core import json_input
+from ..core.logs import bind
+from ..domain.services import Services
 from . import auth, console, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers

@@ -1,19 +1,24 @@
-"""``/api/v1/auth``: signup, login, token refresh with rotation, logout, me."""
+"""``/api/v1/auth``: signup, login, token refresh with rotation, logout, me. The sequences
+are the accounts service's (``domain/accounts.py``); these views parse, call it and turn its
+refusals into responses."""
 
 from __future__ import annotations
-
-import uuid
-from datetime import UTC, datetime
 
 from quart import Blueprint, Response, g, request
 from quart_schema import document_response, security_scheme, tag, validate_request
 
-from ..emails import email_key
-from ..passwords import HashingBusy
-from ..persistence import accounts
-from ..persistence.accounts import Rotation, User
-from ..proxies import client_address
-from ..tokens import TokenError
+from ..domain.accounts import (
+    BadCredentials,
+    EmailTaken,
+    LoginBackedOff,
+    RateLimited,
+    RefreshReused,
+    SessionEnded,
+    User,
+)
+from ..identity.passwords import HashingBusy
+from ..identity.proxies import client_address
+from ..identity.tokens import TokenError
 from .errors import ApiError
 from .schemas import (
     JSON_BODY,
@@ -29,7 +34,7 @@ from .schemas import (
     error_responses,
     respond,
 )
-from .security import forget_sessions, note_rate, rate_limited, require_user, services
+from .security import note_rate, rate_limited, require_user, services
 
 blueprint = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
 
@@ -45,14 +50,21 @@ def _client_address() -> str:
     )
 
 
-async def _limit_auth(*limits: tuple[str, int]) -> None:
-    """Count an auth attempt against every ``(key, limit)``; 429 when any is exhausted."""
-    svc = services()
-    decisions = [await svc.limiter.hit(f"auth:{key}", limit) for key, limit in limits]
-    tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
-    note_rate(tightest)
-    if not tightest.allowed:
-        raise rate_limited(tightest)
+def _refused(error: RateLimited | HashingBusy | LoginBackedOff) -> ApiError:
+    """The response to an auth attempt refused for load: 429 or 503, with Retry-After."""
+    if isinstance(error, RateLimited):
+        return rate_limited(error.decision)
+    if isinstance(error, LoginBackedOff):
+        return ApiError(
+            429,
+            "rate_limited",
+            f"Too many failed logins for this account; retry in {error.retry_after} s",
+            headers={"Retry-After": str(error.retry_after)},
+        )
+    return _server_busy(error)
+
+
+_SESSION_ENDED = ApiError(401, "session_revoked", "This session has ended; log in again")
 
 
 def _server_busy(error: HashingBusy) -> ApiError:
@@ -62,24 +74,6 @@ def _server_busy(error: HashingBusy) -> ApiError:
         f"Too many logins at once; retry in {error.retry_after} s",
         headers={"Retry-After": str(error.retry_after)},
     )
-
-
-async def _issue_pair(user: User, session_id: uuid.UUID) -> tuple[str, str, uuid.UUID, datetime]:
-    codec = services().tokens
-    access, _ = codec.issue(
-        type="access", user_id=user.id, email=user.email, role=user.role, session_id=session_id
-    )
-    refresh, claims = codec.issue(
-        type="refresh", user_id=user.id, email=user.email, role=user.role, session_id=session_id
-    )
-    return access, refresh, claims.jti, datetime.fromtimestamp(claims.expires_at, UTC)
-
-
-async def _session_ended(user_id: uuid.UUID, session_id: uuid.UUID) -> None:
-    """After a session's revocation committed: no cached copy of it is trusted any more,
-    and its WebSockets close at once (on every process, with Redis)."""
-    await forget_sessions(user_id)
-    await services().session_ends.ended(session_id)
 
 
 @blueprint.post("/signup")
@@ -93,15 +87,14 @@ async def signup(data: SignupRequest) -> Response:
     Limited per client address (AUTH_RATE_LIMIT_PER_MINUTE); 503 server_busy when password
     hashing stays saturated for PASSWORD_HASH_QUEUE_SECONDS.
     """
-    svc = services()
-    await _limit_auth((f"signup:ip:{_client_address()}", svc.settings.auth_rate_limit_per_minute))
     try:
-        password_hash = await svc.passwords.hash(data.password)
-    except HashingBusy as busy:
-        raise _server_busy(busy) from None
-    user = await accounts.create_user(svc.db, str(data.email), password_hash)
-    if user is None:
-        raise ApiError(409, "email_taken", "An account with this email already exists")
+        user = await services().accounts.signup(
+            str(data.email), data.password, _client_address(), note_rate
+        )
+    except (RateLimited, HashingBusy) as refused:
+        raise _refused(refused) from None
+    except EmailTaken:
+        raise ApiError(409, "email_taken", "An account with this email already exists") from None
     return respond(SignupResponse(message="Signup successful", user_id=user.id), 201)
 
 
@@ -121,37 +114,19 @@ async def login(data: LoginRequest) -> Response:
     the same 401 invalid_credentials; 503 server_busy when hashing stays saturated.
     """
     svc = services()
-    address, key = _client_address(), email_key(data.email)
-    await _limit_auth(
-        (f"login:pair:{address}:{key}", svc.settings.auth_rate_limit_per_minute),
-        (f"login:ip:{address}", svc.settings.auth_address_rate_limit_per_minute),
-    )
-    if wait := await svc.login_backoff.retry_after(key):
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"Too many failed logins for this account; retry in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
-    found = await accounts.find_credentials(svc.db, data.email)
     try:
-        valid = await svc.passwords.verify(found.password_hash if found else None, data.password)
-    except HashingBusy as busy:
-        raise _server_busy(busy) from None
-    if found is None or not valid:
-        await svc.login_backoff.failed(key)
-        raise _BAD_CREDENTIALS
-    await svc.login_backoff.succeeded(key)
-    session_id = uuid.uuid4()
-    access, refresh, refresh_jti, refresh_expiry = await _issue_pair(found.user, session_id)
-    await accounts.open_session(svc.db, found.user.id, session_id, refresh_jti, refresh_expiry)
+        pair = await svc.accounts.login(data.email, data.password, _client_address(), note_rate)
+    except (RateLimited, LoginBackedOff, HashingBusy) as refused:
+        raise _refused(refused) from None
+    except BadCredentials:
+        raise _BAD_CREDENTIALS from None
     return respond(
         LoginResponse(
-            user_id=found.user.id,
-            access_token=access,
-            refresh_token=refresh,
+            user_id=pair.user_id,
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
             token_type="bearer",
-            expires_in=svc.tokens.access_ttl_seconds,
+            expires_in=pair.expires_in,
         )
     )
 
@@ -168,33 +143,24 @@ async def refresh(data: RefreshRequest) -> Response:
     refresh_token_reused): every token descended from that login stops working, and the
     session's open WebSockets close (4001 session_revoked).
     """
-    svc = services()
     try:
-        claims = svc.tokens.verify(data.refresh_token, expected="refresh")
+        pair = await services().accounts.refresh(data.refresh_token)
     except TokenError as error:
         raise ApiError(401, error.code, error.message) from None
-    user = await accounts.find_user(svc.db, claims.user_id)
-    if user is None:
-        raise ApiError(401, "session_revoked", "This session has ended; log in again")
-    access, new_refresh, new_jti, new_expiry = await _issue_pair(user, claims.session_id)
-    outcome = await accounts.rotate_refresh_token(
-        svc.db, claims.session_id, claims.jti, new_jti, new_expiry
-    )
-    if outcome is Rotation.REUSED:
-        await _session_ended(claims.user_id, claims.session_id)
+    except RefreshReused:
         raise ApiError(
             401,
             "refresh_token_reused",
             "This refresh token was already used; the session is now revoked",
-        )
-    if outcome is not Rotation.ROTATED:
-        raise ApiError(401, "session_revoked", "This session has ended; log in again")
+        ) from None
+    except SessionEnded:
+        raise _SESSION_ENDED from None
     return respond(
         TokenResponse(
-            access_token=access,
-            refresh_token=new_refresh,
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
             token_type="bearer",
-            expires_in=svc.tokens.access_ttl_seconds,
+            expires_in=pair.expires_in,
         )
     )
 
@@ -208,8 +174,7 @@ async def refresh(data: RefreshRequest) -> Response:
 async def logout() -> Response:
     """End the session: this access token and every refresh token of its family stop
     working, and the session's open WebSockets close (4001 session_revoked)."""
-    await accounts.revoke_session(services().db, g.claims.session_id, "logout")
-    await _session_ended(g.user.id, g.claims.session_id)
+    await services().accounts.logout(g.user.id, g.claims.session_id)
     return respond(MessageResponse(message="Logged out"))
 
 

@@ -17,7 +17,7 @@ from quart_schema import (
     validate_querystring,
 )
 
-from ..metrics import COMPLETED_WINDOW
+from ..core.metrics import COMPLETED_WINDOW
 from ..persistence import jobs as store
 from ..persistence.jobs import JobError
 from .console_schemas import (

@@ -26,7 +26,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from ..failures import ContainedFailures
+from ..core.failures import ContainedFailures
 from .json import error_body
 
 ALLOWED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

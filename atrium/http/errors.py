@@ -8,7 +8,7 @@ from quart import Quart, Response, g, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from ..failures import ContainedFailures
+from ..core.failures import ContainedFailures
 from ..persistence.database import DatabaseUnavailable
 from .json import error_body
 

@@ -30,10 +30,10 @@ from hypercorn.typing import (
 )
 from pydantic import BaseModel, ValidationError
 
-from ..logs import bind
-from ..persistence.accounts import User
+from ..core.logs import bind
+from ..domain.accounts import User
+from ..domain.services import Services
 from ..persistence.database import DatabaseUnavailable
-from ..services import Services
 from .auth import me_body
 from .edge import send_response
 from .errors import ApiError, database_unavailable_error

@@ -8,7 +8,7 @@ import orjson
 from quart import Response
 from quart.json.provider import DefaultJSONProvider
 
-from .. import json_input, json_output
+from ..core import json_input, json_output
 
 _OPTIONS = json_output.OPTIONS | orjson.OPT_NON_STR_KEYS
 

@@ -1,6 +1,6 @@
 """``/api/v1/projects``: projects, their collaborators and roles, and the event log.
 
-Access rules (``atrium.roles``) are checked in the persistence layer under the project's
+Access rules (``atrium.core.roles``) are checked in the persistence layer under the project's
 row lock. A project the caller is not a member of answers exactly like one that does not
 exist (404 project_not_found); a member whose role forbids an action gets 403
 forbidden_role. The handlers translate HTTP to calls of the project service
@@ -22,7 +22,9 @@ from quart_schema import (
     validate_request,
 )
 
-from ..persistence.accounts import User
+from ..core.timestamps import utc_iso, utc_iso_at
+from ..domain.accounts import User
+from ..domain.services import Services
 from ..persistence.projects import (
     AlreadyMember,
     LastOwner,
@@ -34,8 +36,6 @@ from ..persistence.projects import (
     RoleForbidden,
     UserNotFound,
 )
-from ..services import Services
-from ..timestamps import utc_iso, utc_iso_at
 from .errors import ApiError, error_response
 from .json import json_response
 from .schemas import (

@@ -3,7 +3,7 @@
 Every HTTP response carries ``X-Request-ID``: the client's own when it is well formed
 (1-128 characters of ``A-Z a-z 0-9 . _ -``), else a new one (32 hex digits), so a client can
 quote it and an operator can find every line of that request. The request's log context
-(``atrium.logs``) holds the id, method and path from the start, the route template and
+(``atrium.core.logs``) holds the id, method and path from the start, the route template and
 the user id once known, and status and duration at the end, when the access line
 (logger ``atrium.access``, INFO) is written. It sits outside the Edge layer so that the
 responses Edge answers itself (the liveness probe, preflights, a contained 500) are
@@ -25,8 +25,8 @@ from hypercorn.typing import (
     Scope,
 )
 
-from ..failures import ContainedFailures
-from ..logs import log_context
+from ..core.failures import ContainedFailures
+from ..core.logs import log_context
 from .edge import Edge
 
 access_log = logging.getLogger("atrium.access")

@@ -21,7 +21,7 @@ from hypercorn.typing import (
 )
 from prometheus_client import Counter, Histogram
 
-from ..metrics import Metrics
+from ..core.metrics import Metrics
 
 ROUTE_KEY = "atrium.route"
 UNMATCHED = "unmatched"

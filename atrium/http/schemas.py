@@ -22,8 +22,8 @@ from quart import Response
 from quart_schema import OpenAPIProvider, document_response
 from werkzeug.routing import Rule
 
-from ..emails import email_problem
-from ..roles import Role
+from ..core.emails import email_problem
+from ..core.roles import Role
 from .json import json_response
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from hypercorn.config import Config
 
-from ..failures import ContainedFailures
+from ..core.failures import ContainedFailures
 from ..seams import hypercorn_server
 from .request_log import RequestLog
 

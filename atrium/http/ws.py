@@ -8,7 +8,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Blueprint, Response, g
 from quart_schema import document_response, security_scheme, tag
 
-from ..realtime import ConnectionGone, Handshake, Realtime
+from ..domain.realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import error_body
 from .schemas import BY_ID, SIGNED_IN, WorkspaceStatusResponse, error_responses, respond

@@ -21,10 +21,9 @@ from typing import Protocol
 
 import trio
 
-from ..failures import ContainedFailures
-from ..outbox import PARTIAL, REFUSED, SENT
-from ..realtime import ConnectionGone, Handshake
-from ..reuseport import reuse_port_socket
+from ..core.failures import ContainedFailures
+from ..domain.realtime import ConnectionGone, Handshake
+from ..realtime.outbox import PARTIAL, REFUSED, SENT
 from ..seams.wsproto_server import (
     AcceptConnection,
     BytesMessage,
@@ -45,6 +44,7 @@ from ..seams.wsproto_server import (
     text_frame,
 )
 from .json import error_body
+from .reuseport import reuse_port_socket
 
 log = logging.getLogger("atrium.ws")
 

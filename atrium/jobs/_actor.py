@@ -13,7 +13,7 @@ from typing import Any, Self
 
 import trio
 
-from ..logs import log_context
+from ..core.logs import log_context
 from ..persistence import jobs as store
 from ..persistence.database import DatabaseUnavailable
 from ..persistence.jobs import Changed, Claimed, Job, JobStatus

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..events import Event, EventPublisher
+from ..core.events import Event, EventPublisher
+from ..core.timestamps import utc_now_iso
 from ..persistence.jobs import Job
-from ..timestamps import utc_now_iso
 
 log = logging.getLogger("atrium.jobs")
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..config import DEFAULTS
-from ..events import Event
-from ..metrics import Metrics
+from ..core.config import DEFAULTS
+from ..core.events import Event
+from ..core.metrics import Metrics
 from ..persistence import jobs as store
 from ..persistence.database import Database
 from ..persistence.jobs import Job, JobStatus

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .. import json_output
+from ..core import json_output
 from ..persistence import jobs as store
 from ..persistence.jobs import Job, JobPage, JobStatus, PayloadTooLarge, Priority
 from ..tasks import InvalidPayload

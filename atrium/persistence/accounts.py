@@ -10,7 +10,7 @@ from datetime import datetime
 
 import asyncpg
 
-from ..emails import email_key
+from ..core.emails import email_key
 from .database import Database
 
 

@@ -1,6 +1,6 @@
 """The project event log: the one place events are written to and read from.
 
-Rows become ``atrium.events.Event`` here and nowhere else. Every append, whether from a
+Rows become ``atrium.core.events.Event`` here and nowhere else. Every append, whether from a
 project write (``append_event``, inside its transaction), from a live workspace
 (``append``, a batch of edits with their client ids) or from presence (``append_presence``,
 which drops a USER_JOIN/USER_LEAVE decided before the last one stored for its user), goes
@@ -18,8 +18,8 @@ from typing import Any, cast
 import asyncpg
 import orjson
 
-from .. import json_output
-from ..events import Event, EventType, NewEvent
+from ..core import json_output
+from ..core.events import Event, EventType, NewEvent
 from .database import Database
 from .errors import ProjectNotFound
 

@@ -49,10 +49,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from .. import json_output
-from ..events import Event, EventType
-from ..roles import Action, Role, can
-from ..timestamps import utc_iso
+from ..core import json_output
+from ..core.events import Event, EventType
+from ..core.roles import Action, Role, can
+from ..core.timestamps import utc_iso
 from .database import Database
 from .errors import ProjectNotFound, RoleForbidden
 from .events import append_event, notify_appended

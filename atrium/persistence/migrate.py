@@ -15,7 +15,7 @@ from importlib import resources
 
 import asyncpg
 
-from ..emails import email_key
+from ..core.emails import email_key
 from .database import Database
 
 _FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

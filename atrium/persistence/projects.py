@@ -1,7 +1,7 @@
 """Projects and their members.
 
 Every write runs in one transaction that first locks the project row, checks the acting
-member's role against ``atrium.roles`` under that lock, makes the change and appends its
+member's role against ``atrium.core.roles`` under that lock, makes the change and appends its
 event to the project's log with ``events.append_event``. Writers to one project are
 therefore serialised: a check such as "is this the last owner?" cannot be invalidated by a
 concurrent change.
@@ -20,9 +20,9 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from ..emails import email_key
-from ..events import Event, EventType
-from ..roles import Action, Role, can
+from ..core.emails import email_key
+from ..core.events import Event, EventType
+from ..core.roles import Action, Role, can
 from .database import Database
 from .errors import AlreadyMember as AlreadyMember
 from .errors import LastOwner as LastOwner

@@ -3,7 +3,7 @@
 Like ``persistence.database`` for asyncpg: this module (and the bridge actor) is the only
 place that imports redis, and everything it offers is a plain trio coroutine. Redis is an
 optional, shared service: a Redis that is down is weather. Every call runs under a
-trio-side timeout and a circuit breaker (``atrium.breaker``): failures open it, and while
+trio-side timeout and a circuit breaker (``atrium.core.breaker``): failures open it, and while
 it is open calls fail at once with ``RedisUnavailable`` instead of hammering (or hanging
 on) a server that is not there. Meanwhile a probe PINGs Redis on a connection of its own,
 at least once a second, and closes the breaker at the first answer. ``open_redis`` never
@@ -27,8 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
-from ..breaker import BreakerSettings, BreakerState, CircuitBreaker
-from ..config import RedisAddress, RedisTLSFiles
+from ..core.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from ..core.config import RedisAddress, RedisTLSFiles
 
 T = TypeVar("T")
 log = logging.getLogger("atrium.redis")

@@ -12,8 +12,8 @@ from typing import Any, Generic, TypeVar, cast
 
 import trio
 
-from ..logs import detached
-from ..timestamps import utc_now_iso
+from ..core.logs import detached
+from ..core.timestamps import utc_now_iso
 from ._errors import ChildExists, NoSuchChild, SupervisorEscalation, SupervisorStopped
 from ._protocol import Runnable, Supervised
 from ._snapshot import ChildSnapshot, FailureInfo, SupervisorSnapshot

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from ..core.timestamps import utc_iso, utc_now_iso
 from ..persistence import jobs as store
-from ..timestamps import utc_iso, utc_now_iso
 from ._csv import summarise_csv
 from ._registry import PermanentJobError, TaskContext, registry
 

@@ -12,9 +12,9 @@ from typing import Self
 
 import trio
 
-from .config import Settings
-from .persistence.database import Database
-from .persistence.retention import RetentionPolicy, prune_events
+from ..core.config import Settings
+from ..persistence.database import Database
+from ..persistence.retention import RetentionPolicy, prune_events
 
 log = logging.getLogger("atrium.retention")
 

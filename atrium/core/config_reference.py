@@ -1,7 +1,7 @@
 """The configuration reference: one row for every variable ``load_settings`` reads.
 
 docs/CONFIGURATION.md is written from these rows and nothing else
-(``python -m atrium.config_reference > docs/CONFIGURATION.md``), and the suite fails when
+(``python -m atrium.core.config_reference > docs/CONFIGURATION.md``), and the suite fails when
 the two differ or when ``load_settings`` reads a variable that has no row here. The rows are
 kept apart from ``config.py`` so the settings model can change shape without the reference
 moving: a default changed there is a row to change here, and the test names it.
@@ -508,8 +508,8 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
 _PREAMBLE = """\
 # Configuration
 
-<!-- Generated from atrium/config_reference.py: edit the rows there, then run
-     python -m atrium.config_reference > docs/CONFIGURATION.md -->
+<!-- Generated from atrium/core/config_reference.py: edit the rows there, then run
+     python -m atrium.core.config_reference > docs/CONFIGURATION.md -->
 
 Everything is read from the environment at start and validated; a bad value stops the
 start with one line naming the variable, e.g.

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import trio
 
-from .persistence.redis import RedisUnavailable
-from .persistence.shared import Generations, RateHit, Window
+from ..persistence.redis import RedisUnavailable
+from ..persistence.shared import Generations, RateHit, Window
 
 log = logging.getLogger("atrium.cache")
 

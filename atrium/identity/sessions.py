@@ -17,15 +17,32 @@ from typing import Protocol
 
 import trio
 
-from .persistence import accounts
-from .persistence import shared as shared_state
-from .persistence.database import Database, DatabaseUnavailable
-from .persistence.redis import Redis, RedisUnavailable
-from .realtime import Realtime
+from ..persistence import accounts
+from ..persistence import shared as shared_state
+from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.redis import Redis, RedisUnavailable
 
 log = logging.getLogger("atrium.sessions")
 
 _RETRY_SECONDS = (0.1, 5.0)  # the first and the longest wait before listening again
+
+
+class SessionIndex(Protocol):
+    def sessions(self) -> list[uuid.UUID]:
+        """The login sessions that hold connections in this process now."""
+        ...
+
+
+class LiveSessions(Protocol):
+    """What ending a session needs of this process's live connections: the domain's
+    ``Realtime`` (a Protocol here, so identity does not import the layer above it)."""
+
+    @property
+    def connections(self) -> SessionIndex: ...
+
+    def revoke_session(self, session_id: uuid.UUID) -> int:
+        """Close the session's WebSockets here with 4001; how many there were."""
+        ...
 
 
 class SessionEnds(Protocol):
@@ -38,7 +55,7 @@ class SessionEnds(Protocol):
 class LocalSessionEnds:
     """Closes this process's WebSockets of a revoked session."""
 
-    def __init__(self, realtime: Realtime) -> None:
+    def __init__(self, realtime: LiveSessions) -> None:
         self._realtime = realtime
 
     async def ended(self, session_id: uuid.UUID) -> None:
@@ -48,7 +65,7 @@ class LocalSessionEnds:
 class SharedSessionEnds:
     """Closes a revoked session's WebSockets on every process sharing ``redis``."""
 
-    def __init__(self, redis: Redis, db: Database, realtime: Realtime) -> None:
+    def __init__(self, redis: Redis, db: Database, realtime: LiveSessions) -> None:
         self._redis = redis
         self._db = db
         self._realtime = realtime

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .persistence.redis import RedisUnavailable
-from .persistence.shared import LoginFailures, RateHit, RateWindows, Window
+from ..persistence.redis import RedisUnavailable
+from ..persistence.shared import LoginFailures, RateHit, RateWindows, Window
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from . import json_input, json_output
-from .events import Event
+from ..core import json_input, json_output
+from ..core.events import Event
 
 MAX_PATH_LENGTH = 1024
 MAX_CLIENT_ID_LENGTH = 64

@@ -3,7 +3,7 @@
 HTTP bodies (``http/json.py``), WebSocket frames (``protocol.encode``) and stored event
 payloads (``persistence/events.py``) all serialise through ``default``, so a UUID or a
 datetime reads the same in all three. Datetimes use orjson's own RFC 3339 form in UTC
-with a ``Z`` (``OPTIONS``), the format of ``atrium.timestamps``.
+with a ``Z`` (``OPTIONS``), the format of ``atrium.core.timestamps``.
 """
 
 from __future__ import annotations

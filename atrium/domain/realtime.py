@@ -20,22 +20,22 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from . import protocol
-from .actors import ActorStopped, AskTimeout
-from .actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor
-from .config import Settings
-from .connections import ConnectionIndex
-from .domain.workspaces import Workspaces
-from .failures import ContainedFailures
-from .logs import bind, log_context
-from .metrics import Metrics
-from .outbox import Outbox
-from .persistence import accounts, projects
-from .persistence.database import Database, DatabaseUnavailable
-from .protocol import CloseCode, ProtocolError
-from .roles import Role
-from .timestamps import utc_iso_at, utc_now_iso
-from .tokens import Claims, TokenCodec, TokenError
+from ..actors import ActorStopped, AskTimeout
+from ..actors.workspace import Cursor, Edit, Join, Leave, Subscriber, WorkspaceActor
+from ..core.config import Settings
+from ..core.failures import ContainedFailures
+from ..core.logs import bind, log_context
+from ..core.metrics import Metrics
+from ..core.roles import Role
+from ..core.timestamps import utc_iso_at, utc_now_iso
+from ..identity.tokens import Claims, TokenCodec, TokenError
+from ..persistence import accounts, projects
+from ..persistence.database import Database, DatabaseUnavailable
+from ..realtime import protocol
+from ..realtime.connections import ConnectionIndex
+from ..realtime.outbox import Outbox
+from ..realtime.protocol import CloseCode, ProtocolError
+from .workspaces import Workspaces
 
 log = logging.getLogger("atrium.realtime")
 

@@ -43,15 +43,15 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from .breaker import BreakerState
-from .config import DEFAULTS
-from .events import EventType, NewEvent
-from .persistence import events as event_log
-from .persistence.database import Database, DatabaseUnavailable
-from .persistence.errors import ProjectNotFound
-from .persistence.presence import Copy, Entry, PresenceStore, Someone
-from .persistence.redis import Redis, RedisUnavailable
-from .timestamps import utc_iso_at
+from ..core.breaker import BreakerState
+from ..core.config import DEFAULTS
+from ..core.events import EventType, NewEvent
+from ..core.timestamps import utc_iso_at
+from ..persistence import events as event_log
+from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.errors import ProjectNotFound
+from ..persistence.presence import Copy, Entry, PresenceStore, Someone
+from ..persistence.redis import Redis, RedisUnavailable
 
 log = logging.getLogger("atrium.presence")
 

@@ -42,14 +42,14 @@ from pathlib import Path
 
 import trio
 
-from .config import Settings
-from .persistence.database import open_database
-from .persistence.embedded import EmbeddedPostgres
-from .persistence.embedded_redis import EmbeddedRedis
-from .persistence.migrate import migrate
-from .reuseport import reuse_port_socket
+from ..core.config import Settings
+from ..http.reuseport import reuse_port_socket
+from ..persistence.database import open_database
+from ..persistence.embedded import EmbeddedPostgres
+from ..persistence.embedded_redis import EmbeddedRedis
+from ..persistence.migrate import migrate
+from ..supervision import Backoff, ChildSpec, Restart, Strategy, Supervisor, open_supervisor
 from .root import postgres_spec
-from .supervision import Backoff, ChildSpec, Restart, Strategy, Supervisor, open_supervisor
 
 log = logging.getLogger("atrium.processes")
 

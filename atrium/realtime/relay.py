@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from .events import Event
+from ..core.events import Event
 
 
 class Relay(Protocol):

@@ -1,6 +1,6 @@
 """The long-lived objects of one database pool, built together in one place.
 
-``build_services`` is the one constructor: the composition root (``atrium.root``) calls it
+``build_services`` is the one constructor: the composition root (``atrium.runtime.root``) calls it
 when the ``database`` child has opened its pool and hands the result down, typed, to the
 children that serve (HTTP, the WebSocket listener, the workspace supervisor, the pruner).
 A new pool (the ``database`` child restarted) gets a new ``Services``, and under the
@@ -15,24 +15,16 @@ from dataclasses import dataclass
 
 import trio
 
-from .actors.bridge import Bridge
-from .actors.workspace import WorkspaceSettings
-from .admission import Admission, LocalAdmission, SharedAdmission
-from .cache import MemoryUserCache, SharedUserCache, UserCache
-from .cluster import Cluster
-from .config import Settings
-from .domain.projects import Projects
-from .domain.workspaces import Workspaces
-from .events import EventPublisher
-from .failures import ContainedFailures
-from .jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
-from .metrics import Metrics
-from .passwords import Passwords
-from .persistence.database import Database
-from .persistence.redis import Redis
-from .persistence.shared import Generations, LoginFailures, RateWindows, Scripts
-from .presence import ClusterPresence, LocalPresence, PresenceSettings
-from .ratelimit import (
+from ..actors.bridge import Bridge
+from ..actors.workspace import WorkspaceSettings
+from ..core.config import Settings
+from ..core.events import EventPublisher
+from ..core.failures import ContainedFailures
+from ..core.metrics import Metrics
+from ..identity.admission import Admission, LocalAdmission, SharedAdmission
+from ..identity.cache import MemoryUserCache, SharedUserCache, UserCache
+from ..identity.passwords import Passwords
+from ..identity.ratelimit import (
     LoginBackoff,
     MemoryLoginBackoff,
     MemoryRateLimiter,
@@ -40,11 +32,20 @@ from .ratelimit import (
     SharedLoginBackoff,
     SharedRateLimiter,
 )
+from ..identity.sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
+from ..identity.tokens import TokenCodec, VerifiedTokens
+from ..jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
+from ..persistence.database import Database
+from ..persistence.redis import Redis
+from ..persistence.shared import Generations, LoginFailures, RateWindows, Scripts
+from ..realtime.cluster import Cluster
+from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
+from ..supervision import Supervisor
+from ..tasks import load_task_modules
+from .accounts import Accounts
+from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
-from .sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
-from .supervision import Supervisor
-from .tasks import load_task_modules
-from .tokens import TokenCodec, VerifiedTokens
+from .workspaces import Workspaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +59,13 @@ class Services:
     limit (with Redis, in one round trip when the session is cached); ``passwords``
     bounds argon2 work process-wide; ``login_backoff`` slows logins to an email that keeps
     failing; ``failures`` counts the requests and connections that ended in an unexpected
-    exception. ``projects`` and ``workspaces`` are the application services;
+    exception. ``accounts`` (signup, login, refresh, logout, signing a request in),
+    ``projects`` and ``workspaces`` are the application services;
     ``realtime`` serves workspace WebSockets; ``supervisor`` is the process's root (None
     for an app built outside a supervision tree, as some tests do); ``jobs`` submits and
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
-    ``metrics`` is the process's Prometheus metrics (``atrium.metrics``).
+    ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
@@ -83,6 +85,7 @@ class Services:
     passwords: Passwords
     login_backoff: LoginBackoff
     failures: ContainedFailures
+    accounts: Accounts
     projects: Projects
     workspaces: Workspaces
     realtime: Realtime
@@ -197,21 +200,35 @@ def build_services(
         admission = LocalAdmission(session_cache, limiter)
     else:
         limiter, session_cache, admission = shared.admission(settings.session_cache_seconds)
+    verified_tokens = VerifiedTokens(codec)
+    passwords = Passwords(settings.password_hash_concurrency, settings.password_hash_queue_seconds)
+    login_backoff = _login_backoff(settings, clock) if shared is None else shared.backoff()
+    session_ends = LocalSessionEnds(realtime) if cluster is None else cluster.session_ends
     return Services(
         settings=settings,
         db=db,
         tokens=codec,
-        verified_tokens=VerifiedTokens(codec),
+        verified_tokens=verified_tokens,
         limiter=limiter,
         clock=clock,
         project_cache=project_cache,
         session_cache=session_cache,
         admission=admission,
-        passwords=Passwords(
-            settings.password_hash_concurrency, settings.password_hash_queue_seconds
-        ),
-        login_backoff=_login_backoff(settings, clock) if shared is None else shared.backoff(),
+        passwords=passwords,
+        login_backoff=login_backoff,
         failures=failures,
+        accounts=Accounts(
+            settings=settings,
+            db=db,
+            tokens=codec,
+            verified_tokens=verified_tokens,
+            limiter=limiter,
+            passwords=passwords,
+            login_backoff=login_backoff,
+            admission=admission,
+            session_cache=session_cache,
+            session_ends=session_ends,
+        ),
         projects=Projects(db, project_cache, publish),
         workspaces=workspaces,
         realtime=realtime,
@@ -219,7 +236,7 @@ def build_services(
         jobs=JobService(jobs, JobEvents(publish, workspaces)),
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
-        session_ends=LocalSessionEnds(realtime) if cluster is None else cluster.session_ends,
+        session_ends=session_ends,
         cluster=cluster,
         bridge=bridge,
         redis=redis,

@@ -3,7 +3,7 @@ per-user bounds: how many connections a user may hold open and how fast they may
 
 Free of I/O: a connection is its ``Outbox``, and revoking a session closes the outboxes
 indexed under it (their send tasks then close the sockets). One process only: a
-revocation on another process reaches this index through ``atrium.sessions``.
+revocation on another process reaches this index through ``atrium.identity.sessions``.
 """
 
 from __future__ import annotations

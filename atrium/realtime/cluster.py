@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
+from ..identity.sessions import SharedSessionEnds
 from .presence import ClusterPresence
-from .sessions import SharedSessionEnds
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..persistence.redis import RedisUnavailable
 from .cache import Fill, SharedUserCache, UserCache
-from .persistence.redis import RedisUnavailable
 from .ratelimit import RateDecision, RateLimiter, SharedRateLimiter
 
 

@@ -14,8 +14,8 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
     ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
-    │                   revocation listener (``atrium.cluster``); a Redis or database outage
-    │                   is waited out inside it
+    │                   revocation listener (``atrium.realtime.cluster``); a Redis or
+    │                   database outage is waited out inside it
     └── bridge          with REDIS_URL: relays workspace traffic to and from other processes
                         (Redis pub/sub); a Redis outage is waited out inside it
 
@@ -64,26 +64,27 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from .actors.bridge import Bridge
-from .breaker import BreakerSettings
-from .config import Settings
-from .failures import ContainedFailures
-from .http import server as http_server
-from .http.app import create_asgi
-from .http.ws_listener import serve_listener
-from .jobs import jobs_spec
-from .metrics import COMPLETED_WINDOW, LiveState, Metrics, serve_metrics
-from .persistence import jobs as job_store
-from .persistence.database import open_database
-from .persistence.embedded import EmbeddedPostgres
-from .persistence.migrate import migrate
-from .persistence.redis import open_redis
-from .persistence.retention import RetentionPolicy
+from ..actors.bridge import Bridge
+from ..core.breaker import BreakerSettings
+from ..core.config import Settings
+from ..core.failures import ContainedFailures
+from ..core.metrics import COMPLETED_WINDOW, Metrics
+from ..domain.services import Services, build_services
+from ..http import server as http_server
+from ..http.app import create_asgi
+from ..http.reuseport import reuse_port_socket
+from ..http.ws_listener import serve_listener
+from ..jobs import jobs_spec
+from ..persistence import jobs as job_store
+from ..persistence.database import open_database
+from ..persistence.embedded import EmbeddedPostgres
+from ..persistence.migrate import migrate
+from ..persistence.redis import open_redis
+from ..persistence.retention import RetentionPolicy
+from ..supervision import Backoff, ChildHandle, ChildSpec, Strategy, Supervisor, open_supervisor
+from ..supervision import supervisor_spec as make_supervisor_spec
+from .metrics_server import LiveState, serve_metrics
 from .retention import EventPruner, retention_policy
-from .reuseport import reuse_port_socket
-from .services import Services, build_services
-from .supervision import Backoff, ChildHandle, ChildSpec, Strategy, Supervisor, open_supervisor
-from .supervision import supervisor_spec as make_supervisor_spec
 
 log = logging.getLogger("atrium")
 
