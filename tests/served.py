@@ -3,6 +3,7 @@ signal or restart a whole server process)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,27 @@ from typing import IO
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-key-with-enough-length-0123456789"
+
+
+def run_py_env(data_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a ``run.py`` subprocess in a test: this process's, with the
+    suite's key, ``data_dir``, ``database_url``, every port 0 (any free one) and rate limits
+    no test reaches; ``settings`` are added or replace any of these."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SECRET_KEY")}
+    env.update(
+        ENVIRONMENT="test",
+        SECRET_KEY=SECRET,
+        DATA_DIR=str(data_dir),
+        DATABASE_URL=database_url,
+        PORT="0",
+        WS_PORT="0",
+        METRICS_PORT="0",
+        RATE_LIMIT_PER_MINUTE="10000",
+        AUTH_RATE_LIMIT_PER_MINUTE="10000",
+    )
+    env.update(settings)
+    return env
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ with no gap and no duplicate, and each other's cursors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -13,34 +12,24 @@ from typing import Any
 import httpx
 import trio
 from redis_server import RedisServer
-from served import Served, start_serving
+from served import Served, run_py_env, start_serving
 from test_workspace import edit
 from wsclient import Client, connect
 
-SECRET = "test-secret-key-with-enough-length-0123456789"
 WAIT = 30.0
 
 
 def process_env(tmp_path: Path, name: str, database_url: str, redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SECRET_KEY")}
-    env.update(
-        ENVIRONMENT="test",
-        SECRET_KEY=SECRET,
-        DATA_DIR=str(tmp_path / name),
-        DATABASE_URL=database_url,
+    return run_py_env(
+        tmp_path / name,
+        database_url,
         REDIS_URL=redis_url,
         REDIS_BREAKER_RESET_SECONDS="0.3",
         REDIS_BREAKER_FAILURES="2",
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        RATE_LIMIT_PER_MINUTE="10000",
-        AUTH_RATE_LIMIT_PER_MINUTE="10000",
         WS_USER_EDITS_PER_SECOND="10000",
         DB_POOL_SIZE="4",
         WORKER_CONCURRENCY="0",
     )
-    return env
 
 
 async def wait_bridged(url: str) -> None:

@@ -8,7 +8,6 @@ payloads and results, against its size just before (the peak is reset through
 
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ import httpx
 import orjson
 import trio
 from conftest import StartServer
-from served import start_serving
+from served import run_py_env, start_serving
 from test_jobs_api import auth, run, wait_status
 from test_jobs_queue import make_user
 
@@ -40,13 +39,9 @@ async def _kib(pid: int, field: str) -> int:
 async def test_listing_100_jobs_of_1_mb_each_stays_within_20_mb(
     tmp_path: Path, database_url: str, db: Database
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SECRET_KEY")}
-    env.update(
-        DATA_DIR=str(tmp_path / "data"),
-        DATABASE_URL=database_url,
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
+    env = run_py_env(
+        tmp_path / "data",
+        database_url,
         WORKER_CONCURRENCY="0",
         ENVIRONMENT="development",  # /ops/jobs without an operator token
     )

@@ -8,7 +8,6 @@ process.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import time
@@ -34,7 +33,7 @@ from atrium.persistence.jobs import Job, JobStatus
 from atrium.supervision import Supervisor, open_supervisor
 from atrium.tasks import TaskContext, TaskRegistry, load_task_modules
 from atrium.tasks import registry as builtins
-from tests.served import start_serving
+from tests.served import run_py_env, start_serving
 
 load_task_modules(("tests.job_tasks",))
 
@@ -152,16 +151,9 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
     actors = 4
     rows = "\n".join(f"{i},{i % 97}.5,name{i % 1013},{i * 7 % 10007}" for i in range(20_000))
     csv = "id,price,name,qty\n" + rows + "\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SECRET_KEY")}
-    env.update(
-        ENVIRONMENT="test",
-        SECRET_KEY="test-secret-key-with-enough-length-0123456789",
-        DATA_DIR=str(tmp_path),
-        DATABASE_URL=database_url,
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        RATE_LIMIT_PER_MINUTE="10000",
+    env = run_py_env(
+        tmp_path,
+        database_url,
         WORKER_CONCURRENCY=str(actors),
         JOB_TASK_MODULES="tests.job_tasks",
     )

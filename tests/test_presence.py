@@ -4,7 +4,6 @@ dies has its users leave without anyone closing anything."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 import uuid
@@ -16,7 +15,7 @@ import pytest
 import trio
 from conftest import FakeClock, Running, StartServer
 from redis_server import RedisServer, free_port
-from served import start_serving
+from served import SECRET, run_py_env, start_serving
 from test_workspace import Member, make_member
 from wsclient import Client, connect
 
@@ -24,7 +23,6 @@ from atrium.core.events import EventType
 from atrium.persistence.redis import BreakerSettings, open_redis
 from atrium.realtime.presence import ClusterPresence, PresenceSettings
 
-SECRET = "test-secret-key-with-enough-length-0123456789"
 FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}
 
 
@@ -127,20 +125,7 @@ async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
 async def test_a_killed_process_users_leave_on_another_within_15_seconds(
     start_server: StartServer, database_url: str, redis_url: str, tmp_path: Any
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "DATABASE_URL")}
-    env.update(
-        ENVIRONMENT="test",
-        SECRET_KEY=SECRET,
-        DATABASE_URL=database_url,
-        REDIS_URL=redis_url,
-        DATA_DIR=str(tmp_path / "b"),
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        RATE_LIMIT_PER_MINUTE="10000",
-        AUTH_RATE_LIMIT_PER_MINUTE="10000",
-        **FAST,
-    )
+    env = run_py_env(tmp_path / "b", database_url, REDIS_URL=redis_url, **FAST)
     async with start_server(REDIS_URL=redis_url, **FAST) as a, trio.open_nursery() as nursery:
         with open(tmp_path / "b.log", "wb") as errors:  # noqa: ASYNC230 - a local file
             b = await start_serving(nursery, env, stderr=errors)

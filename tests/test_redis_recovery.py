@@ -8,7 +8,6 @@ process must die for real, a second one under ``python run.py`` (B)."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from typing import Any
 import trio
 from conftest import Running, StartServer
 from redis_server import RedisServer
-from served import start_serving
+from served import run_py_env, start_serving
 from test_bridge import bridge_of
-from test_presence import SECRET, joined, online, presence_events, project_with, status, ws_url
+from test_presence import joined, online, presence_events, project_with, status, ws_url
 from test_workspace import make_member
 
 from atrium.core.breaker import BreakerState
@@ -72,20 +71,8 @@ async def test_redis_restarted_empty_and_a_process_killed_as_it_answers(
 ) -> None:
     # B is frozen before Redis goes down and SIGKILLed once Redis is back empty, so it
     # never re-asserts anything: only A's own copy of B's entries knows Bob was there.
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "DATABASE_URL")}
-    env.update(
-        ENVIRONMENT="test",
-        SECRET_KEY=SECRET,
-        DATABASE_URL=database_url,
-        REDIS_URL=own_redis.url,
-        DATA_DIR=str(tmp_path / "b"),
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        RATE_LIMIT_PER_MINUTE="10000",
-        AUTH_RATE_LIMIT_PER_MINUTE="10000",
-        WORKER_CONCURRENCY="0",
-        **FAST,
+    env = run_py_env(
+        tmp_path / "b", database_url, REDIS_URL=own_redis.url, WORKER_CONCURRENCY="0", **FAST
     )
     async with (
         start_server(REDIS_URL=own_redis.url, **FAST) as a,
