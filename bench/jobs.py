@@ -63,12 +63,12 @@ import trio_parallel  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from atrium.core.events import Event  # noqa: E402
+from atrium.core.jobs import Job, JobStatus, QueueFull  # noqa: E402
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E402
 from atrium.jobs._workers import WorkerPool  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
 from atrium.persistence.embedded import embedded_postgres  # noqa: E402
-from atrium.persistence.jobs import Job, JobStatus, QueueFull  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.seams.aio_loop import open_loop  # noqa: E402
 from atrium.supervision import open_supervisor  # noqa: E402

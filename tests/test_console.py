@@ -18,7 +18,7 @@ from test_jobs_api import auth, run, wait_status
 from test_workspace import joined, make_team, session
 from wsclient import connect
 
-from atrium.persistence.jobs import JobStatus
+from atrium.core.jobs import JobStatus
 
 TOKEN = "operator-token-0123456789"
 __all__ = ["chromium"]  # the module's browser (a fixture of test_browser)

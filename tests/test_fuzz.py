@@ -39,7 +39,7 @@ from test_workspace import Team, make_team, session
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
-from atrium.persistence.jobs import JobStatus
+from atrium.core.jobs import JobStatus
 
 ADMIN_TOKEN = "operator-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -21,10 +21,11 @@ from served import run_py_env, start_serving
 from test_jobs_api import auth, run, wait_status
 from test_jobs_queue import make_user
 
+from atrium.core.jobs import JobStatus, Priority
 from atrium.core.timestamps import utc_iso
+from atrium.persistence import job_runs
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus, Priority
 
 MB = 1_000_000
 
@@ -140,15 +141,15 @@ async def test_a_listing_shows_the_last_attempts_and_errors_are_cut(db: Database
         submitted.job.id,
         orjson.dumps(attempts).decode(),
     )
-    claimed = await store.claim(db, worker="w", now=now, lease_seconds=30)
+    claimed = await job_runs.claim(db, worker="w", now=now, lease_seconds=30)
     assert claimed is not None
-    await store.fail(db, claimed, now=now, error="e" * 10_000, retry_at=None)
+    await job_runs.fail(db, claimed, now=now, error="e" * 10_000, retry_at=None)
 
     (listed,) = (await store.list_jobs(db, user)).jobs
     assert [a["n"] for a in listed.attempts] == list(range(4, 14))
     assert len(listed.attempts) == store.LISTED_ATTEMPTS
     job = await store.get_job(db, submitted.job.id, user)
     assert [a["n"] for a in job.attempts] == list(range(1, 14))
-    assert job.error is not None and len(job.error) <= store.MAX_ERROR_CHARS
+    assert job.error is not None and len(job.error) <= job_runs.MAX_ERROR_CHARS
     assert job.error.endswith("... (10,000 characters, cut)")
     assert job.attempts[-1]["error"] == job.error

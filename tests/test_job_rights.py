@@ -15,10 +15,10 @@ from conftest import Running, StartServer
 from test_jobs_api import auth, project_with, run
 from test_jobs_queue import Rig, make_user, running_jobs, wait
 
+from atrium.core.jobs import JobStatus
 from atrium.core.roles import Role
 from atrium.persistence import projects
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus
 
 CSV = "a,b\n1,2\n"
 

@@ -12,10 +12,10 @@ import trio
 from conftest import Running, StartServer
 from wsclient import connect
 
+from atrium.core.jobs import JobStatus
 from atrium.jobs import JobQueue
-from atrium.persistence import jobs as store
+from atrium.persistence import job_runs
 from atrium.persistence.database import open_database
-from atrium.persistence.jobs import JobStatus
 
 WAIT = 10.0
 CSV = "name,score\nann,3\nbob,5\nann,7\n"
@@ -371,9 +371,9 @@ async def test_events_a_separate_worker_commits_reach_the_workspace_live(
             job_id = (await run(server, ann, **body, project_id=project_id)).json()["job_id"]
             assert (await ws.until("JOB_QUEUED"))["job_id"] == job_id
             now = datetime.now(UTC)
-            claimed = await store.claim(worker_db, worker="elsewhere", now=now, lease_seconds=30)
+            claimed = await job_runs.claim(worker_db, worker="elsewhere", now=now, lease_seconds=30)
             assert claimed is not None
-            await store.complete(worker_db, claimed, now=now, result={"rows": 3})
+            await job_runs.complete(worker_db, claimed, now=now, result={"rows": 3})
             started = await ws.until("JOB_STARTED")
             completed = await ws.until("JOB_COMPLETED")
         assert started["job_id"] == completed["job_id"] == job_id

@@ -25,11 +25,11 @@ from pydantic import BaseModel
 
 from atrium.core.config import ConfigError, load_settings
 from atrium.core.events import Event
+from atrium.core.jobs import Job, JobStatus
 from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec
-from atrium.persistence import accounts
+from atrium.persistence import accounts, job_runs
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import Job, JobStatus
 from atrium.supervision import Supervisor, open_supervisor
 from atrium.tasks import TaskContext, TaskRegistry, load_task_modules
 from atrium.tasks import registry as builtins
@@ -115,14 +115,14 @@ async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
             await trio.sleep(0.001)
 
     writes = 0
-    real_set_progress = store.set_progress
+    real_set_progress = job_runs.set_progress
 
     async def counted(*args: Any) -> bool:
         nonlocal writes
         writes += 1
         return await real_set_progress(*args)
 
-    monkeypatch.setattr(store, "set_progress", counted)
+    monkeypatch.setattr(job_runs, "set_progress", counted)
     user = await make_user(db)
     frames = Frames()
     async with running_jobs(db, registry, progress_interval=0.25) as (queue, service, _):

@@ -17,11 +17,11 @@ import trio.testing
 from test_jobs_queue import WAIT, Rig, make_user, running_jobs, wait
 
 from atrium.core.events import Event
+from atrium.core.jobs import JobPage, JobStatus, Priority
 from atrium.jobs import RetryPolicy
+from atrium.persistence import exports, job_runs, projects
 from atrium.persistence import jobs as store
-from atrium.persistence import projects
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus, Priority
 
 Q = ("JOB_QUEUED", "queued")
 S = ("JOB_STARTED", "running")
@@ -40,7 +40,7 @@ async def new_project(db: Database, owner: uuid.UUID) -> uuid.UUID:
 
 async def job_log(db: Database, project_id: uuid.UUID, job_id: uuid.UUID) -> list[tuple[str, str]]:
     """The job's events in the project's log, in seq order, as (type, status)."""
-    events = await store.project_events(db, project_id)
+    events = await exports.project_events(db, project_id)
     return [
         (e["type"], e["payload"]["status"])
         for e in events
@@ -107,21 +107,21 @@ async def test_reaped_job_is_requeued_in_the_log_before_the_next_start(
         first = await service.submit(owner, task_name="record", payload={}, project_id=project)
         second = await service.submit(owner, task_name="record", payload={}, project_id=project)
         # The store alone, no observer: the events are the transactions' own work.
-        lost = await store.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
+        lost = await job_runs.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
         assert lost is not None and lost.job.id == first.job.id
         assert pairs(lost.events) == [S]
         mock_clock.jump(11)
-        (reaped,) = await store.reap_expired(db, now=queue.now())
+        (reaped,) = await job_runs.reap_expired(db, now=queue.now())
         assert reaped.job.id == first.job.id and pairs(reaped.events) == [Q]
         assert reaped.events[0].payload["retry_count"] == 0
-        again = await store.claim(db, worker="next-worker", now=queue.now(), lease_seconds=10)
+        again = await job_runs.claim(db, worker="next-worker", now=queue.now(), lease_seconds=10)
         assert again is not None and again.job.id == first.job.id
         assert again.events[0].seq > reaped.events[0].seq
         assert again.events[0].payload["retry_count"] == 1
     assert await job_log(db, project, first.job.id) == [Q, S, Q, S]
     # The same through the job actors and their reaper: the second job's worker dies.
     async with running_jobs(db, rig.registry, concurrency=0) as (queue, _, _):
-        dying = await store.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
+        dying = await job_runs.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
         assert dying is not None and dying.job.id == second.job.id
     async with running_jobs(db, rig.registry, concurrency=1, lease_seconds=10) as (queue, _, _):
         mock_clock.jump(11)
@@ -163,23 +163,23 @@ async def test_failure_before_commit_leaves_neither_the_change_nor_the_event(
         "project_id": project,
     }
     await broken(store.submit(db, now=now(), **submit))
-    assert await store.list_jobs(db, owner) == store.JobPage([], 0)
+    assert await store.list_jobs(db, owner) == JobPage([], 0)
     job = (await store.submit(db, now=now(), **submit)).job
 
-    await broken(store.claim(db, worker="w", now=now(), lease_seconds=0.01))
+    await broken(job_runs.claim(db, worker="w", now=now(), lease_seconds=0.01))
     loaded = await store.load_job(db, job.id)
     assert loaded is not None and loaded.status is JobStatus.QUEUED and loaded.attempts == []
-    claimed = await store.claim(db, worker="w", now=now(), lease_seconds=0.01)
+    claimed = await job_runs.claim(db, worker="w", now=now(), lease_seconds=0.01)
     assert claimed is not None
 
-    await broken(store.complete(db, claimed, now=now(), result="x"))
-    await broken(store.reap_expired(db, now=now() + timedelta(seconds=1)))
+    await broken(job_runs.complete(db, claimed, now=now(), result="x"))
+    await broken(job_runs.reap_expired(db, now=now() + timedelta(seconds=1)))
     loaded = await store.load_job(db, job.id)
     assert loaded is not None and loaded.status is JobStatus.RUNNING
     assert "ended_at" not in loaded.attempts[-1]
     assert await job_log(db, project, job.id) == [Q, S]
 
-    changed = await store.complete(db, claimed, now=now(), result="x")
+    changed = await job_runs.complete(db, claimed, now=now(), result="x")
     assert changed is not None and pairs(changed.events) == [C]
     assert await job_log(db, project, job.id) == [Q, S, C]
 

@@ -15,9 +15,9 @@ from conftest import StartServer
 from test_jobs_api import auth, run, wait_status
 from test_jobs_queue import WAIT, Empty, make_user, running_jobs
 
-from atrium.persistence import jobs as store
+from atrium.core.jobs import JobStatus, QueueFull
+from atrium.persistence import job_reports, job_runs
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus, QueueFull
 from atrium.tasks import TaskContext, TaskRegistry
 
 
@@ -59,7 +59,7 @@ async def test_another_users_job_is_claimed_before_a_backlog(db: Database) -> No
         theirs = await service.submit(y, task_name="gate", payload={})
     now = queue.now()
     claimed = [
-        await store.claim(db, worker="w", now=now, lease_seconds=30, max_running=None)
+        await job_runs.claim(db, worker="w", now=now, lease_seconds=30, max_running=None)
         for _ in range(3)
     ]
     # X's oldest first (both users run nothing), then Y's: X runs one job, Y none.
@@ -81,12 +81,12 @@ async def test_position_and_estimate_follow_the_fair_order(db: Database) -> None
         assert theirs.position_in_queue == 2
         assert theirs.estimated_completion < backlog[-1].estimated_completion
         # X's jobs, seen now, are pushed back by one.
-        places = [await store.queue_position(db, s.job) for s in backlog]
+        places = [await job_reports.queue_position(db, s.job) for s in backlog]
         assert [p.position for p in places] == [1, 3, 4, 5]
-        claimed = await store.claim(db, worker="w", now=queue.now(), lease_seconds=30)
+        claimed = await job_runs.claim(db, worker="w", now=queue.now(), lease_seconds=30)
         assert claimed is not None and claimed.job.id == backlog[0].job.id
         # X runs one job now: Y's is next, then X's in their order.
-        places = [await store.queue_position(db, s.job) for s in (theirs, *backlog[1:])]
+        places = [await job_reports.queue_position(db, s.job) for s in (theirs, *backlog[1:])]
         assert [p.position for p in places] == [1, 2, 3, 4]
         assert (places[1].running, places[1].own_ahead) == (1, 0)
 
@@ -142,14 +142,14 @@ async def test_two_claims_at_once_cannot_pass_the_running_limit(
         held = conn.transaction()
         await trio_asyncio.aio_as_trio(held.start)()
         row = await trio_asyncio.aio_as_trio(conn.fetchrow)(
-            store._CLAIM,  # the claim's own statement, as A runs it
+            job_runs._CLAIM,  # the claim's own statement, as A runs it
             now,
             uuid.uuid4(),
             "a",
             now + timedelta(seconds=30),
             "started",
             1,
-            store._CLAIM_LOCK,
+            job_runs._CLAIM_LOCK,
         )
         assert row is not None
         result: list[Any] = []
@@ -157,7 +157,7 @@ async def test_two_claims_at_once_cannot_pass_the_running_limit(
 
         async def claimer_b() -> None:
             result.append(
-                await store.claim(db, worker="b", now=now, lease_seconds=30, max_running=1)
+                await job_runs.claim(db, worker="b", now=now, lease_seconds=30, max_running=1)
             )
             done.set()
 

@@ -19,12 +19,12 @@ import trio
 import trio.testing
 from pydantic import BaseModel
 
+from atrium.core.jobs import Job, JobStatus, Priority
 from atrium.core.roles import Role
 from atrium.jobs import JobQueue, JobService, JobSettings, RetryPolicy, jobs_spec
-from atrium.persistence import accounts, projects
+from atrium.persistence import accounts, job_runs, projects
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import Job, JobStatus, Priority
 from atrium.supervision import Supervisor, open_supervisor
 from atrium.tasks import PermanentJobError, TaskContext, TaskRegistry
 from atrium.tasks import registry as builtins
@@ -346,7 +346,7 @@ async def test_expired_lease_is_reaped_and_the_attempt_counted(
     async with running_jobs(db, rig.registry, concurrency=0) as (queue, service, _):
         sub = await service.submit(user, task_name="record", payload={})
         # A worker that claims the job and then dies without a word.
-        lost = await store.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
+        lost = await job_runs.claim(db, worker="dead-worker", now=queue.now(), lease_seconds=10)
         assert lost is not None and lost.job.id == sub.job.id
     async with running_jobs(db, rig.registry, concurrency=1, lease_seconds=10) as (queue, _, _):
         mock_clock.jump(11)
@@ -356,7 +356,7 @@ async def test_expired_lease_is_reaped_and_the_attempt_counted(
     assert "lease" in job.attempts[0]["error"]
     assert job.result == {"attempt": 2}
     # The dead worker's late write changes nothing.
-    assert await store.complete(db, lost, now=queue.now(), result="late") is None
+    assert await job_runs.complete(db, lost, now=queue.now(), result="late") is None
 
 
 async def test_actor_crash_outside_the_task_is_restarted_and_the_job_retried(
@@ -364,7 +364,7 @@ async def test_actor_crash_outside_the_task_is_restarted_and_the_job_retried(
 ) -> None:
     rig = Rig()
     user = await make_user(db, "ann")
-    real_complete = store.complete
+    real_complete = job_runs.complete
     calls = 0
 
     async def complete_once_broken(*args: Any, **kwargs: Any) -> Job | None:
@@ -374,7 +374,7 @@ async def test_actor_crash_outside_the_task_is_restarted_and_the_job_retried(
             raise RuntimeError("a bug in the actor")
         return await real_complete(*args, **kwargs)
 
-    monkeypatch.setattr(store, "complete", complete_once_broken)
+    monkeypatch.setattr(job_runs, "complete", complete_once_broken)
     async with running_jobs(
         db, rig.registry, concurrency=1, retry=RetryPolicy(base=0, jitter=0)
     ) as (queue, service, root):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import trio
 
+from atrium.core.jobs import JobStatus
 from atrium.jobs import JobQueue, JobService, JobSettings
 from atrium.persistence import accounts
 from atrium.persistence import jobs as store
 from atrium.persistence.database import Database
-from atrium.persistence.jobs import JobStatus
 from atrium.tasks import load_task_modules
 
 ROOT = Path(__file__).resolve().parent.parent

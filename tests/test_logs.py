@@ -17,8 +17,8 @@ from conftest import Running, StartServer
 from trio.testing import wait_all_tasks_blocked
 from wsclient import connect
 
+from atrium.core.jobs import JobStatus
 from atrium.core.logs import REDACTED, TextFormatter, log_context, make_handler
-from atrium.persistence.jobs import JobStatus
 from atrium.supervision import ChildSpec, open_supervisor
 
 WAIT = 10.0

@@ -17,8 +17,8 @@ from test_workspace import edit, make_team, session
 from trio.testing import MockClock
 from wsclient import connect, open_sending_ahead
 
+from atrium.core.jobs import COUNTED_STATES, JobStatus
 from atrium.core.metrics import Metrics
-from atrium.persistence.jobs import COUNTED_STATES, JobStatus
 from atrium.runtime.metrics_server import LiveState
 from atrium.supervision import Backoff, ChildSpec, open_supervisor, supervisor_spec
 

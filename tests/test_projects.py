@@ -13,12 +13,12 @@ import pytest
 from conftest import Running
 
 from atrium.core.config import Settings
+from atrium.core.projects import Project
 from atrium.core.roles import Role
 from atrium.core.timestamps import utc_iso
 from atrium.identity.tokens import TokenCodec
 from atrium.persistence import accounts
 from atrium.persistence.database import Database
-from atrium.persistence.projects import Project
 
 API = "/api/v1/projects"
 

@@ -22,11 +22,11 @@ import trio
 
 from ..core.config import DEFAULTS
 from ..core.events import Event, EventType, NewEvent
+from ..core.projects import ProjectNotFound
 from ..core.roles import Action, Role, can
 from ..core.timestamps import utc_now_iso
 from ..persistence import events as store
 from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.errors import ProjectNotFound
 from ..realtime import protocol
 from ..realtime.outbox import Outbox
 from ..realtime.presence import (

@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 import trio
 
 from ..core.events import EventPublisher
+from ..core.projects import Member, Project, ProjectPage
 from ..core.roles import Role
 from ..identity.cache import UserCache
 from ..persistence import events as event_log
 from ..persistence import projects
 from ..persistence.database import Database
 from ..persistence.events import EventPage
-from ..persistence.projects import Change, Member, Project, ProjectPage
+from ..persistence.projects import Change
 
 log = logging.getLogger("atrium.projects")
 

@@ -17,9 +17,7 @@ from quart_schema import (
     validate_querystring,
 )
 
-from ..core.metrics import COMPLETED_WINDOW
-from ..persistence import jobs as store
-from ..persistence.jobs import JobError
+from ..core.jobs import JobError
 from .console_schemas import (
     MetricsSummaryResponse,
     OpsJobsResponse,
@@ -80,10 +78,9 @@ async def jobs(query_args: OpsListQuery) -> Response:
     last 5 minutes, and the dead jobs of every user and project, most recently dead
     first (at most ``limit``). Operator token."""
     require_operator()
-    svc = services()
-    queue = svc.jobs.queue
-    counts = await store.count_jobs(svc.db, completed_since=queue.now() - COMPLETED_WINDOW)
-    dead = await store.list_dead(svc.db, limit=query_args.limit)
+    service = services().jobs
+    counts = await service.counts()
+    dead = await service.dead(query_args.limit)
     return respond(
         OpsJobsResponse.model_validate(
             {

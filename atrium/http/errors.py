@@ -9,7 +9,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from ..core.failures import ContainedFailures
-from ..persistence.database import DatabaseUnavailable
+from ..core.outages import DatabaseUnavailable
 from .json import error_body
 
 log = logging.getLogger("atrium.http")

@@ -31,9 +31,9 @@ from hypercorn.typing import (
 from pydantic import BaseModel, ValidationError
 
 from ..core.logs import bind
+from ..core.outages import DatabaseUnavailable
 from ..domain.accounts import User
 from ..domain.services import Services
-from ..persistence.database import DatabaseUnavailable
 from .auth import me_body
 from .edge import send_response
 from .errors import ApiError, database_unavailable_error

@@ -1,6 +1,6 @@
 """``/api/v1/jobs``: submit background jobs, follow them, cancel and retry them.
 
-The rules live in ``atrium.jobs.JobService`` and ``atrium.persistence.jobs`` and use the
+The rules live in ``atrium.jobs.JobService`` (and the SQL it calls) and use the
 caller's rights now (docs/JOBS.md, "Rights"): a job without a project is its creator's; a
 project job is seen by the project's members, cancelled by its creator (while a member)
 and the owners, retried by its creator (while a collaborator or an owner) and the owners.
@@ -21,9 +21,9 @@ from quart_schema import (
     validate_request,
 )
 
+from ..core.jobs import Job, JobError, JobStatus, Priority, QueueFull
+from ..core.projects import ProjectError
 from ..jobs import JobService
-from ..persistence.jobs import Job, JobError, JobStatus, Priority, QueueFull
-from ..persistence.projects import ProjectError
 from ..tasks import InvalidPayload, UnknownTask
 from .errors import ApiError, error_response
 from .job_schemas import (

@@ -22,10 +22,7 @@ from quart_schema import (
     validate_request,
 )
 
-from ..core.timestamps import utc_iso, utc_iso_at
-from ..domain.accounts import User
-from ..domain.services import Services
-from ..persistence.projects import (
+from ..core.projects import (
     AlreadyMember,
     LastOwner,
     Member,
@@ -36,6 +33,9 @@ from ..persistence.projects import (
     RoleForbidden,
     UserNotFound,
 )
+from ..core.timestamps import utc_iso, utc_iso_at
+from ..domain.accounts import User
+from ..domain.services import Services
 from .errors import ApiError, error_response
 from .json import json_response
 from .schemas import (

@@ -13,10 +13,12 @@ from typing import Any, Self
 
 import trio
 
+from ..core.jobs import Job, JobStatus
 from ..core.logs import log_context
-from ..persistence import jobs as store
+from ..persistence import job_runs
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import Changed, Claimed, Job, JobStatus
+from ..persistence.job_runs import Claimed
+from ..persistence.jobs import Changed
 from ..tasks import PermanentJobError, TaskContext, UnknownTask
 from ._queue import JobQueue
 from ._workers import WorkerPool
@@ -171,7 +173,7 @@ class JobActor:
         while not self._stopping:
             wakeup = self.queue.wakeup()
             try:
-                claimed = await store.claim(
+                claimed = await job_runs.claim(
                     self.queue.db,
                     worker=self.worker,
                     now=self.queue.now(),
@@ -260,7 +262,7 @@ class JobActor:
         # The creator's rights now, not at submission: a creator removed from the project
         # or demoted since then ends the job here, before the task reads anything.
         try:
-            refusal = await store.run_refusal(self.queue.db, job)
+            refusal = await job_runs.run_refusal(self.queue.db, job)
         except DatabaseUnavailable:
             return _Outcome(JobStatus.QUEUED, released=True)  # claimed again once it is back
         if refusal is not None:
@@ -319,7 +321,7 @@ class JobActor:
         while True:
             await trio.sleep(settings.heartbeat_seconds)
             try:
-                cancel = await store.heartbeat(
+                cancel = await job_runs.heartbeat(
                     self.queue.db,
                     claimed,
                     now=self.queue.now(),
@@ -352,7 +354,7 @@ class JobActor:
 
     async def _write_progress(self, claimed: Claimed, percent: int, message: str | None) -> None:
         try:
-            await store.set_progress(self.queue.db, claimed, percent, message)
+            await job_runs.set_progress(self.queue.db, claimed, percent, message)
         except DatabaseUnavailable:
             return  # progress is advisory; the outcome is what must be written
         await self.queue.progressed(claimed.job, percent, message)
@@ -386,9 +388,9 @@ class JobActor:
     async def _write(self, claimed: Claimed, outcome: _Outcome) -> Changed | None:
         db, now = self.queue.db, self.queue.now()
         if outcome.released:
-            return await store.release(db, claimed, now=now)
+            return await job_runs.release(db, claimed, now=now)
         if outcome.status is JobStatus.COMPLETED:
-            return await store.complete(
+            return await job_runs.complete(
                 db,
                 claimed,
                 now=now,
@@ -396,14 +398,14 @@ class JobActor:
                 max_result_bytes=self.queue.settings.max_result_bytes,
             )
         if outcome.status is JobStatus.CANCELLED:
-            return await store.finish_cancelled(db, claimed, now=now)
+            return await job_runs.finish_cancelled(db, claimed, now=now)
         error = outcome.error or "failed"
         retry_at = None
         job = claimed.job
         if outcome.status is JobStatus.FAILED and job.retries_left > 0:
             failures = job.attempt_count - job.budget_from
             retry_at = now + timedelta(seconds=self.queue.settings.retry.delay(failures))
-        return await store.fail(db, claimed, now=now, error=error, retry_at=retry_at)
+        return await job_runs.fail(db, claimed, now=now, error=error, retry_at=retry_at)
 
     async def _record_crash(self, claimed: Claimed, crash: Exception) -> None:
         error = f"job actor crashed: {type(crash).__name__}: {crash}"

@@ -1,6 +1,6 @@
 """Job lifecycle events in the project's live workspace (jobs tied to a project).
 
-Every state change is appended to the project's event log by ``persistence.jobs`` in the
+Every state change is appended to the project's event log by ``atrium.persistence`` in the
 transaction that makes it (JOB_QUEUED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_DEAD;
 a cancelled job ends with JOB_FAILED and status ``cancelled``); this observer publishes
 those events to the workspace once committed, as the domain services do. Progress is
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..core.events import Event, EventPublisher
+from ..core.jobs import Job
 from ..core.timestamps import utc_now_iso
-from ..persistence.jobs import Job
 
 log = logging.getLogger("atrium.jobs")
 

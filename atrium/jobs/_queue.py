@@ -12,10 +12,11 @@ import trio
 
 from ..core.config import DEFAULTS
 from ..core.events import Event
+from ..core.jobs import Job, JobStatus
 from ..core.metrics import Metrics
 from ..persistence import jobs as store
 from ..persistence.database import Database
-from ..persistence.jobs import Job, JobStatus
+from ..persistence.job_runs import Claimed
 from ..tasks import TaskRegistry
 from ..tasks import registry as default_registry
 from ._policy import RetryPolicy
@@ -123,7 +124,7 @@ class JobQueue:
         submission between the look and the wait is not missed."""
         return self._wakeup
 
-    async def changed(self, change: store.Changed | store.Claimed | store.Submitted) -> None:
+    async def changed(self, change: store.Changed | Claimed | store.Submitted) -> None:
         """Record a committed state change made here: wake waiters and tell observers."""
         self._changed.set()
         self._changed = trio.Event()

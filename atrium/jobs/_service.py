@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from ..core import json_output
+from ..core.jobs import Job, JobPage, JobStatus, PayloadTooLarge, Priority
+from ..core.metrics import COMPLETED_WINDOW
+from ..persistence import job_reports
 from ..persistence import jobs as store
-from ..persistence.jobs import Job, JobPage, JobStatus, PayloadTooLarge, Priority
+from ..persistence.job_reports import JobCounts, QueuePlace, queue_position
 from ..tasks import InvalidPayload
 from ._events import JobEvents
 from ._queue import JobQueue
@@ -85,10 +89,10 @@ class JobService:
         if submitted.created:
             queue.wake()
             await queue.changed(submitted)
-        place = await store.queue_position(queue.db, job)
+        place = await queue_position(queue.db, job)
         return Submission(job, submitted.created, place.position, self._estimate(place))
 
-    def _estimate(self, place: store.QueuePlace) -> datetime:
+    def _estimate(self, place: QueuePlace) -> datetime:
         """When a job at ``place`` should be done: one run per wave of jobs ahead of it,
         as many to a wave as this process has actors or, when its user's running limit
         is the tighter bound, as many as that user may run."""
@@ -138,3 +142,14 @@ class JobService:
         self.queue.wake()
         await self.queue.changed(change)
         return change.job
+
+    async def counts(self) -> JobCounts:
+        """The jobs of every process by state, and those completed within the last
+        ``COMPLETED_WINDOW`` (the console's and the metrics' figures)."""
+        since = self.queue.now() - COMPLETED_WINDOW
+        return await job_reports.count_jobs(self.queue.db, completed_since=since)
+
+    async def dead(self, limit: int) -> Sequence[Job]:
+        """The dead jobs of every user and project, most recently dead first (at most
+        ``limit``): the operator's view, whoever created them."""
+        return await job_reports.list_dead(self.queue.db, limit=limit)

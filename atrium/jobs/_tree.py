@@ -9,9 +9,10 @@ from typing import Any
 
 import trio
 
-from ..persistence import jobs as store
+from ..core.jobs import JobStatus
+from ..persistence import job_runs
 from ..persistence.database import DatabaseUnavailable
-from ..persistence.jobs import JobStatus
+from ..persistence.jobs import JOB_CHANNEL
 from ..supervision import Backoff, ChildSpec, Strategy, Supervisor, supervisor_spec
 from ._actor import JobActor
 from ._queue import JobQueue
@@ -41,7 +42,7 @@ class Reaper:
     async def reap_once(self) -> int:
         """One pass; returns how many jobs it took back. A database outage is skipped."""
         try:
-            reaped = await store.reap_expired(self.queue.db, now=self.queue.now())
+            reaped = await job_runs.reap_expired(self.queue.db, now=self.queue.now())
         except DatabaseUnavailable as error:
             log.warning("job reaper: %s", error)
             return 0
@@ -60,7 +61,7 @@ async def _run_listener(queue: JobQueue, *, task_status: trio.TaskStatus[None]) 
     A lost connection is noticed by a ping every few polls and listened on again."""
     task_status.started()
     await queue.db.follow(
-        store.JOB_CHANNEL,
+        JOB_CHANNEL,
         lambda _: queue.wake(),
         ping_seconds=queue.settings.poll_seconds * 5,
         on_listen=queue.wake,  # whatever was queued while nobody listened
@@ -72,7 +73,7 @@ async def _run_retention(queue: JobQueue, *, task_status: trio.TaskStatus[None])
     while True:
         before = queue.now() - timedelta(days=queue.settings.retention_days)
         try:
-            while (pruned := await store.prune_finished(queue.db, before=before)) > 0:
+            while (pruned := await job_runs.prune_finished(queue.db, before=before)) > 0:
                 log.info("job retention: deleted %d finished jobs", pruned)
         except DatabaseUnavailable as error:
             log.warning("job retention: %s", error)

@@ -21,6 +21,11 @@ import outcome
 import trio
 import trio_asyncio
 
+# Defined in core, where the layers that refuse work during an outage (HTTP's 503) can
+# name them without importing persistence; raised here.
+from ..core.outages import DatabaseTimeout as DatabaseTimeout
+from ..core.outages import DatabaseUnavailable as DatabaseUnavailable
+
 T = TypeVar("T")
 log = logging.getLogger("atrium.database")
 Observe = Callable[[float], None]
@@ -30,18 +35,6 @@ _CLOSE_TIMEOUT = 10.0
 # an asyncio one (``_within_timeout``); asyncpg's own timers stay off (command_timeout, the
 # pool's inactivity timer): they would add two timers per query for nothing.
 QUERY_TIMEOUT = 30.0
-
-
-class DatabaseUnavailable(Exception):
-    """The database cannot be reached now: refused, reset or shut down, a connection lost
-    mid-query, or a server still starting. Weather, not a bug: callers refuse the work
-    (HTTP 503, WebSocket 1013) and the pool reconnects on its own once the server is back.
-    The asyncpg (or OS) error is kept as ``__cause__``."""
-
-
-class DatabaseTimeout(DatabaseUnavailable, trio.TooSlowError):
-    """No answer within QUERY_TIMEOUT. Also a ``trio.TooSlowError``: a query that never
-    answers and a server that cannot be reached look the same from here."""
 
 
 # asyncpg's errors that say "no usable connection", as opposed to "the query was wrong":

@@ -20,8 +20,8 @@ import orjson
 
 from ..core import json_output
 from ..core.events import Event, EventType, NewEvent
+from ..core.projects import ProjectNotFound
 from .database import Database
-from .errors import ProjectNotFound
 
 _EVENT_COLUMNS = "project_id, seq, type, actor_id, payload, created_at"
 

@@ -15,56 +15,27 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
 from ..core.emails import email_key
 from ..core.events import Event, EventType
+from ..core.projects import AlreadyMember as AlreadyMember
+from ..core.projects import LastOwner as LastOwner
+from ..core.projects import Member as Member
+from ..core.projects import MemberNotFound as MemberNotFound
+from ..core.projects import Project as Project
+from ..core.projects import ProjectError as ProjectError
+from ..core.projects import ProjectNotFound as ProjectNotFound
+from ..core.projects import ProjectPage as ProjectPage
+from ..core.projects import RoleForbidden as RoleForbidden
+from ..core.projects import UserNotFound as UserNotFound
 from ..core.roles import Action, Role, can
 from .database import Database
-from .errors import AlreadyMember as AlreadyMember
-from .errors import LastOwner as LastOwner
-from .errors import MemberNotFound as MemberNotFound
-from .errors import ProjectError as ProjectError
-from .errors import ProjectNotFound as ProjectNotFound
-from .errors import RoleForbidden as RoleForbidden
-from .errors import UserNotFound as UserNotFound
 from .events import append_event
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Project:
-    """A project as one member sees it (``role`` is that member's role)."""
-
-    id: uuid.UUID
-    name: str
-    description: str | None
-    visibility: str
-    owner_id: uuid.UUID
-    created_at: datetime
-    updated_at: datetime
-    collaborator_count: int  # every member, owners included
-    role: Role
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectPage:
-    projects: list[Project]
-    total: int
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    user_id: uuid.UUID
-    project_id: uuid.UUID
-    email: str
-    role: Role
-    invited_at: datetime
-    invited_by: uuid.UUID | None  # None for the project's creator
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +232,9 @@ async def get_project(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -
     return _project(row)
 
 
-async def member_role(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> Role | None:
+async def member_role(
+    db: Database | asyncpg.Connection, project_id: uuid.UUID, user_id: uuid.UUID
+) -> Role | None:
     """``user_id``'s role in the live project, or None (not a member, missing or deleted)."""
     role = await db.fetchval(
         "SELECT m.role FROM project_members m JOIN projects p ON p.id = m.project_id"

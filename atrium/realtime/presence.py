@@ -46,10 +46,10 @@ import trio
 from ..core.breaker import BreakerState
 from ..core.config import DEFAULTS
 from ..core.events import EventType, NewEvent
+from ..core.projects import ProjectNotFound
 from ..core.timestamps import utc_iso_at
 from ..persistence import events as event_log
 from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.errors import ProjectNotFound
 from ..persistence.presence import Copy, Entry, PresenceStore, Someone
 from ..persistence.redis import Redis, RedisUnavailable
 

@@ -68,14 +68,13 @@ from ..actors.bridge import Bridge
 from ..core.breaker import BreakerSettings
 from ..core.config import Settings
 from ..core.failures import ContainedFailures
-from ..core.metrics import COMPLETED_WINDOW, Metrics
+from ..core.metrics import Metrics
 from ..domain.services import Services, build_services
 from ..http import server as http_server
 from ..http.app import create_asgi
 from ..http.reuseport import reuse_port_socket
 from ..http.ws_listener import serve_listener
 from ..jobs import jobs_spec
-from ..persistence import jobs as job_store
 from ..persistence.database import open_database
 from ..persistence.embedded import EmbeddedPostgres
 from ..persistence.migrate import migrate
@@ -262,9 +261,7 @@ def _watch(metrics: Metrics, root: Supervisor, database: ChildHandle[Services]) 
         return None if services is None else services.db.pool_statistics()
 
     async def sample_jobs() -> None:
-        services = database.value
-        since = services.jobs.queue.now() - COMPLETED_WINDOW
-        counts = await job_store.count_jobs(services.db, completed_since=since)
+        counts = await database.value.jobs.counts()
         metrics.set_job_counts(
             {str(state): n for state, n in counts.by_state.items()}, counts.completed_recent
         )

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from ..core.timestamps import utc_iso, utc_now_iso
-from ..persistence import jobs as store
+from ..persistence import exports
 from ._csv import summarise_csv
 from ._registry import PermanentJobError, TaskContext, registry
 
@@ -51,7 +51,7 @@ async def _events(ctx: TaskContext, **window: Any) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     while True:
         after = events[-1]["seq"] if events else 0
-        page = await store.project_events(
+        page = await exports.project_events(
             ctx.db, ctx.project_id, after_seq=after, limit=EVENT_PAGE, **window
         )
         events.extend(page)
@@ -65,7 +65,7 @@ async def project_export(ctx: TaskContext, payload: ProjectExportPayload) -> dic
     """The job's project, its members and its whole event log as one JSON document
     (stored as the job's result). Needs the job's ``project_id``."""
     assert ctx.project_id is not None
-    snapshot = await store.project_snapshot(ctx.db, ctx.project_id)
+    snapshot = await exports.project_snapshot(ctx.db, ctx.project_id)
     if snapshot is None:
         raise PermanentJobError("the project no longer exists")
     await ctx.progress(10, "project and members read")

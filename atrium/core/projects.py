@@ -1,6 +1,48 @@
-"""Refused project operations, each with a stable ``code`` (HTTP maps them to statuses)."""
+"""Projects' vocabulary, free of I/O: a project and a member as callers see them, and the
+refused project operations, each with a stable ``code`` (HTTP maps them to statuses).
+
+``atrium.persistence.projects`` builds these records from rows and raises these refusals
+under the project's row lock; ``atrium.domain.projects`` is the service views call.
+"""
 
 from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from .roles import Role
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    """A project as one member sees it (``role`` is that member's role)."""
+
+    id: uuid.UUID
+    name: str
+    description: str | None
+    visibility: str
+    owner_id: uuid.UUID
+    created_at: datetime
+    updated_at: datetime
+    collaborator_count: int  # every member, owners included
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectPage:
+    projects: list[Project]
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_id: uuid.UUID
+    project_id: uuid.UUID
+    email: str
+    role: Role
+    invited_at: datetime
+    invited_by: uuid.UUID | None  # None for the project's creator
 
 
 class ProjectError(Exception):
