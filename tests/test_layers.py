@@ -1,7 +1,7 @@
 """The layers of atrium hold: pyproject.toml's import-linter contracts (runtime above http
 above domain ... above core and seams; core and seams importing nothing of atrium;
 supervision knowing no kind of child; http reaching persistence through the domain
-services only) are kept by the code as it is."""
+services only; no cycle inside atrium.jobs) are kept by the code as it is."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ class Job:
     project_id: uuid.UUID | None
     task_name: str
     payload: dict[str, Any] | None
-    """None when not read: only a job actor's claim reads it (and :func:`load_job`)."""
+    """None when not read: only a job actor's claim reads it (and ``persistence.jobs.load_job``)."""
     priority: Priority
     status: JobStatus
     timeout_seconds: float
@@ -146,7 +146,7 @@ class Job:
     progress: int
     progress_message: str | None
     result: Any
-    """None until completed, and in listings (only :func:`get_job` reads it)."""
+    """None until completed, and in listings (only ``persistence.jobs.get_job`` reads it)."""
     error: str | None
     idempotency_key: str | None
     cancel_requested: bool

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -20,9 +20,6 @@ from ..persistence.job_runs import Claimed
 from ..tasks import TaskRegistry
 from ..tasks import registry as default_registry
 from ._policy import RetryPolicy
-
-if TYPE_CHECKING:
-    from ._actor import JobActor
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +60,14 @@ class JobSettings:
         return min(self.lease_seconds / 3, 0.5)
 
 
+class JobRunner(Protocol):
+    """What the queue needs of whoever runs a job here (a ``JobActor``): a way to stop it."""
+
+    def cancel_job(self, job_id: uuid.UUID) -> None:
+        """Stop the task of ``job_id`` now, if it is the one this runner runs."""
+        ...
+
+
 class JobObserver(Protocol):
     """Told of every job state change and progress report this process makes (live
     workspace events)."""
@@ -101,7 +106,7 @@ class JobQueue:
         self._clock = clock
         self._wakeup = trio.Event()
         self._changed = trio.Event()
-        self._running: dict[uuid.UUID, JobActor] = {}
+        self._running: dict[uuid.UUID, JobRunner] = {}
         self.observers: list[JobObserver] = []
 
     @property
@@ -152,16 +157,17 @@ class JobQueue:
             with trio.move_on_after(self.settings.poll_seconds):
                 await changed.wait()
 
-    def register(self, job_id: uuid.UUID, actor: JobActor) -> None:
-        self._running[job_id] = actor
+    def register(self, job_id: uuid.UUID, runner: JobRunner) -> None:
+        """``runner`` runs ``job_id`` now: a cancel reaches it through :meth:`cancel_local`."""
+        self._running[job_id] = runner
 
     def unregister(self, job_id: uuid.UUID) -> None:
         self._running.pop(job_id, None)
 
     def cancel_local(self, job_id: uuid.UUID) -> bool:
         """Stop the job's task now if an actor of this process runs it; True if so."""
-        actor = self._running.get(job_id)
-        if actor is None:
+        runner = self._running.get(job_id)
+        if runner is None:
             return False
-        actor.cancel_job(job_id)
+        runner.cancel_job(job_id)
         return True

@@ -6,13 +6,8 @@ per-user queued limit), read, list, cancel and retry. The worker side (claims, l
 outcomes, the reaper) is ``job_runs``; counts and a job's place in the queue are
 ``job_reports``.
 
-A job actor claims in fair order (``job_runs.claim``: the user with the fewest running jobs,
-then priority, then age; per-user running and queued limits) with ``FOR UPDATE SKIP
-LOCKED`` (two claimers never get the same row) and holds the job under a lease: a fresh
-``lease_token`` per claim and a ``lease_expires_at`` it renews by heartbeat. Every
-write about a running attempt names its token, so a worker whose lease was reaped (it
-stalled, its process died) changes nothing any more. Times come from the caller's
-clock, never from ``now()`` in SQL, so tests can drive leases and backoff with a fake one.
+Times come from the caller's clock, never from ``now()`` in SQL, so tests can drive
+leases and backoff with a fake one.
 
 Every state change of a job tied to a project appends its event (JOB_QUEUED, JOB_STARTED,
 JOB_COMPLETED, JOB_FAILED, JOB_DEAD; a cancelled job's is JOB_FAILED with status
