@@ -49,7 +49,8 @@ _PATCH_LAST = (
     " (attempts -> -1) || {}::jsonb)"
 )
 
-
+# An error longer than this is cut where it is stored (the row, its attempt, its event):
+# a task's message may quote its input.
 MAX_ERROR_CHARS = 2000
 
 

@@ -99,7 +99,7 @@ def to_json(value: Any) -> str:
     return json_output.dumps(value).decode()
 
 
-def from_json(raw: Any) -> Any:
+def _from_json(raw: Any) -> Any:
     return None if raw is None else orjson.loads(raw)
 
 
@@ -109,17 +109,17 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         user_id=row["user_id"],
         project_id=row["project_id"],
         task_name=row["task_name"],
-        payload=from_json(row.get("payload")),
+        payload=_from_json(row.get("payload")),
         priority=Priority(row["priority"]),
         status=JobStatus(row["status"]),
         timeout_seconds=row["timeout_seconds"],
         max_retries=row["max_retries"],
         attempt_count=row["attempt_count"],
         budget_from=row["budget_from"],
-        attempts=from_json(row["attempts"]),
+        attempts=_from_json(row["attempts"]),
         progress=row["progress"],
         progress_message=row["progress_message"],
-        result=from_json(row.get("result")),
+        result=_from_json(row.get("result")),
         error=row["error"],
         idempotency_key=row["idempotency_key"],
         cancel_requested=row["cancel_requested"],
@@ -154,9 +154,6 @@ LISTED_COLUMNS = (
     f"{_SHOWN}, jsonb_path_query_array(j.attempts,"
     f" '$[last-{LISTED_ATTEMPTS - 1} to last]') AS attempts"
 )
-
-# An error longer than this is cut where it is stored (the row, its attempt, its event):
-# a task's message may quote its input.
 
 
 async def log_changes(conn: asyncpg.Connection, jobs: Sequence[Job]) -> list[Event]:
