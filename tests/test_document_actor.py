@@ -10,6 +10,7 @@ from typing import Any
 import pycrdt
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from docclient import DocClient, settle
 
@@ -93,10 +94,10 @@ def text_of(update: bytes) -> str:
 
 
 async def stop(actor: DocumentActor) -> None:
-    """Stop the actor gracefully (as idle or shutdown does) and wait until it is gone."""
+    """Stop the actor gracefully, as idle or shutdown does (``Documents.get`` then waits
+    for it to end before it starts the next one)."""
     actor.request_stop()
-    while actor.statistics().alive or actor._nursery is not None:
-        await trio.sleep(0)  # a checkpoint, not a wait on time: the actor unwinds
+    await trio.lowlevel.checkpoint()
 
 
 # -- convergence ------------------------------------------------------------------------
