@@ -12,7 +12,9 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from conftest import Running
 from docclient import DocClient, settle
+from test_workspace import make_team
 
 from atrium.actors import ActorStopped
 from atrium.actors.document import (
@@ -447,9 +449,9 @@ async def test_an_idle_document_stops_and_the_next_get_loads_it(
     with trio.fail_after(5):
         while setup.documents.find(setup.ref.id) is not None:
             await trio.testing.wait_all_tasks_blocked()
-    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
-    again = await setup.actor()
+    again = await setup.actor()  # waits for the stopping one to end (compacted)
     assert again is not actor and await again.ask(ReadText()) == "idle"
+    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
     assert setup.documents.overview(10)[0] == 1
 
 
@@ -493,3 +495,45 @@ async def test_a_yrs_panic_refuses_the_peer_and_reloads_the_document(
     assert str(a.text) == "safe"
     reloaded = await setup.actor()
     assert reloaded is not actor and await reloaded.ask(ReadText()) == "safe"
+
+
+# -- membership, through the project service on a real server -----------------------------
+
+
+async def test_membership_changes_reach_open_documents(server: Running) -> None:
+    """A removed member's document peers close with 4005; a viewer made collaborator
+    edits from then on; a deleted project closes every peer with 4006."""
+    team = await make_team(server, "main")
+    assert server.bound.services is not None
+    documents = server.bound.services.value.documents
+    ref = await documents.open(uuid.UUID(team.project_id), "/a.md")
+
+    async def peer(member: Any, can_edit: bool) -> DocClient:
+        client = DocClient(
+            await documents.get(ref.id), uuid.UUID(member.user_id), member.email, can_edit=can_edit
+        )
+        await client.connect()
+        return client
+
+    owner = await peer(team.owner, True)
+    collaborator = await peer(team.collaborator, True)
+    viewer = await peer(team.viewer, False)
+    await settle(owner, collaborator, viewer)
+    members = f"/api/v1/projects/{team.project_id}/collaborators"
+    r = await server.client.delete(
+        f"{members}/{team.collaborator.user_id}", headers=team.owner.auth
+    )
+    assert r.status_code in (200, 204), r.text
+    await settle(owner, viewer)
+    assert collaborator.closed == (4005, "member_removed")
+    r = await server.client.patch(
+        f"{members}/{team.viewer.user_id}", json={"role": "collaborator"}, headers=team.owner.auth
+    )
+    assert r.status_code == 200, r.text
+    viewer.type(0, "promoted")
+    await settle(owner, viewer)
+    assert str(owner.text) == "promoted"
+    r = await server.client.delete(f"/api/v1/projects/{team.project_id}", headers=team.owner.auth)
+    assert r.status_code in (200, 204), r.text
+    await settle(owner)
+    assert owner.closed == viewer.closed == (4006, "project_deleted")

@@ -10,7 +10,8 @@ root's ``rest_for_one`` every child after it restarts onto it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -19,7 +20,7 @@ from ..actors.bridge import Bridge
 from ..actors.document import DocumentSettings
 from ..actors.workspace import WorkspaceSettings
 from ..core.config import Settings
-from ..core.events import EventPublisher
+from ..core.events import Event, EventPublisher
 from ..core.failures import ContainedFailures
 from ..core.metrics import Metrics
 from ..identity.admission import Admission, LocalAdmission, SharedAdmission
@@ -191,7 +192,8 @@ def build_services(
         count_gap_fills=metrics.workspace_gap_fills.inc,
         presence=LocalPresence() if shared is None else shared.presence,
     )
-    publish = workspaces if publisher is None else publisher
+    documents = Documents(db, document_settings(settings))
+    publish = _Both(workspaces, documents) if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
     jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
     realtime = Realtime(
@@ -250,11 +252,23 @@ def build_services(
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
         session_ends=session_ends,
-        documents=Documents(db, document_settings(settings)),
+        documents=documents,
         cluster=cluster,
         bridge=bridge,
         redis=redis,
     )
+
+
+class _Both:
+    """Committed project events go to the live workspaces, then to the open documents
+    (membership and deletion close or restrict their peers)."""
+
+    def __init__(self, workspaces: Workspaces, documents: Documents) -> None:
+        self.workspaces, self.documents = workspaces, documents
+
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        await self.workspaces.publish(project_id, events)
+        await self.documents.publish(project_id, events)
 
 
 # -- shared state (REDIS_URL) ---------------------------------------------------------------
