@@ -537,3 +537,54 @@ async def test_membership_changes_reach_open_documents(server: Running) -> None:
     assert r.status_code in (200, 204), r.text
     await settle(owner)
     assert owner.closed == viewer.closed == (4006, "project_deleted")
+
+
+async def test_two_actors_on_one_document_fill_each_others_updates(
+    setup: Setup, nursery: trio.Nursery
+) -> None:
+    """As two processes would: each stores with the next seq of the one counter, and an
+    actor whose append finds that seqs were taken meanwhile reads those updates first
+    (also once the other compacted them into its snapshot)."""
+    first = await setup.actor()
+    second = DocumentActor(setup.ref, setup.db, DocumentSettings(idle_timeout=3600))
+    await nursery.start(second.run)
+    a = await setup.client(setup.owner)
+    b = DocClient(second, setup.editor, "e")
+    await b.connect()
+    a.type(0, "one ")
+    await settle(a)
+    a.type(4, "two ")
+    await settle(a)
+    assert await first.ask(Compact()) is True
+    a.type(8, "three")
+    await settle(a)
+    b.type(0, ">")
+    await settle(b)
+    assert str(b.text) == ">one two three" == await second.ask(ReadText())
+    overview = second.overview()
+    assert (overview["seq"], overview["snapshot_seq"]) == (4, 2)
+    loaded = await store.load_document(setup.db, setup.ref.id)
+    assert overview["stored_bytes"] == loaded.row.byte_size
+    second.request_stop()
+
+
+async def test_the_registry_starts_one_actor_per_document(setup: Setup) -> None:
+    got: list[DocumentActor] = []
+
+    async def get() -> None:
+        got.append(await setup.documents.get(setup.ref.id))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(get)
+    assert len({id(actor) for actor in got}) == 1
+    assert setup.documents.running() == got[:1]
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(uuid.uuid4())
+    other = await setup.documents.open(setup.project_id, "/b.md")
+    assert other == await setup.documents.open(setup.project_id, "/b.md")
+    listed = await setup.documents.of_project(setup.project_id)
+    assert [row.path for row in listed] == ["/b.md", "/src/app.py"]
+    described = await setup.documents.describe(setup.ref.id)
+    assert described is not None and described.ref == setup.ref
+    assert setup.documents.find(other.id) is None

@@ -469,13 +469,21 @@ class DocumentActor(Actor[Message, Any]):
         except (DatabaseUnavailable, DocumentNotFound) as error:
             raise _Tainted() from error
         first = last - len(updates) + 1
-        if first != self._last_seq + 1:
-            # Another process appended in between: read what it wrote first.
-            await self._fill(self._last_seq, first - 1)
-        self._last_seq = last
-        self._stored_bytes += sum(len(data) for data, _ in updates)
-        self._since_snapshot += len(updates)
         self._updates_applied += len(updates)
+        if first == self._last_seq + 1:
+            self._last_seq = last
+            self._stored_bytes += sum(len(data) for data, _ in updates)
+            self._since_snapshot += len(updates)
+            return
+        # Another process appended in between: take what it wrote too, then the row's
+        # figures (it may have compacted as well).
+        await self._fill(self._last_seq, first - 1)
+        self._last_seq = last
+        row = await store.find_document(self._db, self.ref.id)
+        if row is not None:
+            self._snapshot_seq = row.snapshot_seq
+            self._stored_bytes = row.byte_size
+            self._since_snapshot = last - row.snapshot_seq
 
     async def _fill(self, after: int, until: int) -> None:
         """Apply and broadcast the updates another writer appended after ``after``."""
@@ -488,7 +496,6 @@ class DocumentActor(Actor[Message, Any]):
                 self._apply_and_broadcast(loaded.snapshot)
         for update in missing:
             self._apply_and_broadcast(update.update)
-        self._since_snapshot += len(missing)
 
     def _apply_and_broadcast(self, update: bytes) -> None:
         self._captured.clear()
