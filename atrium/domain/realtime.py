@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -286,7 +286,7 @@ class _LiveConnection:
         self.settings = realtime.settings
         self.conn = conn
         self.handshake = handshake
-        self.outbox = Outbox(realtime.settings.send_queue)
+        self.outbox: Outbox[str] = Outbox(realtime.settings.send_queue)
         self.claims: Claims | None = None
         self.expires_at = 0.0  # trio clock
         self.last_activity = trio.current_time()
@@ -641,7 +641,7 @@ class _LiveConnection:
                 pass
 
 
-def _count_sent(outbox: Outbox, metrics: Metrics) -> None:
+def _count_sent(outbox: Outbox[Any], metrics: Metrics) -> None:
     sent = outbox.sent
     if sent != outbox.counted:
         metrics.ws_frames_out.inc(sent - outbox.counted)
