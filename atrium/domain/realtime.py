@@ -164,6 +164,12 @@ def _same_origin(origin: str, host: str | None) -> bool:
     return authority.rstrip("/").lower() == host.lower()
 
 
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a browser's ``Origin`` may open a live connection: listed in
+    ALLOWED_ORIGINS (or ``*``), or the host it connected to (``_same_origin``)."""
+    return "*" in allowed or origin.rstrip("/") in allowed or _same_origin(origin, host)
+
+
 class Realtime:
     """Serves workspace connections for one process.
 
@@ -348,13 +354,7 @@ class _LiveConnection:
     async def _open(self) -> None:
         hs = self.handshake
         origin = hs.headers.get("origin")
-        allowed = self.rt.allowed_origins
-        if (
-            origin
-            and "*" not in allowed
-            and origin.rstrip("/") not in allowed
-            and not _same_origin(origin, hs.headers.get("host"))
-        ):
+        if origin and not origin_allowed(origin, hs.headers.get("host"), self.rt.allowed_origins):
             raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
         try:
             project_id = uuid.UUID(hs.project_id)

@@ -23,7 +23,9 @@ from .tokens import TokenError
 
 _ALGORITHM = "HS256"
 _TYPE = "document_ticket"
-_REQUIRED = ["sub", "exp", "iat", "aud", "iss", "jti", "sid", "pid", "did", "typ"]
+# Checked by pyjwt before the audience; the ticket's own claims are read after it, so an
+# access token (no "pid") is refused as not valid here rather than as malformed.
+_REQUIRED = ["sub", "exp", "iat", "aud", "iss", "jti"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,7 @@ class TicketCodec:
             raise TokenError("ticket_invalid", "The ticket is not valid here") from None
         except jwt.PyJWTError:
             raise TokenError("ticket_malformed", "The ticket is malformed") from None
-        if payload["typ"] != _TYPE:
+        if payload.get("typ") != _TYPE:
             raise TokenError("ticket_invalid", "The ticket is not valid here")
         try:
             return Ticket(
@@ -111,5 +113,5 @@ class TicketCodec:
                 document_id=uuid.UUID(payload["did"]),
                 expires_at=int(payload["exp"]),
             )
-        except (ValueError, TypeError, AttributeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise TokenError("ticket_malformed", "The ticket is malformed") from None
