@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from ..actors.bridge import Bridge
+from ..actors.document import DocumentSettings
 from ..actors.workspace import WorkspaceSettings
 from ..core.config import Settings
 from ..core.events import EventPublisher
@@ -43,6 +44,7 @@ from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
 from ..supervision import Supervisor
 from ..tasks import load_task_modules
 from .accounts import Accounts
+from .documents import Documents
 from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
 from .workspaces import Workspaces
@@ -66,6 +68,7 @@ class Services:
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
+    ``documents`` is the registry of live documents (what the ``documents`` child runs).
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
@@ -94,6 +97,7 @@ class Services:
     draining: trio.Event
     metrics: Metrics
     session_ends: SessionEnds
+    documents: Documents
     cluster: Cluster | None = None
     bridge: Bridge | None = None
     redis: Redis | None = None
@@ -126,6 +130,15 @@ def workspace_settings(settings: Settings) -> WorkspaceSettings:
         # A batch of edits reaches every outbox at once: keep it well inside a
         # connection's queue, so a burst is never taken for a slow consumer.
         edit_batch=max(1, min(64, settings.ws_send_queue // 8)),
+    )
+
+
+def document_settings(settings: Settings) -> DocumentSettings:
+    return DocumentSettings(
+        max_update_bytes=settings.doc_max_update_bytes,
+        max_document_bytes=settings.doc_max_bytes,
+        idle_timeout=settings.doc_idle_seconds,
+        compact_after=settings.doc_compact_after,
     )
 
 
@@ -237,6 +250,7 @@ def build_services(
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
         session_ends=session_ends,
+        documents=Documents(db, document_settings(settings)),
         cluster=cluster,
         bridge=bridge,
         redis=redis,

@@ -12,6 +12,8 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    ├── documents       supervisor: one DocumentActor per open live document (dynamic,
+    │                   transient)
     ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
     ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
     │                   revocation listener (``atrium.realtime.cluster``); a Redis or
@@ -241,6 +243,12 @@ def _run_workspaces(
     return database.value.workspaces.run(task_status=task_status)
 
 
+def _run_documents(
+    database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
+) -> Awaitable[None]:
+    return database.value.documents.run(task_status=task_status)
+
+
 def _run_jobs(
     database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
 ) -> Awaitable[object]:
@@ -325,6 +333,17 @@ def _serving_children(
         ChildSpec(
             "workspaces",
             partial(_run_workspaces, database),
+            shutdown_timeout=math.inf,
+            kind="supervisor",
+        )
+    )
+    # Beside the workspaces, after them: a crash loop of the documents closes document
+    # sockets only (their providers reconnect), and stopping first at shutdown lets
+    # each open document compact while the pool is still open.
+    children.append(
+        ChildSpec(
+            "documents",
+            partial(_run_documents, database),
             shutdown_timeout=math.inf,
             kind="supervisor",
         )

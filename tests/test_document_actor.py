@@ -1,0 +1,454 @@
+"""The live document actor against real PostgreSQL, with pycrdt clients as its peers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pycrdt
+import pytest
+import trio
+import trio.testing
+from docclient import DocClient, settle
+
+from atrium.actors import ActorStopped
+from atrium.actors.document import (
+    Compact,
+    DocumentActor,
+    DocumentSettings,
+    DocumentTooLarge,
+    DropUser,
+    ReadState,
+    ReadText,
+    ReplaceText,
+)
+from atrium.domain.documents import Documents
+from atrium.persistence import documents as store
+from atrium.persistence import projects
+from atrium.persistence.database import Database, DatabaseUnavailable
+from atrium.persistence.documents import DocumentNotFound, DocumentRef
+from atrium.realtime import yjs
+
+
+async def add_user(db: Database, email: str) -> uuid.UUID:
+    user_id = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $2, 'x')",
+        user_id,
+        email,
+    )
+    return user_id
+
+
+@dataclass
+class Setup:
+    db: Database
+    documents: Documents
+    owner: uuid.UUID
+    editor: uuid.UUID
+    viewer: uuid.UUID
+    project_id: uuid.UUID
+    ref: DocumentRef
+    edits: list[tuple[uuid.UUID, DocumentRef]]
+
+    async def actor(self) -> DocumentActor:
+        return await self.documents.get(self.ref.id)
+
+    async def client(self, user: uuid.UUID | None = None, **kwargs: Any) -> DocClient:
+        user = self.owner if user is None else user
+        client = DocClient(await self.actor(), user, f"{user}@example.com", **kwargs)
+        await client.connect()
+        return client
+
+
+async def open_setup(
+    db: Database, nursery: trio.Nursery, settings: DocumentSettings
+) -> Setup:
+    owner = await add_user(db, "owner@example.com")
+    editor = await add_user(db, "editor@example.com")
+    viewer = await add_user(db, "viewer@example.com")
+    created = await projects.create_project(
+        db, owner, name="Docs", description=None, visibility="private"
+    )
+    edits: list[tuple[uuid.UUID, DocumentRef]] = []
+    documents = Documents(
+        db, settings, on_edit=lambda user, ref: edits.append((user, ref)), period=1.0
+    )
+    await nursery.start(documents.run)
+    ref = await documents.open(created.value.id, "/src/app.py", owner)
+    return Setup(db, documents, owner, editor, viewer, created.value.id, ref, edits)
+
+
+@pytest.fixture
+async def setup(db: Database, nursery: trio.Nursery) -> AsyncIterator[Setup]:
+    yield await open_setup(db, nursery, DocumentSettings(idle_timeout=3600))
+
+
+def text_of(update: bytes) -> str:
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    doc.apply_update(update)
+    return str(doc.get("content", type=pycrdt.Text))
+
+
+async def stop(actor: DocumentActor) -> None:
+    """Stop the actor gracefully (as idle or shutdown does) and wait until it is gone."""
+    actor.request_stop()
+    while actor.statistics().alive or actor._nursery is not None:
+        await trio.sleep(0)  # a checkpoint, not a wait on time: the actor unwinds
+
+
+# -- convergence ------------------------------------------------------------------------
+
+
+async def test_two_editors_converge_and_a_fresh_client_and_a_reload_agree(setup: Setup) -> None:
+    a = await setup.client(setup.owner, client_id=1)
+    b = await setup.client(setup.editor, client_id=2)
+    await settle(a, b)
+    for i in range(20):
+        a.type(i % 5, f"a{i}")
+        b.type(0, f"b{i}")
+        if i % 3 == 0:
+            b.delete(2, 1)
+        await settle(a, b)
+    assert str(a.text) == str(b.text) != ""
+    text = str(a.text)
+    actor = await setup.actor()
+    assert await actor.ask(ReadText()) == text
+    fresh = await setup.client(setup.viewer, can_edit=False)
+    await settle(fresh)
+    assert str(fresh.text) == text
+    # Everything was appended before anyone saw it: a reload from PostgreSQL agrees.
+    await stop(actor)
+    reloaded = await setup.actor()
+    assert reloaded is not actor
+    assert await reloaded.ask(ReadText()) == text
+    assert {user for user, _ in setup.edits} == {setup.owner, setup.editor}
+
+
+async def test_a_duplicate_update_stores_nothing(setup: Setup) -> None:
+    a = await setup.client()
+    a.type(0, "hello")
+    await settle(a)
+    before = await store.find_document(setup.db, setup.ref.id)
+    assert before is not None and before.last_seq == 1
+    # A provider that reconnects sends its whole state again (sync step 2).
+    a.send_raw(yjs.sync_update(a.doc.get_update()))
+    a.send_raw(yjs.sync_step2(a.doc.get_update()))
+    await settle(a)
+    after = await store.find_document(setup.db, setup.ref.id)
+    assert after is not None and after.last_seq == 1
+
+
+# -- roles and limits -------------------------------------------------------------------
+
+
+async def test_a_viewers_update_is_not_applied(setup: Setup) -> None:
+    owner = await setup.client(setup.owner)
+    viewer = await setup.client(setup.viewer, can_edit=False)
+    owner.type(0, "shared")
+    await settle(owner, viewer)
+    viewer.type(0, "VIEWER")
+    await settle(owner, viewer)
+    assert str(viewer.text) == "VIEWERshared"  # its own copy, never the document's
+    assert str(owner.text) == "shared"
+    assert await (await setup.actor()).ask(ReadText()) == "shared"
+    assert viewer.closed is None  # it keeps reading
+    owner.type(6, "!")
+    await settle(owner, viewer)
+    assert str(viewer.text).endswith("shared!")
+    row = await store.find_document(setup.db, setup.ref.id)
+    assert row is not None and row.last_seq == 2
+
+
+async def test_an_update_over_the_limit_closes_its_peer_and_is_not_applied(
+    db: Database, nursery: trio.Nursery
+) -> None:
+    setup = await open_setup(db, nursery, DocumentSettings(max_update_bytes=2000))
+    big = await setup.client(setup.owner)
+    other = await setup.client(setup.editor)
+    big.type(0, "x" * 5000)
+    await settle(big, other)
+    assert big.closed == (1009, "update_too_large")
+    assert str(other.text) == ""
+    assert await (await setup.actor()).ask(ReadText()) == ""
+    other.type(0, "small")
+    await settle(other)
+    assert await (await setup.actor()).ask(ReadText()) == "small"
+
+
+async def test_the_document_size_limit_compacts_first_then_refuses(
+    db: Database, nursery: trio.Nursery
+) -> None:
+    setup = await open_setup(
+        db, nursery, DocumentSettings(max_document_bytes=3000, compact_after=10_000)
+    )
+    a = await setup.client()
+    for i in range(30):
+        a.type(0, f"{i:02d}")
+        await settle(a)
+    assert a.closed is None
+    a.type(0, "y" * 2500)
+    await settle(a)
+    assert a.closed == (4012, "document_too_large")
+    actor = await setup.actor()
+    assert "y" not in await actor.ask(ReadText())
+    with pytest.raises(DocumentTooLarge):
+        await actor.ask(ReplaceText("z" * 4000, setup.owner))
+    assert actor.alive
+
+
+# -- bad input --------------------------------------------------------------------------
+
+MALFORMED = [
+    b"",
+    b"\x00",
+    b"\x00\x00\x05ab",  # a step 1 whose payload is cut short
+    b"\x00\x07\x00",  # an unknown sync type
+    b"\x00\x02\x03\xff\xff\xff",  # an update that is not a Yjs update
+    b"\x00\x00\x02\xff\xff",  # a state vector that is not one
+    b"\x01\x05\x01\x01\x01\x01{",  # awareness whose JSON is cut short
+    b"\x01\x08\x01\x01\x01\x04[1]",  # awareness state that is not an object
+    b"\x00" + b"\xff" * 12,  # a number that never ends
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED)
+async def test_malformed_bytes_close_the_peer_and_the_actor_carries_on(
+    setup: Setup, data: bytes
+) -> None:
+    bad = await setup.client(setup.editor)
+    good = await setup.client(setup.owner)
+    good.type(0, "kept")
+    await settle(bad, good)
+    actor = await setup.actor()
+    bad.send_raw(data)
+    await settle(bad, good)
+    assert bad.closed == (1007, "malformed_message")
+    good.type(4, "!")
+    await settle(good)
+    assert actor.alive and await actor.ask(ReadText()) == "kept!"
+
+
+async def test_unknown_message_types_are_ignored(setup: Setup) -> None:
+    a = await setup.client()
+    a.send_raw(b"\x02\x00")  # y-websocket's auth message
+    a.send_raw(b"\x03")  # an awareness query
+    await settle(a)
+    assert a.closed is None
+
+
+# -- awareness --------------------------------------------------------------------------
+
+
+async def test_awareness_is_stamped_and_a_client_id_belongs_to_its_peer(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    await settle(a, b)
+    a.set_awareness(11, 1, {"user": {"name": "Mallory", "id": "x", "color": "#f00"}, "c": 1})
+    await settle(a, b)
+    assert b.awareness[11] == {
+        "user": {"name": f"{setup.owner}@example.com", "id": str(setup.owner), "color": "#f00"},
+        "c": 1,
+    }
+    # b cannot speak for a's client id, even with a newer clock, nor remove it.
+    b.set_awareness(11, 5, {"user": {"name": "impostor"}})
+    b.set_awareness(11, 6, None)
+    await settle(a, b)
+    assert 11 not in a.awareness
+    assert b.awareness[11] is not None and b.awareness[11]["c"] == 1
+    # A stale clock from a itself changes nothing either.
+    a.set_awareness(11, 1, {"c": 2})
+    await settle(a, b)
+    assert b.awareness[11]["c"] == 1  # type: ignore[index]
+    # A new peer hears the current states when it attaches.
+    c = await setup.client(setup.viewer, can_edit=False)
+    await settle(c)
+    assert c.awareness[11]["user"]["id"] == str(setup.owner)  # type: ignore[index]
+    # When a detaches, the others hear its client leave.
+    await a.detach()
+    await settle(b, c)
+    assert b.awareness[11] is None and c.awareness[11] is None
+
+
+async def test_a_peer_speaks_for_a_bounded_number_of_client_ids(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    for client_id in range(100, 120):
+        a.set_awareness(client_id, 1, {"n": client_id})
+    await settle(a, b)
+    assert len(b.awareness) == DocumentSettings().max_clients_per_peer
+
+
+# -- removal, REST, compaction ------------------------------------------------------------
+
+
+async def test_drop_user_closes_every_peer_of_that_user(setup: Setup) -> None:
+    first = await setup.client(setup.editor)
+    second = await setup.client(setup.editor)
+    owner = await setup.client(setup.owner)
+    first.set_awareness(7, 1, {"here": True})
+    await settle(first, second, owner)
+    await (await setup.actor()).tell(DropUser(setup.editor, 4005, "member_removed"))
+    await settle(owner)
+    assert first.closed == second.closed == (4005, "member_removed")
+    assert owner.closed is None
+    assert owner.awareness[7] is None
+    first.type(0, "late")
+    await settle(first, owner)
+    assert str(owner.text) == ""
+
+
+async def test_replace_text_merges_with_live_peers(setup: Setup) -> None:
+    a = await setup.client()
+    a.type(0, "hello world")
+    await settle(a)
+    actor = await setup.actor()
+    await actor.ask(ReplaceText("hello brave world", setup.editor))
+    await settle(a)
+    assert str(a.text) == "hello brave world"
+    # A live edit and a REST replace at different places both survive.
+    a.type(0, ">> ")
+    await actor.ask(ReplaceText("hello brave new world", setup.editor))
+    await settle(a)
+    assert str(a.text) == ">> hello brave new world"
+    assert await actor.ask(ReadText()) == ">> hello brave new world"
+    assert text_of(await actor.ask(ReadState())) == ">> hello brave new world"
+    assert (setup.editor, setup.ref) in setup.edits
+
+
+async def test_compaction_keeps_the_content_and_deletes_the_updates(setup: Setup) -> None:
+    a = await setup.client()
+    for i in range(10):
+        a.type(0, str(i))
+        await settle(a)
+    actor = await setup.actor()
+    assert await actor.ask(Compact()) is True
+    assert await actor.ask(Compact()) is False  # nothing new since
+    a.type(0, "after")
+    await settle(a)
+    loaded = await store.load_document(setup.db, setup.ref.id)
+    assert loaded.row.snapshot_seq == 10 and [u.seq for u in loaded.updates] == [11]
+    await stop(actor)
+    reloaded = await setup.actor()
+    assert await reloaded.ask(ReadText()) == "after9876543210"
+    # The idle stop compacted what was left.
+    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
+
+
+async def test_compaction_after_the_threshold(db: Database, nursery: trio.Nursery) -> None:
+    setup = await open_setup(db, nursery, DocumentSettings(compact_after=5))
+    a = await setup.client()
+    for i in range(12):
+        a.type(0, str(i % 10))
+        await settle(a)
+    loaded = await store.load_document(setup.db, setup.ref.id)
+    assert loaded.row.snapshot_seq == 10 and len(loaded.updates) == 2
+    assert text_of(loaded.snapshot or b"") == "9876543210"
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class _CrashingDocumentActor(DocumentActor):
+    __slots__ = ()
+
+    async def handle(self, message: Any) -> Any:
+        self.__class__ = DocumentActor
+        raise InjectedFault(f"crash requested for {self.name}")
+
+
+async def test_a_crash_closes_peers_with_1012_and_loses_nothing_appended(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    for i in range(5):
+        a.type(0, f"a{i}")
+        b.type(0, f"b{i}")
+        await settle(a, b)
+    text = str(a.text)
+    actor = await setup.actor()
+    # Updates queued behind the crash are lost with the actor, as a socket's would be.
+    a.type(0, "queued")
+    actor.__class__ = _CrashingDocumentActor
+    await actor.tell(ReadText())
+    await a.send()
+    with trio.fail_after(5):
+        restarted = await setup.actor()
+    assert restarted is not actor
+    assert a.closed == b.closed == (1012, "document_restarted")
+    assert await restarted.ask(ReadText()) == text
+    # The providers reconnect, sync, and what the server lacked comes back from them.
+    a2 = DocClient(restarted, setup.owner, "o", client_id=a.doc.client_id)
+    a2.doc.apply_update(a.doc.get_update())
+    await a2.connect()
+    await settle(a2)
+    assert await restarted.ask(ReadText()) == "queued" + text
+
+
+async def test_the_database_away_closes_peers_with_1013_and_applies_nothing(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    a.type(0, "stored")
+    await settle(a, b)
+    actor = await setup.actor()
+
+    async def away(*args: Any, **kwargs: Any) -> int:
+        raise DatabaseUnavailable("injected")
+
+    monkeypatch.setattr(store, "append_updates", away)
+    a.type(0, "lost ")
+    await settle(a, b)
+    assert a.closed == b.closed == (1013, "database_unavailable")
+    assert str(b.text) == "stored"  # never shown before it is stored
+    with pytest.raises(ActorStopped):
+        await actor.ask(ReadText())
+    monkeypatch.undo()
+    reloaded = await setup.actor()
+    assert await reloaded.ask(ReadText()) == "stored"
+    # The provider reconnects and syncs: the server gets what it lacked.
+    again = DocClient(reloaded, setup.owner, "o")
+    again.doc.apply_update(a.doc.get_update())
+    await again.connect()
+    await settle(again)
+    assert await reloaded.ask(ReadText()) == "lost stored"
+
+
+async def test_a_deleted_document_closes_its_peers(setup: Setup) -> None:
+    a = await setup.client()
+    a.type(0, "x")
+    await settle(a)
+    assert await setup.documents.delete(setup.ref.id) is True
+    await settle(a)
+    assert a.closed == (4013, "document_deleted")
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(setup.ref.id)
+
+
+async def test_an_idle_document_stops_and_the_next_get_loads_it(
+    db: Database, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    setup = await open_setup(db, nursery, DocumentSettings(idle_timeout=30))
+    a = await setup.client()
+    a.type(0, "idle")
+    await settle(a)
+    actor = await setup.actor()
+    await a.detach()
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(29)
+    await trio.testing.wait_all_tasks_blocked()
+    assert actor.alive
+    mock_clock.jump(2)
+    with trio.fail_after(5):
+        while setup.documents.find(setup.ref.id) is not None:
+            await trio.testing.wait_all_tasks_blocked()
+    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
+    again = await setup.actor()
+    assert again is not actor and await again.ask(ReadText()) == "idle"
+    assert setup.documents.overview(10)[0] == 1
