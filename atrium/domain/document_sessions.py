@@ -49,6 +49,10 @@ from .realtime import ConnectionGone, Realtime, origin_allowed
 
 log = logging.getLogger("atrium.documents")
 
+# Users whose message budget is remembered with no socket open, before refilled ones are
+# forgotten.
+_KEPT_RATES = 4096
+
 _CLOSE_TIMEOUT = 2.0
 _DOCUMENTS_PATH = "/ws/documents/"
 
@@ -189,8 +193,8 @@ class DocumentSessions:
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Committed events of ``project_id``: close the sockets of a member removed
-        (4005), of a member whose role changed (4014: a reconnect gets the new role), or
-        all of a deleted project's (4006)."""
+        (4005), of a member who became or stopped being a viewer (4014: the reconnect gets
+        the new role), or all of a deleted project's (4006)."""
         connections = self._open.get(project_id)
         if not connections:
             return
@@ -201,16 +205,17 @@ class DocumentSessions:
                         CloseCode.PROJECT_DELETED, "project_deleted", flush=False
                     )
             elif event.type in (EventType.MEMBER_REMOVED, EventType.MEMBER_ROLE_CHANGED):
-                removed = event.type is EventType.MEMBER_REMOVED
                 user_id = str(event.payload.get("user_id"))
+                editor = event.payload.get("role") != Role.VIEWER.value
                 for connection in list(connections):
-                    if str(connection.user_id) == user_id:
-                        if removed:
-                            connection.outbox.close(
-                                CloseCode.MEMBER_REMOVED, "member_removed", flush=False
-                            )
-                        else:
-                            connection.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
+                    if str(connection.user_id) != user_id:
+                        continue
+                    if event.type is EventType.MEMBER_REMOVED:
+                        connection.outbox.close(
+                            CloseCode.MEMBER_REMOVED, "member_removed", flush=False
+                        )
+                    elif connection.peer is None or connection.peer.can_edit != editor:
+                        connection.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
 
     async def serve(
         self, conn: BinaryConnection, handshake: DocumentHandshake, *, transport: str
@@ -241,6 +246,8 @@ class DocumentSessions:
         self._open.setdefault(project_id, set()).add(connection)
         rate = self._rates.get(connection.user_id)
         if rate is None:
+            if len(self._rates) >= _KEPT_RATES:
+                self._forget_full_rates()
             burst = 2 * self.settings.updates_per_second
             rate = self._rates[connection.user_id] = _Rate(burst, trio.current_time())
         rate.sockets += 1
@@ -254,8 +261,19 @@ class DocumentSessions:
         rate = self._rates.get(connection.user_id)
         if rate is not None:
             rate.sockets -= 1
-            if rate.sockets <= 0:
+            # A bucket not yet refilled outlives the user's last socket, so that closing
+            # (4010) and reconnecting does not refill it.
+            if rate.sockets <= 0 and self._refilled(rate):
                 del self._rates[connection.user_id]
+
+    def _refilled(self, rate: _Rate) -> bool:
+        per_second = self.settings.updates_per_second
+        return rate.tokens + (trio.current_time() - rate.at) * per_second >= 2 * per_second
+
+    def _forget_full_rates(self) -> None:
+        for user_id, rate in list(self._rates.items()):
+            if rate.sockets <= 0 and self._refilled(rate):
+                del self._rates[user_id]
 
     def _allow(self, user_id: uuid.UUID) -> bool:
         """Spend one of the user's message tokens; False when they have none left."""
