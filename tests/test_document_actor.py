@@ -500,9 +500,10 @@ async def test_a_yrs_panic_refuses_the_peer_and_reloads_the_document(
 # -- membership, through the project service on a real server -----------------------------
 
 
-async def test_membership_changes_reach_open_documents(server: Running) -> None:
-    """A removed member's document peers close with 4005; a viewer made collaborator
-    edits from then on; a deleted project closes every peer with 4006."""
+async def test_membership_events_reach_open_documents(server: Running) -> None:
+    """Through the project service: a removed member's document peers close with 4005
+    and what they send after is not applied; a deleted project closes every peer with
+    4006."""
     team = await make_team(server, "main")
     assert server.bound.services is not None
     documents = server.bound.services.value.documents
@@ -526,13 +527,10 @@ async def test_membership_changes_reach_open_documents(server: Running) -> None:
     assert r.status_code in (200, 204), r.text
     await settle(owner, viewer)
     assert collaborator.closed == (4005, "member_removed")
-    r = await server.client.patch(
-        f"{members}/{team.viewer.user_id}", json={"role": "collaborator"}, headers=team.owner.auth
-    )
-    assert r.status_code == 200, r.text
-    viewer.type(0, "promoted")
-    await settle(owner, viewer)
-    assert str(owner.text) == "promoted"
+    collaborator.closed = None  # as if its socket were still sending
+    collaborator.type(0, "after removal")
+    await settle(owner, collaborator, viewer)
+    assert str(owner.text) == ""
     r = await server.client.delete(f"/api/v1/projects/{team.project_id}", headers=team.owner.auth)
     assert r.status_code in (200, 204), r.text
     await settle(owner)
@@ -560,7 +558,9 @@ async def test_two_actors_on_one_document_fill_each_others_updates(
     await settle(a)
     b.type(0, ">")
     await settle(b)
-    assert str(b.text) == ">one two three" == await second.ask(ReadText())
+    # ">" went in concurrently at 0: Yjs orders it by client id, before or after.
+    assert str(b.text) == await second.ask(ReadText())
+    assert str(b.text) in (">one two three", "one two three>")
     overview = second.overview()
     assert (overview["seq"], overview["snapshot_seq"]) == (4, 2)
     loaded = await store.load_document(setup.db, setup.ref.id)

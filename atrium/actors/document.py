@@ -93,15 +93,6 @@ class DropUser:
 
 
 @dataclass(frozen=True, slots=True)
-class SetCanEdit:
-    """Tell: the user's role changed; their peers' updates are applied from now on, or
-    not (a viewer's)."""
-
-    user_id: uuid.UUID
-    can_edit: bool
-
-
-@dataclass(frozen=True, slots=True)
 class ReadText:
     """Ask: the document's text (the ``Y.Text`` named ``content``)."""
 
@@ -134,16 +125,7 @@ class Compact:
 
 
 Message = (
-    Attach
-    | Incoming
-    | Detach
-    | DropUser
-    | SetCanEdit
-    | ReadText
-    | ReadState
-    | ReplaceText
-    | CloseAll
-    | Compact
+    Attach | Incoming | Detach | DropUser | ReadText | ReadState | ReplaceText | CloseAll | Compact
 )
 
 
@@ -305,7 +287,7 @@ class DocumentActor(Actor[Message, Any]):
     async def _handle(self, message: Message) -> Any:
         if self._tainted:
             # Stopping: what is still queued must not see the document in memory.
-            if isinstance(message, Incoming | Detach | DropUser | SetCanEdit | CloseAll):
+            if isinstance(message, Incoming | Detach | DropUser | CloseAll):
                 return None
             raise ActorStopped(f"{self!r} is reloading")
         if isinstance(message, Incoming):
@@ -316,11 +298,6 @@ class DocumentActor(Actor[Message, Any]):
             return self._detach(message.peer)
         if isinstance(message, DropUser):
             return self._drop_user(message)
-        if isinstance(message, SetCanEdit):
-            for peer in self._peers:
-                if peer.user_id == message.user_id:
-                    peer.can_edit = message.can_edit
-            return None
         if isinstance(message, ReadText):
             return str(self._text)
         if isinstance(message, ReadState):
@@ -642,5 +619,4 @@ __all__ = [
     "ReadState",
     "ReadText",
     "ReplaceText",
-    "SetCanEdit",
 ]

@@ -35,6 +35,7 @@ from ..identity.ratelimit import (
     SharedRateLimiter,
 )
 from ..identity.sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
+from ..identity.tickets import TicketCodec
 from ..identity.tokens import TokenCodec, VerifiedTokens
 from ..jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
 from ..persistence.database import Database
@@ -45,6 +46,7 @@ from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
 from ..supervision import Supervisor
 from ..tasks import load_task_modules
 from .accounts import Accounts
+from .document_sessions import DocumentConnectionSettings, DocumentSessions
 from .documents import Documents
 from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
@@ -69,7 +71,8 @@ class Services:
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
-    ``documents`` is the registry of live documents (what the ``documents`` child runs).
+    ``documents`` is the registry of live documents (what the ``documents`` child runs);
+    ``document_sessions`` issues document tickets and serves document WebSockets.
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
@@ -99,6 +102,7 @@ class Services:
     metrics: Metrics
     session_ends: SessionEnds
     documents: Documents
+    document_sessions: DocumentSessions
     cluster: Cluster | None = None
     bridge: Bridge | None = None
     redis: Redis | None = None
@@ -192,8 +196,6 @@ def build_services(
         count_gap_fills=metrics.workspace_gap_fills.inc,
         presence=LocalPresence() if shared is None else shared.presence,
     )
-    documents = Documents(db, document_settings(settings))
-    publish = _Both(workspaces, documents) if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
     jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
     realtime = Realtime(
@@ -204,6 +206,25 @@ def build_services(
         settings=ConnectionSettings.of(settings),
         failures=failures,
         metrics=metrics,
+    )
+    documents = Documents(db, document_settings(settings))
+    document_sessions = DocumentSessions(
+        db=db,
+        tickets=TicketCodec(
+            secret=settings.secret_key,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_seconds=settings.doc_ticket_seconds,
+        ),
+        documents=documents,
+        realtime=realtime,
+        settings=DocumentConnectionSettings.of(settings),
+    )
+    # Committed project events reach the live workspaces, then the document sockets (a
+    # member removed is disconnected from both), then the open documents' actors (which
+    # drop a removed member's peers in mailbox order: nothing they queued is applied).
+    publish = _Publishers(
+        (workspaces if publisher is None else publisher, document_sessions, documents)
     )
     cluster = None if shared is None else shared.cluster(realtime)
     limiter: RateLimiter
@@ -253,22 +274,22 @@ def build_services(
         metrics=metrics,
         session_ends=session_ends,
         documents=documents,
+        document_sessions=document_sessions,
         cluster=cluster,
         bridge=bridge,
         redis=redis,
     )
 
 
-class _Both:
-    """Committed project events go to the live workspaces, then to the open documents
-    (membership and deletion close or restrict their peers)."""
+@dataclass(frozen=True, slots=True)
+class _Publishers:
+    """An ``EventPublisher`` that hands committed events to each of ``targets`` in turn."""
 
-    def __init__(self, workspaces: Workspaces, documents: Documents) -> None:
-        self.workspaces, self.documents = workspaces, documents
+    targets: tuple[EventPublisher, ...]
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
-        await self.workspaces.publish(project_id, events)
-        await self.documents.publish(project_id, events)
+        for target in self.targets:
+            await target.publish(project_id, events)
 
 
 # -- shared state (REDIS_URL) ---------------------------------------------------------------
