@@ -198,6 +198,7 @@ class DocumentActor(Actor[Message, Any]):
         "_since_snapshot",
         "_updates_applied",
         "_tainted",
+        "_batch_bytes",
     )
 
     def __init__(
@@ -230,6 +231,7 @@ class DocumentActor(Actor[Message, Any]):
         self._since_snapshot = 0
         self._updates_applied = 0
         self._tainted = False
+        self._batch_bytes = 0  # of the updates applied and not yet appended
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -408,7 +410,7 @@ class DocumentActor(Actor[Message, Any]):
         if len(update) > self._settings.max_update_bytes:
             self._refuse(peer, CloseCode.MESSAGE_TOO_BIG, "update_too_large")
             return
-        pending = sum(len(data) for _, data in batch)
+        pending = self._batch_bytes
         if self._stored_bytes + pending + len(update) > self._settings.max_document_bytes:
             self._refuse(peer, CloseCode.DOCUMENT_TOO_LARGE, "document_too_large")
             return
@@ -425,6 +427,7 @@ class DocumentActor(Actor[Message, Any]):
             raise _Tainted() from panic
         for changed in self._captured:
             batch.append((peer, changed))
+            self._batch_bytes += len(changed)
         self._captured.clear()
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
@@ -434,6 +437,7 @@ class DocumentActor(Actor[Message, Any]):
             return
         appended = list(batch)
         batch.clear()
+        self._batch_bytes = 0
         await self._append([(data, peer.user_id) for peer, data in appended])
         for peer, data in appended:
             self._broadcast(yjs.sync_update(data), peer)
