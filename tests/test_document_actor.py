@@ -588,3 +588,43 @@ async def test_the_registry_starts_one_actor_per_document(setup: Setup) -> None:
     described = await setup.documents.describe(setup.ref.id)
     assert described is not None and described.ref == setup.ref
     assert setup.documents.find(other.id) is None
+
+
+async def test_a_users_new_connection_takes_over_its_awareness_client(setup: Setup) -> None:
+    """A provider that reconnects keeps its client id; its new socket may speak for it
+    before the old one is seen to close (the same user), and the old one's detach then
+    removes nothing."""
+    old = await setup.client(setup.owner)
+    other = await setup.client(setup.editor)
+    old.set_awareness(21, 1, {"v": "old"})
+    await settle(old, other)
+    new = await setup.client(setup.owner)
+    new.set_awareness(21, 2, {"v": "new"})
+    await settle(new, other)
+    assert other.awareness[21] is not None and other.awareness[21]["v"] == "new"
+    await old.detach()
+    await settle(new, other)
+    assert other.awareness[21] is not None and other.awareness[21]["v"] == "new"
+    await new.detach()
+    await settle(other)
+    assert other.awareness[21] is None
+
+
+async def test_a_load_that_fails_is_the_callers_error_not_a_restart(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        raise DatabaseUnavailable("injected")
+
+    monkeypatch.setattr(store, "load_document", away)
+    with pytest.raises(DatabaseUnavailable):
+        await setup.documents.get(setup.ref.id)
+    assert setup.documents.running() == []
+    monkeypatch.undo()
+    actor = await setup.actor()
+    assert actor.alive and await actor.ask(ReadText()) == ""
+    # Deleted while its actor stops: the next get hears DocumentNotFound.
+    await store.delete_document(setup.db, setup.ref.id)
+    actor.request_stop()
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(setup.ref.id)

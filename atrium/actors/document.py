@@ -490,7 +490,9 @@ class DocumentActor(Actor[Message, Any]):
     def _awareness(self, peer: Peer, payload: bytes) -> None:
         """Take the entries of the peer's awareness update that it may speak for, stamp
         them with its user, and broadcast them. A client id belongs to the first peer that
-        uses it, until that peer detaches."""
+        uses it until that peer detaches; another connection of the same user may take it
+        over (a provider that reconnected before its old socket was seen to close), no
+        other user's."""
         try:
             entries = yjs.parse_awareness(payload)
         except yjs.MalformedMessage:
@@ -499,28 +501,26 @@ class DocumentActor(Actor[Message, Any]):
         accepted = []
         for entry in entries:
             client = self._clients.get(entry.client_id)
-            if client is None:
-                if len(peer.clients) >= self._settings.max_clients_per_peer:
+            if client is not None and client.peer is not peer:
+                if client.peer.user_id != peer.user_id:
+                    continue  # another user's client: nobody else may speak for it
+            if client is None or client.peer is not peer:
+                if entry.state is None or len(peer.clients) >= self._settings.max_clients_per_peer:
                     continue
-                if entry.state is None:
-                    continue
-            elif client.peer is not peer:
-                continue  # another connection's client: nobody may speak for it
-            elif entry.clock < client.clock or (
-                entry.clock == client.clock and entry.state is not None
+            if client is not None and (
+                entry.clock < client.clock
+                or (entry.clock == client.clock and entry.state is not None)
             ):
                 continue  # stale
-            state = (
-                None
-                if entry.state is None
-                else yjs.stamped(entry.state, str(peer.user_id), peer.email)
-            )
-            if state is None:
+            if client is not None:
+                client.peer.clients.discard(entry.client_id)
+            if entry.state is None:
                 self._clients.pop(entry.client_id, None)
-                peer.clients.discard(entry.client_id)
-            else:
-                self._clients[entry.client_id] = _Client(peer, entry.clock, state)
-                peer.clients.add(entry.client_id)
+                accepted.append(entry)
+                continue
+            state = yjs.stamped(entry.state, str(peer.user_id), peer.email)
+            self._clients[entry.client_id] = _Client(peer, entry.clock, state)
+            peer.clients.add(entry.client_id)
             accepted.append(yjs.AwarenessEntry(entry.client_id, entry.clock, state))
         if accepted:
             self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), peer)
