@@ -23,6 +23,7 @@ from atrium.actors.document import (
     DocumentSettings,
     DocumentTooLarge,
     DropUser,
+    Incoming,
     ReadState,
     ReadText,
     ReplaceText,
@@ -628,3 +629,22 @@ async def test_a_load_that_fails_is_the_callers_error_not_a_restart(
     actor.request_stop()
     with pytest.raises(DocumentNotFound):
         await setup.documents.get(setup.ref.id)
+
+
+async def test_a_burst_of_one_peers_updates_is_one_row_and_one_frame(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    await settle(a, b)
+    b.inbox.clear()
+    for ch in "burst":
+        a.type(len(a.text), ch)
+    actor = await setup.actor()
+    for message in a.outbox:  # queued together, as a socket's reader would
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    await actor.ask(ReadText())
+    assert len(b.inbox) == 1
+    await settle(a, b)
+    assert str(b.text) == "burst"
+    row = await store.find_document(setup.db, setup.ref.id)
+    assert row is not None and row.last_seq == 1

@@ -432,14 +432,25 @@ class DocumentActor(Actor[Message, Any]):
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
         """Append the applied updates in one transaction, then broadcast each to the
-        peers but the one that made it. Raises _Tainted when the append failed."""
+        peers but the one that made it. Consecutive updates of one peer are merged into
+        one (one row, one frame per receiver: a burst of keystrokes is one message).
+        Raises _Tainted when the append failed."""
         if not batch:
             return
-        appended = list(batch)
+        runs: list[tuple[Peer, list[bytes]]] = []
+        for peer, data in batch:
+            if runs and runs[-1][0] is peer:
+                runs[-1][1].append(data)
+            else:
+                runs.append((peer, [data]))
         batch.clear()
         self._batch_bytes = 0
-        await self._append([(data, peer.user_id) for peer, data in appended])
-        for peer, data in appended:
+        merged = [
+            (peer, updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates))
+            for peer, updates in runs
+        ]
+        await self._append([(data, peer.user_id) for peer, data in merged])
+        for peer, data in merged:
             self._broadcast(yjs.sync_update(data), peer)
             self._on_edit(peer.user_id, self.ref)
         await self._maybe_compact()
