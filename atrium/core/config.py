@@ -161,6 +161,13 @@ class Settings:
     resume_max_events: int = 1000
     ws_max_connections_per_user: int = 20
     ws_user_edits_per_second: int = 20
+    # Live documents (atrium/actors/document.py).
+    doc_max_update_bytes: int = 1_048_576
+    doc_max_bytes: int = 16_777_216  # stored: the snapshot plus the updates after it
+    doc_updates_per_second: int = 30  # per user, across their document connections
+    doc_idle_seconds: int = 30
+    doc_compact_after: int = 500  # updates appended since the last snapshot
+    doc_ticket_seconds: int = 60
     event_log_retention_days: int = 30  # 0: keep events forever
     event_log_max_events_per_project: int = 100_000  # 0: no cap
     worker_concurrency: int = 4  # job actors per process; 0: none (serve only)
@@ -560,6 +567,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             env, "WS_MAX_CONNECTIONS_PER_USER", d.ws_max_connections_per_user
         ),
         ws_user_edits_per_second=_int(env, "WS_USER_EDITS_PER_SECOND", d.ws_user_edits_per_second),
+        doc_max_update_bytes=_int(
+            env, "DOC_MAX_UPDATE_BYTES", d.doc_max_update_bytes, minimum=1024
+        ),
+        doc_max_bytes=_int(env, "DOC_MAX_BYTES", d.doc_max_bytes, minimum=1024),
+        doc_updates_per_second=_int(env, "DOC_UPDATES_PER_SECOND", d.doc_updates_per_second),
+        doc_idle_seconds=_int(env, "DOC_IDLE_SECONDS", d.doc_idle_seconds),
+        doc_compact_after=_int(env, "DOC_COMPACT_AFTER", d.doc_compact_after),
+        doc_ticket_seconds=_int(env, "DOC_TICKET_SECONDS", d.doc_ticket_seconds),
         event_log_retention_days=_int(
             env, "EVENT_LOG_RETENTION_DAYS", d.event_log_retention_days, minimum=0
         ),

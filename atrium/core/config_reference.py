@@ -311,6 +311,46 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         ),
     ),
     EnvVar(
+        ("DOC_MAX_UPDATE_BYTES",),
+        "`1048576`",
+        (
+            "Largest Yjs update one live-document message may carry; a larger one is not"
+            " applied and its connection is closed with 1009."
+        ),
+    ),
+    EnvVar(
+        ("DOC_MAX_BYTES",),
+        "`16777216`",
+        (
+            "Bytes a live document may store (its snapshot plus the updates after it,"
+            " compacted first when that helps); an update past it is not applied and its"
+            " connection is closed with 4012 `document_too_large`."
+        ),
+    ),
+    EnvVar(
+        ("DOC_UPDATES_PER_SECOND",),
+        "`30`",
+        "Live-document updates per second one user may send across their document connections.",
+    ),
+    EnvVar(
+        ("DOC_IDLE_SECONDS",),
+        "`30`",
+        "A live document with no connections is compacted and stopped after this long.",
+    ),
+    EnvVar(
+        ("DOC_COMPACT_AFTER",),
+        "`500`",
+        (
+            "A live document's updates are folded into a new snapshot once this many were"
+            " appended since the last one (and when it stops idle)."
+        ),
+    ),
+    EnvVar(
+        ("DOC_TICKET_SECONDS",),
+        "`60`",
+        "How long a live-document ticket may open connections after it is issued.",
+    ),
+    EnvVar(
         ("EVENT_LOG_RETENTION_DAYS",),
         "`30`",
         (

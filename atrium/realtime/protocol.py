@@ -29,6 +29,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down: reconnect and resume
+    INVALID_PAYLOAD = 1007  # a live document's client sent bytes that are not y-websocket
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the workspace restarted: reconnect and resume
@@ -45,6 +46,9 @@ class CloseCode(enum.IntEnum):
     HEARTBEAT_TIMEOUT = 4009  # did not answer pings
     RATE_LIMITED = 4010  # kept sending over the message rate limit
     TOO_MANY_CONNECTIONS = 4011  # the user holds WS_MAX_CONNECTIONS_PER_USER already
+    DOCUMENT_TOO_LARGE = 4012  # the update would take a live document past DOC_MAX_BYTES
+    DOCUMENT_DELETED = 4013  # the live document was deleted while connected
+    ROLE_CHANGED = 4014  # a live document's member got another role: reconnect for it
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     ├── jobs            supervisor: WORKER_CONCURRENCY job actors, the lease reaper, the
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
+    ├── documents       supervisor: one DocumentActor per open live document (dynamic,
+    │                   transient)
     ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
     ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
     │                   revocation listener (``atrium.realtime.cluster``); a Redis or
@@ -223,6 +225,7 @@ async def _run_ws_listener(
                 settings.host,
                 port,
                 max_message_size=settings.ws_max_message_bytes,
+                documents=database.value.document_sessions,
                 reuse_port=settings.reuse_port,
             )
         )
@@ -238,6 +241,12 @@ def _run_workspaces(
     database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
 ) -> Awaitable[None]:
     return database.value.workspaces.run(task_status=task_status)
+
+
+def _run_documents(
+    database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
+) -> Awaitable[None]:
+    return database.value.documents.run(task_status=task_status)
 
 
 def _run_jobs(
@@ -322,6 +331,17 @@ def _serving_children(
         ChildSpec(
             "workspaces",
             partial(_run_workspaces, database),
+            shutdown_timeout=math.inf,
+            kind="supervisor",
+        )
+    )
+    # Beside the workspaces, after them: a crash loop of the documents closes document
+    # sockets only (their providers reconnect), and stopping first at shutdown lets
+    # each open document compact while the pool is still open.
+    children.append(
+        ChildSpec(
+            "documents",
+            partial(_run_documents, database),
             shutdown_timeout=math.inf,
             kind="supervisor",
         )

@@ -1,0 +1,637 @@
+"""One open live document: an actor owning its pycrdt ``Doc``, its peers and awareness.
+
+Durable before it is shared: an update a peer sends is applied to the document in memory
+(that is how it is validated, and how what it really changed is learnt: a duplicate
+changes nothing and stores nothing), then appended to PostgreSQL, and only then broadcast
+to the other peers or shown to anyone (every message is handled to the end before the
+next, so no peer reads an update that is not stored). When the append fails the document
+in memory holds what PostgreSQL does not: the actor closes every peer (1013 when the
+database is away) and stops, and the next ``Documents.get`` loads it again from
+PostgreSQL. Clients resend what the server lacks when they sync again.
+
+A crash (an exception in a handler) closes every peer with 1012 (their providers
+reconnect) and the supervisor restarts the actor, which loads the document from its
+snapshot plus the updates after it: nothing appended is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import pycrdt
+import trio
+
+from ..core.config import DEFAULTS
+from ..persistence import documents as store
+from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.documents import DocumentNotFound, DocumentRef
+from ..realtime import yjs
+from ..realtime.protocol import CloseCode
+from ._actor import Actor
+from ._errors import ActorStopped
+
+log = logging.getLogger("atrium.documents")
+
+TEXT = "content"
+"""The name of the ``Y.Text`` that holds a document's text."""
+
+
+@dataclass(eq=False, slots=True)
+class Peer:
+    """One WebSocket connection to the document; the connection owns the socket.
+
+    ``deliver`` queues one binary frame for the connection: it never blocks and never
+    raises (the connection's own bounded queue closes it with 4008 when full). ``close``
+    asks the connection to close with a code and a reason; it never blocks.
+    """
+
+    user_id: uuid.UUID
+    email: str
+    can_edit: bool
+    deliver: Callable[[bytes], None]
+    close: Callable[[int, str], None]
+    clients: set[int] = field(default_factory=set)
+    """The awareness client ids this peer speaks for (the actor's, set on first use)."""
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """Ask: add the peer; it then receives our sync step 1 and the awareness states."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """Tell: one binary y-websocket message from ``peer``."""
+
+    peer: Peer
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Tell: the peer's connection ended; its awareness clients are removed."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class DropUser:
+    """Tell: close every peer of the user (removed from the project, say)."""
+
+    user_id: uuid.UUID
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadText:
+    """Ask: the document's text (the ``Y.Text`` named ``content``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """Ask: the whole document as one Yjs update."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceText:
+    """Ask: make the text ``text``, as an update by ``user_id`` (stored, then broadcast)."""
+
+    text: str
+    user_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAll:
+    """Tell: close every peer with ``code`` and stop (the document was deleted, say)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """Ask: fold the updates since the last snapshot into a new one now; replies whether
+    a snapshot was stored."""
+
+
+Message = (
+    Attach | Incoming | Detach | DropUser | ReadText | ReadState | ReplaceText | CloseAll | Compact
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentSettings:
+    max_update_bytes: int = DEFAULTS.doc_max_update_bytes
+    max_document_bytes: int = DEFAULTS.doc_max_bytes
+    idle_timeout: float = DEFAULTS.doc_idle_seconds
+    compact_after: int = DEFAULTS.doc_compact_after
+    mailbox_size: int = 4096
+    update_batch: int = 64
+    """At most this many queued updates are appended in one transaction."""
+    max_clients_per_peer: int = 8
+    """Awareness client ids one connection may speak for (a provider uses one)."""
+
+
+def _no_activity(user_id: uuid.UUID, ref: DocumentRef) -> None:
+    pass
+
+
+def _is_incoming(message: Message) -> bool:
+    return isinstance(message, Incoming)
+
+
+@dataclass(slots=True)
+class _Client:
+    """An awareness client: who speaks for it, its clock and its (stamped) state."""
+
+    peer: Peer
+    clock: int
+    state: dict[str, Any] | None
+
+
+class DocumentTooLarge(Exception):
+    """The change would take the document past its size limit (DOC_MAX_BYTES)."""
+
+    code = "document_too_large"
+
+    def __init__(self) -> None:
+        super().__init__("The document would exceed its size limit")
+
+
+class _Tainted(Exception):
+    """The document in memory holds updates PostgreSQL does not: it must not be shown."""
+
+
+class DocumentActor(Actor[Message, Any]):
+    """The single owner of one open document.
+
+    ``on_edit(user_id, ref)`` is called once for each update a user made that changed the
+    document, after it is stored (the workspace's activity feed hangs off it); it must
+    not block or raise.
+    """
+
+    expected_errors = (DatabaseUnavailable, DocumentNotFound, DocumentTooLarge, ActorStopped)
+
+    __slots__ = (
+        "ref",
+        "_db",
+        "_settings",
+        "_on_edit",
+        "_doc",
+        "_text",
+        "_captured",
+        "_peers",
+        "_clients",
+        "_last_seq",
+        "_snapshot_seq",
+        "_stored_bytes",
+        "_since_snapshot",
+        "_updates_applied",
+        "_tainted",
+        "_batch_bytes",
+    )
+
+    def __init__(
+        self,
+        ref: DocumentRef,
+        db: Database,
+        settings: DocumentSettings,
+        *,
+        on_edit: Callable[[uuid.UUID, DocumentRef], None] | None = None,
+    ) -> None:
+        super().__init__(
+            name=f"document:{ref.id}",
+            mailbox_size=settings.mailbox_size,
+            idle_timeout=settings.idle_timeout,
+        )
+        self.ref = ref
+        self._db = db
+        self._settings = settings
+        self._on_edit = on_edit or _no_activity
+        self._doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self._text = self._doc.get(TEXT, type=pycrdt.Text)
+        # What each transaction on the document really changed (pycrdt's observer).
+        self._captured: list[bytes] = []
+        self._doc.observe(lambda event: self._captured.append(event.update))
+        self._peers: set[Peer] = set()
+        self._clients: dict[int, _Client] = {}
+        self._last_seq = 0
+        self._snapshot_seq = 0
+        self._stored_bytes = 0
+        self._since_snapshot = 0
+        self._updates_applied = 0
+        self._tainted = False
+        self._batch_bytes = 0  # of the updates applied and not yet appended
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            # Whatever ended the actor, its peers must not hang on a document that is no
+            # longer served: their providers reconnect and sync with the next actor.
+            self._close_all(CloseCode.SERVICE_RESTART, "document_restarted")
+
+    async def on_start(self) -> None:
+        loaded = await store.load_document(self._db, self.ref.id)
+        if loaded.snapshot is not None:
+            self._doc.apply_update(loaded.snapshot)
+        for update in loaded.updates:
+            self._doc.apply_update(update.update)
+        self._captured.clear()
+        self._last_seq = loaded.row.last_seq
+        self._snapshot_seq = loaded.row.snapshot_seq
+        self._stored_bytes = loaded.row.byte_size
+        self._since_snapshot = len(loaded.updates)
+
+    async def on_stop(self) -> None:
+        # A graceful stop with peers is the process shutting down; without, it is idle.
+        self._close_all(CloseCode.GOING_AWAY, "server_shutdown")
+        if self._since_snapshot and not self._tainted:
+            try:
+                await self._compact()
+            except (DatabaseUnavailable, DocumentNotFound) as error:
+                log.info("%r not compacted at stop: %r", self, error)
+
+    def is_idle(self) -> bool:
+        return not self._peers
+
+    async def handle(self, message: Message) -> Any:
+        try:
+            return await self._handle(message)
+        except _Tainted as tainted:
+            # Closed and stopped, not crashed: an outage or a deleted document spends
+            # none of the supervisor's restart budget. The next get loads it again.
+            self._tainted = True
+            cause = tainted.__cause__
+            if isinstance(cause, DocumentNotFound):
+                self._close_all(CloseCode.DOCUMENT_DELETED, "document_deleted")
+            elif isinstance(cause, DatabaseUnavailable):
+                self._close_all(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
+            else:
+                self._close_all(CloseCode.SERVICE_RESTART, "document_restarted")
+            self.request_stop()
+            if isinstance(cause, DatabaseUnavailable | DocumentNotFound):
+                raise cause from None
+            raise ActorStopped(f"{self!r} is reloading") from None
+
+    async def _handle(self, message: Message) -> Any:
+        if self._tainted:
+            # Stopping: what is still queued must not see the document in memory.
+            if isinstance(message, Incoming | Detach | DropUser | CloseAll):
+                return None
+            raise ActorStopped(f"{self!r} is reloading")
+        if isinstance(message, Incoming):
+            return await self._incoming(message)
+        if isinstance(message, Attach):
+            return self._attach(message.peer)
+        if isinstance(message, Detach):
+            return self._detach(message.peer)
+        if isinstance(message, DropUser):
+            return self._drop_user(message)
+        if isinstance(message, ReadText):
+            return str(self._text)
+        if isinstance(message, ReadState):
+            return self._doc.get_update()
+        if isinstance(message, ReplaceText):
+            return await self._replace_text(message)
+        if isinstance(message, Compact):
+            return await self._compact()
+        if isinstance(message, CloseAll):
+            self._close_all(message.code, message.reason)
+            self.request_stop()
+            return None
+        raise TypeError(f"{self!r} does not handle {type(message).__name__}")
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _attach(self, peer: Peer) -> None:
+        self._peers.add(peer)
+        peer.deliver(yjs.sync_step1(self._doc.get_state()))
+        states = [
+            yjs.AwarenessEntry(client_id, client.clock, client.state)
+            for client_id, client in self._clients.items()
+            if client.state is not None
+        ]
+        if states:
+            peer.deliver(yjs.awareness_message(yjs.encode_awareness(states)))
+
+    def _detach(self, peer: Peer) -> None:
+        if peer not in self._peers:
+            return
+        self._peers.discard(peer)
+        gone = []
+        for client_id in sorted(peer.clients):
+            client = self._clients.pop(client_id, None)
+            if client is not None and client.state is not None:
+                gone.append(yjs.AwarenessEntry(client_id, client.clock + 1, None))
+        peer.clients.clear()
+        if gone:
+            self._broadcast(yjs.awareness_message(yjs.encode_awareness(gone)), None)
+
+    def _refuse(self, peer: Peer, code: int, reason: str) -> None:
+        peer.close(code, reason)
+        self._detach(peer)
+
+    def _drop_user(self, message: DropUser) -> None:
+        for peer in [p for p in self._peers if p.user_id == message.user_id]:
+            self._refuse(peer, message.code, message.reason)
+
+    def _close_all(self, code: int, reason: str) -> None:
+        for peer in self._peers:
+            peer.close(code, reason)
+        self._peers.clear()
+        self._clients.clear()
+
+    def _broadcast(self, frame: bytes, origin: Peer | None) -> None:
+        for peer in self._peers:
+            if peer is not origin:
+                peer.deliver(frame)
+
+    # -- messages from peers ----------------------------------------------------------------
+
+    async def _incoming(self, first: Incoming) -> None:
+        """Handle the peers' messages queued now, in order (at most four batches' worth):
+        the updates among them (up to ``update_batch``) are appended in one transaction,
+        before any other message is answered."""
+        batch: list[tuple[Peer, bytes]] = []
+        handled = 0
+        message: Incoming | None = first
+        while message is not None:
+            peer = message.peer
+            if peer in self._peers:
+                try:
+                    parsed = yjs.parse_message(message.data)
+                except yjs.MalformedMessage as error:
+                    log.info("%r refused a message: %s", self, error)
+                    self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+                    parsed = None
+                if isinstance(parsed, yjs.SyncStep2 | yjs.SyncUpdate):
+                    self._take_update(peer, parsed.update, batch)
+                elif parsed is not None:
+                    await self._store(batch)
+                    self._other(peer, parsed)
+            handled += 1
+            limit = self._settings.update_batch
+            if len(batch) >= limit or handled >= 4 * limit:
+                break
+            taken = self.take_nowait(_is_incoming)
+            message = taken if isinstance(taken, Incoming) else None
+        await self._store(batch)
+
+    def _other(self, peer: Peer, message: yjs.YMessage) -> None:
+        if isinstance(message, yjs.SyncStep1):
+            try:
+                missing = self._doc.get_update(message.state_vector)
+            except ValueError:
+                self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+                return
+            peer.deliver(yjs.sync_step2(missing))
+        elif isinstance(message, yjs.AwarenessUpdate):
+            self._awareness(peer, message.payload)
+
+    def _take_update(self, peer: Peer, update: bytes, batch: list[tuple[Peer, bytes]]) -> None:
+        """Apply one peer's update to the document if it may make it, and queue what it
+        changed for ``_store``. A viewer's update is dropped; a too large one closes its
+        peer."""
+        if not peer.can_edit:
+            return
+        if len(update) > self._settings.max_update_bytes:
+            self._refuse(peer, CloseCode.MESSAGE_TOO_BIG, "update_too_large")
+            return
+        pending = self._batch_bytes
+        if self._stored_bytes + pending + len(update) > self._settings.max_document_bytes:
+            self._refuse(peer, CloseCode.DOCUMENT_TOO_LARGE, "document_too_large")
+            return
+        self._captured.clear()
+        try:
+            yjs.apply_update(self._doc, update)
+        except yjs.MalformedMessage:
+            self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+            return
+        except yjs.YrsPanic as panic:
+            # Yrs gave up half way: what the document holds now is not to be trusted.
+            log.warning("%r: an update made Yrs panic: %s", self, panic)
+            self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+            raise _Tainted() from panic
+        for changed in self._captured:
+            batch.append((peer, changed))
+            self._batch_bytes += len(changed)
+        self._captured.clear()
+
+    async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
+        """Append the applied updates in one transaction, then broadcast each to the
+        peers but the one that made it. Consecutive updates of one peer are merged into
+        one (one row, one frame per receiver: a burst of keystrokes is one message).
+        Raises _Tainted when the append failed."""
+        if not batch:
+            return
+        runs: list[tuple[Peer, list[bytes]]] = []
+        for peer, data in batch:
+            if runs and runs[-1][0] is peer:
+                runs[-1][1].append(data)
+            else:
+                runs.append((peer, [data]))
+        batch.clear()
+        self._batch_bytes = 0
+        merged = [
+            (peer, updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates))
+            for peer, updates in runs
+        ]
+        await self._append([(data, peer.user_id) for peer, data in merged])
+        for peer, data in merged:
+            self._broadcast(yjs.sync_update(data), peer)
+            self._on_edit(peer.user_id, self.ref)
+        await self._maybe_compact()
+
+    async def _append(self, updates: list[tuple[bytes, uuid.UUID | None]]) -> None:
+        try:
+            last = await store.append_updates(self._db, self.ref.id, updates)
+        except (DatabaseUnavailable, DocumentNotFound) as error:
+            raise _Tainted() from error
+        first = last - len(updates) + 1
+        self._updates_applied += len(updates)
+        if first == self._last_seq + 1:
+            self._last_seq = last
+            self._stored_bytes += sum(len(data) for data, _ in updates)
+            self._since_snapshot += len(updates)
+            return
+        # Another process appended in between: take what it wrote too, then the row's
+        # figures (it may have compacted as well).
+        await self._fill(self._last_seq, first - 1)
+        self._last_seq = last
+        row = await store.find_document(self._db, self.ref.id)
+        if row is not None:
+            self._snapshot_seq = row.snapshot_seq
+            self._stored_bytes = row.byte_size
+            self._since_snapshot = last - row.snapshot_seq
+
+    async def _fill(self, after: int, until: int) -> None:
+        """Apply and broadcast the updates another writer appended after ``after``."""
+        missing = await store.updates_between(self._db, self.ref.id, after, until)
+        if len(missing) != until - after:
+            # Compacted meanwhile: the snapshot holds the rest (applying it again is a no-op
+            # for what this document already has).
+            loaded = await store.load_document(self._db, self.ref.id)
+            if loaded.snapshot is not None:
+                self._apply_and_broadcast(loaded.snapshot)
+        for update in missing:
+            self._apply_and_broadcast(update.update)
+
+    def _apply_and_broadcast(self, update: bytes) -> None:
+        self._captured.clear()
+        self._doc.apply_update(update)
+        for changed in self._captured:
+            self._broadcast(yjs.sync_update(changed), None)
+        self._captured.clear()
+
+    # -- awareness --------------------------------------------------------------------------
+
+    def _awareness(self, peer: Peer, payload: bytes) -> None:
+        """Take the entries of the peer's awareness update that it may speak for, stamp
+        them with its user, and broadcast them. A client id belongs to the first peer that
+        uses it until that peer detaches; another connection of the same user may take it
+        over (a provider that reconnected before its old socket was seen to close), no
+        other user's."""
+        try:
+            entries = yjs.parse_awareness(payload)
+        except yjs.MalformedMessage:
+            self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+            return
+        accepted = []
+        for entry in entries:
+            client = self._clients.get(entry.client_id)
+            if client is not None and client.peer is not peer:
+                if client.peer.user_id != peer.user_id:
+                    continue  # another user's client: nobody else may speak for it
+            if client is None or client.peer is not peer:
+                if entry.state is None or len(peer.clients) >= self._settings.max_clients_per_peer:
+                    continue
+            if client is not None and (
+                entry.clock < client.clock
+                or (entry.clock == client.clock and entry.state is not None)
+            ):
+                continue  # stale
+            if client is not None:
+                client.peer.clients.discard(entry.client_id)
+            if entry.state is None:
+                self._clients.pop(entry.client_id, None)
+                accepted.append(entry)
+                continue
+            state = yjs.stamped(entry.state, str(peer.user_id), peer.email)
+            self._clients[entry.client_id] = _Client(peer, entry.clock, state)
+            peer.clients.add(entry.client_id)
+            accepted.append(yjs.AwarenessEntry(entry.client_id, entry.clock, state))
+        if accepted:
+            self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), peer)
+
+    # -- text from REST ---------------------------------------------------------------------
+
+    async def _replace_text(self, message: ReplaceText) -> None:
+        """Edit the text into ``message.text`` with the smallest change at one place (the
+        common start and end are kept), so live clients' edits elsewhere merge."""
+        current = str(self._text)
+        new = message.text
+        if current == new:
+            return
+        start = 0
+        limit = min(len(current), len(new))
+        while start < limit and current[start] == new[start]:
+            start += 1
+        end_old, end_new = len(current), len(new)
+        while end_old > start and end_new > start and current[end_old - 1] == new[end_new - 1]:
+            end_old -= 1
+            end_new -= 1
+        size = len(new[start:end_new].encode())
+        if self._stored_bytes + size > self._settings.max_document_bytes:
+            raise DocumentTooLarge()
+        # pycrdt's Text counts UTF-8 bytes (Yjs clients count UTF-16 units; the update
+        # itself carries no offsets, so each side keeps its own).
+        at = len(current[:start].encode())
+        removed = len(current[start:end_old].encode())
+        self._captured.clear()
+        with self._doc.transaction():
+            if removed:
+                del self._text[at : at + removed]
+            if end_new > start:
+                self._text.insert(at, new[start:end_new])
+        changed = list(self._captured)
+        self._captured.clear()
+        if not changed:
+            return
+        await self._append([(data, message.user_id) for data in changed])
+        for data in changed:
+            self._broadcast(yjs.sync_update(data), None)
+            if message.user_id is not None:
+                self._on_edit(message.user_id, self.ref)
+        await self._maybe_compact()
+
+    # -- compaction -------------------------------------------------------------------------
+
+    async def _maybe_compact(self) -> None:
+        if self._since_snapshot >= self._settings.compact_after:
+            try:
+                await self._compact()
+            except (DatabaseUnavailable, DocumentNotFound) as error:
+                log.info("%r not compacted: %r", self, error)
+
+    async def _compact(self) -> bool:
+        """Store the document as a snapshot at the last seq and delete the updates it
+        holds. Every update up to that seq is applied here, so the snapshot holds them."""
+        if self._last_seq <= self._snapshot_seq:
+            return False
+        snapshot = self._doc.get_update()
+        stored = await store.compact(self._db, self.ref.id, snapshot, self._last_seq)
+        if stored:
+            self._snapshot_seq = self._last_seq
+            self._stored_bytes = len(snapshot)
+            self._since_snapshot = 0
+        return stored
+
+    # -- for operators ----------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        """The document for operators (JSON-ready), read from outside the actor's task like
+        ``statistics()``: ``document_id``, ``project_id``, ``path``, ``peers``, ``users``
+        (distinct), ``seq``, ``snapshot_seq``, ``stored_bytes``, ``updates_applied``."""
+        return {
+            "document_id": str(self.ref.id),
+            "project_id": str(self.ref.project_id),
+            "path": self.ref.path,
+            "peers": len(self._peers),
+            "users": len({peer.user_id for peer in self._peers}),
+            "seq": self._last_seq,
+            "snapshot_seq": self._snapshot_seq,
+            "stored_bytes": self._stored_bytes,
+            "updates_applied": self._updates_applied,
+        }
+
+
+__all__ = [
+    "TEXT",
+    "Attach",
+    "CloseAll",
+    "Compact",
+    "Detach",
+    "DocumentActor",
+    "DocumentSettings",
+    "DocumentTooLarge",
+    "DropUser",
+    "Incoming",
+    "Message",
+    "Peer",
+    "ReadState",
+    "ReadText",
+    "ReplaceText",
+]

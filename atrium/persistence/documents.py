@@ -1,0 +1,275 @@
+"""Live documents in PostgreSQL: each one a snapshot plus the Yjs updates appended after it.
+
+A document is named by its project and a path (``open`` finds or creates it). Its updates
+get a gapless per-document ``seq`` from the counter on its row (``append``, one
+transaction for a batch), so several processes appending to one document still write one
+sequence. ``load`` reads the latest snapshot and the updates after it; ``compact`` stores a
+new snapshot at a seq and deletes the updates it holds, in one transaction. The bytes are
+opaque here: what they mean (Yjs updates) is ``atrium.realtime.yjs``'s and the actor's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .database import Database
+
+_COLUMNS = (
+    "id, project_id, path, created_by, created_at, updated_at, last_seq, snapshot_seq, byte_size"
+)
+
+
+class DocumentNotFound(Exception):
+    """The document does not exist (deleted, or its project was)."""
+
+    code = "document_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("No such document")
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRef:
+    """Which document: its id, and the project and path that name it."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRow:
+    """A document's row without its bytes."""
+
+    id: uuid.UUID
+    project_id: uuid.UUID
+    path: str
+    created_by: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+    last_seq: int
+    """The seq of its latest update (0: none yet)."""
+    snapshot_seq: int
+    """The seq its snapshot holds everything up to (0: no snapshot)."""
+    byte_size: int
+    """Bytes stored: the snapshot plus the updates after it."""
+
+    @property
+    def ref(self) -> DocumentRef:
+        return DocumentRef(self.id, self.project_id, self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpdate:
+    seq: int
+    update: bytes
+    user_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What a document is made of now: its row, its snapshot (None: none yet) and the
+    updates after ``row.snapshot_seq``, in seq order."""
+
+    row: DocumentRow
+    snapshot: bytes | None
+    updates: list[StoredUpdate]
+
+
+def _row(record: asyncpg.Record) -> DocumentRow:
+    return DocumentRow(
+        id=record["id"],
+        project_id=record["project_id"],
+        path=record["path"],
+        created_by=record["created_by"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+        last_seq=int(record["last_seq"]),
+        snapshot_seq=int(record["snapshot_seq"]),
+        byte_size=int(record["byte_size"]),
+    )
+
+
+async def open_document(
+    db: Database, project_id: uuid.UUID, path: str, created_by: uuid.UUID | None = None
+) -> DocumentRow:
+    """The document of ``project_id`` at ``path``, created (empty) if there is none.
+
+    Two callers opening the same new path at once get the same row. Raises
+    DocumentNotFound when the project does not exist or is deleted.
+    """
+
+    async def run(conn: asyncpg.Connection) -> DocumentRow:
+        found = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1 AND path = $2",
+            project_id,
+            path,
+        )
+        if found is not None:
+            return _row(found)
+        created = await conn.fetchrow(
+            f"INSERT INTO documents (id, project_id, path, created_by)"
+            f" SELECT $1, p.id, $3, $4 FROM projects p WHERE p.id = $2 AND p.deleted_at IS NULL"
+            f" ON CONFLICT (project_id, path) DO NOTHING RETURNING {_COLUMNS}",
+            uuid.uuid4(),
+            project_id,
+            path,
+            created_by,
+        )
+        if created is None:
+            # Another writer created it first (or the project is gone): read what is there.
+            created = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1 AND path = $2",
+                project_id,
+                path,
+            )
+        if created is None:
+            raise DocumentNotFound()
+        return _row(created)
+
+    return await db.transaction(run)
+
+
+async def find_document(db: Database, document_id: uuid.UUID) -> DocumentRow | None:
+    """The document's row, or None when there is no such document."""
+    record = await db.fetchrow(f"SELECT {_COLUMNS} FROM documents WHERE id = $1", document_id)
+    return None if record is None else _row(record)
+
+
+async def list_documents(db: Database, project_id: uuid.UUID) -> list[DocumentRow]:
+    """The project's documents, by path."""
+    records = await db.fetch(
+        f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1 ORDER BY path", project_id
+    )
+    return [_row(r) for r in records]
+
+
+async def append_updates(
+    db: Database,
+    document_id: uuid.UUID,
+    updates: Sequence[tuple[bytes, uuid.UUID | None]],
+) -> int:
+    """Append ``updates`` (each its bytes and the user who made it) in one transaction,
+    with consecutive seqs taken from the document's counter; returns the last seq.
+
+    The counter's row stays locked until the commit, so seqs are gapless and commit in
+    order with writers in other processes. Raises DocumentNotFound when the document was
+    deleted, ValueError for an empty batch.
+    """
+    if not updates:
+        raise ValueError("nothing to append")
+    size = sum(len(data) for data, _ in updates)
+
+    async def run(conn: asyncpg.Connection) -> int:
+        last = await conn.fetchval(
+            "UPDATE documents SET last_seq = last_seq + $2, byte_size = byte_size + $3,"
+            " updated_at = now() WHERE id = $1 RETURNING last_seq",
+            document_id,
+            len(updates),
+            size,
+        )
+        if last is None:
+            raise DocumentNotFound()
+        first = int(last) - len(updates) + 1
+        # One statement for the batch (executemany costs a round of binds per row).
+        await conn.execute(
+            "INSERT INTO document_updates (document_id, seq, update, user_id)"
+            " SELECT $1, $2 + u.n - 1, u.data, u.user_id"
+            " FROM unnest($3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(data, user_id, n)",
+            document_id,
+            first,
+            [data for data, _ in updates],
+            [user_id for _, user_id in updates],
+        )
+        return int(last)
+
+    return await db.transaction(run)
+
+
+async def load_document(db: Database, document_id: uuid.UUID) -> Loaded:
+    """The document's latest snapshot and every update after it, read in one transaction
+    (a consistent view while others append or compact). Raises DocumentNotFound."""
+
+    async def run(conn: asyncpg.Connection) -> Loaded:
+        record = await conn.fetchrow(
+            f"SELECT {_COLUMNS}, snapshot FROM documents WHERE id = $1", document_id
+        )
+        if record is None:
+            raise DocumentNotFound()
+        row = _row(record)
+        updates = await conn.fetch(
+            "SELECT seq, update, user_id FROM document_updates"
+            " WHERE document_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+            document_id,
+            row.snapshot_seq,
+            row.last_seq,
+        )
+        return Loaded(
+            row,
+            None if record["snapshot"] is None else bytes(record["snapshot"]),
+            [StoredUpdate(int(u["seq"]), bytes(u["update"]), u["user_id"]) for u in updates],
+        )
+
+    return await db.transaction(run)
+
+
+async def updates_between(
+    db: Database, document_id: uuid.UUID, after: int, until: int
+) -> list[StoredUpdate]:
+    """The updates with ``after < seq <= until``, in seq order (fewer when compaction
+    folded some into the snapshot meanwhile)."""
+    records = await db.fetch(
+        "SELECT seq, update, user_id FROM document_updates"
+        " WHERE document_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        document_id,
+        after,
+        until,
+    )
+    return [StoredUpdate(int(r["seq"]), bytes(r["update"]), r["user_id"]) for r in records]
+
+
+async def compact(db: Database, document_id: uuid.UUID, snapshot: bytes, seq: int) -> bool:
+    """Store ``snapshot`` as holding everything up to ``seq`` and delete the updates it
+    holds, in one transaction. Returns False (and changes nothing) when the stored
+    snapshot is already at ``seq`` or later, or ``seq`` is past the last update.
+    Raises DocumentNotFound."""
+
+    async def run(conn: asyncpg.Connection) -> bool:
+        record = await conn.fetchrow(
+            "SELECT snapshot_seq, last_seq FROM documents WHERE id = $1 FOR UPDATE", document_id
+        )
+        if record is None:
+            raise DocumentNotFound()
+        if seq <= int(record["snapshot_seq"]) or seq > int(record["last_seq"]):
+            return False
+        await conn.execute(
+            "DELETE FROM document_updates WHERE document_id = $1 AND seq <= $2",
+            document_id,
+            seq,
+        )
+        after = await conn.fetchval(
+            "SELECT coalesce(sum(octet_length(update)), 0) FROM document_updates"
+            " WHERE document_id = $1",
+            document_id,
+        )
+        await conn.execute(
+            "UPDATE documents SET snapshot = $2, snapshot_seq = $3, byte_size = $4 WHERE id = $1",
+            document_id,
+            snapshot,
+            seq,
+            len(snapshot) + int(after),
+        )
+        return True
+
+    return await db.transaction(run)
+
+
+async def delete_document(db: Database, document_id: uuid.UUID) -> bool:
+    """Delete the document and its updates; False when there was none."""
+    status = await db.execute("DELETE FROM documents WHERE id = $1", document_id)
+    return status.endswith(" 1")
