@@ -32,6 +32,7 @@ from wsproto.events import Message
 
 from atrium.seams import aio_loop, hypercorn_server, redis_wire, wsproto_server
 from atrium.seams.wsproto_server import (
+    BytesMessage,
     CloseConnection,
     CloseReason,
     Connection,
@@ -388,6 +389,16 @@ def test_wsproto_text_frames_are_the_ones_wsproto_sends() -> None:
         ours = wsproto_server.text_frame(text)
         theirs = Connection(ConnectionType.SERVER).send(TextMessage(data=text))
         _wsproto(ours == theirs, f"a {size}-byte text frame differs from wsproto's")
+
+
+def test_wsproto_binary_frames_are_the_ones_wsproto_sends() -> None:
+    """``binary_frame`` (a live document's y-websocket messages) writes what wsproto's own
+    server connection would, in each of the three length forms."""
+    for size in (0, 125, 126, 65_535, 65_536):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        ours = wsproto_server.binary_frame(data)
+        theirs = Connection(ConnectionType.SERVER).send(BytesMessage(data=data))
+        _wsproto(ours == theirs, f"a {size}-byte binary frame differs from wsproto's")
 
 
 def test_wsproto_handshake_and_connection_behave_as_the_listener_expects() -> None:

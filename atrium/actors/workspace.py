@@ -54,7 +54,7 @@ class Subscriber:
     user_id: uuid.UUID
     email: str
     role: Role
-    outbox: Outbox
+    outbox: Outbox[str]
     id: int = field(default_factory=lambda: next(_connection_ids))
 
 

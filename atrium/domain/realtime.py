@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -164,6 +164,12 @@ def _same_origin(origin: str, host: str | None) -> bool:
     return authority.rstrip("/").lower() == host.lower()
 
 
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a browser's ``Origin`` may open a live connection: listed in
+    ALLOWED_ORIGINS (or ``*``), or the host it connected to (``_same_origin``)."""
+    return "*" in allowed or origin.rstrip("/") in allowed or _same_origin(origin, host)
+
+
 class Realtime:
     """Serves workspace connections for one process.
 
@@ -286,7 +292,7 @@ class _LiveConnection:
         self.settings = realtime.settings
         self.conn = conn
         self.handshake = handshake
-        self.outbox = Outbox(realtime.settings.send_queue)
+        self.outbox: Outbox[str] = Outbox(realtime.settings.send_queue)
         self.claims: Claims | None = None
         self.expires_at = 0.0  # trio clock
         self.last_activity = trio.current_time()
@@ -348,13 +354,7 @@ class _LiveConnection:
     async def _open(self) -> None:
         hs = self.handshake
         origin = hs.headers.get("origin")
-        allowed = self.rt.allowed_origins
-        if (
-            origin
-            and "*" not in allowed
-            and origin.rstrip("/") not in allowed
-            and not _same_origin(origin, hs.headers.get("host"))
-        ):
+        if origin and not origin_allowed(origin, hs.headers.get("host"), self.rt.allowed_origins):
             raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
         try:
             project_id = uuid.UUID(hs.project_id)
@@ -641,7 +641,7 @@ class _LiveConnection:
                 pass
 
 
-def _count_sent(outbox: Outbox, metrics: Metrics) -> None:
+def _count_sent(outbox: Outbox[Any], metrics: Metrics) -> None:
     sent = outbox.sent
     if sent != outbox.counted:
         metrics.ws_frames_out.inc(sent - outbox.counted)

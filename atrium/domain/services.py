@@ -10,7 +10,8 @@ root's ``rest_for_one`` every child after it restarts onto it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -19,7 +20,7 @@ from ..actors.bridge import Bridge
 from ..actors.document import DocumentSettings
 from ..actors.workspace import WorkspaceSettings
 from ..core.config import Settings
-from ..core.events import EventPublisher
+from ..core.events import Event, EventPublisher
 from ..core.failures import ContainedFailures
 from ..core.metrics import Metrics
 from ..identity.admission import Admission, LocalAdmission, SharedAdmission
@@ -34,6 +35,7 @@ from ..identity.ratelimit import (
     SharedRateLimiter,
 )
 from ..identity.sessions import LocalSessionEnds, SessionEnds, SharedSessionEnds
+from ..identity.tickets import TicketCodec
 from ..identity.tokens import TokenCodec, VerifiedTokens
 from ..jobs import JobEvents, JobQueue, JobService, JobSettings, RetryPolicy
 from ..persistence.database import Database
@@ -44,6 +46,7 @@ from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
 from ..supervision import Supervisor
 from ..tasks import load_task_modules
 from .accounts import Accounts
+from .document_sessions import DocumentConnectionSettings, DocumentSessions
 from .documents import Documents
 from .projects import Projects
 from .realtime import ConnectionSettings, Realtime
@@ -68,7 +71,8 @@ class Services:
     manages background jobs (its ``queue`` is what the ``jobs`` subtree runs);
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
-    ``documents`` is the registry of live documents (what the ``documents`` child runs).
+    ``documents`` is the registry of live documents (what the ``documents`` child runs);
+    ``document_sessions`` issues document tickets and serves document WebSockets.
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
@@ -98,6 +102,7 @@ class Services:
     metrics: Metrics
     session_ends: SessionEnds
     documents: Documents
+    document_sessions: DocumentSessions
     cluster: Cluster | None = None
     bridge: Bridge | None = None
     redis: Redis | None = None
@@ -191,7 +196,6 @@ def build_services(
         count_gap_fills=metrics.workspace_gap_fills.inc,
         presence=LocalPresence() if shared is None else shared.presence,
     )
-    publish = workspaces if publisher is None else publisher
     load_task_modules(settings.job_task_modules)
     jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
     realtime = Realtime(
@@ -203,6 +207,22 @@ def build_services(
         failures=failures,
         metrics=metrics,
     )
+    documents = Documents(db, document_settings(settings))
+    document_sessions = DocumentSessions(
+        db=db,
+        tickets=TicketCodec(
+            secret=settings.secret_key,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_seconds=settings.doc_ticket_seconds,
+        ),
+        documents=documents,
+        realtime=realtime,
+        settings=DocumentConnectionSettings.of(settings),
+    )
+    # Committed project events reach the live workspaces, then the document sockets (a
+    # member removed is disconnected from both).
+    publish = _Publishers((workspaces if publisher is None else publisher, document_sessions))
     cluster = None if shared is None else shared.cluster(realtime)
     limiter: RateLimiter
     session_cache: UserCache
@@ -250,11 +270,23 @@ def build_services(
         draining=trio.Event() if draining is None else draining,
         metrics=metrics,
         session_ends=session_ends,
-        documents=Documents(db, document_settings(settings)),
+        documents=documents,
+        document_sessions=document_sessions,
         cluster=cluster,
         bridge=bridge,
         redis=redis,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Publishers:
+    """An ``EventPublisher`` that hands committed events to each of ``targets`` in turn."""
+
+    targets: tuple[EventPublisher, ...]
+
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        for target in self.targets:
+            await target.publish(project_id, events)
 
 
 # -- shared state (REDIS_URL) ---------------------------------------------------------------

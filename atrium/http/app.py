@@ -21,7 +21,7 @@ from quart_trio.wrappers import TrioRequest
 from ..core import json_input
 from ..core.logs import bind
 from ..domain.services import Services
-from . import auth, console, jobs, ops, pages, projects, ws
+from . import auth, console, documents, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .hot import HotRoutes
@@ -78,6 +78,7 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(projects.blueprint)
     app.register_blueprint(jobs.blueprint)
     app.register_blueprint(ws.blueprint)
+    app.register_blueprint(documents.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(console.blueprint)
     register_error_handlers(app)
@@ -149,7 +150,7 @@ def create_asgi(svc: Services) -> RequestLog:
         RequestMetrics(HotRoutes(ShieldedEnd(create_app(svc)), svc), svc.metrics),
         production=settings.is_production,
         allowed_origins=settings.allowed_origins,
-        websocket=ws.WorkspaceSockets(svc.realtime),
+        websocket=ws.WorkspaceSockets(svc.realtime, svc.document_sessions),
         failures=svc.failures,
     )
     return RequestLog(edge)

@@ -1,4 +1,5 @@
-"""``WS /ws/{project_id}[/{user_id}]`` on the main port (ASGI), and the workspace status."""
+"""``WS /ws/{project_id}[/{user_id}]`` and ``WS /ws/documents/{room}`` on the main port (ASGI),
+and the workspace status."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Blueprint, Response, g
 from quart_schema import document_response, security_scheme, tag
 
+from ..domain.document_sessions import DocumentHandshake, DocumentSessions
 from ..domain.realtime import ConnectionGone, Handshake, Realtime
 from .errors import ApiError
 from .json import error_body
@@ -39,6 +41,9 @@ class AsgiConnection:
     async def send(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text, "bytes": None})
 
+    async def send_bytes(self, data: bytes) -> None:
+        await self._send({"type": "websocket.send", "text": None, "bytes": data})
+
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
@@ -47,7 +52,9 @@ class AsgiConnection:
 
 
 class WorkspaceSockets:
-    """``WS /ws/{project_id}[/{user_id}]`` on the main port, as a plain ASGI application.
+    """``WS /ws/{project_id}[/{user_id}]`` (workspaces, ``Realtime``) and
+    ``WS /ws/documents/{room}`` (live documents, ``DocumentSessions``) on the main port,
+    as a plain ASGI application.
 
     The Edge layer hands every WebSocket scope here, past Quart: Quart's WebSocket
     machinery (two more tasks, a channel and a request context per connection) cost a
@@ -55,16 +62,22 @@ class WorkspaceSockets:
     the live connection does not do itself.
     """
 
-    def __init__(self, realtime: Realtime) -> None:
+    def __init__(self, realtime: Realtime, documents: DocumentSessions | None = None) -> None:
         self._realtime = realtime
+        self._documents = documents
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         assert scope["type"] == "websocket"
-        handshake = Handshake.parse(
-            scope["path"], scope["query_string"].decode("latin-1"), scope["headers"]
-        )
+        path, query = scope["path"], scope["query_string"].decode("latin-1")
+        documents = self._documents
+        if documents is not None:
+            document = DocumentHandshake.parse(path, query, scope["headers"])
+            if document is not None:
+                await self._serve_document(documents, document, receive, send)
+                return
+        handshake = Handshake.parse(path, query, scope["headers"])
         realtime = self._realtime
         if handshake is None:
             await _reject(send, 404, "not_found", "No WebSocket endpoint at this path")
@@ -80,6 +93,23 @@ class WorkspaceSockets:
             realtime.failures.record("connection", error, context)
             return
         await realtime.serve(AsgiConnection(receive, send), handshake, transport="main")
+
+    @staticmethod
+    async def _serve_document(
+        documents: DocumentSessions,
+        handshake: DocumentHandshake,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> None:
+        try:
+            if (await receive())["type"] != "websocket.connect":
+                return
+            await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        except Exception as error:
+            context = {"transport": "main", "room": handshake.room}
+            documents.failures.record("connection", error, context)
+            return
+        await documents.serve(AsgiConnection(receive, send), handshake, transport="main")
 
 
 async def _reject(send: ASGISendCallable, status: int, code: str, message: str) -> None:

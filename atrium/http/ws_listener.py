@@ -7,7 +7,8 @@ a timeout), then wsproto's ``Connection`` for frames in, pings and the close han
 Text frames out are framed here and written straight to the socket (``try_send``), which
 is what makes fan-out cheap: no task switch, no queue and no wsproto per delivery. What
 it takes from wsproto, and the frames it writes itself, live in the seam
-``atrium.seams.wsproto_server``.
+``atrium.seams.wsproto_server``. Live documents (``/ws/documents/{room}``, binary frames)
+are served here too, by ``DocumentSessions``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Protocol
 import trio
 
 from ..core.failures import ContainedFailures
+from ..domain.document_sessions import DocumentHandshake
 from ..domain.realtime import ConnectionGone, Handshake
 from ..realtime.outbox import PARTIAL, REFUSED, SENT
 from ..seams.wsproto_server import (
@@ -41,6 +43,7 @@ from ..seams.wsproto_server import (
     RemoteProtocolError,
     Request,
     TextMessage,
+    binary_frame,
     text_frame,
 )
 from .json import error_body
@@ -66,6 +69,14 @@ class Sessions(Protocol):
 
     async def serve(
         self, conn: ListenerConnection, handshake: Handshake, *, transport: str
+    ) -> None: ...
+
+
+class DocumentServing(Protocol):
+    """Where the listener hands accepted document sockets: ``DocumentSessions``."""
+
+    async def serve(
+        self, conn: ListenerConnection, handshake: DocumentHandshake, *, transport: str
     ) -> None: ...
 
 
@@ -101,11 +112,11 @@ class ListenerConnection:
 
     # -- the opening handshake --------------------------------------------------------------
 
-    async def open(self) -> Handshake | None:
-        """Read the upgrade request and answer it: 101 for ``/ws/{project_id}[/{user_id}]``,
-        404 for any other path, 400 (or wsproto's hint) for a malformed request. Returns the
-        handshake of an accepted connection, else None (also on timeout or a peer that
-        left); the caller then closes it."""
+    async def open(self) -> Handshake | DocumentHandshake | None:
+        """Read the upgrade request and answer it: 101 for ``/ws/{project_id}[/{user_id}]``
+        and ``/ws/documents/{room}``, 404 for any other path, 400 (or wsproto's hint) for a
+        malformed request. Returns the handshake of an accepted connection, else None
+        (also on timeout or a peer that left); the caller then closes it."""
         shake = H11Handshake(ConnectionType.SERVER)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             while True:
@@ -125,9 +136,13 @@ class ListenerConnection:
                     return None
         return None
 
-    async def _answer(self, shake: H11Handshake, request: Request) -> Handshake | None:
+    async def _answer(
+        self, shake: H11Handshake, request: Request
+    ) -> Handshake | DocumentHandshake | None:
         path, _, query = request.target.partition("?")
-        handshake = Handshake.parse(path, query, request.extra_headers)
+        handshake: Handshake | DocumentHandshake | None = DocumentHandshake.parse(
+            path, query, request.extra_headers
+        ) or Handshake.parse(path, query, request.extra_headers)
         if handshake is None:
             headers = [
                 (b"content-type", b"application/json"),
@@ -228,6 +243,13 @@ class ListenerConnection:
                 raise ConnectionGone()
             await self._write_locked(text_frame(text))
 
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary frame, waiting for the socket. Raises ConnectionGone."""
+        async with self._gate:
+            if not self._writable:
+                raise ConnectionGone()
+            await self._write_locked(binary_frame(data))
+
     async def flush(self) -> None:
         """Send what a direct write left unsent. Raises ConnectionGone."""
         async with self._gate:
@@ -321,9 +343,15 @@ class ListenerConnection:
                 return b""
 
 
-async def _serve_connection(sessions: Sessions, sock: socket.socket, max_message_size: int) -> None:
+async def _serve_connection(
+    sessions: Sessions,
+    documents: DocumentServing | None,
+    sock: socket.socket,
+    max_message_size: int,
+) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
-    ``sessions.serve``. An exception never reaches the listener that serves everyone."""
+    ``sessions.serve`` (a document's in ``documents.serve``). An exception never reaches
+    the listener that serves everyone."""
     conn = ListenerConnection(sock, max_message_size=max_message_size)
     try:
         try:
@@ -333,7 +361,12 @@ async def _serve_connection(sessions: Sessions, sock: socket.socket, max_message
         except Exception as error:
             sessions.failures.record("connection", error, {"transport": "listener"})
             return
-        if handshake is not None:
+        if isinstance(handshake, DocumentHandshake):
+            if documents is None:
+                await conn.close(CloseReason.NORMAL_CLOSURE, "no_documents_here")
+            else:
+                await documents.serve(conn, handshake, transport="listener")
+        elif handshake is not None:
             await sessions.serve(conn, handshake, transport="listener")
     finally:
         await conn.aclose()
@@ -397,10 +430,12 @@ async def serve_listener(
     port: int,
     *,
     max_message_size: int,
+    documents: DocumentServing | None = None,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve workspaces on ``host:port`` until cancelled; ``started(port)`` once listening
+    """Serve workspaces (and, given ``documents``, live documents) on ``host:port`` until
+    cancelled; ``started(port)`` once listening
     (with port 0, the port of the first address ``host`` resolves to). ``reuse_port``:
     share the port with other processes (SO_REUSEPORT; ``run.py --workers``)."""
     listeners = await _listening_sockets(host, port, reuse_port)
@@ -409,7 +444,7 @@ async def serve_listener(
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
         async def handle(sock: socket.socket) -> None:
-            await _serve_connection(sessions, sock, max_message_size)
+            await _serve_connection(sessions, documents, sock, max_message_size)
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:

@@ -43,3 +43,20 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: Sequence[IP
         if not _trusted(address, trusted):
             break
     return str(current)
+
+
+def client_scheme(
+    peer: str, scheme: str, forwarded_proto: str | None, trusted: Sequence[IPNetwork]
+) -> str:
+    """The scheme (http or https) the client used, for URLs handed back to it.
+
+    ``scheme`` is what reached this server; behind a trusted proxy (the peer is in
+    TRUSTED_PROXIES) that terminated TLS, the proxy's ``X-Forwarded-Proto`` (its last
+    value: the hop nearest us) says what the client used. From any other peer the header
+    is ignored.
+    """
+    address = _address(peer)
+    if forwarded_proto is None or address is None or not _trusted(address, trusted):
+        return scheme
+    proto = forwarded_proto.split(",")[-1].strip().lower()
+    return proto if proto in ("http", "https") else scheme

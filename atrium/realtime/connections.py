@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .outbox import Outbox
 from .protocol import CloseCode
@@ -20,7 +21,7 @@ from .protocol import CloseCode
 class _User:
     """One user's open connections and their shared edit budget (a token bucket)."""
 
-    connections: set[Outbox] = field(default_factory=set)
+    connections: set[Outbox[Any]] = field(default_factory=set)
     edit_tokens: float = 0.0
     edit_tokens_at: float = 0.0
 
@@ -40,17 +41,19 @@ class ConnectionIndex:
         self.edits_per_second = edits_per_second
         self.edit_burst = edit_burst
         self._users: dict[uuid.UUID, _User] = {}
-        self._sessions: dict[uuid.UUID, set[Outbox]] = {}
-        self._of: dict[Outbox, tuple[uuid.UUID, uuid.UUID]] = {}  # -> (user, session)
+        self._sessions: dict[uuid.UUID, set[Outbox[Any]]] = {}
+        self._of: dict[Outbox[Any], tuple[uuid.UUID, uuid.UUID]] = {}  # -> (user, session)
 
     def __len__(self) -> int:
         return len(self._of)
 
-    def outboxes(self) -> Iterator[Outbox]:
+    def outboxes(self) -> Iterator[Outbox[Any]]:
         """The admitted connections' outboxes."""
         return iter(self._of)
 
-    def admit(self, outbox: Outbox, user_id: uuid.UUID, session_id: uuid.UUID, now: float) -> bool:
+    def admit(
+        self, outbox: Outbox[Any], user_id: uuid.UUID, session_id: uuid.UUID, now: float
+    ) -> bool:
         """Index a new connection; False (and nothing indexed) when its user already holds
         ``max_per_user`` connections. ``now`` is the trio clock."""
         user = self._users.get(user_id)
@@ -65,7 +68,7 @@ class ConnectionIndex:
         self._of[outbox] = (user_id, session_id)
         return True
 
-    def renew(self, outbox: Outbox, session_id: uuid.UUID) -> None:
+    def renew(self, outbox: Outbox[Any], session_id: uuid.UUID) -> None:
         """The connection now holds a token of ``session_id`` (a renewal over the socket,
         possibly from another login of the same user): revoking that session reaches it,
         revoking the old one no longer does."""
@@ -76,7 +79,7 @@ class ConnectionIndex:
         self._sessions.setdefault(session_id, set()).add(outbox)
         self._of[outbox] = (user_id, session_id)
 
-    def release(self, outbox: Outbox) -> None:
+    def release(self, outbox: Outbox[Any]) -> None:
         """Forget a connection that ended (no-op when it was never admitted)."""
         entry = self._of.pop(outbox, None)
         if entry is None:
@@ -88,7 +91,7 @@ class ConnectionIndex:
         if not user.connections:
             del self._users[user_id]
 
-    def _unlink_session(self, outbox: Outbox, session_id: uuid.UUID) -> None:
+    def _unlink_session(self, outbox: Outbox[Any], session_id: uuid.UUID) -> None:
         members = self._sessions[session_id]
         members.discard(outbox)
         if not members:

@@ -9,6 +9,7 @@ cursor instead of every step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import trio
 
@@ -19,9 +20,13 @@ REFUSED = 0  # nothing written: queue the frame
 SENT = 1  # the whole frame is in the kernel's socket buffer
 PARTIAL = 2  # part of it is: the send task owes the rest (``owed``), before anything else
 
+# A frame: text for a workspace (JSON), bytes for a live document (y-websocket).
+FrameT = TypeVar("FrameT", str, bytes)
 
-class Outbox:
-    """Frames waiting to be sent to one connection (serialised text, shared between them)."""
+
+class Outbox(Generic[FrameT]):
+    """Frames waiting to be sent to one connection (serialised once, shared between them):
+    ``Outbox[str]`` for a workspace's text frames, ``Outbox[bytes]`` for a document's."""
 
     __slots__ = (
         "_queue",
@@ -38,8 +43,8 @@ class Outbox:
     )
 
     def __init__(self, limit: int) -> None:
-        self._queue: list[str] = []
-        self._cursors: dict[object, str] = {}
+        self._queue: list[FrameT] = []
+        self._cursors: dict[object, FrameT] = {}
         self._limit = limit
         # The send task while it waits in ``wait`` (only it waits): a put reschedules it
         # directly, for less than a ParkingLot's unpark_all costs per delivery.
@@ -51,7 +56,7 @@ class Outbox:
         # A transport that can write without waiting sets this: while nothing is queued, a
         # frame goes straight to the socket from the workspace's task, skipping a task
         # switch and a queue per delivery. It returns REFUSED, SENT or PARTIAL.
-        self.direct: Callable[[str], int] | None = None
+        self.direct: Callable[[FrameT], int] | None = None
         self.owed = False
         # Frames sent (by the send task or ``direct``), and how many of them a metric has
         # counted: a plain int here, folded into the metric before each scrape and at the
@@ -66,7 +71,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue) + len(self._cursors)
 
-    def put(self, frame: str) -> bool:
+    def put(self, frame: FrameT) -> bool:
         """Queue a frame. At the limit the client is a slow consumer: the outbox closes
         itself (4008, nothing more is sent) and returns False."""
         if self.close_code is not None:
@@ -80,20 +85,20 @@ class Outbox:
         self._wake()
         return True
 
-    def put_unbounded(self, frames: list[str]) -> None:
+    def put_unbounded(self, frames: list[FrameT]) -> None:
         """Queue frames past the limit (a resume's replay: bounded by the caller)."""
         if self.close_code is None:
             self._queue.extend(frames)
             self._wake()
 
-    def put_cursor(self, key: object, frame: str) -> None:
+    def put_cursor(self, key: object, frame: FrameT) -> None:
         """Queue a cursor frame, replacing one from the same ``key`` not yet sent."""
         if self.close_code is None and not self._try_direct(frame):
             self._cursors.pop(key, None)
             self._cursors[key] = frame
             self._wake()
 
-    def _try_direct(self, frame: str) -> bool:
+    def _try_direct(self, frame: FrameT) -> bool:
         if self.direct is None or self._queue or self._cursors or self.owed:
             return False  # order: what is queued or owed goes first
         outcome = self.direct(frame)
@@ -120,7 +125,7 @@ class Outbox:
                 self.on_close(flush)
             self._wake()
 
-    def take(self) -> list[str]:
+    def take(self) -> list[FrameT]:
         """Everything queued now, oldest first (cursors last), leaving the outbox empty."""
         frames, self._queue = self._queue, []
         if self._cursors:

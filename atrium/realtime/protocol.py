@@ -48,6 +48,7 @@ class CloseCode(enum.IntEnum):
     TOO_MANY_CONNECTIONS = 4011  # the user holds WS_MAX_CONNECTIONS_PER_USER already
     DOCUMENT_TOO_LARGE = 4012  # the update would take a live document past DOC_MAX_BYTES
     DOCUMENT_DELETED = 4013  # the live document was deleted while connected
+    ROLE_CHANGED = 4014  # a live document's member got another role: reconnect for it
 
 
 @dataclass(frozen=True, slots=True)

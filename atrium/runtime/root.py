@@ -226,6 +226,7 @@ async def _run_ws_listener(
                 settings.host,
                 port,
                 max_message_size=settings.ws_max_message_bytes,
+                documents=database.value.document_sessions,
                 reuse_port=settings.reuse_port,
             )
         )

@@ -2,11 +2,11 @@
 
 Written against wsproto 1.3.2. Why: the listener (``atrium.http.ws_listener``) is a second
 WebSocket server, over sockets it owns, for high fan-out: wsproto parses the opening
-handshake and the frames that come in, but text frames going out are framed here
-(:func:`text_frame`) and written straight to the socket, with no wsproto call per
-delivery. That is sound only while wsproto negotiates no extension (the listener passes
-none to ``H11Handshake``/``Connection``, so a data frame is a header and the payload) and
-only as long as these frames match what wsproto itself would send.
+handshake and the frames that come in, but data frames going out are framed here
+(:func:`text_frame`, :func:`binary_frame`) and written straight to the socket, with no
+wsproto call per delivery. That is sound only while wsproto negotiates no extension (the
+listener passes none to ``H11Handshake``/``Connection``, so a data frame is a header and
+the payload) and only as long as these frames match what wsproto itself would send.
 
 Every wsproto name the listener uses is imported here, so this module is the one place an
 upgrade of wsproto has to be checked against. The listener relies on (checked by
@@ -56,16 +56,26 @@ __all__ = [
     "RemoteProtocolError",
     "Request",
     "TextMessage",
+    "binary_frame",
     "text_frame",
 ]
 
 
 def text_frame(text: str) -> bytes:
     """An unmasked, unfragmented WebSocket text frame (RFC 6455, server to client)."""
-    payload = text.encode()
+    return _frame(0x81, text.encode())
+
+
+def binary_frame(data: bytes) -> bytes:
+    """An unmasked, unfragmented WebSocket binary frame (RFC 6455, server to client)."""
+    return _frame(0x82, data)
+
+
+def _frame(first: int, payload: bytes) -> bytes:
+    """FIN and ``first``'s opcode, then the payload's length in 7, 16 or 64 bits."""
     size = len(payload)
     if size < 126:
-        return bytes((0x81, size)) + payload
+        return bytes((first, size)) + payload
     if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+        return bytes((first, 0x7E)) + size.to_bytes(2, "big") + payload
+    return bytes((first, 0x7F)) + size.to_bytes(8, "big") + payload

@@ -1,0 +1,490 @@
+"""Live document connections: tickets, and the y-websocket sockets they open.
+
+A client first asks REST for a ticket (``issue_ticket``: membership checked, the document
+found or created, a ticket signed for this user, login session, project and document),
+then opens ``/ws/documents/{room}?ticket=...`` on either transport. ``serve`` runs that
+socket as a ``_DocumentConnection``: origin, ticket (against the URL's room), the login
+session and the membership checked again in PostgreSQL (a ticket lives DOC_TICKET_SECONDS:
+a member removed since is refused), then ``Attach`` to the document's actor, a receive
+loop that hands each binary y-websocket message to the actor (``Incoming``), and a send
+task that drains the connection's bounded ``Outbox[bytes]`` (a client that falls behind is
+closed with 4008). ``Detach`` on the way out. The failure boundary is ``Realtime.serve``'s:
+an unexpected exception ends that connection alone with 1011.
+
+Sockets are indexed in ``Realtime.connections`` beside the workspace sockets, so a user's
+connection bound covers both and revoking a login session (logout) closes both. Each
+project's committed events pass through ``publish``: a member removed (4005) or whose role
+changed (4014, reconnect to get the new role) is closed at once, as is every socket of a
+deleted project (4006).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import parse_qsl
+
+import trio
+
+from ..actors import ActorStopped, AskTimeout
+from ..actors.document import Attach, Detach, DocumentActor, Incoming, Peer
+from ..core.config import Settings
+from ..core.events import Event, EventType
+from ..core.failures import ContainedFailures
+from ..core.logs import bind, log_context
+from ..core.metrics import Metrics
+from ..core.roles import Role
+from ..identity.tickets import Ticket, TicketCodec
+from ..identity.tokens import TokenError
+from ..persistence import accounts, projects
+from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.documents import DocumentNotFound
+from ..realtime.outbox import Outbox
+from ..realtime.protocol import CloseCode
+from .documents import Documents
+from .realtime import ConnectionGone, Realtime, origin_allowed
+
+log = logging.getLogger("atrium.documents")
+
+_CLOSE_TIMEOUT = 2.0
+_DOCUMENTS_PATH = "/ws/documents/"
+
+
+class BinaryConnection(Protocol):
+    """What a transport gives a document connection: messages in, binary frames out."""
+
+    async def receive(self) -> str | bytes:
+        """The next message. Raises ConnectionGone."""
+        ...
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary frame. Raises ConnectionGone."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` (best effort; never raises)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentHandshake:
+    """What a client asked for at ``/ws/documents/{room}?ticket=...``."""
+
+    room: str
+    ticket: str
+    headers: Mapping[str, str]
+
+    @classmethod
+    def parse(
+        cls, path: str, query: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> DocumentHandshake | None:
+        """The handshake of a request for ``/ws/documents/{room}``, else None."""
+        if not path.startswith(_DOCUMENTS_PATH):
+            return None
+        room = path[len(_DOCUMENTS_PATH) :]
+        if not room or "/" in room:
+            return None
+        wanted = {
+            name: value.decode("latin-1")
+            for raw, value in headers
+            if (name := raw.decode("latin-1").lower()) in ("origin", "host")
+        }
+        ticket = dict(parse_qsl(query)).get("ticket", "")
+        return cls(room[:64], ticket, wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentConnectionSettings:
+    """Limits of each document connection: ``max_message_bytes`` per message (1009 over
+    it), ``updates_per_second`` (bursts of twice that) across one user's document
+    connections (4010 over it), ``send_queue`` frames waiting (4008 over it)."""
+
+    max_message_bytes: int
+    updates_per_second: float
+    send_queue: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> DocumentConnectionSettings:
+        """From a process's settings: a message holds at most one update of
+        DOC_MAX_UPDATE_BYTES and its few bytes of framing."""
+        return cls(
+            max_message_bytes=settings.doc_max_update_bytes + 16,
+            updates_per_second=settings.doc_updates_per_second,
+            send_queue=settings.ws_send_queue,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTicket:
+    """A signed ticket, the room it opens and how long it may open connections."""
+
+    ticket: str
+    room: str
+    expires_in: int
+
+
+class NotAMember(Exception):
+    """No such project, or the user is not a member of it (answer 404)."""
+
+
+class _RefusedConnection(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Rate:
+    """One user's document message budget (a token bucket) and how many sockets share it."""
+
+    tokens: float
+    at: float
+    sockets: int = 0
+
+
+class DocumentSessions:
+    """Issues document tickets and serves document sockets for one process."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        tickets: TicketCodec,
+        documents: Documents,
+        realtime: Realtime,
+        settings: DocumentConnectionSettings,
+        failures: ContainedFailures | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.db = db
+        self.tickets = tickets
+        self.documents = documents
+        self.realtime = realtime
+        self.settings = settings
+        self.failures = failures or realtime.failures
+        self.metrics = metrics or realtime.metrics
+        self._rates: dict[uuid.UUID, _Rate] = {}
+        self._open: dict[uuid.UUID, set[_DocumentConnection]] = {}  # by project
+
+    async def issue_ticket(
+        self, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID, path: str
+    ) -> IssuedTicket:
+        """A ticket for ``user_id`` (signed in with ``session_id``) to open the document at
+        ``path`` in ``project_id``, which is found or created. Any member may have one.
+        Raises NotAMember; DatabaseUnavailable."""
+        if await projects.member_role(self.db, project_id, user_id) is None:
+            raise NotAMember()
+        try:
+            ref = await self.documents.open(project_id, path, user_id)
+        except DocumentNotFound:  # the project was deleted meanwhile
+            raise NotAMember() from None
+        ticket, _ = self.tickets.issue(
+            user_id=user_id, session_id=session_id, project_id=project_id, document_id=ref.id
+        )
+        return IssuedTicket(ticket, ref.id.hex, self.tickets.ttl_seconds)
+
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        """Committed events of ``project_id``: close the sockets of a member removed
+        (4005), of a member whose role changed (4014: a reconnect gets the new role), or
+        all of a deleted project's (4006)."""
+        connections = self._open.get(project_id)
+        if not connections:
+            return
+        for event in events:
+            if event.type is EventType.PROJECT_DELETED:
+                for connection in list(connections):
+                    connection.outbox.close(
+                        CloseCode.PROJECT_DELETED, "project_deleted", flush=False
+                    )
+            elif event.type in (EventType.MEMBER_REMOVED, EventType.MEMBER_ROLE_CHANGED):
+                removed = event.type is EventType.MEMBER_REMOVED
+                user_id = str(event.payload.get("user_id"))
+                for connection in list(connections):
+                    if str(connection.user_id) == user_id:
+                        if removed:
+                            connection.outbox.close(
+                                CloseCode.MEMBER_REMOVED, "member_removed", flush=False
+                            )
+                        else:
+                            connection.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
+
+    async def serve(
+        self, conn: BinaryConnection, handshake: DocumentHandshake, *, transport: str
+    ) -> None:
+        """Run one accepted document socket until it ends; closes it with a documented
+        code. Its failure boundary: an unexpected exception ends this connection alone
+        with 1011, logged once and counted in ``failures``. Never raises an Exception."""
+        metrics = self.metrics
+        gauge = metrics.ws_open_by_transport.get(transport) or metrics.ws_open.labels(transport)
+        gauge.inc()
+        connection = _DocumentConnection(self, conn, handshake)
+        try:
+            with log_context(connection_id=uuid.uuid4().hex[:16], transport=transport):
+                try:
+                    await connection.run()
+                except* Exception as group:
+                    self.failures.record("connection", group, connection.context(transport))
+                    await connection.fail()
+                log.debug("document connection ended")
+        finally:
+            gauge.dec()
+            if not connection.closed:
+                metrics.ws_closes.labels("peer").inc()
+
+    # -- bookkeeping for connections ---------------------------------------------------------
+
+    def _enter(self, connection: _DocumentConnection, project_id: uuid.UUID) -> None:
+        self._open.setdefault(project_id, set()).add(connection)
+        rate = self._rates.get(connection.user_id)
+        if rate is None:
+            burst = 2 * self.settings.updates_per_second
+            rate = self._rates[connection.user_id] = _Rate(burst, trio.current_time())
+        rate.sockets += 1
+
+    def _leave(self, connection: _DocumentConnection, project_id: uuid.UUID) -> None:
+        connections = self._open.get(project_id)
+        if connections is not None:
+            connections.discard(connection)
+            if not connections:
+                del self._open[project_id]
+        rate = self._rates.get(connection.user_id)
+        if rate is not None:
+            rate.sockets -= 1
+            if rate.sockets <= 0:
+                del self._rates[connection.user_id]
+
+    def _allow(self, user_id: uuid.UUID) -> bool:
+        """Spend one of the user's message tokens; False when they have none left."""
+        rate = self._rates[user_id]
+        now = trio.current_time()
+        per_second = self.settings.updates_per_second
+        rate.tokens = min(2 * per_second, rate.tokens + (now - rate.at) * per_second)
+        rate.at = now
+        if rate.tokens < 1:
+            return False
+        rate.tokens -= 1
+        return True
+
+
+class _DocumentConnection:
+    """One WebSocket to one document: open (origin, ticket, session, membership, Attach),
+    then a receive loop into the actor and a send task out of its ``Outbox``."""
+
+    __slots__ = (
+        "sessions",
+        "conn",
+        "handshake",
+        "outbox",
+        "ticket",
+        "user_id",
+        "actor",
+        "peer",
+        "_entered",
+        "_sending",
+        "closed",
+    )
+
+    def __init__(
+        self, sessions: DocumentSessions, conn: BinaryConnection, handshake: DocumentHandshake
+    ) -> None:
+        self.sessions = sessions
+        self.conn = conn
+        self.handshake = handshake
+        self.outbox: Outbox[bytes] = Outbox(sessions.settings.send_queue)
+        self.ticket: Ticket | None = None
+        self.user_id = uuid.UUID(int=0)
+        self.actor: DocumentActor | None = None
+        self.peer: Peer | None = None
+        self._entered = False
+        self._sending = trio.CancelScope()
+        self.closed = False
+        self.outbox.on_close = self._closing
+
+    def context(self, transport: str) -> dict[str, object]:
+        ticket = self.ticket
+        return {
+            "transport": transport,
+            "room": self.handshake.room,
+            "user_id": None if ticket is None else str(ticket.user_id),
+        }
+
+    async def run(self) -> None:
+        index = self.sessions.realtime.connections
+        try:
+            try:
+                await self._open()
+            except _RefusedConnection as refusal:
+                await self._close(refusal.code, refusal.reason)
+                return
+            except DatabaseUnavailable as error:
+                log.warning("refused a document connection: %s", error)
+                await self._close(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
+                return
+            except ConnectionGone:
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                await self._receive_loop(nursery.cancel_scope)
+        finally:
+            index.release(self.outbox)
+            if self._entered and self.ticket is not None:
+                self.sessions._leave(self, self.ticket.project_id)
+            await self._detach()
+
+    async def fail(self) -> None:
+        """End the connection after an unexpected exception: 1011, best effort."""
+        try:
+            await self._close(CloseCode.INTERNAL_ERROR, "internal_error")
+        except Exception:
+            log.debug("closing a failed document connection failed too", exc_info=True)
+
+    async def _open(self) -> None:
+        sessions, hs = self.sessions, self.handshake
+        realtime = sessions.realtime
+        origin = hs.headers.get("origin")
+        if origin and not origin_allowed(origin, hs.headers.get("host"), realtime.allowed_origins):
+            raise _RefusedConnection(CloseCode.FORBIDDEN, "origin_not_allowed")
+        if not hs.ticket:
+            raise _RefusedConnection(CloseCode.UNAUTHORIZED, "ticket_missing")
+        try:
+            ticket = sessions.tickets.verify(hs.ticket)
+        except TokenError as error:
+            raise _RefusedConnection(CloseCode.UNAUTHORIZED, error.code) from None
+        if ticket.document_id.hex != hs.room:
+            raise _RefusedConnection(CloseCode.FORBIDDEN, "ticket_not_for_this_document")
+        self.ticket, self.user_id = ticket, ticket.user_id
+        bind(user_id=str(ticket.user_id), project_id=str(ticket.project_id))
+        # Indexed before the session is checked, so a logout committed after the check
+        # still reaches this socket.
+        if not realtime.connections.admit(
+            self.outbox, ticket.user_id, ticket.session_id, trio.current_time()
+        ):
+            raise _RefusedConnection(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
+        user = await accounts.find_session_user(sessions.db, ticket.user_id, ticket.session_id)
+        if user is None:
+            raise _RefusedConnection(CloseCode.UNAUTHORIZED, "session_revoked")
+        # Entered before the role is read, so a removal committed after the read still
+        # reaches this socket (``DocumentSessions.publish``).
+        sessions._enter(self, ticket.project_id)
+        self._entered = True
+        role = await projects.member_role(sessions.db, ticket.project_id, ticket.user_id)
+        if role is None:
+            raise _RefusedConnection(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
+        if self.outbox.closing:  # revoked or removed while it was being checked
+            raise _RefusedConnection(
+                self.outbox.close_code or CloseCode.UNAUTHORIZED, self.outbox.close_reason
+            )
+        self.peer = Peer(
+            user_id=ticket.user_id,
+            email=user.email,
+            can_edit=role is not Role.VIEWER,
+            deliver=self._deliver,
+            close=self._close_later,
+        )
+        try:
+            self.actor = await sessions.documents.get(ticket.document_id)
+            await self.actor.ask(Attach(self.peer), timeout=10.0)
+        except DocumentNotFound:
+            raise _RefusedConnection(CloseCode.PROJECT_NOT_FOUND, "document_not_found") from None
+        except ActorStopped:
+            self.actor = None
+            raise _RefusedConnection(CloseCode.SERVICE_RESTART, "document_restarting") from None
+        except AskTimeout:
+            # The Attach may yet be handled: keep the actor, so the Detach follows it.
+            raise _RefusedConnection(CloseCode.SERVICE_RESTART, "document_restarting") from None
+        log.info("opened document %s as %s", ticket.document_id, Role(role).value)
+
+    def _deliver(self, frame: bytes) -> None:
+        self.outbox.put(frame)  # a full outbox closes itself (4008)
+
+    def _close_later(self, code: int, reason: str) -> None:
+        self.outbox.close(code, reason)
+
+    async def _send_loop(self, scope: trio.CancelScope) -> None:
+        outbox, conn = self.outbox, self.conn
+        count = self.sessions.metrics.ws_frames_out.inc
+        try:
+            with self._sending:
+                while True:
+                    await outbox.wait()
+                    frames = outbox.take()
+                    if frames:
+                        for frame in frames:
+                            await conn.send_bytes(frame)
+                        count(len(frames))
+                        del frames
+                    elif outbox.closing:
+                        break
+        except ConnectionGone:
+            scope.cancel()
+            return
+        assert outbox.close_code is not None
+        await self._close(outbox.close_code, outbox.close_reason)
+        scope.cancel()
+
+    def _closing(self, flush: bool) -> None:
+        if flush:
+            self._sending.deadline = min(
+                self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
+            )
+        else:
+            self._sending.cancel()
+
+    async def _receive_loop(self, scope: trio.CancelScope) -> None:
+        sessions = self.sessions
+        limit = sessions.settings.max_message_bytes
+        count_in = sessions.metrics.ws_frames_in.inc
+        actor, peer = self.actor, self.peer
+        assert actor is not None and peer is not None
+        try:
+            while True:
+                raw = await self.conn.receive()
+                count_in()
+                if self.outbox.closing:
+                    continue  # closing: nothing more it sends is acted on
+                if isinstance(raw, str):
+                    self.outbox.close(CloseCode.BAD_REQUEST, "binary_frames_only", flush=False)
+                    continue
+                if len(raw) > limit:
+                    self.outbox.close(CloseCode.MESSAGE_TOO_BIG, "message_too_big", flush=False)
+                    continue
+                if not sessions._allow(peer.user_id):
+                    # The client's provider reconnects and resyncs: nothing it typed is lost.
+                    self.outbox.close(CloseCode.RATE_LIMITED, "rate_limited", flush=False)
+                    continue
+                try:
+                    await actor.tell(Incoming(peer, raw))
+                except ActorStopped:
+                    self.outbox.close(CloseCode.SERVICE_RESTART, "document_restarted")
+        except ConnectionGone:
+            scope.cancel()
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            metrics = self.sessions.metrics
+            metrics.ws_closes.labels(str(code)).inc()
+            if code == CloseCode.SLOW_CONSUMER:
+                metrics.ws_slow_consumers.inc()
+        log.info("closing the document connection: %d %s", code, reason)
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            await self.conn.close(code, reason)
+
+    async def _detach(self) -> None:
+        if self.actor is None or self.peer is None:
+            return
+        with trio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            try:
+                await self.actor.tell(Detach(self.peer))
+            except ActorStopped:
+                pass
+
+
+def document_url(scheme: str, host: str) -> str:
+    """The URL a ``WebsocketProvider`` is given for documents served at ``host``: ws for
+    http, wss for https (the room follows it)."""
+    return f"{'wss' if scheme == 'https' else 'ws'}://{host}{_DOCUMENTS_PATH.rstrip('/')}"
