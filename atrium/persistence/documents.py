@@ -141,6 +141,14 @@ async def find_document(db: Database, document_id: uuid.UUID) -> DocumentRow | N
     return None if record is None else _row(record)
 
 
+async def find_document_at(db: Database, project_id: uuid.UUID, path: str) -> DocumentRow | None:
+    """The project's document at ``path``, or None."""
+    record = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1 AND path = $2", project_id, path
+    )
+    return None if record is None else _row(record)
+
+
 async def list_documents(db: Database, project_id: uuid.UUID) -> list[DocumentRow]:
     """The project's documents, by path."""
     records = await db.fetch(
