@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Running, StartServer
+from docclient import DocClient, settle
 from playwright.sync_api import Browser, Request, expect
 from test_browser import Chromium as Chromium
 from test_browser import RunPy, chromium, need_chromium, new_tab, screenshot, signup
@@ -25,6 +27,7 @@ __all__ = ["chromium"]  # the module's browser (a fixture of test_browser)
 OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
 ENDPOINTS = [
     ("GET", "/ops/workspaces"),
+    ("GET", "/ops/documents"),
     ("GET", "/ops/jobs"),
     ("GET", "/ops/metrics"),
     ("POST", "/ops/jobs/job_00000000-0000-0000-0000-000000000000/retry"),
@@ -93,6 +96,39 @@ async def test_workspaces_list_their_connections_and_users(ops_server: Running) 
         assert users["viewer@example.com"]["connections"] == 2
         assert users["viewer@example.com"]["user_id"] == team.viewer.user_id
     r = await client.get("/ops/workspaces?limit=0", headers=OPERATOR)
+    assert r.status_code == 422
+
+
+async def test_documents_list_their_peers_and_show_in_the_tree(ops_server: Running) -> None:
+    team = await make_team(ops_server, "main")
+    client = ops_server.client
+    r = await client.get("/ops/documents", headers=OPERATOR)
+    assert r.json() == {"total": 0, "peers": 0, "documents": []}
+    assert ops_server.bound.services is not None
+    documents = ops_server.bound.services.value.documents
+    ref = await documents.open(uuid.UUID(team.project_id), "/notes.md")
+    owner, viewer = uuid.UUID(team.owner.user_id), uuid.UUID(team.viewer.user_id)
+    a = DocClient(await documents.get(ref.id), owner, team.owner.email)
+    b = DocClient(await documents.get(ref.id), viewer, team.viewer.email, can_edit=False)
+    second_tab = DocClient(await documents.get(ref.id), viewer, team.viewer.email)
+    for peer in (a, b, second_tab):
+        await peer.connect()
+    a.type(0, "hello")
+    await settle(a, b, second_tab)
+    r = await client.get("/ops/documents", headers=OPERATOR)
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["total"], body["peers"]) == (1, 3)
+    [document] = body["documents"]
+    assert document["document_id"] == str(ref.id) and document["path"] == "/notes.md"
+    assert document["project_id"] == team.project_id
+    assert (document["users"], document["seq"], document["updates_applied"]) == (2, 1, 1)
+    assert document["stored_bytes"] > 0 and document["mailbox_depth"] == 0
+    r = await client.get("/health/supervisor", headers=OPERATOR)
+    tree = {c["name"]: c for c in r.json()["supervisor"]["children"]}
+    live = tree["documents"]["supervisor"]["children"]
+    assert [(c["name"], c["state"]) for c in live] == [(f"document:{ref.id}", "running")]
+    r = await client.get("/ops/documents?limit=0", headers=OPERATOR)
     assert r.status_code == 422
 
 
@@ -212,6 +248,8 @@ def console_live(browser: Browser, server: RunPy) -> None:
     expect(page.locator("#status")).to_have_attribute("data-state", "live")
     expect(page.locator("#tree li[data-child='workspaces']")).to_contain_text("running")
     expect(page.locator("#workspaces-empty")).to_be_visible()
+    expect(page.locator("#tree li[data-child='documents']")).to_contain_text("running")
+    expect(page.locator("#documents-empty")).to_be_visible()
 
     # A client joins the project: its workspace appears, with who is connected.
     client_page = new_tab(browser, server).page

@@ -64,9 +64,7 @@ class Setup:
         return client
 
 
-async def open_setup(
-    db: Database, nursery: trio.Nursery, settings: DocumentSettings
-) -> Setup:
+async def open_setup(db: Database, nursery: trio.Nursery, settings: DocumentSettings) -> Setup:
     owner = await add_user(db, "owner@example.com")
     editor = await add_user(db, "editor@example.com")
     viewer = await add_user(db, "viewer@example.com")
@@ -453,3 +451,45 @@ async def test_an_idle_document_stops_and_the_next_get_loads_it(
     again = await setup.actor()
     assert again is not actor and await again.ask(ReadText()) == "idle"
     assert setup.documents.overview(10)[0] == 1
+
+
+async def test_replace_text_counts_characters_not_bytes(setup: Setup) -> None:
+    a = await setup.client()
+    a.type(0, "héllo wörld 😀")
+    await settle(a)
+    actor = await setup.actor()
+    await actor.ask(ReplaceText("héllo, wörld 😀!", setup.owner))
+    await settle(a)
+    assert str(a.text) == await actor.ask(ReadText()) == "héllo, wörld 😀!"
+    await actor.ask(ReplaceText("", setup.owner))
+    await settle(a)
+    assert str(a.text) == ""
+
+
+class PanicException(BaseException):
+    """What pyo3 raises when Yrs panics (its name is what atrium recognises)."""
+
+
+async def test_a_yrs_panic_refuses_the_peer_and_reloads_the_document(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    a.type(0, "safe")
+    await settle(a, b)
+    actor = await setup.actor()
+    real = pycrdt.Doc.apply_update
+
+    def panic(self: pycrdt.Doc[Any], update: bytes) -> None:
+        real(self, update)  # applied, then Yrs gives up: the document is not to be trusted
+        raise PanicException("index out of bounds")
+
+    monkeypatch.setattr(pycrdt.Doc, "apply_update", panic)
+    b.type(0, "boom ")
+    await settle(a, b)
+    monkeypatch.undo()
+    assert b.closed == (1007, "malformed_message")
+    assert a.closed == (1012, "document_restarted")
+    assert str(a.text) == "safe"
+    reloaded = await setup.actor()
+    assert reloaded is not actor and await reloaded.ask(ReadText()) == "safe"

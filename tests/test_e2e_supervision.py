@@ -65,6 +65,7 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
             "ws_listener",
             "jobs",
             "workspaces",
+            "documents",
             "metrics",
         ]
         assert all(c["state"] == "running" for c in tree["children"])
@@ -81,6 +82,8 @@ async def test_supervisor_tree_is_served_to_operators(start_server: StartServer)
         ]
         assert child(tree, "workspaces")["kind"] == "supervisor"
         assert child(tree, "workspaces")["supervisor"]["children"] == []
+        assert child(tree, "documents")["kind"] == "supervisor"
+        assert child(tree, "documents")["supervisor"]["children"] == []
 
 
 async def test_operator_endpoint_is_closed_without_a_configured_token(
@@ -130,9 +133,10 @@ async def test_crash_loop_escalates_and_the_tree_recovers(
         assert r.status_code == 503
         assert r.json()["checks"] == {
             "database": {"ok": True},
-            # rest_for_one: the metrics listener, started after the workspaces, restarts
-            # too; the jobs subtree, started before them, keeps running its jobs.
-            "supervision": {"ok": False, "down": ["workspaces", "metrics"]},
+            # rest_for_one: the documents and the metrics listener, started after the
+            # workspaces, restart too; the jobs subtree, started before them, keeps
+            # running its jobs.
+            "supervision": {"ok": False, "down": ["workspaces", "documents", "metrics"]},
         }
         tree = (await c.get("/health/supervisor", headers=ADMIN)).json()["supervisor"]
         assert tree["healthy"] is False

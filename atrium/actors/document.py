@@ -269,16 +269,20 @@ class DocumentActor(Actor[Message, Any]):
         try:
             return await self._handle(message)
         except _Tainted as tainted:
+            # Closed and stopped, not crashed: an outage or a deleted document spends
+            # none of the supervisor's restart budget. The next get loads it again.
             self._tainted = True
             cause = tainted.__cause__
             if isinstance(cause, DocumentNotFound):
                 self._close_all(CloseCode.DOCUMENT_DELETED, "document_deleted")
-            else:
+            elif isinstance(cause, DatabaseUnavailable):
                 self._close_all(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
+            else:
+                self._close_all(CloseCode.SERVICE_RESTART, "document_restarted")
             self.request_stop()
             if isinstance(cause, DatabaseUnavailable | DocumentNotFound):
                 raise cause from None
-            raise
+            raise ActorStopped(f"{self!r} is reloading") from None
 
     async def _handle(self, message: Message) -> Any:
         if self._tainted:
@@ -406,10 +410,15 @@ class DocumentActor(Actor[Message, Any]):
             return
         self._captured.clear()
         try:
-            self._doc.apply_update(update)
-        except ValueError:
+            yjs.apply_update(self._doc, update)
+        except yjs.MalformedMessage:
             self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
             return
+        except yjs.YrsPanic as panic:
+            # Yrs gave up half way: what the document holds now is not to be trusted.
+            log.warning("%r: an update made Yrs panic: %s", self, panic)
+            self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
+            raise _Tainted() from panic
         for changed in self._captured:
             batch.append((peer, changed))
         self._captured.clear()
@@ -521,12 +530,16 @@ class DocumentActor(Actor[Message, Any]):
         size = len(new[start:end_new].encode())
         if self._stored_bytes + size > self._settings.max_document_bytes:
             raise DocumentTooLarge()
+        # pycrdt's Text counts UTF-8 bytes (Yjs clients count UTF-16 units; the update
+        # itself carries no offsets, so each side keeps its own).
+        at = len(current[:start].encode())
+        removed = len(current[start:end_old].encode())
         self._captured.clear()
         with self._doc.transaction():
-            if end_old > start:
-                del self._text[start:end_old]
+            if removed:
+                del self._text[at : at + removed]
             if end_new > start:
-                self._text.insert(start, new[start:end_new])
+                self._text.insert(at, new[start:end_new])
         changed = list(self._captured)
         self._captured.clear()
         if not changed:

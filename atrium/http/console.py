@@ -21,6 +21,7 @@ from ..core.metrics import COMPLETED_WINDOW
 from ..persistence import jobs as store
 from ..persistence.jobs import JobError
 from .console_schemas import (
+    DocumentsResponse,
     MetricsSummaryResponse,
     OpsJobsResponse,
     OpsListQuery,
@@ -66,6 +67,23 @@ async def workspaces(query_args: OpsListQuery) -> Response:
         WorkspacesResponse.model_validate(
             {"total": total, "connections": connections, "workspaces": shown}
         )
+    )
+
+
+@blueprint.get("/ops/documents")
+@tag(["ops"])
+@security_scheme([{"bearer": []}])
+@document_response(DocumentsResponse, 200)
+@error_responses(*_OPERATOR, 422)
+@validate_querystring(OpsListQuery)
+async def documents(query_args: OpsListQuery) -> Response:
+    """The live documents open in this process, the most connected first (at most
+    ``limit``): each with its peers, its last seq and snapshot seq, and the bytes it
+    stores. Operator token."""
+    require_operator()
+    total, peers, shown = services().documents.overview(query_args.limit)
+    return respond(
+        DocumentsResponse.model_validate({"total": total, "peers": peers, "documents": shown})
     )
 
 

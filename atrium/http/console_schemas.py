@@ -32,6 +32,25 @@ class WorkspacesResponse(BaseModel):
     workspaces: list[WorkspaceOverview] = Field(description="The most connected first")
 
 
+class DocumentOverview(BaseModel):
+    document_id: UUID
+    project_id: UUID
+    path: str
+    peers: int = Field(description="Connections to this document here")
+    users: int = Field(description="Distinct users among them")
+    seq: int = Field(description="The seq of the document's last stored update")
+    snapshot_seq: int = Field(description="The seq its latest snapshot holds updates up to")
+    stored_bytes: int = Field(description="Bytes stored: the snapshot plus the updates after it")
+    updates_applied: int = Field(description="Updates stored since the actor started")
+    mailbox_depth: int
+
+
+class DocumentsResponse(BaseModel):
+    total: int = Field(description="Live documents open in this process")
+    peers: int = Field(description="Connections to them, all together")
+    documents: list[DocumentOverview] = Field(description="The most connected first")
+
+
 class OpsListQuery(BaseModel):
     limit: int = Field(default=100, ge=1, le=500)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-from pycrdt import YMessageType, YSyncMessageType, write_var_uint
+from pycrdt import Doc, YMessageType, YSyncMessageType, write_var_uint
 
 # Yjs client ids are 32-bit and clocks fit in 53 bits (a JavaScript number): a varuint
 # never needs more than 8 bytes for them; a longer one is garbage, not a big number.
@@ -31,6 +31,25 @@ class MalformedMessage(ValueError):
     """The bytes are not a y-websocket message (or not one this server reads)."""
 
     code = "malformed_message"
+
+
+class YrsPanic(RuntimeError):
+    """Yrs (pycrdt's Rust core) panicked while applying an update: the document it was
+    applied to may hold part of it."""
+
+
+def apply_update(doc: Doc[Any], update: bytes) -> None:
+    """Apply a client's Yjs update to ``doc``. Raises MalformedMessage for bytes that are
+    not an update (nothing applied), YrsPanic if Yrs panicked (pyo3 raises its panics as
+    a BaseException, which must not unwind an actor as if it were a cancellation)."""
+    try:
+        doc.apply_update(update)
+    except ValueError as error:
+        raise MalformedMessage(str(error)) from None
+    except BaseException as error:
+        if type(error).__name__ != "PanicException":
+            raise
+        raise YrsPanic(str(error)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +233,8 @@ __all__ = [
     "SyncStep2",
     "SyncUpdate",
     "YMessage",
+    "YrsPanic",
+    "apply_update",
     "awareness_message",
     "encode_awareness",
     "parse_awareness",

@@ -64,9 +64,10 @@ function askForToken(message) {
 async function poll() {
   clearTimeout(timer);
   try {
-    const [tree, workspaces, jobs, metrics] = await Promise.all([
+    const [tree, workspaces, documents, jobs, metrics] = await Promise.all([
       call("/health/supervisor"),
       call("/ops/workspaces"),
+      call("/ops/documents"),
       call("/ops/jobs"),
       call("/ops/metrics"),
     ]);
@@ -76,6 +77,7 @@ async function poll() {
     renderMetrics(metrics);
     renderJobs(jobs);
     renderWorkspaces(workspaces);
+    renderDocuments(documents);
     renderTree(tree);
     setStatus("live", `live · ${new Date().toLocaleTimeString()}`);
   } catch (error) {
@@ -178,6 +180,31 @@ async function retryJob(jobId, button) {
     button.disabled = false;
   }
   poll();
+}
+
+// -- live documents -------------------------------------------------------------------------
+
+function renderDocuments(body) {
+  const plural = body.peers === 1 ? "" : "s";
+  $("document-total").textContent = `(${body.total} open, ${body.peers} connection${plural})`;
+  $("documents-empty").hidden = body.total > 0;
+  $("documents").hidden = body.total === 0;
+  $("documents").tBodies[0].replaceChildren(
+    ...body.documents.map((d) =>
+      el(
+        "tr",
+        { "data-document-id": d.document_id },
+        el("td", { className: "id" }, d.document_id),
+        el("td", { className: "id" }, d.project_id),
+        el("td", {}, d.path),
+        el("td", { className: "num" }, `${d.peers} (${d.users} user${d.users === 1 ? "" : "s"})`),
+        el("td", { className: "num" }, d.seq),
+        el("td", { className: "num" }, d.snapshot_seq),
+        el("td", { className: "num" }, `${d.stored_bytes} B`),
+        el("td", { className: "num" }, d.mailbox_depth),
+      ),
+    ),
+  );
 }
 
 // -- workspaces -----------------------------------------------------------------------------
