@@ -16,6 +16,7 @@ from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
 from atrium.identity.tickets import TicketCodec
+from atrium.persistence.database import Database
 from atrium.realtime import yjs
 
 CAP = 10.0
@@ -270,3 +271,44 @@ async def test_an_origin_not_allowed_is_refused(main_team: Team) -> None:
         doc_url(team, issued["room"], issued["ticket"]), origin="https://evil.example"
     ) as c:
         assert await c.closed() == (4003, "origin_not_allowed")
+
+
+async def test_a_removal_this_process_did_not_hear_of_is_found_by_the_recheck(
+    start_server: StartServer, db: Database
+) -> None:
+    # As if another process had removed the member: the row goes, no event reaches here.
+    async with start_server(DOC_TICKET_SECONDS="2") as server:
+        team = await make_team(server, "main")
+        issued = await get_ticket(team, team.collaborator)
+        async with connect(doc_url(team, issued["room"], issued["ticket"])) as client:
+            assert isinstance(await first_message(client), yjs.SyncStep1)
+            await db.execute(
+                "DELETE FROM project_members WHERE project_id = $1 AND user_id = $2",
+                uuid.UUID(team.project_id),
+                uuid.UUID(team.collaborator.user_id),
+            )
+            assert await client.closed() == (4005, "member_removed")
+
+
+async def test_an_unexpected_error_ends_that_connection_alone(
+    main_team: Team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    team = main_team
+    issued = await get_ticket(team, team.collaborator)
+    services = team.server.bound.services
+    assert services is not None
+    sessions = services.value.document_sessions
+    before = sessions.failures.counts().get("connection", 0)
+
+    async def broken(document_id: uuid.UUID) -> object:
+        raise RuntimeError("a bug in the registry")
+
+    monkeypatch.setattr(sessions.documents, "get", broken)
+    assert await refused(doc_url(team, issued["room"], issued["ticket"])) == (
+        1011,
+        "internal_error",
+    )
+    monkeypatch.undo()
+    async with connect(doc_url(team, issued["room"], issued["ticket"])) as client:
+        assert isinstance(await first_message(client), yjs.SyncStep1)
+    assert sessions.failures.counts().get("connection", 0) == before + 1

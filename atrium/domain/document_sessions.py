@@ -15,7 +15,9 @@ Sockets are indexed in ``Realtime.connections`` beside the workspace sockets, so
 connection bound covers both and revoking a login session (logout) closes both. Each
 project's committed events pass through ``publish``: a member removed (4005) or whose role
 changed (4014, reconnect to get the new role) is closed at once, as is every socket of a
-deleted project (4006).
+deleted project (4006). Each open socket also checks its session and membership again
+every DOC_TICKET_SECONDS, which bounds how long a change committed by another process
+(which this one does not hear of) goes unnoticed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ from .documents import Documents
 from .realtime import ConnectionGone, Realtime, origin_allowed
 
 log = logging.getLogger("atrium.documents")
+
+# Users whose message budget is remembered with no socket open, before refilled ones are
+# forgotten.
+_KEPT_RATES = 4096
 
 _CLOSE_TIMEOUT = 2.0
 _DOCUMENTS_PATH = "/ws/documents/"
@@ -100,11 +106,14 @@ class DocumentHandshake:
 class DocumentConnectionSettings:
     """Limits of each document connection: ``max_message_bytes`` per message (1009 over
     it), ``updates_per_second`` (bursts of twice that) across one user's document
-    connections (4010 over it), ``send_queue`` frames waiting (4008 over it)."""
+    connections (4010 over it), ``send_queue`` frames waiting (4008 over it). Every
+    ``recheck_seconds`` (DOC_TICKET_SECONDS: no longer than a ticket lives) an open
+    connection checks its login session and membership again."""
 
     max_message_bytes: int
     updates_per_second: float
     send_queue: int
+    recheck_seconds: float
 
     @classmethod
     def of(cls, settings: Settings) -> DocumentConnectionSettings:
@@ -114,6 +123,7 @@ class DocumentConnectionSettings:
             max_message_bytes=settings.doc_max_update_bytes + 16,
             updates_per_second=settings.doc_updates_per_second,
             send_queue=settings.ws_send_queue,
+            recheck_seconds=max(1, settings.doc_ticket_seconds),
         )
 
 
@@ -189,8 +199,8 @@ class DocumentSessions:
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Committed events of ``project_id``: close the sockets of a member removed
-        (4005), of a member whose role changed (4014: a reconnect gets the new role), or
-        all of a deleted project's (4006)."""
+        (4005), of a member who became or stopped being a viewer (4014: the reconnect gets
+        the new role), or all of a deleted project's (4006)."""
         connections = self._open.get(project_id)
         if not connections:
             return
@@ -201,16 +211,17 @@ class DocumentSessions:
                         CloseCode.PROJECT_DELETED, "project_deleted", flush=False
                     )
             elif event.type in (EventType.MEMBER_REMOVED, EventType.MEMBER_ROLE_CHANGED):
-                removed = event.type is EventType.MEMBER_REMOVED
                 user_id = str(event.payload.get("user_id"))
+                editor = event.payload.get("role") != Role.VIEWER.value
                 for connection in list(connections):
-                    if str(connection.user_id) == user_id:
-                        if removed:
-                            connection.outbox.close(
-                                CloseCode.MEMBER_REMOVED, "member_removed", flush=False
-                            )
-                        else:
-                            connection.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
+                    if str(connection.user_id) != user_id:
+                        continue
+                    if event.type is EventType.MEMBER_REMOVED:
+                        connection.outbox.close(
+                            CloseCode.MEMBER_REMOVED, "member_removed", flush=False
+                        )
+                    elif connection.peer is None or connection.peer.can_edit != editor:
+                        connection.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
 
     async def serve(
         self, conn: BinaryConnection, handshake: DocumentHandshake, *, transport: str
@@ -241,6 +252,8 @@ class DocumentSessions:
         self._open.setdefault(project_id, set()).add(connection)
         rate = self._rates.get(connection.user_id)
         if rate is None:
+            if len(self._rates) >= _KEPT_RATES:
+                self._forget_full_rates()
             burst = 2 * self.settings.updates_per_second
             rate = self._rates[connection.user_id] = _Rate(burst, trio.current_time())
         rate.sockets += 1
@@ -254,8 +267,19 @@ class DocumentSessions:
         rate = self._rates.get(connection.user_id)
         if rate is not None:
             rate.sockets -= 1
-            if rate.sockets <= 0:
+            # A bucket not yet refilled outlives the user's last socket, so that closing
+            # (4010) and reconnecting does not refill it.
+            if rate.sockets <= 0 and self._refilled(rate):
                 del self._rates[connection.user_id]
+
+    def _refilled(self, rate: _Rate) -> bool:
+        per_second = self.settings.updates_per_second
+        return rate.tokens + (trio.current_time() - rate.at) * per_second >= 2 * per_second
+
+    def _forget_full_rates(self) -> None:
+        for user_id, rate in list(self._rates.items()):
+            if rate.sockets <= 0 and self._refilled(rate):
+                del self._rates[user_id]
 
     def _allow(self, user_id: uuid.UUID) -> bool:
         """Spend one of the user's message tokens; False when they have none left."""
@@ -440,9 +464,16 @@ class _DocumentConnection:
         count_in = sessions.metrics.ws_frames_in.inc
         actor, peer = self.actor, self.peer
         assert actor is not None and peer is not None
+        recheck = sessions.settings.recheck_seconds
+        next_check = trio.current_time() + recheck
         try:
             while True:
-                raw = await self.conn.receive()
+                with trio.move_on_at(next_check) as timer:
+                    raw = await self.conn.receive()
+                if timer.cancelled_caught:
+                    await self._recheck()
+                    next_check = trio.current_time() + recheck
+                    continue
                 count_in()
                 if self.outbox.closing:
                     continue  # closing: nothing more it sends is acted on
@@ -462,6 +493,25 @@ class _DocumentConnection:
                     self.outbox.close(CloseCode.SERVICE_RESTART, "document_restarted")
         except ConnectionGone:
             scope.cancel()
+
+    async def _recheck(self) -> None:
+        """Is the user still signed in and a member with the same powers? A removal or a
+        logout committed on another process reaches this socket here, at the latest."""
+        ticket, peer, db = self.ticket, self.peer, self.sessions.db
+        assert ticket is not None and peer is not None
+        if self.outbox.closing:
+            return
+        try:
+            if await accounts.find_session_user(db, ticket.user_id, ticket.session_id) is None:
+                self.outbox.close(CloseCode.UNAUTHORIZED, "session_revoked", flush=False)
+                return
+            role = await projects.member_role(db, ticket.project_id, ticket.user_id)
+        except DatabaseUnavailable:
+            return  # weather: checked again next time
+        if role is None:
+            self.outbox.close(CloseCode.MEMBER_REMOVED, "member_removed", flush=False)
+        elif (role is not Role.VIEWER) != peer.can_edit:
+            self.outbox.close(CloseCode.ROLE_CHANGED, "role_changed")
 
     async def _close(self, code: int, reason: str) -> None:
         if not self.closed:
