@@ -18,6 +18,7 @@ from wsclient import Client, connect
 from atrium.persistence.database import Database
 from atrium.persistence.jobs import JobStatus
 from atrium.realtime import yjs
+from atrium.tasks._documents import document_text
 
 CAP = 10.0
 
@@ -337,3 +338,19 @@ async def test_project_export_carries_each_documents_text(start_server: StartSer
             await queue.wait_for(uuid.UUID(job_id.removeprefix("job_")), (JobStatus.COMPLETED,))
         r = await server.client.get(f"/api/v1/jobs/{job_id}/status", headers=team.owner.auth)
         assert r.json()["result"]["documents"] == []
+
+
+def test_a_jobs_text_is_the_snapshot_then_the_updates() -> None:
+    """What ``project_export`` runs in a worker process, run here: the text a snapshot and
+    the updates after it make, whatever the updates' order of arrival at the snapshot."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    text = doc.get("content", type=pycrdt.Text)
+    text += "hello"
+    snapshot = doc.get_update()
+    made: list[bytes] = []
+    doc.observe(lambda event: made.append(event.update))
+    text += " world"
+    text.insert(0, "» ")
+    assert document_text([snapshot, *made]) == "» hello world"
+    assert document_text([snapshot]) == "hello"
+    assert document_text([]) == ""
