@@ -342,7 +342,7 @@ async def test_project_export_carries_each_documents_text(start_server: StartSer
 
 def test_a_jobs_text_is_the_snapshot_then_the_updates() -> None:
     """What ``project_export`` runs in a worker process, run here: the text a snapshot and
-    the updates after it make, whatever the updates' order of arrival at the snapshot."""
+    the updates after it make."""
     doc: pycrdt.Doc[Any] = pycrdt.Doc()
     text = doc.get("content", type=pycrdt.Text)
     text += "hello"
