@@ -12,7 +12,9 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from conftest import Running
 from docclient import DocClient, settle
+from test_workspace import make_team
 
 from atrium.actors import ActorStopped
 from atrium.actors.document import (
@@ -447,9 +449,9 @@ async def test_an_idle_document_stops_and_the_next_get_loads_it(
     with trio.fail_after(5):
         while setup.documents.find(setup.ref.id) is not None:
             await trio.testing.wait_all_tasks_blocked()
-    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
-    again = await setup.actor()
+    again = await setup.actor()  # waits for the stopping one to end (compacted)
     assert again is not actor and await again.ask(ReadText()) == "idle"
+    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
     assert setup.documents.overview(10)[0] == 1
 
 
@@ -493,3 +495,96 @@ async def test_a_yrs_panic_refuses_the_peer_and_reloads_the_document(
     assert str(a.text) == "safe"
     reloaded = await setup.actor()
     assert reloaded is not actor and await reloaded.ask(ReadText()) == "safe"
+
+
+# -- membership, through the project service on a real server -----------------------------
+
+
+async def test_membership_changes_reach_open_documents(server: Running) -> None:
+    """A removed member's document peers close with 4005; a viewer made collaborator
+    edits from then on; a deleted project closes every peer with 4006."""
+    team = await make_team(server, "main")
+    assert server.bound.services is not None
+    documents = server.bound.services.value.documents
+    ref = await documents.open(uuid.UUID(team.project_id), "/a.md")
+
+    async def peer(member: Any, can_edit: bool) -> DocClient:
+        client = DocClient(
+            await documents.get(ref.id), uuid.UUID(member.user_id), member.email, can_edit=can_edit
+        )
+        await client.connect()
+        return client
+
+    owner = await peer(team.owner, True)
+    collaborator = await peer(team.collaborator, True)
+    viewer = await peer(team.viewer, False)
+    await settle(owner, collaborator, viewer)
+    members = f"/api/v1/projects/{team.project_id}/collaborators"
+    r = await server.client.delete(
+        f"{members}/{team.collaborator.user_id}", headers=team.owner.auth
+    )
+    assert r.status_code in (200, 204), r.text
+    await settle(owner, viewer)
+    assert collaborator.closed == (4005, "member_removed")
+    r = await server.client.patch(
+        f"{members}/{team.viewer.user_id}", json={"role": "collaborator"}, headers=team.owner.auth
+    )
+    assert r.status_code == 200, r.text
+    viewer.type(0, "promoted")
+    await settle(owner, viewer)
+    assert str(owner.text) == "promoted"
+    r = await server.client.delete(f"/api/v1/projects/{team.project_id}", headers=team.owner.auth)
+    assert r.status_code in (200, 204), r.text
+    await settle(owner)
+    assert owner.closed == viewer.closed == (4006, "project_deleted")
+
+
+async def test_two_actors_on_one_document_fill_each_others_updates(
+    setup: Setup, nursery: trio.Nursery
+) -> None:
+    """As two processes would: each stores with the next seq of the one counter, and an
+    actor whose append finds that seqs were taken meanwhile reads those updates first
+    (also once the other compacted them into its snapshot)."""
+    first = await setup.actor()
+    second = DocumentActor(setup.ref, setup.db, DocumentSettings(idle_timeout=3600))
+    await nursery.start(second.run)
+    a = await setup.client(setup.owner)
+    b = DocClient(second, setup.editor, "e")
+    await b.connect()
+    a.type(0, "one ")
+    await settle(a)
+    a.type(4, "two ")
+    await settle(a)
+    assert await first.ask(Compact()) is True
+    a.type(8, "three")
+    await settle(a)
+    b.type(0, ">")
+    await settle(b)
+    assert str(b.text) == ">one two three" == await second.ask(ReadText())
+    overview = second.overview()
+    assert (overview["seq"], overview["snapshot_seq"]) == (4, 2)
+    loaded = await store.load_document(setup.db, setup.ref.id)
+    assert overview["stored_bytes"] == loaded.row.byte_size
+    second.request_stop()
+
+
+async def test_the_registry_starts_one_actor_per_document(setup: Setup) -> None:
+    got: list[DocumentActor] = []
+
+    async def get() -> None:
+        got.append(await setup.documents.get(setup.ref.id))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(get)
+    assert len({id(actor) for actor in got}) == 1
+    assert setup.documents.running() == got[:1]
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(uuid.uuid4())
+    other = await setup.documents.open(setup.project_id, "/b.md")
+    assert other == await setup.documents.open(setup.project_id, "/b.md")
+    listed = await setup.documents.of_project(setup.project_id)
+    assert [row.path for row in listed] == ["/b.md", "/src/app.py"]
+    described = await setup.documents.describe(setup.ref.id)
+    assert described is not None and described.ref == setup.ref
+    assert setup.documents.find(other.id) is None

@@ -93,6 +93,15 @@ class DropUser:
 
 
 @dataclass(frozen=True, slots=True)
+class SetCanEdit:
+    """Tell: the user's role changed; their peers' updates are applied from now on, or
+    not (a viewer's)."""
+
+    user_id: uuid.UUID
+    can_edit: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ReadText:
     """Ask: the document's text (the ``Y.Text`` named ``content``)."""
 
@@ -125,7 +134,16 @@ class Compact:
 
 
 Message = (
-    Attach | Incoming | Detach | DropUser | ReadText | ReadState | ReplaceText | CloseAll | Compact
+    Attach
+    | Incoming
+    | Detach
+    | DropUser
+    | SetCanEdit
+    | ReadText
+    | ReadState
+    | ReplaceText
+    | CloseAll
+    | Compact
 )
 
 
@@ -287,7 +305,7 @@ class DocumentActor(Actor[Message, Any]):
     async def _handle(self, message: Message) -> Any:
         if self._tainted:
             # Stopping: what is still queued must not see the document in memory.
-            if isinstance(message, Incoming | Detach | DropUser | CloseAll):
+            if isinstance(message, Incoming | Detach | DropUser | SetCanEdit | CloseAll):
                 return None
             raise ActorStopped(f"{self!r} is reloading")
         if isinstance(message, Incoming):
@@ -298,6 +316,11 @@ class DocumentActor(Actor[Message, Any]):
             return self._detach(message.peer)
         if isinstance(message, DropUser):
             return self._drop_user(message)
+        if isinstance(message, SetCanEdit):
+            for peer in self._peers:
+                if peer.user_id == message.user_id:
+                    peer.can_edit = message.can_edit
+            return None
         if isinstance(message, ReadText):
             return str(self._text)
         if isinstance(message, ReadState):
@@ -360,9 +383,11 @@ class DocumentActor(Actor[Message, Any]):
     # -- messages from peers ----------------------------------------------------------------
 
     async def _incoming(self, first: Incoming) -> None:
-        """Handle the peers' messages queued now, in order: the updates among them (up to
-        ``update_batch`` in a row) are appended in one transaction."""
+        """Handle the peers' messages queued now, in order (at most four batches' worth):
+        the updates among them (up to ``update_batch``) are appended in one transaction,
+        before any other message is answered."""
         batch: list[tuple[Peer, bytes]] = []
+        handled = 0
         message: Incoming | None = first
         while message is not None:
             peer = message.peer
@@ -378,7 +403,9 @@ class DocumentActor(Actor[Message, Any]):
                 elif parsed is not None:
                     await self._store(batch)
                     self._other(peer, parsed)
-            if len(batch) >= self._settings.update_batch:
+            handled += 1
+            limit = self._settings.update_batch
+            if len(batch) >= limit or handled >= 4 * limit:
                 break
             taken = self.take_nowait(_is_incoming)
             message = taken if isinstance(taken, Incoming) else None
@@ -442,13 +469,21 @@ class DocumentActor(Actor[Message, Any]):
         except (DatabaseUnavailable, DocumentNotFound) as error:
             raise _Tainted() from error
         first = last - len(updates) + 1
-        if first != self._last_seq + 1:
-            # Another process appended in between: read what it wrote first.
-            await self._fill(self._last_seq, first - 1)
-        self._last_seq = last
-        self._stored_bytes += sum(len(data) for data, _ in updates)
-        self._since_snapshot += len(updates)
         self._updates_applied += len(updates)
+        if first == self._last_seq + 1:
+            self._last_seq = last
+            self._stored_bytes += sum(len(data) for data, _ in updates)
+            self._since_snapshot += len(updates)
+            return
+        # Another process appended in between: take what it wrote too, then the row's
+        # figures (it may have compacted as well).
+        await self._fill(self._last_seq, first - 1)
+        self._last_seq = last
+        row = await store.find_document(self._db, self.ref.id)
+        if row is not None:
+            self._snapshot_seq = row.snapshot_seq
+            self._stored_bytes = row.byte_size
+            self._since_snapshot = last - row.snapshot_seq
 
     async def _fill(self, after: int, until: int) -> None:
         """Apply and broadcast the updates another writer appended after ``after``."""
@@ -461,7 +496,6 @@ class DocumentActor(Actor[Message, Any]):
                 self._apply_and_broadcast(loaded.snapshot)
         for update in missing:
             self._apply_and_broadcast(update.update)
-        self._since_snapshot += len(missing)
 
     def _apply_and_broadcast(self, update: bytes) -> None:
         self._captured.clear()
@@ -608,4 +642,5 @@ __all__ = [
     "ReadState",
     "ReadText",
     "ReplaceText",
+    "SetCanEdit",
 ]

@@ -231,9 +231,12 @@ def build_services(
         realtime=realtime,
         settings=DocumentConnectionSettings.of(settings),
     )
-    # Committed project events reach the live workspaces, then the document sockets (a
-    # member removed is disconnected from both).
-    publish = _Publishers((workspaces if publisher is None else publisher, document_sessions))
+    # Committed project events reach the live workspaces, then the open documents (a
+    # changed role decides whether a peer's updates are applied) and the document
+    # sockets (a member removed is disconnected from both).
+    publish = _Publishers(
+        (workspaces if publisher is None else publisher, documents, document_sessions)
+    )
     cluster = None if shared is None else shared.cluster(realtime)
     limiter: RateLimiter
     session_cache: UserCache
