@@ -95,12 +95,15 @@ async def test_write_list_and_read_a_document(server: Running) -> None:
     created = r.json()
     assert created["path"] == "/src/app.py" and created["seq"] >= 1 and created["size"] > 0
     assert created["room"] == uuid.UUID(created["id"]).hex
-    assert created["created_by"] == team.collaborator.user_id
+    assert created["created_by"] == created["last_edited_by"] == team.collaborator.user_id
     # The same text again changes nothing; a new one replaces it.
     r = await write(team, team.owner, "/src/app.py", "print('hello')\n")
     assert r.status_code == 200 and r.json()["seq"] == created["seq"]
+    assert r.json()["last_edited_by"] == team.collaborator.user_id  # nothing changed
     r = await write(team, team.owner, "/src/app.py", "print('hello, world')\n")
     assert r.status_code == 200 and r.json()["seq"] > created["seq"]
+    assert r.json()["last_edited_by"] == team.owner.user_id
+    assert r.json()["created_by"] == team.collaborator.user_id
     assert (await write(team, team.owner, "/README.md", "# Live")).status_code == 201
 
     # Any member, a viewer too, lists and reads; by id or by room.

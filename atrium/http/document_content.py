@@ -92,6 +92,7 @@ def _document(row: DocumentRow) -> DocumentResponse:
         created_by=row.created_by,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        last_edited_by=row.last_edited_by,
     )
 
 

@@ -44,6 +44,9 @@ class DocumentResponse(BaseModel):
     created_by: UUID | None
     created_at: datetime
     updated_at: datetime = Field(description="When its latest update was stored")
+    last_edited_by: UUID | None = Field(
+        description="Who made its latest update (null: nobody yet, or the account is gone)"
+    )
 
 
 class DocumentListQuery(BaseModel):
