@@ -166,3 +166,25 @@ async def test_edits_reach_the_workspace_and_the_log_without_content(server: Run
     assert (await server.client.get(documents_url(team), headers=team.viewer.auth)).json()[
         "total"
     ] == 2
+
+
+async def test_edits_gathered_when_the_process_stops_are_logged(
+    db: Database, mock_clock: trio.testing.MockClock
+) -> None:
+    ann = await make_user(db, "ann")
+    project = await make_project(db, ann)
+    ref = DocumentRef(uuid.uuid4(), project, "/last.md")
+    recorder = Recorder()
+    activity = DocumentActivity(db, recorder, WINDOW)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(activity.run)
+        activity.note(ann, ref)
+        await recorder.next()
+        for _ in range(3):
+            activity.note(ann, ref)  # gathered for the window's end...
+        await recorder.nothing_yet()
+        nursery.cancel_scope.cancel()  # ... which the process does not live to see
+    last = await recorder.next()
+    assert last.payload["updates"] == 3 and last.actor_id == ann
+    logged = await event_log.events_between(db, project, 1, 100)
+    assert [e.payload["updates"] for e in logged if e.type is EventType.DOCUMENT_EDITED] == [1, 3]

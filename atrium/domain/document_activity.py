@@ -7,7 +7,7 @@ never the bytes. So edits are gathered per document and logged at most once per
 ``window`` seconds (DOC_ACTIVITY_SECONDS): the first edit after a quiet window is logged
 at once (a workspace sees someone start editing without waiting), the edits after it
 are gathered until the window has passed and then logged as one event naming every
-editor and how many updates they made.
+editor and how many updates they made. A process that stops logs what it gathered.
 
 An event is appended to the project's log like any other (a gapless seq, then handed to
 the live workspaces by the publisher). It is activity, not content: when it cannot be
@@ -32,6 +32,9 @@ from ..persistence.documents import DocumentRef
 from ..persistence.projects import ProjectNotFound
 
 log = logging.getLogger("atrium.documents")
+
+# How long a stopping process spends logging the edits it gathered but has not logged.
+_LAST_WORDS_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -77,22 +80,32 @@ class DocumentActivity:
         return len(self._gathered)
 
     async def run(self) -> None:
-        """Until cancelled: log each document's gathered edits once they are due."""
-        while True:
-            self._wake = trio.Event()
-            now = trio.current_time()
-            due = [g for g in self._gathered.values() if g.due <= now]
-            if due:
-                for gathered in due:
-                    del self._gathered[gathered.ref.id]
-                    self._quiet_until[gathered.ref.id] = now + self._window
-                await self._log(due)
-                continue
-            for document_id in [d for d, at in self._quiet_until.items() if at <= now]:
-                del self._quiet_until[document_id]
-            wake_at = min((g.due for g in self._gathered.values()), default=math.inf)
-            with trio.move_on_at(wake_at):
-                await self._wake.wait()
+        """Until cancelled: log each document's gathered edits once they are due. When
+        cancelled (the process stopping), what is gathered is logged at once, for at most
+        ``_LAST_WORDS_SECONDS``."""
+        try:
+            while True:
+                self._wake = trio.Event()
+                now = trio.current_time()
+                due = [g for g in self._gathered.values() if g.due <= now]
+                if due:
+                    for gathered in due:
+                        del self._gathered[gathered.ref.id]
+                        self._quiet_until[gathered.ref.id] = now + self._window
+                    await self._log(due)
+                    continue
+                for document_id in [d for d, at in self._quiet_until.items() if at <= now]:
+                    del self._quiet_until[document_id]
+                wake_at = min((g.due for g in self._gathered.values()), default=math.inf)
+                with trio.move_on_at(wake_at):
+                    await self._wake.wait()
+        finally:
+            if self._gathered:
+                last = list(self._gathered.values())
+                self._gathered.clear()
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + _LAST_WORDS_SECONDS
+                    await self._log(last)
 
     async def _log(self, due: list[_Gathered]) -> None:
         by_project: dict[uuid.UUID, list[NewEvent]] = defaultdict(list)
