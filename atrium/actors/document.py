@@ -93,15 +93,6 @@ class DropUser:
 
 
 @dataclass(frozen=True, slots=True)
-class SetCanEdit:
-    """Tell: the user's role changed; their peers' updates are applied from now on, or
-    not (a viewer's)."""
-
-    user_id: uuid.UUID
-    can_edit: bool
-
-
-@dataclass(frozen=True, slots=True)
 class ReadText:
     """Ask: the document's text (the ``Y.Text`` named ``content``)."""
 
@@ -134,16 +125,7 @@ class Compact:
 
 
 Message = (
-    Attach
-    | Incoming
-    | Detach
-    | DropUser
-    | SetCanEdit
-    | ReadText
-    | ReadState
-    | ReplaceText
-    | CloseAll
-    | Compact
+    Attach | Incoming | Detach | DropUser | ReadText | ReadState | ReplaceText | CloseAll | Compact
 )
 
 
@@ -216,6 +198,7 @@ class DocumentActor(Actor[Message, Any]):
         "_since_snapshot",
         "_updates_applied",
         "_tainted",
+        "_batch_bytes",
     )
 
     def __init__(
@@ -248,6 +231,7 @@ class DocumentActor(Actor[Message, Any]):
         self._since_snapshot = 0
         self._updates_applied = 0
         self._tainted = False
+        self._batch_bytes = 0  # of the updates applied and not yet appended
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -305,7 +289,7 @@ class DocumentActor(Actor[Message, Any]):
     async def _handle(self, message: Message) -> Any:
         if self._tainted:
             # Stopping: what is still queued must not see the document in memory.
-            if isinstance(message, Incoming | Detach | DropUser | SetCanEdit | CloseAll):
+            if isinstance(message, Incoming | Detach | DropUser | CloseAll):
                 return None
             raise ActorStopped(f"{self!r} is reloading")
         if isinstance(message, Incoming):
@@ -316,11 +300,6 @@ class DocumentActor(Actor[Message, Any]):
             return self._detach(message.peer)
         if isinstance(message, DropUser):
             return self._drop_user(message)
-        if isinstance(message, SetCanEdit):
-            for peer in self._peers:
-                if peer.user_id == message.user_id:
-                    peer.can_edit = message.can_edit
-            return None
         if isinstance(message, ReadText):
             return str(self._text)
         if isinstance(message, ReadState):
@@ -431,7 +410,7 @@ class DocumentActor(Actor[Message, Any]):
         if len(update) > self._settings.max_update_bytes:
             self._refuse(peer, CloseCode.MESSAGE_TOO_BIG, "update_too_large")
             return
-        pending = sum(len(data) for _, data in batch)
+        pending = self._batch_bytes
         if self._stored_bytes + pending + len(update) > self._settings.max_document_bytes:
             self._refuse(peer, CloseCode.DOCUMENT_TOO_LARGE, "document_too_large")
             return
@@ -448,6 +427,7 @@ class DocumentActor(Actor[Message, Any]):
             raise _Tainted() from panic
         for changed in self._captured:
             batch.append((peer, changed))
+            self._batch_bytes += len(changed)
         self._captured.clear()
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
@@ -457,6 +437,7 @@ class DocumentActor(Actor[Message, Any]):
             return
         appended = list(batch)
         batch.clear()
+        self._batch_bytes = 0
         await self._append([(data, peer.user_id) for peer, data in appended])
         for peer, data in appended:
             self._broadcast(yjs.sync_update(data), peer)
@@ -509,7 +490,9 @@ class DocumentActor(Actor[Message, Any]):
     def _awareness(self, peer: Peer, payload: bytes) -> None:
         """Take the entries of the peer's awareness update that it may speak for, stamp
         them with its user, and broadcast them. A client id belongs to the first peer that
-        uses it, until that peer detaches."""
+        uses it until that peer detaches; another connection of the same user may take it
+        over (a provider that reconnected before its old socket was seen to close), no
+        other user's."""
         try:
             entries = yjs.parse_awareness(payload)
         except yjs.MalformedMessage:
@@ -518,28 +501,26 @@ class DocumentActor(Actor[Message, Any]):
         accepted = []
         for entry in entries:
             client = self._clients.get(entry.client_id)
-            if client is None:
-                if len(peer.clients) >= self._settings.max_clients_per_peer:
+            if client is not None and client.peer is not peer:
+                if client.peer.user_id != peer.user_id:
+                    continue  # another user's client: nobody else may speak for it
+            if client is None or client.peer is not peer:
+                if entry.state is None or len(peer.clients) >= self._settings.max_clients_per_peer:
                     continue
-                if entry.state is None:
-                    continue
-            elif client.peer is not peer:
-                continue  # another connection's client: nobody may speak for it
-            elif entry.clock < client.clock or (
-                entry.clock == client.clock and entry.state is not None
+            if client is not None and (
+                entry.clock < client.clock
+                or (entry.clock == client.clock and entry.state is not None)
             ):
                 continue  # stale
-            state = (
-                None
-                if entry.state is None
-                else yjs.stamped(entry.state, str(peer.user_id), peer.email)
-            )
-            if state is None:
+            if client is not None:
+                client.peer.clients.discard(entry.client_id)
+            if entry.state is None:
                 self._clients.pop(entry.client_id, None)
-                peer.clients.discard(entry.client_id)
-            else:
-                self._clients[entry.client_id] = _Client(peer, entry.clock, state)
-                peer.clients.add(entry.client_id)
+                accepted.append(entry)
+                continue
+            state = yjs.stamped(entry.state, str(peer.user_id), peer.email)
+            self._clients[entry.client_id] = _Client(peer, entry.clock, state)
+            peer.clients.add(entry.client_id)
             accepted.append(yjs.AwarenessEntry(entry.client_id, entry.clock, state))
         if accepted:
             self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), peer)
@@ -642,5 +623,4 @@ __all__ = [
     "ReadState",
     "ReadText",
     "ReplaceText",
-    "SetCanEdit",
 ]

@@ -25,10 +25,8 @@ from ..actors.document import (
     DocumentSettings,
     DropUser,
     Message,
-    SetCanEdit,
 )
 from ..core.events import Event, EventType
-from ..core.roles import Action, Role, can
 from ..persistence import documents as store
 from ..persistence.database import Database
 from ..persistence.documents import DocumentNotFound, DocumentRef, DocumentRow
@@ -169,9 +167,10 @@ class Documents:
 
     async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
         """Apply committed project events to the project's open documents (an
-        ``EventPublisher``): a removed member's peers are closed (4005), a changed role
-        decides whether their updates are applied, a deleted project closes every peer
-        (4006)."""
+        ``EventPublisher``): a removed member's peers are dropped (4005) and a deleted
+        project's documents close every peer (4006) and stop, in mailbox order, so
+        nothing those peers queued is applied after. (A changed role is the document
+        socket's to handle: it reconnects with the new role, 4014.)"""
         messages: list[Message] = []
         for event in events:
             if event.type is EventType.PROJECT_DELETED:
@@ -179,10 +178,6 @@ class Documents:
             elif event.type is EventType.MEMBER_REMOVED:
                 user_id = uuid.UUID(str(event.payload.get("user_id")))
                 messages.append(DropUser(user_id, CloseCode.MEMBER_REMOVED, "member_removed"))
-            elif event.type is EventType.MEMBER_ROLE_CHANGED:
-                user_id = uuid.UUID(str(event.payload.get("user_id")))
-                role = Role(str(event.payload.get("role")))
-                messages.append(SetCanEdit(user_id, can(role, Action.EDIT_WORKSPACE)))
         if not messages:
             return
         for actor in self.running():

@@ -231,11 +231,11 @@ def build_services(
         realtime=realtime,
         settings=DocumentConnectionSettings.of(settings),
     )
-    # Committed project events reach the live workspaces, then the open documents (a
-    # changed role decides whether a peer's updates are applied) and the document
-    # sockets (a member removed is disconnected from both).
+    # Committed project events reach the live workspaces, then the document sockets (a
+    # member removed is disconnected from both), then the open documents' actors (which
+    # drop a removed member's peers in mailbox order: nothing they queued is applied).
     publish = _Publishers(
-        (workspaces if publisher is None else publisher, documents, document_sessions)
+        (workspaces if publisher is None else publisher, document_sessions, documents)
     )
     cluster = None if shared is None else shared.cluster(realtime)
     limiter: RateLimiter
