@@ -15,6 +15,7 @@ from test_workspace import Member, Team, make_team
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
+from atrium.domain.document_sessions import DocumentHandshake
 from atrium.identity.tickets import TicketCodec
 from atrium.persistence.database import Database
 from atrium.realtime import yjs
@@ -246,9 +247,12 @@ async def test_a_user_over_the_update_rate_is_closed(start_server: StartServer) 
         url = doc_url(team, issued["room"], issued["ticket"])
         async with connect(url) as one, connect(url) as two:
             # Two messages of burst, shared by the user's connections: the third is over.
+            # Each is answered (sync step 2) before the next goes, so they count in order.
             step1 = yjs.sync_step1(pycrdt.Doc().get_state())
-            await one.ws.send_message(step1)
-            await two.ws.send_message(step1)
+            for client in (one, two):
+                await client.ws.send_message(step1)
+                while not isinstance(await first_message(client), yjs.SyncStep2):
+                    pass
             await one.ws.send_message(step1)
             assert await one.closed() == (4010, "rate_limited")
 
@@ -312,3 +316,34 @@ async def test_an_unexpected_error_ends_that_connection_alone(
     async with connect(doc_url(team, issued["room"], issued["ticket"])) as client:
         assert isinstance(await first_message(client), yjs.SyncStep1)
     assert sessions.failures.counts().get("connection", 0) == before + 1
+
+
+async def test_a_deleted_project_closes_its_document_sockets(main_team: Team) -> None:
+    team = main_team
+    issued = await get_ticket(team, team.collaborator)
+    url = doc_url(team, issued["room"], issued["ticket"])
+    async with connect(url) as client:
+        assert isinstance(await first_message(client), yjs.SyncStep1)
+        r = await team.server.client.delete(
+            f"/api/v1/projects/{team.project_id}", headers=team.owner.auth
+        )
+        assert r.status_code in (200, 204)
+        assert await client.closed() == (4006, "project_deleted")
+    assert await refused(url) == (4004, "project_not_found")
+    r = await team.server.client.post(
+        f"/api/v1/projects/{team.project_id}/documents/tickets",
+        json={"path": "/x"},
+        headers=team.owner.auth,
+    )
+    assert r.status_code == 404
+
+
+def test_the_document_handshake_is_one_room_and_its_ticket() -> None:
+    headers = [(b"Origin", b"https://a.example"), (b"Authorization", b"Bearer x")]
+    parsed = DocumentHandshake.parse("/ws/documents/ab12", "ticket=t.k.n&x=1", headers)
+    assert parsed == DocumentHandshake("ab12", "t.k.n", {"origin": "https://a.example"})
+    assert DocumentHandshake.parse("/ws/documents/ab12", "", []) == DocumentHandshake(
+        "ab12", "", {}
+    )
+    for path in ("/ws/documents/", "/ws/documents/a/b", "/ws/documents", "/ws/" + "a" * 32):
+        assert DocumentHandshake.parse(path, "ticket=t", []) is None
