@@ -75,11 +75,19 @@ class LiveClient:
         self.doc.apply_update(update)
         self._made.clear()  # received, not made here
 
-    async def type(self, index: int, value: str) -> None:
+    def type_offline(self, index: int, value: str) -> list[bytes]:
+        """Edit the local replica only; returns the updates to send later."""
         self.text.insert(index, value)
-        for update in self._made:
-            await self.client.ws.send_message(yjs.sync_update(update))
+        made = list(self._made)
         self._made.clear()
+        return made
+
+    async def send(self, updates: list[bytes]) -> None:
+        for update in updates:
+            await self.client.ws.send_message(yjs.sync_update(update))
+
+    async def type(self, index: int, value: str) -> None:
+        await self.send(self.type_offline(index, value))
 
     async def receive_update(self) -> None:
         while not isinstance(message := await first_message(self.client), yjs.SyncUpdate):
@@ -153,12 +161,15 @@ async def test_a_rest_write_reaches_live_clients_and_merges(server: Running) -> 
         await a.receive_update()
         await b.receive_update()
         assert a.content == b.content == ">> hello there"
-        # A REST write based on stale text still merges with what a client typed.
-        await b.type(len(b.content), "!")
-        await a.receive_update()
-        assert (await write(team, team.owner, "/notes.md", "<< hello there!")).status_code == 200
+        # An edit typed while a REST write is on its way (not yet at the server) merges
+        # with it: neither is lost, and every replica ends the same.
+        pending = b.type_offline(len(b.content), "!")
+        assert (await write(team, team.owner, "/notes.md", "<< hello there")).status_code == 200
         await a.receive_update()
         await b.receive_update()
+        assert a.content == "<< hello there" and b.content == "<< hello there!"
+        await b.send(pending)
+        await a.receive_update()
         assert a.content == b.content == "<< hello there!"
         assert await read_text(team, team.viewer, issued["room"]) == "<< hello there!"
 
