@@ -52,7 +52,11 @@ PAYLOADS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         optional={"columns": st.one_of(st.lists(TEXT, max_size=4), TEXT)},
     ),
     "project_export": st.fixed_dictionaries(
-        {}, optional={"include_events": st.one_of(st.booleans(), TEXT)}
+        {},
+        optional={
+            "include_events": st.one_of(st.booleans(), TEXT),
+            "include_documents": st.one_of(st.booleans(), TEXT),
+        },
     ),
     "project_activity_report": st.fixed_dictionaries({}, optional={"since": DATE, "until": DATE}),
 }

@@ -183,9 +183,22 @@ async def test_every_response_matches_the_openapi_document(start_server: StartSe
         job = {"task_name": "data_processing", "payload": {"csv": "a\n1\n"}}
         r = await server.client.post("/api/v1/jobs/run", json=job, headers=auth)
         assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        r = await server.client.post(
+            f"/api/v1/projects/{project_id}/documents",
+            json={"path": "/src/app.py", "text": "print('contract')\n"},
+            headers=auth,
+        )
+        assert r.status_code == 201, r.text
+        document_id = r.json()["room"]
         document = (await server.client.get("/openapi.json")).json()
 
-        ids = {"project_id": project_id, "user_id": member["user_id"], "job_id": r.json()["job_id"]}
+        ids = {
+            "project_id": project_id,
+            "user_id": member["user_id"],
+            "job_id": job_id,
+            "document_id": document_id,
+        }
         # The job payload's schema is the task's (GET /api/v1/jobs/tasks), not the document's.
         run = ("POST", "/api/v1/jobs/run")
         fuzzer = Fuzzer(

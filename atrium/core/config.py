@@ -168,6 +168,7 @@ class Settings:
     doc_idle_seconds: int = 30
     doc_compact_after: int = 500  # updates appended since the last snapshot
     doc_ticket_seconds: int = 60
+    doc_activity_seconds: int = 5  # at most one DOCUMENT_EDITED per document this often
     event_log_retention_days: int = 30  # 0: keep events forever
     event_log_max_events_per_project: int = 100_000  # 0: no cap
     worker_concurrency: int = 4  # job actors per process; 0: none (serve only)
@@ -575,6 +576,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         doc_idle_seconds=_int(env, "DOC_IDLE_SECONDS", d.doc_idle_seconds),
         doc_compact_after=_int(env, "DOC_COMPACT_AFTER", d.doc_compact_after),
         doc_ticket_seconds=_int(env, "DOC_TICKET_SECONDS", d.doc_ticket_seconds),
+        doc_activity_seconds=_int(env, "DOC_ACTIVITY_SECONDS", d.doc_activity_seconds),
         event_log_retention_days=_int(
             env, "EVENT_LOG_RETENTION_DAYS", d.event_log_retention_days, minimum=0
         ),

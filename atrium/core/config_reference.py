@@ -351,6 +351,15 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "How long a live-document ticket may open connections after it is issued.",
     ),
     EnvVar(
+        ("DOC_ACTIVITY_SECONDS",),
+        "`5`",
+        (
+            "Live-document edits reach the project's event log and workspace as at most one"
+            " `DOCUMENT_EDITED` per document in this many seconds (who edited, how many"
+            " updates; never the content)."
+        ),
+    ),
+    EnvVar(
         ("EVENT_LOG_RETENTION_DAYS",),
         "`30`",
         (

@@ -35,6 +35,8 @@ class EventType(enum.StrEnum):
     JOB_COMPLETED = "JOB_COMPLETED"
     JOB_FAILED = "JOB_FAILED"
     JOB_DEAD = "JOB_DEAD"
+    DOCUMENT_EDITED = "DOCUMENT_EDITED"
+    """Live documents edited: who edited which, coalesced per document (never the bytes)."""
 
 
 @dataclass(frozen=True, slots=True)

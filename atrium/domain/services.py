@@ -46,6 +46,8 @@ from ..realtime.presence import ClusterPresence, LocalPresence, PresenceSettings
 from ..supervision import Supervisor
 from ..tasks import load_task_modules
 from .accounts import Accounts
+from .document_activity import DocumentActivity
+from .document_content import DocumentContent
 from .document_sessions import DocumentConnectionSettings, DocumentSessions
 from .documents import Documents
 from .projects import Projects
@@ -72,7 +74,9 @@ class Services:
     ``draining`` is set once the process is shutting down (``/ready`` then answers 503).
     ``metrics`` is the process's Prometheus metrics (``atrium.core.metrics``).
     ``documents`` is the registry of live documents (what the ``documents`` child runs);
-    ``document_sessions`` issues document tickets and serves document WebSockets.
+    ``document_sessions`` issues document tickets and serves document WebSockets;
+    ``document_activity`` turns document edits into coalesced DOCUMENT_EDITED events (run
+    by the ``documents`` child); ``document_content`` serves documents over REST.
     ``session_ends`` closes a revoked session's WebSockets (on every process, with
     Redis); ``cluster`` (with Redis) is what the ``cluster`` child runs: the presence
     heartbeat and reaper, and the revocation listener.
@@ -103,6 +107,8 @@ class Services:
     session_ends: SessionEnds
     documents: Documents
     document_sessions: DocumentSessions
+    document_activity: DocumentActivity
+    document_content: DocumentContent
     cluster: Cluster | None = None
     bridge: Bridge | None = None
     redis: Redis | None = None
@@ -207,7 +213,12 @@ def build_services(
         failures=failures,
         metrics=metrics,
     )
-    documents = Documents(db, document_settings(settings))
+    # Document activity is neither a membership nor a deletion: the document sockets need
+    # not see it, only the workspaces.
+    document_activity = DocumentActivity(
+        db, workspaces if publisher is None else publisher, settings.doc_activity_seconds
+    )
+    documents = Documents(db, document_settings(settings), on_edit=document_activity.note)
     document_sessions = DocumentSessions(
         db=db,
         tickets=TicketCodec(
@@ -275,6 +286,8 @@ def build_services(
         session_ends=session_ends,
         documents=documents,
         document_sessions=document_sessions,
+        document_activity=document_activity,
+        document_content=DocumentContent(db, documents),
         cluster=cluster,
         bridge=bridge,
         redis=redis,

@@ -21,7 +21,7 @@ from quart_trio.wrappers import TrioRequest
 from ..core import json_input
 from ..core.logs import bind
 from ..domain.services import Services
-from . import auth, console, documents, jobs, ops, pages, projects, ws
+from . import auth, console, document_content, documents, jobs, ops, pages, projects, ws
 from .edge import Edge
 from .errors import ApiError, register_error_handlers
 from .hot import HotRoutes
@@ -76,6 +76,7 @@ def create_app(svc: Services) -> QuartTrio:
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(auth.blueprint)
     app.register_blueprint(projects.blueprint)
+    app.register_blueprint(document_content.blueprint)
     app.register_blueprint(jobs.blueprint)
     app.register_blueprint(ws.blueprint)
     app.register_blueprint(documents.blueprint)

@@ -3,6 +3,9 @@ OpenAPI document)."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from uuid import UUID
+
 from pydantic import BaseModel, Field
 
 from ..realtime.protocol import MAX_PATH_LENGTH
@@ -26,3 +29,51 @@ class DocumentTicketResponse(BaseModel):
     expires_in: int = Field(
         description="Seconds (DOC_TICKET_SECONDS) during which the ticket may open connections"
     )
+
+
+# -- documents over REST (``atrium/http/document_content.py``) -------------------------
+
+
+class DocumentResponse(BaseModel):
+    id: UUID
+    room: str = Field(description="The id the WebSocket URL takes (/ws/documents/{room})")
+    project_id: UUID
+    path: str
+    size: int = Field(description="Bytes stored: the latest snapshot plus the updates after it")
+    seq: int = Field(description="How many updates the document has had (0: none yet)")
+    created_by: UUID | None
+    created_at: datetime
+    updated_at: datetime = Field(description="When its latest update was stored")
+    last_edited_by: UUID | None = Field(
+        description="Who made its latest update (null: nobody yet, or the account is gone)"
+    )
+
+
+class DocumentListQuery(BaseModel):
+    path: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        description="Only the document at this path (none or one)",
+    )
+
+
+class DocumentListResponse(BaseModel):
+    project_id: UUID
+    documents: list[DocumentResponse]
+    total: int
+
+
+class DocumentTextResponse(BaseModel):
+    document: DocumentResponse
+    text: str = Field(description="The text of its Y.Text named content")
+
+
+class DocumentWriteRequest(_Strict):
+    path: Text = Field(
+        min_length=1,
+        max_length=MAX_PATH_LENGTH,
+        description="The document's path in the project, as FILE_CHANGE names files",
+        examples=["/src/app.py"],
+    )
+    text: str = Field(description="The document's whole new text (DOC_MAX_BYTES)")

@@ -80,6 +80,15 @@ def no_content(route: F) -> F:
     return document_response(NoContent, 204)(route)
 
 
+class BinaryContent(BaseModel):
+    """The marker of a response whose body is raw bytes (``binary_content``)."""
+
+
+def binary_content(route: F) -> F:
+    """Document a 200 response whose body is ``application/octet-stream`` (OpenAPI)."""
+    return document_response(BinaryContent, 200)(route)
+
+
 def respond(body: BaseModel, status: int = 200) -> Response:
     """The response for a response model (validated as it was built), as orjson bytes.
 
@@ -91,7 +100,8 @@ def respond(body: BaseModel, status: int = 200) -> Response:
 
 class ContractProvider(OpenAPIProvider):
     """quart-schema's OpenAPI document, with bodiless responses (``NoContent``) documented
-    without content and every response described by its status's reason phrase."""
+    without content, raw bytes (``BinaryContent``) as ``application/octet-stream``, and
+    every response described by its status's reason phrase."""
 
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)
@@ -109,6 +119,12 @@ class ContractProvider(OpenAPIProvider):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         if model is NoContent:
             return {"description": HTTPStatus.NO_CONTENT.phrase}, {}
+        if model is BinaryContent:
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            return {
+                "description": HTTPStatus.OK.phrase,
+                "content": {"application/octet-stream": binary},
+            }, {}
         return super().build_response_object(model, headers_model)
 
 

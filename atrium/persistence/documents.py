@@ -20,7 +20,8 @@ import asyncpg
 from .database import Database
 
 _COLUMNS = (
-    "id, project_id, path, created_by, created_at, updated_at, last_seq, snapshot_seq, byte_size"
+    "id, project_id, path, created_by, created_at, updated_at, last_seq, snapshot_seq, byte_size,"
+    " last_edited_by"
 )
 
 
@@ -58,6 +59,8 @@ class DocumentRow:
     """The seq its snapshot holds everything up to (0: no snapshot)."""
     byte_size: int
     """Bytes stored: the snapshot plus the updates after it."""
+    last_edited_by: uuid.UUID | None = None
+    """Who made its latest update that a user made (None: nobody yet, or gone)."""
 
     @property
     def ref(self) -> DocumentRef:
@@ -92,6 +95,7 @@ def _row(record: asyncpg.Record) -> DocumentRow:
         last_seq=int(record["last_seq"]),
         snapshot_seq=int(record["snapshot_seq"]),
         byte_size=int(record["byte_size"]),
+        last_edited_by=record["last_edited_by"],
     )
 
 
@@ -141,6 +145,14 @@ async def find_document(db: Database, document_id: uuid.UUID) -> DocumentRow | N
     return None if record is None else _row(record)
 
 
+async def find_document_at(db: Database, project_id: uuid.UUID, path: str) -> DocumentRow | None:
+    """The project's document at ``path``, or None."""
+    record = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1 AND path = $2", project_id, path
+    )
+    return None if record is None else _row(record)
+
+
 async def list_documents(db: Database, project_id: uuid.UUID) -> list[DocumentRow]:
     """The project's documents, by path."""
     records = await db.fetch(
@@ -168,10 +180,12 @@ async def append_updates(
     async def run(conn: asyncpg.Connection) -> int:
         last = await conn.fetchval(
             "UPDATE documents SET last_seq = last_seq + $2, byte_size = byte_size + $3,"
-            " updated_at = now() WHERE id = $1 RETURNING last_seq",
+            " updated_at = now(), last_edited_by = coalesce($4, last_edited_by)"
+            " WHERE id = $1 RETURNING last_seq",
             document_id,
             len(updates),
             size,
+            next((user for _, user in reversed(updates) if user is not None), None),
         )
         if last is None:
             raise DocumentNotFound()

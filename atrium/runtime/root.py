@@ -13,7 +13,7 @@ The process is one supervision tree (docs/ARCHITECTURE.md)::
     │                   NOTIFY listener and job retention (absent when WORKER_CONCURRENCY=0)
     ├── workspaces      supervisor: one WorkspaceActor per open project (dynamic, transient)
     ├── documents       supervisor: one DocumentActor per open live document (dynamic,
-    │                   transient)
+    │                   transient); beside it, the task logging their coalesced edits
     ├── metrics         the Prometheus listener on METRICS_PORT (unless ENABLE_METRICS=false)
     ├── cluster         with REDIS_URL: the presence heartbeat and reaper, and the session
     │                   revocation listener (``atrium.realtime.cluster``); a Redis or
@@ -249,10 +249,16 @@ def _run_workspaces(
     return database.value.workspaces.run(task_status=task_status)
 
 
-def _run_documents(
+async def _run_documents(
     database: ChildHandle[Services], *, task_status: trio.TaskStatus[Supervisor]
-) -> Awaitable[None]:
-    return database.value.documents.run(task_status=task_status)
+) -> None:
+    """The documents supervisor, and beside it the task that logs their edits as
+    coalesced DOCUMENT_EDITED events (``domain.document_activity``)."""
+    services = database.value
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(services.document_activity.run)
+        supervisor: Supervisor = await nursery.start(services.documents.run)
+        task_status.started(supervisor)
 
 
 def _run_jobs(

@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from ..core.timestamps import utc_iso, utc_now_iso
 from ..persistence import exports
 from ._csv import summarise_csv
+from ._documents import project_documents
 from ._registry import PermanentJobError, TaskContext, registry
 
 # Events read per query by the project tasks (each page is one progress step).
@@ -44,6 +45,9 @@ async def data_processing(ctx: TaskContext, payload: DataProcessingPayload) -> d
 
 class ProjectExportPayload(_Payload):
     include_events: bool = Field(default=True, description="Include the whole event log")
+    include_documents: bool = Field(
+        default=True, description="Include each live document's path and text"
+    )
 
 
 async def _events(ctx: TaskContext, **window: Any) -> list[dict[str, Any]]:
@@ -62,19 +66,23 @@ async def _events(ctx: TaskContext, **window: Any) -> list[dict[str, Any]]:
 
 @registry.task("project_export", ProjectExportPayload, needs_project=True)
 async def project_export(ctx: TaskContext, payload: ProjectExportPayload) -> dict[str, Any]:
-    """The job's project, its members and its whole event log as one JSON document
-    (stored as the job's result). Needs the job's ``project_id``."""
+    """The job's project, its members, its whole event log and its live documents (each
+    one's path and text, as stored when it is read) as one JSON document (stored as the
+    job's result). Needs the job's ``project_id``."""
     assert ctx.project_id is not None
     snapshot = await exports.project_snapshot(ctx.db, ctx.project_id)
     if snapshot is None:
         raise PermanentJobError("the project no longer exists")
     await ctx.progress(10, "project and members read")
     events = await _events(ctx) if payload.include_events else []
+    documents = await project_documents(ctx) if payload.include_documents else []
+    await ctx.progress(95, f"{len(documents)} documents read")
     return {
         "exported_at": utc_now_iso(),
         **snapshot,
         "event_count": len(events),
         "events": events,
+        "documents": documents,
     }
 
 
