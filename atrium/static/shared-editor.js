@@ -247,9 +247,6 @@ export async function openSharedEditor({
   resized.observe(textarea);
   awareness.setLocalStateField("user", {}); // the server fills in who we are
   shareCaret();
-  // Leaving the page: the others drop this cursor now, not when awareness times out.
-  const leave = () => awareness.setLocalState(null);
-  window.addEventListener("pagehide", leave);
 
   return {
     doc,
@@ -265,7 +262,6 @@ export async function openSharedEditor({
       }
       textarea.removeEventListener("scroll", follow);
       resized.disconnect();
-      window.removeEventListener("pagehide", leave);
       provider.destroy();
       doc.destroy();
       overlay.replaceChildren();
