@@ -105,7 +105,8 @@ function openWorkspace(chosen) {
     const item = document.createElement("li");
     item.dataset.seq = event.seq;
     item.dataset.type = event.type;
-    const what = event.file_path ?? event.message ?? JSON.stringify(event.payload ?? "");
+    const what =
+      event.file_path ?? event.path ?? event.message ?? JSON.stringify(event.payload ?? "");
     item.textContent = `#${event.seq} ${event.type} ${nameOf(event.user_id)} ${what}`;
     $("log").prepend(item);
     $("last-seq").textContent = client.lastSeq;
@@ -261,7 +262,6 @@ async function openDocument(path) {
         here.role = (await api(`/api/v1/projects/${here.id}`)).role;
         if (editor && mine === opening) showMode(here.role);
       },
-      onCaret: (line, column) => client?.cursor(path, line, column),
     });
     if (mine !== opening) {
       opened.close();

@@ -63,7 +63,7 @@ function moved(index, delta) {
 }
 
 /** Line and column (both from 1) of `index` in `text`. */
-export function lineAndColumn(text, index) {
+function lineAndColumn(text, index) {
   const lines = text.slice(0, index).split("\n");
   return { line: lines.length, column: lines.at(-1).length + 1 };
 }
@@ -81,8 +81,7 @@ function colourOf(userId) {
  * `onStatus(state, code)` with state "connecting", "syncing", "synced", "reconnecting" or
  * "closed"; `onPeers(peers)` with `[{ clientId, userId, name, colour, line, column,
  * selected }]`; `onClose(code)` for every closed connection (4014: the role changed, so
- * the page may ask for it and call `setEditable`); `onCaret(line, column)` when the own
- * caret moves. Returns `{ doc, text, provider, setEditable(bool), close() }`.
+ * the page may ask for it and call `setEditable`). Returns `{ doc, text, provider, setEditable(bool), close() }`.
  */
 export async function openSharedEditor({
   textarea,
@@ -92,7 +91,6 @@ export async function openSharedEditor({
   onStatus = () => {},
   onPeers = () => {},
   onClose = () => {},
-  onCaret = () => {},
 }) {
   const { url, room, ticket } = await getTicket();
   const doc = new Y.Doc();
@@ -193,8 +191,6 @@ export async function openSharedEditor({
       const position = (index) =>
         Y.relativePositionToJSON(Y.createRelativePositionFromTypeIndex(text, index));
       awareness.setLocalStateField("cursor", { anchor: position(anchor), head: position(head) });
-      const { line, column } = lineAndColumn(text.toString(), head);
-      onCaret(line, column);
     }, CURSOR_MS);
   };
 
