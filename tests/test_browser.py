@@ -407,6 +407,13 @@ def shared_document(browser: Browser, run_py: RunPy) -> None:
     d.keyboard.press("Control+End")
     d.keyboard.type(" Later.")
     expect(c.locator("#doc")).to_have_value(merged + " Later.")
+    # Deleted by its owner: the pages stop (no reconnecting to a document that is gone).
+    with httpx.Client(base_url=run_py.url) as http:
+        r = http.delete(f"/api/v1/projects/{project_id}/documents/{room}", headers=auth(ann))
+        assert r.status_code == 204, r.text
+    for page in (c, d):
+        expect(page.locator("#doc-status")).to_have_text("closed (4013)")
+    expect(d.locator("#doc")).not_to_be_editable()
     for tab in tabs.values():
         assert tab.blocked == tab.csp_violations == []
 

@@ -81,7 +81,8 @@ function colourOf(userId) {
  * `onStatus(state, code)` with state "connecting", "syncing", "synced", "reconnecting" or
  * "closed"; `onPeers(peers)` with `[{ clientId, userId, name, colour, line, column,
  * selected }]`; `onClose(code)` for every closed connection (4014: the role changed, so
- * the page may ask for it and call `setEditable`). Returns `{ doc, text, provider, setEditable(bool), close() }`.
+ * the page may ask for it and call `setEditable`).
+ * Returns `{ doc, text, provider, setEditable(bool), close() }`.
  */
 export async function openSharedEditor({
   textarea,
@@ -99,8 +100,8 @@ export async function openSharedEditor({
   // around the server's rules (a viewer's tab would edit a collaborator's replica).
   const provider = new WebsocketProvider(url, room, doc, { params: { ticket }, disableBc: true });
   const { awareness } = provider;
-  let closed = false;
-  let stopped = false;
+  let closed = false; // by close()
+  let stopped = false; // by a close code after which retrying cannot help
 
   const setEditable = (yes) => {
     editable = yes;
@@ -117,12 +118,12 @@ export async function openSharedEditor({
   };
   status("connecting");
   provider.on("status", ({ status: s }) => {
-    if (stopped) return;
+    if (closed || stopped) return;
     if (s === "connected") status(provider.synced ? "synced" : "syncing");
     else if (s === "disconnected") status("reconnecting");
   });
   provider.on("sync", (synced) => {
-    if (!stopped && provider.wsconnected) status(synced ? "synced" : "syncing");
+    if (!closed && !stopped && provider.wsconnected) status(synced ? "synced" : "syncing");
   });
   provider.on("connection-close", async (event) => {
     const code = event?.code ?? null;
@@ -131,6 +132,7 @@ export async function openSharedEditor({
     if (STOP.has(code)) {
       stopped = true;
       provider.disconnect();
+      textarea.readOnly = true; // what is typed now would reach nobody
       status("closed", code);
       return;
     }
