@@ -178,8 +178,11 @@ export async function openSharedEditor({
     else drawPeers();
   });
 
-  // The own caret and selection, as relative positions (they follow concurrent edits).
+  // The own caret and selection, as relative positions: they name the character after
+  // the caret, so they follow everyone's edits, and typing at the caret leaves them as
+  // they were (no awareness frame per keystroke: frames count against the rate limit).
   let caretTimer = null;
+  let shared = "";
   const shareCaret = () => {
     if (caretTimer !== null || closed) return;
     caretTimer = setTimeout(() => {
@@ -192,7 +195,10 @@ export async function openSharedEditor({
           : [selectionStart, selectionEnd];
       const position = (index) =>
         Y.relativePositionToJSON(Y.createRelativePositionFromTypeIndex(text, index));
-      awareness.setLocalStateField("cursor", { anchor: position(anchor), head: position(head) });
+      const cursor = { anchor: position(anchor), head: position(head) };
+      if (JSON.stringify(cursor) === shared) return;
+      shared = JSON.stringify(cursor);
+      awareness.setLocalStateField("cursor", cursor);
     }, CURSOR_MS);
   };
 
