@@ -126,7 +126,21 @@ async def test_write_list_and_read_a_document(server: Running) -> None:
     (found,) = r.json()["documents"]
     assert found["id"] == created["id"]
     r = await c.get(documents_url(team), params={"path": "/nothing"}, headers=team.viewer.auth)
-    assert r.json() == {"project_id": team.project_id, "documents": [], "total": 0}
+    assert r.json() == {
+        "project_id": team.project_id,
+        "documents": [],
+        "total": 0,
+        "limit": 100,
+        "offset": 0,
+    }
+    # One page at a time, by path.
+    r = await c.get(documents_url(team), params={"limit": 1, "offset": 1}, headers=team.owner.auth)
+    page = r.json()
+    assert [d["path"] for d in page["documents"]] == ["/src/app.py"]
+    assert (page["total"], page["limit"], page["offset"]) == (2, 1, 1)
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+        r = await c.get(documents_url(team), params=bad, headers=team.owner.auth)
+        assert code(r) == (422, "validation_error"), bad
     for name in (found["id"], found["room"]):
         r = await c.get(documents_url(team, name), headers=team.viewer.auth)
         assert r.status_code == 200 and r.json() == found
