@@ -14,6 +14,8 @@ import trio.lowlevel
 import trio.testing
 from conftest import Running
 from docclient import DocClient, settle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_workspace import make_team
 
 from atrium.actors import ActorStopped
@@ -23,6 +25,7 @@ from atrium.actors.document import (
     DocumentSettings,
     DocumentTooLarge,
     DropUser,
+    Incoming,
     ReadState,
     ReadText,
     ReplaceText,
@@ -628,3 +631,84 @@ async def test_a_load_that_fails_is_the_callers_error_not_a_restart(
     actor.request_stop()
     with pytest.raises(DocumentNotFound):
         await setup.documents.get(setup.ref.id)
+
+
+async def test_a_burst_of_one_peers_updates_is_one_row_and_one_frame(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    await settle(a, b)
+    b.inbox.clear()
+    for ch in "burst":
+        a.type(len(a.text), ch)
+    actor = await setup.actor()
+    for message in a.outbox:  # queued together, as a socket's reader would
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    await actor.ask(ReadText())
+    assert len(b.inbox) == 1
+    await settle(a, b)
+    assert str(b.text) == "burst"
+    row = await store.find_document(setup.db, setup.ref.id)
+    assert row is not None and row.last_seq == 1
+
+
+# -- compaction through the actor (hypothesis) -------------------------------------------
+
+# One step: (editor, position as a fraction, text to insert, chars to delete, then compact).
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.floats(0, 1),
+        st.text(alphabet="ab é😀\n", max_size=5),
+        st.integers(0, 3),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=15,
+)
+
+
+async def test_compacting_through_the_actor_at_random_points_keeps_the_content(
+    setup: Setup,
+) -> None:
+    """Three live editors make random edits, settling now and then; the actor compacts at
+    random points. Every editor, the actor and a reload from PostgreSQL end with the same
+    text. Hypothesis runs in a worker thread and calls back into this test's trio loop
+    (as in test_fuzz.py)."""
+
+    async def example(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        ref = await setup.documents.open(setup.project_id, f"/h/{uuid.uuid4().hex}")
+        actor = await setup.documents.get(ref.id)
+        editors = [DocClient(actor, setup.owner, "o") for _ in range(3)]
+        for editor in editors:
+            await editor.connect()
+        await settle(*editors)
+        for n, (who, where, chars, cut, compact_now) in enumerate(steps):
+            editor = editors[who]
+            current = str(editor.text)
+            at = int(where * len(current))
+            if cut:
+                editor.delete(len(current[:at].encode()), len(current[at : at + cut].encode()))
+            if chars:
+                editor.type(len(str(editor.text)[:at].encode()), chars)
+            await editor.send()
+            if n % 3 == 2:
+                await settle(*editors)
+            if compact_now:
+                await actor.ask(Compact())
+        await settle(*editors)
+        texts = {str(editor.text) for editor in editors}
+        assert len(texts) == 1
+        (text,) = texts
+        assert await actor.ask(ReadText()) == text
+        await stop(actor)
+        reloaded = await setup.documents.get(ref.id)
+        assert await reloaded.ask(ReadText()) == text
+        await stop(reloaded)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(steps=STEPS)
+    def run(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        trio.from_thread.run(example, steps)
+
+    await trio.to_thread.run_sync(run)

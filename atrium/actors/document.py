@@ -156,7 +156,7 @@ class _Client:
 
     peer: Peer
     clock: int
-    state: dict[str, Any] | None
+    state: dict[str, Any]
 
 
 class DocumentTooLarge(Exception):
@@ -176,8 +176,8 @@ class DocumentActor(Actor[Message, Any]):
     """The single owner of one open document.
 
     ``on_edit(user_id, ref)`` is called once for each update a user made that changed the
-    document, after it is stored (the workspace's activity feed hangs off it); it must
-    not block or raise.
+    document (a run of one peer's queued updates is one), after it is stored (the
+    workspace's activity feed hangs off it); it must not block or raise.
     """
 
     expected_errors = (DatabaseUnavailable, DocumentNotFound, DocumentTooLarge, ActorStopped)
@@ -322,7 +322,6 @@ class DocumentActor(Actor[Message, Any]):
         states = [
             yjs.AwarenessEntry(client_id, client.clock, client.state)
             for client_id, client in self._clients.items()
-            if client.state is not None
         ]
         if states:
             peer.deliver(yjs.awareness_message(yjs.encode_awareness(states)))
@@ -334,7 +333,7 @@ class DocumentActor(Actor[Message, Any]):
         gone = []
         for client_id in sorted(peer.clients):
             client = self._clients.pop(client_id, None)
-            if client is not None and client.state is not None:
+            if client is not None:
                 gone.append(yjs.AwarenessEntry(client_id, client.clock + 1, None))
         peer.clients.clear()
         if gone:
@@ -432,14 +431,25 @@ class DocumentActor(Actor[Message, Any]):
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
         """Append the applied updates in one transaction, then broadcast each to the
-        peers but the one that made it. Raises _Tainted when the append failed."""
+        peers but the one that made it. Consecutive updates of one peer are merged into
+        one (one row, one frame per receiver: a burst of keystrokes is one message).
+        Raises _Tainted when the append failed."""
         if not batch:
             return
-        appended = list(batch)
+        runs: list[tuple[Peer, list[bytes]]] = []
+        for peer, data in batch:
+            if runs and runs[-1][0] is peer:
+                runs[-1][1].append(data)
+            else:
+                runs.append((peer, [data]))
         batch.clear()
         self._batch_bytes = 0
-        await self._append([(data, peer.user_id) for peer, data in appended])
-        for peer, data in appended:
+        merged = [
+            (peer, updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates))
+            for peer, updates in runs
+        ]
+        await self._append([(data, peer.user_id) for peer, data in merged])
+        for peer, data in merged:
             self._broadcast(yjs.sync_update(data), peer)
             self._on_edit(peer.user_id, self.ref)
         await self._maybe_compact()
