@@ -12,7 +12,11 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from conftest import Running
 from docclient import DocClient, settle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_workspace import make_team
 
 from atrium.actors import ActorStopped
 from atrium.actors.document import (
@@ -21,6 +25,7 @@ from atrium.actors.document import (
     DocumentSettings,
     DocumentTooLarge,
     DropUser,
+    Incoming,
     ReadState,
     ReadText,
     ReplaceText,
@@ -447,9 +452,9 @@ async def test_an_idle_document_stops_and_the_next_get_loads_it(
     with trio.fail_after(5):
         while setup.documents.find(setup.ref.id) is not None:
             await trio.testing.wait_all_tasks_blocked()
-    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
-    again = await setup.actor()
+    again = await setup.actor()  # waits for the stopping one to end (compacted)
     assert again is not actor and await again.ask(ReadText()) == "idle"
+    assert (await store.load_document(setup.db, setup.ref.id)).updates == []
     assert setup.documents.overview(10)[0] == 1
 
 
@@ -493,3 +498,217 @@ async def test_a_yrs_panic_refuses_the_peer_and_reloads_the_document(
     assert str(a.text) == "safe"
     reloaded = await setup.actor()
     assert reloaded is not actor and await reloaded.ask(ReadText()) == "safe"
+
+
+# -- membership, through the project service on a real server -----------------------------
+
+
+async def test_membership_events_reach_open_documents(server: Running) -> None:
+    """Through the project service: a removed member's document peers close with 4005
+    and what they send after is not applied; a deleted project closes every peer with
+    4006."""
+    team = await make_team(server, "main")
+    assert server.bound.services is not None
+    documents = server.bound.services.value.documents
+    ref = await documents.open(uuid.UUID(team.project_id), "/a.md")
+
+    async def peer(member: Any, can_edit: bool) -> DocClient:
+        client = DocClient(
+            await documents.get(ref.id), uuid.UUID(member.user_id), member.email, can_edit=can_edit
+        )
+        await client.connect()
+        return client
+
+    owner = await peer(team.owner, True)
+    collaborator = await peer(team.collaborator, True)
+    viewer = await peer(team.viewer, False)
+    await settle(owner, collaborator, viewer)
+    members = f"/api/v1/projects/{team.project_id}/collaborators"
+    r = await server.client.delete(
+        f"{members}/{team.collaborator.user_id}", headers=team.owner.auth
+    )
+    assert r.status_code in (200, 204), r.text
+    await settle(owner, viewer)
+    assert collaborator.closed == (4005, "member_removed")
+    collaborator.closed = None  # as if its socket were still sending
+    collaborator.type(0, "after removal")
+    await settle(owner, collaborator, viewer)
+    assert str(owner.text) == ""
+    r = await server.client.delete(f"/api/v1/projects/{team.project_id}", headers=team.owner.auth)
+    assert r.status_code in (200, 204), r.text
+    await settle(owner)
+    assert owner.closed == viewer.closed == (4006, "project_deleted")
+
+
+async def test_two_actors_on_one_document_fill_each_others_updates(
+    setup: Setup, nursery: trio.Nursery
+) -> None:
+    """As two processes would: each stores with the next seq of the one counter, and an
+    actor whose append finds that seqs were taken meanwhile reads those updates first
+    (also once the other compacted them into its snapshot)."""
+    first = await setup.actor()
+    second = DocumentActor(setup.ref, setup.db, DocumentSettings(idle_timeout=3600))
+    await nursery.start(second.run)
+    a = await setup.client(setup.owner)
+    b = DocClient(second, setup.editor, "e")
+    await b.connect()
+    a.type(0, "one ")
+    await settle(a)
+    a.type(4, "two ")
+    await settle(a)
+    assert await first.ask(Compact()) is True
+    a.type(8, "three")
+    await settle(a)
+    b.type(0, ">")
+    await settle(b)
+    # ">" went in concurrently at 0: Yjs orders it by client id, before or after.
+    assert str(b.text) == await second.ask(ReadText())
+    assert str(b.text) in (">one two three", "one two three>")
+    overview = second.overview()
+    assert (overview["seq"], overview["snapshot_seq"]) == (4, 2)
+    loaded = await store.load_document(setup.db, setup.ref.id)
+    assert overview["stored_bytes"] == loaded.row.byte_size
+    second.request_stop()
+
+
+async def test_the_registry_starts_one_actor_per_document(setup: Setup) -> None:
+    got: list[DocumentActor] = []
+
+    async def get() -> None:
+        got.append(await setup.documents.get(setup.ref.id))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(get)
+    assert len({id(actor) for actor in got}) == 1
+    assert setup.documents.running() == got[:1]
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(uuid.uuid4())
+    other = await setup.documents.open(setup.project_id, "/b.md")
+    assert other == await setup.documents.open(setup.project_id, "/b.md")
+    listed = await setup.documents.of_project(setup.project_id)
+    assert [row.path for row in listed] == ["/b.md", "/src/app.py"]
+    described = await setup.documents.describe(setup.ref.id)
+    assert described is not None and described.ref == setup.ref
+    assert setup.documents.find(other.id) is None
+
+
+async def test_a_users_new_connection_takes_over_its_awareness_client(setup: Setup) -> None:
+    """A provider that reconnects keeps its client id; its new socket may speak for it
+    before the old one is seen to close (the same user), and the old one's detach then
+    removes nothing."""
+    old = await setup.client(setup.owner)
+    other = await setup.client(setup.editor)
+    old.set_awareness(21, 1, {"v": "old"})
+    await settle(old, other)
+    new = await setup.client(setup.owner)
+    new.set_awareness(21, 2, {"v": "new"})
+    await settle(new, other)
+    assert other.awareness[21] is not None and other.awareness[21]["v"] == "new"
+    await old.detach()
+    await settle(new, other)
+    assert other.awareness[21] is not None and other.awareness[21]["v"] == "new"
+    await new.detach()
+    await settle(other)
+    assert other.awareness[21] is None
+
+
+async def test_a_load_that_fails_is_the_callers_error_not_a_restart(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        raise DatabaseUnavailable("injected")
+
+    monkeypatch.setattr(store, "load_document", away)
+    with pytest.raises(DatabaseUnavailable):
+        await setup.documents.get(setup.ref.id)
+    assert setup.documents.running() == []
+    monkeypatch.undo()
+    actor = await setup.actor()
+    assert actor.alive and await actor.ask(ReadText()) == ""
+    # Deleted while its actor stops: the next get hears DocumentNotFound.
+    await store.delete_document(setup.db, setup.ref.id)
+    actor.request_stop()
+    with pytest.raises(DocumentNotFound):
+        await setup.documents.get(setup.ref.id)
+
+
+async def test_a_burst_of_one_peers_updates_is_one_row_and_one_frame(setup: Setup) -> None:
+    a = await setup.client(setup.owner)
+    b = await setup.client(setup.editor)
+    await settle(a, b)
+    b.inbox.clear()
+    for ch in "burst":
+        a.type(len(a.text), ch)
+    actor = await setup.actor()
+    for message in a.outbox:  # queued together, as a socket's reader would
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    await actor.ask(ReadText())
+    assert len(b.inbox) == 1
+    await settle(a, b)
+    assert str(b.text) == "burst"
+    row = await store.find_document(setup.db, setup.ref.id)
+    assert row is not None and row.last_seq == 1
+
+
+# -- compaction through the actor (hypothesis) -------------------------------------------
+
+# One step: (editor, position as a fraction, text to insert, chars to delete, then compact).
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.floats(0, 1),
+        st.text(alphabet="ab é😀\n", max_size=5),
+        st.integers(0, 3),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=15,
+)
+
+
+async def test_compacting_through_the_actor_at_random_points_keeps_the_content(
+    setup: Setup,
+) -> None:
+    """Three live editors make random edits, settling now and then; the actor compacts at
+    random points. Every editor, the actor and a reload from PostgreSQL end with the same
+    text. Hypothesis runs in a worker thread and calls back into this test's trio loop
+    (as in test_fuzz.py)."""
+
+    async def example(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        ref = await setup.documents.open(setup.project_id, f"/h/{uuid.uuid4().hex}")
+        actor = await setup.documents.get(ref.id)
+        editors = [DocClient(actor, setup.owner, "o") for _ in range(3)]
+        for editor in editors:
+            await editor.connect()
+        await settle(*editors)
+        for n, (who, where, chars, cut, compact_now) in enumerate(steps):
+            editor = editors[who]
+            current = str(editor.text)
+            at = int(where * len(current))
+            if cut:
+                editor.delete(len(current[:at].encode()), len(current[at : at + cut].encode()))
+            if chars:
+                editor.type(len(str(editor.text)[:at].encode()), chars)
+            await editor.send()
+            if n % 3 == 2:
+                await settle(*editors)
+            if compact_now:
+                await actor.ask(Compact())
+        await settle(*editors)
+        texts = {str(editor.text) for editor in editors}
+        assert len(texts) == 1
+        (text,) = texts
+        assert await actor.ask(ReadText()) == text
+        await stop(actor)
+        reloaded = await setup.documents.get(ref.id)
+        assert await reloaded.ask(ReadText()) == text
+        await stop(reloaded)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(steps=STEPS)
+    def run(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        trio.from_thread.run(example, steps)
+
+    await trio.to_thread.run_sync(run)

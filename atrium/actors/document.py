@@ -198,6 +198,7 @@ class DocumentActor(Actor[Message, Any]):
         "_since_snapshot",
         "_updates_applied",
         "_tainted",
+        "_batch_bytes",
     )
 
     def __init__(
@@ -230,6 +231,7 @@ class DocumentActor(Actor[Message, Any]):
         self._since_snapshot = 0
         self._updates_applied = 0
         self._tainted = False
+        self._batch_bytes = 0  # of the updates applied and not yet appended
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -360,9 +362,11 @@ class DocumentActor(Actor[Message, Any]):
     # -- messages from peers ----------------------------------------------------------------
 
     async def _incoming(self, first: Incoming) -> None:
-        """Handle the peers' messages queued now, in order: the updates among them (up to
-        ``update_batch`` in a row) are appended in one transaction."""
+        """Handle the peers' messages queued now, in order (at most four batches' worth):
+        the updates among them (up to ``update_batch``) are appended in one transaction,
+        before any other message is answered."""
         batch: list[tuple[Peer, bytes]] = []
+        handled = 0
         message: Incoming | None = first
         while message is not None:
             peer = message.peer
@@ -378,7 +382,9 @@ class DocumentActor(Actor[Message, Any]):
                 elif parsed is not None:
                     await self._store(batch)
                     self._other(peer, parsed)
-            if len(batch) >= self._settings.update_batch:
+            handled += 1
+            limit = self._settings.update_batch
+            if len(batch) >= limit or handled >= 4 * limit:
                 break
             taken = self.take_nowait(_is_incoming)
             message = taken if isinstance(taken, Incoming) else None
@@ -404,7 +410,7 @@ class DocumentActor(Actor[Message, Any]):
         if len(update) > self._settings.max_update_bytes:
             self._refuse(peer, CloseCode.MESSAGE_TOO_BIG, "update_too_large")
             return
-        pending = sum(len(data) for _, data in batch)
+        pending = self._batch_bytes
         if self._stored_bytes + pending + len(update) > self._settings.max_document_bytes:
             self._refuse(peer, CloseCode.DOCUMENT_TOO_LARGE, "document_too_large")
             return
@@ -421,17 +427,30 @@ class DocumentActor(Actor[Message, Any]):
             raise _Tainted() from panic
         for changed in self._captured:
             batch.append((peer, changed))
+            self._batch_bytes += len(changed)
         self._captured.clear()
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
         """Append the applied updates in one transaction, then broadcast each to the
-        peers but the one that made it. Raises _Tainted when the append failed."""
+        peers but the one that made it. Consecutive updates of one peer are merged into
+        one (one row, one frame per receiver: a burst of keystrokes is one message).
+        Raises _Tainted when the append failed."""
         if not batch:
             return
-        appended = list(batch)
+        runs: list[tuple[Peer, list[bytes]]] = []
+        for peer, data in batch:
+            if runs and runs[-1][0] is peer:
+                runs[-1][1].append(data)
+            else:
+                runs.append((peer, [data]))
         batch.clear()
-        await self._append([(data, peer.user_id) for peer, data in appended])
-        for peer, data in appended:
+        self._batch_bytes = 0
+        merged = [
+            (peer, updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates))
+            for peer, updates in runs
+        ]
+        await self._append([(data, peer.user_id) for peer, data in merged])
+        for peer, data in merged:
             self._broadcast(yjs.sync_update(data), peer)
             self._on_edit(peer.user_id, self.ref)
         await self._maybe_compact()
@@ -442,13 +461,21 @@ class DocumentActor(Actor[Message, Any]):
         except (DatabaseUnavailable, DocumentNotFound) as error:
             raise _Tainted() from error
         first = last - len(updates) + 1
-        if first != self._last_seq + 1:
-            # Another process appended in between: read what it wrote first.
-            await self._fill(self._last_seq, first - 1)
-        self._last_seq = last
-        self._stored_bytes += sum(len(data) for data, _ in updates)
-        self._since_snapshot += len(updates)
         self._updates_applied += len(updates)
+        if first == self._last_seq + 1:
+            self._last_seq = last
+            self._stored_bytes += sum(len(data) for data, _ in updates)
+            self._since_snapshot += len(updates)
+            return
+        # Another process appended in between: take what it wrote too, then the row's
+        # figures (it may have compacted as well).
+        await self._fill(self._last_seq, first - 1)
+        self._last_seq = last
+        row = await store.find_document(self._db, self.ref.id)
+        if row is not None:
+            self._snapshot_seq = row.snapshot_seq
+            self._stored_bytes = row.byte_size
+            self._since_snapshot = last - row.snapshot_seq
 
     async def _fill(self, after: int, until: int) -> None:
         """Apply and broadcast the updates another writer appended after ``after``."""
@@ -461,7 +488,6 @@ class DocumentActor(Actor[Message, Any]):
                 self._apply_and_broadcast(loaded.snapshot)
         for update in missing:
             self._apply_and_broadcast(update.update)
-        self._since_snapshot += len(missing)
 
     def _apply_and_broadcast(self, update: bytes) -> None:
         self._captured.clear()
@@ -475,7 +501,9 @@ class DocumentActor(Actor[Message, Any]):
     def _awareness(self, peer: Peer, payload: bytes) -> None:
         """Take the entries of the peer's awareness update that it may speak for, stamp
         them with its user, and broadcast them. A client id belongs to the first peer that
-        uses it, until that peer detaches."""
+        uses it until that peer detaches; another connection of the same user may take it
+        over (a provider that reconnected before its old socket was seen to close), no
+        other user's."""
         try:
             entries = yjs.parse_awareness(payload)
         except yjs.MalformedMessage:
@@ -484,28 +512,26 @@ class DocumentActor(Actor[Message, Any]):
         accepted = []
         for entry in entries:
             client = self._clients.get(entry.client_id)
-            if client is None:
-                if len(peer.clients) >= self._settings.max_clients_per_peer:
+            if client is not None and client.peer is not peer:
+                if client.peer.user_id != peer.user_id:
+                    continue  # another user's client: nobody else may speak for it
+            if client is None or client.peer is not peer:
+                if entry.state is None or len(peer.clients) >= self._settings.max_clients_per_peer:
                     continue
-                if entry.state is None:
-                    continue
-            elif client.peer is not peer:
-                continue  # another connection's client: nobody may speak for it
-            elif entry.clock < client.clock or (
-                entry.clock == client.clock and entry.state is not None
+            if client is not None and (
+                entry.clock < client.clock
+                or (entry.clock == client.clock and entry.state is not None)
             ):
                 continue  # stale
-            state = (
-                None
-                if entry.state is None
-                else yjs.stamped(entry.state, str(peer.user_id), peer.email)
-            )
-            if state is None:
+            if client is not None:
+                client.peer.clients.discard(entry.client_id)
+            if entry.state is None:
                 self._clients.pop(entry.client_id, None)
-                peer.clients.discard(entry.client_id)
-            else:
-                self._clients[entry.client_id] = _Client(peer, entry.clock, state)
-                peer.clients.add(entry.client_id)
+                accepted.append(entry)
+                continue
+            state = yjs.stamped(entry.state, str(peer.user_id), peer.email)
+            self._clients[entry.client_id] = _Client(peer, entry.clock, state)
+            peer.clients.add(entry.client_id)
             accepted.append(yjs.AwarenessEntry(entry.client_id, entry.clock, state))
         if accepted:
             self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), peer)

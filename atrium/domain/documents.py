@@ -13,13 +13,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
 from ..actors import ActorStopped
-from ..actors.document import CloseAll, DocumentActor, DocumentSettings
+from ..actors.document import (
+    CloseAll,
+    DocumentActor,
+    DocumentSettings,
+    DropUser,
+    Message,
+)
+from ..core.events import Event, EventType
 from ..persistence import documents as store
 from ..persistence.database import Database
 from ..persistence.documents import DocumentNotFound, DocumentRef, DocumentRow
@@ -157,6 +164,27 @@ class Documents:
             with contextlib.suppress(ActorStopped):
                 await actor.tell(CloseAll(CloseCode.DOCUMENT_DELETED, "document_deleted"))
         return deleted
+
+    async def publish(self, project_id: uuid.UUID, events: Sequence[Event]) -> None:
+        """Apply committed project events to the project's open documents (an
+        ``EventPublisher``): a removed member's peers are dropped (4005) and a deleted
+        project's documents close every peer (4006) and stop, in mailbox order, so
+        nothing those peers queued is applied after. (A changed role is the document
+        socket's to handle: it reconnects with the new role, 4014.)"""
+        messages: list[Message] = []
+        for event in events:
+            if event.type is EventType.PROJECT_DELETED:
+                messages.append(CloseAll(CloseCode.PROJECT_DELETED, "project_deleted"))
+            elif event.type is EventType.MEMBER_REMOVED:
+                user_id = uuid.UUID(str(event.payload.get("user_id")))
+                messages.append(DropUser(user_id, CloseCode.MEMBER_REMOVED, "member_removed"))
+        if not messages:
+            return
+        for actor in self.running():
+            if actor.ref.project_id == project_id:
+                for message in messages:
+                    with contextlib.suppress(ActorStopped):
+                        await actor.tell(message)
 
     def overview(self, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
         """The documents open in this process now: how many, their peers all together,

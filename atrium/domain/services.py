@@ -221,8 +221,11 @@ def build_services(
         settings=DocumentConnectionSettings.of(settings),
     )
     # Committed project events reach the live workspaces, then the document sockets (a
-    # member removed is disconnected from both).
-    publish = _Publishers((workspaces if publisher is None else publisher, document_sessions))
+    # member removed is disconnected from both), then the open documents' actors (which
+    # drop a removed member's peers in mailbox order: nothing they queued is applied).
+    publish = _Publishers(
+        (workspaces if publisher is None else publisher, document_sessions, documents)
+    )
     cluster = None if shared is None else shared.cluster(realtime)
     limiter: RateLimiter
     session_cache: UserCache

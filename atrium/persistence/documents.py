@@ -176,10 +176,15 @@ async def append_updates(
         if last is None:
             raise DocumentNotFound()
         first = int(last) - len(updates) + 1
-        await conn.executemany(
+        # One statement for the batch (executemany costs a round of binds per row).
+        await conn.execute(
             "INSERT INTO document_updates (document_id, seq, update, user_id)"
-            " VALUES ($1, $2, $3, $4)",
-            [(document_id, first + i, data, user_id) for i, (data, user_id) in enumerate(updates)],
+            " SELECT $1, $2 + u.n - 1, u.data, u.user_id"
+            " FROM unnest($3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(data, user_id, n)",
+            document_id,
+            first,
+            [data for data, _ in updates],
+            [user_id for _, user_id in updates],
         )
         return int(last)
 
