@@ -233,11 +233,33 @@ async def test_text_frames_and_oversized_messages_are_refused(main_team: Team) -
         assert await client.closed() == (4000, "binary_frames_only")
     async with connect(url) as client:
         try:
-            await client.ws.send_message(b"\x00\x02" + b"x" * 70_000)
+            await client.ws.send_message(b"\x00\x02" + b"x" * 1_100_000)  # DOC_MAX_UPDATE_BYTES
         except ConnectionClosed:
             pass
         code, _ = await client.closed()
         assert code == 1009
+
+
+async def test_an_update_larger_than_a_workspace_frame_is_taken(team: Team) -> None:
+    # 100 KB: over WS_MAX_MESSAGE_BYTES (a workspace frame), under DOC_MAX_UPDATE_BYTES.
+    issued = await get_ticket(team, team.collaborator)
+    url = doc_url(team, issued["room"], issued["ticket"])
+    pasted = "".join(chr(0x61 + i % 26) for i in range(100_000))
+    async with connect(url) as client:
+        assert isinstance(await first_message(client), yjs.SyncStep1)
+        doc: pycrdt.Doc = pycrdt.Doc()
+        updates: list[bytes] = []
+        doc.observe(lambda event: updates.append(event.update))
+        doc.get("content", type=pycrdt.Text).insert(0, pasted)
+        await client.ws.send_message(yjs.sync_update(updates[0]))
+        assert len(updates[0]) > 65_536
+    async with connect(url) as again:
+        await again.ws.send_message(yjs.sync_step1(pycrdt.Doc().get_state()))
+        while not isinstance(message := await first_message(again), yjs.SyncStep2):
+            pass
+        fresh: pycrdt.Doc = pycrdt.Doc()
+        fresh.apply_update(message.update)
+        assert str(fresh.get("content", type=pycrdt.Text)) == pasted
 
 
 async def test_a_user_over_the_update_rate_is_closed(start_server: StartServer) -> None:

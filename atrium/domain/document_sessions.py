@@ -57,6 +57,9 @@ _KEPT_RATES = 4096
 
 _CLOSE_TIMEOUT = 2.0
 _DOCUMENTS_PATH = "/ws/documents/"
+DOCUMENT_FRAMING = 16
+"""Bytes of y-websocket framing around one update: a message is at most
+DOC_MAX_UPDATE_BYTES plus these."""
 
 
 class BinaryConnection(Protocol):
@@ -120,7 +123,7 @@ class DocumentConnectionSettings:
         """From a process's settings: a message holds at most one update of
         DOC_MAX_UPDATE_BYTES and its few bytes of framing."""
         return cls(
-            max_message_bytes=settings.doc_max_update_bytes + 16,
+            max_message_bytes=settings.doc_max_update_bytes + DOCUMENT_FRAMING,
             updates_per_second=settings.doc_updates_per_second,
             send_queue=settings.ws_send_queue,
             recheck_seconds=max(1, settings.doc_ticket_seconds),

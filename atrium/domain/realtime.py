@@ -128,6 +128,9 @@ class ConnectionSettings:
     rate_strikes: int = 20
     token_warning: float = 60.0
     token_grace: float = 30.0
+    # WS_MAX_MESSAGE_BYTES: checked here, as the main port's transport allows a live
+    # document's larger updates (DOC_MAX_UPDATE_BYTES) on every socket.
+    max_message_bytes: int = 65_536
 
     @classmethod
     def of(cls, settings: Settings) -> ConnectionSettings:
@@ -141,6 +144,7 @@ class ConnectionSettings:
             rate_per_second=settings.ws_rate_limit_per_second,
             rate_burst=2 * settings.ws_rate_limit_per_second,
             max_connections_per_user=settings.ws_max_connections_per_user,
+            max_message_bytes=settings.ws_max_message_bytes,
             user_edits_per_second=settings.ws_user_edits_per_second,
             user_edit_burst=2 * settings.ws_user_edits_per_second,
         )
@@ -420,6 +424,8 @@ class _LiveConnection:
     async def _first_auth_frame(self) -> protocol.Auth:
         with trio.move_on_after(self.settings.auth_timeout):
             raw = await self.conn.receive()
+            if len(raw) > self.settings.max_message_bytes:
+                raise Refused(CloseCode.MESSAGE_TOO_BIG, "message_too_big")
             message = protocol.parse_client_frame(raw)
             if isinstance(message, protocol.Auth):
                 return message
@@ -515,6 +521,9 @@ class _LiveConnection:
     async def _on_frame(self, raw: str | bytes) -> None:
         if self.outbox.closing:
             return  # closing (revoked, removed, too slow, ...): nothing more is acted on
+        if len(raw) > self.settings.max_message_bytes:
+            self.outbox.close(CloseCode.MESSAGE_TOO_BIG, "message_too_big", flush=False)
+            return
         if not self._within_rate():
             return
         message = protocol.parse_client_frame(raw)

@@ -287,6 +287,15 @@ class ListenerConnection:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
 
+    @property
+    def max_message_size(self) -> int:
+        """Messages larger than this close the connection with 1009."""
+        return self._max_size
+
+    @max_message_size.setter
+    def max_message_size(self, size: int) -> None:
+        self._max_size = size
+
     # -- bytes ------------------------------------------------------------------------------
 
     async def _send_event(self, event: CloseConnection | Pong) -> None:
@@ -348,6 +357,7 @@ async def _serve_connection(
     documents: DocumentServing | None,
     sock: socket.socket,
     max_message_size: int,
+    document_max_message_size: int,
 ) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
     ``sessions.serve`` (a document's in ``documents.serve``). An exception never reaches
@@ -365,6 +375,7 @@ async def _serve_connection(
             if documents is None:
                 await conn.close(CloseReason.NORMAL_CLOSURE, "no_documents_here")
             else:
+                conn.max_message_size = document_max_message_size
                 await documents.serve(conn, handshake, transport="listener")
         elif handshake is not None:
             await sessions.serve(conn, handshake, transport="listener")
@@ -431,20 +442,23 @@ async def serve_listener(
     *,
     max_message_size: int,
     documents: DocumentServing | None = None,
+    document_max_message_size: int | None = None,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve workspaces (and, given ``documents``, live documents) on ``host:port`` until
-    cancelled; ``started(port)`` once listening
-    (with port 0, the port of the first address ``host`` resolves to). ``reuse_port``:
-    share the port with other processes (SO_REUSEPORT; ``run.py --workers``)."""
+    """Serve workspaces (and, given ``documents``, live documents, whose messages may be
+    up to ``document_max_message_size``) on ``host:port`` until cancelled;
+    ``started(port)`` once listening (with port 0, the port of the first address ``host``
+    resolves to). ``reuse_port``: share the port with other processes (SO_REUSEPORT;
+    ``run.py --workers``)."""
+    document_max_size = document_max_message_size or max_message_size
     listeners = await _listening_sockets(host, port, reuse_port)
     try:
         bound = listeners[0].getsockname()[1]
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
         async def handle(sock: socket.socket) -> None:
-            await _serve_connection(sessions, documents, sock, max_message_size)
+            await _serve_connection(sessions, documents, sock, max_message_size, document_max_size)
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:

@@ -71,6 +71,7 @@ from ..core.breaker import BreakerSettings
 from ..core.config import Settings
 from ..core.failures import ContainedFailures
 from ..core.metrics import COMPLETED_WINDOW, Metrics
+from ..domain.document_sessions import DOCUMENT_FRAMING
 from ..domain.services import Services, build_services
 from ..http import server as http_server
 from ..http.app import create_asgi
@@ -142,7 +143,11 @@ def hypercorn_config(settings: Settings, port: int) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
-    config.websocket_max_message_size = settings.ws_max_message_bytes
+    # A live document's update may be larger than a workspace frame: the transport allows
+    # the larger, and each session enforces its own (WS_MAX_MESSAGE_BYTES in Realtime).
+    config.websocket_max_message_size = max(
+        settings.ws_max_message_bytes, settings.doc_max_update_bytes + DOCUMENT_FRAMING
+    )
     return config
 
 
@@ -227,6 +232,7 @@ async def _run_ws_listener(
                 port,
                 max_message_size=settings.ws_max_message_bytes,
                 documents=database.value.document_sessions,
+                document_max_message_size=settings.doc_max_update_bytes + DOCUMENT_FRAMING,
                 reuse_port=settings.reuse_port,
             )
         )
