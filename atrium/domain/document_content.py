@@ -81,16 +81,17 @@ class DocumentContent:
         return row
 
     async def _ask(self, document_id: uuid.UUID, message: Any) -> Any:
-        for attempt in range(_ATTEMPTS):
+        left = _ATTEMPTS
+        while True:
+            left -= 1
             try:
                 actor = await self._documents.get(document_id)
                 return await actor.ask(message, timeout=_ASK_SECONDS)
             except ActorStopped:
-                if attempt == _ATTEMPTS - 1:
+                if not left:
                     raise
             except DocumentNotFound:
                 raise _document_not_found() from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def list(
         self,
