@@ -259,7 +259,11 @@ async function openDocument(path) {
       },
       onClose: async (code) => {
         if (code !== 4014) return; // role_changed: editable or not, from now on
-        here.role = (await api(`/api/v1/projects/${here.id}`)).role;
+        try {
+          here.role = (await api(`/api/v1/projects/${here.id}`)).role;
+        } catch {
+          return; // no longer a member: the next connection is refused (4004) and stops
+        }
         if (editor && mine === opening) showMode(here.role);
       },
     });
