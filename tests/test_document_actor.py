@@ -189,18 +189,27 @@ async def test_the_document_size_limit_compacts_first_then_refuses(
         db, nursery, DocumentSettings(max_document_bytes=3000, compact_after=10_000)
     )
     a = await setup.client()
-    for i in range(30):
-        a.type(0, f"{i:02d}")
+    for i in range(100):  # about 25 bytes stored per keystroke; their snapshot is ~130
+        a.type(len(a.text), "abcdefghij"[i % 10])
         await settle(a)
+    before = await store.find_document(setup.db, setup.ref.id)
+    assert before is not None and before.byte_size > 2000 and before.snapshot_seq == 0
+    a.type(0, "y" * 1000)  # over the limit as stored, under it once compacted
+    await settle(a)
     assert a.closed is None
-    a.type(0, "y" * 2500)
+    actor = await setup.actor()
+    assert (await actor.ask(ReadText())).startswith("y" * 1000)
+    after = await store.find_document(setup.db, setup.ref.id)
+    assert after is not None and after.snapshot_seq == 100 and after.byte_size < 1500
+    a.type(0, "z" * 2000)  # over it even compacted
     await settle(a)
     assert a.closed == (4012, "document_too_large")
-    actor = await setup.actor()
-    assert "y" not in await actor.ask(ReadText())
+    assert "z" not in await actor.ask(ReadText())
     with pytest.raises(DocumentTooLarge):
-        await actor.ask(ReplaceText("z" * 4000, setup.owner))
+        await actor.ask(ReplaceText("w" * 4000, setup.owner))
     assert actor.alive
+    await actor.ask(ReplaceText("short", setup.owner))
+    assert await actor.ask(ReadText()) == "short"
 
 
 # -- bad input --------------------------------------------------------------------------
@@ -359,7 +368,10 @@ class InjectedFault(RuntimeError):
     pass
 
 
-class _CrashingDocumentActor(DocumentActor):
+class CrashingDocumentActor(DocumentActor):
+    """A document actor whose next message raises InjectedFault, as a bug in ``handle``
+    would (set an actor's class to it, as conftest's ``crash_workspace`` does)."""
+
     __slots__ = ()
 
     async def handle(self, message: Any) -> Any:
@@ -378,9 +390,13 @@ async def test_a_crash_closes_peers_with_1012_and_loses_nothing_appended(setup: 
     actor = await setup.actor()
     # Updates queued behind the crash are lost with the actor, as a socket's would be.
     a.type(0, "queued")
-    actor.__class__ = _CrashingDocumentActor
-    await actor.tell(ReadText())
-    await a.send()
+    actor.__class__ = CrashingDocumentActor
+    actor.tell_nowait(ReadText())
+    for message in a.outbox:
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    with pytest.raises(ActorStopped):  # answered when the crashed actor closes its mailbox
+        await actor.ask(ReadText())
     with trio.fail_after(5):
         restarted = await setup.actor()
     assert restarted is not actor
