@@ -32,35 +32,245 @@ from __future__ import annotations
 import warnings
 from collections.abc import Awaitable, Callable
 from functools import partial
+from itertools import chain
+from math import inf
 from random import randint
 from typing import Any
 
+import h11
+import hypercorn.protocol
+import hypercorn.protocol.h11
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.udp_server import UDPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, Framework, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.typing import (
+    AppWrapper,
+    ConnectionState,
+    Framework,
+    H11SendableEvent,
+    LifespanState,
+)
+from hypercorn.utils import (
+    ShutdownError,
+    parse_socket_addr,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
 
 # Told of what one connection let out (an exception group); never raises.
 Contain = Callable[[BaseException], None]
 
 
 class ContainedTCPServer(TCPServer):
-    """hypercorn's per-connection server; an Exception ends this connection only."""
+    """hypercorn's per-connection server; an Exception ends this connection only.
+
+    Its HTTP/1.1 path is also cheaper per request than hypercorn's (docs/BENCHMARKS.md,
+    "The HTTP floor"), each change one that hypercorn could take as it is:
+
+    - the keep-alive timer is one task for the connection's life whose deadline moves,
+      where hypercorn's ``TrioSingleTask`` starts a task for it after every response and
+      cancels that task at the next request;
+    - a write takes the send lock without a checkpoint when no other write holds it (the
+      write itself is the checkpoint);
+    - a read without ``read_timeout`` opens no timeout scope;
+    - the protocol is :class:`H11Protocol`'s, writing a response's head with its body.
+    """
 
     def __init__(self, contain: Contain, *args: Any) -> None:
         super().__init__(*args)
         self._contain = contain
+        # Idle from the start; protocol_send moves the deadline from the first request on.
+        deadline = trio.current_time() + self.config.keep_alive_timeout
+        self._keep_alive_scope = trio.CancelScope(deadline=deadline)
+        self._busy = False
 
     async def run(self) -> None:
         try:
-            await super().run()
+            await self._run()
         except* Exception as group:
             self._contain(group)
+
+    async def _run(self) -> None:
+        """hypercorn's ``TCPServer.run``, building :class:`ProtocolWrapper` and starting the
+        connection's one keep-alive task (tests/test_seams.py compares the two)."""
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # Handshake failed
+            alpn_protocol = self.stream.selected_alpn_protocol()
+            socket = self.stream.transport_stream.socket
+            ssl = True
+        except AttributeError:  # Not SSL
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket
+            ssl = False
+
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                )
+                await self.protocol.initiate()
+                self._task_group.spawn(self._keep_alive)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.send_lock.acquire()
+            try:
+                try:
+                    with trio.CancelScope() as cancel_scope:
+                        cancel_scope.shield = True
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+            finally:
+                self.send_lock.release()
+        elif isinstance(event, Updated):
+            self._busy = not event.idle
+            if self._busy:
+                self._keep_alive_scope.deadline = inf
+            elif self.context.terminated.is_set():
+                self._keep_alive_scope.deadline = -inf
+            else:
+                now = trio.current_time()
+                self._keep_alive_scope.deadline = now + self.config.keep_alive_timeout
+        else:
+            await super().protocol_send(event)
+
+    async def _read_data(self) -> None:
+        read_timeout = self.config.read_timeout
+        while True:
+            try:
+                if read_timeout is None:
+                    data = await self.stream.receive_some(MAX_RECV)
+                else:
+                    with trio.fail_after(read_timeout):
+                        data = await self.stream.receive_some(MAX_RECV)
+            except (
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+            ):
+                break
+            else:
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+        await self.protocol.handle(Closed())
+
+    async def _keep_alive(self) -> None:
+        """hypercorn's ``_idle_timeout`` for the connection's life: closes it once idle for
+        ``keep_alive_timeout``, or at once when idle after the server began to shut down.
+        ``protocol_send`` moves the deadline (no deadline while a request is in flight)."""
+        with self._keep_alive_scope:
+            await self.context.terminated.wait()
+            if self._busy:  # shutting down: close once the response is out
+                await trio.sleep_forever()
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+
+class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
+    """hypercorn's ``ProtocolWrapper``, speaking HTTP/1.1 with :class:`H11Protocol`."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        task_group: TaskGroup,
+        state: ConnectionState,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        send: Callable[[Event], Awaitable[None]],
+        alpn_protocol: str | None = None,
+    ) -> None:
+        super().__init__(
+            app, config, context, task_group, state, ssl, client, server, send, alpn_protocol
+        )
+        if alpn_protocol != "h2":
+            self.protocol = H11Protocol(
+                app, config, context, task_group, state, ssl, client, server, send
+            )
+
+
+class H11Protocol(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, writing a response's head with its first body bytes.
+
+    hypercorn writes the head, each body chunk and the end of the body as three writes
+    (the last one empty with a ``Content-Length``): two packets and three trips through
+    the send lock and the scheduler for the commonest response. ASGI already lets a server
+    hold the head until the first body message arrives, and an empty write is skipped.
+    """
+
+    _head = b""
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            headers = list(chain(event.headers, self.config.response_headers("h11")))
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            try:
+                self._head += self.connection.send(
+                    h11.Response(headers=headers, status_code=event.status_code)
+                )
+            except h11.LocalProtocolError:
+                if self.connection.their_state != h11.ERROR:
+                    raise
+        elif isinstance(event, Body | EndBody):
+            await super().stream_send(event)
+        else:
+            await self._flush()
+            await super().stream_send(event)
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        head, self._head = self._head, b""
+        try:
+            data = head + self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            data = head
+        if data:
+            await self.send(RawData(data=data))
+
+    async def _flush(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            await self.send(RawData(data=head))
 
 
 async def serve(
