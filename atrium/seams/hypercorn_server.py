@@ -30,16 +30,19 @@ state)`` with ``handle_lifespan``, ``wait_for_startup``, ``wait_for_shutdown``;
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from itertools import chain
 from math import inf
 from random import randint
+from time import time
 from typing import Any
 
 import h11
 import hypercorn.protocol
 import hypercorn.protocol.h11
+import hypercorn.trio.task_group
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -47,16 +50,19 @@ from hypercorn.protocol.events import Body, EndBody, Response
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.task_group import _handle
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.udp_server import UDPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import (
     AppWrapper,
+    ASGIReceiveEvent,
+    ASGISendEvent,
     ConnectionState,
     Framework,
     H11SendableEvent,
     LifespanState,
+    Scope,
 )
 from hypercorn.utils import (
     ShutdownError,
@@ -88,10 +94,11 @@ class ContainedTCPServer(TCPServer):
     def __init__(self, contain: Contain, *args: Any) -> None:
         super().__init__(*args)
         self._contain = contain
-        # Idle from the start; protocol_send moves the deadline from the first request on.
-        deadline = trio.current_time() + self.config.keep_alive_timeout
-        self._keep_alive_scope = trio.CancelScope(deadline=deadline)
-        self._busy = False
+        # The keep-alive timer's state: protocol_send writes it, _keep_alive reads it.
+        self._busy = False  # a request is in flight
+        self._idle_since = trio.current_time()
+        self._parked = False  # _keep_alive waits, without a deadline, for the next idle
+        self._keep_alive_scope = trio.CancelScope()
 
     async def run(self) -> None:
         try:
@@ -159,13 +166,14 @@ class ContainedTCPServer(TCPServer):
                 self.send_lock.release()
         elif isinstance(event, Updated):
             self._busy = not event.idle
-            if self._busy:
-                self._keep_alive_scope.deadline = inf
-            elif self.context.terminated.is_set():
-                self._keep_alive_scope.deadline = -inf
-            else:
-                now = trio.current_time()
-                self._keep_alive_scope.deadline = now + self.config.keep_alive_timeout
+            if not self._busy:
+                self._idle_since = now = trio.current_time()
+                if self._parked:
+                    self._parked = False
+                    if self.context.terminated.is_set():
+                        self._keep_alive_scope.deadline = now
+                    else:
+                        self._keep_alive_scope.deadline = now + self.config.keep_alive_timeout
         else:
             await super().protocol_send(event)
 
@@ -193,11 +201,28 @@ class ContainedTCPServer(TCPServer):
     async def _keep_alive(self) -> None:
         """hypercorn's ``_idle_timeout`` for the connection's life: closes it once idle for
         ``keep_alive_timeout``, or at once when idle after the server began to shut down.
-        ``protocol_send`` moves the deadline (no deadline while a request is in flight)."""
-        with self._keep_alive_scope:
-            await self.context.terminated.wait()
-            if self._busy:  # shutting down: close once the response is out
-                await trio.sleep_forever()
+
+        Requests only flip ``_busy`` and note when the connection went idle; this task
+        wakes once a ``keep_alive_timeout`` and goes back to sleep if the connection was
+        used meanwhile, or parks while a request is in flight (``protocol_send`` wakes it).
+        """
+        timeout = self.config.keep_alive_timeout
+        terminated = self.context.terminated
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.CancelScope(deadline=deadline) as self._keep_alive_scope:
+                await terminated.wait()
+                if self._busy:  # shutting down: close once the response is out
+                    self._parked = True
+                    await trio.sleep_forever()
+            if self._busy:
+                self._parked, deadline = True, inf
+                continue
+            if terminated.is_set():
+                break
+            deadline = self._idle_since + timeout
+            if deadline <= trio.current_time():
+                break
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 
@@ -210,7 +235,7 @@ class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
         app: AppWrapper,
         config: Config,
         context: WorkerContext,
-        task_group: TaskGroup,
+        task_group: hypercorn.trio.task_group.TaskGroup,
         state: ConnectionState,
         ssl: bool,
         client: tuple[str, int] | None,
@@ -227,6 +252,61 @@ class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
             )
 
 
+class TaskGroup(hypercorn.trio.task_group.TaskGroup):
+    """hypercorn's trio ``TaskGroup``, handing each request's messages to its app through
+    an :class:`AppInbox` rather than a memory channel."""
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: Scope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        inbox = AppInbox(config.max_app_queue_size)
+        assert self._nursery is not None  # spawned from inside ``async with``
+        self._nursery.start_soon(
+            _handle,
+            app,
+            config,
+            scope,
+            inbox.get,
+            send,
+            trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )
+        return inbox.put
+
+
+class AppInbox:
+    """A request's messages to its app (the body, then ``http.disconnect``): a bounded FIFO,
+    as hypercorn's memory channel of ``max_app_queue_size``, whose ``put`` and ``get``
+    return without a trip through the scheduler when they need not wait. A memory
+    channel's two cost a request two such trips, and the pair of channel objects."""
+
+    __slots__ = ("_getters", "_messages", "_putters", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._messages: deque[ASGIReceiveEvent] = deque()
+        self._size = size
+        self._getters = trio.lowlevel.ParkingLot()
+        self._putters = trio.lowlevel.ParkingLot()
+
+    async def put(self, message: ASGIReceiveEvent) -> None:
+        """Queue ``message``; waits while ``size`` are queued."""
+        while len(self._messages) >= self._size:
+            await self._putters.park()
+        self._messages.append(message)
+        self._getters.unpark()
+
+    async def get(self) -> ASGIReceiveEvent:
+        """The oldest message; waits for one."""
+        while not self._messages:
+            await self._getters.park()
+        self._putters.unpark()
+        return self._messages.popleft()
+
+
 class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     """hypercorn's HTTP/1.1 protocol, writing a response's head with its first body bytes.
 
@@ -237,10 +317,12 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     """
 
     _head = b""
+    _headers_second = -1
+    _headers: list[tuple[bytes, bytes]] = []
 
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, Response) and event.status_code >= 200:
-            headers = list(chain(event.headers, self.config.response_headers("h11")))
+            headers = list(chain(event.headers, self._response_headers()))
             if self.keep_alive_requests >= self.config.keep_alive_max_requests:
                 headers.append((b"connection", b"close"))
             try:
@@ -266,6 +348,15 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
             data = head
         if data:
             await self.send(RawData(data=data))
+
+    def _response_headers(self) -> list[tuple[bytes, bytes]]:
+        """``config.response_headers("h11")``, built once a second: only its Date changes,
+        once a second (hypercorn formats it for every response)."""
+        second = int(time())
+        if second != self._headers_second:
+            self._headers = self.config.response_headers("h11")
+            self._headers_second = second
+        return self._headers
 
     async def _flush(self) -> None:
         if self._head:
