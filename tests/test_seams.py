@@ -378,7 +378,7 @@ def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
         ],
         "H11Protocol(app, ..., send) changed",
     )
-    for name in ("stream_send", "_send_h11_event"):
+    for name in ("stream_send", "_send_h11_event", "_check_protocol"):
         _hypercorn(
             parameters(getattr(H11Protocol, name)) == ["self", "event"],
             f"H11Protocol.{name}(event) changed",
@@ -446,6 +446,23 @@ async def test_hypercorn_seam_writes_a_response_head_with_its_body() -> None:
         ],
         f"a streamed response is written as it comes: {chunked!r}",
     )
+
+
+async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
+    """The seam checks for an h2c upgrade only when a request has an Upgrade header: that
+    request is still switched to HTTP/2 (hypercorn's 101)."""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _app, Config(), print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(
+                    b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                )
+                answer = await stream.receive_some()
+            nursery.cancel_scope.cancel()
+    _hypercorn(answer.startswith(b"HTTP/1.1 101 "), f"an h2c upgrade was answered {answer!r}")
 
 
 async def _slow_app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
