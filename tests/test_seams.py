@@ -378,7 +378,7 @@ def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
         ],
         "H11Protocol(app, ..., send) changed",
     )
-    for name in ("stream_send", "_send_h11_event", "_check_protocol"):
+    for name in ("stream_send", "_send_h11_event"):
         _hypercorn(
             parameters(getattr(H11Protocol, name)) == ["self", "event"],
             f"H11Protocol.{name}(event) changed",
@@ -449,8 +449,8 @@ async def test_hypercorn_seam_writes_a_response_head_with_its_body() -> None:
 
 
 async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
-    """The seam checks for an h2c upgrade only when a request has an Upgrade header: that
-    request is still switched to HTTP/2 (hypercorn's 101)."""
+    """An h2c upgrade through the seam's HTTP/1.1 protocol is still switched to HTTP/2
+    (hypercorn's 101)."""
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
             port = await _serve_seam(nursery, _app, Config(), print)

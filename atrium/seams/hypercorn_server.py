@@ -314,8 +314,7 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     (the last one empty with a ``Content-Length``): two packets and three trips through
     the send lock and the scheduler for the commonest response. ASGI already lets a server
     hold the head until the first body message arrives, and an empty write is skipped.
-    Also: the Date and other server headers are built once a second, and a request is
-    checked for an h2c upgrade only when it has an Upgrade header (or is PRI).
+    Also: the Date and other server headers are built once a second.
     """
 
     _head = b""
@@ -350,13 +349,6 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
             data = head
         if data:
             await self.send(RawData(data=data))
-
-    async def _check_protocol(self, event: h11.Request) -> None:
-        # hypercorn decodes, strips and lowercases every header name of every request
-        # looking for an h2c Upgrade; h11 hands them over lowercased and stripped already.
-        # Only a request with an Upgrade header, or PRI, has anything for its check to do.
-        if event.method == b"PRI" or any(name == b"upgrade" for name, _ in event.headers):
-            await super()._check_protocol(event)
 
     def _response_headers(self) -> list[tuple[bytes, bytes]]:
         """``config.response_headers("h11")``, built once a second: only its Date changes,
