@@ -15,6 +15,7 @@ from typing import Any
 import hypercorn.trio
 import hypercorn.trio.run
 import hypercorn.utils
+import pytest
 import redis.asyncio
 import redis.exceptions
 import trio
@@ -463,6 +464,51 @@ async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
                 answer = await stream.receive_some()
             nursery.cancel_scope.cancel()
     _hypercorn(answer.startswith(b"HTTP/1.1 101 "), f"an h2c upgrade was answered {answer!r}")
+
+
+def test_h11_header_checks_the_seam_remembers() -> None:
+    """``validated_response`` checks a header pair with h11's own expressions once: the
+    names it reads in h11 exist, the response it builds is written as h11's own, an illegal
+    name or value is refused as h11 refuses it, and what it remembers stays bounded."""
+    import h11
+    import h11._headers
+
+    def check_h11(ok: object, what: str) -> None:
+        check(ok, "hypercorn_server", "h11", what)
+
+    for name in ("_field_name_re", "_field_value_re"):
+        check_h11(hasattr(h11._headers, name), f"h11._headers.{name} is gone")
+    check_h11("_parsed" in parameters(h11.Response.__init__), "h11.Response(_parsed=) is gone")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"Content-Length", b"2"),
+        (b"x-request-id", b"abc"),
+        (b"date", b"Mon, 07 Dec 2026 06:00:00 GMT"),
+    ]
+
+    def written(response: h11.Response) -> bytes:
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        connection.next_event()
+        return connection.send(response)
+
+    for _ in range(2):  # checked, then remembered
+        ours = written(hypercorn_server.validated_response(headers, 200))
+        check_h11(
+            ours == written(h11.Response(headers=headers, status_code=200)),
+            f"the seam's response is written differently: {ours!r}",
+        )
+    for bad in ([(b"x-bad", b"a\r\nb")], [(b"x bad", b"a")], [(b"", b"a")]):
+        with pytest.raises(h11.LocalProtocolError):
+            h11.Response(headers=bad, status_code=200)
+        with pytest.raises(h11.LocalProtocolError):
+            hypercorn_server.validated_response(bad, 200)
+    for n in range(hypercorn_server._VALID_HEADERS_MAX + 10):
+        hypercorn_server.validated_response([(b"x-request-id", b"%d" % n)], 200)
+    check_h11(
+        len(hypercorn_server._VALID_HEADERS) <= hypercorn_server._VALID_HEADERS_MAX,
+        "the remembered header pairs grew past their bound",
+    )
 
 
 async def _slow_app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
