@@ -1,7 +1,7 @@
 """The HTTP floor, side by side in one run: atrium's CPU per request beside the peers'.
 
     python bench/http_floor.py [--duration 4] [--rounds 3] [--connections 32]
-                               [--pin SERVER_CPU,CLIENT_CPU]
+                               [--projects 50] [--pin SERVER_CPU,CLIENT_CPU]
 
 Every server runs at once, each its own process; the scenarios are measured in turn,
 round after round, so a change in what else runs on the machine touches them all alike,
@@ -13,10 +13,11 @@ request (user + system), which holds whatever else shares the machine (req/s doe
 - ``hello, hypercorn trio``: the same app on hypercorn's own trio worker;
 - ``hello, atrium's seam``: the same app on ``atrium.seams.hypercorn_server``, the worker
   atrium runs;
-- ``atrium /health`` and ``atrium /api/v1/auth/me``: ``run.py`` with both caches off
-  (SESSION_CACHE_SECONDS=0, PROJECT_CACHE_TTL_SECONDS=0, embedded PostgreSQL);
-- ``peer /api/v1/auth/me``: the FastAPI + uvicorn peer (bench/peer_fastapi.py) doing the
-  same work on the same database.
+- ``atrium /health``, ``/api/v1/auth/me`` and ``/api/v1/projects/``: ``run.py`` with both
+  caches off (SESSION_CACHE_SECONDS=0, PROJECT_CACHE_TTL_SECONDS=0, embedded PostgreSQL),
+  for a user owning ``--projects`` projects;
+- ``peer``: the FastAPI + uvicorn peer (bench/peer_fastapi.py) doing the same work on the
+  same database, for the same two API routes.
 
 Targets (issue 24): ``/health`` at most 9x the hello app's CPU on uvicorn, ``/auth/me``
 at most the peer's. Exit status 1 when one is missed.
@@ -55,10 +56,17 @@ from bench._load import (  # noqa: E402
     process_cpu,
     run_load,
     run_script,
-    sign_up,
     wait_http_ok,
 )
-from bench.http import ME, authorized, embedded_url, open_peer  # noqa: E402
+from bench.http import (  # noqa: E402
+    ME,
+    PROJECTS,
+    authorized,
+    embedded_url,
+    open_peer,
+    same_answers,
+    set_up,
+)
 
 HEALTH_OVER_HELLO = 9.0  # atrium /health at most this x the hello app on uvicorn
 ME_OVER_PEER = 1.0  # atrium /auth/me (caches off) at most this x the peer's
@@ -85,6 +93,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_load_options(parser)
     parser.set_defaults(duration=4.0, connections=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario (3)")
+    parser.add_argument(
+        "--projects", type=int, default=50, help="projects the benchmark user owns (50)"
+    )
     parser.add_argument(
         "--pin",
         help="SERVER_CPU,CLIENT_CPU: pin the servers to one CPU and this client to another",
@@ -152,7 +163,7 @@ def report(scenarios: list[Scenario]) -> bool:
             f"{s.name:<34}{s.cost:>14.0f}{s.cost / floor:>16.1f}x{s.cost / peer:>7.2f}x  {rounds}"
         )
     health = by_name["atrium /health"].cost / floor
-    me = by_name[f"atrium {ME}"].cost / peer
+    me = by_name[f"atrium {ME}"].cost / by_name[f"peer {ME}"].cost
     health_ok, me_ok = health <= HEALTH_OVER_HELLO, me <= ME_OVER_PEER
     print()
     print(
@@ -195,16 +206,18 @@ def main(argv: list[str]) -> int:
                 PROJECT_CACHE_TTL_SECONDS="0",
             )
         )
-        token = trio.run(sign_up, atrium.port)
+        token = trio.run(set_up, atrium.port, args.projects)
         probes = {"server": process_cpu(atrium.process.pid)}
         health = build_request("GET", "/health", host=f"{HOST}:{atrium.port}")
         scenarios.append(Scenario("atrium /health", atrium.port, health, probes))
-        me = authorized(atrium.port, ME, token)
-        scenarios.append(Scenario(f"atrium {ME}", atrium.port, me, probes))
         peer = stack.enter_context(open_peer(embedded_url(data_dir), secret, work))
-        request = authorized(peer.port, ME, token)
+        same_answers(atrium.port, peer, token, work / "peer.log")
         peer_probes = {"server": process_cpu(peer.process.pid)}
-        scenarios.append(Scenario(f"peer {ME}", peer.port, request, peer_probes))
+        for path in (ME, PROJECTS):
+            request = authorized(atrium.port, path, token)
+            scenarios.append(Scenario(f"atrium {path}", atrium.port, request, probes))
+            request = authorized(peer.port, path, token)
+            scenarios.append(Scenario(f"peer {path}", peer.port, request, peer_probes))
         if server_cpu is not None:
             for pid in (*pids, atrium.process.pid, peer.process.pid):
                 pin(pid, server_cpu)
