@@ -153,15 +153,15 @@ def report(scenarios: list[Scenario]) -> bool:
     """Print the table; True when both targets are met."""
     by_name = {s.name: s for s in scenarios}
     floor = by_name["hello, uvicorn"].cost
-    peer = by_name[f"peer {ME}"].cost
     print()
     print(f"{'scenario':<34}{'server us/req':>14}{'x uvicorn hello':>17}{'x peer':>8}  rounds")
     print("-" * 100)
     for s in scenarios:
         rounds = ", ".join(f"{c:.0f}" for c in s.costs)
-        print(
-            f"{s.name:<34}{s.cost:>14.0f}{s.cost / floor:>16.1f}x{s.cost / peer:>7.2f}x  {rounds}"
-        )
+        path = s.name.partition(" ")[2]
+        peer = by_name.get(f"peer {path}") if s.name.startswith("atrium ") else None
+        versus = f"{s.cost / peer.cost:>7.2f}x" if peer else f"{'':>8}"
+        print(f"{s.name:<34}{s.cost:>14.0f}{s.cost / floor:>16.1f}x{versus}  {rounds}")
     health = by_name["atrium /health"].cost / floor
     me = by_name[f"atrium {ME}"].cost / by_name[f"peer {ME}"].cost
     health_ok, me_ok = health <= HEALTH_OVER_HELLO, me <= ME_OVER_PEER
