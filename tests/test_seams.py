@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 import trio
+import trio.testing
 import trio_asyncio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
@@ -509,6 +510,37 @@ def test_h11_header_checks_the_seam_remembers() -> None:
         len(hypercorn_server._VALID_HEADERS) <= hypercorn_server._VALID_HEADERS_MAX,
         "the remembered header pairs grew past their bound",
     )
+
+
+async def test_hypercorn_seam_app_inbox_is_a_bounded_fifo() -> None:
+    """What the app reads through ``AppInbox`` comes in order; a put waits while the inbox
+    is full (hypercorn's memory channel of ``max_app_queue_size``), a get for a message."""
+    inbox = hypercorn_server.AppInbox(2)
+    got: list[Any] = []
+    messages: list[Any] = [{"type": "http.request", "body": b"%d" % n} for n in range(5)]
+
+    async def put_all() -> None:
+        for message in messages:
+            await inbox.put(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_all)
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(len(inbox._messages) == 2, "a put did not wait while the inbox was full")
+        for _ in messages:
+            got.append(await inbox.get())
+        late: list[Any] = []
+
+        async def get_one() -> None:
+            late.append(await inbox.get())
+
+        nursery.start_soon(get_one)
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(not late, "a get on an empty inbox did not wait")
+        await inbox.put(messages[0])
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(late == [messages[0]], "a waiting get did not take the next put")
+    _hypercorn(got == messages, f"the app read {got!r}")
 
 
 async def _slow_app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:

@@ -87,13 +87,14 @@ class ContainedTCPServer(TCPServer):
     Its HTTP/1.1 path is also cheaper per request than hypercorn's (docs/BENCHMARKS.md,
     "The HTTP floor"), each change one that hypercorn could take as it is:
 
-    - the keep-alive timer is one task for the connection's life whose deadline moves,
+    - the keep-alive timer is one task for the connection's life (:meth:`_keep_alive`),
       where hypercorn's ``TrioSingleTask`` starts a task for it after every response and
       cancels that task at the next request;
     - a write takes the send lock without a checkpoint when no other write holds it (the
       write itself is the checkpoint);
     - a read without ``read_timeout`` opens no timeout scope;
-    - the protocol is :class:`H11Protocol`'s, writing a response's head with its body.
+    - the protocol is :class:`H11Protocol`'s, writing a response's head with its body,
+      and a request's messages reach its app through an :class:`AppInbox`.
     """
 
     def __init__(self, contain: Contain, *args: Any) -> None:
@@ -293,7 +294,7 @@ class AppInbox:
 
     def __init__(self, size: int) -> None:
         self._messages: deque[ASGIReceiveEvent] = deque()
-        self._size = size
+        self._size = max(size, 1)  # a channel of 0 hands over; this holds one at least
         self._getters = trio.lowlevel.ParkingLot()
         self._putters = trio.lowlevel.ParkingLot()
 
@@ -319,7 +320,8 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     (the last one empty with a ``Content-Length``): two packets and three trips through
     the send lock and the scheduler for the commonest response. ASGI already lets a server
     hold the head until the first body message arrives, and an empty write is skipped.
-    Also: the Date and other server headers are built once a second.
+    Also: the Date and other server headers are built once a second, and each distinct
+    header pair is checked once (:func:`validated_response`).
     """
 
     _head = b""
