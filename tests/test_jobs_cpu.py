@@ -143,6 +143,7 @@ async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
     assert frames.sent[-1][1:] == (100, "column 3000")  # nor the last
 
 
+@pytest.mark.alone  # its /ready latencies are this machine's, not a neighbour's
 async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
     tmp_path: Path, database_url: str
 ) -> None:
