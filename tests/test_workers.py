@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from conftest import CLIENT_TLS
 from conftest import test_settings as make_settings
 from redis_server import free_port
 from served import start_serving
@@ -51,7 +52,7 @@ def worker_environ() -> dict[str, str]:
 
 async def answering_pid(url: str) -> int:
     """The pid of the process that answers a request on a new connection."""
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with httpx.AsyncClient(base_url=url, verify=CLIENT_TLS) as client:
         response = await client.get("/health/supervisor", headers={"Connection": "close"})
     assert response.status_code == 200, response.text
     pid: int = response.json()["pid"]
@@ -327,7 +328,7 @@ async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm
                 tail = log.read_text(errors="replace")[-4000:]
                 raise AssertionError(f"{error}; its stderr ended:\n{tail}") from None
         process = served.process
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with httpx.AsyncClient(base_url=served.url, verify=CLIENT_TLS) as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
             assert (await client.get("/ready")).status_code == 200
         below = descendants(process.pid)
