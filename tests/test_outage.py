@@ -248,6 +248,7 @@ async def run_py(data_dir: Path, log: Path) -> AsyncIterator[Process]:
                     assert await process.wait() == 0
 
 
+@pytest.mark.long
 async def test_the_embedded_postmaster_killed_under_load_comes_back_by_itself(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -316,6 +317,7 @@ async def test_the_embedded_postmaster_killed_under_load_comes_back_by_itself(
         assert not _is_postmaster_of(postmaster, pgdata)  # a clean stop stops it
 
 
+@pytest.mark.long
 async def test_a_sigkilled_server_leaves_no_postgres_running(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -122,6 +122,7 @@ async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
         ]
 
 
+@pytest.mark.long
 async def test_a_killed_process_users_leave_on_another_within_15_seconds(
     start_server: StartServer, database_url: str, redis_url: str, tmp_path: Any
 ) -> None:

@@ -310,6 +310,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.long
 async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm(
     tmp_path: Path,
 ) -> None:
