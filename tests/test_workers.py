@@ -131,12 +131,13 @@ async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
         killed, survivor = workers["worker-1"].pid, workers["worker-2"].pid
         os.kill(killed, signal.SIGKILL)
         await lines.wait_for(f"worker-1 (pid {killed}) exited with status -9")
-        # While it is restarted, the survivor answers every request.
-        for _ in range(20):
-            assert await answering_pid(group.url) == survivor
+        # While it is restarted, every request is answered: by the survivor, or by worker-1's
+        # replacement once that serves (on a busy machine it can be back within these 20).
+        answered = [await answering_pid(group.url) for _ in range(20)]
         line = await lines.wait_for("worker-1 (pid ")
         replacement = next(w.pid for w in group.workers() if w.name == "worker-1")
         assert f"(pid {replacement}) serving" in line
+        assert set(answered) <= {survivor, replacement}
         assert await pids_answering(group.url, {survivor, replacement}) == {survivor, replacement}
         restarts = group.supervisor.child("worker-1").restart_count
         assert restarts == 1
