@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from conftest import CLIENT_TLS
 from redis_server import RedisServer
@@ -82,6 +83,7 @@ async def cursor_crosses(sender: Client, receiver: Client, user_id: str) -> None
                         return
 
 
+@pytest.mark.long
 async def test_two_processes_one_order_across_a_redis_restart(
     tmp_path: Path, database_url: str, own_redis: RedisServer
 ) -> None:

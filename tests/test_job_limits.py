@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import trio
 from conftest import CLIENT_TLS, StartServer
 from served import run_py_env, start_serving
@@ -36,6 +37,7 @@ async def _kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+@pytest.mark.long
 async def test_listing_100_jobs_of_1_mb_each_stays_within_20_mb(
     tmp_path: Path, database_url: str, db: Database
 ) -> None:

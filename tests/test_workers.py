@@ -102,6 +102,7 @@ async def serve_until_it_fails(
     )
 
 
+@pytest.mark.long
 async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
     aio_loop: None, data_dir: Path, database_url: str, redis_url: str
 ) -> None:
