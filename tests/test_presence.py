@@ -331,6 +331,7 @@ async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.alone  # it times each workspace's answer while Redis hangs
 async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second(
     start_server: StartServer, own_redis: RedisServer
 ) -> None:
