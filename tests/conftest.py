@@ -4,15 +4,17 @@ migrated database per test, and the real server on port 0 with an HTTP client.""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import itertools
 import logging
 import os
 import re
+import ssl
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +24,23 @@ import asyncpg
 import httpx
 import pytest
 import trio
+from argon2 import PasswordHasher
 from redis_server import RedisServer
 
 from atrium.actors.workspace import Status, WorkspaceActor
 from atrium.core.config import Settings, load_settings
 from atrium.core.logs import make_handler
+from atrium.identity import passwords
 from atrium.persistence.database import Database, open_database
 from atrium.persistence.embedded import embedded_postgres
 from atrium.persistence.migrate import migrate
 from atrium.runtime.root import Bound, serve
 from atrium.seams.aio_loop import open_loop
+
+# The TLS context of every test client: httpx builds one per client otherwise, loading the
+# system's CA bundle each time (a tenth of a second of CPU or more), for servers that speak
+# plain HTTP on 127.0.0.1.
+CLIENT_TLS = ssl.create_default_context()
 
 _TEMPLATE = f"atrium_tpl_{os.getpid()}"
 _counter = itertools.count()
@@ -122,6 +131,20 @@ def no_secret_in_any_log_line() -> Iterator[None]:
     assert not leaked, f"{len(leaked)} log line(s) hold a secret, the first: {leaked[0][:300]}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashing() -> Iterator[None]:
+    """argon2id at its cheapest parameters for every server this process starts: a
+    signup or login costs about a millisecond instead of a quarter of a second, and a
+    suite that signs up thousands of users spends that time on what it tests.
+    tests/test_passwords.py checks the hashing bound; ``run.py`` subprocesses keep the
+    production parameters."""
+    cheap = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passwords, "_hasher", cheap)
+        patch.setattr(passwords, "_DUMMY_HASH", cheap.hash("atrium-timing-equaliser"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """The URL of a Redis server for the whole session (REDIS_URL, else one started here)."""
@@ -148,7 +171,18 @@ def own_redis() -> Iterator[RedisServer]:
         server.close()
 
 
-_redis_databases = itertools.count()
+def _own_redis_databases() -> list[int]:
+    """The logical databases 1-15 this process may use: under pytest-xdist, worker N of M
+    takes every Mth one from N+1, so workers sharing a REDIS_URL never see each other's
+    keys (db 0 is left alone)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if count > 15:
+        raise RuntimeError("more than 15 xdist workers cannot each have Redis databases")
+    return list(range(1 + int(worker), 16, count))
+
+
+_redis_databases = itertools.cycle(_own_redis_databases())
 
 
 @pytest.fixture
@@ -157,8 +191,7 @@ def redis_url(redis_server: str) -> str:
     channels are server-wide: name them by something unique, such as a project id)."""
     import redis
 
-    index = 1 + next(_redis_databases) % 15
-    url = _with_database(redis_server, str(index))
+    url = _with_database(redis_server, str(next(_redis_databases)))
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()
@@ -280,7 +313,7 @@ async def start_server(
         bound: Bound = await nursery.start(
             lambda task_status: serve(settings, database_url, task_status=task_status, **kwargs)
         )
-        async with httpx.AsyncClient(base_url=bound.url) as client:
+        async with httpx.AsyncClient(base_url=bound.url, verify=CLIENT_TLS) as client:
             yield Running(bound, client, settings)
 
     yield start
@@ -291,3 +324,56 @@ async def server(start_server: StartServer) -> AsyncIterator[Running]:
     """The real server with test settings."""
     async with start_server() as running:
         yield running
+
+
+# -- the suite on every core (pytest -n auto) --------------------------------------------
+# Each pytest-xdist worker is a process of its own with its own PostgreSQL and Redis (the
+# session fixtures above), so workers share nothing but the machine; these hooks share it.
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core this process may run on, at most 8 (each starts a
+    PostgreSQL and a Redis, and shares a REDIS_URL by its logical databases)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``long`` first, so that one started last cannot keep a worker busy
+    after the others have finished (xdist hands tests out in this order)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
+@contextmanager
+def _share_machine(directory: Path, *, alone: bool) -> Iterator[None]:
+    """A readers-writer lock over ``directory`` between processes: shared by default,
+    exclusive when ``alone``. A test that wants the machine to itself takes the turnstile
+    first and holds it while it waits, so no other test starts meanwhile."""
+    with (
+        open(directory / "machine.turnstile", "a") as turnstile,
+        open(directory / "machine.lock", "a") as lock,
+    ):
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def machine_share(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``alone`` (one that measures latency, which a
+    neighbour on the same cores would skew) runs while no other worker runs a test."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    # The parent of a worker's base directory is the one every worker of this run shares.
+    shared = tmp_path_factory.getbasetemp().parent
+    with _share_machine(shared, alone=request.node.get_closest_marker("alone") is not None):
+        yield

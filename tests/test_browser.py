@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from conftest import CLIENT_TLS
 from playwright.sync_api import (
     Browser,
     ConsoleMessage,
@@ -282,7 +283,7 @@ def test_the_demo_keeps_every_edit_exactly_once_across_a_server_restart(
 
 
 def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
-    with httpx.Client(base_url=run_py.url) as http:
+    with httpx.Client(base_url=run_py.url, verify=CLIENT_TLS) as http:
         ann, bob, project_id = shared_project(http, "Demo")
 
     tab_a, tab_b = new_tab(browser, run_py), new_tab(browser, run_py)
@@ -314,7 +315,7 @@ def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
     expect(a.locator("#pending")).to_have_text("0")
 
     paths = [f"/e{n}" for n in range(1, 7)]
-    with httpx.Client(base_url=run_py.url) as http:
+    with httpx.Client(base_url=run_py.url, verify=CLIENT_TLS) as http:
         stored = file_changes(http, ann, project_id)
     assert [e["payload"]["file_path"] for e in stored] == paths  # once each, in order
     seqs = [str(e["seq"]) for e in stored]
@@ -437,7 +438,7 @@ def docs_offline(browser: Browser, run_py: RunPy) -> None:
     page = tab.page
     page.goto(f"{run_py.url}/docs")
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("atrium")
-    spec = httpx.get(f"{run_py.url}/openapi.json").json()
+    spec = httpx.get(f"{run_py.url}/openapi.json", verify=CLIENT_TLS).json()
     documented = sum(len(methods) for methods in spec["paths"].values())
     # Every operation of the document is listed (Swagger UI renders them all at once).
     expect(page.locator(".opblock")).to_have_count(documented)
@@ -533,7 +534,7 @@ def test_atrium_js_resends_edits_whose_ack_never_came(run_py: RunPy, chromium: C
 
 
 def resend_unacked_edits(browser: Browser, run_py: RunPy) -> None:
-    with httpx.Client(base_url=run_py.url) as http:
+    with httpx.Client(base_url=run_py.url, verify=CLIENT_TLS) as http:
         ann = signup(http, "ann@example.com")
         project_id = http.post("/api/v1/projects/", json={"name": "P"}, headers=auth(ann)).json()[
             "id"
@@ -635,7 +636,7 @@ def test_atrium_js_pending_edits_survive_a_reload(run_py: RunPy, chromium: Chrom
 
 
 def pending_across_a_reload(browser: Browser, run_py: RunPy) -> None:
-    with httpx.Client(base_url=run_py.url) as http:
+    with httpx.Client(base_url=run_py.url, verify=CLIENT_TLS) as http:
         ann, bob, project_id = shared_project(http, "Reload")
         page = new_tab(browser, run_py).page
         page.goto(f"{run_py.url}/demo")

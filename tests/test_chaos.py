@@ -14,10 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20  # its first five faults are the five kinds, in the order drawn from it
 
 
+@pytest.mark.long
 def test_a_minute_of_mixed_faults_loses_nothing(tmp_path: Path) -> None:
     report_path = tmp_path / "chaos.json"
     run = subprocess.run(

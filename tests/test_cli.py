@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import orjson
 import trio
+from conftest import CLIENT_TLS
 from served import start_serving
 from wsclient import connect
 
@@ -68,7 +69,7 @@ async def test_serve_answers_then_stops_cleanly_on_sigterm(
         served = await start_serving(nursery, env, stderr=subprocess.DEVNULL)
         process, url = served.process, served.url
         assert process.stdout is not None
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, verify=CLIENT_TLS) as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
@@ -107,7 +108,7 @@ async def _drain_while_a_client_waits(
     its body; check each step of the drain; return what the server printed after."""
     assert process.stdout is not None
     credentials = {"email": "ann@example.com", "password": "correct horse"}
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with httpx.AsyncClient(base_url=url, verify=CLIENT_TLS) as client:
         assert (await client.post("/api/v1/auth/signup", json=credentials)).status_code == 201
         tokens = (await client.post("/api/v1/auth/login", json=credentials)).json()
         auth = {"Authorization": f"Bearer {tokens['access_token']}"}

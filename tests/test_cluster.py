@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
+from conftest import CLIENT_TLS
 from redis_server import RedisServer
 from served import Served, run_py_env, start_serving
 from test_workspace import edit
@@ -34,7 +36,7 @@ def process_env(tmp_path: Path, name: str, database_url: str, redis_url: str) ->
 
 async def wait_bridged(url: str) -> None:
     """Wait until the process's bridge is subscribed (its /ready says so)."""
-    async with httpx.AsyncClient(base_url=url) as http:
+    async with httpx.AsyncClient(base_url=url, verify=CLIENT_TLS) as http:
         with trio.fail_after(WAIT):
             # Another process: its /ready is what can be observed of it.
             while (await http.get("/ready")).json().get("status") != "ready":  # noqa: ASYNC110
@@ -81,6 +83,7 @@ async def cursor_crosses(sender: Client, receiver: Client, user_id: str) -> None
                         return
 
 
+@pytest.mark.long
 async def test_two_processes_one_order_across_a_redis_restart(
     tmp_path: Path, database_url: str, own_redis: RedisServer
 ) -> None:
@@ -98,7 +101,7 @@ async def test_two_processes_one_order_across_a_redis_restart(
         try:
             await wait_bridged(a.url)
             await wait_bridged(b.url)
-            async with httpx.AsyncClient(base_url=a.url) as http:
+            async with httpx.AsyncClient(base_url=a.url, verify=CLIENT_TLS) as http:
                 owner = await signup(http, "owner@example.com")
                 collaborator = await signup(http, "collab@example.com")
                 viewer = await signup(http, "viewer@example.com")

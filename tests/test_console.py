@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Running, StartServer
+from conftest import CLIENT_TLS, Running, StartServer
 from docclient import DocClient, settle
 from playwright.sync_api import Browser, Request, expect
 from test_browser import Chromium as Chromium
@@ -226,7 +226,7 @@ async ({ projectId, token }) => {
 
 
 def console_live(browser: Browser, server: RunPy) -> None:
-    with httpx.Client(base_url=server.url) as http:
+    with httpx.Client(base_url=server.url, verify=CLIENT_TLS) as http:
         ann = signup(http, "ann@example.com")
         r = http.post("/api/v1/projects/", json={"name": "Watched"}, headers=user_auth(ann))
         project_id = r.json()["id"]
@@ -268,7 +268,7 @@ def console_live(browser: Browser, server: RunPy) -> None:
     expect(dead).to_have_count(0)
     expect(page.locator("#dead-empty")).to_be_visible()
     expect(page.locator("[data-figure='jobs-completed-recent'] dd")).to_have_text("1")
-    with httpx.Client(base_url=server.url) as http:
+    with httpx.Client(base_url=server.url, verify=CLIENT_TLS) as http:
         r = http.get(f"/api/v1/jobs/{job_id}/status", headers=user_auth(ann))
     assert (r.json()["status"], r.json()["result"]) == ("completed", {"attempt": 2})
 

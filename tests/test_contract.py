@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import requests
 import schemathesis
 import trio
@@ -166,6 +167,7 @@ def fuzz_all(raw_schema: dict[str, Any], fuzzer: Fuzzer) -> None:
             fuzzer.raw_bodies(operation)
 
 
+@pytest.mark.long
 async def test_every_response_matches_the_openapi_document(start_server: StartServer) -> None:
     async with start_server(**SERVER_OPTIONS) as server:
         owner = await server.signup_login("contract-owner@example.com")

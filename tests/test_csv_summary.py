@@ -16,6 +16,7 @@ import io
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -105,6 +106,7 @@ def assert_equivalent(new: Any, old: Any) -> None:
             assert math.isclose(got[key], expected[key], rel_tol=1e-9, abs_tol=1e-9 * scale), key
 
 
+@pytest.mark.long
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
 def test_polars_summary_equals_the_pure_python_one(doc: tuple[str, list[str] | None]) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import pytest
 import trio
 from conftest import StartServer
 from hypothesis import HealthCheck, example, given, settings
@@ -267,6 +268,7 @@ def per_transport(team: Team) -> Iterator[str]:
 # -- WebSocket frames ---------------------------------------------------------------------
 
 
+@pytest.mark.long
 async def test_hostile_first_frames_are_refused_on_both_transports(
     start_server: StartServer,
 ) -> None:

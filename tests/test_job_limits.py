@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import trio
-from conftest import StartServer
+from conftest import CLIENT_TLS, StartServer
 from served import run_py_env, start_serving
 from test_jobs_api import auth, run, wait_status
 from test_jobs_queue import make_user
@@ -37,6 +38,7 @@ async def _kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+@pytest.mark.long
 async def test_listing_100_jobs_of_1_mb_each_stays_within_20_mb(
     tmp_path: Path, database_url: str, db: Database
 ) -> None:
@@ -49,7 +51,7 @@ async def test_listing_100_jobs_of_1_mb_each_stays_within_20_mb(
     async with trio.open_nursery() as nursery:
         served = await start_serving(nursery, env, stderr=subprocess.DEVNULL)
         pid = served.process.pid
-        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=served.url, timeout=30, verify=CLIENT_TLS) as client:
             login = {"email": "ann@example.com", "password": "correct horse"}
             assert (await client.post("/api/v1/auth/signup", json=login)).status_code == 201
             tokens = (await client.post("/api/v1/auth/login", json=login)).json()

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Running, StartServer, crash_workspace
+from conftest import CLIENT_TLS, Running, StartServer, crash_workspace
 from prometheus_client.parser import text_string_to_metric_families
 from test_document_actor import CrashingDocumentActor, InjectedFault
 from test_jobs_api import CSV, auth, run, wait_status
@@ -40,7 +40,7 @@ def parse(text: str) -> Samples:
 async def scrape(server: Running) -> Samples:
     port = server.bound.metrics_port
     assert port is not None
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(verify=CLIENT_TLS) as client:
         r = await client.get(f"http://127.0.0.1:{port}/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")

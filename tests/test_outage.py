@@ -24,7 +24,7 @@ import conftest
 import httpx
 import pytest
 import trio
-from conftest import FakeClock
+from conftest import CLIENT_TLS, FakeClock
 from served import start_serving
 from test_workspace import edit
 from trio_websocket import HandshakeError
@@ -134,7 +134,7 @@ async def embedded_server(
     bound: Bound = await nursery.start(
         lambda task_status: serve(settings, None, task_status=task_status, clock=clock)
     )
-    async with httpx.AsyncClient(base_url=bound.url) as http:
+    async with httpx.AsyncClient(base_url=bound.url, verify=CLIENT_TLS) as http:
         yield Embedded(bound, http)
 
 
@@ -248,13 +248,14 @@ async def run_py(data_dir: Path, log: Path) -> AsyncIterator[Process]:
                     assert await process.wait() == 0
 
 
+@pytest.mark.long
 async def test_the_embedded_postmaster_killed_under_load_comes_back_by_itself(
     data_dir: Path, tmp_path: Path
 ) -> None:
     with trio.fail_after(120):
         async with run_py(data_dir, tmp_path / "server.log") as server:
             host = server.url.split("//")[1].split(":")[0]
-            async with httpx.AsyncClient(base_url=server.url) as http:
+            async with httpx.AsyncClient(base_url=server.url, verify=CLIENT_TLS) as http:
                 auth, project_id = await owner_and_project(http)
                 token = auth["Authorization"][7:]
                 main_url = f"ws://{host}:{server.url.rsplit(':', 1)[1]}/ws/{project_id}"
@@ -316,6 +317,7 @@ async def test_the_embedded_postmaster_killed_under_load_comes_back_by_itself(
         assert not _is_postmaster_of(postmaster, pgdata)  # a clean stop stops it
 
 
+@pytest.mark.long
 async def test_a_sigkilled_server_leaves_no_postgres_running(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -329,7 +331,7 @@ async def test_a_sigkilled_server_leaves_no_postgres_running(
                 await trio.sleep(0.05)
         # The next start on the same data directory serves, and stops cleanly.
         async with run_py(data_dir, tmp_path / "server.log") as server:
-            async with httpx.AsyncClient(base_url=server.url) as http:
+            async with httpx.AsyncClient(base_url=server.url, verify=CLIENT_TLS) as http:
                 assert (await http.get("/ready")).status_code == 200
             postmaster = server.postmaster_pid()
         assert not _is_postmaster_of(postmaster, server.pgdata)

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 from argon2 import PasswordHasher
-from conftest import StartServer
+from conftest import CLIENT_TLS, StartServer
 
 from atrium.identity import passwords
 from atrium.identity.passwords import HashingBusy, Passwords
@@ -133,7 +133,9 @@ async def test_concurrent_logins_get_503_server_busy_not_500(
         await srv.signup_login("many@example.com")
         body = {"email": "many@example.com", "password": "correct horse"}
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=srv.bound.url, limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=srv.bound.url, limits=limits, verify=CLIENT_TLS
+        ) as client:
             # Held shut: one login holds the only slot, every other one must give up.
             hasher.gate.clear()
             statuses: list[httpx.Response] = []

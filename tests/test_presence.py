@@ -122,6 +122,7 @@ async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
         ]
 
 
+@pytest.mark.long
 async def test_a_killed_process_users_leave_on_another_within_15_seconds(
     start_server: StartServer, database_url: str, redis_url: str, tmp_path: Any
 ) -> None:
@@ -330,6 +331,7 @@ async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.alone  # it times each workspace's answer while Redis hangs
 async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second(
     start_server: StartServer, own_redis: RedisServer
 ) -> None:

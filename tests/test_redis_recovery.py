@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import Running, StartServer
 from redis_server import RedisServer
@@ -66,6 +67,7 @@ async def test_a_frozen_redis_thawed_is_used_again_within_two_seconds(
         assert took < 2.0, took
 
 
+@pytest.mark.long
 async def test_redis_restarted_empty_and_a_process_killed_as_it_answers(
     start_server: StartServer, database_url: str, own_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -297,6 +297,7 @@ async def test_the_master_and_the_sentinels_each_get_their_own_password_and_one_
         group.close()
 
 
+@pytest.mark.alone  # it times the recovery after the failover
 async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged_is_lost(
     start_server: StartServer, group: SentinelGroup, db: Database
 ) -> None:

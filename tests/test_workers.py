@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from conftest import CLIENT_TLS
 from conftest import test_settings as make_settings
 from redis_server import free_port
 from served import start_serving
@@ -51,7 +52,7 @@ def worker_environ() -> dict[str, str]:
 
 async def answering_pid(url: str) -> int:
     """The pid of the process that answers a request on a new connection."""
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with httpx.AsyncClient(base_url=url, verify=CLIENT_TLS) as client:
         response = await client.get("/health/supervisor", headers={"Connection": "close"})
     assert response.status_code == 200, response.text
     pid: int = response.json()["pid"]
@@ -101,6 +102,7 @@ async def serve_until_it_fails(
     )
 
 
+@pytest.mark.long
 async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
     aio_loop: None, data_dir: Path, database_url: str, redis_url: str
 ) -> None:
@@ -130,12 +132,13 @@ async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
         killed, survivor = workers["worker-1"].pid, workers["worker-2"].pid
         os.kill(killed, signal.SIGKILL)
         await lines.wait_for(f"worker-1 (pid {killed}) exited with status -9")
-        # While it is restarted, the survivor answers every request.
-        for _ in range(20):
-            assert await answering_pid(group.url) == survivor
+        # While it is restarted, every request is answered: by the survivor, or by worker-1's
+        # replacement once that serves (on a busy machine it can be back within these 20).
+        answered = [await answering_pid(group.url) for _ in range(20)]
         line = await lines.wait_for("worker-1 (pid ")
         replacement = next(w.pid for w in group.workers() if w.name == "worker-1")
         assert f"(pid {replacement}) serving" in line
+        assert set(answered) <= {survivor, replacement}
         assert await pids_answering(group.url, {survivor, replacement}) == {survivor, replacement}
         restarts = group.supervisor.child("worker-1").restart_count
         assert restarts == 1
@@ -309,6 +312,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.long
 async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm(
     tmp_path: Path,
 ) -> None:
@@ -327,7 +331,7 @@ async def test_run_py_workers_with_embedded_services_stops_everything_on_sigterm
                 tail = log.read_text(errors="replace")[-4000:]
                 raise AssertionError(f"{error}; its stderr ended:\n{tail}") from None
         process = served.process
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with httpx.AsyncClient(base_url=served.url, verify=CLIENT_TLS) as client:
             assert (await client.get("/health")).json() == {"status": "ok"}
             assert (await client.get("/ready")).status_code == 200
         below = descendants(process.pid)
