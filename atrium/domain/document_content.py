@@ -93,15 +93,22 @@ class DocumentContent:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def list(
-        self, project_id: uuid.UUID, user_id: uuid.UUID, path: str | None = None
-    ) -> list[DocumentRow]:
-        """The project's documents, by path (only the one at ``path`` when given); any
-        member. Raises DocumentRefused (project_not_found), DatabaseUnavailable."""
+        self,
+        project_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        path: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[DocumentRow], int]:
+        """One page of the project's documents by path, and how many it has (only the one
+        at ``path`` when given); any member. Raises DocumentRefused (project_not_found),
+        DatabaseUnavailable."""
         await self._role(project_id, user_id)
         if path is None:
-            return await self._documents.of_project(project_id)
+            return await store.page_documents(self._db, project_id, limit=limit, offset=offset)
         row = await store.find_document_at(self._db, project_id, path)
-        return [] if row is None else [row]
+        return ([], 0) if row is None else ([row], 1)
 
     async def describe(
         self, project_id: uuid.UUID, user_id: uuid.UUID, document_id: uuid.UUID
