@@ -344,7 +344,7 @@ class Bridge:
                 self._not_relayed(batch)
                 continue
             unsent, self._unsent = self._unsent, {}
-            messages = [self._logged(owner, kind, seq) for (owner, kind), seq in unsent.items()]
+            messages = [self._logged(owner, seq, kind) for (owner, kind), seq in unsent.items()]
             messages.extend(self._encode(item) for item in batch)
             if not messages:
                 continue
@@ -369,7 +369,7 @@ class Bridge:
             for _, kind, _, _ in batch:
                 self._published[_KINDS[kind]].inc()
 
-    def _logged(self, owner: uuid.UUID, kind: bytes, seq: int) -> Publish:
+    def _logged(self, owner: uuid.UUID, seq: int, kind: bytes = _LOGGED) -> Publish:
         """The message that tells others the project's log (``_LOGGED``), or the
         document's updates (``_DOC_REACHED``), reached ``seq``."""
         return self._channel(owner), self._own + kind + b"||" + str(seq).encode(), True
@@ -400,7 +400,7 @@ class Bridge:
         self, local: LocalWorkspaces, documents: LocalDocuments | None
     ) -> None:
         delay = _RETRY_FIRST
-        on_message = partial(self._received_message, local, documents)
+        on_message = partial(self._received_message, local, documents=documents)
         while True:
             try:
                 await self.redis.listen(
@@ -424,7 +424,7 @@ class Bridge:
                 delay = min(_RETRY_MAX, delay * 2)
 
     async def _poll_while_degraded(
-        self, local: LocalWorkspaces, documents: LocalDocuments | None
+        self, local: LocalWorkspaces, documents: LocalDocuments | None = None
     ) -> None:
         """Every ``poll_seconds``: while degraded, every open workspace and document
         catches up from PostgreSQL; otherwise those that missed a received message (a
@@ -474,9 +474,10 @@ class Bridge:
     def _received_message(
         self,
         local: LocalWorkspaces,
-        documents: LocalDocuments | None,
         channel: bytes,
         data: bytes,
+        *,
+        documents: LocalDocuments | None = None,
     ) -> None:
         """Hand another process's message to the project's workspace (or the document's
         actor) if it is open here. A message that does not parse is counted and dropped,
@@ -486,7 +487,8 @@ class Bridge:
         except ValueError:
             self._invalid.inc()
             return
-        if data[len(self._own) : len(self._own) + 1] in _DOCUMENT_KINDS:
+        at = data.find(b"|") + 1  # past the sender's instance: the kind
+        if at and data[at : at + 1] in _DOCUMENT_KINDS:
             if documents is not None:
                 self._received_document(documents, project_id, data)
             return
