@@ -166,7 +166,7 @@ async def a_document_written_on_one_worker_is_read_live_on_the_other(url: str) -
     other's through the bridge."""
     one, pid = await pinned(url)
     two, _ = await pinned(url, other_than=pid)
-    async with one, two:
+    try:
         body = {"email": "docs@example.com", "password": "correct horse"}
         assert (await one.post("/api/v1/auth/signup", json=body)).status_code == 201
         auth = {
@@ -187,6 +187,9 @@ async def a_document_written_on_one_worker_is_read_live_on_the_other(url: str) -
             # Another process: its answers are what can be observed of it.
             while (await two.get(text, headers=auth)).json()["text"] != "first, then":  # noqa: ASYNC110
                 await trio.sleep(0.02)
+    finally:
+        await one.aclose()
+        await two.aclose()
 
 
 def drain(lines: Lines) -> list[str]:
