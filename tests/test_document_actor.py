@@ -368,7 +368,10 @@ class InjectedFault(RuntimeError):
     pass
 
 
-class _CrashingDocumentActor(DocumentActor):
+class CrashingDocumentActor(DocumentActor):
+    """A document actor whose next message raises InjectedFault, as a bug in ``handle``
+    would (set an actor's class to it, as conftest's ``crash_workspace`` does)."""
+
     __slots__ = ()
 
     async def handle(self, message: Any) -> Any:
@@ -387,9 +390,13 @@ async def test_a_crash_closes_peers_with_1012_and_loses_nothing_appended(setup: 
     actor = await setup.actor()
     # Updates queued behind the crash are lost with the actor, as a socket's would be.
     a.type(0, "queued")
-    actor.__class__ = _CrashingDocumentActor
-    await actor.tell(ReadText())
-    await a.send()
+    actor.__class__ = CrashingDocumentActor
+    actor.tell_nowait(ReadText())
+    for message in a.outbox:
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    with pytest.raises(ActorStopped):  # answered when the crashed actor closes its mailbox
+        await actor.ask(ReadText())
     with trio.fail_after(5):
         restarted = await setup.actor()
     assert restarted is not actor
