@@ -285,6 +285,11 @@ async def test_a_text_past_the_document_limit_is_refused(start_server: StartServ
         assert await read_text(team, team.owner, room) == "small"
         r = await server.client.get(documents_url(team, room), headers=team.owner.auth)
         assert r.json()["seq"] == seq
+        # A new path with a text too large for any document creates nothing.
+        r = await write(team, team.owner, "/new-big.txt", "ü" * 1100)  # 2,200 bytes
+        assert code(r) == (413, "document_too_large")
+        r = await server.client.get(documents_url(team), headers=team.owner.auth)
+        assert [d["path"] for d in r.json()["documents"]] == ["/big.txt"]
         # Under the limit is fine.
         assert (await write(team, team.owner, "/big.txt", "y" * 1000)).status_code == 200
 
