@@ -12,14 +12,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
+import redis.asyncio
 import trio
+import trio.testing
 from conftest import Running, StartServer
 from docclient import DocClient, settle
 from redis_server import RedisServer
-from test_bridge import FAST_BREAKER, make_pair, wait_connected
+from test_bridge import FAST_BREAKER, FakeWorkspace, make_pair, wait_connected
 from test_document_actor import add_user
 
+from atrium.actors.bridge import Bridge
 from atrium.actors.document import (
     Compact,
     DocumentActor,
@@ -29,11 +34,14 @@ from atrium.actors.document import (
     RemoteAwareness,
     Replicated,
 )
+from atrium.core.breaker import BreakerSettings, CircuitBreaker
+from atrium.core.metrics import Metrics
 from atrium.domain.documents import Documents
 from atrium.persistence import documents as store
 from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.documents import DocumentRef
+from atrium.persistence.redis import Redis
 
 WAIT = 20.0
 
@@ -245,3 +253,56 @@ async def test_replicas_on_two_servers_converge_through_redis_and_while_it_is_aw
             )
             assert received is not None and received >= 1
         assert str(on_a.text) == str(on_b.text) == await on_b.actor.ask(ReadText())
+
+
+# -- the bridge's side, without Redis -----------------------------------------------------
+
+
+class Found:
+    """The registry of one open document (or of one open workspace: none here)."""
+
+    def __init__(self, actor: FakeWorkspace, document_id: uuid.UUID | None = None) -> None:
+        self.actor = actor
+        self.document_id = document_id
+
+    def find(self, some_id: uuid.UUID) -> Any:
+        return self.actor if some_id == self.document_id else None
+
+    def running(self) -> list[Any]:
+        return [self.actor] if self.document_id is not None else []
+
+
+async def test_the_bridge_relays_what_it_could_not_publish_and_a_busy_document_catches_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    document = uuid.uuid4()
+    actor = FakeWorkspace()  # a full mailbox at first
+    documents, workspaces = Found(actor, document), Found(FakeWorkspace())
+    client = redis.asyncio.Redis()  # never connected: the bridge's encoding and receiving
+    bridge = Bridge(Redis(client, CircuitBreaker(BreakerSettings()), timeout=1.0), Metrics())
+    bridge._set_connected(True)
+    # Updates 7 and 8 could not be published: once Redis takes messages, the others are
+    # told the document reached 8, and read 7 and 8 from PostgreSQL.
+    bridge._not_relayed([(document, b"u", 7, b"x"), (document, b"u", 8, b"y")])
+    ((owner, kind), seq), *_ = bridge._unsent.items()
+    channel, data, confirm = bridge._logged(owner, seq, kind)
+    assert (owner, seq, confirm) == (document, 8, True)
+    receive = partial(bridge._received_message, workspaces, documents=documents)
+    receive(channel.encode(), data)  # the mailbox is full: caught up within a second
+    assert bridge._missed_documents == {document}
+    update = bridge._encode((document, b"u", 9, b"\x00|\x01"))
+    awareness = bridge._encode((document, b"w", None, b"\x02"))
+    assert (update[2], awareness[2]) == (True, False)  # awareness is lossy, unconfirmed
+    actor.full = False
+    receive(update[0].encode(), update[1])
+    receive(awareness[0].encode(), awareness[1])
+    receive(channel.encode(), data.replace(b"|8", b"|eight"))  # does not parse: dropped
+    assert actor.told == [Replicated(9, [b"\x00|\x01"]), RemoteAwareness(b"\x02")]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge._poll_while_degraded, workspaces, documents)
+        await trio.sleep(1.5)
+        assert actor.told[2:] == [Reached()]
+        bridge._set_connected(False)  # degraded: every open document reads what it lacks
+        await trio.sleep(1.0)
+        assert actor.told[2:] == [Reached(), Reached()]
+        nursery.cancel_scope.cancel()
