@@ -255,6 +255,28 @@ async def test_replicas_on_two_servers_converge_through_redis_and_while_it_is_aw
         assert str(on_a.text) == str(on_b.text) == await on_b.actor.ask(ReadText())
 
 
+async def test_replicas_on_two_servers_without_redis_converge_through_postgresql(
+    start_server: StartServer,
+) -> None:
+    env = {"DEGRADED_POLL_SECONDS": "300"}
+    async with start_server(**env) as a, start_server(**env) as b:
+        pair = await make_pair(a, b)
+        assert a.bound.services is not None and b.bound.services is not None
+        heard = [server.bound.services.value.workspaces for server in (a, b)]
+        with trio.fail_after(WAIT):  # each has heard the other greet on the log
+            while not all(w.peers for w in heard):  # noqa: ASYNC110 (greetings set no event)
+                await trio.sleep(0.02)
+        ref = await a.bound.services.value.documents.open(uuid.UUID(pair.project_id), "/y.md")
+        on_a = await replica_client(a, ref.id, pair.owner.user_id)
+        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        on_a.type(0, "no redis")
+        await settle(on_a)
+        await wait_text(on_b, "no redis")
+        on_b.type(0, "still ")
+        await settle(on_b)
+        await wait_text(on_a, "still no redis")
+
+
 # -- the bridge's side, without Redis -----------------------------------------------------
 
 
