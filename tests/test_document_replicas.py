@@ -9,6 +9,7 @@ tests/test_documents_node.py runs real processes and real Yjs clients.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from redis_server import RedisServer
 from test_bridge import FAST_BREAKER, FakeWorkspace, make_pair, wait_connected
 from test_document_actor import add_user
 
+from atrium.actors import ActorStopped
 from atrium.actors.bridge import Bridge
 from atrium.actors.document import (
     Compact,
@@ -187,6 +189,23 @@ async def test_a_replica_behind_a_compaction_reads_the_snapshot(
     assert a.actor.overview()["snapshot_seq"] == 6
     row = await store.find_document(db, ref.id)
     assert row is not None and row.snapshot_seq == 6
+
+
+async def test_a_replica_nobody_here_uses_stops_though_others_keep_typing(
+    db: Database, nursery: trio.Nursery
+) -> None:
+    _, _, ref = await two_replicas(db, nursery)
+    documents = Documents(db, DocumentSettings(idle_timeout=0.3))
+    await nursery.start(documents.run)
+    actor = await documents.get(ref.id)
+    assert await actor.ask(ReadText()) == ""  # a REST read opened it here, then nothing
+    with trio.fail_after(10):
+        while actor.alive:
+            # A steady stream of another process's traffic, faster than the idle timeout.
+            with contextlib.suppress(ActorStopped):
+                await actor.tell(Reached(0))
+            await trio.sleep(0.02)
+    assert documents.find(ref.id) is None
 
 
 # -- two servers, a real Redis ----------------------------------------------------------

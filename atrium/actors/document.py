@@ -253,6 +253,7 @@ class DocumentActor(Actor[Message, Any]):
         "_relay",
         "_notify_log",
         "_remote",
+        "_used",
     )
 
     def __init__(
@@ -295,6 +296,9 @@ class DocumentActor(Actor[Message, Any]):
         self._notify_log = notify_log or _never
         # Awareness clients of other processes: client id -> (clock, state, when seen).
         self._remote: dict[int, tuple[int, dict[str, Any], float]] = {}
+        # When anything of this process last used the document (trio clock): relayed
+        # traffic alone must not keep a replica with no peers open.
+        self._used = trio.current_time()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -358,6 +362,9 @@ class DocumentActor(Actor[Message, Any]):
             ):
                 return None
             raise ActorStopped(f"{self!r} is reloading")
+        if isinstance(message, Replicated | Reached | RemoteAwareness):
+            return await self._from_elsewhere(message)
+        self._used = trio.current_time()
         if isinstance(message, Incoming):
             return await self._incoming(message)
         if isinstance(message, Attach):
@@ -374,12 +381,6 @@ class DocumentActor(Actor[Message, Any]):
             return await self._replace_text(message)
         if isinstance(message, Compact):
             return await self._compact()
-        if isinstance(message, Replicated):
-            return await self._replicated(message)
-        if isinstance(message, Reached):
-            return await self._reached(message.seq)
-        if isinstance(message, RemoteAwareness):
-            return self._remote_awareness(message.payload)
         if isinstance(message, CloseAll):
             self._close_all(message.code, message.reason)
             self.request_stop()
@@ -569,6 +570,20 @@ class DocumentActor(Actor[Message, Any]):
             self._since_snapshot = max(0, self._last_seq - row.snapshot_seq)
 
     # -- replicas in other processes --------------------------------------------------------
+
+    async def _from_elsewhere(self, message: Replicated | Reached | RemoteAwareness) -> None:
+        """Another process's traffic. A replica with no peers that nothing here used for
+        its idle timeout stops (the idle timer alone would never fire while others type)."""
+        idle = self._settings.idle_timeout
+        if not self._peers and trio.current_time() - self._used > idle:
+            self.request_stop()
+            return
+        if isinstance(message, Replicated):
+            await self._replicated(message)
+        elif isinstance(message, Reached):
+            await self._reached(message.seq)
+        else:
+            self._remote_awareness(message.payload)
 
     async def _replicated(self, message: Replicated) -> None:
         """Apply another process's stored updates in seq order: what this replica has is
