@@ -142,12 +142,57 @@ async def test_two_workers_share_a_port_and_a_killed_one_is_replaced(
         assert await pids_answering(group.url, {survivor, replacement}) == {survivor, replacement}
         restarts = group.supervisor.child("worker-1").restart_count
         assert restarts == 1
+        await a_document_written_on_one_worker_is_read_live_on_the_other(group.url)
 
         stop.set()
     for pid in (survivor, replacement):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert any("[worker-2]: stopped" in line for line in lines.seen + drain(lines))
+
+
+async def pinned(url: str, other_than: int | None = None) -> tuple[httpx.AsyncClient, int]:
+    """A client whose requests all go to one worker (one kept-alive connection), not
+    ``other_than``; and that worker's pid."""
+    with trio.fail_after(30):
+        while True:
+            client = httpx.AsyncClient(base_url=url)
+            r = await client.get("/health/supervisor")
+            pid: int = r.json()["pid"]
+            if pid != other_than:
+                return client, pid
+            await client.aclose()
+
+
+async def a_document_written_on_one_worker_is_read_live_on_the_other(url: str) -> None:
+    """Each worker serving a live document holds a replica; what one stores reaches the
+    other's through the bridge."""
+    one, pid = await pinned(url)
+    two, _ = await pinned(url, other_than=pid)
+    try:
+        body = {"email": "docs@example.com", "password": "correct horse"}
+        assert (await one.post("/api/v1/auth/signup", json=body)).status_code == 201
+        auth = {
+            "Authorization": "Bearer "
+            + (await one.post("/api/v1/auth/login", json=body)).json()["access_token"]
+        }
+        r = await one.post("/api/v1/projects/", json={"name": "Docs"}, headers=auth)
+        documents = f"/api/v1/projects/{r.json()['id']}/documents"
+        r = await one.post(documents, json={"path": "/live.md", "text": "first"}, headers=auth)
+        assert r.status_code == 201, r.text
+        text = f"{documents}/{r.json()['room']}/text"
+        assert (await two.get(text, headers=auth)).json()["text"] == "first"  # opened there
+        r = await one.post(
+            documents, json={"path": "/live.md", "text": "first, then"}, headers=auth
+        )
+        assert r.status_code == 200, r.text
+        with trio.fail_after(10):
+            # Another process: its answers are what can be observed of it.
+            while (await two.get(text, headers=auth)).json()["text"] != "first, then":  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    finally:
+        await one.aclose()
+        await two.aclose()
 
 
 def drain(lines: Lines) -> list[str]:

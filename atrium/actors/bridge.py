@@ -44,6 +44,13 @@ durable events committed here are announced on the log (PostgreSQL NOTIFY, see
 its open workspaces also poll the log every second (in case a notification was lost),
 and cursors and job progress from other processes do not arrive until Redis is back. A
 workspace whose mailbox was too full to take a received event catches up the same way.
+
+Live documents cross on the same channels, named by the document's id instead of the
+project's: each update stored here with its seq (``Replicated`` for the document's actor
+elsewhere, which applies updates in seq order and reads a gap from PostgreSQL), each
+awareness change (lossy, like a cursor), and "the document reached seq N" for updates
+that could not be relayed (``Reached``). Every (re)subscription, and every poll while
+degraded, makes each open document read what it lacks (``Reached(None)``).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from ..core.metrics import Metrics
 from ..persistence.redis import Redis, RedisUnavailable
 from ..seams.redis_wire import Publish, publish_all, replies_can_be_skipped
 from ._errors import ActorStopped, MailboxFull
+from .document import DocumentActor, Reached, RemoteAwareness, Replicated
 from .workspace import Behind, CatchUp, Ephemeral, Published, WorkspaceActor
 
 log = logging.getLogger("atrium.bridge")
@@ -75,7 +83,18 @@ CHANNEL_PREFIX = "atrium:ws:"
 _EVENTS = b"e"
 _EPHEMERAL = b"p"
 _LOGGED = b"s"  # "the project's log reached seq N": events this process could not relay
-_KINDS = {_EVENTS: "events", _EPHEMERAL: "ephemeral", _LOGGED: "catch_up"}
+_DOC_UPDATE = b"u"  # one stored Yjs update; the key is its seq
+_DOC_AWARENESS = b"w"
+_DOC_REACHED = b"r"  # "the document reached seq N": updates this process could not relay
+_KINDS = {
+    _EVENTS: "events",
+    _EPHEMERAL: "ephemeral",
+    _LOGGED: "catch_up",
+    _DOC_UPDATE: "document_updates",
+    _DOC_AWARENESS: "document_awareness",
+    _DOC_REACHED: "document_catch_up",
+}
+_DOCUMENT_KINDS = (_DOC_UPDATE, _DOC_AWARENESS, _DOC_REACHED)
 _BATCH = 512  # messages published in one write at most
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 1.0  # as the breaker's probes: back within a second of Redis answering
@@ -88,7 +107,8 @@ _UNSENT_RETRY_SECONDS = 0.5
 # durable events still arrive, late, should their NOTIFY on the log not reach this one.
 DEGRADED_POLL_SECONDS = 1.0
 
-_Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | None, Sequence[Event] | str]
+# (project or document id, kind, key, body); a document update's key is its seq.
+_Outgoing = tuple[uuid.UUID, bytes, uuid.UUID | int | None, Sequence[Event] | str | bytes]
 
 
 class LocalWorkspaces(Protocol):
@@ -97,6 +117,14 @@ class LocalWorkspaces(Protocol):
     def find(self, project_id: uuid.UUID) -> WorkspaceActor | None: ...
 
     def running(self) -> list[WorkspaceActor]: ...
+
+
+class LocalDocuments(Protocol):
+    """The live documents open in this process (``domain.documents.Documents``)."""
+
+    def find(self, document_id: uuid.UUID) -> DocumentActor | None: ...
+
+    def running(self) -> list[DocumentActor]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +199,13 @@ class Bridge:
         self._listening = False
         self._connected = False
         self._changed = trio.Event()  # set (and replaced) when ``connected`` changes
-        # Projects whose events were not relayed, and the highest seq among them.
-        self._unsent: dict[uuid.UUID, int] = {}
-        # Open projects whose workspace could not take a received event (a full mailbox).
+        # Projects (kind _LOGGED) and documents (_DOC_REACHED) whose events or updates
+        # were not relayed, and the highest seq among them.
+        self._unsent: dict[tuple[uuid.UUID, bytes], int] = {}
+        # Open projects whose workspace could not take a received event (a full mailbox),
+        # and open documents whose actor could not take a received update.
         self._missed: set[uuid.UUID] = set()
+        self._missed_documents: set[uuid.UUID] = set()
         self._published = {kind: metrics.bridge_published.labels(kind) for kind in _KINDS.values()}
         self._received = {code: metrics.bridge_received.labels(k) for code, k in _KINDS.items()}
         self._dropped_unavailable = metrics.bridge_dropped.labels("unavailable")
@@ -198,6 +229,18 @@ class Bridge:
         """Publish an encoded ephemeral frame to the project's channel."""
         self._put((project_id, _EPHEMERAL, key, frame))
 
+    def document_updates(
+        self, document_id: uuid.UUID, first_seq: int, updates: Sequence[bytes]
+    ) -> None:
+        """Publish a document's stored updates, one message each (while Redis is away the
+        others read them from PostgreSQL)."""
+        for offset, update in enumerate(updates):
+            self._put((document_id, _DOC_UPDATE, first_seq + offset, update))
+
+    def document_awareness(self, document_id: uuid.UUID, payload: bytes) -> None:
+        """Publish an encoded awareness update of a document (lossy)."""
+        self._put((document_id, _DOC_AWARENESS, None, payload))
+
     def _put(self, item: _Outgoing) -> None:
         try:
             self._send.send_nowait(item)
@@ -206,13 +249,18 @@ class Bridge:
             self._not_relayed([item])
 
     def _not_relayed(self, items: Sequence[_Outgoing]) -> None:
-        """Remember the newest seq of each project whose events were dropped."""
+        """Remember the newest seq of each project whose events, and of each document
+        whose updates, were dropped."""
         unsent = self._unsent
-        for project_id, kind, _, body in items:
-            if kind == _EVENTS and not isinstance(body, str) and body:
-                newest = max(event.seq for event in body)
-                if newest > unsent.get(project_id, 0):
-                    unsent[project_id] = newest
+        for owner, kind, key, body in items:
+            if kind == _EVENTS and not isinstance(body, str | bytes) and body:
+                newest, reached = max(event.seq for event in body), (owner, _LOGGED)
+            elif kind == _DOC_UPDATE and isinstance(key, int):
+                newest, reached = key, (owner, _DOC_REACHED)
+            else:
+                continue
+            if newest > unsent.get(reached, 0):
+                unsent[reached] = newest
 
     # -- what operators see -------------------------------------------------------------------
 
@@ -245,20 +293,22 @@ class Bridge:
         self,
         local: LocalWorkspaces | None,
         *,
+        documents: LocalDocuments | None = None,
         task_status: trio.TaskStatus[Bridge] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Publish what is relayed until cancelled; with ``local``, also receive the other
-        processes' messages for the workspaces open here (re-subscribing after every loss,
-        with a backoff). Redis being away is waited out, never raised; anything else (a
-        bug) ends the child for its supervisor to restart."""
+        processes' messages for the workspaces (and ``documents``) open here
+        (re-subscribing after every loss, with a backoff). Redis being away is waited
+        out, never raised; anything else (a bug) ends the child for its supervisor to
+        restart."""
         try:
             self._running = True
             self._listening = local is not None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._publish_forever)
                 if local is not None:
-                    nursery.start_soon(self._listen_forever, local)
-                    nursery.start_soon(self._poll_while_degraded, local)
+                    nursery.start_soon(self._listen_forever, local, documents)
+                    nursery.start_soon(self._poll_while_degraded, local, documents)
                 task_status.started(self)
         finally:
             self._running = False
@@ -294,7 +344,7 @@ class Bridge:
                 self._not_relayed(batch)
                 continue
             unsent, self._unsent = self._unsent, {}
-            messages = [self._logged(project_id, seq) for project_id, seq in unsent.items()]
+            messages = [self._logged(owner, seq, kind) for (owner, kind), seq in unsent.items()]
             messages.extend(self._encode(item) for item in batch)
             if not messages:
                 continue
@@ -310,8 +360,8 @@ class Bridge:
             except RedisUnavailable as error:
                 log.debug("not relayed (%d messages): %s", len(batch), error)
                 self._dropped_unavailable.inc(len(batch))
-                for project_id, seq in unsent.items():
-                    self._unsent[project_id] = max(seq, self._unsent.get(project_id, 0))
+                for reached, seq in unsent.items():
+                    self._unsent[reached] = max(seq, self._unsent.get(reached, 0))
                 self._not_relayed(batch)
                 continue
             if unsent:
@@ -319,33 +369,44 @@ class Bridge:
             for _, kind, _, _ in batch:
                 self._published[_KINDS[kind]].inc()
 
-    def _logged(self, project_id: uuid.UUID, seq: int) -> Publish:
-        """The message that tells others the project's log reached ``seq``."""
-        return self._channel(project_id), self._own + _LOGGED + b"||" + str(seq).encode(), True
+    def _logged(self, owner: uuid.UUID, seq: int, kind: bytes = _LOGGED) -> Publish:
+        """The message that tells others the project's log (``_LOGGED``), or the
+        document's updates (``_DOC_REACHED``), reached ``seq``."""
+        return self._channel(owner), self._own + kind + b"||" + str(seq).encode(), True
 
     def _encode(self, item: _Outgoing) -> Publish:
         """``(channel, data, confirm)``: data is ``instance|kind|key|body``, serialised
         once; only events wait for Redis to confirm (see
         ``atrium.seams.redis_wire.publish_all``)."""
         project_id, kind, key, body = item
-        head = self._own + kind + b"|" + (b"" if key is None else key.hex.encode()) + b"|"
+        if key is None:
+            tag = b""
+        elif isinstance(key, int):
+            tag = str(key).encode()
+        else:
+            tag = key.hex.encode()
+        head = self._own + kind + b"|" + tag + b"|"
         if isinstance(body, str):
             return self._channel(project_id), head + body.encode(), False
+        if isinstance(body, bytes):
+            return self._channel(project_id), head + body, kind == _DOC_UPDATE
         events = dumps([_event_to_wire(e) for e in body])
         return self._channel(project_id), head + events, True
 
     def _channel(self, project_id: uuid.UUID) -> str:
         return channel_of(self.instance, project_id)
 
-    async def _listen_forever(self, local: LocalWorkspaces) -> None:
+    async def _listen_forever(
+        self, local: LocalWorkspaces, documents: LocalDocuments | None
+    ) -> None:
         delay = _RETRY_FIRST
-        on_message = partial(self._received_message, local)
+        on_message = partial(self._received_message, local, documents=documents)
         while True:
             try:
                 await self.redis.listen(
                     on_message,
                     patterns=patterns_of(self.instance),
-                    on_subscribed=partial(self._subscribed, local),
+                    on_subscribed=partial(self._subscribed, local, documents),
                     ping_seconds=self._ping_seconds,
                 )
             except RedisUnavailable as error:
@@ -362,24 +423,37 @@ class Bridge:
                 await trio.sleep(delay)
                 delay = min(_RETRY_MAX, delay * 2)
 
-    async def _poll_while_degraded(self, local: LocalWorkspaces) -> None:
-        """Every ``poll_seconds``: while degraded, every open workspace catches up from
-        the log; otherwise those that missed a received event (a full mailbox)."""
+    async def _poll_while_degraded(
+        self, local: LocalWorkspaces, documents: LocalDocuments | None = None
+    ) -> None:
+        """Every ``poll_seconds``: while degraded, every open workspace and document
+        catches up from PostgreSQL; otherwise those that missed a received message (a
+        full mailbox)."""
         while True:
             await trio.sleep(self._poll_seconds)
             if not self._connected:
                 self._missed.clear()
+                self._missed_documents.clear()
                 self._catch_up(local.running())
-            elif self._missed:
+                if documents is not None:
+                    self._catch_up_documents(documents.running())
+                continue
+            if self._missed:
                 missed, self._missed = self._missed, set()
                 self._catch_up([a for p in missed if (a := local.find(p)) is not None])
+            if self._missed_documents and documents is not None:
+                gaps, self._missed_documents = self._missed_documents, set()
+                self._catch_up_documents([d for i in gaps if (d := documents.find(i)) is not None])
 
-    def _subscribed(self, local: LocalWorkspaces) -> None:
+    def _subscribed(self, local: LocalWorkspaces, documents: LocalDocuments | None) -> None:
         """Subscribed (again): what was published before is lost to this subscriber, so
-        every open workspace catches up from the log."""
+        every open workspace catches up from the log, and every open document from its
+        stored updates."""
         self._set_connected(True)
         log.info("bridge: subscribed to %s* as %s", CHANNEL_PREFIX, self.instance)
         self._catch_up(local.running())
+        if documents is not None:
+            self._catch_up_documents(documents.running())
 
     def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
         for actor in actors:
@@ -389,13 +463,34 @@ class Bridge:
                 continue  # a busy workspace's next event fills the gap; a stopped one is gone
             self._metrics.bridge_catch_ups.inc()
 
-    def _received_message(self, local: LocalWorkspaces, channel: bytes, data: bytes) -> None:
-        """Hand another process's message to the project's workspace if it is open here.
-        A message that does not parse is counted and dropped, never raised."""
+    def _catch_up_documents(self, actors: Sequence[DocumentActor]) -> None:
+        for actor in actors:
+            try:
+                actor.tell_nowait(Reached())
+            except (MailboxFull, ActorStopped):
+                continue  # a busy document's next update fills the gap; a stopped one is gone
+            self._metrics.bridge_catch_ups.inc()
+
+    def _received_message(
+        self,
+        local: LocalWorkspaces,
+        channel: bytes,
+        data: bytes,
+        *,
+        documents: LocalDocuments | None = None,
+    ) -> None:
+        """Hand another process's message to the project's workspace (or the document's
+        actor) if it is open here. A message that does not parse is counted and dropped,
+        never raised."""
         try:
             project_id = uuid.UUID(channel.rpartition(b":")[2].decode())
         except ValueError:
             self._invalid.inc()
+            return
+        at = data.find(b"|") + 1  # past the sender's instance: the kind
+        if at and data[at : at + 1] in _DOCUMENT_KINDS:
+            if documents is not None:
+                self._received_document(documents, project_id, data)
             return
         actor = local.find(project_id)
         if actor is None:
@@ -424,6 +519,33 @@ class Bridge:
                 self._missed.add(project_id)
         except ActorStopped:
             pass  # it has no one to deliver to
+
+    def _received_document(
+        self, documents: LocalDocuments, document_id: uuid.UUID, data: bytes
+    ) -> None:
+        actor = documents.find(document_id)
+        if actor is None:
+            return  # not open here: it loads what is stored when it opens
+        try:
+            _, kind, key, body = data.split(b"|", 3)
+            if kind == _DOC_UPDATE:
+                message: Replicated | Reached | RemoteAwareness = Replicated(int(key), [body])
+            elif kind == _DOC_AWARENESS:
+                message = RemoteAwareness(body)
+            else:
+                message = Reached(int(body))
+        except ValueError as error:
+            log.warning("bridge: dropped a document message that did not parse: %s", error)
+            self._invalid.inc()
+            return
+        self._received[kind].inc()
+        try:
+            actor.tell_nowait(message)
+        except MailboxFull:
+            if kind != _DOC_AWARENESS:  # lossy by design; updates are caught up
+                self._missed_documents.add(document_id)
+        except ActorStopped:
+            pass
 
 
 def _is_state(redis: Redis, state: BreakerState) -> float:

@@ -12,13 +12,20 @@ PostgreSQL. Clients resend what the server lacks when they sync again.
 A crash (an exception in a handler) closes every peer with 1012 (their providers
 reconnect) and the supervisor restarts the actor, which loads the document from its
 snapshot plus the updates after it: nothing appended is lost.
+
+Across processes every process with a peer on the document holds a replica (an actor of
+its own). What one stores goes to the others through the relay with its seq
+(``Replicated``); a replica applies the updates in seq order, skips what it has, and
+reads what it lacks from PostgreSQL first (a dropped or late message). A notice that the
+document reached a seq (``Reached``: a NOTIFY on the log, or the bridge catching up after
+Redis was away) makes it read up to there. Awareness crosses the same way, lossy.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -31,6 +38,7 @@ from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.documents import DocumentNotFound, DocumentRef
 from ..realtime import yjs
 from ..realtime.protocol import CloseCode
+from ..realtime.relay import DocumentRelay, NoRelay
 from ._actor import Actor
 from ._errors import ActorStopped
 
@@ -119,13 +127,48 @@ class CloseAll:
 
 
 @dataclass(frozen=True, slots=True)
+class Replicated:
+    """Tell: updates another process stored, with seqs ``first_seq``, ``first_seq + 1``,
+    ... (relayed: may come late, twice, or never)."""
+
+    first_seq: int
+    updates: Sequence[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Reached:
+    """Tell: the document's stored updates reached ``seq`` (None: read it from the row);
+    apply what this replica lacks, read from PostgreSQL."""
+
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAwareness:
+    """Tell: an awareness update relayed from another process (already stamped)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Compact:
     """Ask: fold the updates since the last snapshot into a new one now; replies whether
     a snapshot was stored."""
 
 
 Message = (
-    Attach | Incoming | Detach | DropUser | ReadText | ReadState | ReplaceText | CloseAll | Compact
+    Attach
+    | Incoming
+    | Detach
+    | DropUser
+    | ReadText
+    | ReadState
+    | ReplaceText
+    | CloseAll
+    | Compact
+    | Replicated
+    | Reached
+    | RemoteAwareness
 )
 
 
@@ -140,6 +183,14 @@ class DocumentSettings:
     """At most this many queued updates are appended in one transaction."""
     max_clients_per_peer: int = 8
     """Awareness client ids one connection may speak for (a provider uses one)."""
+    remote_awareness_seconds: float = 30.0
+    """How long another process's awareness state is shown to peers that attach here
+    without being renewed (y-protocols' clients renew theirs every 15 s and drop one not
+    renewed for 30 s)."""
+
+
+def _never() -> bool:
+    return False
 
 
 def _no_activity(user_id: uuid.UUID, ref: DocumentRef) -> None:
@@ -199,6 +250,10 @@ class DocumentActor(Actor[Message, Any]):
         "_updates_applied",
         "_tainted",
         "_batch_bytes",
+        "_relay",
+        "_notify_log",
+        "_remote",
+        "_used",
     )
 
     def __init__(
@@ -208,7 +263,12 @@ class DocumentActor(Actor[Message, Any]):
         settings: DocumentSettings,
         *,
         on_edit: Callable[[uuid.UUID, DocumentRef], None] | None = None,
+        relay: DocumentRelay | None = None,
+        notify_log: Callable[[], bool] | None = None,
     ) -> None:
+        """``relay`` passes what is stored or said here on to the other processes'
+        replicas; while ``notify_log()`` is true (they cannot be reached through it), each
+        append is also announced on the log (PostgreSQL NOTIFY)."""
         super().__init__(
             name=f"document:{ref.id}",
             mailbox_size=settings.mailbox_size,
@@ -232,6 +292,13 @@ class DocumentActor(Actor[Message, Any]):
         self._updates_applied = 0
         self._tainted = False
         self._batch_bytes = 0  # of the updates applied and not yet appended
+        self._relay: DocumentRelay = relay or NoRelay()
+        self._notify_log = notify_log or _never
+        # Awareness clients of other processes: client id -> (clock, state, when seen).
+        self._remote: dict[int, tuple[int, dict[str, Any], float]] = {}
+        # When anything of this process last used the document (trio clock): relayed
+        # traffic alone must not keep a replica with no peers open.
+        self._used = trio.current_time()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -289,9 +356,15 @@ class DocumentActor(Actor[Message, Any]):
     async def _handle(self, message: Message) -> Any:
         if self._tainted:
             # Stopping: what is still queued must not see the document in memory.
-            if isinstance(message, Incoming | Detach | DropUser | CloseAll):
+            if isinstance(
+                message,
+                Incoming | Detach | DropUser | CloseAll | Replicated | Reached | RemoteAwareness,
+            ):
                 return None
             raise ActorStopped(f"{self!r} is reloading")
+        if isinstance(message, Replicated | Reached | RemoteAwareness):
+            return await self._from_elsewhere(message)
+        self._used = trio.current_time()
         if isinstance(message, Incoming):
             return await self._incoming(message)
         if isinstance(message, Attach):
@@ -323,6 +396,12 @@ class DocumentActor(Actor[Message, Any]):
             yjs.AwarenessEntry(client_id, client.clock, client.state)
             for client_id, client in self._clients.items()
         ]
+        fresh = trio.current_time() - self._settings.remote_awareness_seconds
+        for client_id, (clock, state, seen) in list(self._remote.items()):
+            if seen < fresh:
+                del self._remote[client_id]  # its process stopped renewing it: gone
+            else:
+                states.append(yjs.AwarenessEntry(client_id, clock, state))
         if states:
             peer.deliver(yjs.awareness_message(yjs.encode_awareness(states)))
 
@@ -337,7 +416,9 @@ class DocumentActor(Actor[Message, Any]):
                 gone.append(yjs.AwarenessEntry(client_id, client.clock + 1, None))
         peer.clients.clear()
         if gone:
-            self._broadcast(yjs.awareness_message(yjs.encode_awareness(gone)), None)
+            encoded = yjs.encode_awareness(gone)
+            self._broadcast(yjs.awareness_message(encoded), None)
+            self._relay.document_awareness(self.ref.id, encoded)
 
     def _refuse(self, peer: Peer, code: int, reason: str) -> None:
         peer.close(code, reason)
@@ -460,11 +541,14 @@ class DocumentActor(Actor[Message, Any]):
 
     async def _append(self, updates: list[tuple[bytes, uuid.UUID | None]]) -> None:
         try:
-            last = await store.append_updates(self._db, self.ref.id, updates)
+            last = await store.append_updates(
+                self._db, self.ref.id, updates, notify=self._notify_log()
+            )
         except (DatabaseUnavailable, DocumentNotFound) as error:
             raise _Tainted() from error
         first = last - len(updates) + 1
         self._updates_applied += len(updates)
+        self._relay.document_updates(self.ref.id, first, [data for data, _ in updates])
         if first == self._last_seq + 1:
             self._last_seq = last
             self._stored_bytes += sum(len(data) for data, _ in updates)
@@ -474,11 +558,99 @@ class DocumentActor(Actor[Message, Any]):
         # figures (it may have compacted as well).
         await self._fill(self._last_seq, first - 1)
         self._last_seq = last
+        await self._read_figures()
+
+    async def _read_figures(self) -> None:
+        """Take the stored size and snapshot from the row (another process may have
+        appended or compacted)."""
         row = await store.find_document(self._db, self.ref.id)
         if row is not None:
             self._snapshot_seq = row.snapshot_seq
             self._stored_bytes = row.byte_size
-            self._since_snapshot = last - row.snapshot_seq
+            self._since_snapshot = max(0, self._last_seq - row.snapshot_seq)
+
+    # -- replicas in other processes --------------------------------------------------------
+
+    async def _from_elsewhere(self, message: Replicated | Reached | RemoteAwareness) -> None:
+        """Another process's traffic. A replica with no peers that nothing here used for
+        its idle timeout stops (the idle timer alone would never fire while others type)."""
+        idle = self._settings.idle_timeout
+        if not self._peers and trio.current_time() - self._used > idle:
+            self.request_stop()
+            return
+        if isinstance(message, Replicated):
+            await self._replicated(message)
+        elif isinstance(message, Reached):
+            await self._reached(message.seq)
+        else:
+            self._remote_awareness(message.payload)
+
+    async def _replicated(self, message: Replicated) -> None:
+        """Apply another process's stored updates in seq order: what this replica has is
+        skipped, and a gap before them is read from PostgreSQL first."""
+        first, updates = message.first_seq, message.updates
+        last = first + len(updates) - 1
+        if last <= self._last_seq:
+            return  # a duplicate, or late: applied already
+        try:
+            if first > self._last_seq + 1:
+                await self._fill(self._last_seq, first - 1)
+                self._last_seq = first - 1
+                await self._read_figures()
+        except (DatabaseUnavailable, DocumentNotFound) as error:
+            # Still behind, never ahead of what is stored: the next message or notice
+            # fills the gap.
+            log.info("%r could not read the updates it missed: %r", self, error)
+            return
+        fresh = updates[self._last_seq + 1 - first :]
+        for update in fresh:
+            self._apply_and_broadcast(update)
+        self._last_seq = last
+        self._stored_bytes += sum(len(update) for update in fresh)
+        self._since_snapshot += len(fresh)
+        await self._maybe_compact()
+
+    async def _reached(self, seq: int | None) -> None:
+        """Read and apply the stored updates after this replica's last seq, up to ``seq``
+        (None: up to the row's last one)."""
+        try:
+            if seq is None:
+                row = await store.find_document(self._db, self.ref.id)
+                if row is None:
+                    return  # deleted: whoever deleted it closes the peers
+                seq = row.last_seq
+            if seq <= self._last_seq:
+                return
+            await self._fill(self._last_seq, seq)
+            self._last_seq = seq
+            await self._read_figures()
+        except (DatabaseUnavailable, DocumentNotFound) as error:
+            log.info("%r could not catch up: %r", self, error)
+            return
+        await self._maybe_compact()
+
+    def _remote_awareness(self, payload: bytes) -> None:
+        """Show another process's awareness entries to the peers here, and keep them for
+        peers that attach later. A client id a peer here speaks for is this replica's."""
+        try:
+            entries = yjs.parse_awareness(payload)
+        except yjs.MalformedMessage:
+            return
+        now = trio.current_time()
+        accepted = []
+        for entry in entries:
+            if entry.client_id in self._clients:
+                continue
+            known = self._remote.get(entry.client_id)
+            if known is not None and entry.clock < known[0]:
+                continue
+            if entry.state is None:
+                self._remote.pop(entry.client_id, None)
+            else:
+                self._remote[entry.client_id] = (entry.clock, entry.state, now)
+            accepted.append(entry)
+        if accepted:
+            self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), None)
 
     async def _fill(self, after: int, until: int) -> None:
         """Apply and broadcast the updates another writer appended after ``after``."""
@@ -534,10 +706,13 @@ class DocumentActor(Actor[Message, Any]):
                 continue
             state = yjs.stamped(entry.state, str(peer.user_id), peer.email)
             self._clients[entry.client_id] = _Client(peer, entry.clock, state)
+            self._remote.pop(entry.client_id, None)
             peer.clients.add(entry.client_id)
             accepted.append(yjs.AwarenessEntry(entry.client_id, entry.clock, state))
         if accepted:
-            self._broadcast(yjs.awareness_message(yjs.encode_awareness(accepted)), peer)
+            encoded = yjs.encode_awareness(accepted)
+            self._broadcast(yjs.awareness_message(encoded), peer)
+            self._relay.document_awareness(self.ref.id, encoded)
 
     # -- text from REST ---------------------------------------------------------------------
 
@@ -617,6 +792,10 @@ class DocumentActor(Actor[Message, Any]):
             self._snapshot_seq = self._last_seq
             self._stored_bytes = len(snapshot)
             self._since_snapshot = 0
+        else:
+            # Another replica compacted as far or further: take its figures, or this one
+            # would try again after every update.
+            await self._read_figures()
         return stored
 
     # -- for operators ----------------------------------------------------------------------
@@ -652,6 +831,9 @@ __all__ = [
     "Message",
     "Peer",
     "ReadState",
+    "Reached",
     "ReadText",
+    "RemoteAwareness",
     "ReplaceText",
+    "Replicated",
 ]

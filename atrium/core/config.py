@@ -194,8 +194,8 @@ class Settings:
     redis_breaker_failures: int = 5
     redis_breaker_reset_seconds: float = 1.0
     redis_breaker_successes: int = 1
-    # While Redis is away, open workspaces read the log this often (a fallback: NOTIFY on
-    # the log carries other processes' events at once).
+    # While Redis is away, open workspaces and live documents read the log this often (a
+    # fallback: NOTIFY on the log carries other processes' events and updates at once).
     degraded_poll_seconds: float = 1.0
     workers: int = 1  # serving processes (run.py --workers); more than 1: a process group
     reuse_port: bool = False  # bind PORT and WS_PORT with SO_REUSEPORT (a --workers process)

@@ -472,9 +472,11 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
         "`1`",
         (
             "With `REDIS_URL`: while Redis is away, how often open workspaces read "
-            "the log for other instances' events (a fallback: those arrive at once "
+            "the log for other instances' events, and open live documents the "
+            "updates other instances stored (a fallback: those arrive at once "
             "through PostgreSQL NOTIFY; see [Many "
-            "instances](OPERATIONS.md#many-instances)). Decimals allowed."
+            "instances](OPERATIONS.md#many-instances) and [Across "
+            "processes](DOCUMENTS.md#across-processes)). Decimals allowed."
         ),
     ),
     EnvVar(

@@ -164,14 +164,16 @@ class Metrics:
         self.bridge_published = Counter(
             "atrium_bridge_messages_published",
             "Messages this process published to Redis, by kind (events, ephemeral, catch_up: "
-            "the log position of events it could not publish earlier)",
+            "the log position of events it could not publish earlier; document_updates, "
+            "document_awareness, document_catch_up: the same for live documents)",
             ["kind"],
             registry=r,
         )
         self.bridge_received = Counter(
             "atrium_bridge_messages_received",
-            "Messages from other processes received from Redis for a workspace open here, "
-            "by kind (events, ephemeral, catch_up)",
+            "Messages from other processes received from Redis for a workspace or live "
+            "document open here, by kind (events, ephemeral, catch_up, document_updates, "
+            "document_awareness, document_catch_up)",
             ["kind"],
             registry=r,
         )

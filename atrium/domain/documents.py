@@ -6,6 +6,11 @@ the workspaces' run under theirs (``atrium.domain.workspaces``): the composition
 starts ``run`` as a child of the root supervisor. An actor starts on first use, loading
 its snapshot and the updates after it; it stops (compacting first) once idle with no
 peers; a crash restarts it from PostgreSQL.
+
+With several processes, each one serving a document's peers runs a replica of it (see
+``atrium.actors.document``): updates and awareness cross on the ``relay`` (the bridge),
+and notices that a document reached a seq (NOTIFY on the log, while the relay cannot
+carry updates) arrive on ``notices``.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ from typing import Any
 
 import trio
 
-from ..actors import ActorStopped
+from ..actors import ActorStopped, MailboxFull
 from ..actors.document import (
     CloseAll,
     DocumentActor,
     DocumentSettings,
     DropUser,
     Message,
+    Reached,
 )
 from ..core.events import Event, EventType
 from ..persistence import documents as store
 from ..persistence.database import Database
 from ..persistence.documents import DocumentNotFound, DocumentRef, DocumentRow
 from ..realtime.protocol import CloseCode
+from ..realtime.relay import DocumentRelay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
 
 log = logging.getLogger("atrium.documents")
@@ -48,7 +55,10 @@ class Documents:
 
     One registry serves one database pool (``db``); a new pool gets a new registry.
     ``on_edit`` is the activity hook every actor calls for each update a user made that
-    changed its document, after it is stored (a no-op by default).
+    changed its document, after it is stored (a no-op by default). ``relay`` carries the
+    actors' updates and awareness to the other processes; while ``notify_log()`` is true
+    each append is also announced on the log. ``notices`` yields ``(document id, seq)``
+    for appends other processes announced on the log (``run`` reads it).
     """
 
     def __init__(
@@ -59,8 +69,14 @@ class Documents:
         max_restarts: int = 5,
         period: float = 30.0,
         on_edit: EditHook | None = None,
+        relay: DocumentRelay | None = None,
+        notify_log: Callable[[], bool] | None = None,
+        notices: trio.MemoryReceiveChannel[tuple[uuid.UUID, int]] | None = None,
     ) -> None:
         self._db = db
+        self._relay = relay
+        self._notify_log = notify_log
+        self._notices = notices
         self._settings = settings
         self._max_restarts = max_restarts
         self._period = period
@@ -76,7 +92,8 @@ class Documents:
         self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Open the documents supervisor (one_for_one; ``max_restarts`` in ``period``
-        seconds, else it escalates) and serve ``get`` from it until cancelled."""
+        seconds, else it escalates) and serve ``get`` from it until cancelled, handing
+        the notices of other processes' appends to the documents open here."""
         async with open_supervisor(
             name="documents",
             strategy=Strategy.ONE_FOR_ONE,
@@ -87,6 +104,14 @@ class Documents:
             self._attached.set()
             try:
                 task_status.started(supervisor)
+                if self._notices is None:
+                    await trio.sleep_forever()
+                async for document_id, seq in self._notices:
+                    actor = self.find(document_id)
+                    if actor is not None:
+                        # A full mailbox drops it: the next update, or a poll, fills the gap.
+                        with contextlib.suppress(MailboxFull, ActorStopped):
+                            actor.tell_nowait(Reached(seq))
                 await trio.sleep_forever()
             finally:
                 self._supervisor = None
@@ -126,7 +151,14 @@ class Documents:
         ref = row.ref
         spec = actor_spec(
             f"document:{document_id}",
-            lambda: DocumentActor(ref, self._db, self._settings, on_edit=self._on_edit),
+            lambda: DocumentActor(
+                ref,
+                self._db,
+                self._settings,
+                on_edit=self._on_edit,
+                relay=self._relay,
+                notify_log=self._notify_log,
+            ),
             restart=Restart.TRANSIENT,
         )
         while (supervisor := self._supervisor) is None:

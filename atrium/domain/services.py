@@ -194,6 +194,9 @@ def build_services(
         project_cache = (
             MemoryUserCache(ttl, clock) if shared is None else shared.cache("projects", ttl)
         )
+    # Other processes' appends to live documents, announced on the log that the
+    # workspaces follow, go to the documents open here.
+    document_notices, notices = trio.open_memory_channel[tuple[uuid.UUID, int]](1024)
     workspaces = Workspaces(
         db,
         workspace_settings(settings),
@@ -201,6 +204,7 @@ def build_services(
         relay=bridge,
         count_gap_fills=metrics.workspace_gap_fills.inc,
         presence=LocalPresence() if shared is None else shared.presence,
+        document_notices=document_notices,
     )
     load_task_modules(settings.job_task_modules)
     jobs = JobQueue(job_settings(settings), database=lambda: db, clock=clock, metrics=metrics)
@@ -218,7 +222,14 @@ def build_services(
     document_activity = DocumentActivity(
         db, workspaces if publisher is None else publisher, settings.doc_activity_seconds
     )
-    documents = Documents(db, document_settings(settings), on_edit=document_activity.note)
+    documents = Documents(
+        db,
+        document_settings(settings),
+        on_edit=document_activity.note,
+        relay=bridge,
+        notify_log=workspaces.notifies,
+        notices=notices,
+    )
     document_sessions = DocumentSessions(
         db=db,
         tickets=TicketCodec(

@@ -22,6 +22,7 @@ from ..actors.workspace import (
     WorkspaceSettings,
 )
 from ..core.events import Event
+from ..persistence import documents as document_store
 from ..persistence import events as event_log
 from ..persistence.database import Database, DatabaseUnavailable
 from ..realtime import protocol
@@ -78,8 +79,12 @@ class Workspaces:
         relay: Relay | None = None,
         count_gap_fills: Callable[[int], object] | None = None,
         presence: PresenceBoard | None = None,
+        document_notices: trio.MemorySendChannel[tuple[uuid.UUID, int]] | None = None,
     ) -> None:
+        """``document_notices`` takes the live documents' appends that other processes
+        announce on the log (``atrium.domain.documents.Documents`` reads them)."""
         self._db = db
+        self._document_notices = document_notices
         self.presence: PresenceBoard = presence or LocalPresence()
         self._count_deliveries = count_deliveries
         self._relay = relay or NoRelay()
@@ -193,6 +198,13 @@ class Workspaces:
         peer = event_log.parse_peer(payload)
         if peer is not None:
             self._heard(*peer)
+            return
+        document = document_store.parse_reached(payload)
+        if document is not None:
+            if self._document_notices is not None:
+                # A full channel drops it: the document's next update or poll fills the gap.
+                with contextlib.suppress(trio.WouldBlock):
+                    self._document_notices.send_nowait(document)
             return
         parsed = event_log.parse_appended(payload)
         actor = None if parsed is None else self.find(parsed[0])

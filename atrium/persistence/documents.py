@@ -18,6 +18,7 @@ from datetime import datetime
 import asyncpg
 
 from .database import Database
+from .events import LOG_CHANNEL
 
 _COLUMNS = (
     "id, project_id, path, created_by, created_at, updated_at, last_seq, snapshot_seq, byte_size,"
@@ -187,9 +188,13 @@ async def append_updates(
     db: Database,
     document_id: uuid.UUID,
     updates: Sequence[tuple[bytes, uuid.UUID | None]],
+    *,
+    notify: bool = False,
 ) -> int:
     """Append ``updates`` (each its bytes and the user who made it) in one transaction,
-    with consecutive seqs taken from the document's counter; returns the last seq.
+    with consecutive seqs taken from the document's counter; returns the last seq. With
+    ``notify``, NOTIFY ``LOG_CHANNEL`` on commit that the document reached that seq
+    (``parse_reached`` reads it): the other processes' replicas read what they lack.
 
     The counter's row stays locked until the commit, so seqs are gapless and commit in
     order with writers in other processes. Raises DocumentNotFound when the document was
@@ -222,9 +227,30 @@ async def append_updates(
             [data for data, _ in updates],
             [user_id for _, user_id in updates],
         )
+        if notify:
+            await conn.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, _reached(document_id, last))
         return int(last)
 
     return await db.transaction(run)
+
+
+_REACHED = "doc:"
+
+
+def _reached(document_id: uuid.UUID, seq: int) -> str:
+    return f"{_REACHED}{document_id}:{seq}"
+
+
+def parse_reached(payload: str) -> tuple[uuid.UUID, int] | None:
+    """The document and seq of a ``LOG_CHANNEL`` payload saying "the document's updates
+    reached seq N" (``append_updates`` with ``notify``), or None if it is not one."""
+    if not payload.startswith(_REACHED):
+        return None
+    document, _, seq = payload[len(_REACHED) :].partition(":")
+    try:
+        return uuid.UUID(document), int(seq)
+    except ValueError:
+        return None
 
 
 async def load_document(db: Database, document_id: uuid.UUID) -> Loaded:

@@ -7,6 +7,10 @@ raises: what it cannot pass on is dropped (durable events are in the log, and th
 processes catch up from it; ephemeral frames are lossy by design). While a relay is not
 ``connected``, the workspaces announce their durable events on the log instead
 (PostgreSQL NOTIFY; see ``domain.workspaces.Workspaces``).
+
+Live documents ride the same relay (``DocumentRelay``): each update stored here, with its
+seq, and each awareness change. A process that misses updates fills the gap from the
+document's stored updates by seq, as a workspace does from its log.
 """
 
 from __future__ import annotations
@@ -42,8 +46,29 @@ class Relay(Protocol):
         ...
 
 
+class DocumentRelay(Protocol):
+    """Passes a live document's traffic on to the other processes that hold a replica of
+    it (see the module docstring); never blocks, never raises."""
+
+    @property
+    def connected(self) -> bool:
+        """True while what is relayed reaches the other processes."""
+        ...
+
+    def document_updates(
+        self, document_id: uuid.UUID, first_seq: int, updates: Sequence[bytes]
+    ) -> None:
+        """Relay Yjs updates stored with seqs ``first_seq``, ``first_seq + 1``, ..."""
+        ...
+
+    def document_awareness(self, document_id: uuid.UUID, payload: bytes) -> None:
+        """Relay an encoded awareness update (entries already stamped with their user);
+        lossy, like cursor moves."""
+        ...
+
+
 class NoRelay:
-    """A ``Relay`` for a single process: nothing to pass on."""
+    """A ``Relay`` (and ``DocumentRelay``) for a single process: nothing to pass on."""
 
     @property
     def connected(self) -> bool:
@@ -57,4 +82,12 @@ class NoRelay:
         return None
 
     def ephemeral(self, project_id: uuid.UUID, key: uuid.UUID, frame: str) -> None:
+        return None
+
+    def document_updates(
+        self, document_id: uuid.UUID, first_seq: int, updates: Sequence[bytes]
+    ) -> None:
+        return None
+
+    def document_awareness(self, document_id: uuid.UUID, payload: bytes) -> None:
         return None

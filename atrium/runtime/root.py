@@ -537,13 +537,17 @@ async def _run_bridge(
     *,
     task_status: trio.TaskStatus[Bridge],
 ) -> None:
-    local = None if database is None else database.value.workspaces
-    await bridge.run(local, task_status=task_status)
+    if database is None:
+        await bridge.run(None, task_status=task_status)
+        return
+    services = database.value
+    await bridge.run(services.workspaces, documents=services.documents, task_status=task_status)
 
 
 def _bridge_child(bridge: Bridge, database: ChildHandle[Services] | None) -> ChildSpec[Bridge]:
     """The ``bridge`` child: publishes what this process relays and, given the
-    ``database`` child (a serving process), receives for the workspaces open here."""
+    ``database`` child (a serving process), receives for the workspaces and live
+    documents open here."""
     return ChildSpec("bridge", partial(_run_bridge, bridge, database), shutdown_timeout=2.0)
 
 
