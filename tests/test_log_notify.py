@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -114,6 +115,7 @@ async def test_a_server_alone_announces_nothing(start_server: StartServer) -> No
         assert not workspaces_of(a).peers and not workspaces_of(a).notifies()
 
 
+@pytest.mark.alone  # it times an edit's crossing against PROMPT
 async def test_degraded_servers_announce_on_the_log_and_connected_ones_do_not(
     start_server: StartServer, own_redis: RedisServer, database_url: str
 ) -> None:
