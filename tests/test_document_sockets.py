@@ -10,7 +10,7 @@ import uuid
 import pycrdt
 import pytest
 import trio
-from conftest import Running, StartServer
+from conftest import FakeClock, Running, StartServer
 from test_workspace import Member, Team, make_team
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
@@ -263,20 +263,43 @@ async def test_an_update_larger_than_a_workspace_frame_is_taken(team: Team) -> N
 
 
 async def test_a_user_over_the_update_rate_is_closed(start_server: StartServer) -> None:
-    async with start_server(DOC_UPDATES_PER_SECOND="1") as server:
+    # The server's clock stands still unless the test moves it: no token refills while
+    # the messages go, however slow the machine.
+    clock = FakeClock()
+    async with start_server(clock=clock, DOC_UPDATES_PER_SECOND="1") as server:
         team = await make_team(server, "main")
         issued = await get_ticket(team, team.collaborator)
         url = doc_url(team, issued["room"], issued["ticket"])
-        async with connect(url) as one, connect(url) as two:
+        owners = await get_ticket(team, team.owner)
+        step1 = yjs.sync_step1(pycrdt.Doc().get_state())
+
+        async def answered(client: Client) -> None:
+            """Send a sync step 1 and wait for its answer (so messages count in order)."""
+            await client.ws.send_message(step1)
+            while not isinstance(await first_message(client), yjs.SyncStep2):
+                pass
+
+        async with (
+            connect(url) as one,
+            connect(url) as two,
+            connect(doc_url(team, owners["room"], owners["ticket"])) as owner,
+        ):
             # Two messages of burst, shared by the user's connections: the third is over.
-            # Each is answered (sync step 2) before the next goes, so they count in order.
-            step1 = yjs.sync_step1(pycrdt.Doc().get_state())
             for client in (one, two):
-                await client.ws.send_message(step1)
-                while not isinstance(await first_message(client), yjs.SyncStep2):
-                    pass
+                await answered(client)
             await one.ws.send_message(step1)
             assert await one.closed() == (4010, "rate_limited")
+            # Another user under the rate is not closed: their budget is their own.
+            for _ in range(2):
+                await answered(owner)
+            # A second later the user has one message again (under the rate: answered),
+            # and no more.
+            clock.advance(1)
+            await answered(two)
+            await two.ws.send_message(step1)
+            assert await two.closed() == (4010, "rate_limited")
+            clock.advance(1)
+            await answered(owner)
 
 
 async def test_too_many_connections_counts_document_sockets(start_server: StartServer) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -172,7 +172,10 @@ class DocumentSessions:
         settings: DocumentConnectionSettings,
         failures: ContainedFailures | None = None,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        """``clock`` (seconds) drives the users' update rates: the process's wall clock,
+        as for its other rate limits (tests move it by hand)."""
         self.db = db
         self.tickets = tickets
         self.documents = documents
@@ -180,6 +183,7 @@ class DocumentSessions:
         self.settings = settings
         self.failures = failures or realtime.failures
         self.metrics = metrics or realtime.metrics
+        self._clock = clock
         self._rates: dict[uuid.UUID, _Rate] = {}
         self._open: dict[uuid.UUID, set[_DocumentConnection]] = {}  # by project
 
@@ -258,7 +262,7 @@ class DocumentSessions:
             if len(self._rates) >= _KEPT_RATES:
                 self._forget_full_rates()
             burst = 2 * self.settings.updates_per_second
-            rate = self._rates[connection.user_id] = _Rate(burst, trio.current_time())
+            rate = self._rates[connection.user_id] = _Rate(burst, self._clock())
         rate.sockets += 1
 
     def _leave(self, connection: _DocumentConnection, project_id: uuid.UUID) -> None:
@@ -277,7 +281,8 @@ class DocumentSessions:
 
     def _refilled(self, rate: _Rate) -> bool:
         per_second = self.settings.updates_per_second
-        return rate.tokens + (trio.current_time() - rate.at) * per_second >= 2 * per_second
+        elapsed = max(0.0, self._clock() - rate.at)
+        return rate.tokens + elapsed * per_second >= 2 * per_second
 
     def _forget_full_rates(self) -> None:
         for user_id, rate in list(self._rates.items()):
@@ -287,10 +292,12 @@ class DocumentSessions:
     def _allow(self, user_id: uuid.UUID) -> bool:
         """Spend one of the user's message tokens; False when they have none left."""
         rate = self._rates[user_id]
-        now = trio.current_time()
+        now = self._clock()
         per_second = self.settings.updates_per_second
-        rate.tokens = min(2 * per_second, rate.tokens + (now - rate.at) * per_second)
-        rate.at = now
+        # A wall clock set back refills nothing (and takes nothing away).
+        elapsed = max(0.0, now - rate.at)
+        rate.tokens = min(2 * per_second, rate.tokens + elapsed * per_second)
+        rate.at = max(rate.at, now)
         if rate.tokens < 1:
             return False
         rate.tokens -= 1

@@ -241,6 +241,7 @@ def build_services(
         documents=documents,
         realtime=realtime,
         settings=DocumentConnectionSettings.of(settings),
+        clock=clock,
     )
     # Committed project events reach the live workspaces, then the document sockets (a
     # member removed is disconnected from both), then the open documents' actors (which
