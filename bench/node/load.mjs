@@ -4,11 +4,13 @@
 //
 // config: {"protocol": "y-websocket" | "hocuspocus", "out": "<path prefix>",
 //          "clients": [{"url": "ws://...", "doc": "<hocuspocus document name>",
-//                       "id": <global client index>, "sends": true|false}, ...],
+//                       "id": <global client index>, "sends": true|false,
+//                       "measures": true|false}, ...],
 //          "rate": <keystrokes a second per sender>, "senders": <senders in the whole run>}
 //
-// Every client is a raw protocol connection that counts and timestamps the updates it
-// receives without applying them (Y.decodeUpdate reads which keystrokes a frame carries).
+// Every client is a raw protocol connection that counts the frames it receives without
+// applying them; a client with "measures" (the default) also timestamps the keystrokes
+// each carries (Y.decodeUpdate reads them), which costs the load process more.
 // A sending client also owns a real Y.Doc (clientID 1000 + its id) and types one
 // character per update at the end of its text, sending each update as a y-websocket
 // (or Hocuspocus) sync update, on a fixed schedule: keystroke k of sender g is due at
@@ -92,9 +94,10 @@ function frame (doc, build) {
 }
 
 class Client {
-  constructor ({ url, doc, id, sends }) {
+  constructor ({ url, doc, id, sends, measures = true }) {
     this.doc = doc
     this.id = id
+    this.measures = measures
     this.synced = null
     this.syncedAt = null
     this.openedAt = null
@@ -164,7 +167,7 @@ class Client {
       this.synced()
       return
     }
-    if (t0 === null) return
+    if (t0 === null || !this.measures) return
     for (const struct of Y.decodeUpdate(update).structs) {
       const sender = struct.id.client - FIRST_CLIENT
       if (sender >= 0 && sender !== this.id) {
