@@ -3,6 +3,9 @@ Playwright's sync API, against ``python run.py`` on a real port.
 
 - ``/demo`` logs in, picks a project, sees who is here and their cursor, makes edits, and
   survives a server restart in the middle: every edit is stored exactly once.
+- ``/demo``'s shared editor: two people type into one live document at once and see the
+  same text, with each other's cursors; a viewer's page shows it read-only; the document
+  is intact after a server restart.
 - ``/docs`` renders Swagger UI with every request to anything but the server blocked.
 - atrium.js resends edits whose ACK never came, and the server stores each once.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -322,6 +326,106 @@ def demo_across_a_restart(browser: Browser, run_py: RunPy) -> None:
     assert tab_a.csp_violations == tab_b.csp_violations == []
     screenshot(a, "demo-owner")
     screenshot(b, "demo-collaborator")
+
+
+def open_document(page: Page, path: str) -> None:
+    page.fill("#doc-path", path)
+    page.click("#open-doc")
+    expect(page.locator("#doc-status")).to_have_attribute("data-state", "synced")
+
+
+def test_the_demo_edits_a_live_document_together(run_py: RunPy, chromium: Chromium) -> None:
+    chromium.run(shared_document, run_py)
+
+
+def shared_document(browser: Browser, run_py: RunPy) -> None:
+    with httpx.Client(base_url=run_py.url) as http:
+        ann, bob, project_id = shared_project(http, "Notes")
+        cat = signup(http, "cat@example.com")
+        r = http.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"email": cat.email, "role": "viewer"},
+            headers=auth(ann),
+        )
+        assert r.status_code == 201, r.text
+
+    tabs = {user.email: new_tab(browser, run_py) for user in (ann, bob, cat)}
+    a, b, c = (tabs[user.email].page for user in (ann, bob, cat))
+    for page, user in ((a, ann), (b, bob), (c, cat)):
+        log_in(page, run_py, user, project_id)
+        open_document(page, "/notes.md")
+    expect(c.locator("#doc")).not_to_be_editable()
+    expect(c.locator("#doc-mode")).to_contain_text("read-only")
+
+    # Ann and Bob type at once, in turns of a few keys, each before the other's arrive.
+    a.click("#doc")
+    b.click("#doc")
+    ann_typed, bob_typed = "Ann writes here. ", "Bob too! "
+    for n in range(0, len(ann_typed), 4):
+        a.keyboard.type(ann_typed[n : n + 4])
+        b.keyboard.type(bob_typed[n : n + 4])
+    merged = one_text(len(ann_typed + bob_typed), a, b, c)
+    # Each typed at their own caret: both runs are whole, in one order or the other.
+    assert merged in (ann_typed + bob_typed, bob_typed + ann_typed)
+    # Each sees where the others are, the viewer too, named by the server.
+    for page, other in ((a, bob), (a, cat), (b, ann), (c, ann)):
+        expect(page.locator(f"#doc-peers li[data-user-id='{other.user_id}']")).to_contain_text(
+            f"{other.email} at line 1"
+        )
+    caret = a.locator(f"#doc-overlay .remote-caret[data-user-id='{bob.user_id}']")
+    expect(caret).to_have_attribute("data-name", bob.email)
+
+    # The viewer types: nothing changes, on its page or anyone else's.
+    c.click("#doc")
+    c.keyboard.type("cat was here")
+    c.keyboard.press("Backspace")
+    expect(c.locator("#doc")).to_have_value(merged)
+    a.keyboard.type("!")  # at Ann's caret, the end of her run
+    merged = merged.replace(ann_typed, ann_typed + "!")
+    assert one_text(len(merged), a, b, c) == merged
+    screenshot(a, "shared-editor-owner")
+    screenshot(c, "shared-editor-viewer")
+
+    # Restart the server with only the viewer's page open (it cannot bring anything back):
+    # the document is what PostgreSQL kept, and the viewer's page reconnects to it.
+    a.context.close()
+    b.context.close()
+    run_py.stop()
+    expect(c.locator("#doc-status")).to_have_attribute("data-state", "reconnecting")
+    run_py.start()
+    with httpx.Client(base_url=run_py.url) as http:
+        r = http.get(f"/api/v1/projects/{project_id}/documents", headers=auth(ann))
+        (room,) = [d["room"] for d in r.json()["documents"]]
+        r = http.get(f"/api/v1/projects/{project_id}/documents/{room}/text", headers=auth(ann))
+        assert r.json()["text"] == merged
+    expect(c.locator("#doc-status")).to_have_attribute("data-state", "synced", timeout=RECONNECT_MS)
+    d = new_tab(browser, run_py).page
+    log_in(d, run_py, ann, project_id)
+    open_document(d, "/notes.md")
+    expect(d.locator("#doc")).to_have_value(merged)
+    d.click("#doc")
+    d.keyboard.press("Control+End")
+    d.keyboard.type(" Later.")
+    expect(c.locator("#doc")).to_have_value(merged + " Later.")
+    # Deleted by its owner: the pages stop (no reconnecting to a document that is gone).
+    with httpx.Client(base_url=run_py.url) as http:
+        r = http.delete(f"/api/v1/projects/{project_id}/documents/{room}", headers=auth(ann))
+        assert r.status_code == 204, r.text
+    for page in (c, d):
+        expect(page.locator("#doc-status")).to_have_text("closed (4013)")
+    expect(d.locator("#doc")).not_to_be_editable()
+    for tab in tabs.values():
+        assert tab.blocked == tab.csp_violations == []
+
+
+def one_text(length: int, *pages: Page) -> str:
+    """The text every page's editor shows, once each shows ``length`` characters: the
+    same on every page."""
+    for page in pages:
+        expect(page.locator("#doc")).to_have_value(re.compile(f"^.{{{length}}}$", re.DOTALL))
+    texts = {page.locator("#doc").input_value() for page in pages}
+    assert len(texts) == 1, texts
+    return texts.pop()
 
 
 def test_the_docs_render_offline(run_py: RunPy, chromium: Chromium) -> None:

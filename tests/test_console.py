@@ -181,6 +181,7 @@ async def test_the_metrics_summary_after_traffic(ops_server: Running) -> None:
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= 10
     assert body["websockets"]["open"] == {"main": 0, "listener": 0}
     assert body["workspaces"] == {"running": 0, "mailbox_depth": 0}
+    assert body["documents"] == {"running": 0, "mailbox_depth": 0}
     database = body["database"]
     assert database["pool_connections"] >= 1 and database["pool_in_use"] >= 0
     assert database["query_latency_seconds"]["p50"] > 0

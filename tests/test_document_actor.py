@@ -14,6 +14,8 @@ import trio.lowlevel
 import trio.testing
 from conftest import Running
 from docclient import DocClient, settle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_workspace import make_team
 
 from atrium.actors import ActorStopped
@@ -187,18 +189,27 @@ async def test_the_document_size_limit_compacts_first_then_refuses(
         db, nursery, DocumentSettings(max_document_bytes=3000, compact_after=10_000)
     )
     a = await setup.client()
-    for i in range(30):
-        a.type(0, f"{i:02d}")
+    for i in range(100):  # about 25 bytes stored per keystroke; their snapshot is ~130
+        a.type(len(a.text), "abcdefghij"[i % 10])
         await settle(a)
+    before = await store.find_document(setup.db, setup.ref.id)
+    assert before is not None and before.byte_size > 2000 and before.snapshot_seq == 0
+    a.type(0, "y" * 1000)  # over the limit as stored, under it once compacted
+    await settle(a)
     assert a.closed is None
-    a.type(0, "y" * 2500)
+    actor = await setup.actor()
+    assert (await actor.ask(ReadText())).startswith("y" * 1000)
+    after = await store.find_document(setup.db, setup.ref.id)
+    assert after is not None and after.snapshot_seq == 100 and after.byte_size < 1500
+    a.type(0, "z" * 2000)  # over it even compacted
     await settle(a)
     assert a.closed == (4012, "document_too_large")
-    actor = await setup.actor()
-    assert "y" not in await actor.ask(ReadText())
+    assert "z" not in await actor.ask(ReadText())
     with pytest.raises(DocumentTooLarge):
-        await actor.ask(ReplaceText("z" * 4000, setup.owner))
+        await actor.ask(ReplaceText("w" * 4000, setup.owner))
     assert actor.alive
+    await actor.ask(ReplaceText("short", setup.owner))
+    assert await actor.ask(ReadText()) == "short"
 
 
 # -- bad input --------------------------------------------------------------------------
@@ -357,7 +368,10 @@ class InjectedFault(RuntimeError):
     pass
 
 
-class _CrashingDocumentActor(DocumentActor):
+class CrashingDocumentActor(DocumentActor):
+    """A document actor whose next message raises InjectedFault, as a bug in ``handle``
+    would (set an actor's class to it, as conftest's ``crash_workspace`` does)."""
+
     __slots__ = ()
 
     async def handle(self, message: Any) -> Any:
@@ -376,9 +390,13 @@ async def test_a_crash_closes_peers_with_1012_and_loses_nothing_appended(setup: 
     actor = await setup.actor()
     # Updates queued behind the crash are lost with the actor, as a socket's would be.
     a.type(0, "queued")
-    actor.__class__ = _CrashingDocumentActor
-    await actor.tell(ReadText())
-    await a.send()
+    actor.__class__ = CrashingDocumentActor
+    actor.tell_nowait(ReadText())
+    for message in a.outbox:
+        actor.tell_nowait(Incoming(a.peer, message))
+    a.outbox.clear()
+    with pytest.raises(ActorStopped):  # answered when the crashed actor closes its mailbox
+        await actor.ask(ReadText())
     with trio.fail_after(5):
         restarted = await setup.actor()
     assert restarted is not actor
@@ -648,3 +666,65 @@ async def test_a_burst_of_one_peers_updates_is_one_row_and_one_frame(setup: Setu
     assert str(b.text) == "burst"
     row = await store.find_document(setup.db, setup.ref.id)
     assert row is not None and row.last_seq == 1
+
+
+# -- compaction through the actor (hypothesis) -------------------------------------------
+
+# One step: (editor, position as a fraction, text to insert, chars to delete, then compact).
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.floats(0, 1),
+        st.text(alphabet="ab é😀\n", max_size=5),
+        st.integers(0, 3),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=15,
+)
+
+
+async def test_compacting_through_the_actor_at_random_points_keeps_the_content(
+    setup: Setup,
+) -> None:
+    """Three live editors make random edits, settling now and then; the actor compacts at
+    random points. Every editor, the actor and a reload from PostgreSQL end with the same
+    text. Hypothesis runs in a worker thread and calls back into this test's trio loop
+    (as in test_fuzz.py)."""
+
+    async def example(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        ref = await setup.documents.open(setup.project_id, f"/h/{uuid.uuid4().hex}")
+        actor = await setup.documents.get(ref.id)
+        editors = [DocClient(actor, setup.owner, "o") for _ in range(3)]
+        for editor in editors:
+            await editor.connect()
+        await settle(*editors)
+        for n, (who, where, chars, cut, compact_now) in enumerate(steps):
+            editor = editors[who]
+            current = str(editor.text)
+            at = int(where * len(current))
+            if cut:
+                editor.delete(len(current[:at].encode()), len(current[at : at + cut].encode()))
+            if chars:
+                editor.type(len(str(editor.text)[:at].encode()), chars)
+            await editor.send()
+            if n % 3 == 2:
+                await settle(*editors)
+            if compact_now:
+                await actor.ask(Compact())
+        await settle(*editors)
+        texts = {str(editor.text) for editor in editors}
+        assert len(texts) == 1
+        (text,) = texts
+        assert await actor.ask(ReadText()) == text
+        await stop(actor)
+        reloaded = await setup.documents.get(ref.id)
+        assert await reloaded.ask(ReadText()) == text
+        await stop(reloaded)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(steps=STEPS)
+    def run(steps: list[tuple[int, float, str, int, bool]]) -> None:
+        trio.from_thread.run(example, steps)
+
+    await trio.to_thread.run_sync(run)

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pycrdt
+import pytest
 import trio
 from conftest import Running, StartServer
 from test_document_sockets import doc_url, first_message, get_ticket
@@ -125,7 +126,21 @@ async def test_write_list_and_read_a_document(server: Running) -> None:
     (found,) = r.json()["documents"]
     assert found["id"] == created["id"]
     r = await c.get(documents_url(team), params={"path": "/nothing"}, headers=team.viewer.auth)
-    assert r.json() == {"project_id": team.project_id, "documents": [], "total": 0}
+    assert r.json() == {
+        "project_id": team.project_id,
+        "documents": [],
+        "total": 0,
+        "limit": 100,
+        "offset": 0,
+    }
+    # One page at a time, by path.
+    r = await c.get(documents_url(team), params={"limit": 1, "offset": 1}, headers=team.owner.auth)
+    page = r.json()
+    assert [d["path"] for d in page["documents"]] == ["/src/app.py"]
+    assert (page["total"], page["limit"], page["offset"]) == (2, 1, 1)
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+        r = await c.get(documents_url(team), params=bad, headers=team.owner.auth)
+        assert code(r) == (422, "validation_error"), bad
     for name in (found["id"], found["room"]):
         r = await c.get(documents_url(team, name), headers=team.viewer.auth)
         assert r.status_code == 200 and r.json() == found
@@ -270,6 +285,11 @@ async def test_a_text_past_the_document_limit_is_refused(start_server: StartServ
         assert await read_text(team, team.owner, room) == "small"
         r = await server.client.get(documents_url(team, room), headers=team.owner.auth)
         assert r.json()["seq"] == seq
+        # A new path with a text too large for any document creates nothing.
+        r = await write(team, team.owner, "/new-big.txt", "ü" * 1100)  # 2,200 bytes
+        assert code(r) == (413, "document_too_large")
+        r = await server.client.get(documents_url(team), headers=team.owner.auth)
+        assert [d["path"] for d in r.json()["documents"]] == ["/big.txt"]
         # Under the limit is fine.
         assert (await write(team, team.owner, "/big.txt", "y" * 1000)).status_code == 200
 
@@ -368,3 +388,34 @@ def test_a_jobs_text_is_the_snapshot_then_the_updates() -> None:
     assert document_text([snapshot, *made]) == "» hello world"
     assert document_text([snapshot]) == "hello"
     assert document_text([]) == ""
+
+
+async def test_a_read_while_the_document_stops_is_answered_or_503(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    team = await make_team(server, "main")
+    room = (await write(team, team.owner, "/s.txt", "still here")).json()["room"]
+    assert server.bound.services is not None
+    documents = server.bound.services.value.documents
+    # The actor stops (idle, say) just as a read arrives: the read finds the next one.
+    actor = await documents.get(uuid.UUID(room))
+    actor.request_stop()
+    assert await read_text(team, team.viewer, room) == "still here"
+    # One that keeps stopping under every attempt: 503, retry later; nothing changed.
+    stopped = await documents.get(uuid.UUID(room))
+    stopped.request_stop()
+
+    async def always_stopped(document_id: uuid.UUID) -> Any:
+        return stopped
+
+    monkeypatch.setattr(documents, "get", always_stopped)
+    for method, url, body in (
+        ("GET", documents_url(team, room, "text"), None),
+        ("GET", documents_url(team, room, "state"), None),
+        ("POST", documents_url(team), {"path": "/s.txt", "text": "changed"}),
+    ):
+        r = await server.client.request(method, url, json=body, headers=team.owner.auth)
+        assert code(r) == (503, "document_unavailable"), (method, url)
+        assert r.headers["Retry-After"].isdigit()
+    monkeypatch.undo()
+    assert await read_text(team, team.viewer, room) == "still here"

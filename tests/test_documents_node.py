@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -122,6 +123,36 @@ async def test_a_viewer_receives_edits_but_its_own_are_not_applied(
                 async with open_yclient(nursery, fresh["url"], room, fresh["ticket"]) as reader:
                     await reader.wait_synced()
                     assert await reader.wait_contains("ABC") == stored
+
+
+async def test_the_refresh_hook_reconnects_with_a_fresh_ticket(
+    start_server: StartServer, nursery: trio.Nursery
+) -> None:
+    """docs/DOCUMENTS.md's hook: on connection-close, set provider.params.ticket."""
+    async with start_server(**FAST) as server:
+        team = await make_team(server, "main")
+        issued = await ticket(server.client, team.project_id, team.owner, "/r.txt")
+        assert server.bound.services is not None
+        tickets = server.bound.services.value.document_sessions.tickets
+        claims = tickets.verify(issued["ticket"])
+        expired, _ = tickets.issue(
+            user_id=claims.user_id,
+            session_id=claims.session_id,
+            project_id=claims.project_id,
+            document_id=claims.document_id,
+            now=time.time() - 61,
+        )
+        with trio.fail_after(CAP):
+            async with open_yclient(nursery, issued["url"], issued["room"], expired) as client:
+                refused = await client.wait_for("close")
+                assert (refused["code"], refused["reason"]) == (4001, "ticket_expired")
+                await client.ask("ticket", "ticket", ticket=issued["ticket"])
+                await client.wait_synced()
+                await client.type("ok")
+                # What it typed after the refresh reached the server: a second client sees it.
+                room = issued["room"]
+                async with open_yclient(nursery, issued["url"], room, issued["ticket"]) as reader:
+                    assert sorted(await reader.wait_contains("ok")) == sorted("ok")
 
 
 def _free_port() -> int:

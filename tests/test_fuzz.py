@@ -343,6 +343,8 @@ BODY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "user_id": st.one_of(st.uuids().map(str), JSON),
     "role": st.one_of(st.sampled_from(["owner", "collaborator", "viewer", "admin"]), JSON),
     "refresh_token": HOSTILE_TEXT,
+    "path": st.one_of(HOSTILE_TEXT, JSON),  # a live document's
+    "text": st.one_of(HOSTILE_TEXT, JSON),
 }
 
 
@@ -364,7 +366,7 @@ def hostile_body(draw: st.DrawFn) -> bytes:
 
 REQUESTS = st.lists(
     st.tuples(
-        st.sampled_from(["login", "signup", "create", "collaborators", "update"]),
+        st.sampled_from(["login", "signup", "create", "collaborators", "update", "document"]),
         hostile_body(),
     ),
     min_size=1,
@@ -381,6 +383,7 @@ async def test_hostile_bodies_get_4xx_in_the_error_shape(start_server: StartServ
             "create": ("POST", "/api/v1/projects/"),
             "collaborators": ("POST", f"/api/v1/projects/{team.project_id}/collaborators"),
             "update": ("PATCH", f"/api/v1/projects/{team.project_id}"),
+            "document": ("POST", f"/api/v1/projects/{team.project_id}/documents"),
         }
         headers = {**team.owner.auth, "Content-Type": "application/json"}
 
@@ -401,6 +404,7 @@ async def test_hostile_bodies_get_4xx_in_the_error_shape(start_server: StartServ
         @SETTINGS
         @given(REQUESTS)
         @example([(route, deep(1000, "[").encode()) for route in ("login", "update")])
+        @example([("document", dumps({"path": "/f\u00e9", "text": "a\u0000\U0001f600"}).encode())])
         def run(requests: list[tuple[str, bytes]]) -> None:
             with normal_stack():
                 trio.from_thread.run(batch, requests)

@@ -12,11 +12,13 @@ import pytest
 import trio
 from conftest import Running, StartServer, crash_workspace
 from prometheus_client.parser import text_string_to_metric_families
+from test_document_actor import CrashingDocumentActor, InjectedFault
 from test_jobs_api import CSV, auth, run, wait_status
 from test_workspace import edit, make_team, session
 from trio.testing import MockClock
 from wsclient import connect, open_sending_ahead
 
+from atrium.actors.document import ReadText
 from atrium.core.jobs import COUNTED_STATES, JobStatus
 from atrium.core.metrics import Metrics
 from atrium.runtime.metrics_server import LiveState
@@ -168,6 +170,29 @@ async def test_a_workspace_crash_counts_as_a_supervised_restart(server: Running)
     restarts = "atrium_supervisor_restarts_total"
     assert moved(before, after, restarts, supervisor="root/workspaces", child="workspace:*") == 1
     assert value(after, restarts, supervisor="root", child="http") == 0
+
+
+async def test_live_documents_are_one_series_however_many_run(server: Running) -> None:
+    team = await make_team(server, "main")
+    assert server.bound.services is not None
+    documents = server.bound.services.value.documents
+    before = await scrape(server)
+    refs = [await documents.open(uuid.UUID(team.project_id), f"/{n}.md") for n in range(3)]
+    actors = [await documents.get(ref.id) for ref in refs]
+    during = await scrape(server)
+    assert value(during, "atrium_documents_running") == 3
+    assert value(during, "atrium_document_mailbox_depth") == 0
+    actors[0].__class__ = CrashingDocumentActor
+    with pytest.raises(InjectedFault):
+        await actors[0].ask(ReadText())
+    restarted = await documents.get(refs[0].id)  # waits for the restart
+    assert restarted is not actors[0]
+    after = await scrape(server)
+    restarts = "atrium_supervisor_restarts_total"
+    assert moved(before, after, restarts, supervisor="root/documents", child="document:*") == 1
+    assert not any(
+        str(ref.id) in dict(labels).get("child", "") for ref in refs for _, labels in after
+    )
 
 
 async def test_job_runs_and_queue_depth(start_server: StartServer) -> None:

@@ -156,7 +156,7 @@ class _Client:
 
     peer: Peer
     clock: int
-    state: dict[str, Any] | None
+    state: dict[str, Any]
 
 
 class DocumentTooLarge(Exception):
@@ -176,8 +176,8 @@ class DocumentActor(Actor[Message, Any]):
     """The single owner of one open document.
 
     ``on_edit(user_id, ref)`` is called once for each update a user made that changed the
-    document, after it is stored (the workspace's activity feed hangs off it); it must
-    not block or raise.
+    document (a run of one peer's queued updates is one), after it is stored (the
+    workspace's activity feed hangs off it); it must not block or raise.
     """
 
     expected_errors = (DatabaseUnavailable, DocumentNotFound, DocumentTooLarge, ActorStopped)
@@ -322,7 +322,6 @@ class DocumentActor(Actor[Message, Any]):
         states = [
             yjs.AwarenessEntry(client_id, client.clock, client.state)
             for client_id, client in self._clients.items()
-            if client.state is not None
         ]
         if states:
             peer.deliver(yjs.awareness_message(yjs.encode_awareness(states)))
@@ -334,7 +333,7 @@ class DocumentActor(Actor[Message, Any]):
         gone = []
         for client_id in sorted(peer.clients):
             client = self._clients.pop(client_id, None)
-            if client is not None and client.state is not None:
+            if client is not None:
                 gone.append(yjs.AwarenessEntry(client_id, client.clock + 1, None))
         peer.clients.clear()
         if gone:
@@ -378,6 +377,11 @@ class DocumentActor(Actor[Message, Any]):
                     self._refuse(peer, CloseCode.INVALID_PAYLOAD, "malformed_message")
                     parsed = None
                 if isinstance(parsed, yjs.SyncStep2 | yjs.SyncUpdate):
+                    if peer.can_edit and self._too_large(len(parsed.update)):
+                        # Compaction may bring it under the limit: store what is
+                        # pending (the snapshot must hold only what is stored) first.
+                        await self._store(batch)
+                        await self._compact_to_fit()
                     self._take_update(peer, parsed.update, batch)
                 elif parsed is not None:
                     await self._store(batch)
@@ -410,8 +414,7 @@ class DocumentActor(Actor[Message, Any]):
         if len(update) > self._settings.max_update_bytes:
             self._refuse(peer, CloseCode.MESSAGE_TOO_BIG, "update_too_large")
             return
-        pending = self._batch_bytes
-        if self._stored_bytes + pending + len(update) > self._settings.max_document_bytes:
+        if self._too_large(len(update)):
             self._refuse(peer, CloseCode.DOCUMENT_TOO_LARGE, "document_too_large")
             return
         self._captured.clear()
@@ -554,8 +557,10 @@ class DocumentActor(Actor[Message, Any]):
             end_old -= 1
             end_new -= 1
         size = len(new[start:end_new].encode())
-        if self._stored_bytes + size > self._settings.max_document_bytes:
-            raise DocumentTooLarge()
+        if self._too_large(size):
+            await self._compact_to_fit()
+            if self._too_large(size):
+                raise DocumentTooLarge()
         # pycrdt's Text counts UTF-8 bytes (Yjs clients count UTF-16 units; the update
         # itself carries no offsets, so each side keeps its own).
         at = len(current[:start].encode())
@@ -578,6 +583,21 @@ class DocumentActor(Actor[Message, Any]):
         await self._maybe_compact()
 
     # -- compaction -------------------------------------------------------------------------
+
+    def _too_large(self, size: int) -> bool:
+        """Whether ``size`` more bytes would take the stored document past its limit
+        (counting the updates applied and not yet appended)."""
+        stored = self._stored_bytes + self._batch_bytes
+        return stored + size > self._settings.max_document_bytes
+
+    async def _compact_to_fit(self) -> None:
+        """Compact if there is anything to fold (a snapshot is usually much smaller than
+        the updates it replaces); an outage leaves the document as it is."""
+        if self._since_snapshot:
+            try:
+                await self._compact()
+            except (DatabaseUnavailable, DocumentNotFound) as error:
+                log.info("%r not compacted: %r", self, error)
 
     async def _maybe_compact(self) -> None:
         if self._since_snapshot >= self._settings.compact_after:

@@ -271,6 +271,10 @@ class Metrics:
                 "running": figures.maybe("atrium_workspaces_running"),
                 "mailbox_depth": figures.maybe("atrium_workspace_mailbox_depth"),
             },
+            "documents": {
+                "running": figures.maybe("atrium_documents_running"),
+                "mailbox_depth": figures.maybe("atrium_document_mailbox_depth"),
+            },
             "database": {
                 "pool_connections": figures.maybe("atrium_db_pool_connections"),
                 "pool_in_use": figures.maybe("atrium_db_pool_in_use"),

@@ -81,27 +81,35 @@ class DocumentContent:
         return row
 
     async def _ask(self, document_id: uuid.UUID, message: Any) -> Any:
-        for attempt in range(_ATTEMPTS):
+        left = _ATTEMPTS
+        while True:
+            left -= 1
             try:
                 actor = await self._documents.get(document_id)
                 return await actor.ask(message, timeout=_ASK_SECONDS)
             except ActorStopped:
-                if attempt == _ATTEMPTS - 1:
+                if not left:
                     raise
             except DocumentNotFound:
                 raise _document_not_found() from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def list(
-        self, project_id: uuid.UUID, user_id: uuid.UUID, path: str | None = None
-    ) -> list[DocumentRow]:
-        """The project's documents, by path (only the one at ``path`` when given); any
-        member. Raises DocumentRefused (project_not_found), DatabaseUnavailable."""
+        self,
+        project_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        path: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[DocumentRow], int]:
+        """One page of the project's documents by path, and how many it has (only the one
+        at ``path`` when given); any member. Raises DocumentRefused (project_not_found),
+        DatabaseUnavailable."""
         await self._role(project_id, user_id)
         if path is None:
-            return await self._documents.of_project(project_id)
+            return await store.page_documents(self._db, project_id, limit=limit, offset=offset)
         row = await store.find_document_at(self._db, project_id, path)
-        return [] if row is None else [row]
+        return ([], 0) if row is None else ([row], 1)
 
     async def describe(
         self, project_id: uuid.UUID, user_id: uuid.UUID, document_id: uuid.UUID
@@ -138,9 +146,12 @@ class DocumentContent:
         when there is none; owners and collaborators. Returns its row after the write and
         whether this call created it. Live clients receive the change as an update by
         ``user_id``. Raises DocumentRefused (project_not_found, forbidden_role,
-        document_too_large: nothing was changed, though a document this call created stays,
-        empty), ActorStopped, AskTimeout, DatabaseUnavailable."""
+        document_too_large: nothing was changed, and no document created), ActorStopped,
+        AskTimeout, DatabaseUnavailable."""
         await self._require(project_id, user_id, Action.EDIT_WORKSPACE)
+        if len(text.encode()) > self._documents.settings.max_document_bytes:
+            # Too large for any document, new or not: refused before one is created.
+            raise DocumentRefused(DocumentTooLarge.code, str(DocumentTooLarge()))
         existing = await store.find_document_at(self._db, project_id, path)
         try:
             ref = await self._documents.open(project_id, path, user_id)

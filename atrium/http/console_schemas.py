@@ -130,6 +130,7 @@ class MetricsSummaryResponse(BaseModel):
     http: HttpFigures
     websockets: WebSocketFigures
     workspaces: WorkspaceFigures
+    documents: WorkspaceFigures = Field(description="Live document actors, as workspaces")
     database: DatabaseFigures
     project_cache: CacheFigures
     jobs: JobFigures

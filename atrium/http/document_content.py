@@ -104,13 +104,19 @@ def _document(row: DocumentRow) -> DocumentResponse:
 @require_user
 @validate_querystring(DocumentListQuery)
 async def list_documents(project_id: str, query_args: DocumentListQuery) -> Response:
-    """The project's live documents by path, without their content (any member); with
-    ``path``, only the document there (none or one)."""
+    """The project's live documents by path, without their content, one page at a time
+    (any member); with ``path``, only the document there (none or one)."""
     pid = _id(project_id, "project")
-    rows = await _content().list(pid, g.user.id, query_args.path)
+    rows, total = await _content().list(
+        pid, g.user.id, path=query_args.path, limit=query_args.limit, offset=query_args.offset
+    )
     return respond(
         DocumentListResponse(
-            project_id=pid, documents=[_document(r) for r in rows], total=len(rows)
+            project_id=pid,
+            documents=[_document(r) for r in rows],
+            total=total,
+            limit=query_args.limit,
+            offset=query_args.offset,
         )
     )
 

@@ -54,14 +54,18 @@ class DocumentListQuery(BaseModel):
         default=None,
         min_length=1,
         max_length=MAX_PATH_LENGTH,
-        description="Only the document at this path (none or one)",
+        description="Only the document at this path (none or one; limit and offset unused)",
     )
+    limit: int = Field(default=100, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
 
 
 class DocumentListResponse(BaseModel):
     project_id: UUID
     documents: list[DocumentResponse]
-    total: int
+    total: int = Field(description="How many documents the project has (or match path)")
+    limit: int
+    offset: int
 
 
 class DocumentTextResponse(BaseModel):

@@ -153,6 +153,28 @@ async def find_document_at(db: Database, project_id: uuid.UUID, path: str) -> Do
     return None if record is None else _row(record)
 
 
+async def page_documents(
+    db: Database, project_id: uuid.UUID, *, limit: int, offset: int
+) -> tuple[list[DocumentRow], int]:
+    """One page of the project's documents by path, and how many it has (one snapshot)."""
+
+    async def read(conn: asyncpg.Connection) -> tuple[list[DocumentRow], int]:
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        total = await conn.fetchval(
+            "SELECT count(*) FROM documents WHERE project_id = $1", project_id
+        )
+        records = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM documents WHERE project_id = $1"
+            " ORDER BY path LIMIT $2 OFFSET $3",
+            project_id,
+            limit,
+            offset,
+        )
+        return [_row(r) for r in records], int(total)
+
+    return await db.transaction(read)
+
+
 async def list_documents(db: Database, project_id: uuid.UUID) -> list[DocumentRow]:
     """The project's documents, by path."""
     records = await db.fetch(

@@ -47,10 +47,16 @@ class LiveState(Collector):
         depth = GaugeMetricFamily(
             "atrium_workspace_mailbox_depth", "Messages waiting in all workspace mailboxes"
         )
+        documents = GaugeMetricFamily(
+            "atrium_documents_running", "Live document actors running in this process"
+        )
+        document_depth = GaugeMetricFamily(
+            "atrium_document_mailbox_depth", "Messages waiting in all live document mailboxes"
+        )
         restarts = CounterMetricFamily(
             "atrium_supervisor_restarts",
-            "Restarts of each supervised child (workspace actors summed as workspace:*) "
-            "since its supervisor started",
+            "Restarts of each supervised child (workspace actors summed as workspace:*, "
+            "live document actors as document:*) since its supervisor started",
             labels=["supervisor", "child"],
         )
         escalations = CounterMetricFamily(
@@ -71,13 +77,16 @@ class LiveState(Collector):
             _walk(root.snapshot(), "", totals)
             running.add_metric([], totals.workspaces)
             depth.add_metric([], totals.mailbox)
+            documents.add_metric([], totals.documents)
+            document_depth.add_metric([], totals.document_mailbox)
             for (sup, child), count in sorted(totals.restarts.items()):
                 restarts.add_metric([sup, child], count)
             for sup, count in sorted(totals.escalations.items()):
                 escalations.add_metric([sup], count)
             for sup, count in sorted(totals.down.items()):
                 children_down.add_metric([sup], count)
-        yield from (running, depth, restarts, escalations, children_down)
+        yield from (running, depth, documents, document_depth, restarts, escalations)
+        yield children_down
         pool = self._pool()
         if pool is not None:
             size, idle = pool
@@ -90,11 +99,21 @@ class LiveState(Collector):
 
 
 class _Totals:
-    __slots__ = ("workspaces", "mailbox", "restarts", "escalations", "down")
+    __slots__ = (
+        "workspaces",
+        "mailbox",
+        "documents",
+        "document_mailbox",
+        "restarts",
+        "escalations",
+        "down",
+    )
 
     def __init__(self) -> None:
         self.workspaces = 0
         self.mailbox = 0
+        self.documents = 0
+        self.document_mailbox = 0
         self.restarts: dict[tuple[str, str], int] = {}
         self.escalations: dict[str, int] = {}  # by the path of the supervisor that escalated
         self.down: dict[str, int] = {}
@@ -104,11 +123,18 @@ def _walk(tree: SupervisorSnapshot, prefix: str, totals: _Totals) -> None:
     path = prefix + tree.name
     totals.down.setdefault(path, 0)
     for child in tree.children:
-        # One series per workspace would grow with every project ever opened.
-        name = "workspace:*" if child.name.startswith("workspace:") else child.name
-        if name == "workspace:*" and child.state == "running":
-            totals.workspaces += 1
-            totals.mailbox += child.mailbox_depth or 0
+        # One series per workspace (or document) would grow with every one ever opened.
+        name = child.name
+        if name.startswith("workspace:"):
+            name = "workspace:*"
+            if child.state == "running":
+                totals.workspaces += 1
+                totals.mailbox += child.mailbox_depth or 0
+        elif name.startswith("document:"):
+            name = "document:*"
+            if child.state == "running":
+                totals.documents += 1
+                totals.document_mailbox += child.mailbox_depth or 0
         key = (path, name)
         totals.restarts[key] = totals.restarts.get(key, 0) + child.restart_count
         if child.kind == "supervisor":

@@ -130,6 +130,7 @@ function renderMetrics(m) {
     figure("WebSockets open", open, "websockets"),
     figure("Workspaces running", m.workspaces.running, "workspaces"),
     figure("Workspace mailboxes", m.workspaces.mailbox_depth, "mailbox"),
+    figure("Live documents", m.documents.running, "documents"),
     figure(
       "DB pool in use",
       m.database.pool_in_use === null ? "-" : `${m.database.pool_in_use} / ${m.database.pool_connections}`,

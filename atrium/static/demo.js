@@ -1,9 +1,12 @@
-// The /demo page: log in over REST, pick a project, and live in its workspace with atrium.js.
+// The /demo page: log in over REST, pick a project, and live in its workspace with atrium.js;
+// open one of its live documents in a shared editor (shared-editor.js, y-websocket).
 import { AtriumClient } from "/static/atrium.js";
+import { openSharedEditor } from "/static/shared-editor.js";
 
 const $ = (id) => document.getElementById(id);
 const session = { user: null, access: null, refresh: null };
 let client = null;
+let project = null;
 
 /** A REST call with the access token; one refresh and a retry when it has expired. */
 async function api(path, { method = "GET", body, retry = true } = {}) {
@@ -70,8 +73,10 @@ function nameOf(userId, presence) {
 const emails = new Map();
 const cursors = new Map();
 
-function openWorkspace(project) {
+function openWorkspace(chosen) {
+  project = chosen;
   client?.close();
+  closeDocument();
   $("projects-view").hidden = true;
   $("workspace-view").hidden = false;
   $("project-name").textContent = project.name;
@@ -100,7 +105,8 @@ function openWorkspace(project) {
     const item = document.createElement("li");
     item.dataset.seq = event.seq;
     item.dataset.type = event.type;
-    const what = event.file_path ?? event.message ?? JSON.stringify(event.payload ?? "");
+    const what =
+      event.file_path ?? event.path ?? event.message ?? JSON.stringify(event.payload ?? "");
     item.textContent = `#${event.seq} ${event.type} ${nameOf(event.user_id)} ${what}`;
     $("log").prepend(item);
     $("last-seq").textContent = client.lastSeq;
@@ -198,3 +204,82 @@ function shareCursor() {
   }, 100);
 }
 for (const name of ["keyup", "click", "select"]) $("editor").addEventListener(name, shareCursor);
+
+// The shared editor: one live document of the project at a time.
+let editor = null;
+let opening = 0; // the latest Open click wins over slower ones still on their way
+
+function closeDocument() {
+  opening++;
+  editor?.close();
+  editor = null;
+  $("doc").disabled = true;
+  $("doc-peers").replaceChildren();
+  showDocumentStatus("closed");
+  $("doc-status").textContent = "not open";
+  $("doc-mode").textContent = "";
+}
+
+function showDocumentStatus(state, code) {
+  const status = $("doc-status");
+  status.dataset.state = state;
+  status.textContent = state + (code ? ` (${code})` : "");
+}
+
+function showMode(role) {
+  const editable = role !== "viewer";
+  editor?.setEditable(editable);
+  $("doc-mode").textContent = editable ? "" : "read-only: you are a viewer";
+}
+
+async function openDocument(path) {
+  closeDocument();
+  const mine = opening;
+  const here = project;
+  const getTicket = () =>
+    api(`/api/v1/projects/${here.id}/documents/tickets`, { method: "POST", body: { path } });
+  try {
+    const opened = await openSharedEditor({
+      textarea: $("doc"),
+      overlay: $("doc-overlay"),
+      getTicket,
+      editable: here.role !== "viewer",
+      onStatus: showDocumentStatus,
+      onPeers: (peers) => {
+        $("doc-peers").replaceChildren(
+          ...peers.map((peer) => {
+            const item = document.createElement("li");
+            item.dataset.userId = peer.userId;
+            item.style.setProperty("--peer", peer.colour);
+            const selected = peer.selected ? `, ${peer.selected} selected` : "";
+            item.textContent = `${peer.name} at line ${peer.line}, column ${peer.column}${selected}`;
+            return item;
+          }),
+        );
+      },
+      onClose: async (code) => {
+        if (code !== 4014) return; // role_changed: editable or not, from now on
+        try {
+          here.role = (await api(`/api/v1/projects/${here.id}`)).role;
+        } catch {
+          return; // no longer a member: the next connection is refused (4004) and stops
+        }
+        if (editor && mine === opening) showMode(here.role);
+      },
+    });
+    if (mine !== opening) {
+      opened.close();
+      return;
+    }
+    editor = opened;
+    $("doc").disabled = false;
+    showMode(here.role);
+  } catch (error) {
+    if (mine === opening) $("doc-status").textContent = `could not open: ${error.message}`;
+  }
+}
+
+$("doc-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  openDocument($("doc-path").value);
+});
