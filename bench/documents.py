@@ -37,8 +37,10 @@ raw protocol connection that reads what it receives without applying it; every
 (b) ``--docs`` documents, each typed to 10 KB of text (100-character updates) by one of
     its ``--idle-clients`` clients, every client then idle: the server's resident memory
     over its memory with one such document open, per document.
-(c) A document whose history is ``--history`` one-character keystrokes at random places
-    (made in Node, sent in updates of 1,000 keystrokes): the time a new client takes from
+(c) A document whose history is ``--history`` one-character keystrokes, in runs of
+    ``--history-run`` at one place, each run at a random place (made in Node, sent in
+    updates of 1,000 keystrokes; a run of 1 is the worst case for loading: no item
+    merges with its neighbour): the time a new client takes from
     opening its socket to the whole document (sync step 2). atrium: after the document was
     compacted and stopped (``DOC_IDLE_SECONDS`` = 2), so it is read from PostgreSQL; then
     again while it is open. The peers keep documents in memory only: their figure is a
@@ -435,7 +437,7 @@ def loading(server: Server, args: argparse.Namespace) -> tuple[float, float, int
     warmup = server.document_url("warmup.txt")
     spec = [{"url": url, "doc": name, "id": 0, "sends": True}]
     with open_load(server, spec, 1, rate=1, senders=1) as load:
-        load.tell(f"history {args.history} 1000")
+        load.tell(f"history {args.history} 1000 {args.history_run}")
         load.expect("seeded")
         deadline = time.monotonic() + 120
         while fetch(server, url, name)["chars"] < args.history:
@@ -475,6 +477,12 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--idle-clients", type=int, default=5)
     parser.add_argument("--history", type=int, default=100_000)
+    parser.add_argument(
+        "--history-run",
+        type=int,
+        default=20,
+        help="(c)'s keystrokes typed at one place before moving (1: each somewhere else)",
+    )
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--work", help="keep servers' logs and data here (default: a temp dir)")
     args = parser.parse_args()
@@ -569,7 +577,10 @@ def print_table(
         for name, per_doc in memories.items():
             print(f"{name:<11}{per_doc / 1024:>11,.0f} KiB resident an open document")
     if loads:
-        print(f"\n(c) a document of {args.history:,} one-character updates: a new client's sync")
+        print(
+            f"\n(c) a document of {args.history:,} one-character updates"
+            f" ({args.history_run} at a place): a new client's sync"
+        )
         for name, (cold, warm, size) in loads.items():
             if name.startswith("atrium"):
                 what = f"from PostgreSQL after compaction (open: {warm:.1f} ms)"

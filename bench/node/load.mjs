@@ -22,8 +22,9 @@
 //   go <t0 ns> <seconds>   type from t0 for seconds      (no answer)
 //   seed <chars> <chunk>   each sender types chars, chunk characters an update
 //                                                     -> {"event": "seeded"}
-//   history <updates> <chunk>  the first sender types updates one-character keystrokes
-//                          at random places, sent as updates of chunk keystrokes each
+//   history <updates> <chunk> <run>  the first sender types updates one-character
+//                          keystrokes, run after run at random places, sent as updates
+//                          of chunk keystrokes each
 //                                                     -> {"event": "seeded"}
 //   stats                  -> {"event": "stats", "frames": n, "bytes": n, "sent": n,
 //                              "keystrokes": <others' keystrokes received>,
@@ -251,18 +252,24 @@ function seed (chars, chunk) {
   }
 }
 
-function history (updates, chunk) {
-  // A worst case for loading: keystrokes at random places (none merges with its
-  // neighbour), made in a scratch document and sent as updates of `chunk` keystrokes.
+function history (updates, chunk, run) {
+  // Keystrokes in runs of `run` characters at one place, each run at a random place
+  // (run 1: every keystroke somewhere else, none merges with its neighbour: the worst
+  // case for loading), made in a scratch document and sent as updates of `chunk`.
   const [client] = senders
   const scratch = new Y.Doc()
   scratch.clientID = client.ydoc.clientID + 1000000
   const text = scratch.getText('content')
   let before = Y.encodeStateVector(scratch)
   let random = 12345
+  let at = 0
   for (let i = 0; i < updates; i++) {
-    random = (random * 1103515245 + 12345) % 2147483648
-    text.insert(random % (text.length + 1), LETTERS[i % 26])
+    if (i % run === 0) {
+      random = (random * 1103515245 + 12345) % 2147483648
+      at = random % (text.length + 1)
+    }
+    text.insert(at, LETTERS[i % 26])
+    at += 1
     if ((i + 1) % chunk === 0 || i + 1 === updates) {
       Y.applyUpdate(client.ydoc, Y.encodeStateAsUpdate(scratch, before))
       before = Y.encodeStateVector(scratch)
@@ -299,7 +306,7 @@ readline.createInterface({ input: process.stdin }).on('line', async (line) => {
     await waitDrained()
     say({ event: 'seeded' })
   } else if (command === 'history') {
-    history(Number(args[0]), Number(args[1]))
+    history(Number(args[0]), Number(args[1]), Number(args[2] || 1))
     await waitDrained()
     say({ event: 'seeded' })
   } else if (command === 'stats') stats()
