@@ -3,7 +3,8 @@
     python bench/documents.py [--servers atrium,atrium-ws,hocuspocus,pycrdt]
                               [--rates 100,1000] [--clients 50] [--processes 5]
                               [--duration 10] [--docs 20] [--idle-clients 5]
-                              [--history 100000] [--parts a,b,c]
+                              [--history 100000] [--history-run 20] [--parts a,b,c]
+                              [--measure-every 5] [--work DIR]
 
 (from the repository root, after ``npm ci --prefix bench/node`` and the ``bench`` extra).
 
@@ -40,11 +41,12 @@ raw protocol connection that reads what it receives without applying it; every
 (c) A document whose history is ``--history`` one-character keystrokes, in runs of
     ``--history-run`` at one place, each run at a random place (made in Node, sent in
     updates of 1,000 keystrokes; a run of 1 is the worst case for loading: no item
-    merges with its neighbour): the time a new client takes from
-    opening its socket to the whole document (sync step 2). atrium: after the document was
-    compacted and stopped (``DOC_IDLE_SECONDS`` = 2), so it is read from PostgreSQL; then
-    again while it is open. The peers keep documents in memory only: their figure is a
-    document already in memory (they have no history to load; a restart loses it).
+    merges with its neighbour): the time a new client takes from opening its socket to
+    the whole document (sync step 2), after two untimed connections in its process.
+    atrium: after the document was compacted and stopped (``DOC_IDLE_SECONDS`` = 2), so
+    it is read from PostgreSQL; then again while it is open. The peers keep documents in
+    memory only: their figure is a document already in memory (they have no history to
+    load; a restart loses it).
 """
 
 from __future__ import annotations
