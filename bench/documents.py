@@ -557,23 +557,24 @@ def print_table(
     args: argparse.Namespace,
 ) -> None:
     """The one table: (a) a row per server and rate, then (b) and (c) a row per server."""
-    print(f"\n(a) {args.clients} clients typing into one document for {args.duration:g} s")
-    head = ("server", "upd/s", "deliv", "p50 ms", "p99 ms", "max ms", "CPU ms/upd", "upd/CPU-s")
-    print(f"{head[0]:<11}" + "".join(f"{h:>11}" for h in head[1:]) + "  of which / sender lag")
-    for row in rows:
-        total = sum(row.cpu_ms.values())
-        split = ", ".join(f"{k} {v:.3f}" for k, v in row.cpu_ms.items())
-        cells = (
-            f"{row.rate:,}",
-            f"{row.delivered:.1%}",
-            f"{row.p50_ms:.1f}",
-            f"{row.p99_ms:.1f}",
-            f"{row.max_ms:.1f}",
-            f"{total:.3f}",
-            f"{1000 / total:,.0f}" if total else "-",
-        )
-        lag = f"{row.lag_p99_ms:.1f} ms"
-        print(f"{row.server:<11}" + "".join(f"{c:>11}" for c in cells) + f"  {split} / {lag}")
+    if rows:
+        print(f"\n(a) {args.clients} clients typing into one document for {args.duration:g} s")
+        head = ("server", "upd/s", "deliv", "p50 ms", "p99 ms", "max ms", "CPU ms/upd", "upd/CPU-s")
+        print(f"{head[0]:<11}" + "".join(f"{h:>11}" for h in head[1:]) + "  of which / sender lag")
+        for row in rows:
+            total = sum(row.cpu_ms.values())
+            split = ", ".join(f"{k} {v:.3f}" for k, v in row.cpu_ms.items())
+            cells = (
+                f"{row.rate:,}",
+                f"{row.delivered:.1%}",
+                f"{row.p50_ms:.1f}",
+                f"{row.p99_ms:.1f}",
+                f"{row.max_ms:.1f}",
+                f"{total:.3f}",
+                f"{1000 / total:,.0f}" if total else "-",
+            )
+            lag = f"{row.lag_p99_ms:.1f} ms"
+            print(f"{row.server:<11}" + "".join(f"{c:>11}" for c in cells) + f"  {split} / {lag}")
     if memories:
         print(f"\n(b) {args.docs} documents of 10 KB, {args.idle_clients} idle clients each")
         for name, per_doc in memories.items():
