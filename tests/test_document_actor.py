@@ -675,6 +675,39 @@ async def test_a_burst_of_one_peers_updates_is_one_row_and_one_frame(setup: Setu
     assert row is not None and row.last_seq == 1
 
 
+async def test_a_batch_of_several_peers_updates_is_one_merged_frame_to_every_peer(
+    setup: Setup,
+) -> None:
+    a = await setup.client(setup.owner, client_id=1)
+    b = await setup.client(setup.editor, client_id=2)
+    c = await setup.client(setup.owner, client_id=3)
+    viewer = await setup.client(setup.viewer, can_edit=False)
+    everyone = (a, b, c, viewer)
+    await settle(*everyone)
+    for client in everyone:
+        client.inbox.clear()
+    for i in range(3):
+        for name, client in (("a", a), ("b", b), ("c", c)):
+            client.type(0, f"{name}{i}")
+    actor = await setup.actor()
+    # Interleaved, as three sockets' readers would queue them: nine updates in one batch.
+    for queued in zip(a.outbox, b.outbox, c.outbox, strict=True):
+        for client, message in zip((a, b, c), queued, strict=True):
+            actor.tell_nowait(Incoming(client.peer, message))
+    for client in (a, b, c):
+        client.outbox.clear()
+    await actor.ask(ReadText())
+    # One frame each (the writers' own updates come back in it), not one per update.
+    assert [len(client.inbox) for client in everyone] == [1, 1, 1, 1]
+    await settle(*everyone)
+    text = await actor.ask(ReadText())
+    assert len(text) == 18
+    assert all(str(client.text) == text for client in everyone)
+    # Stored before shared, one row per peer's run, attributed to its user.
+    row = await store.find_document(setup.db, setup.ref.id)
+    assert row is not None and row.last_seq == 9
+
+
 # -- compaction through the actor (hypothesis) -------------------------------------------
 
 # One step: (editor, position as a fraction, text to insert, chars to delete, then compact).

@@ -392,3 +392,39 @@ def test_the_document_handshake_is_one_room_and_its_ticket() -> None:
     )
     for path in ("/ws/documents/", "/ws/documents/a/b", "/ws/documents", "/ws/" + "a" * 32):
         assert DocumentHandshake.parse(path, "ticket=t", []) is None
+
+
+async def test_a_slow_reader_on_the_listener_gets_every_frame_in_order(
+    start_server: StartServer,
+) -> None:
+    # On the listener frames go straight to the socket while nothing is queued: once the
+    # reader stops reading the socket fills (a direct write is PARTIAL, the rest owed),
+    # frames queue behind it, and the send task must flush the rest before them.
+    async with start_server(DOC_UPDATES_PER_SECOND="1000", DOC_MAX_BYTES="67108864") as server:
+        team = await make_team(server, "listener")
+        issued = await get_ticket(team, team.collaborator)
+        url = doc_url(team, issued["room"], issued["ticket"])
+        async with connect(url) as writer, connect(url, queue=1) as reader:
+            for client in (writer, reader):
+                assert isinstance(await first_message(client), yjs.SyncStep1)
+            doc: pycrdt.Doc = pycrdt.Doc()
+            text = doc.get("content", type=pycrdt.Text)
+            updates: list[bytes] = []
+            doc.observe(lambda event: updates.append(event.update))
+            chunk = 200_000
+            for i in range(60):  # 12 MB, in 60 frames: more than the socket buffers hold
+                text.insert(len(text), chr(0x61 + i % 26) * chunk)
+                await writer.ws.send_message(yjs.sync_update(updates[-1]))
+                # Answered once the update was handled (stored, then sent or queued).
+                await writer.ws.send_message(yjs.sync_step1(doc.get_state()))
+                while not isinstance(await first_message(writer), yjs.SyncStep2):
+                    pass
+            seen: pycrdt.Doc = pycrdt.Doc()
+            seen_text = seen.get("content", type=pycrdt.Text)
+            while len(seen_text) < len(text):
+                message = await first_message(reader)
+                if isinstance(message, yjs.SyncUpdate):
+                    before = len(seen_text)
+                    seen.apply_update(message.update)
+                    assert len(seen_text) > before  # in order: nothing held back
+            assert str(seen_text) == str(text)

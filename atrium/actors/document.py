@@ -515,9 +515,11 @@ class DocumentActor(Actor[Message, Any]):
         self._captured.clear()
 
     async def _store(self, batch: list[tuple[Peer, bytes]]) -> None:
-        """Append the applied updates in one transaction, then broadcast each to the
-        peers but the one that made it. Consecutive updates of one peer are merged into
-        one (one row, one frame per receiver: a burst of keystrokes is one message).
+        """Append the applied updates in one transaction, then share them. Consecutive
+        updates of one peer are merged into one (one row: a burst of keystrokes is one
+        message). Updates of one peer go to the peers but that one; updates of several
+        go as one merged frame to every peer (one frame per receiver, not one per update:
+        a peer's own updates come back with it, and Yjs ignores what it holds).
         Raises _Tainted when the append failed."""
         if not batch:
             return
@@ -534,8 +536,11 @@ class DocumentActor(Actor[Message, Any]):
             for peer, updates in runs
         ]
         await self._append([(data, peer.user_id) for peer, data in merged])
-        for peer, data in merged:
-            self._broadcast(yjs.sync_update(data), peer)
+        if len(merged) == 1:
+            self._broadcast(yjs.sync_update(merged[0][1]), merged[0][0])
+        else:
+            self._broadcast(yjs.sync_update(pycrdt.merge_updates(*(d for _, d in merged))), None)
+        for peer, _ in merged:
             self._on_edit(peer.user_id, self.ref)
         await self._maybe_compact()
 

@@ -26,7 +26,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -47,7 +47,7 @@ from ..persistence.documents import DocumentNotFound
 from ..realtime.outbox import Outbox
 from ..realtime.protocol import CloseCode
 from .documents import Documents
-from .realtime import ConnectionGone, Realtime, origin_allowed
+from .realtime import ConnectionGone, Realtime, count_sent, origin_allowed
 
 log = logging.getLogger("atrium.documents")
 
@@ -75,6 +75,23 @@ class BinaryConnection(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` (best effort; never raises)."""
+        ...
+
+
+@runtime_checkable
+class DirectBinaryWrite(Protocol):
+    """A ``BinaryConnection`` that can also write without waiting (the listener's): the
+    outbox then hands frames straight to the socket while nothing is queued
+    (``Outbox.direct``), and the send task flushes what a PARTIAL write left owed."""
+
+    def try_send_bytes(self, data: bytes) -> int:
+        """Write one binary frame now if the socket takes it without waiting: REFUSED
+        (nothing written: queue it), SENT, or PARTIAL (the rest is owed: ``flush``).
+        Never raises."""
+        ...
+
+    async def flush(self) -> None:
+        """Send what a direct write left unsent. Raises ConnectionGone."""
         ...
 
 
@@ -365,6 +382,7 @@ class _DocumentConnection:
                 await self._receive_loop(nursery.cancel_scope)
         finally:
             index.release(self.outbox)
+            count_sent(self.outbox, self.sessions.metrics)
             if self._entered and self.ticket is not None:
                 self.sessions._leave(self, self.ticket.project_id)
             await self._detach()
@@ -412,6 +430,8 @@ class _DocumentConnection:
             raise _RefusedConnection(
                 self.outbox.close_code or CloseCode.UNAUTHORIZED, self.outbox.close_reason
             )
+        if isinstance(self.conn, DirectBinaryWrite):
+            self.outbox.direct = self.conn.try_send_bytes
         self.peer = Peer(
             user_id=ticket.user_id,
             email=user.email,
@@ -440,18 +460,24 @@ class _DocumentConnection:
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
         outbox, conn = self.outbox, self.conn
-        count = self.sessions.metrics.ws_frames_out.inc
+        # Counted through ``Outbox.sent`` (direct writes add to it too): folded into the
+        # metric before a scrape and when the connection ends.
         try:
             with self._sending:
                 while True:
                     await outbox.wait()
+                    if outbox.owed:
+                        outbox.owed = False
+                        assert isinstance(conn, DirectBinaryWrite)
+                        await conn.flush()
                     frames = outbox.take()
                     if frames:
                         for frame in frames:
                             await conn.send_bytes(frame)
-                        count(len(frames))
-                        del frames
-                    elif outbox.closing:
+                        del frame
+                        outbox.sent += len(frames)
+                        del frames  # not held while the connection idles
+                    elif outbox.closing and not outbox.owed:
                         break
         except ConnectionGone:
             scope.cancel()

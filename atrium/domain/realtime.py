@@ -255,7 +255,7 @@ class Realtime:
         metric; run before a scrape (connections that end add their own)."""
         metrics = self.metrics
         for outbox in self.connections.outboxes():
-            _count_sent(outbox, metrics)
+            count_sent(outbox, metrics)
 
     def revoke_session(self, session_id: uuid.UUID) -> int:
         """Close this process's connections whose current token belongs to ``session_id``
@@ -334,7 +334,7 @@ class _LiveConnection:
             # Out of the index before the Leave: once others see this user leave, the
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
-            _count_sent(self.outbox, self.rt.metrics)
+            count_sent(self.outbox, self.rt.metrics)
             await self._leave()
 
     def context(self, transport: str) -> dict[str, object]:
@@ -650,7 +650,8 @@ class _LiveConnection:
                 pass
 
 
-def _count_sent(outbox: Outbox[Any], metrics: Metrics) -> None:
+def count_sent(outbox: Outbox[Any], metrics: Metrics) -> None:
+    """Add the frames ``outbox`` sent since its last count to the frames-out metric."""
     sent = outbox.sent
     if sent != outbox.counted:
         metrics.ws_frames_out.inc(sent - outbox.counted)

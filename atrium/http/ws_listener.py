@@ -4,7 +4,8 @@ For high fan-out deployments a load balancer routes ``/ws/`` here; it skips the 
 layers and serves the same protocol through the same ``Realtime``. It is wsproto over
 sockets it owns, as hypercorn is: the opening handshake (wsproto's ``H11Handshake``, under
 a timeout), then wsproto's ``Connection`` for frames in, pings and the close handshake.
-Text frames out are framed here and written straight to the socket (``try_send``), which
+Frames out are framed here and written straight to the socket (``try_send``, and
+``try_send_bytes`` for a document's binary frames), which
 is what makes fan-out cheap: no task switch, no queue and no wsproto per delivery. What
 it takes from wsproto, and the frames it writes itself, live in the seam
 ``atrium.seams.wsproto_server``. Live documents (``/ws/documents/{room}``, binary frames)
@@ -224,7 +225,15 @@ class ListenerConnection:
         closing), SENT, or PARTIAL (the rest is owed: ``flush``). Never raises."""
         if not self._writable or self._pending or self._gate.locked():
             return REFUSED
-        frame = text_frame(text)
+        return self._try_write(text_frame(text))
+
+    def try_send_bytes(self, data: bytes) -> int:
+        """``try_send`` for one binary frame (a live document's)."""
+        if not self._writable or self._pending or self._gate.locked():
+            return REFUSED
+        return self._try_write(binary_frame(data))
+
+    def _try_write(self, frame: bytes) -> int:
         try:
             sent = self._sock.send(frame)
         except BlockingIOError:
