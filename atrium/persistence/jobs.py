@@ -469,30 +469,3 @@ async def retry(
         return Changed(queued, await log_changes(conn, [queued]))
 
     return await db.transaction(update)
-
-
-async def run_refusal(db: Database, job: Job) -> str | None:
-    """Why the claimed ``job`` must not run now, or None when it may. A job tied to a
-    project runs only while the project exists and its creator holds a role there that
-    may run jobs (``may_run_jobs``): rights are those of the moment the work runs. The job
-    actor asks right after its claim, before the task reads anything."""
-    if job.project_id is None:
-        return None
-    row = await db.fetchrow(
-        "SELECT p.deleted_at IS NULL AS live, m.role FROM projects p"
-        " LEFT JOIN project_members m ON m.project_id = p.id AND m.user_id = $2"
-        " WHERE p.id = $1",
-        job.project_id,
-        job.user_id,
-    )
-    if row is None or not row["live"]:
-        return "not run: the job's project no longer exists"
-    if row["role"] is None:
-        return "not run: the job's creator is no longer a member of its project"
-    role = Role(row["role"])
-    if not may_run_jobs(role):
-        return (
-            f"not run: the job's creator is now a {role} of its project,"
-            f" and a {role} cannot run jobs there"
-        )
-    return None
