@@ -4,7 +4,7 @@
                               [--rates 100,1000] [--clients 50] [--processes 5]
                               [--duration 10] [--docs 20] [--idle-clients 5]
                               [--history 100000] [--history-run 20] [--parts a,b,c]
-                              [--measure-every 5] [--work DIR]
+                              [--measure-every 5] [--work DIR] [--json PATH]
 
 (from the repository root, after ``npm ci --prefix bench/node`` and the ``bench`` extra).
 
@@ -47,6 +47,9 @@ raw protocol connection that reads what it receives without applying it; every
     it is read from PostgreSQL; then again while it is open. The peers keep documents in
     memory only: their figure is a document already in memory (they have no history to
     load; a restart loses it).
+
+``--json PATH`` also writes these figures, atrium beside the peers (bench/_figures.py:
+what bench/sidebyside.py collects).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from typing import Any  # noqa: E402
 
 import psutil  # noqa: E402
 
+from bench._figures import Figure, Value, write_figures  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     PASSWORD,
@@ -489,6 +493,7 @@ def main() -> int:
     )
     parser.add_argument("--parts", default="a,b,c")
     parser.add_argument("--work", help="keep servers' logs and data here (default: a temp dir)")
+    parser.add_argument("--json", help="also write the side-by-side figures here (JSON)")
     args = parser.parse_args()
     servers = args.servers.split(",")
     parts = set(args.parts.split(","))
@@ -531,7 +536,56 @@ def main() -> int:
             print(f"  (c) {name}: {cold:.1f} ms (open: {warm:.1f} ms), {size:,} bytes", flush=True)
     print_load_average("after")
     print_table(rows, memories, loads, args)
+    if args.json:
+        write_figures(args.json, figures(rows, memories, loads, args))
     return 0
+
+
+ATRIUM = ("atrium-ws", "atrium")
+LABELS = {  # in the order of the table: atrium's listener first
+    "atrium-ws": "`WS_PORT`",
+    "atrium": "main port",
+    "hocuspocus": "Hocuspocus, in memory",
+    "pycrdt": "pycrdt-websocket, in memory",
+}
+
+
+def figures(
+    rows: list[Typing],
+    memories: dict[str, float],
+    loads: dict[str, tuple[float, float, int]],
+    args: argparse.Namespace,
+) -> list[Figure]:
+    """atrium's listener and main port beside the peers (bench/_figures.py), per part run."""
+    typists = f"{args.clients} clients typing into one document"
+    out = []
+    for rate in sorted({row.rate for row in rows}):
+        at_rate = {row.server: row for row in rows if row.rate == rate}
+        what = f"Live documents, {typists}, {rate:,} updates/s"
+        cpu_ms = {name: sum(row.cpu_ms.values()) for name, row in at_rate.items()}
+        out.append(_figure(f"{what}: server CPU an update (atrium with PostgreSQL)", "ms", cpu_ms))
+        p99 = {name: row.p99_ms for name, row in at_rate.items()}
+        out.append(_figure(f"{what}: p99 from one client to the others", "ms", p99))
+    if memories:
+        what = (
+            f"Live documents: resident memory an open document ({args.idle_clients} idle clients)"
+        )
+        out.append(_figure(what, "KiB", {name: size / 1024 for name, size in memories.items()}))
+    if loads:
+        what = (
+            f"Live documents: a fresh client's sync of a document of {args.history:,} updates"
+            " (atrium from PostgreSQL, the peers from memory)"
+        )
+        out.append(_figure(what, "ms", {name: load[0] for name, load in loads.items()}))
+    return out
+
+
+def _figure(what: str, unit: str, by_server: dict[str, float]) -> Figure:
+    """atrium's servers (the listener first) beside the peers, lower being better."""
+    ran = [name for name in LABELS if name in by_server]
+    ours = [Value(LABELS[name], by_server[name]) for name in ran if name in ATRIUM]
+    theirs = [Value(LABELS[name], by_server[name]) for name in ran if name not in ATRIUM]
+    return Figure(what, unit, ours, theirs)
 
 
 def _node_version() -> str:

@@ -1,7 +1,7 @@
 """HTTP benchmark: atrium's cold start and request rate, against the floor of its stack and a peer.
 
     python bench/http.py [--duration 10] [--connections 64] [--projects 50]
-                         [--stampede-duration 12] [--database-url URL]
+                         [--stampede-duration 12] [--database-url URL] [--json PATH]
 
 1. cold start: ``run.py`` on a fresh data directory (embedded PostgreSQL initialised from
    nothing, unless --database-url: then a fresh database on that server, dropped at the
@@ -18,7 +18,8 @@
    ``/auth/me`` and ``/projects/`` on each, one after the other;
 4. the same load on a bare ASGI app under hypercorn's trio worker (bench/hello_asgi.py);
 5. a summary with the ratios to that floor and to the peer, and the targets. Exit status 1
-   if one is missed.
+   if one is missed. ``--json PATH`` also writes the side-by-side figures there
+   (bench/_figures.py: what bench/sidebyside.py collects).
 
 Each server is its own process (one core at most, the GIL); this client runs alongside and
 reports its own CPU use so a reader can check it was not the bottleneck. ``srv us/req`` is
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit, urlunsplit  # noqa: E402
 import orjson  # noqa: E402
 import trio  # noqa: E402
 
+from bench._figures import Figure, Value, write_figures  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     REPO,
@@ -112,6 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=12.0,
         help="seconds of /auth/me with the default 5 s session cache (default 12; 0 skips)",
     )
+    parser.add_argument("--json", help="also write the side-by-side figures here (JSON)")
     return parser.parse_args(argv)
 
 
@@ -420,6 +423,44 @@ def versus_peer(cached: Cached, uncached: Uncached) -> bool:
     return ok
 
 
+def figures(cached: Cached, uncached: Uncached, floor: Scenario, connections: int) -> list[Figure]:
+    """The side-by-side figures of this run (bench/_figures.py), for bench/sidebyside.py."""
+    peer = "FastAPI + uvicorn"
+    cost = f"server CPU a request, {connections} connections"
+    on_peer = f"at most {PEER_COST_TARGET}x the peer"
+    health, me = (scenario.result for scenario in cached.scenarios)
+
+    def beside_peer(what: str, ours: LoadResult, path: str, target: str = "") -> Figure:
+        theirs = Value(peer, uncached.peer[path].cpu_us_per_request())
+        return Figure(what, "µs", [Value("", ours.cpu_us_per_request())], [theirs], target=target)
+
+    return [
+        Figure(
+            f"`GET /health`: {cost}",
+            "µs",
+            [Value("", health.cpu_us_per_request())],
+            [Value("bare ASGI app, hypercorn trio worker", floor.result.cpu_us_per_request())],
+        ),
+        beside_peer(f"`GET {ME}`, caches off: {cost}", uncached.atrium[ME], ME, on_peer),
+        beside_peer(f"`GET {ME}`, default caches: {cost}", me, ME),
+        beside_peer(
+            f"`GET {PROJECTS}`, caches off: {cost}", uncached.atrium[PROJECTS], PROJECTS, on_peer
+        ),
+        beside_peer(f"`GET {PROJECTS}`, default caches: {cost}", cached.projects, PROJECTS),
+        Figure(
+            f"`GET {ME}`, default caches: requests/s",
+            "req/s",
+            [Value("", me.rate)],
+            [
+                Value(peer, uncached.peer[ME].rate),
+                Value("bare ASGI app, hypercorn trio worker", floor.result.rate),
+            ],
+            "higher",
+            "req/s at least the peer's",
+        ),
+    ]
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     print_run_header(args)
@@ -436,6 +477,8 @@ def main(argv: list[str]) -> int:
     met = summary(cached.cold_start, cached.scenarios, floor)
     met = versus_peer(cached, uncached) and met
     print("\nall targets met" if met else "\nsome targets missed")
+    if args.json:
+        write_figures(args.json, figures(cached, uncached, floor, args.connections))
     return 0 if met else 1
 
 

@@ -3,7 +3,7 @@
     python bench/ws_fanout.py [--transport main|listener|both]
                               [--scenario a|b|c|durable|churn|all]
                               [--peer none|socketio] [--peer-ws auto|wsproto|websockets ...]
-                              [--duration 8] [--warmup 1]
+                              [--duration 8] [--warmup 1] [--json PATH]
 
 Per transport, a fresh server (``python run.py``, embedded PostgreSQL in a temp dir, limits
 lifted) and, in that order:
@@ -44,6 +44,9 @@ match the same pattern in what they get, and answer engine.io pings ``2`` with `
 ``--peer-ws`` names uvicorn's WebSocket implementation(s) for the peer (one peer run
 each, labelled ``socketio`` for auto, else ``sio-wsproto``, ``sio-websockets``, ``sio-sansio``). The
 summary then gives atrium's max-throughput deliveries/s over each peer run's.
+
+``--json PATH`` also writes the fan-out figures of scenarios a and b beside the peer runs
+(bench/_figures.py: what bench/sidebyside.py collects).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -72,6 +76,7 @@ import orjson  # noqa: E402
 import psutil  # noqa: E402
 import trio  # noqa: E402
 
+from bench._figures import Figure, Value, write_figures  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     PASSWORD,
@@ -150,6 +155,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run py-spy (raw collapsed stacks) on the server during each "
         "max-throughput and durable run, into DIR; figures are then lower",
     )
+    parser.add_argument("--json", help="also write the side-by-side figures here (JSON)")
     return parser.parse_args(argv)
 
 
@@ -967,6 +973,80 @@ def versus_socketio(rows: list[Row]) -> None:
                 )
 
 
+SIDE_LABELS = {
+    "listener": "`WS_PORT` listener",
+    "main": "main port",
+    "socketio": "python-socketio (uvicorn, auto)",
+    "sio-wsproto": "python-socketio (uvicorn, wsproto)",
+    "sio-websockets": "python-socketio (uvicorn, websockets legacy)",
+    "sio-sansio": "python-socketio (uvicorn, websockets-sansio)",
+}
+
+
+def figures(rows: list[Row]) -> list[Figure]:
+    """Scenarios a and b beside the peer runs (bench/_figures.py), for bench/sidebyside.py.
+
+    Per scenario: server CPU a delivery and deliveries/s of the max-throughput runs
+    (receivers without batch), and p99 of the paced run; atrium's listener first.
+    """
+    order = {"listener": 0, "main": 1}
+    out = []
+    for scenario, receivers in (("a", 100), ("b", 1000)):
+        ran = [r for r in rows if r.scenario == scenario and "batch" not in r.run]
+        ran.sort(key=lambda r: order.get(r.transport, 2))
+        maxed = [r for r in ran if r.run == "max"]
+        paced = [r for r in ran if r.run.startswith("paced")]
+        if not maxed:
+            continue
+        head = f"WebSocket fan-out, 1 sender to {receivers} receivers"
+        goal = TARGETS.get((scenario, "listener"))
+        out += [
+            _figure(
+                f"{head}, as fast as it goes: server CPU a delivery", "µs", maxed, _per_delivery
+            ),
+            _figure(
+                f"{head}, as fast as it goes: deliveries/s",
+                "/s",
+                maxed,
+                lambda r: r.rate,
+                "higher",
+                f"listener at least {goal:,}/s" if goal else "",
+            ),
+        ]
+        if paced:
+            out.append(
+                _figure(
+                    f"{head}, {paced[0].run.removeprefix('paced ')} messages: p99 send to receive",
+                    "ms",
+                    paced,
+                    lambda r: r.p99,
+                    target=f"under {LATENCY_TARGET_MS:g} ms" if scenario == "a" else "",
+                )
+            )
+    return out
+
+
+def _per_delivery(row: Row) -> float:
+    """Server CPU microseconds a delivery."""
+    return row.server_cpu / row.rate * 1e6 if row.rate else math.nan
+
+
+def _figure(
+    what: str,
+    unit: str,
+    rows: list[Row],
+    measure: Callable[[Row], float],
+    better: str = "lower",
+    target: str = "",
+) -> Figure:
+    """atrium's transports against the peer runs (transports named ``s...``) among ``rows``."""
+    values = [
+        (r.transport.startswith("s"), Value(SIDE_LABELS[r.transport], measure(r))) for r in rows
+    ]
+    ours = [value for peer, value in values if not peer]
+    return Figure(what, unit, ours, [value for peer, value in values if peer], better, target)
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65_536) if hard != resource.RLIM_INFINITY else 65_536
@@ -1018,6 +1098,8 @@ def main(argv: list[str]) -> int:
     ok = summary(rows)
     versus_socketio(rows)
     print("\nall targets met" if ok else "\nsome targets missed")
+    if args.json:
+        write_figures(args.json, figures(rows))
     return 0 if ok else 1
 
 
