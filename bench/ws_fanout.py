@@ -1006,7 +1006,7 @@ def figures(rows: list[Row]) -> list[Figure]:
             ),
             _figure(
                 f"{head}, as fast as it goes: deliveries/s",
-                "/s",
+                "deliveries/s",
                 maxed,
                 lambda r: r.rate,
                 "higher",
@@ -1016,7 +1016,8 @@ def figures(rows: list[Row]) -> list[Figure]:
         if paced:
             out.append(
                 _figure(
-                    f"{head}, {paced[0].run.removeprefix('paced ')} messages: p99 send to receive",
+                    f"{head}, {paced[0].run.removeprefix('paced ').removesuffix('/s')} messages/s:"
+                    " p99 send to receive",
                     "ms",
                     paced,
                     lambda r: r.p99,

@@ -174,6 +174,8 @@ def test_a_scripts_figures_make_the_table_and_the_benchmarks_block(
             [Value("python-socketio", 36.0)],
         )
         write_figures(kept / f"fanout-{round_}.json", [figure])
+    run = sidebyside.Run("2026-12-07 09:40 UTC", "abc1234", "a CPU, 2 cores", 1.5, 2.25, False, ())
+    (kept / "run.json").write_bytes(orjson.dumps(run))
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text(DOC)
 
@@ -198,11 +200,29 @@ def test_a_scripts_figures_make_the_table_and_the_benchmarks_block(
     row = (
         "| fan-out: server CPU a delivery | `WS_PORT` listener 9.00 µs (8.00-10.0) |"
         " python-socketio: 36.0 µs (atrium 0.25x (0.22-0.28)) |"
-        " `python bench/ws_fanout.py --scenario a` |"
+        " `python bench/ws_fanout.py --scenario a` | 2026-12-07, `abc1234`, load 1.5-2.2,"
+        " median of 3 runs |"
     )
     assert row in printed
     assert "| connections | skipped: no connections-*.json in" in printed
     text = benchmarks.read_text()
     assert row in text
+    assert "commit `abc1234`, a CPU, 2 cores, load average 1.50 before and 2.25 after" in text
     assert "old fan-out" not in text and "old http" in text
     assert "skipped" not in text  # a benchmark that did not run leaves the file as it was
+
+
+def test_quick_options_take_the_place_of_the_full_runs() -> None:
+    (http,) = [b for b in sidebyside.BENCHMARKS if b.group == "http"]
+
+    full = ["--duration", "5", "--peer-ws", "a", "b"]
+    assert sidebyside.merge_options(full, ["--duration", "1"]) == [
+        "--duration", "1", "--peer-ws", "a", "b"
+    ]  # fmt: skip
+    assert sidebyside.merge_options(["--scenario", "a"], ["--warmup", "0.5"]) == [
+        "--scenario", "a", "--warmup", "0.5"
+    ]  # fmt: skip
+    command = sidebyside.command_of(http, quick=True)
+    assert command[0] == "bench/http.py"
+    assert command.count("--duration") == 1
+    assert command[command.index("--duration") + 1] == "1"
