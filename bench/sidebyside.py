@@ -426,13 +426,12 @@ def main(argv: list[str]) -> int:
     else:
         out = args.keep or Path(tempfile.mkdtemp(prefix="atrium-sidebyside-"))
         out.mkdir(parents=True, exist_ok=True)
-        load_before = os.getloadavg()[0]
+        load_before, revision = os.getloadavg()[0], commit()  # what runs, before a file changes
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         outcomes = run_rounds(chosen, args.rounds, args.quick, out)
         groups = tuple(b.group for b in chosen)
-        run = Run(
-            started, commit(), cpu_model(), load_before, os.getloadavg()[0], args.quick, groups
-        )
+        load_after = os.getloadavg()[0]
+        run = Run(started, revision, cpu_model(), load_before, load_after, args.quick, groups)
         (out / "run.json").write_bytes(orjson.dumps(run))
     print(run.header() + "\n")
     print(HEADER)
