@@ -86,6 +86,7 @@ BENCHMARKS = (
         "bench/ws_fanout.py",
         ("--scenario", "a", "--peer", "socketio", "--peer-ws", *PEER_WS),
     ),
+    # Branch conns2 writes it: once it takes --json, its options go here (full, then quick).
     Benchmark("connections", "bench/connections.py", quick=()),
     Benchmark(
         "documents",
@@ -416,6 +417,8 @@ def main(argv: list[str]) -> int:
     """
     args = parse_args(argv)
     chosen = [b for b in BENCHMARKS if b.group in args.groups]
+    if "fanout" in args.groups and "websockets-sansio" not in PEER_WS:
+        note("websockets is not installed: the fan-out peer runs on uvicorn's wsproto only")
     if args.source:
         kept = args.source / "run.json"
         if not kept.exists():
