@@ -174,7 +174,9 @@ def test_a_scripts_figures_make_the_table_and_the_benchmarks_block(
             [Value("python-socketio", 36.0)],
         )
         write_figures(kept / f"fanout-{round_}.json", [figure])
-    run = sidebyside.Run("2026-12-07 09:40 UTC", "abc1234", "a CPU, 2 cores", 1.5, 2.25, False, ())
+    run = sidebyside.Run(
+        "2026-12-07 09:40 UTC", "abc1234", "a CPU, 2 cores", (1.5, 4.0, 2.2), False, ()
+    )
     (kept / "run.json").write_bytes(orjson.dumps(run))
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text(DOC)
@@ -200,14 +202,14 @@ def test_a_scripts_figures_make_the_table_and_the_benchmarks_block(
     row = (
         "| fan-out: server CPU a delivery | `WS_PORT` listener 9.00 µs (8.00-10.0) |"
         " python-socketio: 36.0 µs (atrium 0.25x (0.22-0.28)) |"
-        " `python bench/ws_fanout.py --scenario a` | 2026-12-07, `abc1234`, load 1.5-2.2,"
+        " `python bench/ws_fanout.py --scenario a` | 2026-12-07, `abc1234`, load 1.5-4.0,"
         " median of 3 runs |"
     )
     assert row in printed
     assert "| connections | skipped: no connections-*.json in" in printed
     text = benchmarks.read_text()
     assert row in text
-    assert "commit `abc1234`, a CPU, 2 cores, load average 1.50 before and 2.25 after" in text
+    assert "commit `abc1234`, a CPU, 2 cores, load average 1.5-4.0 before each script" in text
     assert "old fan-out" not in text and "old http" in text
     assert "skipped" not in text  # a benchmark that did not run leaves the file as it was
 
@@ -226,3 +228,9 @@ def test_quick_options_take_the_place_of_the_full_runs() -> None:
     assert command[0] == "bench/http.py"
     assert command.count("--duration") == 1
     assert command[command.index("--duration") + 1] == "1"
+
+
+def test_a_small_ratio_keeps_its_digits() -> None:
+    (row,) = sidebyside.figure_rows([fanout_round(8.0, 3144.0, 2865.0)], "bench/ws_fanout.py", "r")
+
+    assert "python-socketio (uvicorn, wsproto): 2,865 µs (atrium 0.003x) |" in row
