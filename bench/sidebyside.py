@@ -433,8 +433,6 @@ def main(argv: list[str]) -> int:
     """
     args = parse_args(argv)
     chosen = [b for b in BENCHMARKS if b.group in args.groups]
-    if "fanout" in args.groups and "websockets-sansio" not in PEER_WS:
-        note("websockets is not installed: the fan-out peer runs on uvicorn's wsproto only")
     if args.source:
         kept = args.source / "run.json"
         if not kept.exists():
@@ -447,6 +445,8 @@ def main(argv: list[str]) -> int:
     else:
         out = args.keep or Path(tempfile.mkdtemp(prefix="atrium-sidebyside-"))
         out.mkdir(parents=True, exist_ok=True)
+        if "fanout" in args.groups and "websockets-sansio" not in PEER_WS:
+            note("websockets is not installed: the fan-out peer runs on uvicorn's wsproto only")
         revision = commit()  # what runs, before a file is edited meanwhile
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         loads: list[float] = []
