@@ -246,14 +246,19 @@ def _ratios(rounds: Sequence[Mapping[str, Any]], position: int) -> list[float]:
     return ratios
 
 
-def _ratio(ratios: Sequence[float]) -> str:
-    """The median ratio and, when they differ, the range: two decimals, three below 0.1."""
+def _ratio(ratios: Sequence[float], better: str) -> str:
+    """The median ratio, the range when they differ (two decimals, three below 0.1), and
+    whether that median puts atrium ahead or behind (``better``: "lower" or "higher")."""
 
     def number(ratio: float) -> str:
         return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.3f}"
 
-    low, median, high = (number(r) for r in (min(ratios), statistics.median(ratios), max(ratios)))
-    return f"{median}x" + (f" ({low}-{high})" if low != high else "")
+    median = statistics.median(ratios)
+    low, middle, high = (number(r) for r in (min(ratios), median, max(ratios)))
+    text = f"{middle}x" + (f" ({low}-{high})" if low != high else "")
+    if median != 1:
+        text += ", ahead" if (median < 1) == (better == "lower") else ", behind"
+    return text
 
 
 def _cell(text: str) -> str:
@@ -265,7 +270,7 @@ def figure_rows(documents: Sequence[Mapping[str, Any]], command: str, run: str) 
 
     A value is the median over the rounds (range in brackets); a ratio is atrium's first
     value over the value beside it, taken within each round, then the median of those
-    (range in brackets).
+    (range in brackets), "ahead" or "behind" by the figure's ``better``.
     """
     rows = []
     for index, figure in enumerate(documents[0]["figures"]):
@@ -284,7 +289,7 @@ def figure_rows(documents: Sequence[Mapping[str, Any]], command: str, run: str) 
             text = f"{value['label']}: {_spread(_measured(rounds, 'beside', i), unit)}"
             ratios = _ratios(rounds, i)
             if ratios:
-                text += f" (atrium {_ratio(ratios)})"
+                text += f" (atrium {_ratio(ratios, figure.get('better', 'lower'))})"
             theirs.append(text)
         if figure.get("target"):
             theirs.append(f"target: {figure['target']}")

@@ -77,7 +77,7 @@ def test_values_are_medians_of_the_rounds_and_ratios_are_taken_within_each_round
     assert cells[1] == "900 µs (880-1,000)"
     # Per round 1.25x, 2.00x, 1.10x: the median of those, not 900 / 720.
     assert cells[2] == (
-        "FastAPI + uvicorn: 720 µs (500-800) (atrium 1.25x (1.10-2.00));"
+        "FastAPI + uvicorn: 720 µs (500-800) (atrium 1.25x (1.10-2.00), behind);"
         " target: at most 1.3x the peer"
     )
     assert cells[3] == "`python bench/http.py --duration 5`"
@@ -85,13 +85,18 @@ def test_values_are_medians_of_the_rounds_and_ratios_are_taken_within_each_round
     # A value the run could not measure reads n/a, with no ratio made up from it.
     assert "bare ASGI app: n/a |" in rate
     assert "2,600 req/s (2,400-2,700)" in rate
+    # A rate is better higher: above 1x is ahead.
+    faster = http_round(900, 720, 2600)["figures"][1]
+    faster["beside"] = [{"label": "FastAPI", "value": 1300}]
+    (row,) = sidebyside.figure_rows([{"figures": [faster]}], "bench/http.py", "r")
+    assert "FastAPI: 1,300 req/s (atrium 2.00x, ahead)" in row
 
 
 def test_one_round_gives_plain_values_and_every_atrium_label() -> None:
     (row,) = sidebyside.figure_rows([fanout_round(8.6, 21.3, 36.0)], "bench/ws_fanout.py", "r")
 
     assert "| `WS_PORT` listener 8.60 µs; main port 21.3 µs |" in row
-    assert "python-socketio (uvicorn, wsproto): 36.0 µs (atrium 0.24x) |" in row
+    assert "python-socketio (uvicorn, wsproto): 36.0 µs (atrium 0.24x, ahead) |" in row
 
 
 def test_a_missing_benchmark_is_skipped_and_says_why(tmp_path: Path) -> None:
@@ -201,7 +206,7 @@ def test_a_scripts_figures_make_the_table_and_the_benchmarks_block(
     # The round that measured nothing counts for neither the value nor the ratio.
     row = (
         "| fan-out: server CPU a delivery | `WS_PORT` listener 9.00 µs (8.00-10.0) |"
-        " python-socketio: 36.0 µs (atrium 0.25x (0.22-0.28)) |"
+        " python-socketio: 36.0 µs (atrium 0.25x (0.22-0.28), ahead) |"
         " `python bench/ws_fanout.py --scenario a` | 2026-12-07, `abc1234`, load 1.5-4.0,"
         " median of 3 runs |"
     )
@@ -233,4 +238,4 @@ def test_quick_options_take_the_place_of_the_full_runs() -> None:
 def test_a_small_ratio_keeps_its_digits() -> None:
     (row,) = sidebyside.figure_rows([fanout_round(8.0, 3144.0, 2865.0)], "bench/ws_fanout.py", "r")
 
-    assert "python-socketio (uvicorn, wsproto): 2,865 µs (atrium 0.003x) |" in row
+    assert "python-socketio (uvicorn, wsproto): 2,865 µs (atrium 0.003x, ahead) |" in row
