@@ -1,0 +1,220 @@
+"""Live documents on two servers under the faults hostile testers make: Redis frozen
+(SIGSTOP), PostgreSQL taken away in the middle of appends, an update over the size
+limit that a provider would resend on every reconnect, and a document deleted (or its
+project) on one server while the other has it open.
+
+Two real servers in one trio run share PostgreSQL (and Redis where it matters), as in
+tests/test_document_replicas.py; clients are ``DocClient``s (pycrdt speaking the
+y-websocket messages to each server's document actor). What a user would notice is
+asserted: close codes, every replica's text, and the text stored in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import conftest
+import httpx
+import pycrdt
+import pytest
+import trio
+from conftest import CLIENT_TLS, Running, StartServer
+from docclient import DocClient, reconnect, settle
+from redis_server import RedisServer
+from test_bridge import FAST_BREAKER, make_pair, wait_connected
+from test_document_replicas import replica_client, wait_text
+
+from atrium.actors.document import ReadText
+from atrium.persistence import documents as store
+from atrium.persistence.database import Database
+from atrium.persistence.embedded import EmbeddedPostgres
+from atrium.runtime.root import Bound, serve
+from atrium.supervision import Supervisor
+
+WAIT = 20.0
+
+
+def services(server: Running) -> Any:
+    assert server.bound.services is not None
+    return server.bound.services.value
+
+
+async def stored_text(db: Database, document_id: uuid.UUID) -> str:
+    """The text a fresh load from PostgreSQL gives (snapshot, then the updates)."""
+    loaded = await store.load_document(db, document_id)
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    text = doc.get("content", type=pycrdt.Text)
+    if loaded.snapshot is not None:
+        doc.apply_update(loaded.snapshot)
+    for update in loaded.updates:
+        doc.apply_update(update.update)
+    return str(text)
+
+
+async def keep_typing(client: DocClient, word: str, times: int) -> None:
+    """Type ``word`` ``times`` times at the end, letting the client exchange after each."""
+    for _ in range(times):
+        client.type(len(client.text), word)
+        await settle(client)
+
+
+# -- Redis frozen -----------------------------------------------------------------------
+
+
+async def test_replicas_converge_while_redis_is_frozen_and_after_it_thaws(
+    start_server: StartServer, own_redis: RedisServer
+) -> None:
+    env = {"REDIS_URL": own_redis.url, **FAST_BREAKER}
+    async with start_server(**env) as a, start_server(**env) as b:
+        await wait_connected(a, b)
+        pair = await make_pair(a, b)
+        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/frozen.md")
+        on_a = await replica_client(a, ref.id, pair.owner.user_id)
+        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        await keep_typing(on_a, "a", 3)
+        await wait_text(on_b, "aaa")
+        own_redis.pause()  # calls hang rather than fail
+        try:
+            # Both keep typing through the freeze, before and after the bridges notice.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_typing, on_a, "A", 5)
+                nursery.start_soon(keep_typing, on_b, "B", 5)
+            await wait_connected(a, b, connected=False)
+            await keep_typing(on_a, "x", 2)
+            await keep_typing(on_b, "y", 2)
+            # Redis never answered: every replica converged through PostgreSQL.
+            with trio.fail_after(WAIT):
+                while str(on_a.text) != str(on_b.text):
+                    await settle(on_a)
+                    await settle(on_b)
+                    await trio.sleep(0.02)
+            frozen = str(on_a.text)
+            assert sorted(frozen) == sorted("aaa" + "A" * 5 + "B" * 5 + "xx" + "yy")
+        finally:
+            own_redis.resume()
+        # Thawed: what Redis held back arrives late (seqs a replica has: skipped), and
+        # the bridges subscribe again.
+        await wait_connected(a, b)
+        await keep_typing(on_b, "!", 1)
+        await wait_text(on_a, str(on_b.text))
+        await keep_typing(on_a, "?", 1)
+        await wait_text(on_b, str(on_a.text))
+        final = str(on_a.text)
+        assert sorted(final) == sorted(frozen + "!?")
+        for server in (a, b):
+            actor = await services(server).documents.get(ref.id)
+            assert (
+                actor.overview()["seq"]
+                == (await store.find_document(services(a).db, ref.id)).last_seq
+            )
+        assert await stored_text(services(a).db, ref.id) == final
+
+
+# -- PostgreSQL away in the middle of appends ----------------------------------------------
+
+
+@pytest.fixture
+def pg_dirs() -> Iterator[Path]:
+    """Data directories outside pytest's tmp_path (as root, PostgreSQL runs as another
+    user who must reach its own; see tests/test_outage.py)."""
+    with tempfile.TemporaryDirectory(prefix="atrium-docpg-") as tmp:
+        yield Path(tmp)
+
+
+@asynccontextmanager
+async def serving(
+    nursery: trio.Nursery, data_dir: Path, database_url: str | None, **env: Any
+) -> AsyncIterator[Running]:
+    """A real server in this trio run; with ``database_url`` None, with an embedded
+    PostgreSQL of its own (in ``data_dir``) that the test may take away."""
+    settings = conftest.test_settings(data_dir, **env)
+    bound: Bound = await nursery.start(
+        lambda task_status: serve(settings, database_url, task_status=task_status)
+    )
+    async with httpx.AsyncClient(base_url=bound.url, verify=CLIENT_TLS) as client:
+        yield Running(bound, client, settings)
+
+
+def postgres_of(server: Running) -> Supervisor:
+    assert server.bound.supervisor is not None
+    sup: Supervisor = server.bound.supervisor.child("postgres").value
+    return sup
+
+
+async def wait_ready(*servers: Running) -> None:
+    with trio.fail_after(WAIT):
+        for server in servers:
+            while (await server.client.get("/ready")).status_code != 200:  # noqa: ASYNC110 (another process)
+                await trio.sleep(0.05)
+
+
+async def type_until_closed(client: DocClient, word: str) -> None:
+    """Type ``word`` at the end again and again until the server closes the client."""
+    with trio.fail_after(WAIT):
+        while client.closed is None:
+            client.type(len(client.text), word)
+            await settle(client)
+            await trio.sleep(0.005)
+
+
+async def test_postgresql_away_mid_append_closes_1013_and_the_resync_converges(
+    aio_loop: None, nursery: trio.Nursery, pg_dirs: Path, own_redis: RedisServer
+) -> None:
+    env = {"REDIS_URL": own_redis.url, **FAST_BREAKER}
+    async with serving(nursery, pg_dirs / "a", None, **env) as a:
+        url = EmbeddedPostgres(pg_dirs / "a").url  # a short path: the socket is in pgdata
+        async with serving(nursery, pg_dirs / "b", url, **env) as b:
+            await wait_connected(a, b)
+            pair = await make_pair(a, b)
+            ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/pg.md")
+            on_a = await replica_client(a, ref.id, pair.owner.user_id)
+            on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+            await keep_typing(on_a, "a", 2)
+            await wait_text(on_b, "aa")
+            cluster = EmbeddedPostgres(pg_dirs / "a")
+            # Both keep typing; PostgreSQL is killed in the middle of their appends.
+            async with trio.open_nursery() as typing:
+                typing.start_soon(type_until_closed, on_a, "A")
+                typing.start_soon(type_until_closed, on_b, "B")
+                await trio.sleep(0.2)
+                pid = cluster.postmaster_pid()
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+            # An update that could not be appended is not shown to anyone: each client
+            # is closed with 1013 and told to come back later.
+            assert on_a.closed == on_b.closed == (1013, "database_unavailable")
+            await wait_ready(a, b)  # the postmaster is restarted by its supervisor
+            stored = await stored_text(services(a).db, ref.id)
+            # What a client received from the other was stored before it was sent.
+            assert str(on_b.text).count("A") <= stored.count("A")
+            assert str(on_a.text).count("B") <= stored.count("B")
+            # The providers reconnect (each to its own server) and resync.
+            typed_a, typed_b = str(on_a.text).count("A"), str(on_b.text).count("B")
+            await reconnect(on_a, await services(a).documents.get(ref.id))
+            await reconnect(on_b, await services(b).documents.get(ref.id))
+            with trio.fail_after(WAIT):
+                while str(on_a.text) != str(on_b.text) or str(on_a.text).count("B") < typed_b:
+                    await settle(on_a)
+                    await settle(on_b)
+                    await trio.sleep(0.02)
+            final = str(on_a.text)
+            assert (final.count("A"), final.count("B"), final.count("a")) == (typed_a, typed_b, 2)
+            assert await stored_text(services(b).db, ref.id) == final
+            for server in (a, b):
+                actor = await services(server).documents.get(ref.id)
+                assert await actor.ask(ReadText()) == final
+            # Weather, not a crash: the postmaster restarted, nothing else did.
+            for server in (a, b):
+                assert server.bound.supervisor is not None
+                root = server.bound.supervisor
+                assert root.child("documents").restart_count == 0
+                assert root.child("database").restart_count == 0
+            assert postgres_of(a).child("postmaster").restart_count == 1
+            nursery.cancel_scope.cancel()
