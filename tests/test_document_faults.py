@@ -29,10 +29,11 @@ from conftest import CLIENT_TLS, Running, StartServer
 from docclient import DocClient, reconnect, settle
 from redis_server import RedisServer
 from test_bridge import FAST_BREAKER, make_pair, wait_connected
-from test_document_replicas import replica_client, wait_text
+from test_document_replicas import replica_client, two_replicas, wait_text
 
 from atrium.actors.document import ReadText
 from atrium.persistence import documents as store
+from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.embedded import EmbeddedPostgres
 from atrium.runtime.root import Bound, serve
@@ -218,3 +219,78 @@ async def test_postgresql_away_mid_append_closes_1013_and_the_resync_converges(
                 assert root.child("database").restart_count == 0
             assert postgres_of(a).child("postmaster").restart_count == 1
             nursery.cancel_scope.cancel()
+
+
+# -- the document (or its project) deleted on another server -----------------------------
+
+
+async def wait_closed(client: DocClient) -> tuple[int, str]:
+    with trio.fail_after(WAIT):
+        while client.closed is None:
+            await trio.sleep(0.01)  # the notice crosses through PostgreSQL
+    return client.closed
+
+
+async def test_a_document_deleted_on_one_server_closes_its_replica_on_the_other(
+    start_server: StartServer,
+) -> None:
+    async with start_server() as a, start_server() as b:
+        pair = await make_pair(a, b)
+        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/gone.md")
+        on_a = await replica_client(a, ref.id, pair.owner.user_id)
+        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        await keep_typing(on_a, "a", 1)
+        await wait_text(on_b, "a")
+        r = await a.client.delete(
+            f"/api/v1/projects/{pair.project_id}/documents/{ref.id}", headers=pair.owner.auth
+        )
+        assert r.status_code == 204, r.text
+        assert on_a.closed == (4013, "document_deleted")
+        # B's client typed nothing since: it is closed all the same, and B's replica stops.
+        assert await wait_closed(on_b) == (4013, "document_deleted")
+        with trio.fail_after(WAIT):
+            while services(b).documents.find(ref.id) is not None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+async def test_a_project_deleted_on_one_server_closes_its_documents_on_the_other(
+    start_server: StartServer,
+) -> None:
+    async with start_server() as a, start_server() as b:
+        pair = await make_pair(a, b)
+        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/p.md")
+        on_a = await replica_client(a, ref.id, pair.owner.user_id)
+        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        await keep_typing(on_b, "b", 1)
+        await wait_text(on_a, "b")
+        r = await a.client.delete(f"/api/v1/projects/{pair.project_id}", headers=pair.owner.auth)
+        assert r.status_code == 204, r.text
+        assert on_a.closed == (4006, "project_deleted")
+        assert await wait_closed(on_b) == (4006, "project_deleted")
+        row = await store.find_document(services(b).db, ref.id)
+        assert row is not None and row.last_seq == 1  # nothing stored after "b"
+        with trio.fail_after(WAIT):
+            while services(b).documents.find(ref.id) is not None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+async def test_a_replica_that_missed_the_deletion_stores_nothing_more(
+    db: Database, nursery: trio.Nursery
+) -> None:
+    # The notice never came (PostgreSQL away as it was sent, say): the replica finds out
+    # at its client's next edit, which is not stored, and closes everyone.
+    a, b, ref = await two_replicas(db, nursery)
+    await a.client.detach()
+    owner = b.client.peer.user_id
+    deleted = await projects.delete_project(db, ref.project_id, owner)
+    assert deleted.events
+    b.client.type(0, "after")
+    await settle(b.client)
+    assert b.client.closed == (4006, "project_deleted")
+    row = await store.find_document(db, ref.id)
+    assert row is not None and row.last_seq == 0
+    with trio.fail_after(WAIT):
+        while b.actor.alive:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    with pytest.raises(store.DocumentNotFound):
+        await b.documents.get(ref.id)
