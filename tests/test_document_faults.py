@@ -27,19 +27,26 @@ import pytest
 import trio
 from conftest import CLIENT_TLS, Running, StartServer
 from docclient import DocClient, reconnect, settle
+from node_clients import node_modules, open_yclient
 from redis_server import RedisServer
 from test_bridge import FAST_BREAKER, make_pair, wait_connected
 from test_document_replicas import replica_client, two_replicas, wait_text
+from test_documents_node import CAP, FAST, server_text, ticket, url_for
+from test_workspace import make_team
+from wsclient import connect
 
 from atrium.actors.document import ReadText
 from atrium.persistence import documents as store
 from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.embedded import EmbeddedPostgres
+from atrium.realtime import yjs
 from atrium.runtime.root import Bound, serve
 from atrium.supervision import Supervisor
 
 WAIT = 20.0
+
+__all__ = ["node_modules"]  # the session fixture the Node test uses
 
 
 def services(server: Running) -> Any:
@@ -159,7 +166,7 @@ async def wait_ready(*servers: Running) -> None:
 async def type_until_closed(client: DocClient, word: str) -> None:
     """Type ``word`` at the end again and again until the server closes the client."""
     with trio.fail_after(WAIT):
-        while client.closed is None:
+        while client.closed is None:  # noqa: ASYNC110 (set by the actor)
             client.type(len(client.text), word)
             await settle(client)
             await trio.sleep(0.005)
@@ -226,7 +233,7 @@ async def test_postgresql_away_mid_append_closes_1013_and_the_resync_converges(
 
 async def wait_closed(client: DocClient) -> tuple[int, str]:
     with trio.fail_after(WAIT):
-        while client.closed is None:
+        while client.closed is None:  # noqa: ASYNC110 (set by the actor)
             await trio.sleep(0.01)  # the notice crosses through PostgreSQL
     return client.closed
 
@@ -294,3 +301,80 @@ async def test_a_replica_that_missed_the_deletion_stores_nothing_more(
             await trio.sleep(0.01)
     with pytest.raises(store.DocumentNotFound):
         await b.documents.get(ref.id)
+
+
+# -- an update over DOC_MAX_UPDATE_BYTES from an unmodified provider ------------------------
+
+
+@pytest.mark.parametrize("transport", ["main", "listener"])
+async def test_an_oversized_paste_is_refused_and_the_providers_retries_are_held_off(
+    transport: str, start_server: StartServer, nursery: trio.Nursery, node_modules: None
+) -> None:
+    limit = 4096
+    async with start_server(DOC_MAX_UPDATE_BYTES=str(limit), **FAST) as server:
+        team = await make_team(server, transport)
+        issued = await ticket(server.client, team.project_id, team.owner, "/big.md")
+        other = await ticket(server.client, team.project_id, team.collaborator, "/big.md")
+        room = issued["room"]
+        with trio.fail_after(CAP):
+            async with (
+                open_yclient(
+                    nursery, url_for(team, issued), room, issued["ticket"], "paster"
+                ) as paster,
+                open_yclient(
+                    nursery, url_for(team, other), room, other["ticket"], "typist"
+                ) as typist,
+            ):
+                await paster.wait_synced()
+                await typist.wait_synced()
+                await paster.type("ok")
+                await typist.wait_contains("ok")
+                await paster.ask("paste", "pasted", chars="x", count=2 * limit)
+                # The provider reconnects after every close and offers the paste again.
+                await trio.sleep(4)
+                closes = paster.closes()
+                # Refused every time, never stored or shown to anyone.
+                assert closes and all(code == 1009 for code, _ in closes), closes
+                # Without a hold it reconnects about every 0.1 s and uploads the paste
+                # each time: the server holds each retry open longer (1 s, 2 s, 4 s...).
+                assert len(closes) <= 5, closes
+                typist_text = await typist.text()
+                assert "x" not in typist_text and "x" not in await server_text(server, room)
+                # The document goes on for everyone else.
+                await typist.type("go")
+                while sorted(await server_text(server, room)) != sorted("okgo"):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+
+
+async def test_a_client_held_after_a_failed_upload_is_served_with_what_it_sent_meanwhile(
+    start_server: StartServer,
+) -> None:
+    # A client whose connection ended before its sync step 2 arrived (a network cut, not
+    # a refusal) offers the same again: held for a second, then served as usual.
+    async with start_server() as server:
+        team = await make_team(server, "listener")
+        issued = await ticket(server.client, team.project_id, team.owner, "/held.md")
+        url = f"{url_for(team, issued)}/{issued['room']}?ticket={issued['ticket']}"
+        doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        doc.get("content", type=pycrdt.Text).insert(0, "mine")
+        hello = yjs.sync_step1(doc.get_state())
+        with trio.fail_after(WAIT):
+            async with connect(url) as cut:
+                await cut.ws.get_message()  # the server's sync step 1
+                await cut.ws.send_message(hello)
+                await cut.ws.get_message()  # its answer: the client goes before its own
+            async with connect(url) as again:
+                opened = trio.current_time()
+                await again.ws.send_message(hello)
+                await again.ws.send_message(yjs.sync_step2(doc.get_update()))
+                first = yjs.parse_message(await again.ws.get_message())
+                assert isinstance(first, yjs.SyncStep1)
+                assert trio.current_time() - opened >= 1.0  # held a second, then served
+                while await server_text(server, issued["room"]) != "mine":  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            # It uploaded what it held: the next connection is not held.
+            async with connect(url) as third:
+                opened = trio.current_time()
+                await third.ws.send_message(hello)
+                await third.ws.get_message()
+                assert trio.current_time() - opened < 1.0

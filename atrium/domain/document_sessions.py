@@ -56,6 +56,22 @@ log = logging.getLogger("atrium.documents")
 _KEPT_RATES = 4096
 
 _CLOSE_TIMEOUT = 2.0
+
+# A client whose connection ended before the update it holds arrived (over
+# DOC_MAX_UPDATE_BYTES, say) offers it again on the next: y-websocket reconnects 0.1 s after
+# a close and resends its whole state. Its next connections are held open (the provider
+# waits on an open socket) before they are served: 1 s, 2 s, 4 s... at most _HOLD_MAX
+# (under y-websocket's 30 s without a message, after which it reconnects by itself).
+_HOLD_MAX = 20.0
+_HOLD_FORGOTTEN = 60.0  # after this long without another failed upload
+_KEPT_UPLOADS = 4096  # users' documents with failed uploads remembered
+_KEPT_CLIENTS = 8  # clients remembered for each
+_FIRST_MESSAGE_SECONDS = 5.0
+_HELD_MESSAGES = 64
+_SYNC_STEP1 = b"\x00\x00"
+_SYNC_STEP2 = b"\x00\x01"
+_EMPTY_STEP1 = b"\x00\x00\x01\x00"  # a client that holds nothing
+_REFUSED_UPLOADS = (CloseCode.MESSAGE_TOO_BIG, CloseCode.DOCUMENT_TOO_LARGE)
 _DOCUMENTS_PATH = "/ws/documents/"
 DOCUMENT_FRAMING = 16
 """Bytes of y-websocket framing around one update: a message is at most
@@ -168,6 +184,15 @@ class _RefusedConnection(Exception):
 
 
 @dataclass(slots=True)
+class _FailedUpload:
+    """A client's last connection ended before what it holds arrived: how many times in
+    a row, and when last (trio clock)."""
+
+    strikes: int
+    at: float
+
+
+@dataclass(slots=True)
 class _Rate:
     """One user's document message budget (a token bucket) and how many sockets share it."""
 
@@ -203,6 +228,8 @@ class DocumentSessions:
         self._clock = clock
         self._rates: dict[uuid.UUID, _Rate] = {}
         self._open: dict[uuid.UUID, set[_DocumentConnection]] = {}  # by project
+        # (user, document) -> the client's sync step 1 -> its failed uploads
+        self._failed: dict[tuple[uuid.UUID, uuid.UUID], dict[bytes, _FailedUpload]] = {}
 
     async def issue_ticket(
         self, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID, path: str
@@ -296,6 +323,37 @@ class DocumentSessions:
             if rate.sockets <= 0 and self._refilled(rate):
                 del self._rates[connection.user_id]
 
+    def _upload_failed(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """Remember that the user's client that said ``hello`` on the document (``key``:
+        user, document) left, or was closed, before what it holds arrived."""
+        now = trio.current_time()
+        clients = self._failed.pop(key, None) or {}
+        known = clients.pop(hello, None)
+        if known is not None and now - known.at < _HOLD_FORGOTTEN:
+            known.strikes, known.at = known.strikes + 1, now
+        else:
+            known = _FailedUpload(1, now)
+        clients[hello] = known
+        while len(clients) > _KEPT_CLIENTS:
+            del clients[next(iter(clients))]  # the one that failed least recently
+        if len(self._failed) >= _KEPT_UPLOADS:
+            del self._failed[next(iter(self._failed))]
+        self._failed[key] = clients
+
+    def _upload_succeeded(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """The client that said ``hello`` uploaded what it holds: it is not held again."""
+        clients = self._failed.get(key)
+        if clients is not None and clients.pop(hello, None) is not None and not clients:
+            del self._failed[key]
+
+    def _hold_for(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> float:
+        """Seconds to hold a connection whose client said ``hello``: 0 unless the same
+        client's last connections failed to upload what it holds (it offers it again)."""
+        known = self._failed.get(key, {}).get(hello)
+        if known is None or trio.current_time() - known.at >= _HOLD_FORGOTTEN:
+            return 0.0
+        return min(_HOLD_MAX, 2.0 ** (known.strikes - 1))
+
     def _refilled(self, rate: _Rate) -> bool:
         per_second = self.settings.updates_per_second
         elapsed = max(0.0, self._clock() - rate.at)
@@ -337,6 +395,10 @@ class _DocumentConnection:
         "_entered",
         "_sending",
         "closed",
+        "_pending",
+        "_hello",
+        "_uploaded",
+        "_holding",
     )
 
     def __init__(
@@ -354,6 +416,10 @@ class _DocumentConnection:
         self._sending = trio.CancelScope()
         self.closed = False
         self.outbox.on_close = self._closing
+        self._pending: list[str | bytes] = []  # read before attaching, handled first
+        self._hello: bytes | None = None  # the client's first sync step 1
+        self._uploaded = False  # a sync step 2 of the client's reached the document
+        self._holding = trio.CancelScope()
 
     def context(self, transport: str) -> dict[str, object]:
         ticket = self.ticket
@@ -385,6 +451,7 @@ class _DocumentConnection:
             count_sent(self.outbox, self.sessions.metrics)
             if self._entered and self.ticket is not None:
                 self.sessions._leave(self, self.ticket.project_id)
+                self._note_failed_upload(self.ticket)
             await self._detach()
 
     async def fail(self) -> None:
@@ -426,7 +493,9 @@ class _DocumentConnection:
         role = await projects.member_role(sessions.db, ticket.project_id, ticket.user_id)
         if role is None:
             raise _RefusedConnection(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
-        if self.outbox.closing:  # revoked or removed while it was being checked
+        if sessions._failed:
+            await self._hold_a_failed_upload(ticket)
+        if self.outbox.closing:  # revoked, removed or shut down while it was checked or held
             raise _RefusedConnection(
                 self.outbox.close_code or CloseCode.UNAUTHORIZED, self.outbox.close_reason
             )
@@ -451,6 +520,37 @@ class _DocumentConnection:
             # The Attach may yet be handled: keep the actor, so the Detach follows it.
             raise _RefusedConnection(CloseCode.SERVICE_RESTART, "document_restarting") from None
         log.info("opened document %s as %s", ticket.document_id, Role(role).value)
+
+    async def _hold_a_failed_upload(self, ticket: Ticket) -> None:
+        """Read the client's first message (its sync step 1); if the same client's last
+        connection failed to upload what it holds, hold this one open first (a provider
+        resends a refused update on every reconnect, 0.1 s after each close)."""
+        key = (ticket.user_id, ticket.document_id)
+        if key not in self.sessions._failed:
+            return
+        pending = self._pending
+        with trio.move_on_after(_FIRST_MESSAGE_SECONDS):
+            pending.append(await self.conn.receive())
+        if not pending or not isinstance(pending[0], bytes):
+            return
+        hold = self.sessions._hold_for(key, pending[0])
+        if hold:
+            log.info("holding a client that failed to upload for %.0f s", hold)
+            # Until then (or until it is closed, or goes away): what it sends meanwhile
+            # is kept, and handled in order once it is served (a lot: served now).
+            with trio.move_on_after(hold) as self._holding:
+                while len(pending) < _HELD_MESSAGES:
+                    pending.append(await self.conn.receive())
+
+    def _note_failed_upload(self, ticket: Ticket) -> None:
+        hello = self._hello
+        if self.peer is None or hello is None or hello == _EMPTY_STEP1:
+            return
+        key = (ticket.user_id, ticket.document_id)
+        if not self._uploaded or self.outbox.close_code in _REFUSED_UPLOADS:
+            self.sessions._upload_failed(key, hello)
+        elif self.sessions._failed:
+            self.sessions._upload_succeeded(key, hello)
 
     def _deliver(self, frame: bytes) -> None:
         self.outbox.put(frame)  # a full outbox closes itself (4008)
@@ -487,6 +587,7 @@ class _DocumentConnection:
         scope.cancel()
 
     def _closing(self, flush: bool) -> None:
+        self._holding.cancel()
         if flush:
             self._sending.deadline = min(
                 self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
@@ -502,14 +603,19 @@ class _DocumentConnection:
         assert actor is not None and peer is not None
         recheck = sessions.settings.recheck_seconds
         next_check = trio.current_time() + recheck
+        pending = self._pending
+        pending.reverse()
         try:
             while True:
-                with trio.move_on_at(next_check) as timer:
-                    raw = await self.conn.receive()
-                if timer.cancelled_caught:
-                    await self._recheck()
-                    next_check = trio.current_time() + recheck
-                    continue
+                if pending:
+                    raw = pending.pop()
+                else:
+                    with trio.move_on_at(next_check) as timer:
+                        raw = await self.conn.receive()
+                    if timer.cancelled_caught:
+                        await self._recheck()
+                        next_check = trio.current_time() + recheck
+                        continue
                 count_in()
                 if self.outbox.closing:
                     continue  # closing: nothing more it sends is acted on
@@ -523,6 +629,11 @@ class _DocumentConnection:
                     # The client's provider reconnects and resyncs: nothing it typed is lost.
                     self.outbox.close(CloseCode.RATE_LIMITED, "rate_limited", flush=False)
                     continue
+                if not self._uploaded:
+                    if raw.startswith(_SYNC_STEP2):
+                        self._uploaded = True
+                    elif self._hello is None and raw.startswith(_SYNC_STEP1):
+                        self._hello = raw
                 try:
                     await actor.tell(Incoming(peer, raw))
                 except ActorStopped:
