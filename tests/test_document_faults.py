@@ -252,7 +252,7 @@ async def test_a_document_deleted_on_one_server_closes_its_replica_on_the_other(
             f"/api/v1/projects/{pair.project_id}/documents/{ref.id}", headers=pair.owner.auth
         )
         assert r.status_code == 204, r.text
-        assert on_a.closed == (4013, "document_deleted")
+        assert await wait_closed(on_a) == (4013, "document_deleted")
         # B's client typed nothing since: it is closed all the same, and B's replica stops.
         assert await wait_closed(on_b) == (4013, "document_deleted")
         with trio.fail_after(WAIT):
@@ -272,7 +272,7 @@ async def test_a_project_deleted_on_one_server_closes_its_documents_on_the_other
         await wait_text(on_a, "b")
         r = await a.client.delete(f"/api/v1/projects/{pair.project_id}", headers=pair.owner.auth)
         assert r.status_code == 204, r.text
-        assert on_a.closed == (4006, "project_deleted")
+        assert await wait_closed(on_a) == (4006, "project_deleted")
         assert await wait_closed(on_b) == (4006, "project_deleted")
         row = await store.find_document(services(b).db, ref.id)
         assert row is not None and row.last_seq == 1  # nothing stored after "b"

@@ -537,19 +537,26 @@ class _DocumentConnection:
         if hold:
             log.info("holding a client that failed to upload for %.0f s", hold)
             # Until then (or until it is closed, or goes away): what it sends meanwhile
-            # is kept, and handled in order once it is served (a lot: served now).
+            # is kept, and handled in order once it is served (more than one message's
+            # worth of bytes: served now).
+            size, limit = len(pending[0]), self.sessions.settings.max_message_bytes
             with trio.move_on_after(hold) as self._holding:
-                while len(pending) < _HELD_MESSAGES:
-                    pending.append(await self.conn.receive())
+                while len(pending) < _HELD_MESSAGES and size <= limit:
+                    pending.append(message := await self.conn.receive())
+                    size += len(message)
 
     def _note_failed_upload(self, ticket: Ticket) -> None:
+        """At the end: did what the client holds fail to arrive? Refused as too large, or
+        the socket went (cut by the transport for its size, say) before its sync step 2
+        came; not when the server closed it for another reason (an outage, a restart)."""
         hello = self._hello
         if self.peer is None or hello is None or hello == _EMPTY_STEP1:
             return
         key = (ticket.user_id, ticket.document_id)
-        if not self._uploaded or self.outbox.close_code in _REFUSED_UPLOADS:
+        outbox = self.outbox
+        if outbox.close_code in _REFUSED_UPLOADS or not (self._uploaded or outbox.closing):
             self.sessions._upload_failed(key, hello)
-        elif self.sessions._failed:
+        elif self._uploaded and self.sessions._failed:
             self.sessions._upload_succeeded(key, hello)
 
     def _deliver(self, frame: bytes) -> None:
