@@ -25,7 +25,7 @@ import httpx
 import pycrdt
 import pytest
 import trio
-from conftest import CLIENT_TLS, Running, StartServer
+from conftest import CLIENT_TLS, FakeClock, Running, StartServer
 from docclient import DocClient, reconnect, settle
 from node_clients import node_modules, open_yclient
 from redis_server import RedisServer
@@ -36,6 +36,7 @@ from test_workspace import make_team
 from wsclient import connect
 
 from atrium.actors.document import ReadText
+from atrium.domain.document_sessions import FailedUploads
 from atrium.persistence import documents as store
 from atrium.persistence import projects
 from atrium.persistence.database import Database
@@ -378,3 +379,36 @@ async def test_a_client_held_after_a_failed_upload_is_served_with_what_it_sent_m
                 await third.ws.send_message(hello)
                 await third.ws.get_message()
                 assert trio.current_time() - opened < 1.0
+
+
+def test_failed_uploads_hold_a_client_longer_each_time_and_forget_it() -> None:
+    clock = FakeClock(0.0)
+    failed = FailedUploads(clock, max_keys=2, max_clients=2)
+    key, other_key = (uuid.uuid4(), uuid.uuid4()), (uuid.uuid4(), uuid.uuid4())
+    assert not failed and failed.hold_for(key, b"hello") == 0.0
+    holds = []
+    for _ in range(7):
+        failed.failed(key, b"hello")
+        holds.append(failed.hold_for(key, b"hello"))
+        clock.advance(holds[-1] + 0.1)  # the provider comes back after each hold
+    assert holds == [1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0]
+    # Only that client: one that typed since (another state), or another user, is not held.
+    assert failed.hold_for(key, b"typed since") == 0.0
+    assert other_key not in failed and failed.hold_for(other_key, b"hello") == 0.0
+    # Its upload arrived: forgotten.
+    failed.succeeded(key, b"hello")
+    assert failed.hold_for(key, b"hello") == 0.0 and key not in failed
+    # Not seen failing for a minute: forgotten, and a new failure starts again at 1 s.
+    failed.failed(key, b"hello")
+    failed.failed(key, b"hello")
+    clock.advance(FailedUploads.FORGOTTEN + 1)
+    assert failed.hold_for(key, b"hello") == 0.0
+    failed.failed(key, b"hello")
+    assert failed.hold_for(key, b"hello") == 1.0
+    # Bounded: the least recently failed clients, and users' documents, go first.
+    failed.failed(key, b"two")
+    failed.failed(key, b"three")
+    assert failed.hold_for(key, b"hello") == 0.0 and failed.hold_for(key, b"three") == 1.0
+    failed.failed(other_key, b"x")
+    failed.failed((uuid.uuid4(), uuid.uuid4()), b"y")
+    assert key not in failed and other_key in failed

@@ -60,12 +60,7 @@ _CLOSE_TIMEOUT = 2.0
 # A client whose connection ended before the update it holds arrived (over
 # DOC_MAX_UPDATE_BYTES, say) offers it again on the next: y-websocket reconnects 0.1 s after
 # a close and resends its whole state. Its next connections are held open (the provider
-# waits on an open socket) before they are served: 1 s, 2 s, 4 s... at most _HOLD_MAX
-# (under y-websocket's 30 s without a message, after which it reconnects by itself).
-_HOLD_MAX = 20.0
-_HOLD_FORGOTTEN = 60.0  # after this long without another failed upload
-_KEPT_UPLOADS = 4096  # users' documents with failed uploads remembered
-_KEPT_CLIENTS = 8  # clients remembered for each
+# waits on an open socket) before they are served (``FailedUploads``).
 _FIRST_MESSAGE_SECONDS = 5.0
 _HELD_MESSAGES = 64
 _SYNC_STEP1 = b"\x00\x00"
@@ -186,10 +181,73 @@ class _RefusedConnection(Exception):
 @dataclass(slots=True)
 class _FailedUpload:
     """A client's last connection ended before what it holds arrived: how many times in
-    a row, and when last (trio clock)."""
+    a row, and when last."""
 
     strikes: int
     at: float
+
+
+class FailedUploads:
+    """The clients whose connection ended before what they hold arrived (refused as too
+    large, or cut), by user and document and the client's sync step 1 (its ``hello``:
+    the state vector it connected with), so that the same client's next connections
+    are held off: ``hold_for`` is 1 s, 2 s, 4 s... at most ``HOLD_MAX`` after one, two,
+    three... failures in a row. A client is forgotten when its upload arrives
+    (``succeeded``) or after ``FORGOTTEN`` seconds without a failure. Bounded: the
+    least recently failed are forgotten first. ``clock`` is seconds (trio's)."""
+
+    HOLD_MAX = 20.0
+    """Under y-websocket's 30 s without a message, after which it reconnects by itself."""
+    FORGOTTEN = 60.0
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        max_keys: int = 4096,
+        max_clients: int = 8,
+    ) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._max_clients = max_clients
+        self._failed: dict[tuple[uuid.UUID, uuid.UUID], dict[bytes, _FailedUpload]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._failed)
+
+    def __contains__(self, key: tuple[uuid.UUID, uuid.UUID]) -> bool:
+        return key in self._failed
+
+    def failed(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """The user's client that said ``hello`` on the document (``key``: user,
+        document) left, or was closed, before what it holds arrived."""
+        now = self._clock()
+        clients = self._failed.pop(key, None) or {}
+        known = clients.pop(hello, None)
+        if known is not None and now - known.at < self.FORGOTTEN:
+            known.strikes, known.at = known.strikes + 1, now
+        else:
+            known = _FailedUpload(1, now)
+        clients[hello] = known
+        while len(clients) > self._max_clients:
+            del clients[next(iter(clients))]  # the one that failed least recently
+        while len(self._failed) >= self._max_keys:
+            del self._failed[next(iter(self._failed))]
+        self._failed[key] = clients
+
+    def succeeded(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """The client that said ``hello`` uploaded what it holds: it is not held again."""
+        clients = self._failed.get(key)
+        if clients is not None and clients.pop(hello, None) is not None and not clients:
+            del self._failed[key]
+
+    def hold_for(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> float:
+        """Seconds to hold a connection whose client said ``hello``: 0 unless the same
+        client's last connections failed to upload what it holds (it offers it again)."""
+        known = self._failed.get(key, {}).get(hello)
+        if known is None or self._clock() - known.at >= self.FORGOTTEN:
+            return 0.0
+        return min(self.HOLD_MAX, 2.0 ** (known.strikes - 1))
 
 
 @dataclass(slots=True)
@@ -228,8 +286,7 @@ class DocumentSessions:
         self._clock = clock
         self._rates: dict[uuid.UUID, _Rate] = {}
         self._open: dict[uuid.UUID, set[_DocumentConnection]] = {}  # by project
-        # (user, document) -> the client's sync step 1 -> its failed uploads
-        self._failed: dict[tuple[uuid.UUID, uuid.UUID], dict[bytes, _FailedUpload]] = {}
+        self.failed_uploads = FailedUploads()
 
     async def issue_ticket(
         self, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID, path: str
@@ -322,37 +379,6 @@ class DocumentSessions:
             # (4010) and reconnecting does not refill it.
             if rate.sockets <= 0 and self._refilled(rate):
                 del self._rates[connection.user_id]
-
-    def _upload_failed(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
-        """Remember that the user's client that said ``hello`` on the document (``key``:
-        user, document) left, or was closed, before what it holds arrived."""
-        now = trio.current_time()
-        clients = self._failed.pop(key, None) or {}
-        known = clients.pop(hello, None)
-        if known is not None and now - known.at < _HOLD_FORGOTTEN:
-            known.strikes, known.at = known.strikes + 1, now
-        else:
-            known = _FailedUpload(1, now)
-        clients[hello] = known
-        while len(clients) > _KEPT_CLIENTS:
-            del clients[next(iter(clients))]  # the one that failed least recently
-        if len(self._failed) >= _KEPT_UPLOADS:
-            del self._failed[next(iter(self._failed))]
-        self._failed[key] = clients
-
-    def _upload_succeeded(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
-        """The client that said ``hello`` uploaded what it holds: it is not held again."""
-        clients = self._failed.get(key)
-        if clients is not None and clients.pop(hello, None) is not None and not clients:
-            del self._failed[key]
-
-    def _hold_for(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> float:
-        """Seconds to hold a connection whose client said ``hello``: 0 unless the same
-        client's last connections failed to upload what it holds (it offers it again)."""
-        known = self._failed.get(key, {}).get(hello)
-        if known is None or trio.current_time() - known.at >= _HOLD_FORGOTTEN:
-            return 0.0
-        return min(_HOLD_MAX, 2.0 ** (known.strikes - 1))
 
     def _refilled(self, rate: _Rate) -> bool:
         per_second = self.settings.updates_per_second
@@ -493,7 +519,7 @@ class _DocumentConnection:
         role = await projects.member_role(sessions.db, ticket.project_id, ticket.user_id)
         if role is None:
             raise _RefusedConnection(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
-        if sessions._failed:
+        if sessions.failed_uploads:
             await self._hold_a_failed_upload(ticket)
         if self.outbox.closing:  # revoked, removed or shut down while it was checked or held
             raise _RefusedConnection(
@@ -525,15 +551,15 @@ class _DocumentConnection:
         """Read the client's first message (its sync step 1); if the same client's last
         connection failed to upload what it holds, hold this one open first (a provider
         resends a refused update on every reconnect, 0.1 s after each close)."""
-        key = (ticket.user_id, ticket.document_id)
-        if key not in self.sessions._failed:
+        key, failed = (ticket.user_id, ticket.document_id), self.sessions.failed_uploads
+        if key not in failed:
             return
         pending = self._pending
         with trio.move_on_after(_FIRST_MESSAGE_SECONDS):
             pending.append(await self.conn.receive())
         if not pending or not isinstance(pending[0], bytes):
             return
-        hold = self.sessions._hold_for(key, pending[0])
+        hold = failed.hold_for(key, pending[0])
         if hold:
             log.info("holding a client that failed to upload for %.0f s", hold)
             # Until then (or until it is closed, or goes away): what it sends meanwhile
@@ -554,10 +580,11 @@ class _DocumentConnection:
             return
         key = (ticket.user_id, ticket.document_id)
         outbox = self.outbox
+        failed = self.sessions.failed_uploads
         if outbox.close_code in _REFUSED_UPLOADS or not (self._uploaded or outbox.closing):
-            self.sessions._upload_failed(key, hello)
-        elif self._uploaded and self.sessions._failed:
-            self.sessions._upload_succeeded(key, hello)
+            failed.failed(key, hello)
+        elif self._uploaded and failed:
+            failed.succeeded(key, hello)
 
     def _deliver(self, frame: bytes) -> None:
         self.outbox.put(frame)  # a full outbox closes itself (4008)

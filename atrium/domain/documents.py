@@ -35,7 +35,7 @@ from ..actors.document import (
 from ..core.events import Event, EventType
 from ..persistence import documents as store
 from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.documents import DocumentNotFound, DocumentRef, DocumentRow
+from ..persistence.documents import DocumentRef, DocumentRow
 from ..realtime.protocol import CloseCode
 from ..realtime.relay import DocumentRelay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
@@ -140,16 +140,13 @@ class Documents:
         PostgreSQL; never two). Waits while the documents supervisor (re)starts.
 
         A value may stop at any moment afterwards (idle, or reloading after the database
-        went away): on ActorStopped, call again. Raises DocumentNotFound,
-        DatabaseUnavailable.
+        went away): on ActorStopped, call again. Raises DocumentNotFound (also for a
+        deleted project's document), DatabaseUnavailable.
         """
         running = self.find(document_id)
         if running is not None:
             return running
-        row = await store.find_document(self._db, document_id)
-        if row is None:
-            raise DocumentNotFound()
-        ref = row.ref
+        ref = (await store.find_live_document(self._db, document_id)).ref
         spec = actor_spec(
             f"document:{document_id}",
             lambda: DocumentActor(
