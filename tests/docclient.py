@@ -111,3 +111,16 @@ async def settle(*clients: DocClient) -> None:
             return
         if not busy and not any(c.inbox for c in clients):
             return
+
+
+async def reconnect(client: DocClient, actor: DocumentActor) -> None:
+    """Connect ``client`` again (to ``actor``, a new one after a restart, say) as a
+    provider does after a close: a new peer, then sync steps 1 and 2 both ways, so each
+    side sends what the other lacks. What the client queued while closed was dropped."""
+    old = client.peer
+    client.actor = actor
+    client.closed = None
+    client.inbox.clear()
+    client.outbox.clear()
+    client.peer = Peer(old.user_id, old.email, old.can_edit, client.inbox.append, client._close)
+    await client.connect()

@@ -342,7 +342,9 @@ class DocumentActor(Actor[Message, Any]):
             # none of the supervisor's restart budget. The next get loads it again.
             self._tainted = True
             cause = tainted.__cause__
-            if isinstance(cause, DocumentNotFound):
+            if isinstance(cause, DocumentNotFound) and cause.project_deleted:
+                self._close_all(CloseCode.PROJECT_DELETED, "project_deleted")
+            elif isinstance(cause, DocumentNotFound):
                 self._close_all(CloseCode.DOCUMENT_DELETED, "document_deleted")
             elif isinstance(cause, DatabaseUnavailable):
                 self._close_all(CloseCode.TRY_AGAIN_LATER, "database_unavailable")
@@ -602,7 +604,9 @@ class DocumentActor(Actor[Message, Any]):
                 await self._fill(self._last_seq, first - 1)
                 self._last_seq = first - 1
                 await self._read_figures()
-        except (DatabaseUnavailable, DocumentNotFound) as error:
+        except DocumentNotFound as gone:
+            raise _Tainted() from gone
+        except DatabaseUnavailable as error:
             # Still behind, never ahead of what is stored: the next message or notice
             # fills the gap.
             log.info("%r could not read the updates it missed: %r", self, error)
@@ -617,19 +621,19 @@ class DocumentActor(Actor[Message, Any]):
 
     async def _reached(self, seq: int | None) -> None:
         """Read and apply the stored updates after this replica's last seq, up to ``seq``
-        (None: up to the row's last one)."""
+        (None: up to the row's last one). A document (or project) deleted meanwhile,
+        by any process, closes the peers here and stops this replica."""
         try:
             if seq is None:
-                row = await store.find_document(self._db, self.ref.id)
-                if row is None:
-                    return  # deleted: whoever deleted it closes the peers
-                seq = row.last_seq
+                seq = (await store.find_live_document(self._db, self.ref.id)).last_seq
             if seq <= self._last_seq:
                 return
             await self._fill(self._last_seq, seq)
             self._last_seq = seq
             await self._read_figures()
-        except (DatabaseUnavailable, DocumentNotFound) as error:
+        except DocumentNotFound as gone:
+            raise _Tainted() from gone
+        except DatabaseUnavailable as error:
             log.info("%r could not catch up: %r", self, error)
             return
         await self._maybe_compact()

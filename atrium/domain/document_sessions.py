@@ -56,6 +56,17 @@ log = logging.getLogger("atrium.documents")
 _KEPT_RATES = 4096
 
 _CLOSE_TIMEOUT = 2.0
+
+# A client whose connection ended before the update it holds arrived (over
+# DOC_MAX_UPDATE_BYTES, say) offers it again on the next: y-websocket reconnects 0.1 s after
+# a close and resends its whole state. Its next connections are held open (the provider
+# waits on an open socket) before they are served (``FailedUploads``).
+_FIRST_MESSAGE_SECONDS = 5.0
+_HELD_MESSAGES = 64
+_SYNC_STEP1 = b"\x00\x00"
+_SYNC_STEP2 = b"\x00\x01"
+_EMPTY_STEP1 = b"\x00\x00\x01\x00"  # a client that holds nothing
+_REFUSED_UPLOADS = (CloseCode.MESSAGE_TOO_BIG, CloseCode.DOCUMENT_TOO_LARGE)
 _DOCUMENTS_PATH = "/ws/documents/"
 DOCUMENT_FRAMING = 16
 """Bytes of y-websocket framing around one update: a message is at most
@@ -168,6 +179,78 @@ class _RefusedConnection(Exception):
 
 
 @dataclass(slots=True)
+class _FailedUpload:
+    """A client's last connection ended before what it holds arrived: how many times in
+    a row, and when last."""
+
+    strikes: int
+    at: float
+
+
+class FailedUploads:
+    """The clients whose connection ended before what they hold arrived (refused as too
+    large, or cut), by user and document and the client's sync step 1 (its ``hello``:
+    the state vector it connected with), so that the same client's next connections
+    are held off: ``hold_for`` is 1 s, 2 s, 4 s... at most ``HOLD_MAX`` after one, two,
+    three... failures in a row. A client is forgotten when its upload arrives
+    (``succeeded``) or after ``FORGOTTEN`` seconds without a failure. Bounded: the
+    least recently failed are forgotten first. ``clock`` is seconds (trio's)."""
+
+    HOLD_MAX = 20.0
+    """Under y-websocket's 30 s without a message, after which it reconnects by itself."""
+    FORGOTTEN = 60.0
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        max_keys: int = 4096,
+        max_clients: int = 8,
+    ) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._max_clients = max_clients
+        self._failed: dict[tuple[uuid.UUID, uuid.UUID], dict[bytes, _FailedUpload]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._failed)
+
+    def __contains__(self, key: tuple[uuid.UUID, uuid.UUID]) -> bool:
+        return key in self._failed
+
+    def failed(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """The user's client that said ``hello`` on the document (``key``: user,
+        document) left, or was closed, before what it holds arrived."""
+        now = self._clock()
+        clients = self._failed.pop(key, None) or {}
+        known = clients.pop(hello, None)
+        if known is not None and now - known.at < self.FORGOTTEN:
+            known.strikes, known.at = known.strikes + 1, now
+        else:
+            known = _FailedUpload(1, now)
+        clients[hello] = known
+        while len(clients) > self._max_clients:
+            del clients[next(iter(clients))]  # the one that failed least recently
+        while len(self._failed) >= self._max_keys:
+            del self._failed[next(iter(self._failed))]
+        self._failed[key] = clients
+
+    def succeeded(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> None:
+        """The client that said ``hello`` uploaded what it holds: it is not held again."""
+        clients = self._failed.get(key)
+        if clients is not None and clients.pop(hello, None) is not None and not clients:
+            del self._failed[key]
+
+    def hold_for(self, key: tuple[uuid.UUID, uuid.UUID], hello: bytes) -> float:
+        """Seconds to hold a connection whose client said ``hello``: 0 unless the same
+        client's last connections failed to upload what it holds (it offers it again)."""
+        known = self._failed.get(key, {}).get(hello)
+        if known is None or self._clock() - known.at >= self.FORGOTTEN:
+            return 0.0
+        return min(self.HOLD_MAX, 2.0 ** (known.strikes - 1))
+
+
+@dataclass(slots=True)
 class _Rate:
     """One user's document message budget (a token bucket) and how many sockets share it."""
 
@@ -203,6 +286,7 @@ class DocumentSessions:
         self._clock = clock
         self._rates: dict[uuid.UUID, _Rate] = {}
         self._open: dict[uuid.UUID, set[_DocumentConnection]] = {}  # by project
+        self.failed_uploads = FailedUploads()
 
     async def issue_ticket(
         self, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID, path: str
@@ -337,6 +421,10 @@ class _DocumentConnection:
         "_entered",
         "_sending",
         "closed",
+        "_pending",
+        "_hello",
+        "_uploaded",
+        "_holding",
     )
 
     def __init__(
@@ -354,6 +442,10 @@ class _DocumentConnection:
         self._sending = trio.CancelScope()
         self.closed = False
         self.outbox.on_close = self._closing
+        self._pending: list[str | bytes] = []  # read before attaching, handled first
+        self._hello: bytes | None = None  # the client's first sync step 1
+        self._uploaded = False  # a sync step 2 of the client's reached the document
+        self._holding = trio.CancelScope()
 
     def context(self, transport: str) -> dict[str, object]:
         ticket = self.ticket
@@ -385,6 +477,7 @@ class _DocumentConnection:
             count_sent(self.outbox, self.sessions.metrics)
             if self._entered and self.ticket is not None:
                 self.sessions._leave(self, self.ticket.project_id)
+                self._note_failed_upload(self.ticket)
             await self._detach()
 
     async def fail(self) -> None:
@@ -426,7 +519,9 @@ class _DocumentConnection:
         role = await projects.member_role(sessions.db, ticket.project_id, ticket.user_id)
         if role is None:
             raise _RefusedConnection(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
-        if self.outbox.closing:  # revoked or removed while it was being checked
+        if sessions.failed_uploads:
+            await self._hold_a_failed_upload(ticket)
+        if self.outbox.closing:  # revoked, removed or shut down while it was checked or held
             raise _RefusedConnection(
                 self.outbox.close_code or CloseCode.UNAUTHORIZED, self.outbox.close_reason
             )
@@ -451,6 +546,45 @@ class _DocumentConnection:
             # The Attach may yet be handled: keep the actor, so the Detach follows it.
             raise _RefusedConnection(CloseCode.SERVICE_RESTART, "document_restarting") from None
         log.info("opened document %s as %s", ticket.document_id, Role(role).value)
+
+    async def _hold_a_failed_upload(self, ticket: Ticket) -> None:
+        """Read the client's first message (its sync step 1); if the same client's last
+        connection failed to upload what it holds, hold this one open first (a provider
+        resends a refused update on every reconnect, 0.1 s after each close)."""
+        key, failed = (ticket.user_id, ticket.document_id), self.sessions.failed_uploads
+        if key not in failed:
+            return
+        pending = self._pending
+        with trio.move_on_after(_FIRST_MESSAGE_SECONDS):
+            pending.append(await self.conn.receive())
+        if not pending or not isinstance(pending[0], bytes):
+            return
+        hold = failed.hold_for(key, pending[0])
+        if hold:
+            log.info("holding a client that failed to upload for %.0f s", hold)
+            # Until then (or until it is closed, or goes away): what it sends meanwhile
+            # is kept, and handled in order once it is served (more than one message's
+            # worth of bytes: served now).
+            size, limit = len(pending[0]), self.sessions.settings.max_message_bytes
+            with trio.move_on_after(hold) as self._holding:
+                while len(pending) < _HELD_MESSAGES and size <= limit:
+                    pending.append(message := await self.conn.receive())
+                    size += len(message)
+
+    def _note_failed_upload(self, ticket: Ticket) -> None:
+        """At the end: did what the client holds fail to arrive? Refused as too large, or
+        the socket went (cut by the transport for its size, say) before its sync step 2
+        came; not when the server closed it for another reason (an outage, a restart)."""
+        hello = self._hello
+        if self.peer is None or hello is None or hello == _EMPTY_STEP1:
+            return
+        key = (ticket.user_id, ticket.document_id)
+        outbox = self.outbox
+        failed = self.sessions.failed_uploads
+        if outbox.close_code in _REFUSED_UPLOADS or not (self._uploaded or outbox.closing):
+            failed.failed(key, hello)
+        elif self._uploaded and failed:
+            failed.succeeded(key, hello)
 
     def _deliver(self, frame: bytes) -> None:
         self.outbox.put(frame)  # a full outbox closes itself (4008)
@@ -487,6 +621,7 @@ class _DocumentConnection:
         scope.cancel()
 
     def _closing(self, flush: bool) -> None:
+        self._holding.cancel()
         if flush:
             self._sending.deadline = min(
                 self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
@@ -502,14 +637,19 @@ class _DocumentConnection:
         assert actor is not None and peer is not None
         recheck = sessions.settings.recheck_seconds
         next_check = trio.current_time() + recheck
+        pending = self._pending
+        pending.reverse()
         try:
             while True:
-                with trio.move_on_at(next_check) as timer:
-                    raw = await self.conn.receive()
-                if timer.cancelled_caught:
-                    await self._recheck()
-                    next_check = trio.current_time() + recheck
-                    continue
+                if pending:
+                    raw = pending.pop()
+                else:
+                    with trio.move_on_at(next_check) as timer:
+                        raw = await self.conn.receive()
+                    if timer.cancelled_caught:
+                        await self._recheck()
+                        next_check = trio.current_time() + recheck
+                        continue
                 count_in()
                 if self.outbox.closing:
                     continue  # closing: nothing more it sends is acted on
@@ -523,6 +663,11 @@ class _DocumentConnection:
                     # The client's provider reconnects and resyncs: nothing it typed is lost.
                     self.outbox.close(CloseCode.RATE_LIMITED, "rate_limited", flush=False)
                     continue
+                if not self._uploaded:
+                    if raw.startswith(_SYNC_STEP2):
+                        self._uploaded = True
+                    elif self._hello is None and raw.startswith(_SYNC_STEP1):
+                        self._hello = raw
                 try:
                     await actor.tell(Incoming(peer, raw))
                 except ActorStopped:

@@ -34,8 +34,8 @@ from ..actors.document import (
 )
 from ..core.events import Event, EventType
 from ..persistence import documents as store
-from ..persistence.database import Database
-from ..persistence.documents import DocumentNotFound, DocumentRef, DocumentRow
+from ..persistence.database import Database, DatabaseUnavailable
+from ..persistence.documents import DocumentRef, DocumentRow
 from ..realtime.protocol import CloseCode
 from ..realtime.relay import DocumentRelay
 from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
@@ -58,7 +58,8 @@ class Documents:
     changed its document, after it is stored (a no-op by default). ``relay`` carries the
     actors' updates and awareness to the other processes; while ``notify_log()`` is true
     each append is also announced on the log. ``notices`` yields ``(document id, seq)``
-    for appends other processes announced on the log (``run`` reads it).
+    for appends other processes announced on the log, and ``(document id, None)`` for a
+    document deleted (or its project) by any process (``run`` reads it).
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class Documents:
         on_edit: EditHook | None = None,
         relay: DocumentRelay | None = None,
         notify_log: Callable[[], bool] | None = None,
-        notices: trio.MemoryReceiveChannel[tuple[uuid.UUID, int]] | None = None,
+        notices: trio.MemoryReceiveChannel[tuple[uuid.UUID, int | None]] | None = None,
     ) -> None:
         self._db = db
         self._relay = relay
@@ -139,16 +140,13 @@ class Documents:
         PostgreSQL; never two). Waits while the documents supervisor (re)starts.
 
         A value may stop at any moment afterwards (idle, or reloading after the database
-        went away): on ActorStopped, call again. Raises DocumentNotFound,
-        DatabaseUnavailable.
+        went away): on ActorStopped, call again. Raises DocumentNotFound (also for a
+        deleted project's document), DatabaseUnavailable.
         """
         running = self.find(document_id)
         if running is not None:
             return running
-        row = await store.find_document(self._db, document_id)
-        if row is None:
-            raise DocumentNotFound()
-        ref = row.ref
+        ref = (await store.find_live_document(self._db, document_id)).ref
         spec = actor_spec(
             f"document:{document_id}",
             lambda: DocumentActor(
@@ -201,12 +199,20 @@ class Documents:
         """Apply committed project events to the project's open documents (an
         ``EventPublisher``): a removed member's peers are dropped (4005) and a deleted
         project's documents close every peer (4006) and stop, in mailbox order, so
-        nothing those peers queued is applied after. (A changed role is the document
-        socket's to handle: it reconnects with the new role, 4014.)"""
+        nothing those peers queued is applied after (their appends are refused from the
+        commit on). Other processes' replicas of a deleted project's documents are told
+        on the log and do the same. (A changed role is the document socket's to handle:
+        it reconnects with the new role, 4014.)"""
         messages: list[Message] = []
         for event in events:
             if event.type is EventType.PROJECT_DELETED:
                 messages.append(CloseAll(CloseCode.PROJECT_DELETED, "project_deleted"))
+                try:
+                    await store.announce_deleted(self._db, project_id)
+                except DatabaseUnavailable as error:
+                    # Their next append is refused and closes them; a socket's periodic
+                    # membership check closes the idle ones.
+                    log.warning("announcing the deletion of %s's documents: %s", project_id, error)
             elif event.type is EventType.MEMBER_REMOVED:
                 user_id = uuid.UUID(str(event.payload.get("user_id")))
                 messages.append(DropUser(user_id, CloseCode.MEMBER_REMOVED, "member_removed"))

@@ -196,7 +196,7 @@ def build_services(
         )
     # Other processes' appends to live documents, announced on the log that the
     # workspaces follow, go to the documents open here.
-    document_notices, notices = trio.open_memory_channel[tuple[uuid.UUID, int]](1024)
+    document_notices, notices = trio.open_memory_channel[tuple[uuid.UUID, int | None]](1024)
     workspaces = Workspaces(
         db,
         workspace_settings(settings),

@@ -79,7 +79,7 @@ class Workspaces:
         relay: Relay | None = None,
         count_gap_fills: Callable[[int], object] | None = None,
         presence: PresenceBoard | None = None,
-        document_notices: trio.MemorySendChannel[tuple[uuid.UUID, int]] | None = None,
+        document_notices: trio.MemorySendChannel[tuple[uuid.UUID, int | None]] | None = None,
     ) -> None:
         """``document_notices`` takes the live documents' appends that other processes
         announce on the log (``atrium.domain.documents.Documents`` reads them)."""

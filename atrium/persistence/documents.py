@@ -27,12 +27,15 @@ _COLUMNS = (
 
 
 class DocumentNotFound(Exception):
-    """The document does not exist (deleted, or its project was)."""
+    """The document does not exist (deleted, or its project was: ``project_deleted``)."""
 
     code = "document_not_found"
 
-    def __init__(self) -> None:
-        super().__init__("No such document")
+    def __init__(self, *, project_deleted: bool = False) -> None:
+        super().__init__(
+            "The document's project was deleted" if project_deleted else "No such document"
+        )
+        self.project_deleted = project_deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +200,9 @@ async def append_updates(
     (``parse_reached`` reads it): the other processes' replicas read what they lack.
 
     The counter's row stays locked until the commit, so seqs are gapless and commit in
-    order with writers in other processes. Raises DocumentNotFound when the document was
-    deleted, ValueError for an empty batch.
+    order with writers in other processes. Raises DocumentNotFound when the document or
+    its project was deleted (a replica that missed the deletion stores nothing more),
+    ValueError for an empty batch.
     """
     if not updates:
         raise ValueError("nothing to append")
@@ -208,14 +212,16 @@ async def append_updates(
         last = await conn.fetchval(
             "UPDATE documents SET last_seq = last_seq + $2, byte_size = byte_size + $3,"
             " updated_at = now(), last_edited_by = coalesce($4, last_edited_by)"
-            " WHERE id = $1 RETURNING last_seq",
+            " WHERE id = $1 AND EXISTS (SELECT 1 FROM projects p"
+            " WHERE p.id = documents.project_id AND p.deleted_at IS NULL)"
+            " RETURNING last_seq",
             document_id,
             len(updates),
             size,
             next((user for _, user in reversed(updates) if user is not None), None),
         )
         if last is None:
-            raise DocumentNotFound()
+            raise DocumentNotFound(project_deleted=await _project_deleted(conn, document_id))
         first = int(last) - len(updates) + 1
         # One statement for the batch (executemany costs a round of binds per row).
         await conn.execute(
@@ -234,35 +240,74 @@ async def append_updates(
     return await db.transaction(run)
 
 
+async def _project_deleted(conn: asyncpg.Connection, document_id: uuid.UUID) -> bool:
+    """Whether the document's row is there and its project deleted."""
+    deleted = await conn.fetchval(
+        "SELECT p.deleted_at IS NOT NULL FROM documents d JOIN projects p ON p.id = d.project_id"
+        " WHERE d.id = $1",
+        document_id,
+    )
+    return bool(deleted)
+
+
 _REACHED = "doc:"
+_GONE_NOTICE = "SELECT pg_notify($1, 'doc:' || id::text || ':') FROM documents"
 
 
 def _reached(document_id: uuid.UUID, seq: int) -> str:
     return f"{_REACHED}{document_id}:{seq}"
 
 
-def parse_reached(payload: str) -> tuple[uuid.UUID, int] | None:
+def parse_reached(payload: str) -> tuple[uuid.UUID, int | None] | None:
     """The document and seq of a ``LOG_CHANNEL`` payload saying "the document's updates
-    reached seq N" (``append_updates`` with ``notify``), or None if it is not one."""
+    reached seq N" (``append_updates`` with ``notify``), or None if it is not one. The seq
+    is None for "read the document's row" (it was deleted, or its project was:
+    ``delete_document``, ``announce_deleted``)."""
     if not payload.startswith(_REACHED):
         return None
     document, _, seq = payload[len(_REACHED) :].partition(":")
     try:
-        return uuid.UUID(document), int(seq)
+        return uuid.UUID(document), int(seq) if seq else None
     except ValueError:
         return None
 
 
+async def announce_deleted(db: Database, project_id: uuid.UUID) -> None:
+    """Tell every process (NOTIFY ``LOG_CHANNEL``) to read the rows of the project's
+    documents again: the project was deleted, and their replicas close their peers."""
+    await db.execute(f"{_GONE_NOTICE} WHERE project_id = $2", LOG_CHANNEL, project_id)
+
+
+async def find_live_document(db: Database, document_id: uuid.UUID) -> DocumentRow:
+    """The document's row while it and its project exist. Raises DocumentNotFound
+    (``project_deleted`` when its project was deleted)."""
+    record = await db.fetchrow(
+        f"SELECT {_COLUMNS}, (SELECT p.deleted_at IS NOT NULL FROM projects p"
+        " WHERE p.id = documents.project_id) AS project_deleted FROM documents WHERE id = $1",
+        document_id,
+    )
+    if record is None:
+        raise DocumentNotFound()
+    if record["project_deleted"]:
+        raise DocumentNotFound(project_deleted=True)
+    return _row(record)
+
+
 async def load_document(db: Database, document_id: uuid.UUID) -> Loaded:
     """The document's latest snapshot and every update after it, read in one transaction
-    (a consistent view while others append or compact). Raises DocumentNotFound."""
+    (a consistent view while others append or compact). Raises DocumentNotFound (also
+    when its project was deleted: ``project_deleted``)."""
 
     async def run(conn: asyncpg.Connection) -> Loaded:
         record = await conn.fetchrow(
-            f"SELECT {_COLUMNS}, snapshot FROM documents WHERE id = $1", document_id
+            f"SELECT {_COLUMNS}, snapshot, (SELECT p.deleted_at IS NOT NULL FROM projects p"
+            " WHERE p.id = documents.project_id) AS project_deleted FROM documents WHERE id = $1",
+            document_id,
         )
         if record is None:
             raise DocumentNotFound()
+        if record["project_deleted"]:
+            raise DocumentNotFound(project_deleted=True)
         row = _row(record)
         updates = await conn.fetch(
             "SELECT seq, update, user_id FROM document_updates"
@@ -332,6 +377,12 @@ async def compact(db: Database, document_id: uuid.UUID, snapshot: bytes, seq: in
 
 
 async def delete_document(db: Database, document_id: uuid.UUID) -> bool:
-    """Delete the document and its updates; False when there was none."""
-    status = await db.execute("DELETE FROM documents WHERE id = $1", document_id)
-    return status.endswith(" 1")
+    """Delete the document and its updates, and tell every process on commit (NOTIFY
+    ``LOG_CHANNEL``: their replicas close their peers); False when there was none."""
+
+    async def run(conn: asyncpg.Connection) -> bool:
+        await conn.execute(f"{_GONE_NOTICE} WHERE id = $2", LOG_CHANNEL, document_id)
+        status: str = await conn.execute("DELETE FROM documents WHERE id = $1", document_id)
+        return status.endswith(" 1")
+
+    return await db.transaction(run)

@@ -10,7 +10,7 @@
 import { WebsocketProvider, Y } from "/static/editor.bundle.js";
 
 // Close codes after which reconnecting cannot help (docs/DOCUMENTS.md, Close codes).
-const STOP = new Set([4003, 4004, 4005, 4006, 4013]);
+const STOP = new Set([1009, 4003, 4004, 4005, 4006, 4012, 4013]);
 const LOCAL = Symbol("local edit"); // the transaction origin of this textarea's edits
 const CURSOR_MS = 80; // awareness frames at most this often (they count against the rate limit)
 

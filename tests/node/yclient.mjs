@@ -5,6 +5,8 @@
 // Commands, one JSON object a line on stdin; reports, one JSON object a line on stdout:
 //   {"cmd": "type", "chars": "...", "delay_ms": 2}  insert each char at a random spot
 //                                                   -> {"event": "typed"}
+//   {"cmd": "paste", "chars": "x", "count": 5000}  insert chars * count at the start, one
+//                                                   transaction -> {"event": "pasted"}
 //   {"cmd": "text"}                                 -> {"event": "text", "text": "..."}
 //   {"cmd": "wait_contains", "chars": "..."}        once the text holds every char
 //                                                   -> {"event": "text", "text": "..."}
@@ -61,6 +63,10 @@ const commands = {
       if (delay > 0) await sleep(delay)
     }
     say({ event: 'typed' })
+  },
+  async paste ({ chars, count }) {
+    content.insert(0, chars.repeat(count))
+    say({ event: 'pasted' })
   },
   async text () {
     say({ event: 'text', text: content.toString() })
