@@ -379,6 +379,7 @@ class _DocumentConnection:
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                nursery.start_soon(self._recheck_loop)
                 await self._receive_loop(nursery.cancel_scope)
         finally:
             index.release(self.outbox)
@@ -436,7 +437,7 @@ class _DocumentConnection:
             user_id=ticket.user_id,
             email=user.email,
             can_edit=role is not Role.VIEWER,
-            deliver=self._deliver,
+            deliver=self.outbox.put,  # a full outbox closes itself (4008)
             close=self._close_later,
         )
         try:
@@ -451,9 +452,6 @@ class _DocumentConnection:
             # The Attach may yet be handled: keep the actor, so the Detach follows it.
             raise _RefusedConnection(CloseCode.SERVICE_RESTART, "document_restarting") from None
         log.info("opened document %s as %s", ticket.document_id, Role(role).value)
-
-    def _deliver(self, frame: bytes) -> None:
-        self.outbox.put(frame)  # a full outbox closes itself (4008)
 
     def _close_later(self, code: int, reason: str) -> None:
         self.outbox.close(code, reason)
@@ -500,16 +498,10 @@ class _DocumentConnection:
         count_in = sessions.metrics.ws_frames_in.inc
         actor, peer = self.actor, self.peer
         assert actor is not None and peer is not None
-        recheck = sessions.settings.recheck_seconds
-        next_check = trio.current_time() + recheck
+        receive = self.conn.receive
         try:
             while True:
-                with trio.move_on_at(next_check) as timer:
-                    raw = await self.conn.receive()
-                if timer.cancelled_caught:
-                    await self._recheck()
-                    next_check = trio.current_time() + recheck
-                    continue
+                raw = await receive()
                 count_in()
                 if self.outbox.closing:
                     continue  # closing: nothing more it sends is acted on
@@ -529,6 +521,14 @@ class _DocumentConnection:
                     self.outbox.close(CloseCode.SERVICE_RESTART, "document_restarted")
         except ConnectionGone:
             scope.cancel()
+
+    async def _recheck_loop(self) -> None:
+        # A task of its own, not a timeout around each receive: that cost a cancel scope
+        # with a deadline per message.
+        recheck = self.sessions.settings.recheck_seconds
+        while True:
+            await trio.sleep(recheck)
+            await self._recheck()
 
     async def _recheck(self) -> None:
         """Is the user still signed in and a member with the same powers? A removal or a
