@@ -47,7 +47,14 @@ from ..persistence.documents import DocumentNotFound
 from ..realtime.outbox import Outbox
 from ..realtime.protocol import CloseCode
 from .documents import Documents
-from .realtime import ConnectionGone, Realtime, count_sent, origin_allowed
+from .realtime import (
+    ConnectionGone,
+    Realtime,
+    count_sent,
+    drain_outbox,
+    origin_allowed,
+    stop_sending,
+)
 
 log = logging.getLogger("atrium.documents")
 
@@ -457,40 +464,26 @@ class _DocumentConnection:
         self.outbox.close(code, reason)
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
-        outbox, conn = self.outbox, self.conn
         # Counted through ``Outbox.sent`` (direct writes add to it too): folded into the
         # metric before a scrape and when the connection ends.
-        try:
-            with self._sending:
-                while True:
-                    await outbox.wait()
-                    if outbox.owed:
-                        outbox.owed = False
-                        assert isinstance(conn, DirectBinaryWrite)
-                        await conn.flush()
-                    frames = outbox.take()
-                    if frames:
-                        for frame in frames:
-                            await conn.send_bytes(frame)
-                        del frame
-                        outbox.sent += len(frames)
-                        del frames  # not held while the connection idles
-                    elif outbox.closing and not outbox.owed:
-                        break
-        except ConnectionGone:
-            scope.cancel()
-            return
-        assert outbox.close_code is not None
-        await self._close(outbox.close_code, outbox.close_reason)
+        outbox = self.outbox
+        if await drain_outbox(outbox, self._send_frames, self._flush, self._sending):
+            assert outbox.close_code is not None
+            await self._close(outbox.close_code, outbox.close_reason)
         scope.cancel()
 
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            await self.conn.send_bytes(frame)
+        self.outbox.sent += len(frames)
+
+    async def _flush(self) -> None:
+        # Only a direct write leaves part of a frame owed.
+        assert isinstance(self.conn, DirectBinaryWrite)
+        await self.conn.flush()
+
     def _closing(self, flush: bool) -> None:
-        if flush:
-            self._sending.deadline = min(
-                self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
-            )
-        else:
-            self._sending.cancel()
+        stop_sending(self._sending, flush)
 
     async def _receive_loop(self, scope: trio.CancelScope) -> None:
         sessions = self.sessions

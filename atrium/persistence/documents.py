@@ -192,9 +192,10 @@ async def append_updates(
     notify: bool = False,
 ) -> int:
     """Append ``updates`` (each its bytes and the user who made it) in one statement (one
-    round trip, its own transaction), with consecutive seqs taken from the document's counter; returns the last seq. With
-    ``notify``, NOTIFY ``LOG_CHANNEL`` on commit that the document reached that seq
-    (``parse_reached`` reads it): the other processes' replicas read what they lack.
+    round trip, its own transaction), with consecutive seqs taken from the document's
+    counter; returns the last seq. With ``notify``, NOTIFY ``LOG_CHANNEL`` on commit that
+    the document reached that seq (``parse_reached`` reads it): the other processes'
+    replicas read what they lack.
 
     The counter's row stays locked until the statement commits, so seqs are gapless and commit in
     order with writers in other processes. Raises DocumentNotFound when the document was
