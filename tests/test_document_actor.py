@@ -451,6 +451,36 @@ async def test_a_deleted_document_closes_its_peers(setup: Setup) -> None:
         await setup.documents.get(setup.ref.id)
 
 
+async def test_updates_sent_while_the_document_is_busy_are_stored_and_sent_together(
+    db: Database, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    setup = await open_setup(db, nursery, DocumentSettings(idle_timeout=3600, append_interval=1))
+    a = await setup.client(setup.owner, client_id=1)
+    b = await setup.client(setup.editor, client_id=2)
+    await settle(a, b)
+    a.type(0, "x")  # the document is quiet: stored and sent at once
+    await settle(a, b)
+    assert str(b.text) == "x"
+    # Within a second of that append: what both send waits for the rest of the second.
+    a.type(1, "y")
+    await a.send()
+    b.type(0, "z")
+    await b.send()
+    await trio.testing.wait_all_tasks_blocked()
+    assert not a.inbox and not b.inbox
+    stored = await store.find_document(setup.db, setup.ref.id)
+    assert stored is not None and stored.last_seq == 1
+    mock_clock.jump(1)
+    while not (a.inbox and b.inbox):
+        await trio.testing.wait_all_tasks_blocked()
+    # One frame to each peer, holding both updates; both stored (one row each) before it.
+    assert len(a.inbox) == len(b.inbox) == 1
+    stored = await store.find_document(setup.db, setup.ref.id)
+    assert stored is not None and stored.last_seq == 3
+    await settle(a, b)
+    assert str(a.text) == str(b.text) == "zxy"
+
+
 async def test_an_idle_document_stops_and_the_next_get_loads_it(
     db: Database, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -17,6 +17,7 @@ from atrium.persistence import documents as store
 from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.documents import DocumentNotFound
+from atrium.persistence.events import LOG_CHANNEL
 
 
 async def new_project(db: Database) -> tuple[uuid.UUID, uuid.UUID]:
@@ -100,6 +101,35 @@ async def test_concurrent_appends_get_one_gapless_sequence(db: Database) -> None
         n, i, k = label.split(":")
         if k != "0":
             assert by_seq[seq - 1] == f"{n}:{i}:{int(k) - 1}"
+
+
+async def test_an_append_with_notify_announces_the_seq_it_reached_on_commit(
+    db: Database,
+) -> None:
+    owner, project = await new_project(db)
+    row = await store.open_document(db, project, "/a.py")
+    heard: list[tuple[uuid.UUID, int] | None] = []
+    arrived = trio.Event()
+
+    def notified(payload: str) -> None:
+        heard.append(store.parse_reached(payload))
+        arrived.set()
+
+    async with db.listening(LOG_CHANNEL, notified):
+        await store.append_updates(db, row.id, [(b"a", owner)])  # no notice
+        last = await store.append_updates(db, row.id, [(b"b", owner), (b"c", None)], notify=True)
+        with trio.fail_after(5):
+            await arrived.wait()
+    assert last == 3 and heard == [(row.id, 3)]
+    loaded = await store.load_document(db, row.id)
+    assert [(u.seq, u.update, u.user_id) for u in loaded.updates] == [
+        (1, b"a", owner),
+        (2, b"b", owner),
+        (3, b"c", None),
+    ]
+    assert loaded.row.last_edited_by == owner and loaded.row.byte_size == 3
+    with pytest.raises(DocumentNotFound):
+        await store.append_updates(db, uuid.uuid4(), [(b"x", owner)], notify=True)
 
 
 async def test_append_to_a_deleted_document_is_refused(db: Database) -> None:

@@ -47,7 +47,14 @@ from ..persistence.documents import DocumentNotFound
 from ..realtime.outbox import Outbox
 from ..realtime.protocol import CloseCode
 from .documents import Documents
-from .realtime import ConnectionGone, Realtime, count_sent, origin_allowed
+from .realtime import (
+    ConnectionGone,
+    Realtime,
+    count_sent,
+    drain_outbox,
+    origin_allowed,
+    stop_sending,
+)
 
 log = logging.getLogger("atrium.documents")
 
@@ -471,6 +478,7 @@ class _DocumentConnection:
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                nursery.start_soon(self._recheck_loop)
                 await self._receive_loop(nursery.cancel_scope)
         finally:
             index.release(self.outbox)
@@ -531,7 +539,7 @@ class _DocumentConnection:
             user_id=ticket.user_id,
             email=user.email,
             can_edit=role is not Role.VIEWER,
-            deliver=self._deliver,
+            deliver=self.outbox.put,  # a full outbox closes itself (4008)
             close=self._close_later,
         )
         try:
@@ -586,48 +594,31 @@ class _DocumentConnection:
         elif self._uploaded and failed:
             failed.succeeded(key, hello)
 
-    def _deliver(self, frame: bytes) -> None:
-        self.outbox.put(frame)  # a full outbox closes itself (4008)
-
     def _close_later(self, code: int, reason: str) -> None:
         self.outbox.close(code, reason)
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
-        outbox, conn = self.outbox, self.conn
         # Counted through ``Outbox.sent`` (direct writes add to it too): folded into the
         # metric before a scrape and when the connection ends.
-        try:
-            with self._sending:
-                while True:
-                    await outbox.wait()
-                    if outbox.owed:
-                        outbox.owed = False
-                        assert isinstance(conn, DirectBinaryWrite)
-                        await conn.flush()
-                    frames = outbox.take()
-                    if frames:
-                        for frame in frames:
-                            await conn.send_bytes(frame)
-                        del frame
-                        outbox.sent += len(frames)
-                        del frames  # not held while the connection idles
-                    elif outbox.closing and not outbox.owed:
-                        break
-        except ConnectionGone:
-            scope.cancel()
-            return
-        assert outbox.close_code is not None
-        await self._close(outbox.close_code, outbox.close_reason)
+        outbox = self.outbox
+        if await drain_outbox(outbox, self._send_frames, self._flush, self._sending):
+            assert outbox.close_code is not None
+            await self._close(outbox.close_code, outbox.close_reason)
         scope.cancel()
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            await self.conn.send_bytes(frame)
+        self.outbox.sent += len(frames)
+
+    async def _flush(self) -> None:
+        # Only a direct write leaves part of a frame owed.
+        assert isinstance(self.conn, DirectBinaryWrite)
+        await self.conn.flush()
 
     def _closing(self, flush: bool) -> None:
         self._holding.cancel()
-        if flush:
-            self._sending.deadline = min(
-                self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
-            )
-        else:
-            self._sending.cancel()
+        stop_sending(self._sending, flush)
 
     async def _receive_loop(self, scope: trio.CancelScope) -> None:
         sessions = self.sessions
@@ -635,21 +626,12 @@ class _DocumentConnection:
         count_in = sessions.metrics.ws_frames_in.inc
         actor, peer = self.actor, self.peer
         assert actor is not None and peer is not None
-        recheck = sessions.settings.recheck_seconds
-        next_check = trio.current_time() + recheck
+        receive = self.conn.receive
         pending = self._pending
         pending.reverse()
         try:
             while True:
-                if pending:
-                    raw = pending.pop()
-                else:
-                    with trio.move_on_at(next_check) as timer:
-                        raw = await self.conn.receive()
-                    if timer.cancelled_caught:
-                        await self._recheck()
-                        next_check = trio.current_time() + recheck
-                        continue
+                raw = pending.pop() if pending else await receive()
                 count_in()
                 if self.outbox.closing:
                     continue  # closing: nothing more it sends is acted on
@@ -674,6 +656,14 @@ class _DocumentConnection:
                     self.outbox.close(CloseCode.SERVICE_RESTART, "document_restarted")
         except ConnectionGone:
             scope.cancel()
+
+    async def _recheck_loop(self) -> None:
+        # A task of its own, not a timeout around each receive: that cost a cancel scope
+        # with a deadline per message.
+        recheck = self.sessions.settings.recheck_seconds
+        while True:
+            await trio.sleep(recheck)
+            await self._recheck()
 
     async def _recheck(self) -> None:
         """Is the user still signed in and a member with the same powers? A removal or a

@@ -38,7 +38,8 @@ from ..persistence.database import Database, DatabaseUnavailable
 from ..persistence.documents import DocumentRef, DocumentRow
 from ..realtime.protocol import CloseCode
 from ..realtime.relay import DocumentRelay
-from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
+from ..supervision import Supervisor
+from .on_demand import OnDemand
 
 log = logging.getLogger("atrium.documents")
 
@@ -79,11 +80,10 @@ class Documents:
         self._notify_log = notify_log
         self._notices = notices
         self._settings = settings
-        self._max_restarts = max_restarts
-        self._period = period
         self._on_edit: EditHook = on_edit or _no_activity
-        self._supervisor: Supervisor | None = None
-        self._attached = trio.Event()
+        self._actors = OnDemand(
+            "documents", "document", DocumentActor, max_restarts=max_restarts, period=period
+        )
 
     @property
     def settings(self) -> DocumentSettings:
@@ -95,28 +95,17 @@ class Documents:
         """Open the documents supervisor (one_for_one; ``max_restarts`` in ``period``
         seconds, else it escalates) and serve ``get`` from it until cancelled, handing
         the notices of other processes' appends to the documents open here."""
-        async with open_supervisor(
-            name="documents",
-            strategy=Strategy.ONE_FOR_ONE,
-            max_restarts=self._max_restarts,
-            period=self._period,
-        ) as supervisor:
-            self._supervisor = supervisor
-            self._attached.set()
-            try:
-                task_status.started(supervisor)
-                if self._notices is None:
-                    await trio.sleep_forever()
-                async for document_id, seq in self._notices:
-                    actor = self.find(document_id)
-                    if actor is not None:
-                        # A full mailbox drops it: the next update, or a poll, fills the gap.
-                        with contextlib.suppress(MailboxFull, ActorStopped):
-                            actor.tell_nowait(Reached(seq))
+        async with self._actors.open() as supervisor:
+            task_status.started(supervisor)
+            if self._notices is None:
                 await trio.sleep_forever()
-            finally:
-                self._supervisor = None
-                self._attached = trio.Event()
+            async for document_id, seq in self._notices:
+                actor = self.find(document_id)
+                if actor is not None:
+                    # A full mailbox drops it: the next update, or a poll, fills the gap.
+                    with contextlib.suppress(MailboxFull, ActorStopped):
+                        actor.tell_nowait(Reached(seq))
+            await trio.sleep_forever()
 
     async def open(
         self, project_id: uuid.UUID, path: str, created_by: uuid.UUID | None = None
@@ -147,8 +136,8 @@ class Documents:
         if running is not None:
             return running
         ref = (await store.find_live_document(self._db, document_id)).ref
-        spec = actor_spec(
-            f"document:{document_id}",
+        return await self._actors.get(
+            document_id,
             lambda: DocumentActor(
                 ref,
                 self._db,
@@ -157,33 +146,15 @@ class Documents:
                 relay=self._relay,
                 notify_log=self._notify_log,
             ),
-            restart=Restart.TRANSIENT,
         )
-        while (supervisor := self._supervisor) is None:
-            await self._attached.wait()
-        return await supervisor.get_or_start(spec)
 
     def find(self, document_id: uuid.UUID) -> DocumentActor | None:
         """The actor of the document if one is running now (never starts one)."""
-        supervisor = self._supervisor
-        if supervisor is None:
-            return None
-        try:
-            value = supervisor.child(f"document:{document_id}").value
-        except NoSuchChild:
-            return None
-        return value if isinstance(value, DocumentActor) and value.alive else None
+        return self._actors.find(document_id)
 
     def running(self) -> list[DocumentActor]:
         """The actors running now (a snapshot)."""
-        supervisor = self._supervisor
-        if supervisor is None:
-            return []
-        return [
-            child.value
-            for child in supervisor.which_children()
-            if isinstance(child.value, DocumentActor) and child.value.alive
-        ]
+        return self._actors.running()
 
     async def delete(self, document_id: uuid.UUID) -> bool:
         """Delete the document (role checks are the caller's); its live peers are closed

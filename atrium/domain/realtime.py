@@ -13,9 +13,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl
 
 import trio
@@ -40,6 +40,8 @@ from .workspaces import Workspaces
 log = logging.getLogger("atrium.realtime")
 
 _CLOSE_TIMEOUT = 2.0
+
+FrameT = TypeVar("FrameT", str, bytes)
 
 
 class ConnectionGone(Exception):
@@ -446,43 +448,23 @@ class _LiveConnection:
     # -- running ----------------------------------------------------------------------------
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
-        outbox, conn = self.outbox, self.conn
-        try:
-            with self._sending:
-                while True:
-                    await outbox.wait()
-                    if outbox.owed:
-                        outbox.owed = False
-                        await conn.flush()
-                    frames = outbox.take()
-                    if frames:
-                        if self.batch:
-                            await conn.send("[" + ",".join(frames) + "]")
-                            outbox.sent += 1
-                        else:
-                            for frame in frames:
-                                await conn.send(frame)
-                            del frame
-                            outbox.sent += len(frames)
-                        del frames  # not held while the connection idles
-                    elif outbox.closing and not outbox.owed:
-                        break
-        except ConnectionGone:
-            scope.cancel()
-            return
-        assert outbox.close_code is not None
-        await self._close(outbox.close_code, outbox.close_reason)
+        outbox = self.outbox
+        if await drain_outbox(outbox, self._send_frames, self.conn.flush, self._sending):
+            assert outbox.close_code is not None
+            await self._close(outbox.close_code, outbox.close_reason)
         scope.cancel()
 
-    def _closing(self, flush: bool) -> None:
-        # A blocked send (a client that stopped reading) must not hold up a close: stop
-        # sending at once when nothing is to be flushed, else after a short grace.
-        if flush:
-            self._sending.deadline = min(
-                self._sending.deadline, trio.current_time() + _CLOSE_TIMEOUT
-            )
+    async def _send_frames(self, frames: list[str]) -> None:
+        if self.batch:
+            await self.conn.send("[" + ",".join(frames) + "]")
+            self.outbox.sent += 1
         else:
-            self._sending.cancel()
+            for frame in frames:
+                await self.conn.send(frame)
+            self.outbox.sent += len(frames)
+
+    def _closing(self, flush: bool) -> None:
+        stop_sending(self._sending, flush)
 
     async def _close(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -648,6 +630,45 @@ class _LiveConnection:
                 await self.actor.tell(Leave(self.subscriber))
             except ActorStopped:
                 pass
+
+
+async def drain_outbox(
+    outbox: Outbox[FrameT],
+    send: Callable[[list[FrameT]], Awaitable[None]],
+    flush: Callable[[], Awaitable[None]],
+    sending: trio.CancelScope,
+) -> bool:
+    """A connection's send task: hand what ``outbox`` queues to ``send`` (the frames
+    taken at once; it adds what it sent to ``outbox.sent``), and first to ``flush`` what a
+    direct write left owed, until a close is requested and nothing is left to send.
+    True then (the caller closes with ``outbox.close_code``), and also when ``sending``
+    was cancelled (``stop_sending``); False when the connection went away."""
+    try:
+        with sending:
+            while True:
+                await outbox.wait()
+                if outbox.owed:
+                    outbox.owed = False
+                    await flush()
+                frames = outbox.take()
+                if frames:
+                    await send(frames)
+                    del frames  # not held while the connection idles
+                elif outbox.closing and not outbox.owed:
+                    break
+    except ConnectionGone:
+        return False
+    return True
+
+
+def stop_sending(sending: trio.CancelScope, flush: bool) -> None:
+    """An outbox's ``on_close`` for ``drain_outbox``: a blocked send (a client that
+    stopped reading) must not hold up a close, so stop sending at once when nothing is to
+    be flushed, else after a short grace."""
+    if flush:
+        sending.deadline = min(sending.deadline, trio.current_time() + _CLOSE_TIMEOUT)
+    else:
+        sending.cancel()
 
 
 def count_sent(outbox: Outbox[Any], metrics: Metrics) -> None:

@@ -28,7 +28,8 @@ from ..persistence.database import Database, DatabaseUnavailable
 from ..realtime import protocol
 from ..realtime.presence import LocalPresence, PresenceBoard, online_json
 from ..realtime.relay import NoRelay, Relay
-from ..supervision import NoSuchChild, Restart, Strategy, Supervisor, actor_spec, open_supervisor
+from ..supervision import Supervisor
+from .on_demand import OnDemand
 
 log = logging.getLogger("atrium.workspace")
 
@@ -90,10 +91,9 @@ class Workspaces:
         self._relay = relay or NoRelay()
         self._count_gap_fills = count_gap_fills
         self._settings = settings
-        self._max_restarts = max_restarts
-        self._period = period
-        self._supervisor: Supervisor | None = None
-        self._attached = trio.Event()
+        self._actors = OnDemand(
+            "workspaces", "workspace", WorkspaceActor, max_restarts=max_restarts, period=period
+        )
         self.instance = uuid.uuid4().hex
         # The other processes heard on the log: when last (trio clock), and whether their
         # relay was connected then (``_cut_off``: those whose relay was not).
@@ -107,25 +107,14 @@ class Workspaces:
         """Open the workspace supervisor (one_for_one; ``max_restarts`` in ``period``
         seconds, else it escalates) and serve ``get`` from it until cancelled, following
         the log for events other processes commit (``follow_log``)."""
-        async with open_supervisor(
-            name="workspaces",
-            strategy=Strategy.ONE_FOR_ONE,
-            max_restarts=self._max_restarts,
-            period=self._period,
-        ) as supervisor:
-            self._supervisor = supervisor
-            self._attached.set()
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._greet_forever)
-                    nursery.start_soon(self._tell_state_forever)
-                    nursery.start_soon(self._watch_relay)
-                    nursery.start_soon(self.follow_log)
-                    task_status.started(supervisor)
-                    await trio.sleep_forever()
-            finally:
-                self._supervisor = None
-                self._attached = trio.Event()
+        async with self._actors.open() as supervisor:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._greet_forever)
+                nursery.start_soon(self._tell_state_forever)
+                nursery.start_soon(self._watch_relay)
+                nursery.start_soon(self.follow_log)
+                task_status.started(supervisor)
+                await trio.sleep_forever()
 
     async def follow_log(self) -> None:
         """Until cancelled: when another process commits events to a project whose
@@ -216,8 +205,8 @@ class Workspaces:
     async def get(self, project_id: uuid.UUID) -> WorkspaceActor:
         """The running actor of ``project_id`` (started on first use; never two). Waits
         while the workspace supervisor (re)starts."""
-        spec = actor_spec(
-            f"workspace:{project_id}",
+        return await self._actors.get(
+            project_id,
             lambda: WorkspaceActor(
                 project_id,
                 self._db,
@@ -228,33 +217,15 @@ class Workspaces:
                 presence=self.presence,
                 notify_log=self.notifies,
             ),
-            restart=Restart.TRANSIENT,
         )
-        while (supervisor := self._supervisor) is None:
-            await self._attached.wait()
-        return await supervisor.get_or_start(spec)
 
     def find(self, project_id: uuid.UUID) -> WorkspaceActor | None:
         """The actor of ``project_id`` if one is running now (never starts one)."""
-        supervisor = self._supervisor
-        if supervisor is None:
-            return None
-        try:
-            value = supervisor.child(f"workspace:{project_id}").value
-        except NoSuchChild:
-            return None
-        return value if isinstance(value, WorkspaceActor) and value.alive else None
+        return self._actors.find(project_id)
 
     def running(self) -> list[WorkspaceActor]:
         """The actors running now (a snapshot)."""
-        supervisor = self._supervisor
-        if supervisor is None:
-            return []
-        return [
-            child.value
-            for child in supervisor.which_children()
-            if isinstance(child.value, WorkspaceActor) and child.value.alive
-        ]
+        return self._actors.running()
 
     def overview(self, limit: int) -> tuple[int, int, list[dict[str, Any]]]:
         """The workspaces running in this process now: how many, their connections all
@@ -262,22 +233,17 @@ class Workspaces:
         ``project_id``, ``mailbox_depth``, ``processed`` (messages handled) and the
         actor's ``overview()`` (connections and users). Reads no database and waits on
         no actor."""
-        supervisor = self._supervisor
-        if supervisor is None:
-            return 0, 0, []
         shown = []
-        for child in supervisor.which_children():
-            actor = child.value
-            if isinstance(actor, WorkspaceActor) and actor.alive:
-                statistics = actor.statistics()
-                shown.append(
-                    {
-                        "project_id": str(actor.project_id),
-                        "mailbox_depth": statistics.mailbox_depth,
-                        "processed": statistics.processed,
-                        **actor.overview(),
-                    }
-                )
+        for actor in self.running():
+            statistics = actor.statistics()
+            shown.append(
+                {
+                    "project_id": str(actor.project_id),
+                    "mailbox_depth": statistics.mailbox_depth,
+                    "processed": statistics.processed,
+                    **actor.overview(),
+                }
+            )
         shown.sort(key=lambda w: (-w["connections"], w["project_id"]))
         connections = sum(w["connections"] for w in shown)
         return len(shown), connections, shown[:limit]

@@ -194,55 +194,61 @@ async def append_updates(
     *,
     notify: bool = False,
 ) -> int:
-    """Append ``updates`` (each its bytes and the user who made it) in one transaction,
-    with consecutive seqs taken from the document's counter; returns the last seq. With
-    ``notify``, NOTIFY ``LOG_CHANNEL`` on commit that the document reached that seq
-    (``parse_reached`` reads it): the other processes' replicas read what they lack.
+    """Append ``updates`` (each its bytes and the user who made it) in one statement (one
+    round trip, its own transaction), with consecutive seqs taken from the document's
+    counter; returns the last seq. With ``notify``, NOTIFY ``LOG_CHANNEL`` on commit that
+    the document reached that seq (``parse_reached`` reads it): the other processes'
+    replicas read what they lack.
 
-    The counter's row stays locked until the commit, so seqs are gapless and commit in
+    The counter's row stays locked until the statement commits, so seqs are gapless and commit in
     order with writers in other processes. Raises DocumentNotFound when the document or
     its project was deleted (a replica that missed the deletion stores nothing more),
     ValueError for an empty batch.
     """
     if not updates:
         raise ValueError("nothing to append")
-    size = sum(len(data) for data, _ in updates)
-
-    async def run(conn: asyncpg.Connection) -> int:
-        last = await conn.fetchval(
-            "UPDATE documents SET last_seq = last_seq + $2, byte_size = byte_size + $3,"
-            " updated_at = now(), last_edited_by = coalesce($4, last_edited_by)"
-            " WHERE id = $1 AND EXISTS (SELECT 1 FROM projects p"
-            " WHERE p.id = documents.project_id AND p.deleted_at IS NULL)"
-            " RETURNING last_seq",
-            document_id,
-            len(updates),
-            size,
-            next((user for _, user in reversed(updates) if user is not None), None),
-        )
-        if last is None:
-            raise DocumentNotFound(project_deleted=await _project_deleted(conn, document_id))
-        first = int(last) - len(updates) + 1
-        # One statement for the batch (executemany costs a round of binds per row).
-        await conn.execute(
-            "INSERT INTO document_updates (document_id, seq, update, user_id)"
-            " SELECT $1, $2 + u.n - 1, u.data, u.user_id"
-            " FROM unnest($3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(data, user_id, n)",
-            document_id,
-            first,
-            [data for data, _ in updates],
-            [user_id for _, user_id in updates],
-        )
-        if notify:
-            await conn.execute("SELECT pg_notify($1, $2)", LOG_CHANNEL, _reached(document_id, last))
-        return int(last)
-
-    return await db.transaction(run)
+    args = (
+        document_id,
+        len(updates),
+        sum(len(data) for data, _ in updates),
+        next((user for _, user in reversed(updates) if user is not None), None),
+        [data for data, _ in updates],
+        [user_id for _, user_id in updates],
+    )
+    if notify:
+        prefix = f"{_REACHED}{document_id}:"  # the seq is the statement's: ``_reached``
+        last = await db.fetchval(_APPEND_AND_NOTIFY, *args, LOG_CHANNEL, prefix)
+    else:
+        last = await db.fetchval(_APPEND, *args)
+    if last is None:
+        raise DocumentNotFound(project_deleted=await _project_deleted(db, document_id))
+    return int(last)
 
 
-async def _project_deleted(conn: asyncpg.Connection, document_id: uuid.UUID) -> bool:
+# One statement, so one round trip and its own transaction: the counter's row is
+# updated (and locked until the statement commits), then the batch is inserted with the
+# seqs it took, in one INSERT (executemany costs a round of binds per row).
+_APPEND_CTE = (
+    "WITH counter AS ("
+    " UPDATE documents SET last_seq = last_seq + $2, byte_size = byte_size + $3,"
+    " updated_at = now(), last_edited_by = coalesce($4, last_edited_by)"
+    " WHERE id = $1 AND EXISTS (SELECT 1 FROM projects p"
+    " WHERE p.id = documents.project_id AND p.deleted_at IS NULL)"
+    " RETURNING last_seq),"
+    " stored AS ("
+    " INSERT INTO document_updates (document_id, seq, update, user_id)"
+    " SELECT $1, c.last_seq - $2 + u.n, u.data, u.user_id"
+    " FROM counter c, unnest($5::bytea[], $6::uuid[]) WITH ORDINALITY AS u(data, user_id, n))"
+)
+_APPEND = f"{_APPEND_CTE} SELECT last_seq FROM counter"
+_APPEND_AND_NOTIFY = (
+    f"{_APPEND_CTE} SELECT last_seq FROM counter, pg_notify($7, $8 || last_seq::text) AS n"
+)
+
+
+async def _project_deleted(db: Database, document_id: uuid.UUID) -> bool:
     """Whether the document's row is there and its project deleted."""
-    deleted = await conn.fetchval(
+    deleted = await db.fetchval(
         "SELECT p.deleted_at IS NOT NULL FROM documents d JOIN projects p ON p.id = d.project_id"
         " WHERE d.id = $1",
         document_id,
