@@ -1,0 +1,232 @@
+"""The HTTP floor, side by side in one run: atrium's CPU per request beside the peers'.
+
+    python bench/http_floor.py [--duration 4] [--rounds 3] [--connections 32]
+                               [--projects 50] [--pin SERVER_CPU,CLIENT_CPU]
+
+Every server runs at once, each its own process; the scenarios are measured in turn,
+round after round, so a change in what else runs on the machine touches them all alike,
+and the figure of each is its median over ``--rounds``. Measured: server CPU time per
+request (user + system), which holds whatever else shares the machine (req/s does not).
+
+- ``hello, uvicorn``: the bare ASGI app of bench/hello_asgi.py on uvicorn with uvloop and
+  httptools (``pip install 'uvicorn[standard]'``), the cheapest Python HTTP floor;
+- ``hello, hypercorn trio``: the same app on hypercorn's own trio worker;
+- ``hello, atrium's seam``: the same app on ``atrium.seams.hypercorn_server``, the worker
+  atrium runs;
+- ``atrium /health``, ``/api/v1/auth/me`` and ``/api/v1/projects/``: ``run.py`` with both
+  caches off (SESSION_CACHE_SECONDS=0, PROJECT_CACHE_TTL_SECONDS=0, embedded PostgreSQL),
+  for a user owning ``--projects`` projects;
+- ``peer``: the FastAPI + uvicorn peer (bench/peer_fastapi.py) doing the same work on the
+  same database, for the same two API routes.
+
+Targets (issue 24): ``/health`` at most 9x the hello app's CPU on uvicorn, ``/auth/me``
+at most the peer's. Exit status 1 when one is missed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import trio  # noqa: E402
+
+from bench._load import (  # noqa: E402
+    HOST,
+    REPO,
+    CpuProbe,
+    add_load_options,
+    build_request,
+    exit_if_not_started,
+    free_port,
+    open_atrium,
+    open_process,
+    print_load_average,
+    print_run_header,
+    process_cpu,
+    run_load,
+    run_script,
+    wait_http_ok,
+)
+from bench.http import (  # noqa: E402
+    ME,
+    PROJECTS,
+    authorized,
+    embedded_url,
+    open_peer,
+    same_answers,
+    set_up,
+)
+
+HEALTH_OVER_HELLO = 9.0  # atrium /health at most this x the hello app on uvicorn
+ME_OVER_PEER = 1.0  # atrium /auth/me (caches off) at most this x the peer's
+START_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class Scenario:
+    name: str
+    port: int
+    request: bytes
+    probes: dict[str, CpuProbe]
+    costs: list[float] = field(default_factory=list)  # server us/request, one per round
+    rates: list[float] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)  # server CPU / wall
+
+    @property
+    def cost(self) -> float:
+        return statistics.median(self.costs)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/http_floor.py", description=__doc__.split("\n")[0])
+    add_load_options(parser)
+    parser.set_defaults(duration=4.0, connections=32)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario (3)")
+    parser.add_argument(
+        "--projects", type=int, default=50, help="projects the benchmark user owns (50)"
+    )
+    parser.add_argument(
+        "--pin",
+        help="SERVER_CPU,CLIENT_CPU: pin the servers to one CPU and this client to another",
+    )
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def open_hello(label: str, argv: list[str], work: Path) -> Iterator[tuple[int, int]]:
+    """The hello app under ``argv`` (``{port}`` filled in); yields (port, pid)."""
+    port = free_port(HOST)
+    argv = [a.format(port=port) for a in argv]
+    log_path = work / f"{label.replace(' ', '-')}.log"
+    print(f"{label}: {' '.join(argv[1:])}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open_process([sys.executable, *argv], env=env, log_path=log_path, cwd=REPO) as server:
+        with exit_if_not_started(label, log_path):
+            wait_http_ok(HOST, port, "/", server, timeout=START_TIMEOUT)
+        yield port, server.pid
+
+
+HELLO = {
+    "hello, uvicorn": [
+        "-m", "uvicorn", "bench.hello_asgi:app", "--loop", "uvloop", "--http", "httptools",
+        "--no-access-log", "--log-level", "warning", "--host", HOST, "--port", "{port}",
+    ],
+    "hello, hypercorn trio": ["-m", "bench.hello_asgi", "--host", HOST, "--port", "{port}"],
+    "hello, atrium's seam": [
+        "-m", "bench.hello_asgi", "--seam", "--host", HOST, "--port", "{port}",
+    ],
+}  # fmt: skip
+
+
+def pin(pid: int, cpu: int) -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(pid, {cpu})
+
+
+def measure(args: argparse.Namespace, scenarios: list[Scenario]) -> None:
+    for round_ in range(args.rounds):
+        for scenario in scenarios:
+            result = run_load(scenario.port, scenario.request, args, scenario.probes)
+            scenario.costs.append(result.cpu_us_per_request())
+            scenario.rates.append(result.rate)
+            scenario.shares.append(result.cpu["server"])
+            print(
+                f"  round {round_ + 1} {scenario.name}: {result.rate:,.0f} req/s,"
+                f" {result.cpu_us_per_request():.0f} us/req, errors {result.errors}"
+                f" | CPU/wall: {result.cpu_shares()}",
+                flush=True,
+            )
+
+
+def report(scenarios: list[Scenario]) -> bool:
+    """Print the table; True when both targets are met."""
+    by_name = {s.name: s for s in scenarios}
+    floor = by_name["hello, uvicorn"].cost
+    print()
+    print(f"{'scenario':<34}{'server us/req':>14}{'x uvicorn hello':>17}{'x peer':>8}  rounds")
+    print("-" * 100)
+    for s in scenarios:
+        rounds = ", ".join(f"{c:.0f}" for c in s.costs)
+        path = s.name.partition(" ")[2]
+        peer = by_name.get(f"peer {path}") if s.name.startswith("atrium ") else None
+        versus = f"{s.cost / peer.cost:>7.2f}x" if peer else f"{'':>8}"
+        print(f"{s.name:<34}{s.cost:>14.0f}{s.cost / floor:>16.1f}x{versus}  {rounds}")
+    health = by_name["atrium /health"].cost / floor
+    me = by_name[f"atrium {ME}"].cost / by_name[f"peer {ME}"].cost
+    health_ok, me_ok = health <= HEALTH_OVER_HELLO, me <= ME_OVER_PEER
+    print()
+    print(
+        f"atrium /health: {health:.1f}x the hello app on uvicorn (target at most"
+        f" {HEALTH_OVER_HELLO:g}x): {'yes' if health_ok else 'NO'}"
+    )
+    print(
+        f"atrium {ME}, caches off: {me:.2f}x the FastAPI peer (target at most"
+        f" {ME_OVER_PEER:g}x): {'yes' if me_ok else 'NO'}"
+    )
+    return health_ok and me_ok
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    print_run_header(args, f"{args.rounds} rounds, medians; ")
+    server_cpu = client_cpu = None
+    if args.pin:
+        server_cpu, client_cpu = (int(cpu) for cpu in args.pin.split(","))
+        os.sched_setaffinity(0, {client_cpu})
+    secret = secrets.token_urlsafe(48)
+    scenarios: list[Scenario] = []
+    pids: list[int] = []
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="atrium-floor-")))
+        for label, hello_argv in HELLO.items():
+            port, pid = stack.enter_context(open_hello(label, hello_argv, work))
+            pids.append(pid)
+            request = build_request("GET", "/", host=f"{HOST}:{port}")
+            scenarios.append(Scenario(label, port, request, {"server": process_cpu(pid)}))
+        data_dir = work / "atrium"
+        atrium = stack.enter_context(
+            open_atrium(
+                "atrium, caches off",
+                data_dir,
+                work / "atrium.log",
+                timeout=START_TIMEOUT,
+                SECRET_KEY=secret,
+                SESSION_CACHE_SECONDS="0",
+                PROJECT_CACHE_TTL_SECONDS="0",
+            )
+        )
+        token = trio.run(set_up, atrium.port, args.projects)
+        probes = {"server": process_cpu(atrium.process.pid)}
+        health = build_request("GET", "/health", host=f"{HOST}:{atrium.port}")
+        scenarios.append(Scenario("atrium /health", atrium.port, health, probes))
+        peer = stack.enter_context(open_peer(embedded_url(data_dir), secret, work))
+        same_answers(atrium.port, peer, token, work / "peer.log")
+        peer_probes = {"server": process_cpu(peer.process.pid)}
+        for path in (ME, PROJECTS):
+            request = authorized(atrium.port, path, token)
+            scenarios.append(Scenario(f"atrium {path}", atrium.port, request, probes))
+            request = authorized(peer.port, path, token)
+            scenarios.append(Scenario(f"peer {path}", peer.port, request, peer_probes))
+        if server_cpu is not None:
+            for pid in (*pids, atrium.process.pid, peer.process.pid):
+                pin(pid, server_cpu)
+        measure(args, scenarios)
+    print_load_average("after")
+    met = report(scenarios)
+    print("\nall targets met" if met else "\nsome targets missed")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    run_script(main)
