@@ -21,6 +21,12 @@ request (user + system), which holds whatever else shares the machine (req/s doe
 
 Targets (issue 24): ``/health`` at most 9x the hello app's CPU on uvicorn, ``/auth/me``
 at most the peer's. Exit status 1 when one is missed.
+
+With ``--profile``, after the rounds, each of hypercorn's hello, the seam's hello, atrium's
+``/health`` and ``/auth/me`` and the peer's ``/auth/me`` is sampled once more under the
+same load by py-spy (``pip install py-spy``; not a dependency), and a table puts each
+sample in the bucket of its innermost frame (trio, h11, hypercorn and the seam, the
+database crossing, atrium, ...): where a request's time goes, in proportions.
 """
 
 from __future__ import annotations
@@ -33,9 +39,13 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import secrets  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+from collections import Counter  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -79,6 +89,7 @@ class Scenario:
     port: int
     request: bytes
     probes: dict[str, CpuProbe]
+    pid: int  # the server's process
     costs: list[float] = field(default_factory=list)  # server us/request, one per round
     rates: list[float] = field(default_factory=list)
     shares: list[float] = field(default_factory=list)  # server CPU / wall
@@ -95,6 +106,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario (3)")
     parser.add_argument(
         "--projects", type=int, default=50, help="projects the benchmark user owns (50)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then sample the servers with py-spy and print where the time goes",
     )
     parser.add_argument(
         "--pin",
@@ -149,6 +165,98 @@ def measure(args: argparse.Namespace, scenarios: list[Scenario]) -> None:
             )
 
 
+PROFILED = (
+    "hello, hypercorn trio",
+    "hello, atrium's seam",
+    "atrium /health",
+    f"atrium {ME}",
+    f"peer {ME}",
+)
+
+# A sample's bucket: the first expression that matches its innermost frame's
+# "function (file:line)", in this order.
+BUCKETS = (
+    (
+        "socket system calls",
+        re.compile(r"^(send|recv|recv_into|sendall)\b|\(<built-in>|socket\.py"),
+    ),
+    (
+        "the database: asyncpg, asyncio, trio-asyncio",
+        re.compile(r"asyncpg|/asyncio/|trio_asyncio|seams/aio_loop|uvloop|persistence/"),
+    ),
+    ("h11 (HTTP/1.1 parsing, writing, state)", re.compile(r"/h11/")),
+    ("hypercorn and atrium's seam of it", re.compile(r"/hypercorn/|seams/hypercorn_server")),
+    ("trio: scheduler, tasks, cancel scopes, epoll", re.compile(r"/trio/")),
+    (
+        "uvicorn, httptools, starlette, FastAPI",
+        re.compile(r"uvicorn|httptools|starlette|fastapi|peer_fastapi"),
+    ),
+    ("atrium's layers and handlers", re.compile(r"atrium/|hello_asgi")),
+    ("JWT, JSON, pydantic", re.compile(r"/jwt/|orjson|pydantic|/json/")),
+    ("logging, prometheus", re.compile(r"/logging/|prometheus")),
+    (
+        "contextlib, contextvars, abc, typing, enum",
+        re.compile(r"contextlib|contextvars|/abc\.py|typing|/enum\.py|functools"),
+    ),
+)
+
+
+def py_spy() -> str:
+    found = os.environ.get("PY_SPY") or shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy, or PY_SPY=path)")
+    return found
+
+
+def profile(args: argparse.Namespace, scenarios: list[Scenario], work: Path) -> None:
+    """Sample each of PROFILED under its load with py-spy; print the buckets' shares."""
+    spy = py_spy()
+    shares: dict[str, Counter[str]] = {}
+    for scenario in scenarios:
+        if scenario.name not in PROFILED:
+            continue
+        out = work / f"profile-{len(shares)}.txt"
+        seconds = int(args.warmup + args.duration + 1)
+        argv = [
+            spy,
+            "record",
+            "--pid",
+            str(scenario.pid),
+            "--rate",
+            "250",
+            "--duration",
+            str(seconds),
+        ]
+        argv += ["--format", "raw", "--nonblocking", "--output", str(out)]
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as spying:
+            run_load(scenario.port, scenario.request, args, scenario.probes)
+            spying.wait()
+        shares[scenario.name] = buckets(out.read_text())
+    names = [name for name in PROFILED if name in shares]
+    print("\nwhere the time goes (py-spy, share of samples by innermost frame):")
+    print(f"{'bucket':<48}" + "".join(f"{n.replace(ME, '/me'):>20}" for n in names))
+    for bucket in [label for label, _ in BUCKETS] + ["other"]:
+        row = [shares[n][bucket] / max(1, sum(shares[n].values())) for n in names]
+        print(f"{bucket:<48}" + "".join(f"{share:>19.1%} " for share in row))
+    print(f"{'samples':<48}" + "".join(f"{sum(shares[n].values()):>20}" for n in names))
+
+
+def buckets(raw: str) -> Counter[str]:
+    """py-spy's raw (collapsed) stacks, counted by the bucket of each innermost frame;
+    samples of an idle thread or the event loop waiting for I/O are left out."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        inner = stack.rsplit(";", 1)[-1]
+        if re.match(r"(epoll|select|poll|_epoll_wait|wait|_wait_for_tstate_lock) ", inner):
+            continue  # idle: waiting for I/O or a thread
+        bucket = next((label for label, rx in BUCKETS if rx.search(inner)), "other")
+        counts[bucket] += int(count)
+    return counts
+
+
 def report(scenarios: list[Scenario]) -> bool:
     """Print the table; True when both targets are met."""
     by_name = {s.name: s for s in scenarios}
@@ -193,7 +301,7 @@ def main(argv: list[str]) -> int:
             port, pid = stack.enter_context(open_hello(label, hello_argv, work))
             pids.append(pid)
             request = build_request("GET", "/", host=f"{HOST}:{port}")
-            scenarios.append(Scenario(label, port, request, {"server": process_cpu(pid)}))
+            scenarios.append(Scenario(label, port, request, {"server": process_cpu(pid)}, pid))
         data_dir = work / "atrium"
         atrium = stack.enter_context(
             open_atrium(
@@ -209,19 +317,27 @@ def main(argv: list[str]) -> int:
         token = trio.run(set_up, atrium.port, args.projects)
         probes = {"server": process_cpu(atrium.process.pid)}
         health = build_request("GET", "/health", host=f"{HOST}:{atrium.port}")
-        scenarios.append(Scenario("atrium /health", atrium.port, health, probes))
+        scenarios.append(
+            Scenario("atrium /health", atrium.port, health, probes, atrium.process.pid)
+        )
         peer = stack.enter_context(open_peer(embedded_url(data_dir), secret, work))
         same_answers(atrium.port, peer, token, work / "peer.log")
         peer_probes = {"server": process_cpu(peer.process.pid)}
         for path in (ME, PROJECTS):
             request = authorized(atrium.port, path, token)
-            scenarios.append(Scenario(f"atrium {path}", atrium.port, request, probes))
+            scenarios.append(
+                Scenario(f"atrium {path}", atrium.port, request, probes, atrium.process.pid)
+            )
             request = authorized(peer.port, path, token)
-            scenarios.append(Scenario(f"peer {path}", peer.port, request, peer_probes))
+            scenarios.append(
+                Scenario(f"peer {path}", peer.port, request, peer_probes, peer.process.pid)
+            )
         if server_cpu is not None:
             for pid in (*pids, atrium.process.pid, peer.process.pid):
                 pin(pid, server_cpu)
         measure(args, scenarios)
+        if args.profile:
+            profile(args, scenarios, work)
     print_load_average("after")
     met = report(scenarios)
     print("\nall targets met" if met else "\nsome targets missed")
