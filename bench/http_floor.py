@@ -173,31 +173,21 @@ PROFILED = (
     f"peer {ME}",
 )
 
-# A sample's bucket: the first expression that matches its innermost frame's
-# "function (file:line)", in this order.
+# A sample's bucket: the first expression that matches its innermost Python frame's
+# "function (file:line)", in this order (time in C, system calls included, is its caller's).
 BUCKETS = (
-    (
-        "socket system calls",
-        re.compile(r"^(send|recv|recv_into|sendall)\b|\(<built-in>|socket\.py"),
-    ),
-    (
-        "the database: asyncpg, asyncio, trio-asyncio",
-        re.compile(r"asyncpg|/asyncio/|trio_asyncio|seams/aio_loop|uvloop|persistence/"),
-    ),
-    ("h11 (HTTP/1.1 parsing, writing, state)", re.compile(r"/h11/")),
-    ("hypercorn and atrium's seam of it", re.compile(r"/hypercorn/|seams/hypercorn_server")),
-    ("trio: scheduler, tasks, cancel scopes, epoll", re.compile(r"/trio/")),
-    (
-        "uvicorn, httptools, starlette, FastAPI",
-        re.compile(r"uvicorn|httptools|starlette|fastapi|peer_fastapi"),
-    ),
-    ("atrium's layers and handlers", re.compile(r"atrium/|hello_asgi")),
-    ("JWT, JSON, pydantic", re.compile(r"/jwt/|orjson|pydantic|/json/")),
-    ("logging, prometheus", re.compile(r"/logging/|prometheus")),
-    (
-        "contextlib, contextvars, abc, typing, enum",
-        re.compile(r"contextlib|contextvars|/abc\.py|typing|/enum\.py|functools"),
-    ),
+    ("socket I/O: trio's wrappers, the calls under them", r"trio/_(highlevel_)?socket\.py"),
+    ("database: asyncpg, trio-asyncio, atrium's loop", r"asyncpg|trio_asyncio|aio_loop|persist"),
+    ("h11: HTTP/1.1 parsing, writing, its states", r"/h11/"),
+    ("hypercorn and atrium's seam of it", r"/hypercorn/|seams/hypercorn_server"),
+    ("trio: scheduler, tasks, cancel scopes, epoll", r"/trio/"),
+    ("asyncio, uvloop", r"/asyncio/|uvloop"),
+    ("uvicorn, httptools, starlette, FastAPI", r"uvicorn|httptools|starlette|fastapi|peer_"),
+    ("quart, werkzeug", r"/quart|werkzeug"),
+    ("atrium's layers and handlers", r"/atrium/|hello_asgi"),
+    ("JWT, JSON, pydantic", r"/jwt/|orjson|pydantic|/json/"),
+    ("logging, prometheus", r"/logging/|prometheus"),
+    ("contextlib, abc, typing, enum, functools", r"contextlib|/abc\.py|typing|enum|functools"),
 )
 
 
@@ -227,7 +217,7 @@ def profile(args: argparse.Namespace, scenarios: list[Scenario], work: Path) -> 
             "--duration",
             str(seconds),
         ]
-        argv += ["--format", "raw", "--nonblocking", "--output", str(out)]
+        argv += ["--format", "raw", "--full-filenames", "--nonblocking", "--output", str(out)]
         with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as spying:
             run_load(scenario.port, scenario.request, args, scenario.probes)
             spying.wait()
@@ -242,17 +232,15 @@ def profile(args: argparse.Namespace, scenarios: list[Scenario], work: Path) -> 
 
 
 def buckets(raw: str) -> Counter[str]:
-    """py-spy's raw (collapsed) stacks, counted by the bucket of each innermost frame;
-    samples of an idle thread or the event loop waiting for I/O are left out."""
+    """py-spy's raw (collapsed) stacks, counted by the bucket of each innermost frame
+    (py-spy leaves out the samples of a thread waiting: idle)."""
     counts: Counter[str] = Counter()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         inner = stack.rsplit(";", 1)[-1]
-        if re.match(r"(epoll|select|poll|_epoll_wait|wait|_wait_for_tstate_lock) ", inner):
-            continue  # idle: waiting for I/O or a thread
-        bucket = next((label for label, rx in BUCKETS if rx.search(inner)), "other")
+        bucket = next((label for label, rx in BUCKETS if re.search(rx, inner)), "other")
         counts[bucket] += int(count)
     return counts
 
