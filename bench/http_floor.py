@@ -224,11 +224,11 @@ def profile(args: argparse.Namespace, scenarios: list[Scenario], work: Path) -> 
         shares[scenario.name] = buckets(out.read_text())
     names = [name for name in PROFILED if name in shares]
     print("\nwhere the time goes (py-spy, share of samples by innermost frame):")
-    print(f"{'bucket':<48}" + "".join(f"{n.replace(ME, '/me'):>20}" for n in names))
+    print(f"{'bucket':<48}" + "".join(f"{n.replace(ME, '/me'):>23}" for n in names))
     for bucket in [label for label, _ in BUCKETS] + ["other"]:
         row = [shares[n][bucket] / max(1, sum(shares[n].values())) for n in names]
-        print(f"{bucket:<48}" + "".join(f"{share:>19.1%} " for share in row))
-    print(f"{'samples':<48}" + "".join(f"{sum(shares[n].values()):>20}" for n in names))
+        print(f"{bucket:<48}" + "".join(f"{share:>23.1%}" for share in row))
+    print(f"{'samples':<48}" + "".join(f"{sum(shares[n].values()):>23}" for n in names))
 
 
 def buckets(raw: str) -> Counter[str]:

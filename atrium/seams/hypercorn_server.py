@@ -87,9 +87,10 @@ class ContainedTCPServer(TCPServer):
     Its HTTP/1.1 path is also cheaper per request than hypercorn's (docs/BENCHMARKS.md,
     "The HTTP floor"), each change one that hypercorn could take as it is:
 
-    - the keep-alive timer is one task for the connection's life (:meth:`_keep_alive`),
-      where hypercorn's ``TrioSingleTask`` starts a task for it after every response and
-      cancels that task at the next request;
+    - the keep-alive timer is one task for the connection's life (:meth:`_keep_alive`,
+      cancelled once the connection stops reading), where hypercorn's ``TrioSingleTask``
+      starts a task for it after every response and cancels that task at the next
+      request (187 against 328 us a request for a bare app, docs/BENCHMARKS.md);
     - a write takes the send lock without a checkpoint when no other write holds it (the
       write itself is the checkpoint);
     - a read without ``read_timeout`` opens no timeout scope;
