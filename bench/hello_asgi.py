@@ -1,14 +1,18 @@
 """The floor of this stack: a bare ASGI app answering 200 ``{"status":"ok"}`` to everything.
 
 Served by hypercorn's trio worker with the same settings atrium uses (no access log, no
-Server header), so the gap between it and atrium is what Quart and atrium add.
+Server header), so the gap between it and atrium is what Quart and atrium add. With
+``--seam``, by atrium's copy of that worker (``atrium.seams.hypercorn_server``, the server
+atrium runs); the same ``app`` under uvicorn is the peer's floor:
 
-    python -m bench.hello_asgi --port 8100     (from the repository root)
+    python -m bench.hello_asgi --port 8100 [--seam]     (from the repository root)
+    python -m uvicorn bench.hello_asgi:app --loop uvloop --http httptools --port 8100
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import trio
 from hypercorn.config import Config
@@ -49,12 +53,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument(
+        "--seam", action="store_true", help="serve with atrium's copy of hypercorn's trio worker"
+    )
     args = parser.parse_args()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None
     config.include_server_header = False
-    trio.run(serve, app, config)
+    if args.seam:
+        from atrium.seams import hypercorn_server
+
+        trio.run(partial(hypercorn_server.serve, contain=_raise), app, config)
+    else:
+        trio.run(serve, app, config)
+
+
+def _raise(group: BaseException) -> None:
+    raise group
 
 
 if __name__ == "__main__":

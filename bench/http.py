@@ -16,7 +16,8 @@
    a minimal FastAPI + uvicorn app (bench/peer_fastapi.py, the ``bench`` extra) doing the
    same work on the same database (PyJWT verification, the same SQL on an asyncpg pool);
    ``/auth/me`` and ``/projects/`` on each, one after the other;
-4. the same load on a bare ASGI app under hypercorn's trio worker (bench/hello_asgi.py);
+4. the same load on a bare ASGI app under the server atrium runs (bench/hello_asgi.py
+   --seam: hypercorn's trio worker as ``atrium.seams.hypercorn_server`` has it);
 5. a summary with the ratios to that floor and to the peer, and the targets. Exit status 1
    if one is missed. ``--json PATH`` also writes the side-by-side figures there
    (bench/_figures.py: what bench/sidebyside.py collects).
@@ -323,10 +324,10 @@ def bench_uncached(
 def bench_floor(args: argparse.Namespace, work: Path) -> Scenario:
     port = free_port(HOST)
     log_path = work / "floor.log"
-    print(f"floor: python -m bench.hello_asgi --port {port} (hypercorn trio worker)", flush=True)
+    print(f"floor: python -m bench.hello_asgi --seam --port {port} (atrium's server)", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open_process(
-        [sys.executable, "-m", "bench.hello_asgi", "--host", HOST, "--port", str(port)],
+        [sys.executable, "-m", "bench.hello_asgi", "--seam", "--host", HOST, "--port", str(port)],
         env=env,
         log_path=log_path,
         cwd=REPO,

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 import trio
+import trio.testing
 import trio_asyncio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
@@ -192,47 +193,490 @@ async def _exchange(port: int, request: bytes) -> bytes:
         return received
 
 
-async def test_hypercorn_a_failing_connection_is_contained_and_the_server_goes_on() -> None:
-    """Frame bytes pipelined behind an upgrade make hypercorn's protocol code raise out
-    of the connection (h11's LocalProtocolError); the seam hands it to ``contain`` and the
-    server answers the next request."""
-    contained: list[BaseException] = []
-    told = trio.Event()
-
-    def contain(group: BaseException) -> None:
-        contained.append(group)
-        told.set()
-
-    config = Config()
+async def _serve_seam(
+    nursery: trio.Nursery, app: Any, config: Config, contain: hypercorn_server.Contain
+) -> int:
+    """The seam's server on port 0 in ``nursery``; returns the port."""
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.graceful_timeout = 0.1
-    try:
-        with trio.fail_after(CAP):
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    partial(
-                        hypercorn_server.serve,
-                        _app,
-                        config,
-                        contain=contain,
-                        shutdown_trigger=trio.sleep_forever,
-                    )
-                )
-                port = int(binds[0].rpartition(":")[2])
-                await _exchange(port, _UPGRADE + b"\x81\x05hello")
-                await told.wait()  # the connection's task ends after its socket
-                answer = await _exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as crash:  # the server itself ended
-        pytest.fail(
-            f"seam atrium.seams.hypercorn_server (hypercorn): the server crashed: {crash!r}"
+    binds = await nursery.start(
+        partial(
+            hypercorn_server.serve,
+            app,
+            config,
+            contain=contain,
+            shutdown_trigger=trio.sleep_forever,
         )
-    _hypercorn(b" 200 " in answer, "the server did not answer after a contained failure")
+    )
+    return int(binds[0].rpartition(":")[2])
+
+
+class _BrokenStream:
+    """A connection whose peer address cannot be read: ``TCPServer.run`` lets the error out."""
+
+    class socket:  # noqa: N801  # the attribute hypercorn reads
+        family = 2
+
+        @staticmethod
+        def getpeername() -> tuple[str, int]:
+            raise ValueError("no peer")
+
+    closed = False
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_hypercorn_a_failing_connection_is_contained() -> None:
+    """What one connection lets out of hypercorn's code goes to ``contain`` (as an
+    exception group), after the connection's stream is closed."""
+    contained: list[BaseException] = []
+    stream = _BrokenStream()
+    server = hypercorn_server.ContainedTCPServer(
+        contained.append, _app, Config(), WorkerContext(None), {}, stream
+    )
+    await server.run()
+    _hypercorn(stream.closed, "the failed connection's stream was not closed")
     _hypercorn(
-        len(contained) == 1 and isinstance(contained[0], BaseExceptionGroup),
+        len(contained) == 1
+        and isinstance(contained[0], BaseExceptionGroup)
+        and contained[0].subgroup(ValueError) is not None,
         f"contain was told {contained!r}, not of one exception group",
     )
+
+
+async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_request() -> None:
+    """Frame bytes pipelined behind an upgrade, before the 101: hypercorn answers 400 and,
+    between the 400's head and its end, let the app's accept put h11 in its ERROR state,
+    so the connection's task raised (contained). The seam writes a response whole, with no
+    checkpoint between its parts: nothing is raised, the client gets the 400, and the
+    server answers the next request."""
+    contained: list[BaseException] = []
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _app, Config(), contained.append)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(_UPGRADE + b"\x81\x05hello")
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive_some()
+            after = await _exchange(port, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            nursery.cancel_scope.cancel()
+    _hypercorn(answer.startswith(b"HTTP/1.1 400 "), f"answered {answer[:40]!r}")
+    _hypercorn(not contained, f"a connection let out {contained!r}")
+    _hypercorn(b" 200 " in after, "the server did not answer the next request")
+
+
+class _Unchanged(ast.NodeTransformer):
+    """A seam method as hypercorn has it: no docstring, and hypercorn's statements where
+    the seam has its own (``replace``: ast.dump of ours -> ast.dump of hypercorn's)."""
+
+    def __init__(self, replace: dict[str, str]) -> None:
+        self.replace = replace
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AsyncFunctionDef:
+        self.generic_visit(node)
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            node.body = node.body[1:]
+        node.name = "run" if node.name == "_run" else node.name
+        return node
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        for _, value in ast.iter_fields(node):
+            if isinstance(value, list):
+                value[:] = [
+                    statement
+                    for item in value
+                    for statement in (
+                        ast.parse(self.replace[ast.dump(item)]).body
+                        if isinstance(item, ast.stmt) and ast.dump(item) in self.replace
+                        else [item]
+                    )
+                ]
+        return super().generic_visit(node)
+
+
+def _statement(source: str) -> str:
+    return ast.dump(ast.parse(textwrap.dedent(source)).body[0])
+
+
+def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
+    """``ContainedTCPServer._run`` and ``_read_data`` are hypercorn's ``TCPServer.run`` and
+    ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends)
+    and the timeout-less read: a release that changes either fails here, so the copies are
+    brought up to date."""
+    keep_alive = {
+        _statement("self._task_group.spawn(self._keep_alive)"): (
+            "await self.idle_task.restart(self._task_group, self._idle_timeout)"
+        ),
+        _statement("self._keep_alive_task_scope.cancel()"): "",
+    }
+    ours = ast.parse(textwrap.dedent(inspect.getsource(hypercorn_server.ContainedTCPServer._run)))
+    _hypercorn(
+        ast.dump(_Unchanged(keep_alive).visit(ours)) == _tree(TCPServer.run),
+        "hypercorn.trio.tcp_server.TCPServer.run differs from ContainedTCPServer._run",
+    )
+    untimed = {
+        _statement("read_timeout = self.config.read_timeout"): "",
+        _statement(
+            """
+            if read_timeout is None:
+                data = await self.stream.receive_some(MAX_RECV)
+            else:
+                with trio.fail_after(read_timeout):
+                    data = await self.stream.receive_some(MAX_RECV)
+            """
+        ): (
+            "with trio.fail_after(self.config.read_timeout or inf):\n"
+            "    data = await self.stream.receive_some(MAX_RECV)"
+        ),
+    }
+    ours = ast.parse(
+        textwrap.dedent(inspect.getsource(hypercorn_server.ContainedTCPServer._read_data))
+    )
+    _hypercorn(
+        ast.dump(_Unchanged(untimed).visit(ours)) == _tree(TCPServer._read_data),
+        "hypercorn.trio.tcp_server.TCPServer._read_data differs from the seam's",
+    )
+
+
+def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
+    from hypercorn.protocol import ProtocolWrapper
+    from hypercorn.protocol.h11 import H11Protocol
+
+    _hypercorn(
+        parameters(ProtocolWrapper.__init__)
+        == [
+            "self",
+            "app",
+            "config",
+            "context",
+            "task_group",
+            "state",
+            "ssl",
+            "client",
+            "server",
+            "send",
+            "alpn_protocol",
+        ],
+        "ProtocolWrapper(app, ..., send, alpn_protocol) changed",
+    )
+    _hypercorn(
+        parameters(H11Protocol.__init__)
+        == [
+            "self",
+            "app",
+            "config",
+            "context",
+            "task_group",
+            "connection_state",
+            "ssl",
+            "client",
+            "server",
+            "send",
+        ],
+        "H11Protocol(app, ..., send) changed",
+    )
+    for name in ("stream_send", "_send_h11_event"):
+        _hypercorn(
+            parameters(getattr(H11Protocol, name)) == ["self", "event"],
+            f"H11Protocol.{name}(event) changed",
+        )
+    source = inspect.getsource(H11Protocol.stream_send)
+    for piece in (
+        'chain(event.headers, self.config.response_headers("h11"))',
+        "self.keep_alive_requests >= self.config.keep_alive_max_requests",
+        "await self._send_h11_event(h11.Data(data=event.data))",
+        "await self._send_h11_event(h11.EndOfMessage())",
+    ):
+        _hypercorn(piece in source, f"H11Protocol.stream_send no longer has {piece}")
+    _hypercorn(
+        "await self.idle_task.restart(self._task_group, self._idle_timeout)"
+        in inspect.getsource(TCPServer.protocol_send),
+        "TCPServer.protocol_send no longer restarts the idle task on Updated(idle=True)",
+    )
+
+
+async def _one_response(body: bytes, more: list[bytes]) -> list[bytes]:
+    """The writes the seam's HTTP/1.1 protocol makes for one GET answered with ``body``
+    then the chunks ``more``, without a socket."""
+    from hypercorn.events import RawData
+    from hypercorn.protocol.events import Body, EndBody, Response
+
+    writes: list[bytes] = []
+
+    async def send(event: Any) -> None:
+        if isinstance(event, RawData):
+            writes.append(event.data)
+
+    config = Config()
+    config.include_date_header = False
+    config.include_server_header = False
+    async with trio.open_nursery() as nursery:
+        task_group = hypercorn.trio.task_group.TaskGroup()
+        task_group._nursery = nursery
+        protocol = hypercorn_server.H11Protocol(
+            _app, config, WorkerContext(None), task_group, {}, False, None, None, send
+        )
+        protocol.connection.receive_data(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        protocol.connection.next_event()
+        headers = [] if more else [(b"content-length", b"%d" % len(body))]
+        await protocol.stream_send(Response(stream_id=1, headers=headers, status_code=200))
+        for chunk in [body, *more]:
+            await protocol.stream_send(Body(stream_id=1, data=chunk))
+        await protocol.stream_send(EndBody(stream_id=1))
+        nursery.cancel_scope.cancel()
+    return writes
+
+
+async def test_hypercorn_seam_writes_a_response_head_with_its_body() -> None:
+    whole = await _one_response(b"ok", [])
+    _hypercorn(
+        whole == [b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok"],
+        f"one response with a length is one write: {whole!r}",
+    )
+    chunked = await _one_response(b"a", [b"b"])
+    _hypercorn(
+        chunked
+        == [
+            b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n",
+            b"1\r\nb\r\n",
+            b"0\r\n\r\n",
+        ],
+        f"a streamed response is written as it comes: {chunked!r}",
+    )
+
+
+async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
+    """An h2c upgrade through the seam's HTTP/1.1 protocol is still switched to HTTP/2
+    (hypercorn's 101)."""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _app, Config(), print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(
+                    b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                )
+                answer = await stream.receive_some()
+            nursery.cancel_scope.cancel()
+    _hypercorn(answer.startswith(b"HTTP/1.1 101 "), f"an h2c upgrade was answered {answer!r}")
+
+
+def test_h11_header_checks_the_seam_remembers() -> None:
+    """``validated_response`` checks a header pair with h11's own expressions once: the
+    names it reads in h11 exist, the response it builds is written as h11's own, an illegal
+    name or value is refused as h11 refuses it, and what it remembers stays bounded."""
+    import h11
+    import h11._headers
+
+    def check_h11(ok: object, what: str) -> None:
+        check(ok, "hypercorn_server", "h11", what)
+
+    for name in ("_field_name_re", "_field_value_re"):
+        check_h11(hasattr(h11._headers, name), f"h11._headers.{name} is gone")
+    check_h11("_parsed" in parameters(h11.Response.__init__), "h11.Response(_parsed=) is gone")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"Content-Length", b"2"),
+        (b"x-request-id", b"abc"),
+        (b"date", b"Mon, 07 Dec 2026 06:00:00 GMT"),
+    ]
+
+    def written(response: h11.Response) -> bytes:
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        connection.next_event()
+        return connection.send(response)
+
+    for _ in range(2):  # checked, then remembered
+        ours = written(hypercorn_server.validated_response(headers, 200))
+        check_h11(
+            ours == written(h11.Response(headers=headers, status_code=200)),
+            f"the seam's response is written differently: {ours!r}",
+        )
+    for bad in ([(b"x-bad", b"a\r\nb")], [(b"x bad", b"a")], [(b"", b"a")]):
+        with pytest.raises(h11.LocalProtocolError):
+            h11.Response(headers=bad, status_code=200)
+        with pytest.raises(h11.LocalProtocolError):
+            hypercorn_server.validated_response(bad, 200)
+    for n in range(hypercorn_server._VALID_HEADERS_MAX + 10):
+        hypercorn_server.validated_response([(b"x-request-id", b"%d" % n)], 200)
+    check_h11(
+        len(hypercorn_server._VALID_HEADERS) <= hypercorn_server._VALID_HEADERS_MAX,
+        "the remembered header pairs grew past their bound",
+    )
+
+
+async def test_hypercorn_seam_app_inbox_is_a_bounded_fifo() -> None:
+    """What the app reads through ``AppInbox`` comes in order; a put waits while the inbox
+    is full (hypercorn's memory channel of ``max_app_queue_size``), a get for a message."""
+    inbox = hypercorn_server.AppInbox(2)
+    got: list[Any] = []
+    messages: list[Any] = [{"type": "http.request", "body": b"%d" % n} for n in range(5)]
+
+    async def put_all() -> None:
+        for message in messages:
+            await inbox.put(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_all)
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(len(inbox._messages) == 2, "a put did not wait while the inbox was full")
+        for _ in messages:
+            got.append(await inbox.get())
+        late: list[Any] = []
+
+        async def get_one() -> None:
+            late.append(await inbox.get())
+
+        nursery.start_soon(get_one)
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(not late, "a get on an empty inbox did not wait")
+        await inbox.put(messages[0])
+        await trio.testing.wait_all_tasks_blocked()
+        _hypercorn(late == [messages[0]], "a waiting get did not take the next put")
+    _hypercorn(got == messages, f"the app read {got!r}")
+
+
+async def _slow_app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """``ok`` with its length, after 60 s for ``/slow``."""
+    if scope["type"] != "http":
+        await _app(scope, receive, send)
+        return
+    if scope["path"] == "/slow":
+        await trio.sleep(60)
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
+async def _request(stream: trio.SocketStream, path: str) -> bytes:
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    received = b""
+    while b"ok" not in received:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+async def _closed(stream: trio.SocketStream) -> bool:
+    return await stream.receive_some() == b""
+
+
+async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The keep-alive timer (one task whose deadline moves): an idle connection closes after
+    ``keep_alive_timeout``, a request in flight longer than that is answered, and the timer
+    runs again once it is."""
+    mock_clock.autojump_threshold = 0.1  # real sockets: let loopback I/O land first
+    config = Config()
+    config.keep_alive_timeout = 5
+    with trio.fail_after(CAP * 100):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _slow_app, config, print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            started = trio.current_time()
+            answer = await _request(stream, "/slow")
+            _hypercorn(b" 200 " in answer, f"a 60 s request was not answered: {answer!r}")
+            answered = trio.current_time()
+            _hypercorn(answered - started >= 60, "the slow request was not slow")
+            _hypercorn(await _closed(stream), "the idle connection was not closed")
+            await stream.aclose()
+            idle = trio.current_time() - answered
+            _hypercorn(5 <= idle < 6, f"closed after {idle:.1f} s idle, not keep_alive_timeout")
+            nursery.cancel_scope.cancel()
+
+
+async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A graceful shutdown closes an idle connection at once, and one with a request in
+    flight once its response is out."""
+    mock_clock.autojump_threshold = 0.1
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = 50
+    config.graceful_timeout = 500
+    shutdown = trio.Event()
+    with trio.fail_after(CAP * 100):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(
+                    hypercorn_server.serve,
+                    _slow_app,
+                    config,
+                    contain=print,
+                    shutdown_trigger=shutdown.wait,
+                )
+            )
+            port = int(binds[0].rpartition(":")[2])
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            _hypercorn(b" 200 " in await _request(idle, "/"), "no answer")
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+            await trio.sleep(1)
+            shutdown.set()
+            started = trio.current_time()
+            _hypercorn(await _closed(idle), "the idle connection was not closed")
+            _hypercorn(trio.current_time() - started < 1, "the idle connection lingered")
+            answer = await busy.receive_some()
+            _hypercorn(b" 200 " in answer, f"the request in flight got {answer!r}")
+            _hypercorn(await _closed(busy), "the connection was not closed after its response")
+            await idle.aclose()
+            await busy.aclose()
+            _hypercorn(trio.current_time() - started < 61, "the busy connection lingered")
+
+
+async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A WebSocket never turns idle, so the keep-alive timer parks for its life; once its
+    peer has gone, the connection's tasks end with it. Were the timer left parked, a
+    graceful shutdown would wait ``graceful_timeout`` for it (a SIGTERM ignored for 5 s),
+    and under a MockClock that never moves, ``wait_all_tasks_blocked`` would never
+    return with the server still running."""
+    mock_clock.autojump_threshold = 0.1
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = 50
+    config.graceful_timeout = 500
+    shutdown = trio.Event()
+    with trio.fail_after(CAP * 100):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(
+                    hypercorn_server.serve,
+                    _app,
+                    config,
+                    contain=print,
+                    shutdown_trigger=shutdown.wait,
+                )
+            )
+            port = int(binds[0].rpartition(":")[2])
+            for _ in range(2):
+                socket = await trio.open_tcp_stream("127.0.0.1", port)
+                async with socket:
+                    await socket.send_all(_UPGRADE)
+                    answer = await socket.receive_some()
+                    _hypercorn(answer.startswith(b"HTTP/1.1 101 "), f"answered {answer[:40]!r}")
+            await trio.sleep(1)  # mock time: the server reads both goodbyes
+            shutdown.set()
+            started = trio.current_time()
+        stopped = trio.current_time() - started
+    _hypercorn(stopped < 1, f"shutting down took {stopped:.0f} s after two closed WebSockets")
 
 
 # -- aio_loop ------------------------------------------------------------------------------

@@ -30,37 +30,357 @@ state)`` with ``handle_lifespan``, ``wait_for_startup``, ``wait_for_shutdown``;
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
+from itertools import chain
+from math import inf
 from random import randint
+from time import time
 from typing import Any
 
+import h11
+import h11._headers
+import hypercorn.protocol
+import hypercorn.protocol.h11
+import hypercorn.trio.task_group
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.task_group import _handle
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.udp_server import UDPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, Framework, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveEvent,
+    ASGISendEvent,
+    ConnectionState,
+    Framework,
+    H11SendableEvent,
+    LifespanState,
+    Scope,
+)
+from hypercorn.utils import (
+    ShutdownError,
+    parse_socket_addr,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
+
+# h11 0.16's expressions for a header's name and value (``h11._headers``).
+_FIELD_NAME = h11._headers._field_name_re
+_FIELD_VALUE = h11._headers._field_value_re
 
 # Told of what one connection let out (an exception group); never raises.
 Contain = Callable[[BaseException], None]
 
 
 class ContainedTCPServer(TCPServer):
-    """hypercorn's per-connection server; an Exception ends this connection only."""
+    """hypercorn's per-connection server; an Exception ends this connection only.
+
+    Its HTTP/1.1 path is also cheaper per request than hypercorn's (docs/BENCHMARKS.md,
+    "The HTTP floor"), each change one that hypercorn could take as it is:
+
+    - the keep-alive timer is one task for the connection's life (:meth:`_keep_alive`,
+      cancelled once the connection stops reading), where hypercorn's ``TrioSingleTask``
+      starts a task for it after every response and cancels that task at the next
+      request (187 against 328 us a request for a bare app, docs/BENCHMARKS.md);
+    - a write takes the send lock without a checkpoint when no other write holds it (the
+      write itself is the checkpoint);
+    - a read without ``read_timeout`` opens no timeout scope;
+    - the protocol is :class:`H11Protocol`'s, writing a response's head with its body,
+      and a request's messages reach its app through an :class:`AppInbox`.
+    """
 
     def __init__(self, contain: Contain, *args: Any) -> None:
         super().__init__(*args)
         self._contain = contain
+        # The keep-alive timer's state: protocol_send writes it, _keep_alive reads it.
+        self._busy = False  # a request is in flight
+        self._idle_since = trio.current_time()
+        self._parked = False  # _keep_alive waits, without a deadline, for the next idle
+        self._keep_alive_scope = trio.CancelScope()
+        # Cancelled once the connection stops reading: the timer has nothing left to close.
+        self._keep_alive_task_scope = trio.CancelScope()
 
     async def run(self) -> None:
         try:
-            await super().run()
+            await self._run()
         except* Exception as group:
             self._contain(group)
+
+    async def _run(self) -> None:
+        """hypercorn's ``TCPServer.run``, building :class:`ProtocolWrapper` and starting the
+        connection's one keep-alive task (tests/test_seams.py compares the two)."""
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # Handshake failed
+            alpn_protocol = self.stream.selected_alpn_protocol()
+            socket = self.stream.transport_stream.socket
+            ssl = True
+        except AttributeError:  # Not SSL
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket
+            ssl = False
+
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                )
+                await self.protocol.initiate()
+                self._task_group.spawn(self._keep_alive)
+                await self._read_data()
+                self._keep_alive_task_scope.cancel()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.send_lock.acquire()
+            try:
+                try:
+                    with trio.CancelScope() as cancel_scope:
+                        cancel_scope.shield = True
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+            finally:
+                self.send_lock.release()
+        elif isinstance(event, Updated):
+            self._busy = not event.idle
+            if not self._busy:
+                self._idle_since = now = trio.current_time()
+                if self._parked:
+                    self._parked = False
+                    if self.context.terminated.is_set():
+                        self._keep_alive_scope.deadline = now
+                    else:
+                        self._keep_alive_scope.deadline = now + self.config.keep_alive_timeout
+        else:
+            await super().protocol_send(event)
+
+    async def _read_data(self) -> None:
+        read_timeout = self.config.read_timeout
+        while True:
+            try:
+                if read_timeout is None:
+                    data = await self.stream.receive_some(MAX_RECV)
+                else:
+                    with trio.fail_after(read_timeout):
+                        data = await self.stream.receive_some(MAX_RECV)
+            except (
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+            ):
+                break
+            else:
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+        await self.protocol.handle(Closed())
+
+    async def _keep_alive(self) -> None:
+        """hypercorn's ``_idle_timeout`` for the connection's life: closes it once idle for
+        ``keep_alive_timeout``, or at once when idle after the server began to shut down.
+
+        Requests only flip ``_busy`` and note when the connection went idle; this task
+        wakes once a ``keep_alive_timeout`` and goes back to sleep if the connection was
+        used meanwhile, or parks while a request is in flight (``protocol_send`` wakes it).
+        It ends, closing nothing, once the connection stops reading (``_run`` cancels it):
+        a connection that ends busy (a WebSocket, or a request the peer closed its side
+        under) never turns idle again, and parked it would keep the connection's task
+        group open until the server's graceful timeout cancelled it.
+        """
+        with self._keep_alive_task_scope:
+            await self._wait_idle_too_long()
+            with trio.CancelScope(shield=True):
+                await self._initiate_server_close()
+
+    async def _wait_idle_too_long(self) -> None:
+        timeout = self.config.keep_alive_timeout
+        terminated = self.context.terminated
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.CancelScope(deadline=deadline) as self._keep_alive_scope:
+                await terminated.wait()
+                if self._busy:  # shutting down: close once the response is out
+                    self._parked = True
+                    await trio.sleep_forever()
+            if self._busy:
+                self._parked, deadline = True, inf
+                continue
+            if terminated.is_set():
+                return
+            deadline = self._idle_since + timeout
+            if deadline <= trio.current_time():
+                return
+
+
+class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
+    """hypercorn's ``ProtocolWrapper``, speaking HTTP/1.1 with :class:`H11Protocol`."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        task_group: hypercorn.trio.task_group.TaskGroup,
+        state: ConnectionState,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        send: Callable[[Event], Awaitable[None]],
+        alpn_protocol: str | None = None,
+    ) -> None:
+        super().__init__(
+            app, config, context, task_group, state, ssl, client, server, send, alpn_protocol
+        )
+        if alpn_protocol != "h2":
+            self.protocol = H11Protocol(
+                app, config, context, task_group, state, ssl, client, server, send
+            )
+
+
+class TaskGroup(hypercorn.trio.task_group.TaskGroup):
+    """hypercorn's trio ``TaskGroup``, handing each request's messages to its app through
+    an :class:`AppInbox` rather than a memory channel."""
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: Scope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        inbox = AppInbox(config.max_app_queue_size)
+        assert self._nursery is not None  # spawned from inside ``async with``
+        self._nursery.start_soon(
+            _handle,
+            app,
+            config,
+            scope,
+            inbox.get,
+            send,
+            trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )
+        return inbox.put
+
+
+class AppInbox:
+    """A request's messages to its app (the body, then ``http.disconnect``): a bounded FIFO,
+    as hypercorn's memory channel of ``max_app_queue_size``, whose ``put`` and ``get``
+    return without a trip through the scheduler when they need not wait. A memory
+    channel's two cost a request two such trips, and the pair of channel objects."""
+
+    __slots__ = ("_getters", "_messages", "_putters", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._messages: deque[ASGIReceiveEvent] = deque()
+        self._size = max(size, 1)  # a channel of 0 hands over; this holds one at least
+        self._getters = trio.lowlevel.ParkingLot()
+        self._putters = trio.lowlevel.ParkingLot()
+
+    async def put(self, message: ASGIReceiveEvent) -> None:
+        """Queue ``message``; waits while ``size`` are queued."""
+        while len(self._messages) >= self._size:
+            await self._putters.park()
+        self._messages.append(message)
+        self._getters.unpark()
+
+    async def get(self) -> ASGIReceiveEvent:
+        """The oldest message; waits for one."""
+        while not self._messages:
+            await self._getters.park()
+        self._putters.unpark()
+        return self._messages.popleft()
+
+
+class H11Protocol(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, writing a response's head with its first body bytes.
+
+    hypercorn writes the head, each body chunk and the end of the body as three writes
+    (the last one empty with a ``Content-Length``): two packets and three trips through
+    the send lock and the scheduler for the commonest response. ASGI already lets a server
+    hold the head until the first body message arrives, and an empty write is skipped.
+    Also: the Date and other server headers are built once a second, and each distinct
+    header pair is checked once (:func:`validated_response`).
+    """
+
+    _head = b""
+    _headers_second = -1
+    _headers: list[tuple[bytes, bytes]] = []
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            headers = list(chain(event.headers, self._response_headers()))
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            response = validated_response(headers, event.status_code)
+            try:
+                self._head += self.connection.send(response)
+            except h11.LocalProtocolError:
+                if self.connection.their_state != h11.ERROR:
+                    raise
+        elif isinstance(event, Body | EndBody):
+            await super().stream_send(event)
+        else:
+            await self._flush()
+            await super().stream_send(event)
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        head, self._head = self._head, b""
+        try:
+            data = head + self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            data = head
+        if data:
+            await self.send(RawData(data=data))
+
+    def _response_headers(self) -> list[tuple[bytes, bytes]]:
+        """``config.response_headers("h11")``, built once a second: only its Date changes,
+        once a second (hypercorn formats it for every response)."""
+        second = int(time())
+        if second != self._headers_second:
+            self._headers = self.config.response_headers("h11")
+            self._headers_second = second
+        return self._headers
+
+    async def _flush(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            await self.send(RawData(data=head))
 
 
 async def serve(
@@ -182,3 +502,32 @@ async def worker_serve(
 
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+# Header pairs h11's expressions have passed: a response's headers are mostly the same pairs
+# every time (content type, security headers, the Date of this second). Bounded: cleared
+# when full, so pairs seen once (request ids) cannot grow it.
+_VALID_HEADERS: set[tuple[bytes, bytes]] = set()
+_VALID_HEADERS_MAX = 4096
+
+
+def validated_response(headers: list[tuple[bytes, bytes]], status_code: int) -> h11.Response:
+    """``h11.Response(headers=headers, status_code=status_code)``, each header pair checked
+    with h11's own expressions once rather than for every response.
+
+    h11 runs two regular expressions over every header of every response (a fifth of what
+    it costs a response); a pair seen before is skipped. Raises h11's
+    ``LocalProtocolError`` for an illegal name or value, as h11 does.
+    """
+    valid = _VALID_HEADERS
+    for pair in headers:
+        if pair not in valid:
+            name, value = pair
+            if _FIELD_NAME.fullmatch(name) is None:
+                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
+            if _FIELD_VALUE.fullmatch(value) is None:
+                raise h11.LocalProtocolError(f"Illegal header value {value!r}")
+            if len(valid) >= _VALID_HEADERS_MAX:
+                valid.clear()
+            valid.add(pair)
+    return h11.Response(headers=headers, status_code=status_code, _parsed=True)
