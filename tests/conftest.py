@@ -98,13 +98,31 @@ def template_url(pg_server: str) -> Iterator[str]:
     )
 
 
+@contextmanager
+def _fresh_database(pg_server: str) -> Iterator[str]:
+    """A database cloned from the migrated template, dropped at the end of the block."""
+    name = f"{_TEMPLATE}_{next(_counter)}"
+    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
+    try:
+        yield _with_database(pg_server, name)
+    finally:
+        asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 @pytest.fixture
 def database_url(pg_server: str, template_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
-    name = f"{_TEMPLATE}_{next(_counter)}"
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
-    yield _with_database(pg_server, name)
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with _fresh_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_database_url(pg_server: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database shared by the tests of one module: for a server that
+    the module starts once (a ``run.py`` subprocess costs seconds), whose tests then keep
+    to rows of their own (fresh users and projects)."""
+    with _fresh_database(pg_server) as url:
+        yield url
 
 
 # What must never reach a log line, whichever test wrote it: the suite's password, its
