@@ -8,6 +8,7 @@ process.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -144,12 +145,45 @@ async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
     assert frames.sent[-1][1:] == (100, "column 3000")  # nor the last
 
 
-@pytest.mark.alone  # its /ready latencies are this machine's, not a neighbour's
+def stat_of(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields from the third (state) on: the name may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants_of(pid: int) -> list[int]:
+    """The live processes below ``pid``."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(stat_of(int(entry.name))[1])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone meanwhile
+    found, below = [], [pid]
+    while below:
+        parent = below.pop()
+        children = [child for child, of in parents.items() if of == parent]
+        found += children
+        below += children
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) ``pid`` has used itself, its children not counted."""
+    fields = stat_of(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
     tmp_path: Path, database_url: str
 ) -> None:
     """Against ``python run.py serve``: its event loop is the one measured, not this test's
-    (which runs the client, and a heap whose garbage collection stalls everything here)."""
+    (which runs the client, and a heap whose garbage collection stalls everything here).
+
+    What keeps /ready fast is counted rather than timed, so a neighbouring test on the
+    same cores cannot fail it: the jobs run in the server's worker processes at nice 10,
+    and the server's own process spends a fraction of the time on the CPU while they run.
+    """
     actors = 4
     rows = "\n".join(f"{i},{i % 97}.5,name{i % 1013},{i * 7 % 10007}" for i in range(20_000))
     csv = "id,price,name,qty\n" + rows + "\n"
@@ -157,6 +191,7 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
         tmp_path,
         database_url,
         WORKER_CONCURRENCY=str(actors),
+        JOB_MAX_RUNNING_PER_USER=str(actors),  # one user's jobs on every actor at once
         JOB_TASK_MODULES="tests.job_tasks",
     )
     async with trio.open_nursery() as nursery:
@@ -185,7 +220,9 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     # Another process's job: its status route is what there is to watch.
                     while (await progress_of(job_id))["progress"]["message"] != "warm":  # noqa: ASYNC110
                         await trio.sleep(0.05)
+            api = served.process.pid
             latencies = []
+            api_cpu, began_at = cpu_seconds(api), time.monotonic()
             with trio.fail_after(60):
                 while (await progress_of(jobs[-1]))["status"] == "running":
                     began = time.perf_counter()
@@ -193,6 +230,13 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     latencies.append(time.perf_counter() - began)
                     assert answer.status_code == 200
                     await trio.sleep(0.02)
+            api_cpu, window = cpu_seconds(api) - api_cpu, time.monotonic() - began_at
+            # The summaries ran in worker processes of the server's own (forked by its
+            # forkserver, kept for the next step), one per actor, each at nice 10; the
+            # server, its forkserver and resource tracker kept their priority.
+            below = {pid: int(stat_of(pid)[16]) for pid in descendants_of(api)}
+            assert sorted(below.values()) == [0, 0] + [10] * actors, below
+            assert int(stat_of(api)[16]) == 0
             results = []
             with trio.fail_after(60):
                 for job_id in jobs:
@@ -201,8 +245,13 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     results.append(result)
         served.process.terminate()
     assert all(r["status"] == "completed" and r["result"]["rounds"] >= 2 for r in results)
+    # The server answered /ready and the status polls, and summarised nothing itself (a
+    # summary on its event loop would keep it on a core the whole window).
+    assert api_cpu < window / 2, (api_cpu, window)
+    # And it answered throughout: well under a summarising round's stall, with room for
+    # a neighbour on the cores (alone on this machine, the p99 is a few milliseconds).
     p99 = statistics.quantiles(latencies, n=100)[98]
-    assert len(latencies) >= 50 and p99 < 0.050, (p99, max(latencies))
+    assert len(latencies) >= 50 and p99 < 0.25, (p99, max(latencies))
 
 
 @pytest.mark.parametrize(("raw", "limit"), [(None, 1024), ("0", 0), ("512", 512), ("100", None)])
