@@ -71,6 +71,19 @@ def pg_server() -> Iterator[str]:
         tempfile.TemporaryDirectory(prefix="atrium-test-") as tmp,
         embedded_postgres(Path(tmp)) as embedded_url,
     ):
+        # A scratch cluster that dies with the session: no fsync (a commit costs a tenth
+        # of a millisecond, not one or two; a database's drop 10 ms, not 50). Committed
+        # data still reaches the kernel before the commit returns, so a killed postmaster
+        # loses nothing; only a machine crash would. Tests of the embedded PostgreSQL's own
+        # crashes (tests/test_outage.py, bench/chaos.py) run clusters of their own.
+        asyncio.run(
+            _admin(
+                embedded_url,
+                "ALTER SYSTEM SET fsync = off",
+                "ALTER SYSTEM SET full_page_writes = off",
+                "SELECT pg_reload_conf()",
+            )
+        )
         yield embedded_url
 
 
