@@ -71,6 +71,19 @@ def pg_server() -> Iterator[str]:
         tempfile.TemporaryDirectory(prefix="atrium-test-") as tmp,
         embedded_postgres(Path(tmp)) as embedded_url,
     ):
+        # A scratch cluster that dies with the session: no fsync (a commit costs a tenth
+        # of a millisecond, not one or two; a database's drop 10 ms, not 50). Committed
+        # data still reaches the kernel before the commit returns, so a killed postmaster
+        # loses nothing; only a machine crash would. Tests of the embedded PostgreSQL's own
+        # crashes (tests/test_outage.py, bench/chaos.py) run clusters of their own.
+        asyncio.run(
+            _admin(
+                embedded_url,
+                "ALTER SYSTEM SET fsync = off",
+                "ALTER SYSTEM SET full_page_writes = off",
+                "SELECT pg_reload_conf()",
+            )
+        )
         yield embedded_url
 
 
@@ -98,13 +111,31 @@ def template_url(pg_server: str) -> Iterator[str]:
     )
 
 
+@contextmanager
+def _fresh_database(pg_server: str) -> Iterator[str]:
+    """A database cloned from the migrated template, dropped at the end of the block."""
+    name = f"{_TEMPLATE}_{next(_counter)}"
+    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
+    try:
+        yield _with_database(pg_server, name)
+    finally:
+        asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 @pytest.fixture
 def database_url(pg_server: str, template_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
-    name = f"{_TEMPLATE}_{next(_counter)}"
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}"))
-    yield _with_database(pg_server, name)
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with _fresh_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_database_url(pg_server: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database shared by the tests of one module: for a server that
+    the module starts once (a ``run.py`` subprocess costs seconds), whose tests then keep
+    to rows of their own (fresh users and projects)."""
+    with _fresh_database(pg_server) as url:
+        yield url
 
 
 # What must never reach a log line, whichever test wrote it: the suite's password, its

@@ -39,10 +39,22 @@ def redis_binary() -> str:
     return found
 
 
+# The sockets holding the ports free_port handed out, for the life of this process.
+_held: list[socket.socket] = []
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port of 127.0.0.1 reserved for this process's servers until it exits (see
+    ``atrium.runtime.process_group._hold_port``): bound with SO_REUSEADDR and never
+    listening, so no other bind takes it (a port picked and released is a race with every
+    process binding port 0), while redis-server and hypercorn, which set SO_REUSEADDR,
+    bind it, and again after a restart. Nothing listens on it until they do: a connection
+    to it is refused."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _held.append(sock)
+    return int(sock.getsockname()[1])
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import selectors
 import signal
 import subprocess
@@ -131,19 +132,40 @@ class RunPy:
         self.process.stdout.close()
         self.process = None
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
-@pytest.fixture
-def run_py(tmp_path: Path, database_url: str) -> Iterator[RunPy]:
-    server = RunPy(tmp_path, database_url)
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def module_run_py(
+    tmp_path_factory: pytest.TempPathFactory, module_database_url: str
+) -> Iterator[RunPy]:
+    """One ``run.py serve`` for the module's tests (starting one costs seconds): each test
+    signs up users of its own (``signup`` makes every email unique)."""
+    server = RunPy(tmp_path_factory.mktemp("run-py"), module_database_url)
     server.start()
     try:
         yield server
     finally:
-        if server.process is not None:
-            server.process.kill()
-            server.process.wait()
-            assert server.process.stdout is not None
-            server.process.stdout.close()
+        server.kill()
+
+
+@pytest.fixture
+def run_py(module_run_py: RunPy) -> RunPy:
+    """The module's server, serving: a test that stopped it (to restart it) and failed
+    before starting it again leaves it to the next test to start."""
+    if not module_run_py.running():
+        module_run_py.kill()
+        module_run_py.start()
+    return module_run_py
 
 
 class Chromium:
@@ -230,6 +252,10 @@ class User:
 
 
 def signup(http: httpx.Client, email: str) -> User:
+    """A user signed up and logged in, as ``email`` made unique (``ann@example.com`` becomes
+    ``ann.<6 hex digits>@example.com``): the tests of a module share one server."""
+    local, domain = email.split("@")
+    email = f"{local}.{secrets.token_hex(3)}@{domain}"
     body = {"email": email, "password": PASSWORD}
     assert http.post("/api/v1/auth/signup", json=body).status_code == 201
     r = http.post("/api/v1/auth/login", json=body)

@@ -1,10 +1,12 @@
-"""The chaos soak (bench/chaos.py), 60 s with a fixed seed: ``run.py --workers 3`` on one
+"""The chaos soak (bench/chaos.py), short, with a fixed seed: ``run.py --workers 3`` on one
 PostgreSQL and one Redis, six clients on both transports editing and moving cursors, while
 Redis is killed and restarted empty, frozen, the postmaster killed, a serving process
-killed and a client goes silent; then nothing acknowledged is lost or repeated, every
-client saw the log whole, presence converged after each fault, no process died unasked.
+killed and a client goes silent (each fault once, one to two seconds apart: about 25 s);
+then nothing acknowledged is lost or repeated, every client saw the log whole, presence
+converged after each fault, no process died unasked.
 
-The benchmark runs the same code for 10 minutes (docs/BENCHMARKS.md).
+The benchmark runs the same code for 10 minutes (docs/BENCHMARKS.md); ``--faults 0
+--duration 60 --min-gap 4 --max-gap 6`` is the minute this test ran before.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SEED = 20  # its first five faults are the five kinds, in the order drawn from it
+# The first five faults of any seed are the five kinds; this one freezes Redis for 3.1 s
+# (the freeze is drawn from 3-12 s).
+SEED = 23
 
 
 @pytest.mark.long
-def test_a_minute_of_mixed_faults_loses_nothing(tmp_path: Path) -> None:
+def test_each_kind_of_fault_once_loses_nothing(tmp_path: Path) -> None:
     report_path = tmp_path / "chaos.json"
     run = subprocess.run(
         [
-            sys.executable, "bench/chaos.py", "--seed", str(SEED), "--duration", "60",
-            "--min-gap", "4", "--max-gap", "6", "--json", str(report_path),
+            sys.executable, "bench/chaos.py", "--seed", str(SEED), "--faults", "5",
+            "--duration", "120", "--min-gap", "1", "--max-gap", "2",
+            "--json", str(report_path),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
@@ -34,12 +39,13 @@ def test_a_minute_of_mixed_faults_loses_nothing(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     detail = run.stdout[-6000:]
 
-    # Every fault kind was injected, each once or more.
-    assert set(report["faults_by_kind"]) == {
-        "redis-kill", "redis-stop", "pg-kill", "worker-kill", "client-drop"
+    # Every fault kind was injected, once each.
+    assert report["faults_by_kind"] == {
+        "redis-kill": 1, "redis-stop": 1, "pg-kill": 1, "worker-kill": 1, "client-drop": 1
     }, detail  # fmt: skip
-    # Edits flowed through it all, and every acknowledged one is stored exactly once.
-    assert report["edits_acked"] > 300, detail
+    # Edits flowed through it all (twelve a second, six clients), and every acknowledged
+    # one is stored exactly once.
+    assert report["edits_acked"] > 150, detail
     assert report["edits_lost"] == 0 and report["edits_duplicated"] == 0, detail
     # Each client reconnected and resumed at least once (the PostgreSQL outage closes
     # every workspace with 1013) and still saw every event in order: no failure lines.

@@ -6,7 +6,6 @@ had received."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -17,6 +16,7 @@ import pytest
 import trio
 from conftest import Running, StartServer
 from node_clients import YClient, node_modules, open_yclient
+from redis_server import free_port
 from served import run_py_env, start_serving
 from test_workspace import Member, Team, make_team
 
@@ -155,10 +155,7 @@ async def test_the_refresh_hook_reconnects_with_a_fresh_ticket(
                     assert sorted(await reader.wait_contains("ok")) == sorted("ok")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_free_port = free_port  # a port held for this process (tests/redis_server.py)
 
 
 async def test_sigkill_and_restart_loses_nothing_a_client_received(

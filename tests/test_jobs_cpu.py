@@ -8,6 +8,7 @@ process.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -102,15 +103,15 @@ class Frames:
 async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
     db: Database, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Ten times real time: the 3 s of reports pass in 0.3 s, the database keeps up (an
+    # Ten times real time: the 1.5 s of reports pass in 0.15 s, the database keeps up (an
     # autojumping clock would also jump asyncpg's own timeouts).
     mock_clock.rate = 10.0
     registry = TaskRegistry()
-    columns = 3000
+    columns = 1500
 
     @registry.task("wide", Empty)
     async def wide(ctx: TaskContext, payload: Empty) -> None:
-        """Reports each of 3,000 columns, one every millisecond."""
+        """Reports each of 1,500 columns, one every millisecond."""
         for i in range(columns):
             await ctx.progress(100 * (i + 1) // columns, f"column {i + 1}")
             await trio.sleep(0.001)
@@ -133,23 +134,70 @@ async def test_progress_is_coalesced_to_a_few_writes_and_frames_a_second(
         job = await queue.wait_for(sub.job.id, [JobStatus.COMPLETED])
         elapsed = trio.current_time() - started
     assert job.progress == 100
-    # 3 s of reports: the first at once, then one per 0.25 s (3,000 before this change).
+    # 1.5 s of reports: the first at once, then one per 0.25 s (1,500 before this change).
     assert elapsed >= columns * 0.001
     assert 2 <= len(frames.sent) <= elapsed / 0.25 + 2
     assert writes == len(frames.sent)
     # At most one per 0.25 s, but for the task's last word, written when it returns.
     times = [t for t, _, _ in frames.sent[:-1]]
     assert all(b - a >= 0.25 for a, b in zip(times, times[1:], strict=False))
-    assert frames.sent[0][1] == 0  # not held back: sent within the first 29 reports
-    assert frames.sent[-1][1:] == (100, "column 3000")  # nor the last
+    assert frames.sent[0][1] == 0  # not held back: sent within the first 14 reports
+    assert frames.sent[-1][1:] == (100, f"column {columns}")  # nor the last
 
 
-@pytest.mark.alone  # its /ready latencies are this machine's, not a neighbour's
+def stat_of(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields from the third (state) on: the name may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def nice_of(pid: int) -> int:
+    return int(stat_of(pid)[16])
+
+
+def _parents() -> dict[int, int]:
+    """Every live process's parent."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(stat_of(int(entry.name))[1])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone meanwhile
+    return parents
+
+
+def children_of(pid: int) -> list[int]:
+    return [child for child, parent in _parents().items() if parent == pid]
+
+
+def descendants_of(pid: int) -> list[int]:
+    """The live processes below ``pid``."""
+    parents = _parents()
+    found, below = [], [pid]
+    while below:
+        parent = below.pop()
+        children = [child for child, of in parents.items() if of == parent]
+        found += children
+        below += children
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) ``pid`` has used itself, its children not counted."""
+    fields = stat_of(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
     tmp_path: Path, database_url: str
 ) -> None:
     """Against ``python run.py serve``: its event loop is the one measured, not this test's
-    (which runs the client, and a heap whose garbage collection stalls everything here)."""
+    (which runs the client, and a heap whose garbage collection stalls everything here).
+
+    What keeps /ready fast is counted rather than timed, so a neighbouring test on the
+    same cores cannot fail it: the jobs run in the server's worker processes at nice 10,
+    and the server's own process is on the CPU a fraction of the time while they run.
+    """
     actors = 4
     rows = "\n".join(f"{i},{i % 97}.5,name{i % 1013},{i * 7 % 10007}" for i in range(20_000))
     csv = "id,price,name,qty\n" + rows + "\n"
@@ -185,7 +233,9 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     # Another process's job: its status route is what there is to watch.
                     while (await progress_of(job_id))["progress"]["message"] != "warm":  # noqa: ASYNC110
                         await trio.sleep(0.05)
+            api = served.process.pid
             latencies = []
+            api_cpu, began_at = cpu_seconds(api), time.monotonic()
             with trio.fail_after(60):
                 while (await progress_of(jobs[-1]))["status"] == "running":
                     began = time.perf_counter()
@@ -193,6 +243,15 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     latencies.append(time.perf_counter() - began)
                     assert answer.status_code == 200
                     await trio.sleep(0.02)
+            api_cpu, window = cpu_seconds(api) - api_cpu, time.monotonic() - began_at
+            # The summaries ran in worker processes of the server's own (forked by its
+            # forkserver, and kept for the next step), each at nice 10; the server, and its
+            # forkserver and resource tracker (its children), kept their priority.
+            children = set(children_of(api))
+            workers = set(descendants_of(api)) - children
+            assert len(workers) >= 2  # the user's two running jobs (JOB_MAX_RUNNING_PER_USER)
+            assert {pid: nice_of(pid) for pid in workers} == dict.fromkeys(workers, 10)
+            assert [nice_of(pid) for pid in (api, *children)] == [0] * (1 + len(children))
             results = []
             with trio.fail_after(60):
                 for job_id in jobs:
@@ -201,8 +260,13 @@ async def test_ready_stays_fast_while_every_job_actor_runs_a_heavy_csv_job(
                     results.append(result)
         served.process.terminate()
     assert all(r["status"] == "completed" and r["result"]["rounds"] >= 2 for r in results)
+    # The server answered /ready and the status polls, and summarised nothing itself (a
+    # summary on its event loop would keep it on a core the whole window).
+    assert api_cpu < window / 2, (api_cpu, window)
+    # And it answered throughout: well under a summarising round's stall, with room for
+    # a neighbour on the cores (the bound was 50 ms while this test ran alone).
     p99 = statistics.quantiles(latencies, n=100)[98]
-    assert len(latencies) >= 50 and p99 < 0.050, (p99, max(latencies))
+    assert len(latencies) >= 50 and p99 < 0.25, (p99, max(latencies))
 
 
 @pytest.mark.parametrize(("raw", "limit"), [(None, 1024), ("0", 0), ("512", 512), ("100", None)])

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -29,9 +28,10 @@ from atrium.persistence import events as event_log
 from atrium.persistence.database import open_database
 
 SLOW_POLL = {"DEGRADED_POLL_SECONDS": "60"}
-# Well under the default poll (1 s), well over a notification's round trip on a busy
-# 2-core machine.
-PROMPT = 0.5
+# An edit that crosses within this came by a notification, not by the poll (a minute away
+# under SLOW_POLL): far over a notification's round trip on a busy 2-core machine, with a
+# neighbouring test running (so no test here needs the machine to itself).
+PROMPT = 5.0
 
 
 def workspaces_of(server: Running) -> Workspaces:
@@ -50,10 +50,10 @@ async def wait_peers(*servers: Running) -> None:
 
 
 async def crosses(sender: Client, receiver: Client, path: str) -> float:
-    """Send an edit of ``path``; seconds until ``receiver`` sees it (capped at 5 s)."""
+    """Send an edit of ``path``; seconds until ``receiver`` sees it (capped at 2 * PROMPT)."""
     start = trio.current_time()
     await sender.send(edit(path, f"id{path}"))
-    with trio.fail_after(5):
+    with trio.fail_after(2 * PROMPT):
         while (await receiver.until("FILE_CHANGE"))["file_path"] != path:
             pass  # an edit seen before (its own, or one already crossed)
     return trio.current_time() - start
@@ -90,9 +90,9 @@ async def test_without_redis_edits_and_rest_events_cross_servers_at_once(
                 headers=pair.owner.auth,
             )
             assert r.status_code == 200, r.text
-            with trio.fail_after(5):
+            with trio.fail_after(2 * PROMPT):
                 updated = await on_b.until("PROJECT_UPDATED")
-            assert trio.current_time() - start < PROMPT + 0.5  # includes the request
+            assert trio.current_time() - start < PROMPT  # the request included
             assert updated["project_id"] == pair.project_id
             # Several edits in a row arrive in seq order, none missing.
             for n in range(5):
@@ -115,7 +115,6 @@ async def test_a_server_alone_announces_nothing(start_server: StartServer) -> No
         assert not workspaces_of(a).peers and not workspaces_of(a).notifies()
 
 
-@pytest.mark.alone  # it times an edit's crossing against PROMPT
 async def test_degraded_servers_announce_on_the_log_and_connected_ones_do_not(
     start_server: StartServer, own_redis: RedisServer, database_url: str
 ) -> None:

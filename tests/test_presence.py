@@ -331,7 +331,6 @@ async def test_the_heartbeat_runs_until_cancelled_and_wakes_for_a_silent_drop(
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.alone  # it times each workspace's answer while Redis hangs
 async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second(
     start_server: StartServer, own_redis: RedisServer
 ) -> None:
@@ -375,8 +374,10 @@ async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second
             finally:
                 own_redis.resume()
         # A join asks Redis twice (who is online, then the count), each within 0.25 s,
-        # and may wait 0.25 s more for the heartbeat to let go of the board.
-        assert max(latencies) < 1.2, latencies
+        # and may wait 0.25 s more for the heartbeat to let go of the board: 0.75 s. A
+        # workspace that waited on Redis's own call timeout (2 s) would hold an edit that
+        # long at least; under it, with room for a neighbouring test on the cores.
+        assert max(latencies) < 2.0, latencies
 
 
 async def test_a_join_on_a_reaped_process_before_its_heartbeat_is_reaped_if_it_dies(

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -27,6 +28,7 @@ from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave
 from atrium.core.config import Settings
 from atrium.core.roles import Role
+from atrium.core.timestamps import utc_iso_at
 from atrium.domain.realtime import ConnectionGone, ConnectionSettings, Handshake, Realtime
 from atrium.domain.workspaces import Workspaces
 from atrium.identity.tokens import TokenCodec
@@ -156,9 +158,16 @@ class User:
     session_id: uuid.UUID = field(default_factory=uuid.uuid4)
     email: str = "ada@example.com"
 
-    def token(self, tokens: TokenCodec | None = None, type: Any = "access") -> str:
+    def token(
+        self, tokens: TokenCodec | None = None, type: Any = "access", now: float | None = None
+    ) -> str:
         token, _ = (tokens or codec()).issue(
-            type=type, user_id=self.id, email=self.email, role="user", session_id=self.session_id
+            type=type,
+            user_id=self.id,
+            email=self.email,
+            role="user",
+            session_id=self.session_id,
+            now=now,
         )
         return token
 
@@ -245,13 +254,19 @@ async def connection(
 
 @asynccontextmanager
 async def joined(
-    world: World, user: User, hs: Handshake | None = None, *, ttl: int = LONG_TTL, **auth: Any
+    world: World,
+    user: User,
+    hs: Handshake | None = None,
+    *,
+    ttl: int = LONG_TTL,
+    issued: float | None = None,
+    **auth: Any,
 ) -> AsyncIterator[FakeConnection]:
     """A connection that authenticated with an AUTH frame (a token valid for ``ttl``
-    seconds) and joined the workspace."""
+    seconds from ``issued``, a wall-clock time, by default now) and joined the workspace."""
     realtime = world.realtime or world.start()
     async with connection(realtime, hs) as conn:
-        conn.push({"type": "AUTH", "token": user.token(codec(ttl)), **auth})
+        conn.push({"type": "AUTH", "token": user.token(codec(ttl), now=issued), **auth})
         await world.actor.joined.wait()
         yield conn
 
@@ -521,21 +536,27 @@ async def test_database_down_during_reauth_closes_1013(
     assert conn.closed == (1013, "database_unavailable")
 
 
-def seconds_left(token_ttl: int) -> tuple[float, float]:
-    """When a token issued now with ``token_ttl`` expires, in seconds from now: its
-    ``exp`` is whole seconds, so somewhere in this range."""
-    return token_ttl - 1.0, float(token_ttl)
+@pytest.fixture
+def wall(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The wall clock a session reads to place a token's expiry on the trio clock, stopped
+    at a whole second. Tokens issued at it (``issued=wall``) expire exactly their TTL of
+    MockClock time after the session accepts them: the real wall clock would move on
+    while the mock clock stands still (by a second or more on a loaded machine), and the
+    moments below would only be right to within that."""
+    now = float(int(time.time()))
+    monkeypatch.setattr("atrium.domain.realtime.time", SimpleNamespace(time=lambda: now))
+    return now
 
 
 async def test_an_unrenewed_token_is_warned_then_closed_4007(
-    autojump_clock: MockClock, world: World
+    autojump_clock: MockClock, world: World, wall: float
 ) -> None:
     # The client answers every PING (it is alive) but never sends a fresh token.
     world.start(heartbeat_interval=25.0, heartbeat_timeout=60.0)
     user = world.member()
     start = trio.current_time()
     others: list[tuple[float, Any]] = []
-    async with joined(world, user, ttl=300) as conn:
+    async with joined(world, user, ttl=300, issued=wall) as conn:
         with pytest.raises(trio.EndOfChannel):
             while True:
                 frame = await conn.frame()
@@ -543,29 +564,33 @@ async def test_an_unrenewed_token_is_warned_then_closed_4007(
                     conn.push({"type": "PONG"})
                 else:
                     others.append((trio.current_time() - start, frame))
-    ((warned_at, warning),) = others  # one warning, nothing else but pings
-    low, high = seconds_left(300)
-    assert low - 60 <= warned_at <= high - 60
-    assert warning["type"] == "TOKEN_EXPIRING"
-    assert warning["reauth_within_seconds"] == 90.0
-    assert warning["expires_at"].endswith("Z")
-    expires = datetime.fromisoformat(warning["expires_at"])
-    assert low <= expires.timestamp() - time.time() <= high
+    # One warning a minute before the expiry, nothing else but pings.
+    assert others == [
+        (
+            300 - 60,
+            {
+                "type": "TOKEN_EXPIRING",
+                "expires_at": utc_iso_at(wall + 300),
+                "reauth_within_seconds": 90.0,
+            },
+        )
+    ]
+    assert others[0][1]["expires_at"].endswith("Z")
+    # Closed at expiry plus the grace, pings in the grace period notwithstanding.
     assert conn.closed == (4007, "token_expired")
-    assert conn.closed_at is not None
-    # At expiry plus the grace, pings in the grace period notwithstanding.
-    assert conn.closed_at - start == pytest.approx(warned_at + 60 + 30)
+    assert conn.closed_at == start + 300 + 30
 
 
 async def test_a_renewal_answers_auth_ok_and_moves_the_deadline(
-    autojump_clock: MockClock, world: World
+    autojump_clock: MockClock, world: World, wall: float
 ) -> None:
     realtime = world.start(heartbeat_interval=10_000.0, heartbeat_timeout=20_000.0)
     user = world.member()
     renewal = codec(access_ttl=600)
     start = trio.current_time()
-    async with joined(world, user, ttl=300) as conn:
+    async with joined(world, user, ttl=300, issued=wall) as conn:
         assert (await conn.frame())["type"] == "TOKEN_EXPIRING"
+        assert trio.current_time() == start + 300 - 60
         # Renewed within the grace, by another login of the same user.
         other_login = User(id=user.id)
         world.live_sessions.add(other_login.session_id)
@@ -575,20 +600,21 @@ async def test_a_renewal_answers_auth_ok_and_moves_the_deadline(
             email=user.email,
             role="user",
             session_id=other_login.session_id,
+            now=wall,
         )
         await trio.sleep(20)
+        renewed_at = trio.current_time()
         conn.push({"type": "AUTH", "token": token})
         ok = await conn.frame()
         assert ok["type"] == "AUTH_OK"
         assert ok["user_id"] == str(user.id)
         assert datetime.fromisoformat(ok["expires_at"]).timestamp() == claims.expires_at
-        # The next warning is for the new expiry: no close at the old deadline.
+        # The next warning is for the new expiry, a minute before it: no close at the old
+        # deadline (start + 330).
         warning = await conn.frame()
         assert warning["type"] == "TOKEN_EXPIRING"
         assert datetime.fromisoformat(warning["expires_at"]).timestamp() == claims.expires_at
-        low, high = seconds_left(600)
-        renewed_at = start + 240 + 20  # roughly: the first warning came at ~240 s
-        assert low - 60 - 1 <= trio.current_time() - renewed_at <= high - 60 + 1
+        assert trio.current_time() == renewed_at + 600 - 60
         assert conn.close_code is None
         # Revoking the login that renewed the token now reaches this connection...
         assert realtime.revoke_session(user.session_id) == 0
@@ -721,18 +747,17 @@ async def test_a_client_that_stops_reading_is_closed_4008(
 
 
 async def test_a_close_waits_at_most_two_seconds_for_a_stalled_client(
-    autojump_clock: MockClock, world: World
+    autojump_clock: MockClock, world: World, wall: float
 ) -> None:
     world.start(heartbeat_interval=10_000.0, heartbeat_timeout=20_000.0)
     user = world.member()
-    async with joined(world, user, ttl=300) as conn:
+    async with joined(world, user, ttl=300, issued=wall) as conn:
         conn.stalled = True  # the TOKEN_EXPIRING never gets out
         start = trio.current_time()
         assert await conn.rest() == []
     assert conn.closed == (4007, "token_expired")
-    assert conn.closed_at is not None
-    low, high = seconds_left(300)
-    assert low + 30 + 2 <= conn.closed_at - start <= high + 30 + 2
+    # At expiry plus the grace, the close then waits its two seconds for the client.
+    assert conn.closed_at == start + 300 + 30 + 2
 
 
 async def test_batched_connections_get_arrays(autojump_clock: MockClock, world: World) -> None:

@@ -6,6 +6,7 @@ its workers are real ``run.py serve`` processes on a real PostgreSQL and a real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,7 +22,6 @@ import pytest
 import trio
 from conftest import CLIENT_TLS
 from conftest import test_settings as make_settings
-from redis_server import free_port
 from served import start_serving
 
 from atrium.core.config import ConfigError, Settings, load_settings
@@ -281,23 +281,37 @@ def test_a_port_held_without_reuse_port_is_refused() -> None:
 async def test_embedded_redis_needs_its_password_and_reports_its_death(tmp_path: Path) -> None:
     directory = tmp_path / "redis"
     directory.mkdir(mode=0o700)
-    redis = EmbeddedRedis(directory, tmp_path / "redis.log", free_port())
-    with trio.fail_after(30), pytest.RaisesGroup(EmbeddedRedisError) as raised:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(redis.run)
-            password = url.split("//:", 1)[1].split("@", 1)[0]
-            assert url == f"redis://:{password}@127.0.0.1:{redis.port}/0"
-            assert oct((directory / "redis.conf").stat().st_mode & 0o777) == "0o600"
-            async with await trio.open_tcp_stream("127.0.0.1", redis.port) as stream:
-                await stream.send_all(b"PING\r\n")
-                assert (await stream.receive_some()).startswith(b"-NOAUTH")
-            assert await redis.answers()
-            # redis-server names itself by its address (the session's Redis is another one).
-            title = f"redis-server 127.0.0.1:{redis.port}".encode()
-            server = next(pid for pid in descendants(os.getpid()) if title in command_line(pid))
-            assert password.encode() not in command_line(server)  # ps shows command lines
-            os.kill(server, signal.SIGKILL)  # run() raises: a supervisor would restart it
-    assert str(raised.value.exceptions[0]) == "redis-server exited with status 137"
+    with contextlib.ExitStack() as stack:
+        # The port run.py --workers holds for its Redis: no other process can bind it (a
+        # port picked and released could be taken before Redis binds it), Redis can.
+        port = process_group._hold_port(stack)
+        with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):
+            other.bind(("127.0.0.1", port))
+        redis = EmbeddedRedis(directory, tmp_path / "redis.log", port)
+        with trio.fail_after(30), pytest.RaisesGroup(EmbeddedRedisError) as raised:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(redis.run)
+                password = url.split("//:", 1)[1].split("@", 1)[0]
+                assert url == f"redis://:{password}@127.0.0.1:{port}/0"
+                assert oct((directory / "redis.conf").stat().st_mode & 0o777) == "0o600"
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(b"PING\r\n")
+                    assert (await stream.receive_some()).startswith(b"-NOAUTH")
+                assert await redis.answers()
+                # redis-server names itself by its address (the session's Redis is another).
+                title = f"redis-server 127.0.0.1:{port}".encode()
+                server = next(pid for pid in descendants(os.getpid()) if title in command_line(pid))
+                assert password.encode() not in command_line(server)  # ps shows command lines
+                os.kill(server, signal.SIGKILL)  # run() raises: a supervisor would restart it
+        assert str(raised.value.exceptions[0]) == "redis-server exited with status 137"
+        # Dead, its port is still held for it, and the restart binds it again.
+        with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):
+            other.bind(("127.0.0.1", port))
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(redis.run)
+                assert await redis.answers()
+                nursery.cancel_scope.cancel()
 
 
 def test_each_worker_gets_the_shared_services_and_its_own_metrics_port(data_dir: Path) -> None:

@@ -293,7 +293,8 @@ async def serve_processes(
             database_url = await _start_database(settings, supervisor, stack, report)
             redis_url = settings.redis_url
             if settings.redis is None:
-                redis = EmbeddedRedis(redis_dir, settings.data_dir / "redis.log", _free_port())
+                redis_port = _hold_port(stack)
+                redis = EmbeddedRedis(redis_dir, settings.data_dir / "redis.log", redis_port)
                 started = await supervisor.start_child(
                     ChildSpec("redis", redis.run, shutdown_timeout=30.0)
                 )
@@ -327,12 +328,21 @@ async def serve_processes(
             group.signal_workers()
 
 
-def _free_port() -> int:
-    """A port of 127.0.0.1 that was free a moment ago (Redis cannot share a held one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _hold_port(stack: contextlib.ExitStack) -> int:
+    """A port of 127.0.0.1 reserved for the embedded Redis while ``stack`` is open.
+
+    The socket is bound with SO_REUSEADDR and never listens: Linux then hands the port to
+    no other ``bind`` (a port-0 bind skips it, an explicit one fails), except one that also
+    sets SO_REUSEADDR while nothing listens on it, which ``redis-server`` does. So Redis
+    binds it, and binds it again when the supervisor restarts it, and no other process can
+    take it in between (a port picked and released would be a race with every process on
+    the machine that binds port 0).
+    """
+    sock = stack.enter_context(socket.socket())
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    return port
 
 
 async def _start_database(
