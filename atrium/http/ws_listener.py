@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
+import resource
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -61,6 +63,11 @@ RECEIVE_SIZE = 65536
 # accept() errors that say the process is out of something: wait, then accept again.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _NOT_FOUND = error_body("not_found", "No WebSocket endpoint at this path")
+# Past (open-file limit - OPEN_FILES_RESERVE) open files, a new connection is answered 503
+# server_busy: the reserve keeps files for the database, the main port and the refusals.
+OPEN_FILES_RESERVE = 1000
+RETRY_AFTER_SECONDS = 5
+_BUSY = error_body("server_busy", "This server holds all the connections it can; retry later")
 
 
 class Sessions(Protocol):
@@ -113,16 +120,21 @@ class ListenerConnection:
 
     # -- the opening handshake --------------------------------------------------------------
 
-    async def open(self) -> Handshake | DocumentHandshake | None:
+    async def open(self, *, busy: bool = False) -> Handshake | DocumentHandshake | None:
         """Read the upgrade request and answer it: 101 for ``/ws/{project_id}[/{user_id}]``
         and ``/ws/documents/{room}``, 404 for any other path, 400 (or wsproto's hint) for a
-        malformed request. Returns the handshake of an accepted connection, else None
-        (also on timeout or a peer that left); the caller then closes it."""
+        malformed request; when ``busy`` (near the open-file limit), 503 ``server_busy``
+        with ``Retry-After`` for every request. Returns the handshake of an accepted
+        connection, else None (also on timeout or a peer that left); the caller then
+        closes it."""
         shake = H11Handshake(ConnectionType.SERVER)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             while True:
                 for event in shake.events():
                     if isinstance(event, Request):
+                        if busy:
+                            await self._reject(shake, 503, _BUSY, RETRY_AFTER_SECONDS)
+                            return None
                         return await self._answer(shake, event)
                 data = await self._receive_some()
                 if not data:
@@ -145,20 +157,27 @@ class ListenerConnection:
             path, query, request.extra_headers
         ) or Handshake.parse(path, query, request.extra_headers)
         if handshake is None:
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(_NOT_FOUND)).encode()),
-            ]
-            await self._reply_handshake(
-                shake,
-                RejectConnection(status_code=404, headers=headers, has_body=True),
-                RejectData(data=_NOT_FOUND),
-            )
+            await self._reject(shake, 404, _NOT_FOUND)
             return None
         await self._write(shake.send(AcceptConnection()))
         self._ws = Connection(ConnectionType.SERVER)
         self._writable = True
         return handshake
+
+    async def _reject(
+        self, shake: H11Handshake, status: int, body: bytes, retry_after: int | None = None
+    ) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await self._reply_handshake(
+            shake,
+            RejectConnection(status_code=status, headers=headers, has_body=True),
+            RejectData(data=body),
+        )
 
     async def _reply_handshake(self, shake: H11Handshake, *events: Event) -> None:
         await self._write(b"".join(shake.send(event) for event in events))
@@ -361,12 +380,54 @@ class ListenerConnection:
                 return b""
 
 
+class OpenFiles:
+    """Whether the process is near its open-file limit, checked at each accept.
+
+    Open files are counted as the larger of the accepted socket's number plus one (the
+    kernel hands out the lowest free number, so every lower one is open) and the files
+    open when the listener started plus the connections it holds now.
+    """
+
+    __slots__ = ("limit", "reserve", "_base", "held", "_busy")
+
+    def __init__(self, limit: int | None = None, reserve: int = OPEN_FILES_RESERVE) -> None:
+        if limit is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
+        self.limit = limit
+        self.reserve = reserve
+        try:
+            self._base = len(os.listdir("/proc/self/fd"))
+        except OSError:  # no procfs: the socket numbers alone
+            self._base = 0
+        self.held = 0
+        self._busy = False
+
+    def busy(self, sock: socket.socket) -> bool:
+        """Whether a connection accepted as ``sock`` must be refused (503 server_busy)."""
+        open_files = max(sock.fileno() + 1, self._base + self.held)
+        busy = open_files > self.limit - self.reserve
+        if busy != self._busy:
+            self._busy = busy
+            if busy:
+                log.warning(
+                    "WebSocket listener refusing new connections (503 server_busy):"
+                    " %d open files, limit %d",
+                    open_files,
+                    self.limit,
+                )
+            else:
+                log.warning("WebSocket listener accepting connections again")
+        return busy
+
+
 async def _serve_connection(
     sessions: Sessions,
     documents: DocumentServing | None,
     sock: socket.socket,
     max_message_size: int,
     document_max_message_size: int,
+    busy: bool = False,
 ) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
     ``sessions.serve`` (a document's in ``documents.serve``). An exception never reaches
@@ -374,7 +435,7 @@ async def _serve_connection(
     conn = ListenerConnection(sock, max_message_size=max_message_size)
     try:
         try:
-            handshake = await conn.open()
+            handshake = await conn.open(busy=busy)
         except ConnectionGone:
             return  # the peer left during the handshake
         except Exception as error:
@@ -426,7 +487,8 @@ async def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[soc
 async def _accept_forever(
     listener: socket.socket,
     nursery: trio.Nursery,
-    handle: Callable[[socket.socket], Awaitable[None]],
+    handle: Callable[[socket.socket, bool], Awaitable[None]],
+    open_files: OpenFiles,
 ) -> None:
     while True:
         try:
@@ -440,7 +502,7 @@ async def _accept_forever(
             log.error("WebSocket listener cannot accept: %s; retrying", error)
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(handle, sock)
+        nursery.start_soon(handle, sock, open_files.busy(sock))
         await trio.lowlevel.checkpoint()
 
 
@@ -453,25 +515,34 @@ async def serve_listener(
     documents: DocumentServing | None = None,
     document_max_message_size: int | None = None,
     reuse_port: bool = False,
+    open_files: OpenFiles | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve workspaces (and, given ``documents``, live documents, whose messages may be
     up to ``document_max_message_size``) on ``host:port`` until cancelled;
     ``started(port)`` once listening (with port 0, the port of the first address ``host``
     resolves to). ``reuse_port``: share the port with other processes (SO_REUSEPORT;
-    ``run.py --workers``)."""
+    ``run.py --workers``). ``open_files``: when to refuse new connections (default:
+    ``OPEN_FILES_RESERVE`` below the process's soft open-file limit)."""
     document_max_size = document_max_message_size or max_message_size
+    files = open_files or OpenFiles()
     listeners = await _listening_sockets(host, port, reuse_port)
     try:
         bound = listeners[0].getsockname()[1]
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
-        async def handle(sock: socket.socket) -> None:
-            await _serve_connection(sessions, documents, sock, max_message_size, document_max_size)
+        async def handle(sock: socket.socket, busy: bool) -> None:
+            files.held += 1
+            try:
+                await _serve_connection(
+                    sessions, documents, sock, max_message_size, document_max_size, busy
+                )
+            finally:
+                files.held -= 1
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_forever, listener, nursery, handle)
+                nursery.start_soon(_accept_forever, listener, nursery, handle, files)
             task_status.started(bound)
     finally:
         for listener in listeners:
