@@ -55,6 +55,7 @@ import re  # noqa: E402
 import resource  # noqa: E402
 import secrets  # noqa: E402
 import select  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -104,7 +105,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fanout", type=float, default=20.0, help="seconds of fan-out")
     parser.add_argument("--rate", type=float, default=10_000.0, help="deliveries/s")
     parser.add_argument("--max-seconds", type=float, default=1200.0, help="loaders stop then")
-    parser.add_argument("--profile", help="py-spy record the (single) server to this SVG path")
+    parser.add_argument(
+        "--profile",
+        help="directory: py-spy records the (single) server's join storm and idle phase"
+        " there (collapsed stacks, join.txt and idle.txt; PY_SPY names the binary)",
+    )
     parser.add_argument("--loader", help=argparse.SUPPRESS)  # run as a load process
     return parser.parse_args(argv)
 
@@ -386,6 +391,24 @@ def open_loaders(
                 p.kill()
 
 
+@contextmanager
+def profiling(directory: str | None, name: str, pid: int) -> Iterator[None]:
+    """py-spy records ``pid`` during the block into ``directory/name.txt`` (collapsed
+    stacks: one line per stack, its sample count last)."""
+    if directory is None:
+        yield
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    argv = [os.environ.get("PY_SPY", "py-spy"), "record", "--format", "raw", "-r", "100"]
+    argv += ["--nonblocking", "--pid", str(pid), "-o", f"{directory}/{name}.txt"]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def serving(pid: int, mode: str) -> list[psutil.Process]:
     root = psutil.Process(pid)
     if mode == "single":
@@ -427,7 +450,11 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
         # The bench's one user per connection joins once; lifted as in every bench:
         # per-user bounds and HTTP rate limits (atrium_env). Heartbeats: shipped defaults.
     )
-    argv = [sys.executable, "run.py", "--port", str(port), "--data-dir", str(data_dir)]
+    # ATRIUM_RUN: a wrapper to run instead of run.py (tracemalloc: sent SIGUSR2 before the
+    # load, SIGUSR1 once everyone is connected), for experiments that must not live in run.py.
+    wrapper = os.environ.get("ATRIUM_RUN")
+    argv = [sys.executable, *([wrapper] if wrapper else []), "run.py"]
+    argv += ["--port", str(port), "--data-dir", str(data_dir)]
     if mode == "single":
         argv = ["taskset", "-c", "0", *argv]
         load_cpu = "1"
@@ -450,15 +477,13 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
         time.sleep(2.0)
         procs = serving(server.pid, mode)
         rss_before = rss(procs)
-        profiler = None
-        if args.profile and mode == "single":
-            profiler = subprocess.Popen(
-                ["py-spy", "record", "-o", args.profile, "--pid", str(server.pid), "-r", "200"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        if wrapper:
+            for p in procs:
+                p.send_signal(signal.SIGUSR2)
+        profile = args.profile if mode == "single" else None
         with open_loaders(work, seats, ws_port, loaders, args, load_cpu) as load:
-            joined = load.answers("joined")
+            with profiling(profile, "join", server.pid):
+                joined = load.answers("joined")
             held = sum(int(j[1]) for j in joined)
             first = min(float(j[2]) for j in joined)
             last = max(float(j[3]) for j in joined)
@@ -475,6 +500,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
                 print(f"  not joined: {dict(errors.most_common(5))}", flush=True)
             wait_quiet(procs)
             rss_after = rss(procs)
+            if wrapper:
+                for p in procs:
+                    p.send_signal(signal.SIGUSR1)
             kb = (rss_after - rss_before) / held / 1024
             print(
                 f"  memory: {kb:.1f} KB per connection"
@@ -482,7 +510,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
                 flush=True,
             )
             c0, t0 = cpu(procs), time.perf_counter()
-            time.sleep(args.idle)
+            with profiling(profile, "idle", server.pid):
+                time.sleep(args.idle)
             idle_cpu = (cpu(procs) - c0) / (time.perf_counter() - t0)
             load.tell("alive")
             alive = load.answers("alive")
@@ -513,9 +542,6 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
                 flush=True,
             )
             load.tell("stop")
-        if profiler is not None:
-            profiler.send_signal(2)
-            profiler.wait(timeout=60)
     print_load_average(f"after {mode}")
     return {
         "held": held,
