@@ -44,9 +44,11 @@ from ..seams.wsproto_server import (
     RejectConnection,
     RejectData,
     RemoteProtocolError,
+    NOT_SIMPLE,
     Request,
     TextMessage,
     binary_frame,
+    client_frame,
     text_frame,
 )
 from .json import error_body
@@ -99,9 +101,27 @@ class ListenerConnection:
     write, or an async write cancelled while it waited for the socket) is kept in
     ``_pending``; whoever writes next writes it first, so a frame is never torn. No
     extension is ever negotiated, so a data frame is a header and the payload.
+
+    Frames in: whole, simple frames (``client_frame``: final, masked, text or binary, in
+    the size limit) are read here; at the first other frame (a ping, a fragment, a close,
+    anything wrong) a wsproto ``Connection`` is made and reads the stream from there on,
+    as it does once the connection closes. An idle connection holds neither wsproto nor
+    the bytes it last received.
     """
 
-    __slots__ = ("_sock", "_ws", "_gate", "_pending", "_writable", "_max_size", "_buffer", "_size")
+    __slots__ = (
+        "_sock",
+        "_ws",
+        "_gate",
+        "_pending",
+        "_writable",
+        "_max_size",
+        "_buffer",
+        "_size",
+        "_unread",
+        "_drained",
+        "_yielded",
+    )
 
     def __init__(self, sock: socket.socket, *, max_message_size: int) -> None:
         sock.setblocking(False)
@@ -110,7 +130,10 @@ class ListenerConnection:
         except OSError:  # already reset by the peer: the first read says so
             pass
         self._sock = sock
-        self._ws: Connection | None = None  # wsproto, once the handshake is accepted
+        self._ws: Connection | None = None  # wsproto, from the first frame it must read
+        self._unread = b""  # bytes received and not read yet (before wsproto)
+        self._drained = False  # the last read emptied the socket: wait before reading
+        self._yielded = False  # this receive let other tasks run
         self._gate = trio.Lock()
         self._pending = b""
         self._writable = False  # True from the 101 until our close frame (or a dead socket)
@@ -160,7 +183,6 @@ class ListenerConnection:
             await self._reject(shake, 404, _NOT_FOUND)
             return None
         await self._write(shake.send(AcceptConnection()))
-        self._ws = Connection(ConnectionType.SERVER)
         self._writable = True
         return handshake
 
@@ -188,36 +210,83 @@ class ListenerConnection:
         """The next message. Answers pings and the peer's close on the way; closes with
         1009 a message over ``max_message_size`` and with the parser's code (1002, 1007)
         a broken stream. Raises ConnectionGone once the connection is closing or gone."""
-        await trio.lowlevel.checkpoint()  # a client that floods us must not starve the rest
-        ws = self._ws
-        assert ws is not None, "receive before the handshake"
+        self._yielded = False
         while self._writable:
-            for event in ws.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    self._size += len(event.data)
-                    if self._size > self._max_size:
-                        await self._send_event(
-                            CloseConnection(CloseReason.MESSAGE_TOO_BIG, "message_too_big")
-                        )
-                        raise ConnectionGone()
-                    message = self._message(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    await self._send_event(event.response())
-                elif isinstance(event, CloseConnection):
-                    # The peer's close frame (REMOTE_CLOSING: answer it), or a stream the
-                    # parser gave up on (still OPEN: close with its code, 1002 or 1007).
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        event = event.response()
-                    await self._send_event(event)
-                    raise ConnectionGone()
+            ws = self._ws
+            if ws is None:
+                found = client_frame(self._unread, self._max_size)
+                if found is NOT_SIMPLE:
+                    self._wsproto()
+                    continue
+                if found is not None:
+                    opcode, payload, taken = found
+                    if opcode == 1:
+                        try:
+                            text = payload.decode()
+                        except UnicodeDecodeError:
+                            self._wsproto()  # its 1007
+                            continue
+                    self._unread = self._unread[taken:]
+                    if not self._yielded:  # a client that floods us must not starve the rest
+                        await trio.lowlevel.checkpoint()
+                    return text if opcode == 1 else payload
+            else:
+                message = await self._wsproto_message(ws)
+                if message is not None:
+                    if not self._yielded:
+                        await trio.lowlevel.checkpoint()
+                    return message
+                if not self._writable:
+                    break
             data = await self._receive_some()
             if not data:
                 self._writable = False
                 raise ConnectionGone()
-            ws.receive_data(data)
+            if self._ws is None:
+                self._unread += data
+            else:  # made meanwhile (a close sent by the session)
+                self._ws.receive_data(data)
+            del data  # not held while the connection idles
         raise ConnectionGone()
+
+    def _wsproto(self) -> Connection:
+        """The wsproto ``Connection`` that reads the stream from now on (made now if
+        need be, given the bytes not read yet)."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = Connection(ConnectionType.SERVER)
+            if self._unread:
+                ws.receive_data(self._unread)
+                self._unread = b""
+        return ws
+
+    async def _wsproto_message(self, ws: Connection) -> str | bytes | None:
+        """The next message among wsproto's events, handling the others on the way; None
+        when it needs more bytes (or the connection is closing: ``_writable`` is False).
+        Raises ConnectionGone."""
+        for event in ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._size += len(event.data)
+                if self._size > self._max_size:
+                    await self._send_event(
+                        CloseConnection(CloseReason.MESSAGE_TOO_BIG, "message_too_big")
+                    )
+                    raise ConnectionGone()
+                message = self._message(event)
+                if message is not None:
+                    return message
+            elif isinstance(event, Ping):
+                await self._send_event(event.response())
+            elif isinstance(event, CloseConnection):
+                # The peer's close frame (REMOTE_CLOSING: answer it), or a stream the
+                # parser gave up on (still OPEN: close with its code, 1002 or 1007).
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    event = event.response()
+                await self._send_event(event)
+                raise ConnectionGone()
+            if not self._writable:
+                return None
+        return None
 
     def _message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
         """The message ``event`` completes, if it does (fragments are kept until then)."""
@@ -329,8 +398,7 @@ class ListenerConnection:
     async def _send_event(self, event: CloseConnection | Pong) -> None:
         """Send a control frame (a pong or a close) through the gate, within
         ``CLOSE_TIMEOUT``: a peer that does not take even that is gone."""
-        ws = self._ws
-        assert ws is not None
+        ws = self._wsproto()  # it keeps the close handshake's state
         with trio.move_on_after(CLOSE_TIMEOUT) as waited:
             async with self._gate:
                 if not self._writable:
@@ -370,14 +438,22 @@ class ListenerConnection:
                     raise
 
     async def _receive_some(self) -> bytes:
-        """Bytes from the socket, waiting for them; b"" once the peer is gone."""
+        """Bytes from the socket, waiting for them; b"" once the peer is gone. After a
+        read that emptied the socket, it waits first (a read would find nothing)."""
+        if self._drained:
+            self._yielded = True
+            await trio.lowlevel.wait_readable(self._sock)
         while True:
             try:
-                return self._sock.recv(RECEIVE_SIZE)
+                data = self._sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
+                self._yielded = True
                 await trio.lowlevel.wait_readable(self._sock)
+                continue
             except OSError:  # reset, or closed under us
                 return b""
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
 
 
 class OpenFiles:
@@ -448,7 +524,9 @@ async def _serve_connection(
                 conn.max_message_size = document_max_message_size
                 await documents.serve(conn, handshake, transport="listener")
         elif handshake is not None:
-            await sessions.serve(conn, handshake, transport="listener")
+            serving = sessions.serve(conn, handshake, transport="listener")
+            del handshake  # not held here for the connection's life (the token)
+            await serving
     finally:
         await conn.aclose()
 
