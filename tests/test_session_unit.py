@@ -190,6 +190,12 @@ class World:
             raise self.db_error
         return object() if session_id in self.live_sessions else None
 
+    async def session_member_role(
+        self, db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
+    ) -> tuple[bool, Role | None]:
+        live = await self.find_session_user(db, user_id, session_id) is not None
+        return live, await self.member_role(db, project_id, user_id)
+
     async def member_role(
         self, db: Database, project_id: uuid.UUID, user_id: uuid.UUID
     ) -> Role | None:
@@ -212,7 +218,9 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
     monkeypatch.setattr(
         "atrium.domain.realtime.accounts.find_session_user", world.find_session_user
     )
-    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", world.member_role)
+    monkeypatch.setattr(
+        "atrium.domain.realtime.projects.session_member_role", world.session_member_role
+    )
     return world
 
 
@@ -881,11 +889,13 @@ async def test_a_revocation_during_the_checks_still_reaches_the_connection(
     user = world.member()
     realtime = world.start()
 
-    async def revoked_meanwhile(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> Role:
+    async def revoked_meanwhile(
+        db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
+    ) -> tuple[bool, Role]:
         assert realtime.revoke_session(user.session_id) == 1
-        return Role.OWNER
+        return True, Role.OWNER
 
-    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", revoked_meanwhile)
+    monkeypatch.setattr("atrium.domain.realtime.projects.session_member_role", revoked_meanwhile)
     async with connection(realtime) as conn:
         conn.push({"type": "AUTH", "token": user.token()})
         assert await conn.rest() == []

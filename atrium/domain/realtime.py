@@ -501,9 +501,11 @@ class _LiveConnection:
         )
         if not admitted:
             raise Refused(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
-        if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
+        live, role = await projects.session_member_role(
+            self.rt.db, project_id, claims.user_id, claims.session_id
+        )
+        if not live:
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
-        role = await projects.member_role(self.rt.db, project_id, claims.user_id)
         if role is None:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
