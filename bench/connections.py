@@ -103,6 +103,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--join-concurrency", type=int, default=200, help="per loader")
     parser.add_argument("--idle", type=float, default=50.0, help="seconds of idle measurement")
     parser.add_argument("--fanout", type=float, default=20.0, help="seconds of fan-out")
+    parser.add_argument(
+        "--baseline", type=float, default=10.0, help="seconds of the server with no connection"
+    )
     parser.add_argument("--rate", type=float, default=10_000.0, help="deliveries/s")
     parser.add_argument("--max-seconds", type=float, default=1200.0, help="loaders stop then")
     parser.add_argument(
@@ -476,6 +479,12 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
             raise
         time.sleep(2.0)
         procs = serving(server.pid, mode)
+        # What the servers cost with no connection (job polling, pool pings): the idle
+        # figure is given with and without it.
+        c0, t0 = cpu(procs), time.perf_counter()
+        time.sleep(args.baseline)
+        empty_cpu = (cpu(procs) - c0) / (time.perf_counter() - t0)
+        print(f"  no connection: {empty_cpu * 100:.1f}% of a core", flush=True)
         rss_before = rss(procs)
         if wrapper:
             for p in procs:
@@ -518,9 +527,11 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
             still = sum(int(a[1]) for a in alive)
             pongs = sum(int(a[2]) for a in alive)
             per_20k = idle_cpu * 100 * 20_000 / max(still, 1)
+            net_20k = (idle_cpu - empty_cpu) * 100 * 20_000 / max(still, 1)
             print(
                 f"  idle: {idle_cpu * 100:.1f}% of a core over {args.idle:g} s for {still:,}"
-                f" connections = {per_20k:.1f}% per 20,000 ({pongs:,} PONGs so far)",
+                f" connections = {per_20k:.1f}% per 20,000; {net_20k:.1f}% per 20,000 over"
+                f" the server with no connection ({pongs:,} PONGs so far)",
                 flush=True,
             )
             per_project = max(1, held // args.projects)
@@ -529,7 +540,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
             load.tell(f"fanout {rate_per_sender} {args.fanout} 2.0")
             fanned = load.answers("fanned")
             fan_cpu = cpu(procs) - c0
-            latencies = [x for f in fanned for x in orjson.loads(f[3])]
+            latencies = sorted(x for f in fanned for x in orjson.loads(f[3]))
             deliveries = sum(int(f[2]) for f in fanned)
             sent = sum(int(f[1]) for f in fanned)
             p50 = nearest_rank_ms(latencies, 50)
@@ -549,6 +560,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
         "join_s": join_s,
         "kb": kb,
         "idle_pct_20k": per_20k,
+        "idle_net_20k": net_20k,
         "p99": p99,
         "rate": rate,
     }
@@ -576,12 +588,13 @@ def main(argv: list[str]) -> int:
                     migrate, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL
                 )
                 results[mode] = run_mode(mode, args, work, url)
-    print("\nmode      held / asked      KB/conn  joins/s  idle %/20k  p99 ms  (targets:"
+    print("\nmode      held / asked      KB/conn  joins/s  idle %/20k (net)  p99 ms  (targets:"
           " <12 KB, 50,000 in <60 s = 833/s, <5%, <50 ms)")  # fmt: skip
     for mode, r in results.items():
         print(
             f"{mode:8}  {r['held']:>6,.0f} / {r['count']:<6,.0f}  {r['kb']:7.1f}"
-            f"  {r['held'] / r['join_s']:7,.0f}  {r['idle_pct_20k']:10.1f}  {r['p99']:6.1f}"
+            f"  {r['held'] / r['join_s']:7,.0f}  {r['idle_pct_20k']:10.1f}"
+            f" ({r['idle_net_20k']:4.1f})  {r['p99']:6.1f}"
         )
     return 0
 
