@@ -277,9 +277,7 @@ class Load:
         return None
 
     def fanout(self, rate_per_sender: float, seconds: float, warmup: float) -> None:
-        senders = [
-            c for c, s in zip(self.conns, self.seats, strict=False) if s.sender and c.ready
-        ]
+        senders = [c for c, s in zip(self.conns, self.seats, strict=False) if s.sender and c.ready]
         now = time.perf_counter()
         interval = 1.0 / rate_per_sender if rate_per_sender > 0 else math.inf
         due = [(now + interval * i / max(len(senders), 1), i) for i in range(len(senders))]
@@ -297,8 +295,7 @@ class Load:
                 conn = senders[i]
                 stamp = int(time.perf_counter() * 1e6)
                 conn.send_text(
-                    b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":1,"column":%d}}'
-                    % stamp
+                    b'{"type":"CURSOR_UPDATE","position":{"file":"f","line":1,"column":%d}}' % stamp
                 )
                 sent += 1
                 heapq.heappush(due, (at + interval, i))
@@ -369,9 +366,7 @@ def open_loaders(
             plan = {
                 "port": ws_port,
                 "source": f"127.0.0.{2 + i}",
-                "seats": [
-                    (s.token, s.project, s.sender, s.members) for s in seats[i::count]
-                ],
+                "seats": [(s.token, s.project, s.sender, s.members) for s in seats[i::count]],
                 "concurrency": args.join_concurrency,
                 "max_seconds": args.max_seconds,
             }
@@ -584,9 +579,7 @@ def main(argv: list[str]) -> int:
             with embedded_postgres(work / f"pg-{mode}") as url:
                 migrate = [sys.executable, "run.py", "migrate"]
                 env = atrium_env(0, work / "migrate", url)
-                subprocess.run(
-                    migrate, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL
-                )
+                subprocess.run(migrate, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
                 results[mode] = run_mode(mode, args, work, url)
     print("\nmode      held / asked      KB/conn  joins/s  idle %/20k (net)  p99 ms  (targets:"
           " <12 KB, 50,000 in <60 s = 833/s, <5%, <50 ms)")  # fmt: skip

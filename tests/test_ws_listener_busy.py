@@ -18,11 +18,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from test_ws_listener import MAX_MESSAGE, Listener, Peer, Sessions
 from wsproto.events import AcceptConnection, RejectConnection, RejectData
 
 from atrium.http.ws_listener import RETRY_AFTER_SECONDS, OpenFiles, serve_listener
-
-from test_ws_listener import MAX_MESSAGE, Listener, Peer, Sessions
 
 CAP = 10.0
 BUSY_BODY = (

@@ -285,10 +285,14 @@ class ConnectionTimers:
     ``failures``.
     """
 
-    __slots__ = ("_heap", "_order", "_running", "_sleep", "_ping", "failures")
+    __slots__ = ("_heap", "_order", "_running", "_sleep", "_last", "_ping", "failures")
 
     # Between this many timers the task lets others run.
     _BATCH = 256
+    # Passes start at most this often: timers that fall due meanwhile run together, at
+    # most this late (connections that joined in a storm have their timers spread over
+    # it; a pass per timer cost a cancelled sleep each).
+    _GAP = 0.25
 
     def __init__(self, failures: ContainedFailures) -> None:
         # [when (trio clock), order, connection or None (cancelled)], a heap.
@@ -296,6 +300,7 @@ class ConnectionTimers:
         self._order = 0
         self._running = False
         self._sleep: trio.CancelScope | None = None
+        self._last = -math.inf  # when the last pass started (trio clock)
         self._ping: str | None = None  # this pass's PING frame, made once
         self.failures = failures
 
@@ -313,7 +318,7 @@ class ConnectionTimers:
                 self._run, name="atrium.realtime.timers", context=contextvars.Context()
             )
         elif self._sleep is not None and when < self._sleep.deadline:
-            self._sleep.deadline = when
+            self._sleep.deadline = max(when, self._last + self._GAP)
         return entry
 
     @staticmethod
@@ -331,19 +336,22 @@ class ConnectionTimers:
         try:
             while heap:
                 now = trio.current_time()
-                if heap[0][0] > now:
-                    with trio.CancelScope(deadline=heap[0][0]) as self._sleep:
+                due = max(heap[0][0], self._last + self._GAP)
+                if due > now:
+                    with trio.CancelScope(deadline=due) as self._sleep:
                         await trio.sleep_forever()
                     self._sleep = None
                     continue
+                self._last = now
                 self._ping = None
-                ran = 0
-                while heap and heap[0][0] <= now and ran < self._BATCH:
-                    connection = heapq.heappop(heap)[2]
-                    if connection is not None:
-                        ran += 1
-                        self._fire(connection, now)
-                await trio.lowlevel.checkpoint()
+                while heap and heap[0][0] <= now:
+                    ran = 0
+                    while heap and heap[0][0] <= now and ran < self._BATCH:
+                        connection = heapq.heappop(heap)[2]
+                        if connection is not None:
+                            ran += 1
+                            self._fire(connection, now)
+                    await trio.lowlevel.checkpoint()
         finally:
             self._running = False
             self._sleep = None

@@ -30,6 +30,7 @@ from ..domain.document_sessions import DocumentHandshake
 from ..domain.realtime import ConnectionGone, Handshake
 from ..realtime.outbox import PARTIAL, REFUSED, SENT
 from ..seams.wsproto_server import (
+    NOT_SIMPLE,
     AcceptConnection,
     BytesMessage,
     CloseConnection,
@@ -44,7 +45,6 @@ from ..seams.wsproto_server import (
     RejectConnection,
     RejectData,
     RemoteProtocolError,
-    NOT_SIMPLE,
     Request,
     TextMessage,
     binary_frame,
