@@ -485,6 +485,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
             for p in procs:
                 p.send_signal(signal.SIGUSR2)
         profile = args.profile if mode == "single" else None
+        join_cpu = cpu(procs)
         with open_loaders(work, seats, ws_port, loaders, args, load_cpu) as load:
             with profiling(profile, "join", server.pid):
                 joined = load.answers("joined")
@@ -495,9 +496,11 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
             for j in joined:
                 errors.update(orjson.loads(j[4]))
             join_s = last - first
+            join_cpu = cpu(procs) - join_cpu
             print(
                 f"  join storm: {held:,} of {count:,} joined in {join_s:.1f} s"
-                f" ({held / join_s:,.0f} joins/s); {loaders} load processes",
+                f" ({held / join_s:,.0f} joins/s); server CPU {join_cpu / held * 1e3:.2f} ms"
+                f" a join ({join_cpu / join_s * 100:.0f}% of a core); {loaders} load processes",
                 flush=True,
             )
             if errors:
