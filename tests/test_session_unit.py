@@ -23,6 +23,7 @@ import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
+import atrium.domain.realtime as realtime_module
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave
 from atrium.core.config import Settings
@@ -653,6 +654,30 @@ async def test_any_frame_counts_as_a_sign_of_life(autojump_clock: MockClock, wor
             conn.push({"type": "CURSOR_UPDATE", "position": {"file": "/a", "line": 1, "column": 1}})
         await ping(conn)
         assert conn.close_code is None
+
+
+async def test_a_timer_that_raises_ends_its_connection_with_1011_alone(
+    autojump_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every connection's timers run in one task: a bug in one connection's timer is that
+    # connection's failure (1011, counted), and the others' PINGs go on.
+    realtime = world.start(heartbeat_interval=25.0, heartbeat_timeout=60.0)
+    ann, bob = world.member(), world.member()
+    on_timer = realtime_module._LiveConnection._on_timer
+
+    def explode(connection: Any, now: float) -> None:
+        if connection.claims.user_id == ann.id:
+            raise RuntimeError("a bug in a timer")
+        on_timer(connection, now)
+
+    monkeypatch.setattr(realtime_module._LiveConnection, "_on_timer", explode)
+    async with joined(world, ann) as broken, joined(world, bob) as fine:
+        assert await broken.rest() == []
+        for _ in range(2):
+            assert (await fine.frame())["type"] == "PING"
+            fine.push({"type": "PONG"})
+    assert broken.closed == (1011, "internal_error")
+    assert realtime.failures.counts()["connection"] == 1
 
 
 # -- limits ---------------------------------------------------------------------------------
