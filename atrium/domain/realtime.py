@@ -304,9 +304,6 @@ class ConnectionTimers:
         self._ping: str | None = None  # this pass's PING frame, made once
         self.failures = failures
 
-    def __len__(self) -> int:
-        return sum(1 for entry in self._heap if entry[2] is not None)
-
     def set(self, connection: _LiveConnection, when: float) -> list[Any]:
         """Run ``connection.on_timer`` at ``when``; returns the entry to ``cancel``."""
         entry = [when, self._order, connection]
