@@ -27,6 +27,7 @@ from atrium.persistence.database import open_database
 from atrium.persistence.embedded import EmbeddedPostgresError, embedded_postgres
 from atrium.persistence.embedded_redis import EmbeddedRedisError
 from atrium.persistence.migrate import migrate
+from atrium.runtime.limits import raise_open_files
 from atrium.runtime.process_group import ProcessGroup, WorkerExited, serve_processes
 from atrium.runtime.root import Bound, serve, serve_worker, tune_gc
 from atrium.seams.aio_loop import open_loop
@@ -245,6 +246,9 @@ def main(argv: list[str]) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # pgserver narrates every pg_ctl call at INFO; its warnings are what an operator needs.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # Every WebSocket is an open file: serve up to the hard limit (each --workers
+    # process raises its own).
+    raise_open_files()
     if args.command == "migrate":
         with database_url(settings) as url:
             trio.run(run_migrate, settings, url)

@@ -33,6 +33,7 @@ _RECV_SIZE = 262_144
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 CONNECTING, UPGRADING, OPEN, CLOSED = range(4)
 
@@ -284,8 +285,11 @@ class Engine:
         headers: Mapping[str, str] | None = None,
         handler: Handler = _ignore,
         name: str = "",
+        source: str | None = None,
     ) -> Conn:
-        """Start connecting (non-blocking); the upgrade request goes out once connected."""
+        """Start connecting (non-blocking); the upgrade request goes out once connected.
+        ``source``: the local address to connect from (127.0.0.2, ...: each loopback
+        address has its own ephemeral ports)."""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {path} HTTP/1.1",
@@ -300,6 +304,10 @@ class Engine:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
+        if source is not None:
+            # The port is picked at connect, per destination: not one of bind's ~28,000.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
         conn = Conn(self, sock, request, handler, name)
         code = sock.connect_ex((host, port))
         if code not in (0, errno.EINPROGRESS):

@@ -103,7 +103,7 @@ async def test_unexpected_exception_closes_only_that_connection_with_1011(
                 raise ConnectionRefusedError("the database went away")
 
             with monkeypatch.context() as patch:
-                patch.setattr(atrium.domain.realtime.accounts, "find_session_user", refused)
+                patch.setattr(atrium.domain.realtime.projects, "session_member_role", refused)
                 for _ in range(7):
                     async with connect(team.url(), team.owner.token) as failing:
                         assert await failing.closed() == (1011, "internal_error")
@@ -139,7 +139,7 @@ async def test_failures_are_logged_once_with_context(
         async def refused(*args: object) -> None:
             raise ConnectionRefusedError("the database went away")
 
-        monkeypatch.setattr(atrium.domain.realtime.accounts, "find_session_user", refused)
+        monkeypatch.setattr(atrium.domain.realtime.projects, "session_member_role", refused)
         async with connect(team.url(), team.owner.token) as failing:
             assert await failing.closed() == (1011, "internal_error")
         records = [r for r in caplog.records if r.name == "atrium.failures"]

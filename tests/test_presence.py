@@ -437,6 +437,33 @@ async def presence_log(db: Any, project: uuid.UUID) -> list[tuple[str, uuid.UUID
     return [(e.type, e.actor_id) for e in stored if e.type in ("USER_JOIN", "USER_LEAVE")]
 
 
+async def test_presence_decided_here_takes_the_next_seqs_or_fails_on_a_deleted_project(
+    aio_loop: None, db: Any
+) -> None:
+    # Unversioned (one process's presence): stored in one statement, after what the log
+    # holds, in order; a deleted project stores nothing.
+    from atrium.core.projects import ProjectNotFound
+    from atrium.persistence.events import append_presence, last_seq
+    from atrium.realtime.presence import presence_event
+
+    project, ann, bob = await two_users(db)
+    join, leave = EventType.USER_JOIN, EventType.USER_LEAVE
+    before = await last_seq(db, project)
+    stored = await append_presence(
+        db, project, [presence_event(join, ann, "ann"), presence_event(join, bob, "bob")],
+        notify=False,
+    )  # fmt: skip
+    assert [(e.seq, e.type, e.actor_id) for e in stored] == [
+        (before + 1, join, ann),
+        (before + 2, join, bob),
+    ]
+    assert await last_seq(db, project) == before + 2
+    await db.execute("UPDATE projects SET deleted_at = now() WHERE id = $1", project)
+    with pytest.raises(ProjectNotFound):
+        await append_presence(db, project, [presence_event(leave, ann, "ann")], notify=False)
+    assert await presence_log(db, project) == [(join, ann), (join, bob)]
+
+
 async def test_a_leave_the_reaper_stores_after_the_users_next_join_is_dropped(
     aio_loop: None, db: Any, redis_url: str
 ) -> None:

@@ -845,6 +845,36 @@ def test_wsproto_binary_frames_are_the_ones_wsproto_sends() -> None:
         _wsproto(ours == theirs, f"a {size}-byte binary frame differs from wsproto's")
 
 
+def test_client_frame_reads_what_a_wsproto_client_sends() -> None:
+    """``client_frame`` reads a client's simple frames as wsproto would (masked by
+    wsproto's client, every length form it takes); a frame not yet whole is None; any
+    other frame is wsproto's (``NOT_SIMPLE``)."""
+    limit = 65_535
+    for size in (0, 2, 125, 126, 1000, 65_535):  # bytes
+        text = "é" + "x" * (size - 2) if size else ""
+        for message, opcode, payload in (
+            (TextMessage(data=text), 1, text.encode()),
+            (BytesMessage(data=bytes(size)), 2, bytes(size)),
+        ):
+            frame = Connection(ConnectionType.CLIENT).send(message)
+            found = wsproto_server.client_frame(frame + b"next", limit)
+            assert found == (opcode, payload, len(frame)), size
+            assert wsproto_server.client_frame(frame[:-1], limit) is None
+    client = Connection(ConnectionType.CLIENT)
+    others = [
+        client.send(Ping(b"p")),
+        client.send(TextMessage(data="part", message_finished=False)),
+        client.send(TextMessage(data="x" * 100_000)),  # a 64-bit length
+        Connection(ConnectionType.SERVER).send(TextMessage(data="unmasked")),
+        bytes([0xC1, 0x80]) + bytes(4),  # a reserved bit
+        client.send(CloseConnection(code=1000)),
+    ]
+    for frame in others:
+        assert wsproto_server.client_frame(frame, limit) is wsproto_server.NOT_SIMPLE
+    big = Connection(ConnectionType.CLIENT).send(TextMessage(data="x" * 2000))
+    assert wsproto_server.client_frame(big, 1999) is wsproto_server.NOT_SIMPLE  # wsproto's 1009
+
+
 def test_wsproto_handshake_and_connection_behave_as_the_listener_expects() -> None:
     shake = H11Handshake(ConnectionType.SERVER)
     shake.receive_data(_UPGRADE)

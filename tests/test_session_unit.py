@@ -24,6 +24,7 @@ import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
+import atrium.domain.realtime as realtime_module
 from atrium.actors import ActorStopped, AskTimeout
 from atrium.actors.workspace import Cursor, Edit, Join, Leave
 from atrium.core.config import Settings
@@ -199,6 +200,12 @@ class World:
             raise self.db_error
         return object() if session_id in self.live_sessions else None
 
+    async def session_member_role(
+        self, db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
+    ) -> tuple[bool, Role | None]:
+        live = await self.find_session_user(db, user_id, session_id) is not None
+        return live, await self.member_role(db, project_id, user_id)
+
     async def member_role(
         self, db: Database, project_id: uuid.UUID, user_id: uuid.UUID
     ) -> Role | None:
@@ -221,7 +228,9 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
     monkeypatch.setattr(
         "atrium.domain.realtime.accounts.find_session_user", world.find_session_user
     )
-    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", world.member_role)
+    monkeypatch.setattr(
+        "atrium.domain.realtime.projects.session_member_role", world.session_member_role
+    )
     return world
 
 
@@ -673,6 +682,30 @@ async def test_any_frame_counts_as_a_sign_of_life(autojump_clock: MockClock, wor
         assert conn.close_code is None
 
 
+async def test_a_timer_that_raises_ends_its_connection_with_1011_alone(
+    autojump_clock: MockClock, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every connection's timers run in one task: a bug in one connection's timer is that
+    # connection's failure (1011, counted), and the others' PINGs go on.
+    realtime = world.start(heartbeat_interval=25.0, heartbeat_timeout=60.0)
+    ann, bob = world.member(), world.member()
+    on_timer = realtime_module._LiveConnection._on_timer
+
+    def explode(connection: Any, now: float) -> None:
+        if connection.claims.user_id == ann.id:
+            raise RuntimeError("a bug in a timer")
+        on_timer(connection, now)
+
+    monkeypatch.setattr(realtime_module._LiveConnection, "_on_timer", explode)
+    async with joined(world, ann) as broken, joined(world, bob) as fine:
+        assert await broken.rest() == []
+        for _ in range(2):
+            assert (await fine.frame())["type"] == "PING"
+            fine.push({"type": "PONG"})
+    assert broken.closed == (1011, "internal_error")
+    assert realtime.failures.counts()["connection"] == 1
+
+
 # -- limits ---------------------------------------------------------------------------------
 
 
@@ -906,11 +939,13 @@ async def test_a_revocation_during_the_checks_still_reaches_the_connection(
     user = world.member()
     realtime = world.start()
 
-    async def revoked_meanwhile(db: Database, project_id: uuid.UUID, user_id: uuid.UUID) -> Role:
+    async def revoked_meanwhile(
+        db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
+    ) -> tuple[bool, Role]:
         assert realtime.revoke_session(user.session_id) == 1
-        return Role.OWNER
+        return True, Role.OWNER
 
-    monkeypatch.setattr("atrium.domain.realtime.projects.member_role", revoked_meanwhile)
+    monkeypatch.setattr("atrium.domain.realtime.projects.session_member_role", revoked_meanwhile)
     async with connection(realtime) as conn:
         conn.push({"type": "AUTH", "token": user.token()})
         assert await conn.rest() == []

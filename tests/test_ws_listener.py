@@ -278,6 +278,27 @@ async def test_messages_in_text_binary_and_fragments(listener: Listener, peer: P
     served.done.set()
 
 
+async def test_frames_split_across_reads_and_a_ping_between_them(
+    listener: Listener, peer: Peer
+) -> None:
+    # Simple frames are read without wsproto until the first other one (the ping, in the
+    # middle of one write): from there wsproto reads the rest of the same bytes.
+    served = await accepted(listener, peer)
+    medium = "m" * 300  # a 16-bit length
+    data = peer.ws.send(TextMessage("a")) + peer.ws.send(BytesMessage(b"\x00" * 200))
+    data += peer.ws.send(TextMessage(medium))
+    for i in range(len(data)):  # a byte at a time
+        await peer.stream.send_all(data[i : i + 1])
+    await peer.stream.send_all(
+        peer.ws.send(TextMessage("b")) + peer.ws.send(Ping(b"p")) + peer.ws.send(TextMessage("c"))
+    )
+    with trio.fail_after(CAP):
+        received = [await served.conn.receive() for _ in range(5)]
+    assert received == ["a", b"\x00" * 200, medium, "b", "c"]
+    assert await peer.event() == Pong(b"p")
+    served.done.set()
+
+
 async def test_ping_is_answered_with_its_payload(listener: Listener, peer: Peer) -> None:
     served = await accepted(listener, peer)
     await peer.send(Ping(b"are you there"))

@@ -9,6 +9,8 @@ the per-connection send task — lives here and is the same for every transport.
 
 from __future__ import annotations
 
+import contextvars
+import heapq
 import logging
 import math
 import time
@@ -207,6 +209,7 @@ class Realtime:
         )
         self.failures = failures or ContainedFailures()
         self.metrics = metrics or Metrics()
+        self.timers = ConnectionTimers(self.failures)
         self.active = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -227,12 +230,15 @@ class Realtime:
         gauge = metrics.ws_open_by_transport.get(transport) or metrics.ws_open.labels(transport)
         gauge.inc()
         connection = _LiveConnection(self, conn, handshake)
+        # Not held for the connection's life (its headers hold the token): the connection
+        # lets go of it once open.
+        del handshake
         try:
             # Every line about this connection, from any of its tasks, carries these.
             with log_context(
                 connection_id=uuid.uuid4().hex[:16],
                 transport=transport,
-                project_id=handshake.project_id[:64],
+                project_id=connection.project,
             ):
                 try:
                     await connection.run()
@@ -267,16 +273,110 @@ class Realtime:
         return self.connections.revoke_session(session_id)
 
 
+class ConnectionTimers:
+    """Every live connection's next timer (heartbeat, token expiry), run by one task.
+
+    A connection's timers fire every ``heartbeat_interval`` (25 s by default) whether or
+    not anything else happens, so they are kept here rather than in the connection's own
+    task: a timer that fires writes its PING straight to the socket (``Outbox.direct``)
+    from this task, and the connection's task sleeps on its socket, untouched (no
+    cancellation, no wake-up, no cancel scope per receive). The task is started when the
+    first timer is set and ends when none is left; it is a system task (a connection has
+    no nursery that outlives it, and the transports have different ones), so nothing may
+    escape it: a timer that raises ends its connection with 1011, counted in
+    ``failures``.
+    """
+
+    __slots__ = ("_heap", "_order", "_running", "_sleep", "_last", "_ping", "failures")
+
+    # Between this many timers the task lets others run.
+    _BATCH = 256
+    # Passes start at most this often: timers that fall due meanwhile run together, at
+    # most this late (connections that joined in a storm have their timers spread over
+    # it; a pass per timer cost a cancelled sleep each).
+    _GAP = 0.25
+
+    def __init__(self, failures: ContainedFailures) -> None:
+        # [when (trio clock), order, connection or None (cancelled)], a heap.
+        self._heap: list[list[Any]] = []
+        self._order = 0
+        self._running = False
+        self._sleep: trio.CancelScope | None = None
+        self._last = -math.inf  # when the last pass started (trio clock)
+        self._ping: str | None = None  # this pass's PING frame, made once
+        self.failures = failures
+
+    def set(self, connection: _LiveConnection, when: float) -> list[Any]:
+        """Run ``connection.on_timer`` at ``when``; returns the entry to ``cancel``."""
+        entry = [when, self._order, connection]
+        self._order += 1
+        heapq.heappush(self._heap, entry)
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(
+                self._run, name="atrium.realtime.timers", context=contextvars.Context()
+            )
+        elif self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = max(when, self._last + self._GAP)
+        return entry
+
+    @staticmethod
+    def cancel(entry: list[Any]) -> None:
+        entry[2] = None  # popped in its time, never run
+
+    def ping_frame(self) -> str:
+        """The PING of the timers running now (one timestamp per pass)."""
+        if self._ping is None:
+            self._ping = protocol.encode({"type": "PING", "timestamp": utc_now_iso()})
+        return self._ping
+
+    async def _run(self) -> None:
+        heap = self._heap
+        try:
+            while heap:
+                now = trio.current_time()
+                due = max(heap[0][0], self._last + self._GAP)
+                if due > now:
+                    with trio.CancelScope(deadline=due) as self._sleep:
+                        await trio.sleep_forever()
+                    self._sleep = None
+                    continue
+                self._last = now
+                self._ping = None
+                while heap and heap[0][0] <= now:
+                    ran = 0
+                    while heap and heap[0][0] <= now and ran < self._BATCH:
+                        connection = heapq.heappop(heap)[2]
+                        if connection is not None:
+                            ran += 1
+                            self._fire(connection, now)
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._running = False
+            self._sleep = None
+
+    def _fire(self, connection: _LiveConnection, now: float) -> None:
+        try:
+            connection.on_timer(now)
+        except Exception as error:
+            self.failures.record("connection", error, connection.context("timer"))
+            connection.outbox.close(CloseCode.INTERNAL_ERROR, "internal_error", flush=False)
+
+
 class _LiveConnection:
     """One WebSocket connection to a workspace: open (origin, token, membership, Join),
-    then a receive loop that keeps time and a send task that drains its ``Outbox``."""
+    then a receive loop; frames go out straight from the workspace's task when the
+    transport can write without waiting (``DirectWrite``), else through a send task that
+    drains the ``Outbox``, started when something is queued. Its timers run in
+    ``ConnectionTimers``."""
 
-    # Slots: an idle connection's memory is mostly its tasks and these objects.
+    # Slots: an idle connection's memory is mostly its task and these objects.
     __slots__ = (
         "rt",
         "settings",
         "conn",
         "handshake",
+        "project",
         "outbox",
         "claims",
         "expires_at",
@@ -287,7 +387,11 @@ class _LiveConnection:
         "actor",
         "subscriber",
         "batch",
+        "_nursery",
+        "_sender",
         "_sending",
+        "_close_deadline",
+        "_timer",
         "_next_ping",
         "_warned_for",
         "closed",
@@ -297,7 +401,8 @@ class _LiveConnection:
         self.rt = realtime
         self.settings = realtime.settings
         self.conn = conn
-        self.handshake = handshake
+        self.handshake: Handshake | None = handshake  # until open
+        self.project = handshake.project_id[:64]
         self.outbox: Outbox[str] = Outbox(realtime.settings.send_queue)
         self.claims: Claims | None = None
         self.expires_at = 0.0  # trio clock
@@ -309,11 +414,16 @@ class _LiveConnection:
         self.actor: WorkspaceActor | None = None
         self.subscriber: Subscriber | None = None
         self.batch = False
-        self._sending = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None  # while the connection is open
+        self._sender = False  # a send task runs
+        self._sending: trio.CancelScope | None = None  # its scope, while it sends
+        self._close_deadline = math.inf  # when a close stops sending (trio clock)
+        self._timer: list[Any] | None = None  # in ConnectionTimers
         self._next_ping = 0.0  # trio clock
         self._warned_for: float | None = None  # the expiry a TOKEN_EXPIRING was sent for
         self.closed = False  # a close frame was sent (else the peer ended it: metrics)
         self.outbox.on_close = self._closing
+        self.outbox.on_ready = self._start_sender
 
     async def run(self) -> None:
         try:
@@ -328,11 +438,19 @@ class _LiveConnection:
                 return
             except ConnectionGone:
                 return
-            # Two tasks per connection: this one receives and keeps time, one sends.
+            # This task receives; a send task runs while frames wait for the socket.
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                self._nursery = nursery
+                if len(self.outbox) or self.outbox.owed or self.outbox.closing:
+                    self._start_sender()  # the Join's PRESENCE_STATE, or a close
+                self._next_ping = trio.current_time() + self.settings.heartbeat_interval
+                self._set_timer()
                 await self._receive_loop(nursery.cancel_scope)
         finally:
+            self._nursery = None
+            if self._timer is not None:
+                ConnectionTimers.cancel(self._timer)
+                self._timer = None
             # Out of the index before the Leave: once others see this user leave, the
             # user's connection count here already dropped.
             self.rt.connections.release(self.outbox)
@@ -344,7 +462,7 @@ class _LiveConnection:
         claims = self.claims
         return {
             "transport": transport,
-            "project_id": self.handshake.project_id[:64],
+            "project_id": self.project,
             "user_id": None if claims is None else str(claims.user_id),
         }
 
@@ -359,6 +477,8 @@ class _LiveConnection:
 
     async def _open(self) -> None:
         hs = self.handshake
+        assert hs is not None
+        self.handshake = None  # its headers (the token) are not kept
         origin = hs.headers.get("origin")
         if origin and not origin_allowed(origin, hs.headers.get("host"), self.rt.allowed_origins):
             raise Refused(CloseCode.FORBIDDEN, "origin_not_allowed")
@@ -388,9 +508,11 @@ class _LiveConnection:
         )
         if not admitted:
             raise Refused(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
-        if await accounts.find_session_user(self.rt.db, claims.user_id, claims.session_id) is None:
+        live, role = await projects.session_member_role(
+            self.rt.db, project_id, claims.user_id, claims.session_id
+        )
+        if not live:
             raise Refused(CloseCode.UNAUTHORIZED, "session_revoked")
-        role = await projects.member_role(self.rt.db, project_id, claims.user_id)
         if role is None:
             raise Refused(CloseCode.PROJECT_NOT_FOUND, "project_not_found")
         self._accept_token(claims)
@@ -444,27 +566,68 @@ class _LiveConnection:
         self.rt.connections.renew(self.outbox, claims.session_id)
         self.claims = claims
         self.expires_at = trio.current_time() + (claims.expires_at - time.time())
+        if self._timer is not None:  # open: the token's timer moves
+            self._set_timer()
 
     # -- running ----------------------------------------------------------------------------
 
-    async def _send_loop(self, scope: trio.CancelScope) -> None:
-        outbox = self.outbox
-        if await drain_outbox(outbox, self._send_frames, self.conn.flush, self._sending):
-            assert outbox.close_code is not None
-            await self._close(outbox.close_code, outbox.close_reason)
-        scope.cancel()
+    def _start_sender(self) -> None:
+        """Start the send task, unless it runs (or the connection is not open yet: it
+        starts then if frames wait)."""
+        if not self._sender and self._nursery is not None:
+            self._sender = True
+            self._nursery.start_soon(self._send_loop)
 
-    async def _send_frames(self, frames: list[str]) -> None:
-        if self.batch:
-            await self.conn.send("[" + ",".join(frames) + "]")
-            self.outbox.sent += 1
-        else:
-            for frame in frames:
-                await self.conn.send(frame)
-            self.outbox.sent += len(frames)
+    async def _send_loop(self) -> None:
+        """Send what is queued or owed, then end (a transport that writes directly) or
+        wait for more (one that does not); close the connection once a close is asked
+        for, after the queued frames unless it said not to wait for them."""
+        outbox, conn, nursery = self.outbox, self.conn, self._nursery
+        assert nursery is not None
+        scope = self._sending = trio.CancelScope()
+        if outbox.closing:
+            scope.deadline = self._close_deadline
+        try:
+            with scope:
+                while True:
+                    if outbox.owed:
+                        outbox.owed = False
+                        await conn.flush()
+                    frames = outbox.take()
+                    if frames:
+                        if self.batch:
+                            await conn.send("[" + ",".join(frames) + "]")
+                            outbox.sent += 1
+                        else:
+                            for frame in frames:
+                                await conn.send(frame)
+                            del frame
+                            outbox.sent += len(frames)
+                        del frames  # not held while the connection idles
+                    elif outbox.owed:
+                        continue
+                    elif outbox.closing:
+                        break
+                    elif outbox.direct is not None:
+                        # Idle: the task ends; the next frame that must wait starts one.
+                        self._sending = None
+                        self._sender = False
+                        return
+                    else:
+                        await outbox.wait()
+        except ConnectionGone:
+            nursery.cancel_scope.cancel()
+            return
+        assert outbox.close_code is not None
+        await self._close(outbox.close_code, outbox.close_reason)
+        nursery.cancel_scope.cancel()
 
     def _closing(self, flush: bool) -> None:
-        stop_sending(self._sending, flush)
+        # A blocked send (a client that stopped reading) must not hold up a close: stop
+        # sending at once when nothing is to be flushed, else after a short grace.
+        self._close_deadline = trio.current_time() + _CLOSE_TIMEOUT if flush else -math.inf
+        if self._sending is not None:
+            self._sending.deadline = min(self._sending.deadline, self._close_deadline)
 
     async def _close(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -478,25 +641,17 @@ class _LiveConnection:
             await self.conn.close(code, reason)
 
     async def _receive_loop(self, scope: trio.CancelScope) -> None:
-        """Receive frames; between them, run the timers (heartbeat, token expiry).
-
-        The timers live here rather than in a task of their own (a task is about 2 KB of
-        every idle connection): a receive is cut short at the next timer's deadline, and
-        an AUTH frame, which moves a deadline, is handled in this same task.
-        """
+        """Receive frames and act on them until the connection ends. Timers run in
+        ``ConnectionTimers``: this task wakes for frames alone."""
         receive = self.conn.receive
         count_in = self.rt.metrics.ws_frames_in.inc
-        self._next_ping = trio.current_time() + self.settings.heartbeat_interval
         try:
             while True:
-                with trio.move_on_at(self._timer_deadline()) as timer:
-                    raw = await receive()
-                if timer.cancelled_caught:
-                    self._on_timer()
-                    continue
+                raw = await receive()
                 self.last_activity = trio.current_time()
                 count_in()
                 await self._on_frame(raw)
+                del raw  # not held while the connection idles
         except ConnectionGone:
             scope.cancel()
 
@@ -580,6 +735,22 @@ class _LiveConnection:
             )
         )
 
+    def _set_timer(self) -> None:
+        """(Re)set this connection's timer to ``_timer_deadline``."""
+        timers = self.rt.timers
+        if self._timer is not None:
+            timers.cancel(self._timer)
+            self._timer = None
+        when = self._timer_deadline()
+        if when != math.inf:
+            self._timer = timers.set(self, when)
+
+    def on_timer(self, now: float) -> None:
+        """Called by ``ConnectionTimers`` when the timer is due."""
+        self._timer = None
+        self._on_timer(now)
+        self._set_timer()
+
     def _timer_deadline(self) -> float:
         """When ``_on_timer`` is next due (trio clock)."""
         if self.outbox.closing:
@@ -590,7 +761,7 @@ class _LiveConnection:
             token_at = self.expires_at - self.settings.token_warning
         return min(self._next_ping, token_at)
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, now: float) -> None:
         """Heartbeats and token expiry.
 
         Every ``heartbeat_interval`` a PING goes out, unless the client has been silent for
@@ -599,12 +770,11 @@ class _LiveConnection:
         ``expires_at``) by expiry plus ``token_grace``, the connection closes with 4007.
         """
         settings = self.settings
-        now = trio.current_time()
         if now >= self._next_ping:
             if now - self.last_activity >= settings.heartbeat_timeout:
                 self.outbox.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat_timeout", flush=False)
                 return
-            self._reply(protocol.encode({"type": "PING", "timestamp": utc_now_iso()}))
+            self._reply(self.rt.timers.ping_frame())
             self._next_ping = now + settings.heartbeat_interval
         if self._warned_for == self.expires_at:
             if now >= self.expires_at + settings.token_grace:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
+import resource
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -28,6 +30,7 @@ from ..domain.document_sessions import DocumentHandshake
 from ..domain.realtime import ConnectionGone, Handshake
 from ..realtime.outbox import PARTIAL, REFUSED, SENT
 from ..seams.wsproto_server import (
+    NOT_SIMPLE,
     AcceptConnection,
     BytesMessage,
     CloseConnection,
@@ -45,6 +48,7 @@ from ..seams.wsproto_server import (
     Request,
     TextMessage,
     binary_frame,
+    client_frame,
     text_frame,
 )
 from .json import error_body
@@ -61,6 +65,11 @@ RECEIVE_SIZE = 65536
 # accept() errors that say the process is out of something: wait, then accept again.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _NOT_FOUND = error_body("not_found", "No WebSocket endpoint at this path")
+# Past (open-file limit - OPEN_FILES_RESERVE) open files, a new connection is answered 503
+# server_busy: the reserve keeps files for the database, the main port and the refusals.
+OPEN_FILES_RESERVE = 1000
+RETRY_AFTER_SECONDS = 5
+_BUSY = error_body("server_busy", "This server holds all the connections it can; retry later")
 
 
 class Sessions(Protocol):
@@ -92,9 +101,27 @@ class ListenerConnection:
     write, or an async write cancelled while it waited for the socket) is kept in
     ``_pending``; whoever writes next writes it first, so a frame is never torn. No
     extension is ever negotiated, so a data frame is a header and the payload.
+
+    Frames in: whole, simple frames (``client_frame``: final, masked, text or binary, in
+    the size limit) are read here; at the first other frame (a ping, a fragment, a close,
+    anything wrong) a wsproto ``Connection`` is made and reads the stream from there on,
+    as it does once the connection closes. An idle connection holds neither wsproto nor
+    the bytes it last received.
     """
 
-    __slots__ = ("_sock", "_ws", "_gate", "_pending", "_writable", "_max_size", "_buffer", "_size")
+    __slots__ = (
+        "_sock",
+        "_ws",
+        "_gate",
+        "_pending",
+        "_writable",
+        "_max_size",
+        "_buffer",
+        "_size",
+        "_unread",
+        "_drained",
+        "_yielded",
+    )
 
     def __init__(self, sock: socket.socket, *, max_message_size: int) -> None:
         sock.setblocking(False)
@@ -103,7 +130,10 @@ class ListenerConnection:
         except OSError:  # already reset by the peer: the first read says so
             pass
         self._sock = sock
-        self._ws: Connection | None = None  # wsproto, once the handshake is accepted
+        self._ws: Connection | None = None  # wsproto, from the first frame it must read
+        self._unread = b""  # bytes received and not read yet (before wsproto)
+        self._drained = False  # the last read emptied the socket: wait before reading
+        self._yielded = False  # this receive let other tasks run
         self._gate = trio.Lock()
         self._pending = b""
         self._writable = False  # True from the 101 until our close frame (or a dead socket)
@@ -113,16 +143,21 @@ class ListenerConnection:
 
     # -- the opening handshake --------------------------------------------------------------
 
-    async def open(self) -> Handshake | DocumentHandshake | None:
+    async def open(self, *, busy: bool = False) -> Handshake | DocumentHandshake | None:
         """Read the upgrade request and answer it: 101 for ``/ws/{project_id}[/{user_id}]``
         and ``/ws/documents/{room}``, 404 for any other path, 400 (or wsproto's hint) for a
-        malformed request. Returns the handshake of an accepted connection, else None
-        (also on timeout or a peer that left); the caller then closes it."""
+        malformed request; when ``busy`` (near the open-file limit), 503 ``server_busy``
+        with ``Retry-After`` for every request. Returns the handshake of an accepted
+        connection, else None (also on timeout or a peer that left); the caller then
+        closes it."""
         shake = H11Handshake(ConnectionType.SERVER)
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             while True:
                 for event in shake.events():
                     if isinstance(event, Request):
+                        if busy:
+                            await self._reject(shake, 503, _BUSY, RETRY_AFTER_SECONDS)
+                            return None
                         return await self._answer(shake, event)
                 data = await self._receive_some()
                 if not data:
@@ -145,20 +180,26 @@ class ListenerConnection:
             path, query, request.extra_headers
         ) or Handshake.parse(path, query, request.extra_headers)
         if handshake is None:
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(_NOT_FOUND)).encode()),
-            ]
-            await self._reply_handshake(
-                shake,
-                RejectConnection(status_code=404, headers=headers, has_body=True),
-                RejectData(data=_NOT_FOUND),
-            )
+            await self._reject(shake, 404, _NOT_FOUND)
             return None
         await self._write(shake.send(AcceptConnection()))
-        self._ws = Connection(ConnectionType.SERVER)
         self._writable = True
         return handshake
+
+    async def _reject(
+        self, shake: H11Handshake, status: int, body: bytes, retry_after: int | None = None
+    ) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await self._reply_handshake(
+            shake,
+            RejectConnection(status_code=status, headers=headers, has_body=True),
+            RejectData(data=body),
+        )
 
     async def _reply_handshake(self, shake: H11Handshake, *events: Event) -> None:
         await self._write(b"".join(shake.send(event) for event in events))
@@ -169,36 +210,83 @@ class ListenerConnection:
         """The next message. Answers pings and the peer's close on the way; closes with
         1009 a message over ``max_message_size`` and with the parser's code (1002, 1007)
         a broken stream. Raises ConnectionGone once the connection is closing or gone."""
-        await trio.lowlevel.checkpoint()  # a client that floods us must not starve the rest
-        ws = self._ws
-        assert ws is not None, "receive before the handshake"
+        self._yielded = False
         while self._writable:
-            for event in ws.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    self._size += len(event.data)
-                    if self._size > self._max_size:
-                        await self._send_event(
-                            CloseConnection(CloseReason.MESSAGE_TOO_BIG, "message_too_big")
-                        )
-                        raise ConnectionGone()
-                    message = self._message(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    await self._send_event(event.response())
-                elif isinstance(event, CloseConnection):
-                    # The peer's close frame (REMOTE_CLOSING: answer it), or a stream the
-                    # parser gave up on (still OPEN: close with its code, 1002 or 1007).
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        event = event.response()
-                    await self._send_event(event)
-                    raise ConnectionGone()
+            ws = self._ws
+            if ws is None:
+                found = client_frame(self._unread, self._max_size)
+                if found is NOT_SIMPLE:
+                    self._wsproto()
+                    continue
+                if found is not None:
+                    opcode, payload, taken = found
+                    if opcode == 1:
+                        try:
+                            text = payload.decode()
+                        except UnicodeDecodeError:
+                            self._wsproto()  # its 1007
+                            continue
+                    self._unread = self._unread[taken:]
+                    if not self._yielded:  # a client that floods us must not starve the rest
+                        await trio.lowlevel.checkpoint()
+                    return text if opcode == 1 else payload
+            else:
+                message = await self._wsproto_message(ws)
+                if message is not None:
+                    if not self._yielded:
+                        await trio.lowlevel.checkpoint()
+                    return message
+                if not self._writable:
+                    break
             data = await self._receive_some()
             if not data:
                 self._writable = False
                 raise ConnectionGone()
-            ws.receive_data(data)
+            if self._ws is None:
+                self._unread += data
+            else:  # made meanwhile (a close sent by the session)
+                self._ws.receive_data(data)
+            del data  # not held while the connection idles
         raise ConnectionGone()
+
+    def _wsproto(self) -> Connection:
+        """The wsproto ``Connection`` that reads the stream from now on (made now if
+        need be, given the bytes not read yet)."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = Connection(ConnectionType.SERVER)
+            if self._unread:
+                ws.receive_data(self._unread)
+                self._unread = b""
+        return ws
+
+    async def _wsproto_message(self, ws: Connection) -> str | bytes | None:
+        """The next message among wsproto's events, handling the others on the way; None
+        when it needs more bytes (or the connection is closing: ``_writable`` is False).
+        Raises ConnectionGone."""
+        for event in ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._size += len(event.data)
+                if self._size > self._max_size:
+                    await self._send_event(
+                        CloseConnection(CloseReason.MESSAGE_TOO_BIG, "message_too_big")
+                    )
+                    raise ConnectionGone()
+                message = self._message(event)
+                if message is not None:
+                    return message
+            elif isinstance(event, Ping):
+                await self._send_event(event.response())
+            elif isinstance(event, CloseConnection):
+                # The peer's close frame (REMOTE_CLOSING: answer it), or a stream the
+                # parser gave up on (still OPEN: close with its code, 1002 or 1007).
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    event = event.response()
+                await self._send_event(event)
+                raise ConnectionGone()
+            if not self._writable:
+                return None
+        return None
 
     def _message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
         """The message ``event`` completes, if it does (fragments are kept until then)."""
@@ -310,8 +398,7 @@ class ListenerConnection:
     async def _send_event(self, event: CloseConnection | Pong) -> None:
         """Send a control frame (a pong or a close) through the gate, within
         ``CLOSE_TIMEOUT``: a peer that does not take even that is gone."""
-        ws = self._ws
-        assert ws is not None
+        ws = self._wsproto()  # it keeps the close handshake's state
         with trio.move_on_after(CLOSE_TIMEOUT) as waited:
             async with self._gate:
                 if not self._writable:
@@ -351,14 +438,63 @@ class ListenerConnection:
                     raise
 
     async def _receive_some(self) -> bytes:
-        """Bytes from the socket, waiting for them; b"" once the peer is gone."""
+        """Bytes from the socket, waiting for them; b"" once the peer is gone. After a
+        read that emptied the socket, it waits first (a read would find nothing)."""
+        if self._drained:
+            self._yielded = True
+            await trio.lowlevel.wait_readable(self._sock)
         while True:
             try:
-                return self._sock.recv(RECEIVE_SIZE)
+                data = self._sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
+                self._yielded = True
                 await trio.lowlevel.wait_readable(self._sock)
+                continue
             except OSError:  # reset, or closed under us
                 return b""
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
+
+
+class OpenFiles:
+    """Whether the process is near its open-file limit, checked at each accept.
+
+    Open files are counted as the larger of the accepted socket's number plus one (the
+    kernel hands out the lowest free number, so every lower one is open) and the files
+    open when the listener started plus the connections it holds now.
+    """
+
+    __slots__ = ("limit", "reserve", "_base", "held", "_busy")
+
+    def __init__(self, limit: int | None = None, reserve: int = OPEN_FILES_RESERVE) -> None:
+        if limit is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
+        self.limit = limit
+        self.reserve = reserve
+        try:
+            self._base = len(os.listdir("/proc/self/fd"))
+        except OSError:  # no procfs: the socket numbers alone
+            self._base = 0
+        self.held = 0
+        self._busy = False
+
+    def busy(self, sock: socket.socket) -> bool:
+        """Whether a connection accepted as ``sock`` must be refused (503 server_busy)."""
+        open_files = max(sock.fileno() + 1, self._base + self.held)
+        busy = open_files > self.limit - self.reserve
+        if busy != self._busy:
+            self._busy = busy
+            if busy:
+                log.warning(
+                    "WebSocket listener refusing new connections (503 server_busy):"
+                    " %d open files, limit %d",
+                    open_files,
+                    self.limit,
+                )
+            else:
+                log.warning("WebSocket listener accepting connections again")
+        return busy
 
 
 async def _serve_connection(
@@ -367,6 +503,7 @@ async def _serve_connection(
     sock: socket.socket,
     max_message_size: int,
     document_max_message_size: int,
+    busy: bool = False,
 ) -> None:
     """One connection, inside its failure boundary: the handshake here, the session in
     ``sessions.serve`` (a document's in ``documents.serve``). An exception never reaches
@@ -374,7 +511,7 @@ async def _serve_connection(
     conn = ListenerConnection(sock, max_message_size=max_message_size)
     try:
         try:
-            handshake = await conn.open()
+            handshake = await conn.open(busy=busy)
         except ConnectionGone:
             return  # the peer left during the handshake
         except Exception as error:
@@ -387,7 +524,9 @@ async def _serve_connection(
                 conn.max_message_size = document_max_message_size
                 await documents.serve(conn, handshake, transport="listener")
         elif handshake is not None:
-            await sessions.serve(conn, handshake, transport="listener")
+            serving = sessions.serve(conn, handshake, transport="listener")
+            del handshake  # not held here for the connection's life (the token)
+            await serving
     finally:
         await conn.aclose()
 
@@ -426,7 +565,8 @@ async def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[soc
 async def _accept_forever(
     listener: socket.socket,
     nursery: trio.Nursery,
-    handle: Callable[[socket.socket], Awaitable[None]],
+    handle: Callable[[socket.socket, bool], Awaitable[None]],
+    open_files: OpenFiles,
 ) -> None:
     while True:
         try:
@@ -440,7 +580,7 @@ async def _accept_forever(
             log.error("WebSocket listener cannot accept: %s; retrying", error)
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(handle, sock)
+        nursery.start_soon(handle, sock, open_files.busy(sock))
         await trio.lowlevel.checkpoint()
 
 
@@ -453,25 +593,34 @@ async def serve_listener(
     documents: DocumentServing | None = None,
     document_max_message_size: int | None = None,
     reuse_port: bool = False,
+    open_files: OpenFiles | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve workspaces (and, given ``documents``, live documents, whose messages may be
     up to ``document_max_message_size``) on ``host:port`` until cancelled;
     ``started(port)`` once listening (with port 0, the port of the first address ``host``
     resolves to). ``reuse_port``: share the port with other processes (SO_REUSEPORT;
-    ``run.py --workers``)."""
+    ``run.py --workers``). ``open_files``: when to refuse new connections (default:
+    ``OPEN_FILES_RESERVE`` below the process's soft open-file limit)."""
     document_max_size = document_max_message_size or max_message_size
+    files = open_files or OpenFiles()
     listeners = await _listening_sockets(host, port, reuse_port)
     try:
         bound = listeners[0].getsockname()[1]
         log.info("WebSocket listener on ws://%s:%s/ws/", host, bound)
 
-        async def handle(sock: socket.socket) -> None:
-            await _serve_connection(sessions, documents, sock, max_message_size, document_max_size)
+        async def handle(sock: socket.socket, busy: bool) -> None:
+            files.held += 1
+            try:
+                await _serve_connection(
+                    sessions, documents, sock, max_message_size, document_max_size, busy
+                )
+            finally:
+                files.held -= 1
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_forever, listener, nursery, handle)
+                nursery.start_soon(_accept_forever, listener, nursery, handle, files)
             task_status.started(bound)
     finally:
         for listener in listeners:

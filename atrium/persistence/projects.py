@@ -245,6 +245,26 @@ async def member_role(
     return None if role is None else Role(role)
 
 
+async def session_member_role(
+    db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
+) -> tuple[bool, Role | None]:
+    """Whether ``session_id`` is the user's live (not revoked) login session, and the
+    user's role in the live project (``member_role``): what a joining connection checks,
+    in one round trip."""
+    row = await db.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM sessions s"
+        "  WHERE s.id = $3 AND s.user_id = $2 AND s.revoked_at IS NULL) AS live,"
+        " (SELECT m.role FROM project_members m JOIN projects p ON p.id = m.project_id"
+        "  WHERE m.project_id = $1 AND m.user_id = $2 AND p.deleted_at IS NULL) AS role",
+        project_id,
+        user_id,
+        session_id,
+    )
+    assert row is not None
+    role = row["role"]
+    return bool(row["live"]), None if role is None else Role(role)
+
+
 _EDITABLE = {
     "name": Action.EDIT_DETAILS,
     "description": Action.EDIT_DETAILS,

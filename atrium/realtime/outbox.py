@@ -36,6 +36,7 @@ class Outbox(Generic[FrameT]):
         "close_code",
         "close_reason",
         "on_close",
+        "on_ready",
         "direct",
         "owed",
         "sent",
@@ -53,6 +54,9 @@ class Outbox(Generic[FrameT]):
         self.close_reason = ""
         # Told when a close is requested (flush or not), so the send task can stop waiting.
         self.on_close: Callable[[bool], None] | None = None
+        # Told when frames are queued or owed, or a close is requested, while no task
+        # waits in ``wait``: a session whose send task ends when idle starts one here.
+        self.on_ready: Callable[[], None] | None = None
         # A transport that can write without waiting sets this: while nothing is queued, a
         # frame goes straight to the socket from the workspace's task, skipping a task
         # switch and a queue per delivery. It returns REFUSED, SENT or PARTIAL.
@@ -138,6 +142,8 @@ class Outbox(Generic[FrameT]):
         if waiter is not None:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
+        elif self.on_ready is not None:
+            self.on_ready()
 
     async def wait(self) -> None:
         """Return once frames are queued or owed, or a close is requested. One task at a
