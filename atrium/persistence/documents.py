@@ -287,16 +287,25 @@ async def announce_deleted(db: Database, project_id: uuid.UUID) -> None:
 async def find_live_document(db: Database, document_id: uuid.UUID) -> DocumentRow:
     """The document's row while it and its project exist. Raises DocumentNotFound
     (``project_deleted`` when its project was deleted)."""
-    record = await db.fetchrow(
-        f"SELECT {_COLUMNS}, (SELECT p.deleted_at IS NOT NULL FROM projects p"
-        " WHERE p.id = documents.project_id) AS project_deleted FROM documents WHERE id = $1",
-        document_id,
+    return _row(_live(await db.fetchrow(_live_query(""), document_id)))
+
+
+def _live_query(extra: str) -> str:
+    """The document's row (and ``extra`` columns) with whether its project was deleted."""
+    return (
+        f"SELECT {_COLUMNS}{extra}, (SELECT p.deleted_at IS NOT NULL FROM projects p"
+        " WHERE p.id = documents.project_id) AS project_deleted FROM documents WHERE id = $1"
     )
+
+
+def _live(record: asyncpg.Record | None) -> asyncpg.Record:
+    """``record`` of ``_live_query``; raises DocumentNotFound when there was none or its
+    project was deleted (``project_deleted``)."""
     if record is None:
         raise DocumentNotFound()
     if record["project_deleted"]:
         raise DocumentNotFound(project_deleted=True)
-    return _row(record)
+    return record
 
 
 async def load_document(db: Database, document_id: uuid.UUID) -> Loaded:
@@ -305,15 +314,7 @@ async def load_document(db: Database, document_id: uuid.UUID) -> Loaded:
     when its project was deleted: ``project_deleted``)."""
 
     async def run(conn: asyncpg.Connection) -> Loaded:
-        record = await conn.fetchrow(
-            f"SELECT {_COLUMNS}, snapshot, (SELECT p.deleted_at IS NOT NULL FROM projects p"
-            " WHERE p.id = documents.project_id) AS project_deleted FROM documents WHERE id = $1",
-            document_id,
-        )
-        if record is None:
-            raise DocumentNotFound()
-        if record["project_deleted"]:
-            raise DocumentNotFound(project_deleted=True)
+        record = _live(await conn.fetchrow(_live_query(", snapshot"), document_id))
         row = _row(record)
         updates = await conn.fetch(
             "SELECT seq, update, user_id FROM document_updates"
