@@ -1,0 +1,242 @@
+"""What the seam's HTTP/1.1 server answers to hostile and unusual requests, over a socket.
+
+The seam parses requests with h11 today. These are its answers, as a client sees them
+(status, body, whether the connection stays open): the contract that a faster parser in
+the seam (httptools, docs/BENCHMARKS.md "The HTTP floor, third pass") must keep, or
+tighten where noted. Where llhttp answers differently from h11, the case says so.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from tests.test_seams import CAP, _serve_seam
+
+_GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+async def _echo(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Answers 200 with the request's body, read to its end."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = [(b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _answers(request: bytes, *, then: bytes = _GET) -> tuple[bytes, bytes | None]:
+    """What the seam writes back to ``request``, read until it pauses or closes; then the
+    answer to ``then`` on the same connection (None if the connection was closed)."""
+    config = Config()
+    config.h11_max_incomplete_size = 4096
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, config, print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request)
+                first = await _read_responses(stream)
+                second: bytes | None = None
+                try:
+                    await stream.send_all(then)
+                    second = await _read_responses(stream) or None
+                except trio.BrokenResourceError:
+                    pass
+            nursery.cancel_scope.cancel()
+    return first, second
+
+
+async def _read_responses(stream: trio.SocketStream) -> bytes:
+    """Bytes until the server closes, or until every response begun is complete."""
+    received = b""
+    while not _complete(received):
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def _complete(data: bytes) -> bool:
+    """``data`` is one or more whole responses with a Content-Length (100s aside)."""
+    if not data:
+        return False
+    while data:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if not found:
+            return False
+        if head.startswith(b"HTTP/1.1 100 "):
+            data = rest
+            continue
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            return False
+        data = rest[length:]
+    return True
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def _body(response: bytes) -> bytes:
+    return response.partition(b"\r\n\r\n")[2]
+
+
+# (request, status, body of a 200, the connection stays open for a next request)
+_CASES = {
+    "plain GET": (_GET, 200, b"", True),
+    "Content-Length body": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
+        200,
+        b"hello",
+        True,
+    ),
+    "chunked body, with a chunk extension": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;x=y\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n",
+        200,
+        b"hello",
+        True,
+    ),
+    # h11: Transfer-Encoding wins and Content-Length is ignored (RFC 9112 6.3); llhttp
+    # refuses the request (stricter: a swap may answer 400 and close).
+    "Content-Length and Transfer-Encoding both": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 40\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        200,
+        b"hi",
+        True,
+    ),
+    # h11 merges equal lengths (RFC 9110 8.6); llhttp refuses any duplicate.
+    "two equal Content-Lengths": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+        200,
+        b"hi",
+        True,
+    ),
+    "two different Content-Lengths": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi!",
+        400,
+        b"",
+        False,
+    ),
+    "a signed Content-Length": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: +2\r\n\r\nhi",
+        400,
+        b"",
+        False,
+    ),
+    # h11 answers 501 to a coding it does not know; llhttp refuses it as malformed.
+    "Transfer-Encoding other than chunked": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+        b"",
+        False,
+    ),
+    "a bad chunk size": (
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n",
+        400,
+        b"",
+        False,
+    ),
+    # h11 unfolds an obs-fold line into the header before it; llhttp refuses it.
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: test\r\nX-A: b\r\n c\r\n\r\n", 200, b"", True),
+    # h11 takes a bare LF as a line end; llhttp refuses it.
+    "bare LF line ends": (b"GET / HTTP/1.1\nHost: test\n\n", 200, b"", True),
+    "whitespace before a header's colon": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX-A : b\r\n\r\n",
+        400,
+        b"",
+        False,
+    ),
+    "NUL in a header value": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX: a\x00b\r\n\r\n",
+        400,
+        b"",
+        False,
+    ),
+    # h11 refuses HTTP/1.1 without Host; llhttp accepts it (a swap must check Host itself).
+    "HTTP/1.1 without Host": (b"GET / HTTP/1.1\r\n\r\n", 400, b"", False),
+    "a request line that is not HTTP": (b"HELLO\r\n\r\n", 400, b"", False),
+    # A head still incomplete past h11_max_incomplete_size (4 KiB here).
+    "a head over h11_max_incomplete_size": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 8192,
+        431,
+        b"",
+        False,
+    ),
+    # HTTP/1.0 without keep-alive: answered, then closed.
+    "HTTP/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, b"", False),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+async def test_seam_http1_answers_as_h11_does(case: str) -> None:
+    request, status, body, stays_open = _CASES[case]
+    first, second = await _answers(request)
+    assert first.startswith(b"HTTP/1."), f"{case}: answered {first[:80]!r}"
+    assert _status(first) == status, f"{case}: answered {first[:80]!r}"
+    if status == 200:
+        assert _body(first) == body, f"{case}: answered {first!r}"
+    if stays_open:
+        assert second is not None and _status(second) == 200, f"{case}: then {second!r}"
+    else:
+        assert second is None, f"{case}: the connection stayed open: {second!r}"
+
+
+async def test_seam_http1_answers_pipelined_requests_in_order() -> None:
+    """Three requests in one write: three answers, in order, on the kept connection."""
+    posts = b"".join(
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\n%d" % n for n in range(3)
+    )
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, Config(), print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(posts + _GET)
+                received = b""
+                while received.count(b"HTTP/1.1 200 ") < 4 or not _complete(received):
+                    chunk = await stream.receive_some()
+                    assert chunk, f"closed after {received!r}"
+                    received += chunk
+            nursery.cancel_scope.cancel()
+    responses = [b"HTTP/1.1 " + r for r in received.split(b"HTTP/1.1 ")[1:]]
+    assert [_body(r) for r in responses] == [b"0", b"1", b"2", b""], received
+
+
+async def test_seam_http1_answers_expect_100_continue_before_the_body() -> None:
+    """``Expect: 100-continue``: the 100 comes before the client sends the body."""
+    config = Config()
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, config, print)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(
+                    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                interim = await stream.receive_some()
+                assert interim.startswith(b"HTTP/1.1 100 "), interim
+                await stream.send_all(b"hi")
+                final = await _read_responses(stream)
+            nursery.cancel_scope.cancel()
+    assert _status(final) == 200 and _body(final) == b"hi", final
