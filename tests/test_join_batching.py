@@ -247,6 +247,60 @@ async def test_presence_of_several_projects_in_one_statement_keeps_seqs_gapless(
     assert {r["id"]: r["last_seq"] for r in last} == {live[0]: 3, live[1]: 3, live[2]: 2}
 
 
+async def test_versioned_presence_of_several_projects_in_one_transaction(
+    db: Database,
+) -> None:
+    """The cluster's versioned USER_JOINs of several projects stored together: a stale
+    version (older than the one stored) is dropped for its project alone, the others get
+    consecutive seqs, a deleted project's call alone fails, and those that ask are
+    announced on the log channel."""
+    owner = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO users (id, email, email_normalised, password_hash)"
+        " VALUES ($1, 'o@example.com', 'o@example.com', 'x')",
+        owner,
+    )
+    a, b, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for project in (a, b, gone):
+        await db.execute(
+            "INSERT INTO projects (id, name, owner_id) VALUES ($1, 'p', $2)", project, owner
+        )
+    await db.execute("UPDATE projects SET deleted_at = now() WHERE id = $1", gone)
+
+    def join(version: int) -> list[NewEvent]:
+        return [NewEvent(EventType.USER_JOIN, owner, {}, presence_version=version)]
+
+    await store.append_presence(db, a, join(10), notify=False)  # a's seq 1, version 10
+    notified: list[str] = []
+    heard = trio.Event()
+
+    def hear(payload: str) -> None:
+        notified.append(payload)
+        heard.set()
+
+    results: dict[uuid.UUID, Any] = {}
+
+    async def append(project: uuid.UUID, version: int) -> None:
+        try:
+            results[project] = await store.append_presence(db, project, join(version), notify=True)
+        except ProjectNotFound as error:
+            results[project] = error
+
+    async with db.listening(store.LOG_CHANNEL, hear):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append, a, 9)  # stale: 10 is stored
+            nursery.start_soon(append, b, 3)
+            nursery.start_soon(append, gone, 4)
+        with trio.fail_after(10):
+            await heard.wait()
+    assert results[a] == []
+    assert [e.seq for e in results[b]] == [1]
+    assert isinstance(results[gone], ProjectNotFound)
+    assert notified == [f"{b}:1"]
+    versions = await db.fetch("SELECT project_id, version FROM presence_versions")
+    assert {r["project_id"]: r["version"] for r in versions} == {a: 10, b: 3}
+
+
 async def test_a_cancelled_sender_leaves_its_batch_to_the_next() -> None:
     """The caller whose batch is out is cancelled: the calls that waited are not lost
     (they go in the next batch); an error fails every call of its batch, each with its
