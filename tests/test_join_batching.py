@@ -25,7 +25,7 @@ from atrium.core.projects import ProjectNotFound
 from atrium.core.roles import Role
 from atrium.persistence import events as store
 from atrium.persistence import projects
-from atrium.persistence.batching import Batcher
+from atrium.persistence.batching import Batcher, BatchUnanswered
 from atrium.persistence.database import Database, DatabaseUnavailable
 
 
@@ -301,17 +301,16 @@ async def test_versioned_presence_of_several_projects_in_one_transaction(
     assert {r["project_id"]: r["version"] for r in versions} == {a: 10, b: 3}
 
 
-async def test_a_cancelled_sender_leaves_its_batch_to_the_next() -> None:
-    """The caller whose batch is out is cancelled: the calls that waited are not lost
-    (they go in the next batch); an error fails every call of its batch, each with its
-    own copy."""
+async def test_a_cancelled_sender_still_answers_its_batch() -> None:
+    """The caller whose batch is out is cancelled: the batch still returns and answers
+    the others in it (it may carry their writes: it is never sent twice), the calls that
+    waited go in the next batch, and the cancelled caller raises Cancelled. An error
+    fails every call of its batch, each with its own copy."""
     hold = trio.Event()
     seen: list[list[int]] = []
 
     async def run(keys: Any) -> list[int]:
         seen.append(list(keys))
-        if 1 in keys:
-            await trio.sleep_forever()
         if 0 in keys:
             await hold.wait()
         if 99 in keys:
@@ -331,7 +330,7 @@ async def test_a_cancelled_sender_leaves_its_batch_to_the_next() -> None:
 
     async def cancelled_call() -> None:
         with first:
-            await batcher.call(1)
+            results[0] = await batcher.call(0)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cancelled_call)
@@ -340,9 +339,14 @@ async def test_a_cancelled_sender_leaves_its_batch_to_the_next() -> None:
         nursery.start_soon(call, 3)
         await trio.testing.wait_all_tasks_blocked()
         first.cancel()
-    assert seen[0] == [1] and sorted(seen[1]) == [2, 3]
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [[0]]  # still out: shielded from its sender's cancellation
+        hold.set()
+    assert first.cancelled_caught and 0 not in results
+    assert seen[0] == [0] and sorted(seen[1]) == [2, 3]
     assert results == {2: 20, 3: 30}
 
+    hold = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call, 0)
         await trio.testing.wait_all_tasks_blocked()
@@ -355,3 +359,29 @@ async def test_a_cancelled_sender_leaves_its_batch_to_the_next() -> None:
     assert all(isinstance(e, DatabaseUnavailable) for e in errors)
     assert errors[0] is not errors[1]
     assert batcher.batches == 4
+
+
+async def test_a_batch_that_breaks_its_promise_fails_its_calls() -> None:
+    """``run`` answering the wrong number of keys is a bug: its sender gets the
+    AssertionError, the other calls of the batch BatchUnanswered, and nothing waits."""
+
+    async def run(keys: Any) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    batcher: Batcher[int, int] = Batcher(run)
+    outcomes: list[str] = []
+
+    async def call(key: int) -> None:
+        try:
+            await batcher.call(key)
+        except (AssertionError, BatchUnanswered) as error:
+            outcomes.append(type(error).__name__)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for key in range(3):
+                nursery.start_soon(call, key)
+    # The first sends alone; the other two wait and go together: each sender gets the
+    # AssertionError, the call that went with one of them BatchUnanswered.
+    assert sorted(outcomes) == ["AssertionError", "AssertionError", "BatchUnanswered"]

@@ -39,8 +39,10 @@ class Batcher(Generic[K, V]):
     The caller that finds no batch out sends one with every call waiting (its own among
     them) and hands each its answer; the others wait for that batch to return and then
     go in the next. An exception ``run`` raises fails every call of its batch (each gets
-    its own copy); one ``run`` returns for a key fails that call alone. A caller
-    cancelled while its batch is out leaves the batch's other calls to the next batch.
+    its own copy); one ``run`` returns for a key fails that call alone. The batch a
+    caller sends is shielded from that caller's cancellation: it carries the others'
+    calls (writes among them, which must not be sent twice), and every database call
+    ends within the pool's query timeout; the cancelled caller raises once it returns.
     """
 
     __slots__ = ("_run", "_waiting", "_out", "_returned", "batches")
@@ -64,7 +66,7 @@ class Batcher(Generic[K, V]):
                 else:
                     await self._send()
         except BaseException:
-            if not mine.done and mine in self._waiting:
+            if mine in self._waiting:  # not sent: nobody answers it now
                 self._waiting.remove(mine)
             raise
         if mine.error is not None:
@@ -78,7 +80,8 @@ class Batcher(Generic[K, V]):
         answered = False
         try:
             try:
-                results = await self._run([c.key for c in batch])
+                with trio.CancelScope(shield=True):
+                    results = await self._run([c.key for c in batch])
             except Exception as error:
                 for call in batch:
                     call.error = _own_copy(error)
@@ -91,14 +94,19 @@ class Batcher(Generic[K, V]):
                     else:
                         call.value = result
             answered = True
-            for call in batch:
-                call.done = True
         finally:
+            for call in batch:
+                if not answered:  # ``run`` broke its promise: its calls must not wait on
+                    call.error = BatchUnanswered("the batch ended without an answer")
+                call.done = True
             self._out = False
-            if not answered:  # cancelled: the others go in the next batch
-                self._waiting[:0] = batch
             returned, self._returned = self._returned, trio.Event()
             returned.set()
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+
+class BatchUnanswered(RuntimeError):
+    """``run`` ended without answering its batch (a bug, or the process stopping)."""
 
 
 def _own_copy(error: Exception) -> BaseException:
