@@ -2,6 +2,7 @@
 
     python bench/connections.py [--mode single|workers|both] [--connections N]
                                 [--projects 1000] [--idle 50] [--fanout 20] [--rate 10000]
+                                [--json PATH]
 
 Per mode, a fresh server on the dedicated WebSocket listener (WS_PORT), with the shipped
 default heartbeat and ping settings, and an embedded PostgreSQL this script starts:
@@ -35,6 +36,8 @@ Measured, in that order:
                processes) and server CPU per delivery, over ``--fanout`` seconds
 
 Sums over the serving processes (the three workers) are reported for ``workers``.
+``--json PATH`` also writes these figures there, one per measurement with a value per mode
+(bench/_figures.py), for bench/sidebyside.py.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
 
+from bench._figures import Figure, Value, write_figures  # noqa: E402
 from bench._load import (  # noqa: E402
     HOST,
     REPO,
@@ -113,6 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="directory: py-spy records the (single) server's join storm and idle phase"
         " there (collapsed stacks, join.txt and idle.txt; PY_SPY names the binary)",
     )
+    parser.add_argument("--json", help="also write the side-by-side figures here (JSON)")
     parser.add_argument("--loader", help=argparse.SUPPRESS)  # run as a load process
     return parser.parse_args(argv)
 
@@ -556,6 +561,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
         "held": held,
         "count": count,
         "join_s": join_s,
+        "joins_per_s": held / join_s,
+        "join_cpu_ms": join_cpu / held * 1e3,
         "kb": kb,
         "idle_pct_20k": per_20k,
         "idle_net_20k": net_20k,
@@ -592,7 +599,50 @@ def main(argv: list[str]) -> int:
             f"  {r['held'] / r['join_s']:7,.0f}  {r['idle_pct_20k']:10.1f}"
             f" ({r['idle_net_20k']:4.1f})  {r['p99']:6.1f}"
         )
+    if args.json:
+        write_figures(args.json, figures(results, args))
     return 0
+
+
+def figures(results: dict[str, dict[str, float]], args: argparse.Namespace) -> list[Figure]:
+    """The side-by-side figures of this run (bench/_figures.py): one per measurement, a
+    value per mode; no peer beside them, the targets in words."""
+    labels = {
+        "single": "one process, pinned",
+        "workers": f"--workers {args.workers}, not pinned",
+    }
+
+    def per_mode(key: str) -> list[Value]:
+        return [Value(f"{labels[m]}, {r['held']:,.0f} held", r[key]) for m, r in results.items()]
+
+    return [
+        Figure(
+            f"memory per idle connection, {args.projects:,} projects",
+            "KB",
+            per_mode("kb"),
+            target=f"under {TARGETS['kb_per_conn']:g} KB",
+        ),
+        Figure(
+            "join storm: authenticated joins accepted a second",
+            "joins/s",
+            per_mode("joins_per_s"),
+            better="higher",
+            target="50,000 in under 60 s (833/s)",
+        ),
+        Figure("join storm: server CPU a join", "ms", per_mode("join_cpu_ms")),
+        Figure(
+            "idle connections: server CPU per 20,000 (heartbeats, pings)",
+            "% of a core",
+            per_mode("idle_pct_20k"),
+            target=f"under {TARGETS['idle_pct_20k']:g}%",
+        ),
+        Figure(
+            f"delivery p99 at {args.rate:,.0f} deliveries/s, everyone connected",
+            "ms",
+            per_mode("p99"),
+            target=f"under {TARGETS['p99_ms']:g} ms",
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -86,8 +86,16 @@ BENCHMARKS = (
         "bench/ws_fanout.py",
         ("--scenario", "a", "--peer", "socketio", "--peer-ws", *PEER_WS),
     ),
-    # Branch conns2 writes it: once it takes --json, its options go here (full, then quick).
-    Benchmark("connections", "bench/connections.py", quick=()),
+    # Both modes at their defaults (19,000 pinned, 50,000 on --workers 3): ~10 min.
+    Benchmark(
+        "connections",
+        "bench/connections.py",
+        (),
+        (
+            *("--mode", "single", "--connections", "2000", "--projects", "100"),
+            *("--idle", "2", "--fanout", "2", "--baseline", "1"),
+        ),
+    ),
     Benchmark(
         "documents",
         "bench/documents.py",

@@ -441,11 +441,17 @@ class _LiveConnection:
             # This task receives; a send task runs while frames wait for the socket.
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if len(self.outbox) or self.outbox.owed or self.outbox.closing:
-                    self._start_sender()  # the Join's PRESENCE_STATE, or a close
-                self._next_ping = trio.current_time() + self.settings.heartbeat_interval
-                self._set_timer()
-                await self._receive_loop(nursery.cancel_scope)
+                try:
+                    if len(self.outbox) or self.outbox.owed or self.outbox.closing:
+                        self._start_sender()  # the Join's PRESENCE_STATE, or a close
+                    self._next_ping = trio.current_time() + self.settings.heartbeat_interval
+                    self._set_timer()
+                    await self._receive_loop(nursery.cancel_scope)
+                finally:
+                    # The nursery takes no new task once this block ends (it waits for a
+                    # send task there): a frame the workspace queues meanwhile (a
+                    # broadcast) must not try to start one.
+                    self._nursery = None
         finally:
             self._nursery = None
             if self._timer is not None:

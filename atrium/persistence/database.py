@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -25,6 +26,8 @@ import trio_asyncio
 # name them without importing persistence; raised here.
 from ..core.outages import DatabaseTimeout as DatabaseTimeout
 from ..core.outages import DatabaseUnavailable as DatabaseUnavailable
+from .batching import Batcher as Batcher
+from .batching import K, V
 
 T = TypeVar("T")
 log = logging.getLogger("atrium.database")
@@ -77,7 +80,7 @@ class Database:
     call on it did not end cleanly: cancelled, timed out, lost, or left in a transaction.
     """
 
-    __slots__ = ("_pool", "_observe", "_free", "_out", "_size", "_waiting")
+    __slots__ = ("_pool", "_observe", "_free", "_out", "_size", "_waiting", "_batchers")
 
     def __init__(self, pool: asyncpg.Pool, observe: Observe | None = None) -> None:
         self._pool = pool
@@ -88,6 +91,17 @@ class Database:
         # Callers waiting for a connection, in order; each is handed one (or None: a slot
         # freed up, take a new connection from asyncpg's pool).
         self._waiting: collections.deque[trio.lowlevel.Task] = collections.deque()
+        self._batchers: dict[object, Batcher[Any, Any]] = {}
+
+    def batcher(
+        self, run: Callable[[Database, Sequence[K]], Awaitable[Sequence[V | BaseException]]]
+    ) -> Batcher[K, V]:
+        """This pool's one ``Batcher`` of ``run(db, keys)`` (a module-level function):
+        concurrent calls through it share round trips (``batching``)."""
+        batcher = self._batchers.get(run)
+        if batcher is None:
+            batcher = self._batchers[run] = Batcher(functools.partial(run, self))
+        return batcher
 
     def pool_statistics(self) -> tuple[int, int]:
         """``(open, idle)``: connections the pool holds now, and how many wait unused."""

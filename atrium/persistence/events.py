@@ -261,46 +261,163 @@ async def append_presence(
     Raises ``ProjectNotFound`` when the project is gone (then nothing is written).
     """
 
-    if events and not notify and all(e.presence_version is None for e in events):
+    if not events:
+        return []
+    if not notify and all(e.presence_version is None for e in events):
         return await _insert_alone(db, project_id, events)
-
-    async def write(conn: asyncpg.Connection) -> list[Event]:
-        fresh = await _newer_presence(conn, project_id, events)
-        if not fresh:
-            return []
-        stored = await _insert(conn, project_id, fresh)
-        if notify:
-            await notify_appended(conn, stored)
-        return stored
-
-    return await db.transaction(write)
+    return await db.batcher(_append_versioned).call((project_id, events, notify))
 
 
 async def _insert_alone(
     db: Database, project_id: uuid.UUID, events: Sequence[NewEvent]
 ) -> list[Event]:
     """``_insert`` as one statement, its own transaction: one round trip instead of four
-    (BEGIN, the seqs, the insert, COMMIT), for the presence events of a join storm. The
-    project's row is locked by the bump until the statement commits, as in ``_insert``.
-    Raises ``ProjectNotFound`` when the project does not exist or is deleted."""
+    (BEGIN, the seqs, the insert, COMMIT), for the presence events of a join storm, and
+    shared with the other projects' presence events waiting at that moment
+    (``Database.batcher``: a group commit). Raises ``ProjectNotFound`` when the project
+    does not exist or is deleted; DatabaseUnavailable for every project of the batch."""
+    return await db.batcher(_insert_presence).call((project_id, events))
+
+
+async def _insert_presence(
+    db: Database, batch: Sequence[tuple[uuid.UUID, Sequence[NewEvent]]]
+) -> list[list[Event] | BaseException]:
+    """Each project's events after its ``last_seq``, all in one statement (one commit).
+    A project missing or deleted gets ``ProjectNotFound`` and nothing written; the
+    others are stored."""
+    stored = await _insert_many(db, batch)
+    return [_mine(stored, project_id, events) for project_id, events in batch]
+
+
+def _mine(
+    stored: dict[uuid.UUID, list[Event]], project_id: uuid.UUID, events: Sequence[NewEvent]
+) -> list[Event] | BaseException:
+    """The first ``len(events)`` of the events stored for ``project_id``, taken off them
+    (a project asked twice in one batch: its events in the order asked); ProjectNotFound
+    when none was stored because the project is gone."""
+    mine = stored.get(project_id)
+    if mine is None:
+        return ProjectNotFound()
+    taken = mine[: len(events)]
+    del mine[: len(events)]
+    return taken
+
+
+async def _insert_many(
+    db: Database | asyncpg.Connection, batch: Sequence[tuple[uuid.UUID, Sequence[NewEvent]]]
+) -> dict[uuid.UUID, list[Event]]:
+    """Insert each project's events after its ``last_seq`` in one statement; the events
+    stored, by project, in seq order (a project missing or deleted is not there).
+
+    The projects' rows are locked in id order (two processes' batches cannot deadlock)
+    and bumped by the number of their events until the statement commits, as in
+    ``_insert``: each project's seqs stay consecutive and gapless.
+    """
+    projects: list[uuid.UUID] = []
+    kinds: list[str] = []
+    actors: list[uuid.UUID | None] = []
+    payloads: list[str] = []
+    client_ids: list[str | None] = []
+    for project_id, events in batch:
+        for event in events:
+            projects.append(project_id)
+            kinds.append(str(event.type))
+            actors.append(event.actor_id)
+            payloads.append(json_output.dumps(event.payload).decode())
+            client_ids.append(event.client_id)
+    stored: dict[uuid.UUID, list[Event]] = {}
+    if not projects:
+        return stored
     rows = await db.fetch(
-        "WITH bumped AS (UPDATE projects SET last_seq = last_seq + $2"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING last_seq)"
+        "WITH e AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[],"
+        "   $5::text[]) WITH ORDINALITY AS e(project_id, type, actor_id, payload, client_id, n)),"
+        " counts AS (SELECT project_id, count(*) AS k FROM e GROUP BY project_id),"
+        " locked AS (SELECT p.id FROM projects p JOIN counts c ON c.project_id = p.id"
+        "   WHERE p.deleted_at IS NULL ORDER BY p.id FOR NO KEY UPDATE OF p),"
+        " bumped AS (UPDATE projects p SET last_seq = p.last_seq + c.k FROM counts c, locked l"
+        "   WHERE p.id = c.project_id AND l.id = p.id RETURNING p.id, p.last_seq, c.k)"
         " INSERT INTO project_events (project_id, seq, type, actor_id, payload, client_event_id)"
-        " SELECT $1, bumped.last_seq - $2 + e.n, e.type, e.actor_id, e.payload, e.client_id"
-        " FROM bumped, unnest($3::text[], $4::uuid[], $5::jsonb[], $6::text[])"
-        " WITH ORDINALITY AS e(type, actor_id, payload, client_id, n)"
+        " SELECT e.project_id,"
+        "  b.last_seq - b.k + row_number() OVER (PARTITION BY e.project_id ORDER BY e.n),"
+        "  e.type, e.actor_id, e.payload, e.client_id"
+        " FROM e JOIN bumped b ON b.id = e.project_id"
         f" RETURNING {_EVENT_COLUMNS}",
-        project_id,
-        len(events),
-        [str(e.type) for e in events],
-        [e.actor_id for e in events],
-        [json_output.dumps(e.payload).decode() for e in events],
-        [e.client_id for e in events],
+        projects,
+        kinds,
+        actors,
+        payloads,
+        client_ids,
     )
-    if not rows:
-        raise ProjectNotFound()
-    return [event_from_row(r) for r in sorted(rows, key=lambda r: int(r["seq"]))]
+    for row in sorted(rows, key=lambda r: int(r["seq"])):
+        created = event_from_row(row)
+        stored.setdefault(created.project_id, []).append(created)
+    return stored
+
+
+async def _append_versioned(
+    db: Database, batch: Sequence[tuple[uuid.UUID, Sequence[NewEvent], bool]]
+) -> list[list[Event] | BaseException]:
+    """``append_presence`` for several projects in one transaction: their rows locked
+    (in id order) and the stored versions read in one statement, the newer versions
+    recorded in a second, the fresh events inserted in a third (``_insert_many``), one
+    NOTIFY for the projects that ask for it: five round trips with BEGIN and COMMIT
+    however many joins and leaves wait, instead of seven each."""
+
+    async def write(conn: asyncpg.Connection) -> list[list[Event] | BaseException]:
+        projects = sorted({project_id for project_id, _, _ in batch})
+        users = list(
+            {e.actor_id for _, events, _ in batch for e in events if e.presence_version is not None}
+            - {None}
+        )
+        rows = await conn.fetch(
+            "SELECT p.id, v.user_id, v.version FROM projects p"
+            " LEFT JOIN presence_versions v ON v.project_id = p.id"
+            "  AND v.user_id = ANY($2::uuid[])"
+            " WHERE p.id = ANY($1::uuid[]) AND p.deleted_at IS NULL"
+            " ORDER BY p.id FOR UPDATE OF p",
+            projects,
+            users,
+        )
+        live = {r["id"] for r in rows}
+        newest = {(r["id"], r["user_id"]): r["version"] for r in rows if r["user_id"]}
+        changed: dict[tuple[uuid.UUID, uuid.UUID], int] = {}
+        fresh: list[tuple[uuid.UUID, Sequence[NewEvent]]] = []
+        for project_id, events, _ in batch:
+            kept: list[NewEvent] = []
+            if project_id in live:
+                for event in events:
+                    user, version = event.actor_id, event.presence_version
+                    if user is not None and version is not None:
+                        if version <= newest.get((project_id, user), -1):
+                            continue  # stale: a later transition is stored
+                        newest[project_id, user] = changed[project_id, user] = version
+                    kept.append(event)
+            fresh.append((project_id, kept))
+        if changed:
+            await conn.execute(
+                "INSERT INTO presence_versions (project_id, user_id, version)"
+                " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[])"
+                " ON CONFLICT (project_id, user_id) DO UPDATE SET version = excluded.version",
+                [project_id for project_id, _ in changed],
+                [user for _, user in changed],
+                list(changed.values()),
+            )
+        stored = await _insert_many(conn, fresh)
+        answers: list[list[Event] | BaseException] = []
+        told: list[Event] = []
+        for (project_id, _, notify), (_, fresh_events) in zip(batch, fresh, strict=True):
+            if project_id not in live:
+                answers.append(ProjectNotFound())
+                continue
+            mine = _mine(stored, project_id, fresh_events) if fresh_events else []
+            assert isinstance(mine, list)  # the project is live: its events were stored
+            answers.append(mine)
+            if notify:
+                told.extend(mine)
+        await notify_appended(conn, told)
+        return answers
+
+    return await db.transaction(write)
 
 
 async def presence_version_floor(db: Database) -> int:
@@ -309,48 +426,6 @@ async def presence_version_floor(db: Database) -> int:
     or that lost the versions, never orders a transition before one already stored.
     Raises DatabaseUnavailable."""
     return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM presence_versions"))
-
-
-async def _newer_presence(
-    conn: asyncpg.Connection, project_id: uuid.UUID, events: Sequence[NewEvent]
-) -> list[NewEvent]:
-    """Inside the caller's transaction: ``events`` without the presence events older than
-    the newest stored for their user (or than one earlier in ``events``), recording the
-    newest versions. Locks the project's row first, as ``reserve_seqs`` does, so versions
-    are compared and seqs taken by one writer of the project at a time. Raises
-    ``ProjectNotFound`` when the project does not exist or is deleted."""
-    users = list({e.actor_id for e in events if e.presence_version is not None and e.actor_id})
-    if not users:
-        return list(events)
-    rows = await conn.fetch(
-        "SELECT v.user_id, v.version FROM projects p"
-        " LEFT JOIN presence_versions v ON v.project_id = p.id AND v.user_id = ANY($2::uuid[])"
-        " WHERE p.id = $1 AND p.deleted_at IS NULL FOR UPDATE OF p",
-        project_id,
-        users,
-    )
-    if not rows:
-        raise ProjectNotFound()
-    newest: dict[uuid.UUID, int] = {r["user_id"]: r["version"] for r in rows if r["user_id"]}
-    changed: dict[uuid.UUID, int] = {}
-    fresh: list[NewEvent] = []
-    for event in events:
-        user, version = event.actor_id, event.presence_version
-        if user is not None and version is not None:
-            if version <= newest.get(user, -1):
-                continue
-            newest[user] = changed[user] = version
-        fresh.append(event)
-    if changed:
-        await conn.execute(
-            "INSERT INTO presence_versions (project_id, user_id, version)"
-            " SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])"
-            " ON CONFLICT (project_id, user_id) DO UPDATE SET version = excluded.version",
-            project_id,
-            list(changed),
-            list(changed.values()),
-        )
-    return fresh
 
 
 async def _stored_client_ids(

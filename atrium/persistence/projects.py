@@ -13,7 +13,7 @@ same ``ProjectNotFound``: callers must not learn that someone else's project exi
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -249,20 +249,36 @@ async def session_member_role(
     db: Database, project_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID
 ) -> tuple[bool, Role | None]:
     """Whether ``session_id`` is the user's live (not revoked) login session, and the
-    user's role in the live project (``member_role``): what a joining connection checks,
-    in one round trip."""
-    row = await db.fetchrow(
-        "SELECT EXISTS (SELECT 1 FROM sessions s"
-        "  WHERE s.id = $3 AND s.user_id = $2 AND s.revoked_at IS NULL) AS live,"
+    user's role in the live project (``member_role``): what a joining connection checks.
+
+    Read when asked, never cached: the checks of joins that arrive together go in one
+    round trip (``Database.batcher``), sent once the one before it returned. Raises
+    DatabaseUnavailable (for every join of the batch)."""
+    return await db.batcher(_session_member_roles).call((project_id, user_id, session_id))
+
+
+async def _session_member_roles(
+    db: Database, asked: Sequence[tuple[uuid.UUID, uuid.UUID, uuid.UUID]]
+) -> list[tuple[bool, Role | None]]:
+    """``session_member_role`` for each (project, user, session), in one statement."""
+    rows = await db.fetch(
+        "SELECT q.n, EXISTS (SELECT 1 FROM sessions s"
+        "  WHERE s.id = q.session_id AND s.user_id = q.user_id AND s.revoked_at IS NULL)"
+        "  AS live,"
         " (SELECT m.role FROM project_members m JOIN projects p ON p.id = m.project_id"
-        "  WHERE m.project_id = $1 AND m.user_id = $2 AND p.deleted_at IS NULL) AS role",
-        project_id,
-        user_id,
-        session_id,
+        "  WHERE m.project_id = q.project_id AND m.user_id = q.user_id"
+        "  AND p.deleted_at IS NULL) AS role"
+        " FROM unnest($1::uuid[], $2::uuid[], $3::uuid[])"
+        " WITH ORDINALITY AS q(project_id, user_id, session_id, n)",
+        [a[0] for a in asked],
+        [a[1] for a in asked],
+        [a[2] for a in asked],
     )
-    assert row is not None
-    role = row["role"]
-    return bool(row["live"]), None if role is None else Role(role)
+    answers: list[tuple[bool, Role | None]] = [(False, None)] * len(asked)
+    for row in rows:
+        role = row["role"]
+        answers[int(row["n"]) - 1] = (bool(row["live"]), None if role is None else Role(role))
+    return answers
 
 
 _EDITABLE = {
