@@ -7,7 +7,8 @@ lent connection, so one backend): the CPU time of that backend (``/proc/<pid>/sc
 nanoseconds, so short bursts are counted exactly), of the whole PostgreSQL process tree
 (the WAL writer, the background writer...), and of this client process, per update.
 
-- ``SELECT 1``: the floor of one statement's round trip.
+- ``SELECT 1``: the floor of one statement's round trip; ``SELECT pg_sleep(0.001)``
+  the same with a wait about as long as a commit's fsync (what waiting costs the client).
 - ``append, 1 update``: ``documents.append_updates`` as the actor calls it when a document
   is quiet (at 100 updates/s every batch is one update): one statement, its own
   transaction, so a WAL flush (fsync) at every commit.
@@ -143,6 +144,12 @@ async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> N
         args_one = (document, 1, len(KEYSTROKE), user.id, [KEYSTROKE], [user.id])
         runs: list[tuple[str, Callable[[], Awaitable[Any]], int, int]] = [
             ("SELECT 1", lambda: db.fetchval("SELECT 1"), n, 1),
+            (
+                "SELECT pg_sleep(0.001) (waits like a commit)",
+                lambda: db.fetchval("SELECT pg_sleep(0.001)"),
+                n,
+                1,
+            ),
             ("append, 1 update", lambda: store.append_updates(db, document, one), n, 1),
             (
                 "append, 5 updates (per update)",
@@ -189,6 +196,16 @@ async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> N
             print(
                 f"the append's prepared statement: {plans['generic_plans']} generic plans,"
                 f" {plans['custom_plans']} custom (planned again)"
+            )
+        await db.fetchval("SELECT pg_stat_force_next_flush()")
+        tables = await db.fetch(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd, n_tup_ins FROM pg_stat_user_tables"
+            " WHERE relname IN ('documents', 'document_updates') ORDER BY relname"
+        )
+        for t in tables:
+            print(
+                f"{t['relname']}: {t['n_tup_ins']} rows inserted, {t['n_tup_upd']} updated"
+                f" ({t['n_tup_hot_upd']} of them HOT: no index touched)"
             )
         settings = await db.fetch(
             "SELECT name, setting FROM pg_settings WHERE name = ANY($1) ORDER BY name",
