@@ -100,7 +100,7 @@ async def measure(
     after = cpu_seconds(backend), tree_seconds(postmaster) if postmaster else 0.0, cpu_seconds(me)
     n = calls * updates_per_call
     backend_us, tree_us, client_us = ((a - b) / n * 1e6 for a, b in zip(after, before, strict=True))
-    tree = f"{tree_us:7.1f}" if postmaster else "      -"
+    tree = f"{tree_us:9.1f}" if postmaster else "        -"
     print(
         f"  {name:<44}{backend_us:9.1f}{tree}{client_us:9.1f}{wall / n * 1e6:9.1f}",
         flush=True,
@@ -185,7 +185,7 @@ async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> N
             ),
         ]
         print(f"PostgreSQL {await db.fetchval('SHOW server_version')}; µs an update:")
-        print(f"  {'':<44}{'backend':>9}{'pg tree':>7}{'client':>9}{'wall':>9}")
+        print(f"  {'':<44}{'backend':>9}{'pg tree':>9}{'client':>9}{'wall':>9}")
         for name, call, calls, per_call in runs:
             await measure(name, call, calls, per_call, backend, postmaster)
         plans = await db.fetchrow(
