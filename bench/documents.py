@@ -29,7 +29,10 @@ raw protocol connection that reads what it receives without applying it; every
     at a steady rate each, for ``--duration`` seconds; then the bench waits (up to 10 s)
     until every client received every other client's keystrokes. Latency runs from the
     time a keystroke was sent to the time a client received it, over every (keystroke,
-    receiver) pair; how late the senders were (their own saturation) is printed beside.
+    receiver) pair; how late the senders were (their own saturation) is printed beside,
+    with the p99 counted from the time each keystroke was due (the schedule: the sender's
+    lag included) and the load processes' own event-loop delay at p99 (how late a frame
+    that had arrived could be read and timestamped: the receivers' saturation).
     Server CPU is counted from the first keystroke to the last delivery (or the end of
     the wait): CPU milliseconds per update, and updates per CPU-second (throughput per
     core), an update being one keystroke delivered to every other client, so a server
@@ -331,6 +334,8 @@ class Typing:
     max_ms: float
     cpu_ms: dict[str, float]  # CPU ms per update delivered to all others, by process
     lag_p99_ms: float  # how late the load client sent (its own saturation)
+    due_p99_ms: float  # p99 latency counted from when each keystroke was due, not sent
+    loop_p99_ms: float  # the load processes' event-loop delay at p99 (worst process)
 
 
 def typing(server: Server, args: argparse.Namespace, rate: int) -> Typing:
@@ -362,35 +367,42 @@ def typing(server: Server, args: argparse.Namespace, rate: int) -> Typing:
             time.sleep(0.05)
         after = cpu(server)
         lag = max(s["lag_p99_ms"] for s in stats)
+        loop = max(s["loop_delay_p99_ms"] for s in stats)
         load.tell("dump")
         load.expect("dumped")
-        latencies = _latencies(load.work, len(load.processes))
+        latencies, from_due = _latencies(load.work, len(load.processes))
     # Per update delivered to every other client: a server that fell behind did less.
     handled = max(1, received) / expected * keystrokes
     used = {k: (after[k] - before[k]) * 1000 / handled for k in after}
     q = [percentile(latencies, p) for p in (50, 99, 100)]
-    return Typing(server.name, rate, keystrokes, received / expected, converged, *q, used, lag)
+    due = percentile(from_due, 99)
+    return Typing(
+        server.name, rate, keystrokes, received / expected, converged, *q, used, lag, due, loop
+    )
 
 
-def _latencies(work: Path, processes: int) -> list[float]:
-    """Milliseconds from each keystroke's sending to each receipt of it, sorted."""
-    sent_at: dict[tuple[int, int], float] = {}
+def _latencies(work: Path, processes: int) -> tuple[list[float], list[float]]:
+    """Milliseconds to each receipt of each keystroke from its sending, and from when it
+    was due (the sender's lag included), each sorted."""
+    sent_at: dict[tuple[int, int], tuple[float, float]] = {}
     for i in range(processes):
         rows = array("d", (work / f"p{i}.sent").read_bytes())
-        for j in range(0, len(rows), 3):
-            sent_at[int(rows[j]), int(rows[j + 1])] = rows[j + 2]
-    latencies = []
+        for j in range(0, len(rows), 4):
+            sent_at[int(rows[j]), int(rows[j + 1])] = rows[j + 2], rows[j + 3]
+    latencies, from_due = [], []
     for i in range(processes):
         rows = array("d", (work / f"p{i}.recv").read_bytes())
         for j in range(0, len(rows), 4):
             # A struct carries keystrokes clock .. clock + length - 1 of its sender.
             sender, clock, at = int(rows[j]), int(rows[j + 1]), rows[j + 3]
             for k in range(clock, clock + int(rows[j + 2])):
-                sent = sent_at.get((sender, k))
-                if sent is not None:
-                    latencies.append((at - sent) / 1e6)
+                times = sent_at.get((sender, k))
+                if times is not None:
+                    latencies.append((at - times[0]) / 1e6)
+                    from_due.append((at - times[1]) / 1e6)
     latencies.sort()
-    return latencies
+    from_due.sort()
+    return latencies, from_due
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -601,7 +613,8 @@ def print_typing(row: Typing) -> None:
         f"  (a) {row.server} at {row.rate}/s: {row.sent} sent, {row.delivered:.1%} delivered,"
         f" converged {converged} after the load; latency p50 {row.p50_ms:.1f} p99 {row.p99_ms:.1f}"
         f" max {row.max_ms:.1f} ms; CPU ms an update: {cpu_ms};"
-        f" sender lag p99 {row.lag_p99_ms:.1f} ms",
+        f" sender lag p99 {row.lag_p99_ms:.1f} ms (p99 from when due {row.due_p99_ms:.1f} ms);"
+        f" load event-loop delay p99 {row.loop_p99_ms:.1f} ms",
         flush=True,
     )
 
@@ -616,7 +629,11 @@ def print_table(
     if rows:
         print(f"\n(a) {args.clients} clients typing into one document for {args.duration:g} s")
         head = ("server", "upd/s", "deliv", "p50 ms", "p99 ms", "max ms", "CPU ms/upd", "upd/CPU-s")
-        print(f"{head[0]:<11}" + "".join(f"{h:>11}" for h in head[1:]) + "  of which / sender lag")
+        print(
+            f"{head[0]:<11}"
+            + "".join(f"{h:>11}" for h in head[1:])
+            + "  of which / sender lag, p99 from due, load loop delay"
+        )
         for row in rows:
             total = sum(row.cpu_ms.values())
             split = ", ".join(f"{k} {v:.3f}" for k, v in row.cpu_ms.items())
@@ -629,7 +646,7 @@ def print_table(
                 f"{total:.3f}",
                 f"{1000 / total:,.0f}" if total else "-",
             )
-            lag = f"{row.lag_p99_ms:.1f} ms"
+            lag = f"{row.lag_p99_ms:.1f}, {row.due_p99_ms:.1f}, {row.loop_p99_ms:.1f} ms"
             print(f"{row.server:<11}" + "".join(f"{c:>11}" for c in cells) + f"  {split} / {lag}")
     if memories:
         print(f"\n(b) {args.docs} documents of 10 KB, {args.idle_clients} idle clients each")

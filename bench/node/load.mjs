@@ -28,9 +28,12 @@
 //                                                     -> {"event": "seeded"}
 //   stats                  -> {"event": "stats", "frames": n, "bytes": n, "sent": n,
 //                              "keystrokes": <others' keystrokes received>,
-//                              "lag_p99_ms": x, "lag_max_ms": x}
+//                              "lag_p99_ms": x, "lag_max_ms": x,
+//                              "loop_delay_p99_ms": x}  (this process's event loop:
+//                              how late a received frame can be read and timestamped)
 //   dump                   writes <out>.recv (float64 rows: sender, clock, length,
-//                          ns after t0) and <out>.sent (sender, keystroke, ns after t0)
+//                          ns after t0) and <out>.sent (sender, keystroke, ns after t0
+//                          when it was sent, ns after t0 when it was due)
 //                                                     -> {"event": "dumped"}
 //   exit
 //
@@ -44,6 +47,7 @@ import * as Y from 'yjs'
 import * as decoding from 'lib0/decoding'
 import * as encoding from 'lib0/encoding'
 import { writeFileSync } from 'node:fs'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 
 const config = JSON.parse(process.argv[2])
 const hocuspocus = config.protocol === 'hocuspocus'
@@ -80,7 +84,8 @@ class Records {
 }
 
 const received = new Records(4)
-const sent = new Records(3)
+const sent = new Records(4)
+const loopDelay = monitorEventLoopDelay({ resolution: 1 })
 const lags = []
 let t0 = null
 let frames = 0
@@ -233,7 +238,7 @@ function go (start, seconds) {
         }
         client.type(LETTERS[client.keystrokes % 26])
         const sentAt = now()
-        sent.push(client.id, client.keystrokes, Number(sentAt - t0))
+        sent.push(client.id, client.keystrokes, Number(sentAt - t0), Number(when - t0))
         lags.push(Number(sentAt - when) / 1e6)
         client.keystrokes += 1
       }
@@ -241,7 +246,7 @@ function go (start, seconds) {
     if (next !== null) setTimeout(tick, Math.max(0, Number(next - now()) / 1e6))
   }
   const wait = Number(t0 - now()) / 1e6
-  setTimeout(tick, Math.max(0, wait))
+  setTimeout(() => { loopDelay.enable(); tick() }, Math.max(0, wait))
 }
 
 function seed (chars, chunk) {
@@ -285,9 +290,10 @@ function stats () {
     frames,
     bytes,
     keystrokes,
-    sent: sent.length / 3,
+    sent: sent.length / 4,
     lag_p99_ms: at(0.99),
-    lag_max_ms: sorted.length ? sorted[sorted.length - 1] : 0
+    lag_max_ms: sorted.length ? sorted[sorted.length - 1] : 0,
+    loop_delay_p99_ms: loopDelay.count ? loopDelay.percentile(99) / 1e6 : 0
   })
 }
 
