@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import os
 import textwrap
 from collections.abc import Callable
 from functools import partial
@@ -49,6 +50,10 @@ from atrium.seams.wsproto_server import (
 )
 
 CAP = 10.0
+# The seam's HTTP/1.1 parser under test: HTTP_PARSER=httptools runs these on llhttp.
+SEAM_PARSER: hypercorn_server.Parser = (
+    "httptools" if os.environ.get("HTTP_PARSER") == "httptools" else "h11"
+)
 _UPGRADE = (
     b"GET /ws/x HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -71,8 +76,8 @@ def _hypercorn(ok: object, what: str) -> None:
 
 
 class _Unseam(ast.NodeTransformer):
-    """Our ``worker_serve`` as hypercorn would have it: no docstring, no ``contain``, and
-    ``TCPServer`` where we build ``ContainedTCPServer``."""
+    """Our ``worker_serve`` as hypercorn would have it: no docstring, no ``contain`` or
+    ``parser``, and ``TCPServer`` where we build ``ContainedTCPServer``."""
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
         self.generic_visit(node)
@@ -80,7 +85,7 @@ class _Unseam(ast.NodeTransformer):
             *[
                 (arg, default)
                 for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True)
-                if arg.arg != "contain"
+                if arg.arg not in ("contain", "parser")
             ],
             strict=True,
         )
@@ -100,6 +105,7 @@ class _Unseam(ast.NodeTransformer):
         if node.args and isinstance(node.args[0], ast.Name):
             if node.args[0].id == "ContainedTCPServer":
                 node.args = [ast.Name("TCPServer", ast.Load()), *node.args[2:]]
+                node.keywords = [k for k in node.keywords if k.arg != "parser"]
         return node
 
 
@@ -206,6 +212,7 @@ async def _serve_seam(
             app,
             config,
             contain=contain,
+            parser=SEAM_PARSER,
             shutdown_trigger=trio.sleep_forever,
         )
     )
@@ -306,16 +313,26 @@ def _statement(source: str) -> str:
     return ast.dump(ast.parse(textwrap.dedent(source)).body[0])
 
 
+_PROTOCOL = """
+self.protocol = ProtocolWrapper(
+    self.app, self.config, self.context, task_group, ConnectionState(self.state), ssl, client,
+    server, self.protocol_send, alpn_protocol, {}
+)
+"""
+
+
 def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
     """``ContainedTCPServer._run`` and ``_read_data`` are hypercorn's ``TCPServer.run`` and
     ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends)
-    and the timeout-less read: a release that changes either fails here, so the copies are
+    and the timeout-less read (and the ``parser`` it hands the protocol): a release that changes either fails here, so the copies are
     brought up to date."""
     keep_alive = {
         _statement("self._task_group.spawn(self._keep_alive)"): (
             "await self.idle_task.restart(self._task_group, self._idle_timeout)"
         ),
         _statement("self._keep_alive_task_scope.cancel()"): "",
+        # and the parser it hands the protocol
+        _statement(_PROTOCOL.format("self._parser")): _PROTOCOL.format(""),
     }
     ours = ast.parse(textwrap.dedent(inspect.getsource(hypercorn_server.ContainedTCPServer._run)))
     _hypercorn(
