@@ -200,9 +200,14 @@ async def _exchange(port: int, request: bytes) -> bytes:
 
 
 async def _serve_seam(
-    nursery: trio.Nursery, app: Any, config: Config, contain: hypercorn_server.Contain
+    nursery: trio.Nursery,
+    app: Any,
+    config: Config,
+    contain: hypercorn_server.Contain,
+    parser: hypercorn_server.Parser = SEAM_PARSER,
 ) -> int:
-    """The seam's server on port 0 in ``nursery``; returns the port."""
+    """The seam's server on port 0 in ``nursery`` (parsing with ``parser``); returns the
+    port."""
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.graceful_timeout = 0.1
@@ -212,7 +217,7 @@ async def _serve_seam(
             app,
             config,
             contain=contain,
-            parser=SEAM_PARSER,
+            parser=parser,
             shutdown_trigger=trio.sleep_forever,
         )
     )
@@ -323,9 +328,9 @@ self.protocol = ProtocolWrapper(
 
 def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
     """``ContainedTCPServer._run`` and ``_read_data`` are hypercorn's ``TCPServer.run`` and
-    ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends)
-    and the timeout-less read (and the ``parser`` it hands the protocol): a release that changes either fails here, so the copies are
-    brought up to date."""
+    ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends),
+    the ``parser`` it hands the protocol, and the timeout-less read: a release that changes
+    either fails here, so the copies are brought up to date."""
     keep_alive = {
         _statement("self._task_group.spawn(self._keep_alive)"): (
             "await self.idle_task.restart(self._task_group, self._idle_timeout)"

@@ -8,11 +8,14 @@ tighten where noted. Where llhttp answers differently from h11, the case says so
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from atrium.seams import hypercorn_server
 from tests.test_seams import CAP, SEAM_PARSER, _serve_seam
 
 _GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -182,14 +185,20 @@ _CASES = {
         b"",
         False,
     ),
+    # h11 takes any token as a method (hypercorn upper-cases it); llhttp only the methods
+    # it knows, in capitals.
+    "a method llhttp does not know": (b"FOO / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
+    "a method in lower case": (b"get / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
     # HTTP/1.0 without keep-alive: answered, then closed.
     "HTTP/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, b"", False),
 }
 
 
-# Where llhttp is stricter than h11 (docs/BENCHMARKS.md, "The HTTP floor, third pass"):
-# on httptools these are refused, 400 and a close.
+# Where llhttp is stricter than h11 (docs/BENCHMARKS.md, "The HTTP floor, third pass";
+# the methods found here): on httptools these are refused, 400 and a close.
 _LLHTTP_REFUSES = {
+    "a method llhttp does not know",
+    "a method in lower case",
     "Content-Length and Transfer-Encoding both",
     "two equal Content-Lengths",
     "obs-fold",
@@ -252,3 +261,47 @@ async def test_seam_http1_answers_expect_100_continue_before_the_body() -> None:
                 final = await _read_responses(stream)
             nursery.cancel_scope.cancel()
     assert _status(final) == 200 and _body(final) == b"hi", final
+
+
+_SCOPED = [
+    b"GET /a%20b/c?x=1&y=%2F HTTP/1.1\r\nHost: test:80\r\nX-Mixed-Case: V\r\n\r\n",
+    b"POST /form HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\nContent-Type: a/b\r\n\r\nabc",
+    b"HEAD / HTTP/1.1\r\nHost: test\r\nAccept: */*\r\nAccept: text/html\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+]
+
+
+async def _scopes(parser: hypercorn_server.Parser, raw_headers: bool) -> list[dict[str, Any]]:
+    """The scopes the seam hands its app for ``_SCOPED``, each on its own connection, with
+    the ports (which differ from run to run) taken out."""
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            scopes.append(dict(scope))
+        await _echo(scope, receive, send)
+
+    config = Config()
+    config.h11_pass_raw_headers = raw_headers
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, app, config, print, parser)
+            for request in _SCOPED:
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(request)
+                    await _read_responses(stream)
+            nursery.cancel_scope.cancel()
+    for scope in scopes:
+        scope["client"] = scope["client"][0]
+        scope["server"] = scope["server"][0]
+    return scopes
+
+
+@pytest.mark.parametrize("raw_headers", [False, True])
+async def test_seam_llhttp_builds_the_scope_hypercorn_builds(raw_headers: bool) -> None:
+    """The app sees the same ASGI scope (path, query, headers, version, state, ...) from
+    the seam's llhttp protocol as from hypercorn's ``HTTPStream``."""
+    ours = await _scopes("httptools", raw_headers)
+    theirs = await _scopes("h11", raw_headers)
+    assert len(ours) == len(_SCOPED)
+    assert ours == theirs
