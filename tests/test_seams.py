@@ -368,6 +368,89 @@ def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
     )
 
 
+def test_httptools_parser_the_seam_builds_on() -> None:
+    """``seams/llhttp_protocol.py``: the parser's methods, each callback it implements
+    called in order with what it reads, ``HttpParserUpgrade`` with the offset of what
+    follows an upgrade's head, ``HttpParserError`` carrying a callback's exception as
+    its context, and ``should_upgrade`` already set in ``on_headers_complete``."""
+    import httptools
+
+    def check_httptools(ok: object, what: str) -> None:
+        check(ok, "llhttp_protocol", "httptools", what)
+
+    calls: list[tuple[str, Any]] = []
+
+    class Callbacks:
+        parser: httptools.HttpRequestParser
+
+        def on_message_begin(self) -> None:
+            calls.append(("begin", None))
+
+        def on_url(self, url: bytes) -> None:
+            calls.append(("url", url))
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append(("header", (name, value)))
+
+        def on_headers_complete(self) -> None:
+            parser = self.parser
+            version, upgrade = parser.get_http_version(), parser.should_upgrade()
+            calls.append(("headers", (parser.get_method(), version, upgrade)))
+
+        def on_body(self, body: bytes) -> None:
+            calls.append(("body", body))
+
+        def on_chunk_header(self) -> None:
+            calls.append(("chunk", None))
+
+        def on_message_complete(self) -> None:
+            calls.append(("complete", None))
+
+    callbacks = Callbacks()
+    callbacks.parser = parser = httptools.HttpRequestParser(callbacks)
+    parser.feed_data(
+        b"POST /a?b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
+    check_httptools(
+        calls
+        == [
+            ("begin", None),
+            ("url", b"/a?b"),
+            ("header", (b"Host", b"x")),
+            ("header", (b"Transfer-Encoding", b"chunked")),
+            ("headers", (b"POST", "1.1", False)),
+            ("chunk", None),
+            ("body", b"hi"),
+            ("chunk", None),
+            ("complete", None),
+        ],
+        f"a chunked request was read as {calls!r}",
+    )
+    calls.clear()
+    upgrade = _UPGRADE + b"\x81\x05hello"
+    try:
+        parser.feed_data(upgrade)
+    except httptools.HttpParserUpgrade as error:
+        offset = error.args[0]
+    else:
+        offset = None
+    check_httptools(offset == len(_UPGRADE), f"an upgrade's head ends at {offset!r}")
+    check_httptools(("headers", (b"GET", "1.1", True)) in calls, f"an upgrade read {calls!r}")
+
+    class Refusing(Callbacks):
+        def on_headers_complete(self) -> None:
+            raise LookupError("refused")
+
+    refusing = httptools.HttpRequestParser(Refusing())
+    try:
+        refusing.feed_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    except httptools.HttpParserError as error:
+        context: BaseException | None = error.__context__
+    else:
+        context = None
+    check_httptools(isinstance(context, LookupError), f"a callback's error came as {context!r}")
+
+
 def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
     from hypercorn.protocol import ProtocolWrapper
     from hypercorn.protocol.h11 import H11Protocol
