@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
-import os
 import textwrap
 from collections.abc import Callable
 from functools import partial
@@ -50,10 +49,8 @@ from atrium.seams.wsproto_server import (
 )
 
 CAP = 10.0
-# The seam's HTTP/1.1 parser under test: HTTP_PARSER=httptools runs these on llhttp.
-SEAM_PARSER: hypercorn_server.Parser = (
-    "httptools" if os.environ.get("HTTP_PARSER") == "httptools" else "h11"
-)
+# The seam's two HTTP/1.1 protocols (HTTP_PARSER): hypercorn's on h11, atrium's on llhttp.
+PARSERS = pytest.mark.parametrize("parser", ["h11", "httptools"])
 _UPGRADE = (
     b"GET /ws/x HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -204,7 +201,7 @@ async def _serve_seam(
     app: Any,
     config: Config,
     contain: hypercorn_server.Contain,
-    parser: hypercorn_server.Parser = SEAM_PARSER,
+    parser: hypercorn_server.Parser = "h11",
 ) -> int:
     """The seam's server on port 0 in ``nursery`` (parsing with ``parser``); returns the
     port."""
@@ -261,7 +258,10 @@ async def test_hypercorn_a_failing_connection_is_contained() -> None:
     )
 
 
-async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_request() -> None:
+@PARSERS
+async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_request(
+    parser: hypercorn_server.Parser,
+) -> None:
     """Frame bytes pipelined behind an upgrade, before the 101: hypercorn answers 400 and,
     between the 400's head and its end, let the app's accept put h11 in its ERROR state,
     so the connection's task raised (contained). The seam writes a response whole, with no
@@ -270,7 +270,7 @@ async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_reques
     contained: list[BaseException] = []
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _app, Config(), contained.append)
+            port = await _serve_seam(nursery, _app, Config(), contained.append, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(_UPGRADE + b"\x81\x05hello")
@@ -558,12 +558,13 @@ async def test_hypercorn_seam_writes_a_response_head_with_its_body() -> None:
     )
 
 
-async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
+@PARSERS
+async def test_hypercorn_seam_still_upgrades_to_h2c(parser: hypercorn_server.Parser) -> None:
     """An h2c upgrade through the seam's HTTP/1.1 protocol is still switched to HTTP/2
     (hypercorn's 101)."""
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _app, Config(), print)
+            port = await _serve_seam(nursery, _app, Config(), print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(
@@ -678,8 +679,9 @@ async def _closed(stream: trio.SocketStream) -> bool:
     return await stream.receive_some() == b""
 
 
+@PARSERS
 async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """The keep-alive timer (one task whose deadline moves): an idle connection closes after
     ``keep_alive_timeout``, a request in flight longer than that is answered, and the timer
@@ -689,7 +691,7 @@ async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
     config.keep_alive_timeout = 5
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _slow_app, config, print)
+            port = await _serve_seam(nursery, _slow_app, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             started = trio.current_time()
             answer = await _request(stream, "/slow")
@@ -703,8 +705,9 @@ async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
             nursery.cancel_scope.cancel()
 
 
+@PARSERS
 async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """A graceful shutdown closes an idle connection at once, and one with a request in
     flight once its response is out."""
@@ -723,6 +726,7 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
                     _slow_app,
                     config,
                     contain=print,
+                    parser=parser,
                     shutdown_trigger=shutdown.wait,
                 )
             )
@@ -744,8 +748,9 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
             _hypercorn(trio.current_time() - started < 61, "the busy connection lingered")
 
 
+@PARSERS
 async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """A WebSocket never turns idle, so the keep-alive timer parks for its life; once its
     peer has gone, the connection's tasks end with it. Were the timer left parked, a
@@ -767,6 +772,7 @@ async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
                     _app,
                     config,
                     contain=print,
+                    parser=parser,
                     shutdown_trigger=shutdown.wait,
                 )
             )

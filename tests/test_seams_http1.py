@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from atrium.seams import hypercorn_server
-from tests.test_seams import CAP, SEAM_PARSER, _serve_seam
+from tests.test_seams import CAP, PARSERS, _serve_seam
 
 _GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -39,14 +39,16 @@ async def _echo(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallab
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _answers(request: bytes, *, then: bytes = _GET) -> tuple[bytes, bytes | None]:
+async def _answers(
+    request: bytes, parser: hypercorn_server.Parser, *, then: bytes = _GET
+) -> tuple[bytes, bytes | None]:
     """What the seam writes back to ``request``, read until it pauses or closes; then the
     answer to ``then`` on the same connection (None if the connection was closed)."""
     config = Config()
     config.h11_max_incomplete_size = 4096
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, config, print)
+            port = await _serve_seam(nursery, _echo, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(request)
@@ -206,12 +208,13 @@ _LLHTTP_REFUSES = {
 }
 
 
+@PARSERS
 @pytest.mark.parametrize("case", list(_CASES))
-async def test_seam_http1_answers_as_h11_does(case: str) -> None:
+async def test_seam_http1_answers_as_h11_does(case: str, parser: hypercorn_server.Parser) -> None:
     request, status, body, stays_open = _CASES[case]
-    if SEAM_PARSER == "httptools" and case in _LLHTTP_REFUSES:
+    if parser == "httptools" and case in _LLHTTP_REFUSES:
         status, body, stays_open = 400, b"", False
-    first, second = await _answers(request)
+    first, second = await _answers(request, parser)
     assert first.startswith(b"HTTP/1."), f"{case}: answered {first[:80]!r}"
     assert _status(first) == status, f"{case}: answered {first[:80]!r}"
     if status == 200:
@@ -222,14 +225,17 @@ async def test_seam_http1_answers_as_h11_does(case: str) -> None:
         assert second is None, f"{case}: the connection stayed open: {second!r}"
 
 
-async def test_seam_http1_answers_pipelined_requests_in_order() -> None:
+@PARSERS
+async def test_seam_http1_answers_pipelined_requests_in_order(
+    parser: hypercorn_server.Parser,
+) -> None:
     """Three requests in one write: three answers, in order, on the kept connection."""
     posts = b"".join(
         b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\n%d" % n for n in range(3)
     )
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, Config(), print)
+            port = await _serve_seam(nursery, _echo, Config(), print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(posts + _GET)
@@ -243,12 +249,15 @@ async def test_seam_http1_answers_pipelined_requests_in_order() -> None:
     assert [_body(r) for r in responses] == [b"0", b"1", b"2", b""], received
 
 
-async def test_seam_http1_answers_expect_100_continue_before_the_body() -> None:
+@PARSERS
+async def test_seam_http1_answers_expect_100_continue_before_the_body(
+    parser: hypercorn_server.Parser,
+) -> None:
     """``Expect: 100-continue``: the 100 comes before the client sends the body."""
     config = Config()
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, config, print)
+            port = await _serve_seam(nursery, _echo, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(
