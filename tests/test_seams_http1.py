@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
@@ -314,3 +315,177 @@ async def test_seam_llhttp_builds_the_scope_hypercorn_builds(raw_headers: bool) 
     theirs = await _scopes("h11", raw_headers)
     assert len(ours) == len(_SCOPED)
     assert ours == theirs
+
+
+async def _responder(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Answers as its path says: ``/len`` with a Content-Length, ``/chunked`` in two body
+    messages without one, ``/204``, ``/close`` asking to close, ``/crash-before`` and
+    ``/crash-after`` raising before and in the middle of the response, ``/too-much`` and
+    ``/too-little`` writing another length than the one declared."""
+    if scope["type"] == "lifespan":
+        await _echo(scope, receive, send)
+        return
+    path = scope["path"]
+    if path == "/crash-before":
+        raise RuntimeError("the app failed")
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"text/plain")]
+    status = 204 if path == "/204" else 200
+    body, more = b"hello", b""
+    if path == "/chunked" or path == "/crash-after":
+        more = b" world"
+    elif path == "/close":
+        headers.append((b"connection", b"close"))
+    elif path == "/too-much":
+        headers.append((b"content-length", b"2"))
+    elif path == "/too-little":
+        headers.append((b"content-length", b"9"))
+    if path in ("/len", "/close", "/end"):
+        headers.append((b"content-length", b"%d" % len(body)))
+    if status == 204:
+        body = b""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": bool(more)})
+    if path == "/crash-after":
+        raise RuntimeError("the app failed halfway")
+    if more:
+        await send({"type": "http.response.body", "body": more, "more_body": False})
+
+
+_END = b"GET /end HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+async def _written(parser: hypercorn_server.Parser, request: bytes, then: bytes = _END) -> bytes:
+    """Every byte the seam writes for ``request`` then ``then``, until it closes."""
+    config = Config()
+    config.include_date_header = False
+    config.include_server_header = False
+    received = b""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _responder, config, lambda _: None, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(request + then)
+                while chunk := await stream.receive_some():
+                    received += chunk
+            nursery.cancel_scope.cancel()
+    return received
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /len HTTP/1.1",
+        b"GET /chunked HTTP/1.1",
+        b"HEAD /len HTTP/1.1",
+        b"HEAD /chunked HTTP/1.1",
+        b"GET /204 HTTP/1.1",
+        b"GET /close HTTP/1.1",
+        b"GET /crash-before HTTP/1.1",
+        b"GET /crash-after HTTP/1.1",
+        b"GET /too-much HTTP/1.1",
+        b"GET /too-little HTTP/1.1",
+        b"GET /chunked HTTP/1.0",
+        b"GET /len HTTP/1.0\r\nConnection: keep-alive",
+        b"GET /len HTTP/1.1\r\nConnection: close",
+    ],
+)
+async def test_seam_llhttp_writes_what_h11_writes(request_line: bytes) -> None:
+    """Byte for byte, the seam's llhttp protocol writes the responses hypercorn's h11 does:
+    framing (length, chunked, close-delimited for HTTP/1.0), no body for HEAD and 204,
+    500 for an app that fails before its response and a close for one that fails in it or
+    writes another length than it declared, and Connection: close where h11 closes."""
+    request = request_line + b"\r\nHost: test\r\n\r\n"
+    # Nothing after a request that closes the connection: see the test below.
+    then = b"" if b"HTTP/1.0" in request or b"close" in request else _END
+    theirs = await _written("h11", request, then)
+    ours = await _written("httptools", request, then)
+    assert ours == theirs
+
+
+@PARSERS
+async def test_seam_http1_a_request_pipelined_after_connection_close(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A request sent after one asking to close: h11 finds it before the first is answered
+    and answers 400 in place of the first's response; llhttp answers the first, then
+    closes. Either way the second is not served."""
+    first = b"GET /len HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    written = await _written(parser, first)
+    status = 400 if parser == "h11" else 200
+    assert _status(written) == status and written.count(b"HTTP/1.1 ") == 1, written
+
+
+@PARSERS
+async def test_seam_http1_tells_the_app_of_a_client_gone_mid_body(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A client that closes before its body is all sent: the app waiting for the body is
+    told ``http.disconnect`` (and so ends), rather than waiting for ever."""
+    told: list[str] = []
+    ended = trio.Event()
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            await _echo(scope, receive, send)
+            return
+        try:
+            while (message := await receive())["type"] == "http.request":
+                told.append(f"{message['type']} {message.get('body', b'')!r}")
+            told.append(message["type"])
+        finally:
+            ended.set()
+
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, app, Config(), print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(
+                    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nhalf"
+                )
+                while not told:
+                    await trio.testing.wait_all_tasks_blocked()
+            await ended.wait()
+            nursery.cancel_scope.cancel()
+    assert told == ["http.request b'half'", "http.disconnect"]
+
+
+@PARSERS
+async def test_seam_http1_refuses_a_head_grown_past_the_limit_in_pieces(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A head sent a piece at a time, never ending: 431 once it outgrows
+    ``h11_max_incomplete_size``, and the connection is closed."""
+    config = Config()
+    config.h11_max_incomplete_size = 4096
+    answer = b""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, config, print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: test\r\n")
+                try:
+                    for n in range(100):
+                        await stream.send_all(b"X-%d: %s\r\n" % (n, b"a" * 1000))
+                        await trio.testing.wait_all_tasks_blocked()
+                except trio.BrokenResourceError:
+                    pass
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            nursery.cancel_scope.cancel()
+    assert _status(answer) == 431, answer
+
+
+@PARSERS
+async def test_seam_http1_hands_http2_with_prior_knowledge_to_hypercorn(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """HTTP/2 spoken from the first byte (``PRI * HTTP/2.0``) is served by hypercorn's h2:
+    its first frame back is its SETTINGS."""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, Config(), print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                answer = await stream.receive_some()
+            nursery.cancel_scope.cancel()
+    assert answer[3] == 0x04, answer  # a frame's type is its fourth byte: 4 is SETTINGS
