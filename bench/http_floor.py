@@ -14,7 +14,8 @@ request (user + system), which holds whatever else shares the machine (req/s doe
 - ``hello, atrium's seam``: the same app on ``atrium.seams.hypercorn_server``, the worker
   atrium runs; ``, httptools``: with its llhttp protocol (``HTTP_PARSER=httptools``);
 - ``atrium /health``, ``/api/v1/auth/me`` and ``/api/v1/projects/``: ``run.py`` with both
-  caches off (SESSION_CACHE_SECONDS=0, PROJECT_CACHE_TTL_SECONDS=0, embedded PostgreSQL),
+  caches off (SESSION_CACHE_SECONDS=0, PROJECT_CACHE_TTL_SECONDS=0, embedded PostgreSQL)
+  and ``HTTP_PARSER=h11``,
   for a user owning ``--projects`` projects;
 - ``atrium(httptools)``: a second ``run.py`` on the same database with
   ``HTTP_PARSER=httptools``, for the same three routes;
@@ -307,6 +308,7 @@ def main(argv: list[str]) -> int:
                 SECRET_KEY=secret,
                 SESSION_CACHE_SECONDS="0",
                 PROJECT_CACHE_TTL_SECONDS="0",
+                HTTP_PARSER="h11",
             )
         )
         token = trio.run(set_up, atrium.port, args.projects)

@@ -144,8 +144,8 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     max_body_bytes: int = 1_048_576
-    # The main port's HTTP/1.1 parser: hypercorn's h11, or llhttp (atrium.seams.llhttp_protocol).
-    http_parser: HttpParser = "h11"
+    # The main port's HTTP/1.1 parser: llhttp (atrium.seams.llhttp_protocol), or hypercorn's h11.
+    http_parser: HttpParser = "httptools"
     log_level: str = "INFO"
     log_format: LogFormat = _DEVELOPMENT.log_format
     drain_seconds: float = _DEVELOPMENT.drain_seconds
