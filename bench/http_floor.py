@@ -331,6 +331,7 @@ def main(argv: list[str]) -> int:
                 SESSION_CACHE_SECONDS="0",
                 PROJECT_CACHE_TTL_SECONDS="0",
                 HTTP_PARSER="httptools",
+                METRICS_PORT="0",  # the first one has the default port
             )
         )
         fast_probes = {"server": process_cpu(fast.process.pid)}
