@@ -309,6 +309,7 @@ def main(argv: list[str]) -> int:
                 SESSION_CACHE_SECONDS="0",
                 PROJECT_CACHE_TTL_SECONDS="0",
                 HTTP_PARSER="h11",
+                METRICS_PORT="0",  # any free port: another atrium may hold the default
             )
         )
         token = trio.run(set_up, atrium.port, args.projects)
@@ -331,7 +332,7 @@ def main(argv: list[str]) -> int:
                 SESSION_CACHE_SECONDS="0",
                 PROJECT_CACHE_TTL_SECONDS="0",
                 HTTP_PARSER="httptools",
-                METRICS_PORT="0",  # the first one has the default port
+                METRICS_PORT="0",
             )
         )
         fast_probes = {"server": process_cpu(fast.process.pid)}
