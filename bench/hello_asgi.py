@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument(
         "--seam", action="store_true", help="serve with atrium's copy of hypercorn's trio worker"
     )
+    parser.add_argument(
+        "--parser",
+        choices=("h11", "httptools"),
+        default="h11",
+        help="with --seam: its HTTP/1.1 parser (atrium's HTTP_PARSER)",
+    )
     args = parser.parse_args()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
@@ -64,7 +70,8 @@ def main() -> None:
     if args.seam:
         from atrium.seams import hypercorn_server
 
-        trio.run(partial(hypercorn_server.serve, contain=_raise), app, config)
+        serve_seam = partial(hypercorn_server.serve, contain=_raise, parser=args.parser)
+        trio.run(serve_seam, app, config)
     else:
         trio.run(serve, app, config)
 

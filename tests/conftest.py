@@ -263,6 +263,8 @@ def test_settings(data_dir: Path, **env: Any) -> Settings:
         "DB_POOL_SIZE": "6",
         "METRICS_PORT": "0",
     }
+    if "HTTP_PARSER" in os.environ:  # HTTP_PARSER=h11 runs the suite on hypercorn's h11
+        base["HTTP_PARSER"] = os.environ["HTTP_PARSER"]
     base.update({k: str(v) for k, v in env.items()})
     return load_settings(base)
 

@@ -49,6 +49,8 @@ from atrium.seams.wsproto_server import (
 )
 
 CAP = 10.0
+# The seam's two HTTP/1.1 protocols (HTTP_PARSER): hypercorn's on h11, atrium's on llhttp.
+PARSERS = pytest.mark.parametrize("parser", ["h11", "httptools"])
 _UPGRADE = (
     b"GET /ws/x HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -71,8 +73,8 @@ def _hypercorn(ok: object, what: str) -> None:
 
 
 class _Unseam(ast.NodeTransformer):
-    """Our ``worker_serve`` as hypercorn would have it: no docstring, no ``contain``, and
-    ``TCPServer`` where we build ``ContainedTCPServer``."""
+    """Our ``worker_serve`` as hypercorn would have it: no docstring, no ``contain`` or
+    ``parser``, and ``TCPServer`` where we build ``ContainedTCPServer``."""
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
         self.generic_visit(node)
@@ -80,7 +82,7 @@ class _Unseam(ast.NodeTransformer):
             *[
                 (arg, default)
                 for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True)
-                if arg.arg != "contain"
+                if arg.arg not in ("contain", "parser")
             ],
             strict=True,
         )
@@ -100,6 +102,7 @@ class _Unseam(ast.NodeTransformer):
         if node.args and isinstance(node.args[0], ast.Name):
             if node.args[0].id == "ContainedTCPServer":
                 node.args = [ast.Name("TCPServer", ast.Load()), *node.args[2:]]
+                node.keywords = [k for k in node.keywords if k.arg != "parser"]
         return node
 
 
@@ -194,9 +197,14 @@ async def _exchange(port: int, request: bytes) -> bytes:
 
 
 async def _serve_seam(
-    nursery: trio.Nursery, app: Any, config: Config, contain: hypercorn_server.Contain
+    nursery: trio.Nursery,
+    app: Any,
+    config: Config,
+    contain: hypercorn_server.Contain,
+    parser: hypercorn_server.Parser = "h11",
 ) -> int:
-    """The seam's server on port 0 in ``nursery``; returns the port."""
+    """The seam's server on port 0 in ``nursery`` (parsing with ``parser``); returns the
+    port."""
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.graceful_timeout = 0.1
@@ -206,6 +214,7 @@ async def _serve_seam(
             app,
             config,
             contain=contain,
+            parser=parser,
             shutdown_trigger=trio.sleep_forever,
         )
     )
@@ -249,7 +258,10 @@ async def test_hypercorn_a_failing_connection_is_contained() -> None:
     )
 
 
-async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_request() -> None:
+@PARSERS
+async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_request(
+    parser: hypercorn_server.Parser,
+) -> None:
     """Frame bytes pipelined behind an upgrade, before the 101: hypercorn answers 400 and,
     between the 400's head and its end, let the app's accept put h11 in its ERROR state,
     so the connection's task raised (contained). The seam writes a response whole, with no
@@ -258,7 +270,7 @@ async def test_hypercorn_frames_pipelined_behind_an_upgrade_fail_only_the_reques
     contained: list[BaseException] = []
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _app, Config(), contained.append)
+            port = await _serve_seam(nursery, _app, Config(), contained.append, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(_UPGRADE + b"\x81\x05hello")
@@ -306,16 +318,26 @@ def _statement(source: str) -> str:
     return ast.dump(ast.parse(textwrap.dedent(source)).body[0])
 
 
+_PROTOCOL = """
+self.protocol = ProtocolWrapper(
+    self.app, self.config, self.context, task_group, ConnectionState(self.state), ssl, client,
+    server, self.protocol_send, alpn_protocol, {}
+)
+"""
+
+
 def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
     """``ContainedTCPServer._run`` and ``_read_data`` are hypercorn's ``TCPServer.run`` and
-    ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends)
-    and the timeout-less read: a release that changes either fails here, so the copies are
-    brought up to date."""
+    ``_read_data`` but for the keep-alive task (started, and cancelled once reading ends),
+    the ``parser`` it hands the protocol, and the timeout-less read: a release that changes
+    either fails here, so the copies are brought up to date."""
     keep_alive = {
         _statement("self._task_group.spawn(self._keep_alive)"): (
             "await self.idle_task.restart(self._task_group, self._idle_timeout)"
         ),
         _statement("self._keep_alive_task_scope.cancel()"): "",
+        # and the parser it hands the protocol
+        _statement(_PROTOCOL.format("self._parser")): _PROTOCOL.format(""),
     }
     ours = ast.parse(textwrap.dedent(inspect.getsource(hypercorn_server.ContainedTCPServer._run)))
     _hypercorn(
@@ -344,6 +366,89 @@ def test_hypercorn_tcp_server_run_is_the_one_the_seam_copies() -> None:
         ast.dump(_Unchanged(untimed).visit(ours)) == _tree(TCPServer._read_data),
         "hypercorn.trio.tcp_server.TCPServer._read_data differs from the seam's",
     )
+
+
+def test_httptools_parser_the_seam_builds_on() -> None:
+    """``seams/llhttp_protocol.py``: the parser's methods, each callback it implements
+    called in order with what it reads, ``HttpParserUpgrade`` with the offset of what
+    follows an upgrade's head, ``HttpParserError`` carrying a callback's exception as
+    its context, and ``should_upgrade`` already set in ``on_headers_complete``."""
+    import httptools
+
+    def check_httptools(ok: object, what: str) -> None:
+        check(ok, "llhttp_protocol", "httptools", what)
+
+    calls: list[tuple[str, Any]] = []
+
+    class Callbacks:
+        parser: httptools.HttpRequestParser
+
+        def on_message_begin(self) -> None:
+            calls.append(("begin", None))
+
+        def on_url(self, url: bytes) -> None:
+            calls.append(("url", url))
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append(("header", (name, value)))
+
+        def on_headers_complete(self) -> None:
+            parser = self.parser
+            version, upgrade = parser.get_http_version(), parser.should_upgrade()
+            calls.append(("headers", (parser.get_method(), version, upgrade)))
+
+        def on_body(self, body: bytes) -> None:
+            calls.append(("body", body))
+
+        def on_chunk_header(self) -> None:
+            calls.append(("chunk", None))
+
+        def on_message_complete(self) -> None:
+            calls.append(("complete", None))
+
+    callbacks = Callbacks()
+    callbacks.parser = parser = httptools.HttpRequestParser(callbacks)
+    parser.feed_data(
+        b"POST /a?b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
+    check_httptools(
+        calls
+        == [
+            ("begin", None),
+            ("url", b"/a?b"),
+            ("header", (b"Host", b"x")),
+            ("header", (b"Transfer-Encoding", b"chunked")),
+            ("headers", (b"POST", "1.1", False)),
+            ("chunk", None),
+            ("body", b"hi"),
+            ("chunk", None),
+            ("complete", None),
+        ],
+        f"a chunked request was read as {calls!r}",
+    )
+    calls.clear()
+    upgrade = _UPGRADE + b"\x81\x05hello"
+    try:
+        parser.feed_data(upgrade)
+    except httptools.HttpParserUpgrade as error:
+        offset = error.args[0]
+    else:
+        offset = None
+    check_httptools(offset == len(_UPGRADE), f"an upgrade's head ends at {offset!r}")
+    check_httptools(("headers", (b"GET", "1.1", True)) in calls, f"an upgrade read {calls!r}")
+
+    class Refusing(Callbacks):
+        def on_headers_complete(self) -> None:
+            raise LookupError("refused")
+
+    refusing = httptools.HttpRequestParser(Refusing())
+    try:
+        refusing.feed_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    except httptools.HttpParserError as error:
+        context: BaseException | None = error.__context__
+    else:
+        context = None
+    check_httptools(isinstance(context, LookupError), f"a callback's error came as {context!r}")
 
 
 def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
@@ -453,12 +558,13 @@ async def test_hypercorn_seam_writes_a_response_head_with_its_body() -> None:
     )
 
 
-async def test_hypercorn_seam_still_upgrades_to_h2c() -> None:
+@PARSERS
+async def test_hypercorn_seam_still_upgrades_to_h2c(parser: hypercorn_server.Parser) -> None:
     """An h2c upgrade through the seam's HTTP/1.1 protocol is still switched to HTTP/2
     (hypercorn's 101)."""
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _app, Config(), print)
+            port = await _serve_seam(nursery, _app, Config(), print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(
@@ -573,8 +679,9 @@ async def _closed(stream: trio.SocketStream) -> bool:
     return await stream.receive_some() == b""
 
 
+@PARSERS
 async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """The keep-alive timer (one task whose deadline moves): an idle connection closes after
     ``keep_alive_timeout``, a request in flight longer than that is answered, and the timer
@@ -584,7 +691,7 @@ async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
     config.keep_alive_timeout = 5
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _slow_app, config, print)
+            port = await _serve_seam(nursery, _slow_app, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             started = trio.current_time()
             answer = await _request(stream, "/slow")
@@ -598,8 +705,9 @@ async def test_hypercorn_seam_keep_alive_closes_idle_connections_only(
             nursery.cancel_scope.cancel()
 
 
+@PARSERS
 async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """A graceful shutdown closes an idle connection at once, and one with a request in
     flight once its response is out."""
@@ -618,6 +726,7 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
                     _slow_app,
                     config,
                     contain=print,
+                    parser=parser,
                     shutdown_trigger=shutdown.wait,
                 )
             )
@@ -639,8 +748,9 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
             _hypercorn(trio.current_time() - started < 61, "the busy connection lingered")
 
 
+@PARSERS
 async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
-    mock_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock, parser: hypercorn_server.Parser
 ) -> None:
     """A WebSocket never turns idle, so the keep-alive timer parks for its life; once its
     peer has gone, the connection's tasks end with it. Were the timer left parked, a
@@ -662,6 +772,7 @@ async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
                     _app,
                     config,
                     contain=print,
+                    parser=parser,
                     shutdown_trigger=shutdown.wait,
                 )
             )

@@ -8,12 +8,16 @@ tighten where noted. Where llhttp answers differently from h11, the case says so
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from tests.test_seams import CAP, _serve_seam
+from atrium.seams import hypercorn_server
+from tests.test_seams import CAP, PARSERS, _serve_seam
 
 _GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -36,14 +40,16 @@ async def _echo(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallab
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _answers(request: bytes, *, then: bytes = _GET) -> tuple[bytes, bytes | None]:
+async def _answers(
+    request: bytes, parser: hypercorn_server.Parser, *, then: bytes = _GET
+) -> tuple[bytes, bytes | None]:
     """What the seam writes back to ``request``, read until it pauses or closes; then the
     answer to ``then`` on the same connection (None if the connection was closed)."""
     config = Config()
     config.h11_max_incomplete_size = 4096
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, config, print)
+            port = await _serve_seam(nursery, _echo, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(request)
@@ -182,15 +188,34 @@ _CASES = {
         b"",
         False,
     ),
+    # h11 takes any token as a method (hypercorn upper-cases it); llhttp only the methods
+    # it knows, in capitals.
+    "a method llhttp does not know": (b"FOO / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
+    "a method in lower case": (b"get / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
     # HTTP/1.0 without keep-alive: answered, then closed.
     "HTTP/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, b"", False),
 }
 
 
+# Where llhttp is stricter than h11 (docs/BENCHMARKS.md, "The HTTP floor, third pass";
+# the methods found here): on httptools these are refused, 400 and a close.
+_LLHTTP_REFUSES = {
+    "a method llhttp does not know",
+    "a method in lower case",
+    "Content-Length and Transfer-Encoding both",
+    "two equal Content-Lengths",
+    "obs-fold",
+    "bare LF line ends",
+}
+
+
+@PARSERS
 @pytest.mark.parametrize("case", list(_CASES))
-async def test_seam_http1_answers_as_h11_does(case: str) -> None:
+async def test_seam_http1_answers_as_h11_does(case: str, parser: hypercorn_server.Parser) -> None:
     request, status, body, stays_open = _CASES[case]
-    first, second = await _answers(request)
+    if parser == "httptools" and case in _LLHTTP_REFUSES:
+        status, body, stays_open = 400, b"", False
+    first, second = await _answers(request, parser)
     assert first.startswith(b"HTTP/1."), f"{case}: answered {first[:80]!r}"
     assert _status(first) == status, f"{case}: answered {first[:80]!r}"
     if status == 200:
@@ -201,14 +226,17 @@ async def test_seam_http1_answers_as_h11_does(case: str) -> None:
         assert second is None, f"{case}: the connection stayed open: {second!r}"
 
 
-async def test_seam_http1_answers_pipelined_requests_in_order() -> None:
+@PARSERS
+async def test_seam_http1_answers_pipelined_requests_in_order(
+    parser: hypercorn_server.Parser,
+) -> None:
     """Three requests in one write: three answers, in order, on the kept connection."""
     posts = b"".join(
         b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\n%d" % n for n in range(3)
     )
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, Config(), print)
+            port = await _serve_seam(nursery, _echo, Config(), print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(posts + _GET)
@@ -222,12 +250,15 @@ async def test_seam_http1_answers_pipelined_requests_in_order() -> None:
     assert [_body(r) for r in responses] == [b"0", b"1", b"2", b""], received
 
 
-async def test_seam_http1_answers_expect_100_continue_before_the_body() -> None:
+@PARSERS
+async def test_seam_http1_answers_expect_100_continue_before_the_body(
+    parser: hypercorn_server.Parser,
+) -> None:
     """``Expect: 100-continue``: the 100 comes before the client sends the body."""
     config = Config()
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(nursery, _echo, config, print)
+            port = await _serve_seam(nursery, _echo, config, print, parser)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(
@@ -240,3 +271,221 @@ async def test_seam_http1_answers_expect_100_continue_before_the_body() -> None:
                 final = await _read_responses(stream)
             nursery.cancel_scope.cancel()
     assert _status(final) == 200 and _body(final) == b"hi", final
+
+
+_SCOPED = [
+    b"GET /a%20b/c?x=1&y=%2F HTTP/1.1\r\nHost: test:80\r\nX-Mixed-Case: V\r\n\r\n",
+    b"POST /form HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\nContent-Type: a/b\r\n\r\nabc",
+    b"HEAD / HTTP/1.1\r\nHost: test\r\nAccept: */*\r\nAccept: text/html\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+]
+
+
+async def _scopes(parser: hypercorn_server.Parser, raw_headers: bool) -> list[dict[str, Any]]:
+    """The scopes the seam hands its app for ``_SCOPED``, each on its own connection, with
+    the ports (which differ from run to run) taken out."""
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            scopes.append(dict(scope))
+        await _echo(scope, receive, send)
+
+    config = Config()
+    config.h11_pass_raw_headers = raw_headers
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, app, config, print, parser)
+            for request in _SCOPED:
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(request)
+                    await _read_responses(stream)
+            nursery.cancel_scope.cancel()
+    for scope in scopes:
+        scope["client"] = scope["client"][0]
+        scope["server"] = scope["server"][0]
+    return scopes
+
+
+@pytest.mark.parametrize("raw_headers", [False, True])
+async def test_seam_llhttp_builds_the_scope_hypercorn_builds(raw_headers: bool) -> None:
+    """The app sees the same ASGI scope (path, query, headers, version, state, ...) from
+    the seam's llhttp protocol as from hypercorn's ``HTTPStream``."""
+    ours = await _scopes("httptools", raw_headers)
+    theirs = await _scopes("h11", raw_headers)
+    assert len(ours) == len(_SCOPED)
+    assert ours == theirs
+
+
+async def _responder(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Answers as its path says: ``/len`` with a Content-Length, ``/chunked`` in two body
+    messages without one, ``/204``, ``/close`` asking to close, ``/crash-before`` and
+    ``/crash-after`` raising before and in the middle of the response, ``/too-much`` and
+    ``/too-little`` writing another length than the one declared."""
+    if scope["type"] == "lifespan":
+        await _echo(scope, receive, send)
+        return
+    path = scope["path"]
+    if path == "/crash-before":
+        raise RuntimeError("the app failed")
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"text/plain")]
+    status = 204 if path == "/204" else 200
+    body, more = b"hello", b""
+    if path == "/chunked" or path == "/crash-after":
+        more = b" world"
+    elif path == "/close":
+        headers.append((b"connection", b"close"))
+    elif path == "/too-much":
+        headers.append((b"content-length", b"2"))
+    elif path == "/too-little":
+        headers.append((b"content-length", b"9"))
+    if path in ("/len", "/close", "/end"):
+        headers.append((b"content-length", b"%d" % len(body)))
+    if status == 204:
+        body = b""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": bool(more)})
+    if path == "/crash-after":
+        raise RuntimeError("the app failed halfway")
+    if more:
+        await send({"type": "http.response.body", "body": more, "more_body": False})
+
+
+_END = b"GET /end HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+async def _written(parser: hypercorn_server.Parser, request: bytes, then: bytes = _END) -> bytes:
+    """Every byte the seam writes for ``request`` then ``then``, until it closes."""
+    config = Config()
+    config.include_date_header = False
+    config.include_server_header = False
+    received = b""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _responder, config, lambda _: None, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(request + then)
+                while chunk := await stream.receive_some():
+                    received += chunk
+            nursery.cancel_scope.cancel()
+    return received
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /len HTTP/1.1",
+        b"GET /chunked HTTP/1.1",
+        b"HEAD /len HTTP/1.1",
+        b"HEAD /chunked HTTP/1.1",
+        b"GET /204 HTTP/1.1",
+        b"GET /close HTTP/1.1",
+        b"GET /crash-before HTTP/1.1",
+        b"GET /crash-after HTTP/1.1",
+        b"GET /too-much HTTP/1.1",
+        b"GET /too-little HTTP/1.1",
+        b"GET /chunked HTTP/1.0",
+        b"GET /len HTTP/1.0\r\nConnection: keep-alive",
+        b"GET /len HTTP/1.1\r\nConnection: close",
+    ],
+)
+async def test_seam_llhttp_writes_what_h11_writes(request_line: bytes) -> None:
+    """Byte for byte, the seam's llhttp protocol writes the responses hypercorn's h11 does:
+    framing (length, chunked, close-delimited for HTTP/1.0), no body for HEAD and 204,
+    500 for an app that fails before its response and a close for one that fails in it or
+    writes another length than it declared, and Connection: close where h11 closes."""
+    request = request_line + b"\r\nHost: test\r\n\r\n"
+    # Nothing after a request that closes the connection: see the test below.
+    then = b"" if b"HTTP/1.0" in request or b"close" in request else _END
+    theirs = await _written("h11", request, then)
+    ours = await _written("httptools", request, then)
+    assert ours == theirs
+
+
+@PARSERS
+async def test_seam_http1_a_request_pipelined_after_connection_close(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A request sent after one asking to close: h11 finds it before the first is answered
+    and answers 400 in place of the first's response; llhttp answers the first, then
+    closes. Either way the second is not served."""
+    first = b"GET /len HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    written = await _written(parser, first)
+    status = 400 if parser == "h11" else 200
+    assert _status(written) == status and written.count(b"HTTP/1.1 ") == 1, written
+
+
+@PARSERS
+async def test_seam_http1_tells_the_app_of_a_client_gone_mid_body(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A client that closes before its body is all sent: the app waiting for the body is
+    told ``http.disconnect`` (and so ends), rather than waiting for ever."""
+    told: list[str] = []
+    ended = trio.Event()
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            await _echo(scope, receive, send)
+            return
+        try:
+            while (message := await receive())["type"] == "http.request":
+                told.append(f"{message['type']} {message.get('body', b'')!r}")
+            told.append(message["type"])
+        finally:
+            ended.set()
+
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, app, Config(), print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(
+                    b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nhalf"
+                )
+                while not told:
+                    await trio.testing.wait_all_tasks_blocked()
+            await ended.wait()
+            nursery.cancel_scope.cancel()
+    assert told == ["http.request b'half'", "http.disconnect"]
+
+
+@PARSERS
+async def test_seam_http1_refuses_a_head_grown_past_the_limit_in_pieces(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """A head sent a piece at a time, never ending: 431 once it outgrows
+    ``h11_max_incomplete_size``, and the connection is closed."""
+    config = Config()
+    config.h11_max_incomplete_size = 4096
+    answer = b""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, config, print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: test\r\n")
+                try:
+                    for n in range(100):
+                        await stream.send_all(b"X-%d: %s\r\n" % (n, b"a" * 1000))
+                        await trio.testing.wait_all_tasks_blocked()
+                except trio.BrokenResourceError:
+                    pass
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            nursery.cancel_scope.cancel()
+    assert _status(answer) == 431, answer
+
+
+@PARSERS
+async def test_seam_http1_hands_http2_with_prior_knowledge_to_hypercorn(
+    parser: hypercorn_server.Parser,
+) -> None:
+    """HTTP/2 spoken from the first byte (``PRI * HTTP/2.0``) is served by hypercorn's h2:
+    its first frame back is its SETTINGS."""
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            port = await _serve_seam(nursery, _echo, Config(), print, parser)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                answer = await stream.receive_some()
+            nursery.cancel_scope.cancel()
+    assert answer[3] == 0x04, answer  # a frame's type is its fourth byte: 4 is SETTINGS

@@ -28,6 +28,7 @@ import orjson
 from .logs import LogFormat
 
 Environment = Literal["development", "test", "production"]
+HttpParser = Literal["h11", "httptools"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MIN_SECRET_LENGTH = 32
@@ -143,6 +144,8 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = DEFAULT_ORIGINS
     max_body_bytes: int = 1_048_576
+    # The main port's HTTP/1.1 parser: llhttp (atrium.seams.llhttp_protocol), or hypercorn's h11.
+    http_parser: HttpParser = "httptools"
     log_level: str = "INFO"
     log_format: LogFormat = _DEVELOPMENT.log_format
     drain_seconds: float = _DEVELOPMENT.drain_seconds
@@ -476,6 +479,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("LOG_LEVEL", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     log_format = env.get("LOG_FORMAT", "").strip().lower() or d.log_format
+    http_parser = env.get("HTTP_PARSER", "").strip().lower() or d.http_parser
+    if http_parser not in ("h11", "httptools"):
+        raise ConfigError("HTTP_PARSER", f"must be h11 or httptools, got {http_parser!r}")
     if log_format not in ("json", "text"):
         raise ConfigError("LOG_FORMAT", f"must be json or text, got {log_format!r}")
     database_url = env.get("DATABASE_URL", "").strip() or None
@@ -540,6 +546,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
         log_level=log_level,
         log_format=log_format,  # type: ignore[arg-type]
+        http_parser=http_parser,  # type: ignore[arg-type]
         drain_seconds=_seconds(env, "DRAIN_SECONDS", d.drain_seconds),
         jwt_issuer=env.get("JWT_ISSUER", "").strip() or d.jwt_issuer,
         jwt_audience=env.get("JWT_AUDIENCE", "").strip() or d.jwt_audience,

@@ -26,10 +26,12 @@ async def serve(
     app: RequestLog,
     config: Config,
     *,
+    parser: hypercorn_server.Parser = "h11",
     shutdown_trigger: Callable[..., Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """``hypercorn.trio.serve`` for ``app``, each connection contained (see above)."""
+    """``hypercorn.trio.serve`` for ``app``, each connection contained (see above), parsing
+    HTTP/1.1 with ``parser`` (``HTTP_PARSER``)."""
 
     def contain(group: BaseException) -> None:
         failures = getattr(app, "failures", None)
@@ -41,6 +43,7 @@ async def serve(
         app,
         config,
         contain=contain,
+        parser=parser,
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )

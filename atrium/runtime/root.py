@@ -196,7 +196,13 @@ async def _run_http(
         config.bind = [f"fd://{reuse_port_socket(settings.host, settings.port).detach()}"]
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            partial(http_server.serve, app, config, shutdown_trigger=stop.wait)
+            partial(
+                http_server.serve,
+                app,
+                config,
+                parser=settings.http_parser,
+                shutdown_trigger=stop.wait,
+            )
         )
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
         task_status.started(HttpServer(host.strip("[]"), int(port), stop))

@@ -37,7 +37,7 @@ from itertools import chain
 from math import inf
 from random import randint
 from time import time
-from typing import Any
+from typing import Any, Literal
 
 import h11
 import h11._headers
@@ -73,9 +73,14 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from .llhttp_protocol import LlhttpProtocol
+
 # h11 0.16's expressions for a header's name and value (``h11._headers``).
 _FIELD_NAME = h11._headers._field_name_re
 _FIELD_VALUE = h11._headers._field_value_re
+
+# How HTTP/1.1 requests are parsed: hypercorn's h11, or llhttp (``HTTP_PARSER``).
+Parser = Literal["h11", "httptools"]
 
 # Told of what one connection let out (an exception group); never raises.
 Contain = Callable[[BaseException], None]
@@ -98,9 +103,10 @@ class ContainedTCPServer(TCPServer):
       and a request's messages reach its app through an :class:`AppInbox`.
     """
 
-    def __init__(self, contain: Contain, *args: Any) -> None:
+    def __init__(self, contain: Contain, *args: Any, parser: Parser = "h11") -> None:
         super().__init__(*args)
         self._contain = contain
+        self._parser = parser
         # The keep-alive timer's state: protocol_send writes it, _keep_alive reads it.
         self._busy = False  # a request is in flight
         self._idle_since = trio.current_time()
@@ -149,6 +155,7 @@ class ContainedTCPServer(TCPServer):
                     server,
                     self.protocol_send,
                     alpn_protocol,
+                    self._parser,
                 )
                 await self.protocol.initiate()
                 self._task_group.spawn(self._keep_alive)
@@ -246,7 +253,9 @@ class ContainedTCPServer(TCPServer):
 
 
 class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
-    """hypercorn's ``ProtocolWrapper``, speaking HTTP/1.1 with :class:`H11Protocol`."""
+    """hypercorn's ``ProtocolWrapper``, speaking HTTP/1.1 with :class:`H11Protocol`, or
+    with :class:`LlhttpProtocol` (``parser="httptools"``), which hands upgrades to an
+    :class:`H11Protocol`."""
 
     def __init__(
         self,
@@ -260,14 +269,31 @@ class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
         server: tuple[str, int] | None,
         send: Callable[[Event], Awaitable[None]],
         alpn_protocol: str | None = None,
+        parser: Parser = "h11",
     ) -> None:
         super().__init__(
             app, config, context, task_group, state, ssl, client, server, send, alpn_protocol
         )
         if alpn_protocol != "h2":
-            self.protocol = H11Protocol(
-                app, config, context, task_group, state, ssl, client, server, send
+            h11_protocol = partial(
+                H11Protocol, app, config, context, task_group, state, ssl, client, server, send
             )
+            if parser == "httptools":
+                self.protocol = LlhttpProtocol(  # type: ignore[assignment]
+                    app,
+                    config,
+                    context,
+                    task_group,
+                    state,
+                    ssl,
+                    client,
+                    server,
+                    send,
+                    h11_protocol,
+                    partial(server_headers, config),
+                )
+            else:
+                self.protocol = h11_protocol()
 
 
 class TaskGroup(hypercorn.trio.task_group.TaskGroup):
@@ -337,8 +363,6 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     """
 
     _head = b""
-    _headers_second = -1
-    _headers: list[tuple[bytes, bytes]] = []
 
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, Response) and event.status_code >= 200:
@@ -369,13 +393,7 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
             await self.send(RawData(data=data))
 
     def _response_headers(self) -> list[tuple[bytes, bytes]]:
-        """``config.response_headers("h11")``, built once a second: only its Date changes,
-        once a second (hypercorn formats it for every response)."""
-        second = int(time())
-        if second != self._headers_second:
-            self._headers = self.config.response_headers("h11")
-            self._headers_second = second
-        return self._headers
+        return server_headers(self.config)
 
     async def _flush(self) -> None:
         if self._head:
@@ -383,11 +401,25 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
             await self.send(RawData(data=head))
 
 
+_server_headers: tuple[int, int, list[tuple[bytes, bytes]]] = (-1, 0, [])
+
+
+def server_headers(config: Config) -> list[tuple[bytes, bytes]]:
+    """``config.response_headers("h11")``, built once a second: only its Date changes,
+    once a second (hypercorn formats it for every response)."""
+    global _server_headers
+    second = int(time())
+    if _server_headers[0] != second or _server_headers[1] != id(config):
+        _server_headers = (second, id(config), config.response_headers("h11"))
+    return _server_headers[2]
+
+
 async def serve(
     app: Framework,
     config: Config,
     *,
     contain: Contain,
+    parser: Parser = "h11",
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -401,6 +433,7 @@ async def serve(
         wrap_app(app, config.wsgi_max_body_size, None),
         config,
         contain=contain,
+        parser=parser,
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )
@@ -411,12 +444,13 @@ async def worker_serve(
     config: Config,
     *,
     contain: Contain,
+    parser: Parser = "h11",
     sockets: Sockets | None = None,
     shutdown_trigger: Callable[..., Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """hypercorn 0.18.0's ``hypercorn.trio.run.worker_serve``, building
-    ``ContainedTCPServer`` (with ``contain``) where it builds ``TCPServer``."""
+    ``ContainedTCPServer`` (with ``contain`` and ``parser``) where it builds ``TCPServer``."""
     config.set_statsd_logger_class(StatsdLogger)
 
     lifespan_state: LifespanState = {}
@@ -485,6 +519,7 @@ async def worker_serve(
                                 config,
                                 context,
                                 ConnectionState(lifespan_state.copy()),
+                                parser=parser,
                             ),
                             listeners,
                             handler_nursery=server_nursery,
