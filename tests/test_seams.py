@@ -31,7 +31,7 @@ from trio_asyncio import _handles as trio_asyncio_handles
 from trio_asyncio import _loop as trio_asyncio_loop
 from wsproto.events import Message
 
-from atrium.seams import aio_loop, hypercorn_server, redis_wire, wsproto_server
+from atrium.seams import aio_loop, hypercorn_server, llhttp_protocol, redis_wire, wsproto_server
 from atrium.seams.wsproto_server import (
     BytesMessage,
     CloseConnection,
@@ -613,10 +613,10 @@ def test_h11_header_checks_the_seam_remembers() -> None:
             h11.Response(headers=bad, status_code=200)
         with pytest.raises(h11.LocalProtocolError):
             hypercorn_server.validated_response(bad, 200)
-    for n in range(hypercorn_server._VALID_HEADERS_MAX + 10):
+    for n in range(llhttp_protocol._VALID_HEADERS_MAX + 10):
         hypercorn_server.validated_response([(b"x-request-id", b"%d" % n)], 200)
     check_h11(
-        len(hypercorn_server._VALID_HEADERS) <= hypercorn_server._VALID_HEADERS_MAX,
+        len(llhttp_protocol._VALID_HEADERS) <= llhttp_protocol._VALID_HEADERS_MAX,
         "the remembered header pairs grew past their bound",
     )
 

@@ -40,7 +40,6 @@ from time import time
 from typing import Any, Literal
 
 import h11
-import h11._headers
 import hypercorn.protocol
 import hypercorn.protocol.h11
 import hypercorn.trio.task_group
@@ -73,11 +72,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
-from .llhttp_protocol import LlhttpProtocol
-
-# h11 0.16's expressions for a header's name and value (``h11._headers``).
-_FIELD_NAME = h11._headers._field_name_re
-_FIELD_VALUE = h11._headers._field_value_re
+from .llhttp_protocol import LlhttpProtocol, check_headers
 
 # How HTTP/1.1 requests are parsed: hypercorn's h11, or llhttp (``HTTP_PARSER``).
 Parser = Literal["h11", "httptools"]
@@ -542,27 +537,8 @@ async def worker_serve(
 # Header pairs h11's expressions have passed: a response's headers are mostly the same pairs
 # every time (content type, security headers, the Date of this second). Bounded: cleared
 # when full, so pairs seen once (request ids) cannot grow it.
-_VALID_HEADERS: set[tuple[bytes, bytes]] = set()
-_VALID_HEADERS_MAX = 4096
-
-
 def validated_response(headers: list[tuple[bytes, bytes]], status_code: int) -> h11.Response:
-    """``h11.Response(headers=headers, status_code=status_code)``, each header pair checked
-    with h11's own expressions once rather than for every response.
-
-    h11 runs two regular expressions over every header of every response (a fifth of what
-    it costs a response); a pair seen before is skipped. Raises h11's
-    ``LocalProtocolError`` for an illegal name or value, as h11 does.
-    """
-    valid = _VALID_HEADERS
-    for pair in headers:
-        if pair not in valid:
-            name, value = pair
-            if _FIELD_NAME.fullmatch(name) is None:
-                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
-            if _FIELD_VALUE.fullmatch(value) is None:
-                raise h11.LocalProtocolError(f"Illegal header value {value!r}")
-            if len(valid) >= _VALID_HEADERS_MAX:
-                valid.clear()
-            valid.add(pair)
+    """``h11.Response(headers=headers, status_code=status_code)``, the headers checked by
+    :func:`check_headers` (each distinct pair once) rather than by h11 for every response."""
+    check_headers(headers)
     return h11.Response(headers=headers, status_code=status_code, _parsed=True)

@@ -475,7 +475,7 @@ class LlhttpProtocol:
         headers.extend(self._response_headers())
         if self.keep_alive_requests >= self.config.keep_alive_max_requests:
             headers.append((b"connection", b"close"))
-        _check(headers)
+        check_headers(headers)
         request = exchange.request
         exchange.suppress = request.method == "HEAD" or status in (204, 304)
         length: int | None = None
@@ -582,8 +582,11 @@ def _error_head(status: int, server_headers: list[tuple[bytes, bytes]]) -> bytes
     return b"".join(lines) + b"\r\n"
 
 
-def _check(headers: list[tuple[bytes, bytes]]) -> None:
-    """Each header pair checked with h11's expressions, once per distinct pair."""
+def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    """Each response header pair checked with h11's own expressions, once per distinct
+    pair rather than for every response (h11 runs two regular expressions over every
+    header of every response: a fifth of what a response costs it). Raises h11's
+    ``LocalProtocolError`` for an illegal name or value, as h11 does."""
     valid = _VALID_HEADERS
     for pair in headers:
         if pair not in valid:
