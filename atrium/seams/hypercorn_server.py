@@ -37,7 +37,7 @@ from itertools import chain
 from math import inf
 from random import randint
 from time import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import h11
 import hypercorn.protocol
@@ -92,11 +92,15 @@ class ContainedTCPServer(TCPServer):
       starts a task for it after every response and cancels that task at the next
       request (187 against 328 us a request for a bare app, docs/BENCHMARKS.md);
     - a write takes the send lock without a checkpoint when no other write holds it (the
-      write itself is the checkpoint);
+      write itself is the checkpoint), except on a WebSocket: there hypercorn's checkpoint
+      before each write costs less a delivery (docs/BENCHMARKS.md, "The main port's
+      fan-out, bisected");
     - a read without ``read_timeout`` opens no timeout scope;
     - the protocol is :class:`H11Protocol`'s, writing a response's head with its body,
       and a request's messages reach its app through an :class:`AppInbox`.
     """
+
+    _task_group: TaskGroup  # the connection's (``_run``'s): it knows a WebSocket's
 
     def __init__(self, contain: Contain, *args: Any, parser: Parser = "h11") -> None:
         super().__init__(*args)
@@ -163,10 +167,13 @@ class ContainedTCPServer(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
-            try:
-                self.send_lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self.send_lock.acquire()
+            if self._task_group.websocket:
+                await self.send_lock.acquire()  # hypercorn's: a checkpoint before each write
+            else:
+                try:
+                    self.send_lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await self.send_lock.acquire()
             try:
                 try:
                     with trio.CancelScope() as cancel_scope:
@@ -293,7 +300,15 @@ class ProtocolWrapper(hypercorn.protocol.ProtocolWrapper):
 
 class TaskGroup(hypercorn.trio.task_group.TaskGroup):
     """hypercorn's trio ``TaskGroup``, handing each request's messages to its app through
-    an :class:`AppInbox` rather than a memory channel."""
+    an :class:`AppInbox` rather than a memory channel; ``websocket`` tells the connection
+    that its app is a WebSocket's (:meth:`ContainedTCPServer.protocol_send` writes those
+    as hypercorn does)."""
+
+    websocket = False  # a WebSocket's app was spawned: the connection is one
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        return self
 
     async def spawn_app(
         self,
@@ -302,6 +317,8 @@ class TaskGroup(hypercorn.trio.task_group.TaskGroup):
         scope: Scope,
         send: Callable[[ASGISendEvent | None], Awaitable[None]],
     ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        if scope["type"] == "websocket":
+            self.websocket = True
         inbox = AppInbox(config.max_app_queue_size)
         assert self._nursery is not None  # spawned from inside ``async with``
         self._nursery.start_soon(
