@@ -456,19 +456,21 @@ class Bridge:
             self._catch_up_documents(documents.running())
 
     def _catch_up(self, actors: Sequence[WorkspaceActor]) -> None:
-        for actor in actors:
-            try:
-                actor.tell_nowait(CatchUp())
-            except (MailboxFull, ActorStopped):
-                continue  # a busy workspace's next event fills the gap; a stopped one is gone
-            self._metrics.bridge_catch_ups.inc()
+        self._tell_catch_up(actors, CatchUp())
 
     def _catch_up_documents(self, actors: Sequence[DocumentActor]) -> None:
+        self._tell_catch_up(actors, Reached())
+
+    def _tell_catch_up(
+        self, actors: Sequence[WorkspaceActor] | Sequence[DocumentActor], message: Any
+    ) -> None:
+        """Tell each actor to read what it missed from PostgreSQL; a busy one's next event
+        or update fills the gap, and a stopped one is gone."""
         for actor in actors:
             try:
-                actor.tell_nowait(Reached())
+                actor.tell_nowait(message)
             except (MailboxFull, ActorStopped):
-                continue  # a busy document's next update fills the gap; a stopped one is gone
+                continue
             self._metrics.bridge_catch_ups.inc()
 
     def _received_message(
