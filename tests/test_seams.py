@@ -493,6 +493,20 @@ def test_hypercorn_protocol_names_the_seam_builds_on() -> None:
             parameters(getattr(H11Protocol, name)) == ["self", "event"],
             f"H11Protocol.{name}(event) changed",
         )
+    _hypercorn(
+        parameters(H11Protocol._send_error_response) == ["self", "status_code"],
+        "H11Protocol._send_error_response(status_code) changed",
+    )
+    _hypercorn(
+        "await self._send_error_response(error.error_status_hint)"
+        in inspect.getsource(H11Protocol._handle_events),
+        "H11Protocol no longer answers a request h11 refuses with _send_error_response",
+    )
+    _hypercorn(
+        parameters(H11Protocol._check_protocol) == ["self", "event"]
+        and "H2CProtocolRequiredError" in inspect.getsource(H11Protocol._check_protocol),
+        "H11Protocol._check_protocol(event) no longer switches to h2c",
+    )
     source = inspect.getsource(H11Protocol.stream_send)
     for piece in (
         'chain(event.headers, self.config.response_headers("h11"))',

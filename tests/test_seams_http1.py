@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -41,12 +42,17 @@ async def _echo(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallab
 
 
 async def _answers(
-    request: bytes, parser: hypercorn_server.Parser, *, then: bytes = _GET
+    request: bytes,
+    parser: hypercorn_server.Parser,
+    *,
+    then: bytes = _GET,
+    config: Config | None = None,
 ) -> tuple[bytes, bytes | None]:
     """What the seam writes back to ``request``, read until it pauses or closes; then the
     answer to ``then`` on the same connection (None if the connection was closed)."""
-    config = Config()
-    config.h11_max_incomplete_size = 4096
+    if config is None:
+        config = Config()
+        config.h11_max_incomplete_size = 4096
     with trio.fail_after(CAP):
         async with trio.open_nursery() as nursery:
             port = await _serve_seam(nursery, _echo, config, print, parser)
@@ -103,6 +109,35 @@ def _status(response: bytes) -> int:
 
 def _body(response: bytes) -> bytes:
     return response.partition(b"\r\n\r\n")[2]
+
+
+def _headers(response: bytes) -> dict[bytes, bytes]:
+    head = response.partition(b"\r\n\r\n")[0]
+    pairs = (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    return {name.strip().lower(): value.strip() for name, _, value in pairs}
+
+
+# The codes of the refusals the protocols write themselves (atrium/seams/refusals.py).
+_REFUSAL_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def _assert_refusal(response: bytes, status: int) -> None:
+    """``response`` is ``status`` in atrium's error shape, its length right, and says it
+    closes the connection."""
+    assert _status(response) == status, response
+    headers, body = _headers(response), _body(response)
+    assert headers[b"content-type"] == b"application/json", response
+    assert int(headers[b"content-length"]) == len(body), response
+    assert headers[b"connection"] == b"close", response
+    error = orjson.loads(body)["error"]
+    assert error["code"] == _REFUSAL_CODES[status], response
+    assert error["message"], response
 
 
 # (request, status, body of a 200, the connection stays open for a next request)
@@ -181,6 +216,20 @@ _CASES = {
     # h11 refuses HTTP/1.1 without Host; llhttp accepts it (a swap must check Host itself).
     "HTTP/1.1 without Host": (b"GET / HTTP/1.1\r\n\r\n", 400, b"", False),
     "a request line that is not HTTP": (b"HELLO\r\n\r\n", 400, b"", False),
+    "a space in the request target": (b"GET /a b HTTP/1.1\r\nHost: test\r\n\r\n", 400, b"", False),
+    "a control byte in a header name": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX\x01Y: b\r\n\r\n",
+        400,
+        b"",
+        False,
+    ),
+    "a byte over 0x7f in a header name": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX\xffY: b\r\n\r\n",
+        400,
+        b"",
+        False,
+    ),
+    "binary garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, b"", False),
     # A head still incomplete past h11_max_incomplete_size (4 KiB here).
     "a head over h11_max_incomplete_size": (
         b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 8192,
@@ -192,6 +241,15 @@ _CASES = {
     # it knows, in capitals.
     "a method llhttp does not know": (b"FOO / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
     "a method in lower case": (b"get / HTTP/1.1\r\nHost: test\r\n\r\n", 200, b"", True),
+    # Upgrade without the upgrade connection option is not an upgrade (RFC 9110 7.8): a
+    # plain request on both (hypercorn alone would switch to h2c; the seam's H11Protocol
+    # does not).
+    "Upgrade: h2c without Connection: upgrade": (
+        b"GET / HTTP/1.1\r\nHost: test\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        200,
+        b"",
+        True,
+    ),
     # HTTP/1.0 without keep-alive: answered, then closed.
     "HTTP/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, b"", False),
 }
@@ -220,6 +278,8 @@ async def test_seam_http1_answers_as_h11_does(case: str, parser: hypercorn_serve
     assert _status(first) == status, f"{case}: answered {first[:80]!r}"
     if status == 200:
         assert _body(first) == body, f"{case}: answered {first!r}"
+    else:
+        _assert_refusal(first, status)
     if stays_open:
         assert second is not None and _status(second) == 200, f"{case}: then {second!r}"
     else:
@@ -380,7 +440,6 @@ async def _written(parser: hypercorn_server.Parser, request: bytes, then: bytes 
         b"HEAD /chunked HTTP/1.1",
         b"GET /204 HTTP/1.1",
         b"GET /close HTTP/1.1",
-        b"GET /crash-before HTTP/1.1",
         b"GET /crash-after HTTP/1.1",
         b"GET /too-much HTTP/1.1",
         b"GET /too-little HTTP/1.1",
@@ -392,14 +451,30 @@ async def _written(parser: hypercorn_server.Parser, request: bytes, then: bytes 
 async def test_seam_llhttp_writes_what_h11_writes(request_line: bytes) -> None:
     """Byte for byte, the seam's llhttp protocol writes the responses hypercorn's h11 does:
     framing (length, chunked, close-delimited for HTTP/1.0), no body for HEAD and 204,
-    500 for an app that fails before its response and a close for one that fails in it or
-    writes another length than it declared, and Connection: close where h11 closes."""
+    a close for an app that fails in its response or writes another length than it
+    declared, and Connection: close where h11 closes. (An app that fails before its
+    response: see the test after.)"""
     request = request_line + b"\r\nHost: test\r\n\r\n"
     # Nothing after a request that closes the connection: see the test below.
     then = b"" if b"HTTP/1.0" in request or b"close" in request else _END
     theirs = await _written("h11", request, then)
     ours = await _written("httptools", request, then)
     assert ours == theirs
+
+
+async def test_seam_llhttp_answers_what_it_writes_itself_in_the_error_shape() -> None:
+    """The responses the llhttp protocol writes in place of an app's are JSON errors with a
+    close: 500 ``internal_error`` for an app that failed before its response, and 404
+    ``not_found`` for a Host outside ``server_names``. (hypercorn's ``HTTPStream`` writes
+    both with an empty body on ``HTTP_PARSER=h11``: it is not the seam's to change.)"""
+    crashed = await _written("httptools", b"GET /crash-before HTTP/1.1\r\nHost: test\r\n\r\n")
+    _assert_refusal(crashed, 500)
+    assert crashed.count(b"HTTP/1.1 ") == 1, crashed
+    config = Config()
+    config.server_names = ["atrium.example"]
+    first, second = await _answers(_GET, "httptools", config=config)
+    _assert_refusal(first, 404)
+    assert second is None, second
 
 
 @PARSERS
@@ -472,7 +547,7 @@ async def test_seam_http1_refuses_a_head_grown_past_the_limit_in_pieces(
                 while chunk := await stream.receive_some():
                     answer += chunk
             nursery.cancel_scope.cancel()
-    assert _status(answer) == 431, answer
+    _assert_refusal(answer, 431)
 
 
 @PARSERS

@@ -12,6 +12,8 @@ that names the seam and the library when an upgrade changes one.
   failure boundary (a subclass of its ``TCPServer``; a copy of its ``worker_serve``).
 - ``llhttp_protocol``: atrium's own HTTP/1.1 protocol on httptools (llhttp), in place of
   hypercorn's ``H11Protocol`` and ``HTTPStream`` (``HTTP_PARSER=httptools``, the default).
+- ``refusals``: the responses both HTTP/1.1 protocols write themselves (a malformed
+  request, a head too large), in atrium's JSON error shape.
 - ``aio_loop``: trio-asyncio's event loop with asyncio's callback passes (private
   ``_loop`` and ``_handles``, overridden private methods).
 - ``redis_wire``: Redis commands packed and written on one pooled redis-py connection,

@@ -24,7 +24,9 @@ state)`` with ``handle_lifespan``, ``wait_for_startup``, ``wait_for_shutdown``;
 ``WorkerContext(max_requests)`` with ``terminate``/``terminated``; ``UDPServer``;
 ``ConnectionState``; ``StatsdLogger``; ``hypercorn.utils``' ``raise_shutdown``,
 ``repr_socket_addr``, ``ShutdownError``, ``wrap_app``; ``Config.create_sockets``,
-``create_ssl_context``, ``set_statsd_logger_class``.
+``create_ssl_context``, ``set_statsd_logger_class``; ``H11Protocol``'s ``stream_send`` and
+``_send_h11_event(event)``, ``_send_error_response(status_code)`` (its answer to a request
+h11 refuses) and ``_check_protocol(event)`` (its switch to HTTP/2).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from time import time
 from typing import Any, Literal, Self
 
 import h11
+import h11._headers
 import hypercorn.protocol
 import hypercorn.protocol.h11
 import hypercorn.trio.task_group
@@ -73,6 +76,7 @@ from hypercorn.utils import (
 )
 
 from .llhttp_protocol import LlhttpProtocol, check_headers
+from .refusals import refusal_body, refusal_headers
 
 # How HTTP/1.1 requests are parsed: hypercorn's h11, or llhttp (``HTTP_PARSER``).
 Parser = Literal["h11", "httptools"]
@@ -371,7 +375,9 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
     the send lock and the scheduler for the commonest response. ASGI already lets a server
     hold the head until the first body message arrives, and an empty write is skipped.
     Also: the Date and other server headers are built once a second, and each distinct
-    header pair is checked once (:func:`validated_response`).
+    header pair is checked once (:func:`validated_response`); a request h11 refuses is
+    answered in atrium's JSON error shape (:meth:`_send_error_response`); ``Upgrade: h2c``
+    switches protocols only with ``Connection: upgrade`` (:meth:`_check_protocol`).
     """
 
     _head = b""
@@ -404,6 +410,24 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
         if data:
             await self.send(RawData(data=data))
 
+    async def _send_error_response(self, status_code: int) -> None:
+        """hypercorn's answer to a request h11 refused (400, 431, 501), with the JSON error
+        body :class:`LlhttpProtocol` writes for it (hypercorn's is empty); hypercorn closes
+        the connection after it."""
+        body = refusal_body(status_code)
+        headers = refusal_headers(body) + self._response_headers()
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """hypercorn's switch to HTTP/2 (an h2c upgrade, or ``PRI``), an h2c upgrade taken
+        only with the ``upgrade`` connection option (RFC 9110 7.8, RFC 9113 3.1), as llhttp
+        takes it: hypercorn switches on ``Upgrade: h2c`` alone, so the same request was
+        HTTP/2 on one parser and HTTP/1.1 on the other."""
+        if event.method == b"PRI" or _asks_upgrade(event.headers):
+            await super()._check_protocol(event)
+
     def _response_headers(self) -> list[tuple[bytes, bytes]]:
         return server_headers(self.config)
 
@@ -411,6 +435,15 @@ class H11Protocol(hypercorn.protocol.h11.H11Protocol):
         if self._head:
             head, self._head = self._head, b""
             await self.send(RawData(data=head))
+
+
+def _asks_upgrade(headers: h11._headers.Headers) -> bool:
+    """A request's Connection header carries the ``upgrade`` option (h11 lower-cases
+    names)."""
+    return any(
+        name == b"connection" and b"upgrade" in (t.strip().lower() for t in value.split(b","))
+        for name, value in headers
+    )
 
 
 _server_headers: tuple[int, int, list[tuple[bytes, bytes]]] = (-1, 0, [])

@@ -7,7 +7,10 @@ builds the ASGI scope as ``HTTPStream`` does, and writes responses as h11 frames
 (Content-Length, chunked or close-delimited; HEAD, 204 and 304 without a body; HTTP/1.0
 closed after its response). It answers as h11 does (tests/test_seams_http1.py) except
 where llhttp is stricter: a request with both Content-Length and Transfer-Encoding, two
-equal Content-Lengths, an obs-fold line or bare LF line ends get 400 and a close.
+equal Content-Lengths, an obs-fold line or bare LF line ends get 400 and a close. What it
+writes itself (those refusals, 431, 501, a 404 for a Host outside ``server_names``, a 500
+for an app that ended without a response) is a JSON error with a stable code
+(``refusals.py``), where hypercorn writes an empty body.
 
 A WebSocket (or h2c) upgrade, and HTTP/2 with prior knowledge (``PRI``), go to hypercorn's
 path: the connection is handed, with the bytes read so far, to the ``fallback`` protocol.
@@ -43,6 +46,8 @@ from hypercorn.typing import (
     WorkerContext,
 )
 from hypercorn.utils import UnexpectedMessageError, build_and_validate_headers
+
+from .refusals import refusal
 
 _FIELD_NAME = h11._headers._field_name_re
 _FIELD_VALUE = h11._headers._field_value_re
@@ -396,21 +401,19 @@ class LlhttpProtocol:
         return any(isinstance(item, _Body) for item in self._items)
 
     async def _refuse(self, status: int) -> None:
-        """Answer a request llhttp (or a check here) refused, and close."""
+        """Answer a request llhttp (or a check here) refused, in atrium's JSON error shape
+        (:func:`refusal`), and close."""
         exchange = self._exchange
-        if exchange is None:
-            head = _error_head(status, self._response_headers())
-            await self.send(RawData(data=head))
-            await self.send(Closed())
-            return
-        # The request in flight is the bad one (its body): answer it if its app has not.
-        if exchange.state is _State.REQUEST:
-            await self.send(RawData(data=_error_head(status, self._response_headers())))
-        await self._end_exchange(exchange)
+        # With a request in flight, that one is the bad one (its body): answer it if its
+        # app has not.
+        if exchange is None or exchange.state is _State.REQUEST:
+            await self.send(RawData(data=refusal(status, self._response_headers())))
+        if exchange is not None:
+            await self._end_exchange(exchange)
         await self.send(Closed())
 
     async def _write_error(self, exchange: _Exchange, status: int) -> None:
-        await self.send(RawData(data=_error_head(status, self._response_headers())))
+        await self.send(RawData(data=refusal(status, self._response_headers())))
         exchange.state = _State.DONE
         await self._access(exchange, {"status": status, "headers": []})
         await self._end_exchange(exchange)
@@ -574,12 +577,6 @@ def _host_in(headers: list[tuple[bytes, bytes]], server_names: list[str]) -> boo
         if name.lower() == b"host":
             return value.decode() in server_names
     return "" in server_names
-
-
-def _error_head(status: int, server_headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d \r\ncontent-length: 0\r\nconnection: close\r\n" % status]
-    lines += [b"%s: %s\r\n" % pair for pair in server_headers]
-    return b"".join(lines) + b"\r\n"
 
 
 def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
