@@ -203,11 +203,13 @@ ENVIRONMENT_VARIABLES: tuple[EnvVar, ...] = (
             "How the main port reads HTTP/1.1 requests: `httptools` (atrium's own protocol on"
             " llhttp, `atrium/seams/llhttp_protocol.py`, cheaper per request: see"
             " [BENCHMARKS](BENCHMARKS.md)) or `h11` (hypercorn's protocol, as before). With"
-            " `httptools` a few malformed or unusual requests that h11 accepts get 400 and a"
-            " close: Content-Length with Transfer-Encoding, two equal Content-Lengths, an"
-            " obs-fold header line, bare LF line ends, a method llhttp does not know or in lower"
-            " case. WebSocket upgrades, h2c and HTTP/2 are served by hypercorn either way;"
-            " `WS_PORT` and the metrics port are not affected."
+            " `httptools` a few malformed or unusual requests that h11 accepts get 400"
+            " `bad_request` and a close: Content-Length with Transfer-Encoding, two equal"
+            " Content-Lengths, an obs-fold header line, bare LF line ends, a method llhttp does"
+            " not know or in lower case. Either way a request the protocol refuses gets a JSON"
+            " error (400 `bad_request`, 431 `headers_too_large`, 501 `not_implemented`)."
+            " WebSocket upgrades, h2c (with `Connection: upgrade`) and HTTP/2 are served by"
+            " hypercorn either way; `WS_PORT` and the metrics port are not affected."
         ),
     ),
     EnvVar(
