@@ -224,6 +224,25 @@ async def _serve_seam(
     return int(binds[0].rpartition(":")[2])
 
 
+async def _serve_until(
+    nursery: trio.Nursery, app: Any, parser: hypercorn_server.Parser, shutdown: trio.Event
+) -> int:
+    """The seam's server, shutting down gracefully once ``shutdown`` is set; its keep-alive
+    (50 s) and graceful (500 s) timeouts are long enough that neither ends a test's
+    connections before the shutdown does. Returns the port."""
+    config = Config()
+    config.keep_alive_timeout = 50
+    return await _serve_seam(
+        nursery,
+        app,
+        config,
+        print,
+        parser,
+        shutdown_trigger=shutdown.wait,
+        graceful_timeout=500,
+    )
+
+
 class _BrokenStream:
     """A connection whose peer address cannot be read: ``TCPServer.run`` lets the error out."""
 
@@ -715,20 +734,10 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
     """A graceful shutdown closes an idle connection at once, and one with a request in
     flight once its response is out."""
     mock_clock.autojump_threshold = 0.1
-    config = Config()
-    config.keep_alive_timeout = 50
     shutdown = trio.Event()
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(
-                nursery,
-                _slow_app,
-                config,
-                print,
-                parser,
-                shutdown_trigger=shutdown.wait,
-                graceful_timeout=500,
-            )
+            port = await _serve_until(nursery, _slow_app, parser, shutdown)
             idle = await trio.open_tcp_stream("127.0.0.1", port)
             _hypercorn(b" 200 " in await _request(idle, "/"), "no answer")
             busy = await trio.open_tcp_stream("127.0.0.1", port)
@@ -756,20 +765,10 @@ async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
     and under a MockClock that never moves, ``wait_all_tasks_blocked`` would never
     return with the server still running."""
     mock_clock.autojump_threshold = 0.1
-    config = Config()
-    config.keep_alive_timeout = 50
     shutdown = trio.Event()
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            port = await _serve_seam(
-                nursery,
-                _app,
-                config,
-                print,
-                parser,
-                shutdown_trigger=shutdown.wait,
-                graceful_timeout=500,
-            )
+            port = await _serve_until(nursery, _app, parser, shutdown)
             for _ in range(2):
                 socket = await trio.open_tcp_stream("127.0.0.1", port)
                 async with socket:
