@@ -19,7 +19,7 @@ from node_clients import YClient, node_modules, open_yclient
 from redis_server import free_port
 from served import run_py_env, start_serving
 from test_cluster import signup
-from test_workspace import Member, Team, make_team
+from test_workspace import Member, Team, make_team, project_with
 
 from atrium.actors.document import ReadText
 
@@ -79,16 +79,7 @@ async def project_with_collaborator(
     the collaborator."""
     owner = await signed_up(http, "owner@example.com")
     collab = await signed_up(http, "collab@example.com")
-    r = await http.post("/api/v1/projects/", json={"name": name}, headers=owner.auth)
-    assert r.status_code == 201, r.text
-    project_id = r.json()["id"]
-    r = await http.post(
-        f"/api/v1/projects/{project_id}/collaborators",
-        json={"user_id": collab.user_id, "role": "collaborator"},
-        headers=owner.auth,
-    )
-    assert r.status_code == 201, r.text
-    return project_id, owner, collab
+    return await project_with(http, owner, collab, name=name), owner, collab
 
 
 @pytest.mark.parametrize("transport", ["main", "listener"])
