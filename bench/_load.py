@@ -21,16 +21,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import orjson
 import psutil
 import trio
+
+if TYPE_CHECKING:
+    from atrium.persistence.database import Database
 
 CpuProbe = Callable[[], float]
 """Returns CPU seconds (user + system) consumed so far by something being watched."""
@@ -636,6 +640,38 @@ async def sign_up(port: int) -> str:
         if status != expect:
             raise RuntimeError(f"{step} answered {status}: {body[:200]!r}")
     return str(orjson.loads(body)["access_token"])
+
+
+# -- atrium in this process, no server -----------------------------------------------------
+# atrium is imported where it is used: the scripts that only drive run.py never load it.
+
+
+@contextlib.contextmanager
+def bench_database(url: str | None) -> Iterator[tuple[str, int | None]]:
+    """``url``, or an embedded PostgreSQL (pgserver, as ``run.py`` starts it: fsync and
+    synchronous_commit on) in a temporary directory for the block; with the postmaster's
+    pid when it is that embedded one, else None."""
+    if url:
+        yield url, None
+        return
+    from atrium.persistence.embedded import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
+        with embedded_postgres(Path(tmp)) as embedded:
+            yield embedded, _postmaster_pid(Path(tmp))
+
+
+async def bench_project(db: Database) -> tuple[uuid.UUID, uuid.UUID]:
+    """A fresh user and a private project of theirs, written straight to ``db``: the
+    user's id and the project's."""
+    from atrium.persistence import accounts, projects
+
+    user = await accounts.create_user(db, bench_email(), "x")
+    assert user is not None
+    created = await projects.create_project(
+        db, user.id, name="bench", description=None, visibility="private"
+    )
+    return user.id, created.value.id
 
 
 # -- scripts -----------------------------------------------------------------------------

@@ -29,14 +29,12 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Awaitable, Callable, Iterator  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 QUERY = "SELECT id, name, score FROM bench_items WHERE id = $1"
@@ -148,19 +146,6 @@ def run_asyncio_side(url: str, queries: int, tasks: int, profile: str | None) ->
 # -- the driver --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    """``url``, or an embedded PostgreSQL in a temporary directory for the block."""
-    if url:
-        yield url
-        return
-    from atrium.persistence.embedded import embedded_postgres
-
-    with tempfile.TemporaryDirectory(prefix="atrium-bench-db-") as tmp:
-        with embedded_postgres(Path(tmp)) as embedded:
-            yield embedded
-
-
 def create_table(url: str) -> None:
     import asyncio
 
@@ -212,6 +197,8 @@ def main(argv: list[str]) -> int:
         run = run_trio_side if args.side == "trio" else run_asyncio_side
         print(json.dumps(run(args.database_url, args.queries, args.tasks, args.profile)))
         return 0
+    from bench._load import bench_database  # the driver's only: each side loads what it measures
+
     levels = [int(n) for n in args.concurrency.split(",")]
     print(
         f"{args.queries:,} queries per run, {args.rounds} rounds, concurrency {levels};"
@@ -219,7 +206,7 @@ def main(argv: list[str]) -> int:
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
-    with database(args.database_url) as url:
+    with bench_database(args.database_url) as (url, _):
         create_table(url)
         for round_ in range(1, args.rounds + 1):
             for tasks in levels:

@@ -19,30 +19,28 @@ directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pycrdt
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# Run as a script this directory would come first on sys.path, and bench/http.py would
+# shadow the standard library's http: the repository root (and tests/) instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from docclient import DocClient, settle  # noqa: E402
 
 from atrium.actors.document import Compact, DocumentActor, DocumentSettings, ReadText  # noqa: E402
-from atrium.persistence import accounts, projects  # noqa: E402
 from atrium.persistence import documents as store  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
-from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.seams.aio_loop import open_loop  # noqa: E402
+from bench._load import bench_database, bench_project  # noqa: E402
 
 # Thresholds out of the way: this measures appends, then compaction on its own.
 SETTINGS = DocumentSettings(idle_timeout=3600, compact_after=10**9)
@@ -58,16 +56,6 @@ async def _counted(*args: object, **kwargs: object) -> int:
 
 
 store.append_updates = _counted  # type: ignore[assignment]
-
-
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
-        with embedded_postgres(Path(tmp)) as embedded:
-            yield embedded
 
 
 async def new_document(db: Database, owner: uuid.UUID, project: uuid.UUID) -> store.DocumentRef:
@@ -138,27 +126,22 @@ async def load_seconds(db: Database, ref: store.DocumentRef, repeat: int) -> flo
 async def bench(args: argparse.Namespace, url: str) -> None:
     async with open_loop(), open_database(url, pool_size=8) as db:
         await migrate(db)
-        user = await accounts.create_user(db, f"bench-{uuid.uuid4().hex[:8]}@example.com", "x")
-        assert user is not None
-        created = await projects.create_project(
-            db, user.id, name="bench", description=None, visibility="private"
-        )
-        project = created.value.id
+        user_id, project = await bench_project(db)
         print(f"keystroke updates stored/s ({args.keys} updates, best of {args.repeat}):")
         for editors in args.editors:
             best, batch, stored = 0.0, 0.0, 0
             for _ in range(args.repeat):
-                ref = await new_document(db, user.id, project)
+                ref = await new_document(db, user_id, project)
                 _appends[0] = 0
-                rate, rows = await keystrokes(db, ref, user.id, editors, args.keys)
+                rate, rows = await keystrokes(db, ref, user_id, editors, args.keys)
                 if rate > best:
                     best, batch, stored = rate, args.keys / max(1, _appends[0]), rows
             print(
                 f"  {editors:>3} editor(s): {best:>8.0f} updates/s,"
                 f" {batch:.1f} updates per append transaction, stored as {stored} rows"
             )
-        ref = await new_document(db, user.id, project)
-        await history(db, ref, user.id, args.history)
+        ref = await new_document(db, user_id, project)
+        await history(db, ref, user_id, args.history)
         loaded = await store.load_document(db, ref.id)
         stored_bytes = loaded.row.byte_size
         cold = await load_seconds(db, ref, args.repeat)
@@ -188,7 +171,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--database-url")
     args = parser.parse_args()
-    with database(args.database_url) as url:
+    with bench_database(args.database_url) as (url, _):
         trio.run(bench, args, url)
 
 

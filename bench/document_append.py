@@ -30,24 +30,23 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script this directory would come first on sys.path, and bench/http.py would
+# shadow the standard library's http: the repository root instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from atrium.persistence import accounts, projects  # noqa: E402
 from atrium.persistence import documents as store  # noqa: E402
 from atrium.persistence.database import open_database  # noqa: E402
-from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.seams.aio_loop import open_loop  # noqa: E402
+from bench._load import bench_database, bench_project  # noqa: E402
 
 # A one-character keystroke as a Yjs editor sends it (11 bytes).
 KEYSTROKE = b"\x01\x01\xe8\x07\x00\x84\xe8\x07\x05\x01a"
@@ -67,18 +66,6 @@ def tree_seconds(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(process.pid)
     return total
-
-
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[tuple[str, int | None]]:
-    """The URL, and the postmaster's pid when it is ours (embedded)."""
-    if url:
-        yield url, None
-        return
-    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
-        with embedded_postgres(Path(tmp)) as embedded:
-            pid_file = Path(tmp) / "pg" / "postmaster.pid"
-            yield embedded, int(pid_file.read_text().split()[0])
 
 
 async def measure(
@@ -110,12 +97,8 @@ async def measure(
 async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> None:
     async with open_loop(), open_database(url, pool_size=1) as db:
         await migrate(db)
-        user = await accounts.create_user(db, f"bench-{uuid.uuid4().hex[:8]}@example.com", "x")
-        assert user is not None
-        created = await projects.create_project(
-            db, user.id, name="bench", description=None, visibility="private"
-        )
-        row = await store.open_document(db, created.value.id, "/bench.txt", user.id)
+        user_id, project = await bench_project(db)
+        row = await store.open_document(db, project, "/bench.txt", user_id)
         document = row.id
         backend = int(await db.fetchval("SELECT pg_backend_pid()"))
         n = args.appends
@@ -137,11 +120,11 @@ async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> N
                 document,
                 seq[0],
                 KEYSTROKE,
-                user.id,
+                user_id,
             )
 
-        one = [(KEYSTROKE, user.id)]
-        args_one = (document, 1, len(KEYSTROKE), user.id, [KEYSTROKE], [user.id])
+        one = [(KEYSTROKE, user_id)]
+        args_one = (document, 1, len(KEYSTROKE), user_id, [KEYSTROKE], [user_id])
         runs: list[tuple[str, Callable[[], Awaitable[Any]], int, int]] = [
             ("SELECT 1", lambda: db.fetchval("SELECT 1"), n, 1),
             (
@@ -171,7 +154,7 @@ async def bench(args: argparse.Namespace, url: str, postmaster: int | None) -> N
                         " updated_at = now(), last_edited_by = coalesce($2, last_edited_by)"
                         " WHERE id = $1 RETURNING last_seq",
                         document,
-                        user.id,
+                        user_id,
                     )
                 ),
                 batches,
@@ -219,7 +202,7 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=2000)
     parser.add_argument("--database-url")
     args = parser.parse_args()
-    with database(args.database_url) as (url, postmaster):
+    with bench_database(args.database_url) as (url, postmaster):
         trio.run(bench, args, url, postmaster)
 
 

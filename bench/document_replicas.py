@@ -22,21 +22,21 @@ Without ``--database-url`` an embedded PostgreSQL runs in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pycrdt
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# Run as a script this directory would come first on sys.path, and bench/http.py would
+# shadow the standard library's http: the repository root (and tests/) instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from docclient import DocClient, settle  # noqa: E402
 
@@ -46,12 +46,11 @@ from atrium.actors.document import (  # noqa: E402
     ReadText,
     Replicated,
 )
-from atrium.persistence import accounts, projects  # noqa: E402
 from atrium.persistence import documents as store  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
-from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.seams.aio_loop import open_loop  # noqa: E402
+from bench._load import bench_database, bench_project  # noqa: E402
 
 SETTINGS = DocumentSettings(idle_timeout=3600, compact_after=10**9)
 
@@ -71,16 +70,6 @@ class Recorder:
 
     def document_awareness(self, document_id: uuid.UUID, payload: bytes) -> None:
         pass
-
-
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
-        with embedded_postgres(Path(tmp)) as embedded:
-            yield embedded
 
 
 def trimmed_rss_kb() -> int:
@@ -175,24 +164,19 @@ async def memory_per_replica(
 async def bench(args: argparse.Namespace, url: str) -> None:
     async with open_loop(), open_database(url, pool_size=8) as db:
         await migrate(db)
-        user = await accounts.create_user(db, f"bench-{uuid.uuid4().hex[:8]}@example.com", "x")
-        assert user is not None
-        created = await projects.create_project(
-            db, user.id, name="bench", description=None, visibility="private"
-        )
-        project = created.value.id
+        user_id, project = await bench_project(db)
         print(f"CPU per keystroke ({args.keys} one-character updates, best of {args.repeat}):")
         for paced in (True, False):
             origin, replica, stored = float("inf"), float("inf"), 0
             for _ in range(args.repeat):
-                row = await store.open_document(db, project, f"/b/{uuid.uuid4().hex}", user.id)
-                o, r, stored = await cpu_per_update(db, row.ref, user.id, args.keys, paced)
+                row = await store.open_document(db, project, f"/b/{uuid.uuid4().hex}", user_id)
+                o, r, stored = await cpu_per_update(db, row.ref, user_id, args.keys, paced)
                 origin, replica = min(origin, o), min(replica, r)
             kind = "typed one at a time" if paced else "typed in a burst"
             print(f"  {kind} ({stored} updates stored and relayed):")
             print(f"    where it is typed (apply, append, broadcast, relay): {origin:.0f} us")
             print(f"    at a replica (apply in seq order, broadcast):        {replica:.0f} us")
-        per = await memory_per_replica(db, user.id, project, args.documents, args.kb)
+        per = await memory_per_replica(db, user_id, project, args.documents, args.kb)
         print(
             f"memory per replica of a {args.kb} KB document ({args.documents} open): {per:.0f} KB"
         )
@@ -206,7 +190,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--database-url")
     args = parser.parse_args()
-    with database(args.database_url) as url:
+    with bench_database(args.database_url) as (url, _):
         trio.run(bench, args, url)
 
 

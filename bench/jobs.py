@@ -55,7 +55,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import trio  # noqa: E402
@@ -68,13 +68,12 @@ from atrium.jobs import JobQueue, JobService, JobSettings, jobs_spec  # noqa: E4
 from atrium.jobs._workers import WorkerPool  # noqa: E402
 from atrium.persistence import accounts  # noqa: E402
 from atrium.persistence.database import Database, open_database  # noqa: E402
-from atrium.persistence.embedded import embedded_postgres  # noqa: E402
 from atrium.persistence.migrate import migrate  # noqa: E402
 from atrium.seams.aio_loop import open_loop  # noqa: E402
 from atrium.supervision import open_supervisor  # noqa: E402
 from atrium.tasks import TaskContext, TaskRegistry  # noqa: E402
 from atrium.tasks._csv import summarise_csv  # noqa: E402
-from bench._load import CpuProbe, postgres_probe  # noqa: E402
+from bench._load import CpuProbe, bench_database, process_tree_cpu  # noqa: E402
 from tests import csv_reference  # noqa: E402
 
 POOL_SIZE = 20
@@ -148,17 +147,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--csv-memory-mb", type=int, default=2048, help="the workers' JOB_WORKER_MEMORY_MB"
     )
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[tuple[str, CpuProbe | None]]:
-    """The URL, and a probe of the embedded server's CPU (None for ``--database-url``)."""
-    if url:
-        yield url, None
-        return
-    with tempfile.TemporaryDirectory(prefix="atrium-bench-") as tmp:
-        with embedded_postgres(Path(tmp)) as embedded:
-            yield embedded, postgres_probe(Path(tmp))
 
 
 async def bench(args: argparse.Namespace, url: str, postgres: CpuProbe | None) -> None:
@@ -391,7 +379,8 @@ def main(argv: list[str]) -> int:
                 write_csv(path, args.csv_mb)
             trio.run(csv_bench, path, path.stat().st_size / 1e6, args.csv_memory_mb)
         return 0
-    with database(args.database_url) as (url, postgres):
+    with bench_database(args.database_url) as (url, postmaster):
+        postgres = process_tree_cpu(postmaster) if postmaster else None
         trio.run(bench, args, url, postgres)
     return 0
 

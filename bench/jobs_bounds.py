@@ -16,7 +16,6 @@ JOB_WORKER_MEMORY_MB=1024), then:
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import httpx  # noqa: E402
 import pgserver  # noqa: E402
 import trio  # noqa: E402
 
-from tests.served import start_serving  # noqa: E402
+from tests.served import run_py_env, start_serving  # noqa: E402
 from tests.test_jobs_worker import cpu_seconds  # noqa: E402
 from tests.wsclient import connect  # noqa: E402
 
@@ -145,16 +144,7 @@ async def wide_progress(
 
 
 async def bench(url: str, server: Any, data_dir: str) -> None:
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=url,
-        DATA_DIR=data_dir,
-        PORT="0",
-        WS_PORT="0",
-        METRICS_PORT="0",
-        RATE_LIMIT_PER_MINUTE="100000",
-        ENVIRONMENT="development",
-    )
+    env = run_py_env(Path(data_dir), url, RATE_LIMIT_PER_MINUTE="100000", ENVIRONMENT="development")
     async with trio.open_nursery() as nursery:
         served = await start_serving(nursery, env, stderr=sys.stderr.buffer)
         server.psql(TRIGGER)

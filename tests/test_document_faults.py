@@ -29,8 +29,8 @@ from conftest import CLIENT_TLS, FakeClock, Running, StartServer
 from docclient import DocClient, reconnect, settle
 from node_clients import node_modules, open_yclient
 from redis_server import RedisServer
-from test_bridge import FAST_BREAKER, make_pair, wait_connected
-from test_document_replicas import replica_client, two_replicas, wait_text
+from test_bridge import FAST_BREAKER, wait_connected
+from test_document_replicas import open_on_both, two_replicas, wait_text
 from test_documents_node import CAP, FAST, server_text, ticket, url_for
 from test_workspace import make_team
 from wsclient import connect
@@ -83,10 +83,7 @@ async def test_replicas_converge_while_redis_is_frozen_and_after_it_thaws(
     env = {"REDIS_URL": own_redis.url, **FAST_BREAKER}
     async with start_server(**env) as a, start_server(**env) as b:
         await wait_connected(a, b)
-        pair = await make_pair(a, b)
-        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/frozen.md")
-        on_a = await replica_client(a, ref.id, pair.owner.user_id)
-        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        _, ref, on_a, on_b = await open_on_both(a, b, "/frozen.md")
         await keep_typing(on_a, "a", 3)
         await wait_text(on_b, "aaa")
         own_redis.pause()  # calls hang rather than fail
@@ -181,10 +178,7 @@ async def test_postgresql_away_mid_append_closes_1013_and_the_resync_converges(
         url = EmbeddedPostgres(pg_dirs / "a").url  # a short path: the socket is in pgdata
         async with serving(nursery, pg_dirs / "b", url, **env) as b:
             await wait_connected(a, b)
-            pair = await make_pair(a, b)
-            ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/pg.md")
-            on_a = await replica_client(a, ref.id, pair.owner.user_id)
-            on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+            _, ref, on_a, on_b = await open_on_both(a, b, "/pg.md")
             await keep_typing(on_a, "a", 2)
             await wait_text(on_b, "aa")
             cluster = EmbeddedPostgres(pg_dirs / "a")
@@ -239,14 +233,18 @@ async def wait_closed(client: DocClient) -> tuple[int, str]:
     return client.closed
 
 
+async def wait_stopped(server: Running, document_id: uuid.UUID) -> None:
+    """Wait until ``server`` has no replica of the document open (at most WAIT)."""
+    with trio.fail_after(WAIT):
+        while services(server).documents.find(document_id) is not None:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
 async def test_a_document_deleted_on_one_server_closes_its_replica_on_the_other(
     start_server: StartServer,
 ) -> None:
     async with start_server() as a, start_server() as b:
-        pair = await make_pair(a, b)
-        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/gone.md")
-        on_a = await replica_client(a, ref.id, pair.owner.user_id)
-        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        pair, ref, on_a, on_b = await open_on_both(a, b, "/gone.md")
         await keep_typing(on_a, "a", 1)
         await wait_text(on_b, "a")
         r = await a.client.delete(
@@ -256,19 +254,14 @@ async def test_a_document_deleted_on_one_server_closes_its_replica_on_the_other(
         assert await wait_closed(on_a) == (4013, "document_deleted")
         # B's client typed nothing since: it is closed all the same, and B's replica stops.
         assert await wait_closed(on_b) == (4013, "document_deleted")
-        with trio.fail_after(WAIT):
-            while services(b).documents.find(ref.id) is not None:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_stopped(b, ref.id)
 
 
 async def test_a_project_deleted_on_one_server_closes_its_documents_on_the_other(
     start_server: StartServer,
 ) -> None:
     async with start_server() as a, start_server() as b:
-        pair = await make_pair(a, b)
-        ref = await services(a).documents.open(uuid.UUID(pair.project_id), "/p.md")
-        on_a = await replica_client(a, ref.id, pair.owner.user_id)
-        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        pair, ref, on_a, on_b = await open_on_both(a, b, "/p.md")
         await keep_typing(on_b, "b", 1)
         await wait_text(on_a, "b")
         r = await a.client.delete(f"/api/v1/projects/{pair.project_id}", headers=pair.owner.auth)
@@ -277,9 +270,7 @@ async def test_a_project_deleted_on_one_server_closes_its_documents_on_the_other
         assert await wait_closed(on_b) == (4006, "project_deleted")
         row = await store.find_document(services(b).db, ref.id)
         assert row is not None and row.last_seq == 1  # nothing stored after "b"
-        with trio.fail_after(WAIT):
-            while services(b).documents.find(ref.id) is not None:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        await wait_stopped(b, ref.id)
 
 
 async def test_a_replica_that_missed_the_deletion_stores_nothing_more(

@@ -22,7 +22,7 @@ import trio.testing
 from conftest import Running, StartServer
 from docclient import DocClient, settle
 from redis_server import RedisServer
-from test_bridge import FAST_BREAKER, FakeWorkspace, make_pair, wait_connected
+from test_bridge import FAST_BREAKER, FakeWorkspace, Pair, make_pair, wait_connected
 from test_document_actor import add_user
 
 from atrium.actors import ActorStopped
@@ -220,6 +220,19 @@ async def replica_client(server: Running, room: uuid.UUID, user: str) -> DocClie
     return client
 
 
+async def open_on_both(
+    a: Running, b: Running, path: str
+) -> tuple[Pair, DocumentRef, DocClient, DocClient]:
+    """A pair's project (owner on A, collaborator on B), its document at ``path`` opened
+    on A, and a client of it on each server: the owner's on A, the collaborator's on B."""
+    pair = await make_pair(a, b)
+    assert a.bound.services is not None
+    ref = await a.bound.services.value.documents.open(uuid.UUID(pair.project_id), path)
+    on_a = await replica_client(a, ref.id, pair.owner.user_id)
+    on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+    return pair, ref, on_a, on_b
+
+
 async def wait_text(client: DocClient, text: str) -> None:
     """Let ``client`` take what its server sends until it holds ``text`` (at most WAIT)."""
     with trio.fail_after(WAIT):
@@ -235,11 +248,7 @@ async def test_replicas_on_two_servers_converge_through_redis_and_while_it_is_aw
     env = {"REDIS_URL": own_redis.url, "DEGRADED_POLL_SECONDS": "300", **FAST_BREAKER}
     async with start_server(**env) as a, start_server(**env) as b:
         await wait_connected(a, b)
-        pair = await make_pair(a, b)
-        assert a.bound.services is not None
-        ref = await a.bound.services.value.documents.open(uuid.UUID(pair.project_id), "/x.md")
-        on_a = await replica_client(a, ref.id, pair.owner.user_id)
-        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        _, _, on_a, on_b = await open_on_both(a, b, "/x.md")
         on_a.type(0, "bridged ")
         await settle(on_a)
         await wait_text(on_b, "bridged ")
@@ -279,15 +288,12 @@ async def test_replicas_on_two_servers_without_redis_converge_through_postgresql
 ) -> None:
     env = {"DEGRADED_POLL_SECONDS": "300"}
     async with start_server(**env) as a, start_server(**env) as b:
-        pair = await make_pair(a, b)
         assert a.bound.services is not None and b.bound.services is not None
         heard = [server.bound.services.value.workspaces for server in (a, b)]
         with trio.fail_after(WAIT):  # each has heard the other greet on the log
             while not all(w.peers for w in heard):  # noqa: ASYNC110 (greetings set no event)
                 await trio.sleep(0.02)
-        ref = await a.bound.services.value.documents.open(uuid.UUID(pair.project_id), "/y.md")
-        on_a = await replica_client(a, ref.id, pair.owner.user_id)
-        on_b = await replica_client(b, ref.id, pair.collaborator.user_id)
+        _, _, on_a, on_b = await open_on_both(a, b, "/y.md")
         on_a.type(0, "no redis")
         await settle(on_a)
         await wait_text(on_b, "no redis")

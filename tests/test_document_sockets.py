@@ -10,8 +10,8 @@ import uuid
 import pycrdt
 import pytest
 import trio
-from conftest import FakeClock, Running, StartServer
-from test_workspace import Member, Team, make_team
+from conftest import FakeClock, StartServer
+from test_workspace import Member, Team, main_team, make_team, team
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
@@ -22,15 +22,7 @@ from atrium.realtime import yjs
 
 CAP = 10.0
 
-
-@pytest.fixture(params=["main", "listener"])
-async def team(request: pytest.FixtureRequest, server: Running) -> Team:
-    return await make_team(server, request.param)
-
-
-@pytest.fixture
-async def main_team(server: Running) -> Team:
-    return await make_team(server, "main")
+__all__ = ["main_team", "team"]  # fixtures of test_workspace
 
 
 async def get_ticket(team: Team, member: Member, path: str = "/src/app.py") -> dict[str, str]:

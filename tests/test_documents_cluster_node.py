@@ -11,28 +11,22 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from node_clients import YClient, node_modules, open_yclient
+from node_clients import node_modules, open_yclient
 from redis_server import RedisServer
 from served import Served, start_serving
-from test_cluster import process_env, signup, wait_bridged
-from test_documents_node import _free_port, chars, ticket
-from test_workspace import Member
+from test_cluster import process_env, wait_bridged
+from test_documents_node import (
+    _free_port,
+    chars,
+    project_with_collaborator,
+    ticket,
+    type_together,
+)
 
 __all__ = ["node_modules"]
 pytestmark = pytest.mark.usefixtures("node_modules")
 
 CAP = 60.0
-
-
-async def member(http: httpx.AsyncClient, email: str) -> Member:
-    tokens = await signup(http, email)
-    return Member(email, tokens["user_id"], tokens["access_token"])
-
-
-async def type_together(a: YClient, a_chars: str, b: YClient, b_chars: str) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(a.type, a_chars, 3)
-        nursery.start_soon(b.type, b_chars, 3)
 
 
 def doc_ws_url(served: Served) -> str:
@@ -60,16 +54,7 @@ async def test_clients_on_two_processes_converge_through_a_redis_restart_and_a_s
         await wait_bridged(a.url)
         await wait_bridged(b.url)
         async with httpx.AsyncClient(base_url=a.url) as http:
-            owner = await member(http, "owner@example.com")
-            collab = await member(http, "collab@example.com")
-            r = await http.post("/api/v1/projects/", json={"name": "Two"}, headers=owner.auth)
-            project_id = r.json()["id"]
-            r = await http.post(
-                f"/api/v1/projects/{project_id}/collaborators",
-                json={"user_id": collab.user_id, "role": "collaborator"},
-                headers=owner.auth,
-            )
-            assert r.status_code == 201, r.text
+            project_id, owner, collab = await project_with_collaborator(http, "Two")
             one = await ticket(http, project_id, owner, "/two.md")
         async with httpx.AsyncClient(base_url=b.url) as http:
             two = await ticket(http, project_id, collab, "/two.md")
@@ -82,7 +67,7 @@ async def test_clients_on_two_processes_converge_through_a_redis_restart_and_a_s
                 await on_a.wait_synced()
                 await on_b.wait_synced()
                 typed_a, typed_b = chars(0x4E00, 30), chars(0x4E00 + 100, 30)
-                await type_together(on_a, typed_a, on_b, typed_b)
+                await type_together(on_a, typed_a, on_b, typed_b, 3)
                 # Each sees the other's typing: it crossed processes.
                 await on_a.wait_contains(typed_b)
                 await on_b.wait_contains(typed_a)
@@ -90,7 +75,7 @@ async def test_clients_on_two_processes_converge_through_a_redis_restart_and_a_s
                 # Redis is killed and comes back empty while both type.
                 more_a, more_b = chars(0x3041, 30), chars(0x30A1, 30)
                 async with trio.open_nursery() as typing:
-                    typing.start_soon(type_together, on_a, more_a, on_b, more_b)
+                    typing.start_soon(type_together, on_a, more_a, on_b, more_b, 3)
                     own_redis.stop(kill=True)
                     own_redis.start()
                 await on_a.wait_contains(more_b)
@@ -99,7 +84,7 @@ async def test_clients_on_two_processes_converge_through_a_redis_restart_and_a_s
                 # A is SIGKILLed while both type; B's client goes on, A's types offline.
                 last_a, last_b = chars(0x0410, 20), chars(0x05D0, 20)
                 async with trio.open_nursery() as typing:
-                    typing.start_soon(type_together, on_a, last_a, on_b, last_b)
+                    typing.start_soon(type_together, on_a, last_a, on_b, last_b, 3)
                     a.process.send_signal(signal.SIGKILL)
                     await a.process.wait()
                 await on_a.wait_for("close")

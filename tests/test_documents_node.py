@@ -18,7 +18,8 @@ from conftest import Running, StartServer
 from node_clients import YClient, node_modules, open_yclient
 from redis_server import free_port
 from served import run_py_env, start_serving
-from test_workspace import Member, Team, make_team
+from test_cluster import signup
+from test_workspace import Member, Team, make_team, project_with
 
 from atrium.actors.document import ReadText
 
@@ -56,10 +57,29 @@ def url_for(team: Team, issued: dict[str, str]) -> str:
     return f"ws://127.0.0.1:{team.server.bound.ws_port}/ws/documents"
 
 
-async def type_together(a: YClient, a_chars: str, b: YClient, b_chars: str) -> None:
+async def type_together(
+    a: YClient, a_chars: str, b: YClient, b_chars: str, delay_ms: int = 1
+) -> None:
+    """``a`` types ``a_chars`` while ``b`` types ``b_chars``, ``delay_ms`` between keys."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(a.type, a_chars, 1)
-        nursery.start_soon(b.type, b_chars, 1)
+        nursery.start_soon(a.type, a_chars, delay_ms)
+        nursery.start_soon(b.type, b_chars, delay_ms)
+
+
+async def signed_up(http: httpx.AsyncClient, email: str) -> Member:
+    tokens = await signup(http, email)
+    return Member(email, tokens["user_id"], tokens["access_token"])
+
+
+async def project_with_collaborator(
+    http: httpx.AsyncClient, name: str
+) -> tuple[str, Member, Member]:
+    """Over ``http`` (a ``run.py`` process): owner@ and collab@ sign up, the owner creates
+    project ``name`` and adds the other as a collaborator. The project's id, the owner and
+    the collaborator."""
+    owner = await signed_up(http, "owner@example.com")
+    collab = await signed_up(http, "collab@example.com")
+    return await project_with(http, owner, collab, name=name), owner, collab
 
 
 @pytest.mark.parametrize("transport", ["main", "listener"])
@@ -165,23 +185,7 @@ async def test_sigkill_and_restart_loses_nothing_a_client_received(
     env = run_py_env(data_dir, database_url, PORT=str(port), **FAST)
     served = await start_serving(nursery, env, stderr=subprocess.DEVNULL)
     async with httpx.AsyncClient(base_url=served.url) as http:
-
-        async def member(email: str) -> Member:
-            for path in ("/api/v1/auth/signup", "/api/v1/auth/login"):
-                r = await http.post(path, json={"email": email, "password": "correct horse"})
-                assert r.status_code in (200, 201), r.text
-            body = r.json()
-            return Member(email, body["user_id"], body["access_token"])
-
-        owner, collab = await member("owner@example.com"), await member("collab@example.com")
-        r = await http.post("/api/v1/projects/", json={"name": "Kill"}, headers=owner.auth)
-        project_id = r.json()["id"]
-        r = await http.post(
-            f"/api/v1/projects/{project_id}/collaborators",
-            json={"user_id": collab.user_id, "role": "collaborator"},
-            headers=owner.auth,
-        )
-        assert r.status_code == 201, r.text
+        project_id, owner, collab = await project_with_collaborator(http, "Kill")
         one = await ticket(http, project_id, owner, "/kill.txt")
         two = await ticket(http, project_id, collab, "/kill.txt")
         room = one["room"]

@@ -13,6 +13,7 @@ import conftest
 import pytest
 import trio
 from conftest import Running
+from test_document_actor import add_user
 from test_projects import API, make_accounts, new_project, sign_up
 
 from atrium.core.events import Event, EventType, NewEvent
@@ -134,14 +135,9 @@ async def test_concurrent_writers_get_gapless_seqs(server: Running, db: Database
     assert r.json()["name"] == final["payload"]["changes"]["name"]
 
 
-async def _owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID]:
+async def owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID]:
     """A user (inserted directly) and a new project of theirs: (owner id, project id)."""
-    owner = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $2, 'x')",
-        owner,
-        email,
-    )
+    owner = await add_user(db, email)
     created = await projects.create_project(
         db, owner, name="Log", description=None, visibility="private"
     )
@@ -150,7 +146,7 @@ async def _owned_project(db: Database, email: str) -> tuple[uuid.UUID, uuid.UUID
 
 
 async def test_append_event_assigns_seq_in_the_transaction(db: Database) -> None:
-    owner, pid = await _owned_project(db, "o@example.com")
+    owner, pid = await owned_project(db, "o@example.com")
 
     async def append(conn: asyncpg.Connection) -> Event:
         return await event_log.append_event(
@@ -231,7 +227,7 @@ async def test_events_are_published_after_commit(db: Database, data_dir: Path) -
 
 
 async def test_workspace_append_stores_a_batch_once_per_client_id(db: Database) -> None:
-    owner, pid = await _owned_project(db, "w@example.com")
+    owner, pid = await owned_project(db, "w@example.com")
 
     def change(client_id: str | None, path: str) -> NewEvent:
         return NewEvent(EventType.FILE_CHANGE, owner, {"file_path": path}, client_id)

@@ -16,7 +16,7 @@ import asyncpg
 import trio
 import trio_asyncio
 from conftest import Running, StartServer
-from test_workspace import Member, make_member
+from test_workspace import Member, make_member, project_with
 from trio_websocket import ConnectionClosed
 from wsclient import connect
 
@@ -39,20 +39,6 @@ def server_db(server: Running) -> Database:
     return db
 
 
-async def new_project(server: Running, owner: Member, *members: Member) -> str:
-    r = await server.client.post("/api/v1/projects/", json={"name": "Storm"}, headers=owner.auth)
-    assert r.status_code == 201, r.text
-    project_id: str = r.json()["id"]
-    for member in members:
-        r = await server.client.post(
-            f"/api/v1/projects/{project_id}/collaborators",
-            json={"user_id": member.user_id, "role": "collaborator"},
-            headers=owner.auth,
-        )
-        assert r.status_code == 201, r.text
-    return project_id
-
-
 async def join_outcome(server: Running, project_id: str, member: Member) -> Any:
     """What a join came to: its PRESENCE_STATE, or the close code and reason."""
     async with connect(listener_url(server, project_id), member.token) as client:
@@ -73,7 +59,7 @@ async def test_a_storm_across_projects_joins_everyone_with_gapless_logs(server: 
     teams: dict[str, list[Member]] = {}
     for i, owner in enumerate(owners):
         mine = members[i * 4 : (i + 1) * 4]
-        teams[await new_project(server, owner, *mine, *([removed] if i == 0 else []))] = [
+        teams[await project_with(server.client, owner, *mine, *([removed] if i == 0 else []))] = [
             owner,
             *mine,
         ]
@@ -129,7 +115,7 @@ async def test_a_database_error_closes_the_batchs_joins_with_1013(
     async with start_server() as server:
         owner = await make_member(server, "owner@example.com")
         members = [await make_member(server, f"m{i}@example.com") for i in range(5)]
-        project_id = await new_project(server, owner, *members)
+        project_id = await project_with(server.client, owner, *members)
         lock = await trio_asyncio.aio_as_trio(asyncpg.connect)(database_url)
         outcomes: list[Any] = []
         try:

@@ -16,7 +16,7 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from redis_server import RedisServer, free_port
 from served import SECRET, run_py_env, start_serving
-from test_workspace import Member, make_member
+from test_workspace import Member, make_member, project_with
 from wsclient import Client, connect
 
 from atrium.core.events import EventType
@@ -28,20 +28,6 @@ FAST = {"PRESENCE_HEARTBEAT_SECONDS": "0.2", "PRESENCE_TTL_SECONDS": "1"}
 
 def ws_url(server: Running, project_id: str) -> str:
     return f"ws://127.0.0.1:{server.bound.port}/ws/{project_id}"
-
-
-async def project_with(server: Running, owner: Member, *others: Member) -> str:
-    r = await server.client.post("/api/v1/projects/", json={"name": "Both"}, headers=owner.auth)
-    assert r.status_code == 201, r.text
-    project_id: str = r.json()["id"]
-    for member in others:
-        r = await server.client.post(
-            f"/api/v1/projects/{project_id}/collaborators",
-            json={"user_id": member.user_id, "role": "collaborator"},
-            headers=owner.auth,
-        )
-        assert r.status_code == 201, r.text
-    return project_id
 
 
 @asynccontextmanager
@@ -94,7 +80,7 @@ async def test_presence_is_the_union_and_a_user_on_both_joins_and_leaves_once(
     ):
         ann = await make_member(a, "ann@example.com")
         bob = await make_member(b, "bob@example.com")
-        project = await project_with(a, ann, bob)
+        project = await project_with(a.client, ann, bob)
         async with joined(ws_url(a, project), ann) as (ann_a, first):
             assert first["users"] == []
             async with joined(ws_url(b, project), bob) as (bob_b, state):
@@ -132,7 +118,7 @@ async def test_a_killed_process_users_leave_on_another_within_15_seconds(
             b = await start_serving(nursery, env, stderr=errors)
         ann = await make_member(a, "ann@example.com")
         bob = await make_member(a, "bob@example.com")
-        project = await project_with(a, ann, bob)
+        project = await project_with(a.client, ann, bob)
         async with joined(ws_url(a, project), ann) as (ann_a, _):
             await ann_a.until("USER_JOIN")
             b_url = f"ws://127.0.0.1:{b.ws_port}/ws/{project}"
@@ -160,7 +146,7 @@ async def test_with_redis_down_presence_is_this_process_alone(start_server: Star
     async with start_server(REDIS_URL=nowhere, **FAST) as server:
         ann = await make_member(server, "ann@example.com")
         bob = await make_member(server, "bob@example.com")
-        project = await project_with(server, ann, bob)
+        project = await project_with(server.client, ann, bob)
         async with joined(ws_url(server, project), ann) as (ann_1, _):
             assert (await ann_1.until("USER_JOIN"))["user_id"] == ann.user_id
             async with joined(ws_url(server, project), ann), joined(ws_url(server, project), bob):
@@ -341,7 +327,7 @@ async def test_a_hanging_redis_stalls_no_workspace_beyond_a_fraction_of_a_second
         ann = await make_member(server, "ann@example.com")
         bob = await make_member(server, "bob@example.com")
         cat = await make_member(server, "cat@example.com")
-        project = await project_with(server, ann, bob, cat)
+        project = await project_with(server.client, ann, bob, cat)
         url = ws_url(server, project)
         async with joined(url, ann) as (ann_ws, _), joined(url, bob) as (bob_ws, _):
             own_redis.pause()

@@ -18,8 +18,8 @@ from conftest import Running, StartServer
 from redis_server import RedisServer
 from served import run_py_env, start_serving
 from test_bridge import bridge_of
-from test_presence import joined, online, presence_events, project_with, status, ws_url
-from test_workspace import make_member
+from test_presence import joined, online, presence_events, status, ws_url
+from test_workspace import make_member, project_with
 
 from atrium.core.breaker import BreakerState
 
@@ -84,7 +84,7 @@ async def test_redis_restarted_empty_and_a_process_killed_as_it_answers(
             b = await start_serving(nursery, env, stderr=errors)
         ann = await make_member(a, "ann@example.com")
         bob = await make_member(a, "bob@example.com")
-        project = await project_with(a, ann, bob)
+        project = await project_with(a.client, ann, bob)
         async with joined(ws_url(a, project), ann) as (ann_a, _):
             await ann_a.until("USER_JOIN")
             async with joined(f"ws://127.0.0.1:{b.ws_port}/ws/{project}", bob) as (bob_b, _):

@@ -11,12 +11,12 @@ import pytest
 import trio
 import trio.lowlevel
 from conftest import FakeClock, Running, StartServer
+from test_events import owned_project
 from test_workspace import joined, make_team, settle_then_jump
 from wsclient import connect
 
 from atrium.core.events import EventType, NewEvent
 from atrium.persistence import events as event_log
-from atrium.persistence import projects
 from atrium.persistence.database import Database
 from atrium.persistence.retention import RetentionPolicy, prune_events
 from atrium.runtime.retention import EventPruner
@@ -27,16 +27,7 @@ NOW = datetime.now(UTC)  # events written by the tests are this young
 
 async def project_with_events(db: Database, email: str, count: int) -> uuid.UUID:
     """A project whose log holds seqs 1..count (PROJECT_CREATED, then FILE_CHANGEs)."""
-    owner = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO users (id, email, email_normalised, password_hash) VALUES ($1, $2, $2, 'x')",
-        owner,
-        email,
-    )
-    created = await projects.create_project(
-        db, owner, name="Log", description=None, visibility="private"
-    )
-    pid = created.value.id
+    owner, pid = await owned_project(db, email)
     edits = [
         NewEvent(EventType.FILE_CHANGE, owner, {"file_path": f"/{i}"}) for i in range(count - 1)
     ]

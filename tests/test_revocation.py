@@ -7,18 +7,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
-from conftest import Running
-from test_workspace import Member, Team, edit, joined, make_team, session
+from test_workspace import Member, Team, edit, joined, session, team
 from trio_websocket import ConnectionClosed
 from wsclient import Client, connect
 
 from atrium.persistence.database import Database
 
-
-@pytest.fixture(params=["main", "listener"])
-async def team(request: pytest.FixtureRequest, server: Running) -> Team:
-    return await make_team(server, request.param)
+__all__ = ["team"]  # fixtures of test_workspace
 
 
 async def login(team: Team, member: Member) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import ast
 import asyncio
 import inspect
 import textwrap
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -202,12 +202,15 @@ async def _serve_seam(
     config: Config,
     contain: hypercorn_server.Contain,
     parser: hypercorn_server.Parser = "h11",
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] = trio.sleep_forever,
+    graceful_timeout: float = 0.1,
 ) -> int:
-    """The seam's server on port 0 in ``nursery`` (parsing with ``parser``); returns the
-    port."""
+    """The seam's server on port 0 in ``nursery`` (parsing with ``parser``), shutting down
+    gracefully once ``shutdown_trigger`` returns; returns the port."""
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
-    config.graceful_timeout = 0.1
+    config.graceful_timeout = graceful_timeout
     binds = await nursery.start(
         partial(
             hypercorn_server.serve,
@@ -215,10 +218,29 @@ async def _serve_seam(
             config,
             contain=contain,
             parser=parser,
-            shutdown_trigger=trio.sleep_forever,
+            shutdown_trigger=shutdown_trigger,
         )
     )
     return int(binds[0].rpartition(":")[2])
+
+
+async def _serve_until(
+    nursery: trio.Nursery, app: Any, parser: hypercorn_server.Parser, shutdown: trio.Event
+) -> int:
+    """The seam's server, shutting down gracefully once ``shutdown`` is set; its keep-alive
+    (50 s) and graceful (500 s) timeouts are long enough that neither ends a test's
+    connections before the shutdown does. Returns the port."""
+    config = Config()
+    config.keep_alive_timeout = 50
+    return await _serve_seam(
+        nursery,
+        app,
+        config,
+        print,
+        parser,
+        shutdown_trigger=shutdown.wait,
+        graceful_timeout=500,
+    )
 
 
 class _BrokenStream:
@@ -726,25 +748,10 @@ async def test_hypercorn_seam_shutdown_closes_idle_connections_at_once(
     """A graceful shutdown closes an idle connection at once, and one with a request in
     flight once its response is out."""
     mock_clock.autojump_threshold = 0.1
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.keep_alive_timeout = 50
-    config.graceful_timeout = 500
     shutdown = trio.Event()
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(
-                    hypercorn_server.serve,
-                    _slow_app,
-                    config,
-                    contain=print,
-                    parser=parser,
-                    shutdown_trigger=shutdown.wait,
-                )
-            )
-            port = int(binds[0].rpartition(":")[2])
+            port = await _serve_until(nursery, _slow_app, parser, shutdown)
             idle = await trio.open_tcp_stream("127.0.0.1", port)
             _hypercorn(b" 200 " in await _request(idle, "/"), "no answer")
             busy = await trio.open_tcp_stream("127.0.0.1", port)
@@ -772,25 +779,10 @@ async def test_hypercorn_seam_a_closed_websocket_leaves_no_timer_behind(
     and under a MockClock that never moves, ``wait_all_tasks_blocked`` would never
     return with the server still running."""
     mock_clock.autojump_threshold = 0.1
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.keep_alive_timeout = 50
-    config.graceful_timeout = 500
     shutdown = trio.Event()
     with trio.fail_after(CAP * 100):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(
-                    hypercorn_server.serve,
-                    _app,
-                    config,
-                    contain=print,
-                    parser=parser,
-                    shutdown_trigger=shutdown.wait,
-                )
-            )
-            port = int(binds[0].rpartition(":")[2])
+            port = await _serve_until(nursery, _app, parser, shutdown)
             for _ in range(2):
                 socket = await trio.open_tcp_stream("127.0.0.1", port)
                 async with socket:

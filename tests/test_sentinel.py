@@ -19,8 +19,8 @@ import trio
 from conftest import Running, StartServer
 from redis_server import MASTER, RedisServer, SentinelGroup
 from test_outage import edits_in_log
-from test_presence import online, project_with, status, ws_url
-from test_workspace import Member, edit, make_member
+from test_presence import online, status, ws_url
+from test_workspace import Member, edit, make_member, project_with
 from wsclient import Client, connect
 
 from atrium.core.breaker import BreakerSettings
@@ -316,7 +316,7 @@ async def test_a_master_killed_during_edits_is_followed_and_nothing_acknowledged
         ann = await make_member(a, "ann@example.com")
         bob = await make_member(b, "bob@example.com")
         carol = await make_member(b, "carol@example.com")
-        project = await project_with(a, ann, bob, carol)
+        project = await project_with(a.client, ann, bob, carol)
         async with recorded(ws_url(a, project), ann) as on_a:
             async with recorded(ws_url(b, project), bob) as on_b:
                 with trio.fail_after(10):

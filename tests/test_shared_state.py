@@ -15,8 +15,8 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from redis_server import RedisServer, free_port
 from test_auth import bearer, error_code
-from test_presence import joined, project_with, ws_url
-from test_workspace import Member, make_member
+from test_presence import joined, ws_url
+from test_workspace import Member, make_member, project_with
 
 from atrium.identity.cache import SharedUserCache
 from atrium.identity.ratelimit import (
@@ -169,7 +169,7 @@ async def test_a_project_created_on_one_process_is_at_once_in_the_other_cached_l
         assert (await list_page(b, ann))["cached"] is False
         assert (await list_page(b, ann))["cached"] is True
         assert (await list_page(a, ann))["cached"] is False
-        project = await project_with(a, ann)
+        project = await project_with(a.client, ann)
         page = await list_page(b, ann)
         assert page["cached"] is False
         assert [p["id"] for p in page["projects"]] == [project]
@@ -246,7 +246,7 @@ async def test_logout_on_one_process_closes_sockets_and_refuses_rest_on_the_othe
 ) -> None:
     async with two(start_server, redis_url, SESSION_CACHE_SECONDS=3600) as (a, b):
         ann = await make_member(a, "ann@example.com")
-        project = await project_with(a, ann)
+        project = await project_with(a.client, ann)
         assert (await b.client.get("/api/v1/auth/me", headers=ann.auth)).status_code == 200
         async with (
             joined(ws_url(b, project), ann) as (on_b, _),
@@ -268,7 +268,7 @@ async def test_a_revocation_missed_while_redis_was_away_still_closes_the_socket(
     env = {"REDIS_BREAKER_FAILURES": "1", "REDIS_BREAKER_RESET_SECONDS": "0.1"}
     async with two(start_server, own_redis.url, **env) as (a, b):
         ann = await make_member(a, "ann@example.com")
-        project = await project_with(a, ann)
+        project = await project_with(a.client, ann)
         async with joined(ws_url(b, project), ann) as (on_b, _):
             own_redis.stop()
             r = await a.client.post("/api/v1/auth/logout", headers=ann.auth)
@@ -288,7 +288,7 @@ async def test_with_redis_down_everything_still_works_in_the_process(
         tokens = (await login(server, "ann@example.com", PASSWORD)).json()
         assert (await login(server, "ann@example.com", PASSWORD)).status_code == 429
         ann = Member("ann@example.com", tokens["user_id"], tokens["access_token"])
-        project = await project_with(server, ann)
+        project = await project_with(server.client, ann)
         page = await list_page(server, ann)
         assert [p["id"] for p in page["projects"]] == [project]
         assert page["cached"] is False  # without Redis, nothing cached is trusted

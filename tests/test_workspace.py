@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import httpx
 import jwt
 import orjson
 import pytest
@@ -69,6 +70,24 @@ class Team:
 async def make_member(server: Running, email: str) -> Member:
     body = await server.signup_login(email)
     return Member(email, body["user_id"], body["access_token"])
+
+
+async def project_with(
+    client: httpx.AsyncClient, owner: Member, *collaborators: Member, name: str = "Live"
+) -> str:
+    """A project of ``owner`` named ``name``, with ``collaborators`` in the collaborator
+    role, created over ``client`` (a server's API); its id."""
+    r = await client.post("/api/v1/projects/", json={"name": name}, headers=owner.auth)
+    assert r.status_code == 201, r.text
+    project_id: str = r.json()["id"]
+    for member in collaborators:
+        r = await client.post(
+            f"/api/v1/projects/{project_id}/collaborators",
+            json={"user_id": member.user_id, "role": "collaborator"},
+            headers=owner.auth,
+        )
+        assert r.status_code == 201, r.text
+    return project_id
 
 
 async def make_team(server: Running, transport: str) -> Team:

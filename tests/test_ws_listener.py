@@ -13,6 +13,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -83,8 +84,9 @@ class Listener:
             return await self.sessions.accepted.receive()
 
 
-@pytest.fixture
-async def listener(nursery: trio.Nursery) -> AsyncIterator[Listener]:
+async def start_listener(nursery: trio.Nursery, **options: Any) -> Listener:
+    """A listener on port 0 in ``nursery``, with sessions of its own; ``options`` go to
+    ``serve_listener``."""
     sessions = Sessions()
     port = await nursery.start(
         lambda task_status: serve_listener(
@@ -93,9 +95,15 @@ async def listener(nursery: trio.Nursery) -> AsyncIterator[Listener]:
             0,
             max_message_size=MAX_MESSAGE,
             task_status=task_status,
+            **options,
         )
     )
-    yield Listener(port, sessions)
+    return Listener(port, sessions)
+
+
+@pytest.fixture
+async def listener(nursery: trio.Nursery) -> Listener:
+    return await start_listener(nursery)
 
 
 class Peer:

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from test_ws_listener import MAX_MESSAGE, Listener, Peer, Sessions
+from test_ws_listener import Listener, Peer, start_listener
 from wsproto.events import AcceptConnection, RejectConnection, RejectData
 
-from atrium.http.ws_listener import RETRY_AFTER_SECONDS, OpenFiles, serve_listener
+from atrium.http.ws_listener import RETRY_AFTER_SECONDS, OpenFiles
 
 CAP = 10.0
 BUSY_BODY = (
@@ -32,21 +32,6 @@ BUSY_BODY = (
 
 def open_file_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def start(nursery: trio.Nursery, files: OpenFiles) -> Listener:
-    sessions = Sessions()
-    port = await nursery.start(
-        lambda task_status: serve_listener(
-            sessions,
-            "127.0.0.1",
-            0,
-            max_message_size=MAX_MESSAGE,
-            open_files=files,
-            task_status=task_status,
-        )
-    )
-    return Listener(port, sessions)
 
 
 @pytest.fixture
@@ -77,7 +62,8 @@ async def assert_busy(peer: Peer) -> None:
 async def test_past_the_limit_every_upgrade_is_a_503_server_busy(
     nursery: trio.Nursery, peers: list[Peer]
 ) -> None:
-    listener = await start(nursery, OpenFiles(limit=open_file_count(), reserve=1))
+    files = OpenFiles(limit=open_file_count(), reserve=1)
+    listener = await start_listener(nursery, open_files=files)
     for _ in range(3):
         await assert_busy(await connect(listener, peers))
     assert listener.sessions.failures.counts()["connection"] == 0
@@ -90,7 +76,7 @@ async def test_connections_are_refused_near_the_limit_and_accepted_once_files_fr
     # Room for a few more files past what is open now: each connection here is two (the
     # test's end and the listener's), the listener's count alone allows 7.
     files = OpenFiles(limit=open_file_count() + 11, reserve=4)
-    listener = await start(nursery, files)
+    listener = await start_listener(nursery, open_files=files)
     held = []
     with trio.fail_after(CAP):
         while True:
