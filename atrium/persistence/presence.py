@@ -121,39 +121,46 @@ end
 """
 )
 
-# KEYS: instance hash, project totals, project seen, generation, project versions.
-# ARGV: field, user, count, email, project, now (ms), generation last written.
-# Sets this instance's count of the user's connections to the project; returns
-# {1, the user's total before, after, the user's new version if it was a transition (else
-# 0)}, or {0} without changing anything when Redis does not hold the generation this
-# instance last wrote (Redis lost its writes, or it was reaped: re-assert everything).
-_SET_COUNT = (
+# KEYS: instance hash, generation. ARGV: prefix, generation last written, entries (JSON
+# list of {p, u, n, e, t}: project, user, count, email, now in ms as a string).
+# Sets this instance's count of each entry's user in its project, in order; returns {1,
+# {{the user's total before, after, the user's new version if it was a transition (else
+# 0)}, ...}}, or {0} without changing anything when Redis does not hold the generation
+# this instance last wrote (Redis lost its writes, or it was reaped: re-assert everything).
+# One generation for the lot: they are written together or not at all.
+_SET_COUNTS = (
     _ADVANCE
     + """
-if tonumber(redis.call('GET', KEYS[4]) or '0') ~= tonumber(ARGV[7]) then return {0} end
-redis.call('SET', KEYS[4], tonumber(ARGV[7]) + 1)
-local old = 0
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if raw then old = tonumber(cjson.decode(raw).n) end
-local n = tonumber(ARGV[3])
-if n > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1],
-    cjson.encode({p = ARGV[5], u = ARGV[2], n = n, e = ARGV[4]}))
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return {0} end
+redis.call('SET', KEYS[2], tonumber(ARGV[2]) + 1)
+local prefix = ARGV[1]
+local answers = {}
+for _, w in ipairs(cjson.decode(ARGV[3])) do
+  local field = w.p .. ':' .. w.u
+  local totals, seen = prefix .. 'project:' .. w.p, prefix .. 'seen:' .. w.p
+  local old = 0
+  local raw = redis.call('HGET', KEYS[1], field)
+  if raw then old = tonumber(cjson.decode(raw).n) end
+  local n = tonumber(w.n)
+  if n > 0 then
+    redis.call('HSET', KEYS[1], field, cjson.encode({p = w.p, u = w.u, n = n, e = w.e}))
+  else
+    redis.call('HDEL', KEYS[1], field)
+  end
+  local before = tonumber(redis.call('HGET', totals, w.u) or '0')
+  local after = before + n - old
+  if after > 0 then
+    redis.call('HSET', totals, w.u, after)
+    if n > old then redis.call('HSET', seen, w.u, w.t) end
+  else
+    redis.call('HDEL', totals, w.u)
+    redis.call('HDEL', seen, w.u)
+  end
+  local version = 0
+  if (before > 0) ~= (after > 0) then version = advance(prefix .. 'version:' .. w.p, w.u) end
+  table.insert(answers, {before, after, version})
 end
-local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-local after = before + n - old
-if after > 0 then
-  redis.call('HSET', KEYS[2], ARGV[2], after)
-  if n > old then redis.call('HSET', KEYS[3], ARGV[2], ARGV[6]) end
-else
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('HDEL', KEYS[3], ARGV[2])
-end
-local version = 0
-if (before > 0) ~= (after > 0) then version = advance(KEYS[5], ARGV[2]) end
-return {1, before, after, version}
+return {1, answers}
 """
 )
 
@@ -347,11 +354,11 @@ return 1
 """
 
 
-# KEYS: project totals, project seen. ARGV: prefix, JSON {instance: generation} of the
-# copies the caller holds. Returns {totals (flat), seen (flat), lost}: the project's users
-# on every instance together, when each was last seen, and the held instances whose
-# generation Redis lost (gone back, or gone without a reap) and nobody has put back.
-_ROSTER = """
+# ARGV: prefix, JSON {instance: generation} of the copies the caller holds, projects.
+# Returns {{{totals (flat), seen (flat)}, ...}, lost}: for each project, its users on every
+# instance together and when each was last seen; and the held instances whose generation
+# Redis lost (gone back, or gone without a reap) and nobody has put back.
+_ROSTERS = """
 local prefix = ARGV[1]
 local lost = {}
 for instance, generation in pairs(cjson.decode(ARGV[2])) do
@@ -360,7 +367,12 @@ for instance, generation in pairs(cjson.decode(ARGV[2])) do
     table.insert(lost, instance)
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), lost}
+local rosters = {}
+for i = 3, #ARGV do
+  table.insert(rosters, {redis.call('HGETALL', prefix .. 'project:' .. ARGV[i]),
+    redis.call('HGETALL', prefix .. 'seen:' .. ARGV[i])})
+end
+return {rosters, lost}
 """
 
 
@@ -436,7 +448,7 @@ class Copy:
 @dataclass(frozen=True, slots=True)
 class Roster:
     """A project's users as Redis holds them, and the instances whose entries Redis lost
-    (of those the caller holds a copy of; see ``_ROSTER``)."""
+    (of those the caller holds a copy of; see ``_ROSTERS``)."""
 
     members: list[Member]
     lost: list[str]
@@ -549,36 +561,38 @@ class PresenceStore:
         return int(await self._run(_SET_FLOOR, [], [lowest]))
 
     async def set_count(self, entry: Entry) -> Totals | None:
-        """Set this instance's count of ``entry``'s user in its project (0 removes it);
-        the user's totals before and after, decided atomically, with the version of the
-        transition if it was one. None, changing nothing, when Redis does not hold what
-        this instance last wrote (its totals cannot be trusted): ``sync`` everything
-        (``full``) first."""
-        project, user = entry.project_id, entry.user_id
+        """``set_counts`` of one entry."""
+        totals = await self.set_counts([entry])
+        return None if totals is None else totals[0]
+
+    async def set_counts(self, entries: Sequence[Entry]) -> list[Totals] | None:
+        """Set this instance's count of each entry's user in its project (0 removes it),
+        in order, in one step; each user's totals before and after, decided atomically,
+        with the version of the transition if it was one. None, changing nothing, when
+        Redis does not hold what this instance last wrote (its totals cannot be trusted):
+        ``sync`` everything (``full``) first."""
         written = self._written.generation
+        wanted = [
+            {
+                "p": str(e.project_id),
+                "u": str(e.user_id),
+                "n": e.count,
+                "e": e.email,
+                "t": str(e.seen_ms),
+            }
+            for e in entries
+        ]
         answer = await self._run(
-            _SET_COUNT,
-            [
-                self._hash,
-                _key("project", project),
-                _key("seen", project),
-                self._generation,
-                _key("version", project),
-            ],
-            [
-                f"{project}:{user}",
-                str(user),
-                entry.count,
-                entry.email,
-                str(project),
-                entry.seen_ms,
-                written,
-            ],
+            _SET_COUNTS,
+            [self._hash, self._generation],
+            [PREFIX, written, orjson.dumps(wanted).decode()],
         )
         if not int(answer[0]):
             return None
         self._written.generation = written + 1
-        return Totals(int(answer[1]), int(answer[2]), int(answer[3]))
+        return [
+            Totals(int(before), int(after), int(version)) for before, after, version in answer[1]
+        ]
 
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
         """Mark the instance alive for ``ttl_ms`` more (registering it if needed)."""
@@ -658,19 +672,31 @@ class PresenceStore:
         return (await self.roster(project_id, {})).members
 
     async def roster(self, project_id: uuid.UUID, held: Mapping[str, int]) -> Roster:
-        """``members`` of ``project_id`` and, read with them in one step, which of the
-        instances in ``held`` (instance -> generation of the caller's copy) Redis lost
-        the entries of without anyone putting them back: their users are missing from the
+        """``rosters`` of one project."""
+        return (await self.rosters([project_id], held))[0]
+
+    async def rosters(
+        self, project_ids: Sequence[uuid.UUID], held: Mapping[str, int]
+    ) -> list[Roster]:
+        """For each of ``project_ids``, in one step: its ``members`` and which of the
+        instances in ``held`` (instance -> generation of the caller's copy) Redis lost the
+        entries of without anyone putting them back: their users are missing from the
         members until those instances re-assert or a copy is restored."""
-        totals, seen, lost = await self._run(
-            _ROSTER,
-            [_key("project", project_id), _key("seen", project_id)],
-            [PREFIX, orjson.dumps(held).decode() if held else "{}"],
+        rosters, lost = await self._run(
+            _ROSTERS,
+            [],
+            [PREFIX, orjson.dumps(held).decode() if held else "{}", *map(str, project_ids)],
         )
-        last_seen = {_text(seen[i]): int(seen[i + 1]) for i in range(0, len(seen) - 1, 2)}
-        members = []
-        for i in range(0, len(totals) - 1, 2):
-            user, count = _text(totals[i]), int(totals[i + 1])
-            if count > 0:
-                members.append(Member(uuid.UUID(user), count, last_seen.get(user, 0)))
-        return Roster(members, [_text(instance) for instance in lost])
+        missing = [_text(instance) for instance in lost]
+        return [_roster(totals, seen, missing) for totals, seen in rosters]
+
+
+def _roster(totals: Sequence[Any], seen: Sequence[Any], lost: list[str]) -> Roster:
+    """A ``Roster`` from a project's totals and last-seen hashes (flat, as HGETALL gives)."""
+    last_seen = {_text(seen[i]): int(seen[i + 1]) for i in range(0, len(seen) - 1, 2)}
+    members = []
+    for i in range(0, len(totals) - 1, 2):
+        user, count = _text(totals[i]), int(totals[i + 1])
+        if count > 0:
+            members.append(Member(uuid.UUID(user), count, last_seen.get(user, 0)))
+    return Roster(members, lost)
