@@ -66,6 +66,20 @@ async def _publish(redis: Redis, channel: str, data: bytes) -> int:
     return int(await redis.call(lambda r: r.publish(channel, data)))
 
 
+async def test_a_call_past_a_short_bound_of_its_callers_does_not_open_the_breaker(
+    aio_loop: None, redis_url: str
+) -> None:
+    # A workspace waits 0.25 s for presence; a loaded process can take longer than that
+    # to hear a healthy Redis. Past its caller's bound a call gives up, but the breaker
+    # (two failures here) stays closed: Redis's health is judged at its own timeout.
+    async with open_redis(redis_url, BREAKER, call_timeout=2.0) as client:
+        quick = client.answering_within(0.05)
+        for _ in range(3):
+            with pytest.raises(RedisUnavailable, match="did not answer"):
+                await quick.call(lambda r: r.blpop(["atrium:empty"], 0.2))
+        assert client.state == "closed" and await quick.ping()
+
+
 async def test_a_burst_of_calls_waits_for_the_pool_instead_of_failing(
     aio_loop: None, redis_url: str
 ) -> None:

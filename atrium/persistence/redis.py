@@ -71,7 +71,7 @@ class Redis:
     RedisUnavailable without counting against the breaker.
     """
 
-    __slots__ = ("_client", "breaker", "timeout", "_slots")
+    __slots__ = ("_client", "breaker", "timeout", "_slots", "_patient")
 
     def __init__(
         self,
@@ -80,11 +80,15 @@ class Redis:
         *,
         timeout: float,
         slots: trio.CapacityLimiter | None = None,
+        patient: bool = True,
     ) -> None:
         self._client = client
         self.breaker = breaker
         self.timeout = timeout
         self._slots = slots or trio.CapacityLimiter(_call_slots(client))
+        # False: ``timeout`` is the caller's patience, shorter than Redis's due (see
+        # ``answering_within``), and running out of it says nothing of Redis's health.
+        self._patient = patient
 
     @property
     def state(self) -> str:
@@ -149,8 +153,13 @@ class Redis:
 
     def answering_within(self, timeout: float) -> Redis:
         """This client with calls bounded by ``timeout`` seconds instead (same connections,
-        same breaker: a call past it counts as a failure)."""
-        return Redis(self._client, self.breaker, timeout=timeout, slots=self._slots)
+        same breaker). A call past it raises RedisUnavailable but does not count against
+        the breaker: a busy process (a join storm on a loaded machine) can take longer
+        than a short bound to hear an answer from a healthy Redis, and opening the breaker
+        for that would cut the whole process off Redis. Whether Redis is there is judged
+        by the calls with the full timeout and by the probes; a connection error still
+        counts."""
+        return Redis(self._client, self.breaker, timeout=timeout, slots=self._slots, patient=False)
 
     async def ping(self) -> bool:
         """True when Redis answers PING. Raises RedisUnavailable."""
@@ -251,7 +260,8 @@ class Redis:
             self.breaker.success()  # it answered: the server is there
             raise
         if scope.cancelled_caught:
-            self.breaker.failure()
+            if self._patient:
+                self.breaker.failure()
             raise RedisUnavailable(f"redis did not answer within {self.timeout:g} s")
         self.breaker.success()
         return result
