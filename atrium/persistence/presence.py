@@ -8,6 +8,10 @@ keys (all under ``atrium:presence:``)::
     alive:{instance}       "1" with a TTL, set again by each heartbeat: the instance lives
     instance:{instance}    hash "{project}:{user}" -> {"p", "u", "n", "e"} (JSON)
     gen:{instance}         how many writes of its entries the instance has made
+    changes:{instance}     sorted set: each field of its hash (also one since removed) by
+                           the generation that last changed it
+    pruned:{instance}      the generation below which ``changes`` no longer tells (older
+                           changes dropped, or a rewrite of everything)
     project:{project}      hash user -> connections on every instance together
     seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
     reaped:{instance}      set for an hour when another process reaped the instance
@@ -35,7 +39,9 @@ instance's entries names the generation it last wrote, and a write that finds an
 in Redis changes nothing (``set_count`` returns None, ``sync`` too unless ``full``): the
 instance must re-assert all its entries first (a ``full`` sync), and only then trust the
 totals it is given. Other instances keep their own copy of everyone's entries with their
-generation (``view``); one that finds an instance's generation gone or gone back without
+generation (``view``: what changed since the generation they hold, read from ``changes``,
+so a heartbeat in a join storm reads the entries that changed, not all of them); one that
+finds an instance's generation gone or gone back without
 a reap can put that copy back (``restore``) with a TTL, so an instance that died before it
 could re-assert is reaped like any other.
 
@@ -66,6 +72,9 @@ from .redis import Redis, RedisUnavailable
 
 PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
+# How many generations of an instance's changes Redis keeps for the others' ``view``: they
+# read at every heartbeat, many fewer generations apart than this even in a join storm.
+_CHANGES_KEPT = 10_000
 _FLOOR_KEY = PREFIX + "floor"
 _NO_FLOOR = "NOFLOOR"
 
@@ -121,7 +130,7 @@ end
 """
 )
 
-# KEYS: instance hash, generation. ARGV: prefix, generation last written, entries (JSON
+# KEYS: instance hash, generation, changes. ARGV: prefix, generation last written, entries (JSON
 # list of {p, u, n, e, t}: project, user, count, email, now in ms as a string).
 # Sets this instance's count of each entry's user in its project, in order; returns {1,
 # {{the user's total before, after, the user's new version if it was a transition (else
@@ -132,7 +141,8 @@ _SET_COUNTS = (
     _ADVANCE
     + """
 if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return {0} end
-redis.call('SET', KEYS[2], tonumber(ARGV[2]) + 1)
+local generation = tonumber(ARGV[2]) + 1
+redis.call('SET', KEYS[2], generation)
 local prefix = ARGV[1]
 local answers = {}
 for _, w in ipairs(cjson.decode(ARGV[3])) do
@@ -147,6 +157,7 @@ for _, w in ipairs(cjson.decode(ARGV[3])) do
   else
     redis.call('HDEL', KEYS[1], field)
   end
+  redis.call('ZADD', KEYS[3], generation, field)
   local before = tonumber(redis.call('HGET', totals, w.u) or '0')
   local after = before + n - old
   if after > 0 then
@@ -164,18 +175,26 @@ return {1, answers}
 """
 )
 
-# KEYS: instances, alive key, tombstone, generation. ARGV: instance, ttl (ms).
-# Returns {was alive, had been reaped, generation held}.
+# KEYS: instances, alive key, tombstone, generation, changes, pruned. ARGV: instance, ttl
+# (ms), how many generations of changes to keep.
+# Returns {was alive, had been reaped, generation held}. Drops the changes older than the
+# generations kept (a reader that far behind reads all the entries).
 _HEARTBEAT = """
 local alive = redis.call('EXISTS', KEYS[2])
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 local reaped = redis.call('DEL', KEYS[3])
-return {alive, reaped, tonumber(redis.call('GET', KEYS[4]) or '0')}
+local generation = tonumber(redis.call('GET', KEYS[4]) or '0')
+local horizon = generation - tonumber(ARGV[3])
+if horizon > tonumber(redis.call('GET', KEYS[6]) or '0') then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
+  redis.call('SET', KEYS[6], horizon)
+end
+return {alive, reaped, generation}
 """
 
-# KEYS: instance hash, generation. ARGV: prefix, entries (JSON list of {p, u, n, e, t}),
-# full (0/1), generation last written.
+# KEYS: instance hash, generation, changes, pruned. ARGV: prefix, entries (JSON list of
+# {p, u, n, e, t}), full (0/1), generation last written.
 # Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
 # with full, entries not listed are removed too. Returns {1, the new generation, the
 # users that came online (flat: project, user, email, version, ...)}; those that went
@@ -189,6 +208,15 @@ local written = tonumber(ARGV[4])
 if ARGV[3] ~= '1' and held ~= written then return {0} end
 local generation = math.max(held, written) + 1
 redis.call('SET', KEYS[2], generation)
+local full = ARGV[3] == '1'
+if full then
+  -- A rewrite of everything (often after Redis lost them): readers read everything.
+  redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[4], generation)
+end
+local function changed(field)
+  if not full then redis.call('ZADD', KEYS[3], generation, field) end
+end
 local prefix = ARGV[1]
 local wanted = cjson.decode(ARGV[2])
 local joined = {}
@@ -218,9 +246,14 @@ for _, w in ipairs(wanted) do
   if raw then old = tonumber(cjson.decode(raw).n) end
   local n = tonumber(w.n)
   if n > 0 then
-    redis.call('HSET', KEYS[1], field, cjson.encode({p = w.p, u = w.u, n = n, e = w.e}))
-  else
+    local entry = cjson.encode({p = w.p, u = w.u, n = n, e = w.e})
+    if entry ~= raw then
+      redis.call('HSET', KEYS[1], field, entry)
+      changed(field)
+    end
+  elseif raw then
     redis.call('HDEL', KEYS[1], field)
+    changed(field)
   end
   if n ~= old then move(w.p, w.u, w.e, n - old) end
   if n > 0 then
@@ -231,7 +264,7 @@ for _, w in ipairs(wanted) do
     end
   end
 end
-if ARGV[3] == '1' then
+if full then
   local stored = redis.call('HGETALL', KEYS[1])
   for i = 1, #stored, 2 do
     if not listed[stored[i]] then
@@ -274,6 +307,7 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     redis.call('DEL', key)
     redis.call('DEL', prefix .. 'gen:' .. instance)
+    redis.call('DEL', prefix .. 'changes:' .. instance, prefix .. 'pruned:' .. instance)
     redis.call('SET', prefix .. 'reaped:' .. instance, '1', 'PX', ARGV[2])
   end
 end
@@ -284,9 +318,11 @@ return left
 
 # KEYS: instances. ARGV: prefix, this instance, JSON {instance: generation} of the copies
 # the caller holds. Returns {changed, lost, gone}: changed lists {instance, generation,
-# entries (raw JSON)} of every other registered instance whose generation is not the
-# caller's (newer, or not held); lost the held instances whose generation in Redis went
-# back or is gone without a reap (Redis lost their writes); gone those reaped.
+# whole (0/1), entries (flat: field, raw JSON or nil if it went, ...)} of every other
+# registered instance whose generation is not the caller's (newer, or not held): whole,
+# all its entries; else those that changed after the caller's generation. lost lists the
+# held instances whose generation in Redis went back or is gone without a reap (Redis
+# lost their writes); gone those reaped.
 _VIEW = """
 local prefix, own = ARGV[1], ARGV[2]
 local known = cjson.decode(ARGV[3])
@@ -296,9 +332,24 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     listed[instance] = true
     local generation = tonumber(redis.call('GET', prefix .. 'gen:' .. instance) or '0')
     local was = known[instance]
+    local key = prefix .. 'instance:' .. instance
     if was == nil or generation > was then
-      table.insert(changed, {instance, generation,
-        redis.call('HVALS', prefix .. 'instance:' .. instance)})
+      local pruned = tonumber(redis.call('GET', prefix .. 'pruned:' .. instance) or '0')
+      if was ~= nil and was >= pruned then
+        local fields = redis.call(
+          'ZRANGEBYSCORE', prefix .. 'changes:' .. instance, '(' .. was, '+inf')
+        local entries = {}
+        for i = 1, #fields, 1000 do
+          local last = math.min(i + 999, #fields)
+          local values = redis.call('HMGET', key, unpack(fields, i, last))
+          for j = i, last do
+            table.insert(entries, fields[j]); table.insert(entries, values[j - i + 1])
+          end
+        end
+        table.insert(changed, {instance, generation, 0, entries})
+      else
+        table.insert(changed, {instance, generation, 1, redis.call('HGETALL', key)})
+      end
     elseif generation < was then
       table.insert(lost, instance)
     end
@@ -348,6 +399,8 @@ for i = 6, #ARGV do
   redis.call('HSETNX', prefix .. 'seen:' .. entry.p, entry.u, ARGV[5])
 end
 redis.call('SET', prefix .. 'gen:' .. instance, generation)
+redis.call('DEL', prefix .. 'changes:' .. instance)
+redis.call('SET', prefix .. 'pruned:' .. instance, generation)
 redis.call('SADD', prefix .. 'instances', instance)
 redis.call('SET', prefix .. 'alive:' .. instance, '1', 'PX', ARGV[4], 'NX')
 return 1
@@ -442,7 +495,7 @@ class Copy:
     """Another instance's entries (raw JSON, as Redis holds them) at a generation."""
 
     generation: int
-    entries: tuple[bytes, ...]
+    entries: Mapping[str, bytes]  # its hash: "{project}:{user}" -> raw JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,6 +564,8 @@ class PresenceStore:
         self._written = _Written() if _written is None else _written
         self._hash = _key("instance", instance)
         self._generation = _key("gen", instance)
+        self._changes = _key("changes", instance)
+        self._pruned = _key("pruned", instance)
         self._scripts: dict[str, Any] = {}
 
     def answering_within(self, timeout: float) -> PresenceStore:
@@ -584,7 +639,7 @@ class PresenceStore:
         ]
         answer = await self._run(
             _SET_COUNTS,
-            [self._hash, self._generation],
+            [self._hash, self._generation, self._changes],
             [PREFIX, written, orjson.dumps(wanted).decode()],
         )
         if not int(answer[0]):
@@ -603,8 +658,10 @@ class PresenceStore:
                 _key("alive", self.instance),
                 _key("reaped", self.instance),
                 self._generation,
+                self._changes,
+                self._pruned,
             ],
-            [self.instance, ttl_ms],
+            [self.instance, ttl_ms, _CHANGES_KEPT],
         )
         return Heartbeat(bool(alive), bool(reaped), int(generation) == self._written.generation)
 
@@ -625,7 +682,7 @@ class PresenceStore:
         ]
         answer = await self._run(
             _SYNC,
-            [self._hash, self._generation],
+            [self._hash, self._generation, self._changes, self._pruned],
             [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0", self._written.generation],
         )
         if not int(answer[0]):
@@ -633,29 +690,37 @@ class PresenceStore:
         self._written.generation = int(answer[1])
         return _people(answer[2])
 
-    async def view(self, held: Mapping[str, int]) -> View:
-        """The other instances' entries whose generation is not in ``held`` (instance ->
-        generation of the caller's copy), and which held ones Redis lost or reaped."""
+    async def view(self, held: Mapping[str, Copy]) -> View:
+        """The other instances' entries whose generation is not in ``held`` (the caller's
+        copies, by instance): each ``held`` one brought up to date with what changed since
+        its generation, the others read whole; and which held ones Redis lost or reaped."""
+        generations = {instance: copy.generation for instance, copy in held.items()}
         changed, lost, gone = await self._run(
             _VIEW,
             [_key("instances")],
-            [PREFIX, self.instance, orjson.dumps(held).decode() if held else "{}"],
+            [PREFIX, self.instance, orjson.dumps(generations).decode() if generations else "{}"],
         )
-        return View(
-            {
-                _text(instance): Copy(int(generation), tuple(entries))
-                for instance, generation, entries in changed
-            },
-            [_text(i) for i in lost],
-            [_text(i) for i in gone],
-        )
+        copies = {}
+        for raw_instance, generation, whole, flat in changed:
+            instance = _text(raw_instance)
+            entries = {} if int(whole) else dict(held[instance].entries)
+            for i in range(0, len(flat) - 1, 2):
+                field, entry = _text(flat[i]), flat[i + 1]
+                if entry is None:
+                    entries.pop(field, None)
+                else:
+                    entries[field] = entry
+            copies[instance] = Copy(int(generation), entries)
+        return View(copies, [_text(i) for i in lost], [_text(i) for i in gone])
 
     async def restore(self, instance: str, copy: Copy, *, ttl_ms: int, now_ms: int) -> bool:
         """Put ``copy`` back as ``instance``'s entries, alive for ``ttl_ms`` unless it is,
         if it was not reaped and Redis holds an older generation of it (see
         ``_RESTORE``). True if it did."""
         restored = await self._run(
-            _RESTORE, [], [PREFIX, instance, copy.generation, ttl_ms, now_ms, *copy.entries]
+            _RESTORE,
+            [],
+            [PREFIX, instance, copy.generation, ttl_ms, now_ms, *copy.entries.values()],
         )
         return bool(restored)
 

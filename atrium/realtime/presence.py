@@ -331,7 +331,7 @@ class ClusterPresence:
         # PRESENCE_STATE without them would show them offline to a tab that no USER_JOIN
         # corrects (when they come back, it is no transition).
         for instance in roster.lost:
-            for raw in copies[instance].entries:
+            for raw in copies[instance].entries.values():
                 entry = orjson.loads(raw)
                 if entry["p"] == str(project_id):
                     add(uuid.UUID(entry["u"]), int(entry["n"]), self._clock())
@@ -520,7 +520,7 @@ class ClusterPresence:
         lost (a restart, FLUSHALL, a failover) for processes that have not re-asserted
         them: alive for one TTL more, then reaped (their users leave) unless they
         heartbeat by then."""
-        view = await store.view({i: c.generation for i, c in self._copies.items()})
+        view = await store.view(self._copies)
         for instance in view.gone:
             self._copies.pop(instance, None)
         for instance, copy in view.changed.items():
