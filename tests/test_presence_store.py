@@ -10,9 +10,10 @@ from typing import Any
 import orjson
 import pytest
 import trio
+import trio_asyncio
 
 from atrium.persistence.presence import Copy, Entry, PresenceStore, Someone, View
-from atrium.persistence.redis import BreakerSettings, Redis, open_redis
+from atrium.persistence.redis import BreakerSettings, Redis, RedisUnavailable, open_redis
 
 PROJECT = uuid.uuid4()
 ANN, BOB = uuid.uuid4(), uuid.uuid4()
@@ -234,3 +235,43 @@ async def test_a_view_too_far_behind_the_changes_kept_reads_everything(
     copy = (await reader.view(old)).changed["writer"]
     [(_, _, whole, _)], _, _ = answers[0]
     assert whole and [orjson.loads(raw)["n"] for raw in copy.entries.values()] == [5]
+
+
+class _AnswerLost(Redis):
+    """Runs each call, then loses its answer: a call that timed out after Redis ran it."""
+
+    async def call(self, fn: Any) -> Any:
+        await super().call(fn)
+        raise RedisUnavailable("the answer was lost")
+
+
+async def test_writes_whose_answers_were_lost_are_trusted_to_have_run_or_not(
+    aio_loop: None, redis_url: str
+) -> None:
+    # A loaded process's short calls time out now and then, having run or not. Redis then
+    # holds one of the generations the process may have written: the next write and the
+    # heartbeat trust it, rather than rewriting every entry (which every other process
+    # would then read whole).
+    import redis.asyncio
+
+    from atrium.core.breaker import CircuitBreaker
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    breaker = CircuitBreaker(BreakerSettings())
+    store = PresenceStore(Redis(client, breaker, timeout=2.0), "loaded")
+    lossy = PresenceStore(
+        _AnswerLost(client, breaker, timeout=2.0), "loaded", _written=store._written
+    )
+    try:
+        await store.heartbeat(60_000)
+        assert await store.set_counts([entry(ANN, 1)]) is not None
+        for write in (lossy.set_counts([entry(ANN, 2)]), lossy.sync([entry(BOB, 1)], full=False)):
+            with pytest.raises(RedisUnavailable):
+                await write  # it ran; its answer was lost
+        assert (await store.heartbeat(60_000)).current
+        totals = await store.set_counts([entry(ANN, 3), entry(BOB, 0)])
+        assert totals is not None  # trusted: None would mean "rewrite everything first"
+        assert [(t.before, t.after) for t in totals] == [(2, 3), (1, 0)]
+        assert totals[1].went_offline
+    finally:
+        await trio_asyncio.aio_as_trio(client.aclose)()

@@ -62,7 +62,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.exceptions
@@ -77,6 +77,8 @@ _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to 
 _CHANGES_KEPT = 10_000
 _FLOOR_KEY = PREFIX + "floor"
 _NO_FLOOR = "NOFLOOR"
+
+T = TypeVar("T")
 
 FloorSource = Callable[[], Awaitable[int]]
 """The newest presence version stored for good (PostgreSQL's): versions go above it."""
@@ -130,22 +132,26 @@ end
 """
 )
 
-# KEYS: instance hash, generation, changes. ARGV: prefix, generation last written, entries (JSON
-# list of {p, u, n, e, t}: project, user, count, email, now in ms as a string).
+# KEYS: instance hash, generation, changes. ARGV: prefix, generation last written, writes
+# since whose outcome is unknown, entries (JSON list of {p, u, n, e, t}: project, user,
+# count, email, now in ms as a string).
 # Sets this instance's count of each entry's user in its project, in order; returns {1,
-# {{the user's total before, after, the user's new version if it was a transition (else
-# 0)}, ...}}, or {0} without changing anything when Redis does not hold the generation
-# this instance last wrote (Redis lost its writes, or it was reaped: re-assert everything).
+# the new generation, {{the user's total before, after, the user's new version if it was
+# a transition (else 0)}, ...}}, or {0} without changing anything when Redis does not
+# hold a generation this instance may have written (Redis lost its writes, or it was
+# reaped: re-assert everything).
 # One generation for the lot: they are written together or not at all.
 _SET_COUNTS = (
     _ADVANCE
     + """
-if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then return {0} end
-local generation = tonumber(ARGV[2]) + 1
+local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+local written = tonumber(ARGV[2])
+if held < written or held > written + tonumber(ARGV[3]) then return {0} end
+local generation = held + 1
 redis.call('SET', KEYS[2], generation)
 local prefix = ARGV[1]
 local answers = {}
-for _, w in ipairs(cjson.decode(ARGV[3])) do
+for _, w in ipairs(cjson.decode(ARGV[4])) do
   local field = w.p .. ':' .. w.u
   local totals, seen = prefix .. 'project:' .. w.p, prefix .. 'seen:' .. w.p
   local old = 0
@@ -171,7 +177,7 @@ for _, w in ipairs(cjson.decode(ARGV[3])) do
   if (before > 0) ~= (after > 0) then version = advance(prefix .. 'version:' .. w.p, w.u) end
   table.insert(answers, {before, after, version})
 end
-return {1, answers}
+return {1, generation, answers}
 """
 )
 
@@ -194,21 +200,23 @@ return {alive, reaped, generation}
 """
 
 # KEYS: instance hash, generation, changes, pruned. ARGV: prefix, entries (JSON list of
-# {p, u, n, e, t}), full (0/1), generation last written.
+# {p, u, n, e, t}), full (0/1), generation last written, writes since whose outcome is
+# unknown.
 # Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
 # with full, entries not listed are removed too. Returns {1, the new generation, the
 # users that came online (flat: project, user, email, version, ...)}; those that went
 # offline (connections that went without a USER_LEAVE) get a new version too. Not full,
-# it changes nothing and returns {0} when Redis does not hold the generation last written.
+# it changes nothing and returns {0} when Redis does not hold a generation this instance
+# may have written.
 _SYNC = (
     _ADVANCE
     + """
 local held = tonumber(redis.call('GET', KEYS[2]) or '0')
 local written = tonumber(ARGV[4])
-if ARGV[3] ~= '1' and held ~= written then return {0} end
+local full = ARGV[3] == '1'
+if not full and (held < written or held > written + tonumber(ARGV[5])) then return {0} end
 local generation = math.max(held, written) + 1
 redis.call('SET', KEYS[2], generation)
-local full = ARGV[3] == '1'
 if full then
   -- A rewrite of everything (often after Redis lost them): readers read everything.
   redis.call('DEL', KEYS[3])
@@ -534,12 +542,35 @@ def _people(flat: Sequence[Any]) -> list[Someone]:
 
 
 class _Written:
-    """The generation an instance last wrote (shared by its stores)."""
+    """The generation an instance last wrote (shared by its stores), and how many writes
+    it made since whose outcome it does not know (a call that timed out or lost its
+    connection may or may not have run): Redis may hold any generation from
+    ``generation`` to ``generation + unsure``, as only the instance itself writes its
+    generation forward. Trusting that range, rather than rewriting everything after
+    every such call, keeps a loaded process (whose short calls time out now and then)
+    from rewriting tens of thousands of entries, which every other process then reads
+    whole."""
 
-    __slots__ = ("generation",)
+    __slots__ = ("generation", "unsure")
 
     def __init__(self) -> None:
         self.generation = 0
+        self.unsure = 0
+
+    def holds(self, generation: int) -> bool:
+        """Redis's ``generation`` is one this instance may have written last."""
+        return self.generation <= generation <= self.generation + self.unsure
+
+    def wrote(self, generation: int) -> None:
+        self.generation, self.unsure = generation, 0
+
+    async def outcome(self, write: Awaitable[T]) -> T:
+        """``write``'s answer; counted as unsure if it raises RedisUnavailable."""
+        try:
+            return await write
+        except RedisUnavailable:
+            self.unsure += 1
+            raise
 
 
 class PresenceStore:
@@ -626,7 +657,7 @@ class PresenceStore:
         with the version of the transition if it was one. None, changing nothing, when
         Redis does not hold what this instance last wrote (its totals cannot be trusted):
         ``sync`` everything (``full``) first."""
-        written = self._written.generation
+        written = self._written
         wanted = [
             {
                 "p": str(e.project_id),
@@ -637,16 +668,18 @@ class PresenceStore:
             }
             for e in entries
         ]
-        answer = await self._run(
-            _SET_COUNTS,
-            [self._hash, self._generation, self._changes],
-            [PREFIX, written, orjson.dumps(wanted).decode()],
+        answer = await written.outcome(
+            self._run(
+                _SET_COUNTS,
+                [self._hash, self._generation, self._changes],
+                [PREFIX, written.generation, written.unsure, orjson.dumps(wanted).decode()],
+            )
         )
         if not int(answer[0]):
             return None
-        self._written.generation = written + 1
+        written.wrote(int(answer[1]))
         return [
-            Totals(int(before), int(after), int(version)) for before, after, version in answer[1]
+            Totals(int(before), int(after), int(version)) for before, after, version in answer[2]
         ]
 
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
@@ -663,7 +696,7 @@ class PresenceStore:
             ],
             [self.instance, ttl_ms, _CHANGES_KEPT],
         )
-        return Heartbeat(bool(alive), bool(reaped), int(generation) == self._written.generation)
+        return Heartbeat(bool(alive), bool(reaped), self._written.holds(int(generation)))
 
     async def sync(self, entries: Sequence[Entry], *, full: bool) -> list[Someone] | None:
         """Write ``entries`` as this instance's counts (and raise their last-seen times);
@@ -680,14 +713,23 @@ class PresenceStore:
             }
             for e in entries
         ]
-        answer = await self._run(
-            _SYNC,
-            [self._hash, self._generation, self._changes, self._pruned],
-            [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0", self._written.generation],
+        written = self._written
+        answer = await written.outcome(
+            self._run(
+                _SYNC,
+                [self._hash, self._generation, self._changes, self._pruned],
+                [
+                    PREFIX,
+                    orjson.dumps(wanted).decode(),
+                    "1" if full else "0",
+                    written.generation,
+                    written.unsure,
+                ],
+            )
         )
         if not int(answer[0]):
             return None
-        self._written.generation = int(answer[1])
+        written.wrote(int(answer[1]))
         return _people(answer[2])
 
     async def view(self, held: Mapping[str, Copy]) -> View:

@@ -400,25 +400,28 @@ class ClusterPresence:
             for count in counts:
                 was.setdefault(count.slot, self._entry(count.slot))
                 entries.append(self._hold(count.slot, count.email, count.connections))
-            written = False
             try:
                 totals = await self._quick.set_counts(entries)
-                if totals is None:  # Redis lost what this process wrote: re-assert first,
-                    # and put back what it knows of the others' (a user on another
-                    # process that has not re-asserted yet is online all the same)
+            except RedisUnavailable:
+                # Written or not (a call that timed out may have run): the next beat
+                # writes these entries again, whatever Redis holds of them.
+                self._dirty.update(was)
+                return alone
+            if totals is None:
+                # Redis lost what this process wrote: re-assert first, and put back what
+                # it knows of the others' (a user on another process that has not
+                # re-asserted yet is online all the same).
+                try:
                     await self._reassert(self._quick, was)
                     await self._reconcile(self._quick)
                     totals = await self._quick.set_counts(entries)
-                written = totals is not None
-            except RedisUnavailable:
-                return alone
-            finally:
-                if not written:  # unknown whether Redis has them: write everything later
-                    self._full = True
+                except RedisUnavailable:
+                    totals = None
+                if totals is None:
+                    self._full = True  # unknown what Redis holds: write everything later
+                    return alone
         finally:
             self._lock.release()
-        if totals is None:
-            return alone
         return [_decision(t) for t in totals]
 
     # -- heartbeat and reaper ---------------------------------------------------------------
