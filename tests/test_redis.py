@@ -186,3 +186,11 @@ async def test_listen_refuses_while_the_breaker_is_open(aio_loop: None) -> None:
             await client.listen(lambda *_: None, channels=["x"])
         with pytest.raises(ValueError):
             await client.listen(lambda *_: None)
+
+
+def test_replies_are_parsed_by_hiredis() -> None:
+    # redis-py falls back to its pure-Python parser without hiredis, silently: 8% of a
+    # serving process's CPU in a --workers join storm (docs/BENCHMARKS.md).
+    import redis.asyncio.connection
+
+    assert redis.asyncio.connection.DefaultParser.__name__ == "_AsyncHiredisParser"
