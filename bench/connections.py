@@ -51,6 +51,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import heapq  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -114,8 +115,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=1200.0, help="loaders stop then")
     parser.add_argument(
         "--profile",
-        help="directory: py-spy records the (single) server's join storm and idle phase"
-        " there (collapsed stacks, join.txt and idle.txt; PY_SPY names the binary)",
+        help="directory: py-spy records each serving process's join storm and idle phase"
+        " in DIR/MODE/ (collapsed stacks, join[-N].txt and idle[-N].txt; PY_SPY names"
+        " the binary)",
     )
     parser.add_argument("--json", help="also write the side-by-side figures here (JSON)")
     parser.add_argument("--loader", help=argparse.SUPPRESS)  # run as a load process
@@ -395,21 +397,27 @@ def open_loaders(
 
 
 @contextmanager
-def profiling(directory: str | None, name: str, pid: int) -> Iterator[None]:
-    """py-spy records ``pid`` during the block into ``directory/name.txt`` (collapsed
-    stacks: one line per stack, its sample count last)."""
+def profiling(directory: str | None, name: str, pids: list[int]) -> Iterator[None]:
+    """py-spy records each of ``pids`` during the block into ``directory/name.txt``
+    (``name-N.txt`` for the N-th of several; collapsed stacks: one line per stack, its
+    sample count last)."""
     if directory is None:
         yield
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
-    argv = [os.environ.get("PY_SPY", "py-spy"), "record", "--format", "raw", "-r", "100"]
-    argv += ["--nonblocking", "--pid", str(pid), "-o", f"{directory}/{name}.txt"]
-    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spies = []
+    for n, pid in enumerate(pids):
+        out = f"{directory}/{name}.txt" if len(pids) == 1 else f"{directory}/{name}-{n}.txt"
+        argv = [os.environ.get("PY_SPY", "py-spy"), "record", "--format", "raw", "-r", "100"]
+        argv += ["--nonblocking", "--pid", str(pid), "-o", out]
+        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         yield
     finally:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(timeout=60)
 
 
 def serving(pid: int, mode: str) -> list[psutil.Process]:
@@ -489,10 +497,10 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
         if wrapper:
             for p in procs:
                 p.send_signal(signal.SIGUSR2)
-        profile = args.profile if mode == "single" else None
+        profile = args.profile and str(Path(args.profile) / mode)
         join_cpu = cpu(procs)
         with open_loaders(work, seats, ws_port, loaders, args, load_cpu) as load:
-            with profiling(profile, "join", server.pid):
+            with profiling(profile, "join", [p.pid for p in procs]):
                 joined = load.answers("joined")
             held = sum(int(j[1]) for j in joined)
             first = min(float(j[2]) for j in joined)
@@ -522,7 +530,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, url: str) -> dict[
                 flush=True,
             )
             c0, t0 = cpu(procs), time.perf_counter()
-            with profiling(profile, "idle", server.pid):
+            with profiling(profile, "idle", [p.pid for p in procs]):
                 time.sleep(args.idle)
             idle_cpu = (cpu(procs) - c0) / (time.perf_counter() - t0)
             load.tell("alive")
@@ -583,7 +591,13 @@ def main(argv: list[str]) -> int:
     from atrium.persistence.embedded import embedded_postgres
 
     results = {}
-    with tempfile.TemporaryDirectory(prefix="atrium-conns-") as tmp:
+    # BENCH_KEEP=DIR keeps the servers' logs (and data) there instead of a temporary directory.
+    keep = os.environ.get("BENCH_KEEP")
+    with (
+        contextlib.nullcontext(keep)
+        if keep
+        else tempfile.TemporaryDirectory(prefix="atrium-conns-") as tmp
+    ):
         work = Path(tmp)
         for mode in modes:
             with embedded_postgres(work / f"pg-{mode}") as url:

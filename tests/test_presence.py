@@ -757,3 +757,51 @@ async def test_a_tab_joining_as_redis_comes_back_empty_is_shown_everyone_online(
             assert {u["user_id"] for u in status["online_users"]} == view
             nursery.cancel_scope.cancel()
     assert await presence_log(db, project) == [(join, ann), (join, bob), (join, cat)]
+
+
+async def test_a_join_storm_on_two_processes_is_decided_in_redis_a_batch_at_a_time(
+    aio_loop: None, db: Any, own_redis: RedisServer
+) -> None:
+    # 300 users join 100 projects at once on two processes, each asking who is online
+    # first, through pools of 6 connections (2 calls at a time after the subscriptions'
+    # share). Every user comes online exactly once across the two, decided in Redis (a
+    # version, never a process's own guess), Redis never looks away (the breaker stays
+    # closed), and the workspaces' questions and counts go a batch per round trip.
+    from atrium.core.breaker import BreakerState
+    from atrium.realtime.presence import Decision, Transition
+
+    seats = [(uuid.uuid4(), uuid.uuid4()) for _ in range(100) for _ in range(3)]
+    async with open_redis(own_redis.url, BreakerSettings(), max_connections=6) as redis:
+        boards = [ClusterPresence(redis, db, PresenceSettings(60.0, 120.0)) for _ in range(2)]
+        for board in boards:
+            await board.beat()
+        before = scripts_run(own_redis)
+        decisions: dict[tuple[str, uuid.UUID], Decision] = {}
+
+        async def join(board: ClusterPresence, project: uuid.UUID, user: uuid.UUID) -> None:
+            await board.online(project, {})  # as a join asks first
+            decision = await board.joined(project, user, f"{user}@example.com", 1)
+            decisions[board.instance, user] = decision
+
+        async with trio.open_nursery() as nursery:
+            for project, user in seats:
+                for board in boards:
+                    nursery.start_soon(join, board, project, user)
+        calls = scripts_run(own_redis) - before
+        for _, user in seats:
+            mine = [decisions[board.instance, user] for board in boards]
+            assert [d.transition for d in mine].count(Transition.JOINED) == 1, mine
+            assert all(d.version for d in mine if d.transition is Transition.JOINED), mine
+        assert redis.breaker.state is BreakerState.CLOSED
+        for project, user in seats[:3]:
+            assert (await boards[0].online(project, {}))[user].connections == 2
+        assert calls < len(seats), calls  # 1,200 questions and counts, batched
+
+
+def scripts_run(server: RedisServer) -> int:
+    """How many scripts (EVALSHA) ``server`` has been asked to run."""
+    import redis
+
+    with redis.Redis.from_url(server.url) as client:
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0))

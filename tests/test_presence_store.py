@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import orjson
 import pytest
 import trio
+import trio_asyncio
 
-from atrium.persistence.presence import Entry, PresenceStore, Someone
-from atrium.persistence.redis import BreakerSettings, Redis, open_redis
+from atrium.persistence.presence import Copy, Entry, PresenceStore, Someone, View
+from atrium.persistence.redis import BreakerSettings, Redis, RedisUnavailable, open_redis
 
 PROJECT = uuid.uuid4()
 ANN, BOB = uuid.uuid4(), uuid.uuid4()
@@ -159,3 +162,116 @@ async def test_every_transition_of_a_user_gets_a_newer_version(redis: Redis) -> 
     assert 0 < await redis.call(lambda client: client.pttl(key)) <= 86_400_000
     await redis.call(lambda client: client.delete(key))
     assert (await a.set_count(entry(ANN, 0, project))).version > versions[-1]
+
+
+async def test_a_view_reads_what_changed_since_the_copy_it_holds(redis: Redis) -> None:
+    # A process's copy of another's entries is kept up to date at every heartbeat. In a
+    # join storm thousands of entries change between two beats of a process holding tens
+    # of thousands: a view reads the changed ones (counts, removals, sync's and
+    # set_counts' alike), not all of them again; and after a rewrite of everything (a
+    # full sync, as after Redis lost the entries), all of them.
+    writer, reader = PresenceStore(redis, "writer"), PresenceStore(redis, "reader")
+    users = [uuid.uuid4() for _ in range(300)]
+    await writer.heartbeat(60_000)
+    await writer.sync([entry(u, 1) for u in users], full=True)
+
+    async def entries_in_redis() -> dict[str, bytes]:
+        stored = await redis.call(lambda c: c.hgetall("atrium:presence:instance:writer"))
+        return {k.decode(): v for k, v in stored.items()}
+
+    async def changes_read(held: dict[str, Copy]) -> dict[str, Copy]:
+        view = await reader.view(held)
+        assert view.lost == [] and view.gone == []
+        return {**held, **view.changed}
+
+    copies = await changes_read({})
+    assert copies["writer"].entries == await entries_in_redis()  # first sight: everything
+    await writer.set_counts([entry(users[0], 2), entry(users[1], 0), entry(ANN, 1)])
+    await writer.sync([entry(users[2], 0), entry(users[3], 1, seen_ms=99)], full=False)
+    answers: list[Any] = []
+    run = reader._run
+
+    async def kept(*args: Any) -> Any:  # the script's answer, as Redis sent it
+        answers.append(await run(*args))
+        return answers[-1]
+
+    reader._run = kept  # type: ignore[method-assign]
+    copies = await changes_read(copies)
+    assert copies["writer"].entries == await entries_in_redis()
+    assert len(copies["writer"].entries) == 299  # 300, less users[1] and [2], and Ann
+    [(_, _, whole, flat)], _, _ = answers[0]
+    # Two counts changed (one new), two removed; users[3] was only seen (not a change of
+    # its entry): 4 entries, not all 300 again.
+    assert not whole and len(flat) == 2 * 4
+    await writer.sync([entry(u, 1) for u in users[:10]], full=True)  # everything rewritten
+    copies = await changes_read(copies)
+    assert copies["writer"].entries == await entries_in_redis()
+    assert len(copies["writer"].entries) == 10
+    assert await reader.view(copies) == View({}, [], [])  # nothing changed since
+
+
+async def test_a_view_too_far_behind_the_changes_kept_reads_everything(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import atrium.persistence.presence as presence
+
+    monkeypatch.setattr(presence, "_CHANGES_KEPT", 2)
+    writer, reader = PresenceStore(redis, "writer"), PresenceStore(redis, "reader")
+    await writer.heartbeat(60_000)
+    await writer.sync([entry(ANN, 1), entry(BOB, 1)], full=True)
+    old = (await reader.view({})).changed
+    for n in range(2, 6):  # four generations on: the two kept do not reach back to it
+        await writer.set_counts([entry(ANN, n)])
+    await writer.set_counts([entry(BOB, 0)])
+    await writer.heartbeat(60_000)  # drops the changes older than two generations
+    answers: list[Any] = []
+    run = reader._run
+
+    async def kept(*args: Any) -> Any:
+        answers.append(await run(*args))
+        return answers[-1]
+
+    reader._run = kept  # type: ignore[method-assign]
+    copy = (await reader.view(old)).changed["writer"]
+    [(_, _, whole, _)], _, _ = answers[0]
+    assert whole and [orjson.loads(raw)["n"] for raw in copy.entries.values()] == [5]
+
+
+class _AnswerLost(Redis):
+    """Runs each call, then loses its answer: a call that timed out after Redis ran it."""
+
+    async def call(self, fn: Any) -> Any:
+        await super().call(fn)
+        raise RedisUnavailable("the answer was lost")
+
+
+async def test_writes_whose_answers_were_lost_are_trusted_to_have_run_or_not(
+    aio_loop: None, redis_url: str
+) -> None:
+    # A loaded process's short calls time out now and then, having run or not. Redis then
+    # holds one of the generations the process may have written: the next write and the
+    # heartbeat trust it, rather than rewriting every entry (which every other process
+    # would then read whole).
+    import redis.asyncio
+
+    from atrium.core.breaker import CircuitBreaker
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    breaker = CircuitBreaker(BreakerSettings())
+    store = PresenceStore(Redis(client, breaker, timeout=2.0), "loaded")
+    lossy = PresenceStore(
+        _AnswerLost(client, breaker, timeout=2.0), "loaded", _written=store._written
+    )
+    try:
+        await store.heartbeat(60_000)
+        assert await store.set_counts([entry(ANN, 1)]) is not None
+        for write in (lossy.set_counts([entry(ANN, 2)]), lossy.sync([entry(BOB, 1)], full=False)):
+            with pytest.raises(RedisUnavailable):
+                await write  # it ran; its answer was lost
+        assert (await store.heartbeat(60_000)).current
+        totals = await store.set_counts([entry(ANN, 3), entry(BOB, 0)])
+        assert totals is not None  # trusted: None would mean "rewrite everything first"
+        assert [(t.before, t.after) for t in totals] == [(2, 3), (1, 0)]
+        assert totals[1].went_offline
+    finally:
+        await trio_asyncio.aio_as_trio(client.aclose)()

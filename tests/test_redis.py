@@ -66,6 +66,56 @@ async def _publish(redis: Redis, channel: str, data: bytes) -> int:
     return int(await redis.call(lambda r: r.publish(channel, data)))
 
 
+async def test_a_call_past_a_short_bound_of_its_callers_does_not_open_the_breaker(
+    aio_loop: None, redis_url: str
+) -> None:
+    # A workspace waits 0.25 s for presence; a loaded process can take longer than that
+    # to hear a healthy Redis. Past its caller's bound a call gives up, but the breaker
+    # (two failures here) stays closed: Redis's health is judged at its own timeout.
+    async with open_redis(redis_url, BREAKER, call_timeout=2.0) as client:
+        quick = client.answering_within(0.05)
+        for _ in range(3):
+            with pytest.raises(RedisUnavailable, match="did not answer"):
+                await quick.call(lambda r: r.blpop(["atrium:empty"], 0.2))
+        assert client.state == "closed" and await quick.ping()
+
+
+async def test_a_burst_of_calls_waits_for_the_pool_instead_of_failing(
+    aio_loop: None, redis_url: str
+) -> None:
+    # 20 calls at once, each holding a connection 50-100 ms (Redis wakes a blocked client
+    # at its 10 Hz tick), through a pool of 6 (2 for calls):
+    # redis-py would refuse the third "Too many connections" and the breaker count Redis
+    # as away. They take turns, all answer, and the breaker stays closed.
+    async with open_redis(redis_url, BREAKER, max_connections=6) as client:
+        answered: list[object] = []
+
+        async def call(n: int) -> None:
+            answered.append(await client.call(lambda r: r.blpop([f"atrium:empty:{n}"], 0.05)))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(call, n)
+        assert answered == [None] * 20
+        assert client.state == "closed"
+
+
+async def test_a_call_that_finds_the_pool_busy_too_long_does_not_open_the_breaker(
+    aio_loop: None, redis_url: str
+) -> None:
+    # BREAKER opens after two failures: three calls that find the one connection for calls
+    # held (1 s) past their 0.2 s each are not Redis failing.
+    async with open_redis(redis_url, BREAKER, max_connections=5) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.call, lambda r: r.blpop(["atrium:empty"], 1.0))
+            await trio.sleep(0.05)
+            waiting = [client.answering_within(0.2) for _ in range(3)]
+            for quick in waiting:
+                with pytest.raises(RedisUnavailable, match="busy"):
+                    await quick.ping()
+        assert client.state == "closed" and await client.ping()
+
+
 async def test_listen_receives_and_reports_a_lost_connection(
     aio_loop: None, own_redis: RedisServer
 ) -> None:
@@ -136,3 +186,11 @@ async def test_listen_refuses_while_the_breaker_is_open(aio_loop: None) -> None:
             await client.listen(lambda *_: None, channels=["x"])
         with pytest.raises(ValueError):
             await client.listen(lambda *_: None)
+
+
+def test_replies_are_parsed_by_hiredis() -> None:
+    # redis-py falls back to its pure-Python parser without hiredis, silently: 8% of a
+    # serving process's CPU in a --workers join storm (docs/BENCHMARKS.md).
+    import redis.asyncio.connection
+
+    assert redis.asyncio.connection.DefaultParser.__name__ == "_AsyncHiredisParser"

@@ -8,6 +8,10 @@ keys (all under ``atrium:presence:``)::
     alive:{instance}       "1" with a TTL, set again by each heartbeat: the instance lives
     instance:{instance}    hash "{project}:{user}" -> {"p", "u", "n", "e"} (JSON)
     gen:{instance}         how many writes of its entries the instance has made
+    changes:{instance}     sorted set: each field of its hash (also one since removed) by
+                           the generation that last changed it
+    pruned:{instance}      the generation below which ``changes`` no longer tells (older
+                           changes dropped, or a rewrite of everything)
     project:{project}      hash user -> connections on every instance together
     seen:{project}         hash user -> when the user was last seen anywhere (epoch ms)
     reaped:{instance}      set for an hour when another process reaped the instance
@@ -35,7 +39,9 @@ instance's entries names the generation it last wrote, and a write that finds an
 in Redis changes nothing (``set_count`` returns None, ``sync`` too unless ``full``): the
 instance must re-assert all its entries first (a ``full`` sync), and only then trust the
 totals it is given. Other instances keep their own copy of everyone's entries with their
-generation (``view``); one that finds an instance's generation gone or gone back without
+generation (``view``: what changed since the generation they hold, read from ``changes``,
+so a heartbeat in a join storm reads the entries that changed, not all of them); one that
+finds an instance's generation gone or gone back without
 a reap can put that copy back (``restore``) with a TTL, so an instance that died before it
 could re-assert is reaped like any other.
 
@@ -56,7 +62,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.exceptions
@@ -66,8 +72,13 @@ from .redis import Redis, RedisUnavailable
 
 PREFIX = "atrium:presence:"
 _TOMBSTONE_MS = 3_600_000  # how long "reaped" is remembered for a heartbeat to find
+# How many generations of an instance's changes Redis keeps for the others' ``view``: they
+# read at every heartbeat, many fewer generations apart than this even in a join storm.
+_CHANGES_KEPT = 10_000
 _FLOOR_KEY = PREFIX + "floor"
 _NO_FLOOR = "NOFLOOR"
+
+T = TypeVar("T")
 
 FloorSource = Callable[[], Awaitable[int]]
 """The newest presence version stored for good (PostgreSQL's): versions go above it."""
@@ -121,67 +132,99 @@ end
 """
 )
 
-# KEYS: instance hash, project totals, project seen, generation, project versions.
-# ARGV: field, user, count, email, project, now (ms), generation last written.
-# Sets this instance's count of the user's connections to the project; returns
-# {1, the user's total before, after, the user's new version if it was a transition (else
-# 0)}, or {0} without changing anything when Redis does not hold the generation this
-# instance last wrote (Redis lost its writes, or it was reaped: re-assert everything).
-_SET_COUNT = (
+# KEYS: instance hash, generation, changes. ARGV: prefix, generation last written, writes
+# since whose outcome is unknown, entries (JSON list of {p, u, n, e, t}: project, user,
+# count, email, now in ms as a string).
+# Sets this instance's count of each entry's user in its project, in order; returns {1,
+# the new generation, {{the user's total before, after, the user's new version if it was
+# a transition (else 0)}, ...}}, or {0} without changing anything when Redis does not
+# hold a generation this instance may have written (Redis lost its writes, or it was
+# reaped: re-assert everything).
+# One generation for the lot: they are written together or not at all.
+_SET_COUNTS = (
     _ADVANCE
     + """
-if tonumber(redis.call('GET', KEYS[4]) or '0') ~= tonumber(ARGV[7]) then return {0} end
-redis.call('SET', KEYS[4], tonumber(ARGV[7]) + 1)
-local old = 0
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if raw then old = tonumber(cjson.decode(raw).n) end
-local n = tonumber(ARGV[3])
-if n > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1],
-    cjson.encode({p = ARGV[5], u = ARGV[2], n = n, e = ARGV[4]}))
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
+local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+local written = tonumber(ARGV[2])
+if held < written or held > written + tonumber(ARGV[3]) then return {0} end
+local generation = held + 1
+redis.call('SET', KEYS[2], generation)
+local prefix = ARGV[1]
+local answers = {}
+for _, w in ipairs(cjson.decode(ARGV[4])) do
+  local field = w.p .. ':' .. w.u
+  local totals, seen = prefix .. 'project:' .. w.p, prefix .. 'seen:' .. w.p
+  local old = 0
+  local raw = redis.call('HGET', KEYS[1], field)
+  if raw then old = tonumber(cjson.decode(raw).n) end
+  local n = tonumber(w.n)
+  if n > 0 then
+    redis.call('HSET', KEYS[1], field, cjson.encode({p = w.p, u = w.u, n = n, e = w.e}))
+  else
+    redis.call('HDEL', KEYS[1], field)
+  end
+  redis.call('ZADD', KEYS[3], generation, field)
+  local before = tonumber(redis.call('HGET', totals, w.u) or '0')
+  local after = before + n - old
+  if after > 0 then
+    redis.call('HSET', totals, w.u, after)
+    if n > old then redis.call('HSET', seen, w.u, w.t) end
+  else
+    redis.call('HDEL', totals, w.u)
+    redis.call('HDEL', seen, w.u)
+  end
+  local version = 0
+  if (before > 0) ~= (after > 0) then version = advance(prefix .. 'version:' .. w.p, w.u) end
+  table.insert(answers, {before, after, version})
 end
-local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-local after = before + n - old
-if after > 0 then
-  redis.call('HSET', KEYS[2], ARGV[2], after)
-  if n > old then redis.call('HSET', KEYS[3], ARGV[2], ARGV[6]) end
-else
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('HDEL', KEYS[3], ARGV[2])
-end
-local version = 0
-if (before > 0) ~= (after > 0) then version = advance(KEYS[5], ARGV[2]) end
-return {1, before, after, version}
+return {1, generation, answers}
 """
 )
 
-# KEYS: instances, alive key, tombstone, generation. ARGV: instance, ttl (ms).
-# Returns {was alive, had been reaped, generation held}.
+# KEYS: instances, alive key, tombstone, generation, changes, pruned. ARGV: instance, ttl
+# (ms), how many generations of changes to keep.
+# Returns {was alive, had been reaped, generation held}. Drops the changes older than the
+# generations kept (a reader that far behind reads all the entries).
 _HEARTBEAT = """
 local alive = redis.call('EXISTS', KEYS[2])
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 local reaped = redis.call('DEL', KEYS[3])
-return {alive, reaped, tonumber(redis.call('GET', KEYS[4]) or '0')}
+local generation = tonumber(redis.call('GET', KEYS[4]) or '0')
+local horizon = generation - tonumber(ARGV[3])
+if horizon > tonumber(redis.call('GET', KEYS[6]) or '0') then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', horizon)
+  redis.call('SET', KEYS[6], horizon)
+end
+return {alive, reaped, generation}
 """
 
-# KEYS: instance hash, generation. ARGV: prefix, entries (JSON list of {p, u, n, e, t}),
-# full (0/1), generation last written.
+# KEYS: instance hash, generation, changes, pruned. ARGV: prefix, entries (JSON list of
+# {p, u, n, e, t}), full (0/1), generation last written, writes since whose outcome is
+# unknown.
 # Sets each entry's count (0 removes it) and raises its user's last-seen time to ``t``;
 # with full, entries not listed are removed too. Returns {1, the new generation, the
 # users that came online (flat: project, user, email, version, ...)}; those that went
 # offline (connections that went without a USER_LEAVE) get a new version too. Not full,
-# it changes nothing and returns {0} when Redis does not hold the generation last written.
+# it changes nothing and returns {0} when Redis does not hold a generation this instance
+# may have written.
 _SYNC = (
     _ADVANCE
     + """
 local held = tonumber(redis.call('GET', KEYS[2]) or '0')
 local written = tonumber(ARGV[4])
-if ARGV[3] ~= '1' and held ~= written then return {0} end
+local full = ARGV[3] == '1'
+if not full and (held < written or held > written + tonumber(ARGV[5])) then return {0} end
 local generation = math.max(held, written) + 1
 redis.call('SET', KEYS[2], generation)
+if full then
+  -- A rewrite of everything (often after Redis lost them): readers read everything.
+  redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[4], generation)
+end
+local function changed(field)
+  if not full then redis.call('ZADD', KEYS[3], generation, field) end
+end
 local prefix = ARGV[1]
 local wanted = cjson.decode(ARGV[2])
 local joined = {}
@@ -211,9 +254,14 @@ for _, w in ipairs(wanted) do
   if raw then old = tonumber(cjson.decode(raw).n) end
   local n = tonumber(w.n)
   if n > 0 then
-    redis.call('HSET', KEYS[1], field, cjson.encode({p = w.p, u = w.u, n = n, e = w.e}))
-  else
+    local entry = cjson.encode({p = w.p, u = w.u, n = n, e = w.e})
+    if entry ~= raw then
+      redis.call('HSET', KEYS[1], field, entry)
+      changed(field)
+    end
+  elseif raw then
     redis.call('HDEL', KEYS[1], field)
+    changed(field)
   end
   if n ~= old then move(w.p, w.u, w.e, n - old) end
   if n > 0 then
@@ -224,7 +272,7 @@ for _, w in ipairs(wanted) do
     end
   end
 end
-if ARGV[3] == '1' then
+if full then
   local stored = redis.call('HGETALL', KEYS[1])
   for i = 1, #stored, 2 do
     if not listed[stored[i]] then
@@ -267,6 +315,7 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     redis.call('DEL', key)
     redis.call('DEL', prefix .. 'gen:' .. instance)
+    redis.call('DEL', prefix .. 'changes:' .. instance, prefix .. 'pruned:' .. instance)
     redis.call('SET', prefix .. 'reaped:' .. instance, '1', 'PX', ARGV[2])
   end
 end
@@ -277,9 +326,11 @@ return left
 
 # KEYS: instances. ARGV: prefix, this instance, JSON {instance: generation} of the copies
 # the caller holds. Returns {changed, lost, gone}: changed lists {instance, generation,
-# entries (raw JSON)} of every other registered instance whose generation is not the
-# caller's (newer, or not held); lost the held instances whose generation in Redis went
-# back or is gone without a reap (Redis lost their writes); gone those reaped.
+# whole (0/1), entries (flat: field, raw JSON or nil if it went, ...)} of every other
+# registered instance whose generation is not the caller's (newer, or not held): whole,
+# all its entries; else those that changed after the caller's generation. lost lists the
+# held instances whose generation in Redis went back or is gone without a reap (Redis
+# lost their writes); gone those reaped.
 _VIEW = """
 local prefix, own = ARGV[1], ARGV[2]
 local known = cjson.decode(ARGV[3])
@@ -289,9 +340,24 @@ for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     listed[instance] = true
     local generation = tonumber(redis.call('GET', prefix .. 'gen:' .. instance) or '0')
     local was = known[instance]
+    local key = prefix .. 'instance:' .. instance
     if was == nil or generation > was then
-      table.insert(changed, {instance, generation,
-        redis.call('HVALS', prefix .. 'instance:' .. instance)})
+      local pruned = tonumber(redis.call('GET', prefix .. 'pruned:' .. instance) or '0')
+      if was ~= nil and was >= pruned then
+        local fields = redis.call(
+          'ZRANGEBYSCORE', prefix .. 'changes:' .. instance, '(' .. was, '+inf')
+        local entries = {}
+        for i = 1, #fields, 1000 do
+          local last = math.min(i + 999, #fields)
+          local values = redis.call('HMGET', key, unpack(fields, i, last))
+          for j = i, last do
+            table.insert(entries, fields[j]); table.insert(entries, values[j - i + 1])
+          end
+        end
+        table.insert(changed, {instance, generation, 0, entries})
+      else
+        table.insert(changed, {instance, generation, 1, redis.call('HGETALL', key)})
+      end
     elseif generation < was then
       table.insert(lost, instance)
     end
@@ -341,17 +407,19 @@ for i = 6, #ARGV do
   redis.call('HSETNX', prefix .. 'seen:' .. entry.p, entry.u, ARGV[5])
 end
 redis.call('SET', prefix .. 'gen:' .. instance, generation)
+redis.call('DEL', prefix .. 'changes:' .. instance)
+redis.call('SET', prefix .. 'pruned:' .. instance, generation)
 redis.call('SADD', prefix .. 'instances', instance)
 redis.call('SET', prefix .. 'alive:' .. instance, '1', 'PX', ARGV[4], 'NX')
 return 1
 """
 
 
-# KEYS: project totals, project seen. ARGV: prefix, JSON {instance: generation} of the
-# copies the caller holds. Returns {totals (flat), seen (flat), lost}: the project's users
-# on every instance together, when each was last seen, and the held instances whose
-# generation Redis lost (gone back, or gone without a reap) and nobody has put back.
-_ROSTER = """
+# ARGV: prefix, JSON {instance: generation} of the copies the caller holds, projects.
+# Returns {{{totals (flat), seen (flat)}, ...}, lost}: for each project, its users on every
+# instance together and when each was last seen; and the held instances whose generation
+# Redis lost (gone back, or gone without a reap) and nobody has put back.
+_ROSTERS = """
 local prefix = ARGV[1]
 local lost = {}
 for instance, generation in pairs(cjson.decode(ARGV[2])) do
@@ -360,7 +428,12 @@ for instance, generation in pairs(cjson.decode(ARGV[2])) do
     table.insert(lost, instance)
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), lost}
+local rosters = {}
+for i = 3, #ARGV do
+  table.insert(rosters, {redis.call('HGETALL', prefix .. 'project:' .. ARGV[i]),
+    redis.call('HGETALL', prefix .. 'seen:' .. ARGV[i])})
+end
+return {rosters, lost}
 """
 
 
@@ -430,13 +503,13 @@ class Copy:
     """Another instance's entries (raw JSON, as Redis holds them) at a generation."""
 
     generation: int
-    entries: tuple[bytes, ...]
+    entries: Mapping[str, bytes]  # its hash: "{project}:{user}" -> raw JSON
 
 
 @dataclass(frozen=True, slots=True)
 class Roster:
     """A project's users as Redis holds them, and the instances whose entries Redis lost
-    (of those the caller holds a copy of; see ``_ROSTER``)."""
+    (of those the caller holds a copy of; see ``_ROSTERS``)."""
 
     members: list[Member]
     lost: list[str]
@@ -469,12 +542,35 @@ def _people(flat: Sequence[Any]) -> list[Someone]:
 
 
 class _Written:
-    """The generation an instance last wrote (shared by its stores)."""
+    """The generation an instance last wrote (shared by its stores), and how many writes
+    it made since whose outcome it does not know (a call that timed out or lost its
+    connection may or may not have run): Redis may hold any generation from
+    ``generation`` to ``generation + unsure``, as only the instance itself writes its
+    generation forward. Trusting that range, rather than rewriting everything after
+    every such call, keeps a loaded process (whose short calls time out now and then)
+    from rewriting tens of thousands of entries, which every other process then reads
+    whole."""
 
-    __slots__ = ("generation",)
+    __slots__ = ("generation", "unsure")
 
     def __init__(self) -> None:
         self.generation = 0
+        self.unsure = 0
+
+    def holds(self, generation: int) -> bool:
+        """Redis's ``generation`` is one this instance may have written last."""
+        return self.generation <= generation <= self.generation + self.unsure
+
+    def wrote(self, generation: int) -> None:
+        self.generation, self.unsure = generation, 0
+
+    async def outcome(self, write: Awaitable[T]) -> T:
+        """``write``'s answer; counted as unsure if it raises RedisUnavailable."""
+        try:
+            return await write
+        except RedisUnavailable:
+            self.unsure += 1
+            raise
 
 
 class PresenceStore:
@@ -499,6 +595,8 @@ class PresenceStore:
         self._written = _Written() if _written is None else _written
         self._hash = _key("instance", instance)
         self._generation = _key("gen", instance)
+        self._changes = _key("changes", instance)
+        self._pruned = _key("pruned", instance)
         self._scripts: dict[str, Any] = {}
 
     def answering_within(self, timeout: float) -> PresenceStore:
@@ -549,36 +647,40 @@ class PresenceStore:
         return int(await self._run(_SET_FLOOR, [], [lowest]))
 
     async def set_count(self, entry: Entry) -> Totals | None:
-        """Set this instance's count of ``entry``'s user in its project (0 removes it);
-        the user's totals before and after, decided atomically, with the version of the
-        transition if it was one. None, changing nothing, when Redis does not hold what
-        this instance last wrote (its totals cannot be trusted): ``sync`` everything
-        (``full``) first."""
-        project, user = entry.project_id, entry.user_id
-        written = self._written.generation
-        answer = await self._run(
-            _SET_COUNT,
-            [
-                self._hash,
-                _key("project", project),
-                _key("seen", project),
-                self._generation,
-                _key("version", project),
-            ],
-            [
-                f"{project}:{user}",
-                str(user),
-                entry.count,
-                entry.email,
-                str(project),
-                entry.seen_ms,
-                written,
-            ],
+        """``set_counts`` of one entry."""
+        totals = await self.set_counts([entry])
+        return None if totals is None else totals[0]
+
+    async def set_counts(self, entries: Sequence[Entry]) -> list[Totals] | None:
+        """Set this instance's count of each entry's user in its project (0 removes it),
+        in order, in one step; each user's totals before and after, decided atomically,
+        with the version of the transition if it was one. None, changing nothing, when
+        Redis does not hold what this instance last wrote (its totals cannot be trusted):
+        ``sync`` everything (``full``) first."""
+        written = self._written
+        wanted = [
+            {
+                "p": str(e.project_id),
+                "u": str(e.user_id),
+                "n": e.count,
+                "e": e.email,
+                "t": str(e.seen_ms),
+            }
+            for e in entries
+        ]
+        answer = await written.outcome(
+            self._run(
+                _SET_COUNTS,
+                [self._hash, self._generation, self._changes],
+                [PREFIX, written.generation, written.unsure, orjson.dumps(wanted).decode()],
+            )
         )
         if not int(answer[0]):
             return None
-        self._written.generation = written + 1
-        return Totals(int(answer[1]), int(answer[2]), int(answer[3]))
+        written.wrote(int(answer[1]))
+        return [
+            Totals(int(before), int(after), int(version)) for before, after, version in answer[2]
+        ]
 
     async def heartbeat(self, ttl_ms: int) -> Heartbeat:
         """Mark the instance alive for ``ttl_ms`` more (registering it if needed)."""
@@ -589,10 +691,12 @@ class PresenceStore:
                 _key("alive", self.instance),
                 _key("reaped", self.instance),
                 self._generation,
+                self._changes,
+                self._pruned,
             ],
-            [self.instance, ttl_ms],
+            [self.instance, ttl_ms, _CHANGES_KEPT],
         )
-        return Heartbeat(bool(alive), bool(reaped), int(generation) == self._written.generation)
+        return Heartbeat(bool(alive), bool(reaped), self._written.holds(int(generation)))
 
     async def sync(self, entries: Sequence[Entry], *, full: bool) -> list[Someone] | None:
         """Write ``entries`` as this instance's counts (and raise their last-seen times);
@@ -609,39 +713,56 @@ class PresenceStore:
             }
             for e in entries
         ]
-        answer = await self._run(
-            _SYNC,
-            [self._hash, self._generation],
-            [PREFIX, orjson.dumps(wanted).decode(), "1" if full else "0", self._written.generation],
+        written = self._written
+        answer = await written.outcome(
+            self._run(
+                _SYNC,
+                [self._hash, self._generation, self._changes, self._pruned],
+                [
+                    PREFIX,
+                    orjson.dumps(wanted).decode(),
+                    "1" if full else "0",
+                    written.generation,
+                    written.unsure,
+                ],
+            )
         )
         if not int(answer[0]):
             return None
-        self._written.generation = int(answer[1])
+        written.wrote(int(answer[1]))
         return _people(answer[2])
 
-    async def view(self, held: Mapping[str, int]) -> View:
-        """The other instances' entries whose generation is not in ``held`` (instance ->
-        generation of the caller's copy), and which held ones Redis lost or reaped."""
+    async def view(self, held: Mapping[str, Copy]) -> View:
+        """The other instances' entries whose generation is not in ``held`` (the caller's
+        copies, by instance): each ``held`` one brought up to date with what changed since
+        its generation, the others read whole; and which held ones Redis lost or reaped."""
+        generations = {instance: copy.generation for instance, copy in held.items()}
         changed, lost, gone = await self._run(
             _VIEW,
             [_key("instances")],
-            [PREFIX, self.instance, orjson.dumps(held).decode() if held else "{}"],
+            [PREFIX, self.instance, orjson.dumps(generations).decode() if generations else "{}"],
         )
-        return View(
-            {
-                _text(instance): Copy(int(generation), tuple(entries))
-                for instance, generation, entries in changed
-            },
-            [_text(i) for i in lost],
-            [_text(i) for i in gone],
-        )
+        copies = {}
+        for raw_instance, generation, whole, flat in changed:
+            instance = _text(raw_instance)
+            entries = {} if int(whole) else dict(held[instance].entries)
+            for i in range(0, len(flat) - 1, 2):
+                field, entry = _text(flat[i]), flat[i + 1]
+                if entry is None:
+                    entries.pop(field, None)
+                else:
+                    entries[field] = entry
+            copies[instance] = Copy(int(generation), entries)
+        return View(copies, [_text(i) for i in lost], [_text(i) for i in gone])
 
     async def restore(self, instance: str, copy: Copy, *, ttl_ms: int, now_ms: int) -> bool:
         """Put ``copy`` back as ``instance``'s entries, alive for ``ttl_ms`` unless it is,
         if it was not reaped and Redis holds an older generation of it (see
         ``_RESTORE``). True if it did."""
         restored = await self._run(
-            _RESTORE, [], [PREFIX, instance, copy.generation, ttl_ms, now_ms, *copy.entries]
+            _RESTORE,
+            [],
+            [PREFIX, instance, copy.generation, ttl_ms, now_ms, *copy.entries.values()],
         )
         return bool(restored)
 
@@ -658,19 +779,31 @@ class PresenceStore:
         return (await self.roster(project_id, {})).members
 
     async def roster(self, project_id: uuid.UUID, held: Mapping[str, int]) -> Roster:
-        """``members`` of ``project_id`` and, read with them in one step, which of the
-        instances in ``held`` (instance -> generation of the caller's copy) Redis lost
-        the entries of without anyone putting them back: their users are missing from the
+        """``rosters`` of one project."""
+        return (await self.rosters([project_id], held))[0]
+
+    async def rosters(
+        self, project_ids: Sequence[uuid.UUID], held: Mapping[str, int]
+    ) -> list[Roster]:
+        """For each of ``project_ids``, in one step: its ``members`` and which of the
+        instances in ``held`` (instance -> generation of the caller's copy) Redis lost the
+        entries of without anyone putting them back: their users are missing from the
         members until those instances re-assert or a copy is restored."""
-        totals, seen, lost = await self._run(
-            _ROSTER,
-            [_key("project", project_id), _key("seen", project_id)],
-            [PREFIX, orjson.dumps(held).decode() if held else "{}"],
+        rosters, lost = await self._run(
+            _ROSTERS,
+            [],
+            [PREFIX, orjson.dumps(held).decode() if held else "{}", *map(str, project_ids)],
         )
-        last_seen = {_text(seen[i]): int(seen[i + 1]) for i in range(0, len(seen) - 1, 2)}
-        members = []
-        for i in range(0, len(totals) - 1, 2):
-            user, count = _text(totals[i]), int(totals[i + 1])
-            if count > 0:
-                members.append(Member(uuid.UUID(user), count, last_seen.get(user, 0)))
-        return Roster(members, [_text(instance) for instance in lost])
+        missing = [_text(instance) for instance in lost]
+        return [_roster(totals, seen, missing) for totals, seen in rosters]
+
+
+def _roster(totals: Sequence[Any], seen: Sequence[Any], lost: list[str]) -> Roster:
+    """A ``Roster`` from a project's totals and last-seen hashes (flat, as HGETALL gives)."""
+    last_seen = {_text(seen[i]): int(seen[i + 1]) for i in range(0, len(seen) - 1, 2)}
+    members = []
+    for i in range(0, len(totals) - 1, 2):
+        user, count = _text(totals[i]), int(totals[i + 1])
+        if count > 0:
+            members.append(Member(uuid.UUID(user), count, last_seen.get(user, 0)))
+    return Roster(members, lost)

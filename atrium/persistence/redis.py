@@ -43,6 +43,10 @@ _UNAVAILABLE = (
     redis.exceptions.TimeoutError,
 )
 
+# Connections of the pool kept for subscriptions (the bridge's, the revocations'), which
+# hold theirs for as long as they listen.
+_SUBSCRIPTION_CONNECTIONS = 4
+
 OnMessage = Callable[[bytes, bytes], None]
 """Told ``(channel, data)`` of each message a subscription receives."""
 
@@ -59,16 +63,32 @@ class Redis:
 
     ``call(fn)`` runs ``fn(client)`` on the asyncio side (``client`` is a
     ``redis.asyncio.Redis`` that answers bytes); ``listen`` receives pub/sub messages.
+
+    Calls wait their turn for one of ``slots`` (the pool's connections less those the
+    subscriptions hold): redis-py refuses a command outright ("Too many connections")
+    when its pool is used up, and a burst of callers on this side (a join storm) is not
+    Redis being away. A call that finds no slot within its timeout raises
+    RedisUnavailable without counting against the breaker.
     """
 
-    __slots__ = ("_client", "breaker", "timeout")
+    __slots__ = ("_client", "breaker", "timeout", "_slots", "_patient")
 
     def __init__(
-        self, client: redis.asyncio.Redis, breaker: CircuitBreaker, *, timeout: float
+        self,
+        client: redis.asyncio.Redis,
+        breaker: CircuitBreaker,
+        *,
+        timeout: float,
+        slots: trio.CapacityLimiter | None = None,
+        patient: bool = True,
     ) -> None:
         self._client = client
         self.breaker = breaker
         self.timeout = timeout
+        self._slots = slots or trio.CapacityLimiter(_call_slots(client))
+        # False: ``timeout`` is the caller's patience, shorter than Redis's due (see
+        # ``answering_within``), and running out of it says nothing of Redis's health.
+        self._patient = patient
 
     @property
     def state(self) -> str:
@@ -89,7 +109,18 @@ class Redis:
         errors (a ``redis.exceptions.ResponseError``, the caller's own) pass unchanged.
         """
         self._admit()
-        return await self._timed(fn(self._client))
+        deadline = trio.current_time() + self.timeout
+        with trio.move_on_at(deadline) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise RedisUnavailable(
+                f"all {self._slots.total_tokens:g} Redis connections stayed busy for"
+                f" {self.timeout:g} s"
+            )
+        try:
+            return await self._timed(fn(self._client), deadline)
+        finally:
+            self._slots.release()
 
     async def wait_available(self) -> None:
         """Return once the breaker is closed (at once if it is)."""
@@ -122,8 +153,13 @@ class Redis:
 
     def answering_within(self, timeout: float) -> Redis:
         """This client with calls bounded by ``timeout`` seconds instead (same connections,
-        same breaker: a call past it counts as a failure)."""
-        return Redis(self._client, self.breaker, timeout=timeout)
+        same breaker). A call past it raises RedisUnavailable but does not count against
+        the breaker: a busy process (a join storm on a loaded machine) can take longer
+        than a short bound to hear an answer from a healthy Redis, and opening the breaker
+        for that would cut the whole process off Redis. Whether Redis is there is judged
+        by the calls with the full timeout and by the probes; a connection error still
+        counts."""
+        return Redis(self._client, self.breaker, timeout=timeout, slots=self._slots, patient=False)
 
     async def ping(self) -> bool:
         """True when Redis answers PING. Raises RedisUnavailable."""
@@ -209,8 +245,10 @@ class Redis:
         if not self.breaker.allow():
             raise RedisUnavailable("redis circuit breaker is open (probing Redis)")
 
-    async def _timed(self, coroutine: Awaitable[T]) -> T:
-        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+    async def _timed(self, coroutine: Awaitable[T], deadline: float | None = None) -> T:
+        if deadline is None:
+            deadline = trio.current_time() + self.timeout
+        scope = trio.CancelScope(deadline=deadline)
         try:
             with scope:
                 result: T = await _aio(coroutine)
@@ -222,10 +260,17 @@ class Redis:
             self.breaker.success()  # it answered: the server is there
             raise
         if scope.cancelled_caught:
-            self.breaker.failure()
+            if self._patient:
+                self.breaker.failure()
             raise RedisUnavailable(f"redis did not answer within {self.timeout:g} s")
         self.breaker.success()
         return result
+
+
+def _call_slots(client: redis.asyncio.Redis) -> int:
+    """How many calls may hold a connection of ``client``'s pool at once."""
+    pool: Any = client.connection_pool  # redis-py leaves it untyped
+    return max(1, int(pool.max_connections) - _SUBSCRIPTION_CONNECTIONS)
 
 
 async def _ping_on(connection: Any) -> bool:

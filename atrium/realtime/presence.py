@@ -35,7 +35,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -49,8 +49,9 @@ from ..core.events import EventType, NewEvent
 from ..core.projects import ProjectNotFound
 from ..core.timestamps import utc_iso_at
 from ..persistence import events as event_log
+from ..persistence.batching import Batcher
 from ..persistence.database import Database, DatabaseUnavailable
-from ..persistence.presence import Copy, Entry, PresenceStore, Someone
+from ..persistence.presence import Copy, Entry, PresenceStore, Roster, Someone, Totals
 from ..persistence.redis import Redis, RedisUnavailable
 
 log = logging.getLogger("atrium.presence")
@@ -205,6 +206,25 @@ class _Held:
 Slot = tuple[uuid.UUID, uuid.UUID]  # (project, user)
 
 
+@dataclass(frozen=True, slots=True)
+class _Count:
+    """A workspace's new count of a user's connections here, waiting to be written; and
+    the decision to give when Redis cannot decide."""
+
+    slot: Slot
+    email: str
+    connections: int
+    alone: Decision
+
+
+def _decision(totals: Totals) -> Decision:
+    if totals.came_online:
+        return Decision(Transition.JOINED, totals.version)
+    if totals.went_offline:
+        return Decision(Transition.LEFT, totals.version)
+    return _NONE
+
+
 class ClusterPresence:
     """Presence across every process that shares ``redis`` (see the module docstring).
 
@@ -245,6 +265,13 @@ class ClusterPresence:
         self._announcements: list[tuple[EventType, Someone]] = []  # still to store
         self._reachable = True
         self._wake = trio.Event()  # set: write what changed without waiting for the beat
+        # The workspaces' joins and leaves, and their questions of who is online, that
+        # come while one call is out go to Redis together in the next: a join storm over
+        # many projects makes a round trip per batch, not per join.
+        self._counts: Batcher[_Count, Decision] = Batcher(self._write_counts)
+        self._rosters: Batcher[uuid.UUID, tuple[Roster, Mapping[str, Copy]]] = Batcher(
+            self._read_rosters
+        )
 
     # -- the board --------------------------------------------------------------------------
 
@@ -283,11 +310,8 @@ class ClusterPresence:
     async def online(
         self, project_id: uuid.UUID, here: Mapping[uuid.UUID, OnlineUser]
     ) -> dict[uuid.UUID, OnlineUser]:
-        copies = dict(self._copies)
         try:
-            roster = await self._quick.roster(
-                project_id, {instance: copy.generation for instance, copy in copies.items()}
-            )
+            roster, copies = await self._rosters.call(project_id)
         except RedisUnavailable:
             return dict(here)
         users = dict(here)
@@ -307,11 +331,23 @@ class ClusterPresence:
         # PRESENCE_STATE without them would show them offline to a tab that no USER_JOIN
         # corrects (when they come back, it is no transition).
         for instance in roster.lost:
-            for raw in copies[instance].entries:
+            for raw in copies[instance].entries.values():
                 entry = orjson.loads(raw)
                 if entry["p"] == str(project_id):
                     add(uuid.UUID(entry["u"]), int(entry["n"]), self._clock())
         return users
+
+    async def _read_rosters(
+        self, project_ids: Sequence[uuid.UUID]
+    ) -> list[tuple[Roster, Mapping[str, Copy]]]:
+        """The rosters of the projects whose workspaces wait to know who is online, in one
+        call (``_rosters``), each with the copies of the others' entries it was read
+        against."""
+        copies = dict(self._copies)
+        rosters = await self._quick.rosters(
+            project_ids, {instance: copy.generation for instance, copy in copies.items()}
+        )
+        return [(roster, copies) for roster in rosters]
 
     def _hold(self, slot: Slot, email: str, connections: int) -> Entry:
         """Record this process's count for ``slot``; the entry to write to Redis."""
@@ -340,45 +376,53 @@ class ClusterPresence:
         connections: int,
         alone: Decision,
     ) -> Decision:
-        """Write the user's count here; the transition Redis decided (with its version),
-        or ``alone`` (this process's own view, no version) when Redis cannot be reached,
-        or does not answer (or the heartbeat does not let go of the board) within
-        ``answer_seconds``."""
-        slot = (project_id, user_id)
+        """The transition Redis decided for the user's new count here (``_write_counts``,
+        together with the other workspaces' counts that wait meanwhile)."""
+        return await self._counts.call(_Count((project_id, user_id), email, connections, alone))
+
+    async def _write_counts(self, counts: Sequence[_Count]) -> list[Decision]:
+        """Write the counts here and to Redis in one call, in order; for each, the
+        transition Redis decided (with its version), or ``alone`` (this process's own
+        view, no version) when Redis cannot be reached, or does not answer (or the
+        heartbeat does not let go of the board) within ``answer_seconds``."""
+        alone = [count.alone for count in counts]
         with trio.move_on_after(self._settings.answer_seconds) as waited:
             await self._lock.acquire()
         if waited.cancelled_caught:
-            # The heartbeat holds the board, stuck on Redis: a later beat writes this.
-            self._hold(slot, email, connections)
-            self._dirty.add(slot)
+            # The heartbeat holds the board, stuck on Redis: a later beat writes these.
+            for count in counts:
+                self._hold(count.slot, count.email, count.connections)
+                self._dirty.add(count.slot)
             return alone
         try:
-            was = self._entry(slot)
-            entry = self._hold(slot, email, connections)
-            written = False
+            was: dict[Slot, Entry] = {}
+            entries = []
+            for count in counts:
+                was.setdefault(count.slot, self._entry(count.slot))
+                entries.append(self._hold(count.slot, count.email, count.connections))
             try:
-                totals = await self._quick.set_count(entry)
-                if totals is None:  # Redis lost what this process wrote: re-assert first,
-                    # and put back what it knows of the others' (a user on another
-                    # process that has not re-asserted yet is online all the same)
-                    await self._reassert(self._quick, {slot: was})
-                    await self._reconcile(self._quick)
-                    totals = await self._quick.set_count(entry)
-                written = totals is not None
+                totals = await self._quick.set_counts(entries)
             except RedisUnavailable:
+                # Written or not (a call that timed out may have run): the next beat
+                # writes these entries again, whatever Redis holds of them.
+                self._dirty.update(was)
                 return alone
-            finally:
-                if not written:  # unknown whether Redis has it: write everything later
-                    self._full = True
+            if totals is None:
+                # Redis lost what this process wrote: re-assert first, and put back what
+                # it knows of the others' (a user on another process that has not
+                # re-asserted yet is online all the same).
+                try:
+                    await self._reassert(self._quick, was)
+                    await self._reconcile(self._quick)
+                    totals = await self._quick.set_counts(entries)
+                except RedisUnavailable:
+                    totals = None
+                if totals is None:
+                    self._full = True  # unknown what Redis holds: write everything later
+                    return alone
         finally:
             self._lock.release()
-        if totals is None:
-            return alone
-        if totals.came_online:
-            return Decision(Transition.JOINED, totals.version)
-        if totals.went_offline:
-            return Decision(Transition.LEFT, totals.version)
-        return _NONE
+        return [_decision(t) for t in totals]
 
     # -- heartbeat and reaper ---------------------------------------------------------------
 
@@ -479,7 +523,7 @@ class ClusterPresence:
         lost (a restart, FLUSHALL, a failover) for processes that have not re-asserted
         them: alive for one TTL more, then reaped (their users leave) unless they
         heartbeat by then."""
-        view = await store.view({i: c.generation for i, c in self._copies.items()})
+        view = await store.view(self._copies)
         for instance in view.gone:
             self._copies.pop(instance, None)
         for instance, copy in view.changed.items():
