@@ -327,3 +327,26 @@ async def test_an_ask_looked_at_but_not_taken_is_answered_when_the_actor_dies() 
             await trio.testing.wait_all_tasks_blocked()
             batcher.gate.set()
     assert len(answers) == 1 and isinstance(answers[0], ActorStopped)
+
+
+@pytest.mark.parametrize("idle_timeout", [None, 60.0])
+async def test_an_idle_actor_keeps_no_exception_alive_while_it_waits(
+    idle_timeout: float | None,
+) -> None:
+    # A thousand open workspaces wait on their mailboxes most of the time; a wait inside
+    # the ``except WouldBlock`` clause kept each one's exception, traceback and frames
+    # alive for as long as it waited (found by a census of the objects a join storm
+    # leaves for the garbage collector to walk).
+    import gc
+
+    def parked() -> int:
+        return sum(isinstance(o, trio.WouldBlock) for o in gc.get_objects())
+
+    before = parked()
+    async with trio.open_nursery() as nursery:
+        actors = [await nursery.start(Counter(idle_timeout=idle_timeout).run) for _ in range(50)]
+        for actor in actors:
+            await actor.ask("incr")  # served, then waiting again for the next message
+        await trio.testing.wait_all_tasks_blocked()
+        assert parked() == before
+        nursery.cancel_scope.cancel()

@@ -224,7 +224,15 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
         while True:
             try:
                 item = self._next_nowait()
+                empty = False
             except trio.WouldBlock:
+                # Parked outside the except clause: an exception caught there lives (with
+                # its traceback and frames) for as long as the clause awaits, and an idle
+                # actor parks for minutes.
+                empty = True
+            except trio.EndOfChannel:
+                return
+            if empty:
                 burst = 0
                 try:
                     # Inlined when there is no idle timer: one frame less per idle actor.
@@ -241,8 +249,6 @@ class Actor(abc.ABC, Generic[MsgT, ReplyT]):
                         self.request_stop()
                     continue
                 item = got
-            except trio.EndOfChannel:
-                return
             else:
                 burst += 1
                 if burst >= _BURST:
