@@ -308,3 +308,35 @@ def test_recent_latencies_keep_one_count_per_bucket_per_step() -> None:
     # Kept: the current 30 s step (990-999 s) and the nine before it, nothing older.
     assert len(recent._slots) == 10
     assert recent.cumulative()[-1] == (math.inf, 9 * 30 + 10)
+
+
+async def test_garbage_collections_are_timed_while_the_server_runs(
+    start_server: StartServer,
+) -> None:
+    # A collection stops every task of the process; its time is what an operator looks at
+    # when every latency jumps at once.
+    import gc
+
+    async with start_server() as server:
+        before = await scrape(server)
+        gc.collect()  # a full one
+        after = await scrape(server)
+        pauses = "atrium_gc_pause_seconds_count"
+        assert moved(before, after, pauses, generation="2") >= 1
+        assert moved(before, after, "atrium_gc_pause_seconds_sum", generation="2") > 0
+
+
+def test_collections_are_timed_only_within_the_block() -> None:
+    import gc
+
+    metrics = Metrics()
+
+    def full_collections() -> float | None:
+        name, labels = "atrium_gc_pause_seconds_count", {"generation": "2"}
+        return metrics.registry.get_sample_value(name, labels)
+
+    with metrics.timing_gc():
+        gc.collect()
+    assert full_collections() == 1
+    gc.collect()
+    assert full_collections() == 1

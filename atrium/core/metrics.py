@@ -15,12 +15,14 @@ kept up to date between scrapes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +36,9 @@ log = logging.getLogger("atrium.metrics")
 SAMPLE_TIMEOUT = 2.0
 # Requests and queries: 1 ms .. 10 s (the default buckets start at 5 ms, coarse for reads).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Collections: 1 ms .. 2.5 s (a young one is about a millisecond; an old one over a large
+# heap, seconds).
+_GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 TRANSPORTS = ("main", "listener")
 # atrium_jobs_completed_recent counts the jobs completed within this window (all of them
@@ -196,7 +201,35 @@ class Metrics:
             "in what arrived, a catch-up after a reconnect, another process's commit)",
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "atrium_gc_pause_seconds",
+            "Time the cyclic garbage collector held the process (every task, every "
+            "connection), by generation collected",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=r,
+        )
+        self._gc_pauses = [self.gc_pause_seconds.labels(str(g)) for g in range(3)]
+        self._gc_started = 0.0
         self._samplers: list[Sampler] = []
+
+    @contextmanager
+    def timing_gc(self) -> Iterator[None]:
+        """Observe every collection of the cyclic garbage collector in
+        ``atrium_gc_pause_seconds`` for the block. A collection stops the whole process
+        (in a join storm a middle-generation one of a million objects took over a second:
+        docs/BENCHMARKS.md), so it is what to look at when every latency jumps at once."""
+        gc.callbacks.append(self._on_gc)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc_pauses[info["generation"]].observe(time.perf_counter() - self._gc_started)
 
     def set_job_counts(self, by_state: Mapping[str, int], completed_recent: int) -> None:
         """Set the job gauges from one count of the queue (``by_state``: state to jobs)."""

@@ -448,24 +448,27 @@ async def serve(
     failures = ContainedFailures()
     draining = trio.Event()
     metrics = Metrics()
-    async with (
-        _open_bridge(settings, metrics) as bridge,
-        _open_root(
-            settings, database_url, clock, failures, metrics, draining=draining, bridge=bridge
-        ) as (root, database),
-    ):
-        _watch(metrics, root, database)
-        for spec in _serving_children(settings, database, bridge, metrics, clock):
-            await root.start_child(spec)
-        server: HttpServer = root.child("http").value
-        ws_port = root.child("ws_listener").value.port if settings.ws_port is not None else None
-        metrics_port = root.child("metrics").value if settings.enable_metrics else None
-        task_status.started(Bound(server.host, server.port, ws_port, metrics_port, root, database))
-        if shutdown_trigger is None:
-            await trio.sleep_forever()
-        else:
-            await shutdown_trigger()
-        await _drain(draining, settings.drain_seconds)
+    with metrics.timing_gc():
+        async with (
+            _open_bridge(settings, metrics) as bridge,
+            _open_root(
+                settings, database_url, clock, failures, metrics, draining=draining, bridge=bridge
+            ) as (root, database),
+        ):
+            _watch(metrics, root, database)
+            for spec in _serving_children(settings, database, bridge, metrics, clock):
+                await root.start_child(spec)
+            server: HttpServer = root.child("http").value
+            ws_port = root.child("ws_listener").value.port if settings.ws_port is not None else None
+            metrics_port = root.child("metrics").value if settings.enable_metrics else None
+            task_status.started(
+                Bound(server.host, server.port, ws_port, metrics_port, root, database)
+            )
+            if shutdown_trigger is None:
+                await trio.sleep_forever()
+            else:
+                await shutdown_trigger()
+            await _drain(draining, settings.drain_seconds)
 
 
 @asynccontextmanager
@@ -585,19 +588,22 @@ async def serve_worker(
     """Run a job worker (``run.py worker``): the database and the ``jobs`` subtree, no HTTP
     and no WebSockets. Otherwise like :func:`serve`; ``Bound`` has port 0."""
     metrics = Metrics()
-    async with (
-        _open_bridge(settings, metrics) as bridge,
-        _open_root(settings, database_url, clock, ContainedFailures(), metrics, bridge=bridge) as (
-            root,
-            database,
-        ),
-    ):
-        _watch(metrics, root, database)
-        for spec in _worker_children(settings, database, bridge, metrics):
-            await root.start_child(spec)
-        metrics_port = root.child("metrics").value if settings.enable_metrics else None
-        task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
-        if shutdown_trigger is None:
-            await trio.sleep_forever()
-        else:
-            await shutdown_trigger()
+    with metrics.timing_gc():
+        async with (
+            _open_bridge(settings, metrics) as bridge,
+            _open_root(
+                settings, database_url, clock, ContainedFailures(), metrics, bridge=bridge
+            ) as (
+                root,
+                database,
+            ),
+        ):
+            _watch(metrics, root, database)
+            for spec in _worker_children(settings, database, bridge, metrics):
+                await root.start_child(spec)
+            metrics_port = root.child("metrics").value if settings.enable_metrics else None
+            task_status.started(Bound(settings.host, 0, None, metrics_port, root, database))
+            if shutdown_trigger is None:
+                await trio.sleep_forever()
+            else:
+                await shutdown_trigger()
