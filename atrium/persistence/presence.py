@@ -776,11 +776,7 @@ class PresenceStore:
     async def members(self, project_id: uuid.UUID) -> list[Member]:
         """Who is connected to ``project_id`` on any instance, with their connections
         and when they were last seen."""
-        return (await self.roster(project_id, {})).members
-
-    async def roster(self, project_id: uuid.UUID, held: Mapping[str, int]) -> Roster:
-        """``rosters`` of one project."""
-        return (await self.rosters([project_id], held))[0]
+        return (await self.rosters([project_id], {}))[0].members
 
     async def rosters(
         self, project_ids: Sequence[uuid.UUID], held: Mapping[str, int]
