@@ -16,6 +16,7 @@ import trio
 from conftest import FakeClock, Running, StartServer
 from redis_server import RedisServer, free_port
 from served import SECRET, run_py_env, start_serving
+from test_presence_store import set_count
 from test_workspace import Member, make_member, project_with
 from wsclient import Client, connect
 
@@ -470,14 +471,14 @@ async def test_a_leave_the_reaper_stores_after_the_users_next_join_is_dropped(
     async with open_redis(redis_url, BreakerSettings()) as redis:
         dead, q, reaper = (PresenceStore(redis, uuid.uuid4().hex) for _ in range(3))
         await dead.heartbeat(60_000)
-        first = await dead.set_count(Entry(project, ann, 1, "ann@example.com", 1))
+        first = await set_count(dead, Entry(project, ann, 1, "ann@example.com", 1))
         stored = await append_presence(
             db, project, [presence_event(join, ann, "ann", first.version)], notify=False
         )
         assert [e.type for e in stored] == [join]
         await redis.call(lambda c: c.delete(f"atrium:presence:alive:{dead.instance}"))
         (gone,) = await reaper.reap()  # decided first ...
-        back = await q.set_count(Entry(project, ann, 1, "ann@example.com", 2))
+        back = await set_count(q, Entry(project, ann, 1, "ann@example.com", 2))
         assert back.came_online and back.version > gone.version
         stored = await append_presence(
             db, project, [presence_event(join, ann, "ann", back.version)], notify=False
@@ -489,8 +490,8 @@ async def test_a_leave_the_reaper_stores_after_the_users_next_join_is_dropped(
         assert await presence_log(db, project) == [(join, ann), (join, ann)]
         # Stored in the order decided, both stay; Bob's versions are his own, and an event
         # decided by one process alone (Redis away) has no version and is always stored.
-        offline = await q.set_count(Entry(project, ann, 0, "ann@example.com", 3))
-        bob_on = await q.set_count(Entry(project, bob, 1, "bob@example.com", 3))
+        offline = await set_count(q, Entry(project, ann, 0, "ann@example.com", 3))
+        bob_on = await set_count(q, Entry(project, bob, 1, "bob@example.com", 3))
         stored = await append_presence(
             db,
             project,

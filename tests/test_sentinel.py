@@ -20,6 +20,7 @@ from conftest import Running, StartServer
 from redis_server import MASTER, RedisServer, SentinelGroup
 from test_outage import edits_in_log
 from test_presence import online, status, ws_url
+from test_presence_store import set_count
 from test_workspace import Member, edit, make_member, project_with
 from wsclient import Client, connect
 
@@ -140,7 +141,7 @@ async def test_a_transition_after_redis_lost_or_rolled_back_its_versions_is_abov
         store = PresenceStore(redis, "f", floor=floor)
 
         async def count(n: int) -> int:
-            return (await store.set_count(Entry(project, ann, n, "ann@example.com", 1))).version
+            return (await set_count(store, Entry(project, ann, n, "ann@example.com", 1))).version
 
         joined = await count(1)
         assert joined > floor.version and floor.reads == 1

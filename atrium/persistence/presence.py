@@ -35,8 +35,10 @@ whose ``alive`` key expired in one script, so exactly one live process gets its 
 
 Redis may lose any of this (a restart without persistence, FLUSHALL, a failover to a
 replica that missed the last writes). An instance's *generation* tells: every write of an
-instance's entries names the generation it last wrote, and a write that finds another one
-in Redis changes nothing (``set_count`` returns None, ``sync`` too unless ``full``): the
+instance's entries names the generation it last wrote (and how many writes since it does
+not know the outcome of: ``_Written``), and a write that finds a generation the instance
+cannot have written changes nothing (``set_counts`` returns None, ``sync`` too unless
+``full``): the
 instance must re-assert all its entries first (a ``full`` sync), and only then trust the
 totals it is given. Other instances keep their own copy of everyone's entries with their
 generation (``view``: what changed since the generation they hold, read from ``changes``,
@@ -645,11 +647,6 @@ class PresenceStore:
         except DatabaseUnavailable as error:  # presence waits for both, as for Redis alone
             raise RedisUnavailable(f"no floor for presence versions: {error}") from error
         return int(await self._run(_SET_FLOOR, [], [lowest]))
-
-    async def set_count(self, entry: Entry) -> Totals | None:
-        """``set_counts`` of one entry."""
-        totals = await self.set_counts([entry])
-        return None if totals is None else totals[0]
 
     async def set_counts(self, entries: Sequence[Entry]) -> list[Totals] | None:
         """Set this instance's count of each entry's user in its project (0 removes it),
