@@ -2,7 +2,11 @@
 
     python bench/connections.py [--mode single|workers|both] [--connections N]
                                 [--projects 1000] [--idle 50] [--fanout 20] [--rate 10000]
-                                [--json PATH]
+                                [--json PATH] [--profile DIR]
+
+``--profile DIR`` records each serving process with py-spy (``DIR/MODE/join[-N].txt``,
+``idle[-N].txt``); ``BENCH_KEEP=DIR`` in the environment keeps the servers' logs and data
+in DIR instead of a temporary directory.
 
 Per mode, a fresh server on the dedicated WebSocket listener (WS_PORT), with the shipped
 default heartbeat and ping settings, and an embedded PostgreSQL this script starts:
